@@ -1,0 +1,47 @@
+"""checkpointio: fault-tolerant tasks that save their progress to an object store and resume.
+
+Public names are re-exported here; every other module is private.
+"""
+
+from ._checkpoint import Checkpoint, latest_checkpoint
+from ._config import MiB, TransferConfig
+from ._exceptions import (
+    AccessDeniedError,
+    BucketNotFoundError,
+    CheckpointError,
+    CheckpointNotFoundError,
+    ChecksumMismatchError,
+    ConcurrentModificationError,
+    CorruptCheckpointError,
+    ObjectTooLargeError,
+    PortalError,
+    SourceNotFoundError,
+    StoreError,
+    StoreUnavailableError,
+    UnsafeArchiveError,
+    UnsupportedSourceError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AccessDeniedError",
+    "BucketNotFoundError",
+    "Checkpoint",
+    "CheckpointError",
+    "CheckpointNotFoundError",
+    "ChecksumMismatchError",
+    "ConcurrentModificationError",
+    "CorruptCheckpointError",
+    "MiB",
+    "ObjectTooLargeError",
+    "PortalError",
+    "SourceNotFoundError",
+    "StoreError",
+    "StoreUnavailableError",
+    "TransferConfig",
+    "UnsafeArchiveError",
+    "UnsupportedSourceError",
+    "__version__",
+    "latest_checkpoint",
+]

@@ -1,0 +1,199 @@
+"""The public face: :class:`Checkpoint` (async methods and their sync twins) and ``latest_checkpoint``."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from . import _engine, _portal
+from ._config import TransferConfig
+from ._location import Location, parse_location
+from ._stores import Store, open_store
+
+__all__ = ["Checkpoint", "latest_checkpoint"]
+
+
+class Checkpoint:
+    """Saves this attempt's progress and restores the previous attempt's.
+
+    Args:
+        dest: Where this attempt saves: a local path, ``file://...``, ``s3://bucket/key`` or
+            ``memory://name``.
+        src: Where the previous attempt saved, or ``None`` on a first attempt.
+        workspace: Local folder that ``load()`` restores into (``cp.path``). By default a new
+            temporary folder, removed by ``close()`` / leaving a ``with`` block.
+        config: Transfer settings; ``**options`` override single fields of it, e.g.
+            ``part_size=32 * MiB`` or ``endpoint_url="http://127.0.0.1:9000"``.
+
+    Example::
+
+        async with Checkpoint("s3://bucket/run/attempt-1", src="s3://bucket/run/attempt-0") as cp:
+            prev = await cp.load()          # None, a restored folder, or cp.path / "payload"
+            await cp.save(b"step=42")
+    """
+
+    def __init__(
+        self,
+        dest: str | os.PathLike[str],
+        src: str | os.PathLike[str] | None = None,
+        *,
+        workspace: str | os.PathLike[str] | None = None,
+        config: TransferConfig | None = None,
+        **options: Any,
+    ) -> None:
+        self._dest: Location = parse_location(dest)
+        self._src: Location | None = parse_location(src) if src is not None else None
+        self._config = (config or TransferConfig()).with_options(**options)
+        self._workspace = Path(workspace).absolute() if workspace is not None else None
+        self._owns_workspace = workspace is None
+        self._loaded = False
+        self._restored: Path | None = None
+
+    def __repr__(self) -> str:
+        src = self._src.uri if self._src else None
+        return f"Checkpoint(dest={self._dest.uri!r}, src={src!r})"
+
+    @property
+    def dest(self) -> str:
+        """The URI this attempt saves to."""
+        return self._dest.uri
+
+    @property
+    def src(self) -> str | None:
+        """The URI the previous attempt saved to, if any."""
+        return self._src.uri if self._src else None
+
+    @property
+    def config(self) -> TransferConfig:
+        """The transfer settings in force."""
+        return self._config
+
+    @property
+    def path(self) -> Path:
+        """The local workspace that ``load()`` restores into, created on first use."""
+        if self._workspace is None:
+            self._workspace = Path(tempfile.mkdtemp(prefix="checkpointio-"))
+        return self._workspace
+
+    def _store(self, location: Location) -> Store:
+        return open_store(location.scheme, self._config)
+
+    async def load(self) -> Path | None:
+        """Restore the previous attempt's checkpoint into ``cp.path``.
+
+        Returns:
+            ``None`` if there is no previous checkpoint; the restored root (``cp.path``) for a
+            saved directory; ``cp.path / "payload"`` for saved bytes or a saved file. A second
+            call returns the same path without downloading again.
+
+        Raises:
+            CorruptCheckpointError: The stored checkpoint is truncated, garbled or unsafe.
+            StoreError: The store failed; never reported as "no checkpoint".
+        """
+        if not self._loaded:
+            if self._src is not None:
+                self._restored = await _engine.load(self._store(self._src), self._src, self.path, self._config)
+            self._loaded = True
+        return self._restored
+
+    async def save(self, data: _engine.SaveData) -> None:
+        """Save ``data`` to ``dest``, replacing what was there only once it is complete.
+
+        Args:
+            data: ``bytes`` (stored as one object), a path to a file (stored as is) or a path to
+                a directory (stored as a .tar.gz of its contents, streamed, never via a
+                temporary archive).
+
+        Raises:
+            SourceNotFoundError: The path does not exist.
+            TypeError: ``data`` is of another type.
+        """
+        await _engine.save(self._store(self._dest), self._dest, data, self._config)
+
+    async def prev_exists(self) -> bool:
+        """Whether the previous attempt left a checkpoint to restore."""
+        if self._src is None:
+            return False
+        return await self._store(self._src).head(self._src) is not None
+
+    def load_sync(self) -> Path | None:
+        """Blocking twin of :meth:`load`."""
+        return _portal.run_sync(self.load)
+
+    def save_sync(self, data: _engine.SaveData) -> None:
+        """Blocking twin of :meth:`save`."""
+        return _portal.run_sync(self.save, data)
+
+    def prev_exists_sync(self) -> bool:
+        """Blocking twin of :meth:`prev_exists`."""
+        return _portal.run_sync(self.prev_exists)
+
+    def close(self) -> None:
+        """Remove the workspace if this checkpoint created it."""
+        if self._owns_workspace and self._workspace is not None:
+            shutil.rmtree(self._workspace, ignore_errors=True)
+            self._workspace = None
+        self._loaded = False
+        self._restored = None
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Checkpoint:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        import anyio.to_thread
+
+        await anyio.to_thread.run_sync(self.close)
+
+
+_DIGITS = re.compile(r"(\d+)")
+
+
+def _natural_key(text: str) -> tuple[tuple[int, int | str], ...]:
+    """``step_10`` after ``step_9``: digit runs compare as numbers."""
+    return tuple((0, int(part)) if part.isdigit() else (1, part) for part in _DIGITS.split(text) if part)
+
+
+def latest_checkpoint(
+    root: str | os.PathLike[str] | None,
+    pattern: str = "**/last.ckpt",
+    *,
+    key: Callable[[Path], Any] | None = None,
+) -> Path | None:
+    """The newest file under ``root`` matching the glob ``pattern``, or ``None``.
+
+    Newest means latest modification time; files with the same time are ordered by a natural
+    sort of their path, so ``epoch_10.pt`` beats ``epoch_9.pt``. Pass ``key`` to order otherwise
+    (the maximum wins). ``root`` may be ``None`` (as ``load()`` returns on a first attempt) or a
+    file, which is returned if its name matches.
+    """
+    if root is None:
+        return None
+    base = Path(root)
+    if base.is_file():
+        return base if base.match(pattern.rsplit("/", 1)[-1]) else None
+    if not base.is_dir():
+        return None
+    candidates = [path for path in base.glob(pattern) if path.is_file()]
+    if not candidates:
+        return None
+    if key is None:
+
+        def default_key(path: Path) -> tuple[int, tuple[tuple[int, int | str], ...]]:
+            return path.stat().st_mtime_ns, _natural_key(path.relative_to(base).as_posix())
+
+        key = default_key
+    return max(candidates, key=key)

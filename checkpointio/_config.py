@@ -1,0 +1,85 @@
+"""Transfer settings: one frozen value, validated once, overridable per checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["MiB", "TransferConfig"]
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True, kw_only=True)
+class TransferConfig:
+    """How checkpoints move between the machine and the store.
+
+    Memory bound: a save holds at most ``part_size * (max_concurrency + 1)`` bytes of parts in
+    flight plus ``pipeline_depth * chunk_size`` bytes between the archive thread and the uploader;
+    a load the same for ranges. With the defaults that is 16 MiB * 9 + 4 MiB = 148 MiB at the very
+    most, whatever the size of the checkpoint.
+
+    Attributes:
+        part_size: Size of one multipart part and one ranged GET. Grown automatically so that no
+            object needs more than 10,000 parts. At least 5 MiB (S3's minimum part).
+        max_concurrency: Parts or ranges in flight at once per transfer; also sizes the S3
+            connection pool.
+        multipart_threshold: Objects of known size below this go up in one PUT.
+        chunk_size: Size of the blocks passed between the archive thread and the store, and of
+            each independently compressed gzip member of a directory archive.
+        pipeline_depth: Chunks buffered between producer and consumer (back-pressure).
+        compression_level: gzip level for directory archives, 0 (store) to 9.
+        max_attempts: Attempts per S3 request (first try included) on throttling and transient
+            errors, with botocore's jittered exponential backoff.
+        connect_timeout: Seconds to wait for a connection to the store.
+        read_timeout: Seconds to wait for data on an open connection.
+        endpoint_url: S3 endpoint (MinIO, Ceph, R2, a test server). ``None`` reads
+            ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` as botocore does, else AWS.
+        region_name: S3 region; ``None`` takes the AWS configuration chain's.
+        profile: Named AWS profile; ``None`` takes the default chain.
+        addressing_style: ``"path"``, ``"virtual"`` or ``"auto"``; ``None`` means path-style when
+            an endpoint is set (what most S3-compatible servers need) and auto otherwise.
+        flexible_checksums: Send CRC32 checksums (per part and whole object) that S3 verifies.
+            Turn off for servers that reject them; parts then carry Content-MD5 instead.
+    """
+
+    part_size: int = 16 * MiB
+    max_concurrency: int = 8
+    multipart_threshold: int = 16 * MiB
+    chunk_size: int = 1 * MiB
+    pipeline_depth: int = 4
+    compression_level: int = 1
+    max_attempts: int = 5
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+    endpoint_url: str | None = None
+    region_name: str | None = None
+    profile: str | None = None
+    addressing_style: str | None = None
+    flexible_checksums: bool = True
+
+    def __post_init__(self) -> None:
+        if self.part_size < 5 * MiB:
+            raise ValueError(f"part_size must be at least 5 MiB (S3's minimum), got {self.part_size}")
+        if self.multipart_threshold < 0:
+            raise ValueError("multipart_threshold must not be negative")
+        for name in ("max_concurrency", "chunk_size", "pipeline_depth", "max_attempts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.compression_level <= 9:
+            raise ValueError(f"compression_level must be 0..9, got {self.compression_level}")
+        if self.connect_timeout <= 0 or self.read_timeout <= 0:
+            raise ValueError("timeouts must be positive")
+        if self.addressing_style not in (None, "path", "virtual", "auto"):
+            raise ValueError(f"addressing_style must be path, virtual or auto, got {self.addressing_style!r}")
+
+    def with_options(self, **options: Any) -> TransferConfig:
+        """Return a copy with some fields replaced; an unknown name is a ``TypeError``."""
+        if not options:
+            return self
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise TypeError(f"unknown checkpoint option(s) {unknown}; valid: {sorted(known)}")
+        return dataclasses.replace(self, **options)

@@ -1,0 +1,279 @@
+"""Async save and load: a worker thread and a store joined by a bounded stream, in one task group.
+
+A save runs the producer (bytes slicer, file reader or tar.gz packer) in a worker thread that keeps
+a running CRC32 and pushes chunks into a bounded memory stream; the store consumes the stream on
+the event loop. A load is the mirror image. Back-pressure of the stream bounds memory; the task
+group ties both sides' lifetimes, so an error or cancellation on either side stops the other and
+the store aborts instead of committing.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import shutil
+import sys
+import uuid
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+import anyio.from_thread
+import anyio.to_thread
+from anyio.streams.memory import MemoryObjectReceiveStream
+
+from . import _archive
+from ._config import TransferConfig
+from ._exceptions import ChecksumMismatchError, CorruptCheckpointError, SourceNotFoundError
+from ._location import Location
+from ._stores import Body, Digest, Kind, ObjectInfo, Record, Store
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup
+
+__all__ = ["PAYLOAD_NAME", "SaveData", "load", "save"]
+
+#: The file a restored bytes or single-file checkpoint is written to, inside the workspace.
+PAYLOAD_NAME = "payload"
+_PARTIAL = ".checkpointio-partial-"
+
+SaveData = bytes | bytearray | memoryview | str | os.PathLike[str]
+
+
+class _Aborted(Exception):
+    """The other side of a pipeline failed; this side stops quietly and lets that error speak."""
+
+
+#: Exceptions that only say "the other side went away": never the error to report.
+_PLUMBING = (
+    _Aborted,
+    anyio.BrokenResourceError,
+    anyio.ClosedResourceError,
+    anyio.EndOfStream,
+    concurrent.futures.CancelledError,
+)
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            yield from _leaves(exc)
+        else:
+            yield exc
+
+
+@contextmanager
+def _one_error() -> Iterator[None]:
+    """Turn a task group's exception group into the one error that caused it."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        leaves = list(_leaves(group))
+        cancel = anyio.get_cancelled_exc_class()
+        for exc in leaves:
+            if not isinstance(exc, _PLUMBING) and not isinstance(exc, cancel):
+                raise exc from None
+        for exc in leaves:
+            if isinstance(exc, cancel):
+                raise exc from None
+        raise
+
+
+@dataclass(frozen=True)
+class _Source:
+    kind: Kind
+    size: int | None
+    data: bytes | memoryview | None = None
+    path: Path | None = None
+
+
+def _classify(data: object) -> _Source:
+    if isinstance(data, bytes | bytearray | memoryview):
+        view = memoryview(data).cast("B")
+        return _Source(Kind.BYTES, len(view), data=view)
+    if isinstance(data, str | os.PathLike):
+        path = Path(data)
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            raise SourceNotFoundError(f"cannot save {str(path)!r}: no such file or directory", uri=str(path)) from None
+        if path.is_dir():
+            return _Source(Kind.DIRECTORY, None, path=path)
+        if path.is_file():
+            return _Source(Kind.FILE, st.st_size, path=path)
+        raise ValueError(f"cannot save {str(path)!r}: not a regular file or directory")
+    raise TypeError(f"save() takes bytes, a str path or a pathlib.Path, not {type(data).__name__}")
+
+
+def _produce(source: _Source, emit: Callable[[bytes], None], config: TransferConfig) -> None:
+    """Worker thread: turn the source into chunks."""
+    step = config.chunk_size
+    if source.data is not None:
+        view = source.data
+        for start in range(0, len(view), step):
+            emit(bytes(view[start : start + step]))
+    elif source.kind is Kind.FILE:
+        assert source.path is not None
+        with open(source.path, "rb") as file:
+            while chunk := file.read(step):
+                emit(chunk)
+    else:
+        assert source.path is not None
+        _archive.pack_directory(source.path, emit, block_size=step, level=config.compression_level)
+
+
+async def save(store: Store, location: Location, data: SaveData, config: TransferConfig) -> ObjectInfo:
+    """Save ``data`` (bytes, a file or a directory) at ``location``; atomic on every store."""
+    source = _classify(data)
+    send, receive = anyio.create_memory_object_stream[bytes](config.pipeline_depth)
+    body = Body(receive, source.size)
+    digest = body.digest
+    stored: list[ObjectInfo] = []
+
+    def emit(chunk: bytes) -> None:
+        digest.crc32 = zlib.crc32(chunk, digest.crc32)
+        digest.length += len(chunk)
+        anyio.from_thread.run(send.send, chunk)
+
+    async def produce() -> None:
+        try:
+            await anyio.to_thread.run_sync(_produce, source, emit, config)
+        except _PLUMBING:
+            return  # the store side stopped first; its error (or the cancellation) is the one to report
+        send.close()  # only on success: a failed producer must never look like a finished one
+
+    async def put() -> None:
+        with receive:
+            stored.append(await store.put(location, body, Record(source.kind)))
+
+    try:
+        with _one_error():
+            async with anyio.create_task_group() as group:
+                group.start_soon(produce)
+                group.start_soon(put)
+    finally:
+        send.close()
+    return stored[0]
+
+
+class _Pull:
+    """Worker-thread side of a load: pulls chunks off the stream, counting and checksumming."""
+
+    def __init__(self, receive: MemoryObjectReceiveStream[bytes], failed: list[bool]) -> None:
+        self._receive = receive
+        self._failed = failed
+        self._first: bytes | None = None
+        self.digest = Digest()
+
+    def peek(self) -> bytes:
+        if self._first is None:
+            self._first = self._next()
+        return self._first
+
+    def __call__(self) -> bytes:
+        if self._first is not None:
+            chunk, self._first = self._first, None
+            return chunk
+        return self._next()
+
+    def _next(self) -> bytes:
+        try:
+            chunk = anyio.from_thread.run(self._receive.receive)
+        except anyio.EndOfStream:
+            if self._failed[0]:
+                raise _Aborted from None
+            return b""
+        self.digest.crc32 = zlib.crc32(chunk, self.digest.crc32)
+        self.digest.length += len(chunk)
+        return chunk
+
+
+def _verify(info: ObjectInfo, digest: Digest) -> None:
+    uri = info.location.uri
+    if digest.length != info.size:
+        raise CorruptCheckpointError(f"{uri}: read {digest.length} bytes of {info.size}", uri=uri)
+    record = info.record
+    if record is not None and record.size is not None and record.size != info.size:
+        raise CorruptCheckpointError(f"{uri}: stored {info.size} bytes, but {record.size} were saved", uri=uri)
+    for source, expected in (("saved", record.crc32 if record else None), ("server", info.server_crc32)):
+        if expected is not None and expected != digest.crc32:
+            raise ChecksumMismatchError(
+                f"{uri}: CRC32 of the stored bytes is {digest.crc32:08x}, the {source} checksum is {expected:08x}",
+                uri=uri,
+            )
+
+
+def _replace(source: Path, target: Path) -> None:
+    if target.is_dir() and not target.is_symlink():
+        shutil.rmtree(target)
+    os.replace(source, target)
+
+
+def _restore(pull: _Pull, info: ObjectInfo, workspace: Path) -> Path:
+    """Worker thread: write the object into ``workspace``; present nothing until it verified."""
+    uri = info.location.uri
+    kind = info.record.kind if info.record else None
+    if kind is None:
+        kind = Kind.DIRECTORY if _archive.looks_like_tar_gz(pull.peek()) else Kind.FILE
+    staging = workspace / f"{_PARTIAL}{uuid.uuid4().hex}"
+    try:
+        if kind is Kind.DIRECTORY:
+            staging.mkdir()
+            _archive.unpack_directory(pull, staging, uri=uri)
+            _verify(info, pull.digest)
+            for child in sorted(staging.iterdir()):
+                _replace(child, workspace / child.name)
+            staging.rmdir()
+            return workspace
+        with open(staging, "wb") as out:
+            while chunk := pull():
+                out.write(chunk)
+        _verify(info, pull.digest)
+        target = workspace / PAYLOAD_NAME
+        _replace(staging, target)
+        return target
+    finally:
+        if staging.is_dir():
+            shutil.rmtree(staging, ignore_errors=True)
+        elif staging.exists():
+            staging.unlink()
+
+
+async def load(store: Store, location: Location, workspace: Path, config: TransferConfig) -> Path | None:
+    """Restore the object at ``location`` into ``workspace``; ``None`` if there is none.
+
+    Returns the workspace itself for a directory (its restored root) or ``workspace/payload``.
+    """
+    info = await store.head(location)
+    if info is None:
+        return None
+    send, receive = anyio.create_memory_object_stream[bytes](config.pipeline_depth)
+    failed = [False]
+    pull = _Pull(receive, failed)
+    restored: list[Path] = []
+
+    async def consume() -> None:
+        with receive:
+            try:
+                restored.append(await anyio.to_thread.run_sync(_restore, pull, info, workspace))
+            except _PLUMBING:
+                return  # the fetch side stopped first; its error (or the cancellation) is reported
+
+    async def fetch() -> None:
+        try:
+            await store.get(info, send.send)
+        except BaseException:
+            failed[0] = True
+            raise
+        finally:
+            send.close()
+
+    await anyio.to_thread.run_sync(lambda: workspace.mkdir(parents=True, exist_ok=True))
+    with _one_error():
+        async with anyio.create_task_group() as group:
+            group.start_soon(consume)
+            group.start_soon(fetch)
+    return restored[0]

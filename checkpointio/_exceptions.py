@@ -1,0 +1,108 @@
+"""The one exception tree of checkpointio.
+
+Every error the library raises on purpose derives from :class:`CheckpointError`, and carries the
+URI it concerns. Built-in bases are mixed in where a caller would reasonably catch the built-in::
+
+    CheckpointError
+    ├── SourceNotFoundError (also FileNotFoundError)  what save() was given does not exist
+    ├── UnsupportedSourceError (also ValueError)      what save() was given cannot be stored safely
+    ├── CheckpointNotFoundError (also FileNotFoundError)  an explicit read of a missing object
+    ├── CorruptCheckpointError                          what was stored does not read back whole
+    │   ├── ChecksumMismatchError                       bytes differ from the recorded checksum
+    │   └── UnsafeArchiveError                          an archive tries to leave its folder
+    ├── ConcurrentModificationError                     the object changed while it was read
+    ├── StoreError                                      the store failed or refused
+    │   ├── StoreUnavailableError                       unreachable endpoint, timeouts
+    │   ├── AccessDeniedError (also PermissionError)    bad credentials or missing permission
+    │   ├── BucketNotFoundError                         the bucket does not exist
+    │   └── ObjectTooLargeError                         over the store's object size limit
+    └── PortalError (also RuntimeError)                 a *_sync call that would deadlock
+
+Cancellation (``KeyboardInterrupt``, ``anyio`` cancellation) is never wrapped.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AccessDeniedError",
+    "BucketNotFoundError",
+    "CheckpointError",
+    "CheckpointNotFoundError",
+    "ChecksumMismatchError",
+    "ConcurrentModificationError",
+    "CorruptCheckpointError",
+    "ObjectTooLargeError",
+    "PortalError",
+    "SourceNotFoundError",
+    "StoreError",
+    "StoreUnavailableError",
+    "UnsafeArchiveError",
+    "UnsupportedSourceError",
+]
+
+
+class CheckpointError(Exception):
+    """Base class of every error checkpointio raises on purpose.
+
+    Attributes:
+        uri: The checkpoint or source the error concerns, when there is one.
+    """
+
+    def __init__(self, message: str, *, uri: str | None = None) -> None:
+        super().__init__(message)
+        self.uri = uri
+
+
+class SourceNotFoundError(CheckpointError, FileNotFoundError):
+    """The path given to ``save()`` does not exist."""
+
+
+class UnsupportedSourceError(CheckpointError, ValueError):
+    """The tree given to ``save()`` holds something that could not be restored safely.
+
+    For example a symlink pointing outside the tree, which extraction would refuse.
+    """
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """An operation that needs an existing checkpoint found none at the URI."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """The stored checkpoint is truncated, garbled or otherwise does not read back whole."""
+
+
+class ChecksumMismatchError(CorruptCheckpointError):
+    """The bytes read back differ from the checksum recorded when they were saved."""
+
+
+class UnsafeArchiveError(CorruptCheckpointError):
+    """An archive entry would be written outside its folder, or is a device or unsafe link."""
+
+
+class ConcurrentModificationError(CheckpointError):
+    """The object was replaced while it was being read; nothing of the mix is kept."""
+
+
+class StoreError(CheckpointError):
+    """The store failed or refused an operation."""
+
+
+class StoreUnavailableError(StoreError):
+    """The store could not be reached (connection refused, timed out, DNS) after retries."""
+
+
+class AccessDeniedError(StoreError, PermissionError):
+    """The credentials are invalid or lack the permission for this operation."""
+
+
+class BucketNotFoundError(StoreError):
+    """The bucket named in the URI does not exist."""
+
+
+class ObjectTooLargeError(StoreError):
+    """The object is larger than the store accepts (5 TiB on S3)."""
+
+
+class PortalError(CheckpointError, RuntimeError):
+    """A ``*_sync`` method was called where it would deadlock (from the portal's own thread)."""

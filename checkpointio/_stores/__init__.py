@@ -1,0 +1,34 @@
+"""Stores by URI scheme: one small registry, so a new store is one entry, not another ``if``."""
+
+from __future__ import annotations
+
+import importlib
+
+from .._config import TransferConfig
+from ._base import Body, Digest, Kind, ObjectInfo, Record, Sink, Store
+
+__all__ = ["Body", "Digest", "Kind", "ObjectInfo", "Record", "Sink", "Store", "open_store", "schemes"]
+
+#: scheme -> "module:class"; modules are imported on first use (aiobotocore only when S3 is used).
+_REGISTRY: dict[str, str] = {
+    "file": "._local:LocalStore",
+    "memory": "._memory:MemoryStore",
+    "s3": "._s3:S3Store",
+}
+
+
+def schemes() -> list[str]:
+    """The URI schemes a store is registered for."""
+    return sorted(_REGISTRY)
+
+
+def open_store(scheme: str, config: TransferConfig) -> Store:
+    """The store for ``scheme``, configured by ``config``."""
+    try:
+        target = _REGISTRY[scheme]
+    except KeyError:
+        raise ValueError(f"no store handles {scheme!r} URIs; known: {schemes()}") from None
+    module_name, _, class_name = target.partition(":")
+    module = importlib.import_module(module_name, __name__)
+    store: Store = getattr(module, class_name)(config)
+    return store

@@ -1,0 +1,143 @@
+"""What every store offers the engine, and the record stored with each checkpoint object.
+
+A store moves opaque bytes: it never looks inside them. The engine hands it a :class:`Body` (an
+async stream of chunks whose producer keeps a running CRC32) and receives chunks back through a
+sink, in order.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from typing import Protocol
+
+from anyio.streams.memory import MemoryObjectReceiveStream
+
+from .._config import TransferConfig
+from .._location import Location
+
+__all__ = ["Body", "Digest", "Kind", "ObjectInfo", "Record", "Sink", "Store"]
+
+#: Receives the bytes of an object in order; awaiting it applies back-pressure.
+Sink = Callable[[bytes], Awaitable[None]]
+
+_PREFIX = "checkpointio-"
+FORMAT_VERSION = "1"
+
+
+class Kind(str, enum.Enum):
+    """What was saved, which decides how it is restored."""
+
+    BYTES = "bytes"
+    FILE = "file"
+    DIRECTORY = "dir"
+
+
+@dataclass(frozen=True)
+class Record:
+    """What checkpointio stores with an object: its kind and, once known, size and CRC32.
+
+    Objects written by other tools have no record; their kind is recognised by content.
+    """
+
+    kind: Kind
+    size: int | None = None
+    crc32: int | None = None
+
+    def to_metadata(self) -> dict[str, str]:
+        """Encode as string metadata (S3 user metadata, the local sidecar)."""
+        meta = {f"{_PREFIX}format": FORMAT_VERSION, f"{_PREFIX}kind": self.kind.value}
+        if self.size is not None:
+            meta[f"{_PREFIX}size"] = str(self.size)
+        if self.crc32 is not None:
+            meta[f"{_PREFIX}crc32"] = f"{self.crc32:08x}"
+        return meta
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, str]) -> Record | None:
+        """Decode; ``None`` when the metadata holds no (understandable) record."""
+        try:
+            kind = Kind(meta[f"{_PREFIX}kind"])
+            size = meta.get(f"{_PREFIX}size")
+            crc = meta.get(f"{_PREFIX}crc32")
+            return cls(kind, int(size) if size is not None else None, int(crc, 16) if crc is not None else None)
+        except (KeyError, ValueError):
+            return None
+
+    def completed(self, digest: Digest) -> Record:
+        """This record with the size and CRC32 of the bytes that were actually stored."""
+        return replace(self, size=digest.length, crc32=digest.crc32)
+
+
+@dataclass
+class Digest:
+    """Running length and CRC32 of a byte stream, kept by whichever thread produces the bytes."""
+
+    length: int = 0
+    crc32: int = 0
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One stored object, as a HEAD or a listing sees it.
+
+    Attributes:
+        location: Where it is.
+        size: Its size in bytes.
+        etag: An opaque generation tag: a new save gives a new one.
+        record: checkpointio's record, or ``None`` for objects other tools wrote.
+        server_crc32: A whole-object CRC32 the server computed, where it offers one.
+        modified: Last-modified time, seconds since the epoch.
+    """
+
+    location: Location
+    size: int
+    etag: str
+    record: Record | None = None
+    server_crc32: int | None = None
+    modified: float | None = None
+
+
+@dataclass
+class Body:
+    """The bytes of one save on their way to a store.
+
+    ``size`` is known for bytes and files and ``None`` for directory archives. ``digest`` is
+    final once the stream is exhausted.
+    """
+
+    chunks: MemoryObjectReceiveStream[bytes]
+    size: int | None
+    digest: Digest = field(default_factory=Digest)
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self.chunks.__aiter__()
+
+
+class Store(Protocol):
+    """An object store the engine can save to and load from."""
+
+    async def head(self, location: Location) -> ObjectInfo | None:
+        """Describe the object, or ``None`` if there is none. Other failures raise."""
+        ...
+
+    async def put(self, location: Location, body: Body, record: Record) -> ObjectInfo:
+        """Store ``body`` atomically: on any error or cancellation, the previous object stays."""
+        ...
+
+    async def get(self, info: ObjectInfo, sink: Sink) -> None:
+        """Send the object's bytes to ``sink`` in order; fail if it changed since ``info``."""
+        ...
+
+    async def delete(self, location: Location) -> bool:
+        """Remove the object; ``False`` if there was none."""
+        ...
+
+    async def list(self, prefix: Location) -> list[ObjectInfo]:
+        """The objects whose location starts with ``prefix``, sorted by key."""
+        ...
+
+
+#: Builds the store for one scheme from the transfer settings.
+StoreFactory = Callable[[TransferConfig], Store]

@@ -1,0 +1,196 @@
+"""The local filesystem store: one file per checkpoint, committed by rename.
+
+File I/O runs on anyio's worker threads (``anyio.open_file``), not aiofiles: aiofiles goes through
+the event loop's default ``ThreadPoolExecutor``, which Python shuts down before ``atexit`` handlers
+run, so a ``save_sync`` at interpreter exit would fail.
+
+A save streams into a temporary file in the destination folder, fsyncs it and renames it over the
+destination, so a reader sees the old checkpoint or the new one, never a part. The record lives in
+a hidden sidecar (``.<name>.checkpointio``) that names the size and mtime of the file it
+describes: a sidecar left from an older generation (a crash between the two renames) does not
+match and is ignored, and the object is then recognised by its content.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import time
+import uuid
+from pathlib import Path
+
+import anyio
+import anyio.to_thread
+
+from .._config import TransferConfig
+from .._exceptions import AccessDeniedError, ConcurrentModificationError, StoreError
+from .._location import Location
+from ._base import Body, ObjectInfo, Record, Sink
+
+__all__ = ["LocalStore"]
+
+logger = logging.getLogger("checkpointio")
+
+_SIDECAR_SUFFIX = ".checkpointio"
+_PARTIAL_MARK = ".partial-"
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(f".{path.name}{_SIDECAR_SUFFIX}")
+
+
+def _is_internal(name: str) -> bool:
+    return name.startswith(".") and (name.endswith(_SIDECAR_SUFFIX) or _PARTIAL_MARK in name)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _translate(error: OSError, uri: str) -> Exception:
+    if isinstance(error, PermissionError):
+        return AccessDeniedError(f"{uri}: permission denied: {error}", uri=uri)
+    return error
+
+
+class LocalStore:
+    """Checkpoints as files on a local (or mounted) filesystem."""
+
+    def __init__(self, config: TransferConfig) -> None:
+        self._config = config
+
+    async def head(self, location: Location) -> ObjectInfo | None:
+        return await anyio.to_thread.run_sync(self._head, location)
+
+    def _head(self, location: Location) -> ObjectInfo | None:
+        path = Path(location.key)
+        try:
+            st = path.stat()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as error:
+            raise _translate(error, location.uri) from error
+        if not os.path.isfile(path):
+            raise StoreError(f"{location.uri}: is a directory, not a checkpoint file", uri=location.uri)
+        return ObjectInfo(
+            location,
+            st.st_size,
+            f"{st.st_size}-{st.st_mtime_ns}",
+            self._read_record(path, st),
+            modified=st.st_mtime,
+        )
+
+    @staticmethod
+    def _read_record(path: Path, st: os.stat_result) -> Record | None:
+        try:
+            doc = json.loads(_sidecar(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as error:
+            logger.warning("checkpointio: ignoring unreadable record %s: %s", _sidecar(path), error)
+            return None
+        if not isinstance(doc, dict) or doc.get("of") != [st.st_size, st.st_mtime_ns]:
+            return None  # the record of another generation of this file
+        meta = doc.get("record")
+        return Record.from_metadata(meta) if isinstance(meta, dict) else None
+
+    async def put(self, location: Location, body: Body, record: Record) -> ObjectInfo:
+        path = Path(location.key)
+        await anyio.to_thread.run_sync(self._prepare_parent, path, location.uri)
+        tmp = path.with_name(f".{path.name}{_PARTIAL_MARK}{uuid.uuid4().hex}")
+        try:
+            async with await anyio.open_file(tmp, "wb") as out:
+                async for chunk in body:
+                    await out.write(chunk)
+                await out.flush()
+                await anyio.to_thread.run_sync(os.fsync, out.wrapped.fileno())
+            return await anyio.to_thread.run_sync(self._commit, location, tmp, record.completed(body.digest))
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(lambda: tmp.unlink(missing_ok=True))
+            raise
+
+    @staticmethod
+    def _prepare_parent(path: Path, uri: str) -> None:
+        if path.is_dir():
+            raise StoreError(f"{uri}: is a directory; a checkpoint URI names a file", uri=uri)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise _translate(error, uri) from error
+
+    def _commit(self, location: Location, tmp: Path, record: Record) -> ObjectInfo:
+        path = Path(location.key)
+        # A fresh mtime marks this generation; the sidecar names it.
+        os.utime(tmp, ns=(time.time_ns(), time.time_ns()))
+        st = tmp.stat()
+        sidecar_tmp = tmp.with_name(tmp.name + _SIDECAR_SUFFIX)
+        doc = {"of": [st.st_size, st.st_mtime_ns], "record": record.to_metadata()}
+        try:
+            with open(sidecar_tmp, "w", encoding="utf-8") as out:
+                json.dump(doc, out)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, path)
+            os.replace(sidecar_tmp, _sidecar(path))
+            _fsync_dir(path.parent)
+        finally:
+            sidecar_tmp.unlink(missing_ok=True)
+        return ObjectInfo(location, st.st_size, f"{st.st_size}-{st.st_mtime_ns}", record, modified=st.st_mtime)
+
+    async def get(self, info: ObjectInfo, sink: Sink) -> None:
+        uri = info.location.uri
+        chunk_size = self._config.chunk_size
+        try:
+            async with await anyio.open_file(info.location.key, "rb") as source:
+                st = await anyio.to_thread.run_sync(os.fstat, source.wrapped.fileno())
+                if f"{st.st_size}-{st.st_mtime_ns}" != info.etag:
+                    raise ConcurrentModificationError(f"{uri}: replaced while being read", uri=uri)
+                while chunk := await source.read(chunk_size):
+                    await sink(chunk)
+        except FileNotFoundError as error:
+            raise ConcurrentModificationError(f"{uri}: removed while being read", uri=uri) from error
+        except OSError as error:
+            raise _translate(error, uri) from error
+
+    async def delete(self, location: Location) -> bool:
+        path = Path(location.key)
+
+        def remove() -> bool:
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                return False
+            except OSError as error:
+                if error.errno == errno.EISDIR:
+                    raise StoreError(f"{location.uri}: is a directory", uri=location.uri) from error
+                raise _translate(error, location.uri) from error
+            _sidecar(path).unlink(missing_ok=True)
+            return True
+
+        return await anyio.to_thread.run_sync(remove)
+
+    async def list(self, prefix: Location) -> list[ObjectInfo]:
+        root = Path(prefix.key)
+
+        def scan() -> list[ObjectInfo]:
+            base = root if root.is_dir() else root.parent
+            found: list[ObjectInfo] = []
+            for dirpath, dirnames, filenames in os.walk(base):
+                dirnames.sort()
+                for name in sorted(filenames):
+                    full = os.path.join(dirpath, name)
+                    if _is_internal(name) or not full.startswith(str(root)):
+                        continue
+                    info = self._head(Location("file", "", full))
+                    if info is not None:
+                        found.append(info)
+            return sorted(found, key=lambda info: info.location.key)
+
+        return await anyio.to_thread.run_sync(scan)

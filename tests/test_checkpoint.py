@@ -1,0 +1,266 @@
+"""The behavioural specification of Checkpoint, run over every store."""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from pathlib import Path
+
+import anyio
+import pytest
+
+from checkpointio import (
+    Checkpoint,
+    CorruptCheckpointError,
+    SourceNotFoundError,
+    UnsafeArchiveError,
+    UnsupportedSourceError,
+)
+
+from .conftest import StoreCase, make_tree, snapshot
+
+
+async def test_load_returns_none_on_first_attempt(store: StoreCase) -> None:
+    async with Checkpoint(store.uri("attempt-0")) as cp:
+        assert await cp.load() is None
+        assert await cp.prev_exists() is False
+
+
+async def test_load_returns_none_when_previous_attempt_saved_nothing(store: StoreCase) -> None:
+    async with Checkpoint(store.uri("attempt-1"), src=store.uri("attempt-0")) as cp:
+        assert await cp.load() is None
+        assert await cp.prev_exists() is False
+
+
+async def test_bytes_restore_as_payload_file(store: StoreCase) -> None:
+    async with Checkpoint(store.uri("attempt-0")) as first:
+        await first.save(b"step=41")
+    async with Checkpoint(store.uri("attempt-1"), src=store.uri("attempt-0")) as second:
+        assert await second.prev_exists() is True
+        restored = await second.load()
+        assert restored == second.path / "payload"
+        assert restored.read_bytes() == b"step=41"
+
+
+async def test_empty_bytes_round_trip(store: StoreCase) -> None:
+    await Checkpoint(store.uri("a")).save(b"")
+    async with Checkpoint(store.uri("b"), src=store.uri("a")) as cp:
+        restored = await cp.load()
+        assert restored is not None and restored.read_bytes() == b""
+
+
+async def test_file_restores_as_payload_with_same_bytes(store: StoreCase, tmp_path: Path) -> None:
+    source = tmp_path / "state.bin"
+    source.write_bytes(os.urandom(5 * 1024 * 1024 + 3))
+    await Checkpoint(store.uri("a")).save(source)
+    await Checkpoint(store.uri("b")).save(str(source))  # a str path works too
+    for name in ("a", "b"):
+        async with Checkpoint(store.uri("next"), src=store.uri(name)) as cp:
+            restored = await cp.load()
+            assert restored == cp.path / "payload"
+            assert restored.read_bytes() == source.read_bytes()
+
+
+async def test_directory_restores_as_tree_at_workspace_root(store: StoreCase, tmp_path: Path) -> None:
+    tree = make_tree(tmp_path / "tree")
+    await Checkpoint(store.uri("a")).save(tree)
+    async with Checkpoint(store.uri("b"), src=store.uri("a")) as cp:
+        restored = await cp.load()
+        assert restored == cp.path
+        assert snapshot(restored) == snapshot(tree)
+        assert (restored / "empty" / "deeper").is_dir()
+        assert os.readlink(restored / "latest") == "model/weights.bin"
+        assert os.stat(restored / "run.sh").st_mode & 0o777 == 0o755
+        assert int(os.stat(restored / "model/layers/0.txt").st_mtime) == 1_600_000_000
+
+
+async def test_empty_directory_round_trip(store: StoreCase, tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    await Checkpoint(store.uri("a")).save(tmp_path / "empty")
+    async with Checkpoint(store.uri("b"), src=store.uri("a")) as cp:
+        restored = await cp.load()
+        assert restored == cp.path and list(restored.iterdir()) == []
+
+
+async def test_second_load_returns_same_path_without_downloading(store: StoreCase) -> None:
+    await Checkpoint(store.uri("a")).save(b"v1")
+    async with Checkpoint(store.uri("b"), src=store.uri("a")) as cp:
+        first = await cp.load()
+        await Checkpoint(store.uri("a")).save(b"v2 is newer")
+        second = await cp.load()
+        assert second == first
+        assert second is not None and second.read_bytes() == b"v1"
+
+
+async def test_save_replaces_previous_checkpoint(store: StoreCase, tmp_path: Path) -> None:
+    await Checkpoint(store.uri("a")).save(make_tree(tmp_path / "tree"))
+    await Checkpoint(store.uri("a")).save(b"now bytes")
+    async with Checkpoint(store.uri("b"), src=store.uri("a")) as cp:
+        restored = await cp.load()
+        assert restored == cp.path / "payload" and restored.read_bytes() == b"now bytes"
+
+
+async def test_users_own_tar_gz_file_restores_as_that_file(store: StoreCase, tmp_path: Path) -> None:
+    archive = tmp_path / "data.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(make_tree(tmp_path / "tree"), arcname=".")
+    await Checkpoint(store.uri("a")).save(archive)
+    async with Checkpoint(store.uri("b"), src=store.uri("a")) as cp:
+        restored = await cp.load()
+        assert restored == cp.path / "payload"
+        assert restored.read_bytes() == archive.read_bytes()
+
+
+async def test_foreign_tar_gz_without_record_is_recognised_as_directory(store: StoreCase, tmp_path: Path) -> None:
+    tree = make_tree(tmp_path / "tree")
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:  # what flyte writes
+        for child in sorted(tree.iterdir()):
+            tar.add(child, arcname=child.name)
+    store.put_raw("flyte", buffer.getvalue())
+    async with Checkpoint(store.uri("b"), src=store.uri("flyte")) as cp:
+        restored = await cp.load()
+        assert restored == cp.path
+        assert snapshot(restored) == snapshot(tree)
+
+
+async def test_foreign_raw_object_restores_as_payload(store: StoreCase) -> None:
+    store.put_raw("raw", b"\x1f\x8bnot really gzip")
+    async with Checkpoint(store.uri("b"), src=store.uri("raw")) as cp:
+        restored = await cp.load()
+        assert restored == cp.path / "payload"
+        assert restored.read_bytes() == b"\x1f\x8bnot really gzip"
+
+
+async def test_missing_source_path_raises_file_not_found_naming_it(store: StoreCase, tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-dir"
+    with pytest.raises(FileNotFoundError, match="no-such-dir") as caught:
+        await Checkpoint(store.uri("a")).save(missing)
+    assert isinstance(caught.value, SourceNotFoundError)
+    assert await Checkpoint(store.uri("b")).prev_exists() is False
+
+
+@pytest.mark.parametrize("bad", [123, None, ["a"], 1.5])
+async def test_save_of_unsupported_type_is_a_type_error(store: StoreCase, bad: object) -> None:
+    with pytest.raises(TypeError, match=r"bytes, a str path or a pathlib\.Path"):
+        await Checkpoint(store.uri("a")).save(bad)  # type: ignore[arg-type]
+
+
+async def test_symlink_pointing_outside_the_tree_is_refused_at_save(store: StoreCase, tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "ok").write_text("x")
+    (tree / "escape").symlink_to("../outside")
+    with pytest.raises(UnsupportedSourceError, match="escape"):
+        await Checkpoint(store.uri("a")).save(tree)
+    assert await Checkpoint(store.uri("b"), src=store.uri("a")).prev_exists() is False
+
+
+async def test_corrupt_checkpoint_raises_instead_of_loading(store: StoreCase, tmp_path: Path) -> None:
+    await Checkpoint(store.uri("dir")).save(make_tree(tmp_path / "tree"))
+    await Checkpoint(store.uri("bytes")).save(os.urandom(100_000))
+    for name in ("dir", "bytes"):
+        store.corrupt(name)
+        async with Checkpoint(store.uri("next"), src=store.uri(name)) as cp:
+            with pytest.raises(CorruptCheckpointError, match=name):
+                await cp.load()
+            assert list(cp.path.iterdir()) == []  # nothing half-restored is left behind
+
+
+async def test_truncated_archive_raises_instead_of_loading(store: StoreCase, tmp_path: Path) -> None:
+    await Checkpoint(store.uri("dir")).save(make_tree(tmp_path / "tree"))
+    data = store.get_raw("dir")
+    store.put_raw("dir", data[: len(data) // 2])  # as another tool would leave it: no valid record
+    async with Checkpoint(store.uri("next"), src=store.uri("dir")) as cp:
+        with pytest.raises(CorruptCheckpointError, match="truncated"):
+            await cp.load()
+        assert list(cp.path.iterdir()) == []
+
+
+def _archive_with(*members: tuple[tarfile.TarInfo, bytes | None]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for info, data in members:
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    return buffer.getvalue()
+
+
+def _member(name: str, kind: bytes = tarfile.REGTYPE, data: bytes | None = b"evil", link: str = "") -> tuple:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = link
+    info.size = len(data) if data is not None and kind == tarfile.REGTYPE else 0
+    return info, (data if kind == tarfile.REGTYPE else None)
+
+
+UNSAFE_ARCHIVES = {
+    "dot-dot": [_member("ok.txt"), _member("../escaped.txt")],
+    "absolute": [_member("/tmp/checkpointio-escaped.txt")],
+    "symlink-out": [_member("link", tarfile.SYMTYPE, link="../../etc")],
+    "absolute-symlink": [_member("link", tarfile.SYMTYPE, link="/etc/passwd")],
+    "hardlink-out": [_member("hard", tarfile.LNKTYPE, link="../../etc/passwd")],
+    "device": [_member("dev", tarfile.CHRTYPE)],
+    "write-through-link": [_member("link", tarfile.SYMTYPE, link=".."), _member("link/escaped.txt")],
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNSAFE_ARCHIVES))
+async def test_archive_escaping_its_folder_is_refused(store: StoreCase, tmp_path: Path, case: str) -> None:
+    store.put_raw("evil", _archive_with(*UNSAFE_ARCHIVES[case]))
+    workspace = tmp_path / "ws" / "inner"
+    async with Checkpoint(store.uri("next"), src=store.uri("evil"), workspace=workspace) as cp:
+        with pytest.raises(UnsafeArchiveError):
+            await cp.load()
+    assert list(workspace.iterdir()) == []
+    assert sorted(p.name for p in (tmp_path / "ws").iterdir()) == ["inner"]
+    assert not Path("/tmp/checkpointio-escaped.txt").exists()
+
+
+async def test_cancelled_save_leaves_previous_checkpoint_intact(store: StoreCase, tmp_path: Path) -> None:
+    await Checkpoint(store.uri("a")).save(b"previous")
+    big = tmp_path / "big"
+    big.mkdir()
+    for i in range(6):
+        (big / f"shard-{i}").write_bytes(os.urandom(8 * 1024 * 1024))
+    cp = Checkpoint(store.uri("a"), chunk_size=256 * 1024)
+    with anyio.CancelScope() as scope:
+        async with anyio.create_task_group() as group:
+            group.start_soon(cp.save, big)
+            if store.partial_writes() is None:
+                await anyio.sleep(0.05)
+            else:
+                with anyio.fail_after(30):
+                    while not store.partial_writes():
+                        await anyio.sleep(0.001)
+            scope.cancel()
+    assert scope.cancelled_caught
+    assert not store.partial_writes()
+    async with Checkpoint(store.uri("b"), src=store.uri("a")) as reader:
+        restored = await reader.load()
+        assert restored is not None and restored.read_bytes() == b"previous"
+
+
+async def test_leaving_the_context_removes_the_workspace(store: StoreCase) -> None:
+    await Checkpoint(store.uri("a")).save(b"x")
+    async with Checkpoint(store.uri("b"), src=store.uri("a")) as cp:
+        await cp.load()
+        workspace = cp.path
+        assert workspace.is_dir()
+    assert not workspace.exists()
+
+
+async def test_given_workspace_is_used_and_kept(store: StoreCase, tmp_path: Path) -> None:
+    await Checkpoint(store.uri("a")).save(b"x")
+    with Checkpoint(store.uri("b"), src=store.uri("a"), workspace=tmp_path / "ws") as cp:
+        assert await cp.load() == tmp_path / "ws" / "payload"
+    assert (tmp_path / "ws" / "payload").read_bytes() == b"x"
+
+
+def test_sync_twins_round_trip(store: StoreCase, tmp_path: Path) -> None:
+    tree = make_tree(tmp_path / "tree")
+    Checkpoint(store.uri("a")).save_sync(tree)
+    with Checkpoint(store.uri("b"), src=store.uri("a")) as cp:
+        assert cp.prev_exists_sync()
+        restored = cp.load_sync()
+        assert restored == cp.path and snapshot(restored) == snapshot(tree)

@@ -1,0 +1,159 @@
+"""The sync twins: one event-loop thread, usable from anywhere a blocking call is."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import pytest
+
+import checkpointio
+from checkpointio import Checkpoint, PortalError, _portal
+
+
+def _run_script(code: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent(code))
+    return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+
+
+@pytest.mark.parametrize("name", ["load", "save", "prev_exists"])
+def test_each_sync_twin_has_the_signature_of_its_async_method(name: str) -> None:
+    async_sig = inspect.signature(getattr(Checkpoint, name))
+    sync_sig = inspect.signature(getattr(Checkpoint, f"{name}_sync"))
+    assert list(sync_sig.parameters) == list(async_sig.parameters)
+    assert str(sync_sig.return_annotation) == str(async_sig.return_annotation)
+
+
+def test_sync_calls_from_many_threads_all_land(tmp_path: Path) -> None:
+    errors: list[BaseException] = []
+
+    def work(i: int) -> None:
+        try:
+            Checkpoint(tmp_path / f"ckpt-{i}").save_sync(f"value {i}".encode())
+            with Checkpoint(tmp_path / "unused", src=tmp_path / f"ckpt-{i}") as cp:
+                restored = cp.load_sync()
+                assert restored is not None and restored.read_bytes() == f"value {i}".encode()
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+
+
+def test_sync_call_from_inside_a_running_event_loop(tmp_path: Path) -> None:
+    async def notebook_cell() -> bytes:
+        Checkpoint(tmp_path / "a").save_sync(b"from a coroutine")
+        with Checkpoint(tmp_path / "b", src=tmp_path / "a") as cp:
+            restored = cp.load_sync()
+            assert restored is not None
+            return restored.read_bytes()
+
+    assert asyncio.run(notebook_cell()) == b"from a coroutine"
+
+
+def test_sync_call_from_the_loop_thread_raises_instead_of_deadlocking(tmp_path: Path) -> None:
+    async def inside_loop_thread() -> None:
+        Checkpoint(tmp_path / "a").save_sync(b"x")
+
+    with pytest.raises(PortalError, match="deadlock"):
+        _portal.run_sync(inside_loop_thread)
+    Checkpoint(tmp_path / "a").save_sync(b"still usable")
+
+
+def test_sync_calls_work_in_a_forked_child(tmp_path: Path) -> None:
+    result = _run_script(
+        f"""
+        import os
+        from checkpointio import Checkpoint
+        root = {str(tmp_path)!r}
+        Checkpoint(root + "/parent").save_sync(b"parent")
+        pid = os.fork()
+        if pid == 0:
+            try:
+                Checkpoint(root + "/child").save_sync(b"child")
+                with Checkpoint(root + "/x", src=root + "/parent") as cp:
+                    ok = cp.load_sync().read_bytes() == b"parent"
+                os._exit(0 if ok else 3)
+            except BaseException:
+                import traceback; traceback.print_exc()
+                os._exit(4)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, status
+        with Checkpoint(root + "/y", src=root + "/child") as cp:
+            assert cp.load_sync().read_bytes() == b"child"
+        print("fork ok")
+        """,
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "fork ok" in result.stdout
+
+
+def test_sync_calls_work_at_interpreter_exit(tmp_path: Path) -> None:
+    result = _run_script(
+        f"""
+        import atexit
+        from checkpointio import Checkpoint
+        root = {str(tmp_path)!r}
+
+        def last_words():
+            Checkpoint(root + "/at-exit").save_sync(b"saved at exit")
+            print("saved")
+
+        atexit.register(last_words)
+        Checkpoint(root + "/early").save_sync(b"early")  # the loop thread exists before exit
+        """,
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "at-exit").read_bytes() == b"saved at exit"
+
+
+def test_ctrl_c_during_save_sync_cancels_the_save_and_keeps_the_previous(tmp_path: Path) -> None:
+    result = _run_script(
+        f"""
+        import os, signal, threading, time, pathlib
+        from checkpointio import Checkpoint
+        root = pathlib.Path({str(tmp_path)!r})
+        Checkpoint(root / "ckpt").save_sync(b"previous")
+        big = root / "big"; big.mkdir()
+        for i in range(8):
+            (big / f"shard-{{i}}").write_bytes(os.urandom(8 * 1024 * 1024))
+
+        def interrupt_when_started():
+            while not list(root.glob(".ckpt.partial-*")):
+                time.sleep(0.001)
+            os.kill(os.getpid(), signal.SIGINT)
+
+        threading.Thread(target=interrupt_when_started, daemon=True).start()
+        try:
+            Checkpoint(root / "ckpt", chunk_size=256 * 1024).save_sync(big)
+        except KeyboardInterrupt:
+            print("interrupted")
+        print("partials", len(list(root.glob(".ckpt.partial-*"))))
+        Checkpoint(root / "other").save_sync(b"loop still usable")
+        """,
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "interrupted" in result.stdout, result.stdout + result.stderr
+    assert "partials 0" in result.stdout, result.stdout + result.stderr
+    assert (tmp_path / "ckpt").read_bytes() == b"previous"
+    assert (tmp_path / "other").read_bytes() == b"loop still usable"
+
+
+def test_public_names_are_exported_and_importable() -> None:
+    for name in checkpointio.__all__:
+        assert hasattr(checkpointio, name), name
+    public = {name for name in dir(checkpointio) if not name.startswith("_")}
+    assert public - set(checkpointio.__all__) == set()

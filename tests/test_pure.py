@@ -1,0 +1,108 @@
+"""Pure parts, tested without an event loop: URIs, settings, part planning, latest_checkpoint."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from checkpointio import MiB, ObjectTooLargeError, TransferConfig, latest_checkpoint
+from checkpointio._location import parse_location
+from checkpointio._planning import (
+    MAX_OBJECT_SIZE,
+    MAX_PARTS,
+    check_object_size,
+    part_size_for_known_size,
+    part_size_for_stream,
+    ranges,
+)
+
+
+@pytest.mark.parametrize(
+    ("uri", "scheme", "bucket", "key"),
+    [
+        ("s3://bucket/run/attempt-0", "s3", "bucket", "run/attempt-0"),
+        ("memory://tests/a", "memory", "", "tests/a"),
+        ("file:///tmp/ckpt", "file", "", "/tmp/ckpt"),
+        ("/tmp/ckpt", "file", "", "/tmp/ckpt"),
+    ],
+)
+def test_uris_parse_into_locations(uri: str, scheme: str, bucket: str, key: str) -> None:
+    location = parse_location(uri)
+    assert (location.scheme, location.bucket, location.key) == (scheme, bucket, key)
+
+
+def test_relative_paths_become_absolute() -> None:
+    assert parse_location("ckpt").key == os.path.join(os.getcwd(), "ckpt")
+
+
+@pytest.mark.parametrize("uri", ["", "s3://bucket", "s3:///key", "gs://bucket/key", "memory://"])
+def test_bad_uris_are_refused_with_a_message(uri: str) -> None:
+    with pytest.raises(ValueError, match=r"\S"):
+        parse_location(uri)
+
+
+def test_config_rejects_impossible_settings() -> None:
+    with pytest.raises(ValueError, match="5 MiB"):
+        TransferConfig(part_size=1 * MiB)
+    with pytest.raises(ValueError, match="compression_level"):
+        TransferConfig(compression_level=10)
+    with pytest.raises(TypeError, match="unknown checkpoint option"):
+        TransferConfig().with_options(part_sise=8 * MiB)
+    assert TransferConfig().with_options(max_concurrency=3).max_concurrency == 3
+
+
+def test_part_size_grows_so_no_object_needs_more_than_10000_parts() -> None:
+    assert part_size_for_known_size(100 * MiB, 16 * MiB) == 16 * MiB
+    for size in (200 * 1024 * MiB, 1024 * 1024 * MiB, MAX_OBJECT_SIZE):
+        part = part_size_for_known_size(size, 16 * MiB)
+        assert -(-size // part) <= MAX_PARTS
+        assert part % MiB == 0
+
+
+def test_stream_parts_reach_the_object_limit_within_10000_parts() -> None:
+    total = sum(part_size_for_stream(i, 8 * MiB) for i in range(MAX_PARTS))
+    assert total >= MAX_OBJECT_SIZE
+    assert part_size_for_stream(0, 8 * MiB) == 8 * MiB
+    assert part_size_for_stream(999, 8 * MiB) == 8 * MiB
+    assert part_size_for_stream(1000, 8 * MiB) == 16 * MiB
+
+
+def test_objects_over_5_tib_are_refused_up_front() -> None:
+    check_object_size(MAX_OBJECT_SIZE, "s3://b/k")
+    with pytest.raises(ObjectTooLargeError, match="s3://b/k"):
+        check_object_size(MAX_OBJECT_SIZE + 1, "s3://b/k")
+
+
+def test_ranges_cover_the_object_in_order() -> None:
+    assert ranges(10, 4) == [(0, 3), (4, 7), (8, 9)]
+    assert ranges(0, 4) == []
+
+
+def test_latest_checkpoint_prefers_newest_mtime(tmp_path: Path) -> None:
+    for i, name in enumerate(["a/last.ckpt", "b/last.ckpt", "c/last.ckpt"]):
+        path = tmp_path / name
+        path.parent.mkdir()
+        path.write_text(name)
+        os.utime(
+            path, (1000 + i * (1 if name != "b/last.ckpt" else 10), 1000 + i * (1 if name != "b/last.ckpt" else 10))
+        )
+    assert latest_checkpoint(tmp_path) == tmp_path / "b/last.ckpt"
+
+
+def test_latest_checkpoint_breaks_mtime_ties_by_natural_name_order(tmp_path: Path) -> None:
+    for name in ["epoch_9.pt", "epoch_10.pt", "epoch_2.pt"]:
+        (tmp_path / name).write_text(name)
+        os.utime(tmp_path / name, (1000, 1000))
+    assert latest_checkpoint(tmp_path, "*.pt") == tmp_path / "epoch_10.pt"
+
+
+def test_latest_checkpoint_handles_none_missing_and_custom_key(tmp_path: Path) -> None:
+    assert latest_checkpoint(None) is None
+    assert latest_checkpoint(tmp_path / "missing") is None
+    assert latest_checkpoint(tmp_path, "*.pt") is None
+    (tmp_path / "a.pt").write_text("aaaa")
+    (tmp_path / "b.pt").write_text("b")
+    assert latest_checkpoint(tmp_path, "*.pt", key=lambda p: p.stat().st_size) == tmp_path / "a.pt"
+    assert latest_checkpoint(tmp_path / "a.pt", "*.pt") == tmp_path / "a.pt"
