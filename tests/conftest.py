@@ -3,17 +3,97 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from checkpointio._stores._memory import _lock as memory_lock
 from checkpointio._stores._memory import _objects as memory_objects
 
-STORES = ["local", "memory"]
+STORES = ["local", "memory", "s3"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class MotoServer:
+    """moto in server mode: a real S3 endpoint over HTTP on 127.0.0.1, in its own process."""
+
+    endpoint: str
+    process: subprocess.Popen[bytes]
+
+    def client(self) -> Any:
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1")
+
+    def new_bucket(self) -> str:
+        bucket = f"test-{uuid.uuid4().hex[:16]}"
+        self.client().create_bucket(Bucket=bucket)
+        return bucket
+
+
+def start_moto(env: dict[str, str] | None = None) -> MotoServer:
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, **(env or {})},
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(endpoint + "/moto-api/", timeout=1)
+            break
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                raise RuntimeError("the moto server did not start") from None
+            time.sleep(0.1)
+    return MotoServer(endpoint, process)
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[MotoServer]:
+    """One moto server for the session; credentials and endpoint reach the library the standard way."""
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    server = start_moto()
+    os.environ["AWS_ENDPOINT_URL_S3"] = server.endpoint
+    try:
+        yield server
+    finally:
+        stop(server.process)
+        os.environ.pop("AWS_ENDPOINT_URL_S3", None)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 @dataclass
@@ -22,16 +102,25 @@ class StoreCase:
 
     name: str
     root: Path
+    s3: MotoServer | None = None
+    bucket: str = ""
     prefix: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     def uri(self, name: str) -> str:
         if self.name == "local":
             return str(self.root / name)
+        if self.name == "s3":
+            return f"s3://{self.bucket}/{self.prefix}/{name}"
         return f"memory://{self.prefix}/{name}"
+
+    def _key(self, name: str) -> str:
+        return f"{self.prefix}/{name}"
 
     def put_raw(self, name: str, data: bytes) -> None:
         """Store bytes as another tool would: no checkpointio record."""
-        if self.name == "local":
+        if self.s3 is not None:
+            self.s3.client().put_object(Bucket=self.bucket, Key=self._key(name), Body=data)
+        elif self.name == "local":
             path = self.root / name
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(data)
@@ -46,6 +135,8 @@ class StoreCase:
                 memory_objects[location.key] = memory._Object(data, info)
 
     def get_raw(self, name: str) -> bytes:
+        if self.s3 is not None:
+            return bytes(self.s3.client().get_object(Bucket=self.bucket, Key=self._key(name))["Body"].read())
         if self.name == "local":
             return (self.root / name).read_bytes()
         from checkpointio._location import parse_location
@@ -55,7 +146,14 @@ class StoreCase:
 
     def corrupt(self, name: str) -> None:
         """Flip bytes in the middle of the stored object, keeping its size and record."""
-        if self.name == "local":
+        if self.s3 is not None:
+            client = self.s3.client()
+            stored = client.get_object(Bucket=self.bucket, Key=self._key(name))
+            data = bytearray(stored["Body"].read())
+            middle = len(data) // 2
+            data[middle : middle + 16] = bytes(b ^ 0xFF for b in data[middle : middle + 16])
+            client.put_object(Bucket=self.bucket, Key=self._key(name), Body=bytes(data), Metadata=stored["Metadata"])
+        elif self.name == "local":
             path = self.root / name
             st = path.stat()
             data = bytearray(path.read_bytes())
@@ -76,6 +174,8 @@ class StoreCase:
 
     def partial_writes(self) -> int | None:
         """How many saves are visibly in progress, or None where the store cannot show it."""
+        if self.s3 is not None:
+            return len(self.s3.client().list_multipart_uploads(Bucket=self.bucket).get("Uploads", []))
         if self.name == "local":
             return sum(1 for path in self.root.rglob(".*.partial-*"))
         return None
@@ -85,7 +185,13 @@ class StoreCase:
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreCase]:
     root = tmp_path / "store"
     root.mkdir()
-    yield StoreCase(request.param, root)
+    if request.param == "s3":
+        server: MotoServer = request.getfixturevalue("moto_server")
+        case = StoreCase("s3", root, s3=server, bucket=server.new_bucket())
+        yield case
+        assert case.partial_writes() == 0, "a test left an incomplete multipart upload behind"
+    else:
+        yield StoreCase(request.param, root)
 
 
 def make_tree(root: Path) -> Path:

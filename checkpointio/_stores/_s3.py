@@ -1,0 +1,484 @@
+"""S3 and S3-compatible stores through aiobotocore: the only importer of (aio)botocore.
+
+Save: one PUT for small objects; otherwise a multipart upload fed as a stream, parts cut from the
+producer and uploaded concurrently while it keeps going, each with a CRC32 (or Content-MD5) the
+server verifies, the whole object's CRC32 sent with CompleteMultipartUpload. The object appears only
+when Complete succeeds; on any error or cancellation the upload is aborted.
+
+Load: HEAD for size, ETag and checksum, then concurrent ranged GETs pinned to that ETag
+(``If-Match``), delivered in order. A range that fails half-way is fetched again on its own.
+
+One client (and connection pool) per event loop and settings; it is closed when its loop shuts
+down its async generators (``asyncio.run`` and anyio do), through the generator that holds it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import logging
+import os
+import random
+import weakref
+import zlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import anyio
+import anyio.abc
+import anyio.lowlevel
+import anyio.to_thread
+from aiobotocore.session import AioSession
+from botocore.config import Config
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectionClosedError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    NoCredentialsError,
+    PartialCredentialsError,
+    ReadTimeoutError,
+    ResponseStreamingError,
+)
+
+from .._config import TransferConfig
+from .._exceptions import (
+    AccessDeniedError,
+    BucketNotFoundError,
+    CheckpointError,
+    ConcurrentModificationError,
+    StoreError,
+    StoreUnavailableError,
+)
+from .._location import Location
+from .._planning import check_object_size, part_size_for_known_size, part_size_for_stream, ranges
+from ._base import Body, ObjectInfo, Record, Sink
+
+__all__ = ["S3Store"]
+
+logger = logging.getLogger("checkpointio")
+
+_ACCESS_CODES = {
+    "AccessDenied",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "ExpiredToken",
+    "InvalidToken",
+    "AllAccessDisabled",
+    "403",
+}
+_TRANSIENT_READ_ERRORS = (
+    ResponseStreamingError,
+    ConnectionClosedError,
+    ReadTimeoutError,
+    aiohttp.ClientPayloadError,
+    aiohttp.ClientConnectionError,
+    asyncio.TimeoutError,
+    ConnectionError,
+)
+#: How long an abort may take once a save failed or was cancelled.
+_ABORT_TIMEOUT = 60.0
+
+
+def _b64(digest: bytes) -> str:
+    return base64.b64encode(digest).decode()
+
+
+def _crc32_b64(crc: int) -> str:
+    return _b64(crc.to_bytes(4, "big"))
+
+
+def endpoint_for(config: TransferConfig) -> str | None:
+    """The endpoint in force: the setting, else botocore's environment variables."""
+    return config.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+def _translate(error: Exception, location: Location, action: str) -> Exception:
+    """Map a botocore/aiohttp error to ours, naming the bucket and key."""
+    uri = location.uri
+    if isinstance(error, CheckpointError):
+        return error
+    if isinstance(error, ClientError):
+        meta = error.response.get("Error", {})
+        code = str(meta.get("Code", ""))
+        status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        message = meta.get("Message") or code
+        if code == "NoSuchBucket":
+            return BucketNotFoundError(f"{uri}: bucket {location.bucket!r} does not exist ({action})", uri=uri)
+        if code in _ACCESS_CODES or status == 403:
+            return AccessDeniedError(
+                f"{uri}: access denied while trying to {action}: {code}: {message} "
+                "(check the credentials and the bucket policy)",
+                uri=uri,
+            )
+        if code in ("PreconditionFailed", "412") or status == 412:
+            return ConcurrentModificationError(f"{uri}: replaced while being read", uri=uri)
+        if status is not None and status >= 500:
+            return StoreUnavailableError(f"{uri}: the store kept failing to {action}: {code}: {message}", uri=uri)
+        return StoreError(f"{uri}: could not {action}: {code}: {message}", uri=uri)
+    if isinstance(error, NoCredentialsError | PartialCredentialsError):
+        return AccessDeniedError(f"{uri}: no usable AWS credentials to {action}: {error}", uri=uri)
+    if isinstance(error, EndpointConnectionError | ConnectTimeoutError | aiohttp.ClientConnectionError):
+        return StoreUnavailableError(f"{uri}: cannot reach the store to {action}: {error}", uri=uri)
+    if isinstance(error, _TRANSIENT_READ_ERRORS):
+        return StoreUnavailableError(f"{uri}: connection failed while trying to {action}: {error}", uri=uri)
+    if isinstance(error, BotoCoreError):
+        return StoreError(f"{uri}: could not {action}: {error}", uri=uri)
+    return error  # not ours to reinterpret
+
+
+class _Clients:
+    """One aiobotocore client per (event loop, settings), closed with its loop."""
+
+    def __init__(self) -> None:
+        self._by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[Any, ...], Any]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
+
+    async def get(self, config: TransferConfig) -> Any:
+        loop = asyncio.get_running_loop()
+        clients = self._by_loop.setdefault(loop, {})
+        endpoint = endpoint_for(config)
+        key = (
+            endpoint,
+            config.region_name,
+            config.profile,
+            config.addressing_style,
+            config.max_attempts,
+            config.connect_timeout,
+            config.read_timeout,
+            config.max_concurrency,
+        )
+        entry = clients.get(key)
+        if entry is not None:
+            return entry[0]
+        lock = self._locks.setdefault(loop, asyncio.Lock())
+        async with lock:
+            entry = clients.get(key)
+            if entry is None:
+                keeper = self._keep(config, endpoint, clients, key)
+                client = await keeper.__anext__()
+                entry = clients[key] = (client, keeper)
+        return entry[0]
+
+    @staticmethod
+    async def _keep(
+        config: TransferConfig, endpoint: str | None, clients: dict[tuple[Any, ...], Any], key: tuple[Any, ...]
+    ) -> AsyncIterator[Any]:
+        addressing = config.addressing_style or ("path" if endpoint else "auto")
+        botocore_config = Config(
+            retries={"max_attempts": config.max_attempts, "mode": "standard"},
+            connect_timeout=config.connect_timeout,
+            read_timeout=config.read_timeout,
+            max_pool_connections=config.max_concurrency * 2,
+            s3={"addressing_style": addressing},
+            # We send the checksums we compute ourselves, as headers, which S3-compatible servers
+            # accept; botocore's own defaults (aws-chunked trailers) break several of them.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        session = AioSession(profile=config.profile)
+        try:
+            async with session.create_client(
+                "s3", endpoint_url=endpoint, region_name=config.region_name, config=botocore_config
+            ) as client:
+                yield client  # held here until the loop shuts down its async generators
+        finally:
+            clients.pop(key, None)
+
+
+_clients = _Clients()
+
+
+class S3Store:
+    """Checkpoints as objects in S3 or an S3-compatible store."""
+
+    def __init__(self, config: TransferConfig) -> None:
+        self._config = config
+
+    async def _client(self) -> Any:
+        return await _clients.get(self._config)
+
+    # -- head / delete / list ------------------------------------------------------------------
+
+    async def head(self, location: Location) -> ObjectInfo | None:
+        client = await self._client()
+        try:
+            response = await client.head_object(Bucket=location.bucket, Key=location.key, ChecksumMode="ENABLED")
+        except ClientError as error:
+            status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if status == 404 or error.response.get("Error", {}).get("Code") in ("404", "NoSuchKey"):
+                await self._check_bucket(client, location)
+                return None
+            raise _translate(error, location, "read the checkpoint's metadata") from error
+        except Exception as error:
+            raise _translate(error, location, "read the checkpoint's metadata") from error
+        server_crc = None
+        checksum = response.get("ChecksumCRC32")
+        # A composite (per-part) checksum ends in "-N" and says nothing about the whole content.
+        if checksum and "-" not in checksum and response.get("ChecksumType", "FULL_OBJECT") == "FULL_OBJECT":
+            server_crc = int.from_bytes(base64.b64decode(checksum), "big")
+        modified = response.get("LastModified")
+        return ObjectInfo(
+            location,
+            int(response["ContentLength"]),
+            response["ETag"],
+            Record.from_metadata(response.get("Metadata", {})),
+            server_crc32=server_crc,
+            modified=modified.timestamp() if modified is not None else None,
+        )
+
+    async def _check_bucket(self, client: Any, location: Location) -> None:
+        """A 404 on HEAD does not say whether the key or the bucket is missing: ask."""
+        try:
+            await client.head_bucket(Bucket=location.bucket)
+        except ClientError as error:
+            status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if status == 404:
+                raise BucketNotFoundError(
+                    f"{location.uri}: bucket {location.bucket!r} does not exist", uri=location.uri
+                ) from error
+            raise _translate(error, location, "check the bucket") from error
+
+    async def delete(self, location: Location) -> bool:
+        client = await self._client()
+        existed = await self.head(location) is not None
+        try:
+            await client.delete_object(Bucket=location.bucket, Key=location.key)
+        except Exception as error:
+            raise _translate(error, location, "delete the checkpoint") from error
+        return existed
+
+    async def list(self, prefix: Location) -> list[ObjectInfo]:
+        client = await self._client()
+        found: list[ObjectInfo] = []
+        try:
+            paginator = client.get_paginator("list_objects_v2")
+            async for page in paginator.paginate(Bucket=prefix.bucket, Prefix=prefix.key):
+                for item in page.get("Contents", []):
+                    found.append(
+                        ObjectInfo(
+                            Location("s3", prefix.bucket, item["Key"]),
+                            int(item["Size"]),
+                            item["ETag"],
+                            modified=item["LastModified"].timestamp(),
+                        )
+                    )
+        except Exception as error:
+            raise _translate(error, prefix, "list checkpoints") from error
+        return sorted(found, key=lambda info: info.location.key)
+
+    # -- put -------------------------------------------------------------------------------------
+
+    async def put(self, location: Location, body: Body, record: Record) -> ObjectInfo:
+        config = self._config
+        if body.size is not None:
+            check_object_size(body.size, location.uri)
+            part_size = part_size_for_known_size(body.size, config.part_size)
+        else:
+            part_size = config.part_size
+        stream = aiter(body)
+        first = bytearray()
+        ended = False
+        while len(first) < max(part_size, config.multipart_threshold):
+            try:
+                first += await anext(stream)
+            except StopAsyncIteration:
+                ended = True
+                break
+        if ended and len(first) < config.multipart_threshold:
+            return await self._put_single(location, bytes(first), record.completed(body.digest))
+        return await self._put_multipart(location, body, stream, first, record, part_size)
+
+    def _checksum_headers(self, data: bytes, crc: int | None = None) -> dict[str, str]:
+        if self._config.flexible_checksums:
+            return {"ChecksumCRC32": _crc32_b64(zlib.crc32(data) if crc is None else crc)}
+        return {"ContentMD5": _b64(hashlib.md5(data).digest())}
+
+    async def _put_single(self, location: Location, data: bytes, record: Record) -> ObjectInfo:
+        client = await self._client()
+        headers = await anyio.to_thread.run_sync(self._checksum_headers, data, record.crc32)
+        try:
+            response = await client.put_object(
+                Bucket=location.bucket, Key=location.key, Body=data, Metadata=record.to_metadata(), **headers
+            )
+        except Exception as error:
+            raise _translate(error, location, "upload the checkpoint") from error
+        return ObjectInfo(location, len(data), response["ETag"], record)
+
+    async def _put_multipart(
+        self,
+        location: Location,
+        body: Body,
+        stream: AsyncIterator[bytes],
+        first: bytearray,
+        record: Record,
+        part_size: int,
+    ) -> ObjectInfo:
+        config = self._config
+        client = await self._client()
+        extra = {"ChecksumAlgorithm": "CRC32", "ChecksumType": "FULL_OBJECT"} if config.flexible_checksums else {}
+        try:
+            # Shielded: cancelled after the server created the upload but before we learnt its id,
+            # it could never be aborted. The id is ours the moment it exists.
+            with anyio.CancelScope(shield=True):
+                created = await client.create_multipart_upload(
+                    Bucket=location.bucket, Key=location.key, Metadata=record.to_metadata(), **extra
+                )
+        except Exception as error:
+            raise _translate(error, location, "start the upload") from error
+        upload_id = created["UploadId"]
+        parts: dict[int, dict[str, Any]] = {}
+        slots = anyio.Semaphore(config.max_concurrency)
+
+        async def upload_part(number: int, data: bytes) -> None:
+            try:
+                headers = await anyio.to_thread.run_sync(self._checksum_headers, data)
+                response = await client.upload_part(
+                    Bucket=location.bucket,
+                    Key=location.key,
+                    UploadId=upload_id,
+                    PartNumber=number,
+                    Body=data,
+                    **headers,
+                )
+                part: dict[str, Any] = {"PartNumber": number, "ETag": response["ETag"]}
+                if "ChecksumCRC32" in headers:
+                    part["ChecksumCRC32"] = headers["ChecksumCRC32"]
+                parts[number] = part
+            except Exception as error:
+                raise _translate(error, location, f"upload part {number}") from error
+            finally:
+                slots.release()
+
+        try:
+            await anyio.lowlevel.checkpoint()  # a cancellation that arrived during the shield
+            buffer = first
+            number = 0
+            total = 0
+            async with anyio.create_task_group() as group:
+                ended = False
+                while not ended or buffer:
+                    size = part_size if body.size is not None else part_size_for_stream(number, part_size)
+                    while not ended and len(buffer) < size:
+                        try:
+                            buffer += await anext(stream)
+                        except StopAsyncIteration:
+                            ended = True
+                    if not buffer:
+                        break
+                    data = bytes(buffer[:size])
+                    del buffer[:size]
+                    number += 1
+                    total += len(data)
+                    check_object_size(total, location.uri)
+                    await slots.acquire()  # at most max_concurrency parts in flight
+                    group.start_soon(upload_part, number, data)
+            complete: dict[str, Any] = {"MultipartUpload": {"Parts": [parts[n] for n in sorted(parts)]}}
+            if config.flexible_checksums:
+                complete.update(ChecksumCRC32=_crc32_b64(body.digest.crc32), ChecksumType="FULL_OBJECT")
+            try:
+                response = await client.complete_multipart_upload(
+                    Bucket=location.bucket, Key=location.key, UploadId=upload_id, **complete
+                )
+            except Exception as error:
+                raise _translate(error, location, "complete the upload") from error
+        except BaseException:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(_ABORT_TIMEOUT):
+                await self._abort(client, location, upload_id)
+            raise
+        return ObjectInfo(location, total, response["ETag"], record.completed(body.digest))
+
+    async def _abort(self, client: Any, location: Location, upload_id: str) -> None:
+        """Abort, and repeat until no part is listed (S3 may keep parts uploaded during an abort)."""
+        for attempt in range(3):
+            try:
+                await client.abort_multipart_upload(Bucket=location.bucket, Key=location.key, UploadId=upload_id)
+                listed = await client.list_parts(Bucket=location.bucket, Key=location.key, UploadId=upload_id)
+                if not listed.get("Parts"):
+                    return
+            except ClientError as error:
+                if error.response.get("Error", {}).get("Code") == "NoSuchUpload":
+                    return
+                logger.warning("checkpointio: aborting upload %s of %s failed: %s", upload_id, location.uri, error)
+            except Exception as error:
+                logger.warning("checkpointio: aborting upload %s of %s failed: %s", upload_id, location.uri, error)
+            await anyio.sleep(0.2 * 2**attempt)
+        logger.error("checkpointio: could not abort upload %s of %s; `gc` can remove it", upload_id, location.uri)
+
+    # -- get -------------------------------------------------------------------------------------
+
+    async def get(self, info: ObjectInfo, sink: Sink) -> None:
+        config = self._config
+        client = await self._client()
+        spans = ranges(info.size, config.part_size)
+        if len(spans) <= 1:
+            data = await self._get_range(client, info, None)
+            await self._deliver(data, sink)
+            return
+        results: dict[int, bytes] = {}
+        ready = [anyio.Event() for _ in spans]
+        slots = anyio.Semaphore(config.max_concurrency)
+
+        async def fetch(index: int, span: tuple[int, int]) -> None:
+            results[index] = await self._get_range(client, info, span)
+            ready[index].set()
+
+        async def schedule(group: anyio.abc.TaskGroup) -> None:
+            for index, span in enumerate(spans):
+                await slots.acquire()  # released once delivered: at most max_concurrency ranges held
+                group.start_soon(fetch, index, span)
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(schedule, group)
+            for index in range(len(spans)):
+                await ready[index].wait()
+                data = results.pop(index)
+                slots.release()
+                await self._deliver(data, sink)
+
+    async def _deliver(self, data: bytes, sink: Sink) -> None:
+        step = self._config.chunk_size
+        if len(data) <= step:
+            await sink(data)
+            return
+        view = memoryview(data)
+        for start in range(0, len(view), step):
+            await sink(bytes(view[start : start + step]))
+
+    async def _get_range(self, client: Any, info: ObjectInfo, span: tuple[int, int] | None) -> bytes:
+        """GET one range (or the whole object), pinned to the ETag; a failed read is retried alone."""
+        location = info.location
+        kwargs: dict[str, Any] = {"Bucket": location.bucket, "Key": location.key, "IfMatch": info.etag}
+        expected = info.size
+        if span is not None:
+            kwargs["Range"] = f"bytes={span[0]}-{span[1]}"
+            expected = span[1] - span[0] + 1
+        attempts = self._config.max_attempts
+        for attempt in range(attempts):
+            try:
+                response = await client.get_object(**kwargs)
+                async with response["Body"] as stream:
+                    data: bytes = await stream.read()
+                if len(data) != expected:
+                    raise ResponseStreamingError(error=f"got {len(data)} of {expected} bytes")
+                return data
+            except ClientError as error:
+                status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                if status == 404:
+                    raise ConcurrentModificationError(
+                        f"{location.uri}: removed while being read", uri=location.uri
+                    ) from error
+                raise _translate(error, location, "download the checkpoint") from error
+            except _TRANSIENT_READ_ERRORS as error:
+                if attempt + 1 >= attempts:
+                    raise _translate(error, location, "download the checkpoint") from error
+                logger.info("checkpointio: retrying a range of %s after: %s", location.uri, error)
+                await anyio.sleep(min(20.0, random.uniform(0, 0.1 * 2**attempt)))
+            except Exception as error:
+                raise _translate(error, location, "download the checkpoint") from error
+        raise AssertionError("unreachable")  # pragma: no cover
