@@ -102,19 +102,21 @@ class Checkpoint:
             self._loaded = True
         return self._restored
 
-    async def save(self, data: _engine.SaveData) -> None:
+    async def save(self, data: _engine.SaveData, **options: Any) -> None:
         """Save ``data`` to ``dest``, replacing what was there only once it is complete.
 
         Args:
             data: ``bytes`` (stored as one object), a path to a file (stored as is) or a path to
                 a directory (stored as a .tar.gz of its contents, streamed, never via a
                 temporary archive).
+            **options: Transfer settings for this call only (e.g. ``compression_level=0``).
 
         Raises:
             SourceNotFoundError: The path does not exist.
             TypeError: ``data`` is of another type.
         """
-        await _engine.save(self._store(self._dest), self._dest, data, self._config)
+        config = self._config.with_options(**options)
+        await _engine.save(open_store(self._dest.scheme, config), self._dest, data, config)
 
     async def prev_exists(self) -> bool:
         """Whether the previous attempt left a checkpoint to restore."""
@@ -126,9 +128,9 @@ class Checkpoint:
         """Blocking twin of :meth:`load`."""
         return _portal.run_sync(self.load)
 
-    def save_sync(self, data: _engine.SaveData) -> None:
+    def save_sync(self, data: _engine.SaveData, **options: Any) -> None:
         """Blocking twin of :meth:`save`."""
-        return _portal.run_sync(self.save, data)
+        return _portal.run_sync(self.save, data, **options)
 
     def prev_exists_sync(self) -> bool:
         """Blocking twin of :meth:`prev_exists`."""

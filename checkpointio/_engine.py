@@ -9,14 +9,11 @@ the store aborts instead of committing.
 
 from __future__ import annotations
 
-import concurrent.futures
 import os
 import shutil
-import sys
 import uuid
 import zlib
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,13 +23,13 @@ import anyio.to_thread
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from . import _archive
+from ._concurrency import PLUMBING as _PLUMBING
+from ._concurrency import Aborted as _Aborted
+from ._concurrency import one_error
 from ._config import TransferConfig
 from ._exceptions import ChecksumMismatchError, CorruptCheckpointError, SourceNotFoundError
 from ._location import Location
 from ._stores import Body, Digest, Kind, ObjectInfo, Record, Store
-
-if sys.version_info < (3, 11):  # pragma: no cover
-    from exceptiongroup import BaseExceptionGroup
 
 __all__ = ["PAYLOAD_NAME", "SaveData", "load", "save"]
 
@@ -41,45 +38,6 @@ PAYLOAD_NAME = "payload"
 _PARTIAL = ".checkpointio-partial-"
 
 SaveData = bytes | bytearray | memoryview | str | os.PathLike[str]
-
-
-class _Aborted(Exception):
-    """The other side of a pipeline failed; this side stops quietly and lets that error speak."""
-
-
-#: Exceptions that only say "the other side went away": never the error to report.
-_PLUMBING = (
-    _Aborted,
-    anyio.BrokenResourceError,
-    anyio.ClosedResourceError,
-    anyio.EndOfStream,
-    concurrent.futures.CancelledError,
-)
-
-
-def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            yield from _leaves(exc)
-        else:
-            yield exc
-
-
-@contextmanager
-def _one_error() -> Iterator[None]:
-    """Turn a task group's exception group into the one error that caused it."""
-    try:
-        yield
-    except BaseExceptionGroup as group:
-        leaves = list(_leaves(group))
-        cancel = anyio.get_cancelled_exc_class()
-        for exc in leaves:
-            if not isinstance(exc, _PLUMBING) and not isinstance(exc, cancel):
-                raise exc from None
-        for exc in leaves:
-            if isinstance(exc, cancel):
-                raise exc from None
-        raise
 
 
 @dataclass(frozen=True)
@@ -150,7 +108,7 @@ async def save(store: Store, location: Location, data: SaveData, config: Transfe
             stored.append(await store.put(location, body, Record(source.kind)))
 
     try:
-        with _one_error():
+        with one_error():
             async with anyio.create_task_group() as group:
                 group.start_soon(produce)
                 group.start_soon(put)
@@ -272,7 +230,7 @@ async def load(store: Store, location: Location, workspace: Path, config: Transf
             send.close()
 
     await anyio.to_thread.run_sync(lambda: workspace.mkdir(parents=True, exist_ok=True))
-    with _one_error():
+    with one_error():
         async with anyio.create_task_group() as group:
             group.start_soon(consume)
             group.start_soon(fetch)

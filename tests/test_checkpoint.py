@@ -264,3 +264,16 @@ def test_sync_twins_round_trip(store: StoreCase, tmp_path: Path) -> None:
         assert cp.prev_exists_sync()
         restored = cp.load_sync()
         assert restored == cp.path and snapshot(restored) == snapshot(tree)
+
+
+async def test_settings_can_be_overridden_for_one_save(store: StoreCase, tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "text").write_text("compressible " * 100_000)
+    cp = Checkpoint(store.uri("a"))
+    await cp.save(tree, compression_level=0)
+    stored = len(store.get_raw("a"))
+    await cp.save(tree)
+    assert len(store.get_raw("a")) < stored / 10  # level 1 by default, level 0 (stored) for that one call
+    with pytest.raises(TypeError, match="unknown checkpoint option"):
+        await cp.save(tree, compresion_level=0)

@@ -44,6 +44,7 @@ from botocore.exceptions import (
     ResponseStreamingError,
 )
 
+from .._concurrency import one_error
 from .._config import TransferConfig
 from .._exceptions import (
     AccessDeniedError,
@@ -360,24 +361,25 @@ class S3Store:
             buffer = first
             number = 0
             total = 0
-            async with anyio.create_task_group() as group:
-                ended = False
-                while not ended or buffer:
-                    size = part_size if body.size is not None else part_size_for_stream(number, part_size)
-                    while not ended and len(buffer) < size:
-                        try:
-                            buffer += await anext(stream)
-                        except StopAsyncIteration:
-                            ended = True
-                    if not buffer:
-                        break
-                    data = bytes(buffer[:size])
-                    del buffer[:size]
-                    number += 1
-                    total += len(data)
-                    check_object_size(total, location.uri)
-                    await slots.acquire()  # at most max_concurrency parts in flight
-                    group.start_soon(upload_part, number, data)
+            with one_error():
+                async with anyio.create_task_group() as group:
+                    ended = False
+                    while not ended or buffer:
+                        size = part_size if body.size is not None else part_size_for_stream(number, part_size)
+                        while not ended and len(buffer) < size:
+                            try:
+                                buffer += await anext(stream)
+                            except StopAsyncIteration:
+                                ended = True
+                        if not buffer:
+                            break
+                        data = bytes(buffer[:size])
+                        del buffer[:size]
+                        number += 1
+                        total += len(data)
+                        check_object_size(total, location.uri)
+                        await slots.acquire()  # at most max_concurrency parts in flight
+                        group.start_soon(upload_part, number, data)
             complete: dict[str, Any] = {"MultipartUpload": {"Parts": [parts[n] for n in sorted(parts)]}}
             if config.flexible_checksums:
                 complete.update(ChecksumCRC32=_crc32_b64(body.digest.crc32), ChecksumType="FULL_OBJECT")
@@ -433,13 +435,14 @@ class S3Store:
                 await slots.acquire()  # released once delivered: at most max_concurrency ranges held
                 group.start_soon(fetch, index, span)
 
-        async with anyio.create_task_group() as group:
-            group.start_soon(schedule, group)
-            for index in range(len(spans)):
-                await ready[index].wait()
-                data = results.pop(index)
-                slots.release()
-                await self._deliver(data, sink)
+        with one_error():
+            async with anyio.create_task_group() as group:
+                group.start_soon(schedule, group)
+                for index in range(len(spans)):
+                    await ready[index].wait()
+                    data = results.pop(index)
+                    slots.release()
+                    await self._deliver(data, sink)
 
     async def _deliver(self, data: bytes, sink: Sink) -> None:
         step = self._config.chunk_size

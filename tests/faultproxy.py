@@ -1,0 +1,213 @@
+"""A loopback HTTP/1.1 proxy that injects faults between the library and the S3 server.
+
+Faults are queued with :meth:`FaultProxy.add`: the next requests matching a predicate get a canned
+error response (503 SlowDown, 500), have their connection reset half-way through the request body
+(an upload part) or half-way through the response body (a ranged download). Everything else is
+relayed unchanged. Traffic stays on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+Match = Callable[[str, str], bool]
+
+_RESPONSES = {
+    "503": (503, "Slow Down", "SlowDown", "Please reduce your request rate."),
+    "500": (500, "Internal Server Error", "InternalError", "We encountered an internal error."),
+}
+
+
+@dataclass
+class Fault:
+    """``action`` on the next ``times`` requests for which ``match(method, target)`` holds."""
+
+    match: Match
+    action: str  # "503", "500", "reset_request", "reset_response"
+    times: int = 1
+    hits: int = 0
+
+
+@dataclass
+class FaultProxy:
+    upstream: tuple[str, int]
+    faults: list[Fault] = field(default_factory=list)
+    #: One entry per request: method, target, what the proxy did, and its request headers.
+    log: list[dict[str, object]] = field(default_factory=list)
+    #: Seconds to hold each request matching ``slow`` before relaying it (to observe overlap).
+    delay: float = 0.0
+    slow: Match = lambda method, target: False
+    #: Most requests matching ``slow`` in flight at once.
+    max_in_flight: int = 0
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port = self._server.getsockname()[1]
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self._closed = False
+        self._in_flight = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def add(self, match: Match, action: str, times: int = 1) -> Fault:
+        fault = Fault(match, action, times)
+        with self._lock:
+            self.faults.append(fault)
+        return fault
+
+    def close(self) -> None:
+        self._closed = True
+        self._server.close()
+
+    def _take(self, method: str, target: str) -> Fault | None:
+        with self._lock:
+            for fault in self.faults:
+                if fault.hits < fault.times and fault.match(method, target):
+                    fault.hits += 1
+                    return fault
+        return None
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        upstream = socket.create_connection(self.upstream)
+        cin = client.makefile("rb")
+        uin = upstream.makefile("rb")
+        try:
+            while self._relay_one(client, cin, upstream, uin):
+                pass
+        except OSError:
+            pass
+        finally:
+            for sock in (client, upstream):
+                with contextlib.suppress(OSError):
+                    sock.close()
+
+    def _relay_one(self, client: socket.socket, cin, upstream: socket.socket, uin) -> bool:  # type: ignore[no-untyped-def]
+        head, headers = _read_head(cin)
+        if not head:
+            return False
+        method, target = head.split(b" ", 2)[:2]
+        method_s, target_s = method.decode(), target.decode()
+        fault = self._take(method_s, target_s)
+        action = fault.action if fault else "relay"
+        self.log.append({"method": method_s, "target": target_s, "action": action, "headers": headers})
+        if self.slow(method_s, target_s):
+            with self._lock:
+                self._in_flight += 1
+                self.max_in_flight = max(self.max_in_flight, self._in_flight)
+            try:
+                time.sleep(self.delay)
+                return self._relay_body(client, cin, upstream, uin, method_s, headers, action)
+            finally:
+                with self._lock:
+                    self._in_flight -= 1
+        return self._relay_body(client, cin, upstream, uin, method_s, headers, action)
+
+    def _relay_body(  # type: ignore[no-untyped-def]
+        self,
+        client: socket.socket,
+        cin,
+        upstream: socket.socket,
+        uin,
+        method_s: str,
+        headers: dict[str, str],
+        action: str,
+    ) -> bool:
+        length = int(headers.get("content-length", "0"))
+        expects = headers.get("expect", "").lower() == "100-continue"
+        if action in _RESPONSES:
+            if not expects:
+                _read_exact(cin, length)
+            status, reason, code, message = _RESPONSES[action]
+            body = (
+                f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code><Message>{message}</Message></Error>"
+            )
+            client.sendall(
+                f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/xml\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n{body}".encode()
+            )
+            return False
+        head = headers["_head"]
+        if expects:  # answer the client ourselves and forward without the Expect header
+            client.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+            head = "".join(line for line in head.splitlines(keepends=True) if not line.lower().startswith("expect:"))
+        upstream.sendall(head.encode("latin-1"))
+        body = _read_exact(cin, length)
+        if action == "reset_request":
+            upstream.sendall(body[: len(body) // 2])
+            _reset(client)
+            _reset(upstream)
+            return False
+        upstream.sendall(body)
+        response, rheaders = _read_head(uin)
+        status = int(response.split(b" ", 2)[1])
+        client.sendall(response)
+        if method_s == "HEAD" or status in (204, 304) or 100 <= status < 200:
+            return True
+        if rheaders.get("transfer-encoding", "").lower() == "chunked":
+            _relay_chunked(uin, client)
+            return True
+        if "content-length" not in rheaders:
+            while data := uin.read1(65536):
+                client.sendall(data)
+            return False
+        data = _read_exact(uin, int(rheaders["content-length"]))
+        if action == "reset_response":
+            client.sendall(data[: len(data) // 2])
+            _reset(client)
+            return False
+        client.sendall(data)
+        return rheaders.get("connection", "").lower() != "close"
+
+
+def _read_head(stream) -> tuple[bytes, dict[str, str]]:  # type: ignore[no-untyped-def]
+    lines = []
+    while True:
+        line = stream.readline()
+        if not line:
+            return b"", {}
+        lines.append(line)
+        if line in (b"\r\n", b"\n"):
+            break
+    headers = {"_head": b"".join(lines).decode("latin-1")}
+    for line in lines[1:-1]:
+        name, _, value = line.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return b"".join(lines), headers
+
+
+def _read_exact(stream, length: int) -> bytes:  # type: ignore[no-untyped-def]
+    data = stream.read(length) if length else b""
+    if len(data) != length:
+        raise OSError("connection closed mid-body")
+    return bytes(data)
+
+
+def _relay_chunked(source, client: socket.socket) -> None:  # type: ignore[no-untyped-def]
+    while True:
+        size_line = source.readline()
+        client.sendall(size_line)
+        size = int(size_line.split(b";")[0].strip(), 16)
+        client.sendall(_read_exact(source, size + 2))
+        if size == 0:
+            return
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close with RST instead of FIN: what a dropped connection looks like to the peer."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()

@@ -1,0 +1,226 @@
+"""S3-specific behaviour against a real endpoint (moto in server mode) and a fault-injecting proxy."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from checkpointio import (
+    AccessDeniedError,
+    BucketNotFoundError,
+    Checkpoint,
+    ConcurrentModificationError,
+    MiB,
+    ObjectTooLargeError,
+    StoreUnavailableError,
+)
+from checkpointio._config import TransferConfig
+from checkpointio._location import parse_location
+from checkpointio._stores._s3 import S3Store, _clients
+
+from .conftest import MotoServer, free_port, make_tree, snapshot, start_moto, stop
+from .faultproxy import FaultProxy
+
+SMALL_PARTS = {"part_size": 5 * MiB, "multipart_threshold": 5 * MiB, "max_attempts": 4}
+
+
+def is_part_upload(method: str, target: str) -> bool:
+    return method == "PUT" and "partNumber=" in target
+
+
+def is_part(number: int) -> object:
+    return lambda method, target: is_part_upload(method, target) and f"partNumber={number}&" in target + "&"
+
+
+def is_ranged_get(proxy: FaultProxy) -> object:
+    return lambda method, target: method == "GET" and "uploadId" not in target and "list-type" not in target
+
+
+@pytest.fixture
+def bucket(moto_server: MotoServer) -> str:
+    return moto_server.new_bucket()
+
+
+@pytest.fixture
+def proxy(moto_server: MotoServer) -> Iterator[FaultProxy]:
+    port = int(moto_server.endpoint.rsplit(":", 1)[1])
+    server = FaultProxy(("127.0.0.1", port))
+    yield server
+    server.close()
+
+
+def uploads_left(moto_server: MotoServer, bucket: str) -> list[object]:
+    return list(moto_server.client().list_multipart_uploads(Bucket=bucket).get("Uploads", []))
+
+
+async def test_large_bytes_go_up_in_several_parts_and_come_back_by_ranges(
+    moto_server: MotoServer, bucket: str, proxy: FaultProxy
+) -> None:
+    data = os.urandom(12 * MiB + 5)
+    options = {**SMALL_PARTS, "endpoint_url": proxy.endpoint}
+    await Checkpoint(f"s3://{bucket}/run/a", **options).save(data)
+    head = moto_server.client().head_object(Bucket=bucket, Key="run/a")
+    assert head["ETag"].strip('"').endswith("-3")  # three parts: 5 + 5 + 2 MiB
+    parts = [entry for entry in proxy.log if is_part_upload(entry["method"], entry["target"])]  # type: ignore[arg-type]
+    assert len(parts) == 3
+    assert all("x-amz-checksum-crc32" in entry["headers"] for entry in parts)  # type: ignore[operator]
+    info = await S3Store(TransferConfig()).head(parse_location(f"s3://{bucket}/run/a"))
+    assert info is not None and info.server_crc32 == zlib.crc32(data)  # the whole-object CRC32 we sent
+    async with Checkpoint(f"s3://{bucket}/run/b", src=f"s3://{bucket}/run/a", **options) as cp:
+        restored = await cp.load()
+        assert restored is not None and restored.read_bytes() == data
+    ranged = [entry for entry in proxy.log if "range" in entry["headers"]]  # type: ignore[operator]
+    assert sorted(entry["headers"]["range"] for entry in ranged) == sorted(  # type: ignore[index]
+        [f"bytes=0-{5 * MiB - 1}", f"bytes={5 * MiB}-{10 * MiB - 1}", f"bytes={10 * MiB}-{12 * MiB + 4}"]
+    )
+    assert all(entry["headers"].get("if-match") == head["ETag"] for entry in ranged)  # type: ignore[union-attr]
+
+
+async def test_directory_archive_streams_as_multipart_upload(
+    moto_server: MotoServer, bucket: str, tmp_path: Path
+) -> None:
+    tree = make_tree(tmp_path / "tree")
+    for i in range(3):
+        (tree / f"noise-{i}.bin").write_bytes(os.urandom(4 * MiB))
+    await Checkpoint(f"s3://{bucket}/dir", **SMALL_PARTS).save(tree)
+    head = moto_server.client().head_object(Bucket=bucket, Key="dir")
+    assert "-" in head["ETag"]
+    assert head["Metadata"]["checkpointio-kind"] == "dir"
+    async with Checkpoint(f"s3://{bucket}/x", src=f"s3://{bucket}/dir", **SMALL_PARTS) as cp:
+        restored = await cp.load()
+        assert restored is not None and snapshot(restored) == snapshot(tree)
+
+
+async def test_parts_and_ranges_are_transferred_concurrently(bucket: str, proxy: FaultProxy) -> None:
+    data = os.urandom(30 * MiB)
+    options = {**SMALL_PARTS, "endpoint_url": proxy.endpoint, "max_concurrency": 4}
+    proxy.delay, proxy.slow = 0.3, is_part_upload
+    await Checkpoint(f"s3://{bucket}/a", **options).save(data)
+    assert proxy.max_in_flight >= 2
+    proxy.max_in_flight, proxy.slow = 0, lambda method, target: method == "GET"
+    async with Checkpoint(f"s3://{bucket}/b", src=f"s3://{bucket}/a", **options) as cp:
+        restored = await cp.load()
+        assert restored is not None and restored.read_bytes() == data
+    assert proxy.max_in_flight >= 2
+
+
+async def test_content_md5_per_part_when_flexible_checksums_are_off(bucket: str, proxy: FaultProxy) -> None:
+    data = os.urandom(11 * MiB)
+    options = {**SMALL_PARTS, "endpoint_url": proxy.endpoint, "flexible_checksums": False}
+    await Checkpoint(f"s3://{bucket}/a", **options).save(data)
+    parts = [entry for entry in proxy.log if is_part_upload(entry["method"], entry["target"])]  # type: ignore[arg-type]
+    assert len(parts) == 3 and all("content-md5" in entry["headers"] for entry in parts)  # type: ignore[operator]
+    async with Checkpoint(f"s3://{bucket}/b", src=f"s3://{bucket}/a", **options) as cp:
+        restored = await cp.load()
+        assert restored is not None and restored.read_bytes() == data
+
+
+@pytest.mark.parametrize("fault", ["503", "500", "reset_request"])
+async def test_a_transient_failure_of_one_part_is_retried_alone(
+    moto_server: MotoServer, bucket: str, proxy: FaultProxy, fault: str
+) -> None:
+    data = os.urandom(12 * MiB)
+    options = {**SMALL_PARTS, "endpoint_url": proxy.endpoint}
+    proxy.add(is_part(2), fault, times=2)  # type: ignore[arg-type]
+    await Checkpoint(f"s3://{bucket}/a", **options).save(data)
+    part_two = [entry["action"] for entry in proxy.log if is_part(2)(entry["method"], entry["target"])]  # type: ignore[operator]
+    assert part_two == [fault, fault, "relay"]
+    others = [entry for entry in proxy.log if is_part_upload(entry["method"], entry["target"])]  # type: ignore[arg-type]
+    assert len(others) == 5  # parts 1 and 3 went up once each
+    assert uploads_left(moto_server, bucket) == []
+    async with Checkpoint(f"s3://{bucket}/b", src=f"s3://{bucket}/a", **options) as cp:
+        restored = await cp.load()
+        assert restored is not None and restored.read_bytes() == data
+
+
+async def test_a_range_dropped_half_way_is_fetched_again(bucket: str, proxy: FaultProxy) -> None:
+    data = os.urandom(12 * MiB)
+    options = {**SMALL_PARTS, "endpoint_url": proxy.endpoint}
+    await Checkpoint(f"s3://{bucket}/a", **options).save(data)
+    proxy.add(lambda method, target: method == "GET", "reset_response", times=2)
+    async with Checkpoint(f"s3://{bucket}/b", src=f"s3://{bucket}/a", **options) as cp:
+        restored = await cp.load()
+        assert restored is not None and restored.read_bytes() == data
+    assert [entry["action"] for entry in proxy.log].count("reset_response") == 2
+
+
+async def test_a_part_that_keeps_failing_aborts_the_upload_and_keeps_the_previous(
+    moto_server: MotoServer, bucket: str, proxy: FaultProxy
+) -> None:
+    options = {**SMALL_PARTS, "endpoint_url": proxy.endpoint, "max_attempts": 2}
+    await Checkpoint(f"s3://{bucket}/a", **options).save(b"previous")
+    proxy.add(is_part(2), "500", times=100)  # type: ignore[arg-type]
+    with pytest.raises(StoreUnavailableError, match=f"s3://{bucket}/a"):
+        await Checkpoint(f"s3://{bucket}/a", **options).save(os.urandom(12 * MiB))
+    assert uploads_left(moto_server, bucket) == []
+    async with Checkpoint(f"s3://{bucket}/b", src=f"s3://{bucket}/a", **options) as cp:
+        restored = await cp.load()
+        assert restored is not None and restored.read_bytes() == b"previous"
+
+
+async def test_an_object_replaced_between_head_and_get_is_detected(moto_server: MotoServer, bucket: str) -> None:
+    await Checkpoint(f"s3://{bucket}/a", **SMALL_PARTS).save(os.urandom(11 * MiB))
+    store = S3Store(TransferConfig(**SMALL_PARTS))  # type: ignore[arg-type]
+    info = await store.head(parse_location(f"s3://{bucket}/a"))
+    assert info is not None
+    moto_server.client().put_object(Bucket=bucket, Key="a", Body=b"someone else's")
+    received: list[bytes] = []
+
+    async def sink(chunk: bytes) -> None:
+        received.append(chunk)
+
+    with pytest.raises(ConcurrentModificationError, match="replaced while being read"):
+        await store.get(info, sink)
+
+
+async def test_missing_bucket_is_named_in_a_clear_error(moto_server: MotoServer) -> None:
+    with pytest.raises(BucketNotFoundError, match="no-such-bucket-4711"):
+        await Checkpoint("s3://no-such-bucket-4711/a").save(b"x")
+    with pytest.raises(BucketNotFoundError, match="no-such-bucket-4711"):
+        await Checkpoint("s3://no-such-bucket-4711/b", src="s3://no-such-bucket-4711/a").load()
+
+
+async def test_unreachable_endpoint_is_a_store_unavailable_error_not_a_first_attempt() -> None:
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    cp = Checkpoint("s3://bucket/b", src="s3://bucket/a", endpoint_url=endpoint, max_attempts=2, connect_timeout=2)
+    with pytest.raises(StoreUnavailableError, match="s3://bucket/a"):
+        await cp.load()
+    with pytest.raises(StoreUnavailableError, match="s3://bucket/b"):
+        await cp.save(b"x")
+
+
+async def test_bad_credentials_are_access_denied(moto_server: MotoServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    guarded = start_moto({"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
+    try:
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIANOTAREALKEY")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+        cp = Checkpoint("s3://guarded/b", src="s3://guarded/a", endpoint_url=guarded.endpoint, max_attempts=1)
+        with pytest.raises(AccessDeniedError, match="s3://guarded/b"):
+            await cp.save(b"x")
+        with pytest.raises(AccessDeniedError, match="s3://guarded/a"):
+            await cp.load()
+    finally:
+        stop(guarded.process)
+
+
+async def test_object_over_5_tib_is_refused_before_any_upload(
+    moto_server: MotoServer, bucket: str, tmp_path: Path
+) -> None:
+    huge = tmp_path / "sparse"
+    with open(huge, "wb") as file:
+        file.truncate(5 * 1024 * 1024 * MiB + 1)  # sparse: takes no disk space
+    with pytest.raises(ObjectTooLargeError, match="5 TiB"):
+        await Checkpoint(f"s3://{bucket}/huge").save(huge)
+    assert uploads_left(moto_server, bucket) == []
+
+
+async def test_one_client_is_reused_per_event_loop(bucket: str) -> None:
+    for i in range(5):
+        await Checkpoint(f"s3://{bucket}/k{i}").save(b"x")
+        await Checkpoint(f"s3://{bucket}/x", src=f"s3://{bucket}/k{i}").prev_exists()
+    assert len(_clients._by_loop[asyncio.get_running_loop()]) == 1
