@@ -21,11 +21,13 @@ from ._exceptions import (
     UnsafeArchiveError,
     UnsupportedSourceError,
 )
+from ._runtime import AttemptFailure, TaskContext, TaskEnvironment, ctx, default_storage, env
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AccessDeniedError",
+    "AttemptFailure",
     "BucketNotFoundError",
     "Checkpoint",
     "CheckpointError",
@@ -39,9 +41,14 @@ __all__ = [
     "SourceNotFoundError",
     "StoreError",
     "StoreUnavailableError",
+    "TaskContext",
+    "TaskEnvironment",
     "TransferConfig",
     "UnsafeArchiveError",
     "UnsupportedSourceError",
     "__version__",
+    "ctx",
+    "default_storage",
+    "env",
     "latest_checkpoint",
 ]

@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from . import _engine, _portal
 from ._config import TransferConfig
+from ._exceptions import CorruptCheckpointError
 from ._location import Location, parse_location
 from ._stores import Store, open_store
 
 __all__ = ["Checkpoint", "latest_checkpoint"]
+
+logger = logging.getLogger("checkpointio")
+
+URI = str | os.PathLike[str]
 
 
 class Checkpoint:
@@ -25,7 +31,10 @@ class Checkpoint:
     Args:
         dest: Where this attempt saves: a local path, ``file://...``, ``s3://bucket/key`` or
             ``memory://name``.
-        src: Where the previous attempt saved, or ``None`` on a first attempt.
+        src: Where the previous attempt saved, or ``None`` on a first attempt. A sequence of URIs
+            (newest first) is tried in order: a missing one is skipped, and a corrupt one is
+            reported in the log and the next older one used, so one bad upload does not fail every
+            retry.
         workspace: Local folder that ``load()`` restores into (``cp.path``). By default a new
             temporary folder, removed by ``close()`` / leaving a ``with`` block.
         config: Transfer settings; ``**options`` override single fields of it, e.g.
@@ -40,15 +49,21 @@ class Checkpoint:
 
     def __init__(
         self,
-        dest: str | os.PathLike[str],
-        src: str | os.PathLike[str] | None = None,
+        dest: URI,
+        src: URI | Sequence[URI] | None = None,
         *,
         workspace: str | os.PathLike[str] | None = None,
         config: TransferConfig | None = None,
         **options: Any,
     ) -> None:
         self._dest: Location = parse_location(dest)
-        self._src: Location | None = parse_location(src) if src is not None else None
+        if src is None:
+            sources: Sequence[URI] = ()
+        elif isinstance(src, str | os.PathLike):
+            sources = (src,)
+        else:
+            sources = src
+        self._sources: tuple[Location, ...] = tuple(parse_location(uri) for uri in sources)
         self._config = (config or TransferConfig()).with_options(**options)
         self._workspace = Path(workspace).absolute() if workspace is not None else None
         self._owns_workspace = workspace is None
@@ -56,8 +71,7 @@ class Checkpoint:
         self._restored: Path | None = None
 
     def __repr__(self) -> str:
-        src = self._src.uri if self._src else None
-        return f"Checkpoint(dest={self._dest.uri!r}, src={src!r})"
+        return f"Checkpoint(dest={self._dest.uri!r}, src={self.src!r})"
 
     @property
     def dest(self) -> str:
@@ -66,8 +80,13 @@ class Checkpoint:
 
     @property
     def src(self) -> str | None:
-        """The URI the previous attempt saved to, if any."""
-        return self._src.uri if self._src else None
+        """The URI the previous attempt saved to (the newest, when there are several), if any."""
+        return self._sources[0].uri if self._sources else None
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        """Every URI ``load()`` may restore from, newest first."""
+        return tuple(location.uri for location in self._sources)
 
     @property
     def config(self) -> TransferConfig:
@@ -97,10 +116,26 @@ class Checkpoint:
             StoreError: The store failed; never reported as "no checkpoint".
         """
         if not self._loaded:
-            if self._src is not None:
-                self._restored = await _engine.load(self._store(self._src), self._src, self.path, self._config)
+            self._restored = await self._load_first_valid()
             self._loaded = True
         return self._restored
+
+    async def _load_first_valid(self) -> Path | None:
+        errors: list[CorruptCheckpointError] = []
+        for location in self._sources:
+            try:
+                restored = await _engine.load(self._store(location), location, self.path, self._config)
+            except CorruptCheckpointError as error:
+                errors.append(error)
+                logger.warning("checkpointio: skipping corrupt checkpoint %s: %s", location.uri, error)
+                continue
+            if restored is not None:
+                if errors:
+                    logger.warning("checkpointio: restored the older checkpoint %s instead", location.uri)
+                return restored
+        if errors:
+            raise errors[0]
+        return None
 
     async def save(self, data: _engine.SaveData, **options: Any) -> None:
         """Save ``data`` to ``dest``, replacing what was there only once it is complete.
@@ -120,9 +155,10 @@ class Checkpoint:
 
     async def prev_exists(self) -> bool:
         """Whether the previous attempt left a checkpoint to restore."""
-        if self._src is None:
-            return False
-        return await self._store(self._src).head(self._src) is not None
+        for location in self._sources:
+            if await self._store(location).head(location) is not None:
+                return True
+        return False
 
     def load_sync(self) -> Path | None:
         """Blocking twin of :meth:`load`."""

@@ -172,6 +172,19 @@ class StoreCase:
                 data[middle : middle + 16] = bytes(b ^ 0xFF for b in data[middle : middle + 16])
                 memory_objects[key] = type(obj)(bytes(data), obj.info)
 
+    def list_names(self, prefix: str) -> list[str]:
+        """Names of the stored objects below ``prefix`` (relative to it), as the store lists them."""
+        import anyio
+
+        from checkpointio._config import TransferConfig
+        from checkpointio._location import parse_location
+        from checkpointio._stores import open_store
+
+        location = parse_location(self.uri(prefix))
+        infos = anyio.run(open_store(location.scheme, TransferConfig()).list, location)
+        base = location.key.rstrip("/") + "/"
+        return [info.location.key[len(base) :] for info in infos if info.location.key.startswith(base)]
+
     def partial_writes(self) -> int | None:
         """How many saves are visibly in progress, or None where the store cannot show it."""
         if self.s3 is not None:

@@ -277,3 +277,28 @@ async def test_settings_can_be_overridden_for_one_save(store: StoreCase, tmp_pat
     assert len(store.get_raw("a")) < stored / 10  # level 1 by default, level 0 (stored) for that one call
     with pytest.raises(TypeError, match="unknown checkpoint option"):
         await cp.save(tree, compresion_level=0)
+
+
+async def test_several_sources_skip_missing_and_fall_back_past_corrupt(store: StoreCase) -> None:
+    await Checkpoint(store.uri("attempt-0")).save(b"oldest" * 1000)
+    await Checkpoint(store.uri("attempt-1")).save(b"middle" * 1000)
+    store.corrupt("attempt-1")
+    sources = [
+        store.uri("attempt-3"),
+        store.uri("attempt-2-saved-nothing"),
+        store.uri("attempt-1"),
+        store.uri("attempt-0"),
+    ]
+    async with Checkpoint(store.uri("attempt-4"), src=sources[1:]) as cp:
+        assert cp.src == store.uri("attempt-2-saved-nothing") and len(cp.sources) == 3
+        assert await cp.prev_exists()
+        restored = await cp.load()
+        assert restored is not None and restored.read_bytes() == b"oldest" * 1000
+
+
+async def test_when_every_source_is_corrupt_load_raises_instead_of_returning_none(store: StoreCase) -> None:
+    await Checkpoint(store.uri("a")).save(b"a" * 1000)
+    store.corrupt("a")
+    async with Checkpoint(store.uri("b"), src=[store.uri("missing"), store.uri("a")]) as cp:
+        with pytest.raises(CorruptCheckpointError):
+            await cp.load()
