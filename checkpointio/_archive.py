@@ -1,6 +1,6 @@
 """Directories as gzip-compressed tar streams, packed and unpacked in worker threads.
 
-The only module that imports :mod:`tarfile` and the deflate codec. Everything here is blocking
+The only module that imports :mod:`tarfile`; compression is :mod:`._codec`'s. Everything here is blocking
 and runs in a worker thread; bytes come and go through plain callables, so the caller decides
 how they cross to the event loop.
 
@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import tarfile
-import zlib
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from pathlib import Path
+from typing import Any
 
+from . import _codec
 from ._exceptions import CheckpointError, CorruptCheckpointError, UnsafeArchiveError, UnsupportedSourceError
 
 __all__ = ["GunzipReader", "looks_like_tar_gz", "pack_directory", "unpack_directory"]
@@ -31,20 +35,25 @@ _GZIP_MAGIC = b"\x1f\x8b"
 #: Bytes one inflate call may produce: bounds memory whatever the compression ratio (gzip bombs).
 _INFLATE_STEP = 1024 * 1024
 _COPY_BUFSIZE = 1024 * 1024
+_READ_ERRORS: tuple[type[Exception], ...] = (tarfile.TarError, EOFError, *_codec.InflateError)
 # How tarfile's header reading ended (private names, stable since Python 3.2).
 _END_OF_ARCHIVE: type[Exception] = tarfile.EOFHeaderError  # type: ignore[attr-defined]
 _MISSING_HEADER: tuple[type[Exception], ...] = (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError)  # type: ignore[attr-defined]
 
 
 class _GzipMemberWriter:
-    """Write-only file for :class:`tarfile.TarFile`: cuts the tar stream into gzip members."""
+    """Write-only file for :class:`tarfile.TarFile`: cuts the tar stream into blocks and emits
+    each as an independent gzip member, compressed on ``workers`` threads, in order."""
 
-    def __init__(self, emit: Emit, block_size: int, level: int) -> None:
+    def __init__(self, emit: Emit, block_size: int, level: int, workers: int) -> None:
         self._emit = emit
         self._block_size = block_size
         self._level = level
         self._buffer = bytearray()
         self._position = 0
+        self._workers = workers
+        self._pool = _codec.OrderedPool(workers) if workers > 1 else None
+        self._pending: deque[Future[bytes]] = deque()
 
     def write(self, data: bytes) -> int:
         self._buffer += data
@@ -62,10 +71,20 @@ class _GzipMemberWriter:
         if self._buffer:
             self._emit_member(bytes(self._buffer))
             self._buffer.clear()
+        while self._pending:
+            self._emit(self._pending.popleft().result())
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
 
     def _emit_member(self, block: bytes) -> None:
-        compressor = zlib.compressobj(self._level, zlib.DEFLATED, 31)
-        self._emit(compressor.compress(block) + compressor.flush())
+        if self._pool is None:
+            self._emit(_codec.encode_member(block, self._level))
+            return
+        self._pending.append(self._pool.submit(_codec.encode_member, block, self._level))
+        while len(self._pending) > 2 * self._workers:  # bounded: a few blocks in flight per thread
+            self._emit(self._pending.popleft().result())
 
 
 def _iter_tree(root: str) -> Iterator[tuple[str, str]]:
@@ -93,93 +112,188 @@ def _check_link(rel: str, target: str, uri: str) -> None:
         )
 
 
-def pack_directory(root: Path, emit: Emit, *, block_size: int, level: int) -> None:
+def _tar_info(rel: str, full: str, st: os.stat_result, links: dict[tuple[int, int], str]) -> tarfile.TarInfo | None:
+    """The header of one entry, straight from ``lstat`` (no owner-name lookups, whole seconds)."""
+    info = tarfile.TarInfo(rel)
+    info.mode = stat.S_IMODE(st.st_mode)
+    info.mtime = int(st.st_mtime)
+    if stat.S_ISREG(st.st_mode):
+        inode = (st.st_dev, st.st_ino)
+        if st.st_nlink > 1 and inode in links:
+            info.type = tarfile.LNKTYPE
+            info.linkname = links[inode]
+        else:
+            if st.st_nlink > 1:
+                links[inode] = rel
+            info.size = st.st_size
+    elif stat.S_ISDIR(st.st_mode):
+        info.type = tarfile.DIRTYPE
+    elif stat.S_ISLNK(st.st_mode):
+        info.type = tarfile.SYMTYPE
+        info.linkname = os.readlink(full)
+    else:
+        return None
+    return info
+
+
+def pack_directory(root: Path, emit: Emit, *, block_size: int, level: int, workers: int = 1) -> None:
     """Write ``root``'s contents as a .tar.gz stream to ``emit``, one gzip member per block.
 
     Entries are named relative to ``root`` in sorted order; empty folders, symlinks (as links),
-    hard links, modes and mtimes are kept; owners are not (a restore belongs to whoever runs it).
-    Sockets, pipes and device files are skipped with a warning: they hold no data.
+    hard links, modes and mtimes (whole seconds) are kept; owners are not (a restore belongs to
+    whoever runs it). Sockets, pipes and device files are skipped with a warning: they hold no data.
     """
     uri = str(root)
-    sink = _GzipMemberWriter(emit, block_size, level)
-    with tarfile.open(fileobj=sink, mode="w", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
-        tar.copybufsize = _COPY_BUFSIZE
-        for rel, full in _iter_tree(str(root)):
-            info = tar.gettarinfo(full, arcname=rel)
-            if info is None or not (info.isreg() or info.isdir() or info.issym() or info.islnk()):
-                logger.warning("checkpointio: skipping special file %s (not regular data)", full)
-                continue
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            if info.issym():
-                _check_link(rel, info.linkname, uri)
-            if info.isreg():
-                with open(full, "rb") as source:
-                    tar.addfile(info, source)
-            else:
-                tar.addfile(info)
-    sink.finish()
+    sink = _GzipMemberWriter(emit, block_size, level, workers)
+    links: dict[tuple[int, int], str] = {}
+    try:
+        with tarfile.open(fileobj=sink, mode="w", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
+            tar.copybufsize = _COPY_BUFSIZE
+            for rel, full in _iter_tree(str(root)):
+                info = _tar_info(rel, full, os.lstat(full), links)
+                if info is None:
+                    logger.warning("checkpointio: skipping special file %s (not regular data)", full)
+                    continue
+                if info.issym():
+                    _check_link(rel, info.linkname, uri)
+                if info.isreg():
+                    with open(full, "rb") as source:
+                        tar.addfile(info, source)
+                else:
+                    tar.addfile(info)
+        sink.finish()
+    finally:
+        sink.close()
 
 
 class GunzipReader:
     """Read-only file over a stream of compressed chunks: inflates concatenated gzip members.
 
-    Memory stays bounded by the chunk size plus one inflate step, whatever the ratio.
+    Members checkpointio wrote (they state their length) are cut from the stream and inflated on
+    ``workers`` threads at once; a stream from another writer is inflated sequentially. Memory
+    stays bounded by a few members (or one inflate step) whatever the compression ratio.
     """
 
-    def __init__(self, pull: Pull) -> None:
+    def __init__(self, pull: Pull, workers: int = 1) -> None:
         self._pull = pull
-        self._inflater = zlib.decompressobj(31)
-        self._member_started = False
-        self._pending = b""
+        self._input = bytearray()
+        self._input_done = False
         self._output = bytearray()
+        self._offset = 0  # bytes of _output already read: dropped in one go, not per read()
         self._eof = False
+        self._workers = workers
+        self._parallel: bool | None = None  # decided by the first member
+        self._pool: _codec.OrderedPool | None = None
+        self._pending: deque[Future[bytes]] = deque()
+        self._inflater: Any = None
+        self._member_started = False
 
     def read(self, size: int = -1) -> bytes:
-        while not self._eof and (size < 0 or len(self._output) < size):
+        available = len(self._output) - self._offset
+        while not self._eof and (size < 0 or available < size):
             self._fill()
-        if size < 0 or size >= len(self._output):
-            data = bytes(self._output)
-            self._output.clear()
-        else:
-            data = bytes(self._output[:size])
-            del self._output[:size]
+            available = len(self._output) - self._offset
+        end = len(self._output) if size < 0 else min(len(self._output), self._offset + size)
+        data = bytes(self._output[self._offset : end])
+        self._offset = end
         return data
 
-    def drain(self) -> int:
-        """Inflate and discard the rest of the stream; return how many bytes that was."""
-        drained = len(self._output)
-        self._output.clear()
+    def drain(self) -> None:
+        """Inflate and discard the rest of the stream, so every byte was checked."""
         while not self._eof:
             self._fill()
-            drained += len(self._output)
-            self._output.clear()
-        return drained
+        self._output.clear()
+        self._offset = 0
+
+    def close(self) -> None:
+        for future in self._pending:
+            future.cancel()
+        if self._pool is not None:
+            self._pool.close()
+
+    def _more_input(self) -> bool:
+        if self._input_done:
+            return False
+        chunk = self._pull()
+        if not chunk:
+            self._input_done = True
+            return False
+        self._input += chunk
+        return True
 
     def _fill(self) -> None:
-        inflater = self._inflater
-        if inflater.eof:
-            self._pending = inflater.unused_data + self._pending
-            self._inflater = inflater = zlib.decompressobj(31)
-            self._member_started = False
-        if inflater.unconsumed_tail:
-            data = inflater.unconsumed_tail
-        elif self._pending:
-            data, self._pending = self._pending, b""
+        if self._offset:
+            del self._output[: self._offset]
+            self._offset = 0
+        if self._parallel is None:
+            while len(self._input) < 32 and self._more_input():
+                pass
+            self._parallel = _codec.member_length(self._input.lstrip(b"\x00")) is not None
+            if self._parallel and self._workers > 1:
+                self._pool = _codec.OrderedPool(self._workers)
+        if self._parallel:
+            self._fill_members()
         else:
-            data = self._pull()
-            if not data:
-                if self._member_started:
+            self._fill_sequential()
+
+    def _next_member(self) -> bytes | None:
+        while True:
+            stripped = len(self._input) - len(self._input.lstrip(b"\x00"))
+            del self._input[:stripped]  # zero padding between members, as gzip(1) allows
+            if len(self._input) >= 32 or not self._more_input():
+                break
+        if not self._input:
+            return None
+        length = _codec.member_length(self._input)
+        if length is None:
+            raise CorruptCheckpointError("the archive is garbled: a gzip member has no valid header")
+        while len(self._input) < length:
+            if not self._more_input():
+                raise CorruptCheckpointError("the archive is truncated: its last gzip member is incomplete")
+        member = bytes(self._input[:length])
+        del self._input[:length]
+        return member
+
+    def _fill_members(self) -> None:
+        if self._pool is None:
+            member = self._next_member()
+            if member is None:
+                self._eof = True
+            else:
+                self._output += _codec.inflate_member(member)
+            return
+        while len(self._pending) < 2 * self._workers:
+            member = self._next_member()
+            if member is None:
+                break
+            self._pending.append(self._pool.submit(_codec.inflate_member, member))
+        if not self._pending:
+            self._eof = True
+            return
+        self._output += self._pending.popleft().result()
+
+    def _fill_sequential(self) -> None:
+        inflater = self._inflater
+        if inflater is not None and inflater.eof:
+            self._input[:0] = inflater.unused_data
+            inflater = self._inflater = None
+        if inflater is not None and inflater.unconsumed_tail:
+            data = inflater.unconsumed_tail
+        else:
+            if not self._input and not self._more_input():
+                if self._member_started and inflater is not None:
                     raise CorruptCheckpointError("the archive is truncated: its last gzip member is incomplete")
                 self._eof = True
                 return
-        if not self._member_started:
-            data = data.lstrip(b"\x00")  # zero padding between members, as gzip(1) allows
+            data = bytes(self._input)
+            self._input.clear()
+        if inflater is None:
+            data = data.lstrip(b"\x00")
             if not data:
                 return
+            inflater = self._inflater = _codec.sequential_inflater()
             self._member_started = True
-        out = inflater.decompress(data, _INFLATE_STEP)
-        self._output += out
+        self._output += inflater.decompress(data, _INFLATE_STEP)
 
 
 def looks_like_tar_gz(head: bytes) -> bool:
@@ -187,8 +301,8 @@ def looks_like_tar_gz(head: bytes) -> bool:
     if not head.startswith(_GZIP_MAGIC):
         return False
     try:
-        block = zlib.decompressobj(31).decompress(head, tarfile.BLOCKSIZE)
-    except zlib.error:
+        block = _codec.sequential_inflater().decompress(head, tarfile.BLOCKSIZE)
+    except _codec.InflateError:
         return False
     if len(block) < tarfile.BLOCKSIZE:
         return False
@@ -199,18 +313,59 @@ def looks_like_tar_gz(head: bytes) -> bool:
     return True
 
 
-def _restore_filter(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
-    """PEP 706's ``data`` filter, refusing absolute names outright instead of stripping the slash,
-    and keeping folder modes (the owner always keeps rwx, to fill them)."""
-    if member.name.startswith(("/", os.sep)) or os.path.isabs(member.name):
-        raise tarfile.AbsolutePathError(member)
-    safe = tarfile.data_filter(member, dest)
-    if safe is not None and member.isdir():
-        safe = safe.replace(mode=(member.mode & 0o755) | 0o700, deep=False)
-    return safe
+class _RestoreFilter:
+    """PEP 706's ``data`` filter, without its per-entry ``realpath``: extraction goes into a new,
+    empty folder, so the only links that can redirect a path are the ones this archive created,
+    and plain string checks against them are enough.
+
+    Stricter than ``data`` in two ways: absolute names are refused (not stripped of their slash),
+    and nothing is written through a symlink the archive created. Folder modes are kept (the
+    owner always keeps rwx, to fill them).
+    """
+
+    def __init__(self) -> None:
+        self._links: set[str] = set()
+
+    def _inside(self, member: tarfile.TarInfo, name: str) -> str:
+        if name.startswith("/") or os.path.isabs(name):
+            raise tarfile.AbsolutePathError(member)
+        normal = os.path.normpath(name)
+        if normal == ".." or normal.startswith("../"):
+            raise tarfile.OutsideDestinationError(member, normal)
+        parent = os.path.dirname(normal)
+        while parent:
+            if parent in self._links:
+                raise tarfile.OutsideDestinationError(member, normal)
+            parent = os.path.dirname(parent)
+        return normal
+
+    def __call__(self, member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
+        name = self._inside(member, member.name)
+        mode: int | None = member.mode
+        if member.issym():
+            target = member.linkname
+            if target.startswith("/") or os.path.isabs(target):
+                raise tarfile.AbsoluteLinkError(member)
+            resolved = os.path.normpath(os.path.join(os.path.dirname(name), target))
+            if resolved == ".." or resolved.startswith("../"):
+                raise tarfile.LinkOutsideDestinationError(member, resolved)
+            self._links.add(name)
+            mode = None
+        elif member.islnk():
+            self._inside(member, member.linkname)
+            mode = (mode or 0) & 0o755 | 0o600
+        elif member.isreg():
+            mode = (mode or 0) & 0o755 | 0o600
+            if not mode & 0o100:
+                mode &= ~0o011
+        elif member.isdir():
+            mode = (mode or 0) & 0o755 | 0o700
+        else:
+            raise tarfile.SpecialFileError(member)
+        return member.replace(name=name, mode=mode, uid=None, gid=None, uname=None, gname=None, deep=False)  # type: ignore[arg-type]  # None skips the attribute (PEP 706)
 
 
-def unpack_directory(pull: Pull, dest: Path, *, uri: str) -> None:
+def unpack_directory(pull: Pull, dest: Path, *, uri: str, workers: int = 1) -> None:
     """Extract a .tar.gz stream from ``pull`` into the existing empty folder ``dest``.
 
     Nothing is written outside ``dest``: absolute names, ``..``, links pointing out and device
@@ -220,7 +375,7 @@ def unpack_directory(pull: Pull, dest: Path, *, uri: str) -> None:
     """
     if not hasattr(tarfile, "data_filter"):  # pragma: no cover - Python < 3.10.12 / 3.11.4
         raise CheckpointError("safe extraction needs Python 3.10.12+ or 3.11.4+ (tarfile filters)", uri=uri)
-    reader = GunzipReader(pull)
+    reader = GunzipReader(pull, workers)
     ending: list[BaseException | None] = [None]
 
     class _WatchedTarInfo(tarfile.TarInfo):
@@ -236,14 +391,16 @@ def unpack_directory(pull: Pull, dest: Path, *, uri: str) -> None:
 
     try:
         with tarfile.open(fileobj=reader, mode="r|", tarinfo=_WatchedTarInfo) as tar:  # type: ignore[call-overload]
-            tar.extractall(dest, filter=_restore_filter)
+            tar.extractall(dest, filter=_RestoreFilter())
         reader.drain()
     except tarfile.FilterError as error:
         raise UnsafeArchiveError(f"{uri}: unsafe archive entry refused: {error}", uri=uri) from error
-    except (tarfile.TarError, zlib.error, EOFError) as error:
+    except _READ_ERRORS as error:
         raise CorruptCheckpointError(f"{uri}: the archive is corrupt or truncated: {error}", uri=uri) from error
     except CorruptCheckpointError as error:
         raise CorruptCheckpointError(f"{uri}: {error}", uri=uri) from error
+    finally:
+        reader.close()
     if not isinstance(ending[0], _END_OF_ARCHIVE):
         reason = "no end-of-archive marker" if isinstance(ending[0], _MISSING_HEADER) else f"bad header ({ending[0]})"
         raise CorruptCheckpointError(f"{uri}: the archive is truncated or corrupt: {reason}", uri=uri)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ import anyio.from_thread
 import anyio.to_thread
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from . import _archive
+from . import _archive, _codec
 from ._concurrency import PLUMBING as _PLUMBING
 from ._concurrency import Aborted as _Aborted
 from ._concurrency import one_error
@@ -80,7 +79,9 @@ def _produce(source: _Source, emit: Callable[[bytes], None], config: TransferCon
                 emit(chunk)
     else:
         assert source.path is not None
-        _archive.pack_directory(source.path, emit, block_size=step, level=config.compression_level)
+        _archive.pack_directory(
+            source.path, emit, block_size=step, level=config.compression_level, workers=config.compression_workers
+        )
 
 
 async def save(store: Store, location: Location, data: SaveData, config: TransferConfig) -> ObjectInfo:
@@ -92,7 +93,7 @@ async def save(store: Store, location: Location, data: SaveData, config: Transfe
     stored: list[ObjectInfo] = []
 
     def emit(chunk: bytes) -> None:
-        digest.crc32 = zlib.crc32(chunk, digest.crc32)
+        digest.crc32 = _codec.crc32(chunk, digest.crc32)
         digest.length += len(chunk)
         anyio.from_thread.run(send.send, chunk)
 
@@ -144,7 +145,7 @@ class _Pull:
             if self._failed[0]:
                 raise _Aborted from None
             return b""
-        self.digest.crc32 = zlib.crc32(chunk, self.digest.crc32)
+        self.digest.crc32 = _codec.crc32(chunk, self.digest.crc32)
         self.digest.length += len(chunk)
         return chunk
 
@@ -170,7 +171,7 @@ def _replace(source: Path, target: Path) -> None:
     os.replace(source, target)
 
 
-def _restore(pull: _Pull, info: ObjectInfo, workspace: Path) -> Path:
+def _restore(pull: _Pull, info: ObjectInfo, workspace: Path, workers: int) -> Path:
     """Worker thread: write the object into ``workspace``; present nothing until it verified."""
     uri = info.location.uri
     kind = info.record.kind if info.record else None
@@ -180,7 +181,7 @@ def _restore(pull: _Pull, info: ObjectInfo, workspace: Path) -> Path:
     try:
         if kind is Kind.DIRECTORY:
             staging.mkdir()
-            _archive.unpack_directory(pull, staging, uri=uri)
+            _archive.unpack_directory(pull, staging, uri=uri, workers=workers)
             _verify(info, pull.digest)
             for child in sorted(staging.iterdir()):
                 _replace(child, workspace / child.name)
@@ -216,7 +217,9 @@ async def load(store: Store, location: Location, workspace: Path, config: Transf
     async def consume() -> None:
         with receive:
             try:
-                restored.append(await anyio.to_thread.run_sync(_restore, pull, info, workspace))
+                restored.append(
+                    await anyio.to_thread.run_sync(_restore, pull, info, workspace, config.compression_workers)
+                )
             except _PLUMBING:
                 return  # the fetch side stopped first; its error (or the cancellation) is reported
 

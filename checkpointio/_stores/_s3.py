@@ -21,7 +21,6 @@ import logging
 import os
 import random
 import weakref
-import zlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -44,6 +43,7 @@ from botocore.exceptions import (
     ResponseStreamingError,
 )
 
+from .. import _codec
 from .._concurrency import one_error
 from .._config import TransferConfig
 from .._exceptions import (
@@ -297,7 +297,7 @@ class S3Store:
 
     def _checksum_headers(self, data: bytes, crc: int | None = None) -> dict[str, str]:
         if self._config.flexible_checksums:
-            return {"ChecksumCRC32": _crc32_b64(zlib.crc32(data) if crc is None else crc)}
+            return {"ChecksumCRC32": _crc32_b64(_codec.crc32(data) if crc is None else crc)}
         return {"ContentMD5": _b64(hashlib.md5(data).digest())}
 
     async def _put_single(self, location: Location, data: bytes, record: Record) -> ObjectInfo:

@@ -1,0 +1,176 @@
+"""Deflate, inflate and CRC32: the fastest backend installed, and the gzip member format.
+
+ISA-L (the ``isal`` package) deflates 10-25x faster than zlib at level 1 with the same ratio, and
+computes CRC32 at several GB/s; stdlib ``zlib`` is the fallback where its wheel is missing.
+Levels 1-3 use ISA-L's levels 1-3; 4-9 use zlib (slower, a little smaller); 0 stores.
+
+A directory archive is a series of gzip members, one per block, each independent. checkpointio's
+members carry their own length in a gzip extra field (subfield ``CK``, as BGZF does with ``BC``), so
+a reader can cut the stream into members without inflating it, and inflate several at once. Any
+gzip reader still reads the stream as one ordinary ``.tar.gz``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import queue
+import struct
+import threading
+import zlib
+from collections.abc import Callable
+from concurrent.futures import Future
+from types import TracebackType
+from typing import Any, TypeVar
+
+from ._exceptions import CorruptCheckpointError
+
+_isal: Any
+try:  # pragma: no cover - depends on the installed wheels
+    _isal = importlib.import_module("isal.isal_zlib")
+except ImportError:  # pragma: no cover
+    _isal = None
+
+#: What a garbled deflate stream raises, whichever backend inflates it.
+InflateError: tuple[type[Exception], ...] = (zlib.error, _isal.error) if _isal is not None else (zlib.error,)
+
+__all__ = [
+    "BACKEND",
+    "InflateError",
+    "MAX_MEMBER_OUTPUT",
+    "OrderedPool",
+    "crc32",
+    "encode_member",
+    "inflate_member",
+    "member_length",
+]
+
+T = TypeVar("T")
+
+#: Which deflate implementation is in use: "isal" or "zlib".
+BACKEND = "isal" if _isal is not None else "zlib"
+
+#: A block is stored, not deflated, when deflating a sample of it saves less than this fraction.
+STORE_BELOW_SAVING = 0.10
+_SAMPLE = 64 * 1024
+#: Most bytes one of our members may inflate to: bounds memory against crafted archives.
+MAX_MEMBER_OUTPUT = 64 * 1024 * 1024
+
+_HEADER = struct.Struct("<4sIBBHBBHI")  # magic+CM+FLG, MTIME, XFL, OS, XLEN, SI1, SI2, LEN, member size
+_MAGIC_FLAGS = b"\x1f\x8b\x08\x04"  # gzip, deflate, FEXTRA
+_TRAILER = struct.Struct("<II")
+
+
+def crc32(data: bytes | bytearray | memoryview, value: int = 0) -> int:
+    """CRC32 (the gzip/zlib/S3 polynomial) of ``data``, continuing from ``value``."""
+    if _isal is not None:
+        return int(_isal.crc32(data, value))
+    return zlib.crc32(data, value)
+
+
+def _deflate(data: bytes | memoryview, level: int) -> bytes:
+    compressor: Any
+    if level == 0:
+        compressor = zlib.compressobj(0, zlib.DEFLATED, -15)
+    elif _isal is not None and level <= 3:
+        compressor = _isal.compressobj(level, zlib.DEFLATED, -15)
+    else:
+        compressor = zlib.compressobj(level, zlib.DEFLATED, -15)
+    return bytes(compressor.compress(data) + compressor.flush())
+
+
+def _worth_deflating(block: bytes, level: int) -> bool:
+    """Probe a sample: float noise and compressed files gain too little to pay for inflating."""
+    sample = memoryview(block)[:_SAMPLE]
+    return len(_deflate(sample, level)) < len(sample) * (1 - STORE_BELOW_SAVING)
+
+
+def encode_member(block: bytes, level: int) -> bytes:
+    """One gzip member holding ``block``: deflated at ``level``, or stored if that does not pay."""
+    raw = _deflate(block, level) if level > 0 and _worth_deflating(block, level) else b""
+    if not raw or len(raw) >= len(block):
+        raw = _deflate(block, 0)
+    total = _HEADER.size + len(raw) + _TRAILER.size
+    header = _HEADER.pack(_MAGIC_FLAGS, 0, 0, 255, 8, ord("C"), ord("K"), 4, total)
+    return header + raw + _TRAILER.pack(crc32(block), len(block) & 0xFFFFFFFF)
+
+
+def member_length(head: bytes | bytearray) -> int | None:
+    """The total length of the member starting ``head`` if checkpointio wrote it, else ``None``.
+
+    ``head`` needs at least 20 bytes; fewer, or a member of another writer, gives ``None``.
+    """
+    if len(head) < _HEADER.size or bytes(head[:4]) != _MAGIC_FLAGS:
+        return None
+    _, _, _, _, xlen, si1, si2, sublen, total = _HEADER.unpack_from(head)
+    if xlen != 8 or si1 != ord("C") or si2 != ord("K") or sublen != 4:
+        return None
+    return int(total)
+
+
+def inflate_member(member: bytes) -> bytes:
+    """Inflate one of our members and check its CRC32 and length."""
+    body = memoryview(member)[_HEADER.size : len(member) - _TRAILER.size]
+    expected_crc, expected_size = _TRAILER.unpack_from(member, len(member) - _TRAILER.size)
+    inflater = (_isal or zlib).decompressobj(-15)
+    try:
+        data = bytes(inflater.decompress(body, MAX_MEMBER_OUTPUT))
+    except InflateError as error:
+        raise CorruptCheckpointError(f"a gzip member does not inflate: {error}") from None
+    if not inflater.eof or inflater.unconsumed_tail or inflater.unused_data:
+        raise CorruptCheckpointError("a gzip member is garbled or inflates beyond the limit")
+    if crc32(data) != expected_crc or len(data) & 0xFFFFFFFF != expected_size:
+        raise CorruptCheckpointError("a gzip member fails its CRC32 check")
+    return data
+
+
+def sequential_inflater() -> Any:
+    """A gzip (wbits=31) decompressor for streams other writers made, one member at a time."""
+    return (_isal or zlib).decompressobj(31)
+
+
+class OrderedPool:
+    """Runs jobs on a few threads of its own; the caller takes results in submission order.
+
+    Own threads rather than ``concurrent.futures.ThreadPoolExecutor``: executors refuse work
+    once the interpreter starts exiting, and a checkpoint saved from an ``atexit`` handler must
+    still go through. deflate, inflate and CRC32 release the GIL, so the threads run in parallel.
+    """
+
+    def __init__(self, workers: int) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._threads = [
+            threading.Thread(target=self._work, name="checkpointio-codec", daemon=True) for _ in range(workers)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
+        future: Future[T] = Future()
+        self._jobs.put((future, fn, args))
+        return future
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            future, fn, args = job
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as error:
+                future.set_exception(error)
+
+    def close(self) -> None:
+        for _ in self._threads:
+            self._jobs.put(None)
+        for thread in self._threads:
+            thread.join()
+
+    def __enter__(self) -> OrderedPool:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()

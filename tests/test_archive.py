@@ -1,0 +1,117 @@
+"""The archive format: valid .tar.gz for other tools, parallel members, stored incompressible blocks."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import shutil
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from checkpointio import CorruptCheckpointError
+from checkpointio._archive import GunzipReader, pack_directory, unpack_directory
+from checkpointio._codec import MAX_MEMBER_OUTPUT, encode_member, inflate_member, member_length
+
+from .conftest import make_tree, snapshot
+
+
+def packed(root: Path, *, level: int = 1, workers: int = 2, block: int = 256 * 1024) -> bytes:
+    chunks: list[bytes] = []
+    pack_directory(root, chunks.append, block_size=block, level=level, workers=workers)
+    return b"".join(chunks)
+
+
+def unpacked(data: bytes, dest: Path, *, workers: int = 2, step: int = 100_000) -> Path:
+    pieces = iter([data[i : i + step] for i in range(0, len(data), step)])
+    dest.mkdir()
+    unpack_directory(lambda: next(pieces, b""), dest, uri="test://archive", workers=workers)
+    return dest
+
+
+@pytest.mark.skipif(shutil.which("tar") is None, reason="needs GNU tar")
+def test_archive_is_a_plain_tar_gz_for_gnu_tar_and_python(tmp_path: Path) -> None:
+    tree = make_tree(tmp_path / "tree")
+    archive = tmp_path / "a.tar.gz"
+    archive.write_bytes(packed(tree))
+    (tmp_path / "gnu").mkdir()
+    subprocess.run(["tar", "-xzf", str(archive), "-C", str(tmp_path / "gnu")], check=True)
+    assert snapshot(tmp_path / "gnu") == snapshot(tree)
+    with tarfile.open(archive, "r:gz") as tar:
+        tar.extractall(tmp_path / "py", filter="data")
+    assert {p.relative_to(tmp_path / "py") for p in (tmp_path / "py").rglob("*")} == {
+        p.relative_to(tree) for p in tree.rglob("*")
+    }
+    assert gzip.decompress(archive.read_bytes())[:100]  # one gzip stream of many members
+
+
+@pytest.mark.parametrize(("pack_workers", "unpack_workers"), [(1, 1), (1, 3), (3, 1), (2, 2)])
+def test_round_trip_with_any_number_of_workers(tmp_path: Path, pack_workers: int, unpack_workers: int) -> None:
+    tree = make_tree(tmp_path / "tree")
+    data = packed(tree, workers=pack_workers)
+    restored = unpacked(data, tmp_path / "out", workers=unpack_workers)
+    assert snapshot(restored) == snapshot(tree)
+
+
+def test_incompressible_blocks_are_stored_and_text_is_deflated() -> None:
+    noise = os.urandom(1024 * 1024)
+    text = b"the same words again and again " * 40_000
+    stored = encode_member(noise, 1)
+    deflated = encode_member(text, 1)
+    assert len(noise) < len(stored) < len(noise) * 1.01
+    assert len(deflated) < len(text) / 10
+    assert member_length(stored) == len(stored) and member_length(deflated) == len(deflated)
+    assert inflate_member(stored) == noise and inflate_member(deflated) == text
+    assert gzip.decompress(stored + deflated) == noise + text
+
+
+def test_a_member_with_a_wrong_crc_is_corrupt() -> None:
+    member = bytearray(encode_member(b"hello world" * 100, 1))
+    member[-8] ^= 0xFF
+    with pytest.raises(CorruptCheckpointError, match="CRC32"):
+        inflate_member(bytes(member))
+
+
+def test_a_member_inflating_beyond_the_limit_is_refused() -> None:
+    import zlib
+
+    bomb_raw = zlib.compressobj(9, zlib.DEFLATED, -15)
+    raw = bomb_raw.compress(b"\0" * (MAX_MEMBER_OUTPUT + 1)) + bomb_raw.flush()
+    header = encode_member(b"", 0)[:20]
+    total = len(header) + len(raw) + 8
+    member = header[:16] + total.to_bytes(4, "little") + raw + b"\0" * 8
+    assert member_length(member) == len(member)
+    with pytest.raises(CorruptCheckpointError, match="beyond the limit"):
+        inflate_member(member)
+
+
+def test_a_foreign_gzip_bomb_inflates_in_bounded_steps(tmp_path: Path) -> None:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        info = tarfile.TarInfo("zeros")
+        info.size = 64 * 1024 * 1024
+        tar.addfile(info, io.BytesIO(b"\0" * info.size))
+    data = buffer.getvalue()
+    assert len(data) < 1024 * 1024  # 64 MiB of zeros in well under 1 MiB
+    reader = GunzipReader(iter([data, b""]).__next__)
+    largest = total = 0
+    while chunk := reader.read(64 * 1024):
+        total += len(chunk)
+        largest = max(largest, len(reader._output))
+    assert total > 64 * 1024 * 1024  # all of it came through
+    assert largest <= 3 * 1024 * 1024  # never the whole 64 MiB in memory
+
+
+def test_truncated_and_garbled_streams_are_corrupt(tmp_path: Path) -> None:
+    data = packed(make_tree(tmp_path / "tree"))
+    with pytest.raises(CorruptCheckpointError, match="truncated"):
+        unpacked(data[: len(data) - 100], tmp_path / "a")
+    garbled = bytearray(data)
+    garbled[len(garbled) // 2 : len(garbled) // 2 + 64] = os.urandom(64)
+    with pytest.raises(CorruptCheckpointError):
+        unpacked(bytes(garbled), tmp_path / "b")
+    with pytest.raises(CorruptCheckpointError):
+        unpacked(os.urandom(10_000), tmp_path / "c")
