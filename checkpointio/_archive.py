@@ -22,7 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from . import _codec
-from ._exceptions import CheckpointError, CorruptCheckpointError, UnsafeArchiveError, UnsupportedSourceError
+from ._exceptions import (
+    CheckpointError,
+    CorruptCheckpointError,
+    SourceChangedError,
+    UnsafeArchiveError,
+    UnsupportedSourceError,
+)
 
 __all__ = ["GunzipReader", "looks_like_tar_gz", "pack_directory", "unpack_directory"]
 
@@ -150,17 +156,24 @@ def pack_directory(root: Path, emit: Emit, *, block_size: int, level: int, worke
         with tarfile.open(fileobj=sink, mode="w", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
             tar.copybufsize = _COPY_BUFSIZE
             for rel, full in _iter_tree(str(root)):
-                info = _tar_info(rel, full, os.lstat(full), links)
-                if info is None:
-                    logger.warning("checkpointio: skipping special file %s (not regular data)", full)
-                    continue
-                if info.issym():
-                    _check_link(rel, info.linkname, uri)
-                if info.isreg():
-                    with open(full, "rb") as source:
-                        tar.addfile(info, source)
-                else:
-                    tar.addfile(info)
+                try:
+                    info = _tar_info(rel, full, os.lstat(full), links)
+                    if info is None:
+                        logger.warning("checkpointio: skipping special file %s (not regular data)", full)
+                        continue
+                    if info.issym():
+                        _check_link(rel, info.linkname, uri)
+                    if info.isreg():
+                        with open(full, "rb") as source:
+                            tar.addfile(info, source)
+                    else:
+                        tar.addfile(info)
+                except FileNotFoundError as error:
+                    raise SourceChangedError(f"{full} disappeared while {uri} was being saved", uri=uri) from error
+                except OSError as error:
+                    if "unexpected end of data" not in str(error):
+                        raise
+                    raise SourceChangedError(f"{full} shrank while {uri} was being saved", uri=uri) from error
         sink.finish()
     finally:
         sink.close()

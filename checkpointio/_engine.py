@@ -9,6 +9,7 @@ the store aborts instead of committing.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import uuid
@@ -26,7 +27,7 @@ from ._concurrency import PLUMBING as _PLUMBING
 from ._concurrency import Aborted as _Aborted
 from ._concurrency import one_error
 from ._config import TransferConfig
-from ._exceptions import ChecksumMismatchError, CorruptCheckpointError, SourceNotFoundError
+from ._exceptions import CheckpointError, ChecksumMismatchError, CorruptCheckpointError, SourceNotFoundError
 from ._location import Location
 from ._stores import Body, Digest, Kind, ObjectInfo, Record, Store
 
@@ -37,6 +38,15 @@ PAYLOAD_NAME = "payload"
 _PARTIAL = ".checkpointio-partial-"
 
 SaveData = bytes | bytearray | memoryview | str | os.PathLike[str]
+
+
+def _own_thread() -> anyio.CapacityLimiter:
+    """A limiter of one for a pipeline thread that lives as long as its transfer.
+
+    Taking a token of anyio's default limiter instead would let 40 concurrent transfers hold all
+    of them while waiting on stores whose short file operations need a token too: a deadlock.
+    """
+    return anyio.CapacityLimiter(1)
 
 
 @dataclass(frozen=True)
@@ -99,7 +109,7 @@ async def save(store: Store, location: Location, data: SaveData, config: Transfe
 
     async def produce() -> None:
         try:
-            await anyio.to_thread.run_sync(_produce, source, emit, config)
+            await anyio.to_thread.run_sync(_produce, source, emit, config, limiter=_own_thread())
         except _PLUMBING:
             return  # the store side stopped first; its error (or the cancellation) is the one to report
         send.close()  # only on success: a failed producer must never look like a finished one
@@ -165,6 +175,17 @@ def _verify(info: ObjectInfo, digest: Digest) -> None:
             )
 
 
+def _check_still_there(staging: Path, held: int, uri: str) -> None:
+    """Refuse a restore whose folder was removed (and recreated by extraction) on the way."""
+    original = os.fstat(held)
+    try:
+        now = os.stat(staging)
+    except FileNotFoundError:
+        now = None
+    if original.st_nlink == 0 or now is None or (now.st_dev, now.st_ino) != (original.st_dev, original.st_ino):
+        raise CheckpointError(f"{uri}: the workspace was removed while the checkpoint was restored", uri=uri)
+
+
 def _replace(source: Path, target: Path) -> None:
     if target.is_dir() and not target.is_symlink():
         shutil.rmtree(target)
@@ -181,8 +202,13 @@ def _restore(pull: _Pull, info: ObjectInfo, workspace: Path, workers: int) -> Pa
     try:
         if kind is Kind.DIRECTORY:
             staging.mkdir()
-            _archive.unpack_directory(pull, staging, uri=uri, workers=workers)
-            _verify(info, pull.digest)
+            held = os.open(staging, os.O_RDONLY | os.O_DIRECTORY)  # pins the folder: no inode reuse
+            try:
+                _archive.unpack_directory(pull, staging, uri=uri, workers=workers)
+                _verify(info, pull.digest)
+                _check_still_there(staging, held, uri)
+            finally:
+                os.close(held)
             for child in sorted(staging.iterdir()):
                 _replace(child, workspace / child.name)
             staging.rmdir()
@@ -217,9 +243,8 @@ async def load(store: Store, location: Location, workspace: Path, config: Transf
     async def consume() -> None:
         with receive:
             try:
-                restored.append(
-                    await anyio.to_thread.run_sync(_restore, pull, info, workspace, config.compression_workers)
-                )
+                restore = functools.partial(_restore, pull, info, workspace, config.compression_workers)
+                restored.append(await anyio.to_thread.run_sync(restore, limiter=_own_thread()))
             except _PLUMBING:
                 return  # the fetch side stopped first; its error (or the cancellation) is reported
 

@@ -6,6 +6,7 @@ URI it concerns. Built-in bases are mixed in where a caller would reasonably cat
     CheckpointError
     ├── SourceNotFoundError (also FileNotFoundError)  what save() was given does not exist
     ├── UnsupportedSourceError (also ValueError)      what save() was given cannot be stored safely
+    ├── SourceChangedError                            a file shrank or vanished while it was saved
     ├── CheckpointNotFoundError (also FileNotFoundError)  an explicit read of a missing object
     ├── CorruptCheckpointError                          what was stored does not read back whole
     │   ├── ChecksumMismatchError                       bytes differ from the recorded checksum
@@ -33,6 +34,7 @@ __all__ = [
     "CorruptCheckpointError",
     "ObjectTooLargeError",
     "PortalError",
+    "SourceChangedError",
     "SourceNotFoundError",
     "StoreError",
     "StoreUnavailableError",
@@ -61,6 +63,13 @@ class UnsupportedSourceError(CheckpointError, ValueError):
     """The tree given to ``save()`` holds something that could not be restored safely.
 
     For example a symlink pointing outside the tree, which extraction would refuse.
+    """
+
+
+class SourceChangedError(CheckpointError):
+    """A file shrank or disappeared while its directory was being saved; nothing was stored.
+
+    A file that grows is stored with the size it had when it was listed.
     """
 
 

@@ -29,7 +29,7 @@ class Fault:
     """``action`` on the next ``times`` requests for which ``match(method, target)`` holds."""
 
     match: Match
-    action: str  # "503", "500", "reset_request", "reset_response"
+    action: str  # "503", "500", "reset_request", "reset_response", "stall"
     times: int = 1
     hits: int = 0
 
@@ -43,6 +43,8 @@ class FaultProxy:
     #: Seconds to hold each request matching ``slow`` before relaying it (to observe overlap).
     delay: float = 0.0
     slow: Match = lambda method, target: False
+    #: How long a "stall" fault holds a request before dropping the connection.
+    stall_seconds: float = 30.0
     #: Most requests matching ``slow`` in flight at once.
     max_in_flight: int = 0
 
@@ -146,6 +148,11 @@ class FaultProxy:
             head = "".join(line for line in head.splitlines(keepends=True) if not line.lower().startswith("expect:"))
         upstream.sendall(head.encode("latin-1"))
         body = _read_exact(cin, length)
+        if action == "stall":  # take the request, never answer (until the client gives up)
+            time.sleep(self.stall_seconds)
+            _reset(client)
+            _reset(upstream)
+            return False
         if action == "reset_request":
             upstream.sendall(body[: len(body) // 2])
             _reset(client)

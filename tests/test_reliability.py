@@ -1,0 +1,524 @@
+"""The promise, tried systematically: a checkpoint that save() reported stored comes back bit for
+bit, a save that did not complete is never seen, and no bad input or fault corrupts, loses or leaks
+anything. Each test is a row of the README's "Guarantees" table."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import random
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import checkpointio._archive as archive
+from checkpointio import (
+    Checkpoint,
+    CheckpointError,
+    CorruptCheckpointError,
+    MiB,
+    SourceChangedError,
+    StoreUnavailableError,
+)
+
+from .conftest import MotoServer, StoreCase, make_tree, snapshot
+from .faultproxy import FaultProxy
+
+SMALL_PARTS = {"part_size": 5 * MiB, "multipart_threshold": 5 * MiB}
+
+
+@pytest.fixture
+def proxy(moto_server: MotoServer) -> FaultProxy:
+    port = int(moto_server.endpoint.rsplit(":", 1)[1])
+    return FaultProxy(("127.0.0.1", port))
+
+
+def uploads_left(moto_server: MotoServer, bucket: str) -> list[object]:
+    return list(moto_server.client().list_multipart_uploads(Bucket=bucket).get("Uploads", []))
+
+
+def run_python(code: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(  # type: ignore[call-overload, no-any-return]
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=180, **kwargs
+    )
+
+
+# -- network faults (S3 through the fault proxy) ---------------------------------------------------
+
+
+async def test_stalled_part_upload_times_out_and_is_retried(moto_server: MotoServer, proxy: FaultProxy) -> None:
+    bucket = moto_server.new_bucket()
+    proxy.stall_seconds = 8
+    proxy.add(lambda m, t: m == "PUT" and "partNumber=2" in t, "stall")
+    data = os.urandom(12 * MiB)
+    options = {**SMALL_PARTS, "endpoint_url": proxy.endpoint, "read_timeout": 1.5}
+    with anyio.fail_after(60):  # bounded: a stalled connection is a timeout, not a hang
+        await Checkpoint(f"s3://{bucket}/a", **options).save(data)
+    assert [e["action"] for e in proxy.log if "partNumber=2" in str(e["target"])][:2] == ["stall", "relay"]
+    async with Checkpoint(f"s3://{bucket}/b", src=f"s3://{bucket}/a", **options) as cp:
+        restored = await cp.load()
+        assert restored is not None and restored.read_bytes() == data
+    assert uploads_left(moto_server, bucket) == []
+
+
+async def test_stalled_range_download_times_out_and_is_fetched_again(
+    moto_server: MotoServer, proxy: FaultProxy
+) -> None:
+    bucket = moto_server.new_bucket()
+    data = os.urandom(11 * MiB)
+    options = {**SMALL_PARTS, "endpoint_url": proxy.endpoint, "read_timeout": 1.5}
+    await Checkpoint(f"s3://{bucket}/a", **options).save(data)
+    proxy.stall_seconds = 8
+    proxy.add(lambda m, t: m == "GET", "stall")
+    with anyio.fail_after(60):
+        async with Checkpoint(f"s3://{bucket}/b", src=f"s3://{bucket}/a", **options) as cp:
+            restored = await cp.load()
+            assert restored is not None and restored.read_bytes() == data
+
+
+async def test_a_throttling_burst_is_absorbed_by_retries(moto_server: MotoServer, proxy: FaultProxy) -> None:
+    bucket = moto_server.new_bucket()
+    proxy.add(lambda m, t: m == "PUT" and "partNumber=" in t, "503", times=6)
+    data = os.urandom(16 * MiB)
+    await Checkpoint(f"s3://{bucket}/a", **SMALL_PARTS, endpoint_url=proxy.endpoint, max_attempts=8).save(data)
+    assert [e["action"] for e in proxy.log].count("503") == 6
+    assert moto_server.client().get_object(Bucket=bucket, Key="a")["Body"].read() == data
+
+
+async def test_a_failing_complete_aborts_the_upload_and_keeps_the_previous(
+    moto_server: MotoServer, proxy: FaultProxy
+) -> None:
+    bucket = moto_server.new_bucket()
+    options = {**SMALL_PARTS, "endpoint_url": proxy.endpoint, "max_attempts": 2}
+    await Checkpoint(f"s3://{bucket}/a", **options).save(b"previous")
+    proxy.add(lambda m, t: m == "POST" and "uploadId=" in t, "500", times=100)  # CompleteMultipartUpload
+    with pytest.raises(StoreUnavailableError, match="complete the upload"):
+        await Checkpoint(f"s3://{bucket}/a", **options).save(os.urandom(11 * MiB))
+    assert uploads_left(moto_server, bucket) == []
+    assert moto_server.client().get_object(Bucket=bucket, Key="a")["Body"].read() == b"previous"
+
+
+async def test_asyncio_task_cancel_mid_upload_aborts_and_the_loop_stays_usable(moto_server: MotoServer) -> None:
+    bucket = moto_server.new_bucket()
+    await Checkpoint(f"s3://{bucket}/a").save(b"previous")
+    task = asyncio.create_task(Checkpoint(f"s3://{bucket}/a", **SMALL_PARTS).save(os.urandom(40 * MiB)))
+    with anyio.fail_after(60):
+        while not uploads_left(moto_server, bucket):
+            await asyncio.sleep(0.005)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert uploads_left(moto_server, bucket) == []
+    await Checkpoint(f"s3://{bucket}/b").save(b"the loop still works")
+    assert moto_server.client().get_object(Bucket=bucket, Key="a")["Body"].read() == b"previous"
+
+
+# -- process death --------------------------------------------------------------------------------
+
+KILLED_SAVER = """
+import sys
+from checkpointio import Checkpoint
+Checkpoint(sys.argv[1], compression_level=9, chunk_size=256 * 1024).save_sync(sys.argv[2])
+"""
+
+
+@pytest.mark.parametrize("backend", ["local", "s3"])
+def test_sigkill_at_random_points_of_a_save_leaves_old_or_new_never_a_mix(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    if backend == "s3":
+        server: MotoServer = request.getfixturevalue("moto_server")
+        bucket = server.new_bucket()
+        uri = f"s3://{bucket}/ckpt"
+    else:
+        uri = str(tmp_path / "store" / "ckpt")
+    versions = []
+    for name in ("old", "new"):
+        tree = make_tree(tmp_path / name)
+        (tree / "version").write_text(name)
+        (tree / "bulk.txt").write_bytes(b"".join(f"{name} line {i}\n".encode() for i in range(800_000)))
+        versions.append(tree)
+    expected = {name: snapshot(tree) for name, tree in zip(("old", "new"), versions, strict=True)}
+    started = time.monotonic()  # one whole save in a child process: the kills land inside it
+    subprocess.run([sys.executable, "-c", KILLED_SAVER, uri, str(versions[0])], check=True)
+    duration = time.monotonic() - started
+    rng = random.Random(4711)
+    outcomes = []
+    for _ in range(5):
+        proc = subprocess.Popen([sys.executable, "-c", KILLED_SAVER, uri, str(versions[1])])
+        try:
+            proc.wait(timeout=rng.uniform(0.3, 0.97) * duration)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        with Checkpoint(str(tmp_path / "unused"), src=uri) as cp:
+            restored = cp.load_sync()
+            assert restored is not None
+            got = snapshot(restored)
+        assert got in expected.values()  # old or new, whole; never a mix or a truncated tree
+        outcomes.append("new" if got == expected["new"] else "old")
+        Checkpoint(uri).save_sync(versions[0])  # back to old for the next round
+    assert "old" in outcomes
+    if backend == "s3":  # a killed process cannot abort its upload: `gc` removes those
+        client = server.client()
+        for upload in client.list_multipart_uploads(Bucket=bucket).get("Uploads", []):
+            client.abort_multipart_upload(Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+
+
+# -- restore target faults ------------------------------------------------------------------------
+
+
+def test_disk_full_during_restore_is_a_clear_error_and_leaves_nothing(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "big.bin").write_bytes(os.urandom(4 * MiB))
+    Checkpoint(tmp_path / "ckpt").save_sync(tree)
+    Checkpoint(tmp_path / "bytes").save_sync(os.urandom(4 * MiB))
+    # Simulated: RLIMIT_FSIZE caps file size at 1 MiB, as a full disk would refuse the writes.
+    result = run_python(
+        f"""
+        import resource, signal, os
+        from checkpointio import Checkpoint
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1024 * 1024, 1024 * 1024))
+        for name in ("ckpt", "bytes"):
+            ws = {str(tmp_path)!r} + "/ws-" + name
+            try:
+                Checkpoint({str(tmp_path)!r} + "/x", src={str(tmp_path)!r} + "/" + name, workspace=ws).load_sync()
+                print("no error")
+            except OSError as error:
+                print(name, "error", error.errno, "left", sorted(os.listdir(ws)))
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert "ckpt error 27 left []" in result.stdout  # EFBIG, nothing half-restored
+    assert "bytes error 27 left []" in result.stdout
+    assert resource.getrlimit(resource.RLIMIT_FSIZE)[0] == resource.RLIM_INFINITY  # only the child
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs util-linux setpriv")
+def test_permission_denied_on_the_workspace_is_a_clear_error(tmp_path: Path) -> None:
+    Checkpoint(tmp_path / "ckpt").save_sync(b"x")
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    os.chown(workspace, 65534, 65534)  # someone else's read-only folder
+    workspace.chmod(0o500)
+    code = f"""
+from checkpointio import Checkpoint
+try:
+    Checkpoint({str(tmp_path / "x")!r}, src={str(tmp_path / "ckpt")!r}, workspace={str(workspace)!r}).load_sync()
+except PermissionError as error:
+    print("denied:", error)
+"""
+    # Without the capability to override file permissions, even root is refused (as a user would be).
+    result = subprocess.run(
+        ["setpriv", "--bounding-set=-dac_override,-dac_read_search", sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "denied:" in result.stdout, result.stdout + result.stderr
+    assert list(workspace.iterdir()) == []
+
+
+async def test_workspace_deleted_mid_restore_is_an_error_not_a_partial_tree(
+    store: StoreCase, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tree = make_tree(tmp_path / "tree")
+    for i in range(20):
+        (tree / "model" / f"shard-{i}").write_bytes(os.urandom(256 * 1024))
+    await Checkpoint(store.uri("a")).save(tree)
+    workspace = tmp_path / "ws"
+    original = archive._RestoreFilter.__call__
+    calls = [0]
+
+    def delete_workspace_half_way(self: archive._RestoreFilter, member: tarfile.TarInfo, dest: str) -> object:
+        calls[0] += 1
+        if calls[0] == 10:
+            import shutil
+
+            shutil.rmtree(workspace)
+        return original(self, member, dest)
+
+    monkeypatch.setattr(archive._RestoreFilter, "__call__", delete_workspace_half_way)
+    async with Checkpoint(store.uri("b"), src=store.uri("a"), workspace=workspace) as cp:
+        with pytest.raises((CheckpointError, OSError)):
+            await cp.load()
+    assert not workspace.exists() or list(workspace.iterdir()) == []
+
+
+# -- sources that change while they are saved -----------------------------------------------------
+
+
+async def test_a_file_shrinking_while_saved_fails_the_save_and_keeps_the_previous(
+    store: StoreCase, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "log").write_bytes(b"x" * 100_000)
+    await Checkpoint(store.uri("a")).save(b"previous")
+    original = archive._tar_info
+
+    def shrink_after_stat(*args: object) -> object:
+        info = original(*args)  # type: ignore[arg-type]
+        os.truncate(tree / "log", 10)  # another process rotates the log right after we looked
+        return info
+
+    monkeypatch.setattr(archive, "_tar_info", shrink_after_stat)
+    with pytest.raises(SourceChangedError, match="log"):
+        await Checkpoint(store.uri("a")).save(tree)
+    async with Checkpoint(store.uri("b"), src=store.uri("a")) as cp:
+        restored = await cp.load()
+        assert restored is not None and restored.read_bytes() == b"previous"
+
+
+async def test_a_file_growing_while_saved_is_stored_as_it_was_when_listed(
+    store: StoreCase, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "log").write_bytes(b"first part\n")
+    original = archive._tar_info
+
+    def grow_after_stat(*args: object) -> object:
+        info = original(*args)  # type: ignore[arg-type]
+        with open(tree / "log", "ab") as log:
+            log.write(b"appended later\n")
+        return info
+
+    monkeypatch.setattr(archive, "_tar_info", grow_after_stat)
+    await Checkpoint(store.uri("a")).save(tree)
+    async with Checkpoint(store.uri("b"), src=store.uri("a")) as cp:
+        restored = await cp.load()
+        assert restored is not None and (restored / "log").read_bytes() == b"first part\n"
+
+
+async def test_a_file_deleted_while_saved_fails_the_save(
+    store: StoreCase, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "tmpfile").write_bytes(b"x")
+    original = archive._tar_info
+
+    def delete_after_stat(*args: object) -> object:
+        info = original(*args)  # type: ignore[arg-type]
+        (tree / "tmpfile").unlink()
+        return info
+
+    monkeypatch.setattr(archive, "_tar_info", delete_after_stat)
+    with pytest.raises(SourceChangedError, match="tmpfile"):
+        await Checkpoint(store.uri("a")).save(tree)
+    assert store.partial_writes() in (0, None)
+
+
+# -- awkward names and shapes ---------------------------------------------------------------------
+
+
+async def test_non_utf8_long_and_deep_names_sparse_and_empty_files_round_trip(store: StoreCase, tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    deep = tree / "/".join(f"level{i:02d}" for i in range(30))
+    deep.mkdir(parents=True)
+    (deep / ("long-name-" + "x" * 200)).write_bytes(b"deep and long")
+    with open(os.path.join(os.fsencode(tree), b"caf\xe9-latin1.txt"), "wb") as f:  # not valid UTF-8
+        f.write(b"non-utf8 name")
+    (tree / "ünïcødé ☃.txt").write_text("unicode name")
+    (tree / "empty-file").write_bytes(b"")
+    (tree / "empty-dir").mkdir()
+    with open(tree / "sparse", "wb") as f:
+        f.truncate(32 * MiB)
+        f.seek(16 * MiB)
+        f.write(b"middle")
+    await Checkpoint(store.uri("a")).save(tree)
+    assert len(store.get_raw("a")) < MiB  # zeros deflate to almost nothing
+    async with Checkpoint(store.uri("b"), src=store.uri("a")) as cp:
+        restored = await cp.load()
+        assert restored is not None
+        assert snapshot(restored) == snapshot(tree)
+        assert os.path.exists(os.path.join(os.fsencode(restored), b"caf\xe9-latin1.txt"))
+
+
+@pytest.mark.parametrize("entries", [10_000, pytest.param(100_000, marks=pytest.mark.slow)])
+async def test_trees_with_many_entries_round_trip(entries: int, tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    for i in range(entries):
+        folder = tree / f"d{i % 100:03d}"
+        if i < 100:
+            folder.mkdir(parents=True)
+        (folder / f"f{i}").write_bytes(str(i).encode())
+    await Checkpoint(tmp_path / "ckpt").save(tree)
+    async with Checkpoint(tmp_path / "x", src=tmp_path / "ckpt") as cp:
+        restored = await cp.load()
+        assert restored is not None
+        assert sum(1 for _ in restored.rglob("f*")) == entries
+        assert (restored / "d042" / f"f{entries - 58}").read_bytes() == str(entries - 58).encode()
+
+
+# -- bad archives ---------------------------------------------------------------------------------
+
+
+async def test_a_huge_declared_size_is_truncation_not_a_memory_blow_up(store: StoreCase, tmp_path: Path) -> None:
+    header = tarfile.TarInfo("huge")
+    header.size = 1 << 40  # 1 TiB declared, a few bytes present
+    store.put_raw("huge", gzip_of(header.tobuf(tarfile.PAX_FORMAT) + b"tiny"))
+    async with Checkpoint(store.uri("x"), src=store.uri("huge")) as cp:
+        with pytest.raises(CorruptCheckpointError, match=r"truncated|corrupt"):
+            await cp.load()
+        assert list(cp.path.iterdir()) == []
+
+
+def gzip_of(data: bytes) -> bytes:
+    import gzip
+
+    return gzip.compress(data)
+
+
+def _valid_archive() -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name, data in [("a.txt", b"alpha" * 50), ("dir/b.bin", bytes(range(256)) * 4), ("dir/c", b"")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("dir/link")
+        link.type = tarfile.SYMTYPE
+        link.linkname = "b.bin"
+        tar.addfile(link)
+    return buffer.getvalue()
+
+
+VALID = _valid_archive()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    edits=st.lists(st.tuples(st.integers(0, len(VALID) - 1), st.integers(0, 255)), min_size=1, max_size=8),
+    cut=st.integers(0, len(VALID)),
+)
+def test_fuzzed_archives_give_a_clear_error_or_a_tree_inside_the_workspace(
+    tmp_path_factory: pytest.TempPathFactory, edits: list[tuple[int, int]], cut: int
+) -> None:
+    data = bytearray(VALID)
+    for position, value in edits:
+        data[position] = value
+    data = data[: max(cut, 1)]
+    dest = tmp_path_factory.mktemp("fuzz")
+    pieces = iter([bytes(data), b""])
+    try:
+        archive.unpack_directory(lambda: next(pieces), dest, uri="fuzz://x", workers=1)
+    except CheckpointError:
+        return
+    root = os.path.realpath(dest)
+    for path in dest.rglob("*"):
+        assert os.path.realpath(path.parent).startswith(root)
+        if path.is_symlink():
+            target = os.path.realpath(path)
+            assert target.startswith(root), f"{path} -> {target}"
+
+
+# -- property-based round trips -------------------------------------------------------------------
+
+names = st.text(st.characters(codec="utf-8", exclude_characters="/\0"), min_size=1, max_size=20).filter(
+    lambda n: n not in (".", "..")
+)
+trees = st.recursive(
+    st.binary(max_size=2000),
+    lambda children: st.dictionaries(names, children, max_size=4),
+    max_leaves=12,
+)
+
+
+def write_tree(root: Path, spec: dict[str, object]) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    for name, child in spec.items():
+        if isinstance(child, dict):
+            write_tree(root / name, child)
+        else:
+            (root / name).write_bytes(child)  # type: ignore[arg-type]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(spec=st.dictionaries(names, trees, max_size=5), payload=st.binary(max_size=5000))
+def test_random_trees_and_payloads_round_trip_identically(
+    store: StoreCase, tmp_path_factory: pytest.TempPathFactory, spec: dict[str, object], payload: bytes
+) -> None:
+    base = tmp_path_factory.mktemp("prop")
+    write_tree(base / "tree", spec)
+    key = os.urandom(4).hex()
+    Checkpoint(store.uri(f"{key}-tree")).save_sync(base / "tree")
+    Checkpoint(store.uri(f"{key}-bytes")).save_sync(payload)
+    with Checkpoint(store.uri("x"), src=store.uri(f"{key}-tree")) as cp:
+        restored = cp.load_sync()
+        assert restored is not None and snapshot(restored) == snapshot(base / "tree")
+    with Checkpoint(store.uri("x"), src=store.uri(f"{key}-bytes")) as cp:
+        restored = cp.load_sync()
+        assert restored is not None and restored.read_bytes() == payload
+
+
+# -- concurrency and load -------------------------------------------------------------------------
+
+
+async def test_64_concurrent_saves_and_loads_on_one_loop(store: StoreCase, caplog: pytest.LogCaptureFixture) -> None:
+    payloads = {i: os.urandom(random.Random(i).randint(1, 300_000)) for i in range(64)}
+
+    async def round_trip(i: int) -> None:
+        await Checkpoint(store.uri(f"k{i}")).save(payloads[i])
+        async with Checkpoint(store.uri("x"), src=store.uri(f"k{i}")) as cp:
+            restored = await cp.load()
+            assert restored is not None and restored.read_bytes() == payloads[i]
+
+    async with anyio.create_task_group() as group:
+        for i in range(64):
+            group.start_soon(round_trip, i)
+    assert "pool" not in caplog.text.lower()
+
+
+def test_many_threads_through_the_sync_twins(store: StoreCase, tmp_path: Path) -> None:
+    errors: list[BaseException] = []
+    tree = make_tree(tmp_path / "tree")
+
+    def worker(i: int) -> None:
+        try:
+            Checkpoint(store.uri(f"t{i}")).save_sync(tree if i % 2 else f"payload {i}".encode())
+            with Checkpoint(store.uri("x"), src=store.uri(f"t{i}")) as cp:
+                restored = cp.load_sync()
+                assert restored is not None
+                if i % 2:
+                    assert snapshot(restored) == snapshot(tree)
+                else:
+                    assert restored.read_bytes() == f"payload {i}".encode()
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(24)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+
+
+async def test_two_writers_racing_on_one_key_leave_one_complete_checkpoint(store: StoreCase, tmp_path: Path) -> None:
+    first, second = make_tree(tmp_path / "one"), make_tree(tmp_path / "two")
+    (second / "model" / "weights.bin").write_bytes(os.urandom(3 * MiB))
+    for _ in range(3):
+        async with anyio.create_task_group() as group:
+            group.start_soon(Checkpoint(store.uri("shared"), **SMALL_PARTS).save, first)
+            group.start_soon(Checkpoint(store.uri("shared"), **SMALL_PARTS).save, second)
+        async with Checkpoint(store.uri("x"), src=store.uri("shared")) as cp:
+            restored = await cp.load()
+            assert restored is not None
+            assert snapshot(restored) in (snapshot(first), snapshot(second))
