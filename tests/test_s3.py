@@ -69,6 +69,8 @@ async def test_large_bytes_go_up_in_several_parts_and_come_back_by_ranges(
     parts = [entry for entry in proxy.log if is_part_upload(entry["method"], entry["target"])]  # type: ignore[arg-type]
     assert len(parts) == 3
     assert all("x-amz-checksum-crc32" in entry["headers"] for entry in parts)  # type: ignore[operator]
+    # the signed CRC32 header protects the body: no SHA-256 over every payload byte
+    assert {entry["headers"]["x-amz-content-sha256"] for entry in parts} == {"UNSIGNED-PAYLOAD"}  # type: ignore[index]
     info = await S3Store(TransferConfig()).head(parse_location(f"s3://{bucket}/run/a"))
     assert info is not None and info.server_crc32 == zlib.crc32(data)  # the whole-object CRC32 we sent
     async with Checkpoint(f"s3://{bucket}/run/b", src=f"s3://{bucket}/run/a", **options) as cp:

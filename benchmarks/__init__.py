@@ -1,0 +1,1 @@
+"""Benchmark suite for checkpointio: ``python benchmarks/run.py [--quick]`` (see README.md here)."""
