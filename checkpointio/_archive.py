@@ -1,6 +1,7 @@
 """Directories as gzip-compressed tar streams, packed and unpacked in worker threads.
 
-The only module that imports :mod:`tarfile`; compression is :mod:`._codec`'s. Everything here is blocking
+Packing uses :mod:`tarfile` (the only importer of it); unpacking is :mod:`._untar`'s lean reader;
+compression is :mod:`._codec`'s. Everything here is blocking
 and runs in a worker thread; bytes come and go through plain callables, so the caller decides
 how they cross to the event loop.
 
@@ -21,9 +22,8 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from . import _codec
+from . import _codec, _untar
 from ._exceptions import (
-    CheckpointError,
     CorruptCheckpointError,
     SourceChangedError,
     UnsafeArchiveError,
@@ -41,10 +41,6 @@ _GZIP_MAGIC = b"\x1f\x8b"
 #: Bytes one inflate call may produce: bounds memory whatever the compression ratio (gzip bombs).
 _INFLATE_STEP = 1024 * 1024
 _COPY_BUFSIZE = 1024 * 1024
-_READ_ERRORS: tuple[type[Exception], ...] = (tarfile.TarError, EOFError, *_codec.InflateError)
-# How tarfile's header reading ended (private names, stable since Python 3.2).
-_END_OF_ARCHIVE: type[Exception] = tarfile.EOFHeaderError  # type: ignore[attr-defined]
-_MISSING_HEADER: tuple[type[Exception], ...] = (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError)  # type: ignore[attr-defined]
 
 
 class _GzipMemberWriter:
@@ -326,94 +322,23 @@ def looks_like_tar_gz(head: bytes) -> bool:
     return True
 
 
-class _RestoreFilter:
-    """PEP 706's ``data`` filter, without its per-entry ``realpath``: extraction goes into a new,
-    empty folder, so the only links that can redirect a path are the ones this archive created,
-    and plain string checks against them are enough.
-
-    Stricter than ``data`` in two ways: absolute names are refused (not stripped of their slash),
-    and nothing is written through a symlink the archive created. Folder modes are kept (the
-    owner always keeps rwx, to fill them).
-    """
-
-    def __init__(self) -> None:
-        self._links: set[str] = set()
-
-    def _inside(self, member: tarfile.TarInfo, name: str) -> str:
-        if name.startswith("/") or os.path.isabs(name):
-            raise tarfile.AbsolutePathError(member)
-        normal = os.path.normpath(name)
-        if normal == ".." or normal.startswith("../"):
-            raise tarfile.OutsideDestinationError(member, normal)
-        parent = os.path.dirname(normal)
-        while parent:
-            if parent in self._links:
-                raise tarfile.OutsideDestinationError(member, normal)
-            parent = os.path.dirname(parent)
-        return normal
-
-    def __call__(self, member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
-        name = self._inside(member, member.name)
-        mode: int | None = member.mode
-        if member.issym():
-            target = member.linkname
-            if target.startswith("/") or os.path.isabs(target):
-                raise tarfile.AbsoluteLinkError(member)
-            resolved = os.path.normpath(os.path.join(os.path.dirname(name), target))
-            if resolved == ".." or resolved.startswith("../"):
-                raise tarfile.LinkOutsideDestinationError(member, resolved)
-            self._links.add(name)
-            mode = None
-        elif member.islnk():
-            self._inside(member, member.linkname)
-            mode = (mode or 0) & 0o755 | 0o600
-        elif member.isreg():
-            mode = (mode or 0) & 0o755 | 0o600
-            if not mode & 0o100:
-                mode &= ~0o011
-        elif member.isdir():
-            mode = (mode or 0) & 0o755 | 0o700
-        else:
-            raise tarfile.SpecialFileError(member)
-        return member.replace(name=name, mode=mode, uid=None, gid=None, uname=None, gname=None, deep=False)  # type: ignore[arg-type]  # None skips the attribute (PEP 706)
-
-
 def unpack_directory(pull: Pull, dest: Path, *, uri: str, workers: int = 1) -> None:
     """Extract a .tar.gz stream from ``pull`` into the existing empty folder ``dest``.
 
-    Nothing is written outside ``dest``: absolute names, ``..``, links pointing out and device
-    files raise :class:`UnsafeArchiveError`. A truncated or garbled stream raises
-    :class:`CorruptCheckpointError`. The stream is read to its end, so the caller's checksum
+    Nothing is written outside ``dest`` (see :mod:`._untar`): absolute names, ``..``, links
+    pointing out and device files raise :class:`UnsafeArchiveError`. A truncated or garbled stream
+    raises :class:`CorruptCheckpointError`. The stream is read to its end, so the caller's checksum
     covers every byte. On error, ``dest`` may hold part of the tree: the caller removes it.
     """
-    if not hasattr(tarfile, "data_filter"):  # pragma: no cover - Python < 3.10.12 / 3.11.4
-        raise CheckpointError("safe extraction needs Python 3.10.12+ or 3.11.4+ (tarfile filters)", uri=uri)
     reader = GunzipReader(pull, workers)
-    ending: list[BaseException | None] = [None]
-
-    class _WatchedTarInfo(tarfile.TarInfo):
-        """Records how the member list ended: tarfile stops quietly at a missing or bad header."""
-
-        @classmethod
-        def frombuf(cls, buf: bytes, encoding: str, errors: str) -> tarfile.TarInfo:  # type: ignore[override]
-            try:
-                return super().frombuf(buf, encoding, errors)
-            except tarfile.HeaderError as error:
-                ending[0] = error
-                raise
-
     try:
-        with tarfile.open(fileobj=reader, mode="r|", tarinfo=_WatchedTarInfo) as tar:  # type: ignore[call-overload]
-            tar.extractall(dest, filter=_RestoreFilter())
+        _untar.extract(reader.read, str(dest))
         reader.drain()
-    except tarfile.FilterError as error:
+    except UnsafeArchiveError as error:
         raise UnsafeArchiveError(f"{uri}: unsafe archive entry refused: {error}", uri=uri) from error
-    except _READ_ERRORS as error:
-        raise CorruptCheckpointError(f"{uri}: the archive is corrupt or truncated: {error}", uri=uri) from error
     except CorruptCheckpointError as error:
         raise CorruptCheckpointError(f"{uri}: {error}", uri=uri) from error
+    except _codec.InflateError as error:
+        raise CorruptCheckpointError(f"{uri}: the archive is corrupt: {error}", uri=uri) from error
     finally:
         reader.close()
-    if not isinstance(ending[0], _END_OF_ARCHIVE):
-        reason = "no end-of-archive marker" if isinstance(ending[0], _MISSING_HEADER) else f"bad header ({ending[0]})"
-        raise CorruptCheckpointError(f"{uri}: the archive is truncated or corrupt: {reason}", uri=uri)

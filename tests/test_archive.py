@@ -115,3 +115,18 @@ def test_truncated_and_garbled_streams_are_corrupt(tmp_path: Path) -> None:
         unpacked(bytes(garbled), tmp_path / "b")
     with pytest.raises(CorruptCheckpointError):
         unpacked(os.urandom(10_000), tmp_path / "c")
+
+
+@pytest.mark.skipif(shutil.which("tar") is None, reason="needs GNU tar")
+@pytest.mark.parametrize("fmt", ["gnu", "posix", "ustar"])
+def test_archives_written_by_gnu_tar_restore_identically(tmp_path: Path, fmt: str) -> None:
+    tree = make_tree(tmp_path / "tree")
+    (tree / "model" / ("long-" + "n" * 150)).write_bytes(b"long name")
+    os.link(tree / "model" / "weights.bin", tree / "hard-link")
+    if fmt == "ustar":
+        (tree / "model" / ("long-" + "n" * 150)).unlink()  # ustar cannot hold it
+    archive = tmp_path / "gnu.tar.gz"
+    subprocess.run(["tar", f"--format={fmt}", "-czf", str(archive), "-C", str(tree), "."], check=True)
+    restored = unpacked(archive.read_bytes(), tmp_path / "out")
+    assert snapshot(restored) == snapshot(tree)
+    assert os.stat(restored / "hard-link").st_ino == os.stat(restored / "model" / "weights.bin").st_ino

@@ -25,6 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import checkpointio._archive as archive
+import checkpointio._untar as untar
 from checkpointio import (
     Checkpoint,
     CheckpointError,
@@ -242,18 +243,16 @@ async def test_workspace_deleted_mid_restore_is_an_error_not_a_partial_tree(
         (tree / "model" / f"shard-{i}").write_bytes(os.urandom(256 * 1024))
     await Checkpoint(store.uri("a")).save(tree)
     workspace = tmp_path / "ws"
-    original = archive._RestoreFilter.__call__
+    original = untar._Extraction.entry
     calls = [0]
 
-    def delete_workspace_half_way(self: archive._RestoreFilter, member: tarfile.TarInfo, dest: str) -> object:
+    def delete_workspace_half_way(self: untar._Extraction, *args: object) -> None:
         calls[0] += 1
         if calls[0] == 10:
-            import shutil
-
             shutil.rmtree(workspace)
-        return original(self, member, dest)
+        original(self, *args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(archive._RestoreFilter, "__call__", delete_workspace_half_way)
+    monkeypatch.setattr(untar._Extraction, "entry", delete_workspace_half_way)
     async with Checkpoint(store.uri("b"), src=store.uri("a"), workspace=workspace) as cp:
         with pytest.raises((CheckpointError, OSError)):
             await cp.load()
