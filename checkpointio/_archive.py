@@ -1,7 +1,7 @@
 """Directories as gzip-compressed tar streams, packed and unpacked in worker threads.
 
-Packing uses :mod:`tarfile` (the only importer of it); unpacking is :mod:`._untar`'s lean reader;
-compression is :mod:`._codec`'s. Everything here is blocking
+The tar format is :mod:`._tar`'s, compression :mod:`._codec`'s; this module walks the tree and
+joins them into streams. Everything here is blocking
 and runs in a worker thread; bytes come and go through plain callables, so the caller decides
 how they cross to the event loop.
 
@@ -15,14 +15,13 @@ from __future__ import annotations
 import logging
 import os
 import stat
-import tarfile
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from . import _codec, _untar
+from . import _codec, _tar
 from ._exceptions import (
     CorruptCheckpointError,
     SourceChangedError,
@@ -44,7 +43,7 @@ _COPY_BUFSIZE = 1024 * 1024
 
 
 class _GzipMemberWriter:
-    """Write-only file for :class:`tarfile.TarFile`: cuts the tar stream into blocks and emits
+    """Write-only sink for the tar stream: cuts it into blocks and emits
     each as an independent gzip member, compressed on ``workers`` threads, in order."""
 
     def __init__(self, emit: Emit, block_size: int, level: int, workers: int) -> None:
@@ -114,28 +113,22 @@ def _check_link(rel: str, target: str, uri: str) -> None:
         )
 
 
-def _tar_info(rel: str, full: str, st: os.stat_result, links: dict[tuple[int, int], str]) -> tarfile.TarInfo | None:
-    """The header of one entry, straight from ``lstat`` (no owner-name lookups, whole seconds)."""
-    info = tarfile.TarInfo(rel)
-    info.mode = stat.S_IMODE(st.st_mode)
-    info.mtime = int(st.st_mtime)
-    if stat.S_ISREG(st.st_mode):
-        inode = (st.st_dev, st.st_ino)
-        if st.st_nlink > 1 and inode in links:
-            info.type = tarfile.LNKTYPE
-            info.linkname = links[inode]
-        else:
-            if st.st_nlink > 1:
-                links[inode] = rel
-            info.size = st.st_size
-    elif stat.S_ISDIR(st.st_mode):
-        info.type = tarfile.DIRTYPE
-    elif stat.S_ISLNK(st.st_mode):
-        info.type = tarfile.SYMTYPE
-        info.linkname = os.readlink(full)
-    else:
-        return None
-    return info
+def _add_file(sink: _GzipMemberWriter, rel: str, full: str, st: os.stat_result, uri: str) -> None:
+    """Append a regular file's header and exactly the bytes ``lstat`` promised."""
+    size = st.st_size
+    fd = os.open(full, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        sink.write(_tar.header(rel, _tar.FILE, size=size, mode=stat.S_IMODE(st.st_mode), mtime=int(st.st_mtime)))
+        remaining = size
+        while remaining:
+            chunk = os.read(fd, min(remaining, _COPY_BUFSIZE))
+            if not chunk:
+                raise SourceChangedError(f"{full} shrank while {uri} was being saved", uri=uri)
+            sink.write(chunk)
+            remaining -= len(chunk)
+    finally:
+        os.close(fd)
+    sink.write(bytes(-size % _tar.BLOCK))
 
 
 def pack_directory(root: Path, emit: Emit, *, block_size: int, level: int, workers: int = 1) -> None:
@@ -144,32 +137,36 @@ def pack_directory(root: Path, emit: Emit, *, block_size: int, level: int, worke
     Entries are named relative to ``root`` in sorted order; empty folders, symlinks (as links),
     hard links, modes and mtimes (whole seconds) are kept; owners are not (a restore belongs to
     whoever runs it). Sockets, pipes and device files are skipped with a warning: they hold no data.
+    A file that grows while it is read is stored with the size it had when listed; one that shrinks
+    or vanishes raises :class:`SourceChangedError`.
     """
     uri = str(root)
     sink = _GzipMemberWriter(emit, block_size, level, workers)
     links: dict[tuple[int, int], str] = {}
     try:
-        with tarfile.open(fileobj=sink, mode="w", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
-            tar.copybufsize = _COPY_BUFSIZE
-            for rel, full in _iter_tree(str(root)):
-                try:
-                    info = _tar_info(rel, full, os.lstat(full), links)
-                    if info is None:
-                        logger.warning("checkpointio: skipping special file %s (not regular data)", full)
+        for rel, full in _iter_tree(str(root)):
+            try:
+                st = os.lstat(full)
+                mode, mtime = stat.S_IMODE(st.st_mode), int(st.st_mtime)
+                if stat.S_ISREG(st.st_mode):
+                    inode = (st.st_dev, st.st_ino)
+                    if st.st_nlink > 1 and inode in links:
+                        sink.write(_tar.header(rel, _tar.HARD_LINK, mode=mode, mtime=mtime, link=links[inode]))
                         continue
-                    if info.issym():
-                        _check_link(rel, info.linkname, uri)
-                    if info.isreg():
-                        with open(full, "rb") as source:
-                            tar.addfile(info, source)
-                    else:
-                        tar.addfile(info)
-                except FileNotFoundError as error:
-                    raise SourceChangedError(f"{full} disappeared while {uri} was being saved", uri=uri) from error
-                except OSError as error:
-                    if "unexpected end of data" not in str(error):
-                        raise
-                    raise SourceChangedError(f"{full} shrank while {uri} was being saved", uri=uri) from error
+                    if st.st_nlink > 1:
+                        links[inode] = rel
+                    _add_file(sink, rel, full, st, uri)
+                elif stat.S_ISDIR(st.st_mode):
+                    sink.write(_tar.header(rel + "/", _tar.DIRECTORY, mode=mode, mtime=mtime))
+                elif stat.S_ISLNK(st.st_mode):
+                    target = os.readlink(full)
+                    _check_link(rel, target, uri)
+                    sink.write(_tar.header(rel, _tar.SYMLINK, mode=mode, mtime=mtime, link=target))
+                else:
+                    logger.warning("checkpointio: skipping special file %s (not regular data)", full)
+            except FileNotFoundError as error:
+                raise SourceChangedError(f"{full} disappeared while {uri} was being saved", uri=uri) from error
+        sink.write(_tar.end_of_archive(sink.tell()))
         sink.finish()
     finally:
         sink.close()
@@ -310,29 +307,23 @@ def looks_like_tar_gz(head: bytes) -> bool:
     if not head.startswith(_GZIP_MAGIC):
         return False
     try:
-        block = _codec.sequential_inflater().decompress(head, tarfile.BLOCKSIZE)
+        block = _codec.sequential_inflater().decompress(head, _tar.BLOCK)
     except _codec.InflateError:
         return False
-    if len(block) < tarfile.BLOCKSIZE:
-        return False
-    try:
-        tarfile.TarInfo.frombuf(block, tarfile.ENCODING, "surrogateescape")
-    except tarfile.HeaderError:
-        return False
-    return True
+    return _tar.is_header(block)
 
 
 def unpack_directory(pull: Pull, dest: Path, *, uri: str, workers: int = 1) -> None:
     """Extract a .tar.gz stream from ``pull`` into the existing empty folder ``dest``.
 
-    Nothing is written outside ``dest`` (see :mod:`._untar`): absolute names, ``..``, links
+    Nothing is written outside ``dest`` (see :mod:`._tar`): absolute names, ``..``, links
     pointing out and device files raise :class:`UnsafeArchiveError`. A truncated or garbled stream
     raises :class:`CorruptCheckpointError`. The stream is read to its end, so the caller's checksum
     covers every byte. On error, ``dest`` may hold part of the tree: the caller removes it.
     """
     reader = GunzipReader(pull, workers)
     try:
-        _untar.extract(reader.read, str(dest))
+        _tar.extract(reader.read, str(dest))
         reader.drain()
     except UnsafeArchiveError as error:
         raise UnsafeArchiveError(f"{uri}: unsafe archive entry refused: {error}", uri=uri) from error

@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import checkpointio._archive as archive
-import checkpointio._untar as untar
+import checkpointio._tar as untar
 from checkpointio import (
     Checkpoint,
     CheckpointError,
@@ -269,14 +269,13 @@ async def test_a_file_shrinking_while_saved_fails_the_save_and_keeps_the_previou
     tree.mkdir()
     (tree / "log").write_bytes(b"x" * 100_000)
     await Checkpoint(store.uri("a")).save(b"previous")
-    original = archive._tar_info
+    original = archive._add_file
 
-    def shrink_after_stat(*args: object) -> object:
-        info = original(*args)  # type: ignore[arg-type]
+    def shrink_after_stat(*args: object) -> None:
         os.truncate(tree / "log", 10)  # another process rotates the log right after we looked
-        return info
+        original(*args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(archive, "_tar_info", shrink_after_stat)
+    monkeypatch.setattr(archive, "_add_file", shrink_after_stat)
     with pytest.raises(SourceChangedError, match="log"):
         await Checkpoint(store.uri("a")).save(tree)
     async with Checkpoint(store.uri("b"), src=store.uri("a")) as cp:
@@ -290,15 +289,14 @@ async def test_a_file_growing_while_saved_is_stored_as_it_was_when_listed(
     tree = tmp_path / "tree"
     tree.mkdir()
     (tree / "log").write_bytes(b"first part\n")
-    original = archive._tar_info
+    original = archive._add_file
 
-    def grow_after_stat(*args: object) -> object:
-        info = original(*args)  # type: ignore[arg-type]
+    def grow_after_stat(*args: object) -> None:
         with open(tree / "log", "ab") as log:
             log.write(b"appended later\n")
-        return info
+        original(*args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(archive, "_tar_info", grow_after_stat)
+    monkeypatch.setattr(archive, "_add_file", grow_after_stat)
     await Checkpoint(store.uri("a")).save(tree)
     async with Checkpoint(store.uri("b"), src=store.uri("a")) as cp:
         restored = await cp.load()
@@ -311,14 +309,13 @@ async def test_a_file_deleted_while_saved_fails_the_save(
     tree = tmp_path / "tree"
     tree.mkdir()
     (tree / "tmpfile").write_bytes(b"x")
-    original = archive._tar_info
+    original = archive._add_file
 
-    def delete_after_stat(*args: object) -> object:
-        info = original(*args)  # type: ignore[arg-type]
+    def delete_after_stat(*args: object) -> None:
         (tree / "tmpfile").unlink()
-        return info
+        original(*args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(archive, "_tar_info", delete_after_stat)
+    monkeypatch.setattr(archive, "_add_file", delete_after_stat)
     with pytest.raises(SourceChangedError, match="tmpfile"):
         await Checkpoint(store.uri("a")).save(tree)
     assert store.partial_writes() in (0, None)
