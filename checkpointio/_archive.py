@@ -29,7 +29,7 @@ from ._exceptions import (
     UnsupportedSourceError,
 )
 
-__all__ = ["GunzipReader", "looks_like_tar_gz", "pack_directory", "unpack_directory"]
+__all__ = ["GunzipReader", "check_directory", "looks_like_tar_gz", "pack_directory", "unpack_directory"]
 
 logger = logging.getLogger("checkpointio")
 
@@ -313,17 +313,18 @@ def looks_like_tar_gz(head: bytes) -> bool:
     return _tar.is_header(block)
 
 
-def unpack_directory(pull: Pull, dest: Path, *, uri: str, workers: int = 1) -> None:
+def unpack_directory(pull: Pull, dest: Path | None, *, uri: str, workers: int = 1) -> None:
     """Extract a .tar.gz stream from ``pull`` into the existing empty folder ``dest``.
 
     Nothing is written outside ``dest`` (see :mod:`._tar`): absolute names, ``..``, links
     pointing out and device files raise :class:`UnsafeArchiveError`. A truncated or garbled stream
     raises :class:`CorruptCheckpointError`. The stream is read to its end, so the caller's checksum
     covers every byte. On error, ``dest`` may hold part of the tree: the caller removes it.
+    With ``dest=None`` the stream is checked the same way and nothing is written.
     """
     reader = GunzipReader(pull, workers)
     try:
-        _tar.extract(reader.read, str(dest))
+        _tar.extract(reader.read, str(dest) if dest is not None else None)
         reader.drain()
     except UnsafeArchiveError as error:
         raise UnsafeArchiveError(f"{uri}: unsafe archive entry refused: {error}", uri=uri) from error
@@ -333,3 +334,8 @@ def unpack_directory(pull: Pull, dest: Path, *, uri: str, workers: int = 1) -> N
         raise CorruptCheckpointError(f"{uri}: the archive is corrupt: {error}", uri=uri) from error
     finally:
         reader.close()
+
+
+def check_directory(pull: Pull, *, uri: str, workers: int = 1) -> None:
+    """Read a .tar.gz stream to its end as :func:`unpack_directory` would, writing nothing."""
+    unpack_directory(pull, None, uri=uri, workers=workers)

@@ -160,9 +160,10 @@ def _pax_records(data: bytes) -> dict[str, bytes]:
 
 
 class _Extraction:
-    def __init__(self, read: Read, dest: str) -> None:
+    def __init__(self, read: Read, dest: str | None) -> None:
         self._read = read
-        self._dest = dest
+        self._dest = dest or ""
+        self._write = dest is not None  # False: check everything, write nothing
         self._links: set[str] = set()
         self._files: set[str] = set()
         self._dirs: set[str] = {""}
@@ -201,14 +202,15 @@ class _Extraction:
         parent = os.path.dirname(rel)
         if parent in self._dirs:
             return
-        os.makedirs(os.path.join(self._dest, parent), exist_ok=True)
+        if self._write:
+            os.makedirs(os.path.join(self._dest, parent), exist_ok=True)
         while parent and parent not in self._dirs:
             self._dirs.add(parent)
             parent = os.path.dirname(parent)
 
     def clear(self, path: str) -> None:
         """Remove what an earlier entry of the same name left, unless it is a folder."""
-        if os.path.lexists(path) and not (os.path.isdir(path) and not os.path.islink(path)):
+        if self._write and os.path.lexists(path) and not (os.path.isdir(path) and not os.path.islink(path)):
             os.unlink(path)
 
     def run(self) -> None:
@@ -251,7 +253,7 @@ class _Extraction:
             mode = _number(block[100:108]) & 0o7777
             pax, long_name, long_link = {}, None, None
             self.entry(kind, _text(name), _text(link), size, mode, mtime)
-        for path, mode, mtime in sorted(self._dir_attrs, reverse=True):  # deepest first
+        for path, mode, mtime in sorted(self._dir_attrs, reverse=True) if self._write else ():  # deepest first
             os.chmod(path, mode)
             os.utime(path, (mtime, mtime))
 
@@ -272,7 +274,7 @@ class _Extraction:
             self.write_file(path, size, mode, mtime)
             self._files.add(rel)
         elif kind == b"5":
-            if not os.path.isdir(path) or os.path.islink(path):
+            if self._write and (not os.path.isdir(path) or os.path.islink(path)):
                 self.clear(path)
                 os.mkdir(path, 0o700)
             self._dirs.add(rel)
@@ -285,8 +287,9 @@ class _Extraction:
             if target == ".." or target.startswith("../"):
                 raise UnsafeArchiveError(f"symlink {name!r} -> {link!r} points outside the destination")
             self.clear(path)
-            os.symlink(link, path)
-            os.utime(path, (mtime, mtime), follow_symlinks=False)
+            if self._write:
+                os.symlink(link, path)
+                os.utime(path, (mtime, mtime), follow_symlinks=False)
             self._links.add(rel)
             self.skip(size + (-size % BLOCK))
         elif kind == b"1":
@@ -294,13 +297,17 @@ class _Extraction:
             if source not in self._files:
                 raise UnsafeArchiveError(f"hard link {name!r} -> {link!r} is not to a file extracted before")
             self.clear(path)
-            os.link(os.path.join(self._dest, source), path)
+            if self._write:
+                os.link(os.path.join(self._dest, source), path)
             self._files.add(rel)
             self.skip(size + (-size % BLOCK))
         else:
             raise CorruptCheckpointError(f"entry {name!r} has an unsupported type {kind!r}")
 
     def write_file(self, path: str, size: int, mode: int, mtime: int) -> None:
+        if not self._write:
+            self.skip(size + (-size % BLOCK))
+            return
         fd = os.open(path, _WRITE_FLAGS, 0o600)
         try:
             remaining = size
@@ -319,8 +326,11 @@ class _Extraction:
         self.skip(-size % BLOCK)
 
 
-def extract(read: Read, dest: str) -> None:
+def extract(read: Read, dest: str | None) -> None:
     """Extract the tar stream ``read`` gives into the new, empty folder ``dest``.
+
+    With ``dest=None`` every header, rule and byte is checked the same way and nothing is written
+    (``checkpointio verify``).
 
     Raises:
         UnsafeArchiveError: An entry would be written outside ``dest`` or is a device.

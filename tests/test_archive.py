@@ -130,3 +130,16 @@ def test_archives_written_by_gnu_tar_restore_identically(tmp_path: Path, fmt: st
     restored = unpacked(archive.read_bytes(), tmp_path / "out")
     assert snapshot(restored) == snapshot(tree)
     assert os.stat(restored / "hard-link").st_ino == os.stat(restored / "model" / "weights.bin").st_ino
+
+
+def test_checking_an_archive_writes_nothing_and_finds_the_same_faults(tmp_path: Path) -> None:
+    from checkpointio._archive import check_directory
+
+    data = packed(make_tree(tmp_path / "tree"))
+    before = sorted(tmp_path.rglob("*"))
+    pieces = iter([data, b""])
+    check_directory(lambda: next(pieces), uri="test://check")
+    assert sorted(tmp_path.rglob("*")) == before
+    pieces = iter([data[:-200], b""])
+    with pytest.raises(CorruptCheckpointError):
+        check_directory(lambda: next(pieces), uri="test://check")
