@@ -24,7 +24,7 @@ from typing import Any
 from . import _codec
 from ._exceptions import CheckpointError, CorruptCheckpointError, UnsafeArchiveError, UnsupportedSourceError
 
-__all__ = ["GunzipReader", "looks_like_tar_gz", "pack_directory", "unpack_directory"]
+__all__ = ["GunzipReader", "check_directory", "looks_like_tar_gz", "pack_directory", "unpack_directory"]
 
 logger = logging.getLogger("checkpointio")
 
@@ -373,6 +373,26 @@ def unpack_directory(pull: Pull, dest: Path, *, uri: str, workers: int = 1) -> N
     :class:`CorruptCheckpointError`. The stream is read to its end, so the caller's checksum
     covers every byte. On error, ``dest`` may hold part of the tree: the caller removes it.
     """
+    _read_archive(pull, uri, workers, lambda tar: tar.extractall(dest, filter=_RestoreFilter()))
+
+
+def check_directory(pull: Pull, *, uri: str, workers: int = 1) -> None:
+    """Read a .tar.gz stream from ``pull`` to its end as :func:`unpack_directory` would, writing nothing.
+
+    Every entry goes through the same filter and every byte through gunzip, so the same archives
+    raise the same :class:`UnsafeArchiveError` or :class:`CorruptCheckpointError`.
+    """
+
+    def visit(tar: tarfile.TarFile) -> None:
+        check = _RestoreFilter()
+        for member in tar:  # stream mode: moving on reads (and inflates) the member's data
+            check(member, "")
+
+    _read_archive(pull, uri, workers, visit)
+
+
+def _read_archive(pull: Pull, uri: str, workers: int, visit: Callable[[tarfile.TarFile], None]) -> None:
+    """Open the stream as a tar archive, let ``visit`` walk it, then check it ended properly."""
     if not hasattr(tarfile, "data_filter"):  # pragma: no cover - Python < 3.10.12 / 3.11.4
         raise CheckpointError("safe extraction needs Python 3.10.12+ or 3.11.4+ (tarfile filters)", uri=uri)
     reader = GunzipReader(pull, workers)
@@ -391,7 +411,7 @@ def unpack_directory(pull: Pull, dest: Path, *, uri: str, workers: int = 1) -> N
 
     try:
         with tarfile.open(fileobj=reader, mode="r|", tarinfo=_WatchedTarInfo) as tar:  # type: ignore[call-overload]
-            tar.extractall(dest, filter=_RestoreFilter())
+            visit(tar)
         reader.drain()
     except tarfile.FilterError as error:
         raise UnsafeArchiveError(f"{uri}: unsafe archive entry refused: {error}", uri=uri) from error
