@@ -442,7 +442,9 @@ class S3Store:
             except Exception as error:
                 logger.warning("checkpointio: aborting upload %s of %s failed: %s", upload_id, location.uri, error)
             await anyio.sleep(0.2 * 2**attempt)
-        logger.error("checkpointio: could not abort upload %s of %s; `gc` can remove it", upload_id, location.uri)
+        logger.error(
+            "checkpointio: could not abort upload %s of %s; `checkpointio gc` can remove it", upload_id, location.uri
+        )
 
     # -- get -------------------------------------------------------------------------------------
 
