@@ -22,6 +22,7 @@ from ._exceptions import (
     UnsafeArchiveError,
     UnsupportedSourceError,
 )
+from ._progress import Progress, ProgressCallback
 from ._runtime import AttemptFailure, TaskContext, TaskEnvironment, ctx, default_storage, env
 
 __version__ = "0.1.0"
@@ -39,6 +40,8 @@ __all__ = [
     "MiB",
     "ObjectTooLargeError",
     "PortalError",
+    "Progress",
+    "ProgressCallback",
     "SourceChangedError",
     "SourceNotFoundError",
     "StoreError",

@@ -16,6 +16,7 @@ from . import _engine, _portal
 from ._config import TransferConfig
 from ._exceptions import CorruptCheckpointError
 from ._location import Location, parse_location
+from ._progress import ProgressCallback
 from ._stores import Store, open_store
 
 __all__ = ["Checkpoint", "latest_checkpoint"]
@@ -39,6 +40,11 @@ class Checkpoint:
             temporary folder, removed by ``close()`` / leaving a ``with`` block.
         config: Transfer settings; ``**options`` override single fields of it, e.g.
             ``part_size=32 * MiB`` or ``endpoint_url="http://127.0.0.1:9000"``.
+        on_progress: Called with a :class:`Progress` as the bytes of each ``load()`` and
+            ``save()`` flow, and once more when one finished. It runs in the transfer's worker
+            thread, never on the event loop; it should be quick (a progress bar, a log line).
+            Not a transfer setting (``TransferConfig`` holds values, not observers), so it is
+            given here or per ``save()`` call.
 
     Example::
 
@@ -54,6 +60,7 @@ class Checkpoint:
         *,
         workspace: str | os.PathLike[str] | None = None,
         config: TransferConfig | None = None,
+        on_progress: ProgressCallback | None = None,
         **options: Any,
     ) -> None:
         self._dest: Location = parse_location(dest)
@@ -65,6 +72,7 @@ class Checkpoint:
             sources = src
         self._sources: tuple[Location, ...] = tuple(parse_location(uri) for uri in sources)
         self._config = (config or TransferConfig()).with_options(**options)
+        self._on_progress = on_progress
         self._workspace = Path(workspace).absolute() if workspace is not None else None
         self._owns_workspace = workspace is None
         self._loaded = False
@@ -124,7 +132,9 @@ class Checkpoint:
         errors: list[CorruptCheckpointError] = []
         for location in self._sources:
             try:
-                restored = await _engine.load(self._store(location), location, self.path, self._config)
+                restored = await _engine.load(
+                    self._store(location), location, self.path, self._config, self._on_progress
+                )
             except CorruptCheckpointError as error:
                 errors.append(error)
                 logger.warning("checkpointio: skipping corrupt checkpoint %s: %s", location.uri, error)
@@ -137,13 +147,17 @@ class Checkpoint:
             raise errors[0]
         return None
 
-    async def save(self, data: _engine.SaveData, **options: Any) -> None:
+    async def save(
+        self, data: _engine.SaveData, *, on_progress: ProgressCallback | None = None, **options: Any
+    ) -> None:
         """Save ``data`` to ``dest``, replacing what was there only once it is complete.
 
         Args:
-            data: ``bytes`` (stored as one object), a path to a file (stored as is) or a path to
+            data: ``bytes`` (stored as one object), a path to a file (stored as is), a path to
                 a directory (stored as a .tar.gz of its contents, streamed, never via a
-                temporary archive).
+                temporary archive) or a binary file object such as ``sys.stdin.buffer`` (read
+                to its end, streamed, stored as bytes).
+            on_progress: For this call, instead of the checkpoint's ``on_progress``.
             **options: Transfer settings for this call only (e.g. ``compression_level=0``).
 
         Raises:
@@ -151,7 +165,8 @@ class Checkpoint:
             TypeError: ``data`` is of another type.
         """
         config = self._config.with_options(**options)
-        await _engine.save(open_store(self._dest.scheme, config), self._dest, data, config)
+        callback = on_progress or self._on_progress
+        await _engine.save(open_store(self._dest.scheme, config), self._dest, data, config, callback)
 
     async def prev_exists(self) -> bool:
         """Whether the previous attempt left a checkpoint to restore."""
@@ -164,9 +179,9 @@ class Checkpoint:
         """Blocking twin of :meth:`load`."""
         return _portal.run_sync(self.load)
 
-    def save_sync(self, data: _engine.SaveData, **options: Any) -> None:
+    def save_sync(self, data: _engine.SaveData, *, on_progress: ProgressCallback | None = None, **options: Any) -> None:
         """Blocking twin of :meth:`save`."""
-        return _portal.run_sync(self.save, data, **options)
+        return _portal.run_sync(self.save, data, on_progress=on_progress, **options)
 
     def prev_exists_sync(self) -> bool:
         """Blocking twin of :meth:`prev_exists`."""

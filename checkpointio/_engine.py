@@ -9,13 +9,14 @@ the store aborts instead of committing.
 
 from __future__ import annotations
 
-import functools
+import io
 import os
 import shutil
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, TypeVar
 
 import anyio
 import anyio.from_thread
@@ -29,15 +30,20 @@ from ._concurrency import one_error
 from ._config import TransferConfig
 from ._exceptions import CheckpointError, ChecksumMismatchError, CorruptCheckpointError, SourceNotFoundError
 from ._location import Location
+from ._progress import Meter, ProgressCallback
 from ._stores import Body, Digest, Kind, ObjectInfo, Record, Store
 
-__all__ = ["PAYLOAD_NAME", "SaveData", "load", "save"]
+__all__ = ["PAYLOAD_NAME", "SaveData", "load", "save", "verify"]
 
 #: The file a restored bytes or single-file checkpoint is written to, inside the workspace.
 PAYLOAD_NAME = "payload"
 _PARTIAL = ".checkpointio-partial-"
 
-SaveData = bytes | bytearray | memoryview | str | os.PathLike[str]
+#: What ``save()`` takes: bytes, a path to a file or directory, or a binary file object read to its
+#: end (stdin, a pipe, a socket), streamed and stored as bytes.
+SaveData = bytes | bytearray | memoryview | str | os.PathLike[str] | IO[bytes]
+
+T = TypeVar("T")
 
 
 def _own_thread() -> anyio.CapacityLimiter:
@@ -55,6 +61,7 @@ class _Source:
     size: int | None
     data: bytes | memoryview | None = None
     path: Path | None = None
+    stream: IO[bytes] | None = None
 
 
 def _classify(data: object) -> _Source:
@@ -72,7 +79,11 @@ def _classify(data: object) -> _Source:
         if path.is_file():
             return _Source(Kind.FILE, st.st_size, path=path)
         raise ValueError(f"cannot save {str(path)!r}: not a regular file or directory")
-    raise TypeError(f"save() takes bytes, a str path or a pathlib.Path, not {type(data).__name__}")
+    if hasattr(data, "read") and not isinstance(data, io.TextIOBase):
+        return _Source(Kind.BYTES, None, stream=data)  # type: ignore[arg-type]
+    raise TypeError(
+        f"save() takes bytes, a str path or a pathlib.Path (or a binary file object), not {type(data).__name__}"
+    )
 
 
 def _produce(source: _Source, emit: Callable[[bytes], None], config: TransferConfig) -> None:
@@ -82,6 +93,9 @@ def _produce(source: _Source, emit: Callable[[bytes], None], config: TransferCon
         view = source.data
         for start in range(0, len(view), step):
             emit(bytes(view[start : start + step]))
+    elif source.stream is not None:
+        while chunk := source.stream.read(step):
+            emit(bytes(chunk))
     elif source.kind is Kind.FILE:
         assert source.path is not None
         with open(source.path, "rb") as file:
@@ -94,18 +108,30 @@ def _produce(source: _Source, emit: Callable[[bytes], None], config: TransferCon
         )
 
 
-async def save(store: Store, location: Location, data: SaveData, config: TransferConfig) -> ObjectInfo:
-    """Save ``data`` (bytes, a file or a directory) at ``location``; atomic on every store."""
+async def save(
+    store: Store,
+    location: Location,
+    data: SaveData,
+    config: TransferConfig,
+    on_progress: ProgressCallback | None = None,
+) -> ObjectInfo:
+    """Save ``data`` (bytes, a file, a directory or a binary stream) at ``location``; atomic on every store.
+
+    ``on_progress`` hears of each chunk handed to the store, from the producer thread, and of the
+    commit.
+    """
     source = _classify(data)
     send, receive = anyio.create_memory_object_stream[bytes](config.pipeline_depth)
     body = Body(receive, source.size)
     digest = body.digest
+    meter = Meter(on_progress, "save", location.uri, source.size)
     stored: list[ObjectInfo] = []
 
     def emit(chunk: bytes) -> None:
         digest.crc32 = _codec.crc32(chunk, digest.crc32)
         digest.length += len(chunk)
         anyio.from_thread.run(send.send, chunk)
+        meter.advance(len(chunk))
 
     async def produce() -> None:
         try:
@@ -125,16 +151,19 @@ async def save(store: Store, location: Location, data: SaveData, config: Transfe
                 group.start_soon(put)
     finally:
         send.close()
+    if meter.reporting:
+        await anyio.to_thread.run_sync(meter.finish)
     return stored[0]
 
 
 class _Pull:
     """Worker-thread side of a load: pulls chunks off the stream, counting and checksumming."""
 
-    def __init__(self, receive: MemoryObjectReceiveStream[bytes], failed: list[bool]) -> None:
+    def __init__(self, receive: MemoryObjectReceiveStream[bytes], failed: list[bool], meter: Meter) -> None:
         self._receive = receive
         self._failed = failed
         self._first: bytes | None = None
+        self._meter = meter
         self.digest = Digest()
 
     def peek(self) -> bytes:
@@ -157,6 +186,7 @@ class _Pull:
             return b""
         self.digest.crc32 = _codec.crc32(chunk, self.digest.crc32)
         self.digest.length += len(chunk)
+        self._meter.advance(len(chunk))
         return chunk
 
 
@@ -192,12 +222,27 @@ def _replace(source: Path, target: Path) -> None:
     os.replace(source, target)
 
 
+def _kind(pull: _Pull, info: ObjectInfo) -> Kind:
+    """What the object holds: its record says, else its first bytes (objects other tools wrote)."""
+    if info.record is not None:
+        return info.record.kind
+    return Kind.DIRECTORY if _archive.looks_like_tar_gz(pull.peek()) else Kind.FILE
+
+
+def _check(pull: _Pull, info: ObjectInfo, workers: int) -> None:
+    """Worker thread: read the object to its end as a restore would, writing nothing."""
+    if _kind(pull, info) is Kind.DIRECTORY:
+        _archive.check_directory(pull, uri=info.location.uri, workers=workers)
+    else:
+        while pull():
+            pass
+    _verify(info, pull.digest)
+
+
 def _restore(pull: _Pull, info: ObjectInfo, workspace: Path, workers: int) -> Path:
     """Worker thread: write the object into ``workspace``; present nothing until it verified."""
     uri = info.location.uri
-    kind = info.record.kind if info.record else None
-    if kind is None:
-        kind = Kind.DIRECTORY if _archive.looks_like_tar_gz(pull.peek()) else Kind.FILE
+    kind = _kind(pull, info)
     staging = workspace / f"{_PARTIAL}{uuid.uuid4().hex}"
     try:
         if kind is Kind.DIRECTORY:
@@ -227,24 +272,23 @@ def _restore(pull: _Pull, info: ObjectInfo, workspace: Path, workers: int) -> Pa
             staging.unlink()
 
 
-async def load(store: Store, location: Location, workspace: Path, config: TransferConfig) -> Path | None:
-    """Restore the object at ``location`` into ``workspace``; ``None`` if there is none.
-
-    Returns the workspace itself for a directory (its restored root) or ``workspace/payload``.
-    """
-    info = await store.head(location)
-    if info is None:
-        return None
+async def _read(
+    store: Store,
+    info: ObjectInfo,
+    config: TransferConfig,
+    meter: Meter,
+    consume: Callable[[_Pull], T],
+) -> T:
+    """Stream the object from the store into ``consume``, run in a worker thread; its result."""
     send, receive = anyio.create_memory_object_stream[bytes](config.pipeline_depth)
     failed = [False]
-    pull = _Pull(receive, failed)
-    restored: list[Path] = []
+    pull = _Pull(receive, failed, meter)
+    result: list[T] = []
 
-    async def consume() -> None:
+    async def run_consumer() -> None:
         with receive:
             try:
-                restore = functools.partial(_restore, pull, info, workspace, config.compression_workers)
-                restored.append(await anyio.to_thread.run_sync(restore, limiter=_own_thread()))
+                result.append(await anyio.to_thread.run_sync(consume, pull, limiter=_own_thread()))
             except _PLUMBING:
                 return  # the fetch side stopped first; its error (or the cancellation) is reported
 
@@ -257,9 +301,52 @@ async def load(store: Store, location: Location, workspace: Path, config: Transf
         finally:
             send.close()
 
-    await anyio.to_thread.run_sync(lambda: workspace.mkdir(parents=True, exist_ok=True))
     with one_error():
         async with anyio.create_task_group() as group:
-            group.start_soon(consume)
+            group.start_soon(run_consumer)
             group.start_soon(fetch)
-    return restored[0]
+    if meter.reporting:
+        await anyio.to_thread.run_sync(meter.finish)
+    return result[0]
+
+
+async def load(
+    store: Store,
+    location: Location,
+    workspace: Path,
+    config: TransferConfig,
+    on_progress: ProgressCallback | None = None,
+) -> Path | None:
+    """Restore the object at ``location`` into ``workspace``; ``None`` if there is none.
+
+    Returns the workspace itself for a directory (its restored root) or ``workspace/payload``.
+    ``on_progress`` hears of each chunk received, from the consumer thread, and of the end.
+    """
+    info = await store.head(location)
+    if info is None:
+        return None
+    await anyio.to_thread.run_sync(lambda: workspace.mkdir(parents=True, exist_ok=True))
+    meter = Meter(on_progress, "load", location.uri, info.size)
+    workers = config.compression_workers
+    return await _read(store, info, config, meter, lambda pull: _restore(pull, info, workspace, workers))
+
+
+async def verify(
+    store: Store,
+    location: Location,
+    config: TransferConfig,
+    on_progress: ProgressCallback | None = None,
+) -> ObjectInfo | None:
+    """Read the object at ``location`` as a load would, writing nothing; ``None`` if there is none.
+
+    The stored CRC32 is checked and a directory archive is read to its end through the same
+    extraction filter, so whatever a load would refuse raises the same
+    :class:`CorruptCheckpointError`.
+    """
+    info = await store.head(location)
+    if info is None:
+        return None
+    meter = Meter(on_progress, "verify", location.uri, info.size)
+    workers = config.compression_workers
+    await _read(store, info, config, meter, lambda pull: _check(pull, info, workers))
+    return info

@@ -5,9 +5,20 @@ from __future__ import annotations
 import importlib
 
 from .._config import TransferConfig
-from ._base import Body, Digest, Kind, ObjectInfo, Record, Sink, Store
+from ._base import Body, Digest, Kind, ObjectInfo, PendingWrite, Record, Sink, Store
 
-__all__ = ["Body", "Digest", "Kind", "ObjectInfo", "Record", "Sink", "Store", "open_store", "schemes"]
+__all__ = [
+    "Body",
+    "Digest",
+    "Kind",
+    "ObjectInfo",
+    "PendingWrite",
+    "Record",
+    "Sink",
+    "Store",
+    "open_store",
+    "schemes",
+]
 
 #: scheme -> "module:class"; modules are imported on first use (aiobotocore only when S3 is used).
 _REGISTRY: dict[str, str] = {

@@ -17,7 +17,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 from .._config import TransferConfig
 from .._location import Location
 
-__all__ = ["Body", "Digest", "Kind", "ObjectInfo", "Record", "Sink", "Store"]
+__all__ = ["Body", "Digest", "Kind", "ObjectInfo", "PendingWrite", "Record", "Sink", "Store"]
 
 #: Receives the bytes of an object in order; awaiting it applies back-pressure.
 Sink = Callable[[bytes], Awaitable[None]]
@@ -99,6 +99,25 @@ class ObjectInfo:
     modified: float | None = None
 
 
+@dataclass(frozen=True)
+class PendingWrite:
+    """A save that started and never finished, still holding space in the store.
+
+    On S3 an incomplete multipart upload (its parts are billed until aborted); on the local store a
+    temporary file a killed process left next to the checkpoint. A save in progress looks the same,
+    which is why garbage collection only takes ones older than a cutoff.
+
+    Attributes:
+        location: The checkpoint the save was writing.
+        ident: What identifies it in the store: the upload id, or the temporary file's path.
+        started: When it started (seconds since the epoch), where the store tells.
+    """
+
+    location: Location
+    ident: str
+    started: float | None = None
+
+
 @dataclass
 class Body:
     """The bytes of one save on their way to a store.
@@ -132,6 +151,14 @@ class Store(Protocol):
 
     async def delete(self, location: Location) -> bool:
         """Remove the object; ``False`` if there was none."""
+        ...
+
+    async def pending(self, prefix: Location) -> list[PendingWrite]:
+        """Unfinished saves of checkpoints whose location starts with ``prefix``, oldest first."""
+        ...
+
+    async def discard(self, write: PendingWrite) -> bool:
+        """Free what an unfinished save holds; ``False`` if it was already gone."""
         ...
 
     async def list(self, prefix: Location) -> list[ObjectInfo]:

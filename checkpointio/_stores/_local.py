@@ -27,7 +27,7 @@ import anyio.to_thread
 from .._config import TransferConfig
 from .._exceptions import AccessDeniedError, ConcurrentModificationError, StoreError
 from .._location import Location
-from ._base import Body, ObjectInfo, Record, Sink
+from ._base import Body, ObjectInfo, PendingWrite, Record, Sink
 
 __all__ = ["LocalStore"]
 
@@ -43,6 +43,14 @@ def _sidecar(path: Path) -> Path:
 
 def _is_internal(name: str) -> bool:
     return name.startswith(".") and (name.endswith(_SIDECAR_SUFFIX) or _PARTIAL_MARK in name)
+
+
+def _partial_of(name: str) -> str | None:
+    """The checkpoint name a temporary ``.<name>.partial-<hex>[.checkpointio]`` file was writing."""
+    if not name.startswith(".") or _PARTIAL_MARK not in name:
+        return None
+    target = name[1:].rpartition(_PARTIAL_MARK)[0]
+    return target or None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -172,6 +180,39 @@ class LocalStore:
                     raise StoreError(f"{location.uri}: is a directory", uri=location.uri) from error
                 raise _translate(error, location.uri) from error
             _sidecar(path).unlink(missing_ok=True)
+            return True
+
+        return await anyio.to_thread.run_sync(remove)
+
+    async def pending(self, prefix: Location) -> list[PendingWrite]:
+        root = Path(prefix.key)
+
+        def scan() -> list[PendingWrite]:
+            base = root if root.is_dir() else root.parent
+            found: list[PendingWrite] = []
+            for dirpath, _dirnames, filenames in os.walk(base):
+                for name in filenames:
+                    target = _partial_of(name)
+                    if target is None or not os.path.join(dirpath, target).startswith(str(root)):
+                        continue
+                    full = os.path.join(dirpath, name)
+                    try:
+                        started = os.lstat(full).st_mtime
+                    except FileNotFoundError:
+                        continue  # its save just finished or was cleaned up
+                    found.append(PendingWrite(Location("file", "", os.path.join(dirpath, target)), full, started))
+            return sorted(found, key=lambda write: (write.started or 0.0, write.ident))
+
+        return await anyio.to_thread.run_sync(scan)
+
+    async def discard(self, write: PendingWrite) -> bool:
+        def remove() -> bool:
+            try:
+                os.unlink(write.ident)
+            except FileNotFoundError:
+                return False
+            except OSError as error:
+                raise _translate(error, write.location.uri) from error
             return True
 
         return await anyio.to_thread.run_sync(remove)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from .._config import TransferConfig
 from .._exceptions import ConcurrentModificationError
 from .._location import Location
-from ._base import Body, ObjectInfo, Record, Sink
+from ._base import Body, ObjectInfo, PendingWrite, Record, Sink
 
 __all__ = ["MemoryStore", "clear_memory_store"]
 
@@ -67,6 +67,12 @@ class MemoryStore:
     async def delete(self, location: Location) -> bool:
         with _lock:
             return _objects.pop(location.key, None) is not None
+
+    async def pending(self, prefix: Location) -> list[PendingWrite]:
+        return []  # a save here becomes visible in one assignment: nothing is ever left half-done
+
+    async def discard(self, write: PendingWrite) -> bool:
+        return False
 
     async def list(self, prefix: Location) -> list[ObjectInfo]:
         with _lock:

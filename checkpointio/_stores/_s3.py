@@ -56,7 +56,7 @@ from .._exceptions import (
 )
 from .._location import Location
 from .._planning import check_object_size, part_size_for_known_size, part_size_for_stream, ranges
-from ._base import Body, ObjectInfo, Record, Sink
+from ._base import Body, ObjectInfo, PendingWrite, Record, Sink
 
 __all__ = ["S3Store"]
 
@@ -207,7 +207,7 @@ class S3Store:
     async def _client(self) -> Any:
         return await _clients.get(self._config)
 
-    # -- head / delete / list ------------------------------------------------------------------
+    # -- head / delete / list / unfinished uploads ---------------------------------------------
 
     async def head(self, location: Location) -> ObjectInfo | None:
         client = await self._client()
@@ -256,6 +256,38 @@ class S3Store:
         except Exception as error:
             raise _translate(error, location, "delete the checkpoint") from error
         return existed
+
+    async def pending(self, prefix: Location) -> list[PendingWrite]:
+        client = await self._client()
+        found: list[PendingWrite] = []
+        try:
+            paginator = client.get_paginator("list_multipart_uploads")
+            async for page in paginator.paginate(Bucket=prefix.bucket, Prefix=prefix.key):
+                for upload in page.get("Uploads", []):
+                    initiated = upload.get("Initiated")
+                    found.append(
+                        PendingWrite(
+                            Location("s3", prefix.bucket, upload["Key"]),
+                            upload["UploadId"],
+                            initiated.timestamp() if initiated is not None else None,
+                        )
+                    )
+        except Exception as error:
+            raise _translate(error, prefix, "list incomplete uploads") from error
+        return sorted(found, key=lambda write: (write.started or 0.0, write.location.key))
+
+    async def discard(self, write: PendingWrite) -> bool:
+        client = await self._client()
+        location = write.location
+        try:
+            await client.abort_multipart_upload(Bucket=location.bucket, Key=location.key, UploadId=write.ident)
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") == "NoSuchUpload":
+                return False
+            raise _translate(error, location, f"abort upload {write.ident}") from error
+        except Exception as error:
+            raise _translate(error, location, f"abort upload {write.ident}") from error
+        return True
 
     async def list(self, prefix: Location) -> list[ObjectInfo]:
         client = await self._client()
@@ -413,7 +445,9 @@ class S3Store:
             except Exception as error:
                 logger.warning("checkpointio: aborting upload %s of %s failed: %s", upload_id, location.uri, error)
             await anyio.sleep(0.2 * 2**attempt)
-        logger.error("checkpointio: could not abort upload %s of %s; `gc` can remove it", upload_id, location.uri)
+        logger.error(
+            "checkpointio: could not abort upload %s of %s; `checkpointio gc` can remove it", upload_id, location.uri
+        )
 
     # -- get -------------------------------------------------------------------------------------
 

@@ -1,0 +1,5 @@
+"""``python -m checkpointio``: the command line."""
+
+from ._cli import run
+
+run()

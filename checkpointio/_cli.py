@@ -1,0 +1,438 @@
+"""The command line: ``checkpointio save | load | ls | rm | verify | gc | demo``.
+
+Built on :mod:`argparse` (no dependency; sub-commands and one shared parent parser for the
+transfer options are all it needs) and :mod:`tqdm` for progress bars. This is the only module that
+imports tqdm. Every transfer goes through the library's own ``on_progress`` callback: the bar shows
+the same events a user's callback gets.
+
+Exit codes: 0 success, 1 store or other error, 2 bad usage or input, 3 no such checkpoint,
+4 corrupt checkpoint, 130 interrupted (Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import logging
+import os
+import re
+import sys
+import threading
+import traceback
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio
+import anyio.to_thread
+from tqdm import tqdm
+
+from . import __version__, _manage
+from ._checkpoint import Checkpoint
+from ._config import TransferConfig
+from ._exceptions import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    SourceNotFoundError,
+    UnsupportedSourceError,
+)
+from ._progress import Progress
+from ._stores import Kind, ObjectInfo
+
+__all__ = ["main"]
+
+logger = logging.getLogger("checkpointio")
+
+T = TypeVar("T")
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_CORRUPT, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3}
+_UNITS.update({"kib": 1024, "mib": 1024**2, "gib": 1024**3})
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$", re.IGNORECASE)
+_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+#: Fields of TransferConfig that are byte sizes (accept 16MiB, 5M, ...).
+_SIZE_FIELDS = {"part_size", "multipart_threshold", "chunk_size"}
+
+
+class UsageError(Exception):
+    """Bad input caught before any transfer starts."""
+
+
+def parse_size(text: str) -> int:
+    """``16MiB``, ``5M``, ``1.5GiB``, ``1048576`` -> bytes (M, G are decimal; MiB, GiB binary)."""
+    match = _SIZE.match(text)
+    unit = match.group(2).lower() if match else ""
+    if match is None or unit not in _UNITS:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 16MiB, 5M, 1048576)")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def parse_duration(text: str) -> float:
+    """``0``, ``90s``, ``30m``, ``12h``, ``1d``, ``2w`` -> seconds."""
+    match = _DURATION.match(text)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 0, 90s, 30m, 12h, 1d)")
+    return float(match.group(1)) * _SECONDS[match.group(2).lower()]
+
+
+def _field_help() -> dict[str, str]:
+    """First sentence of each attribute in TransferConfig's docstring: one source for the help."""
+    doc = TransferConfig.__doc__ or ""
+    section = doc.split("Attributes:", 1)[-1]
+    helps: dict[str, str] = {}
+    for name, text in re.findall(r"^ {8}(\w+): (.+?)(?=^ {8}\w+: |\Z)", section, re.MULTILINE | re.DOTALL):
+        helps[name] = " ".join(text.split()).split(". ")[0].rstrip(".").replace("%", "%%")
+    return helps
+
+
+def _transfer_options() -> argparse.ArgumentParser:
+    """Options named after TransferConfig's fields (``part_size`` -> ``--part-size``)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    group = parser.add_argument_group("transfer settings (the library's TransferConfig fields)")
+    helps = _field_help()
+    for field in dataclasses.fields(TransferConfig):
+        flag = "--" + field.name.replace("_", "-")
+        default = field.default
+        text = f"{helps.get(field.name, '')} (default: {default})"
+        if isinstance(default, bool):
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+        elif field.name in _SIZE_FIELDS:
+            group.add_argument(flag, type=parse_size, metavar="SIZE", help=text)
+        elif isinstance(default, int):
+            group.add_argument(flag, type=int, metavar="N", help=text)
+        elif isinstance(default, float):
+            group.add_argument(flag, type=float, metavar="SECONDS", help=text)
+        else:
+            group.add_argument(flag, metavar=field.name.split("_")[0].upper(), help=text)
+    return parser
+
+
+def _config(args: argparse.Namespace) -> TransferConfig:
+    names = {field.name for field in dataclasses.fields(TransferConfig)}
+    options = {name: value for name, value in vars(args).items() if name in names and value is not None}
+    try:
+        return TransferConfig(**options)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+
+
+def _verbosity() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=argparse.SUPPRESS, help="debug logs and tracebacks (-vv: botocore)"
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress, no summary")
+    return parser
+
+
+# -- progress --------------------------------------------------------------------------------------
+
+
+class ProgressBars:
+    """One tqdm bar per transfer, fed by the library's ``on_progress`` events (from worker threads)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._bars: dict[tuple[str, str], tqdm[Any]] = {}
+        self._lock = threading.Lock()
+        self.last: Progress | None = None
+
+    def __call__(self, event: Progress) -> None:
+        self.last = event
+        if not self.enabled:
+            return
+        key = (event.operation, event.uri)
+        with self._lock:
+            bar = self._bars.get(key)
+            if bar is None:
+                bar = self._bars[key] = tqdm(
+                    desc=f"{event.operation} {event.uri}",
+                    total=event.total,
+                    unit="B",
+                    unit_scale=True,
+                    unit_divisor=1024,
+                    **_width(),
+                    mininterval=0.1,
+                    file=sys.stderr,
+                )
+            if event.total != bar.total:
+                bar.total = event.total
+            bar.update(event.done - bar.n)
+            if event.finished:
+                bar.close()
+                del self._bars[key]
+
+    def close(self) -> None:
+        with self._lock:
+            for bar in self._bars.values():
+                bar.close()
+            self._bars.clear()
+
+
+def _width() -> dict[str, Any]:
+    """Follow the terminal's width; a terminal that reports none (0 columns) gets 100."""
+    try:
+        columns = os.get_terminal_size(sys.stderr.fileno()).columns
+    except (OSError, ValueError):
+        columns = 0
+    return {"dynamic_ncols": True} if columns > 0 else {"ncols": 100}
+
+
+def _human(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _when(timestamp: float | None) -> str:
+    if timestamp is None:
+        return "-"
+    moment = datetime.datetime.fromtimestamp(timestamp, tz=datetime.timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _kind(info: ObjectInfo) -> str:
+    return info.record.kind.value if info.record is not None else "-"
+
+
+# -- commands --------------------------------------------------------------------------------------
+
+
+class _Command:
+    """What each command handler gets: its arguments, settings, progress bars and an output."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.config = _config(args) if hasattr(args, "part_size") else TransferConfig()
+        self.quiet: bool = args.quiet
+        self.bars = ProgressBars(enabled=not self.quiet and sys.stderr.isatty())
+
+    def say(self, line: str) -> None:
+        if not self.quiet:
+            print(line, flush=True)
+
+
+async def _save(cmd: _Command) -> None:
+    source: str = cmd.args.source
+    if source == "-":
+        data: Any = sys.stdin.buffer
+        kind = Kind.BYTES
+    else:
+        data = Path(source)
+        is_dir = await anyio.to_thread.run_sync(data.is_dir)
+        kind = Kind.DIRECTORY if is_dir else Kind.FILE  # a missing path: save() says so
+    checkpoint = Checkpoint(cmd.args.uri, config=cmd.config, on_progress=cmd.bars)
+    await checkpoint.save(data)
+    size = cmd.bars.last.done if cmd.bars.last is not None else 0
+    cmd.say(f"saved {checkpoint.dest} ({kind.value}, {_human(size)})")
+
+
+async def _load(cmd: _Command) -> None:
+    restored = await _manage.restore(cmd.args.uri, cmd.args.dest, cmd.config, cmd.bars, overwrite=cmd.args.force)
+    what = "directory" if restored.is_directory else f"file, {_human(restored.size)}"
+    cmd.say(f"restored {cmd.args.uri} to {restored.path} ({what})")
+
+
+async def _ls(cmd: _Command) -> None:
+    infos = await _manage.list_checkpoints(cmd.args.prefix, cmd.config)
+    if cmd.args.json:
+        rows = [
+            {
+                "uri": info.location.uri,
+                "key": info.location.key,
+                "kind": info.record.kind.value if info.record is not None else None,
+                "size": info.size,
+                "modified": _when(info.modified) if info.modified is not None else None,
+                "crc32": f"{info.record.crc32:08x}" if info.record and info.record.crc32 is not None else None,
+            }
+            for info in infos
+        ]
+        print(json.dumps(rows, indent=2))
+        return
+    for info in infos:
+        print(f"{_kind(info):<5} {info.size:>14} {_when(info.modified):<20} {info.location.uri}")
+
+
+async def _rm(cmd: _Command) -> None:
+    await _manage.remove(cmd.args.uri, cmd.config)
+    cmd.say(f"removed {cmd.args.uri}")
+
+
+async def _verify(cmd: _Command) -> None:
+    info = await _manage.verify(cmd.args.uri, cmd.config, cmd.bars)
+    crc = f", crc32 {info.record.crc32:08x}" if info.record and info.record.crc32 is not None else ""
+    cmd.say(f"ok {info.location.uri} ({_kind(info)}, {_human(info.size)}{crc})")
+
+
+async def _gc(cmd: _Command) -> None:
+    args = cmd.args
+    writes = await _manage.collect_garbage(args.prefix, cmd.config, older_than=args.older_than, dry_run=args.dry_run)
+    verb = "would abort" if args.dry_run else "aborted"
+    for write in writes:
+        print(f"{verb} {write.location.uri} {write.ident} (started {_when(write.started)})")
+    if not writes:
+        cmd.say(f"nothing to clean up under {args.prefix}")
+
+
+def _demo(cmd: _Command) -> None:
+    from . import _demo
+
+    _demo.run(cmd.args.root)
+
+
+_COMMANDS: dict[str, Callable[[_Command], Awaitable[None]]] = {
+    "save": _save,
+    "load": _load,
+    "ls": _ls,
+    "rm": _rm,
+    "verify": _verify,
+    "gc": _gc,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every command, each with an example in its ``--help``."""
+    transfer, verbosity = _transfer_options(), _verbosity()
+    parser = argparse.ArgumentParser(
+        prog="checkpointio",
+        description="Save, restore, inspect and clean up checkpoints in a local folder, memory:// or s3://.",
+        epilog="Run 'checkpointio COMMAND --help' for a command's options and an example.",
+    )
+    parser.add_argument("--version", action="version", version=f"checkpointio {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="debug logs and tracebacks (-vv: botocore)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, no summary line")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, summary: str, example: str, *, transfers: bool = True) -> argparse.ArgumentParser:
+        return commands.add_parser(
+            name,
+            help=summary,
+            description=summary,
+            epilog=f"example:\n  {example}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            parents=[verbosity, transfer] if transfers else [verbosity],
+        )
+
+    sub = command(
+        "save",
+        "Save a directory (streamed as tar.gz), a file, or '-' (standard input, streamed) to URI.",
+        "checkpointio save ./checkpoints s3://bucket/runs/7/attempt-0 --part-size 32MiB",
+    )
+    sub.add_argument("source", metavar="SRC", help="a directory, a file, or - for standard input")
+    sub.add_argument("uri", metavar="URI", help="a path, file://..., memory://name or s3://bucket/key")
+
+    sub = command(
+        "load",
+        "Restore the checkpoint at URI as DEST: the saved directory tree, or the saved bytes as a file.",
+        "checkpointio load s3://bucket/runs/7/attempt-0 ./restored",
+    )
+    sub.add_argument("uri", metavar="URI")
+    sub.add_argument("dest", metavar="DEST", help="path to create (refused if it exists, unless --force)")
+    sub.add_argument("-f", "--force", action="store_true", help="replace DEST if it exists")
+
+    sub = command(
+        "ls",
+        "List the checkpoints under a prefix: kind, size, time (UTC) and URI.",
+        "checkpointio ls s3://bucket/runs/7/ --json",
+    )
+    sub.add_argument("prefix", metavar="URI_PREFIX", help="a folder, s3://bucket[/prefix] or memory://prefix")
+    sub.add_argument("--json", action="store_true", help="a JSON array of objects, for scripts")
+
+    sub = command("rm", "Delete the checkpoint at URI.", "checkpointio rm s3://bucket/runs/7/attempt-0")
+    sub.add_argument("uri", metavar="URI")
+
+    sub = command(
+        "verify",
+        "Read the checkpoint at URI to its end and check its checksum and, for a directory, its archive; "
+        "writes nothing.",
+        "checkpointio verify s3://bucket/runs/7/attempt-0 && echo intact",
+    )
+    sub.add_argument("uri", metavar="URI")
+
+    sub = command(
+        "gc",
+        "Abort unfinished saves under a prefix (S3: incomplete multipart uploads; local: temporary files "
+        "of killed saves) and list them.",
+        "checkpointio gc s3://bucket/runs/ --older-than 12h --dry-run",
+    )
+    sub.add_argument("prefix", metavar="PREFIX")
+    sub.add_argument(
+        "--older-than",
+        type=parse_duration,
+        default=86400.0,
+        metavar="AGE",
+        help="only those started longer ago than this: 0, 90s, 30m, 12h, 1d (default: 1d)",
+    )
+    sub.add_argument("--dry-run", action="store_true", help="list what would be aborted, abort nothing")
+
+    sub = command(
+        "demo",
+        "Run the README's main job: tasks fail part-way, are retried and resume; a SIGKILLed run resumes.",
+        "checkpointio demo --root /tmp/demo-store",
+        transfers=False,
+    )
+    sub.add_argument("--root", help="storage root (default: CHECKPOINTIO_STORAGE, else ~/.cache/checkpointio)")
+    return parser
+
+
+def _exit_code(error: BaseException) -> int:
+    if isinstance(error, CheckpointNotFoundError):
+        return EXIT_NOT_FOUND
+    if isinstance(error, CorruptCheckpointError):
+        return EXIT_CORRUPT
+    if isinstance(error, UsageError | SourceNotFoundError | UnsupportedSourceError | FileExistsError | ValueError):
+        return EXIT_USAGE
+    return EXIT_ERROR
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose >= 2 else logging.WARNING)
+    logger.setLevel(logging.DEBUG if verbose else logging.ERROR if quiet else logging.WARNING)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (the console script exits with it)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.verbose = getattr(args, "verbose", 0) or 0
+    args.quiet = bool(getattr(args, "quiet", False))
+    _setup_logging(args.verbose, args.quiet)
+    cmd: _Command | None = None
+    try:
+        cmd = _Command(args)
+        logger.debug("checkpointio %s: %s with %s", __version__, args.command, cmd.config)
+        if args.command == "demo":
+            _demo(cmd)
+        else:
+            anyio.run(_COMMANDS[args.command], cmd)
+    except KeyboardInterrupt:
+        if cmd is not None:
+            cmd.bars.close()
+        print("checkpointio: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (CheckpointError, OSError, UsageError, ValueError) as error:
+        if cmd is not None:
+            cmd.bars.close()
+        if args.verbose:
+            traceback.print_exc()
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"checkpointio: error: {message}", file=sys.stderr)
+        return _exit_code(error)
+    return EXIT_OK
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

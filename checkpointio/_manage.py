@@ -1,0 +1,170 @@
+"""Operations on stored checkpoints by URI, for the command line: list, remove, verify, restore to a
+path, and collect what unfinished saves left behind.
+
+Each is one async function over the engine and the stores; the CLI only parses, reports progress
+and prints.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import anyio
+import anyio.to_thread
+
+from . import _engine
+from ._config import TransferConfig
+from ._exceptions import CheckpointNotFoundError
+from ._location import Location, parse_location
+from ._progress import ProgressCallback
+from ._stores import ObjectInfo, PendingWrite, open_store
+
+__all__ = ["collect_garbage", "list_checkpoints", "parse_prefix", "remove", "restore", "verify"]
+
+#: HEADs in flight at once when a listing lacks the records (S3 lists no metadata).
+_HEADS_AT_ONCE = 16
+
+
+def parse_prefix(uri: str) -> Location:
+    """Like :func:`parse_location`, but ``s3://bucket`` (a whole bucket) is a valid prefix."""
+    parts = urlsplit(uri) if "://" in uri else None
+    if parts is not None and parts.scheme.lower() == "s3" and parts.netloc and not parts.path.strip("/"):
+        return Location("s3", parts.netloc, "")
+    return parse_location(uri)
+
+
+async def list_checkpoints(prefix: str, config: TransferConfig) -> list[ObjectInfo]:
+    """The objects under ``prefix`` with their records (kind, size, CRC32) where they have one."""
+    location = parse_prefix(prefix)
+    store = open_store(location.scheme, config)
+    infos = await store.list(location)
+    slots = anyio.Semaphore(_HEADS_AT_ONCE)
+    full: list[ObjectInfo | None] = list(infos)
+
+    async def head(index: int, info: ObjectInfo) -> None:
+        async with slots:
+            found = await store.head(info.location)
+        full[index] = found  # None: removed since it was listed
+
+    async with anyio.create_task_group() as group:
+        for index, info in enumerate(infos):
+            if info.record is None and location.scheme == "s3":
+                group.start_soon(head, index, info)
+    return [info for info in full if info is not None]
+
+
+async def remove(uri: str, config: TransferConfig) -> None:
+    """Delete the checkpoint at ``uri``.
+
+    Raises:
+        CheckpointNotFoundError: There is none.
+    """
+    location = parse_location(uri)
+    if not await open_store(location.scheme, config).delete(location):
+        raise CheckpointNotFoundError(f"{location.uri}: no such checkpoint", uri=location.uri)
+
+
+async def verify(uri: str, config: TransferConfig, on_progress: ProgressCallback | None = None) -> ObjectInfo:
+    """Read the checkpoint at ``uri`` to its end and check it, writing nothing.
+
+    Raises:
+        CheckpointNotFoundError: There is none.
+        CorruptCheckpointError: It does not read back whole (checksum, truncation, unsafe entries).
+    """
+    location = parse_location(uri)
+    info = await _engine.verify(open_store(location.scheme, config), location, config, on_progress)
+    if info is None:
+        raise CheckpointNotFoundError(f"{location.uri}: no such checkpoint", uri=location.uri)
+    return info
+
+
+@dataclass(frozen=True)
+class Restored:
+    """What :func:`restore` put at its destination."""
+
+    path: Path
+    is_directory: bool
+    size: int
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+async def restore(
+    uri: str,
+    dest: str | os.PathLike[str],
+    config: TransferConfig,
+    on_progress: ProgressCallback | None = None,
+    *,
+    overwrite: bool = False,
+) -> Restored:
+    """Restore the checkpoint at ``uri`` as ``dest``: the saved tree for a directory, else a file.
+
+    It is restored into a hidden folder next to ``dest`` and renamed into place only once it read
+    back whole; on any error or cancellation (Ctrl-C) that folder is removed, so ``dest`` is never
+    left half-written.
+
+    Raises:
+        FileExistsError: ``dest`` exists and ``overwrite`` is false.
+        CheckpointNotFoundError: There is no checkpoint at ``uri``.
+    """
+    location = parse_location(uri)
+
+    def prepare() -> Path:
+        target = Path(dest).absolute()
+        if not overwrite and (target.exists() or target.is_symlink()):
+            raise FileExistsError(f"{target} already exists (--force replaces it)")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return target
+
+    target = await anyio.to_thread.run_sync(prepare)
+    staging = target.with_name(f".{target.name}.checkpointio-partial-{uuid.uuid4().hex}")
+    try:
+        store = open_store(location.scheme, config)
+        restored = await _engine.load(store, location, staging, config, on_progress)
+        if restored is None:
+            raise CheckpointNotFoundError(f"{location.uri}: no such checkpoint", uri=location.uri)
+
+        def put_in_place(source: Path) -> Restored:
+            is_directory = source == staging
+            size = source.stat().st_size if not is_directory else 0
+            if overwrite:
+                _remove(target)
+            os.replace(source, target)
+            return Restored(target, is_directory, size)
+
+        return await anyio.to_thread.run_sync(put_in_place, restored)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(lambda: _remove(staging))
+
+
+async def collect_garbage(
+    prefix: str, config: TransferConfig, *, older_than: float, dry_run: bool = False
+) -> list[PendingWrite]:
+    """Discard the unfinished saves under ``prefix`` that started more than ``older_than`` seconds ago.
+
+    A save still running looks the same as an abandoned one, hence the age cutoff. Returns what
+    was (or, with ``dry_run``, would be) discarded.
+    """
+    location = parse_prefix(prefix)
+    store = open_store(location.scheme, config)
+    cutoff = time.time() - older_than
+    stale = [write for write in await store.pending(location) if write.started is None or write.started <= cutoff]
+    if dry_run:
+        return stale
+    done: list[PendingWrite] = []
+    for write in stale:
+        if await store.discard(write):
+            done.append(write)
+    return done

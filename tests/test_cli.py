@@ -1,0 +1,301 @@
+"""The console script, run for real in subprocesses against the local store and a moto S3 server."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import pty
+import signal
+import struct
+import subprocess
+import sys
+import termios
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .conftest import MotoServer, free_port, make_tree, snapshot, start_moto, stop
+from .faultproxy import FaultProxy
+
+SCRIPT = str(Path(sys.executable).with_name("checkpointio"))  # installed by pyproject's [project.scripts]
+SMALL_PARTS = ["--part-size", "5MiB", "--multipart-threshold", "5MiB"]
+
+
+def cli(*args: str, stdin: bytes | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [SCRIPT, *args],
+        input=stdin.decode("latin-1") if stdin is not None else None,
+        capture_output=True,
+        text=True,
+        encoding="latin-1",
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )
+    return result
+
+
+def ok(*args: str, stdin: bytes | None = None) -> str:
+    result = cli(*args, stdin=stdin)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stderr == "", result.stderr  # not a terminal: no progress bar
+    return result.stdout
+
+
+def fails(code: int, *args: str, env: dict[str, str] | None = None) -> str:
+    """Run a command that must fail with ``code`` and one line on stderr, no traceback; that line."""
+    result = cli(*args, env=env)
+    assert result.returncode == code, result.stdout + result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("checkpointio: error: "), result.stderr
+    return lines[0]
+
+
+@pytest.fixture(params=["local", "s3"])
+def root(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Where the checkpoints of a test go: a local folder, or a fresh bucket on the moto server."""
+    if request.param == "s3":
+        server: MotoServer = request.getfixturevalue("moto_server")
+        return f"s3://{server.new_bucket()}/runs"
+    return str(tmp_path / "store")
+
+
+@pytest.fixture
+def proxy(moto_server: MotoServer) -> Iterator[FaultProxy]:
+    server = FaultProxy(("127.0.0.1", int(moto_server.endpoint.rsplit(":", 1)[1])))
+    yield server
+    server.close()
+
+
+def test_directory_file_and_stdin_round_trips(root: str, tmp_path: Path) -> None:
+    tree = make_tree(tmp_path / "tree")
+    (tmp_path / "state.bin").write_bytes(os.urandom(6 * 1024 * 1024 + 1))
+    piped = os.urandom(7 * 1024 * 1024 + 3)
+    assert ok("save", str(tree), f"{root}/dir", *SMALL_PARTS).startswith(f"saved {root}/dir (dir, ")
+    assert ok("save", str(tmp_path / "state.bin"), f"{root}/file", *SMALL_PARTS).startswith(f"saved {root}/file (file")
+    assert ok("save", "-", f"{root}/stdin", *SMALL_PARTS, stdin=piped).startswith(
+        f"saved {root}/stdin (bytes, 7.0 MiB)"
+    )
+
+    ok("load", f"{root}/dir", str(tmp_path / "out" / "dir"))
+    assert snapshot(tmp_path / "out" / "dir") == snapshot(tree)
+    ok("load", f"{root}/file", str(tmp_path / "out" / "file"), "--max-concurrency", "2", *SMALL_PARTS)
+    assert (tmp_path / "out" / "file").read_bytes() == (tmp_path / "state.bin").read_bytes()
+    ok("-q", "load", f"{root}/stdin", str(tmp_path / "out" / "stdin"))
+    assert (tmp_path / "out" / "stdin").read_bytes() == piped
+
+
+def test_ls_lists_kind_size_and_time_as_text_and_json(root: str, tmp_path: Path) -> None:
+    ok("save", str(make_tree(tmp_path / "tree")), f"{root}/a/dir")
+    ok("save", "-", f"{root}/a/bytes", stdin=b"12345")
+    lines = ok("ls", f"{root}/a/").splitlines()
+    assert [line.split()[0] for line in lines] == ["bytes", "dir"]
+    assert lines[0].split()[1] == "5" and lines[0].split()[3] == f"{root}/a/bytes"
+    assert lines[0].split()[2].endswith("Z")  # UTC time
+    rows = json.loads(ok("ls", "--json", f"{root}/a/"))
+    assert [(row["uri"], row["kind"]) for row in rows] == [(f"{root}/a/bytes", "bytes"), (f"{root}/a/dir", "dir")]
+    assert rows[0]["size"] == 5 and rows[0]["modified"].endswith("Z") and len(rows[0]["crc32"]) == 8
+    assert json.loads(ok("ls", "--json", f"{root}/nothing-here/")) == []
+
+
+def test_rm_removes_and_a_second_rm_says_there_is_none(root: str) -> None:
+    ok("save", "-", f"{root}/x", stdin=b"x")
+    assert ok("rm", f"{root}/x") == f"removed {root}/x\n"
+    assert "no such checkpoint" in fails(3, "rm", f"{root}/x")
+    assert ok("ls", f"{root}/") == ""
+
+
+def test_verify_passes_intact_checkpoints_and_fails_corrupt_ones(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    ok("save", str(make_tree(tmp_path / "tree")), str(store / "dir"))
+    assert ok("verify", str(store / "dir")).startswith(f"ok {store / 'dir'} (dir, ")
+    path = store / "dir"
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # the record still matches: only the content changed
+    line = fails(4, "verify", str(path))
+    assert str(path) in line
+    assert "no such checkpoint" in fails(3, "verify", str(store / "missing"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store", "tree"]  # verify wrote nothing
+
+
+def test_gc_aborts_incomplete_uploads_and_dry_run_only_lists_them(moto_server: MotoServer) -> None:
+    bucket = moto_server.new_bucket()
+    client = moto_server.client()
+    upload = client.create_multipart_upload(Bucket=bucket, Key="runs/killed")
+    client.upload_part(Bucket=bucket, Key="runs/killed", UploadId=upload["UploadId"], PartNumber=1, Body=b"x" * 10)
+    client.create_multipart_upload(Bucket=bucket, Key="elsewhere/other")
+
+    listed = ok("gc", f"s3://{bucket}/runs/", "--older-than", "0", "--dry-run")
+    assert listed.startswith(f"would abort s3://{bucket}/runs/killed {upload['UploadId']} (started ")
+    assert len(client.list_multipart_uploads(Bucket=bucket)["Uploads"]) == 2
+
+    aborted = ok("gc", f"s3://{bucket}/runs/", "--older-than", "0")
+    assert aborted.startswith(f"aborted s3://{bucket}/runs/killed {upload['UploadId']}")
+    assert [u["Key"] for u in client.list_multipart_uploads(Bucket=bucket)["Uploads"]] == ["elsewhere/other"]
+    assert ok("gc", f"s3://{bucket}", "--older-than", "0").startswith(f"aborted s3://{bucket}/elsewhere/other")
+    assert ok("gc", f"s3://{bucket}", "--older-than", "0") == f"nothing to clean up under s3://{bucket}\n"
+
+
+def test_gc_removes_temporary_files_a_killed_local_save_left(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    ok("save", "-", str(store / "kept"), stdin=b"done")
+    left = store / ".killed.partial-0123abcd"
+    left.write_bytes(b"half")
+    assert ok("gc", str(store)) == f"nothing to clean up under {store}\n"  # younger than a day: may be running
+    assert ok("gc", str(store), "--older-than", "0").startswith(f"aborted {store / 'killed'} {left}")
+    assert not left.exists() and (store / "kept").exists()
+
+
+def test_bad_input_fails_with_one_line_and_an_exit_code(tmp_path: Path) -> None:
+    assert "no such file or directory" in fails(2, "save", str(tmp_path / "missing"), str(tmp_path / "ck"))
+    assert "no such checkpoint" in fails(3, "load", str(tmp_path / "missing"), str(tmp_path / "out"))
+    assert "part_size must be at least 5 MiB" in fails(2, "save", "-", str(tmp_path / "ck"), "--part-size", "1MiB")
+    assert "no store handles 'ftp'" in fails(2, "ls", "ftp://host/x")
+    ok("save", "-", str(tmp_path / "ck"), stdin=b"x")
+    (tmp_path / "out").mkdir()
+    assert "already exists" in fails(2, "load", str(tmp_path / "ck"), str(tmp_path / "out"))
+    ok("load", "--force", str(tmp_path / "ck"), str(tmp_path / "out"))
+    assert (tmp_path / "out").read_bytes() == b"x"
+
+
+def test_verbose_shows_the_traceback(tmp_path: Path) -> None:
+    result = cli("-v", "load", str(tmp_path / "missing"), str(tmp_path / "out"))
+    assert result.returncode == 3 and "Traceback" in result.stderr
+
+
+def test_store_failures_name_the_uri(moto_server: MotoServer) -> None:
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    line = fails(1, "ls", "s3://bucket/x", "--endpoint-url", endpoint, "--max-attempts", "1", "--connect-timeout", "2")
+    assert "cannot reach the store" in line and "s3://bucket/x" in line
+    assert "does not exist" in fails(1, "save", "-", "s3://no-such-bucket-4711/x")
+    guarded = start_moto({"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
+    try:
+        wrong = {"AWS_ACCESS_KEY_ID": "AKIANOTAREALKEY", "AWS_SECRET_ACCESS_KEY": "wrong"}
+        args = ("load", "s3://guarded/a", "out", "--endpoint-url", guarded.endpoint, "--max-attempts", "1")
+        assert "access denied" in fails(1, *args, env=wrong)
+    finally:
+        stop(guarded.process)
+
+
+def test_a_truncated_archive_is_reported_as_corrupt(tmp_path: Path) -> None:
+    import tarfile
+
+    (tmp_path / "data.bin").write_bytes(os.urandom(200_000))
+    with tarfile.open(tmp_path / "whole.tar.gz", "w:gz") as tar:  # as another tool writes them
+        tar.add(tmp_path / "data.bin", arcname="data.bin")
+    whole = (tmp_path / "whole.tar.gz").read_bytes()
+    (tmp_path / "bad.tar.gz").write_bytes(whole[: len(whole) // 2])
+    assert "truncated" in fails(4, "load", str(tmp_path / "bad.tar.gz"), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["bad.tar.gz", "data.bin", "whole.tar.gz"]
+
+
+def test_each_command_has_help_with_an_example() -> None:
+    for command in ("save", "load", "ls", "rm", "verify", "gc", "demo"):
+        text = ok(command, "--help")
+        assert "example:\n  checkpointio " in text, command
+    assert "--part-size SIZE" in ok("save", "--help") and "--compression-level N" in ok("save", "--help")
+    module = subprocess.run([sys.executable, "-m", "checkpointio", "--version"], capture_output=True, text=True)
+    assert module.returncode == 0 and module.stdout.startswith("checkpointio ")
+
+
+def test_a_terminal_gets_a_progress_bar_and_quiet_silences_it(tmp_path: Path) -> None:
+    (tmp_path / "big").write_bytes(os.urandom(8 * 1024 * 1024))
+
+    def on_a_terminal(*args: str) -> str:
+        master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+        process = subprocess.Popen([SCRIPT, *args], stdout=subprocess.DEVNULL, stderr=slave)
+        os.close(slave)
+        output = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # the other side closed
+                break
+            if not chunk:
+                break
+            output += chunk
+        os.close(master)
+        assert process.wait(timeout=60) == 0
+        return output.decode(errors="replace")
+
+    shown = on_a_terminal("save", str(tmp_path / "big"), str(tmp_path / "ck"))
+    assert f"save {tmp_path / 'ck'}" in shown and "100%" in shown and "8.00M/8.00M" in shown and "/s]" in shown
+    assert on_a_terminal("-q", "load", str(tmp_path / "ck"), str(tmp_path / "out")) == ""
+
+
+def _wait_for(condition: object, what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_ctrl_c_during_a_large_save_leaves_no_incomplete_upload(
+    moto_server: MotoServer, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    bucket = moto_server.new_bucket()
+    client = moto_server.client()
+    (tmp_path / "big").write_bytes(os.urandom(40 * 1024 * 1024))
+    proxy.delay, proxy.slow = 0.5, lambda method, target: method == "PUT" and "partNumber=" in target
+    process = subprocess.Popen(
+        [SCRIPT, "save", str(tmp_path / "big"), f"s3://{bucket}/big", "--endpoint-url", proxy.endpoint, *SMALL_PARTS],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _wait_for(lambda: client.list_multipart_uploads(Bucket=bucket).get("Uploads"), "the upload to start")
+    _wait_for(lambda: proxy.max_in_flight >= 1, "a part in flight")
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=90)
+    assert process.returncode == 130, out + err
+    assert err.strip().splitlines()[-1] == "checkpointio: interrupted", err
+    assert "Traceback" not in err
+    assert client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+    assert client.list_objects_v2(Bucket=bucket).get("KeyCount") == 0
+
+
+def test_ctrl_c_during_a_load_leaves_no_dest(moto_server: MotoServer, proxy: FaultProxy, tmp_path: Path) -> None:
+    bucket = moto_server.new_bucket()
+    ok("save", str(make_tree(tmp_path / "tree")), f"s3://{bucket}/dir", *SMALL_PARTS)
+    (tmp_path / "tree" / "more.bin").write_bytes(os.urandom(30 * 1024 * 1024))
+    ok("save", str(tmp_path / "tree"), f"s3://{bucket}/dir", *SMALL_PARTS, "--compression-level", "0")
+    proxy.delay, proxy.slow = 0.5, lambda method, target: method == "GET"
+    dest = tmp_path / "restored"
+    args = ["load", f"s3://{bucket}/dir", str(dest), "--endpoint-url", proxy.endpoint, "--max-concurrency", "1"]
+    process = subprocess.Popen([SCRIPT, *args, *SMALL_PARTS], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: list(tmp_path.glob(".restored.checkpointio-partial-*")), "the restore to start")
+    time.sleep(0.3)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=90)
+    assert process.returncode == 130, out + err
+    assert not dest.exists()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["tree"]  # no staging folder left either
+
+
+@pytest.mark.timeout(300)
+def test_demo_runs_from_the_installed_package(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [SCRIPT, "demo", "--root", str(tmp_path / "store")],
+        capture_output=True,
+        text=True,
+        timeout=280,
+        cwd=tmp_path,  # not the repository: nothing of examples/ is needed
+        env={key: value for key, value in os.environ.items() if key != "CHECKPOINTIO_RUN_ID"},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    for line in (
+        "attempt 1 resumed from 4",
+        "attempt 1 resumed at epoch 3 from epoch_2.json",
+        "attempt 1 resumed at 4 with total 6",
+        "process killed with SIGKILL (exit status -9)",
+        "attempt 1 resumed from 3",
+        "Every task resumed from its last checkpoint",
+    ):
+        assert line in result.stdout, result.stdout
