@@ -115,7 +115,6 @@ def make_tensor_tree(root: Path, total_mib: float = 770, seed: int = 0) -> Datas
     return _describe("tensors", root)
 
 
-
 def _corpus(rng: np.random.Generator, nbytes: int) -> bytes:
     """Text from a 4096-word vocabulary with Zipf-like frequencies, about ``nbytes`` long."""
     letters = np.frombuffer(b"etaoinshrdlucmfwypvbgkjqxz", dtype=np.uint8)
@@ -126,7 +125,7 @@ def _corpus(rng: np.random.Generator, nbytes: int) -> bytes:
     count = nbytes // 6 + 1
     picks = rng.choice(len(vocabulary), size=count, p=probability)
     separators = np.where(rng.random(count) < 0.08, "\n", " ")
-    return "".join(vocabulary[i] + sep for i, sep in zip(picks.tolist(), separators.tolist())).encode()
+    return "".join(vocabulary[i] + sep for i, sep in zip(picks.tolist(), separators.tolist(), strict=True)).encode()
 
 
 def make_small_files(root: Path, count: int = 50_000, total_mib: float = 328, seed: int = 1) -> Dataset:
@@ -141,7 +140,7 @@ def make_small_files(root: Path, count: int = 50_000, total_mib: float = 328, se
     corpus = _corpus(rng, max(4 * MiB, 3 * int(sizes.max(initial=0))))
     offsets = rng.integers(0, len(corpus) - int(sizes.max(initial=0)), size=count)
     folder: Path | None = None
-    for index, (size, offset) in enumerate(zip(sizes.tolist(), offsets.tolist())):
+    for index, (size, offset) in enumerate(zip(sizes.tolist(), offsets.tolist(), strict=True)):
         parent = root / f"part_{index // 2500:02d}" / f"group_{index // 100 % 25:02d}"
         if parent != folder:
             parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,189 @@
+"""Child process that runs one measured Python operation and reports how long it took.
+
+The runner starts ``python -m benchmarks.worker SPEC_JSON`` for every checkpointio or boto3
+operation, so that each one has its own peak RSS (read by the parent from ``os.wait4``) and starts
+from a cold interpreter like a real task would. Wall and CPU time are measured here, around the
+operation only (imports and interpreter start-up excluded); CPU time is ``getrusage(RUSAGE_SELF)``
+and covers every thread of the process.
+
+The result is written as JSON to ``SPEC["result"]``: ``{"wall": s, "cpu": s, ...}``, or
+``{"unsupported": message}`` when checkpointio refused an option with ``TypeError`` (an option
+that this version does not have yet).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import resource
+import shutil
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+Spec = dict[str, Any]
+Result = dict[str, Any]
+
+#: Event-loop probe: the ticker sleeps this long and records the longest time between two ticks.
+TICK = 0.010
+
+
+def _cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _timed(operation: Callable[[], object]) -> Result:
+    cpu, start = _cpu(), time.perf_counter()
+    operation()
+    return {"wall": time.perf_counter() - start, "cpu": _cpu() - cpu}
+
+
+def _checkpoint(spec: Spec, **kwargs: Any) -> Any:
+    """A Checkpoint with the spec's options; ``TypeError`` means an option is not accepted."""
+    from checkpointio import Checkpoint
+
+    return Checkpoint(spec["dest"], **kwargs, **spec.get("options", {}))
+
+
+async def _with_ticker(cold: Callable[[], Any], warm: Callable[[], Any]) -> Result:
+    """Await ``cold()`` then ``warm()`` while a coroutine ticks every 10 ms; report the longest gap
+    between two ticks during each. The first call creates the S3 client, the second reuses it."""
+    worst = 0.0
+    ticks = 0
+    running = True
+
+    async def ticker() -> None:
+        nonlocal worst, ticks
+        last = time.perf_counter()
+        while running:
+            await asyncio.sleep(TICK)
+            now = time.perf_counter()
+            worst, ticks, last = max(worst, now - last), ticks + 1, now
+
+    task = asyncio.create_task(ticker())
+    await asyncio.sleep(0)
+    result: Result = {}
+    for suffix, operation in (("", cold), ("_warm", warm)):
+        worst = 0.0
+        cpu, start = _cpu(), time.perf_counter()
+        await operation()
+        result[f"wall{suffix}"] = time.perf_counter() - start
+        result[f"cpu{suffix}"] = _cpu() - cpu
+        result[f"worst_gap{suffix}_ms"] = worst * 1000
+    running = False
+    await task
+    return {**result, "ticks": ticks}
+
+
+def ours_save(spec: Spec) -> Result:
+    """checkpointio ``save_sync`` (or ``await save`` with the ticker) of a path or of its bytes."""
+    try:
+        checkpoint = _checkpoint(spec)
+    except TypeError as error:
+        return {"unsupported": str(error)}
+    data: bytes | Path = Path(spec["src"])
+    if spec.get("as_bytes"):
+        data = data.read_bytes()  # before the clock starts: the bytes are the task's state
+    if spec.get("ticker"):
+        return asyncio.run(_with_ticker(lambda: checkpoint.save(data), lambda: checkpoint.save(data)))
+    return _timed(lambda: checkpoint.save_sync(data))
+
+
+def ours_load(spec: Spec) -> Result:
+    """checkpointio ``load_sync`` (or ``await load`` with the ticker) into ``spec["workspace"]``."""
+    try:
+        checkpoint = _checkpoint(spec, src=spec["src"], workspace=spec["workspace"])
+    except TypeError as error:
+        return {"unsupported": str(error)}
+    if spec.get("ticker"):
+        warm_workspace = Path(spec["workspace"] + "-warm")
+        again = _checkpoint(spec, src=spec["src"], workspace=warm_workspace)
+        try:
+            return asyncio.run(_with_ticker(checkpoint.load, again.load))
+        finally:
+            shutil.rmtree(warm_workspace, ignore_errors=True)
+
+    def load() -> None:
+        restored = checkpoint.load_sync()
+        if spec.get("as_bytes"):
+            restored.read_bytes()  # raw bytes back in memory, as a task restoring its state would
+
+    return _timed(load)
+
+
+def _boto3_client_factory() -> Callable[[], Any]:
+    """Import boto3 now (outside the clock); the client itself is made inside it, as ours is."""
+    import boto3
+    from botocore.config import Config
+
+    def make() -> Any:
+        return boto3.client(
+            "s3", endpoint_url=os.environ["AWS_ENDPOINT_URL_S3"], config=Config(s3={"addressing_style": "path"})
+        )
+
+    return make
+
+
+def tarfile_save(spec: Spec) -> Result:
+    """``tarfile`` ``w:gz`` at ``spec["level"]`` into a temporary file, then boto3 ``upload_file``."""
+    make_client = _boto3_client_factory()
+
+    def save() -> None:
+        client = make_client()
+        with tempfile.TemporaryDirectory(dir=spec["tmp"]) as tmp:
+            archive = Path(tmp) / "checkpoint.tar.gz"
+            with tarfile.open(archive, "w:gz", compresslevel=spec["level"]) as tar:
+                tar.add(spec["src"], arcname=".")
+            client.upload_file(str(archive), spec["bucket"], spec["key"])
+
+    return _timed(save)
+
+
+def tarfile_load(spec: Spec) -> Result:
+    """boto3 ``download_file`` into a temporary file, then ``tarfile`` extraction."""
+    make_client = _boto3_client_factory()
+
+    def load() -> None:
+        client = make_client()
+        with tempfile.TemporaryDirectory(dir=spec["tmp"]) as tmp:
+            archive = Path(tmp) / "checkpoint.tar.gz"
+            client.download_file(spec["bucket"], spec["key"], str(archive))
+            with tarfile.open(archive, "r:gz") as tar:
+                tar.extractall(spec["workspace"], filter="data")
+
+    return _timed(load)
+
+
+def idle(spec: Spec) -> Result:
+    """Import checkpointio and its S3 client library and do nothing: the RSS floor of a worker."""
+    import aiobotocore.session  # noqa: F401
+
+    import checkpointio  # noqa: F401
+
+    return {"wall": 0.0, "cpu": 0.0}
+
+
+OPERATIONS: dict[str, Callable[[Spec], Result]] = {
+    "ours_save": ours_save,
+    "ours_load": ours_load,
+    "tarfile_save": tarfile_save,
+    "tarfile_load": tarfile_load,
+    "idle": idle,
+}
+
+
+def main() -> None:
+    """Run ``OPERATIONS[spec["op"]]`` and write its result where ``spec["result"]`` says."""
+    spec: Spec = json.loads(sys.argv[1])
+    result = OPERATIONS[spec["op"]](spec)
+    Path(spec["result"]).write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
