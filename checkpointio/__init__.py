@@ -3,10 +3,11 @@
 Public names are re-exported here; every other module is private.
 """
 
-from ._checkpoint import Checkpoint, latest_checkpoint
+from ._checkpoint import Checkpoint, SaveHandle, latest_checkpoint
 from ._config import MiB, TransferConfig
 from ._exceptions import (
     AccessDeniedError,
+    BackgroundSaveError,
     BucketNotFoundError,
     CheckpointError,
     CheckpointNotFoundError,
@@ -28,6 +29,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AccessDeniedError",
     "AttemptFailure",
+    "BackgroundSaveError",
     "BucketNotFoundError",
     "Checkpoint",
     "CheckpointError",
@@ -38,6 +40,7 @@ __all__ = [
     "MiB",
     "ObjectTooLargeError",
     "PortalError",
+    "SaveHandle",
     "SourceNotFoundError",
     "StoreError",
     "StoreUnavailableError",

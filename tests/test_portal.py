@@ -22,7 +22,7 @@ def _run_script(code: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
 
 
-@pytest.mark.parametrize("name", ["load", "save", "prev_exists"])
+@pytest.mark.parametrize("name", ["load", "save", "prev_exists", "wait"])
 def test_each_sync_twin_has_the_signature_of_its_async_method(name: str) -> None:
     async_sig = inspect.signature(getattr(Checkpoint, name))
     sync_sig = inspect.signature(getattr(Checkpoint, f"{name}_sync"))
