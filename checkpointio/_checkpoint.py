@@ -192,6 +192,12 @@ class Checkpoint:
         self._inflight = SaveHandle(self.dest, work)
         return self._inflight
 
+    async def _save_written(self, writer: _engine.Writer, **options: Any) -> None:
+        """Save what ``writer`` writes into a file object (in a worker thread), streamed, as a file."""
+        config = self._config.with_options(**options)
+        await self._settle(False)
+        await _engine.save_written(open_store(self._dest.scheme, config), self._dest, writer, config)
+
     async def _settle(self, supersede: bool) -> None:
         """Wait for (or cancel) the background save in flight; raise its unretrieved error."""
         while (previous := self._inflight) is not None:

@@ -9,12 +9,14 @@ the store aborts instead of committing.
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import anyio
 import anyio.from_thread
@@ -30,13 +32,15 @@ from ._exceptions import ChecksumMismatchError, CorruptCheckpointError, SourceNo
 from ._location import Location
 from ._stores import Body, Digest, Kind, ObjectInfo, Record, Store
 
-__all__ = ["PAYLOAD_NAME", "SaveData", "load", "save"]
+__all__ = ["PAYLOAD_NAME", "SaveData", "Writer", "load", "save", "save_written"]
 
 #: The file a restored bytes or single-file checkpoint is written to, inside the workspace.
 PAYLOAD_NAME = "payload"
 _PARTIAL = ".checkpointio-partial-"
 
 SaveData = bytes | bytearray | memoryview | str | os.PathLike[str]
+#: Writes a single-file checkpoint into the binary file object it is given (e.g. ``torch.save``).
+Writer = Callable[[BinaryIO], None]
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,37 @@ class _Source:
     size: int | None
     data: bytes | memoryview | None = None
     path: Path | None = None
+    writer: Writer | None = None
+
+
+class _ChunkingWriter(io.RawIOBase):
+    """A write-only file object that hands ``step``-sized chunks to ``emit`` as they fill."""
+
+    def __init__(self, emit: Callable[[bytes], None], step: int) -> None:
+        self._emit = emit
+        self._step = step
+        self._buffer = bytearray()
+        self._written = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        self._buffer += view
+        self._written += len(view)
+        while len(self._buffer) >= self._step:
+            self._emit(bytes(self._buffer[: self._step]))
+            del self._buffer[: self._step]
+        return len(view)
+
+    def tell(self) -> int:
+        return self._written
+
+    def finish(self) -> None:
+        if self._buffer:
+            self._emit(bytes(self._buffer))
+            self._buffer.clear()
 
 
 def _classify(data: object) -> _Source:
@@ -68,7 +103,11 @@ def _classify(data: object) -> _Source:
 def _produce(source: _Source, emit: Callable[[bytes], None], config: TransferConfig) -> None:
     """Worker thread: turn the source into chunks."""
     step = config.chunk_size
-    if source.data is not None:
+    if source.writer is not None:
+        out = _ChunkingWriter(emit, step)
+        source.writer(out)  # type: ignore[arg-type]
+        out.finish()
+    elif source.data is not None:
         view = source.data
         for start in range(0, len(view), step):
             emit(bytes(view[start : start + step]))
@@ -86,7 +125,15 @@ def _produce(source: _Source, emit: Callable[[bytes], None], config: TransferCon
 
 async def save(store: Store, location: Location, data: SaveData, config: TransferConfig) -> ObjectInfo:
     """Save ``data`` (bytes, a file or a directory) at ``location``; atomic on every store."""
-    source = _classify(data)
+    return await _save(store, location, _classify(data), config)
+
+
+async def save_written(store: Store, location: Location, writer: Writer, config: TransferConfig) -> ObjectInfo:
+    """Save what ``writer`` writes (in a worker thread) as a single-file checkpoint, streamed."""
+    return await _save(store, location, _Source(Kind.FILE, None, writer=writer), config)
+
+
+async def _save(store: Store, location: Location, source: _Source, config: TransferConfig) -> ObjectInfo:
     send, receive = anyio.create_memory_object_stream[bytes](config.pipeline_depth)
     body = Body(receive, source.size)
     digest = body.digest
