@@ -8,7 +8,9 @@ PY := $(VENV)/bin/python
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	# torch first, pinned: the CPU build on this machine's disk; the extras then find it satisfied.
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[test,ml]'
 	touch $@
 
 demo: $(VENV)/.installed
