@@ -43,6 +43,12 @@ class SaveHandle:
         """Whether the save has ended (stored, failed or cancelled)."""
         return self._work is None or self._work.outcome.done()
 
+    def succeeded(self) -> bool:
+        """Whether the save has ended and stored its checkpoint (does not retrieve a failure)."""
+        if self._work is None:
+            return True
+        return self._work.outcome.done() and self._work.outcome.exception() is None
+
     @property
     def cancelled(self) -> bool:
         """Whether the save was cancelled (or superseded) before it stored anything."""

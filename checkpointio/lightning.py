@@ -164,8 +164,11 @@ class CheckpointioCallback(pl.Callback):
     def _retain(self) -> None:
         if self.keep_last is None:
             return
-        if self.last is not None and self.last.done():
-            self._stored_newer = True
+        if self.last is not None and not self._stored_newer:
+            # The save below would wait for the previous one anyway; waiting here first makes the
+            # "a newer file is stored" decision exact rather than a race with the upload.
+            self.last.join()
+            self._stored_newer = self.last.succeeded()
         files = sorted(self.dirpath.glob(PATTERN), key=lambda path: (path.stat().st_mtime_ns, path.name))
         for old in files[: -self.keep_last]:
             if self.resumed_from is not None and not self._stored_newer and old == self.resumed_from:
