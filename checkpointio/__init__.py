@@ -3,10 +3,11 @@
 Public names are re-exported here; every other module is private.
 """
 
-from ._checkpoint import Checkpoint, latest_checkpoint
+from ._checkpoint import Checkpoint, SaveHandle, latest_checkpoint
 from ._config import MiB, TransferConfig
 from ._exceptions import (
     AccessDeniedError,
+    BackgroundSaveError,
     BucketNotFoundError,
     CheckpointError,
     CheckpointNotFoundError,
@@ -30,6 +31,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AccessDeniedError",
     "AttemptFailure",
+    "BackgroundSaveError",
     "BucketNotFoundError",
     "Checkpoint",
     "CheckpointError",
@@ -42,6 +44,7 @@ __all__ = [
     "PortalError",
     "Progress",
     "ProgressCallback",
+    "SaveHandle",
     "SourceChangedError",
     "SourceNotFoundError",
     "StoreError",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -12,14 +13,18 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from . import _engine, _portal
+import anyio
+import anyio.to_thread
+
+from . import _engine, _portal, _snapshot
 from ._config import TransferConfig
 from ._exceptions import CorruptCheckpointError
+from ._handle import SaveHandle
 from ._location import Location, parse_location
 from ._progress import ProgressCallback
 from ._stores import Store, open_store
 
-__all__ = ["Checkpoint", "latest_checkpoint"]
+__all__ = ["Checkpoint", "SaveHandle", "latest_checkpoint"]
 
 logger = logging.getLogger("checkpointio")
 
@@ -77,6 +82,7 @@ class Checkpoint:
         self._owns_workspace = workspace is None
         self._loaded = False
         self._restored: Path | None = None
+        self._inflight: SaveHandle | None = None
 
     def __repr__(self) -> str:
         return f"Checkpoint(dest={self._dest.uri!r}, src={self.src!r})"
@@ -148,8 +154,14 @@ class Checkpoint:
         return None
 
     async def save(
-        self, data: _engine.SaveData, *, on_progress: ProgressCallback | None = None, **options: Any
-    ) -> None:
+        self,
+        data: _engine.SaveData,
+        *,
+        wait: bool = True,
+        supersede: bool = False,
+        on_progress: ProgressCallback | None = None,
+        **options: Any,
+    ) -> SaveHandle:
         """Save ``data`` to ``dest``, replacing what was there only once it is complete.
 
         Args:
@@ -158,15 +170,89 @@ class Checkpoint:
                 temporary archive) or a binary file object such as ``sys.stdin.buffer`` (read
                 to its end, streamed, stored as bytes).
             on_progress: For this call, instead of the checkpoint's ``on_progress``.
+            wait: ``False`` returns as soon as ``data`` is snapshotted (bytes kept, files
+                hard-linked or copied, see below) and uploads it in the background on
+                checkpointio's event-loop thread; the returned handle tells when it is stored.
+                The caller may change or delete ``data`` right after the call.
+            supersede: What to do with a background save of this checkpoint still running: by
+                default wait for it to finish (at most one is ever in flight, which also keeps
+                memory and scratch space bounded); ``True`` cancels it (its upload is aborted, the
+                store keeps what it had) and starts this one at once.
             **options: Transfer settings for this call only (e.g. ``compression_level=0``).
+
+        Returns:
+            A :class:`SaveHandle`; with ``wait=True`` it is already done.
+
+        Snapshots: a directory becomes a shadow tree of hard links in a scratch folder on the
+        same filesystem (copies where linking is impossible). Files the caller *replaces* after
+        the call (a new name, write-then-rename, delete) do not affect the save, which is what
+        ``torch.save`` to a new path, Lightning and Hugging Face do; rewriting a file *in place*
+        before the upload finished would leak into it.
 
         Raises:
             SourceNotFoundError: The path does not exist.
+            BackgroundSaveError: An earlier background save of this checkpoint failed and its
+                error had not been retrieved (this save was not started).
             TypeError: ``data`` is of another type.
         """
         config = self._config.with_options(**options)
         callback = on_progress or self._on_progress
-        await _engine.save(open_store(self._dest.scheme, config), self._dest, data, config, callback)
+        if wait:
+            await self._settle(supersede)
+            await _engine.save(open_store(self._dest.scheme, config), self._dest, data, config, callback)
+            return SaveHandle(self.dest)
+        snapshot = await anyio.to_thread.run_sync(functools.partial(_snapshot.take, data))
+        try:
+            await self._settle(supersede)
+        except BaseException:
+            await anyio.to_thread.run_sync(snapshot.discard)
+            raise
+        work = _portal.start_soon(self._save_snapshot, f"background save to {self.dest}", snapshot, config, callback)
+        self._inflight = SaveHandle(self.dest, work)
+        return self._inflight
+
+    async def _save_written(self, writer: _engine.Writer, **options: Any) -> None:
+        """Save what ``writer`` writes into a file object (in a worker thread), streamed, as a file."""
+        config = self._config.with_options(**options)
+        await self._settle(False)
+        store = open_store(self._dest.scheme, config)
+        await _engine.save_written(store, self._dest, writer, config, self._on_progress)
+
+    async def _settle(self, supersede: bool) -> None:
+        """Wait for (or cancel) the background save in flight; raise its unretrieved error."""
+        while (previous := self._inflight) is not None:
+            if supersede:
+                previous.cancel()
+            await previous.wait_ended()
+            if self._inflight is previous:
+                self._inflight = None
+            error = previous.unseen_error()
+            if error is not None:
+                raise error
+
+    async def _save_snapshot(
+        self, snapshot: _snapshot.Snapshot, config: TransferConfig, on_progress: ProgressCallback | None
+    ) -> None:
+        try:
+            store = open_store(self._dest.scheme, config)
+            await _engine.save(store, self._dest, snapshot.data, config, on_progress)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(snapshot.discard)
+
+    @property
+    def pending(self) -> SaveHandle | None:
+        """The last background save, until a later save, ``wait()`` or ``close()`` settled it."""
+        return self._inflight
+
+    async def wait(self) -> None:
+        """Wait for the background save in flight, if any.
+
+        Raises:
+            BackgroundSaveError: It failed (or an earlier one did) and the error had not been
+                retrieved from its handle.
+        """
+        await self._settle(False)
 
     async def prev_exists(self) -> bool:
         """Whether the previous attempt left a checkpoint to restore."""
@@ -179,21 +265,51 @@ class Checkpoint:
         """Blocking twin of :meth:`load`."""
         return _portal.run_sync(self.load)
 
-    def save_sync(self, data: _engine.SaveData, *, on_progress: ProgressCallback | None = None, **options: Any) -> None:
-        """Blocking twin of :meth:`save`."""
-        return _portal.run_sync(self.save, data, on_progress=on_progress, **options)
+    def save_sync(
+        self,
+        data: _engine.SaveData,
+        *,
+        wait: bool = True,
+        supersede: bool = False,
+        on_progress: ProgressCallback | None = None,
+        **options: Any,
+    ) -> SaveHandle:
+        """Blocking twin of :meth:`save` (with ``wait=False`` it returns once ``data`` is snapshotted)."""
+        return _portal.run_sync(self.save, data, wait=wait, supersede=supersede, on_progress=on_progress, **options)
+
+    def wait_sync(self) -> None:
+        """Blocking twin of :meth:`wait`."""
+        return _portal.run_sync(self.wait)
 
     def prev_exists_sync(self) -> bool:
         """Blocking twin of :meth:`prev_exists`."""
         return _portal.run_sync(self.prev_exists)
 
-    def close(self) -> None:
-        """Remove the workspace if this checkpoint created it."""
+    def close(self, timeout: float | None = None) -> None:
+        """Wait for a background save in flight, then remove the workspace if this checkpoint made it.
+
+        Args:
+            timeout: Wait at most this many seconds for the background save; one still running
+                then is cancelled (its upload aborted; the store keeps the previous checkpoint).
+
+        Raises:
+            BackgroundSaveError: The background save failed and its error had not been retrieved.
+        """
+        error = None
+        handle, self._inflight = self._inflight, None
+        if handle is not None:
+            if not handle.join(timeout):
+                logger.error("checkpointio: %s still running after %s s; cancelling it", handle, timeout)
+                handle.cancel()
+                handle.join(_portal.CLEANUP_TIMEOUT)
+            error = handle.unseen_error()
         if self._owns_workspace and self._workspace is not None:
             shutil.rmtree(self._workspace, ignore_errors=True)
             self._workspace = None
         self._loaded = False
         self._restored = None
+        if error is not None:
+            raise error
 
     def __enter__(self) -> Checkpoint:
         return self
@@ -207,8 +323,6 @@ class Checkpoint:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        import anyio.to_thread
-
         await anyio.to_thread.run_sync(self.close)
 
 

@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TypeVar
+from typing import IO, Any, BinaryIO, TypeVar
 
 import anyio
 import anyio.from_thread
@@ -33,7 +33,7 @@ from ._location import Location
 from ._progress import Meter, ProgressCallback
 from ._stores import Body, Digest, Kind, ObjectInfo, Record, Store
 
-__all__ = ["PAYLOAD_NAME", "SaveData", "load", "save", "verify"]
+__all__ = ["PAYLOAD_NAME", "SaveData", "Writer", "load", "save", "save_written", "verify"]
 
 #: The file a restored bytes or single-file checkpoint is written to, inside the workspace.
 PAYLOAD_NAME = "payload"
@@ -42,6 +42,8 @@ _PARTIAL = ".checkpointio-partial-"
 #: What ``save()`` takes: bytes, a path to a file or directory, or a binary file object read to its
 #: end (stdin, a pipe, a socket), streamed and stored as bytes.
 SaveData = bytes | bytearray | memoryview | str | os.PathLike[str] | IO[bytes]
+#: Writes a single-file checkpoint into the binary file object it is given (e.g. ``torch.save``).
+Writer = Callable[[BinaryIO], None]
 
 T = TypeVar("T")
 
@@ -62,6 +64,37 @@ class _Source:
     data: bytes | memoryview | None = None
     path: Path | None = None
     stream: IO[bytes] | None = None
+    writer: Writer | None = None
+
+
+class _ChunkingWriter(io.RawIOBase):
+    """A write-only file object that hands ``step``-sized chunks to ``emit`` as they fill."""
+
+    def __init__(self, emit: Callable[[bytes], None], step: int) -> None:
+        self._emit = emit
+        self._step = step
+        self._buffer = bytearray()
+        self._written = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        self._buffer += view
+        self._written += len(view)
+        while len(self._buffer) >= self._step:
+            self._emit(bytes(self._buffer[: self._step]))
+            del self._buffer[: self._step]
+        return len(view)
+
+    def tell(self) -> int:
+        return self._written
+
+    def finish(self) -> None:
+        if self._buffer:
+            self._emit(bytes(self._buffer))
+            self._buffer.clear()
 
 
 def _classify(data: object) -> _Source:
@@ -89,7 +122,11 @@ def _classify(data: object) -> _Source:
 def _produce(source: _Source, emit: Callable[[bytes], None], config: TransferConfig) -> None:
     """Worker thread: turn the source into chunks."""
     step = config.chunk_size
-    if source.data is not None:
+    if source.writer is not None:
+        out = _ChunkingWriter(emit, step)
+        source.writer(out)  # type: ignore[arg-type]
+        out.finish()
+    elif source.data is not None:
         view = source.data
         for start in range(0, len(view), step):
             emit(bytes(view[start : start + step]))
@@ -120,7 +157,27 @@ async def save(
     ``on_progress`` hears of each chunk handed to the store, from the producer thread, and of the
     commit.
     """
-    source = _classify(data)
+    return await _save(store, location, _classify(data), config, on_progress)
+
+
+async def save_written(
+    store: Store,
+    location: Location,
+    writer: Writer,
+    config: TransferConfig,
+    on_progress: ProgressCallback | None = None,
+) -> ObjectInfo:
+    """Save what ``writer`` writes (in a worker thread) as a single-file checkpoint, streamed."""
+    return await _save(store, location, _Source(Kind.FILE, None, writer=writer), config, on_progress)
+
+
+async def _save(
+    store: Store,
+    location: Location,
+    source: _Source,
+    config: TransferConfig,
+    on_progress: ProgressCallback | None,
+) -> ObjectInfo:
     send, receive = anyio.create_memory_object_stream[bytes](config.pipeline_depth)
     body = Body(receive, source.size)
     digest = body.digest

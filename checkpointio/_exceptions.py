@@ -17,6 +17,7 @@ URI it concerns. Built-in bases are mixed in where a caller would reasonably cat
     │   ├── AccessDeniedError (also PermissionError)    bad credentials or missing permission
     │   ├── BucketNotFoundError                         the bucket does not exist
     │   └── ObjectTooLargeError                         over the store's object size limit
+    ├── BackgroundSaveError                             an earlier background save failed
     └── PortalError (also RuntimeError)                 a *_sync call that would deadlock
 
 Cancellation (``KeyboardInterrupt``, ``anyio`` cancellation) is never wrapped.
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 __all__ = [
     "AccessDeniedError",
+    "BackgroundSaveError",
     "BucketNotFoundError",
     "CheckpointError",
     "CheckpointNotFoundError",
@@ -111,6 +113,14 @@ class BucketNotFoundError(StoreError):
 
 class ObjectTooLargeError(StoreError):
     """The object is larger than the store accepts (5 TiB on S3)."""
+
+
+class BackgroundSaveError(CheckpointError):
+    """A background save (``save(wait=False)``) failed and nobody had retrieved its error yet.
+
+    Raised by the next ``save()``, ``wait()`` or ``close()`` of the same checkpoint; the original
+    error is the ``__cause__`` (the save's handle raises the original error itself).
+    """
 
 
 class PortalError(CheckpointError, RuntimeError):

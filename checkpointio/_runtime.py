@@ -32,6 +32,7 @@ import anyio.to_thread
 from . import _portal
 from ._checkpoint import Checkpoint
 from ._config import TransferConfig
+from ._exceptions import BackgroundSaveError
 from ._location import Location, parse_location
 from ._stores import open_store
 
@@ -236,6 +237,27 @@ def _failed(error: BaseException, failures: list[AttemptFailure]) -> None:
         error.add_note(f"checkpointio: all {len(failures)} attempts failed ({summary})")
 
 
+def _close_after_failure(checkpoint: Checkpoint, error: Exception) -> None:
+    """Close a failed attempt's checkpoint: wait for its background save, so the next attempt sees it.
+
+    A background failure is logged and noted on the attempt's error, which stays the one reported.
+    """
+    try:
+        checkpoint.close()
+    except BackgroundSaveError as failure:
+        logger.warning("checkpointio: %s", failure)
+        if hasattr(error, "add_note"):
+            error.add_note(f"checkpointio: also, {failure}")
+
+
+def _close_after_interrupt(checkpoint: Checkpoint) -> None:
+    """Ctrl-C or cancellation: give a background save a short while, then abort it."""
+    try:
+        checkpoint.close(timeout=_portal.CLEANUP_TIMEOUT)
+    except BackgroundSaveError as failure:
+        logger.warning("checkpointio: %s", failure)
+
+
 def _make_task(
     environment: TaskEnvironment,
     func: Callable[P, R],
@@ -273,17 +295,25 @@ def _make_task(
             for attempt in range(first, first + retries + 1):
                 checkpoint, token = begin(run, attempt)
                 try:
-                    result = await async_func(*args, **kwargs)
+                    try:
+                        result = await async_func(*args, **kwargs)
+                    finally:
+                        _current.reset(token)
+                    if checkpoint is not None:  # waits for a background save; its failure fails the attempt
+                        await anyio.to_thread.run_sync(checkpoint.close)
                 except Exception as error:
+                    if checkpoint is not None:
+                        await anyio.to_thread.run_sync(_close_after_failure, checkpoint, error)
                     delay = give_up_or_wait(error, attempt, first, failures)
                     if checkpoint is not None:
                         await run.discover()  # what this attempt saved is the next one's to restore
                     await anyio.sleep(delay)
                     continue
-                finally:
-                    _current.reset(token)
+                except BaseException:
                     if checkpoint is not None:
-                        await anyio.to_thread.run_sync(checkpoint.close)
+                        with anyio.CancelScope(shield=True):
+                            await anyio.to_thread.run_sync(_close_after_interrupt, checkpoint)
+                    raise
                 await run.clean_up()
                 return result
             raise AssertionError("unreachable")  # pragma: no cover
@@ -300,17 +330,24 @@ def _make_task(
         for attempt in range(first, first + retries + 1):
             checkpoint, token = begin(run, attempt)
             try:
-                result = func(*args, **kwargs)
+                try:
+                    result = func(*args, **kwargs)
+                finally:
+                    _current.reset(token)
+                if checkpoint is not None:  # waits for a background save; its failure fails the attempt
+                    checkpoint.close()
             except Exception as error:
+                if checkpoint is not None:
+                    _close_after_failure(checkpoint, error)
                 delay = give_up_or_wait(error, attempt, first, failures)
                 if checkpoint is not None:
                     _portal.run_sync(run.discover)  # what this attempt saved is the next one's to restore
                 time.sleep(delay)
                 continue
-            finally:
-                _current.reset(token)
+            except BaseException:
                 if checkpoint is not None:
-                    checkpoint.close()
+                    _close_after_interrupt(checkpoint)
+                raise
             _portal.run_sync(run.clean_up)
             return result
         raise AssertionError("unreachable")  # pragma: no cover

@@ -49,3 +49,17 @@ def test_demo_shows_retries_and_a_resume_after_sigkill(tmp_path: Path) -> None:
     assert "process killed with SIGKILL (exit status -9)" in out
     assert "attempt 1 resumed from 3" in out
     assert "Every task resumed from its last checkpoint" in out
+
+
+def test_torch_example_resumes_at_the_epoch_after_its_last_background_save(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    out = run("torch_state.py", tmp_path)
+    assert "attempt 1 resumed at epoch 3" in out and "finished: loss" in out
+
+
+def test_lightning_example_resumes_from_its_last_epoch_checkpoint(tmp_path: Path) -> None:
+    pytest.importorskip("lightning")
+    out = run("lightning_resume.py", tmp_path)
+    assert "attempt 0 starts from None" in out
+    assert "attempt 1 starts from" in out and "epoch=1-step=12.ckpt" in out
+    assert "finished after 24 steps" in out

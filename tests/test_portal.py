@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import types
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ def _run_script(code: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
 
 
-@pytest.mark.parametrize("name", ["load", "save", "prev_exists"])
+@pytest.mark.parametrize("name", ["load", "save", "prev_exists", "wait"])
 def test_each_sync_twin_has_the_signature_of_its_async_method(name: str) -> None:
     async_sig = inspect.signature(getattr(Checkpoint, name))
     sync_sig = inspect.signature(getattr(Checkpoint, f"{name}_sync"))
@@ -155,5 +156,9 @@ def test_ctrl_c_during_save_sync_cancels_the_save_and_keeps_the_previous(tmp_pat
 def test_public_names_are_exported_and_importable() -> None:
     for name in checkpointio.__all__:
         assert hasattr(checkpointio, name), name
-    public = {name for name in dir(checkpointio) if not name.startswith("_")}
+    public = {  # optional integration submodules (checkpointio.torch, ...) are not re-exported names
+        name
+        for name in dir(checkpointio)
+        if not name.startswith("_") and not isinstance(getattr(checkpointio, name), types.ModuleType)
+    }
     assert public - set(checkpointio.__all__) == set()

@@ -1,0 +1,179 @@
+"""PyTorch helpers: save and restore model + optimizer + step through a :class:`~checkpointio.Checkpoint`.
+
+Needs the ``torch`` extra (``pip install 'checkpointio[torch]'``); ``import checkpointio`` alone never
+imports torch.
+
+Example::
+
+    from checkpointio import ctx, env
+    from checkpointio.torch import load_state, save_state
+
+    @env.task(retries=3)
+    def train() -> None:
+        cp = ctx().checkpoint
+        state = load_state(cp, model, optimizer)       # None on a first attempt
+        start = state["step"] if state else 0
+        for step in range(start, 1000):
+            ...
+            save_state(cp, model, optimizer, step=step + 1, wait=False)
+
+A synchronous save streams ``torch.save`` output straight into the upload: no temporary file and
+no full copy in memory. A background save (``wait=False``) must capture the state at the call
+while training goes on updating the tensors, so it serializes into memory first (one copy of the
+state's size) and uploads that in the background.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+from ._checkpoint import Checkpoint, latest_checkpoint
+from ._handle import SaveHandle
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+__all__ = ["load_state", "load_state_async", "save_state", "save_state_async", "state_of"]
+
+
+def _torch() -> Any:
+    try:
+        import torch
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise ImportError("checkpointio.torch needs PyTorch: pip install 'checkpointio[torch]'") from error
+    return torch
+
+
+def state_of(
+    model: torch.nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    step: int | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The dictionary :func:`save_state` stores: ``model``, ``optimizer``, ``step``, ``extra``."""
+    state: dict[str, Any] = {}
+    if model is not None:
+        state["model"] = model.state_dict()
+    if optimizer is not None:
+        state["optimizer"] = optimizer.state_dict()
+    if step is not None:
+        state["step"] = step
+    if extra is not None:
+        state["extra"] = dict(extra)
+    return state
+
+
+def _writer(state: Mapping[str, Any]) -> Any:
+    torch = _torch()
+
+    def write(out: BinaryIO) -> None:
+        torch.save(state, out)
+
+    return write
+
+
+async def save_state_async(
+    checkpoint: Checkpoint,
+    model: torch.nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    step: int | None = None,
+    extra: Mapping[str, Any] | None = None,
+    wait: bool = True,
+    **options: Any,
+) -> SaveHandle:
+    """Save model, optimizer, step and ``extra`` as one ``torch.save`` file checkpoint.
+
+    With ``wait=True`` the ``torch.save`` output streams into the upload (no temporary file); with
+    ``wait=False`` it is serialized into memory at the call and uploaded in the background.
+    """
+    state = state_of(model, optimizer, step=step, extra=extra)
+    if wait:
+        await checkpoint._save_written(_writer(state), **options)
+        return SaveHandle(checkpoint.dest)
+    buffer = io.BytesIO()
+    _writer(state)(buffer)
+    return await checkpoint.save(buffer.getbuffer(), wait=False, **options)
+
+
+def save_state(
+    checkpoint: Checkpoint,
+    model: torch.nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    step: int | None = None,
+    extra: Mapping[str, Any] | None = None,
+    wait: bool = True,
+    **options: Any,
+) -> SaveHandle:
+    """Blocking twin of :func:`save_state_async`."""
+    from . import _portal
+
+    return _portal.run_sync(
+        save_state_async, checkpoint, model, optimizer, step=step, extra=extra, wait=wait, **options
+    )
+
+
+def _read(restored: Path | None, map_location: Any) -> dict[str, Any] | None:
+    if restored is None:
+        return None
+    if restored.is_dir():  # a folder checkpoint: its newest .pt / .pth / .ckpt file
+        found = [latest_checkpoint(restored, f"**/*.{suffix}") for suffix in ("pt", "pth", "ckpt")]
+        candidates = [path for path in found if path is not None]
+        if not candidates:
+            return None
+        restored = max(candidates, key=lambda path: path.stat().st_mtime_ns)
+    state = _torch().load(restored, map_location=map_location, weights_only=True)
+    if not isinstance(state, dict):
+        raise TypeError(f"{restored}: expected a state dictionary, found {type(state).__name__}")
+    return state
+
+
+def _apply(
+    state: dict[str, Any] | None, model: torch.nn.Module | None, optimizer: torch.optim.Optimizer | None
+) -> dict[str, Any] | None:
+    if state is None:
+        return None
+    if model is not None and "model" in state:
+        model.load_state_dict(state["model"])
+    if optimizer is not None and "optimizer" in state:
+        optimizer.load_state_dict(state["optimizer"])
+    return state
+
+
+async def load_state_async(
+    checkpoint: Checkpoint | None,
+    model: torch.nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    map_location: Any = "cpu",
+) -> dict[str, Any] | None:
+    """Restore the previous attempt's state into ``model`` / ``optimizer``; return it (or ``None``).
+
+    ``checkpoint`` may be ``None`` (``ctx().checkpoint`` with ``retries=0``): nothing to restore.
+    Files are read with ``torch.load(weights_only=True)``.
+    """
+    if checkpoint is None:
+        return None
+    import anyio.to_thread
+
+    restored = await checkpoint.load()
+    state = await anyio.to_thread.run_sync(_read, restored, map_location)
+    return _apply(state, model, optimizer)
+
+
+def load_state(
+    checkpoint: Checkpoint | None,
+    model: torch.nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    map_location: Any = "cpu",
+) -> dict[str, Any] | None:
+    """Blocking twin of :func:`load_state_async`."""
+    if checkpoint is None:
+        return None
+    return _apply(_read(checkpoint.load_sync(), map_location), model, optimizer)

@@ -1,0 +1,389 @@
+"""Background saves: snapshot at the call, one in flight per checkpoint, errors never lost; every store."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+import checkpointio._checkpoint as checkpoint_module
+from checkpointio import BackgroundSaveError, Checkpoint, PortalError, SaveHandle, SourceNotFoundError, _snapshot
+
+from .conftest import StoreCase, make_tree, snapshot
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+async def restored_tree(store: StoreCase, name: str) -> dict[str, tuple[str, object, int, int]]:
+    async with Checkpoint(store.uri("reader"), src=store.uri(name)) as cp:
+        restored = await cp.load()
+        assert restored is not None
+        return snapshot(restored)
+
+
+async def restored_bytes(store: StoreCase, name: str) -> bytes:
+    async with Checkpoint(store.uri("reader"), src=store.uri(name)) as cp:
+        restored = await cp.load()
+        assert restored is not None
+        return restored.read_bytes()
+
+
+async def test_background_save_of_a_directory_stores_the_state_at_the_call(store: StoreCase, tmp_path: Path) -> None:
+    tree = make_tree(tmp_path / "tree")
+    expected = snapshot(tree)
+    async with Checkpoint(store.uri("ckpt")) as cp:
+        handle = await cp.save(tree, wait=False)
+        # The caller carries on at once: replaces, adds and deletes files, then the whole tree.
+        (tree / "model" / "weights.bin").unlink()
+        (tree / "model" / "weights.bin").write_bytes(b"overwritten")
+        (tree / "new-file").write_text("written after the call")
+        shutil.rmtree(tree)
+        await handle
+        assert handle.done() and not handle.cancelled
+    assert await restored_tree(store, "ckpt") == expected
+
+
+def test_sync_background_save_returns_before_the_upload_and_stores_the_snapshot(
+    store: StoreCase, tmp_path: Path
+) -> None:
+    tree = make_tree(tmp_path / "tree")
+    expected = snapshot(tree)
+    with Checkpoint(store.uri("ckpt")) as cp:
+        handle = cp.save_sync(tree, wait=False)
+        assert isinstance(handle, SaveHandle)
+        os.replace(tree / "private", tree / "moved")  # rename, as frameworks replace files
+        (tree / "run.sh").unlink()
+        assert handle.result(timeout=60) is None
+        assert cp.pending is handle
+    assert cp.pending is None
+    assert anyio.run(restored_tree, store, "ckpt") == expected
+
+
+async def test_background_save_of_bytes_and_a_bytearray_keeps_the_value_at_the_call(store: StoreCase) -> None:
+    buffer = bytearray(b"step=1" * 1000)
+    async with Checkpoint(store.uri("ckpt")) as cp:
+        handle = await cp.save(buffer, wait=False)
+        buffer[:] = b"x" * len(buffer)
+        await handle
+    assert await restored_bytes(store, "ckpt") == b"step=1" * 1000
+
+
+async def test_background_save_of_a_file_survives_the_file_being_replaced(store: StoreCase, tmp_path: Path) -> None:
+    state = tmp_path / "state.pt"
+    state.write_bytes(b"epoch 1" * 10_000)
+    async with Checkpoint(store.uri("ckpt")) as cp:
+        handle = await cp.save(state, wait=False)
+        state.unlink()
+        state.write_bytes(b"epoch 2")
+        await handle
+    assert await restored_bytes(store, "ckpt") == b"epoch 1" * 10_000
+
+
+async def test_a_second_background_save_waits_for_the_first_and_the_last_one_wins(
+    store: StoreCase, tmp_path: Path
+) -> None:
+    async with Checkpoint(store.uri("ckpt")) as cp:
+        handles = [await cp.save(f"epoch {n}".encode(), wait=False) for n in range(5)]
+        assert all(handle.done() for handle in handles[:-1])  # each save waited for the one before
+        await cp.wait()
+    assert await restored_bytes(store, "ckpt") == b"epoch 4"
+
+
+def test_waiting_saves_keep_at_most_one_in_flight(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    in_flight: list[int] = []
+    most = [0]
+    real_save = checkpoint_module._engine.save
+
+    async def slow_save(*args: Any) -> Any:
+        in_flight.append(1)
+        most[0] = max(most[0], len(in_flight))
+        await anyio.sleep(0.05)
+        try:
+            return await real_save(*args)
+        finally:
+            in_flight.pop()
+
+    monkeypatch.setattr(checkpoint_module._engine, "save", slow_save)
+    cp = Checkpoint(tmp_path / "ckpt")
+    for n in range(4):
+        cp.save_sync(f"{n}".encode(), wait=False)
+    cp.close()
+    assert most[0] == 1
+    assert (tmp_path / "ckpt").read_bytes() == b"3"
+
+
+def test_supersede_cancels_the_save_in_flight_and_stores_the_newer(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    started = threading.Event()
+    real_save = checkpoint_module._engine.save
+
+    async def save(store: Any, location: Any, data: Any, config: Any, *rest: Any) -> Any:
+        if data == b"old":
+            started.set()
+            await anyio.sleep(60)  # a slow upload
+        return await real_save(store, location, data, config, *rest)
+
+    monkeypatch.setattr(checkpoint_module._engine, "save", save)
+    with Checkpoint(tmp_path / "ckpt") as cp:
+        old = cp.save_sync(b"old", wait=False)
+        assert started.wait(10)
+        begun = time.monotonic()
+        new = cp.save_sync(b"new", wait=False, supersede=True)
+        new.result(timeout=10)
+        assert time.monotonic() - begun < 10
+        assert old.done() and old.cancelled
+        with pytest.raises(concurrent.futures.CancelledError):
+            old.result()
+    assert (tmp_path / "ckpt").read_bytes() == b"new"
+
+
+def failing_engine(monkeypatch: pytest.MonkeyPatch, fail_on: bytes) -> None:
+    real_save = checkpoint_module._engine.save
+
+    async def save(store: Any, location: Any, data: Any, config: Any, *rest: Any) -> Any:
+        if data == fail_on:
+            await anyio.sleep(0.01)
+            raise ConnectionResetError("the network went away")
+        return await real_save(store, location, data, config, *rest)
+
+    monkeypatch.setattr(checkpoint_module._engine, "save", save)
+
+
+def test_a_background_failure_is_raised_by_its_handle(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    failing_engine(monkeypatch, b"doomed")
+    with Checkpoint(tmp_path / "ckpt") as cp:
+        handle = cp.save_sync(b"doomed", wait=False)
+        with pytest.raises(ConnectionResetError, match="network went away"):
+            handle.result(timeout=10)
+        cp.save_sync(b"fine")  # retrieved from the handle: not reported again
+
+
+async def test_a_background_failure_is_raised_when_awaiting_the_handle(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    failing_engine(monkeypatch, b"doomed")
+    async with Checkpoint(tmp_path / "ckpt") as cp:
+        handle = await cp.save(b"doomed", wait=False)
+        with pytest.raises(ConnectionResetError):
+            await handle
+
+
+def test_an_unretrieved_background_failure_is_raised_by_the_next_save(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    failing_engine(monkeypatch, b"doomed")
+    with Checkpoint(tmp_path / "ckpt") as cp:
+        cp.save_sync(b"doomed", wait=False)
+        with pytest.raises(BackgroundSaveError, match="network went away") as caught:
+            cp.save_sync(b"next", wait=False)
+        assert isinstance(caught.value.__cause__, ConnectionResetError)
+        assert caught.value.uri == cp.dest
+        cp.save_sync(b"after", wait=False).result(timeout=10)  # reported once
+    assert (tmp_path / "ckpt").read_bytes() == b"after"
+
+
+def test_an_unretrieved_background_failure_is_raised_by_close_and_wait(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    failing_engine(monkeypatch, b"doomed")
+    cp = Checkpoint(tmp_path / "ckpt")
+    cp.save_sync(b"doomed", wait=False)
+    with pytest.raises(BackgroundSaveError):
+        cp.close()
+    cp.save_sync(b"doomed", wait=False)
+    with pytest.raises(BackgroundSaveError):
+        cp.wait_sync()
+    cp.close()
+
+
+async def test_a_real_store_failure_surfaces_on_the_handle(store: StoreCase, tmp_path: Path) -> None:
+    if store.name == "memory":
+        pytest.skip("the memory store cannot fail")
+    if store.name == "s3":
+        uri = "s3://no-such-bucket-checkpointio/ckpt"
+    else:
+        blocker = tmp_path / "a-file"
+        blocker.write_text("not a folder")
+        uri = str(blocker / "ckpt")
+    async with Checkpoint(uri) as cp:
+        handle = await cp.save(b"data", wait=False)
+        with pytest.raises(Exception) as caught:  # each store has its own error
+            await handle
+        assert not isinstance(caught.value, BackgroundSaveError)
+        await cp.save(b"again", wait=False)
+        with pytest.raises(BackgroundSaveError):
+            await cp.wait()
+
+
+async def test_a_missing_source_fails_at_the_call_not_in_the_background(tmp_path: Path) -> None:
+    async with Checkpoint(tmp_path / "ckpt") as cp:
+        with pytest.raises(SourceNotFoundError):
+            await cp.save(tmp_path / "missing", wait=False)
+        with pytest.raises(TypeError):
+            await cp.save(123, wait=False)  # type: ignore[arg-type]
+        assert cp.pending is None
+
+
+def test_result_on_the_loop_thread_raises_instead_of_deadlocking(tmp_path: Path) -> None:
+    from checkpointio import _portal
+
+    cp = Checkpoint(tmp_path / "ckpt")
+    started = threading.Event()
+    release = threading.Event()
+    real_save = checkpoint_module._engine.save
+
+    async def save(*args: Any) -> Any:
+        started.set()
+        await anyio.to_thread.run_sync(release.wait)
+        return await real_save(*args)
+
+    async def on_loop() -> None:
+        handle = await cp.save(b"x", wait=False)
+        handle.result()
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(checkpoint_module._engine, "save", save)
+        with pytest.raises(PortalError, match="deadlock"):
+            _portal.run_sync(on_loop)
+        release.set()
+        cp.close()
+
+
+def test_snapshot_links_files_on_the_same_filesystem_and_copies_on_request(tmp_path: Path) -> None:
+    tree = make_tree(tmp_path / "tree")
+    os.link(tree / "run.sh", tree / "run-again.sh")  # a hard link inside the tree stays one
+    linked = _snapshot.take(tree)
+    copied = _snapshot.take(tree, link=False)
+    scratches = [linked.scratch, copied.scratch]
+    try:
+        for shot in (linked, copied):
+            assert isinstance(shot.data, Path)
+            assert snapshot(shot.data) == snapshot(tree)
+            assert os.path.samefile(shot.data / "run.sh", shot.data / "run-again.sh")
+        assert linked.copied == 0 and linked.linked == 5
+        assert copied.linked == 0 and copied.copied == 5
+        assert os.path.samefile(linked.data / "private", tree / "private")  # type: ignore[operator]
+    finally:
+        linked.discard()
+        copied.discard()
+    assert all(scratch is not None and not scratch.exists() for scratch in scratches)
+
+
+def _run_script(code: str, tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent(code))
+    return subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env={**os.environ, **env},
+    )
+
+
+def test_interpreter_exit_waits_for_the_background_save_in_flight(tmp_path: Path) -> None:
+    result = _run_script(
+        f"""
+        import os, pathlib
+        from checkpointio import Checkpoint
+        root = pathlib.Path({str(tmp_path)!r})
+        tree = root / "tree"; tree.mkdir()
+        for i in range(4):
+            (tree / f"shard-{{i}}").write_bytes(os.urandom(4 * 1024 * 1024))
+        handle = Checkpoint(root / "ckpt", chunk_size=256 * 1024).save_sync(tree, wait=False)
+        print("returned before the upload:", not handle.done())
+        # the script ends here: exit must not drop the checkpoint
+        """,
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "returned before the upload: True" in result.stdout
+    with Checkpoint(tmp_path / "reader", src=tmp_path / "ckpt") as cp:
+        restored = cp.load_sync()
+        assert restored is not None
+        assert sorted(path.name for path in restored.iterdir()) == [f"shard-{i}" for i in range(4)]
+
+
+def test_interpreter_exit_logs_a_background_failure_nobody_retrieved(tmp_path: Path) -> None:
+    result = _run_script(
+        f"""
+        import pathlib
+        from checkpointio import Checkpoint
+        root = pathlib.Path({str(tmp_path)!r})
+        (root / "a-file").write_text("not a folder")
+        Checkpoint(root / "a-file" / "ckpt").save_sync(b"data", wait=False)
+        """,
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "background save to" in result.stderr and "failed" in result.stderr
+
+
+def test_interpreter_exit_waits_only_as_long_as_its_bound(tmp_path: Path) -> None:
+    result = _run_script(
+        f"""
+        import anyio, pathlib
+        import checkpointio._checkpoint as module
+        from checkpointio import Checkpoint
+
+        async def stuck(*args):
+            await anyio.sleep(600)
+
+        module._engine.save = stuck
+        Checkpoint(pathlib.Path({str(tmp_path)!r}) / "ckpt").save_sync(b"data", wait=False)
+        """,
+        tmp_path,
+        CHECKPOINTIO_EXIT_TIMEOUT="1",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "did not finish within 1 s of exit" in result.stderr
+
+
+def test_a_task_attempt_that_fails_right_after_a_background_save_is_resumed_from_it(
+    store: StoreCase, tmp_path: Path
+) -> None:
+    from checkpointio import TaskEnvironment, ctx
+
+    seen: list[bytes | None] = []
+
+    @TaskEnvironment("bg", storage=store.uri("root")).task(retries=1)
+    def job() -> None:
+        cp = ctx().checkpoint
+        assert cp is not None
+        previous = cp.load_sync()
+        seen.append(previous.read_bytes() if previous else None)
+        if ctx().attempt == 0:
+            cp.save_sync(b"saved in the background" * 1000, wait=False)
+            raise RuntimeError("dies while the upload runs")
+
+    job()
+    assert seen == [None, b"saved in the background" * 1000]
+
+
+def test_a_task_whose_last_background_save_failed_is_retried(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from checkpointio import TaskEnvironment, ctx
+
+    failing_engine(monkeypatch, b"doomed")
+    attempts: list[int | None] = []
+
+    @TaskEnvironment("bg", storage=str(tmp_path / "root")).task(retries=1)
+    def job() -> None:
+        cp = ctx().checkpoint
+        assert cp is not None
+        attempts.append(ctx().attempt)
+        cp.save_sync(b"doomed" if ctx().attempt == 0 else b"fine", wait=False)
+
+    job()
+    assert attempts == [0, 1]

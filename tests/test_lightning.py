@@ -1,0 +1,111 @@
+"""Lightning: a run killed part-way resumes under @env.task with the same steps and identical weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from checkpointio import Checkpoint, TaskEnvironment, ctx
+
+from .conftest import StoreCase
+
+torch = pytest.importorskip("torch")
+L = pytest.importorskip("lightning.pytorch")
+
+from checkpointio.lightning import CheckpointioCallback, CheckpointioIO  # noqa: E402
+
+EPOCHS = 4
+
+
+class Tiny(L.LightningModule):  # type: ignore[misc]
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        x, y = batch
+        return torch.nn.functional.mse_loss(self.net(x), y)
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.Adam(self.parameters(), lr=0.01)
+
+
+def loader() -> Any:
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(24, 8, generator=generator)
+    y = x.sum(dim=1, keepdim=True)
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4, shuffle=False)
+
+
+class CrashAt(L.Callback):  # type: ignore[misc]
+    """Kills the first attempt part-way through an epoch."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
+        if ctx().attempt == 0 and trainer.global_step == self.step:
+            raise RuntimeError(f"node lost at step {self.step}")
+
+
+def trainer(callbacks: list[Any], **kwargs: Any) -> Any:
+    settings: dict[str, Any] = {
+        "max_epochs": EPOCHS,
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "deterministic": True,
+    }
+    return L.Trainer(callbacks=callbacks, **{**settings, **kwargs})
+
+
+def uninterrupted() -> tuple[int, dict[str, Any]]:
+    model = Tiny()
+    run = trainer([])
+    run.fit(model, loader())
+    return run.global_step, model.state_dict()
+
+
+def test_a_killed_lightning_run_resumes_with_the_same_steps_and_identical_weights(store: StoreCase) -> None:
+    expected_steps, expected_weights = uninterrupted()
+    resumed: list[str | None] = []
+
+    @TaskEnvironment("lightning", storage=store.uri("runs")).task(retries=1)
+    def train() -> tuple[int, dict[str, Any]]:
+        saver = CheckpointioCallback(keep_last=2)
+        model = Tiny()
+        run = trainer([saver, CrashAt(step=15)])  # 6 steps per epoch: dies in the third epoch
+        ckpt_path = saver.ckpt_path
+        resumed.append(ckpt_path)
+        run.fit(model, loader(), ckpt_path=ckpt_path)
+        kept = sorted(path.name for path in saver.dirpath.glob("*.ckpt"))
+        assert kept == ["epoch=2-step=18.ckpt", "epoch=3-step=24.ckpt"]
+        return run.global_step, model.state_dict()
+
+    steps, weights = train()
+    assert resumed[0] is None and resumed[1] is not None and resumed[1].endswith("epoch=1-step=12.ckpt")
+    assert steps == expected_steps == EPOCHS * 6
+    assert all(torch.equal(weights[name], value) for name, value in expected_weights.items())
+
+
+def test_the_checkpoint_io_plugin_stores_lightnings_files(tmp_path: Path) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    for background in (True, False):
+        cp = Checkpoint(tmp_path / f"store-{background}")
+        plugin = CheckpointioIO(cp, background=background)
+        files = tmp_path / f"files-{background}"
+        saver = ModelCheckpoint(dirpath=files, save_top_k=-1, every_n_epochs=1)
+        trainer([saver], plugins=[plugin], enable_checkpointing=True).fit(Tiny(), loader())
+        cp.close()
+        with Checkpoint(tmp_path / "reader", src=cp.dest) as reader:
+            restored = reader.load_sync()
+            assert restored is not None
+            names = sorted(path.name for path in restored.glob("*.ckpt"))
+        assert names == sorted(path.name for path in files.glob("*.ckpt")) and len(names) == EPOCHS

@@ -1,0 +1,76 @@
+"""PyTorch helpers: model + optimizer + step round trips through every store, streamed or in the background."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from checkpointio import Checkpoint
+
+from .conftest import StoreCase
+
+torch = pytest.importorskip("torch")
+
+from checkpointio.torch import load_state, load_state_async, save_state, save_state_async  # noqa: E402
+
+
+def tiny() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    return model, optimizer
+
+
+def train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: int) -> None:
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x = torch.randn(4, 8, generator=generator)
+        loss = model(x).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+
+
+def test_importing_checkpointio_does_not_import_torch() -> None:
+    code = "import sys, checkpointio; assert 'torch' not in sys.modules and 'lightning' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
+
+
+def test_state_round_trips_streamed_through_every_store(store: StoreCase) -> None:
+    model, optimizer = tiny()
+    train_steps(model, optimizer, 3)
+    save_state(Checkpoint(store.uri("a")), model, optimizer, step=3, extra={"epoch": 1}, chunk_size=4096)
+    restored_model, restored_optimizer = tiny()
+    with Checkpoint(store.uri("b"), src=store.uri("a")) as cp:
+        state = load_state(cp, restored_model, restored_optimizer)
+    assert state is not None and state["step"] == 3 and state["extra"] == {"epoch": 1}
+    assert same_weights(model, restored_model)
+    assert restored_optimizer.state_dict()["state"][0]["step"] == optimizer.state_dict()["state"][0]["step"]
+
+
+async def test_background_state_save_keeps_the_weights_at_the_call(store: StoreCase) -> None:
+    model, optimizer = tiny()
+    train_steps(model, optimizer, 2)
+    expected = {name: value.clone() for name, value in model.state_dict().items()}
+    async with Checkpoint(store.uri("a")) as cp:
+        handle = await save_state_async(cp, model, optimizer, step=2, wait=False)
+        train_steps(model, optimizer, 5)  # training goes on while the upload runs
+        await handle
+    restored, _ = tiny()
+    async with Checkpoint(store.uri("b"), src=store.uri("a")) as cp:
+        state = await load_state_async(cp, restored)
+    assert state is not None and state["step"] == 2
+    assert all(torch.equal(restored.state_dict()[name], value) for name, value in expected.items())
+
+
+def test_load_state_without_a_checkpoint_is_none() -> None:
+    model, _ = tiny()
+    assert load_state(None, model) is None
+    with Checkpoint("memory://torch-none/b", src="memory://torch-none/a") as cp:
+        assert load_state(cp, model) is None
