@@ -8,8 +8,8 @@ Three datasets, each a pure function of its size and seed (the same arguments gi
   folders ``part_NN/group_NN/file_NNNNN.txt``; gzip shrinks it about 3x.
 * a **single large file** of float32 noise.
 
-:func:`subset_tree` builds a smaller tree of hard links to part of a larger one (no new data is
-written), which is how the runner compares peak memory on a tree and on a tree four times larger.
+:func:`grow_tree` builds a tree four times larger (hard links to the original plus three more
+generated copies with other seeds), on which the runner checks that peak memory stays flat.
 
 Run alone to make the datasets somewhere to look at::
 
@@ -34,8 +34,8 @@ __all__ = [
     "make_big_file",
     "make_small_files",
     "make_tensor_tree",
+    "grow_tree",
     "manifest",
-    "subset_tree",
     "verify_file",
     "verify_tree",
 ]
@@ -158,20 +158,24 @@ def make_big_file(path: Path, mib: float = 512, seed: int = 2) -> Dataset:
     return Dataset("big-file", path, path.stat().st_size, 1)
 
 
-def subset_tree(source: Dataset, dest: Path, fraction: float = 0.25) -> Dataset:
-    """Hard links to the first files of ``source`` (in path order) holding ``fraction`` of its bytes."""
-    budget = source.size * fraction
-    taken = 0
+def grow_tree(source: Dataset, dest: Path, factor: int = 4) -> Dataset:
+    """A tree ``factor`` times the size of a generated ``source``: ``dest/0`` holds hard links to
+    ``source`` (no data written) and ``dest/1`` .. ``dest/{factor - 1}`` new data of the same kind
+    with other seeds. Every file is distinct, so an archive of it is ``factor`` times as large."""
     for rel, size in manifest(source.path).items():
-        if not isinstance(size, int) or size < 0:
-            continue
-        if taken >= budget:
-            break
-        target = dest / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.link(source.path / rel, target)
-        taken += size
-    return _describe(f"{source.name}/{round(1 / fraction)}", dest)
+        target = dest / "0" / rel
+        if size == -1:
+            target.mkdir(parents=True, exist_ok=True)
+        elif isinstance(size, int):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.link(source.path / rel, target)
+    mib = source.size / MiB
+    for copy in range(1, factor):
+        if source.name == "tensors":
+            make_tensor_tree(dest / str(copy), mib, seed=100 + copy)
+        else:
+            make_small_files(dest / str(copy), source.files, mib, seed=100 + copy)
+    return _describe(f"{source.name} x{factor}", dest)
 
 
 def _describe(name: str, root: Path) -> Dataset:

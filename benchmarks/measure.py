@@ -56,6 +56,8 @@ class Sample:
         cpu: User plus system CPU seconds of the step's processes (all threads).
         peak_rss: Peak resident set size in bytes (the largest process, for a pipeline).
         server_cpu: CPU seconds the S3 server spent meanwhile (0 without a server).
+        other_cpu: CPU seconds the rest of the machine spent meanwhile (other users' processes;
+            also the worker's interpreter start-up): a measure of how disturbed the sample is.
         extra: Other numbers the worker reported (for example ``worst_gap_ms``).
     """
 
@@ -63,6 +65,7 @@ class Sample:
     cpu: float
     peak_rss: int
     server_cpu: float
+    other_cpu: float
     extra: dict[str, float] = field(default_factory=dict)
 
 
@@ -77,6 +80,16 @@ class Unsupported(Exception):
 def _kill_group(pid: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGKILL)
+
+
+def machine_cpu_seconds() -> float:
+    """Busy CPU seconds of the whole machine since boot, all cores (from ``/proc/stat``)."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return 0.0
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(value) for value in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def _tail(path: Path, lines: int = 15) -> str:
@@ -115,7 +128,7 @@ class Runner:
             argv = [sys.executable, "-m", "benchmarks.worker", json.dumps({**step.spec, "result": str(result)})]
         else:
             argv = ["bash", "-c", "set -euo pipefail\n" + step.script]
-        server_before = self.server_cpu()
+        server_before, machine_before = self.server_cpu(), machine_cpu_seconds()
         with open(log, "wb") as output:
             child = subprocess.Popen(
                 [sys.executable, "-I", "-S", str(LAUNCHER), str(usage_file), *argv],
@@ -133,11 +146,13 @@ class Runner:
             finally:
                 timer.cancel()
         server_cpu = self.server_cpu() - server_before
+        machine_cpu = machine_cpu_seconds() - machine_before
         if child.returncode != 0:
             raise StepFailed(f"{label}: exit status {child.returncode}; last output ({log}):\n{_tail(log)}")
         usage = json.loads(usage_file.read_text())
+        other_cpu = max(0.0, machine_cpu - usage["cpu"] - server_cpu)
         if isinstance(step, ShellStep):
-            return Sample(usage["wall"], usage["cpu"], usage["peak_rss"], server_cpu)
+            return Sample(usage["wall"], usage["cpu"], usage["peak_rss"], server_cpu, other_cpu)
         try:
             reported: dict[str, Any] = json.loads(result.read_text())
         except (OSError, ValueError) as error:
@@ -145,4 +160,5 @@ class Runner:
         if "unsupported" in reported:
             raise Unsupported(str(reported["unsupported"]))
         extra = {k: float(v) for k, v in reported.items() if k not in ("wall", "cpu")}
-        return Sample(float(reported["wall"]), float(reported["cpu"]), usage["peak_rss"], server_cpu, extra)
+        wall, cpu = float(reported["wall"]), float(reported["cpu"])
+        return Sample(wall, cpu, usage["peak_rss"], server_cpu, other_cpu, extra)

@@ -238,10 +238,11 @@ def tar_compress_s5cmd(name: str, compressor: str | None) -> Pipeline:
     return Pipeline(name, needs, save, load)
 
 
-def s5cmd_cp(name: str) -> Pipeline:
+def s5cmd_cp(name: str, *, archive: bool = False) -> Pipeline:
     """``s5cmd cp`` of a ready-made archive (made before timing) up and down: transfer only.
 
-    For a directory the archive is ``context.archives[dataset.name]``; for a file, the file.
+    For a directory the archive is ``context.archives[dataset.name]`` (made with tar, hence
+    ``archive=True`` for the directory rows); for a file, the file itself.
     """
 
     def source(context: Context, dataset: Dataset) -> Path:
@@ -256,7 +257,8 @@ def s5cmd_cp(name: str) -> Pipeline:
         folder = shlex.quote(str(restore_dir))
         return ShellStep(f"mkdir -p {folder}\n{context.s5cmd()} cp {shlex.quote(place.uri)} {target}")
 
-    return Pipeline(name, ("s5cmd",), save, load, restored=lambda _, folder: folder / "object", expected=source)
+    needs = ("s5cmd", "tar") if archive else ("s5cmd",)
+    return Pipeline(name, needs, save, load, restored=lambda _, folder: folder / "object", expected=source)
 
 
 def tar_compress_local(name: str, compressor: str, *, sync: bool = False) -> Pipeline:

@@ -17,7 +17,6 @@ import asyncio
 import json
 import os
 import resource
-import shutil
 import sys
 import tarfile
 import tempfile
@@ -87,9 +86,9 @@ def ours_save(spec: Spec) -> Result:
         checkpoint = _checkpoint(spec)
     except TypeError as error:
         return {"unsupported": str(error)}
-    data: bytes | Path = Path(spec["src"])
-    if spec.get("as_bytes"):
-        data = data.read_bytes()  # before the clock starts: the bytes are the task's state
+    source = Path(spec["src"])
+    # as_bytes: read before the clock starts, as the bytes are the task's state already in memory
+    data: bytes | Path = source.read_bytes() if spec.get("as_bytes") else source
     if spec.get("ticker"):
         return asyncio.run(_with_ticker(lambda: checkpoint.save(data), lambda: checkpoint.save(data)))
     return _timed(lambda: checkpoint.save_sync(data))
@@ -102,12 +101,8 @@ def ours_load(spec: Spec) -> Result:
     except TypeError as error:
         return {"unsupported": str(error)}
     if spec.get("ticker"):
-        warm_workspace = Path(spec["workspace"] + "-warm")
-        again = _checkpoint(spec, src=spec["src"], workspace=warm_workspace)
-        try:
-            return asyncio.run(_with_ticker(checkpoint.load, again.load))
-        finally:
-            shutil.rmtree(warm_workspace, ignore_errors=True)
+        again = _checkpoint(spec, src=spec["src"], workspace=spec["workspace"] + "-warm")  # left for the runner
+        return asyncio.run(_with_ticker(checkpoint.load, again.load))
 
     def load() -> None:
         restored = checkpoint.load_sync()
