@@ -114,8 +114,8 @@ class Checkpoint:
             self._workspace = Path(tempfile.mkdtemp(prefix="checkpointio-"))
         return self._workspace
 
-    def _store(self, location: Location) -> Store:
-        return open_store(location.scheme, self._config)
+    async def _store(self, location: Location) -> Store:
+        return await open_store(location.scheme, self._config)
 
     async def load(self) -> Path | None:
         """Restore the previous attempt's checkpoint into ``cp.path``.
@@ -139,7 +139,7 @@ class Checkpoint:
         for location in self._sources:
             try:
                 restored = await _engine.load(
-                    self._store(location), location, self.path, self._config, self._on_progress
+                    await self._store(location), location, self.path, self._config, self._on_progress
                 )
             except CorruptCheckpointError as error:
                 errors.append(error)
@@ -199,7 +199,7 @@ class Checkpoint:
         callback = on_progress or self._on_progress
         if wait:
             await self._settle(supersede)
-            await _engine.save(open_store(self._dest.scheme, config), self._dest, data, config, callback)
+            await _engine.save(await open_store(self._dest.scheme, config), self._dest, data, config, callback)
             return SaveHandle(self.dest)
         snapshot = await anyio.to_thread.run_sync(functools.partial(_snapshot.take, data))
         try:
@@ -215,7 +215,7 @@ class Checkpoint:
         """Save what ``writer`` writes into a file object (in a worker thread), streamed, as a file."""
         config = self._config.with_options(**options)
         await self._settle(False)
-        store = open_store(self._dest.scheme, config)
+        store = await open_store(self._dest.scheme, config)
         await _engine.save_written(store, self._dest, writer, config, self._on_progress)
 
     async def _settle(self, supersede: bool) -> None:
@@ -234,7 +234,7 @@ class Checkpoint:
         self, snapshot: _snapshot.Snapshot, config: TransferConfig, on_progress: ProgressCallback | None
     ) -> None:
         try:
-            store = open_store(self._dest.scheme, config)
+            store = await open_store(self._dest.scheme, config)
             await _engine.save(store, self._dest, snapshot.data, config, on_progress)
         finally:
             with anyio.CancelScope(shield=True):
@@ -257,7 +257,7 @@ class Checkpoint:
     async def prev_exists(self) -> bool:
         """Whether the previous attempt left a checkpoint to restore."""
         for location in self._sources:
-            if await self._store(location).head(location) is not None:
+            if await (await self._store(location)).head(location) is not None:
                 return True
         return False
 

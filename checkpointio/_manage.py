@@ -42,7 +42,7 @@ def parse_prefix(uri: str) -> Location:
 async def list_checkpoints(prefix: str, config: TransferConfig) -> list[ObjectInfo]:
     """The objects under ``prefix`` with their records (kind, size, CRC32) where they have one."""
     location = parse_prefix(prefix)
-    store = open_store(location.scheme, config)
+    store = await open_store(location.scheme, config)
     infos = await store.list(location)
     slots = anyio.Semaphore(_HEADS_AT_ONCE)
     full: list[ObjectInfo | None] = list(infos)
@@ -66,7 +66,7 @@ async def remove(uri: str, config: TransferConfig) -> None:
         CheckpointNotFoundError: There is none.
     """
     location = parse_location(uri)
-    if not await open_store(location.scheme, config).delete(location):
+    if not await (await open_store(location.scheme, config)).delete(location):
         raise CheckpointNotFoundError(f"{location.uri}: no such checkpoint", uri=location.uri)
 
 
@@ -78,7 +78,7 @@ async def verify(uri: str, config: TransferConfig, on_progress: ProgressCallback
         CorruptCheckpointError: It does not read back whole (checksum, truncation, unsafe entries).
     """
     location = parse_location(uri)
-    info = await _engine.verify(open_store(location.scheme, config), location, config, on_progress)
+    info = await _engine.verify(await open_store(location.scheme, config), location, config, on_progress)
     if info is None:
         raise CheckpointNotFoundError(f"{location.uri}: no such checkpoint", uri=location.uri)
     return info
@@ -130,7 +130,7 @@ async def restore(
     target = await anyio.to_thread.run_sync(prepare)
     staging = target.with_name(f".{target.name}.checkpointio-partial-{uuid.uuid4().hex}")
     try:
-        store = open_store(location.scheme, config)
+        store = await open_store(location.scheme, config)
         restored = await _engine.load(store, location, staging, config, on_progress)
         if restored is None:
             raise CheckpointNotFoundError(f"{location.uri}: no such checkpoint", uri=location.uri)
@@ -158,7 +158,7 @@ async def collect_garbage(
     was (or, with ``dry_run``, would be) discarded.
     """
     location = parse_prefix(prefix)
-    store = open_store(location.scheme, config)
+    store = await open_store(location.scheme, config)
     cutoff = time.time() - older_than
     stale = [write for write in await store.pending(location) if write.started is None or write.started <= cutoff]
     if dry_run:

@@ -121,7 +121,7 @@ class _Run:
 
     async def discover(self) -> None:
         """List the attempts of this run that saved a checkpoint (after a restart: the old ones)."""
-        store = open_store(self.root.scheme, self.config)
+        store = await open_store(self.root.scheme, self.config)
         found = await store.list(self.root.child("attempt-"))
         numbers = (_ATTEMPT.search(info.location.key) for info in found)
         self.saved = sorted({int(match.group(1)) for match in numbers if match})
@@ -138,7 +138,7 @@ class _Run:
         if self.keep_last is None:
             return
         await self.discover()
-        store = open_store(self.root.scheme, self.config)
+        store = await open_store(self.root.scheme, self.config)
         for attempt in self.saved[: -self.keep_last] if self.keep_last else self.saved:
             await store.delete(self.attempt_location(attempt))
 

@@ -208,9 +208,15 @@ class _Extraction:
             self._dirs.add(parent)
             parent = os.path.dirname(parent)
 
-    def clear(self, path: str) -> None:
-        """Remove what an earlier entry of the same name left, unless it is a folder."""
-        if self._write and os.path.lexists(path) and not (os.path.isdir(path) and not os.path.islink(path)):
+    def clear(self, rel: str, path: str) -> None:
+        """Remove what an earlier entry of the same name left, unless it is a folder.
+
+        The destination starts empty, so only a name this archive already wrote can be there:
+        no ``stat`` for the others (one system call less per file).
+        """
+        if not self._write or not (rel in self._files or rel in self._links or rel in self._dirs):
+            return
+        if os.path.lexists(path) and not (os.path.isdir(path) and not os.path.islink(path)):
             os.unlink(path)
 
     def run(self) -> None:
@@ -270,12 +276,12 @@ class _Extraction:
             return
         self.make_parents(rel)
         if kind in _FILE_TYPES:
-            self.clear(path)
+            self.clear(rel, path)
             self.write_file(path, size, mode, mtime)
             self._files.add(rel)
         elif kind == b"5":
             if self._write and (not os.path.isdir(path) or os.path.islink(path)):
-                self.clear(path)
+                self.clear(rel, path)
                 os.mkdir(path, 0o700)
             self._dirs.add(rel)
             self._dir_attrs.append((path, mode & 0o755 | 0o700, mtime))
@@ -286,7 +292,7 @@ class _Extraction:
             target = os.path.normpath(os.path.join(os.path.dirname(rel), link))
             if target == ".." or target.startswith("../"):
                 raise UnsafeArchiveError(f"symlink {name!r} -> {link!r} points outside the destination")
-            self.clear(path)
+            self.clear(rel, path)
             if self._write:
                 os.symlink(link, path)
                 os.utime(path, (mtime, mtime), follow_symlinks=False)
@@ -296,7 +302,7 @@ class _Extraction:
             source = self.inside(link, "hard link target")
             if source not in self._files:
                 raise UnsafeArchiveError(f"hard link {name!r} -> {link!r} is not to a file extracted before")
-            self.clear(path)
+            self.clear(rel, path)
             if self._write:
                 os.link(os.path.join(self._dest, source), path)
             self._files.add(rel)

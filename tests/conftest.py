@@ -181,7 +181,11 @@ class StoreCase:
         from checkpointio._stores import open_store
 
         location = parse_location(self.uri(prefix))
-        infos = anyio.run(open_store(location.scheme, TransferConfig()).list, location)
+
+        async def listing() -> list[Any]:
+            return await (await open_store(location.scheme, TransferConfig())).list(location)
+
+        infos = anyio.run(listing)
         base = location.key.rstrip("/") + "/"
         return [info.location.key[len(base) :] for info in infos if info.location.key.startswith(base)]
 

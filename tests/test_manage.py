@@ -174,7 +174,7 @@ async def test_gc_aborts_only_unfinished_saves_older_than_the_cutoff(store: Stor
     assert [write.location.uri for write in aborted] == [store.uri("killed")]
     assert store.partial_writes() == 0
     location = parse_location(store.uri("done"))
-    assert await open_store(location.scheme, CONFIG).head(location) is not None  # the finished one stays
+    assert await (await open_store(location.scheme, CONFIG)).head(location) is not None  # the finished one stays
 
 
 def test_progress_is_reported_by_the_sync_twins_too(tmp_path: Path) -> None:

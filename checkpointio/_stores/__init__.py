@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import sys
+
+import anyio.to_thread
 
 from .._config import TransferConfig
 from ._base import Body, Digest, Kind, ObjectInfo, PendingWrite, Record, Sink, Store
@@ -33,13 +37,19 @@ def schemes() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def open_store(scheme: str, config: TransferConfig) -> Store:
-    """The store for ``scheme``, configured by ``config``."""
+async def open_store(scheme: str, config: TransferConfig) -> Store:
+    """The store for ``scheme``, configured by ``config``.
+
+    A store's module is imported on first use in a worker thread: importing aiobotocore takes a
+    few hundred milliseconds that would otherwise stall the event loop.
+    """
     try:
         target = _REGISTRY[scheme]
     except KeyError:
         raise ValueError(f"no store handles {scheme!r} URIs; known: {schemes()}") from None
     module_name, _, class_name = target.partition(":")
-    module = importlib.import_module(module_name, __name__)
+    module = sys.modules.get(importlib.util.resolve_name(module_name, __name__))
+    if module is None:
+        module = await anyio.to_thread.run_sync(importlib.import_module, module_name, __name__)
     store: Store = getattr(module, class_name)(config)
     return store

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import io
 import logging
 import os
 import random
@@ -131,6 +132,21 @@ def _translate(error: Exception, location: Location, action: str) -> Exception:
     return error  # not ours to reinterpret
 
 
+async def _read_blocks(body: Any) -> list[bytes]:
+    """A response body as the blocks the connection received, not joined into one bytes.
+
+    aiohttp's ``readany`` hands over its buffers without copying; ``read()`` would join a whole
+    range (16 MiB) into fresh memory on the event loop.
+    """
+    content = getattr(getattr(body, "raw_stream", None), "content", None)
+    if content is None or not hasattr(content, "readany"):  # pragma: no cover - another HTTP backend
+        return [await body.read()]
+    blocks: list[bytes] = []
+    while block := await content.readany():
+        blocks.append(block)
+    return blocks
+
+
 class _Clients:
     """One aiobotocore client per (event loop, settings), closed with its loop."""
 
@@ -185,7 +201,7 @@ class _Clients:
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
         )
-        session = AioSession(profile=config.profile)
+        session = await anyio.to_thread.run_sync(_prepared_session, config.profile)
         try:
             async with session.create_client(
                 "s3", endpoint_url=endpoint, region_name=config.region_name, config=botocore_config
@@ -196,6 +212,47 @@ class _Clients:
 
 
 _clients = _Clients()
+
+
+def _prepared_session(profile: str | None) -> AioSession:
+    """A session with S3's service model and endpoint rules already parsed.
+
+    Creating a client parses ~150 ms of botocore JSON; done here, in a worker thread, the client
+    itself is then created on the event loop in a few milliseconds instead of stalling it.
+    """
+    session = AioSession(profile=profile)
+    try:
+        loader = session.get_component("data_loader")
+        loader.list_available_services("service-2")
+        loader.load_service_model("s3", "service-2")
+        loader.load_service_model("s3", "endpoint-rule-set-1")
+        loader.load_data("partitions")
+        loader.load_data("sdk-default-configuration")
+        session._get_internal_component("endpoint_resolver")
+    except Exception as error:  # pragma: no cover - botocore internals moved: merely slower
+        logger.debug("checkpointio: could not preload botocore data: %s", error)
+    return session
+
+
+Pieces = list[bytes | memoryview]
+#: A response body as the connection received it (S3Store.list shadows ``list`` in the class).
+Blocks = list[bytes]
+
+
+def _cut(pieces: Pieces, size: int) -> tuple[Pieces, Pieces]:
+    """Split a list of byte pieces after ``size`` bytes, slicing (not copying) the piece that straddles."""
+    taken: Pieces = []
+    held = 0
+    for index, piece in enumerate(pieces):
+        if held + len(piece) > size:
+            view = memoryview(piece)
+            cut = size - held
+            if cut:
+                taken.append(view[:cut])
+            return taken, [view[cut:], *pieces[index + 1 :]]
+        taken.append(piece)
+        held += len(piece)
+    return taken, []
 
 
 class S3Store:
@@ -318,26 +375,34 @@ class S3Store:
         else:
             part_size = config.part_size
         stream = aiter(body)
-        first = bytearray()
+        # Chunks are gathered as a list and joined in a worker thread: growing one buffer on the
+        # event loop would copy every byte there, two or three times.
+        first: Pieces = []
+        held = 0
         ended = False
-        while len(first) < max(part_size, config.multipart_threshold):
+        while held < max(part_size, config.multipart_threshold):
             try:
-                first += await anext(stream)
+                chunk = await anext(stream)
             except StopAsyncIteration:
                 ended = True
                 break
-        if ended and len(first) < config.multipart_threshold:
-            return await self._put_single(location, bytes(first), record.completed(body.digest))
+            first.append(chunk)
+            held += len(chunk)
+        if ended and held < config.multipart_threshold:
+            return await self._put_single(location, first, record.completed(body.digest))
         return await self._put_multipart(location, body, stream, first, record, part_size)
 
-    def _checksum_headers(self, data: bytes, crc: int | None = None) -> dict[str, str]:
+    def _join_and_checksum(self, pieces: Pieces, crc: int | None = None) -> tuple[bytes, dict[str, str]]:
+        """Worker thread: one part's bytes and the checksum header the server verifies."""
+        data = pieces[0] if len(pieces) == 1 and isinstance(pieces[0], bytes) else b"".join(pieces)
+        pieces.clear()
         if self._config.flexible_checksums:
-            return {"ChecksumCRC32": _crc32_b64(_codec.crc32(data) if crc is None else crc)}
-        return {"ContentMD5": _b64(hashlib.md5(data).digest())}
+            return data, {"ChecksumCRC32": _crc32_b64(_codec.crc32(data) if crc is None else crc)}
+        return data, {"ContentMD5": _b64(hashlib.md5(data).digest())}
 
-    async def _put_single(self, location: Location, data: bytes, record: Record) -> ObjectInfo:
+    async def _put_single(self, location: Location, pieces: Pieces, record: Record) -> ObjectInfo:
         client = await self._client()
-        headers = await anyio.to_thread.run_sync(self._checksum_headers, data, record.crc32)
+        data, headers = await anyio.to_thread.run_sync(self._join_and_checksum, pieces, record.crc32)
         try:
             response = await client.put_object(
                 Bucket=location.bucket, Key=location.key, Body=data, Metadata=record.to_metadata(), **headers
@@ -351,7 +416,7 @@ class S3Store:
         location: Location,
         body: Body,
         stream: AsyncIterator[bytes],
-        first: bytearray,
+        first: Pieces,
         record: Record,
         part_size: int,
     ) -> ObjectInfo:
@@ -371,15 +436,19 @@ class S3Store:
         parts: dict[int, dict[str, Any]] = {}
         slots = anyio.Semaphore(config.max_concurrency)
 
-        async def upload_part(number: int, data: bytes) -> None:
+        async def upload_part(number: int, pieces: Pieces) -> None:
             try:
-                headers = await anyio.to_thread.run_sync(self._checksum_headers, data)
+                data, headers = await anyio.to_thread.run_sync(self._join_and_checksum, pieces)
                 response = await client.upload_part(
                     Bucket=location.bucket,
                     Key=location.key,
                     UploadId=upload_id,
                     PartNumber=number,
-                    Body=data,
+                    # A file object, not bytes: aiohttp then writes it in 64 KiB pieces as the
+                    # socket drains, where bytes would be copied whole into the transport's buffer
+                    # (and shifted down after every send) on the event loop. botocore seeks back
+                    # to resend it on a retry, and asks for "100-continue" before sending.
+                    Body=io.BytesIO(data),
                     **headers,
                 )
                 part: dict[str, Any] = {"PartNumber": number, "ETag": response["ETag"]}
@@ -393,28 +462,33 @@ class S3Store:
 
         try:
             await anyio.lowlevel.checkpoint()  # a cancellation that arrived during the shield
-            buffer = first
+            pieces = first
+            held = sum(len(piece) for piece in pieces)
             number = 0
             total = 0
             with one_error():
                 async with anyio.create_task_group() as group:
                     ended = False
-                    while not ended or buffer:
+                    while not ended or pieces:
                         size = part_size if body.size is not None else part_size_for_stream(number, part_size)
-                        while not ended and len(buffer) < size:
+                        while not ended and held < size:
                             try:
-                                buffer += await anext(stream)
+                                chunk = await anext(stream)
                             except StopAsyncIteration:
                                 ended = True
-                        if not buffer:
+                                break
+                            pieces.append(chunk)
+                            held += len(chunk)
+                        if not pieces:
                             break
-                        data = bytes(buffer[:size])
-                        del buffer[:size]
+                        part, pieces = _cut(pieces, size)
+                        length = min(size, held)
+                        held -= length
                         number += 1
-                        total += len(data)
+                        total += length
                         check_object_size(total, location.uri)
                         await slots.acquire()  # at most max_concurrency parts in flight
-                        group.start_soon(upload_part, number, data)
+                        group.start_soon(upload_part, number, part)
             complete: dict[str, Any] = {"MultipartUpload": {"Parts": [parts[n] for n in sorted(parts)]}}
             if config.flexible_checksums:
                 complete.update(ChecksumCRC32=_crc32_b64(body.digest.crc32), ChecksumType="FULL_OBJECT")
@@ -459,7 +533,7 @@ class S3Store:
             data = await self._get_range(client, info, None)
             await self._deliver(data, sink)
             return
-        results: dict[int, bytes] = {}
+        results: dict[int, Blocks] = {}
         ready = [anyio.Event() for _ in spans]
         slots = anyio.Semaphore(config.max_concurrency)
 
@@ -481,16 +555,23 @@ class S3Store:
                     slots.release()
                     await self._deliver(data, sink)
 
-    async def _deliver(self, data: bytes, sink: Sink) -> None:
+    async def _deliver(self, blocks: Blocks, sink: Sink) -> None:
+        """Hand a range's blocks on in order, small ones gathered into chunks of about ``chunk_size``."""
         step = self._config.chunk_size
-        if len(data) <= step:
-            await sink(data)
-            return
-        view = memoryview(data)
-        for start in range(0, len(view), step):
-            await sink(bytes(view[start : start + step]))
+        group: list[bytes] = []
+        held = 0
+        for block in blocks:
+            group.append(block)
+            held += len(block)
+            if held >= step:
+                await sink(group[0] if len(group) == 1 else b"".join(group))
+                group.clear()
+                held = 0
+        if group:
+            await sink(group[0] if len(group) == 1 else b"".join(group))
+        blocks.clear()
 
-    async def _get_range(self, client: Any, info: ObjectInfo, span: tuple[int, int] | None) -> bytes:
+    async def _get_range(self, client: Any, info: ObjectInfo, span: tuple[int, int] | None) -> Blocks:
         """GET one range (or the whole object), pinned to the ETag; a failed read is retried alone."""
         location = info.location
         kwargs: dict[str, Any] = {"Bucket": location.bucket, "Key": location.key, "IfMatch": info.etag}
@@ -502,11 +583,12 @@ class S3Store:
         for attempt in range(attempts):
             try:
                 response = await client.get_object(**kwargs)
-                async with response["Body"] as stream:
-                    data: bytes = await stream.read()
-                if len(data) != expected:
-                    raise ResponseStreamingError(error=f"got {len(data)} of {expected} bytes")
-                return data
+                async with response["Body"] as body:
+                    blocks = await _read_blocks(body)
+                received = sum(len(block) for block in blocks)
+                if received != expected:
+                    raise ResponseStreamingError(error=f"got {received} of {expected} bytes")
+                return blocks
             except ClientError as error:
                 status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
                 if status == 404:
