@@ -47,6 +47,11 @@ def _checkpoint(spec: Spec, **kwargs: Any) -> Any:
     """A Checkpoint with the spec's options; ``TypeError`` means an option is not accepted."""
     from checkpointio import Checkpoint
 
+    if str(spec["dest"]).startswith("s3://"):
+        # checkpointio imports its S3 store (aiobotocore, ~0.4 s) on first use; import it now,
+        # outside the clock, as the boto3 rows import boto3 before theirs.
+        import checkpointio._stores._s3  # noqa: F401
+
     return Checkpoint(spec["dest"], **kwargs, **spec.get("options", {}))
 
 

@@ -392,24 +392,34 @@ class S3Store:
             return await self._put_single(location, first, record.completed(body.digest))
         return await self._put_multipart(location, body, stream, first, record, part_size)
 
-    def _join_and_checksum(self, pieces: Pieces, crc: int | None = None) -> tuple[bytes, dict[str, str]]:
-        """Worker thread: one part's bytes and the checksum header the server verifies."""
+    def _request_body(self, pieces: Pieces, crc: int | None = None) -> tuple[io.BytesIO, int, dict[str, str]]:
+        """Worker thread: one request's body, its size and the checksum header the server verifies.
+
+        The body is a file object, not bytes: aiohttp then writes it in 64 KiB pieces as the
+        socket drains, where bytes would be copied whole into the transport's buffer (and shifted
+        down after every send) on the event loop. Its buffer is made private here (``getbuffer``),
+        or aiohttp would do that copy on the loop. botocore seeks back to resend it on a retry.
+        """
         data = pieces[0] if len(pieces) == 1 and isinstance(pieces[0], bytes) else b"".join(pieces)
         pieces.clear()
         if self._config.flexible_checksums:
-            return data, {"ChecksumCRC32": _crc32_b64(_codec.crc32(data) if crc is None else crc)}
-        return data, {"ContentMD5": _b64(hashlib.md5(data).digest())}
+            headers = {"ChecksumCRC32": _crc32_b64(_codec.crc32(data) if crc is None else crc)}
+        else:
+            headers = {"ContentMD5": _b64(hashlib.md5(data).digest())}
+        body = io.BytesIO(data)
+        body.getbuffer().release()
+        return body, len(data), headers
 
     async def _put_single(self, location: Location, pieces: Pieces, record: Record) -> ObjectInfo:
         client = await self._client()
-        data, headers = await anyio.to_thread.run_sync(self._join_and_checksum, pieces, record.crc32)
+        body, size, headers = await anyio.to_thread.run_sync(self._request_body, pieces, record.crc32)
         try:
             response = await client.put_object(
-                Bucket=location.bucket, Key=location.key, Body=data, Metadata=record.to_metadata(), **headers
+                Bucket=location.bucket, Key=location.key, Body=body, Metadata=record.to_metadata(), **headers
             )
         except Exception as error:
             raise _translate(error, location, "upload the checkpoint") from error
-        return ObjectInfo(location, len(data), response["ETag"], record)
+        return ObjectInfo(location, size, response["ETag"], record)
 
     async def _put_multipart(
         self,
@@ -438,17 +448,13 @@ class S3Store:
 
         async def upload_part(number: int, pieces: Pieces) -> None:
             try:
-                data, headers = await anyio.to_thread.run_sync(self._join_and_checksum, pieces)
+                body, _, headers = await anyio.to_thread.run_sync(self._request_body, pieces)
                 response = await client.upload_part(
                     Bucket=location.bucket,
                     Key=location.key,
                     UploadId=upload_id,
                     PartNumber=number,
-                    # A file object, not bytes: aiohttp then writes it in 64 KiB pieces as the
-                    # socket drains, where bytes would be copied whole into the transport's buffer
-                    # (and shifted down after every send) on the event loop. botocore seeks back
-                    # to resend it on a retry, and asks for "100-continue" before sending.
-                    Body=io.BytesIO(data),
+                    Body=body,
                     **headers,
                 )
                 part: dict[str, Any] = {"PartNumber": number, "ETag": response["ETag"]}
