@@ -35,10 +35,12 @@ InflateError: tuple[type[Exception], ...] = (zlib.error, _isal.error) if _isal i
 
 __all__ = [
     "BACKEND",
+    "CAN_COMBINE",
     "InflateError",
     "MAX_MEMBER_OUTPUT",
     "OrderedPool",
     "crc32",
+    "crc32_combine",
     "encode_member",
     "inflate_member",
     "member_length",
@@ -65,6 +67,15 @@ def crc32(data: bytes | bytearray | memoryview, value: int = 0) -> int:
     if _isal is not None:
         return int(_isal.crc32(data, value))
     return zlib.crc32(data, value)
+
+
+#: Whether :func:`crc32_combine` is available (ISA-L has it; stdlib ``zlib`` does not expose it).
+CAN_COMBINE = _isal is not None and hasattr(_isal, "crc32_combine")
+
+
+def crc32_combine(first: int, second: int, second_length: int) -> int:
+    """The CRC32 of two pieces joined, from each piece's CRC32 (needs :data:`CAN_COMBINE`)."""
+    return int(_isal.crc32_combine(first, second, second_length))
 
 
 def _deflate(data: bytes | memoryview, level: int) -> bytes:

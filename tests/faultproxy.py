@@ -29,7 +29,7 @@ class Fault:
     """``action`` on the next ``times`` requests for which ``match(method, target)`` holds."""
 
     match: Match
-    action: str  # "503", "500", "reset_request", "reset_response", "stall"
+    action: str  # "503", "500", "reset_request", "reset_response", "stall", "flip" (a byte of the body)
     times: int = 1
     hits: int = 0
 
@@ -176,6 +176,10 @@ class FaultProxy:
             client.sendall(data[: len(data) // 2])
             _reset(client)
             return False
+        if action == "flip" and data:  # bit rot on the wire or in the store: same length, one byte off
+            flipped = bytearray(data)
+            flipped[len(flipped) // 2] ^= 0xFF
+            data = bytes(flipped)
         client.sendall(data)
         return rheaders.get("connection", "").lower() != "close"
 

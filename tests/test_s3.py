@@ -8,12 +8,14 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
+import anyio
 import pytest
 
 from checkpointio import (
     AccessDeniedError,
     BucketNotFoundError,
     Checkpoint,
+    ChecksumMismatchError,
     ConcurrentModificationError,
     MiB,
     ObjectTooLargeError,
@@ -226,3 +228,62 @@ async def test_one_client_is_reused_per_event_loop(bucket: str) -> None:
         await Checkpoint(f"s3://{bucket}/k{i}").save(b"x")
         await Checkpoint(f"s3://{bucket}/x", src=f"s3://{bucket}/k{i}").prev_exists()
     assert len(_clients._by_loop[asyncio.get_running_loop()]) == 1
+
+
+# -- single files restored range by range, each written at its offset as it arrives ------------
+
+
+async def test_a_large_file_is_written_range_by_range_and_checked_against_its_crc32(
+    moto_server: MotoServer, bucket: str, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    source = tmp_path / "weights.bin"
+    source.write_bytes(os.urandom(17 * MiB + 3))
+    options = {**SMALL_PARTS, "endpoint_url": proxy.endpoint}
+    await Checkpoint(f"s3://{bucket}/w", **options).save(source)
+    proxy.add(is_ranged_get(proxy), "reset_response", times=1)  # one range fails and is fetched again
+    async with Checkpoint(f"s3://{bucket}/x", src=f"s3://{bucket}/w", **options) as cp:
+        restored = await cp.load()
+        assert restored == cp.path / "payload"
+        assert restored.read_bytes() == source.read_bytes()
+        assert sorted(p.name for p in cp.path.iterdir()) == ["payload"]  # no staging file left
+
+
+async def test_a_large_file_with_a_corrupt_range_is_refused_and_not_presented(bucket: str, proxy: FaultProxy) -> None:
+    options = {**SMALL_PARTS, "endpoint_url": proxy.endpoint}
+    await Checkpoint(f"s3://{bucket}/w", **options).save(os.urandom(12 * MiB))
+    proxy.add(is_ranged_get(proxy), "flip", times=1)  # same length, one byte off: only the CRC32 tells
+    async with Checkpoint(f"s3://{bucket}/x", src=f"s3://{bucket}/w", **options) as cp:
+        with pytest.raises(ChecksumMismatchError, match="CRC32"):
+            await cp.load()
+        assert not cp.path.exists() or list(cp.path.iterdir()) == []
+    assert [entry["action"] for entry in proxy.log].count("flip") == 1
+
+
+async def test_a_large_file_replaced_while_its_ranges_are_fetched_is_detected(
+    moto_server: MotoServer, bucket: str
+) -> None:
+    await Checkpoint(f"s3://{bucket}/w", **SMALL_PARTS).save(os.urandom(11 * MiB))
+    store = S3Store(TransferConfig(**SMALL_PARTS))  # type: ignore[arg-type]
+    info = await store.head(parse_location(f"s3://{bucket}/w"))
+    assert info is not None
+    moto_server.client().put_object(Bucket=bucket, Key="w", Body=b"someone else's")
+    offsets: list[int] = []
+
+    async def sink(offset: int, blocks: list[bytes]) -> None:
+        offsets.append(offset)
+
+    with pytest.raises(ConcurrentModificationError, match="replaced while being read"):
+        await store.get_ranges(info, sink)
+    assert offsets == []
+
+
+async def test_cancelling_a_ranged_restore_leaves_no_partial_file(bucket: str, proxy: FaultProxy) -> None:
+    options = {**SMALL_PARTS, "endpoint_url": proxy.endpoint}
+    await Checkpoint(f"s3://{bucket}/w", **options).save(os.urandom(16 * MiB))
+    proxy.stall_seconds = 5
+    proxy.add(lambda method, target: method == "GET", "stall", times=100)
+    async with Checkpoint(f"s3://{bucket}/x", src=f"s3://{bucket}/w", **options) as cp:
+        with anyio.move_on_after(1.5) as scope:
+            await cp.load()
+        assert scope.cancelled_caught
+        assert not cp.path.exists() or list(cp.path.iterdir()) == []

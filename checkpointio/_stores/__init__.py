@@ -9,7 +9,7 @@ import sys
 import anyio.to_thread
 
 from .._config import TransferConfig
-from ._base import Body, Digest, Kind, ObjectInfo, PendingWrite, Record, Sink, Store
+from ._base import Body, Digest, Kind, ObjectInfo, PendingWrite, RangedStore, RangeSink, Record, Sink, Store
 
 __all__ = [
     "Body",
@@ -17,6 +17,8 @@ __all__ = [
     "Kind",
     "ObjectInfo",
     "PendingWrite",
+    "RangeSink",
+    "RangedStore",
     "Record",
     "Sink",
     "Store",

@@ -10,17 +10,30 @@ from __future__ import annotations
 import enum
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from .._config import TransferConfig
 from .._location import Location
 
-__all__ = ["Body", "Digest", "Kind", "ObjectInfo", "PendingWrite", "Record", "Sink", "Store"]
+__all__ = [
+    "Body",
+    "Digest",
+    "Kind",
+    "ObjectInfo",
+    "PendingWrite",
+    "RangeSink",
+    "RangedStore",
+    "Record",
+    "Sink",
+    "Store",
+]
 
 #: Receives the bytes of an object in order; awaiting it applies back-pressure.
 Sink = Callable[[bytes], Awaitable[None]]
+#: Receives one range of an object, ``(offset, blocks)``, in any order (see ``RangedStore``).
+RangeSink = Callable[[int, list[bytes]], Awaitable[None]]
 
 _PREFIX = "checkpointio-"
 FORMAT_VERSION = "1"
@@ -163,6 +176,19 @@ class Store(Protocol):
 
     async def list(self, prefix: Location) -> list[ObjectInfo]:
         """The objects whose location starts with ``prefix``, sorted by key."""
+        ...
+
+
+@runtime_checkable
+class RangedStore(Store, Protocol):
+    """A store that can also deliver an object as ranges fetched at once, in any order.
+
+    A single-file restore then writes each range at its offset as it arrives, instead of
+    waiting for the ranges before it: what a parallel download is for.
+    """
+
+    async def get_ranges(self, info: ObjectInfo, sink: RangeSink) -> None:
+        """Send every range of the object to ``sink`` once, in any order; fail if it changed."""
         ...
 
 

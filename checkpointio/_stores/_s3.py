@@ -57,7 +57,7 @@ from .._exceptions import (
 )
 from .._location import Location
 from .._planning import check_object_size, part_size_for_known_size, part_size_for_stream, ranges
-from ._base import Body, ObjectInfo, PendingWrite, Record, Sink
+from ._base import Body, ObjectInfo, PendingWrite, RangeSink, Record, Sink
 
 __all__ = ["S3Store"]
 
@@ -560,6 +560,24 @@ class S3Store:
                     data = results.pop(index)
                     slots.release()
                     await self._deliver(data, sink)
+
+    async def get_ranges(self, info: ObjectInfo, sink: RangeSink) -> None:
+        config = self._config
+        client = await self._client()
+        spans = ranges(info.size, config.part_size)
+        slots = anyio.Semaphore(config.max_concurrency)
+
+        async def fetch(span: tuple[int, int]) -> None:
+            try:
+                await sink(span[0], await self._get_range(client, info, span if len(spans) > 1 else None))
+            finally:
+                slots.release()  # at most max_concurrency ranges held, fetched or being written
+
+        with one_error():
+            async with anyio.create_task_group() as group:
+                for span in spans:
+                    await slots.acquire()
+                    group.start_soon(fetch, span)
 
     async def _deliver(self, blocks: Blocks, sink: Sink) -> None:
         """Hand a range's blocks on in order, small ones gathered into chunks of about ``chunk_size``."""
