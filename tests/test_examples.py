@@ -63,3 +63,11 @@ def test_lightning_example_resumes_from_its_last_epoch_checkpoint(tmp_path: Path
     assert "attempt 0 starts from None" in out
     assert "attempt 1 starts from" in out and "epoch=1-step=12.ckpt" in out
     assert "finished after 24 steps" in out
+
+
+def test_hf_example_resumes_from_its_last_saved_trainer_checkpoint(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    out = run("hf_resume.py", tmp_path)
+    assert "attempt 0 starts from None" in out
+    assert "attempt 1 starts from" in out and "checkpoint-8" in out
+    assert "finished after 12 steps" in out

@@ -1,0 +1,234 @@
+"""Hugging Face ``transformers`` integration: a ``TrainerCallback`` that stores the Trainer's checkpoints.
+
+Needs the ``hf`` extra (``pip install 'checkpointio[hf]'``: ``transformers`` and ``accelerate``).
+``import checkpointio`` alone never imports transformers.
+
+The one-liner in a task::
+
+    @env.task(retries=3)
+    def train() -> None:
+        saver = CheckpointioTrainerCallback()              # ctx().checkpoint, at every save, in the background
+        trainer = Trainer(model, args, train_dataset=data, callbacks=[saver])
+        trainer.train(resume_from_checkpoint=saver.resume_from_checkpoint)  # None at first
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from . import _portal
+from ._checkpoint import Checkpoint
+from ._handle import SaveHandle
+from ._runtime import ctx
+
+try:
+    from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+except ImportError as error:  # pragma: no cover - depends on the environment
+    raise ImportError("checkpointio.hf needs transformers: pip install 'checkpointio[hf]'") from error
+
+__all__ = ["CheckpointioTrainerCallback", "checkpoint_folders"]
+
+logger = logging.getLogger("checkpointio")
+
+#: The name of the folders the Trainer writes: ``checkpoint-<global step>``.
+_FOLDER = re.compile(re.escape(PREFIX_CHECKPOINT_DIR) + r"-(\d+)")
+
+
+def checkpoint_folders(output_dir: str | Path) -> list[Path]:
+    """The Trainer's ``checkpoint-<step>`` folders directly in ``output_dir``, oldest step first.
+
+    Ordered by the step number in the name (``checkpoint-10`` after ``checkpoint-9``), not by name
+    or modification time: a restore may give every folder the same time. An ``output_dir`` that does
+    not exist has none.
+    """
+    base = Path(output_dir)
+    if not base.is_dir():
+        return []
+    found: list[tuple[int, str, Path]] = []
+    for child in base.iterdir():
+        match = _FOLDER.fullmatch(child.name)
+        if match is not None and child.is_dir() and not child.is_symlink():
+            found.append((int(match[1]), child.name, child))
+    return [path for _, _, path in sorted(found)]
+
+
+def _checkpoint_in_force(checkpoint: Checkpoint | None) -> Checkpoint:
+    checkpoint = checkpoint if checkpoint is not None else ctx().checkpoint
+    if checkpoint is None:
+        raise ValueError("no checkpoint: pass checkpoint=, or run inside @env.task(retries=N) with N > 0")
+    return checkpoint
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _place(restored: Path | None, output_dir: Path) -> None:
+    """Make the ``checkpoint-<step>`` folders of ``output_dir`` exactly those restored (none at first).
+
+    Restored entries replace same-named ones. ``checkpoint-<step>`` folders the restore does not
+    have are removed, with a warning: a failed attempt wrote them in this same folder without
+    storing them (perhaps half-written), or another run left them; resuming must not pick them, and
+    retention, which goes by step, must not keep them over this run's. Entries are moved (a rename on
+    one filesystem, a copy across filesystems), so the workspace ends up empty.
+    """
+    if restored is not None and output_dir.exists() and restored.resolve() == output_dir.resolve():
+        return
+    names = {child.name for child in restored.iterdir()} if restored is not None else set()
+    for stale in checkpoint_folders(output_dir):
+        if stale.name not in names:
+            logger.warning("checkpointio: removing %s: it is not part of this run's stored checkpoint", stale)
+            shutil.rmtree(stale)
+    if restored is None:
+        return
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for child in restored.iterdir():
+        target = output_dir / child.name
+        _remove(target)
+        shutil.move(child, target)
+
+
+class CheckpointioTrainerCallback(TrainerCallback):
+    """Store every checkpoint the ``transformers`` Trainer saves; resume from it on retry.
+
+    Each time the Trainer has written ``output_dir/checkpoint-<step>/`` (per ``save_strategy`` /
+    ``save_steps``, and at the end of training), the callback applies its retention and saves the
+    whole ``output_dir`` folder to the checkpoint, in the background by default: the folder is
+    snapshotted (hard links) at the call, so training goes on and may write or delete files at once;
+    the next save waits for the previous upload. ``on_train_end`` waits for the last one.
+
+    On a retry, :attr:`resume_from_checkpoint` restores the previous attempt's folder into the
+    Trainer's ``output_dir`` and names its newest ``checkpoint-<step>`` folder, for
+    ``trainer.train(resume_from_checkpoint=callback.resume_from_checkpoint)``. The callback learns
+    ``output_dir`` from the Trainer it is given to (``Trainer(..., callbacks=[callback])``), so read
+    the property after building the Trainer.
+
+    Retention and the Trainer's own ``save_total_limit``: the Trainer deletes folders beyond
+    ``save_total_limit`` (keeping the newest and the best) *before* this callback runs, without
+    regard to the folder a run resumed from. Both apply; a folder remains only if both keep it. Leave
+    ``save_total_limit`` unset and use ``keep_last`` to keep the resumed-from folder until a newer
+    save is stored.
+
+    Only the main process (``state.is_world_process_zero``) saves. ``output_dir`` should belong to
+    this run: everything in it is stored (model files a final ``trainer.save_model()`` wrote there,
+    logs), and reading :attr:`resume_from_checkpoint` leaves in it only the checkpoint folders
+    restored (none on a first attempt).
+
+    Args:
+        checkpoint: Where to save; ``ctx().checkpoint`` by default.
+        keep_last: Keep the newest ``keep_last`` ``checkpoint-<step>`` folders, by step (``None``:
+            all). The folder a run resumed from is kept until a newer save has been stored, and the
+            Trainer's best checkpoint (``state.best_model_checkpoint``) is never removed.
+        background: Upload in the background (the next save waits for the previous); ``False``
+            stores the folder before ``on_save`` returns.
+    """
+
+    def __init__(
+        self,
+        checkpoint: Checkpoint | None = None,
+        *,
+        keep_last: int | None = 2,
+        background: bool = True,
+    ) -> None:
+        if keep_last is not None and keep_last < 1:
+            raise ValueError("keep_last must be at least 1")
+        self._checkpoint = checkpoint
+        self.keep_last = keep_last
+        self.background = background
+        #: The Trainer's ``output_dir``, known once the Trainer was built with this callback.
+        self.output_dir: Path | None = None
+        #: The folder this run resumed from, once :attr:`resume_from_checkpoint` was read.
+        self.resumed_from: Path | None = None
+        #: The handle of the last save.
+        self.last: SaveHandle | None = None
+        self._restored = False
+        self._stored_newer = False
+
+    @property
+    def checkpoint(self) -> Checkpoint:
+        """The checkpoint in force."""
+        return _checkpoint_in_force(self._checkpoint)
+
+    @property
+    def resume_from_checkpoint(self) -> str | None:
+        """Restore the previous attempt's folder (once) and return its newest checkpoint, or ``None``.
+
+        The restored tree is moved into the Trainer's ``output_dir``, so the run's old and new
+        checkpoint folders live, and are stored, together; ``checkpoint-<step>`` folders already
+        there that the restore does not have (all of them on a first attempt) are removed, with a
+        warning. Returns the path of the ``checkpoint-<step>`` folder with the highest step, or
+        ``None`` on a first attempt.
+
+        Raises:
+            RuntimeError: No Trainer was built with this callback yet (``output_dir`` is unknown).
+            ValueError: The checkpoint holds bytes or a single file, not a Trainer's folder.
+        """
+        if not self._restored:
+            if self.output_dir is None:
+                raise RuntimeError(
+                    "output_dir is unknown: build the Trainer with callbacks=[this callback] before reading "
+                    "resume_from_checkpoint"
+                )
+            restored = self.checkpoint.load_sync()
+            if restored is not None and not restored.is_dir():
+                raise ValueError(f"the checkpoint restored as the file {restored}, not as a Trainer output folder")
+            _place(restored, self.output_dir)
+            if restored is not None:
+                folders = checkpoint_folders(self.output_dir)
+                self.resumed_from = folders[-1] if folders else None
+                if self.resumed_from is None:
+                    logger.warning("checkpointio: the restored folder has no checkpoint-<step> folder; starting over")
+            self._restored = True
+        return str(self.resumed_from) if self.resumed_from is not None else None
+
+    def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if args.output_dir is not None:
+            self.output_dir = Path(args.output_dir)
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if not state.is_world_process_zero or args.output_dir is None:
+            return
+        output_dir = Path(args.output_dir)
+        self._retain(output_dir, state)
+        self.last = self.checkpoint.save_sync(output_dir, wait=not self.background)
+        # This call waited for the previous save (or was itself synchronous): a folder newer than
+        # the resumed one is stored once any save after the restore has succeeded.
+        if self.last.succeeded():
+            self._stored_newer = True
+
+    def _retain(self, output_dir: Path, state: TrainerState) -> None:
+        if self.keep_last is None:
+            return
+        if self.last is not None and not self._stored_newer:
+            # The save that follows would wait for the previous one anyway; waiting here first makes
+            # the "a newer folder is stored" decision exact rather than a race with the upload.
+            self.last.join()
+            self._stored_newer = self.last.succeeded()
+        best = state.best_model_checkpoint
+        keep = {output_dir / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"}  # the one just written
+        if best is not None:
+            keep.add(Path(best))
+        if self.resumed_from is not None and not self._stored_newer:
+            keep.add(self.resumed_from)
+        kept = {path.resolve() for path in keep}
+        for old in checkpoint_folders(output_dir)[: -self.keep_last]:
+            if old.resolve() not in kept:
+                shutil.rmtree(old)
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self.wait()
+
+    def wait(self) -> None:
+        """Wait for the last background upload, raising its error."""
+        if self.last is not None and not _portal.on_loop_thread():
+            self.last.result()

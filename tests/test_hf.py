@@ -1,0 +1,279 @@
+"""Hugging Face Trainer: a run killed part-way resumes under @env.task with the same steps and identical weights.
+
+A tiny BERT built from a config (no download) trains on the CPU for a few steps.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+import checkpointio._checkpoint as checkpoint_module
+from checkpointio import BackgroundSaveError, Checkpoint, TaskEnvironment, ctx
+
+from .conftest import StoreCase
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a tiny model built from a config: nothing to download
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from checkpointio.hf import CheckpointioTrainerCallback, checkpoint_folders  # noqa: E402
+
+STEPS = 12
+
+
+class Data(torch.utils.data.Dataset):  # type: ignore[misc]
+    """24 token sequences with binary labels, the same every time."""
+
+    def __init__(self) -> None:
+        generator = torch.Generator().manual_seed(1)
+        self.ids = torch.randint(0, 32, (24, 6), generator=generator)
+        self.labels = torch.randint(0, 2, (24,), generator=generator)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"input_ids": self.ids[index], "labels": self.labels[index]}
+
+
+def tiny_model() -> Any:
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=32,
+        hidden_size=8,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=16,
+        max_position_embeddings=16,
+        num_labels=2,
+    )
+    return transformers.BertForSequenceClassification(config)
+
+
+def make_trainer(output_dir: Path, callbacks: list[Any], *, max_steps: int = STEPS, save_steps: int = 4) -> Any:
+    args = transformers.TrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=max_steps,
+        save_steps=save_steps,
+        per_device_train_batch_size=4,  # 6 steps per epoch: the data is shuffled anew each epoch
+        learning_rate=1e-2,
+        seed=0,
+        use_cpu=True,
+        report_to=[],
+        dataloader_num_workers=0,
+        logging_strategy="no",
+        disable_tqdm=True,
+    )
+    return transformers.Trainer(model=tiny_model(), args=args, train_dataset=Data(), callbacks=callbacks)
+
+
+class CrashAt(transformers.TrainerCallback):  # type: ignore[misc]
+    """Kills the first attempt after step ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if ctx().attempt == 0 and state.global_step == self.step:
+            raise RuntimeError(f"node lost at step {self.step}")
+
+
+class Listing(transformers.TrainerCallback):  # type: ignore[misc]
+    """Records the checkpoint folders in output_dir after each save (it runs after the saver)."""
+
+    def __init__(self) -> None:
+        self.seen: list[list[str]] = []
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.seen.append(names(checkpoint_folders(args.output_dir)))
+
+
+def names(paths: list[Path]) -> list[str]:
+    return [path.name for path in paths]
+
+
+def stored_folders(uri: str, workspace: Path) -> list[str]:
+    """The checkpoint folders of the tree stored at ``uri``, oldest step first."""
+    with Checkpoint(workspace / "reader", src=uri) as reader:
+        restored = reader.load_sync()
+        assert restored is not None
+        return names(checkpoint_folders(restored))
+
+
+def weights(trainer: Any) -> dict[str, Any]:
+    return {name: value.detach().clone() for name, value in trainer.model.state_dict().items()}
+
+
+def fail_saves_holding(monkeypatch: pytest.MonkeyPatch, folder: str) -> None:
+    """Make every save whose snapshot holds ``folder`` fail in its upload, as a dropped network would."""
+    real_save = checkpoint_module._engine.save
+
+    async def save(store: Any, location: Any, data: Any, *rest: Any) -> Any:
+        if isinstance(data, Path) and (data / folder).is_dir():
+            await anyio.sleep(0.01)
+            raise ConnectionResetError("the network went away")
+        return await real_save(store, location, data, *rest)
+
+    monkeypatch.setattr(checkpoint_module._engine, "save", save)
+
+
+def test_importing_checkpointio_does_not_import_transformers() -> None:
+    code = "import sys, checkpointio; assert 'transformers' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
+
+
+def test_a_killed_trainer_run_resumes_with_the_same_steps_and_identical_weights(
+    store: StoreCase, tmp_path: Path
+) -> None:
+    plain = make_trainer(tmp_path / "plain", [])
+    plain.train()
+    expected_steps, expected_weights = plain.state.global_step, weights(plain)
+    resumed: list[str | None] = []
+    dests: list[str] = []
+
+    @TaskEnvironment("hf", storage=store.uri("runs")).task(retries=1)
+    def train() -> tuple[int, dict[str, Any]]:
+        saver = CheckpointioTrainerCallback(keep_last=2)
+        trainer = make_trainer(tmp_path / "out", [saver, CrashAt(step=10)])  # saves at 4 and 8, dies at 10
+        resumed.append(saver.resume_from_checkpoint)
+        dests.append(saver.checkpoint.dest)
+        trainer.train(resume_from_checkpoint=saver.resume_from_checkpoint)
+        assert names(checkpoint_folders(tmp_path / "out")) == ["checkpoint-8", "checkpoint-12"]
+        return trainer.state.global_step, weights(trainer)
+
+    steps, trained = train()
+    assert resumed == [None, str(tmp_path / "out" / "checkpoint-8")]
+    assert steps == expected_steps == STEPS
+    assert trained.keys() == expected_weights.keys()
+    assert all(torch.equal(trained[name], value) for name, value in expected_weights.items())
+    assert stored_folders(dests[1], tmp_path) == ["checkpoint-8", "checkpoint-12"]
+
+
+@pytest.mark.parametrize("background", [True, False], ids=["background", "synchronous"])
+def test_keep_last_leaves_the_newest_folders_locally_and_in_the_store(background: bool, tmp_path: Path) -> None:
+    listing = Listing()
+    with Checkpoint(tmp_path / "store" / "run") as cp:
+        saver = CheckpointioTrainerCallback(cp, keep_last=2, background=background)
+        trainer = make_trainer(tmp_path / "out", [saver, listing], max_steps=10, save_steps=2)
+        assert saver.resume_from_checkpoint is None
+        trainer.train(resume_from_checkpoint=saver.resume_from_checkpoint)
+        assert saver.last is not None and saver.last.done() and saver.last.succeeded()  # on_train_end waited
+    expected = [["checkpoint-2"], ["checkpoint-2", "checkpoint-4"], ["checkpoint-4", "checkpoint-6"]]
+    expected += [["checkpoint-6", "checkpoint-8"], ["checkpoint-8", "checkpoint-10"]]
+    assert listing.seen == expected  # by step: checkpoint-10 is newer than checkpoint-8
+    assert stored_folders(cp.dest, tmp_path) == ["checkpoint-8", "checkpoint-10"]
+
+
+def first_run(tmp_path: Path) -> str:
+    """A run that stored checkpoint-2 and checkpoint-4; returns its URI."""
+    with Checkpoint(tmp_path / "store" / "attempt-0") as cp:
+        trainer = make_trainer(
+            tmp_path / "first", [CheckpointioTrainerCallback(cp, keep_last=None)], max_steps=4, save_steps=2
+        )
+        trainer.train()
+    assert stored_folders(cp.dest, tmp_path) == ["checkpoint-2", "checkpoint-4"]
+    return cp.dest
+
+
+def test_the_resumed_folder_stays_until_a_newer_save_is_stored(tmp_path: Path) -> None:
+    src = first_run(tmp_path)
+    listing = Listing()
+    with Checkpoint(tmp_path / "store" / "attempt-1", src=src) as cp:
+        saver = CheckpointioTrainerCallback(cp, keep_last=1)
+        trainer = make_trainer(tmp_path / "out", [saver, listing], max_steps=8, save_steps=2)
+        assert saver.resume_from_checkpoint == str(tmp_path / "out" / "checkpoint-4")
+        trainer.train(resume_from_checkpoint=saver.resume_from_checkpoint)
+    # keep_last=1, yet checkpoint-4 stays beside checkpoint-6 until the save holding checkpoint-6 is stored.
+    assert listing.seen == [["checkpoint-4", "checkpoint-6"], ["checkpoint-8"]]
+    assert trainer.state.global_step == 8
+    assert stored_folders(cp.dest, tmp_path) == ["checkpoint-8"]
+
+
+def test_a_failed_save_keeps_the_resumed_folder_and_fails_the_next_save(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    src = first_run(tmp_path)
+    fail_saves_holding(monkeypatch, "checkpoint-6")
+    with Checkpoint(tmp_path / "store" / "attempt-1", src=src) as cp:
+        saver = CheckpointioTrainerCallback(cp, keep_last=1)
+        trainer = make_trainer(tmp_path / "out", [saver], max_steps=8, save_steps=2)
+        with pytest.raises(BackgroundSaveError, match="network went away") as caught:
+            trainer.train(resume_from_checkpoint=saver.resume_from_checkpoint)
+        assert isinstance(caught.value.__cause__, ConnectionResetError)
+        assert trainer.state.global_step == 8  # raised by the save at step 8, which did not start
+        # checkpoint-6 was never stored, so the folder the run resumed from is still there.
+        assert names(checkpoint_folders(tmp_path / "out")) == ["checkpoint-4", "checkpoint-8"]
+    assert not (tmp_path / "store" / "attempt-1").exists()
+    assert stored_folders(src, tmp_path) == ["checkpoint-2", "checkpoint-4"]
+
+
+def test_a_failure_of_the_last_background_save_surfaces_at_train_end(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    fail_saves_holding(monkeypatch, "checkpoint-4")
+    with Checkpoint(tmp_path / "store" / "run") as cp:
+        saver = CheckpointioTrainerCallback(cp, keep_last=2)
+        trainer = make_trainer(tmp_path / "out", [saver], max_steps=4, save_steps=2)
+        with pytest.raises(ConnectionResetError, match="network went away") as caught:
+            trainer.train()
+        assert "on_train_end" in [frame.name for frame in traceback.extract_tb(caught.value.__traceback__)]
+        assert trainer.state.global_step == 4
+        cp.close()  # retrieved through the handle: not raised again
+    assert stored_folders(cp.dest, tmp_path) == ["checkpoint-2"]  # the store keeps the previous save
+
+
+def test_a_restore_replaces_the_checkpoint_folders_and_picks_the_highest_step(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    for step in (9, 10):
+        (tree / f"checkpoint-{step}").mkdir(parents=True)
+        (tree / f"checkpoint-{step}" / "trainer_state.json").write_text(f"stored {step}")
+    Checkpoint(tmp_path / "store" / "attempt-0").save_sync(tree)
+    out = tmp_path / "out"
+    (out / "checkpoint-10").mkdir(parents=True)
+    (out / "checkpoint-10" / "trainer_state.json").write_text("half-written by the failed attempt")
+    (out / "checkpoint-10" / "optimizer.pt").write_text("not stored")
+    (out / "checkpoint-12").mkdir()  # written locally, never stored
+    (out / "notes.txt").write_text("mine")
+    with Checkpoint(tmp_path / "store" / "attempt-1", src=tmp_path / "store" / "attempt-0") as cp:
+        saver = CheckpointioTrainerCallback(cp)
+        make_trainer(out, [saver])
+        assert saver.resume_from_checkpoint == str(out / "checkpoint-10")  # by step: 10 > 9
+        assert saver.resume_from_checkpoint == str(out / "checkpoint-10")  # restored once
+        assert saver.resumed_from == out / "checkpoint-10"
+    assert names(checkpoint_folders(out)) == ["checkpoint-9", "checkpoint-10"]
+    assert sorted(path.name for path in (out / "checkpoint-10").iterdir()) == ["trainer_state.json"]
+    assert (out / "checkpoint-10" / "trainer_state.json").read_text() == "stored 10"
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_a_first_attempt_starts_clean_and_misuse_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="keep_last"):
+        CheckpointioTrainerCallback(keep_last=0)
+    with pytest.raises(ValueError, match="no checkpoint"):
+        _ = CheckpointioTrainerCallback().checkpoint
+    out = tmp_path / "out"
+    (out / "checkpoint-3").mkdir(parents=True)  # another run's leftover
+    with Checkpoint(tmp_path / "store" / "a") as cp:
+        saver = CheckpointioTrainerCallback(cp)
+        with pytest.raises(RuntimeError, match="build the Trainer"):
+            _ = saver.resume_from_checkpoint
+        make_trainer(out, [saver])
+        assert saver.output_dir == out
+        assert saver.resume_from_checkpoint is None
+    assert checkpoint_folders(out) == []
+    cp_bytes = Checkpoint(tmp_path / "store" / "bytes")
+    cp_bytes.save_sync(b"not a folder")
+    with Checkpoint(tmp_path / "store" / "b", src=cp_bytes.dest) as cp:
+        saver = CheckpointioTrainerCallback(cp)
+        make_trainer(out, [saver])
+        with pytest.raises(ValueError, match="not as a Trainer output folder"):
+            _ = saver.resume_from_checkpoint
