@@ -235,7 +235,7 @@ class Checkpoint:
     ) -> None:
         try:
             store = await open_store(self._dest.scheme, config)
-            await _engine.save(store, self._dest, snapshot.data, config, on_progress)
+            await _engine.save(store, self._dest, snapshot.data, config, on_progress, check=snapshot.check_unchanged)
         finally:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(snapshot.discard)

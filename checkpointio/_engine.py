@@ -152,13 +152,17 @@ async def save(
     data: SaveData,
     config: TransferConfig,
     on_progress: ProgressCallback | None = None,
+    *,
+    check: Callable[[], None] | None = None,
 ) -> ObjectInfo:
     """Save ``data`` (bytes, a file, a directory or a binary stream) at ``location``; atomic on every store.
 
     ``on_progress`` hears of each chunk handed to the store, from the producer thread, and of the
-    commit.
+    commit. ``check`` runs in the producer thread once every byte was read and before the store
+    may commit; an error it raises fails the save (a background snapshot uses it to refuse files
+    rewritten in place).
     """
-    return await _save(store, location, _classify(data), config, on_progress)
+    return await _save(store, location, _classify(data), config, on_progress, check)
 
 
 async def save_written(
@@ -178,6 +182,7 @@ async def _save(
     source: _Source,
     config: TransferConfig,
     on_progress: ProgressCallback | None,
+    check: Callable[[], None] | None = None,
 ) -> ObjectInfo:
     send, receive = anyio.create_memory_object_stream[bytes](config.pipeline_depth)
     body = Body(receive, source.size)
@@ -191,9 +196,14 @@ async def _save(
         anyio.from_thread.run(send.send, chunk)
         meter.advance(len(chunk))
 
+    def produce_all() -> None:
+        _produce(source, emit, config)
+        if check is not None:
+            check()
+
     async def produce() -> None:
         try:
-            await anyio.to_thread.run_sync(_produce, source, emit, config, limiter=_own_thread())
+            await anyio.to_thread.run_sync(produce_all, limiter=_own_thread())
         except _PLUMBING:
             return  # the store side stopped first; its error (or the cancellation) is the one to report
         send.close()  # only on success: a failed producer must never look like a finished one

@@ -11,8 +11,12 @@ it passed. So the save works from a snapshot taken during the call:
 
 A hard link shares the file's content: replacing a file (``torch.save`` to a new name, write to a
 temporary name and rename, delete and recreate) leaves the snapshot alone, but rewriting a linked
-file *in place* after the call (``open(path, "r+b")``, appending) would leak into the snapshot.
-``Snapshot.linked`` tells which files were linked; ``link=False`` copies everything.
+file *in place* after the call (``open(path, "r+b")``, appending, ``torch.save`` or
+``open(path, "wb")`` on an existing path, which truncate the same file) changes it. So each linked
+file's size and mtime are recorded, and :meth:`Snapshot.check_unchanged` — called once the save
+has read everything and before it commits — fails the save with :class:`SourceChangedError`
+rather than store a mix of old and new bytes. ``Snapshot.linked`` tells which files were linked;
+``link=False`` copies everything.
 
 Everything here blocks: it runs in a worker thread.
 """
@@ -28,7 +32,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ._exceptions import SourceNotFoundError
+from ._exceptions import SourceChangedError, SourceNotFoundError
 
 __all__ = ["Snapshot", "take"]
 
@@ -52,6 +56,19 @@ class Snapshot:
     linked: int = 0
     copied: int = 0
     _inodes: dict[tuple[int, int], Path] = field(default_factory=dict, repr=False)
+    _watched: list[tuple[Path, Path, int, int]] = field(default_factory=list, repr=False)
+
+    def check_unchanged(self) -> None:
+        """Raise :class:`SourceChangedError` if a linked file was rewritten in place since the call."""
+        for source, target, mtime_ns, size in self._watched:
+            st = os.stat(target)
+            if (st.st_mtime_ns, st.st_size) != (mtime_ns, size):
+                raise SourceChangedError(
+                    f"{source} was rewritten in place while its background save ran, so the save could "
+                    "hold a mix of old and new bytes and was not stored; write new files (or a temporary "
+                    "name, then rename) after save(wait=False), or save with wait=True",
+                    uri=str(source),
+                )
 
     def discard(self) -> None:
         """Remove the scratch folder (the source is never touched)."""
@@ -74,6 +91,8 @@ class Snapshot:
             else:
                 self.linked += 1
                 self._inodes[inode] = target
+                linked = os.stat(target)
+                self._watched.append((source, target, linked.st_mtime_ns, linked.st_size))
                 return
         shutil.copy2(source, target, follow_symlinks=False)
         self.copied += 1

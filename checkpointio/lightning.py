@@ -158,7 +158,7 @@ class CheckpointioCallback(pl.Callback):
             self.last = self.checkpoint.save_sync(self.dirpath, wait=not self.background)
             # This call waited for the previous save (or was itself synchronous): a file newer than
             # the resumed one is stored once any save after the restore has completed.
-            if self.last.done():
+            if self.last.succeeded():
                 self._stored_newer = True
 
     def _retain(self) -> None:

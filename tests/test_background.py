@@ -17,7 +17,15 @@ import anyio
 import pytest
 
 import checkpointio._checkpoint as checkpoint_module
-from checkpointio import BackgroundSaveError, Checkpoint, PortalError, SaveHandle, SourceNotFoundError, _snapshot
+from checkpointio import (
+    BackgroundSaveError,
+    Checkpoint,
+    PortalError,
+    SaveHandle,
+    SourceChangedError,
+    SourceNotFoundError,
+    _snapshot,
+)
 
 from .conftest import StoreCase, make_tree, snapshot
 
@@ -29,6 +37,13 @@ async def restored_tree(store: StoreCase, name: str) -> dict[str, tuple[str, obj
         restored = await cp.load()
         assert restored is not None
         return snapshot(restored)
+
+
+def restored_bytes_sync(store: StoreCase, name: str) -> bytes:
+    with Checkpoint(store.uri("reader"), src=store.uri(name)) as cp:
+        restored = cp.load_sync()
+        assert restored is not None
+        return restored.read_bytes()
 
 
 async def restored_bytes(store: StoreCase, name: str) -> bytes:
@@ -89,6 +104,52 @@ async def test_background_save_of_a_file_survives_the_file_being_replaced(store:
     assert await restored_bytes(store, "ckpt") == b"epoch 1" * 10_000
 
 
+def test_a_file_rewritten_in_place_during_a_background_save_fails_it_instead_of_storing_a_mix(
+    store: StoreCase, tmp_path: Path
+) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "model.pt").write_bytes(b"A" * (3 * 1024 * 1024))
+    (tree / "notes.txt").write_text("kept")
+    gate = threading.Event()
+
+    def hold(progress: Any) -> None:  # runs in the save's reading thread: hold it after its first chunk
+        gate.wait(30)
+
+    with Checkpoint(store.uri("ckpt")) as cp:
+        cp.save_sync(b"previous")
+        handle = cp.save_sync(tree, wait=False, on_progress=hold)
+        # What torch.save(state, "tree/model.pt") does to an existing path: truncate and rewrite it.
+        with open(tree / "model.pt", "wb") as file:
+            file.write(b"B" * (2 * 1024 * 1024))
+        gate.set()
+        with pytest.raises(SourceChangedError, match="rewritten in place"):
+            handle.result(timeout=60)
+        assert cp.save_sync(b"after", wait=False).result(timeout=60) is None
+    assert restored_bytes_sync(store, "ckpt") == b"after"
+
+
+def test_a_file_replaced_or_deleted_after_a_background_save_does_not_fail_it(store: StoreCase, tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "model.pt").write_bytes(b"A" * (3 * 1024 * 1024))
+    (tree / "old.pt").write_bytes(b"old")
+    expected = snapshot(tree)
+    gate = threading.Event()
+
+    def hold(progress: Any) -> None:
+        gate.wait(30)
+
+    with Checkpoint(store.uri("ckpt")) as cp:
+        handle = cp.save_sync(tree, wait=False, on_progress=hold)
+        (tree / "model.pt.tmp").write_bytes(b"B")
+        os.replace(tree / "model.pt.tmp", tree / "model.pt")  # the safe way to rewrite: a new file
+        (tree / "old.pt").unlink()
+        gate.set()
+        handle.result(timeout=60)
+    assert anyio.run(restored_tree, store, "ckpt") == expected
+
+
 async def test_a_second_background_save_waits_for_the_first_and_the_last_one_wins(
     store: StoreCase, tmp_path: Path
 ) -> None:
@@ -104,12 +165,12 @@ def test_waiting_saves_keep_at_most_one_in_flight(monkeypatch: pytest.MonkeyPatc
     most = [0]
     real_save = checkpoint_module._engine.save
 
-    async def slow_save(*args: Any) -> Any:
+    async def slow_save(*args: Any, **kwargs: Any) -> Any:
         in_flight.append(1)
         most[0] = max(most[0], len(in_flight))
         await anyio.sleep(0.05)
         try:
-            return await real_save(*args)
+            return await real_save(*args, **kwargs)
         finally:
             in_flight.pop()
 
@@ -128,11 +189,11 @@ def test_supersede_cancels_the_save_in_flight_and_stores_the_newer(
     started = threading.Event()
     real_save = checkpoint_module._engine.save
 
-    async def save(store: Any, location: Any, data: Any, config: Any, *rest: Any) -> Any:
+    async def save(store: Any, location: Any, data: Any, config: Any, *rest: Any, **kwargs: Any) -> Any:
         if data == b"old":
             started.set()
             await anyio.sleep(60)  # a slow upload
-        return await real_save(store, location, data, config, *rest)
+        return await real_save(store, location, data, config, *rest, **kwargs)
 
     monkeypatch.setattr(checkpoint_module._engine, "save", save)
     with Checkpoint(tmp_path / "ckpt") as cp:
@@ -151,11 +212,11 @@ def test_supersede_cancels_the_save_in_flight_and_stores_the_newer(
 def failing_engine(monkeypatch: pytest.MonkeyPatch, fail_on: bytes) -> None:
     real_save = checkpoint_module._engine.save
 
-    async def save(store: Any, location: Any, data: Any, config: Any, *rest: Any) -> Any:
+    async def save(store: Any, location: Any, data: Any, config: Any, *rest: Any, **kwargs: Any) -> Any:
         if data == fail_on:
             await anyio.sleep(0.01)
             raise ConnectionResetError("the network went away")
-        return await real_save(store, location, data, config, *rest)
+        return await real_save(store, location, data, config, *rest, **kwargs)
 
     monkeypatch.setattr(checkpoint_module._engine, "save", save)
 
@@ -243,10 +304,10 @@ def test_result_on_the_loop_thread_raises_instead_of_deadlocking(tmp_path: Path)
     release = threading.Event()
     real_save = checkpoint_module._engine.save
 
-    async def save(*args: Any) -> Any:
+    async def save(*args: Any, **kwargs: Any) -> Any:
         started.set()
         await anyio.to_thread.run_sync(release.wait)
-        return await real_save(*args)
+        return await real_save(*args, **kwargs)
 
     async def on_loop() -> None:
         handle = await cp.save(b"x", wait=False)
@@ -338,7 +399,7 @@ def test_interpreter_exit_waits_only_as_long_as_its_bound(tmp_path: Path) -> Non
         import checkpointio._checkpoint as module
         from checkpointio import Checkpoint
 
-        async def stuck(*args):
+        async def stuck(*args, **kwargs):
             await anyio.sleep(600)
 
         module._engine.save = stuck

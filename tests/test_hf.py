@@ -117,11 +117,11 @@ def fail_saves_holding(monkeypatch: pytest.MonkeyPatch, folder: str) -> None:
     """Make every save whose snapshot holds ``folder`` fail in its upload, as a dropped network would."""
     real_save = checkpoint_module._engine.save
 
-    async def save(store: Any, location: Any, data: Any, *rest: Any) -> Any:
+    async def save(store: Any, location: Any, data: Any, *rest: Any, **kwargs: Any) -> Any:
         if isinstance(data, Path) and (data / folder).is_dir():
             await anyio.sleep(0.01)
             raise ConnectionResetError("the network went away")
-        return await real_save(store, location, data, *rest)
+        return await real_save(store, location, data, *rest, **kwargs)
 
     monkeypatch.setattr(checkpoint_module._engine, "save", save)
 
