@@ -15,10 +15,11 @@ MiB = 1024 * 1024
 class TransferConfig:
     """How checkpoints move between the machine and the store.
 
-    Memory bound: a save holds at most ``part_size * (max_concurrency + 1)`` bytes of parts in
-    flight plus ``pipeline_depth * chunk_size`` bytes between the archive thread and the uploader;
-    a load the same for ranges. With the defaults that is 16 MiB * 9 + 4 MiB = 148 MiB at the very
-    most, whatever the size of the checkpoint.
+    Memory: a save holds at most ``part_size * (max_concurrency + 1)`` bytes of parts in flight
+    plus ``pipeline_depth * chunk_size`` bytes between the archive thread and the uploader, and
+    briefly a second copy of the one part being assembled; a load the same for ranges. With the
+    defaults that is 16 MiB * 9 + 4 MiB = 148 MiB of data, whatever the size of the checkpoint
+    (a whole process peaked at ~250 MiB in the benchmark, the interpreter and libraries included).
 
     Attributes:
         part_size: Size of one multipart part and one ranged GET. Grown automatically so that no
