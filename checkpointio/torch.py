@@ -118,7 +118,7 @@ def save_state(
     )
 
 
-def _read(restored: Path | None, map_location: Any) -> dict[str, Any] | None:
+def _read(restored: Path | None, map_location: Any, weights_only: bool) -> dict[str, Any] | None:
     if restored is None:
         return None
     if restored.is_dir():  # a folder checkpoint: its newest .pt / .pth / .ckpt file
@@ -127,7 +127,7 @@ def _read(restored: Path | None, map_location: Any) -> dict[str, Any] | None:
         if not candidates:
             return None
         restored = max(candidates, key=lambda path: path.stat().st_mtime_ns)
-    state = _torch().load(restored, map_location=map_location, weights_only=True)
+    state = _torch().load(restored, map_location=map_location, weights_only=weights_only)
     if not isinstance(state, dict):
         raise TypeError(f"{restored}: expected a state dictionary, found {type(state).__name__}")
     return state
@@ -151,18 +151,23 @@ async def load_state_async(
     optimizer: torch.optim.Optimizer | None = None,
     *,
     map_location: Any = "cpu",
+    weights_only: bool = True,
 ) -> dict[str, Any] | None:
     """Restore the previous attempt's state into ``model`` / ``optimizer``; return it (or ``None``).
 
     ``checkpoint`` may be ``None`` (``ctx().checkpoint`` with ``retries=0``): nothing to restore.
-    Files are read with ``torch.load(weights_only=True)``.
+    Files are read with ``torch.load(weights_only=True)``: tensors, numbers, strings and plain
+    containers only, so a checkpoint cannot run code when it is loaded. An ``extra`` holding other
+    objects (a NumPy array, a custom class) then fails to load with ``pickle.UnpicklingError``;
+    pass ``weights_only=False`` only for checkpoints you trust, or register the types with
+    ``torch.serialization.add_safe_globals``.
     """
     if checkpoint is None:
         return None
     import anyio.to_thread
 
     restored = await checkpoint.load()
-    state = await anyio.to_thread.run_sync(_read, restored, map_location)
+    state = await anyio.to_thread.run_sync(_read, restored, map_location, weights_only)
     return _apply(state, model, optimizer)
 
 
@@ -172,8 +177,9 @@ def load_state(
     optimizer: torch.optim.Optimizer | None = None,
     *,
     map_location: Any = "cpu",
+    weights_only: bool = True,
 ) -> dict[str, Any] | None:
     """Blocking twin of :func:`load_state_async`."""
     if checkpoint is None:
         return None
-    return _apply(_read(checkpoint.load_sync(), map_location), model, optimizer)
+    return _apply(_read(checkpoint.load_sync(), map_location, weights_only), model, optimizer)

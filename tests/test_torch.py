@@ -74,3 +74,25 @@ def test_load_state_without_a_checkpoint_is_none() -> None:
     assert load_state(None, model) is None
     with Checkpoint("memory://torch-none/b", src="memory://torch-none/a") as cp:
         assert load_state(cp, model) is None
+
+
+class _Custom:
+    """An object torch.load(weights_only=True) refuses: loading it would run arbitrary code."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+
+def test_untrusted_objects_are_refused_unless_weights_only_is_turned_off() -> None:
+    import pickle
+
+    model = torch.nn.Linear(2, 2)
+    with Checkpoint(f"memory://torch-extra-{id(model)}") as cp:
+        save_state(cp, model, step=3, extra={"custom": _Custom(7)})
+    with Checkpoint(f"memory://reader-{id(model)}", src=cp.dest) as reader, pytest.raises(pickle.UnpicklingError):
+        load_state(reader, torch.nn.Linear(2, 2))
+    with Checkpoint(f"memory://reader2-{id(model)}", src=cp.dest) as reader:
+        restored = torch.nn.Linear(2, 2)
+        state = load_state(reader, restored, weights_only=False)
+        assert state is not None and state["step"] == 3 and state["extra"]["custom"].value == 7
+        assert torch.equal(restored.weight, model.weight)
