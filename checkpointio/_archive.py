@@ -67,7 +67,8 @@ class _GzipMemberWriter:
         self._buffer += data
         self._position += len(data)
         while len(self._buffer) >= self._block_size:
-            block = bytes(self._buffer[: self._block_size])
+            with memoryview(self._buffer) as view:  # one copy, not a bytearray slice and then bytes
+                block = bytes(view[: self._block_size])
             del self._buffer[: self._block_size]
             self._emit_member(block)
         return len(data)
@@ -217,7 +218,8 @@ class GunzipReader:
             self._fill()
             available = len(self._output) - self._offset
         end = len(self._output) if size < 0 else min(len(self._output), self._offset + size)
-        data = bytes(self._output[self._offset : end])
+        with memoryview(self._output) as view:  # one copy, not a bytearray slice and then bytes
+            data = bytes(view[self._offset : end])
         self._offset = end
         return data
 
@@ -261,8 +263,8 @@ class GunzipReader:
 
     def _next_member(self) -> bytes | None:
         while True:
-            stripped = len(self._input) - len(self._input.lstrip(b"\x00"))
-            del self._input[:stripped]  # zero padding between members, as gzip(1) allows
+            if self._input[:1] == b"\x00":  # zero padding between members, as gzip(1) allows
+                del self._input[: len(self._input) - len(self._input.lstrip(b"\x00"))]
             if len(self._input) >= 32 or not self._more_input():
                 break
         if not self._input:
@@ -273,7 +275,8 @@ class GunzipReader:
         while len(self._input) < length:
             if not self._more_input():
                 raise CorruptCheckpointError("the archive is truncated: its last gzip member is incomplete")
-        member = bytes(self._input[:length])
+        with memoryview(self._input) as view:
+            member = bytes(view[:length])
         del self._input[:length]
         return member
 
@@ -289,6 +292,11 @@ class GunzipReader:
             member = self._next_member()
             if member is None:
                 break
+            if _codec.is_stored_member(member):  # a copy and a CRC32: here, after those before it
+                while self._pending:
+                    self._output += self._pending.popleft().result()
+                self._output += _codec.inflate_member(member)
+                return
             self._pending.append(self._pool.submit(_codec.inflate_member, member))
         if not self._pending:
             self._eof = True

@@ -43,6 +43,7 @@ __all__ = [
     "crc32_combine",
     "encode_member",
     "inflate_member",
+    "is_stored_member",
     "member_length",
 ]
 
@@ -116,6 +117,14 @@ def member_length(head: bytes | bytearray) -> int | None:
     if xlen != 8 or si1 != ord("C") or si2 != ord("K") or sublen != 4:
         return None
     return int(total)
+
+
+def is_stored_member(member: bytes) -> bool:
+    """Whether one of our members holds its block stored (deflate block type 00), not compressed.
+
+    Inflating a stored block is a copy and a CRC32: cheaper to do at once than to hand to a thread.
+    """
+    return len(member) > _HEADER.size and (member[_HEADER.size] >> 1) & 3 == 0
 
 
 def inflate_member(member: bytes) -> bytes:

@@ -85,7 +85,9 @@ class _ChunkingWriter(io.RawIOBase):
         self._buffer += view
         self._written += len(view)
         while len(self._buffer) >= self._step:
-            self._emit(bytes(self._buffer[: self._step]))
+            with memoryview(self._buffer) as buffered:  # one copy, not a bytearray slice and then bytes
+                chunk = bytes(buffered[: self._step])
+            self._emit(chunk)
             del self._buffer[: self._step]
         return len(view)
 

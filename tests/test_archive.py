@@ -14,7 +14,7 @@ import pytest
 
 from checkpointio import CorruptCheckpointError
 from checkpointio._archive import GunzipReader, pack_directory, unpack_directory
-from checkpointio._codec import MAX_MEMBER_OUTPUT, encode_member, inflate_member, member_length
+from checkpointio._codec import MAX_MEMBER_OUTPUT, encode_member, inflate_member, is_stored_member, member_length
 
 from .conftest import make_tree, snapshot
 
@@ -53,6 +53,28 @@ def test_round_trip_with_any_number_of_workers(tmp_path: Path, pack_workers: int
     tree = make_tree(tmp_path / "tree")
     data = packed(tree, workers=pack_workers)
     restored = unpacked(data, tmp_path / "out", workers=unpack_workers)
+    assert snapshot(restored) == snapshot(tree)
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_alternating_stored_and_deflated_blocks_keep_their_order(tmp_path: Path, workers: int) -> None:
+    # Stored blocks are encoded and inflated inline, deflated ones on the threads: the switch
+    # back and forth must not reorder anything.
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    for i in range(12):
+        payload = os.urandom(300_000) if i % 3 else b"text that deflates well %d " % i * 12_000
+        (tree / f"{i:02d}.bin").write_bytes(payload)
+    data = packed(tree, workers=workers, block=128 * 1024)
+    kinds = set()
+    position = 0
+    while position < len(data):
+        length = member_length(data[position : position + 32])
+        assert length is not None
+        kinds.add(is_stored_member(data[position : position + length]))
+        position += length
+    assert kinds == {True, False}
+    restored = unpacked(data, tmp_path / "out", workers=workers)
     assert snapshot(restored) == snapshot(tree)
 
 
