@@ -397,18 +397,25 @@ class S3Store:
 
         The body is a file object, not bytes: aiohttp then writes it in 64 KiB pieces as the
         socket drains, where bytes would be copied whole into the transport's buffer (and shifted
-        down after every send) on the event loop. Its buffer is made private here (``getbuffer``),
-        or aiohttp would do that copy on the loop. botocore seeks back to resend it on a retry.
+        down after every send) on the event loop. It is filled piece by piece, so the GIL is
+        released between pieces (a single 16 MiB copy would hold it, and the event loop with it,
+        for ~10 ms), and aiohttp finds a buffer of its own, with nothing to copy. botocore seeks back to resend it on a retry.
         """
-        data = pieces[0] if len(pieces) == 1 and isinstance(pieces[0], bytes) else b"".join(pieces)
+        size = sum(len(piece) for piece in pieces)
+        body = io.BytesIO()
+        running = 0
+        digest = None if self._config.flexible_checksums else hashlib.md5()
+        for piece in pieces:
+            body.write(piece)
+            if digest is not None:
+                digest.update(piece)
+            elif crc is None:
+                running = _codec.crc32(piece, running)
         pieces.clear()
-        if self._config.flexible_checksums:
-            headers = {"ChecksumCRC32": _crc32_b64(_codec.crc32(data) if crc is None else crc)}
-        else:
-            headers = {"ContentMD5": _b64(hashlib.md5(data).digest())}
-        body = io.BytesIO(data)
-        body.getbuffer().release()
-        return body, len(data), headers
+        body.seek(0)
+        if digest is not None:
+            return body, size, {"ContentMD5": _b64(digest.digest())}
+        return body, size, {"ChecksumCRC32": _crc32_b64(running if crc is None else crc)}
 
     async def _put_single(self, location: Location, pieces: Pieces, record: Record) -> ObjectInfo:
         client = await self._client()
