@@ -397,12 +397,18 @@ class S3Store:
 
         The body is a file object, not bytes: aiohttp then writes it in 64 KiB pieces as the
         socket drains, where bytes would be copied whole into the transport's buffer (and shifted
-        down after every send) on the event loop. It is filled piece by piece, so the GIL is
-        released between pieces (a single 16 MiB copy would hold it, and the event loop with it,
-        for ~10 ms), and aiohttp finds a buffer of its own, with nothing to copy. botocore seeks back to resend it on a retry.
+        down after every send) on the event loop. It is allocated once at its exact size (growing
+        it write by write fragmented the heap: +20% peak RSS over a 1 GiB tree) and filled piece by
+        piece, so the GIL is released between pieces (one 16 MiB copy would hold it, and the event
+        loop with it, for ~10 ms); aiohttp then finds a buffer of its own, with nothing to copy.
+        botocore seeks back to resend it on a retry.
         """
         size = sum(len(piece) for piece in pieces)
         body = io.BytesIO()
+        if size:  # one allocation of the exact size: no chain of reallocations as it fills
+            body.seek(size - 1)
+            body.write(b"\0")
+            body.seek(0)
         running = 0
         digest = None if self._config.flexible_checksums else hashlib.md5()
         for piece in pieces:
