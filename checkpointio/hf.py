@@ -20,10 +20,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from . import _portal
 from ._checkpoint import Checkpoint
-from ._handle import SaveHandle
-from ._runtime import ctx
+from ._training import FolderSaver
 
 try:
     from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -55,13 +53,6 @@ def checkpoint_folders(output_dir: str | Path) -> list[Path]:
         if match is not None and child.is_dir() and not child.is_symlink():
             found.append((int(match[1]), child.name, child))
     return [path for _, _, path in sorted(found)]
-
-
-def _checkpoint_in_force(checkpoint: Checkpoint | None) -> Checkpoint:
-    checkpoint = checkpoint if checkpoint is not None else ctx().checkpoint
-    if checkpoint is None:
-        raise ValueError("no checkpoint: pass checkpoint=, or run inside @env.task(retries=N) with N > 0")
-    return checkpoint
 
 
 def _remove(path: Path) -> None:
@@ -96,7 +87,7 @@ def _place(restored: Path | None, output_dir: Path) -> None:
         shutil.move(child, target)
 
 
-class CheckpointioTrainerCallback(TrainerCallback):
+class CheckpointioTrainerCallback(FolderSaver, TrainerCallback):
     """Store every checkpoint the ``transformers`` Trainer saves; resume from it on retry.
 
     Each time the Trainer has written ``output_dir/checkpoint-<step>/`` (per ``save_strategy`` /
@@ -138,24 +129,9 @@ class CheckpointioTrainerCallback(TrainerCallback):
         keep_last: int | None = 2,
         background: bool = True,
     ) -> None:
-        if keep_last is not None and keep_last < 1:
-            raise ValueError("keep_last must be at least 1")
-        self._checkpoint = checkpoint
-        self.keep_last = keep_last
-        self.background = background
+        FolderSaver.__init__(self, checkpoint, keep_last, background)
         #: The Trainer's ``output_dir``, known once the Trainer was built with this callback.
         self.output_dir: Path | None = None
-        #: The folder this run resumed from, once :attr:`resume_from_checkpoint` was read.
-        self.resumed_from: Path | None = None
-        #: The handle of the last save.
-        self.last: SaveHandle | None = None
-        self._restored = False
-        self._stored_newer = False
-
-    @property
-    def checkpoint(self) -> Checkpoint:
-        """The checkpoint in force."""
-        return _checkpoint_in_force(self._checkpoint)
 
     @property
     def resume_from_checkpoint(self) -> str | None:
@@ -198,25 +174,17 @@ class CheckpointioTrainerCallback(TrainerCallback):
             return
         output_dir = Path(args.output_dir)
         self._retain(output_dir, state)
-        self.last = self.checkpoint.save_sync(output_dir, wait=not self.background)
-        # This call waited for the previous save (or was itself synchronous): a folder newer than
-        # the resumed one is stored once any save after the restore has succeeded.
-        if self.last.succeeded():
-            self._stored_newer = True
+        self._store(output_dir)
 
     def _retain(self, output_dir: Path, state: TrainerState) -> None:
         if self.keep_last is None:
             return
-        if self.last is not None and not self._stored_newer:
-            # The save that follows would wait for the previous one anyway; waiting here first makes
-            # the "a newer folder is stored" decision exact rather than a race with the upload.
-            self.last.join()
-            self._stored_newer = self.last.succeeded()
+        protected = self._resumed_is_protected()
         best = state.best_model_checkpoint
         keep = {output_dir / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"}  # the one just written
         if best is not None:
             keep.add(Path(best))
-        if self.resumed_from is not None and not self._stored_newer:
+        if protected and self.resumed_from is not None:
             keep.add(self.resumed_from)
         kept = {path.resolve() for path in keep}
         for old in checkpoint_folders(output_dir)[: -self.keep_last]:
@@ -227,8 +195,3 @@ class CheckpointioTrainerCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         self.wait()
-
-    def wait(self) -> None:
-        """Wait for the last background upload, raising its error."""
-        if self.last is not None and not _portal.on_loop_thread():
-            self.last.result()

@@ -21,10 +21,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from . import _portal
 from ._checkpoint import Checkpoint, latest_checkpoint
 from ._handle import SaveHandle
-from ._runtime import ctx
+from ._training import FolderSaver, checkpoint_in_force
 
 try:
     import lightning.pytorch as pl
@@ -44,13 +43,6 @@ logger = logging.getLogger("checkpointio")
 
 #: The file pattern of the checkpoints the callback writes and looks for.
 PATTERN = "**/*.ckpt"
-
-
-def _checkpoint_in_force(checkpoint: Checkpoint | None) -> Checkpoint:
-    checkpoint = checkpoint if checkpoint is not None else ctx().checkpoint
-    if checkpoint is None:
-        raise ValueError("no checkpoint: pass checkpoint=, or run inside @env.task(retries=N) with N > 0")
-    return checkpoint
 
 
 class CheckpointioIO(TorchCheckpointIO):
@@ -74,7 +66,7 @@ class CheckpointioIO(TorchCheckpointIO):
     @property
     def checkpoint(self) -> Checkpoint:
         """The checkpoint the files go to."""
-        return _checkpoint_in_force(self._checkpoint)
+        return checkpoint_in_force(self._checkpoint)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         super().save_checkpoint(checkpoint, path, storage_options)
@@ -87,7 +79,7 @@ class CheckpointioIO(TorchCheckpointIO):
         super().teardown()
 
 
-class CheckpointioCallback(pl.Callback):
+class CheckpointioCallback(FolderSaver, pl.Callback):
     """Save a Lightning checkpoint to ``ctx().checkpoint`` at the end of every epoch; resume on retry.
 
     At the end of each training epoch the trainer's full state is written to
@@ -113,21 +105,8 @@ class CheckpointioCallback(pl.Callback):
         keep_last: int | None = 2,
         background: bool = True,
     ) -> None:
-        if keep_last is not None and keep_last < 1:
-            raise ValueError("keep_last must be at least 1")
-        self._checkpoint = checkpoint
+        FolderSaver.__init__(self, checkpoint, keep_last, background)
         self._dirpath = Path(dirpath) if dirpath is not None else None
-        self.keep_last = keep_last
-        self.background = background
-        self.resumed_from: Path | None = None
-        self._restored = False
-        self._stored_newer = False
-        self.last: SaveHandle | None = None
-
-    @property
-    def checkpoint(self) -> Checkpoint:
-        """The checkpoint in force."""
-        return _checkpoint_in_force(self._checkpoint)
 
     @property
     def dirpath(self) -> Path:
@@ -155,30 +134,17 @@ class CheckpointioCallback(pl.Callback):
         trainer.save_checkpoint(self.dirpath / f"epoch={trainer.current_epoch}-step={trainer.global_step}.ckpt")
         if trainer.is_global_zero:
             self._retain()
-            self.last = self.checkpoint.save_sync(self.dirpath, wait=not self.background)
-            # This call waited for the previous save (or was itself synchronous): a file newer than
-            # the resumed one is stored once any save after the restore has completed.
-            if self.last.succeeded():
-                self._stored_newer = True
+            self._store(self.dirpath)
 
     def _retain(self) -> None:
         if self.keep_last is None:
             return
-        if self.last is not None and not self._stored_newer:
-            # The save below would wait for the previous one anyway; waiting here first makes the
-            # "a newer file is stored" decision exact rather than a race with the upload.
-            self.last.join()
-            self._stored_newer = self.last.succeeded()
+        protected = self._resumed_is_protected()
         files = sorted(self.dirpath.glob(PATTERN), key=lambda path: (path.stat().st_mtime_ns, path.name))
         for old in files[: -self.keep_last]:
-            if self.resumed_from is not None and not self._stored_newer and old == self.resumed_from:
+            if protected and old == self.resumed_from:
                 continue
             old.unlink()
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         self.wait()
-
-    def wait(self) -> None:
-        """Wait for the last background upload, raising its error."""
-        if self.last is not None and not _portal.on_loop_thread():
-            self.last.result()

@@ -27,7 +27,6 @@ from typing import Any
 
 import aiohttp
 import anyio
-import anyio.abc
 import anyio.lowlevel
 import anyio.to_thread
 from aiobotocore.session import AioSession
@@ -545,39 +544,28 @@ class S3Store:
     # -- get -------------------------------------------------------------------------------------
 
     async def get(self, info: ObjectInfo, sink: Sink) -> None:
-        config = self._config
-        client = await self._client()
-        spans = ranges(info.size, config.part_size)
-        if len(spans) <= 1:
-            data = await self._get_range(client, info, None)
-            await self._deliver(data, sink)
-            return
-        results: dict[int, Blocks] = {}
-        ready = [anyio.Event() for _ in spans]
-        slots = anyio.Semaphore(config.max_concurrency)
+        # The ranges are fetched at once, as by get_ranges; each waits for its turn to be delivered,
+        # holding its slot until then, so at most max_concurrency ranges are held. Slots are taken
+        # in order, so the range whose turn it is always has one: no deadlock.
+        turns: dict[int, anyio.Event] = {}
+        delivered = 0
 
-        async def fetch(index: int, span: tuple[int, int]) -> None:
-            results[index] = await self._get_range(client, info, span)
-            ready[index].set()
+        async def in_order(offset: int, blocks: Blocks) -> None:
+            nonlocal delivered
+            if offset != delivered:
+                await turns.setdefault(offset, anyio.Event()).wait()
+            end = offset + sum(len(block) for block in blocks)
+            await self._deliver(blocks, sink)
+            delivered = end
+            if delivered in turns:
+                turns.pop(delivered).set()
 
-        async def schedule(group: anyio.abc.TaskGroup) -> None:
-            for index, span in enumerate(spans):
-                await slots.acquire()  # released once delivered: at most max_concurrency ranges held
-                group.start_soon(fetch, index, span)
-
-        with one_error():
-            async with anyio.create_task_group() as group:
-                group.start_soon(schedule, group)
-                for index in range(len(spans)):
-                    await ready[index].wait()
-                    data = results.pop(index)
-                    slots.release()
-                    await self._deliver(data, sink)
+        await self.get_ranges(info, in_order)
 
     async def get_ranges(self, info: ObjectInfo, sink: RangeSink) -> None:
         config = self._config
         client = await self._client()
-        spans = ranges(info.size, config.part_size)
+        spans = ranges(info.size, config.part_size) or [(0, -1)]  # an empty object: one plain GET
         slots = anyio.Semaphore(config.max_concurrency)
 
         async def fetch(span: tuple[int, int]) -> None:
