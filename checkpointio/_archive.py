@@ -107,17 +107,21 @@ class _GzipMemberWriter:
 
 
 def _iter_tree(root: str) -> Iterator[tuple[str, str]]:
-    """Pre-order walk: every folder comes before what it holds, siblings sorted by name."""
-    stack: list[tuple[str, str]] = []
-    with os.scandir(root) as entries:
-        stack.extend((entry.name, entry.path) for entry in sorted(entries, key=lambda e: e.name, reverse=True))
+    """Pre-order walk: every folder comes before what it holds, siblings sorted by name.
+
+    Whether an entry is a folder comes from the directory listing itself (``DirEntry.is_dir``,
+    no system call per entry on Linux).
+    """
+    stack: list[tuple[str, str, bool]] = [("", root, True)]
     while stack:
-        rel, full = stack.pop()
-        yield rel, full
-        if os.path.isdir(full) and not os.path.islink(full):
+        rel, full, is_dir = stack.pop()
+        if rel:
+            yield rel, full
+        if is_dir:
             with os.scandir(full) as entries:
                 children = sorted(entries, key=lambda e: e.name, reverse=True)
-            stack.extend((f"{rel}/{entry.name}", entry.path) for entry in children)
+            prefix = f"{rel}/" if rel else ""
+            stack.extend((prefix + entry.name, entry.path, entry.is_dir(follow_symlinks=False)) for entry in children)
 
 
 def _check_link(rel: str, target: str, uri: str) -> None:

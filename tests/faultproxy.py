@@ -2,8 +2,8 @@
 
 Faults are queued with :meth:`FaultProxy.add`: the next requests matching a predicate get a canned
 error response (503 SlowDown, 500), have their connection reset half-way through the request body
-(an upload part) or half-way through the response body (a ranged download). Everything else is
-relayed unchanged. Traffic stays on 127.0.0.1.
+(an upload part) or half-way through the response body (a ranged download), or have half of the
+response body held back until the test lets it go. Everything else is relayed unchanged. Traffic stays on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -29,7 +29,10 @@ class Fault:
     """``action`` on the next ``times`` requests for which ``match(method, target)`` holds."""
 
     match: Match
-    action: str  # "503", "500", "reset_request", "reset_response", "stall", "flip" (a byte of the body)
+    #: "503", "500", "reset_request", "reset_response", "stall", "flip" (a byte of the body),
+    #: "pause" (send half the response body, the rest once ``FaultProxy.resume`` is set),
+    #: "truncate" (send half the response body, then close the connection cleanly)
+    action: str
     times: int = 1
     hits: int = 0
 
@@ -47,6 +50,8 @@ class FaultProxy:
     stall_seconds: float = 30.0
     #: Most requests matching ``slow`` in flight at once.
     max_in_flight: int = 0
+    #: What "pause" faults wait for before sending the second half of a response body.
+    resume: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -176,6 +181,14 @@ class FaultProxy:
             client.sendall(data[: len(data) // 2])
             _reset(client)
             return False
+        if action == "truncate":
+            client.sendall(data[: len(data) // 2])
+            client.shutdown(socket.SHUT_WR)
+            return False
+        if action == "pause":
+            client.sendall(data[: len(data) // 2])
+            self.resume.wait(60)
+            data = data[len(data) // 2 :]
         if action == "flip" and data:  # bit rot on the wire or in the store: same length, one byte off
             flipped = bytearray(data)
             flipped[len(flipped) // 2] ^= 0xFF

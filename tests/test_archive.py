@@ -11,6 +11,8 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from checkpointio import CorruptCheckpointError
 from checkpointio._archive import GunzipReader, pack_directory, unpack_directory
@@ -165,3 +167,37 @@ def test_checking_an_archive_writes_nothing_and_finds_the_same_faults(tmp_path: 
     pieces = iter([data[:-200], b""])
     with pytest.raises(CorruptCheckpointError):
         check_directory(lambda: next(pieces), uri="test://check")
+
+
+@given(st.binary(min_size=512, max_size=512))
+@settings(max_examples=300, deadline=None)
+def test_header_checksum_is_the_byte_sum_tar_defines(raw: bytes) -> None:
+    from checkpointio._tar import _checksum_ok
+
+    block = bytearray(raw)
+    block[148:156] = b"        "
+    unsigned = sum(block)
+    block[148:156] = b"%06o\0 " % unsigned
+    assert _checksum_ok(bytes(block))
+    signed = sum(b - 256 if b > 127 else b for b in block[:148] + block[156:]) + 256  # old writers' variant
+    wrong = unsigned + 1
+    block[148:156] = b"%06o\0 " % wrong
+    assert _checksum_ok(bytes(block)) == (wrong == signed)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o000])
+def test_restored_modes_do_not_depend_on_the_umask(tmp_path: Path, umask: int) -> None:
+    tree = make_tree(tmp_path / "tree")
+    for name, mode in [("g-exec", 0o750), ("world", 0o664), ("plain", 0o644), ("odd", 0o4711)]:
+        (tree / name).write_bytes(name.encode())
+        (tree / name).chmod(mode)
+    expected = snapshot(tree)
+    expected["world"] = ("file", b"world", 0o644, expected["world"][3])  # group/other write dropped
+    expected["odd"] = ("file", b"odd", 0o711, expected["odd"][3])  # no set-id bits
+    data = packed(tree)
+    previous = os.umask(umask)
+    try:
+        restored = unpacked(data, tmp_path / "out")
+    finally:
+        os.umask(previous)
+    assert snapshot(restored) == expected

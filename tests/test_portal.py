@@ -131,14 +131,17 @@ def test_ctrl_c_during_save_sync_cancels_the_save_and_keeps_the_previous(tmp_pat
         for i in range(8):
             (big / f"shard-{{i}}").write_bytes(os.urandom(8 * 1024 * 1024))
 
-        def interrupt_when_started():
-            while not list(root.glob(".ckpt.partial-*")):
-                time.sleep(0.001)
-            os.kill(os.getpid(), signal.SIGINT)
+        def interrupt_half_way(progress):
+            # Called from the save's own thread, which cannot go on while this runs: the save is
+            # certainly in flight when the signal lands (a fast machine could otherwise finish it).
+            if progress.done and not progress.finished and not interrupted:
+                interrupted.append(True)
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(1)
 
-        threading.Thread(target=interrupt_when_started, daemon=True).start()
+        interrupted = []
         try:
-            Checkpoint(root / "ckpt", chunk_size=256 * 1024).save_sync(big)
+            Checkpoint(root / "ckpt", chunk_size=256 * 1024, on_progress=interrupt_half_way).save_sync(big)
         except KeyboardInterrupt:
             print("interrupted")
         print("partials", len(list(root.glob(".ckpt.partial-*"))))

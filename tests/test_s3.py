@@ -153,6 +153,55 @@ async def test_a_range_dropped_half_way_is_fetched_again(bucket: str, proxy: Fau
     assert [entry["action"] for entry in proxy.log].count("reset_response") == 2
 
 
+@pytest.mark.parametrize("kind", ["directory", "file"])
+async def test_a_range_cut_short_resumes_where_it_stopped(
+    bucket: str, proxy: FaultProxy, tmp_path: Path, kind: str
+) -> None:
+    tree = make_tree(tmp_path / "tree")
+    (tree / "big.bin").write_bytes(os.urandom(11 * MiB))
+    source = tree if kind == "directory" else tree / "big.bin"
+    options = {**SMALL_PARTS, "compression_level": 0, "endpoint_url": proxy.endpoint}
+    await Checkpoint(f"s3://{bucket}/a", **options).save(source)
+    proxy.add(lambda method, target: method == "GET", "truncate", times=1)
+    async with Checkpoint(f"s3://{bucket}/b", src=f"s3://{bucket}/a", **options) as cp:
+        restored = await cp.load()
+        assert restored is not None
+        if kind == "directory":
+            assert snapshot(restored) == snapshot(tree)
+        else:
+            assert restored.read_bytes() == source.read_bytes()
+    gets = [entry for entry in proxy.log if entry["method"] == "GET"]
+    cut = next(entry for entry in gets if entry["action"] == "truncate")
+    first, last = map(int, str(cut["headers"]["range"]).removeprefix("bytes=").split("-"))  # type: ignore[index]
+    resumed = f"bytes={first + (last - first + 1) // 2}-{last}"
+    assert [entry["headers"]["range"] for entry in gets].count(resumed) == 1  # type: ignore[index]
+    assert len(gets) == 4  # three ranges, one of them in two requests
+
+
+async def test_the_range_whose_turn_it_is_is_delivered_as_its_bytes_arrive(bucket: str, proxy: FaultProxy) -> None:
+    data = os.urandom(12 * MiB)
+    options = {**SMALL_PARTS, "endpoint_url": proxy.endpoint}
+    await Checkpoint(f"s3://{bucket}/w", **options).save(data)
+    store = S3Store(TransferConfig(**options))  # type: ignore[arg-type]
+    info = await store.head(parse_location(f"s3://{bucket}/w"))
+    assert info is not None
+    proxy.add(is_ranged_get(proxy), "pause", times=100)  # every range: half now, half later
+    chunks: list[bytes] = []
+    first = anyio.Event()
+
+    async def sink(chunk: bytes) -> None:
+        chunks.append(chunk)
+        first.set()
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(store.get, info, sink)
+        with anyio.fail_after(30):
+            await first.wait()  # no range is complete yet: only streaming delivers anything
+        assert 0 < sum(map(len, chunks)) <= 5 * MiB // 2
+        proxy.resume.set()
+    assert b"".join(chunks) == data
+
+
 async def test_a_part_that_keeps_failing_aborts_the_upload_and_keeps_the_previous(
     moto_server: MotoServer, bucket: str, proxy: FaultProxy
 ) -> None:

@@ -6,7 +6,8 @@ server verifies, the whole object's CRC32 sent with CompleteMultipartUpload. The
 when Complete succeeds; on any error or cancellation the upload is aborted.
 
 Load: HEAD for size, ETag and checksum, then concurrent ranged GETs pinned to that ETag
-(``If-Match``), delivered in order. A range that fails half-way is fetched again on its own.
+(``If-Match``), delivered in order, the range whose turn it is as its bytes arrive. A range that
+fails half-way is resumed where it stopped, on its own.
 
 One client (and connection pool) per event loop and settings; it is closed when its loop shuts
 down its async generators (``asyncio.run`` and anyio do), through the generator that holds it.
@@ -131,19 +132,44 @@ def _translate(error: Exception, location: Location, action: str) -> Exception:
     return error  # not ours to reinterpret
 
 
-async def _read_blocks(body: Any) -> list[bytes]:
-    """A response body as the blocks the connection received, not joined into one bytes.
+class _Received:
+    """The blocks of one range as the connection hands them over, for a reader taking them in order.
 
-    aiohttp's ``readany`` hands over its buffers without copying; ``read()`` would join a whole
-    range (16 MiB) into fresh memory on the event loop.
+    aiohttp's ``readany`` gives its buffers without copying; nothing is joined on the event loop.
     """
-    content = getattr(getattr(body, "raw_stream", None), "content", None)
-    if content is None or not hasattr(content, "readany"):  # pragma: no cover - another HTTP backend
-        return [await body.read()]
-    blocks: list[bytes] = []
-    while block := await content.readany():
-        blocks.append(block)
-    return blocks
+
+    def __init__(self) -> None:
+        self.blocks: Blocks = []
+        self.length = 0
+        self.done = False
+        self._arrived = anyio.Event()
+
+    def add(self, block: bytes) -> None:
+        self.blocks.append(block)
+        self.length += len(block)
+        self._arrived.set()
+
+    def finish(self) -> None:
+        self.done = True
+        self._arrived.set()
+
+    async def take(self) -> Blocks:
+        """The blocks received since the last call, waiting for some; ``[]`` once the range is done."""
+        while not self.blocks and not self.done:
+            self._arrived = anyio.Event()
+            await self._arrived.wait()
+        blocks, self.blocks = self.blocks, []
+        return blocks
+
+
+async def _read_into(body: Any, received: _Received, limit: int) -> None:
+    """Append a response body to ``received`` block by block; more than ``limit`` bytes is an error."""
+    content: Any = getattr(getattr(body, "raw_stream", None), "content", None)
+    read = content.readany if hasattr(content, "readany") else body.read  # the latter: another HTTP backend
+    while block := await read():
+        if received.length + len(block) > limit:
+            raise ResponseStreamingError(error=f"the server sent more than the {limit} bytes asked for")
+        received.add(block)
 
 
 class _Clients:
@@ -544,23 +570,33 @@ class S3Store:
     # -- get -------------------------------------------------------------------------------------
 
     async def get(self, info: ObjectInfo, sink: Sink) -> None:
-        # The ranges are fetched at once, as by get_ranges; each waits for its turn to be delivered,
-        # holding its slot until then, so at most max_concurrency ranges are held. Slots are taken
-        # in order, so the range whose turn it is always has one: no deadlock.
-        turns: dict[int, anyio.Event] = {}
-        delivered = 0
+        # Ranges are fetched concurrently; the one whose turn it is streams on as its blocks arrive
+        # (the first bytes reach the sink as soon as the server sends them, not after a whole
+        # range). A range holds its slot until delivered, so at most max_concurrency ranges are
+        # held; slots are taken in order, so the range being delivered always has one.
+        config = self._config
+        client = await self._client()
+        spans = ranges(info.size, config.part_size)
+        received = [_Received() for _ in spans or [(0, -1)]]
+        slots = anyio.Semaphore(config.max_concurrency)
 
-        async def in_order(offset: int, blocks: Blocks) -> None:
-            nonlocal delivered
-            if offset != delivered:
-                await turns.setdefault(offset, anyio.Event()).wait()
-            end = offset + sum(len(block) for block in blocks)
-            await self._deliver(blocks, sink)
-            delivered = end
-            if delivered in turns:
-                turns.pop(delivered).set()
+        async def fetch(index: int) -> None:
+            await self._get_range(client, info, spans[index] if len(spans) > 1 else None, received[index])
 
-        await self.get_ranges(info, in_order)
+        async def deliver() -> None:
+            gather = _Gather(config.chunk_size, sink)
+            for one in received:
+                while blocks := await one.take():
+                    await gather.add(blocks)
+                slots.release()
+            await gather.flush()
+
+        with one_error():
+            async with anyio.create_task_group() as group:
+                group.start_soon(deliver)
+                for index in range(len(received)):
+                    await slots.acquire()
+                    group.start_soon(fetch, index)
 
     async def get_ranges(self, info: ObjectInfo, sink: RangeSink) -> None:
         config = self._config
@@ -570,7 +606,9 @@ class S3Store:
 
         async def fetch(span: tuple[int, int]) -> None:
             try:
-                await sink(span[0], await self._get_range(client, info, span if len(spans) > 1 else None))
+                received = _Received()
+                await self._get_range(client, info, span if len(spans) > 1 else None, received)
+                await sink(span[0], received.blocks)
             finally:
                 slots.release()  # at most max_concurrency ranges held, fetched or being written
 
@@ -580,40 +618,29 @@ class S3Store:
                     await slots.acquire()
                     group.start_soon(fetch, span)
 
-    async def _deliver(self, blocks: Blocks, sink: Sink) -> None:
-        """Hand a range's blocks on in order, small ones gathered into chunks of about ``chunk_size``."""
-        step = self._config.chunk_size
-        group: list[bytes] = []
-        held = 0
-        for block in blocks:
-            group.append(block)
-            held += len(block)
-            if held >= step:
-                await sink(group[0] if len(group) == 1 else b"".join(group))
-                group.clear()
-                held = 0
-        if group:
-            await sink(group[0] if len(group) == 1 else b"".join(group))
-        blocks.clear()
+    async def _get_range(
+        self, client: Any, info: ObjectInfo, span: tuple[int, int] | None, received: _Received
+    ) -> None:
+        """GET one range (or the whole object) into ``received``, pinned to the ETag.
 
-    async def _get_range(self, client: Any, info: ObjectInfo, span: tuple[int, int] | None) -> Blocks:
-        """GET one range (or the whole object), pinned to the ETag; a failed read is retried alone."""
+        A read that fails half-way is resumed where it stopped, by this range alone.
+        """
         location = info.location
-        kwargs: dict[str, Any] = {"Bucket": location.bucket, "Key": location.key, "IfMatch": info.etag}
-        expected = info.size
-        if span is not None:
-            kwargs["Range"] = f"bytes={span[0]}-{span[1]}"
-            expected = span[1] - span[0] + 1
+        first, last = span if span is not None else (0, info.size - 1)
+        expected = last - first + 1
         attempts = self._config.max_attempts
         for attempt in range(attempts):
+            kwargs: dict[str, Any] = {"Bucket": location.bucket, "Key": location.key, "IfMatch": info.etag}
+            if span is not None or received.length:
+                kwargs["Range"] = f"bytes={first + received.length}-{last}"
             try:
                 response = await client.get_object(**kwargs)
                 async with response["Body"] as body:
-                    blocks = await _read_blocks(body)
-                received = sum(len(block) for block in blocks)
-                if received != expected:
-                    raise ResponseStreamingError(error=f"got {received} of {expected} bytes")
-                return blocks
+                    await _read_into(body, received, expected)
+                if received.length != expected:
+                    raise ResponseStreamingError(error=f"got {received.length} of {expected} bytes")
+                received.finish()
+                return
             except ClientError as error:
                 status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
                 if status == 404:
@@ -629,3 +656,25 @@ class S3Store:
             except Exception as error:
                 raise _translate(error, location, "download the checkpoint") from error
         raise AssertionError("unreachable")  # pragma: no cover
+
+
+class _Gather:
+    """Hands blocks on to a sink in chunks of about ``step`` bytes (fewer, larger hand-overs)."""
+
+    def __init__(self, step: int, sink: Sink) -> None:
+        self._step = step
+        self._sink = sink
+        self._group: Blocks = []
+        self._held = 0
+
+    async def add(self, blocks: Blocks) -> None:
+        for block in blocks:
+            self._group.append(block)
+            self._held += len(block)
+            if self._held >= self._step:
+                await self.flush()
+
+    async def flush(self) -> None:
+        if self._group:
+            group, self._group, self._held = self._group, [], 0
+            await self._sink(group[0] if len(group) == 1 else b"".join(group))
