@@ -446,32 +446,36 @@ def run(args: argparse.Namespace, sizes: Sizes, scratch: Path) -> int:
             tables = {title: cases for title, cases in tables.items() if any(part in title for part in args.only)}
         run_repetitions(bench, tables, sizes.repeat)
 
-        print("once each: peak RSS on a tree 4x larger, event-loop responsiveness, idle worker", flush=True)
-        growth = [
-            (
-                references[tree.name],
-                places.s3("RSS growth", grown[tree.name], checkpointio(f"checkpointio {tree.name}")),
-            )
-            for tree in trees
-        ]
-        ticker = [
-            places.s3("event loop", dataset, checkpointio(f"checkpointio {dataset.name}", ticker=True))
-            for dataset in (*trees, big)
-        ]
-        for case in [larger for _, larger in growth] + ticker:
-            bench.measure(case)
-        try:
-            idle_rss: int | None = runner.run(PythonStep({"op": "idle"}), "idle worker").peak_rss
-        except StepFailed as error:
-            idle_rss = None
-            bench.failures.append(str(error))
+        growth: list[tuple[Case, Case]] = []
+        ticker: list[Case] = []
+        idle_rss: int | None = None
+        if not args.tables_only:
+            print("once each: peak RSS on a tree 4x larger, event-loop responsiveness, idle worker", flush=True)
+            growth = [
+                (
+                    references[tree.name],
+                    places.s3("RSS growth", grown[tree.name], checkpointio(f"checkpointio {tree.name}")),
+                )
+                for tree in trees
+            ]
+            ticker = [
+                places.s3("event loop", dataset, checkpointio(f"checkpointio {dataset.name}", ticker=True))
+                for dataset in (*trees, big)
+            ]
+            for case in [larger for _, larger in growth] + ticker:
+                bench.measure(case)
+            try:
+                idle_rss = runner.run(PythonStep({"op": "idle"}), "idle worker").peak_rss
+            except StepFailed as error:
+                bench.failures.append(str(error))
 
     for title, cases in tables.items():
         rows, notes = throughput_rows(bench, cases)
         print_table(f"{title}; median of {sizes.repeat}", THROUGHPUT_HEADER, rows, notes)
-    print_rss_growth(bench, growth)
-    print_event_loop(bench, ticker)
-    print(f"\nan idle worker (Python + checkpointio + aiobotocore imported) peaks at {_mib(idle_rss)} MiB RSS")
+    if not args.tables_only:
+        print_rss_growth(bench, growth)
+        print_event_loop(bench, ticker)
+        print(f"\nan idle worker (Python + checkpointio + aiobotocore imported) peaks at {_mib(idle_rss)} MiB RSS")
     if args.json:
         dump_json(bench, args.json)
     print(f"\n{bench.verified} restores verified byte for byte; {len(bench.failures)} failure(s)")
@@ -543,6 +547,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny datasets, one repetition (CI)")
     parser.add_argument("--issue-sizes", action="store_true", help="the issue's sizes (770 MiB, 50,000 files, ...)")
     parser.add_argument("--only", action="append", help="run only the tables whose title contains this")
+    parser.add_argument(
+        "--tables-only", action="store_true", help="skip the once-only measurements (4x RSS, event loop, idle worker)"
+    )
     parser.add_argument("--repeat", type=int, help=f"repetitions (default {FULL.repeat})")
     parser.add_argument("--tensor-mib", type=float, help=f"tensor directory size (default {FULL.tensor_mib})")
     parser.add_argument("--small-files", type=int, help=f"small-file count (default {FULL.small_files})")
