@@ -9,13 +9,15 @@ and bsdtar write) and files are written with plain ``os`` calls.
 Safety follows PEP 706's ``data`` filter, checked with string operations only. That is enough
 because the destination is a folder the caller just created: the only links that can redirect a
 path are those this archive created, and they are tracked. Refused: absolute names, ``..``, names
-or hard links through a symlink the archive made, symlinks pointing out of the folder, hard links
-to anything but a file extracted before, devices and pipes. Modes lose set-id, sticky and
+or hard links through a symlink the archive made, symlinks pointing out of the folder (directly or
+through another symlink of the archive, in either order), hard links to anything but a file
+extracted before (and still a file), devices and pipes. Modes lose set-id, sticky and
 group/other write bits; owners are not applied.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 import zlib
@@ -179,7 +181,9 @@ class _Extraction:
         self._files: set[str] = set()
         self._dirs: set[str] = {""}
         self._dir_attrs: list[tuple[str, int, int]] = []
-        self._umask = _umask()
+        self._umask = _creation_umask(dest)
+        #: Paths that earlier symlinks' targets pass through: no symlink may appear there later.
+        self._walked: set[str] = set()
 
     def read_exact(self, size: int) -> bytes:
         data = self._read(size)
@@ -286,7 +290,7 @@ class _Extraction:
         rel = self.inside(name, "entry")
         if kind in _SPECIAL_TYPES:
             raise UnsafeArchiveError(f"entry {name!r} is a {_SPECIAL_TYPES[kind]}")
-        path = f"{self._dest}/{rel}"  # rel is normalised and relative
+        path = f"{self._dest}/{rel}" if self._write else ""  # rel is normalised and relative
         if rel == ".":
             if kind != b"5":
                 raise UnsafeArchiveError(f"entry {name!r} would replace the destination")
@@ -299,6 +303,8 @@ class _Extraction:
             self.write_file(path, size, mode, mtime)
             self._files.add(rel)
         elif kind == b"5":
+            self._files.discard(rel)
+            self._links.discard(rel)
             if self._write and (not os.path.isdir(path) or os.path.islink(path)):
                 self.clear(rel, path)
                 os.mkdir(path, 0o700)
@@ -306,15 +312,12 @@ class _Extraction:
             self._dir_attrs.append((path, mode & 0o755 | 0o700, mtime))
             self.skip(size + (-size % BLOCK))
         elif kind == b"2":
-            if link.startswith("/") or os.path.isabs(link):
-                raise UnsafeArchiveError(f"symlink {name!r} -> {link!r} points to an absolute path")
-            target = os.path.normpath(os.path.join(os.path.dirname(rel), link))
-            if target == ".." or target.startswith("../"):
-                raise UnsafeArchiveError(f"symlink {name!r} -> {link!r} points outside the destination")
+            self.check_link_target(rel, name, link)
             self.clear(rel, path)
             if self._write:
                 os.symlink(link, path)
                 os.utime(path, (mtime, mtime), follow_symlinks=False)
+            self._files.discard(rel)
             self._links.add(rel)
             self.skip(size + (-size % BLOCK))
         elif kind == b"1":
@@ -323,11 +326,40 @@ class _Extraction:
                 raise UnsafeArchiveError(f"hard link {name!r} -> {link!r} is not to a file extracted before")
             self.clear(rel, path)
             if self._write:
-                os.link(os.path.join(self._dest, source), path)
+                os.link(os.path.join(self._dest, source), path, follow_symlinks=False)
+            self._links.discard(rel)
             self._files.add(rel)
             self.skip(size + (-size % BLOCK))
         else:
             raise CorruptCheckpointError(f"entry {name!r} has an unsupported type {kind!r}")
+
+    def check_link_target(self, rel: str, name: str, link: str) -> None:
+        """Refuse a symlink whose target leaves the folder, now or once later links exist.
+
+        The target is walked from the link's folder: ``..`` may not climb out, and no part of the
+        way may be a symlink this archive made (``d/up -> ..`` then ``d/x -> up/..`` would leave
+        it). The parts walked are remembered, so a symlink made there later is refused too.
+        """
+        if link.startswith("/") or os.path.isabs(link):
+            raise UnsafeArchiveError(f"symlink {name!r} -> {link!r} points to an absolute path")
+        parts = rel.split("/")[:-1]
+        steps = [step for step in link.split("/") if step not in ("", ".")]
+        way = []
+        for index, step in enumerate(steps):
+            if step == "..":
+                if not parts:
+                    raise UnsafeArchiveError(f"symlink {name!r} -> {link!r} points outside the destination")
+                parts.pop()
+                continue
+            parts.append(step)
+            if index < len(steps) - 1:
+                here = "/".join(parts)
+                if here in self._links:
+                    raise UnsafeArchiveError(f"symlink {name!r} -> {link!r} goes through the symlink {here!r}")
+                way.append(here)
+        if rel in self._walked:
+            raise UnsafeArchiveError(f"symlink {name!r} would redirect the target of an earlier symlink")
+        self._walked.update(way)
 
     def write_file(self, path: str, size: int, mode: int, mtime: int) -> None:
         if not self._write:
@@ -367,6 +399,22 @@ def _file_mode(mode: int) -> int:
     if not mode & 0o100:
         mode &= ~0o011
     return mode
+
+
+def _creation_umask(dest: str | None) -> int | None:
+    """What creating a file in ``dest`` takes away from the mode asked for, when that is known:
+    the process umask, unless ``dest`` has a default ACL (which then applies instead)."""
+    if dest is None:
+        return None
+    try:
+        os.getxattr(dest, "system.posix_acl_default")
+        return None  # a default ACL: always fchmod
+    except OSError as error:
+        if error.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
+            return None
+    except AttributeError:  # pragma: no cover - no xattrs on this platform (and no /proc either)
+        return None
+    return _umask()
 
 
 def _umask() -> int | None:

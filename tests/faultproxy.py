@@ -31,7 +31,8 @@ class Fault:
     match: Match
     #: "503", "500", "reset_request", "reset_response", "stall", "flip" (a byte of the body),
     #: "pause" (send half the response body, the rest once ``FaultProxy.resume`` is set),
-    #: "truncate" (send half the response body, then close the connection cleanly)
+    #: "truncate" (send half the response body, then close the connection cleanly),
+    #: "drop_range" (forward the request without its Range header, as a server ignoring it)
     action: str
     times: int = 1
     hits: int = 0
@@ -148,6 +149,8 @@ class FaultProxy:
             )
             return False
         head = headers["_head"]
+        if action == "drop_range":
+            head = "".join(line for line in head.splitlines(keepends=True) if not line.lower().startswith("range:"))
         if expects:  # answer the client ourselves and forward without the Expect header
             client.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
             head = "".join(line for line in head.splitlines(keepends=True) if not line.lower().startswith("expect:"))
@@ -183,6 +186,7 @@ class FaultProxy:
             return False
         if action == "truncate":
             client.sendall(data[: len(data) // 2])
+            time.sleep(0.5)  # let the client take in the first half before the connection ends
             client.shutdown(socket.SHUT_WR)
             return False
         if action == "pause":

@@ -202,6 +202,23 @@ UNSAFE_ARCHIVES = {
     "hardlink-out": [_member("hard", tarfile.LNKTYPE, link="../../etc/passwd")],
     "device": [_member("dev", tarfile.CHRTYPE)],
     "write-through-link": [_member("link", tarfile.SYMTYPE, link=".."), _member("link/escaped.txt")],
+    # d/up -> .. is inside (it is the folder itself), but d/x -> up/.. climbs out through it
+    "symlink-through-symlink": [
+        _member("d/up", tarfile.SYMTYPE, link=".."),
+        _member("d/x", tarfile.SYMTYPE, link="up/.."),
+    ],
+    # the same, in the other order: b's target only leaves once d/up exists
+    "symlink-made-a-way-later": [
+        _member("b", tarfile.SYMTYPE, link="d/up/.."),
+        _member("d/up", tarfile.SYMTYPE, link=".."),
+    ],
+    # "a" was a file, then became a symlink: a hard link to "a" must not follow it
+    "hardlink-to-a-replaced-file": [
+        _member("t"),
+        _member("a"),
+        _member("a", tarfile.SYMTYPE, link="t"),
+        _member("h", tarfile.LNKTYPE, link="a"),
+    ],
 }
 
 

@@ -32,7 +32,7 @@ __all__ = [
 
 #: Receives the bytes of an object in order; awaiting it applies back-pressure.
 Sink = Callable[[bytes], Awaitable[None]]
-#: Receives one range of an object, ``(offset, blocks)``, in any order (see ``RangedStore``).
+#: Receives a piece of an object, ``(offset, blocks)``, in any order (see ``RangedStore``).
 RangeSink = Callable[[int, list[bytes]], Awaitable[None]]
 
 _PREFIX = "checkpointio-"
@@ -188,7 +188,8 @@ class RangedStore(Store, Protocol):
     """
 
     async def get_ranges(self, info: ObjectInfo, sink: RangeSink) -> None:
-        """Send every range of the object to ``sink`` once, in any order; fail if it changed."""
+        """Send every byte of the object to ``sink`` once, as ``(offset, blocks)`` pieces in any order
+        (each range in pieces of about ``chunk_size``, as they arrive); fail if the object changed."""
         ...
 
 

@@ -23,7 +23,7 @@ import logging
 import os
 import random
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -583,8 +583,11 @@ class S3Store:
         async def fetch(index: int) -> None:
             await self._get_range(client, info, spans[index] if len(spans) > 1 else None, received[index])
 
+        async def joined(blocks: Blocks) -> None:
+            await sink(blocks[0] if len(blocks) == 1 else b"".join(blocks))
+
         async def deliver() -> None:
-            gather = _Gather(config.chunk_size, sink)
+            gather = _Gather(config.chunk_size, joined)
             for one in received:
                 while blocks := await one.take():
                     await gather.add(blocks)
@@ -605,10 +608,24 @@ class S3Store:
         slots = anyio.Semaphore(config.max_concurrency)
 
         async def fetch(span: tuple[int, int]) -> None:
+            # Each range is handed on in pieces of about chunk_size as its bytes arrive, at their
+            # offsets: writing overlaps receiving, and memory is freed (and reused) piece by piece.
+            position = span[0]
+
+            async def at_position(blocks: Blocks) -> None:
+                nonlocal position
+                length = sum(map(len, blocks))
+                await sink(position, blocks)
+                position += length
+
             try:
                 received = _Received()
-                await self._get_range(client, info, span if len(spans) > 1 else None, received)
-                await sink(span[0], received.blocks)
+                gather = _Gather(config.chunk_size, at_position)
+                async with anyio.create_task_group() as group:
+                    group.start_soon(self._get_range, client, info, span if len(spans) > 1 else None, received)
+                    while blocks := await received.take():
+                        await gather.add(blocks)
+                    await gather.flush()
             finally:
                 slots.release()  # at most max_concurrency ranges held, fetched or being written
 
@@ -630,17 +647,25 @@ class S3Store:
         expected = last - first + 1
         attempts = self._config.max_attempts
         for attempt in range(attempts):
+            if attempt and received.length == expected:  # the error came after the last byte
+                break
             kwargs: dict[str, Any] = {"Bucket": location.bucket, "Key": location.key, "IfMatch": info.etag}
+            start = first + received.length
             if span is not None or received.length:
-                kwargs["Range"] = f"bytes={first + received.length}-{last}"
+                kwargs["Range"] = f"bytes={start}-{last}"
             try:
                 response = await client.get_object(**kwargs)
                 async with response["Body"] as body:
+                    if "Range" in kwargs and response.get("ContentRange") != f"bytes {start}-{last}/{info.size}":
+                        raise StoreError(
+                            f"{location.uri}: asked the server for bytes {start}-{last}, it sent "
+                            f"{response.get('ContentRange') or 'the whole object'} (does it support ranged GETs?)",
+                            uri=location.uri,
+                        )
                     await _read_into(body, received, expected)
                 if received.length != expected:
                     raise ResponseStreamingError(error=f"got {received.length} of {expected} bytes")
-                received.finish()
-                return
+                break
             except ClientError as error:
                 status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
                 if status == 404:
@@ -653,15 +678,17 @@ class S3Store:
                     raise _translate(error, location, "download the checkpoint") from error
                 logger.info("checkpointio: retrying a range of %s after: %s", location.uri, error)
                 await anyio.sleep(min(20.0, random.uniform(0, 0.1 * 2**attempt)))
+            except CheckpointError:
+                raise
             except Exception as error:
                 raise _translate(error, location, "download the checkpoint") from error
-        raise AssertionError("unreachable")  # pragma: no cover
+        received.finish()
 
 
 class _Gather:
-    """Hands blocks on to a sink in chunks of about ``step`` bytes (fewer, larger hand-overs)."""
+    """Hands blocks on in groups of about ``step`` bytes (fewer, larger hand-overs)."""
 
-    def __init__(self, step: int, sink: Sink) -> None:
+    def __init__(self, step: int, sink: Callable[[Blocks], Awaitable[None]]) -> None:
         self._step = step
         self._sink = sink
         self._group: Blocks = []
@@ -677,4 +704,4 @@ class _Gather:
     async def flush(self) -> None:
         if self._group:
             group, self._group, self._held = self._group, [], 0
-            await self._sink(group[0] if len(group) == 1 else b"".join(group))
+            await self._sink(group)
