@@ -449,6 +449,7 @@ def run(args: argparse.Namespace, sizes: Sizes, scratch: Path) -> int:
         growth: list[tuple[Case, Case]] = []
         ticker: list[Case] = []
         idle_rss: int | None = None
+        floor_ms: float | None = None
         if not args.tables_only:
             print("once each: peak RSS on a tree 4x larger, event-loop responsiveness, idle worker", flush=True)
             growth = [
@@ -466,6 +467,8 @@ def run(args: argparse.Namespace, sizes: Sizes, scratch: Path) -> int:
                 bench.measure(case)
             try:
                 idle_rss = runner.run(PythonStep({"op": "idle"}), "idle worker").peak_rss
+                floor = runner.run(PythonStep({"op": "ticker_floor", "seconds": 3}), "ticker floor")
+                floor_ms = floor.extra.get("worst_gap_ms")
             except StepFailed as error:
                 bench.failures.append(str(error))
 
@@ -475,6 +478,10 @@ def run(args: argparse.Namespace, sizes: Sizes, scratch: Path) -> int:
     if not args.tables_only:
         print_rss_growth(bench, growth)
         print_event_loop(bench, ticker)
+        print(
+            f"for scale: the same ticker alone, while {os.cpu_count()} busy processes keep the cores saturated, "
+            f"sees gaps up to {_num(floor_ms, 1)} ms (the operating system's scheduling, nothing of checkpointio)"
+        )
         print(f"\nan idle worker (Python + checkpointio + aiobotocore imported) peaks at {_mib(idle_rss)} MiB RSS")
     if args.json:
         dump_json(bench, args.json)

@@ -169,12 +169,39 @@ def idle(spec: Spec) -> Result:
     return {"wall": 0.0, "cpu": 0.0}
 
 
+def ticker_floor(spec: Spec) -> Result:
+    """The longest gap of the same 10 ms ticker, alone, while one busy process per core competes:
+    what the operating system's scheduling alone costs a ticker when the cores are saturated (as
+    they are during a transfer, with the S3 server on the same cores). Nothing of checkpointio runs."""
+    import subprocess
+
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 1)]
+    try:
+
+        async def tick() -> float:
+            worst, last, end = 0.0, time.perf_counter(), time.perf_counter() + float(spec.get("seconds", 3))
+            while last < end:
+                await asyncio.sleep(TICK)
+                now = time.perf_counter()
+                worst, last = max(worst, now - last), now
+            return worst
+
+        start = time.perf_counter()
+        worst = asyncio.run(tick())
+    finally:
+        for process in busy:  # ours, by their PIDs
+            process.kill()
+            process.wait()
+    return {"wall": time.perf_counter() - start, "cpu": 0.0, "worst_gap_ms": worst * 1000}
+
+
 OPERATIONS: dict[str, Callable[[Spec], Result]] = {
     "ours_save": ours_save,
     "ours_load": ours_load,
     "tarfile_save": tarfile_save,
     "tarfile_load": tarfile_load,
     "idle": idle,
+    "ticker_floor": ticker_floor,
 }
 
 
