@@ -37,7 +37,8 @@ __all__ = [
     "is_header",
 ]
 
-Read = Callable[[int], bytes]
+#: Reads up to n bytes of the tar stream (a memoryview for large reads that need no copy).
+Read = Callable[[int], bytes | memoryview]
 
 BLOCK = 512
 _ZERO_BLOCK = bytes(BLOCK)
@@ -185,7 +186,7 @@ class _Extraction:
         #: Paths that earlier symlinks' targets pass through: no symlink may appear there later.
         self._walked: set[str] = set()
 
-    def read_exact(self, size: int) -> bytes:
+    def read_exact(self, size: int) -> bytes | memoryview:
         data = self._read(size)
         if len(data) != size:
             raise CorruptCheckpointError("the archive is truncated: it ends inside an entry")
@@ -196,7 +197,7 @@ class _Extraction:
             size -= len(self.read_exact(min(size, _STEP)))
 
     def read_padded(self, size: int) -> bytes:
-        data = self.read_exact(size)
+        data = bytes(self.read_exact(size))
         self.skip(-size % BLOCK)
         return data
 
@@ -247,7 +248,7 @@ class _Extraction:
         long_name: bytes | None = None
         long_link: bytes | None = None
         while True:
-            block = self._read(BLOCK)
+            block = bytes(self._read(BLOCK))  # no copy: a read this small is bytes already
             if len(block) < BLOCK:
                 raise CorruptCheckpointError("the archive is truncated: no end-of-archive marker")
             if block == _ZERO_BLOCK:
