@@ -40,8 +40,6 @@ _GZIP_MAGIC = b"\x1f\x8b"
 #: Bytes one inflate call may produce: bounds memory whatever the compression ratio (gzip bombs).
 _INFLATE_STEP = 1024 * 1024
 _COPY_BUFSIZE = 1024 * 1024
-#: Reads from this size up come back as memoryviews of the inflated pieces (no copy).
-_VIEW_FROM = 64 * 1024
 
 
 class _GzipMemberWriter:
@@ -208,12 +206,8 @@ class GunzipReader:
         self._pull = pull
         self._input = bytearray()
         self._input_done = False
-        # Inflated bytes not read yet, as the pieces they came in (no joining into one buffer,
-        # whose growth and front deletion would copy every byte twice more); _offset: bytes of
-        # the first piece already read.
-        self._output: deque[bytes] = deque()
-        self._buffered = 0
-        self._offset = 0
+        self._output = bytearray()
+        self._offset = 0  # bytes of _output already read: dropped in one go, not per read()
         self._eof = False
         self._workers = workers
         self._parallel: bool | None = None  # decided by the first member
@@ -222,60 +216,23 @@ class GunzipReader:
         self._inflater: Any = None
         self._member_started = False
 
-    @property
-    def buffered(self) -> int:
-        """Inflated bytes held, not read yet."""
-        return self._buffered - self._offset
-
-    def read(self, size: int = -1) -> bytes | memoryview:
-        """Up to ``size`` bytes (all when negative); fewer only at the end of the stream.
-
-        Reads of at least 64 KiB that one inflated piece holds come back as a memoryview of it,
-        without a copy; everything else as ``bytes``.
-        """
-        while not self._eof and (size < 0 or self.buffered < size):
+    def read(self, size: int = -1) -> bytes:
+        available = len(self._output) - self._offset
+        while not self._eof and (size < 0 or available < size):
             self._fill()
-        if size < 0 or size > self.buffered:
-            size = self.buffered
-        if not size:
-            return b""
-        first, offset = self._output[0], self._offset
-        if offset + size <= len(first):
-            data: bytes | memoryview = (
-                memoryview(first)[offset : offset + size] if size >= _VIEW_FROM else first[offset : offset + size]
-            )
-            self._offset += size
-        else:
-            parts: list[bytes | memoryview] = []
-            wanted = size
-            while wanted:
-                first = self._output[0]
-                take = min(wanted, len(first) - self._offset)
-                parts.append(memoryview(first)[self._offset : self._offset + take])
-                self._offset += take
-                wanted -= take
-                if self._offset == len(first):
-                    self._drop_first()
-            data = b"".join(parts)
-        if self._output and self._offset == len(self._output[0]):
-            self._drop_first()
+            available = len(self._output) - self._offset
+        end = len(self._output) if size < 0 else min(len(self._output), self._offset + size)
+        with memoryview(self._output) as view:  # one copy, not a bytearray slice and then bytes
+            data = bytes(view[self._offset : end])
+        self._offset = end
         return data
-
-    def _drop_first(self) -> None:
-        self._buffered -= len(self._output.popleft())
-        self._offset = 0
-
-    def _append(self, piece: bytes) -> None:
-        if piece:
-            self._output.append(piece)
-            self._buffered += len(piece)
 
     def drain(self) -> None:
         """Inflate and discard the rest of the stream, so every byte was checked."""
         while not self._eof:
             self._fill()
-            self._output.clear()
-            self._buffered = self._offset = 0
+        self._output.clear()
+        self._offset = 0
 
     def close(self) -> None:
         for future in self._pending:
@@ -294,6 +251,9 @@ class GunzipReader:
         return True
 
     def _fill(self) -> None:
+        if self._offset:
+            del self._output[: self._offset]
+            self._offset = 0
         if self._parallel is None:
             while len(self._input) < 32 and self._more_input():
                 pass
@@ -330,7 +290,7 @@ class GunzipReader:
             if member is None:
                 self._eof = True
             else:
-                self._append(_codec.inflate_member(member))
+                self._output += _codec.inflate_member(member)
             return
         while len(self._pending) < 2 * self._workers:
             member = self._next_member()
@@ -338,14 +298,14 @@ class GunzipReader:
                 break
             if _codec.is_stored_member(member):  # a copy and a CRC32: here, after those before it
                 while self._pending:
-                    self._append(self._pending.popleft().result())
-                self._append(_codec.inflate_member(member))
+                    self._output += self._pending.popleft().result()
+                self._output += _codec.inflate_member(member)
                 return
             self._pending.append(self._pool.submit(_codec.inflate_member, member))
         if not self._pending:
             self._eof = True
             return
-        self._append(self._pending.popleft().result())
+        self._output += self._pending.popleft().result()
 
     def _fill_sequential(self) -> None:
         inflater = self._inflater
@@ -368,7 +328,7 @@ class GunzipReader:
                 return
             inflater = self._inflater = _codec.sequential_inflater()
             self._member_started = True
-        self._append(bytes(inflater.decompress(data, _INFLATE_STEP)))
+        self._output += inflater.decompress(data, _INFLATE_STEP)
 
 
 def looks_like_tar_gz(head: bytes) -> bool:

@@ -37,8 +37,7 @@ __all__ = [
     "is_header",
 ]
 
-#: Reads up to n bytes of the tar stream (a memoryview for large reads that need no copy).
-Read = Callable[[int], bytes | memoryview]
+Read = Callable[[int], bytes]
 
 BLOCK = 512
 _ZERO_BLOCK = bytes(BLOCK)
@@ -186,7 +185,7 @@ class _Extraction:
         #: Paths that earlier symlinks' targets pass through: no symlink may appear there later.
         self._walked: set[str] = set()
 
-    def read_exact(self, size: int) -> bytes | memoryview:
+    def read_exact(self, size: int) -> bytes:
         data = self._read(size)
         if len(data) != size:
             raise CorruptCheckpointError("the archive is truncated: it ends inside an entry")
@@ -197,7 +196,7 @@ class _Extraction:
             size -= len(self.read_exact(min(size, _STEP)))
 
     def read_padded(self, size: int) -> bytes:
-        data = bytes(self.read_exact(size))
+        data = self.read_exact(size)
         self.skip(-size % BLOCK)
         return data
 
@@ -248,7 +247,7 @@ class _Extraction:
         long_name: bytes | None = None
         long_link: bytes | None = None
         while True:
-            block = bytes(self._read(BLOCK))  # no copy: a read this small is bytes already
+            block = self._read(BLOCK)
             if len(block) < BLOCK:
                 raise CorruptCheckpointError("the archive is truncated: no end-of-archive marker")
             if block == _ZERO_BLOCK:
