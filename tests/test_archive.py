@@ -201,3 +201,25 @@ def test_restored_modes_do_not_depend_on_the_umask(tmp_path: Path, umask: int) -
     finally:
         os.umask(previous)
     assert snapshot(restored) == expected
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_reads_of_any_size_give_back_the_exact_stream(tmp_path: Path, workers: int) -> None:
+    tree = make_tree(tmp_path / "tree")
+    (tree / "noise.bin").write_bytes(os.urandom(700_000))  # stored blocks
+    (tree / "text.txt").write_bytes(b"compressible " * 60_000)  # deflated blocks
+    data = packed(tree, block=200_000, workers=workers)
+    expected = gzip.decompress(data)
+    pieces = iter([data[i : i + 50_000] for i in range(0, len(data), 50_000)])
+    reader = GunzipReader(lambda: next(pieces, b""), workers)
+    sizes = [512, 1, 70_000, 199_999, 200_001, 65_536, 3, 1_000_000, 512]
+    got = []
+    try:
+        for index in range(10_000):
+            chunk = reader.read(sizes[index % len(sizes)])
+            if not chunk:
+                break
+            got.append(bytes(chunk))
+    finally:
+        reader.close()
+    assert b"".join(got) == expected
