@@ -177,22 +177,13 @@ def ticker_floor(spec: Spec) -> Result:
 
     busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 1)]
     try:
-
-        async def tick() -> float:
-            worst, last, end = 0.0, time.perf_counter(), time.perf_counter() + float(spec.get("seconds", 3))
-            while last < end:
-                await asyncio.sleep(TICK)
-                now = time.perf_counter()
-                worst, last = max(worst, now - last), now
-            return worst
-
-        start = time.perf_counter()
-        worst = asyncio.run(tick())
+        seconds = float(spec.get("seconds", 3))
+        result = asyncio.run(_with_ticker(lambda: asyncio.sleep(seconds), lambda: asyncio.sleep(0)))
     finally:
         for process in busy:  # ours, by their PIDs
             process.kill()
             process.wait()
-    return {"wall": time.perf_counter() - start, "cpu": 0.0, "worst_gap_ms": worst * 1000}
+    return {"wall": result["wall"], "cpu": 0.0, "worst_gap_ms": result["worst_gap_ms"]}
 
 
 OPERATIONS: dict[str, Callable[[Spec], Result]] = {

@@ -370,21 +370,23 @@ class _Extraction:
         fd = os.open(path, _WRITE_FLAGS, mode)
         try:
             if padded <= _STEP:  # the common case: data and padding in one read
-                chunk = memoryview(self.read_exact(padded))[:size]
-                while chunk:
-                    chunk = chunk[os.write(fd, chunk) :]
+                _write_all(fd, memoryview(self.read_exact(padded))[:size])
             else:
                 remaining = size
                 while remaining:
-                    chunk = memoryview(self.read_exact(min(remaining, _STEP)))
+                    chunk = self.read_exact(min(remaining, _STEP))
                     remaining -= len(chunk)
-                    while chunk:
-                        chunk = chunk[os.write(fd, chunk) :]
+                    _write_all(fd, memoryview(chunk))
             _finish(fd, mode, mtime, self._umask)
         finally:
             os.close(fd)
         if padded > _STEP:
             self.skip(padded - size)
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    while data:
+        data = data[os.write(fd, data) :]
 
 
 def _parent(normal: str) -> str:
