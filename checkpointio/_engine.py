@@ -24,7 +24,7 @@ import anyio.from_thread
 import anyio.to_thread
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from . import _archive, _codec
+from . import _allocator, _archive, _codec
 from ._concurrency import PLUMBING as _PLUMBING
 from ._concurrency import Aborted as _Aborted
 from ._concurrency import one_error
@@ -186,6 +186,7 @@ async def _save(
     on_progress: ProgressCallback | None,
     check: Callable[[], None] | None = None,
 ) -> ObjectInfo:
+    _allocator.settle()
     send, receive = anyio.create_memory_object_stream[bytes](config.pipeline_depth)
     body = Body(receive, source.size)
     digest = body.digest
@@ -350,6 +351,7 @@ async def _read(
     consume: Callable[[_Pull], T],
 ) -> T:
     """Stream the object from the store into ``consume``, run in a worker thread; its result."""
+    _allocator.settle()
     send, receive = anyio.create_memory_object_stream[bytes](config.pipeline_depth)
     failed = [False]
     pull = _Pull(receive, failed, meter)
@@ -415,6 +417,7 @@ async def _restore_ranges(store: RangedStore, info: ObjectInfo, workspace: Path,
     The ranges' CRC32s are combined in order into the whole object's, so the stored checksum is
     checked as on the ordered path; the file appears under its name only once it matched.
     """
+    _allocator.settle()
     staging = workspace / f"{_PARTIAL}{uuid.uuid4().hex}"
     written: dict[int, tuple[int, int]] = {}  # offset -> (length, CRC32)
     lock = threading.Lock()
