@@ -34,7 +34,8 @@ __all__ = ["GunzipReader", "check_directory", "looks_like_tar_gz", "pack_directo
 logger = logging.getLogger("checkpointio")
 
 Emit = Callable[[bytes], None]
-Pull = Callable[[], bytes]
+#: The next compressed bytes, as one ``bytes`` or as a list of blocks; empty at the end.
+Pull = Callable[[], bytes | list[bytes]]
 
 _GZIP_MAGIC = b"\x1f\x8b"
 #: Bytes one inflate call may produce: bounds memory whatever the compression ratio (gzip bombs).
@@ -247,7 +248,11 @@ class GunzipReader:
         if not chunk:
             self._input_done = True
             return False
-        self._input += chunk
+        if isinstance(chunk, list):
+            for block in chunk:
+                self._input += block
+        else:
+            self._input += chunk
         return True
 
     def _fill(self) -> None:

@@ -32,7 +32,7 @@ from ._config import TransferConfig
 from ._exceptions import CheckpointError, ChecksumMismatchError, CorruptCheckpointError, SourceNotFoundError
 from ._location import Location
 from ._progress import Meter, ProgressCallback
-from ._stores import Body, Digest, Kind, ObjectInfo, RangedStore, Record, Store
+from ._stores import Blocks, Body, Digest, Kind, ObjectInfo, RangedStore, Record, Store
 
 __all__ = ["PAYLOAD_NAME", "SaveData", "Writer", "load", "save", "save_written", "verify"]
 
@@ -228,37 +228,46 @@ async def _save(
 
 
 class _Pull:
-    """Worker-thread side of a load: pulls chunks off the stream, counting and checksumming."""
+    """Worker-thread side of a load: pulls blocks off the stream, counting and checksumming.
 
-    def __init__(self, receive: MemoryObjectReceiveStream[bytes], failed: list[bool], meter: Meter) -> None:
+    The blocks come as the store received them: consumers copy them anyway (into the archive
+    reader's buffer, into a file), so joining them first would be one more copy of every byte.
+    """
+
+    def __init__(self, receive: MemoryObjectReceiveStream[Blocks], failed: list[bool], meter: Meter) -> None:
         self._receive = receive
         self._failed = failed
-        self._first: bytes | None = None
+        self._first: Blocks | None = None
         self._meter = meter
         self.digest = Digest()
 
     def peek(self) -> bytes:
         if self._first is None:
             self._first = self._next()
-        return self._first
+        return b"".join(self._first)
 
-    def __call__(self) -> bytes:
+    def blocks(self) -> Blocks:
+        """The next blocks; ``[]`` at the end."""
         if self._first is not None:
-            chunk, self._first = self._first, None
-            return chunk
+            blocks, self._first = self._first, None
+            return blocks
         return self._next()
 
-    def _next(self) -> bytes:
+    def _next(self) -> Blocks:
         try:
-            chunk = anyio.from_thread.run(self._receive.receive)
+            blocks = anyio.from_thread.run(self._receive.receive)
         except anyio.EndOfStream:
             if self._failed[0]:
                 raise _Aborted from None
-            return b""
-        self.digest.crc32 = _codec.crc32(chunk, self.digest.crc32)
-        self.digest.length += len(chunk)
-        self._meter.advance(len(chunk))
-        return chunk
+            return []
+        crc, length = self.digest.crc32, 0
+        for block in blocks:
+            crc = _codec.crc32(block, crc)
+            length += len(block)
+        self.digest.crc32 = crc
+        self.digest.length += length
+        self._meter.advance(length)
+        return blocks
 
 
 def _verify(info: ObjectInfo, digest: Digest) -> None:
@@ -303,9 +312,9 @@ def _kind(pull: _Pull, info: ObjectInfo) -> Kind:
 def _check(pull: _Pull, info: ObjectInfo, workers: int) -> None:
     """Worker thread: read the object to its end as a restore would, writing nothing."""
     if _kind(pull, info) is Kind.DIRECTORY:
-        _archive.check_directory(pull, uri=info.location.uri, workers=workers)
+        _archive.check_directory(pull.blocks, uri=info.location.uri, workers=workers)
     else:
-        while pull():
+        while pull.blocks():
             pass
     _verify(info, pull.digest)
 
@@ -320,7 +329,7 @@ def _restore(pull: _Pull, info: ObjectInfo, workspace: Path, workers: int) -> Pa
             staging.mkdir()
             held = os.open(staging, os.O_RDONLY | os.O_DIRECTORY)  # pins the folder: no inode reuse
             try:
-                _archive.unpack_directory(pull, staging, uri=uri, workers=workers)
+                _archive.unpack_directory(pull.blocks, staging, uri=uri, workers=workers)
                 _verify(info, pull.digest)
                 _check_still_there(staging, held, uri)
             finally:
@@ -330,8 +339,8 @@ def _restore(pull: _Pull, info: ObjectInfo, workspace: Path, workers: int) -> Pa
             staging.rmdir()
             return workspace
         with open(staging, "wb") as out:
-            while chunk := pull():
-                out.write(chunk)
+            while blocks := pull.blocks():
+                out.writelines(blocks)
         _verify(info, pull.digest)
         target = workspace / PAYLOAD_NAME
         _replace(staging, target)
@@ -352,7 +361,7 @@ async def _read(
 ) -> T:
     """Stream the object from the store into ``consume``, run in a worker thread; its result."""
     _allocator.settle()
-    send, receive = anyio.create_memory_object_stream[bytes](config.pipeline_depth)
+    send, receive = anyio.create_memory_object_stream[Blocks](config.pipeline_depth)
     failed = [False]
     pull = _Pull(receive, failed, meter)
     result: list[T] = []

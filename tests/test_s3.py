@@ -205,8 +205,8 @@ async def test_the_range_whose_turn_it_is_is_delivered_as_its_bytes_arrive(bucke
     chunks: list[bytes] = []
     first = anyio.Event()
 
-    async def sink(chunk: bytes) -> None:
-        chunks.append(chunk)
+    async def sink(blocks: list[bytes]) -> None:
+        chunks.extend(blocks)
         first.set()
 
     try:
@@ -243,8 +243,8 @@ async def test_an_object_replaced_between_head_and_get_is_detected(moto_server: 
     moto_server.client().put_object(Bucket=bucket, Key="a", Body=b"someone else's")
     received: list[bytes] = []
 
-    async def sink(chunk: bytes) -> None:
-        received.append(chunk)
+    async def sink(blocks: list[bytes]) -> None:
+        received.extend(blocks)
 
     with pytest.raises(ConcurrentModificationError, match="replaced while being read"):
         await store.get(info, sink)

@@ -18,6 +18,7 @@ from .._config import TransferConfig
 from .._location import Location
 
 __all__ = [
+    "Blocks",
     "Body",
     "Digest",
     "Kind",
@@ -30,10 +31,12 @@ __all__ = [
     "Store",
 ]
 
-#: Receives the bytes of an object in order; awaiting it applies back-pressure.
-Sink = Callable[[bytes], Awaitable[None]]
+#: Some of an object's bytes: the blocks a store received them in (joining them would be a copy).
+Blocks = list[bytes]
+#: Receives the bytes of an object in order, as blocks; awaiting it applies back-pressure.
+Sink = Callable[[Blocks], Awaitable[None]]
 #: Receives a piece of an object, ``(offset, blocks)``, in any order (see ``RangedStore``).
-RangeSink = Callable[[int, list[bytes]], Awaitable[None]]
+RangeSink = Callable[[int, Blocks], Awaitable[None]]
 
 _PREFIX = "checkpointio-"
 FORMAT_VERSION = "1"

@@ -161,7 +161,7 @@ class LocalStore:
                 if f"{st.st_size}-{st.st_mtime_ns}" != info.etag:
                     raise ConcurrentModificationError(f"{uri}: replaced while being read", uri=uri)
                 while chunk := await source.read(chunk_size):
-                    await sink(chunk)
+                    await sink([chunk])
         except FileNotFoundError as error:
             raise ConcurrentModificationError(f"{uri}: removed while being read", uri=uri) from error
         except OSError as error:

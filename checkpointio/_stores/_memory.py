@@ -62,7 +62,7 @@ class MemoryStore:
         view = memoryview(obj.data)
         step = self._config.chunk_size
         for start in range(0, len(view), step):
-            await sink(bytes(view[start : start + step]))
+            await sink([bytes(view[start : start + step])])
 
     async def delete(self, location: Location) -> bool:
         with _lock:

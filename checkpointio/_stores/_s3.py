@@ -57,7 +57,7 @@ from .._exceptions import (
 )
 from .._location import Location
 from .._planning import check_object_size, part_size_for_known_size, part_size_for_stream, ranges
-from ._base import Body, ObjectInfo, PendingWrite, RangeSink, Record, Sink
+from ._base import Blocks, Body, ObjectInfo, PendingWrite, RangeSink, Record, Sink
 
 __all__ = ["S3Store"]
 
@@ -260,8 +260,6 @@ def _prepared_session(profile: str | None) -> AioSession:
 
 
 Pieces = list[bytes | memoryview]
-#: A response body as the connection received it (S3Store.list shadows ``list`` in the class).
-Blocks = list[bytes]
 
 
 def _cut(pieces: Pieces, size: int) -> tuple[Pieces, Pieces]:
@@ -583,11 +581,8 @@ class S3Store:
         async def fetch(index: int) -> None:
             await self._get_range(client, info, spans[index] if len(spans) > 1 else None, received[index])
 
-        async def joined(blocks: Blocks) -> None:
-            await sink(blocks[0] if len(blocks) == 1 else b"".join(blocks))
-
         async def deliver() -> None:
-            gather = _Gather(config.chunk_size, joined)
+            gather = _Gather(config.chunk_size, sink)  # as received: joining them is the consumer's call
             for one in received:
                 while blocks := await one.take():
                     await gather.add(blocks)
