@@ -113,9 +113,13 @@ def _number(field: bytes) -> int:
             raise CorruptCheckpointError("a tar header holds a negative number")
         return int.from_bytes(bytes([field[0] & 0x7F]) + field[1:], "big")
     text = field.split(b"\0", 1)[0].strip()
+    if not text.isdigit():  # int() would also take a sign ("-1": a negative size), "_" and spaces
+        if not text:
+            return 0
+        raise CorruptCheckpointError(f"a tar header holds a bad number {text!r}")
     try:
-        return int(text or b"0", 8)
-    except ValueError:
+        return int(text, 8)
+    except ValueError:  # 8 or 9
         raise CorruptCheckpointError(f"a tar header holds a bad number {text!r}") from None
 
 
@@ -279,6 +283,8 @@ class _Extraction:
                 name = pax.get("path", long_name if long_name is not None else name)
                 link = pax.get("linkpath", long_link if long_link is not None else link)
                 if "size" in pax:
+                    if not pax["size"].isdigit():
+                        raise CorruptCheckpointError(f"a pax header holds a bad size {pax['size']!r}")
                     size = int(pax["size"])
                 mtime = int(float(pax["mtime"])) if "mtime" in pax else _number(raw_mtime)
                 pax, long_name, long_link = {}, None, None

@@ -8,13 +8,14 @@ import os
 import shutil
 import subprocess
 import tarfile
+import tracemalloc
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from checkpointio import CorruptCheckpointError
+from checkpointio import CorruptCheckpointError, _tar
 from checkpointio._archive import GunzipReader, pack_directory, unpack_directory
 from checkpointio._codec import MAX_MEMBER_OUTPUT, encode_member, inflate_member, is_stored_member, member_length
 
@@ -127,6 +128,40 @@ def test_a_foreign_gzip_bomb_inflates_in_bounded_steps(tmp_path: Path) -> None:
         largest = max(largest, len(reader._output))
     assert total > 64 * 1024 * 1024  # all of it came through
     assert largest <= 3 * 1024 * 1024  # never the whole 64 MiB in memory
+
+
+def _with_size_field(header: bytes, size_field: bytes) -> bytes:
+    """A ustar header whose size field says ``size_field``, with its checksum made valid again."""
+    block = bytearray(header[:512])
+    block[124:136] = size_field.ljust(12, b"\0")
+    block[148:156] = b"        "
+    block[148:156] = b"%06o\0 " % sum(block)
+    return bytes(block)
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        _with_size_field(_tar.header("neg", _tar.FILE), b"-0000001001"),
+        # a pax record can state the size too
+        _tar.header("neg", _tar.FILE, size=8 * 1024**3).replace(b"size=8589934592", b"size=-000001001"),
+    ],
+    ids=["ustar", "pax"],
+)
+def test_a_negative_size_is_corrupt_and_reads_nothing_ahead(tmp_path: Path, entry: bytes) -> None:
+    # Behind the bad entry, 64 MiB of zeros that gzip shrinks to ~64 KiB: a reader asked for a
+    # negative number of bytes would inflate all of it into memory.
+    zeros = _tar.header("zeros", _tar.FILE, size=64 * 1024 * 1024) + bytes(64 * 1024 * 1024)
+    data = gzip.compress(entry + zeros + _tar.end_of_archive(len(entry) + len(zeros)), compresslevel=1)
+    tracemalloc.start()
+    try:
+        with pytest.raises(CorruptCheckpointError, match=r"bad (number|size)"):
+            unpacked(data, tmp_path / "out")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 1024 * 1024
+    assert list((tmp_path / "out").iterdir()) == []
 
 
 def test_truncated_and_garbled_streams_are_corrupt(tmp_path: Path) -> None:
