@@ -18,6 +18,7 @@ group/other write bits; owners are not applied.
 from __future__ import annotations
 
 import errno
+import math
 import os
 import struct
 import zlib
@@ -51,6 +52,11 @@ _STEP = 1024 * 1024
 _USTAR = struct.Struct("100s8s8s8s12s12s8s1s100s6s2s32s32s8s8s155s12s")
 _RECORD = 20 * BLOCK  # archives end on a multiple of this, as tar(1) writes them
 _MAX_OCTAL_11 = 8**11
+#: The times a file can have (a 64-bit ``time_t``): ``os.utime`` raises OverflowError beyond them.
+_MIN_TIME, _MAX_TIME = -(2**63), 2**63 - 1
+#: Most bytes a pax or GNU long-name header may hold: they are read whole (a name is at most a few
+#: KiB), so without a bound a crafted header could make extraction hold gigabytes.
+_MAX_META = 1024 * 1024
 
 
 def _octal(value: int, width: int) -> bytes:
@@ -121,6 +127,21 @@ def _number(field: bytes) -> int:
         return int(text, 8)
     except ValueError:  # 8 or 9
         raise CorruptCheckpointError(f"a tar header holds a bad number {text!r}") from None
+
+
+def _pax_time(value: bytes) -> int:
+    """A pax time record (decimal seconds, maybe with a fraction), in whole seconds.
+
+    ``float`` also reads ``inf``, ``nan`` and ``1e400`` (infinite), which no file can have, and
+    ``int`` raises OverflowError or ValueError on those: they are refused here instead.
+    """
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise CorruptCheckpointError(f"a pax header holds a bad time {value!r}") from None
+    if not math.isfinite(seconds):
+        raise CorruptCheckpointError(f"a pax header holds a bad time {value!r}")
+    return int(seconds)
 
 
 def _byte_sum(data: bytes | memoryview) -> int:
@@ -220,14 +241,20 @@ class _Extraction:
         return normal
 
     def make_parents(self, rel: str) -> None:
+        """Create the folders ``rel`` is in, refusing to go through a file the archive made
+        (``os.makedirs`` would fail on it with an OSError that says nothing of the archive)."""
         parent = _parent(rel)
         if parent in self._dirs:
             return
-        if self._write:
-            os.makedirs(os.path.join(self._dest, parent), exist_ok=True)
+        new = []
         while parent and parent not in self._dirs:
-            self._dirs.add(parent)
+            if parent in self._files:
+                raise CorruptCheckpointError(f"entry {rel!r} is inside {parent!r}, a file of the archive")
+            new.append(parent)
             parent = _parent(parent)
+        if self._write:
+            os.makedirs(os.path.join(self._dest, new[0]), exist_ok=True)
+        self._dirs.update(new)
 
     def clear(self, rel: str, path: str) -> None:
         """Remove what an earlier entry of the same name left, unless it is a folder.
@@ -262,6 +289,8 @@ class _Extraction:
                 _USTAR.unpack_from(block)
             )
             size = _number(raw_size)
+            if kind in (b"x", b"g", b"L", b"K") and size > _MAX_META:
+                raise CorruptCheckpointError(f"a {kind.decode()!r} header of {size} bytes (more than 1 MiB): refused")
             if kind in (b"x", b"g"):
                 records = _pax_records(self.read_padded(size))
                 if kind == b"x":
@@ -286,10 +315,14 @@ class _Extraction:
                     if not pax["size"].isdigit():
                         raise CorruptCheckpointError(f"a pax header holds a bad size {pax['size']!r}")
                     size = int(pax["size"])
-                mtime = int(float(pax["mtime"])) if "mtime" in pax else _number(raw_mtime)
+                mtime = _pax_time(pax["mtime"]) if "mtime" in pax else _number(raw_mtime)
                 pax, long_name, long_link = {}, None, None
+                if b"\0" in name or b"\0" in link:  # only pax records can hold one: os calls refuse it
+                    raise CorruptCheckpointError(f"a pax header holds a name with a NUL byte {name!r}")
             else:
                 mtime = _number(raw_mtime)
+            if not _MIN_TIME <= mtime <= _MAX_TIME:  # pax or GNU base-256 numbers can hold more
+                raise CorruptCheckpointError(f"entry {_text(name)!r} has an out-of-range time {mtime}")
             self.entry(kind, _text(name), _text(link), size, mode, mtime)
 
     def entry(self, kind: bytes, name: str, link: str, size: int, mode: int, mtime: int) -> None:
@@ -304,6 +337,8 @@ class _Extraction:
             self.skip(size + (-size % BLOCK))
             return
         self.make_parents(rel)
+        if rel in self._dirs and kind in (*_FILE_TYPES, b"1", b"2"):  # clear() keeps folders: EEXIST
+            raise CorruptCheckpointError(f"entry {name!r} would replace a folder of the archive")
         if kind in _FILE_TYPES:
             self.clear(rel, path)
             self.write_file(path, size, mode, mtime)
@@ -330,9 +365,10 @@ class _Extraction:
             source = self.inside(link, "hard link target")
             if source not in self._files:
                 raise UnsafeArchiveError(f"hard link {name!r} -> {link!r} is not to a file extracted before")
-            self.clear(rel, path)
-            if self._write:
-                os.link(os.path.join(self._dest, source), path, follow_symlinks=False)
+            if source != rel:  # a link to itself (GNU tar's for a linked file named twice) is already there
+                self.clear(rel, path)
+                if self._write:
+                    os.link(os.path.join(self._dest, source), path, follow_symlinks=False)
             self._links.discard(rel)
             self._files.add(rel)
             self.skip(size + (-size % BLOCK))
@@ -346,6 +382,8 @@ class _Extraction:
         way may be a symlink this archive made (``d/up -> ..`` then ``d/x -> up/..`` would leave
         it). The parts walked are remembered, so a symlink made there later is refused too.
         """
+        if not link:  # os.symlink refuses it (ENOENT)
+            raise CorruptCheckpointError(f"symlink {name!r} has an empty target")
         if link.startswith("/") or os.path.isabs(link):
             raise UnsafeArchiveError(f"symlink {name!r} -> {link!r} points to an absolute path")
         parts = rel.split("/")[:-1]

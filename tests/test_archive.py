@@ -164,6 +164,23 @@ def test_a_negative_size_is_corrupt_and_reads_nothing_ahead(tmp_path: Path, entr
     assert list((tmp_path / "out").iterdir()) == []
 
 
+@pytest.mark.parametrize("kind", [b"x", b"L"], ids=["pax", "gnu-long-name"])
+def test_an_oversized_name_header_is_corrupt_and_not_read_into_memory(tmp_path: Path, kind: bytes) -> None:
+    # a pax (or GNU long-name) header is read whole: 64 MiB of zeros would all be held at once
+    size = 64 * 1024 * 1024
+    block = _tar.header("././@LongLink", _tar.FILE)
+    header = _with_size_field(block[:156] + kind + block[157:512], b"%011o" % size)
+    data = gzip.compress(header + bytes(size) + _tar.end_of_archive(512 + size), compresslevel=1)
+    tracemalloc.start()
+    try:
+        with pytest.raises(CorruptCheckpointError, match="more than 1 MiB"):
+            unpacked(data, tmp_path / "out")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 1024 * 1024
+
+
 def test_truncated_and_garbled_streams_are_corrupt(tmp_path: Path) -> None:
     data = packed(make_tree(tmp_path / "tree"))
     with pytest.raises(CorruptCheckpointError, match="truncated"):

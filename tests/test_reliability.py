@@ -5,6 +5,7 @@ anything. Each test is a row of the README's "Guarantees" table."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 import io
 import os
 import random
@@ -33,6 +34,7 @@ from checkpointio import (
     MiB,
     SourceChangedError,
     StoreUnavailableError,
+    UnsafeArchiveError,
 )
 
 from .conftest import MotoServer, StoreCase, make_tree, snapshot
@@ -417,12 +419,231 @@ def test_fuzzed_archives_give_a_clear_error_or_a_tree_inside_the_workspace(
         archive.unpack_directory(lambda: next(pieces), dest, uri="fuzz://x", workers=1)
     except CheckpointError:
         return
+    _assert_inside(dest)
+
+
+def _assert_inside(dest: Path) -> None:
+    """Every path extracted into ``dest``, and every symlink's target, stays inside ``dest``."""
     root = os.path.realpath(dest)
     for path in dest.rglob("*"):
         assert os.path.realpath(path.parent).startswith(root)
         if path.is_symlink():
             target = os.path.realpath(path)
             assert target.startswith(root), f"{path} -> {target}"
+
+
+def _extract_or_refuse(tar: bytes, dest: Path) -> None:
+    """Check, then extract, the gzip of ``tar``: the same :class:`CheckpointError` from both, or a
+    tree inside ``dest`` (any other exception fails the test)."""
+    data = gzip.compress(tar, compresslevel=1)
+    outcomes: list[type[CheckpointError] | None] = []
+    for target in (None, dest):  # `verify` first (writes nothing), then a real restore
+        pieces = iter([data, b""])
+        try:
+            archive.unpack_directory(lambda: next(pieces), target, uri="fuzz://x", workers=1)  # noqa: B023
+            outcomes.append(None)
+        except CheckpointError as error:
+            outcomes.append(type(error))
+    assert outcomes[0] == outcomes[1], "verify and restore disagree"
+    _assert_inside(dest)
+
+
+def _tar_of(tar_format: int) -> bytes:
+    """An uncompressed tar of files, a folder, a symlink, a hard link and a long name."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tar_format) as tar:
+        folder = tarfile.TarInfo("dir")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+        for name, data in [("a.txt", b"alpha" * 50), ("dir/b.bin", bytes(range(256)) * 2), ("d/" + "n" * 120, b"")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        for name, kind, target in [("dir/link", tarfile.SYMTYPE, "b.bin"), ("hard", tarfile.LNKTYPE, "a.txt")]:
+            info = tarfile.TarInfo(name)
+            info.type = kind
+            info.linkname = target
+            tar.addfile(info)
+    return buffer.getvalue()
+
+
+TARS = [_tar_of(tarfile.GNU_FORMAT), _tar_of(tarfile.PAX_FORMAT)]
+#: The offsets of the header blocks (ustar, pax and GNU long-name headers) of each of TARS.
+HEADERS = [[at for at in range(0, len(tar), 512) if untar.is_header(tar[at : at + 512])] for tar in TARS]
+FIELDS = {  # ustar header fields: (start, end)
+    "name": (0, 100),
+    "mode": (100, 108),
+    "size": (124, 136),
+    "mtime": (136, 148),
+    "checksum": (148, 156),
+    "typeflag": (156, 157),
+    "linkname": (157, 257),
+    "magic": (257, 265),
+    "prefix": (345, 500),
+}
+TOKENS = [  # values that mean something to a tar reader, for names, links, numbers and types
+    *(b"../x", b"/etc/passwd", b"..", b".", b"", b"a/../../b", b"dir", b"dir/", b"dir/b.bin", b"a.txt", b"a.txt/x"),
+    *(b"hard", b"dir/link", b"dir/link/x", b"dir/link/..", b"../../..", b"x\0y", b"n" * 100, b"\xff\xfe"),
+    *(b"0", b"1", b"2", b"3", b"4", b"5", b"6", b"7", b"x", b"g", b"L", b"K", b"S", b"\0"),
+    *(b"7777777", b"77777777777", b"99999999999", b"-1", b" +1", b"1_0", b"00000001000", b"00000000001"),
+    *(b"\x80" + bytes(10) + b"\x01", b"\x80" + b"\xff" * 11, b"\xff" * 12, b"\x80\x00\x00\x00\x00\x01\x00\x00"),
+    *(b"ustar\x0000", b"ustar  \0", b"ustar\0"),
+]
+tar_edits = st.lists(
+    st.one_of(
+        st.tuples(st.just("byte"), st.integers(0, 1 << 16), st.integers(0, 511), st.integers(0, 255)),
+        st.tuples(
+            st.just("field"),
+            st.integers(0, 1 << 16),
+            st.sampled_from(sorted(FIELDS)),
+            st.one_of(st.sampled_from(TOKENS), st.binary(min_size=1, max_size=12)),
+        ),
+        st.tuples(st.just("anywhere"), st.integers(0, 1 << 16), st.integers(0, 4095), st.integers(0, 255)),
+    ),
+    min_size=1,
+    max_size=6,
+)
+
+
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    which=st.sampled_from(range(len(TARS))),
+    edits=tar_edits,
+    fix_checksums=st.sampled_from([True, True, True, False]),  # mostly: a broken checksum stops everything
+    cut=st.one_of(st.none(), st.integers(0, 8192)),
+)
+def test_fuzzed_tar_streams_give_a_clear_error_or_a_tree_inside_the_workspace(
+    tmp_path_factory: pytest.TempPathFactory,
+    which: int,
+    edits: list[tuple[str, int, int | str, int | bytes]],
+    fix_checksums: bool,
+    cut: int | None,
+) -> None:
+    """Like the test above, on the tar stream itself: edits land in (mostly) headers whose checksums
+    are then made right again, so they reach the parser instead of failing the gzip CRC."""
+    tar, headers = bytearray(TARS[which]), HEADERS[which]
+    edited = set()
+    for kind, choice, where, value in edits:
+        if kind == "anywhere":  # data blocks, pax records, the end-of-archive marker
+            assert isinstance(where, int) and isinstance(value, int)
+            tar[where % len(tar)] = value
+            edited.update({where % len(tar) // 512 * 512} & set(headers))
+            continue
+        at = headers[choice % len(headers)]
+        edited.add(at)
+        if kind == "byte":
+            assert isinstance(where, int) and isinstance(value, int)
+            tar[at + where] = value
+        else:
+            assert isinstance(where, str) and isinstance(value, bytes)
+            start, end = FIELDS[where]
+            tar[at + start : at + end] = value[: end - start].ljust(end - start, b"\0")
+    for at in sorted(edited) if fix_checksums else ():
+        block = tar[at : at + 512]
+        block[148:156] = b" " * 8
+        tar[at + 148 : at + 156] = b"%06o\0 " % sum(block)
+    if cut is not None:
+        del tar[cut:]
+    _extract_or_refuse(bytes(tar), tmp_path_factory.mktemp("fuzz"))
+
+
+Entry = tuple[tarfile.TarInfo, bytes]
+
+
+def _entry(name: str, kind: bytes = tarfile.REGTYPE, data: bytes = b"", **attributes: object) -> Entry:
+    info = tarfile.TarInfo(name)
+    info.type, info.size = kind, len(data)
+    for attribute, value in attributes.items():
+        setattr(info, attribute, value)
+    return info, data
+
+
+def _tar_of_entries(entries: list[Entry], tar_format: int = tarfile.PAX_FORMAT) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tar_format) as tar:
+        for info, data in entries:
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def _check_and_extract(tar: bytes, dest: Path, error: type[CheckpointError] | None) -> None:
+    """`verify`, then restore, the gzip of ``tar``: both raise exactly ``error``, or both succeed."""
+    data = gzip.compress(tar, compresslevel=1)
+    for target in (None, dest):
+        pieces = iter([data, b""])
+        if error is None:
+            archive.unpack_directory(lambda: next(pieces), target, uri="x://y", workers=1)  # noqa: B023
+            continue
+        with pytest.raises(error) as raised:
+            archive.unpack_directory(lambda: next(pieces), target, uri="x://y", workers=1)  # noqa: B023
+        assert raised.type is error, raised.value
+    _assert_inside(dest)
+
+
+@pytest.mark.parametrize(
+    ("pax_headers", "error"),
+    [
+        ({"mtime": "inf"}, CorruptCheckpointError),  # int(float()) raised OverflowError
+        ({"mtime": "-inf"}, CorruptCheckpointError),
+        ({"mtime": "nan"}, CorruptCheckpointError),  # ValueError
+        ({"mtime": "1e400"}, CorruptCheckpointError),  # OverflowError: float() reads it as infinity
+        ({"mtime": "-1e30"}, CorruptCheckpointError),  # OverflowError from os.utime
+        ({"mtime": "1e19"}, CorruptCheckpointError),
+        ({"mtime": "soon"}, CorruptCheckpointError),  # ValueError
+        ({"mtime": "-1.5"}, None),  # a valid time before 1970
+        ({"size": "99999999999999999999"}, CorruptCheckpointError),
+        ({"size": "-1"}, CorruptCheckpointError),
+        ({"path": "../x"}, UnsafeArchiveError),
+        ({"path": "/etc/x"}, UnsafeArchiveError),
+        ({"path": "a\0b"}, CorruptCheckpointError),  # ValueError (embedded null byte) from os.open
+        ({"linkpath": "/etc"}, UnsafeArchiveError),
+        ({"linkpath": "../.."}, UnsafeArchiveError),
+        ({"linkpath": "t\0u"}, CorruptCheckpointError),  # ValueError from os.symlink
+    ],
+    ids=lambda value: value.__name__ if isinstance(value, type) else repr(value),
+)
+def test_hostile_pax_headers_are_refused_with_a_clear_error(
+    tmp_path: Path, pax_headers: dict[str, str], error: type[CheckpointError] | None
+) -> None:
+    if "linkpath" in pax_headers:
+        entry = _entry("s", tarfile.SYMTYPE, linkname="t", pax_headers=pax_headers)
+    else:
+        entry = _entry("f", data=b"x", pax_headers=pax_headers)
+    (tmp_path / "dest").mkdir()
+    _check_and_extract(_tar_of_entries([entry]), tmp_path / "dest", error)
+
+
+@pytest.mark.parametrize(
+    ("entries", "error"),
+    [  # before: FileExistsError, NotADirectoryError, FileNotFoundError and OverflowError from os calls
+        pytest.param([_entry("d", tarfile.DIRTYPE), _entry("d")], CorruptCheckpointError, id="file over folder"),
+        pytest.param([_entry("d/f"), _entry("d", data=b"x")], CorruptCheckpointError, id="file over parent"),
+        pytest.param(
+            [_entry("d", tarfile.DIRTYPE), _entry("d", tarfile.SYMTYPE, linkname=".")],
+            CorruptCheckpointError,
+            id="symlink over folder",
+        ),
+        pytest.param(
+            [_entry("f"), _entry("d", tarfile.DIRTYPE), _entry("d", tarfile.LNKTYPE, linkname="f")],
+            CorruptCheckpointError,
+            id="hard link over folder",
+        ),
+        pytest.param([_entry("f"), _entry("f/g")], CorruptCheckpointError, id="path through a file"),
+        pytest.param([_entry("f"), _entry("f/g/h", tarfile.DIRTYPE)], CorruptCheckpointError, id="folder in a file"),
+        pytest.param([_entry("s", tarfile.SYMTYPE, linkname="")], CorruptCheckpointError, id="empty symlink target"),
+        pytest.param([_entry("f", mtime=2**80)], CorruptCheckpointError, id="base-256 mtime out of range"),
+        pytest.param(
+            [_entry("f", data=b"kept"), _entry("f", tarfile.LNKTYPE, linkname="f")], None, id="hard link to itself"
+        ),
+    ],
+)
+def test_crafted_entry_sequences_are_refused_with_a_clear_error(
+    tmp_path: Path, entries: list[Entry], error: type[CheckpointError] | None
+) -> None:
+    (tmp_path / "dest").mkdir()
+    _check_and_extract(_tar_of_entries(entries, tarfile.GNU_FORMAT), tmp_path / "dest", error)
+    if error is None:
+        assert (tmp_path / "dest" / "f").read_bytes() == b"kept"
 
 
 # -- property-based round trips -------------------------------------------------------------------
