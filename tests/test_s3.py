@@ -10,6 +10,7 @@ from pathlib import Path
 
 import anyio
 import pytest
+from anyio import wait_all_tasks_blocked
 
 from checkpointio import (
     AccessDeniedError,
@@ -24,7 +25,7 @@ from checkpointio import (
 )
 from checkpointio._config import TransferConfig
 from checkpointio._location import parse_location
-from checkpointio._stores._s3 import S3Store, _clients
+from checkpointio._stores._s3 import S3Store, _clients, _Received
 
 from .conftest import MotoServer, free_port, make_tree, snapshot, start_moto, stop
 from .faultproxy import FaultProxy
@@ -219,6 +220,30 @@ async def test_the_range_whose_turn_it_is_is_delivered_as_its_bytes_arrive(bucke
     finally:
         proxy.resume.set()  # never leave the proxy's threads waiting
     assert b"".join(chunks) == data
+
+
+async def test_a_bounded_range_stops_reading_until_its_bytes_are_taken() -> None:
+    # What keeps a single-file restore's memory small when the disk is slower than the network:
+    # the connection is not read while more than the limit waits to be written.
+    received = _Received(limit=10)
+    await received.add(b"a" * 8)  # within the limit: no wait
+    added = anyio.Event()
+
+    async def add_more() -> None:
+        await received.add(b"b" * 8)
+        added.set()
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(add_more)
+        await wait_all_tasks_blocked()
+        assert not added.is_set()  # 16 bytes held, more than 10: waiting for the reader
+        assert await received.take() == [b"a" * 8, b"b" * 8]
+        with anyio.fail_after(10):
+            await added.wait()
+    unbounded = _Received()
+    for _ in range(100):
+        await unbounded.add(b"c" * 8)  # a directory's ranges wait their turn whole (see S3Store.get)
+    assert unbounded.length == 800
 
 
 async def test_a_part_that_keeps_failing_aborts_the_upload_and_keeps_the_previous(

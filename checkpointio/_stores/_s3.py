@@ -136,18 +136,27 @@ class _Received:
     """The blocks of one range as the connection hands them over, for a reader taking them in order.
 
     aiohttp's ``readany`` gives its buffers without copying; nothing is joined on the event loop.
+    With a ``limit``, :meth:`add` waits while more than that many bytes are waiting to be taken:
+    the connection then stops reading, and TCP's flow control holds the rest at the server.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int | None = None) -> None:
         self.blocks: Blocks = []
         self.length = 0
         self.done = False
         self._arrived = anyio.Event()
+        self._limit = limit
+        self._held = 0
+        self._taken = anyio.Event()
 
-    def add(self, block: bytes) -> None:
+    async def add(self, block: bytes) -> None:
         self.blocks.append(block)
         self.length += len(block)
+        self._held += len(block)
         self._arrived.set()
+        while self._limit is not None and self._held > self._limit:
+            self._taken = anyio.Event()
+            await self._taken.wait()
 
     def finish(self) -> None:
         self.done = True
@@ -159,6 +168,8 @@ class _Received:
             self._arrived = anyio.Event()
             await self._arrived.wait()
         blocks, self.blocks = self.blocks, []
+        self._held = 0
+        self._taken.set()
         return blocks
 
 
@@ -169,7 +180,7 @@ async def _read_into(body: Any, received: _Received, limit: int) -> None:
     while block := await read():
         if received.length + len(block) > limit:
             raise ResponseStreamingError(error=f"the server sent more than the {limit} bytes asked for")
-        received.add(block)
+        await received.add(block)
 
 
 class _Clients:
@@ -614,7 +625,9 @@ class S3Store:
                 position += length
 
             try:
-                received = _Received()
+                # Bounded: a range waits for its bytes to be written instead of piling up in memory
+                # (each range has its own connection and its own offset, so none waits for another).
+                received = _Received(limit=2 * config.chunk_size)
                 gather = _Gather(config.chunk_size, at_position)
                 async with anyio.create_task_group() as group:
                     group.start_soon(self._get_range, client, info, span if len(spans) > 1 else None, received)
