@@ -23,7 +23,7 @@ import logging
 import os
 import random
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -696,7 +696,7 @@ class S3Store:
 class _Gather:
     """Hands blocks on in groups of about ``step`` bytes (fewer, larger hand-overs)."""
 
-    def __init__(self, step: int, sink: Callable[[Blocks], Awaitable[None]]) -> None:
+    def __init__(self, step: int, sink: Sink) -> None:
         self._step = step
         self._sink = sink
         self._group: Blocks = []
