@@ -173,9 +173,9 @@ def checkpointio(
 ) -> Pipeline:
     """checkpointio ``save_sync`` / ``load_sync`` with ``options`` (none: the defaults).
 
-    ``as_bytes`` saves the file's content as ``bytes`` (read before timing) and reads the restored
-    payload back into memory; ``ticker`` uses ``await save()`` / ``await load()`` with a coroutine
-    ticking every 10 ms that records the longest gap.
+    ``as_bytes`` saves the file's content as ``bytes`` (read before timing) and loads it back
+    into memory with ``load_bytes_sync()``; ``ticker`` uses ``await save()`` / ``await load()``
+    with a coroutine ticking every 10 ms that records the longest gap.
     """
     common = {"options": options, "as_bytes": as_bytes, "ticker": ticker}
 

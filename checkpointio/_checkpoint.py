@@ -8,10 +8,10 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -29,6 +29,7 @@ __all__ = ["Checkpoint", "SaveHandle", "latest_checkpoint"]
 logger = logging.getLogger("checkpointio")
 
 URI = str | os.PathLike[str]
+T = TypeVar("T")
 
 
 class Checkpoint:
@@ -134,13 +135,41 @@ class Checkpoint:
             self._loaded = True
         return self._restored
 
+    async def load_bytes(self) -> bytearray | None:
+        """Read the previous attempt's bytes or single-file checkpoint into memory.
+
+        Nothing is written to disk (``load()`` writes ``cp.path / "payload"``, which a caller
+        wanting the bytes then reads again): for state that lives in memory anyway, such as a
+        pickled or ``torch.save``-d object, this is one pass instead of two. Each call downloads
+        again; the result is not kept.
+
+        Returns:
+            ``None`` if there is no previous checkpoint, else its bytes (a ``bytearray``: filled in
+            place, so there is no second copy).
+
+        Raises:
+            CheckpointError: The checkpoint is a directory (restore it with :meth:`load`).
+            CorruptCheckpointError: The stored bytes are truncated or fail their checksum.
+            StoreError: The store failed; never reported as "no checkpoint".
+        """
+
+        async def read(store: Store, location: Location) -> bytearray | None:
+            return await _engine.load_bytes(store, location, self._config, self._on_progress)
+
+        return await self._first_valid(read)
+
     async def _load_first_valid(self) -> Path | None:
+        async def restore(store: Store, location: Location) -> Path | None:
+            return await _engine.load(store, location, self.path, self._config, self._on_progress)
+
+        return await self._first_valid(restore)
+
+    async def _first_valid(self, load: Callable[[Store, Location], Awaitable[T | None]]) -> T | None:
+        """``load`` from the newest source that holds a checkpoint, skipping corrupt ones."""
         errors: list[CorruptCheckpointError] = []
         for location in self._sources:
             try:
-                restored = await _engine.load(
-                    await self._store(location), location, self.path, self._config, self._on_progress
-                )
+                restored = await load(await self._store(location), location)
             except CorruptCheckpointError as error:
                 errors.append(error)
                 logger.warning("checkpointio: skipping corrupt checkpoint %s: %s", location.uri, error)
@@ -264,6 +293,10 @@ class Checkpoint:
     def load_sync(self) -> Path | None:
         """Blocking twin of :meth:`load`."""
         return _portal.run_sync(self.load)
+
+    def load_bytes_sync(self) -> bytearray | None:
+        """Blocking twin of :meth:`load_bytes`."""
+        return _portal.run_sync(self.load_bytes)
 
     def save_sync(
         self,

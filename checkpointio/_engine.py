@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, BinaryIO, TypeVar
+from typing import IO, Any, BinaryIO, TypeGuard, TypeVar
 
 import anyio
 import anyio.from_thread
@@ -34,7 +34,7 @@ from ._location import Location
 from ._progress import Meter, ProgressCallback
 from ._stores import Blocks, Body, Digest, Kind, ObjectInfo, RangedStore, Record, Store
 
-__all__ = ["PAYLOAD_NAME", "SaveData", "Writer", "load", "save", "save_written", "verify"]
+__all__ = ["PAYLOAD_NAME", "SaveData", "Writer", "load", "load_bytes", "save", "save_written", "verify"]
 
 #: The file a restored bytes or single-file checkpoint is written to, inside the workspace.
 PAYLOAD_NAME = "payload"
@@ -408,39 +408,30 @@ async def load(
         return None
     await anyio.to_thread.run_sync(lambda: workspace.mkdir(parents=True, exist_ok=True))
     meter = Meter(on_progress, "load", location.uri, info.size)
-    if (
-        isinstance(store, RangedStore)
-        and info.record is not None
-        and info.record.kind is not Kind.DIRECTORY
-        and info.size > config.part_size
-        and _codec.CAN_COMBINE
-    ):
+    if info.record is not None and info.record.kind is not Kind.DIRECTORY and _ranged(store, info, config):
         return await _restore_ranges(store, info, workspace, meter)
     workers = config.compression_workers
     return await _read(store, info, config, meter, lambda pull: _restore(pull, info, workspace, workers))
 
 
-async def _restore_ranges(store: RangedStore, info: ObjectInfo, workspace: Path, meter: Meter) -> Path:
-    """Restore a single file by writing each range at its offset as it arrives, in worker threads.
+async def _fetch_ranges(
+    store: RangedStore, info: ObjectInfo, meter: Meter, write_at: Callable[[int, bytes], None]
+) -> None:
+    """Fetch the object's ranges at once, handing each block to ``write_at(offset, block)`` in
+    worker threads as it arrives; raise unless the bytes match the stored checksum.
 
     The ranges' CRC32s are combined in order into the whole object's, so the stored checksum is
-    checked as on the ordered path; the file appears under its name only once it matched.
+    checked as on the ordered path.
     """
-    _allocator.settle()
-    staging = workspace / f"{_PARTIAL}{uuid.uuid4().hex}"
     written: dict[int, tuple[int, int]] = {}  # offset -> (length, CRC32)
     lock = threading.Lock()
-    fd = await anyio.to_thread.run_sync(os.open, staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
 
     def write(offset: int, blocks: list[bytes]) -> None:
         crc, position = 0, offset
         for block in blocks:
             crc = _codec.crc32(block, crc)
-            view = memoryview(block)
-            while view:
-                count = os.pwrite(fd, view, position)
-                position += count
-                view = view[count:]
+            write_at(position, block)
+            position += len(block)
         with lock:
             written[offset] = (position - offset, crc)
             meter.advance(position - offset)
@@ -448,7 +439,7 @@ async def _restore_ranges(store: RangedStore, info: ObjectInfo, workspace: Path,
     async def sink(offset: int, blocks: list[bytes]) -> None:
         await anyio.to_thread.run_sync(write, offset, blocks)
 
-    def finish() -> Path:
+    def check() -> None:
         digest = Digest()
         for offset in sorted(written):
             length, crc = written[offset]
@@ -457,6 +448,31 @@ async def _restore_ranges(store: RangedStore, info: ObjectInfo, workspace: Path,
             digest.crc32 = _codec.crc32_combine(digest.crc32, crc, length)
             digest.length += length
         _verify(info, digest)
+
+    await store.get_ranges(info, sink)
+    await anyio.to_thread.run_sync(check)
+
+
+def _ranged(store: Store, info: ObjectInfo, config: TransferConfig) -> TypeGuard[RangedStore]:
+    """Whether to fetch a bytes or single-file object as ranges written at their offsets."""
+    return isinstance(store, RangedStore) and info.size > config.part_size and _codec.CAN_COMBINE
+
+
+async def _restore_ranges(store: RangedStore, info: ObjectInfo, workspace: Path, meter: Meter) -> Path:
+    """Restore a single file by writing each range at its offset as it arrives, in worker threads;
+    the file appears under its name only once its checksum matched."""
+    _allocator.settle()
+    staging = workspace / f"{_PARTIAL}{uuid.uuid4().hex}"
+    fd = await anyio.to_thread.run_sync(os.open, staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+
+    def write_at(position: int, block: bytes) -> None:
+        view = memoryview(block)
+        while view:
+            count = os.pwrite(fd, view, position)
+            position += count
+            view = view[count:]
+
+    def present() -> Path:
         target = workspace / PAYLOAD_NAME
         _replace(staging, target)
         meter.finish()
@@ -464,14 +480,63 @@ async def _restore_ranges(store: RangedStore, info: ObjectInfo, workspace: Path,
 
     try:
         try:
-            await store.get_ranges(info, sink)
+            await _fetch_ranges(store, info, meter, write_at)
         finally:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(os.close, fd)
-        return await anyio.to_thread.run_sync(finish)
+        return await anyio.to_thread.run_sync(present)
     finally:
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(lambda: staging.unlink(missing_ok=True))
+
+
+async def load_bytes(
+    store: Store,
+    location: Location,
+    config: TransferConfig,
+    on_progress: ProgressCallback | None = None,
+) -> bytearray | None:
+    """The bytes or single file saved at ``location``, read into memory; ``None`` if there is none.
+
+    Nothing touches the disk: ranges are copied to their offsets in one buffer as they arrive,
+    and the buffer is returned only once its CRC32 matched the stored one.
+    """
+    info = await store.head(location)
+    if info is None:
+        return None
+    uri = location.uri
+    if info.record is not None and info.record.kind is Kind.DIRECTORY:
+        raise CheckpointError(f"{uri} holds a directory: restore it with load(), not load_bytes()", uri=uri)
+    _allocator.settle()
+    meter = Meter(on_progress, "load", uri, info.size)
+    # Zero-filled in a worker thread: the first touch of each page is the costly part, and the
+    # copies that follow then only write.
+    buffer = await anyio.to_thread.run_sync(bytearray, info.size)
+    view = memoryview(buffer)
+
+    def write_at(position: int, block: bytes) -> None:
+        view[position : position + len(block)] = block
+
+    def fill(pull: _Pull) -> None:
+        position = 0
+        while blocks := pull.blocks():
+            for block in blocks:
+                if position + len(block) > info.size:
+                    raise CorruptCheckpointError(f"{uri}: read more than the {info.size} bytes stored", uri=uri)
+                write_at(position, block)
+                position += len(block)
+        _verify(info, pull.digest)
+
+    try:
+        if _ranged(store, info, config):
+            await _fetch_ranges(store, info, meter, write_at)
+            if meter.reporting:
+                await anyio.to_thread.run_sync(meter.finish)
+        else:
+            await _read(store, info, config, meter, fill)
+    finally:
+        view.release()
+    return buffer
 
 
 async def verify(

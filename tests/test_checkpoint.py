@@ -12,6 +12,7 @@ import pytest
 
 from checkpointio import (
     Checkpoint,
+    CheckpointError,
     CorruptCheckpointError,
     SourceNotFoundError,
     UnsafeArchiveError,
@@ -48,6 +49,56 @@ async def test_empty_bytes_round_trip(store: StoreCase) -> None:
     async with Checkpoint(store.uri("b"), src=store.uri("a")) as cp:
         restored = await cp.load()
         assert restored is not None and restored.read_bytes() == b""
+
+
+async def test_load_bytes_returns_the_saved_bytes_without_touching_disk(store: StoreCase, tmp_path: Path) -> None:
+    small, large = b"step=41", os.urandom(11 * 1024 * 1024 + 7)  # large: three 5 MiB ranges on S3
+    await Checkpoint(store.uri("small")).save(small)
+    await Checkpoint(store.uri("large")).save(large, part_size=5 * 1024 * 1024)
+    for name, expected in (("small", small), ("large", large)):
+        workspace = tmp_path / f"ws-{name}"
+        cp = Checkpoint(store.uri("next"), src=store.uri(name), workspace=workspace, part_size=5 * 1024 * 1024)
+        async with cp:
+            data = await cp.load_bytes()
+        assert isinstance(data, bytearray) and data == expected
+        assert not workspace.exists()
+
+
+async def test_load_bytes_reads_a_saved_file_and_a_foreign_object(store: StoreCase, tmp_path: Path) -> None:
+    source = tmp_path / "state.bin"
+    source.write_bytes(os.urandom(6 * 1024 * 1024))
+    await Checkpoint(store.uri("file")).save(source)
+    store.put_raw("foreign", b"written by another tool")
+    async with Checkpoint(store.uri("next"), src=store.uri("file"), part_size=5 * 1024 * 1024) as cp:
+        assert await cp.load_bytes() == source.read_bytes()
+    async with Checkpoint(store.uri("next"), src=store.uri("foreign")) as cp:
+        assert await cp.load_bytes() == b"written by another tool"
+
+
+async def test_load_bytes_is_none_on_first_attempt_and_refuses_a_directory(store: StoreCase, tmp_path: Path) -> None:
+    async with Checkpoint(store.uri("a")) as cp:
+        assert await cp.load_bytes() is None
+    await Checkpoint(store.uri("dir")).save(make_tree(tmp_path / "tree"))
+    async with Checkpoint(store.uri("next"), src=store.uri("dir")) as cp:
+        with pytest.raises(CheckpointError, match=r"directory: restore it with load\(\)"):
+            await cp.load_bytes()
+        assert (await cp.load()) == cp.path  # load() still restores it
+
+
+@pytest.mark.parametrize("size", [100_000, 11 * 1024 * 1024], ids=["one-range", "several-ranges"])
+async def test_load_bytes_of_a_corrupt_checkpoint_raises_then_falls_back_to_an_older_one(
+    store: StoreCase, size: int
+) -> None:
+    older, newer = os.urandom(size), os.urandom(size)
+    await Checkpoint(store.uri("older")).save(older, part_size=5 * 1024 * 1024)
+    await Checkpoint(store.uri("newer")).save(newer, part_size=5 * 1024 * 1024)
+    store.corrupt("newer")
+    async with Checkpoint(store.uri("next"), src=store.uri("newer"), part_size=5 * 1024 * 1024) as cp:
+        with pytest.raises(CorruptCheckpointError, match="newer"):
+            await cp.load_bytes()
+    sources = [store.uri("newer"), store.uri("older")]
+    async with Checkpoint(store.uri("next"), src=sources, part_size=5 * 1024 * 1024) as cp:
+        assert await cp.load_bytes() == older
 
 
 async def test_file_restores_as_payload_with_same_bytes(store: StoreCase, tmp_path: Path) -> None:
@@ -281,6 +332,9 @@ def test_sync_twins_round_trip(store: StoreCase, tmp_path: Path) -> None:
         assert cp.prev_exists_sync()
         restored = cp.load_sync()
         assert restored == cp.path and snapshot(restored) == snapshot(tree)
+    Checkpoint(store.uri("c")).save_sync(b"state")
+    with Checkpoint(store.uri("d"), src=store.uri("c")) as cp:
+        assert cp.load_bytes_sync() == b"state"
 
 
 async def test_settings_can_be_overridden_for_one_save(store: StoreCase, tmp_path: Path) -> None:
