@@ -16,6 +16,7 @@ import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import IO, Any, BinaryIO, TypeGuard, TypeVar
 
@@ -509,9 +510,9 @@ async def load_bytes(
         raise CheckpointError(f"{uri} holds a directory: restore it with load(), not load_bytes()", uri=uri)
     _allocator.settle()
     meter = Meter(on_progress, "load", uri, info.size)
-    # Zero-filled in a worker thread: the first touch of each page is the costly part, and the
-    # copies that follow then only write.
-    buffer = await anyio.to_thread.run_sync(bytearray, info.size)
+    # Not zeroed: its pages are faulted in by the threads that copy into them, during the
+    # download. Every byte is written before it is returned (``_verify`` checks the length).
+    buffer = _allocator.unfilled_bytearray(info.size)
     view = memoryview(buffer)
 
     def write_at(position: int, block: bytes) -> None:
@@ -527,13 +528,19 @@ async def load_bytes(
                 position += len(block)
         _verify(info, pull.digest)
 
-    try:
+    async def fetch() -> None:
         if _ranged(store, info, config):
             await _fetch_ranges(store, info, meter, write_at)
             if meter.reporting:
                 await anyio.to_thread.run_sync(meter.finish)
         else:
             await _read(store, info, config, meter, fill)
+
+    try:
+        with one_error():
+            async with anyio.create_task_group() as group:
+                group.start_soon(partial(anyio.to_thread.run_sync, _allocator.prefault, buffer, limiter=_own_thread()))
+                group.start_soon(fetch)
     finally:
         view.release()
     return buffer

@@ -1,18 +1,22 @@
-"""A fresh process serves transfer-sized buffers from its heap once checkpointio has settled glibc.
+"""Transfer memory: a fresh process serves transfer-sized buffers from its heap once checkpointio
+has settled glibc, and load_bytes() gets its result buffer without zeroing it first.
 
-Each case runs in a new interpreter: glibc's dynamic threshold only ever rises, so the test process
-itself (which has freed large blocks long ago) cannot show the difference.
+The glibc cases run in a new interpreter each: glibc's dynamic threshold only ever rises, so the
+test process itself (which has freed large blocks long ago) cannot show the difference.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 
-pytestmark = pytest.mark.skipif(
+from checkpointio import _allocator
+
+glibc_only = pytest.mark.skipif(
     not sys.platform.startswith("linux") or not hasattr(os, "confstr") or os.confstr("CS_GNU_LIBC_VERSION") is None,
     reason="glibc only",
 )
@@ -47,17 +51,61 @@ def probe(mode: str, **env: str) -> str:
     return result.stdout.strip()
 
 
+@glibc_only
 def test_a_fresh_process_maps_each_megabyte_buffer_on_its_own() -> None:
     assert probe("plain") == "mapped"  # what settle() exists to avoid
 
 
+@glibc_only
 def test_settle_has_glibc_serve_megabyte_buffers_from_its_heap() -> None:
     assert probe("settle") == "heap"
 
 
+@glibc_only
 def test_the_first_transfer_settles_it() -> None:
     assert probe("save") == "heap"
 
 
+@glibc_only
 def test_settle_can_be_turned_off() -> None:
     assert probe("settle", CHECKPOINTIO_TUNE_MALLOC="0") == "mapped"
+
+
+@pytest.mark.parametrize("size", [0, 1, 4097, 64 * 1024 * 1024])
+def test_an_unfilled_bytearray_is_an_ordinary_bytearray_of_that_size(size: int) -> None:
+    buffer = _allocator.unfilled_bytearray(size)
+    assert type(buffer) is bytearray and len(buffer) == size
+    pattern = bytes(range(256)) * (size // 256 + 1)
+    buffer[:] = pattern[:size]  # every byte written, as load_bytes() does before handing it out
+    assert buffer == pattern[:size]
+    buffer.extend(b"more")  # resizable: nothing holds on to its memory
+    assert buffer[size:] == b"more"
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only")
+def test_prefault_keeps_written_bytes_and_leaves_the_buffer_resizable() -> None:
+    buffer = _allocator.unfilled_bytearray(8 * 1024 * 1024)
+    buffer[:4096] = b"x" * 4096
+    _allocator.prefault(buffer)
+    assert buffer[:4096] == b"x" * 4096
+    buffer.extend(b"more")
+    assert buffer[-4:] == b"more"
+
+
+def _linux_at_least(major: int, minor: int) -> bool:
+    found = re.match(r"(\d+)\.(\d+)", os.uname().release) if sys.platform.startswith("linux") else None
+    return found is not None and (int(found[1]), int(found[2])) >= (major, minor)
+
+
+@pytest.mark.skipif(not _linux_at_least(5, 14), reason="MADV_POPULATE_WRITE needs Linux 5.14")
+def test_prefault_brings_an_untouched_buffer_into_memory() -> None:
+    size = 64 * 1024 * 1024  # above glibc's largest mmap threshold: fresh, untouched pages
+    buffer = _allocator.unfilled_bytearray(size)
+    before = _resident_bytes()
+    _allocator.prefault(buffer)
+    assert _resident_bytes() - before > size * 0.9
