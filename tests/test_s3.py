@@ -11,6 +11,7 @@ from pathlib import Path
 import anyio
 import pytest
 from anyio import wait_all_tasks_blocked
+from botocore.loaders import Loader
 
 from checkpointio import (
     AccessDeniedError,
@@ -25,7 +26,7 @@ from checkpointio import (
 )
 from checkpointio._config import TransferConfig
 from checkpointio._location import parse_location
-from checkpointio._stores._s3 import S3Store, _clients, _Received
+from checkpointio._stores._s3 import S3Store, _clients, _DataLoader, _prepared_session, _Received
 
 from .conftest import MotoServer, free_port, make_tree, snapshot, start_moto, stop
 from .faultproxy import FaultProxy
@@ -328,6 +329,20 @@ async def test_object_over_5_tib_is_refused_before_any_upload(
     with pytest.raises(ObjectTooLargeError, match="5 TiB"):
         await Checkpoint(f"s3://{bucket}/huge").save(huge)
     assert uploads_left(moto_server, bucket) == []
+
+
+def test_the_quicker_botocore_loader_reads_the_same_models_and_knows_every_service() -> None:
+    stock = Loader()
+    loader = _prepared_session(None).get_component("data_loader")
+    assert isinstance(loader, _DataLoader)  # the session uses it (not botocore's own, left on error)
+    for type_name in ("service-2", "endpoint-rule-set-1"):
+        assert loader.load_service_model("s3", type_name) == stock.load_service_model("s3", type_name)
+    assert loader.load_data("endpoints") == stock.load_data("endpoints")
+    services = loader.list_available_services("service-2")
+    assert "s3" in services and "sts" in services  # STS: the credential chain's assumed roles need it
+    assert "no-such-service" not in services and "../s3" not in services and "" not in services
+    assert list(services) == stock.list_available_services("service-2")
+    assert loader.load_service_model("sts", "service-2") == stock.load_service_model("sts", "service-2")
 
 
 async def test_one_client_is_reused_per_event_loop(bucket: str) -> None:
