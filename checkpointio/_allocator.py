@@ -96,6 +96,7 @@ def unfilled_bytearray(size: int) -> bytearray:
 #: madvise(2) advice that faults a range in, writable, in one call (Linux 5.14 and later).
 _MADV_POPULATE_WRITE = 23
 _PAGE = 4096
+_POPULATE_STEP = 4 * 1024 * 1024
 
 
 def prefault(buffer: bytearray) -> None:
@@ -120,6 +121,10 @@ def prefault(buffer: bytearray) -> None:
         del view  # no export left: the caller may resize the buffer once this returns
         start = -(-address // _PAGE) * _PAGE
         end = (address + len(buffer)) // _PAGE * _PAGE
-        madvise(start, end - start, _MADV_POPULATE_WRITE)  # EINVAL on kernels before 5.14: ignored
+        # A few MiB per call: the kernel holds the process's memory-map lock through each one, and
+        # a thread that maps memory meanwhile (a new thread's stack, a large malloc) waits for it.
+        for piece in range(start, end, _POPULATE_STEP):
+            if madvise(piece, min(_POPULATE_STEP, end - piece), _MADV_POPULATE_WRITE):
+                return  # EINVAL before Linux 5.14: the copying threads fault the pages in instead
     except (OSError, AttributeError):  # pragma: no cover - no usable C library: merely slower
         pass
