@@ -53,9 +53,10 @@ async def test_empty_bytes_round_trip(store: StoreCase) -> None:
 
 async def test_load_bytes_returns_the_saved_bytes_without_touching_disk(store: StoreCase, tmp_path: Path) -> None:
     small, large = b"step=41", os.urandom(11 * 1024 * 1024 + 7)  # large: three 5 MiB ranges on S3
+    await Checkpoint(store.uri("empty")).save(b"")
     await Checkpoint(store.uri("small")).save(small)
     await Checkpoint(store.uri("large")).save(large, part_size=5 * 1024 * 1024)
-    for name, expected in (("small", small), ("large", large)):
+    for name, expected in (("empty", b""), ("small", small), ("large", large)):
         workspace = tmp_path / f"ws-{name}"
         cp = Checkpoint(store.uri("next"), src=store.uri(name), workspace=workspace, part_size=5 * 1024 * 1024)
         async with cp:
