@@ -82,9 +82,10 @@ def unfilled_bytearray(size: int) -> bytearray:
         import ctypes
 
         try:
-            make = ctypes.pythonapi.PyByteArray_FromStringAndSize
-            make.restype = ctypes.py_object  # a new reference; ctypes takes it over
-            make.argtypes = [ctypes.c_void_p, ctypes.c_ssize_t]
+            # A prototype of our own (not pythonapi's shared attribute, whose restype others may
+            # rely on); returning py_object, it hands the new reference over to Python.
+            prototype = ctypes.PYFUNCTYPE(ctypes.py_object, ctypes.c_void_p, ctypes.c_ssize_t)
+            make = prototype(("PyByteArray_FromStringAndSize", ctypes.pythonapi))
             buffer = make(None, size)
             if isinstance(buffer, bytearray) and len(buffer) == size:
                 return buffer
@@ -103,9 +104,9 @@ def prefault(buffer: bytearray) -> None:
     """Fault in the pages of a large buffer from a worker thread, without holding the GIL.
 
     Copying into fresh pages faults each one in while the copying thread holds the GIL, which
-    stalls the event loop receiving the next bytes. One ``madvise(MADV_POPULATE_WRITE)`` call does
-    the same work in the kernel, concurrently with the download; pages already written are left
-    as they are. Where the call is missing (older kernels, other systems) nothing happens.
+    stalls the event loop receiving the next bytes. ``madvise(MADV_POPULATE_WRITE)`` does the same
+    work in the kernel, concurrently with the download; pages already written are left as they
+    are. Where the call is missing (older kernels, other systems) nothing happens.
     """
     if not sys.platform.startswith("linux") or len(buffer) < 16 * _PAGE:
         return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +21,12 @@ from checkpointio._stores._memory import _lock as memory_lock
 from checkpointio._stores._memory import _objects as memory_objects
 
 STORES = ["local", "memory", "s3"]
+
+# A shell starts background jobs with SIGINT ignored, and a child inherits that: Python then never
+# turns Ctrl-C into KeyboardInterrupt, and the tests that interrupt a save or load would see the
+# transfer finish instead. Catching SIGINT here gives every child the default disposition back.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def free_port() -> int:

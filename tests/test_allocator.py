@@ -87,6 +87,18 @@ def _resident_bytes() -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or sys.implementation.name != "cpython", reason="CPython on Linux"
+)
+def test_a_large_unfilled_bytearray_is_not_zeroed_up_front() -> None:
+    size = 64 * 1024 * 1024  # fresh mapped memory: its pages are only brought in when written
+    before = _resident_bytes()
+    buffer = _allocator.unfilled_bytearray(size)
+    assert _resident_bytes() - before < size // 10  # bytearray(size) would have touched all of it
+    buffer[:] = b"\x01" * size
+    assert _resident_bytes() - before > size * 0.9
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only")
 def test_prefault_keeps_written_bytes_and_leaves_the_buffer_resizable() -> None:
     buffer = _allocator.unfilled_bytearray(8 * 1024 * 1024)
