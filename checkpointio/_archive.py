@@ -141,7 +141,17 @@ def _add_file(sink: _GzipMemberWriter, rel: str, full: str, st: os.stat_result, 
     size = st.st_size
     fd = os.open(full, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        sink.write(_tar.header(rel, _tar.FILE, size=size, mode=stat.S_IMODE(st.st_mode), mtime=int(st.st_mtime)))
+        header = _tar.header(rel, _tar.FILE, size=size, mode=stat.S_IMODE(st.st_mode), mtime=int(st.st_mtime))
+        if size <= _COPY_BUFSIZE:  # most files: header, data and padding in one write
+            data = os.read(fd, size) if size else b""
+            while len(data) < size:  # a short read: rare on a regular file, but allowed
+                more = os.read(fd, size - len(data))
+                if not more:
+                    raise SourceChangedError(f"{full} shrank while {uri} was being saved", uri=uri)
+                data += more
+            sink.write(header + data + bytes(-size % _tar.BLOCK))
+            return
+        sink.write(header)
         remaining = size
         while remaining:
             chunk = os.read(fd, min(remaining, _COPY_BUFSIZE))

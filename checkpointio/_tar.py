@@ -63,10 +63,13 @@ def _octal(value: int, width: int) -> bytes:
     return b"%0*o\0" % (width - 1, value)
 
 
+_ZERO_8 = _octal(0, 8)  # owner, group and device numbers: always zero (a restore belongs to its user)
+
+
 def _ustar(name: bytes, kind: bytes, size: int, mode: int, mtime: int, link: bytes) -> bytes:
     fields = _USTAR.pack(
-        name[:100], _octal(mode, 8), _octal(0, 8), _octal(0, 8), _octal(size, 12), _octal(mtime, 12),
-        b"        ", kind, link[:100], b"ustar\0", b"00", b"", b"", _octal(0, 8), _octal(0, 8), b"", b"",
+        name[:100], _octal(mode, 8), _ZERO_8, _ZERO_8, _octal(size, 12), _octal(mtime, 12),
+        b"        ", kind, link[:100], b"ustar\0", b"00", b"", b"", _ZERO_8, _ZERO_8, b"", b"",
     )  # fmt: skip
     return fields[:148] + b"%06o\0 " % (_byte_sum(fields[:256]) + _byte_sum(fields[256:])) + fields[156:]
 

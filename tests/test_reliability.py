@@ -264,12 +264,13 @@ async def test_workspace_deleted_mid_restore_is_an_error_not_a_partial_tree(
 # -- sources that change while they are saved -----------------------------------------------------
 
 
+@pytest.mark.parametrize("size", [100_000, 2 * 1024 * 1024 + 1], ids=["read-at-once", "read-in-pieces"])
 async def test_a_file_shrinking_while_saved_fails_the_save_and_keeps_the_previous(
-    store: StoreCase, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    store: StoreCase, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int
 ) -> None:
     tree = tmp_path / "tree"
     tree.mkdir()
-    (tree / "log").write_bytes(b"x" * 100_000)
+    (tree / "log").write_bytes(b"x" * size)
     await Checkpoint(store.uri("a")).save(b"previous")
     original = archive._add_file
 
