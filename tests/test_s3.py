@@ -409,3 +409,18 @@ async def test_cancelling_a_ranged_restore_leaves_no_partial_file(bucket: str, p
             await cp.load()
         assert scope.cancelled_caught
         assert not cp.path.exists() or list(cp.path.iterdir()) == []
+
+
+async def test_cancelling_load_bytes_mid_download_then_loading_again_gets_every_byte(
+    bucket: str, proxy: FaultProxy
+) -> None:
+    data = os.urandom(16 * MiB)
+    options = {**SMALL_PARTS, "endpoint_url": proxy.endpoint}
+    await Checkpoint(f"s3://{bucket}/w", **options).save(data)
+    proxy.stall_seconds = 5
+    proxy.add(lambda method, target: method == "GET", "stall", times=2)  # two ranges hang
+    async with Checkpoint(f"s3://{bucket}/x", src=f"s3://{bucket}/w", **options) as cp:
+        with anyio.move_on_after(1.5) as scope:
+            await cp.load_bytes()
+        assert scope.cancelled_caught
+        assert await cp.load_bytes() == data  # the next attempt starts afresh
