@@ -34,8 +34,8 @@ __all__ = ["GunzipReader", "check_directory", "looks_like_tar_gz", "pack_directo
 logger = logging.getLogger("checkpointio")
 
 Emit = Callable[[bytes], None]
-#: The next compressed bytes, as one ``bytes`` or as a list of blocks; empty at the end.
-Pull = Callable[[], bytes | list[bytes]]
+#: The next compressed bytes, as the blocks a store received them in; ``[]`` at the end.
+Pull = Callable[[], list[bytes]]
 
 _GZIP_MAGIC = b"\x1f\x8b"
 #: Bytes one inflate call may produce: bounds memory whatever the compression ratio (gzip bombs).
@@ -136,32 +136,33 @@ def _check_link(rel: str, target: str, uri: str) -> None:
         )
 
 
+def _file_data(fd: int, size: int, full: str, uri: str) -> Iterator[bytes]:
+    """Exactly ``size`` bytes of an open file, in pieces of at most ``_COPY_BUFSIZE``."""
+    remaining = size
+    while remaining:
+        chunk = os.read(fd, min(remaining, _COPY_BUFSIZE))
+        if not chunk:
+            raise SourceChangedError(f"{full} shrank while {uri} was being saved", uri=uri)
+        remaining -= len(chunk)
+        yield chunk
+
+
 def _add_file(sink: _GzipMemberWriter, rel: str, full: str, st: os.stat_result, uri: str) -> None:
     """Append a regular file's header and exactly the bytes ``lstat`` promised."""
     size = st.st_size
+    padding = bytes(-size % _tar.BLOCK)
     fd = os.open(full, os.O_RDONLY | os.O_CLOEXEC)
     try:
         header = _tar.header(rel, _tar.FILE, size=size, mode=stat.S_IMODE(st.st_mode), mtime=int(st.st_mtime))
         if size <= _COPY_BUFSIZE:  # most files: header, data and padding in one write
-            data = os.read(fd, size) if size else b""
-            while len(data) < size:  # a short read: rare on a regular file, but allowed
-                more = os.read(fd, size - len(data))
-                if not more:
-                    raise SourceChangedError(f"{full} shrank while {uri} was being saved", uri=uri)
-                data += more
-            sink.write(header + data + bytes(-size % _tar.BLOCK))
+            sink.write(b"".join((header, *_file_data(fd, size, full, uri), padding)))
             return
         sink.write(header)
-        remaining = size
-        while remaining:
-            chunk = os.read(fd, min(remaining, _COPY_BUFSIZE))
-            if not chunk:
-                raise SourceChangedError(f"{full} shrank while {uri} was being saved", uri=uri)
+        for chunk in _file_data(fd, size, full, uri):
             sink.write(chunk)
-            remaining -= len(chunk)
     finally:
         os.close(fd)
-    sink.write(bytes(-size % _tar.BLOCK))
+    sink.write(padding)
 
 
 def pack_directory(root: Path, emit: Emit, *, block_size: int, level: int, workers: int = 1) -> None:
@@ -254,15 +255,12 @@ class GunzipReader:
     def _more_input(self) -> bool:
         if self._input_done:
             return False
-        chunk = self._pull()
-        if not chunk:
+        blocks = self._pull()
+        if not blocks:
             self._input_done = True
             return False
-        if isinstance(chunk, list):
-            for block in chunk:
-                self._input += block
-        else:
-            self._input += chunk
+        for block in blocks:
+            self._input += block
         return True
 
     def _fill(self) -> None:

@@ -424,6 +424,7 @@ async def _fetch_ranges(
     The ranges' CRC32s are combined in order into the whole object's, so the stored checksum is
     checked as on the ordered path.
     """
+    _allocator.settle()
     written: dict[int, tuple[int, int]] = {}  # offset -> (length, CRC32)
     lock = threading.Lock()
 
@@ -462,7 +463,6 @@ def _ranged(store: Store, info: ObjectInfo, config: TransferConfig) -> TypeGuard
 async def _restore_ranges(store: RangedStore, info: ObjectInfo, workspace: Path, meter: Meter) -> Path:
     """Restore a single file by writing each range at its offset as it arrives, in worker threads;
     the file appears under its name only once its checksum matched."""
-    _allocator.settle()
     staging = workspace / f"{_PARTIAL}{uuid.uuid4().hex}"
     fd = await anyio.to_thread.run_sync(os.open, staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
 
@@ -508,7 +508,6 @@ async def load_bytes(
     uri = location.uri
     if info.record is not None and info.record.kind is Kind.DIRECTORY:
         raise CheckpointError(f"{uri} holds a directory: restore it with load(), not load_bytes()", uri=uri)
-    _allocator.settle()
     meter = Meter(on_progress, "load", uri, info.size)
     # Not zeroed: its pages are faulted in by the threads that copy into them, during the
     # download. Every byte is written before it is returned (``_verify`` checks the length).

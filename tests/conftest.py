@@ -10,7 +10,7 @@ import sys
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -248,3 +248,9 @@ def snapshot(root: Path) -> dict[str, tuple[str, object, int, int]]:
         else:
             result[rel] = ("file", path.read_bytes(), st.st_mode & 0o777, int(st.st_mtime))
     return result
+
+
+def pull_of(chunks: Iterable[bytes]) -> Callable[[], list[bytes]]:
+    """A stream as the archive reader pulls it from a load: each chunk as one block, then ``[]``."""
+    pieces = iter(chunks)
+    return lambda: [piece] if (piece := next(pieces, b"")) else []

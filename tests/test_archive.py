@@ -19,7 +19,7 @@ from checkpointio import CorruptCheckpointError, _tar
 from checkpointio._archive import GunzipReader, pack_directory, unpack_directory
 from checkpointio._codec import MAX_MEMBER_OUTPUT, encode_member, inflate_member, is_stored_member, member_length
 
-from .conftest import make_tree, snapshot
+from .conftest import make_tree, pull_of, snapshot
 
 
 def packed(root: Path, *, level: int = 1, workers: int = 2, block: int = 256 * 1024) -> bytes:
@@ -29,9 +29,10 @@ def packed(root: Path, *, level: int = 1, workers: int = 2, block: int = 256 * 1
 
 
 def unpacked(data: bytes, dest: Path, *, workers: int = 2, step: int = 100_000) -> Path:
-    pieces = iter([data[i : i + step] for i in range(0, len(data), step)])
     dest.mkdir()
-    unpack_directory(lambda: next(pieces, b""), dest, uri="test://archive", workers=workers)
+    unpack_directory(
+        pull_of(data[i : i + step] for i in range(0, len(data), step)), dest, uri="test://archive", workers=workers
+    )
     return dest
 
 
@@ -121,7 +122,7 @@ def test_a_foreign_gzip_bomb_inflates_in_bounded_steps(tmp_path: Path) -> None:
         tar.addfile(info, io.BytesIO(b"\0" * info.size))
     data = buffer.getvalue()
     assert len(data) < 1024 * 1024  # 64 MiB of zeros in well under 1 MiB
-    reader = GunzipReader(iter([data, b""]).__next__)
+    reader = GunzipReader(pull_of([data]))
     largest = total = 0
     while chunk := reader.read(64 * 1024):
         total += len(chunk)
@@ -213,12 +214,10 @@ def test_checking_an_archive_writes_nothing_and_finds_the_same_faults(tmp_path: 
 
     data = packed(make_tree(tmp_path / "tree"))
     before = sorted(tmp_path.rglob("*"))
-    pieces = iter([data, b""])
-    check_directory(lambda: next(pieces), uri="test://check")
+    check_directory(pull_of([data]), uri="test://check")
     assert sorted(tmp_path.rglob("*")) == before
-    pieces = iter([data[:-200], b""])
     with pytest.raises(CorruptCheckpointError):
-        check_directory(lambda: next(pieces), uri="test://check")
+        check_directory(pull_of([data[:-200]]), uri="test://check")
 
 
 @given(st.binary(min_size=512, max_size=512))
@@ -262,8 +261,7 @@ def test_reads_of_any_size_give_back_the_exact_stream(tmp_path: Path, workers: i
     (tree / "text.txt").write_bytes(b"compressible " * 60_000)  # deflated blocks
     data = packed(tree, block=200_000, workers=workers)
     expected = gzip.decompress(data)
-    pieces = iter([data[i : i + 50_000] for i in range(0, len(data), 50_000)])
-    reader = GunzipReader(lambda: next(pieces, b""), workers)
+    reader = GunzipReader(pull_of(data[i : i + 50_000] for i in range(0, len(data), 50_000)), workers)
     sizes = [512, 1, 70_000, 199_999, 200_001, 65_536, 3, 1_000_000, 512]
     got = []
     try:

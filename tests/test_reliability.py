@@ -37,7 +37,7 @@ from checkpointio import (
     UnsafeArchiveError,
 )
 
-from .conftest import MotoServer, StoreCase, make_tree, snapshot
+from .conftest import MotoServer, StoreCase, make_tree, pull_of, snapshot
 from .faultproxy import FaultProxy
 
 SMALL_PARTS = {"part_size": 5 * MiB, "multipart_threshold": 5 * MiB}
@@ -415,9 +415,8 @@ def test_fuzzed_archives_give_a_clear_error_or_a_tree_inside_the_workspace(
         data[position] = value
     data = data[: max(cut, 1)]
     dest = tmp_path_factory.mktemp("fuzz")
-    pieces = iter([bytes(data), b""])
     try:
-        archive.unpack_directory(lambda: next(pieces), dest, uri="fuzz://x", workers=1)
+        archive.unpack_directory(pull_of([bytes(data)]), dest, uri="fuzz://x", workers=1)
     except CheckpointError:
         return
     _assert_inside(dest)
@@ -439,9 +438,8 @@ def _extract_or_refuse(tar: bytes, dest: Path) -> None:
     data = gzip.compress(tar, compresslevel=1)
     outcomes: list[type[CheckpointError] | None] = []
     for target in (None, dest):  # `verify` first (writes nothing), then a real restore
-        pieces = iter([data, b""])
         try:
-            archive.unpack_directory(lambda: next(pieces), target, uri="fuzz://x", workers=1)  # noqa: B023
+            archive.unpack_directory(pull_of([data]), target, uri="fuzz://x", workers=1)
             outcomes.append(None)
         except CheckpointError as error:
             outcomes.append(type(error))
@@ -571,12 +569,11 @@ def _check_and_extract(tar: bytes, dest: Path, error: type[CheckpointError] | No
     """`verify`, then restore, the gzip of ``tar``: both raise exactly ``error``, or both succeed."""
     data = gzip.compress(tar, compresslevel=1)
     for target in (None, dest):
-        pieces = iter([data, b""])
         if error is None:
-            archive.unpack_directory(lambda: next(pieces), target, uri="x://y", workers=1)  # noqa: B023
+            archive.unpack_directory(pull_of([data]), target, uri="x://y", workers=1)
             continue
         with pytest.raises(error) as raised:
-            archive.unpack_directory(lambda: next(pieces), target, uri="x://y", workers=1)  # noqa: B023
+            archive.unpack_directory(pull_of([data]), target, uri="x://y", workers=1)
         assert raised.type is error, raised.value
     _assert_inside(dest)
 
