@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
 import os
@@ -31,6 +32,23 @@ logger = logging.getLogger("checkpointio")
 URI = str | os.PathLike[str]
 T = TypeVar("T")
 
+#: Temporary workspaces not removed by ``close()`` yet, with the process that made each.
+_temporary_workspaces: dict[Path, int] = {}
+
+
+@atexit.register
+def _remove_temporary_workspaces() -> None:
+    """At exit, remove the temporary workspaces of checkpoints nobody closed (a restore can be
+    gigabytes in ``/tmp``); a forked child leaves its parent's alone.
+
+    Background saves still running are not reading them: a save that returned early works from
+    its own snapshot (hard links or copies in a scratch folder), taken during the call.
+    """
+    for path, pid in list(_temporary_workspaces.items()):
+        if pid == os.getpid():
+            shutil.rmtree(path, ignore_errors=True)
+            _temporary_workspaces.pop(path, None)
+
 
 class Checkpoint:
     """Saves this attempt's progress and restores the previous attempt's.
@@ -43,7 +61,8 @@ class Checkpoint:
             reported in the log and the next older one used, so one bad upload does not fail every
             retry.
         workspace: Local folder that ``load()`` restores into (``cp.path``). By default a new
-            temporary folder, removed by ``close()`` / leaving a ``with`` block.
+            temporary folder, removed by ``close()`` / leaving a ``with`` block, or else at
+            interpreter exit.
         config: Transfer settings; ``**options`` override single fields of it, e.g.
             ``part_size=32 * MiB`` or ``endpoint_url="http://127.0.0.1:9000"``.
         on_progress: Called with a :class:`Progress` as the bytes of each ``load()`` and
@@ -110,9 +129,14 @@ class Checkpoint:
 
     @property
     def path(self) -> Path:
-        """The local workspace that ``load()`` restores into, created on first use."""
+        """The local workspace that ``load()`` restores into, created on first use.
+
+        A temporary one lives until ``close()`` or, if the checkpoint is never closed, interpreter
+        exit: keep the ``Checkpoint`` open (or pass ``workspace=``) while you use what it restored.
+        """
         if self._workspace is None:
             self._workspace = Path(tempfile.mkdtemp(prefix="checkpointio-"))
+            _temporary_workspaces[self._workspace] = os.getpid()
         return self._workspace
 
     async def _store(self, location: Location) -> Store:
@@ -338,6 +362,7 @@ class Checkpoint:
             error = handle.unseen_error()
         if self._owns_workspace and self._workspace is not None:
             shutil.rmtree(self._workspace, ignore_errors=True)
+            _temporary_workspaces.pop(self._workspace, None)
             self._workspace = None
         self._loaded = False
         self._restored = None

@@ -377,6 +377,46 @@ def test_interpreter_exit_waits_for_the_background_save_in_flight(tmp_path: Path
         assert sorted(path.name for path in restored.iterdir()) == [f"shard-{i}" for i in range(4)]
 
 
+def test_interpreter_exit_removes_temporary_workspaces_nobody_closed_after_saving_from_them(
+    tmp_path: Path,
+) -> None:
+    tree = make_tree(tmp_path / "tree")
+    with Checkpoint(tmp_path / "first") as writer:
+        writer.save_sync(tree)
+    result = _run_script(
+        f"""
+        import os, pathlib, time
+        from checkpointio import Checkpoint
+        root = pathlib.Path({str(tmp_path)!r})
+        cp = Checkpoint(root / "second", src=root / "first", chunk_size=64 * 1024)
+        restored = cp.load_sync()
+        (restored / "added").write_bytes(b"added" * 400_000)
+        print("workspace:", restored)
+
+        def slow(event):  # the save is still reading the workspace's files when the script ends
+            time.sleep(0.01)
+
+        cp.save_sync(restored, wait=False, on_progress=slow)
+        child = os.fork()
+        if child == 0:
+            raise SystemExit(0)  # a forked child's exit leaves its parent's workspace alone
+        os.waitpid(child, 0)
+        print("after the child:", restored.is_dir())
+        """,
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    workspace = Path(result.stdout.split("workspace: ", 1)[1].splitlines()[0])
+    assert "after the child: True" in result.stdout
+    assert not workspace.exists()
+    with Checkpoint(tmp_path / "reader", src=tmp_path / "second") as reader:
+        restored = reader.load_sync()
+        assert restored is not None
+        assert (restored / "added").read_bytes() == b"added" * 400_000
+        (restored / "added").unlink()
+        assert snapshot(restored) == snapshot(tree)
+
+
 def test_interpreter_exit_logs_a_background_failure_nobody_retrieved(tmp_path: Path) -> None:
     result = _run_script(
         f"""
