@@ -6,7 +6,7 @@ imports tqdm. Every transfer goes through the library's own ``on_progress`` call
 the same events a user's callback gets.
 
 Exit codes: 0 success, 1 store or other error, 2 bad usage or input, 3 no such checkpoint,
-4 corrupt checkpoint, 130 interrupted (Ctrl-C).
+4 corrupt checkpoint, 130 interrupted (Ctrl-C), 141 standard output closed by its reader.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ logger = logging.getLogger("checkpointio")
 T = TypeVar("T")
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_CORRUPT, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+EXIT_BROKEN_PIPE = 141  # what a shell reports for a process SIGPIPE ended
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3}
 _UNITS.update({"kib": 1024, "mib": 1024**2, "gib": 1024**3})
@@ -235,7 +236,27 @@ async def _save(cmd: _Command) -> None:
     cmd.say(f"saved {checkpoint.dest} ({kind.value}, {_human(size)})")
 
 
+def _stdout_writer() -> Callable[[bytes], object]:
+    """Writes to file descriptor 1 itself: blocks are large already, and Python's buffer would
+    be flushed once more at exit, into a pipe its reader may have closed."""
+    sys.stdout.flush()
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # replaced by an object without one
+        return sys.stdout.buffer.write
+
+    def write(block: bytes) -> None:
+        view = memoryview(block)
+        while view:
+            view = view[os.write(fd, view) :]
+
+    return write
+
+
 async def _load(cmd: _Command) -> None:
+    if cmd.args.dest == "-":
+        await _manage.write_out(cmd.args.uri, _stdout_writer(), cmd.config, cmd.bars)
+        return  # no summary: standard output holds the checkpoint
     restored = await _manage.restore(cmd.args.uri, cmd.args.dest, cmd.config, cmd.bars, overwrite=cmd.args.force)
     what = "directory" if restored.is_directory else f"file, {_human(restored.size)}"
     cmd.say(f"restored {cmd.args.uri} to {restored.path} ({what})")
@@ -331,11 +352,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = command(
         "load",
-        "Restore the checkpoint at URI as DEST: the saved directory tree, or the saved bytes as a file.",
+        "Restore the checkpoint at URI as DEST: the saved directory tree, or the saved bytes as a file; "
+        "DEST '-' writes the bytes of a bytes or file checkpoint to standard output (checked once written: "
+        "a corrupt one exits with 4 after its bytes went out).",
         "checkpointio load s3://bucket/runs/7/attempt-0 ./restored",
     )
     sub.add_argument("uri", metavar="URI")
-    sub.add_argument("dest", metavar="DEST", help="path to create (refused if it exists, unless --force)")
+    sub.add_argument(
+        "dest", metavar="DEST", help="path to create (refused if it exists, unless --force), or - for standard output"
+    )
     sub.add_argument("-f", "--force", action="store_true", help="replace DEST if it exists")
 
     sub = command(
@@ -422,6 +447,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             cmd.bars.close()
         print("checkpointio: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # the reader of standard output left (``| head``): stop quietly, as tar does
+        if cmd is not None:
+            cmd.bars.close()
+        return EXIT_BROKEN_PIPE
     except (CheckpointError, OSError, UsageError, ValueError) as error:
         if cmd is not None:
             cmd.bars.close()

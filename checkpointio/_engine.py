@@ -35,7 +35,17 @@ from ._location import Location
 from ._progress import Meter, ProgressCallback
 from ._stores import Blocks, Body, Digest, Kind, ObjectInfo, RangedStore, Record, Store
 
-__all__ = ["PAYLOAD_NAME", "SaveData", "Writer", "load", "load_bytes", "save", "save_written", "verify"]
+__all__ = [
+    "PAYLOAD_NAME",
+    "SaveData",
+    "Writer",
+    "load",
+    "load_bytes",
+    "save",
+    "save_written",
+    "verify",
+    "write_out",
+]
 
 #: The file a restored bytes or single-file checkpoint is written to, inside the workspace.
 PAYLOAD_NAME = "payload"
@@ -506,8 +516,7 @@ async def load_bytes(
     if info is None:
         return None
     uri = location.uri
-    if info.record is not None and info.record.kind is Kind.DIRECTORY:
-        raise CheckpointError(f"{uri} holds a directory: restore it with load(), not load_bytes()", uri=uri)
+    _refuse_directory(info, "restore it with load(), not load_bytes()")
     meter = Meter(on_progress, "load", uri, info.size)
     # Not zeroed: its pages are faulted in by the threads that copy into them, during the
     # download. Every byte is written before it is returned (``_verify`` checks the length).
@@ -543,6 +552,41 @@ async def load_bytes(
     finally:
         view.release()
     return buffer
+
+
+def _refuse_directory(info: ObjectInfo, hint: str) -> None:
+    """For reads that give bytes: a saved directory has no bytes of its own to give."""
+    if info.record is not None and info.record.kind is Kind.DIRECTORY:
+        raise CheckpointError(f"{info.location.uri} holds a directory: {hint}", uri=info.location.uri)
+
+
+async def write_out(
+    store: Store,
+    location: Location,
+    write: Callable[[bytes], object],
+    config: TransferConfig,
+    on_progress: ProgressCallback | None = None,
+) -> ObjectInfo | None:
+    """Give the bytes or single file saved at ``location`` to ``write``, in order, as they arrive
+    (standard output, for ``checkpointio load URI -``); ``None`` if there is none.
+
+    Nothing is held back, so the CRC32 is checked after the last byte went out: a corrupt object
+    raises (and the command fails) once its bytes were written. Only an exit status can tell the
+    reader of a pipe.
+    """
+    info = await store.head(location)
+    if info is None:
+        return None
+    _refuse_directory(info, "restore it to a folder")
+
+    def copy(pull: _Pull) -> None:
+        while blocks := pull.blocks():
+            for block in blocks:
+                write(block)
+        _verify(info, pull.digest)
+
+    await _read(store, info, config, Meter(on_progress, "load", location.uri, info.size), copy)
+    return info
 
 
 async def verify(

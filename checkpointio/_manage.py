@@ -11,6 +11,7 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -25,7 +26,7 @@ from ._location import Location, parse_location
 from ._progress import ProgressCallback
 from ._stores import ObjectInfo, PendingWrite, open_store
 
-__all__ = ["collect_garbage", "list_checkpoints", "parse_prefix", "remove", "restore", "verify"]
+__all__ = ["collect_garbage", "list_checkpoints", "parse_prefix", "remove", "restore", "verify", "write_out"]
 
 #: HEADs in flight at once when a listing lacks the records (S3 lists no metadata).
 _HEADS_AT_ONCE = 16
@@ -79,6 +80,26 @@ async def verify(uri: str, config: TransferConfig, on_progress: ProgressCallback
     """
     location = parse_location(uri)
     info = await _engine.verify(await open_store(location.scheme, config), location, config, on_progress)
+    if info is None:
+        raise CheckpointNotFoundError(f"{location.uri}: no such checkpoint", uri=location.uri)
+    return info
+
+
+async def write_out(
+    uri: str,
+    write: Callable[[bytes], object],
+    config: TransferConfig,
+    on_progress: ProgressCallback | None = None,
+) -> ObjectInfo:
+    """Give the bytes of the bytes or file checkpoint at ``uri`` to ``write`` as they arrive.
+
+    Raises:
+        CheckpointNotFoundError: There is none.
+        CheckpointError: It is a directory.
+        CorruptCheckpointError: It did not read back whole, found after its bytes were written.
+    """
+    location = parse_location(uri)
+    info = await _engine.write_out(await open_store(location.scheme, config), location, write, config, on_progress)
     if info is None:
         raise CheckpointNotFoundError(f"{location.uri}: no such checkpoint", uri=location.uri)
     return info

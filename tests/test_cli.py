@@ -37,6 +37,11 @@ def cli(*args: str, stdin: bytes | None = None, env: dict[str, str] | None = Non
     return result
 
 
+def output(*args: str) -> subprocess.CompletedProcess[bytes]:
+    """Run a command whose standard output is binary (no newline translation)."""
+    return subprocess.run([SCRIPT, *args], capture_output=True, timeout=120)
+
+
 def ok(*args: str, stdin: bytes | None = None) -> str:
     result = cli(*args, stdin=stdin)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -85,6 +90,45 @@ def test_directory_file_and_stdin_round_trips(root: str, tmp_path: Path) -> None
     assert (tmp_path / "out" / "file").read_bytes() == (tmp_path / "state.bin").read_bytes()
     ok("-q", "load", f"{root}/stdin", str(tmp_path / "out" / "stdin"))
     assert (tmp_path / "out" / "stdin").read_bytes() == piped
+
+
+def test_load_to_standard_output_writes_the_bytes_and_refuses_a_directory(root: str, tmp_path: Path) -> None:
+    data = os.urandom(11 * 1024 * 1024 + 7)  # three ranges of 5 MiB parts
+    (tmp_path / "state.bin").write_bytes(data)
+    ok("save", str(tmp_path / "state.bin"), f"{root}/file", *SMALL_PARTS)
+    ok("save", "-", f"{root}/stdin", stdin=b"piped bytes")
+    ok("save", str(make_tree(tmp_path / "tree")), f"{root}/dir")
+
+    result = output("load", f"{root}/file", "-", *SMALL_PARTS)
+    assert (result.returncode, result.stderr) == (0, b"")  # no summary line either: stdout holds the data
+    assert result.stdout == data
+    assert ok("-q", "load", f"{root}/stdin", "-") == "piped bytes"
+    assert "holds a directory" in fails(1, "load", f"{root}/dir", "-")
+    assert "no such checkpoint" in fails(3, "load", f"{root}/missing", "-")
+    assert not (Path.cwd() / "-").exists()
+
+    reader = subprocess.Popen([SCRIPT, "load", f"{root}/file", "-"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert reader.stdout is not None and reader.stderr is not None
+    assert reader.stdout.read(10) == data[:10]
+    reader.stdout.close()  # as `| head -c 10` does
+    assert reader.wait(timeout=60) == 141
+    assert reader.stderr.read() == b""  # quietly
+    reader.stderr.close()
+
+
+def test_load_to_standard_output_fails_after_the_bytes_of_a_corrupt_checkpoint(tmp_path: Path) -> None:
+    data = os.urandom(300_000)
+    ok("save", "-", str(tmp_path / "ck"), stdin=data)
+    path = tmp_path / "ck"
+    st = path.stat()
+    garbled = bytearray(path.read_bytes())
+    garbled[150_000] ^= 0xFF
+    path.write_bytes(bytes(garbled))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # the record still matches: only the content changed
+    result = output("load", str(path), "-")
+    assert result.returncode == 4
+    assert result.stdout == bytes(garbled)  # out before the check could fail
+    assert b"CRC32" in result.stderr and len(result.stderr.splitlines()) == 1
 
 
 def test_ls_lists_kind_size_and_time_as_text_and_json(root: str, tmp_path: Path) -> None:
