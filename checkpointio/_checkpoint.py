@@ -239,11 +239,18 @@ class Checkpoint:
         Snapshots: a directory becomes a shadow tree of hard links in a scratch folder on the
         same filesystem (copies where linking is impossible). Files the caller *replaces* after
         the call (a new name, write-then-rename, delete) do not affect the save, which is what
-        ``torch.save`` to a new path, Lightning and Hugging Face do; rewriting a file *in place*
-        before the upload finished would leak into it.
+        ``torch.save`` to a new path, Lightning and Hugging Face do. A file rewritten *in place*
+        before the upload read it would change the linked copy too: its size and mtime are
+        checked before the commit, and the save fails with ``SourceChangedError`` instead of
+        storing a mix of old and new bytes.
 
         Raises:
             SourceNotFoundError: The path does not exist.
+            SourceChangedError: A file shrank or vanished while it was read, or (background save)
+                a linked file was rewritten in place; nothing is stored, the previous checkpoint
+                stays.
+            UnsupportedSourceError: The tree holds something a restore would refuse (a symlink
+                pointing outside it).
             BackgroundSaveError: An earlier background save of this checkpoint failed and its
                 error had not been retrieved (this save was not started).
             TypeError: ``data`` is of another type.

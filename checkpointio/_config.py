@@ -20,15 +20,18 @@ class TransferConfig:
     briefly a second copy of the one part being assembled; a directory load the same for ranges
     (those after the one being extracted wait whole), a single file about ``3 * chunk_size`` per
     range (a range waits for its bytes to be written before reading more). With the
-    defaults that is 16 MiB * 9 + 4 MiB = 148 MiB of data, whatever the size of the checkpoint
-    (a whole process peaked at ~250 MiB in the benchmark, the interpreter and libraries included).
+    defaults that is 16 MiB * 9 + 4 MiB = 148 MiB of data (a whole process peaked at ~250 MiB in
+    the benchmark, the interpreter and libraries included), for as long as parts keep
+    ``part_size``: up to 156 GiB for a file or bytes and 112 GiB for a directory archive or other
+    stream, past which S3's 10,000-part limit makes them grow.
 
     Attributes:
         part_size: Size of one multipart part and one ranged GET. Grown automatically so that no
             object needs more than 10,000 parts. At least 5 MiB (S3's minimum part).
         max_concurrency: Parts or ranges in flight at once per transfer; also sizes the S3
             connection pool.
-        multipart_threshold: Objects of known size below this go up in one PUT.
+        multipart_threshold: Objects below this go up in one PUT: those of known size, and
+            streams (a directory archive, stdin) that end before reaching it.
         chunk_size: Size of the blocks passed between the archive thread and the store, and of
             each independently compressed gzip member of a directory archive.
         pipeline_depth: Chunks buffered between producer and consumer (back-pressure).

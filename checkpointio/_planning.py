@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from ._config import MiB
 from ._exceptions import ObjectTooLargeError
 
@@ -20,9 +22,8 @@ MAX_PARTS = 10_000
 MIN_PART_SIZE = 5 * MiB
 MAX_PART_SIZE = 5 * 1024 * MiB
 MAX_OBJECT_SIZE = 5 * 1024 * 1024 * MiB
-#: A stream of unknown size doubles its part size every this many parts, so 10,000 parts
-#: reach S3's 5 TiB object limit from any part size of at least 5 MiB.
-PARTS_PER_DOUBLING = 1_000
+#: Times a stream's part size may double: x1024 takes even 5 MiB parts to S3's 5 GiB maximum.
+_DOUBLINGS = 10
 
 
 def check_object_size(size: int, uri: str) -> None:
@@ -44,10 +45,31 @@ def part_size_for_known_size(size: int, part_size: int) -> int:
 def part_size_for_stream(index: int, part_size: int) -> int:
     """The size of part ``index`` (0-based) of a stream whose total size is not known in advance.
 
-    Parts need not be equal on S3, so the size doubles every ``PARTS_PER_DOUBLING`` parts: small
-    checkpoints keep small parts (fast, concurrent) and huge ones still fit in 10,000 parts.
+    Parts need not be equal on S3. The first parts keep ``part_size`` (and memory in flight what
+    the settings say) for as long as the rest, doubling, can still reach S3's 5 TiB limit within
+    10,000 parts: 112 GiB of 16 MiB parts, 23 GiB of 5 MiB ones (see :func:`_stream_schedule`).
     """
-    return min(MAX_PART_SIZE, part_size << (index // PARTS_PER_DOUBLING))
+    keep, step = _stream_schedule(part_size)
+    if index < keep:
+        return part_size
+    return min(MAX_PART_SIZE, part_size << min(_DOUBLINGS, (index - keep) // step + 1))
+
+
+@functools.cache
+def _stream_schedule(part_size: int) -> tuple[int, int]:
+    """``(keep, step)``: parts from ``keep`` on double every ``step`` parts (``_DOUBLINGS`` times
+    at most). ``keep`` is the largest multiple of 100 whose schedule reaches 5 TiB."""
+    for keep in range(9_000, -1, -100):
+        step = (MAX_PARTS - keep) // _DOUBLINGS
+        total, grown, index = keep * part_size, 0, keep
+        while index < MAX_PARTS:
+            grown += 1
+            count = MAX_PARTS - index if grown == _DOUBLINGS else step
+            total += count * min(MAX_PART_SIZE, part_size << grown)
+            index += count
+        if total >= MAX_OBJECT_SIZE:
+            return keep, step
+    raise AssertionError("unreachable: 10,000 parts of 5 GiB hold 5 TiB")  # pragma: no cover
 
 
 def ranges(size: int, range_size: int) -> list[tuple[int, int]]:

@@ -11,6 +11,7 @@ from checkpointio import MiB, ObjectTooLargeError, TransferConfig, latest_checkp
 from checkpointio._location import parse_location
 from checkpointio._planning import (
     MAX_OBJECT_SIZE,
+    MAX_PART_SIZE,
     MAX_PARTS,
     check_object_size,
     part_size_for_known_size,
@@ -61,12 +62,22 @@ def test_part_size_grows_so_no_object_needs_more_than_10000_parts() -> None:
         assert part % MiB == 0
 
 
-def test_stream_parts_reach_the_object_limit_within_10000_parts() -> None:
-    total = sum(part_size_for_stream(i, 8 * MiB) for i in range(MAX_PARTS))
-    assert total >= MAX_OBJECT_SIZE
-    assert part_size_for_stream(0, 8 * MiB) == 8 * MiB
-    assert part_size_for_stream(999, 8 * MiB) == 8 * MiB
-    assert part_size_for_stream(1000, 8 * MiB) == 16 * MiB
+@pytest.mark.parametrize("part_size", [5 * MiB, 6 * MiB, 8 * MiB, 16 * MiB, 100 * MiB, 5 * 1024 * MiB])
+def test_stream_parts_reach_the_object_limit_within_10000_parts(part_size: int) -> None:
+    sizes = [part_size_for_stream(i, part_size) for i in range(MAX_PARTS)]
+    assert sum(sizes) >= MAX_OBJECT_SIZE
+    assert sizes == sorted(sizes)
+    assert sizes[0] == part_size and max(sizes) <= MAX_PART_SIZE
+
+
+def test_stream_parts_keep_their_size_as_long_as_the_limit_allows() -> None:
+    # memory in flight is part_size * (max_concurrency + 1) for as long as parts do not grow
+    def kept(part_size: int) -> int:
+        return sum(part_size for i in range(MAX_PARTS) if part_size_for_stream(i, part_size) == part_size)
+
+    assert kept(16 * MiB) >= 110 * 1024 * MiB  # the default: 148 MiB in flight up to 110 GiB of archive
+    assert kept(5 * MiB) >= 20 * 1024 * MiB
+    assert part_size_for_stream(MAX_PARTS - 1, 5 * MiB) == MAX_PART_SIZE  # the smallest parts need it all
 
 
 def test_objects_over_5_tib_are_refused_up_front() -> None:
