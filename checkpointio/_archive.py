@@ -29,13 +29,24 @@ from ._exceptions import (
     UnsupportedSourceError,
 )
 
-__all__ = ["GunzipReader", "check_directory", "looks_like_tar_gz", "pack_directory", "unpack_directory"]
+__all__ = [
+    "STAGING_PREFIX",
+    "GunzipReader",
+    "check_directory",
+    "looks_like_tar_gz",
+    "pack_directory",
+    "unpack_directory",
+]
 
 logger = logging.getLogger("checkpointio")
 
 Emit = Callable[[bytes], None]
 #: The next compressed bytes, as the blocks a store received them in; ``[]`` at the end.
 Pull = Callable[[], list[bytes]]
+
+#: Names restores stage in, at the top of a workspace. A killed restore leaves one behind; saving
+#: that workspace skips it, so it does not end up in every later checkpoint.
+STAGING_PREFIX = ".checkpointio-partial-"
 
 _GZIP_MAGIC = b"\x1f\x8b"
 #: Bytes one inflate call may produce: bounds memory whatever the compression ratio (gzip bombs).
@@ -121,6 +132,8 @@ def _iter_tree(root: str) -> Iterator[tuple[str, str]]:
         if is_dir:
             with os.scandir(full) as entries:
                 children = sorted(entries, key=lambda e: e.name, reverse=True)
+            if not rel:  # the top: restores' staging folders are not part of the tree
+                children = [entry for entry in children if not entry.name.startswith(STAGING_PREFIX)]
             prefix = f"{rel}/" if rel else ""
             stack.extend((prefix + entry.name, entry.path, entry.is_dir(follow_symlinks=False)) for entry in children)
 
@@ -168,7 +181,8 @@ def _add_file(sink: _GzipMemberWriter, rel: str, full: str, st: os.stat_result, 
 def pack_directory(root: Path, emit: Emit, *, block_size: int, level: int, workers: int = 1) -> None:
     """Write ``root``'s contents as a .tar.gz stream to ``emit``, one gzip member per block.
 
-    Entries are named relative to ``root`` in sorted order; empty folders, symlinks (as links),
+    Entries are named relative to ``root`` in sorted order (but for staging folders a killed restore
+    left at its top, see ``STAGING_PREFIX``); empty folders, symlinks (as links),
     hard links, modes and mtimes (whole seconds) are kept; owners are not (a restore belongs to
     whoever runs it). Sockets, pipes and device files are skipped with a warning: they hold no data.
     A file that grows while it is read is stored with the size it had when listed; one that shrinks

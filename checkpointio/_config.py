@@ -9,6 +9,7 @@ from typing import Any
 __all__ = ["MiB", "TransferConfig"]
 
 MiB = 1024 * 1024
+GiB = 1024 * MiB
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -71,10 +72,12 @@ class TransferConfig:
     flexible_checksums: bool = True
 
     def __post_init__(self) -> None:
-        if self.part_size < 5 * MiB:
-            raise ValueError(f"part_size must be at least 5 MiB (S3's minimum), got {self.part_size}")
-        if self.multipart_threshold < 0:
-            raise ValueError("multipart_threshold must not be negative")
+        if not 5 * MiB <= self.part_size <= 5 * GiB:
+            raise ValueError(f"part_size must be 5 MiB to 5 GiB (S3's limits for a part), got {self.part_size}")
+        if not 0 <= self.multipart_threshold <= 5 * GiB:
+            raise ValueError(
+                f"multipart_threshold must be 0 to 5 GiB (S3's largest single PUT), got {self.multipart_threshold}"
+            )
         if self.chunk_size > 64 * MiB:
             raise ValueError(f"chunk_size must be at most 64 MiB, got {self.chunk_size}")
         for name in ("max_concurrency", "chunk_size", "pipeline_depth", "max_attempts", "compression_workers"):

@@ -49,7 +49,7 @@ __all__ = [
 
 #: The file a restored bytes or single-file checkpoint is written to, inside the workspace.
 PAYLOAD_NAME = "payload"
-_PARTIAL = ".checkpointio-partial-"
+_PARTIAL = _archive.STAGING_PREFIX
 
 #: What ``save()`` takes: bytes, a path to a file or directory, or a binary file object read to its
 #: end (stdin, a pipe, a socket), streamed and stored as bytes.

@@ -14,15 +14,15 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import anyio
 import anyio.to_thread
 
 from . import _engine
+from ._concurrency import one_error
 from ._config import TransferConfig
 from ._exceptions import CheckpointNotFoundError
-from ._location import Location, parse_location
+from ._location import Location, parse_location, split_scheme
 from ._progress import ProgressCallback
 from ._stores import ObjectInfo, PendingWrite, open_store
 
@@ -34,9 +34,11 @@ _HEADS_AT_ONCE = 16
 
 def parse_prefix(uri: str) -> Location:
     """Like :func:`parse_location`, but ``s3://bucket`` (a whole bucket) is a valid prefix."""
-    parts = urlsplit(uri) if "://" in uri else None
-    if parts is not None and parts.scheme.lower() == "s3" and parts.netloc and not parts.path.strip("/"):
-        return Location("s3", parts.netloc, "")
+    split = split_scheme(uri)
+    if split is not None and split[0] == "s3":
+        bucket, _, key = split[1].partition("/")
+        if bucket and not key.strip("/"):
+            return Location("s3", bucket, "")
     return parse_location(uri)
 
 
@@ -53,10 +55,11 @@ async def list_checkpoints(prefix: str, config: TransferConfig) -> list[ObjectIn
             found = await store.head(info.location)
         full[index] = found  # None: removed since it was listed
 
-    async with anyio.create_task_group() as group:
-        for index, info in enumerate(infos):
-            if info.record is None and location.scheme == "s3":
-                group.start_soon(head, index, info)
+    with one_error():  # one failed HEAD: its StoreError, not an exception group
+        async with anyio.create_task_group() as group:
+            for index, info in enumerate(infos):
+                if info.record is None and location.scheme == "s3":
+                    group.start_soon(head, index, info)
     return [info for info in full if info is not None]
 
 
@@ -133,7 +136,8 @@ async def restore(
 
     It is restored into a hidden folder next to ``dest`` and renamed into place only once it read
     back whole; on any error or cancellation (Ctrl-C) that folder is removed, so ``dest`` is never
-    left half-written.
+    left half-written. With ``overwrite`` the old ``dest`` is renamed aside first and removed only
+    once the new one is in place.
 
     Raises:
         FileExistsError: ``dest`` exists and ``overwrite`` is false.
@@ -159,9 +163,20 @@ async def restore(
         def put_in_place(source: Path) -> Restored:
             is_directory = source == staging
             size = source.stat().st_size if not is_directory else 0
-            if overwrite:
-                _remove(target)
-            os.replace(source, target)
+            aside = None
+            if overwrite and (target.exists() or target.is_symlink()):
+                # Moved aside, not removed: until the new one is in place the old one stays whole
+                # (put back if the rename fails; left under this name by a crash in between).
+                aside = target.with_name(f".{target.name}.checkpointio-replaced-{uuid.uuid4().hex}")
+                os.replace(target, aside)
+            try:
+                os.replace(source, target)
+            except BaseException:
+                if aside is not None:
+                    os.replace(aside, target)
+                raise
+            if aside is not None:
+                _remove(aside)
             return Restored(target, is_directory, size)
 
         return await anyio.to_thread.run_sync(put_in_place, restored)

@@ -21,6 +21,7 @@ Match = Callable[[str, str], bool]
 _RESPONSES = {
     "503": (503, "Slow Down", "SlowDown", "Please reduce your request rate."),
     "500": (500, "Internal Server Error", "InternalError", "We encountered an internal error."),
+    "403": (403, "Forbidden", "AccessDenied", "Access Denied"),
 }
 
 
@@ -29,7 +30,7 @@ class Fault:
     """``action`` on the next ``times`` requests for which ``match(method, target)`` holds."""
 
     match: Match
-    #: "503", "500", "reset_request", "reset_response", "stall", "flip" (a byte of the body),
+    #: "503", "500", "403", "reset_request", "reset_response", "stall", "flip" (a byte of the body),
     #: "pause" (send half the response body, the rest once ``FaultProxy.resume`` is set),
     #: "truncate" (send half the response body, then close the connection cleanly),
     #: "drop_range" (forward the request without its Range header, as a server ignoring it)
@@ -145,7 +146,7 @@ class FaultProxy:
             )
             client.sendall(
                 f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/xml\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n{body}".encode()
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n{'' if method_s == 'HEAD' else body}".encode()
             )
             return False
         head = headers["_head"]

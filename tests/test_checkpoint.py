@@ -114,6 +114,22 @@ async def test_file_restores_as_payload_with_same_bytes(store: StoreCase, tmp_pa
             assert restored.read_bytes() == source.read_bytes()
 
 
+async def test_what_a_killed_restore_left_in_the_workspace_is_not_saved_with_it(
+    store: StoreCase, tmp_path: Path
+) -> None:
+    workspace = make_tree(tmp_path / "ws")
+    expected = snapshot(workspace)
+    left = workspace / ".checkpointio-partial-0123456789abcdef"  # as a SIGKILLed restore leaves it
+    (left / "model").mkdir(parents=True)
+    (left / "model" / "weights.bin").write_bytes(b"half of a restore")
+    (workspace / "model" / ".checkpointio-partial-x").write_bytes(b"a user's file, deeper: kept")
+    expected["model/.checkpointio-partial-x"] = snapshot(workspace)["model/.checkpointio-partial-x"]
+    await Checkpoint(store.uri("a")).save(workspace)
+    async with Checkpoint(store.uri("b"), src=store.uri("a")) as cp:
+        restored = await cp.load()
+        assert restored is not None and snapshot(restored) == expected
+
+
 async def test_directory_restores_as_tree_at_workspace_root(store: StoreCase, tmp_path: Path) -> None:
     tree = make_tree(tmp_path / "tree")
     await Checkpoint(store.uri("a")).save(tree)

@@ -198,7 +198,7 @@ def test_gc_removes_temporary_files_a_killed_local_save_left(tmp_path: Path) -> 
 def test_bad_input_fails_with_one_line_and_an_exit_code(tmp_path: Path) -> None:
     assert "no such file or directory" in fails(2, "save", str(tmp_path / "missing"), str(tmp_path / "ck"))
     assert "no such checkpoint" in fails(3, "load", str(tmp_path / "missing"), str(tmp_path / "out"))
-    assert "part_size must be at least 5 MiB" in fails(2, "save", "-", str(tmp_path / "ck"), "--part-size", "1MiB")
+    assert "part_size must be 5 MiB to 5 GiB" in fails(2, "save", "-", str(tmp_path / "ck"), "--part-size", "1MiB")
     assert "no store handles 'ftp'" in fails(2, "ls", "ftp://host/x")
     ok("save", "-", str(tmp_path / "ck"), stdin=b"x")
     (tmp_path / "out").mkdir()

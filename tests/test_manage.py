@@ -133,6 +133,42 @@ async def test_restore_puts_a_tree_or_a_file_in_place_only_when_whole(store: Sto
     assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["file", "tree"]  # no staging left
 
 
+async def test_restore_over_an_existing_dest_keeps_it_until_the_new_one_is_in_place(
+    store: StoreCase, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await Checkpoint(store.uri("new")).save(b"new")
+    old = make_tree(tmp_path / "out" / "dest")
+    expected = snapshot(old)
+    real_replace = os.replace
+
+    def failing_replace(source: object, target: object) -> None:
+        if str(target) == str(old) and "-replaced-" not in str(source):  # the new one going into place
+            raise OSError(28, "No space left on device")
+        real_replace(source, target)  # type: ignore[arg-type]
+
+    monkeypatch.setattr("checkpointio._manage.os.replace", failing_replace)
+    with pytest.raises(OSError, match="No space"):
+        await restore(store.uri("new"), old, CONFIG, overwrite=True)
+    assert snapshot(old) == expected
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["dest"]
+    monkeypatch.undo()
+    await restore(store.uri("new"), old, CONFIG, overwrite=True)
+    assert old.read_bytes() == b"new"
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["dest"]
+
+
+async def test_keys_with_url_delimiters_are_distinct_checkpoints(store: StoreCase) -> None:
+    names = ["exp#1/ck", "exp#2/ck", "exp", "step?x=1", "step", "a%20b", "a b"]
+    for name in names:
+        await Checkpoint(store.uri(f"odd/{name}")).save(name.encode())
+    for name in names:
+        async with Checkpoint(store.uri("reader"), src=store.uri(f"odd/{name}")) as cp:
+            restored = await cp.load()
+            assert restored is not None and restored.read_bytes() == name.encode()
+    listed = await list_checkpoints(store.uri("odd/"), CONFIG)
+    assert sorted(info.location.uri for info in listed) == sorted(store.uri(f"odd/{name}") for name in names)
+
+
 async def test_listing_carries_kind_size_and_time(store: StoreCase, tmp_path: Path) -> None:
     await Checkpoint(store.uri("run/a")).save(b"abc")
     await Checkpoint(store.uri("run/b")).save(make_tree(tmp_path / "tree"))

@@ -34,6 +34,25 @@ def test_uris_parse_into_locations(uri: str, scheme: str, bucket: str, key: str)
     assert (location.scheme, location.bucket, location.key) == (scheme, bucket, key)
 
 
+@pytest.mark.parametrize(
+    ("uri", "scheme", "bucket", "key"),
+    [
+        ("s3://bucket/exp#1/ckpt", "s3", "bucket", "exp#1/ckpt"),
+        ("s3://bucket/step?x=1", "s3", "bucket", "step?x=1"),
+        ("s3://bucket/a%20b\tc", "s3", "bucket", "a%20b\tc"),
+        ("S3://bucket//k", "s3", "bucket", "k"),
+        ("memory://run#2", "memory", "", "run#2"),
+        ("file:///tmp/a%20b#c?d", "file", "", "/tmp/a b#c?d"),
+        ("file://localhost/tmp/x", "file", "", "/tmp/x"),
+    ],
+)
+def test_keys_are_taken_literally_not_cut_at_url_delimiters(uri: str, scheme: str, bucket: str, key: str) -> None:
+    location = parse_location(uri)
+    assert (location.scheme, location.bucket, location.key) == (scheme, bucket, key)
+    if scheme != "file":
+        assert parse_location(location.uri) == location
+
+
 def test_relative_paths_become_absolute() -> None:
     assert parse_location("ckpt").key == os.path.join(os.getcwd(), "ckpt")
 
@@ -47,6 +66,10 @@ def test_bad_uris_are_refused_with_a_message(uri: str) -> None:
 def test_config_rejects_impossible_settings() -> None:
     with pytest.raises(ValueError, match="5 MiB"):
         TransferConfig(part_size=1 * MiB)
+    with pytest.raises(ValueError, match="5 GiB"):
+        TransferConfig(part_size=6 * 1024 * MiB)
+    with pytest.raises(ValueError, match="largest single PUT"):
+        TransferConfig(multipart_threshold=5 * 1024 * MiB + 1)
     with pytest.raises(ValueError, match="compression_level"):
         TransferConfig(compression_level=10)
     with pytest.raises(TypeError, match="unknown checkpoint option"):

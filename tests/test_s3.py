@@ -297,6 +297,29 @@ async def test_missing_bucket_is_named_in_a_clear_error(moto_server: MotoServer)
         await Checkpoint("s3://no-such-bucket-4711/b", src="s3://no-such-bucket-4711/a").load()
 
 
+async def test_a_bucket_these_credentials_may_not_head_still_gives_a_first_attempt(
+    bucket: str, proxy: FaultProxy
+) -> None:
+    # object-only permissions: HEAD of the missing key is a 404, HEAD of the bucket a 403
+    proxy.add(lambda method, target: method == "HEAD" and target.rstrip("/") == f"/{bucket}", "403", times=2)
+    cp = Checkpoint(f"s3://{bucket}/b", src=f"s3://{bucket}/a", endpoint_url=proxy.endpoint, max_attempts=1)
+    assert await cp.load() is None
+    assert not await cp.prev_exists()
+    assert any(entry["action"] == "403" for entry in proxy.log)
+
+
+async def test_a_listing_whose_head_fails_raises_that_store_error(
+    moto_server: MotoServer, bucket: str, proxy: FaultProxy
+) -> None:
+    from checkpointio._manage import list_checkpoints
+
+    for name in ("a", "b", "c"):
+        moto_server.client().put_object(Bucket=bucket, Key=f"run/{name}", Body=b"foreign")  # no record: HEADed
+    proxy.add(lambda method, target: method == "HEAD" and target.endswith("/run/b"), "500", times=10)
+    with pytest.raises(StoreError, match="run/b"):
+        await list_checkpoints(f"s3://{bucket}/run/", TransferConfig(endpoint_url=proxy.endpoint, max_attempts=1))
+
+
 async def test_unreachable_endpoint_is_a_store_unavailable_error_not_a_first_attempt() -> None:
     endpoint = f"http://127.0.0.1:{free_port()}"
     cp = Checkpoint("s3://bucket/b", src="s3://bucket/a", endpoint_url=endpoint, max_attempts=2, connect_timeout=2)
@@ -350,6 +373,19 @@ async def test_one_client_is_reused_per_event_loop(bucket: str) -> None:
         await Checkpoint(f"s3://{bucket}/k{i}").save(b"x")
         await Checkpoint(f"s3://{bucket}/x", src=f"s3://{bucket}/k{i}").prev_exists()
     assert len(_clients._by_loop[asyncio.get_running_loop()]) == 1
+
+
+def test_loops_closed_without_shutting_down_their_generators_do_not_keep_their_clients(bucket: str) -> None:
+    import gc
+
+    loops = []
+    for i in range(4):
+        loop = asyncio.new_event_loop()  # an older pattern: no asyncio.run, no shutdown_asyncgens()
+        loop.run_until_complete(Checkpoint(f"s3://{bucket}/k{i}").save(b"x"))
+        loop.close()
+        loops.append(loop)
+    gc.collect()
+    assert [loop in _clients._by_loop for loop in loops] == [False, False, False, True]  # the last until a next
 
 
 # -- single files restored range by range, each written at its offset as it arrives ------------
