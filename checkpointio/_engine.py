@@ -10,6 +10,7 @@ the store aborts instead of committing.
 from __future__ import annotations
 
 import io
+import logging
 import os
 import shutil
 import threading
@@ -58,6 +59,8 @@ SaveData = bytes | bytearray | memoryview | str | os.PathLike[str] | IO[bytes]
 Writer = Callable[[BinaryIO], None]
 
 T = TypeVar("T")
+
+logger = logging.getLogger("checkpointio")
 
 
 def _own_thread() -> anyio.CapacityLimiter:
@@ -133,6 +136,37 @@ def _classify(data: object) -> _Source:
     )
 
 
+#: Bytes per CRC32 call when reading a source up front: the GIL is let go between calls.
+_CRC_STEP = 4 * 1024 * 1024
+
+
+def _crc32_up_front(source: _Source) -> Callable[[], int] | None:
+    """For bytes and files (sizes known in advance): a function that reads the source once more
+    and returns its CRC32, for stores that record it before the data (see ``Body``)."""
+    if source.data is not None:
+        data = source.data
+
+        def of_bytes() -> int:
+            crc = 0
+            for start in range(0, len(data), _CRC_STEP):
+                crc = _codec.crc32(data[start : start + _CRC_STEP], crc)
+            return crc
+
+        return of_bytes
+    if source.kind is Kind.FILE and source.path is not None:
+        path = source.path
+
+        def of_file() -> int:
+            crc, buffer = 0, bytearray(_CRC_STEP)
+            with open(path, "rb", buffering=0) as file, memoryview(buffer) as view:
+                while count := file.readinto(buffer):
+                    crc = _codec.crc32(view[:count], crc)
+            return crc
+
+        return of_file
+    return None
+
+
 def _produce(source: _Source, emit: Callable[[bytes], None], config: TransferConfig) -> None:
     """Worker thread: turn the source into chunks."""
     step = config.chunk_size
@@ -199,7 +233,7 @@ async def _save(
 ) -> ObjectInfo:
     _allocator.settle()
     send, receive = anyio.create_memory_object_stream[bytes](config.pipeline_depth)
-    body = Body(receive, source.size)
+    body = Body(receive, source.size, crc32_up_front=_crc32_up_front(source))
     digest = body.digest
     meter = Meter(on_progress, "save", location.uri, source.size)
     stored: list[ObjectInfo] = []
@@ -281,7 +315,18 @@ class _Pull:
         return blocks
 
 
-def _verify(info: ObjectInfo, digest: Digest) -> None:
+#: Whether a load has warned that it could check a checkpoint's length only (once per process).
+_warned_unchecked: list[bool] = [False]
+
+
+def _verify(info: ObjectInfo, digest: Digest, *, archive: bool = False) -> None:
+    """Check what was read against the size and CRC32s stored with the object.
+
+    ``archive``: it was read as a tar.gz, whose gzip members each carry a CRC32 of their own
+    (checked as they were inflated). Bytes with neither our CRC32 (a stream saved in several
+    parts, whose size was not known when the upload started) nor the server's can be checked for
+    their length only, which is logged once.
+    """
     uri = info.location.uri
     if digest.length != info.size:
         raise CorruptCheckpointError(f"{uri}: read {digest.length} bytes of {info.size}", uri=uri)
@@ -294,6 +339,14 @@ def _verify(info: ObjectInfo, digest: Digest) -> None:
                 f"{uri}: CRC32 of the stored bytes is {digest.crc32:08x}, the {source} checksum is {expected:08x}",
                 uri=uri,
             )
+    unchecked = (record is None or record.crc32 is None) and info.server_crc32 is None and not archive
+    if unchecked and not _warned_unchecked[0]:
+        _warned_unchecked[0] = True
+        logger.warning(
+            "checkpointio: %s has no CRC32 to check (a stream saved in parts to a server that keeps no "
+            "checksum of the whole object): only its length was checked",
+            uri,
+        )
 
 
 def _check_still_there(staging: Path, held: int, uri: str) -> None:
@@ -322,12 +375,13 @@ def _kind(pull: _Pull, info: ObjectInfo) -> Kind:
 
 def _check(pull: _Pull, info: ObjectInfo, workers: int) -> None:
     """Worker thread: read the object to its end as a restore would, writing nothing."""
-    if _kind(pull, info) is Kind.DIRECTORY:
+    archive = _kind(pull, info) is Kind.DIRECTORY
+    if archive:
         _archive.check_directory(pull.blocks, uri=info.location.uri, workers=workers)
     else:
         while pull.blocks():
             pass
-    _verify(info, pull.digest)
+    _verify(info, pull.digest, archive=archive)
 
 
 def _restore(pull: _Pull, info: ObjectInfo, workspace: Path, workers: int) -> Path:
@@ -341,7 +395,7 @@ def _restore(pull: _Pull, info: ObjectInfo, workspace: Path, workers: int) -> Pa
             held = os.open(staging, os.O_RDONLY | os.O_DIRECTORY)  # pins the folder: no inode reuse
             try:
                 _archive.unpack_directory(pull.blocks, staging, uri=uri, workers=workers)
-                _verify(info, pull.digest)
+                _verify(info, pull.digest, archive=True)
                 _check_still_there(staging, held, uri)
             finally:
                 os.close(held)

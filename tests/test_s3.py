@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import zlib
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from checkpointio import (
     ConcurrentModificationError,
     MiB,
     ObjectTooLargeError,
+    SourceChangedError,
     StoreError,
     StoreUnavailableError,
 )
@@ -415,6 +417,68 @@ async def test_a_large_file_with_a_corrupt_range_is_refused_and_not_presented(bu
             await cp.load()
         assert not cp.path.exists() or list(cp.path.iterdir()) == []
     assert [entry["action"] for entry in proxy.log].count("flip") == 1
+
+
+async def test_multipart_bytes_and_files_carry_their_crc32_where_the_server_keeps_none(
+    bucket: str, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    # no flexible checksums: the server keeps no CRC32 of the whole object, only our record can
+    options = {**SMALL_PARTS, "endpoint_url": proxy.endpoint, "flexible_checksums": False}
+    data = os.urandom(12 * MiB + 3)
+    (tmp_path / "state.bin").write_bytes(data)
+    await Checkpoint(f"s3://{bucket}/bytes", **options).save(data)
+    await Checkpoint(f"s3://{bucket}/file", **options).save(tmp_path / "state.bin")
+    store = S3Store(TransferConfig(**options))  # type: ignore[arg-type]
+    for name in ("bytes", "file"):
+        info = await store.head(parse_location(f"s3://{bucket}/{name}"))
+        assert info is not None and info.etag.strip('"').endswith("-3") and info.server_crc32 is None
+        assert info.record is not None and (info.record.size, info.record.crc32) == (len(data), zlib.crc32(data))
+        proxy.add(is_ranged_get(proxy), "flip", times=1)  # same length, one byte off: only the CRC32 tells
+        async with Checkpoint(f"s3://{bucket}/x", src=f"s3://{bucket}/{name}", **options) as cp:
+            with pytest.raises(ChecksumMismatchError, match="saved checksum"):
+                await cp.load()
+            assert await cp.load_bytes() == data  # the flip was once: read again, it is whole
+
+
+async def test_a_load_that_could_check_only_the_length_says_so_once(
+    bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import checkpointio._engine as engine
+
+    monkeypatch.setattr(engine, "_warned_unchecked", [False])
+    options = {**SMALL_PARTS, "flexible_checksums": False}
+    data = os.urandom(11 * MiB)
+    await Checkpoint(f"s3://{bucket}/stream", **options).save(io.BytesIO(data))  # size unknown up front
+    tree = make_tree(tmp_path / "tree")
+    (tree / "weights").write_bytes(os.urandom(6 * MiB))  # an archive of two parts, checked by gzip's CRC32s
+    await Checkpoint(f"s3://{bucket}/tree", **options).save(tree)
+    for name in ("tree", "stream", "stream"):
+        async with Checkpoint(f"s3://{bucket}/x", src=f"s3://{bucket}/{name}", **options) as cp:
+            restored = await cp.load()
+            assert restored is not None
+            if name == "stream":
+                assert restored.read_bytes() == data
+    warnings = [record.getMessage() for record in caplog.records if "only its length" in record.getMessage()]
+    assert warnings == [
+        f"checkpointio: s3://{bucket}/stream has no CRC32 to check (a stream saved in parts to a "
+        "server that keeps no checksum of the whole object): only its length was checked"
+    ]
+
+
+async def test_a_source_that_differs_from_its_crc32_read_up_front_is_not_stored(
+    moto_server: MotoServer, bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import checkpointio._engine as engine
+
+    await Checkpoint(f"s3://{bucket}/w", **SMALL_PARTS).save(b"previous")
+    # as if the file was rewritten between the read for its CRC32 and the upload's own read
+    monkeypatch.setattr(engine, "_crc32_up_front", lambda source: lambda: 12345)
+    with pytest.raises(SourceChangedError, match="changed while it was saved"):
+        await Checkpoint(f"s3://{bucket}/w", **SMALL_PARTS).save(os.urandom(11 * MiB))
+    assert uploads_left(moto_server, bucket) == []
+    async with Checkpoint(f"s3://{bucket}/x", src=f"s3://{bucket}/w", **SMALL_PARTS) as cp:
+        restored = await cp.load()
+        assert restored is not None and restored.read_bytes() == b"previous"
 
 
 async def test_a_large_file_replaced_while_its_ranges_are_fetched_is_detected(

@@ -140,11 +140,17 @@ class Body:
 
     ``size`` is known for bytes and files and ``None`` for directory archives. ``digest`` is
     final once the stream is exhausted.
+
+    ``crc32_up_front``, given for bytes and files, reads the source once more and returns the
+    CRC32 the stream will have (blocking: call it in a worker thread). A store that must write
+    the record before the data (S3's multipart metadata is set when the upload starts) uses it,
+    so the object still carries its CRC32, and checks ``digest`` against it before committing.
     """
 
     chunks: MemoryObjectReceiveStream[bytes]
     size: int | None
     digest: Digest = field(default_factory=Digest)
+    crc32_up_front: Callable[[], int] | None = None
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self.chunks.__aiter__()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import gzip
 import hashlib
 import io
@@ -56,6 +57,7 @@ from .._exceptions import (
     BucketNotFoundError,
     CheckpointError,
     ConcurrentModificationError,
+    SourceChangedError,
     StoreError,
     StoreUnavailableError,
 )
@@ -582,6 +584,12 @@ class S3Store:
     ) -> ObjectInfo:
         config = self._config
         client = await self._client()
+        if body.size is not None and body.crc32_up_front is not None:
+            # The metadata is set now, before any part: read the source once more for its CRC32,
+            # so the object carries one a load can check on any server (many keep no CRC32 of a
+            # multipart object's whole content; then it would be checked for its length only).
+            crc = await anyio.to_thread.run_sync(body.crc32_up_front)
+            record = dataclasses.replace(record, size=body.size, crc32=crc)
         extra = {"ChecksumAlgorithm": "CRC32", "ChecksumType": "FULL_OBJECT"} if config.flexible_checksums else {}
         try:
             # Shielded: cancelled after the server created the upload but before we learnt its id,
@@ -651,6 +659,12 @@ class S3Store:
                         check_object_size(total, location.uri)
                         await slots.acquire()  # at most max_concurrency parts in flight
                         group.start_soon(upload_part, number, part)
+            if record.crc32 is not None and (body.digest.crc32, body.digest.length) != (record.crc32, record.size):
+                raise SourceChangedError(
+                    f"{location.uri}: the source changed while it was saved (read again, it no longer has "
+                    f"the size and CRC32 recorded when the upload started); the previous checkpoint stays",
+                    uri=location.uri,
+                )
             complete: dict[str, Any] = {"MultipartUpload": {"Parts": [parts[n] for n in sorted(parts)]}}
             if config.flexible_checksums:
                 complete.update(ChecksumCRC32=_crc32_b64(body.digest.crc32), ChecksumType="FULL_OBJECT")
