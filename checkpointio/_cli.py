@@ -82,12 +82,12 @@ def parse_duration(text: str) -> float:
 
 
 def _field_help() -> dict[str, str]:
-    """First sentence of each attribute in TransferConfig's docstring: one source for the help."""
+    """Each attribute's text in TransferConfig's docstring, as plain text: one source for the help."""
     doc = TransferConfig.__doc__ or ""
     section = doc.split("Attributes:", 1)[-1]
     helps: dict[str, str] = {}
     for name, text in re.findall(r"^ {8}(\w+): (.+?)(?=^ {8}\w+: |\Z)", section, re.MULTILINE | re.DOTALL):
-        helps[name] = " ".join(text.split()).split(". ")[0].rstrip(".").replace("%", "%%")
+        helps[name] = " ".join(text.split()).replace("``", "").rstrip(".").replace("%", "%%")
     return helps
 
 

@@ -28,11 +28,12 @@ class TransferConfig:
 
     Attributes:
         part_size: Size of one multipart part and one ranged GET. Grown automatically so that no
-            object needs more than 10,000 parts. At least 5 MiB (S3's minimum part).
+            object needs more than 10,000 parts. 5 MiB to 5 GiB (S3's limits for a part).
         max_concurrency: Parts or ranges in flight at once per transfer; also sizes the S3
             connection pool.
         multipart_threshold: Objects below this go up in one PUT: those of known size, and
-            streams (a directory archive, stdin) that end before reaching it.
+            streams (a directory archive, stdin) that end before reaching it. At most 5 GiB (S3's
+            largest single PUT).
         chunk_size: Size of the blocks passed between the archive thread and the store, and of
             each independently compressed gzip member of a directory archive.
         pipeline_depth: Chunks buffered between producer and consumer (back-pressure).

@@ -38,8 +38,10 @@ logger = logging.getLogger("checkpointio")
 P = ParamSpec("P")
 T = TypeVar("T")
 
-#: How long an interrupted call waits for its cancelled coroutine to clean up (abort uploads).
-CLEANUP_TIMEOUT = 30.0
+#: How long an interrupted call waits for its cancelled coroutine to clean up (abort uploads):
+#: longer than an S3 abort may take (60 s), so Ctrl-C does not return while one is still going.
+#: A second Ctrl-C stops the wait.
+CLEANUP_TIMEOUT = 75.0
 #: How long interpreter exit waits for background saves still running, unless
 #: ``CHECKPOINTIO_EXIT_TIMEOUT`` says otherwise.
 EXIT_TIMEOUT = 600.0

@@ -322,6 +322,13 @@ async def test_a_listing_whose_head_fails_raises_that_store_error(
         await list_checkpoints(f"s3://{bucket}/run/", TransferConfig(endpoint_url=proxy.endpoint, max_attempts=1))
 
 
+def test_an_interrupted_call_waits_longer_than_an_abort_may_take() -> None:
+    from checkpointio._portal import CLEANUP_TIMEOUT
+    from checkpointio._stores._s3 import _ABORT_TIMEOUT
+
+    assert CLEANUP_TIMEOUT > _ABORT_TIMEOUT  # else Ctrl-C could return with the upload still open
+
+
 async def test_unreachable_endpoint_is_a_store_unavailable_error_not_a_first_attempt() -> None:
     endpoint = f"http://127.0.0.1:{free_port()}"
     cp = Checkpoint("s3://bucket/b", src="s3://bucket/a", endpoint_url=endpoint, max_attempts=2, connect_timeout=2)
