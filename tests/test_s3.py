@@ -239,6 +239,39 @@ async def test_the_range_whose_turn_it_is_is_delivered_as_its_bytes_arrive(bucke
     assert b"".join(chunks) == data
 
 
+async def test_an_ordered_read_holds_buffers_only_for_the_ranges_in_flight(
+    moto_server: MotoServer, bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import weakref
+
+    import checkpointio._stores._s3 as s3
+
+    data = os.urandom(31 * MiB)  # seven ranges of 5 MiB, two in flight at a time
+    options = {**SMALL_PARTS, "max_concurrency": 2}
+    await Checkpoint(f"s3://{bucket}/w", **options).save(data)
+    store = S3Store(TransferConfig(**options))  # type: ignore[arg-type]
+    info = await store.head(parse_location(f"s3://{bucket}/w"))
+    assert info is not None
+    alive: weakref.WeakSet[object] = weakref.WeakSet()
+    most = [0]
+
+    class Counted(s3._Received):
+        def __init__(self, limit: int | None = None) -> None:
+            super().__init__(limit)
+            alive.add(self)
+            most[0] = max(most[0], len(alive))
+
+    monkeypatch.setattr(s3, "_Received", Counted)
+    chunks: list[bytes] = []
+
+    async def sink(blocks: list[bytes]) -> None:
+        chunks.extend(blocks)
+
+    await store.get(info, sink)
+    assert b"".join(chunks) == data
+    assert 0 < most[0] <= 3  # in flight (2) and the one due next, never all seven
+
+
 async def test_a_bounded_range_stops_reading_until_its_bytes_are_taken() -> None:
     # What keeps a single-file restore's memory small when the disk is slower than the network:
     # the connection is not read while more than the limit waits to be written.

@@ -709,24 +709,35 @@ class S3Store:
         config = self._config
         client = await self._client()
         spans = ranges(info.size, config.part_size)
-        received = [_Received() for _ in spans or [(0, -1)]]
+        count = max(1, len(spans))
+        # Made when their range starts or is due, dropped once delivered: at most max_concurrency
+        # + 1 at a time (one per range up front was ~2 KB each: 130 MB for a 1 TiB archive).
+        received: dict[int, _Received] = {}
         slots = anyio.Semaphore(config.max_concurrency)
 
+        def range_buffer(index: int) -> _Received:
+            one = received.get(index)
+            if one is None:
+                one = received[index] = _Received()
+            return one
+
         async def fetch(index: int) -> None:
-            await self._get_range(client, info, spans[index] if len(spans) > 1 else None, received[index])
+            await self._get_range(client, info, spans[index] if len(spans) > 1 else None, range_buffer(index))
 
         async def deliver() -> None:
             gather = _Gather(config.chunk_size, sink)  # as received: joining them is the consumer's call
-            for one in received:
+            for index in range(count):
+                one = range_buffer(index)
                 while blocks := await one.take():
                     await gather.add(blocks)
+                del received[index]
                 slots.release()
             await gather.flush()
 
         with one_error():
             async with anyio.create_task_group() as group:
                 group.start_soon(deliver)
-                for index in range(len(received)):
+                for index in range(count):
                     await slots.acquire()
                     group.start_soon(fetch, index)
 
