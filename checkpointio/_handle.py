@@ -51,7 +51,12 @@ class SaveHandle:
 
     @property
     def cancelled(self) -> bool:
-        """Whether the save was cancelled (or superseded) before it stored anything."""
+        """Whether the save was cancelled (or superseded) before it finished.
+
+        The store then keeps its previous checkpoint, except when the cancellation came while the
+        commit itself was on its way (S3's CompleteMultipartUpload sent): the new checkpoint may
+        then be stored, whole. Never a mix of the two.
+        """
         if self._work is None or not self._work.outcome.done():
             return False
         return isinstance(self._work.outcome.exception(), concurrent.futures.CancelledError)
