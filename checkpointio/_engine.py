@@ -31,7 +31,13 @@ from ._concurrency import PLUMBING as _PLUMBING
 from ._concurrency import Aborted as _Aborted
 from ._concurrency import one_error
 from ._config import TransferConfig
-from ._exceptions import CheckpointError, ChecksumMismatchError, CorruptCheckpointError, SourceNotFoundError
+from ._exceptions import (
+    CheckpointError,
+    ChecksumMismatchError,
+    CorruptCheckpointError,
+    SourceChangedError,
+    SourceNotFoundError,
+)
 from ._location import Location
 from ._progress import Meter, ProgressCallback
 from ._stores import Blocks, Body, Digest, Kind, ObjectInfo, RangedStore, Record, Store
@@ -157,14 +163,22 @@ def _crc32_up_front(source: _Source) -> Callable[[], int] | None:
         path = source.path
 
         def of_file() -> int:
-            crc, buffer = 0, bytearray(_CRC_STEP)
+            crc, buffer, remaining = 0, bytearray(_CRC_STEP), source.size or 0
             with open(path, "rb", buffering=0) as file, memoryview(buffer) as view:
-                while count := file.readinto(buffer):
+                while remaining and (count := file.readinto(view[: min(_CRC_STEP, remaining)])):
                     crc = _codec.crc32(view[:count], crc)
+                    remaining -= count
             return crc
 
         return of_file
     return None
+
+
+def _shrank(path: Path, size: int, read: int) -> SourceChangedError:
+    return SourceChangedError(
+        f"{str(path)!r} shrank while it was saved: {read} of its {size} bytes were there; nothing was stored",
+        uri=str(path),
+    )
 
 
 def _produce(source: _Source, emit: Callable[[bytes], None], config: TransferConfig) -> None:
@@ -182,9 +196,14 @@ def _produce(source: _Source, emit: Callable[[bytes], None], config: TransferCon
         while chunk := source.stream.read(step):
             emit(bytes(chunk))
     elif source.kind is Kind.FILE:
-        assert source.path is not None
+        assert source.path is not None and source.size is not None
         with open(source.path, "rb") as file:
-            while chunk := file.read(step):
+            remaining = source.size  # what it held when save() was called, as for a directory's files
+            while remaining:
+                chunk = file.read(min(step, remaining))
+                if not chunk:
+                    raise _shrank(source.path, source.size, source.size - remaining)
+                remaining -= len(chunk)
                 emit(chunk)
     else:
         assert source.path is not None

@@ -32,6 +32,7 @@ from checkpointio import (
     CheckpointError,
     CorruptCheckpointError,
     MiB,
+    Progress,
     SourceChangedError,
     StoreUnavailableError,
     UnsafeArchiveError,
@@ -304,6 +305,41 @@ async def test_a_file_growing_while_saved_is_stored_as_it_was_when_listed(
     async with Checkpoint(store.uri("b"), src=store.uri("a")) as cp:
         restored = await cp.load()
         assert restored is not None and (restored / "log").read_bytes() == b"first part\n"
+
+
+async def test_a_single_file_is_saved_with_the_size_it_had_when_save_was_called(
+    store: StoreCase, tmp_path: Path
+) -> None:
+    path = tmp_path / "log"
+    data = os.urandom(3 * 1024 * 1024 + 5)  # several chunks: the first event comes before the end
+    path.write_bytes(data)
+
+    def grow(event: Progress) -> None:
+        if not event.finished and path.stat().st_size == len(data):
+            with open(path, "ab") as log:
+                log.write(b"appended while it was saved\n")
+
+    await Checkpoint(store.uri("a"), on_progress=grow).save(path)
+    assert path.stat().st_size > len(data)
+    async with Checkpoint(store.uri("b"), src=store.uri("a")) as cp:
+        assert await cp.load_bytes() == data
+
+
+async def test_a_single_file_shrinking_while_saved_fails_the_save_and_keeps_the_previous(
+    store: StoreCase, tmp_path: Path
+) -> None:
+    path = tmp_path / "log"
+    path.write_bytes(os.urandom(3 * 1024 * 1024 + 5))
+    await Checkpoint(store.uri("a")).save(b"previous")
+
+    def rotate(event: Progress) -> None:
+        if not event.finished:
+            os.truncate(path, 10)
+
+    with pytest.raises(SourceChangedError, match="shrank"):
+        await Checkpoint(store.uri("a"), on_progress=rotate).save(path)
+    async with Checkpoint(store.uri("b"), src=store.uri("a")) as cp:
+        assert await cp.load_bytes() == b"previous"
 
 
 async def test_a_file_deleted_while_saved_fails_the_save(
