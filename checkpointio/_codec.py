@@ -61,6 +61,11 @@ MAX_MEMBER_OUTPUT = 64 * 1024 * 1024
 _HEADER = struct.Struct("<4sIBBHBBHI")  # magic+CM+FLG, MTIME, XFL, OS, XLEN, SI1, SI2, LEN, member size
 _MAGIC_FLAGS = b"\x1f\x8b\x08\x04"  # gzip, deflate, FEXTRA
 _TRAILER = struct.Struct("<II")
+#: The shortest and longest member we write: an empty deflate block (2 bytes), and a block of
+#: ``MAX_MEMBER_OUTPUT`` stored (5 bytes of framing per 64 KiB). A stated length outside them is
+#: a crafted or garbled header: buffering it whole would let 20 bytes ask for gigabytes.
+_MIN_MEMBER = _HEADER.size + 2 + _TRAILER.size
+_MAX_MEMBER = _HEADER.size + MAX_MEMBER_OUTPUT + 5 * (MAX_MEMBER_OUTPUT // 65535 + 1) + _TRAILER.size
 
 
 def crc32(data: bytes | bytearray | memoryview, value: int = 0) -> int:
@@ -110,12 +115,17 @@ def member_length(head: bytes | bytearray) -> int | None:
     """The total length of the member starting ``head`` if checkpointio wrote it, else ``None``.
 
     ``head`` needs at least 20 bytes; fewer, or a member of another writer, gives ``None``.
+
+    Raises:
+        CorruptCheckpointError: A member of ours states a length no member can have.
     """
     if len(head) < _HEADER.size or bytes(head[:4]) != _MAGIC_FLAGS:
         return None
     _, _, _, _, xlen, si1, si2, sublen, total = _HEADER.unpack_from(head)
     if xlen != 8 or si1 != ord("C") or si2 != ord("K") or sublen != 4:
         return None
+    if not _MIN_MEMBER <= total <= _MAX_MEMBER:
+        raise CorruptCheckpointError(f"the archive is garbled: a gzip member states a length of {total} bytes")
     return int(total)
 
 

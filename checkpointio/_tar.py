@@ -57,6 +57,10 @@ _MIN_TIME, _MAX_TIME = -(2**63), 2**63 - 1
 #: Most bytes a pax or GNU long-name header may hold: they are read whole (a name is at most a few
 #: KiB), so without a bound a crafted header could make extraction hold gigabytes.
 _MAX_META = 1024 * 1024
+#: Longest name or link target: what a path may be on Linux (PATH_MAX, with its NUL). The checks
+#: walk a name's folders, so a 1 MiB name of 500,000 parts would cost quadratic time and memory
+#: (1.5 GiB for a 257-byte archive); a longer one could not be created anyway.
+_MAX_NAME = 4095
 
 
 def _octal(value: int, width: int) -> bytes:
@@ -319,13 +323,20 @@ class _Extraction:
                         raise CorruptCheckpointError(f"a pax header holds a bad size {pax['size']!r}")
                     size = int(pax["size"])
                 mtime = _pax_time(pax["mtime"]) if "mtime" in pax else _number(raw_mtime)
+                sparse = any(key.startswith("GNU.sparse.") for key in pax)
                 pax, long_name, long_link = {}, None, None
                 if b"\0" in name or b"\0" in link:  # only pax records can hold one: os calls refuse it
                     raise CorruptCheckpointError(f"a pax header holds a name with a NUL byte {name!r}")
+                if sparse:  # GNU tar's pax sparse files: the data is a map and fragments, not the file
+                    raise CorruptCheckpointError(f"entry {_text(name)!r} is a GNU sparse file, which is not supported")
             else:
                 mtime = _number(raw_mtime)
             if not _MIN_TIME <= mtime <= _MAX_TIME:  # pax or GNU base-256 numbers can hold more
                 raise CorruptCheckpointError(f"entry {_text(name)!r} has an out-of-range time {mtime}")
+            if len(name) > _MAX_NAME or len(link) > _MAX_NAME:
+                raise CorruptCheckpointError(
+                    f"entry {_text(name[:100])!r}... has a name or link target over {_MAX_NAME} bytes"
+                )
             self.entry(kind, _text(name), _text(link), size, mode, mtime)
 
     def entry(self, kind: bytes, name: str, link: str, size: int, mode: int, mtime: int) -> None:

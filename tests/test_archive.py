@@ -182,6 +182,48 @@ def test_an_oversized_name_header_is_corrupt_and_not_read_into_memory(tmp_path: 
     assert peak < 16 * 1024 * 1024
 
 
+@pytest.mark.parametrize("field", ["path", "linkpath"])
+def test_a_name_of_many_parts_is_refused_before_its_parts_are_walked(tmp_path: Path, field: str) -> None:
+    # 40,000 parts in a 257-byte archive: walking every parent folder took 1.5 GiB
+    name = "a/" * 40_000 + "x"
+    entry = _tar.header(name, _tar.FILE) if field == "path" else _tar.header("link", _tar.SYMLINK, link=name)
+    data = gzip.compress(entry + _tar.end_of_archive(len(entry)), compresslevel=9)
+    tracemalloc.start()
+    try:
+        with pytest.raises(CorruptCheckpointError, match="over 4095 bytes"):
+            unpacked(data, tmp_path / "out")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 1024 * 1024
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+@pytest.mark.parametrize("stated", [0, 4, 29, 200 * 1024 * 1024])
+def test_a_member_stating_an_impossible_length_is_corrupt(tmp_path: Path, stated: int) -> None:
+    member = bytearray(encode_member(b"x" * 1000, 1))
+    member[16:20] = stated.to_bytes(4, "little")  # the length our header states
+    with pytest.raises(CorruptCheckpointError, match="states a length"):
+        unpacked(bytes(member) + encode_member(bytes(1000), 1), tmp_path / f"out-{stated}")
+
+
+@pytest.mark.skipif(shutil.which("tar") is None, reason="needs GNU tar")
+@pytest.mark.parametrize("version", ["0.0", "0.1", "1.0"])
+def test_gnu_tar_pax_sparse_files_are_refused_not_restored_wrong(tmp_path: Path, version: str) -> None:
+    (tmp_path / "tree").mkdir()
+    with open(tmp_path / "tree" / "sparse.bin", "wb") as file:
+        file.seek(4 * 1024 * 1024)
+        file.write(b"end")
+    archive = tmp_path / "a.tar.gz"
+    subprocess.run(
+        ["tar", "--format=posix", "--sparse", f"--sparse-version={version}", "-czf", str(archive), "-C",
+         str(tmp_path / "tree"), "sparse.bin"],
+        check=True,
+    )  # fmt: skip
+    with pytest.raises(CorruptCheckpointError, match="GNU sparse"):
+        unpacked(archive.read_bytes(), tmp_path / "out")
+
+
 def test_truncated_and_garbled_streams_are_corrupt(tmp_path: Path) -> None:
     data = packed(make_tree(tmp_path / "tree"))
     with pytest.raises(CorruptCheckpointError, match="truncated"):

@@ -5,6 +5,7 @@ anything. Each test is a row of the README's "Guarantees" table."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import gzip
 import io
 import os
@@ -34,6 +35,7 @@ from checkpointio import (
     MiB,
     Progress,
     SourceChangedError,
+    StoreError,
     StoreUnavailableError,
     UnsafeArchiveError,
 )
@@ -305,6 +307,38 @@ async def test_a_file_growing_while_saved_is_stored_as_it_was_when_listed(
     async with Checkpoint(store.uri("b"), src=store.uri("a")) as cp:
         restored = await cp.load()
         assert restored is not None and (restored / "log").read_bytes() == b"first part\n"
+
+
+async def test_a_local_save_that_fails_on_the_disk_is_a_store_error_and_keeps_the_previous(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await Checkpoint(tmp_path / "ck").save(b"previous")
+
+    def disk_full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(StoreError, match="No space left"):
+        await Checkpoint(tmp_path / "ck").save(b"x" * 3 * MiB)
+    monkeypatch.undo()
+    async with Checkpoint(tmp_path / "b", src=tmp_path / "ck") as cp:
+        assert await cp.load_bytes() == b"previous"
+    assert sorted(path.name for path in tmp_path.iterdir()) == [".ck.checkpointio", "ck"]
+
+
+async def test_a_folder_fsync_refused_after_the_commit_does_not_fail_a_stored_save(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import checkpointio._stores._local as local
+
+    def refused(path: Path) -> None:
+        raise OSError(errno.EINVAL, "Invalid argument")  # CIFS and some FUSE filesystems
+
+    monkeypatch.setattr(local, "_fsync_dir", refused)
+    await Checkpoint(tmp_path / "ck").save(b"new")  # stored: reporting a failure would be wrong
+    async with Checkpoint(tmp_path / "b", src=tmp_path / "ck") as cp:
+        assert await cp.load_bytes() == b"new"
+    assert any("could not fsync" in record.getMessage() for record in caplog.records)
 
 
 async def test_a_single_file_is_saved_with_the_size_it_had_when_save_was_called(

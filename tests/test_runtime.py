@@ -269,6 +269,31 @@ def test_an_explicit_run_id_continues_the_run_across_calls(store: StoreCase) -> 
     assert attempts == [(0, None), (1, b"saved by attempt 0"), (2, b"saved by attempt 1")]
 
 
+def test_a_run_folder_that_cannot_be_listed_fails_the_task_instead_of_restarting_it(tmp_path: Path) -> None:
+    storage = tmp_path / "store"
+    run_env = TaskEnvironment("tests", storage=str(storage), run_id="nightly")
+    attempts: list[int] = []
+
+    @run_env.task(retries=1)
+    def job() -> None:
+        context = ctx()
+        assert context.checkpoint is not None
+        attempts.append(context.attempt or 0)
+        context.checkpoint.save_sync(b"progress worth keeping")
+
+    job()
+    saved = sorted(storage.rglob("attempt-0"))
+    assert len(saved) == 1
+    run_folder = saved[0].parent
+    kept = run_folder.with_name("kept")
+    run_folder.rename(kept)
+    run_folder.symlink_to(run_folder.name)  # a folder listing fails (ELOOP; EACCES or ESTALE alike)
+    with pytest.raises(checkpointio.StoreError, match="nightly"):
+        job()
+    assert attempts == [0]  # no attempt ran as a first one, and nothing was overwritten
+    assert (kept / "attempt-0").read_bytes() == b"progress worth keeping"
+
+
 def test_keep_last_removes_old_attempts_only_after_success(store: StoreCase) -> None:
     @environment(store, run_id="r", keep_last=1).task(retries=3)
     def job() -> None:

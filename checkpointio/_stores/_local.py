@@ -19,6 +19,7 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
@@ -61,10 +62,28 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _translate(error: OSError, uri: str) -> Exception:
+def _translate(error: OSError, uri: str) -> StoreError:
+    """A filesystem error as the store error it is (disk full, I/O error, a stale NFS handle...)."""
     if isinstance(error, PermissionError):
         return AccessDeniedError(f"{uri}: permission denied: {error}", uri=uri)
-    return error
+    return StoreError(f"{uri}: {error.strerror or error}: {error.filename or ''}".rstrip(": "), uri=uri)
+
+
+def _walk(base: Path, uri: str) -> Iterator[tuple[str, list[str], list[str]]]:
+    """``os.walk``, but a folder that cannot be read is an error, not an empty folder.
+
+    ``os.walk`` ignores errors by default: an unreadable run folder (permissions, a stale NFS
+    handle) would list no attempts, and a restarted task would start from scratch and overwrite
+    them. Only a folder that does not exist (the prefix names none yet, or it went away while it
+    was listed) is empty.
+    """
+
+    def fail(error: OSError) -> None:
+        if isinstance(error, FileNotFoundError | NotADirectoryError):
+            return
+        raise _translate(error, uri) from error
+
+    return os.walk(base, onerror=fail)
 
 
 class LocalStore:
@@ -113,12 +132,15 @@ class LocalStore:
         await anyio.to_thread.run_sync(self._prepare_parent, path, location.uri)
         tmp = path.with_name(f".{path.name}{_PARTIAL_MARK}{uuid.uuid4().hex}")
         try:
-            async with await anyio.open_file(tmp, "wb") as out:
-                async for chunk in body:
-                    await out.write(chunk)
-                await out.flush()
-                await anyio.to_thread.run_sync(os.fsync, out.wrapped.fileno())
-            return await anyio.to_thread.run_sync(self._commit, location, tmp, record.completed(body.digest))
+            try:
+                async with await anyio.open_file(tmp, "wb") as out:
+                    async for chunk in body:
+                        await out.write(chunk)
+                    await out.flush()
+                    await anyio.to_thread.run_sync(os.fsync, out.wrapped.fileno())
+                return await anyio.to_thread.run_sync(self._commit, location, tmp, record.completed(body.digest))
+            except OSError as error:  # disk full, quota, I/O error: the previous checkpoint stays
+                raise _translate(error, location.uri) from error
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(lambda: tmp.unlink(missing_ok=True))
@@ -147,9 +169,15 @@ class LocalStore:
                 os.fsync(out.fileno())
             os.replace(tmp, path)
             os.replace(sidecar_tmp, _sidecar(path))
-            _fsync_dir(path.parent)
         finally:
             sidecar_tmp.unlink(missing_ok=True)
+        try:
+            _fsync_dir(path.parent)
+        except OSError as error:  # committed already: failing the save now would report a lie
+            # Some filesystems refuse fsync on a folder (EINVAL on CIFS and some FUSE ones), and a
+            # folder may be writable but not readable; the renames stand, only their durability
+            # across a power loss is not confirmed.
+            logger.warning("checkpointio: could not fsync %s after saving %s: %s", path.parent, location.uri, error)
         return ObjectInfo(location, st.st_size, f"{st.st_size}-{st.st_mtime_ns}", record, modified=st.st_mtime)
 
     async def get(self, info: ObjectInfo, sink: Sink) -> None:
@@ -190,7 +218,7 @@ class LocalStore:
         def scan() -> list[PendingWrite]:
             base = root if root.is_dir() else root.parent
             found: list[PendingWrite] = []
-            for dirpath, _dirnames, filenames in os.walk(base):
+            for dirpath, _dirnames, filenames in _walk(base, prefix.uri):
                 for name in filenames:
                     target = _partial_of(name)
                     if target is None or not os.path.join(dirpath, target).startswith(str(root)):
@@ -223,7 +251,7 @@ class LocalStore:
         def scan() -> list[ObjectInfo]:
             base = root if root.is_dir() else root.parent
             found: list[ObjectInfo] = []
-            for dirpath, dirnames, filenames in os.walk(base):
+            for dirpath, dirnames, filenames in _walk(base, prefix.uri):
                 dirnames.sort()
                 for name in sorted(filenames):
                     full = os.path.join(dirpath, name)
