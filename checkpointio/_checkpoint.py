@@ -278,8 +278,15 @@ class Checkpoint:
         store = await open_store(self._dest.scheme, config)
         await _engine.save_written(store, self._dest, writer, config, self._on_progress)
 
+    def _forget_inherited(self) -> None:
+        """In a forked child, drop the parent's background save: its outcome is only ever set in
+        the parent (waiting for it here would hang), and its upload is the parent's business."""
+        if self._inflight is not None and not self._inflight.in_this_process():
+            self._inflight = None
+
     async def _settle(self, supersede: bool) -> None:
         """Wait for (or cancel) the background save in flight; raise its unretrieved error."""
+        self._forget_inherited()
         while (previous := self._inflight) is not None:
             if supersede:
                 previous.cancel()
@@ -360,6 +367,7 @@ class Checkpoint:
             BackgroundSaveError: The background save failed and its error had not been retrieved.
         """
         error = None
+        self._forget_inherited()
         handle, self._inflight = self._inflight, None
         if handle is not None:
             if not handle.join(timeout):
@@ -368,8 +376,9 @@ class Checkpoint:
                 handle.join(_portal.CLEANUP_TIMEOUT)
             error = handle.unseen_error()
         if self._owns_workspace and self._workspace is not None:
-            shutil.rmtree(self._workspace, ignore_errors=True)
-            _temporary_workspaces.pop(self._workspace, None)
+            if _temporary_workspaces.get(self._workspace) == os.getpid():  # not a forked child's to remove
+                shutil.rmtree(self._workspace, ignore_errors=True)
+                _temporary_workspaces.pop(self._workspace, None)
             self._workspace = None
         self._loaded = False
         self._restored = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import os
 from collections.abc import Generator
 from typing import Any
 
@@ -38,6 +39,10 @@ class SaveHandle:
     def __repr__(self) -> str:
         state = "done" if self.done() else "running"
         return f"<SaveHandle {self.uri!r} {state}>"
+
+    def in_this_process(self) -> bool:
+        """False in a forked child for a save its parent started (it can never end there)."""
+        return self._work is None or self._work.pid == os.getpid()
 
     def done(self) -> bool:
         """Whether the save has ended (stored, failed or cancelled)."""

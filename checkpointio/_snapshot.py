@@ -73,7 +73,7 @@ class Snapshot:
     def discard(self) -> None:
         """Remove the scratch folder (the source is never touched)."""
         if self.scratch is not None:
-            shutil.rmtree(self.scratch, ignore_errors=True)
+            _remove_tree(self.scratch)
             self.scratch = None
 
     def _file(self, source: Path, target: Path, st: os.stat_result, link: bool) -> None:
@@ -97,6 +97,18 @@ class Snapshot:
         shutil.copy2(source, target, follow_symlinks=False)
         self.copied += 1
         self._inodes[inode] = target
+
+
+def _remove_tree(root: Path) -> None:
+    """``rmtree``, also where the shadow tree copied a read-only folder's mode (0o555 left its
+    entries, and the hard links that keep old files' disk space in use, behind for a non-root user)."""
+    for folder, subfolders, _ in os.walk(root):  # top-down: each folder is opened up before it is entered
+        for name in subfolders:
+            with contextlib.suppress(OSError):
+                os.chmod(os.path.join(folder, name), stat.S_IRWXU, follow_symlinks=False)
+    with contextlib.suppress(OSError):
+        os.chmod(root, stat.S_IRWXU)
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def _scratch_for(source: Path) -> Path:
@@ -131,11 +143,14 @@ def take(data: object, *, link: bool = True) -> Snapshot:
         raise TypeError("a file object cannot be saved with wait=False (it is only read once); save it with wait=True")
     if not isinstance(data, str | os.PathLike):
         raise TypeError(f"save() takes bytes, a str path or a pathlib.Path, not {type(data).__name__}")
-    source = Path(data)
+    given = Path(data)
     try:
-        st = source.stat()
+        st = given.stat()
     except FileNotFoundError:
-        raise SourceNotFoundError(f"cannot save {str(source)!r}: no such file or directory", uri=str(source)) from None
+        raise SourceNotFoundError(f"cannot save {str(given)!r}: no such file or directory", uri=str(given)) from None
+    # What a path names, not the symlink or "." that names it: a file given as a symlink (Lightning's
+    # ``last.ckpt``) is linked as the file, and a scratch folder beside a tree is outside it.
+    source = Path(os.path.realpath(given))
     scratch = _scratch_for(source)
     snapshot = Snapshot(scratch / "snapshot", scratch)
     try:

@@ -341,6 +341,110 @@ def test_snapshot_links_files_on_the_same_filesystem_and_copies_on_request(tmp_p
     assert all(scratch is not None and not scratch.exists() for scratch in scratches)
 
 
+def test_a_file_given_as_a_symlink_is_saved_in_the_background_as_the_file(tmp_path: Path) -> None:
+    (tmp_path / "epoch=1.ckpt").write_bytes(b"weights of epoch 1")
+    (tmp_path / "last.ckpt").symlink_to("epoch=1.ckpt")  # relative, as Lightning makes it
+    with Checkpoint(tmp_path / "ck") as cp:
+        handle = cp.save_sync(tmp_path / "last.ckpt", wait=False)
+        (tmp_path / "epoch=2.ckpt").write_bytes(b"weights of epoch 2")  # the safe pattern: a new file,
+        os.replace(tmp_path / "epoch=2.ckpt", tmp_path / "epoch=1.ckpt")  # renamed over the old one
+        handle.result(timeout=60)
+    with Checkpoint(tmp_path / "reader", src=tmp_path / "ck") as reader:
+        assert reader.load_bytes_sync() == b"weights of epoch 1"
+
+
+def test_saving_the_current_folder_in_the_background_keeps_its_scratch_outside_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tempfile
+
+    if not os.path.isdir("/dev/shm") or os.stat("/dev/shm").st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("needs a temporary folder on another filesystem than the tree")
+    monkeypatch.setattr(tempfile, "tempdir", "/dev/shm")  # no hard links from there: scratch goes beside
+    tree = make_tree(tmp_path / "tree")
+    expected = snapshot(tree)
+    monkeypatch.chdir(tree)
+    with Checkpoint(tmp_path / "ck") as cp:
+        cp.save_sync(".", wait=False).result(timeout=60)
+    with Checkpoint(tmp_path / "reader", src=tmp_path / "ck") as reader:
+        restored = reader.load_sync()
+        assert restored is not None and snapshot(restored) == expected
+    assert not [path for path in tmp_path.iterdir() if path.name.startswith(".checkpointio-snapshot-")]
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv to run without root's file access")
+def test_a_background_save_of_a_tree_with_a_read_only_folder_leaves_no_scratch_behind(tmp_path: Path) -> None:
+    tree = make_tree(tmp_path / "tree")
+    (tree / "frozen").mkdir()
+    (tree / "frozen" / "w.pt").write_bytes(b"frozen weights")
+    (tree / "frozen").chmod(0o555)
+    scratch_root = tmp_path / "scratch-root"
+    scratch_root.mkdir()
+    script = tmp_path / "script.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import os
+            from checkpointio import Checkpoint
+            os.chmod({str(tmp_path)!r}, 0o777)
+            with Checkpoint({str(tmp_path / "ck")!r}) as cp:
+                cp.save_sync({str(tree)!r}, wait=False).result(timeout=60)
+            print(sorted(os.listdir({str(scratch_root)!r})))
+            """
+        )
+    )
+    # as root, but without its power to ignore file permissions (as any other user runs)
+    result = subprocess.run(
+        ["setpriv", "--bounding-set=-dac_override,-dac_read_search", sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "TMPDIR": str(scratch_root)},
+    )
+    (tree / "frozen").chmod(0o755)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+    with Checkpoint(tmp_path / "reader", src=tmp_path / "ck") as reader:
+        restored = reader.load_sync()
+        assert restored is not None and (restored / "frozen" / "w.pt").read_bytes() == b"frozen weights"
+
+
+def test_a_forked_child_neither_waits_for_nor_removes_what_its_parent_owns(tmp_path: Path) -> None:
+    result = _run_script(
+        f"""
+        import os, pathlib, signal, sys, time
+        from checkpointio import Checkpoint
+        root = pathlib.Path({str(tmp_path)!r})
+        Checkpoint(root / "first").save_sync(b"first")
+        cp = Checkpoint(root / "second", src=root / "first")
+        restored = cp.load_sync()
+
+        def slow(event):
+            time.sleep(0.05)
+
+        cp.save_sync(os.urandom(8 * 1024 * 1024), wait=False, on_progress=slow, chunk_size=256 * 1024)
+        child = os.fork()
+        if child == 0:
+            signal.alarm(20)  # a hang fails the test instead of stalling it
+            cp.save_sync(b"from the child")  # the parent's background save is not the child's to wait for
+            cp.close()  # nor is the parent's workspace the child's to remove
+            os._exit(0)
+        _, status = os.waitpid(child, 0)
+        print("child exit:", os.waitstatus_to_exitcode(status))
+        print("workspace kept:", restored.read_bytes() == b"first")
+        cp.close()
+        print("workspace removed by its owner:", not restored.exists())
+        """,
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "child exit: 0",
+        "workspace kept: True",
+        "workspace removed by its owner: True",
+    ]
+
+
 def _run_script(code: str, tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
     script = tmp_path / "script.py"
     script.write_text(textwrap.dedent(code))
