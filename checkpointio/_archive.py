@@ -138,8 +138,13 @@ def _iter_tree(root: str) -> Iterator[tuple[str, str]]:
             stack.extend((prefix + entry.name, entry.path, entry.is_dir(follow_symlinks=False)) for entry in children)
 
 
-def _check_link(rel: str, target: str, uri: str) -> None:
-    """Refuse a symlink that would point outside the restored tree (extraction would refuse it)."""
+def _check_link(root: str, rel: str, target: str, uri: str) -> None:
+    """Refuse a symlink that a restore would refuse: the save would look fine and never come back.
+
+    Extraction refuses a target outside the tree and a target whose way passes through another
+    symlink of the tree (``d/up -> ..`` then ``d/x -> up/..`` climbs out although it reads as
+    inside), walking the target as it does: from the link's folder, ``..`` going up a level.
+    """
     resolved = os.path.normpath(os.path.join(os.path.dirname(rel), target))
     if os.path.isabs(target) or resolved == ".." or resolved.startswith("../"):
         raise UnsupportedSourceError(
@@ -147,6 +152,22 @@ def _check_link(rel: str, target: str, uri: str) -> None:
             "a restore would refuse it, so it is not saved (make it relative and inside the tree)",
             uri=uri,
         )
+    parts = rel.split("/")[:-1]
+    steps = [step for step in target.split("/") if step not in ("", ".")]
+    for step in steps[:-1]:
+        if step == "..":
+            if parts:  # never empty: a way above the top ends outside, refused above
+                parts.pop()
+            continue
+        parts.append(step)
+        here = "/".join(parts)
+        if os.path.islink(os.path.join(root, here)):
+            raise UnsupportedSourceError(
+                f"{uri}: symlink {rel!r} -> {target!r} goes through the symlink {here!r}; a restore "
+                "refuses that (it is how links climb out of a folder), so it is not saved (point it "
+                f"at the real path, without {here!r})",
+                uri=uri,
+            )
 
 
 def _file_data(fd: int, size: int, full: str, uri: str) -> Iterator[bytes]:
@@ -208,7 +229,7 @@ def pack_directory(root: Path, emit: Emit, *, block_size: int, level: int, worke
                     sink.write(_tar.header(rel + "/", _tar.DIRECTORY, mode=mode, mtime=mtime))
                 elif stat.S_ISLNK(st.st_mode):
                     target = os.readlink(full)
-                    _check_link(rel, target, uri)
+                    _check_link(str(root), rel, target, uri)
                     sink.write(_tar.header(rel, _tar.SYMLINK, mode=mode, mtime=mtime, link=target))
                 else:
                     logger.warning("checkpointio: skipping special file %s (not regular data)", full)

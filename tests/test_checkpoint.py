@@ -225,6 +225,42 @@ async def test_symlink_pointing_outside_the_tree_is_refused_at_save(store: Store
     assert await Checkpoint(store.uri("b"), src=store.uri("a")).prev_exists() is False
 
 
+@pytest.mark.parametrize(
+    ("links", "refused"),
+    [
+        ({"latest": "checkpoint-10", "model.pt": "latest/model.pt"}, "model.pt"),  # either order of listing
+        ({"z-latest": "checkpoint-10", "a-model.pt": "z-latest/model.pt"}, "a-model.pt"),
+        ({"checkpoint-10/up": "..", "checkpoint-10/x": "up/.."}, "checkpoint-10/x"),  # climbs out if followed
+    ],
+)
+async def test_a_symlink_through_another_symlink_is_refused_at_save_not_at_restore(
+    store: StoreCase, tmp_path: Path, links: dict[str, str], refused: str
+) -> None:
+    tree = tmp_path / "tree"
+    (tree / "checkpoint-10").mkdir(parents=True)
+    (tree / "checkpoint-10" / "model.pt").write_bytes(b"weights")
+    for name, target in links.items():
+        (tree / name).symlink_to(target)
+    with pytest.raises(UnsupportedSourceError, match=f"{refused!r} -> .* goes through the symlink"):
+        await Checkpoint(store.uri("a")).save(tree)
+    assert await Checkpoint(store.uri("b"), src=store.uri("a")).prev_exists() is False
+
+
+async def test_symlinks_to_symlinks_and_through_real_folders_round_trip(store: StoreCase, tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    (tree / "checkpoint-10").mkdir(parents=True)
+    (tree / "checkpoint-10" / "model.pt").write_bytes(b"weights")
+    (tree / "latest").symlink_to("checkpoint-10")
+    (tree / "model.pt").symlink_to("checkpoint-10/model.pt")  # the real path: fine
+    (tree / "newest").symlink_to("latest")  # a symlink to a symlink: fine
+    (tree / "checkpoint-10" / "self").symlink_to("../checkpoint-10/model.pt")
+    await Checkpoint(store.uri("a")).save(tree)
+    async with Checkpoint(store.uri("b"), src=store.uri("a")) as cp:
+        restored = await cp.load()
+        assert restored is not None and snapshot(restored) == snapshot(tree)
+        assert (restored / "newest" / "model.pt").read_bytes() == b"weights"
+
+
 async def test_corrupt_checkpoint_raises_instead_of_loading(store: StoreCase, tmp_path: Path) -> None:
     await Checkpoint(store.uri("dir")).save(make_tree(tmp_path / "tree"))
     await Checkpoint(store.uri("bytes")).save(os.urandom(100_000))
