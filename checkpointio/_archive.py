@@ -12,6 +12,7 @@ read it), and independent members let compression run on several threads.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import stat
@@ -185,8 +186,19 @@ def _add_file(sink: _GzipMemberWriter, rel: str, full: str, st: os.stat_result, 
     """Append a regular file's header and exactly the bytes ``lstat`` promised."""
     size = st.st_size
     padding = bytes(-size % _tar.BLOCK)
-    fd = os.open(full, os.O_RDONLY | os.O_CLOEXEC)
+    try:  # not through a symlink swapped in since the listing: its bytes would come from anywhere
+        fd = os.open(full, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError as error:
+        if error.errno != errno.ELOOP:
+            raise
+        raise SourceChangedError(f"{full} was replaced by a symlink while {uri} was being saved", uri=uri) from error
     try:
+        opened = os.fstat(fd)
+        # replaced since it was listed (renamed over, or a folder now: its inode number can be reused)
+        if not stat.S_ISREG(opened.st_mode) or (opened.st_dev, opened.st_ino) != (st.st_dev, st.st_ino):
+            raise SourceChangedError(
+                f"{full} was replaced while {uri} was being saved (the file read is not the one listed)", uri=uri
+            )
         header = _tar.header(rel, _tar.FILE, size=size, mode=stat.S_IMODE(st.st_mode), mtime=int(st.st_mtime))
         if size <= _COPY_BUFSIZE:  # most files: header, data and padding in one write
             sink.write(b"".join((header, *_file_data(fd, size, full, uri), padding)))

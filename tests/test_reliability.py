@@ -289,6 +289,36 @@ async def test_a_file_shrinking_while_saved_fails_the_save_and_keeps_the_previou
         assert restored is not None and restored.read_bytes() == b"previous"
 
 
+@pytest.mark.parametrize("swap", ["symlink-out", "renamed-over", "folder"])
+async def test_a_file_swapped_after_it_was_listed_fails_the_save(
+    store: StoreCase, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, swap: str
+) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "weights").write_bytes(b"w" * 1000)
+    (tmp_path / "secret").write_bytes(b"not part of the tree" * 100)  # as long as what was listed
+    await Checkpoint(store.uri("a")).save(b"previous")
+    original = archive._add_file
+
+    def swap_after_stat(*args: object) -> None:
+        if swap == "renamed-over":  # new content, which would be cut to the old size
+            (tmp_path / "new").write_bytes(b"n" * 2000)
+            os.replace(tmp_path / "new", tree / "weights")
+        elif swap == "symlink-out":  # its bytes would come from outside the tree
+            (tree / "weights").unlink()
+            (tree / "weights").symlink_to(tmp_path / "secret")
+        else:
+            (tree / "weights").unlink()
+            (tree / "weights").mkdir()
+        original(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(archive, "_add_file", swap_after_stat)
+    with pytest.raises(SourceChangedError, match="weights"):
+        await Checkpoint(store.uri("a")).save(tree)
+    async with Checkpoint(store.uri("b"), src=store.uri("a")) as cp:
+        assert await cp.load_bytes() == b"previous"
+
+
 async def test_a_file_growing_while_saved_is_stored_as_it_was_when_listed(
     store: StoreCase, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
