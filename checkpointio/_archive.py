@@ -182,6 +182,12 @@ def _file_data(fd: int, size: int, full: str, uri: str) -> Iterator[bytes]:
         yield chunk
 
 
+def _seconds(st: os.stat_result) -> int:
+    """The whole second of a file's mtime, floored from the nanoseconds (``int(st.st_mtime)``
+    rounds 1700000000.999999999 up through the float, and truncates -1.5 to -1)."""
+    return st.st_mtime_ns // 1_000_000_000
+
+
 def _add_file(sink: _GzipMemberWriter, rel: str, full: str, st: os.stat_result, uri: str) -> None:
     """Append a regular file's header and exactly the bytes ``lstat`` promised."""
     size = st.st_size
@@ -199,7 +205,9 @@ def _add_file(sink: _GzipMemberWriter, rel: str, full: str, st: os.stat_result, 
             raise SourceChangedError(
                 f"{full} was replaced while {uri} was being saved (the file read is not the one listed)", uri=uri
             )
-        header = _tar.header(rel, _tar.FILE, size=size, mode=stat.S_IMODE(st.st_mode), mtime=int(st.st_mtime))
+        header = _tar.header(
+            rel, _tar.FILE, size=size, mode=stat.S_IMODE(st.st_mode), mtime=st.st_mtime_ns // 1_000_000_000
+        )
         if size <= _COPY_BUFSIZE:  # most files: header, data and padding in one write
             sink.write(b"".join((header, *_file_data(fd, size, full, uri), padding)))
             return
@@ -228,7 +236,10 @@ def pack_directory(root: Path, emit: Emit, *, block_size: int, level: int, worke
         for rel, full in _iter_tree(str(root)):
             try:
                 st = os.lstat(full)
-                mode, mtime = stat.S_IMODE(st.st_mode), int(st.st_mtime)
+                mode, mtime = (
+                    stat.S_IMODE(st.st_mode),
+                    st.st_mtime_ns // 1_000_000_000,
+                )  # floor: not the float's rounding
                 if stat.S_ISREG(st.st_mode):
                     inode = (st.st_dev, st.st_ino)
                     if st.st_nlink > 1 and inode in links:

@@ -99,6 +99,14 @@ class Snapshot:
         self._inodes[inode] = target
 
 
+def _copy_link(source: Path, target: Path) -> None:
+    """The symlink again, with its own mtime (the archive stores it; a new one has the time now)."""
+    os.symlink(os.readlink(source), target)
+    st = source.lstat()
+    with contextlib.suppress(NotImplementedError, OSError):  # no lutimes on this platform
+        os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+
+
 def _remove_tree(root: Path) -> None:
     """``rmtree``, also where the shadow tree copied a read-only folder's mode (0o555 left its
     entries, and the hard links that keep old files' disk space in use, behind for a non-root user)."""
@@ -174,7 +182,7 @@ def _tree(snapshot: Snapshot, source: Path, target: Path, link: bool) -> None:
         for name in dirs:
             path = base / name
             if path.is_symlink():
-                os.symlink(os.readlink(path), shadow / name)
+                _copy_link(path, shadow / name)
             else:
                 (shadow / name).mkdir()
                 folders.append((path, shadow / name))
@@ -182,7 +190,7 @@ def _tree(snapshot: Snapshot, source: Path, target: Path, link: bool) -> None:
             path = base / name
             st = path.lstat()
             if stat.S_ISLNK(st.st_mode):
-                os.symlink(os.readlink(path), shadow / name)
+                _copy_link(path, shadow / name)
             elif stat.S_ISREG(st.st_mode):
                 snapshot._file(path, shadow / name, st, link)
             # sockets, pipes and devices hold no data: the archive would skip them anyway

@@ -18,8 +18,8 @@ group/other write bits; owners are not applied.
 from __future__ import annotations
 
 import errno
-import math
 import os
+import re
 import struct
 import zlib
 from collections.abc import Callable
@@ -136,19 +136,23 @@ def _number(field: bytes) -> int:
         raise CorruptCheckpointError(f"a tar header holds a bad number {text!r}") from None
 
 
-def _pax_time(value: bytes) -> int:
-    """A pax time record (decimal seconds, maybe with a fraction), in whole seconds.
+_PAX_TIME = re.compile(rb"(-?)([0-9]+)(?:\.([0-9]*))?")
 
-    ``float`` also reads ``inf``, ``nan`` and ``1e400`` (infinite), which no file can have, and
-    ``int`` raises OverflowError or ValueError on those: they are refused here instead.
+
+def _pax_time(value: bytes) -> int:
+    """A pax time record (decimal seconds, maybe negative, maybe with a fraction), floored to
+    whole seconds as file systems count them (-1.5 is second -2).
+
+    Parsed as text: ``float`` would round 1700000000.999999999 up to the next second, and would
+    read ``inf``, ``nan`` and ``1e400``, which no file can have.
     """
-    try:
-        seconds = float(value)
-    except ValueError:
-        raise CorruptCheckpointError(f"a pax header holds a bad time {value!r}") from None
-    if not math.isfinite(seconds):
+    match = _PAX_TIME.fullmatch(value)
+    if match is None:
         raise CorruptCheckpointError(f"a pax header holds a bad time {value!r}")
-    return int(seconds)
+    seconds = int(match[2])
+    if match[1]:
+        seconds = -seconds - (1 if match[3] and match[3].strip(b"0") else 0)
+    return seconds
 
 
 def _byte_sum(data: bytes | memoryview) -> int:
@@ -212,7 +216,9 @@ class _Extraction:
         self._links: set[str] = set()
         self._files: set[str] = set()
         self._dirs: set[str] = {""}
-        self._dir_attrs: list[tuple[str, int, int]] = []
+        #: Folder path -> (mode, mtime), applied at the end; keyed by path, so a crafted archive
+        #: naming one folder a million times holds one entry (a list held 50x the archive's size).
+        self._dir_attrs: dict[str, tuple[int, int]] = {}
         self._umask = _creation_umask(dest)
         #: Paths that earlier symlinks' targets pass through: no symlink may appear there later.
         self._walked: set[str] = set()
@@ -276,7 +282,9 @@ class _Extraction:
 
     def run(self) -> None:
         self.entries()
-        for path, mode, mtime in sorted(self._dir_attrs, reverse=True) if self._write else ():  # deepest first
+        for path, (mode, mtime) in (
+            sorted(self._dir_attrs.items(), reverse=True) if self._write else ()
+        ):  # deepest first
             os.chmod(path, mode)
             os.utime(path, (mtime, mtime))
 
@@ -347,7 +355,7 @@ class _Extraction:
         if rel == ".":
             if kind != b"5":
                 raise UnsafeArchiveError(f"entry {name!r} would replace the destination")
-            self._dir_attrs.append((path, mode & 0o755 | 0o700, mtime))
+            self._dir_attrs[path] = (mode & 0o755 | 0o700, mtime)
             self.skip(size + (-size % BLOCK))
             return
         self.make_parents(rel)
@@ -364,7 +372,7 @@ class _Extraction:
                 self.clear(rel, path)
                 os.mkdir(path, 0o700)
             self._dirs.add(rel)
-            self._dir_attrs.append((path, mode & 0o755 | 0o700, mtime))
+            self._dir_attrs[path] = (mode & 0o755 | 0o700, mtime)
             self.skip(size + (-size % BLOCK))
         elif kind == b"2":
             self.check_link_target(rel, name, link)

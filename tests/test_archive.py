@@ -224,6 +224,54 @@ def test_gnu_tar_pax_sparse_files_are_refused_not_restored_wrong(tmp_path: Path,
         unpacked(archive.read_bytes(), tmp_path / "out")
 
 
+def test_mtimes_are_floored_to_their_second_not_rounded(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    cases = {"late": 1_700_000_000_999_999_999, "before-1970": -1_500_000_000, "whole": 1_600_000_000_000_000_000}
+    for name, ns in cases.items():
+        (tree / name).write_bytes(name.encode())
+        os.utime(tree / name, ns=(ns, ns))
+    restored = unpacked(packed(tree), tmp_path / "out")
+    for name, ns in cases.items():
+        assert os.stat(restored / name).st_mtime_ns == (ns // 10**9) * 10**9, name
+
+
+@pytest.mark.parametrize(
+    ("record", "seconds"),
+    [(b"1700000000.999999999", 1_700_000_000), (b"-1.5", -2), (b"-2", -2), (b"-2.000", -2), (b"7", 7)],
+)
+def test_pax_times_are_read_as_decimals(tmp_path: Path, record: bytes, seconds: int) -> None:
+    pax = _tar._pax_record(b"mtime", record)
+    entry = (
+        _tar._ustar(b"././@PaxHeader", b"x", len(pax), 0o644, 0, b"")
+        + pax
+        + bytes(-len(pax) % 512)
+        + _tar.header("f", _tar.FILE)
+    )
+    restored = unpacked(gzip.compress(entry + _tar.end_of_archive(len(entry))), tmp_path / "out")
+    assert os.stat(restored / "f").st_mtime == seconds
+
+
+@pytest.mark.parametrize("record", [b"inf", b"nan", b"1e400", b"--1", b"1.2.3", b""])
+def test_pax_times_that_are_not_decimals_are_corrupt(tmp_path: Path, record: bytes) -> None:
+    with pytest.raises(CorruptCheckpointError, match="bad time"):
+        _tar._pax_time(record)
+
+
+def test_a_folder_named_a_million_times_costs_one_entry(tmp_path: Path) -> None:
+    entry = _tar.header("d/", _tar.DIRECTORY, mode=0o755)
+    count = 200_000
+    data = gzip.compress(entry * count + _tar.end_of_archive(len(entry) * count), compresslevel=9)
+    tracemalloc.start()
+    try:
+        restored = unpacked(data, tmp_path / "out")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert (restored / "d").is_dir()
+    assert peak < 16 * 1024 * 1024  # a list of every occurrence held ~100 bytes each
+
+
 def test_truncated_and_garbled_streams_are_corrupt(tmp_path: Path) -> None:
     data = packed(make_tree(tmp_path / "tree"))
     with pytest.raises(CorruptCheckpointError, match="truncated"):

@@ -353,6 +353,17 @@ def test_a_file_given_as_a_symlink_is_saved_in_the_background_as_the_file(tmp_pa
         assert reader.load_bytes_sync() == b"weights of epoch 1"
 
 
+def test_a_background_save_keeps_the_mtimes_of_symlinks(tmp_path: Path) -> None:
+    tree = make_tree(tmp_path / "tree")
+    os.utime(tree / "latest", ns=(1_000_000_000 * 10**9, 1_000_000_000 * 10**9), follow_symlinks=False)
+    with Checkpoint(tmp_path / "ck") as cp:
+        cp.save_sync(tree, wait=False).result(timeout=60)
+    with Checkpoint(tmp_path / "reader", src=tmp_path / "ck") as reader:
+        restored = reader.load_sync()
+        assert restored is not None
+        assert os.lstat(restored / "latest").st_mtime == 1_000_000_000
+
+
 def test_saving_the_current_folder_in_the_background_keeps_its_scratch_outside_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
