@@ -9,6 +9,7 @@ the store aborts instead of committing.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -385,6 +386,41 @@ def _replace(source: Path, target: Path) -> None:
     os.replace(source, target)
 
 
+def _present_tree(staging: Path, workspace: Path, uri: str) -> None:
+    """Move a restored tree's top-level names from ``staging`` into ``workspace``: all or none.
+
+    What the workspace holds under those names (a file where the tree has a folder, say) is
+    moved aside first and removed once every new name is in place; on an error the new names go
+    back and the old ones are put back. Other names in the workspace are left alone.
+    """
+    names = sorted(child.name for child in staging.iterdir())
+    aside = workspace / f"{_PARTIAL}{uuid.uuid4().hex}-replaced"
+    moved: list[str] = []
+    placed: list[str] = []
+    try:
+        aside.mkdir()
+        for name in names:
+            if os.path.lexists(workspace / name):
+                os.replace(workspace / name, aside / name)
+                moved.append(name)
+        for name in names:
+            os.replace(staging / name, workspace / name)
+            placed.append(name)
+    except OSError as error:
+        for name in reversed(placed):
+            with contextlib.suppress(OSError):
+                os.replace(workspace / name, staging / name)
+        for name in moved:
+            with contextlib.suppress(OSError):
+                os.replace(aside / name, workspace / name)
+        with contextlib.suppress(OSError):
+            aside.rmdir()
+        raise CheckpointError(
+            f"{uri}: could not put the restored checkpoint in place in {workspace}: {error}", uri=uri
+        ) from error
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 def _kind(pull: _Pull, info: ObjectInfo) -> Kind:
     """What the object holds: its record says, else its first bytes (objects other tools wrote)."""
     if info.record is not None:
@@ -418,8 +454,7 @@ def _restore(pull: _Pull, info: ObjectInfo, workspace: Path, workers: int) -> Pa
                 _check_still_there(staging, held, uri)
             finally:
                 os.close(held)
-            for child in sorted(staging.iterdir()):
-                _replace(child, workspace / child.name)
+            _present_tree(staging, workspace, uri)
             staging.rmdir()
             return workspace
         with open(staging, "wb") as out:

@@ -130,6 +130,48 @@ async def test_what_a_killed_restore_left_in_the_workspace_is_not_saved_with_it(
         assert restored is not None and snapshot(restored) == expected
 
 
+async def test_a_restore_replaces_whatever_the_workspace_holds_under_the_same_names(
+    store: StoreCase, tmp_path: Path
+) -> None:
+    tree = make_tree(tmp_path / "tree")
+    await Checkpoint(store.uri("a")).save(tree)
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    (workspace / "model").write_text("a file where the checkpoint has a folder")
+    (workspace / "run.sh").mkdir()  # a folder where it has a file
+    (workspace / "latest").symlink_to("nowhere")
+    (workspace / "notes.txt").write_text("not in the checkpoint: left alone")
+    async with Checkpoint(store.uri("b"), src=store.uri("a"), workspace=workspace) as cp:
+        assert await cp.load() == workspace
+    (workspace / "notes.txt").unlink()
+    assert snapshot(workspace) == snapshot(tree)
+
+
+async def test_a_restore_that_cannot_be_put_in_place_leaves_the_workspace_as_it_was(
+    store: StoreCase, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await Checkpoint(store.uri("a")).save(make_tree(tmp_path / "tree"))
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    (workspace / "model").write_text("the old model")
+    (workspace / "run.sh").write_text("the old script")
+    before = snapshot(workspace)
+    real_replace = os.replace
+
+    def failing(source: object, target: object) -> None:
+        staged = ".checkpointio-partial-" in str(source) and "-replaced" not in str(source)
+        if str(target) == str(workspace / "run.sh") and staged:
+            raise OSError(28, "No space left on device")  # the second name going into place
+        real_replace(source, target)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "replace", failing)
+    async with Checkpoint(store.uri("b"), src=store.uri("a"), workspace=workspace) as cp:
+        with pytest.raises(CheckpointError, match="could not put the restored checkpoint in place"):
+            await cp.load()
+    monkeypatch.undo()
+    assert snapshot(workspace) == before  # the old names back, nothing new, no staging left
+
+
 async def test_directory_restores_as_tree_at_workspace_root(store: StoreCase, tmp_path: Path) -> None:
     tree = make_tree(tmp_path / "tree")
     await Checkpoint(store.uri("a")).save(tree)
