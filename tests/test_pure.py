@@ -27,26 +27,17 @@ from checkpointio._planning import (
         ("memory://tests/a", "memory", "", "tests/a"),
         ("file:///tmp/ckpt", "file", "", "/tmp/ckpt"),
         ("/tmp/ckpt", "file", "", "/tmp/ckpt"),
-    ],
-)
-def test_uris_parse_into_locations(uri: str, scheme: str, bucket: str, key: str) -> None:
-    location = parse_location(uri)
-    assert (location.scheme, location.bucket, location.key) == (scheme, bucket, key)
-
-
-@pytest.mark.parametrize(
-    ("uri", "scheme", "bucket", "key"),
-    [
+        # keys and names are taken literally, not cut at URL delimiters (two keys became one)
         ("s3://bucket/exp#1/ckpt", "s3", "bucket", "exp#1/ckpt"),
         ("s3://bucket/step?x=1", "s3", "bucket", "step?x=1"),
         ("s3://bucket/a%20b\tc", "s3", "bucket", "a%20b\tc"),
         ("S3://bucket//k", "s3", "bucket", "k"),
         ("memory://run#2", "memory", "", "run#2"),
-        ("file:///tmp/a%20b#c?d", "file", "", "/tmp/a b#c?d"),
+        ("file:///tmp/a%20b#c?d", "file", "", "/tmp/a b#c?d"),  # file URIs are percent-decoded
         ("file://localhost/tmp/x", "file", "", "/tmp/x"),
     ],
 )
-def test_keys_are_taken_literally_not_cut_at_url_delimiters(uri: str, scheme: str, bucket: str, key: str) -> None:
+def test_uris_parse_into_locations(uri: str, scheme: str, bucket: str, key: str) -> None:
     location = parse_location(uri)
     assert (location.scheme, location.bucket, location.key) == (scheme, bucket, key)
     if scheme != "file":
