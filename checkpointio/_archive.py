@@ -205,9 +205,7 @@ def _add_file(sink: _GzipMemberWriter, rel: str, full: str, st: os.stat_result, 
             raise SourceChangedError(
                 f"{full} was replaced while {uri} was being saved (the file read is not the one listed)", uri=uri
             )
-        header = _tar.header(
-            rel, _tar.FILE, size=size, mode=stat.S_IMODE(st.st_mode), mtime=st.st_mtime_ns // 1_000_000_000
-        )
+        header = _tar.header(rel, _tar.FILE, size=size, mode=stat.S_IMODE(st.st_mode), mtime=_seconds(st))
         if size <= _COPY_BUFSIZE:  # most files: header, data and padding in one write
             sink.write(b"".join((header, *_file_data(fd, size, full, uri), padding)))
             return
@@ -236,10 +234,7 @@ def pack_directory(root: Path, emit: Emit, *, block_size: int, level: int, worke
         for rel, full in _iter_tree(str(root)):
             try:
                 st = os.lstat(full)
-                mode, mtime = (
-                    stat.S_IMODE(st.st_mode),
-                    st.st_mtime_ns // 1_000_000_000,
-                )  # floor: not the float's rounding
+                mode, mtime = stat.S_IMODE(st.st_mode), _seconds(st)
                 if stat.S_ISREG(st.st_mode):
                     inode = (st.st_dev, st.st_ino)
                     if st.st_nlink > 1 and inode in links:

@@ -62,10 +62,11 @@ _HEADER = struct.Struct("<4sIBBHBBHI")  # magic+CM+FLG, MTIME, XFL, OS, XLEN, SI
 _MAGIC_FLAGS = b"\x1f\x8b\x08\x04"  # gzip, deflate, FEXTRA
 _TRAILER = struct.Struct("<II")
 #: The shortest and longest member we write: an empty deflate block (2 bytes), and a block of
-#: ``MAX_MEMBER_OUTPUT`` stored (5 bytes of framing per 64 KiB). A stated length outside them is
-#: a crafted or garbled header: buffering it whole would let 20 bytes ask for gigabytes.
+#: ``MAX_MEMBER_OUTPUT`` stored (5 bytes of framing per 64 KiB block, and zlib's flush may add an
+#: empty final one; 64 KiB of slack on top). A stated length outside them is a crafted or garbled
+#: header: buffering it whole would let 20 bytes ask for gigabytes.
 _MIN_MEMBER = _HEADER.size + 2 + _TRAILER.size
-_MAX_MEMBER = _HEADER.size + MAX_MEMBER_OUTPUT + 5 * (MAX_MEMBER_OUTPUT // 65535 + 1) + _TRAILER.size
+_MAX_MEMBER = _HEADER.size + MAX_MEMBER_OUTPUT + 5 * (MAX_MEMBER_OUTPUT // 65535 + 2) + 65536 + _TRAILER.size
 
 
 def crc32(data: bytes | bytearray | memoryview, value: int = 0) -> int:

@@ -112,8 +112,10 @@ def _remove_tree(root: Path) -> None:
     entries, and the hard links that keep old files' disk space in use, behind for a non-root user)."""
     for folder, subfolders, _ in os.walk(root):  # top-down: each folder is opened up before it is entered
         for name in subfolders:
-            with contextlib.suppress(OSError):
-                os.chmod(os.path.join(folder, name), stat.S_IRWXU, follow_symlinks=False)
+            path = os.path.join(folder, name)
+            if not os.path.islink(path):  # os.walk lists symlinks to folders too; not entered, not changed
+                with contextlib.suppress(OSError):
+                    os.chmod(path, stat.S_IRWXU)
     with contextlib.suppress(OSError):
         os.chmod(root, stat.S_IRWXU)
     shutil.rmtree(root, ignore_errors=True)

@@ -198,6 +198,12 @@ def test_a_name_of_many_parts_is_refused_before_its_parts_are_walked(tmp_path: P
     assert list((tmp_path / "out").iterdir()) == []
 
 
+@pytest.mark.parametrize("level", [0, 1, 6])
+def test_the_largest_member_we_write_is_read(level: int) -> None:
+    member = encode_member(os.urandom(MAX_MEMBER_OUTPUT), level)  # incompressible: stored whole
+    assert member_length(member) == len(member)
+
+
 @pytest.mark.parametrize("stated", [0, 4, 29, 200 * 1024 * 1024])
 def test_a_member_stating_an_impossible_length_is_corrupt(tmp_path: Path, stated: int) -> None:
     member = bytearray(encode_member(b"x" * 1000, 1))

@@ -383,12 +383,31 @@ def test_saving_the_current_folder_in_the_background_keeps_its_scratch_outside_i
     assert not [path for path in tmp_path.iterdir() if path.name.startswith(".checkpointio-snapshot-")]
 
 
+def test_a_background_save_of_a_tree_with_a_symlink_to_a_folder_leaves_no_scratch_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tempfile
+
+    scratch_root = tmp_path / "scratch-root"
+    scratch_root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch_root))
+    tree = make_tree(tmp_path / "tree")
+    (tree / "current").symlink_to("model")
+    with Checkpoint(tmp_path / "ck") as cp:
+        cp.save_sync(tree, wait=False).result(timeout=60)
+    assert list(scratch_root.iterdir()) == []
+    with Checkpoint(tmp_path / "reader", src=tmp_path / "ck") as reader:
+        restored = reader.load_sync()
+        assert restored is not None and snapshot(restored) == snapshot(tree)
+
+
 @pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv to run without root's file access")
 def test_a_background_save_of_a_tree_with_a_read_only_folder_leaves_no_scratch_behind(tmp_path: Path) -> None:
     tree = make_tree(tmp_path / "tree")
     (tree / "frozen").mkdir()
     (tree / "frozen" / "w.pt").write_bytes(b"frozen weights")
     (tree / "frozen").chmod(0o555)
+    (tree / "current").symlink_to("model")
     scratch_root = tmp_path / "scratch-root"
     scratch_root.mkdir()
     script = tmp_path / "script.py"

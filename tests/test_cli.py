@@ -6,6 +6,7 @@ import fcntl
 import json
 import os
 import pty
+import shutil
 import signal
 import struct
 import subprocess
@@ -129,6 +130,25 @@ def test_load_to_standard_output_fails_after_the_bytes_of_a_corrupt_checkpoint(t
     assert result.returncode == 4
     assert result.stdout == bytes(garbled)  # out before the check could fail
     assert b"CRC32" in result.stderr and len(result.stderr.splitlines()) == 1
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv to run without root's file access")
+def test_ls_of_a_name_prefix_is_not_stopped_by_an_unreadable_folder_it_does_not_match(tmp_path: Path) -> None:
+    ok("save", "-", str(tmp_path / "pfx" / "run7" / "a"), stdin=b"x")
+    (tmp_path / "pfx" / "other" / "locked").mkdir(parents=True)
+    (tmp_path / "pfx" / "other" / "locked").chmod(0)
+    (tmp_path / "pfx" / "run8").mkdir()
+    (tmp_path / "pfx" / "run8").chmod(0)  # matches the prefix: its listing must fail, not look empty
+    as_a_user = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", SCRIPT]
+    try:
+        listed = subprocess.run([*as_a_user, "ls", str(tmp_path / "pfx" / "run7")], capture_output=True, text=True)
+        failed = subprocess.run([*as_a_user, "ls", str(tmp_path / "pfx" / "run")], capture_output=True, text=True)
+    finally:
+        (tmp_path / "pfx" / "other" / "locked").chmod(0o755)
+        (tmp_path / "pfx" / "run8").chmod(0o755)
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.split()[-1] == str(tmp_path / "pfx" / "run7" / "a")
+    assert failed.returncode == 1 and "permission denied" in failed.stderr and "run8" in failed.stderr
 
 
 def test_ls_lists_kind_size_and_time_as_text_and_json(root: str, tmp_path: Path) -> None:

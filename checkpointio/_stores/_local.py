@@ -69,13 +69,14 @@ def _translate(error: OSError, uri: str) -> StoreError:
     return StoreError(f"{uri}: {error.strerror or error}: {error.filename or ''}".rstrip(": "), uri=uri)
 
 
-def _walk(base: Path, uri: str) -> Iterator[tuple[str, list[str], list[str]]]:
-    """``os.walk``, but a folder that cannot be read is an error, not an empty folder.
+def _walk(base: Path, root: Path, uri: str) -> Iterator[tuple[str, list[str], list[str]]]:
+    """``os.walk`` from ``base`` into the folders whose paths start with ``root`` (a folder or a
+    name prefix), where a folder that cannot be read is an error, not an empty folder.
 
     ``os.walk`` ignores errors by default: an unreadable run folder (permissions, a stale NFS
     handle) would list no attempts, and a restarted task would start from scratch and overwrite
     them. Only a folder that does not exist (the prefix names none yet, or it went away while it
-    was listed) is empty.
+    was listed) is empty. Folders that cannot hold a match are not entered (nor their errors met).
     """
 
     def fail(error: OSError) -> None:
@@ -83,7 +84,10 @@ def _walk(base: Path, uri: str) -> Iterator[tuple[str, list[str], list[str]]]:
             return
         raise _translate(error, uri) from error
 
-    return os.walk(base, onerror=fail)
+    prefix = str(root)
+    for dirpath, dirnames, filenames in os.walk(base, onerror=fail):
+        dirnames[:] = [name for name in dirnames if os.path.join(dirpath, name).startswith(prefix)]
+        yield dirpath, dirnames, filenames
 
 
 class LocalStore:
@@ -218,7 +222,7 @@ class LocalStore:
         def scan() -> list[PendingWrite]:
             base = root if root.is_dir() else root.parent
             found: list[PendingWrite] = []
-            for dirpath, _dirnames, filenames in _walk(base, prefix.uri):
+            for dirpath, _dirnames, filenames in _walk(base, root, prefix.uri):
                 for name in filenames:
                     target = _partial_of(name)
                     if target is None or not os.path.join(dirpath, target).startswith(str(root)):
@@ -251,7 +255,7 @@ class LocalStore:
         def scan() -> list[ObjectInfo]:
             base = root if root.is_dir() else root.parent
             found: list[ObjectInfo] = []
-            for dirpath, dirnames, filenames in _walk(base, prefix.uri):
+            for dirpath, dirnames, filenames in _walk(base, root, prefix.uri):
                 dirnames.sort()
                 for name in sorted(filenames):
                     full = os.path.join(dirpath, name)
