@@ -368,12 +368,15 @@ class Checkpoint:
         """
         error = None
         self._forget_inherited()
-        handle, self._inflight = self._inflight, None
+        handle = self._inflight
         if handle is not None:
+            # Still ``pending`` while waited for: interrupted here (Ctrl-C), the caller can cancel it.
             if not handle.join(timeout):
                 logger.error("checkpointio: %s still running after %s s; cancelling it", handle, timeout)
                 handle.cancel()
                 handle.join(_portal.CLEANUP_TIMEOUT)
+            if self._inflight is handle:
+                self._inflight = None
             error = handle.unseen_error()
         if self._owns_workspace and self._workspace is not None:
             if _temporary_workspaces.get(self._workspace) == os.getpid():  # not a forked child's to remove

@@ -119,11 +119,17 @@ def end_of_archive(position: int) -> bytes:
     return bytes(2 * BLOCK + (-end % _RECORD))
 
 
-def _number(field: bytes) -> int:
-    """A numeric header field: octal text, or GNU base-256 when the top bit is set."""
+def _number(field: bytes, *, signed: bool = False) -> int:
+    """A numeric header field: octal text, or GNU base-256 when the top bit is set.
+
+    Only a ``signed`` field (a time: GNU tar writes files from before 1970 so) may be negative,
+    base-256 with a first byte of 0xFF; a negative size or mode is refused.
+    """
     if field[:1] and field[0] & 0x80:
         if field[0] == 0xFF:
-            raise CorruptCheckpointError("a tar header holds a negative number")
+            if not signed:
+                raise CorruptCheckpointError("a tar header holds a negative number")
+            return int.from_bytes(field, "big", signed=True)
         return int.from_bytes(bytes([field[0] & 0x7F]) + field[1:], "big")
     text = field.split(b"\0", 1)[0].strip()
     if not text.isdigit():  # int() would also take a sign ("-1": a negative size), "_" and spaces
@@ -330,7 +336,7 @@ class _Extraction:
                     if not pax["size"].isdigit():
                         raise CorruptCheckpointError(f"a pax header holds a bad size {pax['size']!r}")
                     size = int(pax["size"])
-                mtime = _pax_time(pax["mtime"]) if "mtime" in pax else _number(raw_mtime)
+                mtime = _pax_time(pax["mtime"]) if "mtime" in pax else _number(raw_mtime, signed=True)
                 sparse = any(key.startswith("GNU.sparse.") for key in pax)
                 pax, long_name, long_link = {}, None, None
                 if b"\0" in name or b"\0" in link:  # only pax records can hold one: os calls refuse it
@@ -338,7 +344,7 @@ class _Extraction:
                 if sparse:  # GNU tar's pax sparse files: the data is a map and fragments, not the file
                     raise CorruptCheckpointError(f"entry {_text(name)!r} is a GNU sparse file, which is not supported")
             else:
-                mtime = _number(raw_mtime)
+                mtime = _number(raw_mtime, signed=True)
             if not _MIN_TIME <= mtime <= _MAX_TIME:  # pax or GNU base-256 numbers can hold more
                 raise CorruptCheckpointError(f"entry {_text(name)!r} has an out-of-range time {mtime}")
             if len(name) > _MAX_NAME or len(link) > _MAX_NAME:

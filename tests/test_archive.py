@@ -241,6 +241,18 @@ def test_mtimes_are_floored_to_their_second_not_rounded(tmp_path: Path) -> None:
         assert os.stat(restored / name).st_mtime_ns == (ns // 10**9) * 10**9, name
 
 
+@pytest.mark.parametrize("mtime", [-100, -1])  # negative: written base-256, first byte 0xFF
+def test_gnu_format_files_from_before_1970_restore_with_their_time(tmp_path: Path, mtime: int) -> None:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz", format=tarfile.GNU_FORMAT) as tar:  # base-256 times
+        info = tarfile.TarInfo("old.txt")
+        info.size, info.mtime = 3, mtime
+        tar.addfile(info, io.BytesIO(b"old"))
+    restored = unpacked(buffer.getvalue(), tmp_path / "out")
+    assert (restored / "old.txt").read_bytes() == b"old"
+    assert os.stat(restored / "old.txt").st_mtime == mtime
+
+
 @pytest.mark.parametrize(
     ("record", "seconds"),
     [(b"1700000000.999999999", 1_700_000_000), (b"-1.5", -2), (b"-2", -2), (b"-2.000", -2), (b"7", 7)],

@@ -475,6 +475,33 @@ def test_a_forked_child_neither_waits_for_nor_removes_what_its_parent_owns(tmp_p
     ]
 
 
+def test_a_close_interrupted_while_waiting_keeps_the_save_reachable_for_cancelling(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from checkpointio import SaveHandle
+
+    release = threading.Event()
+
+    def held(event: object) -> None:
+        release.wait(30)
+
+    cp = Checkpoint(tmp_path / "ck")
+    handle = cp.save_sync(os.urandom(3 * 1024 * 1024), wait=False, on_progress=held)
+    real_join = SaveHandle.join
+
+    def interrupted(self: SaveHandle, timeout: float | None = None) -> bool:
+        monkeypatch.setattr(SaveHandle, "join", real_join)
+        raise KeyboardInterrupt  # Ctrl-C while close() waits
+
+    monkeypatch.setattr(SaveHandle, "join", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cp.close()
+    assert cp.pending is handle  # not lost: what handles the interrupt can still cancel it
+    release.set()
+    cp.close(timeout=30)
+    assert cp.pending is None and handle.done()
+
+
 def _run_script(code: str, tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
     script = tmp_path / "script.py"
     script.write_text(textwrap.dedent(code))
