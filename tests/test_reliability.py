@@ -356,6 +356,17 @@ async def test_a_local_save_that_fails_on_the_disk_is_a_store_error_and_keeps_th
     assert sorted(path.name for path in tmp_path.iterdir()) == [".ck.checkpointio", "ck"]
 
 
+@pytest.mark.parametrize("name", ["n" * 200, "n" * 230, "检" * 80, "n" * 241], ids=["200", "230", "cjk-240", "241"])
+async def test_long_checkpoint_names_save_and_load_on_the_local_store(tmp_path: Path, name: str) -> None:
+    # the name and its sidecar (.<name>.checkpointio, 14 bytes more) fit in 255 bytes: so must the
+    # temporary names the save writes first
+    data = os.urandom(100_000)
+    await Checkpoint(tmp_path / name).save(data)
+    async with Checkpoint(tmp_path / "reader", src=tmp_path / name) as cp:
+        assert await cp.load_bytes() == data
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted([name, f".{name}.checkpointio"])
+
+
 async def test_a_folder_fsync_refused_after_the_commit_does_not_fail_a_stored_save(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -54,6 +54,19 @@ def _partial_of(name: str) -> str | None:
     return target or None
 
 
+#: Longest file name (bytes) on the filesystems checkpoints live on.
+_NAME_MAX = 255
+
+
+def _temporary(path: Path) -> Path:
+    """``.<name>.partial-<16 hex>`` beside ``path``: the name cut (in bytes) where needed so that
+    the sidecar's temporary name (13 bytes more) still fits; a 220-byte name failed with
+    ENAMETOOLONG although it and its sidecar fit."""
+    suffix = f"{_PARTIAL_MARK}{uuid.uuid4().hex[:16]}"
+    room = _NAME_MAX - 1 - len(suffix) - len(_SIDECAR_SUFFIX)
+    return path.with_name(f".{os.fsdecode(os.fsencode(path.name)[:room])}{suffix}")
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -134,7 +147,7 @@ class LocalStore:
     async def put(self, location: Location, body: Body, record: Record) -> ObjectInfo:
         path = Path(location.key)
         await anyio.to_thread.run_sync(self._prepare_parent, path, location.uri)
-        tmp = path.with_name(f".{path.name}{_PARTIAL_MARK}{uuid.uuid4().hex}")
+        tmp = _temporary(path)
         try:
             try:
                 async with await anyio.open_file(tmp, "wb") as out:
