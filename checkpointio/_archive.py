@@ -34,6 +34,7 @@ __all__ = [
     "STAGING_PREFIX",
     "GunzipReader",
     "check_directory",
+    "file_data",
     "looks_like_tar_gz",
     "pack_directory",
     "unpack_directory",
@@ -171,11 +172,12 @@ def _check_link(root: str, rel: str, target: str, uri: str) -> None:
             )
 
 
-def _file_data(fd: int, size: int, full: str, uri: str) -> Iterator[bytes]:
-    """Exactly ``size`` bytes of an open file, in pieces of at most ``_COPY_BUFSIZE``."""
+def file_data(fd: int, size: int, full: str, uri: str, step: int = _COPY_BUFSIZE) -> Iterator[bytes]:
+    """Exactly ``size`` bytes of an open file (what it held when it was listed or given), in
+    pieces of at most ``step``; a file that shrank meanwhile raises :class:`SourceChangedError`."""
     remaining = size
     while remaining:
-        chunk = os.read(fd, min(remaining, _COPY_BUFSIZE))
+        chunk = os.read(fd, min(remaining, step))
         if not chunk:
             raise SourceChangedError(f"{full} shrank while {uri} was being saved", uri=uri)
         remaining -= len(chunk)
@@ -207,10 +209,10 @@ def _add_file(sink: _GzipMemberWriter, rel: str, full: str, st: os.stat_result, 
             )
         header = _tar.header(rel, _tar.FILE, size=size, mode=stat.S_IMODE(st.st_mode), mtime=_seconds(st))
         if size <= _COPY_BUFSIZE:  # most files: header, data and padding in one write
-            sink.write(b"".join((header, *_file_data(fd, size, full, uri), padding)))
+            sink.write(b"".join((header, *file_data(fd, size, full, uri), padding)))
             return
         sink.write(header)
-        for chunk in _file_data(fd, size, full, uri):
+        for chunk in file_data(fd, size, full, uri):
             sink.write(chunk)
     finally:
         os.close(fd)

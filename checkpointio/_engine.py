@@ -16,7 +16,7 @@ import os
 import shutil
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -32,13 +32,7 @@ from ._concurrency import PLUMBING as _PLUMBING
 from ._concurrency import Aborted as _Aborted
 from ._concurrency import one_error
 from ._config import TransferConfig
-from ._exceptions import (
-    CheckpointError,
-    ChecksumMismatchError,
-    CorruptCheckpointError,
-    SourceChangedError,
-    SourceNotFoundError,
-)
+from ._exceptions import CheckpointError, ChecksumMismatchError, CorruptCheckpointError, SourceNotFoundError
 from ._location import Location
 from ._progress import Meter, ProgressCallback
 from ._stores import Blocks, Body, Digest, Kind, ObjectInfo, RangedStore, Record, Store
@@ -160,26 +154,24 @@ def _crc32_up_front(source: _Source) -> Callable[[], int] | None:
             return crc
 
         return of_bytes
-    if source.kind is Kind.FILE and source.path is not None:
-        path = source.path
+    if source.kind is Kind.FILE and source.path is not None and source.size is not None:
+        path, size = source.path, source.size
 
         def of_file() -> int:
-            crc, buffer, remaining = 0, bytearray(_CRC_STEP), source.size or 0
-            with open(path, "rb", buffering=0) as file, memoryview(buffer) as view:
-                while remaining and (count := file.readinto(view[: min(_CRC_STEP, remaining)])):
-                    crc = _codec.crc32(view[:count], crc)
-                    remaining -= count
+            crc = 0
+            for chunk in _file_chunks(path, size, _CRC_STEP):
+                crc = _codec.crc32(chunk, crc)
             return crc
 
         return of_file
     return None
 
 
-def _shrank(path: Path, size: int, read: int) -> SourceChangedError:
-    return SourceChangedError(
-        f"{str(path)!r} shrank while it was saved: {read} of its {size} bytes were there; nothing was stored",
-        uri=str(path),
-    )
+def _file_chunks(path: Path, size: int, step: int) -> Iterator[bytes]:
+    """The ``size`` bytes a file held when ``save()`` was called (as for a directory's files: a
+    file that grew is stored as it was then, one that shrank fails the save)."""
+    with open(path, "rb", buffering=0) as file:
+        yield from _archive.file_data(file.fileno(), size, str(path), str(path), step)
 
 
 def _produce(source: _Source, emit: Callable[[bytes], None], config: TransferConfig) -> None:
@@ -198,14 +190,8 @@ def _produce(source: _Source, emit: Callable[[bytes], None], config: TransferCon
             emit(bytes(chunk))
     elif source.kind is Kind.FILE:
         assert source.path is not None and source.size is not None
-        with open(source.path, "rb") as file:
-            remaining = source.size  # what it held when save() was called, as for a directory's files
-            while remaining:
-                chunk = file.read(min(step, remaining))
-                if not chunk:
-                    raise _shrank(source.path, source.size, source.size - remaining)
-                remaining -= len(chunk)
-                emit(chunk)
+        for chunk in _file_chunks(source.path, source.size, step):
+            emit(chunk)
     else:
         assert source.path is not None
         _archive.pack_directory(
