@@ -16,7 +16,7 @@ import os
 import shutil
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -43,6 +43,7 @@ __all__ = [
     "Writer",
     "load",
     "load_bytes",
+    "replace_all",
     "save",
     "save_written",
     "verify",
@@ -366,45 +367,51 @@ def _check_still_there(staging: Path, held: int, uri: str) -> None:
         raise CheckpointError(f"{uri}: the workspace was removed while the checkpoint was restored", uri=uri)
 
 
-def _replace(source: Path, target: Path) -> None:
-    if target.is_dir() and not target.is_symlink():
-        shutil.rmtree(target)
-    os.replace(source, target)
+def replace_all(moves: Sequence[tuple[Path, Path]]) -> None:
+    """Rename each source over its target (the targets in one folder): all or none.
+
+    Targets that exist (a file where the source is a folder, say) are moved aside first and
+    removed once every source is in place; on an error the sources go back, the old targets are
+    put back, and the error is raised. A crash in between leaves the old ones in a folder named
+    with ``STAGING_PREFIX``, which saves skip.
+    """
+    if not moves:
+        return
+    aside = moves[0][1].parent / f"{_PARTIAL}replaced-{uuid.uuid4().hex}"
+    moved: list[int] = []
+    placed: list[int] = []
+    try:
+        aside.mkdir()
+        for index, (_, target) in enumerate(moves):
+            if os.path.lexists(target):
+                os.replace(target, aside / str(index))
+                moved.append(index)
+        for index, (source, target) in enumerate(moves):
+            os.replace(source, target)
+            placed.append(index)
+    except BaseException:
+        for index in reversed(placed):
+            with contextlib.suppress(OSError):
+                os.replace(moves[index][1], moves[index][0])
+        for index in moved:
+            with contextlib.suppress(OSError):
+                os.replace(aside / str(index), moves[index][1])
+        with contextlib.suppress(OSError):
+            aside.rmdir()
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _present_tree(staging: Path, workspace: Path, uri: str) -> None:
-    """Move a restored tree's top-level names from ``staging`` into ``workspace``: all or none.
-
-    What the workspace holds under those names (a file where the tree has a folder, say) is
-    moved aside first and removed once every new name is in place; on an error the new names go
-    back and the old ones are put back. Other names in the workspace are left alone.
-    """
+    """Move a restored tree's top-level names from ``staging`` into ``workspace``, all or none
+    (see :func:`replace_all`); other names in the workspace are left alone."""
     names = sorted(child.name for child in staging.iterdir())
-    aside = workspace / f"{_PARTIAL}{uuid.uuid4().hex}-replaced"
-    moved: list[str] = []
-    placed: list[str] = []
     try:
-        aside.mkdir()
-        for name in names:
-            if os.path.lexists(workspace / name):
-                os.replace(workspace / name, aside / name)
-                moved.append(name)
-        for name in names:
-            os.replace(staging / name, workspace / name)
-            placed.append(name)
+        replace_all([(staging / name, workspace / name) for name in names])
     except OSError as error:
-        for name in reversed(placed):
-            with contextlib.suppress(OSError):
-                os.replace(workspace / name, staging / name)
-        for name in moved:
-            with contextlib.suppress(OSError):
-                os.replace(aside / name, workspace / name)
-        with contextlib.suppress(OSError):
-            aside.rmdir()
         raise CheckpointError(
             f"{uri}: could not put the restored checkpoint in place in {workspace}: {error}", uri=uri
         ) from error
-    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _kind(pull: _Pull, info: ObjectInfo) -> Kind:
@@ -448,7 +455,7 @@ def _restore(pull: _Pull, info: ObjectInfo, workspace: Path, workers: int) -> Pa
                 out.writelines(blocks)
         _verify(info, pull.digest)
         target = workspace / PAYLOAD_NAME
-        _replace(staging, target)
+        replace_all([(staging, target)])
         return target
     finally:
         if staging.is_dir():
@@ -579,7 +586,7 @@ async def _restore_ranges(store: RangedStore, info: ObjectInfo, workspace: Path,
 
     def present() -> Path:
         target = workspace / PAYLOAD_NAME
-        _replace(staging, target)
+        replace_all([(staging, target)])
         meter.finish()
         return target
 

@@ -163,20 +163,10 @@ async def restore(
         def put_in_place(source: Path) -> Restored:
             is_directory = source == staging
             size = source.stat().st_size if not is_directory else 0
-            aside = None
-            if overwrite and (target.exists() or target.is_symlink()):
-                # Moved aside, not removed: until the new one is in place the old one stays whole
-                # (put back if the rename fails; left under this name by a crash in between).
-                aside = target.with_name(f".{target.name}.checkpointio-replaced-{uuid.uuid4().hex}")
-                os.replace(target, aside)
-            try:
+            if overwrite:  # the old one stays whole until the new one is in place
+                _engine.replace_all([(source, target)])
+            else:
                 os.replace(source, target)
-            except BaseException:
-                if aside is not None:
-                    os.replace(aside, target)
-                raise
-            if aside is not None:
-                _remove(aside)
             return Restored(target, is_directory, size)
 
         return await anyio.to_thread.run_sync(put_in_place, restored)
