@@ -145,24 +145,16 @@ def _check_link(root: str, rel: str, target: str, uri: str) -> None:
 
     Extraction refuses a target outside the tree and a target whose way passes through another
     symlink of the tree (``d/up -> ..`` then ``d/x -> up/..`` climbs out although it reads as
-    inside), walking the target as it does: from the link's folder, ``..`` going up a level.
+    inside), walking the target as it does (:func:`_tar.link_way`).
     """
-    resolved = os.path.normpath(os.path.join(os.path.dirname(rel), target))
-    if os.path.isabs(target) or resolved == ".." or resolved.startswith("../"):
+    way = None if os.path.isabs(target) else _tar.link_way(rel, target)
+    if way is None:
         raise UnsupportedSourceError(
             f"{uri}: symlink {rel!r} -> {target!r} points outside the directory being saved; "
             "a restore would refuse it, so it is not saved (make it relative and inside the tree)",
             uri=uri,
         )
-    parts = rel.split("/")[:-1]
-    steps = [step for step in target.split("/") if step not in ("", ".")]
-    for step in steps[:-1]:
-        if step == "..":
-            if parts:  # never empty: a way above the top ends outside, refused above
-                parts.pop()
-            continue
-        parts.append(step)
-        here = "/".join(parts)
+    for here in way:
         if os.path.islink(os.path.join(root, here)):
             raise UnsupportedSourceError(
                 f"{uri}: symlink {rel!r} -> {target!r} goes through the symlink {here!r}; a restore "

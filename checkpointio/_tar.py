@@ -36,6 +36,7 @@ __all__ = [
     "extract",
     "header",
     "is_header",
+    "link_way",
 ]
 
 Read = Callable[[int], bytes]
@@ -414,21 +415,12 @@ class _Extraction:
             raise CorruptCheckpointError(f"symlink {name!r} has an empty target")
         if link.startswith("/") or os.path.isabs(link):
             raise UnsafeArchiveError(f"symlink {name!r} -> {link!r} points to an absolute path")
-        parts = rel.split("/")[:-1]
-        steps = [step for step in link.split("/") if step not in ("", ".")]
-        way = []
-        for index, step in enumerate(steps):
-            if step == "..":
-                if not parts:
-                    raise UnsafeArchiveError(f"symlink {name!r} -> {link!r} points outside the destination")
-                parts.pop()
-                continue
-            parts.append(step)
-            if index < len(steps) - 1:
-                here = "/".join(parts)
-                if here in self._links:
-                    raise UnsafeArchiveError(f"symlink {name!r} -> {link!r} goes through the symlink {here!r}")
-                way.append(here)
+        way = link_way(rel, link)
+        if way is None:
+            raise UnsafeArchiveError(f"symlink {name!r} -> {link!r} points outside the destination")
+        for here in way:
+            if here in self._links:
+                raise UnsafeArchiveError(f"symlink {name!r} -> {link!r} goes through the symlink {here!r}")
         if rel in self._walked:
             raise UnsafeArchiveError(f"symlink {name!r} would redirect the target of an earlier symlink")
         self._walked.update(way)
@@ -454,6 +446,28 @@ class _Extraction:
             os.close(fd)
         if padded > _STEP:
             self.skip(padded - size)
+
+
+def link_way(rel: str, link: str) -> list[str] | None:
+    """The folders (relative to the top) that the relative symlink ``rel -> link`` walks through
+    from its own folder, ``..`` going up a level; ``None`` if the way climbs above the top.
+
+    One walk for extraction (none of them may be a symlink of the archive) and for saving (which
+    refuses, up front, what extraction would).
+    """
+    parts = rel.split("/")[:-1]
+    steps = [step for step in link.split("/") if step not in ("", ".")]
+    way = []
+    for index, step in enumerate(steps):
+        if step == "..":
+            if not parts:
+                return None
+            parts.pop()
+            continue
+        parts.append(step)
+        if index < len(steps) - 1:
+            way.append("/".join(parts))
+    return way
 
 
 def _write_all(fd: int, data: memoryview) -> None:
