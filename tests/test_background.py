@@ -64,7 +64,7 @@ async def test_background_save_of_a_directory_stores_the_state_at_the_call(store
         (tree / "new-file").write_text("written after the call")
         shutil.rmtree(tree)
         await handle
-        assert handle.done() and not handle.cancelled
+        assert handle.done() and not handle.cancelled()
     assert await restored_tree(store, "ckpt") == expected
 
 
@@ -203,7 +203,7 @@ def test_supersede_cancels_the_save_in_flight_and_stores_the_newer(
         new = cp.save_sync(b"new", wait=False, supersede=True)
         new.result(timeout=10)
         assert time.monotonic() - begun < 10
-        assert old.done() and old.cancelled
+        assert old.done() and old.cancelled()
         with pytest.raises(concurrent.futures.CancelledError):
             old.result()
     assert (tmp_path / "ckpt").read_bytes() == b"new"
@@ -294,6 +294,74 @@ async def test_a_missing_source_fails_at_the_call_not_in_the_background(tmp_path
         with pytest.raises(TypeError):
             await cp.save(123, wait=False)  # type: ignore[arg-type]
         assert cp.pending is None
+
+
+def test_a_handle_behaves_like_a_future_of_a_stored_save(store: StoreCase) -> None:
+    seen: list[tuple[SaveHandle, bool, BaseException | None]] = []
+    with Checkpoint(store.uri("ckpt")) as cp:
+        handle = cp.save_sync(b"stored", wait=False)
+        handle.add_done_callback(lambda h: seen.append((h, h.done(), h.exception())))
+        assert handle.exception(timeout=30) is None
+        assert handle.result(timeout=30) is None
+        assert handle.done() and not handle.running() and handle.cancelled() is False
+        cp.wait_sync()
+        assert len(seen) == 1 and seen[0] == (handle, True, None)
+        # A callback added to a handle that has ended runs at once, in the caller's thread.
+        here: list[int] = []
+        handle.add_done_callback(lambda h: here.append(threading.get_ident()))
+        assert here == [threading.get_ident()]
+        finished = cp.save_sync(b"synchronous")
+        assert finished.done() and finished.exception() is None and finished.cancelled() is False
+    assert restored_bytes_sync(store, "ckpt") == b"synchronous"
+
+
+def test_exception_returns_a_background_failure_once_and_callbacks_see_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    failing_engine(monkeypatch, b"doomed")
+    errors: list[str] = []
+
+    def broken(handle: SaveHandle) -> None:
+        raise RuntimeError("a callback that fails")
+
+    with Checkpoint(tmp_path / "ckpt") as cp:
+        handle = cp.save_sync(b"doomed", wait=False)
+        handle.add_done_callback(broken)  # logged, and the next callback still runs
+        handle.add_done_callback(lambda h: errors.append(str(h.exception())))
+        error = handle.exception(timeout=10)
+        assert isinstance(error, ConnectionResetError) and "network went away" in str(error)
+        cp.wait_sync()  # retrieved through exception(): not reported again
+        cp.save_sync(b"fine")
+    assert errors == ["the network went away"]
+    assert "a done callback of <SaveHandle" in caplog.text and "a callback that fails" in caplog.text
+    assert (tmp_path / "ckpt").read_bytes() == b"fine"
+
+
+def test_a_cancelled_handle_says_so_like_a_future(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    started = threading.Event()
+    real_save = checkpoint_module._engine.save
+
+    async def save(store: Any, location: Any, data: Any, config: Any, *rest: Any, **kwargs: Any) -> Any:
+        if data == b"old":
+            started.set()
+            await anyio.sleep(60)
+        return await real_save(store, location, data, config, *rest, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module._engine, "save", save)
+    with Checkpoint(tmp_path / "ckpt") as cp:
+        old = cp.save_sync(b"old", wait=False)
+        assert started.wait(10)
+        assert old.running() and old.cancelled() is False
+        with pytest.raises(TimeoutError, match="still running"):
+            old.exception(timeout=0.01)
+        old.cancel()
+        assert old.join(10)
+        assert old.cancelled() is True
+        with pytest.raises(concurrent.futures.CancelledError):
+            old.exception()
+        with pytest.warns(DeprecationWarning, match=r"call handle.cancelled\(\)"):
+            assert old.cancelled  # the former property still reads as a bool, for one release
+    assert not (tmp_path / "ckpt").exists()
 
 
 def test_result_on_the_loop_thread_raises_instead_of_deadlocking(tmp_path: Path) -> None:
