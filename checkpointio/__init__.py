@@ -4,7 +4,7 @@ Public names are re-exported here; every other module is private.
 """
 
 from ._checkpoint import Checkpoint, SaveHandle, latest_checkpoint
-from ._config import MiB, TransferConfig
+from ._config import MiB, TransferConfig, TransferOptions
 from ._exceptions import (
     AccessDeniedError,
     BackgroundSaveError,
@@ -52,6 +52,7 @@ __all__ = [
     "TaskContext",
     "TaskEnvironment",
     "TransferConfig",
+    "TransferOptions",
     "UnsafeArchiveError",
     "UnsupportedSourceError",
     "__version__",

@@ -16,9 +16,10 @@ from typing import Any, TypeVar
 
 import anyio
 import anyio.to_thread
+from typing_extensions import Unpack
 
 from . import _engine, _portal, _snapshot
-from ._config import TransferConfig
+from ._config import TransferConfig, TransferOptions
 from ._exceptions import CorruptCheckpointError
 from ._handle import SaveHandle
 from ._location import Location, parse_location
@@ -86,7 +87,7 @@ class Checkpoint:
         workspace: str | os.PathLike[str] | None = None,
         config: TransferConfig | None = None,
         on_progress: ProgressCallback | None = None,
-        **options: Any,
+        **options: Unpack[TransferOptions],
     ) -> None:
         self._dest: Location = parse_location(dest)
         if src is None:
@@ -213,7 +214,7 @@ class Checkpoint:
         wait: bool = True,
         supersede: bool = False,
         on_progress: ProgressCallback | None = None,
-        **options: Any,
+        **options: Unpack[TransferOptions],
     ) -> SaveHandle:
         """Save ``data`` to ``dest``, replacing what was there only once it is complete.
 
@@ -271,7 +272,7 @@ class Checkpoint:
         self._inflight = SaveHandle(self.dest, work)
         return self._inflight
 
-    async def _save_written(self, writer: _engine.Writer, **options: Any) -> None:
+    async def _save_written(self, writer: _engine.Writer, **options: Unpack[TransferOptions]) -> None:
         """Save what ``writer`` writes into a file object (in a worker thread), streamed, as a file."""
         config = self._config.with_options(**options)
         await self._settle(False)
@@ -343,7 +344,7 @@ class Checkpoint:
         wait: bool = True,
         supersede: bool = False,
         on_progress: ProgressCallback | None = None,
-        **options: Any,
+        **options: Unpack[TransferOptions],
     ) -> SaveHandle:
         """Blocking twin of :meth:`save` (with ``wait=False`` it returns once ``data`` is snapshotted)."""
         return _portal.run_sync(self.save, data, wait=wait, supersede=supersede, on_progress=on_progress, **options)

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import types
+import typing
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["MiB", "TransferConfig"]
+from typing_extensions import TypedDict, Unpack
+
+__all__ = ["MiB", "TransferConfig", "TransferOptions"]
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -54,6 +59,11 @@ class TransferConfig:
             an endpoint is set (what most S3-compatible servers need) and auto otherwise.
         flexible_checksums: Send CRC32 checksums (per part and whole object) that S3 verifies.
             Turn off for servers that reject them; parts then carry Content-MD5 instead.
+
+    Raises:
+        TypeError: A field of the wrong type, named in the message (an ``int`` is accepted for a
+            ``float``, a ``bool`` is not an ``int``).
+        ValueError: A field out of its range, named in the message.
     """
 
     part_size: int = 16 * MiB
@@ -73,6 +83,7 @@ class TransferConfig:
     flexible_checksums: bool = True
 
     def __post_init__(self) -> None:
+        _check_types(self)
         if not 5 * MiB <= self.part_size <= 5 * GiB:
             raise ValueError(f"part_size must be 5 MiB to 5 GiB (S3's limits for a part), got {self.part_size}")
         if not 0 <= self.multipart_threshold <= 5 * GiB:
@@ -91,8 +102,13 @@ class TransferConfig:
         if self.addressing_style not in (None, "path", "virtual", "auto"):
             raise ValueError(f"addressing_style must be path, virtual or auto, got {self.addressing_style!r}")
 
-    def with_options(self, **options: Any) -> TransferConfig:
-        """Return a copy with some fields replaced; an unknown name is a ``TypeError``."""
+    def with_options(self, **options: Unpack[TransferOptions]) -> TransferConfig:
+        """Return a copy with some fields replaced.
+
+        Raises:
+            TypeError: An unknown option, or a value of the wrong type (the message names it).
+            ValueError: A value out of its range.
+        """
         if not options:
             return self
         known = {f.name for f in dataclasses.fields(self)}
@@ -100,3 +116,78 @@ class TransferConfig:
         if unknown:
             raise TypeError(f"unknown checkpoint option(s) {unknown}; valid: {sorted(known)}")
         return dataclasses.replace(self, **options)
+
+
+class TransferOptions(TypedDict, total=False):
+    """:class:`TransferConfig`'s fields as keyword options, each optional.
+
+    What ``Checkpoint(dest, **options)``, ``save(data, **options)``, ``TaskEnvironment(**options)``
+    and the torch helpers accept, so a type checker catches a misspelt option
+    (``part_sise=...``) or a value of the wrong type (``part_size="16MiB"``). Code forwarding
+    options types them the same way: ``def run(**options: Unpack[TransferOptions])``. A test keeps
+    the keys and types equal to ``TransferConfig``'s fields.
+    """
+
+    part_size: int
+    max_concurrency: int
+    multipart_threshold: int
+    chunk_size: int
+    pipeline_depth: int
+    compression_level: int
+    compression_workers: int
+    max_attempts: int
+    connect_timeout: float
+    read_timeout: float
+    endpoint_url: str | None
+    region_name: str | None
+    profile: str | None
+    addressing_style: str | None
+    flexible_checksums: bool
+
+
+@functools.cache
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(TransferConfig)
+
+
+def _matches(value: object, expected: Any) -> bool:
+    """Whether ``value`` is of the annotated type ``expected`` (the forms the fields use)."""
+    origin = typing.get_origin(expected)
+    if origin is typing.Union or origin is types.UnionType:
+        return any(_matches(value, option) for option in typing.get_args(expected))
+    if origin is typing.Literal:
+        return value in typing.get_args(expected)
+    if expected is Any:
+        return True
+    if expected is type(None):
+        return value is None
+    if expected is float:  # an int is a float wherever a float is expected (PEP 484), a bool is not
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(origin, type):  # a generic (Mapping[str, str], tuple[...]): its container type
+        return isinstance(value, origin)
+    return not isinstance(expected, type) or isinstance(value, expected)
+
+
+def _describe(expected: Any) -> str:
+    if typing.get_origin(expected) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(option) for option in typing.get_args(expected))
+    if expected is type(None):
+        return "None"
+    if isinstance(expected, type):
+        return expected.__name__
+    return str(expected).replace("typing.", "")
+
+
+def _check_types(config: TransferConfig) -> None:
+    """Raise a ``TypeError`` naming the first field whose value is not of its declared type."""
+    for name, expected in _field_types().items():
+        value = getattr(config, name)
+        if not _matches(value, expected):
+            hint = ""
+            if isinstance(value, str) and expected is int and name.endswith(("_size", "_threshold")):
+                hint = " (a number of bytes, e.g. 16 * MiB)"
+            raise TypeError(
+                f"option {name!r} must be {_describe(expected)}, got {type(value).__name__} {value!r}{hint}"
+            )

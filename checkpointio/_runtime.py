@@ -28,10 +28,11 @@ from typing import Any, ParamSpec, Protocol, TypeVar, overload
 
 import anyio
 import anyio.to_thread
+from typing_extensions import Unpack
 
 from . import _portal
 from ._checkpoint import Checkpoint
-from ._config import TransferConfig
+from ._config import TransferConfig, TransferOptions
 from ._exceptions import BackgroundSaveError
 from ._location import Location, parse_location
 from ._stores import open_store
@@ -167,7 +168,7 @@ class TaskEnvironment:
         keep_last: int | None = None,
         backoff: float = 0.0,
         config: TransferConfig | None = None,
-        **options: Any,
+        **options: Unpack[TransferOptions],
     ) -> None:
         if not name or "/" in name:
             raise ValueError(f"an environment name must be non-empty and without '/', got {name!r}")

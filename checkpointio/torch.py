@@ -30,7 +30,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+from typing_extensions import Unpack
+
 from ._checkpoint import Checkpoint, latest_checkpoint
+from ._config import TransferOptions
 from ._handle import SaveHandle
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -84,7 +87,7 @@ async def save_state_async(
     step: int | None = None,
     extra: Mapping[str, Any] | None = None,
     wait: bool = True,
-    **options: Any,
+    **options: Unpack[TransferOptions],
 ) -> SaveHandle:
     """Save model, optimizer, step and ``extra`` as one ``torch.save`` file checkpoint.
 
@@ -108,7 +111,7 @@ def save_state(
     step: int | None = None,
     extra: Mapping[str, Any] | None = None,
     wait: bool = True,
-    **options: Any,
+    **options: Unpack[TransferOptions],
 ) -> SaveHandle:
     """Blocking twin of :func:`save_state_async`."""
     from . import _portal
