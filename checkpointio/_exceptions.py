@@ -18,6 +18,7 @@ URI it concerns. Built-in bases are mixed in where a caller would reasonably cat
     │   ├── BucketNotFoundError                         the bucket does not exist
     │   └── ObjectTooLargeError                         over the store's object size limit
     ├── BackgroundSaveError                             an earlier background save failed
+    ├── InvalidNameError (also ValueError)              a run id or task name that cannot be a key
     └── PortalError (also RuntimeError)                 a *_sync call that would deadlock
 
 Cancellation (``KeyboardInterrupt``, ``anyio`` cancellation) is never wrapped.
@@ -34,6 +35,7 @@ __all__ = [
     "ChecksumMismatchError",
     "ConcurrentModificationError",
     "CorruptCheckpointError",
+    "InvalidNameError",
     "ObjectTooLargeError",
     "PortalError",
     "SourceChangedError",
@@ -120,6 +122,14 @@ class BackgroundSaveError(CheckpointError):
 
     Raised by the next ``save()``, ``wait()`` or ``close()`` of the same checkpoint; the original
     error is the ``__cause__`` (the save's handle raises the original error itself).
+    """
+
+
+class InvalidNameError(CheckpointError, ValueError):
+    """A run id, environment or task name that cannot be one segment of a key.
+
+    Empty, ``.``, ``..`` or holding ``/``, ``\\`` or NUL: such a name would share its keys with
+    another run or task, or leave the storage root.
     """
 
 

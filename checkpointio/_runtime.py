@@ -7,18 +7,29 @@ storage root::
 
 and restores from the newest earlier attempt of the same run that saved a valid checkpoint. With
 an explicit run id (argument or ``CHECKPOINTIO_RUN_ID``), a process started again after a crash,
-a ``SIGKILL`` or a reboot continues the same run: attempt numbers carry on after the newest saved
-one, and that checkpoint is restored.
+a ``SIGKILL`` or a reboot continues the same run: attempt numbers carry on after the newest one,
+and the newest saved checkpoint is restored.
+
+An attempt's number is claimed before it runs, by creating ``attempt-<n>.claim`` only if absent
+(atomic on every store), so two processes running one run id at once never share an attempt's key.
+The environment, task and run names each become one key segment, hence refused when they could not
+be one (``..``, ``/``, ...): they would share keys with another run, or leave the storage root.
 """
 
 from __future__ import annotations
 
+import contextlib
+import enum
 import functools
 import inspect
+import json
 import logging
+import math
 import os
 import re
 import secrets
+import shlex
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
@@ -33,13 +44,14 @@ from typing_extensions import Unpack
 from . import _portal
 from ._checkpoint import Checkpoint
 from ._config import TransferConfig, TransferOptions
-from ._exceptions import BackgroundSaveError
-from ._location import Location, parse_location
-from ._stores import open_store
+from ._exceptions import BackgroundSaveError, CheckpointError, InvalidNameError
+from ._location import Location
+from ._manage import parse_prefix
+from ._stores import PendingWrite, open_store
 
 __all__ = ["AttemptFailure", "TaskContext", "TaskEnvironment", "ctx", "default_storage", "env"]
 
-logger = logging.getLogger("checkpointio")
+logger = logging.getLogger(__name__)
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -51,7 +63,48 @@ class _TaskDecorator(Protocol):
     def __call__(self, func: Callable[Q, T], /) -> Callable[Q, T]: ...
 
 
-_ATTEMPT = re.compile(r"attempt-(\d+)$")
+#: The last segment of an attempt's checkpoint key, or of the marker that claims its number.
+_ATTEMPT = re.compile(r"attempt-(\d+)(\.claim)?")
+
+
+class _Default(enum.Enum):
+    """A retention setting left to the storage in force (see :class:`TaskEnvironment`)."""
+
+    DEFAULT = "default"
+
+    def __repr__(self) -> str:
+        return "DEFAULT"
+
+
+_DEFAULT = _Default.DEFAULT
+#: The embedded local store's retention when none is given: it lives in a cache folder nobody
+#: watches, and every call without a run id is a new run.
+EMBEDDED_KEEP_LAST = 1
+EMBEDDED_KEEP_RUNS = 10
+#: A run written to more recently than this is never pruned: another process may still be in it.
+RUN_IDLE_BEFORE_PRUNING = 24 * 3600.0
+
+_RUN_ID_VARIABLE = "CHECKPOINTIO_RUN_ID"
+
+
+def _key_segment(value: str, what: str, source: str) -> str:
+    """``value``, checked to be usable as one segment of a key on every store.
+
+    Raises:
+        InvalidNameError: It is empty, ``.`` or ``..``, or holds ``/``, ``\\`` or NUL: the keys
+            would fall into the parent's (with ``..``, every task would share keys) or split.
+    """
+    if not value:
+        problem = "it is empty"
+    elif value in (".", ".."):
+        problem = "it is a relative path step, which would share keys with other runs and tasks"
+    elif "/" in value or "\\" in value:
+        problem = "it holds a path separator ('/' or '\\')"
+    elif "\0" in value:
+        problem = "it holds a NUL character"
+    else:
+        return value
+    raise InvalidNameError(f"{what} {value!r} from {source} cannot name a folder of checkpoints: {problem}")
 
 
 def default_storage() -> str:
@@ -107,41 +160,134 @@ def _new_run_id() -> str:
     return time.strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(4)
 
 
+def _claim_marker(run_id: str, attempt: int) -> bytes:
+    """What a claim holds: who took the attempt number and when, for a person reading the store."""
+    return json.dumps(
+        {"run_id": run_id, "attempt": attempt, "host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
+    ).encode()
+
+
 @dataclass
 class _Run:
-    """One call of a task: where its attempts live and which of them saved something."""
+    """One call of a task: where its attempts live, which of them saved something or are claimed."""
 
     root: Location
     run_id: str
     config: TransferConfig
     keep_last: int | None
+    keep_runs: int | None
+    #: How to continue this run in a new process, for the log and the final error.
+    resume_hint: str
     saved: list[int] = field(default_factory=list)
+    claimed: list[int] = field(default_factory=list)
+    #: The numbers this call claimed; their markers go once the run has succeeded.
+    mine: list[int] = field(default_factory=list)
 
     def attempt_location(self, attempt: int) -> Location:
         return self.root.child(f"attempt-{attempt}")
 
-    async def discover(self) -> None:
-        """List the attempts of this run that saved a checkpoint (after a restart: the old ones)."""
-        store = await open_store(self.root.scheme, self.config)
-        found = await store.list(self.root.child("attempt-"))
-        numbers = (_ATTEMPT.search(info.location.key) for info in found)
-        self.saved = sorted({int(match.group(1)) for match in numbers if match})
+    def claim_location(self, attempt: int) -> Location:
+        return self.root.child(f"attempt-{attempt}.claim")
 
-    def first_attempt(self) -> int:
-        return self.saved[-1] + 1 if self.saved else 0
+    async def open(self) -> None:
+        """Before the first attempt: prune the task's old runs (where asked), list this run's attempts."""
+        if self.keep_runs is not None:
+            await _prune_runs(self.root, self.keep_runs, self.config)
+        await self.discover()
+
+    async def discover(self) -> None:
+        """List the attempts of this run that saved a checkpoint, and the numbers claimed (by any
+        process: after a restart, the old ones; with a second process on this run, its own)."""
+        store = await open_store(self.root.scheme, self.config)
+        saved: set[int] = set()
+        claimed: set[int] = set()
+        for info in await store.list(self.root.child("attempt-")):
+            match = _ATTEMPT.fullmatch(info.location.key.rpartition("/")[2])
+            if match:
+                (claimed if match.group(2) else saved).add(int(match.group(1)))
+        self.saved, self.claimed = sorted(saved), sorted(claimed)
+
+    async def claim(self, after: int) -> int:
+        """Claim the lowest free attempt number above ``after`` and every attempt seen so far.
+
+        The marker is created only if absent, atomically on every store: two processes running
+        this run at once each get their own number, never one key for both.
+        """
+        store = await open_store(self.root.scheme, self.config)
+        attempt = max([after, *self.saved, *self.claimed]) + 1
+        while not await store.create(self.claim_location(attempt), _claim_marker(self.run_id, attempt)):
+            attempt += 1
+        self.claimed.append(attempt)
+        self.mine.append(attempt)
+        return attempt
 
     def checkpoint(self, attempt: int) -> Checkpoint:
         earlier = [self.attempt_location(n).uri for n in sorted(self.saved, reverse=True) if n < attempt]
         return Checkpoint(self.attempt_location(attempt).uri, src=earlier or None, config=self.config)
 
     async def clean_up(self) -> None:
-        """After a successful run: keep the newest ``keep_last`` attempts' checkpoints."""
-        if self.keep_last is None:
-            return
-        await self.discover()
+        """After a successful run: keep the newest ``keep_last`` attempts' checkpoints, and drop this
+        call's claims (a kept checkpoint holds its number by itself)."""
         store = await open_store(self.root.scheme, self.config)
-        for attempt in self.saved[: -self.keep_last] if self.keep_last else self.saved:
-            await store.delete(self.attempt_location(attempt))
+        if self.keep_last is not None:
+            await self.discover()
+            for attempt in self.saved[: -self.keep_last] if self.keep_last else self.saved:
+                await store.delete(self.attempt_location(attempt))
+        for attempt in self.mine:
+            await store.delete(self.claim_location(attempt))
+
+
+async def _prune_runs(run_root: Location, keep: int, config: TransferConfig) -> None:
+    """Delete the task's runs beyond its ``keep`` most recently written (the run at ``run_root``
+    counts and is never deleted), sparing any run written within ``RUN_IDLE_BEFORE_PRUNING``.
+
+    Housekeeping: a failure is logged, and the task goes on.
+    """
+    task_key, _, current = run_root.key.rpartition("/")
+    base = task_key + "/"
+    task_prefix = Location(run_root.scheme, run_root.bucket, base)
+    try:
+        store = await open_store(run_root.scheme, config)
+        objects: dict[str, list[Location]] = {}
+        unfinished: dict[str, list[PendingWrite]] = {}
+        latest: dict[str, float] = {}
+
+        def seen(key: str, when: float | None) -> str | None:
+            if not key.startswith(base):
+                return None
+            run = key[len(base) :].partition("/")[0]
+            latest[run] = max(latest.get(run, -math.inf), math.inf if when is None else when)
+            return run
+
+        for info in await store.list(task_prefix):
+            if (run := seen(info.location.key, info.modified)) is not None:
+                objects.setdefault(run, []).append(info.location)
+        for write in await store.pending(task_prefix):
+            if (run := seen(write.location.key, write.started)) is not None:
+                unfinished.setdefault(run, []).append(write)
+        cutoff = time.time() - RUN_IDLE_BEFORE_PRUNING
+        # Newest first; a tie (S3 times are in whole seconds) goes to the greater id (new ids start with the time).
+        others = sorted((run for run in latest if run != current), key=lambda run: (latest[run], run), reverse=True)
+        pruned = [run for run in others[max(keep - 1, 0) :] if latest[run] <= cutoff]
+        for run in pruned:
+            for write in unfinished.get(run, []):
+                await store.discard(write)
+            for location in objects.get(run, []):
+                await store.delete(location)
+            if run_root.scheme == "file":
+                await anyio.to_thread.run_sync(_remove_empty_folders, base + run)
+    except (CheckpointError, OSError) as error:
+        logger.warning("could not prune the old runs under %s: %s", task_prefix.uri, error)
+        return
+    if pruned:
+        logger.info("pruned %d old run(s) under %s (keep_runs=%d): %s", len(pruned), task_prefix.uri, keep, pruned)
+
+
+def _remove_empty_folders(top: str) -> None:
+    """Remove ``top`` and the folders below it that are empty (a local run whose objects are gone)."""
+    for dirpath, _dirnames, _filenames in os.walk(top, topdown=False):
+        with contextlib.suppress(OSError):  # not empty (a file written since), or gone already
+            os.rmdir(dirpath)
 
 
 class TaskEnvironment:
@@ -149,14 +295,25 @@ class TaskEnvironment:
 
     Args:
         name: Names the folder of this environment's runs under the storage root.
-        storage: Storage root URI (``s3://bucket/prefix``, a path, ...). ``None`` reads
-            ``CHECKPOINTIO_STORAGE`` at call time, else the embedded local folder.
+        storage: Storage root URI (``s3://bucket/prefix``, ``s3://bucket``, a path, ...). ``None``
+            reads ``CHECKPOINTIO_STORAGE`` at call time, else the embedded local folder.
         run_id: Makes every call continue this run (else ``CHECKPOINTIO_RUN_ID``, else a new run
             per call).
         keep_last: After a run succeeds, delete all but its newest ``keep_last`` attempts'
-            checkpoints (``0`` deletes them all). ``None`` keeps everything.
+            checkpoints (``0`` deletes them all). ``None`` keeps everything. By default
+            ``EMBEDDED_KEEP_LAST`` (1) on the embedded local folder, ``None`` on storage that
+            was given (argument or ``CHECKPOINTIO_STORAGE``).
+        keep_runs: When a task is called, delete its runs beyond the ``keep_runs`` most recently
+            written (the run starting counts and stays), sparing runs written to within
+            ``RUN_IDLE_BEFORE_PRUNING`` (a day): another process may still be in them. ``None``
+            keeps every run. By default ``EMBEDDED_KEEP_RUNS`` (10) on the embedded local folder,
+            ``None`` on storage that was given.
         backoff: Seconds to wait before each retry, doubling each time.
         config / **options: Transfer settings for the checkpoints (see ``TransferConfig``).
+
+    Raises:
+        InvalidNameError: ``name`` or ``run_id`` cannot be one segment of a key (``..``, ``a/b``).
+        ValueError: ``storage`` is not a storage root URI; a retention count is out of range.
     """
 
     def __init__(
@@ -165,19 +322,23 @@ class TaskEnvironment:
         *,
         storage: str | os.PathLike[str] | None = None,
         run_id: str | None = None,
-        keep_last: int | None = None,
+        keep_last: int | _Default | None = _DEFAULT,
+        keep_runs: int | _Default | None = _DEFAULT,
         backoff: float = 0.0,
         config: TransferConfig | None = None,
         **options: Unpack[TransferOptions],
     ) -> None:
-        if not name or "/" in name:
-            raise ValueError(f"an environment name must be non-empty and without '/', got {name!r}")
-        if keep_last is not None and keep_last < 0:
-            raise ValueError("keep_last must not be negative")
-        self.name = name
+        self.name = _key_segment(name, "environment name", "TaskEnvironment(name=...)")
+        if isinstance(keep_last, int) and keep_last < 0:
+            raise ValueError(f"keep_last must not be negative, got {keep_last}")
+        if isinstance(keep_runs, int) and keep_runs < 1:
+            raise ValueError(f"keep_runs must be at least 1 (the run in progress is always kept), got {keep_runs}")
         self.storage = os.fspath(storage) if storage is not None else None
-        self.run_id = run_id
+        if self.storage is not None:
+            parse_prefix(self.storage)  # a malformed root fails here, not in every task
+        self.run_id = _key_segment(run_id, "run id", "TaskEnvironment(run_id=...)") if run_id is not None else None
         self.keep_last = keep_last
+        self.keep_runs = keep_runs
         self.backoff = backoff
         self.config = (config or TransferConfig()).with_options(**options)
 
@@ -185,12 +346,20 @@ class TaskEnvironment:
         return f"TaskEnvironment({self.name!r}, storage={self.storage!r})"
 
     def _start(self, task_name: str, run_id: str | None) -> _Run:
-        storage = parse_location(self.storage or default_storage())
-        run = run_id or self.run_id or os.environ.get("CHECKPOINTIO_RUN_ID") or _new_run_id()
-        if "/" in run or not run:
-            raise ValueError(f"a run id must be non-empty and without '/', got {run!r}")
+        embedded = self.storage is None and not os.environ.get("CHECKPOINTIO_STORAGE")
+        storage = parse_prefix(self.storage or default_storage())
+        explicit = run_id if run_id is not None else self.run_id
+        if explicit is not None:
+            where = "task(run_id=...)" if run_id is not None else "TaskEnvironment(run_id=...)"
+            run, hint = explicit, f"run id {explicit!r} is set in {where}: calling the task again resumes it"
+        else:
+            configured = os.environ.get(_RUN_ID_VARIABLE)
+            run = _key_segment(configured, "run id", _RUN_ID_VARIABLE) if configured else _new_run_id()
+            hint = f"resume with {_RUN_ID_VARIABLE}={shlex.quote(run)}"
+        keep_last = (EMBEDDED_KEEP_LAST if embedded else None) if self.keep_last is _DEFAULT else self.keep_last
+        keep_runs = (EMBEDDED_KEEP_RUNS if embedded else None) if self.keep_runs is _DEFAULT else self.keep_runs
         root = storage.child(self.name).child(task_name).child(run)
-        return _Run(root, run, self.config, self.keep_last)
+        return _Run(root, run, self.config, keep_last, keep_runs, hint)
 
     @overload
     def task(self, fn: Callable[P, R]) -> Callable[P, R]: ...
@@ -221,9 +390,16 @@ class TaskEnvironment:
         ``Exception`` is retried, never ``KeyboardInterrupt``, ``SystemExit`` or cancellation. When
         every attempt failed, the last error is raised with ``error.attempts`` (a list of
         :class:`AttemptFailure`) attached.
+
+        Raises:
+            InvalidNameError: ``name`` or ``run_id`` cannot be one segment of a key.
         """
         if retries < 0:
             raise ValueError("retries must not be negative")
+        if name is not None:
+            _key_segment(name, "task name", "task(name=...)")
+        if run_id is not None:
+            _key_segment(run_id, "run id", "task(run_id=...)")
 
         def decorate(func: Callable[Q, T]) -> Callable[Q, T]:
             return _make_task(self, func, retries, self.backoff if backoff is None else backoff, name, run_id)
@@ -231,11 +407,13 @@ class TaskEnvironment:
         return decorate(fn) if fn is not None else decorate
 
 
-def _failed(error: BaseException, failures: list[AttemptFailure]) -> None:
+def _failed(error: BaseException, failures: list[AttemptFailure], resume_hint: str | None) -> None:
     error.attempts = list(failures)  # type: ignore[attr-defined]
     summary = "; ".join(f"attempt {f.attempt}: {type(f.error).__name__}: {f.error}" for f in failures)
     if hasattr(error, "add_note"):
         error.add_note(f"checkpointio: all {len(failures)} attempts failed ({summary})")
+        if resume_hint is not None:
+            error.add_note(f"checkpointio: {resume_hint}")
 
 
 def _close_after_failure(checkpoint: Checkpoint, error: Exception) -> None:
@@ -246,7 +424,7 @@ def _close_after_failure(checkpoint: Checkpoint, error: Exception) -> None:
     try:
         checkpoint.close()
     except BackgroundSaveError as failure:
-        logger.warning("checkpointio: %s", failure)
+        logger.warning("%s", failure)
         if hasattr(error, "add_note"):
             error.add_note(f"checkpointio: also, {failure}")
 
@@ -256,7 +434,7 @@ def _close_after_interrupt(checkpoint: Checkpoint) -> None:
     try:
         checkpoint.close(timeout=_portal.CLEANUP_TIMEOUT)
     except BackgroundSaveError as failure:
-        logger.warning("checkpointio: %s", failure)
+        logger.warning("%s", failure)
 
 
 def _make_task(
@@ -267,21 +445,31 @@ def _make_task(
     name: str | None,
     run_id: str | None,
 ) -> Callable[P, R]:
-    task_name = name or func.__name__
+    task_name = name if name is not None else _key_segment(func.__name__, "task name", "the function's name")
+    stores = retries > 0  # with no retry there is nothing to restore: no checkpoint, no storage touched
 
     def begin(run: _Run, attempt: int) -> tuple[Checkpoint | None, Any]:
-        checkpoint = run.checkpoint(attempt) if retries > 0 else None
+        checkpoint = run.checkpoint(attempt) if stores else None
+        if stores:
+            logger.info(
+                "task %s: attempt %d of run %s saves to %s (%s)",
+                task_name,
+                attempt,
+                run.run_id,
+                run.attempt_location(attempt).uri,
+                run.resume_hint,
+            )
         token = _current.set(TaskContext(checkpoint, attempt, run.run_id, task_name))
         return checkpoint, token
 
-    def give_up_or_wait(error: Exception, attempt: int, first: int, failures: list[AttemptFailure]) -> float:
+    def give_up_or_wait(error: Exception, run: _Run, attempt: int, tries: int, failures: list[AttemptFailure]) -> float:
         failures.append(AttemptFailure(attempt, error))
-        if attempt - first >= retries:
-            _failed(error, failures)
+        if tries >= retries:
+            _failed(error, failures, run.resume_hint if stores else None)
             raise error
-        delay = float(backoff * 2.0 ** (attempt - first))
-        logger.warning("checkpointio: %s attempt %d failed (%s); retrying", task_name, attempt, error)
-        return delay
+        logger.warning("task %s: attempt %d failed (%s); retrying", task_name, attempt, error)
+        logger.debug("task %s: attempt %d failed", task_name, attempt, exc_info=error)
+        return float(backoff * 2.0**tries)
 
     if inspect.iscoroutinefunction(func):
         async_func: Callable[P, Awaitable[Any]] = func
@@ -289,11 +477,12 @@ def _make_task(
         @functools.wraps(func)
         async def run_async(*args: P.args, **kwargs: P.kwargs) -> Any:
             run = environment._start(task_name, run_id)
-            if retries > 0:
-                await run.discover()
-            first = run.first_attempt()
+            if stores:
+                await run.open()
             failures: list[AttemptFailure] = []
-            for attempt in range(first, first + retries + 1):
+            attempt = -1
+            for tries in range(retries + 1):
+                attempt = await run.claim(attempt) if stores else 0
                 checkpoint, token = begin(run, attempt)
                 try:
                     try:
@@ -305,7 +494,7 @@ def _make_task(
                 except Exception as error:
                     if checkpoint is not None:
                         await anyio.to_thread.run_sync(_close_after_failure, checkpoint, error)
-                    delay = give_up_or_wait(error, attempt, first, failures)
+                    delay = give_up_or_wait(error, run, attempt, tries, failures)
                     if checkpoint is not None:
                         await run.discover()  # what this attempt saved is the next one's to restore
                     await anyio.sleep(delay)
@@ -315,7 +504,8 @@ def _make_task(
                         with anyio.CancelScope(shield=True):
                             await anyio.to_thread.run_sync(_close_after_interrupt, checkpoint)
                     raise
-                await run.clean_up()
+                if stores:
+                    await run.clean_up()
                 return result
             raise AssertionError("unreachable")  # pragma: no cover
 
@@ -324,11 +514,12 @@ def _make_task(
     @functools.wraps(func)
     def run_sync(*args: P.args, **kwargs: P.kwargs) -> R:
         run = environment._start(task_name, run_id)
-        if retries > 0:
-            _portal.run_sync(run.discover)
-        first = run.first_attempt()
+        if stores:
+            _portal.run_sync(run.open)
         failures: list[AttemptFailure] = []
-        for attempt in range(first, first + retries + 1):
+        attempt = -1
+        for tries in range(retries + 1):
+            attempt = _portal.run_sync(run.claim, attempt) if stores else 0
             checkpoint, token = begin(run, attempt)
             try:
                 try:
@@ -340,7 +531,7 @@ def _make_task(
             except Exception as error:
                 if checkpoint is not None:
                     _close_after_failure(checkpoint, error)
-                delay = give_up_or_wait(error, attempt, first, failures)
+                delay = give_up_or_wait(error, run, attempt, tries, failures)
                 if checkpoint is not None:
                     _portal.run_sync(run.discover)  # what this attempt saved is the next one's to restore
                 time.sleep(delay)
@@ -349,7 +540,8 @@ def _make_task(
                 if checkpoint is not None:
                     _close_after_interrupt(checkpoint)
                 raise
-            _portal.run_sync(run.clean_up)
+            if stores:
+                _portal.run_sync(run.clean_up)
             return result
         raise AssertionError("unreachable")  # pragma: no cover
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import anyio
@@ -18,7 +21,7 @@ import pytest
 import checkpointio
 from checkpointio import AttemptFailure, TaskEnvironment, ctx, default_storage, latest_checkpoint
 
-from .conftest import StoreCase, make_tree, snapshot
+from .conftest import MotoServer, StoreCase, make_tree, snapshot
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -350,3 +353,298 @@ def test_a_process_killed_with_sigkill_resumes_when_started_again(
 def test_public_runtime_names_are_exported() -> None:
     for name in ("TaskEnvironment", "ctx", "env", "TaskContext", "AttemptFailure", "default_storage"):
         assert name in checkpointio.__all__
+
+
+# -- names that become keys -----------------------------------------------------------------------
+
+BAD_NAMES = ["..", ".", "", "a/b", "/", "a\\b", "a\0b"]
+
+
+@pytest.mark.parametrize("value", BAD_NAMES)
+def test_names_that_are_not_one_key_segment_are_refused_naming_the_value_and_its_source(
+    value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage = "memory://names"
+    with pytest.raises(
+        checkpointio.InvalidNameError, match=r"environment name .* from TaskEnvironment\(name"
+    ) as caught:
+        TaskEnvironment(value, storage=storage)
+    assert repr(value) in str(caught.value) and isinstance(caught.value, ValueError)
+    with pytest.raises(checkpointio.InvalidNameError, match=r"run id .* from TaskEnvironment\(run_id=") as caught:
+        TaskEnvironment("ok", storage=storage, run_id=value)
+    assert repr(value) in str(caught.value)
+    with pytest.raises(checkpointio.InvalidNameError, match=r"task name .* from task\(name=") as caught:
+        TaskEnvironment("ok", storage=storage).task(retries=1, name=value)
+    assert repr(value) in str(caught.value)
+    with pytest.raises(checkpointio.InvalidNameError, match=r"run id .* from task\(run_id=") as caught:
+        TaskEnvironment("ok", storage=storage).task(retries=1, run_id=value)
+    assert repr(value) in str(caught.value)
+
+
+# An empty variable means unset; a variable cannot hold NUL.
+@pytest.mark.parametrize("value", [name for name in BAD_NAMES if name and "\0" not in name])
+def test_a_run_id_from_the_environment_that_is_not_one_key_segment_is_refused_before_anything_is_stored(
+    value: str, store: StoreCase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CHECKPOINTIO_RUN_ID", value)
+    ran: list[str] = []
+    task_env = environment(store)
+
+    @task_env.task(retries=1)
+    def first() -> None:
+        ran.append("first")
+        ctx().checkpoint.save_sync(b"first's state")  # type: ignore[union-attr]
+
+    @task_env.task(retries=1)
+    def second() -> None:
+        ran.append("second")
+
+    for task in (first, second):  # with "..", both tasks shared one folder: second restored first's state
+        with pytest.raises(checkpointio.InvalidNameError, match="CHECKPOINTIO_RUN_ID") as caught:
+            task()
+        assert repr(value) in str(caught.value)
+    assert ran == [] and store.list_names("root") == []
+
+
+# -- the storage root -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("top", ["s3://{bucket}", "s3://{bucket}/"])
+def test_the_top_of_a_bucket_is_a_storage_root(top: str, moto_server: MotoServer) -> None:
+    bucket = moto_server.new_bucket()
+    seen: list[tuple[int, bytes | None]] = []
+
+    @TaskEnvironment("train", storage=top.format(bucket=bucket), run_id="r").task(retries=1)
+    def job() -> str:
+        context = ctx()
+        assert context.checkpoint is not None
+        previous = context.checkpoint.load_sync()
+        seen.append((context.attempt or 0, previous.read_bytes() if previous else None))
+        if context.attempt == 0:
+            context.checkpoint.save_sync(b"step 3")
+            raise RuntimeError("node lost")
+        return "done"
+
+    assert job() == "done"
+    assert seen == [(0, None), (1, b"step 3")]
+    keys = [item["Key"] for item in moto_server.client().list_objects_v2(Bucket=bucket).get("Contents", [])]
+    assert "train/job/r/attempt-0" in keys
+
+
+def test_a_malformed_storage_root_is_refused_when_the_environment_is_made() -> None:
+    with pytest.raises(ValueError, match="s3:///x"):
+        TaskEnvironment("e", storage="s3:///x")
+
+
+# -- attempt numbers are claimed ----------------------------------------------------------------------
+
+
+async def test_two_concurrent_calls_of_one_run_get_distinct_attempts_and_keys(store: StoreCase) -> None:
+    run_env = environment(store, run_id="shared")
+    first_running = anyio.Event()
+    second_done = anyio.Event()
+    attempts: dict[str, int] = {}
+
+    @run_env.task(retries=1)
+    async def job(who: str) -> None:
+        context = ctx()
+        assert context.checkpoint is not None
+        attempts[who] = context.attempt or 0
+        if who == "first":
+            first_running.set()
+            await second_done.wait()  # the second call starts while the first has saved nothing yet
+        await context.checkpoint.save(f"state of {who}".encode())
+        if who == "second":
+            second_done.set()
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(job, "first")
+        await first_running.wait()
+        group.start_soon(job, "second")
+    assert attempts == {"first": 0, "second": 1}
+    names = await anyio.to_thread.run_sync(store.list_names, "root/tests/job/shared/")
+    assert names == ["attempt-0", "attempt-1"]  # claims go once a call succeeded; each kept its own key
+    assert store.get_raw("root/tests/job/shared/attempt-0") != store.get_raw("root/tests/job/shared/attempt-1")
+
+
+_RACER = """
+import os, sys, time
+from pathlib import Path
+from checkpointio import TaskEnvironment, ctx
+
+out, go = Path(sys.argv[1]), Path(sys.argv[2])
+
+@TaskEnvironment("race", storage=sys.argv[3]).task(retries=1)
+def job():
+    out.write_text(str(ctx().attempt))
+    while not go.exists():  # save only once every process has picked its attempt
+        time.sleep(0.01)
+    ctx().checkpoint.save_sync(f"pid {os.getpid()}".encode())
+
+job()
+"""
+
+
+def test_two_processes_with_one_run_id_get_distinct_attempts(tmp_path: Path) -> None:
+    storage = tmp_path / "store"
+    go = tmp_path / "go"
+    env = {**os.environ, "CHECKPOINTIO_RUN_ID": "same-run", "PYTHONPATH": str(ROOT)}
+    outputs = [tmp_path / f"attempt-of-{index}" for index in range(3)]
+    processes = [
+        subprocess.Popen([sys.executable, "-c", _RACER, str(out), str(go), str(storage)], env=env) for out in outputs
+    ]
+    try:
+        while not all(out.exists() and out.read_text() for out in outputs):
+            assert all(process.poll() is None for process in processes), "a racer died before picking its attempt"
+            time.sleep(0.02)
+        go.touch()
+        assert [process.wait(timeout=120) for process in processes] == [0, 0, 0]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert sorted(int(out.read_text()) for out in outputs) == [0, 1, 2]
+    run = storage / "race" / "job" / "same-run"
+    assert sorted(path.name for path in run.iterdir() if not path.name.startswith(".")) == [
+        "attempt-0",
+        "attempt-1",
+        "attempt-2",
+    ]
+    assert len({path.read_bytes() for path in run.glob("attempt-?")}) == 3
+
+
+def test_a_failed_run_keeps_its_claims_and_a_restart_numbers_after_them(store: StoreCase) -> None:
+    run_env = environment(store, run_id="r")
+
+    @run_env.task(retries=1)
+    def job(fail: bool) -> int:
+        if fail:
+            raise RuntimeError("saved nothing")
+        return ctx().attempt or 0
+
+    with pytest.raises(RuntimeError):
+        job(True)
+    assert store.list_names("root/tests/job/r/") == ["attempt-0.claim", "attempt-1.claim"]
+    claim = json.loads(store.get_raw("root/tests/job/r/attempt-1.claim"))
+    assert (claim["run_id"], claim["attempt"], claim["pid"]) == ("r", 1, os.getpid())
+    assert job(False) == 2  # an attempt that saved nothing still holds its number
+    assert store.list_names("root/tests/job/r/") == ["attempt-0.claim", "attempt-1.claim"]
+
+
+# -- retention and resuming -----------------------------------------------------------------------------
+
+
+def _age(folder: Path, seconds: float) -> None:
+    """Make everything below ``folder`` look last written ``seconds`` ago."""
+    when = time.time() - seconds
+    for path in folder.rglob("*"):
+        os.utime(path, (when, when), follow_symlinks=False)
+
+
+def _calls_of_a_task_that_fails_once(task_env: TaskEnvironment, calls: int, age: Path | None) -> None:
+    @task_env.task(retries=1, name="train")
+    def train() -> None:
+        context = ctx()
+        assert context.checkpoint is not None
+        context.checkpoint.save_sync(f"attempt {context.attempt}".encode())
+        if context.attempt == 0:
+            raise RuntimeError("first attempt fails")
+
+    for _ in range(calls):
+        train()
+        if age is not None and age.exists():
+            _age(age, 2 * 24 * 3600)  # as if each run had ended two days before the next
+
+
+def test_the_embedded_store_keeps_a_bounded_number_of_runs_and_attempts(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("CHECKPOINTIO_STORAGE", raising=False)
+    monkeypatch.delenv("CHECKPOINTIO_RUN_ID", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    task_root = tmp_path / "cache" / "checkpointio" / "bounded" / "train"
+    _calls_of_a_task_that_fails_once(TaskEnvironment("bounded"), 14, age=task_root)
+    runs = sorted(task_root.iterdir())
+    assert len(runs) == checkpointio._runtime.EMBEDDED_KEEP_RUNS == 10
+    assert all(sorted(path.name for path in run.iterdir()) == [".attempt-1.checkpointio", "attempt-1"] for run in runs)
+
+
+def test_runs_written_within_a_day_are_never_pruned(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("CHECKPOINTIO_STORAGE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    _calls_of_a_task_that_fails_once(TaskEnvironment("recent"), 12, age=None)  # e.g. 12 processes at once
+    assert len(list((tmp_path / "cache" / "checkpointio" / "recent" / "train").iterdir())) == 12
+
+
+def test_explicit_storage_keeps_every_run_and_attempt_unless_asked(tmp_path: Path) -> None:
+    storage = tmp_path / "given"
+    _calls_of_a_task_that_fails_once(TaskEnvironment("kept", storage=storage), 12, age=storage)
+    runs = list((storage / "kept" / "train").iterdir())
+    assert len(runs) == 12 and all(
+        sorted(p.name for p in run.glob("attempt-*")) == ["attempt-0", "attempt-1"] for run in runs
+    )
+
+
+def test_keep_runs_prunes_the_oldest_runs_of_a_task_on_every_store(
+    store: StoreCase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(checkpointio._runtime, "RUN_IDLE_BEFORE_PRUNING", 0.0)  # every finished run is idle
+    for number in range(1, 5):
+        task_env = environment(store, run_id=f"run-{number}", keep_runs=2)
+        _calls_of_a_task_that_fails_once(task_env, 1, age=None)
+    assert store.list_names("root/tests/train/") == [
+        "run-3/attempt-0",
+        "run-3/attempt-1",
+        "run-4/attempt-0",
+        "run-4/attempt-1",
+    ]
+    if store.name == "local":
+        assert sorted(path.name for path in (store.root / "root" / "tests" / "train").iterdir()) == ["run-3", "run-4"]
+
+
+def test_the_log_says_where_a_run_is_stored_and_how_to_resume_it(
+    store: StoreCase, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("CHECKPOINTIO_RUN_ID", raising=False)
+    caplog.set_level(logging.INFO, logger="checkpointio")
+    task_env = environment(store)
+    calls: list[int] = []
+
+    @task_env.task(retries=1)
+    def job() -> bytes:
+        context = ctx()
+        assert context.checkpoint is not None
+        calls.append(context.attempt or 0)
+        previous = context.checkpoint.load_sync()
+        if len(calls) <= 2:  # the first call's process, as good as OOM-killed: every attempt fails
+            context.checkpoint.save_sync(b"step 41")
+            raise RuntimeError("out of memory")
+        return previous.read_bytes() if previous else b""
+
+    with pytest.raises(RuntimeError) as caught:
+        job()
+    lines = [r.getMessage() for r in caplog.records if r.name == "checkpointio._runtime" and r.levelno == logging.INFO]
+    assert len(lines) == 2
+    found = re.search(r"attempt 0 of run (\S+) saves to (\S+) \(resume with CHECKPOINTIO_RUN_ID=(\S+)\)", lines[0])
+    assert found is not None, lines[0]
+    run_id = found.group(1)
+    assert found.group(3) == run_id and found.group(2) == f"{store.uri('root')}/tests/job/{run_id}/attempt-0"
+    if sys.version_info >= (3, 11):
+        assert f"checkpointio: resume with CHECKPOINTIO_RUN_ID={run_id}" in caught.value.__notes__
+    monkeypatch.setenv("CHECKPOINTIO_RUN_ID", run_id)  # what the log said to do
+    assert job() == b"step 41" and calls == [0, 1, 2]
+
+
+def test_a_task_without_retries_stores_nothing_and_logs_no_run(
+    store: StoreCase, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="checkpointio")
+
+    @environment(store).task
+    def job() -> int:
+        return 7
+
+    assert job() == 7
+    assert [r for r in caplog.records if r.name == "checkpointio._runtime"] == []
+    assert store.list_names("root") == []

@@ -280,3 +280,25 @@ class LocalStore:
             return sorted(found, key=lambda info: info.location.key)
 
         return await anyio.to_thread.run_sync(scan)
+
+    async def create(self, location: Location, data: bytes) -> bool:
+        path = Path(location.key)
+
+        def create_exclusively() -> bool:
+            self._prepare_parent(path, location.uri)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+            except FileExistsError:
+                return False
+            except OSError as error:
+                raise _translate(error, location.uri) from error
+            try:
+                with os.fdopen(fd, "wb") as out:  # the name is taken once open() returned: the bytes are extra
+                    out.write(data)
+                    out.flush()
+                    os.fsync(out.fileno())
+            except OSError as error:
+                raise _translate(error, location.uri) from error
+            return True
+
+        return await anyio.to_thread.run_sync(create_exclusively)

@@ -78,3 +78,11 @@ class MemoryStore:
         with _lock:
             infos = [obj.info for key, obj in _objects.items() if key.startswith(prefix.key)]
         return sorted(infos, key=lambda info: info.location.key)
+
+    async def create(self, location: Location, data: bytes) -> bool:
+        info = ObjectInfo(location, len(data), uuid.uuid4().hex, modified=time.time())
+        with _lock:
+            if location.key in _objects:
+                return False
+            _objects[location.key] = _Object(data, info)
+        return True

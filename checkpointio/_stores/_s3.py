@@ -491,6 +491,27 @@ class S3Store:
             raise _translate(error, prefix, "list checkpoints") from error
         return sorted(found, key=lambda info: info.location.key)
 
+    async def create(self, location: Location, data: bytes) -> bool:
+        """A PUT with ``If-None-Match: *``, which S3 applies atomically: 412 means the key exists, 409
+        that a concurrent conditional write to it is in progress (it, not this one, takes the key).
+
+        A server that ignores the header (some S3-compatible ones) overwrites instead: the claim
+        then holds only as well as a plain PUT.
+        """
+        client = await self._client()
+        body, _size, headers = self._request_body([data])
+        try:
+            await client.put_object(Bucket=location.bucket, Key=location.key, Body=body, IfNoneMatch="*", **headers)
+        except ClientError as error:
+            status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            code = error.response.get("Error", {}).get("Code")
+            if status in (409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict"):
+                return False
+            raise _translate(error, location, "create the object") from error
+        except Exception as error:
+            raise _translate(error, location, "create the object") from error
+        return True
+
     # -- put -------------------------------------------------------------------------------------
 
     async def put(self, location: Location, body: Body, record: Record) -> ObjectInfo:
