@@ -23,6 +23,7 @@ from ._config import TransferConfig, TransferOptions
 from ._exceptions import CorruptCheckpointError
 from ._handle import SaveHandle
 from ._location import Location, parse_location
+from ._pending import awaitable
 from ._progress import ProgressCallback
 from ._stores import Store, open_store
 
@@ -143,6 +144,7 @@ class Checkpoint:
     async def _store(self, location: Location) -> Store:
         return await open_store(location.scheme, self._config)
 
+    @awaitable("cp.load", "cp.load_sync")
     async def load(self) -> Path | None:
         """Restore the previous attempt's checkpoint into ``cp.path``.
 
@@ -160,6 +162,7 @@ class Checkpoint:
             self._loaded = True
         return self._restored
 
+    @awaitable("cp.load_bytes", "cp.load_bytes_sync")
     async def load_bytes(self) -> bytearray | None:
         """Read the previous attempt's bytes or single-file checkpoint into memory.
 
@@ -207,6 +210,7 @@ class Checkpoint:
             raise errors[0]
         return None
 
+    @awaitable("cp.save", "cp.save_sync")
     async def save(
         self,
         data: _engine.SaveData,
@@ -313,6 +317,7 @@ class Checkpoint:
         """The last background save, until a later save, ``wait()`` or ``close()`` settled it."""
         return self._inflight
 
+    @awaitable("cp.wait", "cp.wait_sync")
     async def wait(self) -> None:
         """Wait for the background save in flight, if any.
 
@@ -322,6 +327,7 @@ class Checkpoint:
         """
         await self._settle(False)
 
+    @awaitable("cp.prev_exists", "cp.prev_exists_sync")
     async def prev_exists(self) -> bool:
         """Whether the previous attempt left a checkpoint to restore."""
         for location in self._sources:

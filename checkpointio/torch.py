@@ -3,29 +3,38 @@
 Needs the ``torch`` extra (``pip install 'checkpointio[torch]'``); ``import checkpointio`` alone never
 imports torch.
 
-Example::
+Like :class:`~checkpointio.Checkpoint`, the bare names are coroutines and the ``*_sync`` names
+their blocking twins: ``await save_state(...)`` in async code, ``save_state_sync(...)`` in sync
+code. Example::
 
     from checkpointio import ctx, env
-    from checkpointio.torch import load_state, save_state
+    from checkpointio.torch import load_state_sync, save_state_sync
 
     @env.task(retries=3)
     def train() -> None:
         cp = ctx().checkpoint
-        state = load_state(cp, model, optimizer)       # None on a first attempt
+        state = load_state_sync(cp, model, optimizer)       # None on a first attempt
         start = state["step"] if state else 0
         for step in range(start, 1000):
             ...
-            save_state(cp, model, optimizer, step=step + 1, wait=False)
+            save_state_sync(cp, model, optimizer, step=step + 1, wait=False)
 
-A synchronous save streams ``torch.save`` output straight into the upload: no temporary file and
-no full copy in memory. A background save (``wait=False``) must capture the state at the call
+A save that waits (``wait=True``) streams ``torch.save`` output straight into the upload: no
+temporary file and no full copy in memory. A background save (``wait=False``) must capture the state at the call
 while training goes on updating the tensors, so it serializes into memory first (one copy of the
 state's size) and uploads that in the background.
+
+Until the next release the former names still work, with a ``DeprecationWarning``:
+``save_state_async`` / ``load_state_async`` (now ``save_state`` / ``load_state``), and
+``save_state`` / ``load_state`` called where no event loop runs (plain sync code), which then
+block as they used to (now ``save_state_sync`` / ``load_state_sync``). Sync code running on an
+event loop's thread (a notebook cell) gets the awaitable: call the ``*_sync`` twin there.
 """
 
 from __future__ import annotations
 
 import io
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -35,11 +44,20 @@ from typing_extensions import Unpack
 from ._checkpoint import Checkpoint, latest_checkpoint
 from ._config import TransferOptions
 from ._handle import SaveHandle
+from ._pending import Pending, in_async_context
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-__all__ = ["load_state", "load_state_async", "save_state", "save_state_async", "state_of"]
+__all__ = [
+    "load_state",
+    "load_state_async",
+    "load_state_sync",
+    "save_state",
+    "save_state_async",
+    "save_state_sync",
+    "state_of",
+]
 
 
 def _torch() -> Any:
@@ -79,7 +97,7 @@ def _writer(state: Mapping[str, Any]) -> Any:
     return write
 
 
-async def save_state_async(
+async def _save_state(
     checkpoint: Checkpoint,
     model: torch.nn.Module | None = None,
     optimizer: torch.optim.Optimizer | None = None,
@@ -89,11 +107,6 @@ async def save_state_async(
     wait: bool = True,
     **options: Unpack[TransferOptions],
 ) -> SaveHandle:
-    """Save model, optimizer, step and ``extra`` as one ``torch.save`` file checkpoint.
-
-    With ``wait=True`` the ``torch.save`` output streams into the upload (no temporary file); with
-    ``wait=False`` it is serialized into memory at the call and uploaded in the background.
-    """
     state = state_of(model, optimizer, step=step, extra=extra)
     if wait:
         await checkpoint._save_written(_writer(state), **options)
@@ -112,12 +125,66 @@ def save_state(
     extra: Mapping[str, Any] | None = None,
     wait: bool = True,
     **options: Unpack[TransferOptions],
+) -> Pending[SaveHandle]:
+    """Save model, optimizer, step and ``extra`` as one ``torch.save`` file checkpoint (await it).
+
+    With ``wait=True`` the ``torch.save`` output streams into the upload (no temporary file); with
+    ``wait=False`` it is serialized into memory at the call and uploaded in the background.
+    ``**options`` are transfer settings for this save. :func:`save_state_sync` is the blocking twin.
+    """
+    if not in_async_context():  # the former sync save_state, called from sync code
+        _renamed("save_state", "save_state_sync")
+        return save_state_sync(  # type: ignore[return-value]
+            checkpoint, model, optimizer, step=step, extra=extra, wait=wait, **options
+        )
+    return Pending(
+        _save_state(checkpoint, model, optimizer, step=step, extra=extra, wait=wait, **options),
+        "save_state",
+        "save_state_sync",
+    )
+
+
+def save_state_sync(
+    checkpoint: Checkpoint,
+    model: torch.nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    step: int | None = None,
+    extra: Mapping[str, Any] | None = None,
+    wait: bool = True,
+    **options: Unpack[TransferOptions],
 ) -> SaveHandle:
-    """Blocking twin of :func:`save_state_async`."""
+    """Blocking twin of :func:`save_state`."""
     from . import _portal
 
-    return _portal.run_sync(
-        save_state_async, checkpoint, model, optimizer, step=step, extra=extra, wait=wait, **options
+    return _portal.run_sync(_save_state, checkpoint, model, optimizer, step=step, extra=extra, wait=wait, **options)
+
+
+def save_state_async(
+    checkpoint: Checkpoint,
+    model: torch.nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    step: int | None = None,
+    extra: Mapping[str, Any] | None = None,
+    wait: bool = True,
+    **options: Unpack[TransferOptions],
+) -> Pending[SaveHandle]:
+    """Deprecated name of :func:`save_state` (removed in the next release)."""
+    _renamed("save_state_async", "save_state")
+    return Pending(
+        _save_state(checkpoint, model, optimizer, step=step, extra=extra, wait=wait, **options),
+        "save_state_async",
+        "save_state_sync",
+    )
+
+
+def _renamed(old: str, new: str) -> None:
+    warnings.warn(
+        f"checkpointio.torch.{old}() is deprecated and will be removed in the next release: call {new}() "
+        "(the bare names are coroutines to await, the *_sync names block, as on Checkpoint)",
+        DeprecationWarning,
+        stacklevel=3,
     )
 
 
@@ -148,7 +215,7 @@ def _apply(
     return state
 
 
-async def load_state_async(
+async def _load_state(
     checkpoint: Checkpoint | None,
     model: torch.nn.Module | None = None,
     optimizer: torch.optim.Optimizer | None = None,
@@ -156,15 +223,6 @@ async def load_state_async(
     map_location: Any = "cpu",
     weights_only: bool = True,
 ) -> dict[str, Any] | None:
-    """Restore the previous attempt's state into ``model`` / ``optimizer``; return it (or ``None``).
-
-    ``checkpoint`` may be ``None`` (``ctx().checkpoint`` with ``retries=0``): nothing to restore.
-    Files are read with ``torch.load(weights_only=True)``: tensors, numbers, strings and plain
-    containers only, so a checkpoint cannot run code when it is loaded. An ``extra`` holding other
-    objects (a NumPy array, a custom class) then fails to load with ``pickle.UnpicklingError``;
-    pass ``weights_only=False`` only for checkpoints you trust, or register the types with
-    ``torch.serialization.add_safe_globals``.
-    """
     if checkpoint is None:
         return None
     import anyio.to_thread
@@ -181,8 +239,56 @@ def load_state(
     *,
     map_location: Any = "cpu",
     weights_only: bool = True,
+) -> Pending[dict[str, Any] | None]:
+    """Restore the previous attempt's state into ``model`` / ``optimizer``; return it (or ``None``); await it.
+
+    ``checkpoint`` may be ``None`` (``ctx().checkpoint`` with ``retries=0``): nothing to restore.
+    Files are read with ``torch.load(weights_only=True)``: tensors, numbers, strings and plain
+    containers only, so a checkpoint cannot run code when it is loaded. An ``extra`` holding other
+    objects (a NumPy array, a custom class) then fails to load with ``pickle.UnpicklingError``;
+    pass ``weights_only=False`` only for checkpoints you trust, or register the types with
+    ``torch.serialization.add_safe_globals``.
+
+    :func:`load_state_sync` is the blocking twin.
+    """
+    if not in_async_context():  # the former sync load_state, called from sync code
+        _renamed("load_state", "load_state_sync")
+        return load_state_sync(  # type: ignore[return-value]
+            checkpoint, model, optimizer, map_location=map_location, weights_only=weights_only
+        )
+    return Pending(
+        _load_state(checkpoint, model, optimizer, map_location=map_location, weights_only=weights_only),
+        "load_state",
+        "load_state_sync",
+    )
+
+
+def load_state_sync(
+    checkpoint: Checkpoint | None,
+    model: torch.nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    map_location: Any = "cpu",
+    weights_only: bool = True,
 ) -> dict[str, Any] | None:
-    """Blocking twin of :func:`load_state_async`."""
+    """Blocking twin of :func:`load_state`."""
     if checkpoint is None:
         return None
     return _apply(_read(checkpoint.load_sync(), map_location, weights_only), model, optimizer)
+
+
+def load_state_async(
+    checkpoint: Checkpoint | None,
+    model: torch.nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    map_location: Any = "cpu",
+    weights_only: bool = True,
+) -> Pending[dict[str, Any] | None]:
+    """Deprecated name of :func:`load_state` (removed in the next release)."""
+    _renamed("load_state_async", "load_state")
+    return Pending(
+        _load_state(checkpoint, model, optimizer, map_location=map_location, weights_only=weights_only),
+        "load_state_async",
+        "load_state_sync",
+    )

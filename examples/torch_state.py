@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from checkpointio import TaskEnvironment, ctx
-from checkpointio.torch import load_state, save_state
+from checkpointio.torch import load_state_sync, save_state_sync
 
 env = TaskEnvironment("examples")
 
@@ -18,7 +18,7 @@ def train(epochs: int = 5) -> float:
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    state = load_state(ctx().checkpoint, model, optimizer)
+    state = load_state_sync(ctx().checkpoint, model, optimizer)
     start = state["step"] if state else 0
     print(f"attempt {ctx().attempt} resumed at epoch {start}")
     x = torch.randn(32, 4, generator=torch.Generator().manual_seed(1))
@@ -28,7 +28,7 @@ def train(epochs: int = 5) -> float:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        save_state(ctx().checkpoint, model, optimizer, step=epoch + 1, wait=False)  # training goes on
+        save_state_sync(ctx().checkpoint, model, optimizer, step=epoch + 1, wait=False)  # training goes on
         if ctx().attempt == 0 and epoch == 2:
             raise RuntimeError("simulated failure after epoch 3")
     return float(loss)

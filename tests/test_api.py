@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import gc
 import typing
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 from checkpointio import Checkpoint, MiB, TaskEnvironment, TransferConfig, TransferOptions
@@ -74,3 +78,45 @@ def test_an_unknown_option_is_a_type_error_listing_the_valid_ones(tmp_path: Path
     options: dict[str, Any] = {"part_sise": MiB}
     with pytest.raises(TypeError, match=r"unknown checkpoint option\(s\) \['part_sise'\]; valid: \[.*'part_size'"):
         Checkpoint(tmp_path / "ckpt", **options)
+
+
+def test_truth_testing_an_async_method_s_result_is_an_error_naming_the_sync_twin(tmp_path: Path) -> None:
+    cp = Checkpoint(tmp_path / "b", src=tmp_path / "a")
+    calls: dict[str, Callable[[], object]] = {
+        "prev_exists": cp.prev_exists,
+        "load": cp.load,
+        "load_bytes": cp.load_bytes,
+        "save": lambda: cp.save(b"state"),
+        "wait": cp.wait,
+    }
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for name, call in calls.items():
+            with pytest.raises(TypeError) as error:
+                if call():  # the flyte idiom ported to async methods: always true without the error
+                    pytest.fail("unreachable")
+            assert str(error.value) == (
+                f"cp.{name}() returns an awaitable, which is always true: write `await cp.{name}()` in async "
+                f"code, or call cp.{name}_sync() in sync code"
+            )
+        gc.collect()
+    assert [str(w.message) for w in caught] == []  # closed: no "coroutine was never awaited" on top
+    assert not (tmp_path / "b").exists()  # the save was never started
+    assert cp.prev_exists_sync() is False and cp.load_sync() is None
+
+
+def test_the_awaitables_still_work_wherever_a_coroutine_does(store: StoreCase) -> None:
+    cp = Checkpoint(store.uri("b"), src=store.uri("b"))
+    assert asyncio.run(cp.prev_exists()) is False
+
+    async def main() -> tuple[bool, bytearray | None, bytearray | None]:
+        handle = await asyncio.create_task(cp.save(b"first"))
+        assert handle.done()
+        exists, first = await asyncio.gather(cp.prev_exists(), cp.load_bytes())
+        async with anyio.create_task_group() as group:
+            group.start_soon(cp.save, b"second")
+        return exists, first, await cp.load_bytes()
+
+    assert asyncio.run(main()) == (True, bytearray(b"first"), bytearray(b"second"))
+    assert anyio.run(cp.prev_exists) is True
+    cp.close()

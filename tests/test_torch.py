@@ -13,7 +13,7 @@ from .conftest import StoreCase
 
 torch = pytest.importorskip("torch")
 
-from checkpointio.torch import load_state, load_state_async, save_state, save_state_async  # noqa: E402
+from checkpointio.torch import load_state, load_state_sync, save_state, save_state_sync  # noqa: E402
 
 
 def tiny() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -45,10 +45,10 @@ def test_importing_checkpointio_does_not_import_torch() -> None:
 def test_state_round_trips_streamed_through_every_store(store: StoreCase) -> None:
     model, optimizer = tiny()
     train_steps(model, optimizer, 3)
-    save_state(Checkpoint(store.uri("a")), model, optimizer, step=3, extra={"epoch": 1}, chunk_size=4096)
+    save_state_sync(Checkpoint(store.uri("a")), model, optimizer, step=3, extra={"epoch": 1}, chunk_size=4096)
     restored_model, restored_optimizer = tiny()
     with Checkpoint(store.uri("b"), src=store.uri("a")) as cp:
-        state = load_state(cp, restored_model, restored_optimizer)
+        state = load_state_sync(cp, restored_model, restored_optimizer)
     assert state is not None and state["step"] == 3 and state["extra"] == {"epoch": 1}
     assert same_weights(model, restored_model)
     assert restored_optimizer.state_dict()["state"][0]["step"] == optimizer.state_dict()["state"][0]["step"]
@@ -59,21 +59,21 @@ async def test_background_state_save_keeps_the_weights_at_the_call(store: StoreC
     train_steps(model, optimizer, 2)
     expected = {name: value.clone() for name, value in model.state_dict().items()}
     async with Checkpoint(store.uri("a")) as cp:
-        handle = await save_state_async(cp, model, optimizer, step=2, wait=False)
+        handle = await save_state(cp, model, optimizer, step=2, wait=False)
         train_steps(model, optimizer, 5)  # training goes on while the upload runs
         await handle
     restored, _ = tiny()
     async with Checkpoint(store.uri("b"), src=store.uri("a")) as cp:
-        state = await load_state_async(cp, restored)
+        state = await load_state(cp, restored)
     assert state is not None and state["step"] == 2
     assert all(torch.equal(restored.state_dict()[name], value) for name, value in expected.items())
 
 
 def test_load_state_without_a_checkpoint_is_none() -> None:
     model, _ = tiny()
-    assert load_state(None, model) is None
+    assert load_state_sync(None, model) is None
     with Checkpoint("memory://torch-none/b", src="memory://torch-none/a") as cp:
-        assert load_state(cp, model) is None
+        assert load_state_sync(cp, model) is None
 
 
 class _Custom:
@@ -88,11 +88,58 @@ def test_untrusted_objects_are_refused_unless_weights_only_is_turned_off() -> No
 
     model = torch.nn.Linear(2, 2)
     with Checkpoint(f"memory://torch-extra-{id(model)}") as cp:
-        save_state(cp, model, step=3, extra={"custom": _Custom(7)})
+        save_state_sync(cp, model, step=3, extra={"custom": _Custom(7)})
     with Checkpoint(f"memory://reader-{id(model)}", src=cp.dest) as reader, pytest.raises(pickle.UnpicklingError):
-        load_state(reader, torch.nn.Linear(2, 2))
+        load_state_sync(reader, torch.nn.Linear(2, 2))
     with Checkpoint(f"memory://reader2-{id(model)}", src=cp.dest) as reader:
         restored = torch.nn.Linear(2, 2)
-        state = load_state(reader, restored, weights_only=False)
+        state = load_state_sync(reader, restored, weights_only=False)
         assert state is not None and state["step"] == 3 and state["extra"]["custom"].value == 7
         assert torch.equal(restored.weight, model.weight)
+
+
+async def test_the_async_helpers_refuse_a_truth_test_and_name_their_sync_twin(store: StoreCase) -> None:
+    model, _ = tiny()
+    async with Checkpoint(store.uri("b"), src=store.uri("a")) as cp:
+        with pytest.raises(TypeError, match=r"load_state\(\) returns an awaitable.*call load_state_sync\(\)"):
+            if load_state(cp, model):  # the porting trap: always true without the error
+                pass
+        await save_state(cp, model, step=1)
+    async with Checkpoint(store.uri("c"), src=store.uri("b")) as cp:
+        state = await load_state(
+            cp, torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+        )
+    assert state is not None and state["step"] == 1
+
+
+def test_the_former_names_still_work_for_one_release_with_a_deprecation_warning(store: StoreCase) -> None:
+    import asyncio
+
+    import checkpointio.torch as helpers
+
+    model, optimizer = tiny()
+    train_steps(model, optimizer, 1)
+    with pytest.warns(DeprecationWarning, match=r"save_state\(\) is deprecated .* call save_state_sync\(\)"):
+        handle = helpers.save_state(Checkpoint(store.uri("a")), model, optimizer, step=1)  # sync code, as before
+    assert handle.done() and handle.exception() is None
+    restored, _ = tiny()
+    with (
+        Checkpoint(store.uri("b"), src=store.uri("a")) as cp,
+        pytest.warns(DeprecationWarning, match=r"load_state\(\) is deprecated .* call load_state_sync\(\)"),
+    ):
+        state = helpers.load_state(cp, restored)
+    assert isinstance(state, dict) and state["step"] == 1 and same_weights(model, restored)
+
+    async def former_async_names() -> int:
+        async with Checkpoint(store.uri("c")) as cp:
+            with pytest.warns(DeprecationWarning, match=r"save_state_async\(\) is deprecated .* call save_state\(\)"):
+                await helpers.save_state_async(cp, model, step=2)
+        async with Checkpoint(store.uri("d"), src=store.uri("c")) as cp:
+            with pytest.warns(DeprecationWarning, match=r"load_state_async\(\) is deprecated .* call load_state\(\)"):
+                loaded = await helpers.load_state_async(
+                    cp, torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+                )
+        assert loaded is not None
+        return int(loaded["step"])
+
+    assert asyncio.run(former_async_names()) == 2
