@@ -12,32 +12,41 @@ read it), and independent members let compression run on several threads.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import stat
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import _codec, _tar
 from ._exceptions import (
     CorruptCheckpointError,
     SourceChangedError,
+    SourceUnreadableError,
     UnsafeArchiveError,
     UnsupportedSourceError,
 )
 
 __all__ = [
     "STAGING_PREFIX",
+    "Entry",
     "GunzipReader",
+    "Skip",
     "check_directory",
     "file_data",
+    "file_type",
     "looks_like_tar_gz",
     "pack_directory",
+    "skip_any",
+    "skip_within",
     "unpack_directory",
+    "unreadable",
+    "walk_tree",
 ]
 
 logger = logging.getLogger("checkpointio")
@@ -120,24 +129,167 @@ class _GzipMemberWriter:
             self._emit_next()
 
 
-def _iter_tree(root: str) -> Iterator[tuple[str, str]]:
-    """Pre-order walk: every folder comes before what it holds, siblings sorted by name.
+#: A walk's filter: given an entry's path inside the tree ("sub/name"), whether to leave it out.
+Skip = Callable[[str], bool]
 
-    Whether an entry is a folder comes from the directory listing itself (``DirEntry.is_dir``,
-    no system call per entry on Linux).
+
+class Entry(NamedTuple):
+    """One entry of a tree being walked (see :func:`walk_tree`)."""
+
+    rel: str
+    """Its path inside the tree, ``/``-separated."""
+    name: str
+    """Its name in its folder."""
+    folder: int
+    """A descriptor of that folder, open until the walk moves past it: read the entry through it
+    (``dir_fd=``), never through a path, which could lead elsewhere once a folder was swapped."""
+    st: os.stat_result
+    """Its ``lstat``, taken when the walk reached it."""
+
+
+_FOLDER = "folder"
+_SYMLINK = "symlink"
+_OTHER = "file"
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return _FOLDER
+    return _SYMLINK if stat.S_ISLNK(mode) else _OTHER
+
+
+def _listed_kind(entry: os.DirEntry[str]) -> str:
+    """What the listing said the entry is (from the listing itself on Linux: no system call)."""
+    if entry.is_dir(follow_symlinks=False):
+        return _FOLDER
+    return _SYMLINK if entry.is_symlink() else _OTHER
+
+
+def unreadable(error: OSError, shown: str, uri: str) -> Exception:
+    """``error`` met reading ``shown`` (a path of what the user gave), as the error to raise:
+    :class:`SourceUnreadableError` for a permission refused, else the same ``OSError`` naming
+    ``shown`` (a descriptor-relative call names the entry only, a snapshot its scratch copy)."""
+    if isinstance(error, PermissionError):
+        return SourceUnreadableError(f"cannot read {shown} to save {uri}: permission denied", uri=uri)
+    return OSError(error.errno, error.strerror, shown)
+
+
+def _open_folder(parent: int | None, name: str, listed: os.stat_result | None, shown: str, uri: str) -> int:
+    """A descriptor of the folder ``name`` in ``parent``, which must still be the one listed.
+
+    ``O_NOFOLLOW`` relative to the parent's descriptor: a folder swapped for a symlink (to
+    ``~/.ssh``, say) since it was listed is refused rather than followed, and so is a folder
+    renamed over by another one (its identity differs from the listing's).
     """
-    stack: list[tuple[str, str, bool]] = [("", root, True)]
-    while stack:
-        rel, full, is_dir = stack.pop()
-        if rel:
-            yield rel, full
-        if is_dir:
-            with os.scandir(full) as entries:
-                children = sorted(entries, key=lambda e: e.name, reverse=True)
-            if not rel:  # the top: restores' staging folders are not part of the tree
-                children = [entry for entry in children if not entry.name.startswith(STAGING_PREFIX)]
-            prefix = f"{rel}/" if rel else ""
-            stack.extend((prefix + entry.name, entry.path, entry.is_dir(follow_symlinks=False)) for entry in children)
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+    try:
+        # the root is the path the user named: followed if it is a symlink
+        fd = os.open(name, flags) if parent is None else os.open(name, flags | os.O_NOFOLLOW, dir_fd=parent)
+    except FileNotFoundError as error:
+        raise SourceChangedError(f"{shown} disappeared while {uri} was being saved", uri=uri) from error
+    except OSError as error:
+        if error.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise SourceChangedError(
+                f"{shown} was replaced (by a symlink or a file) while {uri} was being saved", uri=uri
+            ) from error
+        raise unreadable(error, shown, uri) from error
+    if listed is not None:
+        opened = os.fstat(fd)
+        if (opened.st_dev, opened.st_ino) != (listed.st_dev, listed.st_ino):
+            os.close(fd)
+            raise SourceChangedError(
+                f"{shown} was replaced while {uri} was being saved (the folder read is not the one listed)", uri=uri
+            )
+    return fd
+
+
+def _listing(fd: int, shown: str, uri: str) -> list[tuple[str, str]]:
+    """The folder's names with what the listing says each is, in reverse order (popped from the end)."""
+    try:
+        with os.scandir(fd) as entries:
+            children = [(entry.name, _listed_kind(entry)) for entry in entries]
+    except OSError as error:
+        raise unreadable(error, shown, uri) from error
+    children.sort(reverse=True)
+    return children
+
+
+def walk_tree(
+    root: str, *, shown: str | None = None, uri: str | None = None, skip: Skip | None = None
+) -> Generator[Entry, None, None]:
+    """Pre-order walk of ``root``: every folder comes before what it holds, siblings sorted by name.
+
+    Every folder is opened relative to its parent's descriptor, without following a symlink, and
+    must be the folder the listing showed; every entry must still be what the listing said (a
+    folder, a symlink or a file): a tree changed under the walk raises :class:`SourceChangedError`
+    instead of leading the walk outside it. The root is the path given (followed if a symlink).
+    Restores' staging folders at the top (see ``STAGING_PREFIX``) and what ``skip`` names are left
+    out. ``shown`` is the path messages name (the user's, when ``root`` is a snapshot of it),
+    ``uri`` what is being saved.
+    """
+    shown = shown if shown is not None else root
+    uri = uri if uri is not None else shown
+    top = _open_folder(None, root, None, shown, uri)
+    frames: list[tuple[int, str, list[tuple[str, str]]]] = []
+    try:
+        frames.append((top, "", _listing(top, shown, uri)))
+        while frames:
+            fd, prefix, names = frames[-1]
+            if not names:
+                frames.pop()
+                os.close(fd)
+                continue
+            name, listed = names.pop()
+            rel = prefix + name
+            if (not prefix and name.startswith(STAGING_PREFIX)) or (skip is not None and skip(rel)):
+                continue
+            full = os.path.join(shown, rel)
+            try:
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError as error:
+                raise SourceChangedError(f"{full} disappeared while {uri} was being saved", uri=uri) from error
+            except OSError as error:
+                raise unreadable(error, full, uri) from error
+            kind = _kind(st.st_mode)
+            if kind != listed:
+                raise SourceChangedError(
+                    f"{full} was replaced while {uri} was being saved (a {listed} became a {kind})", uri=uri
+                )
+            yield Entry(rel, name, fd, st)
+            if kind == _FOLDER:
+                child = _open_folder(fd, name, st, full, uri)
+                listing: list[tuple[str, str]] = []
+                frames.append((child, f"{rel}/", listing))  # first, so that it is closed if listing fails
+                listing.extend(_listing(child, full, uri))
+    finally:
+        for fd, _, _ in frames:
+            os.close(fd)
+
+
+def skip_within(root: str, folder: str, names: Callable[[str], bool]) -> Skip | None:
+    """The :data:`Skip` leaving out the ``names`` of ``folder`` where it lies inside the tree at
+    ``root`` (both compared as real paths); ``None`` when it lies outside."""
+    base = os.path.realpath(root)
+    place = os.path.realpath(folder)
+    if place == base:
+        inside = ""
+    elif place.startswith(base.rstrip(os.sep) + os.sep):
+        inside = os.path.relpath(place, base).replace(os.sep, "/") + "/"
+    else:
+        return None
+
+    def skip(rel: str) -> bool:
+        return rel.startswith(inside) and "/" not in rel[len(inside) :] and names(rel[len(inside) :])
+
+    return skip
+
+
+def skip_any(*skips: Skip | None) -> Skip | None:
+    """One :data:`Skip` leaving out what any of ``skips`` does."""
+    given = [skip for skip in skips if skip is not None]
+    if len(given) <= 1:
+        return given[0] if given else None
+    return lambda rel: any(skip(rel) for skip in given)
 
 
 def _check_link(root: str, rel: str, target: str, uri: str) -> None:
@@ -182,15 +334,18 @@ def _seconds(st: os.stat_result) -> int:
     return st.st_mtime_ns // 1_000_000_000
 
 
-def _add_file(sink: _GzipMemberWriter, rel: str, full: str, st: os.stat_result, uri: str) -> None:
+def _add_file(sink: _GzipMemberWriter, entry: Entry, full: str, uri: str) -> None:
     """Append a regular file's header and exactly the bytes ``lstat`` promised."""
+    st = entry.st
     size = st.st_size
     padding = bytes(-size % _tar.BLOCK)
     try:  # not through a symlink swapped in since the listing: its bytes would come from anywhere
-        fd = os.open(full, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        fd = os.open(entry.name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=entry.folder)
+    except FileNotFoundError as error:
+        raise SourceChangedError(f"{full} disappeared while {uri} was being saved", uri=uri) from error
     except OSError as error:
         if error.errno != errno.ELOOP:
-            raise
+            raise unreadable(error, full, uri) from error
         raise SourceChangedError(f"{full} was replaced by a symlink while {uri} was being saved", uri=uri) from error
     try:
         opened = os.fstat(fd)
@@ -199,7 +354,7 @@ def _add_file(sink: _GzipMemberWriter, rel: str, full: str, st: os.stat_result, 
             raise SourceChangedError(
                 f"{full} was replaced while {uri} was being saved (the file read is not the one listed)", uri=uri
             )
-        header = _tar.header(rel, _tar.FILE, size=size, mode=stat.S_IMODE(st.st_mode), mtime=_seconds(st))
+        header = _tar.header(entry.rel, _tar.FILE, size=size, mode=stat.S_IMODE(st.st_mode), mtime=_seconds(st))
         if size <= _COPY_BUFSIZE:  # most files: header, data and padding in one write
             sink.write(b"".join((header, *file_data(fd, size, full, uri), padding)))
             return
@@ -211,23 +366,35 @@ def _add_file(sink: _GzipMemberWriter, rel: str, full: str, st: os.stat_result, 
     sink.write(padding)
 
 
-def pack_directory(root: Path, emit: Emit, *, block_size: int, level: int, workers: int = 1) -> None:
+def pack_directory(
+    root: Path,
+    emit: Emit,
+    *,
+    block_size: int,
+    level: int,
+    workers: int = 1,
+    shown: str | None = None,
+    skip: Skip | None = None,
+) -> None:
     """Write ``root``'s contents as a .tar.gz stream to ``emit``, one gzip member per block.
 
     Entries are named relative to ``root`` in sorted order (but for staging folders a killed restore
-    left at its top, see ``STAGING_PREFIX``); empty folders, symlinks (as links),
-    hard links, modes and mtimes (whole seconds) are kept; owners are not (a restore belongs to
-    whoever runs it). Sockets, pipes and device files are skipped with a warning: they hold no data.
-    A file that grows while it is read is stored with the size it had when listed; one that shrinks
-    or vanishes raises :class:`SourceChangedError`.
+    left at its top, see ``STAGING_PREFIX``, and what ``skip`` names); empty folders, symlinks (as
+    links), hard links, modes and mtimes (whole seconds) are kept; owners are not (a restore belongs
+    to whoever runs it). Sockets, pipes and device files are skipped with a warning: they hold no
+    data. A file that grows while it is read is stored with the size it had when listed; one that
+    shrinks or vanishes, and an entry replaced since it was listed (a folder swapped for a symlink
+    included), raise :class:`SourceChangedError` (see :func:`walk_tree`). Messages name ``shown``
+    (default ``root``): the user's folder when ``root`` is a snapshot of it.
     """
-    uri = str(root)
+    uri = shown if shown is not None else str(root)
     sink = _GzipMemberWriter(emit, block_size, level, workers)
     links: dict[tuple[int, int], str] = {}
     try:
-        for rel, full in _iter_tree(str(root)):
-            try:
-                st = os.lstat(full)
+        with contextlib.closing(walk_tree(str(root), shown=uri, uri=uri, skip=skip)) as entries:
+            for entry in entries:
+                rel, st = entry.rel, entry.st
+                full = os.path.join(uri, rel)
                 mode, mtime = stat.S_IMODE(st.st_mode), _seconds(st)
                 if stat.S_ISREG(st.st_mode):
                     inode = (st.st_dev, st.st_ino)
@@ -236,21 +403,40 @@ def pack_directory(root: Path, emit: Emit, *, block_size: int, level: int, worke
                         continue
                     if st.st_nlink > 1:
                         links[inode] = rel
-                    _add_file(sink, rel, full, st, uri)
+                    _add_file(sink, entry, full, uri)
                 elif stat.S_ISDIR(st.st_mode):
                     sink.write(_tar.header(rel + "/", _tar.DIRECTORY, mode=mode, mtime=mtime))
                 elif stat.S_ISLNK(st.st_mode):
-                    target = os.readlink(full)
+                    try:
+                        target = os.readlink(entry.name, dir_fd=entry.folder)
+                    except FileNotFoundError as error:
+                        raise SourceChangedError(f"{full} disappeared while {uri} was being saved", uri=uri) from error
                     _check_link(str(root), rel, target, uri)
                     sink.write(_tar.header(rel, _tar.SYMLINK, mode=mode, mtime=mtime, link=target))
                 else:
-                    logger.warning("checkpointio: skipping special file %s (not regular data)", full)
-            except FileNotFoundError as error:
-                raise SourceChangedError(f"{full} disappeared while {uri} was being saved", uri=uri) from error
+                    kind = file_type(st.st_mode)
+                    logger.warning("checkpointio: skipping %s %s (it holds no data to save)", kind, full)
         sink.write(_tar.end_of_archive(sink.tell()))
         sink.finish()
     finally:
         sink.close()
+
+
+def file_type(mode: int) -> str:
+    """What a file of this ``st_mode`` is, in words (for messages)."""
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    if stat.S_ISBLK(mode):
+        return "a block device"
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISLNK(mode):
+        return "a symlink"
+    return "a regular file" if stat.S_ISREG(mode) else "a file of unknown type"
 
 
 class GunzipReader:

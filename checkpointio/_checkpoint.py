@@ -251,11 +251,13 @@ class Checkpoint:
 
         Raises:
             SourceNotFoundError: The path does not exist.
-            SourceChangedError: A file shrank or vanished while it was read, or (background save)
+            SourceChangedError: A file shrank or vanished while it was read, an entry (a folder
+                swapped for a symlink, say) was replaced since it was listed, or (background save)
                 a linked file was rewritten in place; nothing is stored, the previous checkpoint
                 stays.
             UnsupportedSourceError: The tree holds something a restore would refuse (a symlink
-                pointing outside it).
+                pointing outside it), or the path is neither a file nor a directory (a FIFO).
+            SourceUnreadableError: A file or folder of it cannot be read (permission denied).
             BackgroundSaveError: An earlier background save of this checkpoint failed and its
                 error had not been retrieved (this save was not started).
             TypeError: ``data`` is of another type.
@@ -266,7 +268,8 @@ class Checkpoint:
             await self._settle(supersede)
             await _engine.save(await open_store(self._dest.scheme, config), self._dest, data, config, callback)
             return SaveHandle(self.dest)
-        snapshot = await anyio.to_thread.run_sync(functools.partial(_snapshot.take, data))
+        own = functools.partial(_engine.store_files_in, self._dest)
+        snapshot = await anyio.to_thread.run_sync(functools.partial(_snapshot.take, data, skip=own))
         try:
             await self._settle(supersede)
         except BaseException:
@@ -307,7 +310,15 @@ class Checkpoint:
     ) -> None:
         try:
             store = await open_store(self._dest.scheme, config)
-            await _engine.save(store, self._dest, snapshot.data, config, on_progress, check=snapshot.check_unchanged)
+            await _engine.save(
+                store,
+                self._dest,
+                snapshot.data,
+                config,
+                on_progress,
+                check=snapshot.check_unchanged,
+                shown=snapshot.source,
+            )
         finally:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(snapshot.discard)

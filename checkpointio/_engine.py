@@ -14,6 +14,7 @@ import io
 import logging
 import os
 import shutil
+import stat
 import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -32,10 +33,17 @@ from ._concurrency import PLUMBING as _PLUMBING
 from ._concurrency import Aborted as _Aborted
 from ._concurrency import one_error
 from ._config import TransferConfig
-from ._exceptions import CheckpointError, ChecksumMismatchError, CorruptCheckpointError, SourceNotFoundError
+from ._exceptions import (
+    CheckpointError,
+    ChecksumMismatchError,
+    CorruptCheckpointError,
+    SourceNotFoundError,
+    UnsupportedSourceError,
+)
 from ._location import Location
 from ._progress import Meter, ProgressCallback
 from ._stores import Blocks, Body, Digest, Kind, ObjectInfo, RangedStore, Record, Store
+from ._stores._local import own_files
 
 __all__ = [
     "PAYLOAD_NAME",
@@ -46,6 +54,8 @@ __all__ = [
     "replace_all",
     "save",
     "save_written",
+    "store_files_in",
+    "unsupported_type",
     "verify",
     "write_out",
 ]
@@ -82,6 +92,8 @@ class _Source:
     path: Path | None = None
     stream: IO[bytes] | None = None
     writer: Writer | None = None
+    #: The path messages name: the one given, also when ``path`` is a snapshot of it.
+    shown: str | None = None
 
 
 class _ChunkingWriter(io.RawIOBase):
@@ -116,26 +128,55 @@ class _ChunkingWriter(io.RawIOBase):
             self._buffer.clear()
 
 
-def _classify(data: object) -> _Source:
+def _classify(data: object, shown: str | None = None) -> _Source:
+    """What ``data`` is; ``shown`` is the path messages name (the user's, for a snapshot of it)."""
     if isinstance(data, bytes | bytearray | memoryview):
         view = memoryview(data).cast("B")
         return _Source(Kind.BYTES, len(view), data=view)
     if isinstance(data, str | os.PathLike):
         path = Path(data)
+        shown = shown if shown is not None else str(path)
         try:
             st = path.stat()
         except FileNotFoundError:
-            raise SourceNotFoundError(f"cannot save {str(path)!r}: no such file or directory", uri=str(path)) from None
-        if path.is_dir():
-            return _Source(Kind.DIRECTORY, None, path=path)
-        if path.is_file():
-            return _Source(Kind.FILE, st.st_size, path=path)
-        raise ValueError(f"cannot save {str(path)!r}: not a regular file or directory")
+            raise SourceNotFoundError(f"cannot save {shown!r}: no such file or directory", uri=shown) from None
+        if stat.S_ISDIR(st.st_mode):
+            return _Source(Kind.DIRECTORY, None, path=path, shown=shown)
+        if stat.S_ISREG(st.st_mode):
+            return _Source(Kind.FILE, st.st_size, path=path, shown=shown)
+        raise unsupported_type(shown, st.st_mode)
     if hasattr(data, "read") and not isinstance(data, io.TextIOBase):
         return _Source(Kind.BYTES, None, stream=data)  # type: ignore[arg-type]
     raise TypeError(
         f"save() takes bytes, a str path or a pathlib.Path (or a binary file object), not {type(data).__name__}"
     )
+
+
+def unsupported_type(shown: str, mode: int) -> UnsupportedSourceError:
+    """The error for a path given to ``save()`` that is neither a regular file nor a directory."""
+    return UnsupportedSourceError(
+        f"cannot save {shown!r}: it is {_archive.file_type(mode)}, not a regular file or directory (to save "
+        "what a pipe carries, pass it open in binary mode, or pipe it to `checkpointio save - URI`)",
+        uri=shown,
+    )
+
+
+def store_files_in(location: Location, root: Path) -> _archive.Skip | None:
+    """For a folder saved to a local key inside it: the store's own files for that key (the
+    checkpoint, its record, temporary files of saves to it), left out of the archive as ``tar``
+    leaves out its own; else every save would store the previous checkpoint. ``None`` otherwise.
+
+    The key's folder is created first when it lies inside the tree (the store would create it
+    while the tree is walked), so that whether the archive holds it does not depend on timing.
+    """
+    if location.scheme != "file":
+        return None
+    key = Path(location.key)
+    skip = _archive.skip_within(str(root), str(key.parent), own_files(key))
+    if skip is not None:
+        with contextlib.suppress(OSError):  # the store reports what is wrong with the folder
+            key.parent.mkdir(parents=True, exist_ok=True)
+    return skip
 
 
 #: Bytes per CRC32 call when reading a source up front: the GIL is let go between calls.
@@ -160,7 +201,7 @@ def _crc32_up_front(source: _Source) -> Callable[[], int] | None:
 
         def of_file() -> int:
             crc = 0
-            for chunk in _file_chunks(path, size, _CRC_STEP):
+            for chunk in _file_chunks(path, size, _CRC_STEP, source.shown):
                 crc = _codec.crc32(chunk, crc)
             return crc
 
@@ -168,15 +209,22 @@ def _crc32_up_front(source: _Source) -> Callable[[], int] | None:
     return None
 
 
-def _file_chunks(path: Path, size: int, step: int) -> Iterator[bytes]:
+def _file_chunks(path: Path, size: int, step: int, shown: str | None = None) -> Iterator[bytes]:
     """The ``size`` bytes a file held when ``save()`` was called (as for a directory's files: a
     file that grew is stored as it was then, one that shrank fails the save)."""
-    with open(path, "rb", buffering=0) as file:
-        yield from _archive.file_data(file.fileno(), size, str(path), str(path), step)
+    shown = shown if shown is not None else str(path)
+    try:
+        file = open(path, "rb", buffering=0)  # noqa: SIM115 (closed below; the error is translated)
+    except PermissionError as error:
+        raise _archive.unreadable(error, shown, shown) from error
+    with file:
+        yield from _archive.file_data(file.fileno(), size, shown, shown, step)
 
 
-def _produce(source: _Source, emit: Callable[[bytes], None], config: TransferConfig) -> None:
-    """Worker thread: turn the source into chunks."""
+def _produce(
+    source: _Source, emit: Callable[[bytes], None], config: TransferConfig, skip: _archive.Skip | None = None
+) -> None:
+    """Worker thread: turn the source into chunks (a directory without what ``skip`` names)."""
     step = config.chunk_size
     if source.writer is not None:
         out = _ChunkingWriter(emit, step)
@@ -191,12 +239,18 @@ def _produce(source: _Source, emit: Callable[[bytes], None], config: TransferCon
             emit(bytes(chunk))
     elif source.kind is Kind.FILE:
         assert source.path is not None and source.size is not None
-        for chunk in _file_chunks(source.path, source.size, step):
+        for chunk in _file_chunks(source.path, source.size, step, source.shown):
             emit(chunk)
     else:
         assert source.path is not None
         _archive.pack_directory(
-            source.path, emit, block_size=step, level=config.compression_level, workers=config.compression_workers
+            source.path,
+            emit,
+            block_size=step,
+            level=config.compression_level,
+            workers=config.compression_workers,
+            shown=source.shown,
+            skip=skip,
         )
 
 
@@ -208,15 +262,21 @@ async def save(
     on_progress: ProgressCallback | None = None,
     *,
     check: Callable[[], None] | None = None,
+    shown: str | None = None,
+    skip: _archive.Skip | None = None,
 ) -> ObjectInfo:
     """Save ``data`` (bytes, a file, a directory or a binary stream) at ``location``; atomic on every store.
 
     ``on_progress`` hears of each chunk handed to the store, from the producer thread, and of the
     commit. ``check`` runs in the producer thread once every byte was read and before the store
     may commit; an error it raises fails the save (a background snapshot uses it to refuse files
-    rewritten in place).
+    rewritten in place). A background snapshot also gives ``shown``, the user's path for messages,
+    and ``skip``, what its tree leaves out (else :func:`store_files_in` is applied here).
     """
-    return await _save(store, location, _classify(data), config, on_progress, check)
+    source = _classify(data, shown)
+    if source.kind is Kind.DIRECTORY and skip is None and source.path is not None:
+        skip = await anyio.to_thread.run_sync(store_files_in, location, source.path)
+    return await _save(store, location, source, config, on_progress, check, skip)
 
 
 async def save_written(
@@ -237,6 +297,7 @@ async def _save(
     config: TransferConfig,
     on_progress: ProgressCallback | None,
     check: Callable[[], None] | None = None,
+    skip: _archive.Skip | None = None,
 ) -> ObjectInfo:
     _allocator.settle()
     send, receive = anyio.create_memory_object_stream[bytes](config.pipeline_depth)
@@ -252,7 +313,7 @@ async def _save(
         meter.advance(len(chunk))
 
     def produce_all() -> None:
-        _produce(source, emit, config)
+        _produce(source, emit, config, skip)
         if check is not None:
             check()
 
@@ -503,6 +564,23 @@ async def _read(
     return result[0]
 
 
+def _make_workspace(workspace: Path, uri: str) -> None:
+    """Create the folder a restore goes into, or say what stands in the way."""
+    try:
+        workspace.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as error:  # something that is not a folder (exist_ok covers folders)
+        raise CheckpointError(
+            f"cannot restore {uri} into the workspace {workspace}: it exists and is not a folder "
+            "(pass workspace= a folder, or a path that does not exist yet)",
+            uri=uri,
+        ) from error
+    except NotADirectoryError as error:
+        raise CheckpointError(
+            f"cannot restore {uri} into the workspace {workspace}: a part of its path is a file, not a folder",
+            uri=uri,
+        ) from error
+
+
 async def load(
     store: Store,
     location: Location,
@@ -518,7 +596,7 @@ async def load(
     info = await store.head(location)
     if info is None:
         return None
-    await anyio.to_thread.run_sync(lambda: workspace.mkdir(parents=True, exist_ok=True))
+    await anyio.to_thread.run_sync(_make_workspace, workspace, location.uri)
     meter = Meter(on_progress, "load", location.uri, info.size)
     if info.record is not None and info.record.kind is not Kind.DIRECTORY and _ranged(store, info, config):
         return await _restore_ranges(store, info, workspace, meter)

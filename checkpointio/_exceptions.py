@@ -7,6 +7,7 @@ URI it concerns. Built-in bases are mixed in where a caller would reasonably cat
     ├── SourceNotFoundError (also FileNotFoundError)  what save() was given does not exist
     ├── UnsupportedSourceError (also ValueError)      what save() was given cannot be stored safely
     ├── SourceChangedError                            a file shrank or vanished while it was saved
+    ├── SourceUnreadableError (also PermissionError)  what save() was given cannot be read
     ├── CheckpointNotFoundError (also FileNotFoundError)  an explicit read of a missing object
     ├── CorruptCheckpointError                          what was stored does not read back whole
     │   ├── ChecksumMismatchError                       bytes differ from the recorded checksum
@@ -40,6 +41,7 @@ __all__ = [
     "PortalError",
     "SourceChangedError",
     "SourceNotFoundError",
+    "SourceUnreadableError",
     "StoreError",
     "StoreUnavailableError",
     "UnsafeArchiveError",
@@ -71,10 +73,16 @@ class UnsupportedSourceError(CheckpointError, ValueError):
 
 
 class SourceChangedError(CheckpointError):
-    """A file shrank or disappeared while its directory was being saved; nothing was stored.
+    """A file shrank or disappeared while its directory was being saved, or an entry of the tree
+    was replaced (a folder swapped for a symlink, say) since it was listed; nothing was stored.
 
     A file that grows is stored with the size it had when it was listed.
     """
+
+
+class SourceUnreadableError(CheckpointError, PermissionError):
+    """A file or folder of what ``save()`` was given cannot be read (permission denied); nothing
+    was stored. The message names the user's path, also for a background save."""
 
 
 class CheckpointNotFoundError(CheckpointError, FileNotFoundError):

@@ -29,15 +29,18 @@ import os
 import shutil
 import stat
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ._exceptions import SourceChangedError, SourceNotFoundError
+from . import _archive
+from ._exceptions import SourceChangedError, SourceNotFoundError, UnsupportedSourceError
 
 __all__ = ["Snapshot", "take"]
 
 #: ``os.link`` errors that mean "this filesystem or pair of filesystems cannot hard-link": copy.
 _NO_LINK = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EACCES}
+_COPY_STEP = 1024 * 1024
 
 
 @dataclass
@@ -47,16 +50,18 @@ class Snapshot:
     Attributes:
         data: The bytes, or the path of the snapshot file or tree.
         scratch: The scratch folder holding the snapshot, removed by :meth:`discard`.
+        source: The path the caller gave (what messages about the snapshot name), if any.
         linked: How many regular files were hard-linked rather than copied.
         copied: How many regular files were copied.
     """
 
     data: bytes | Path
     scratch: Path | None = None
+    source: str | None = None
     linked: int = 0
     copied: int = 0
     _inodes: dict[tuple[int, int], Path] = field(default_factory=dict, repr=False)
-    _watched: list[tuple[Path, Path, int, int]] = field(default_factory=list, repr=False)
+    _watched: list[tuple[str, Path, int, int]] = field(default_factory=list, repr=False)
 
     def check_unchanged(self) -> None:
         """Raise :class:`SourceChangedError` if a linked file was rewritten in place since the call."""
@@ -67,7 +72,7 @@ class Snapshot:
                     f"{source} was rewritten in place while its background save ran, so the save could "
                     "hold a mix of old and new bytes and was not stored; write new files (or a temporary "
                     "name, then rename) after save(wait=False), or save with wait=True",
-                    uri=str(source),
+                    uri=source,
                 )
 
     def discard(self) -> None:
@@ -76,7 +81,14 @@ class Snapshot:
             _remove_tree(self.scratch)
             self.scratch = None
 
-    def _file(self, source: Path, target: Path, st: os.stat_result, link: bool) -> None:
+    def _file(self, folder: int, name: str, shown: str, target: Path, st: os.stat_result, link: bool) -> None:
+        """Link (or copy) the file ``name`` of the open folder ``folder``, listed as ``st``, to ``target``.
+
+        Read through the folder's descriptor, never following a symlink: a file swapped since
+        it was listed fails the snapshot (:class:`SourceChangedError`) instead of bringing in
+        whatever the symlink points at.
+        """
+        uri = self.source or shown
         inode = (st.st_dev, st.st_ino)
         first = self._inodes.get(inode)
         if first is not None:  # a hard link inside the tree: keep it one inode in the snapshot too
@@ -84,25 +96,55 @@ class Snapshot:
             return
         if link:
             try:
-                os.link(source, target, follow_symlinks=False)
+                os.link(name, target, src_dir_fd=folder, follow_symlinks=False)
+            except FileNotFoundError as error:
+                raise SourceChangedError(f"{shown} disappeared while {uri} was being saved", uri=uri) from error
             except OSError as error:
                 if error.errno not in _NO_LINK:
-                    raise
+                    raise _archive.unreadable(error, shown, uri) from error
             else:
+                linked = os.lstat(target)
+                if (linked.st_dev, linked.st_ino) != inode:
+                    raise SourceChangedError(
+                        f"{shown} was replaced while {uri} was being saved (the file linked is not the one listed)",
+                        uri=uri,
+                    )
                 self.linked += 1
                 self._inodes[inode] = target
-                linked = os.stat(target)
-                self._watched.append((source, target, linked.st_mtime_ns, linked.st_size))
+                self._watched.append((shown, target, linked.st_mtime_ns, linked.st_size))
                 return
-        shutil.copy2(source, target, follow_symlinks=False)
+        _copy(folder, name, shown, uri, target, st)
         self.copied += 1
         self._inodes[inode] = target
 
 
-def _copy_link(source: Path, target: Path) -> None:
+def _copy(folder: int, name: str, shown: str, uri: str, target: Path, st: os.stat_result) -> None:
+    """Copy the file ``name`` of the open folder ``folder`` (still the one listed as ``st``) to
+    ``target``, with its mode and times."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=folder)
+    except FileNotFoundError as error:
+        raise SourceChangedError(f"{shown} disappeared while {uri} was being saved", uri=uri) from error
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            message = f"{shown} was replaced by a symlink while {uri} was being saved"
+            raise SourceChangedError(message, uri=uri) from error
+        raise _archive.unreadable(error, shown, uri) from error
+    with open(fd, "rb") as original:
+        opened = os.fstat(fd)
+        if not stat.S_ISREG(opened.st_mode) or (opened.st_dev, opened.st_ino) != (st.st_dev, st.st_ino):
+            raise SourceChangedError(
+                f"{shown} was replaced while {uri} was being saved (the file read is not the one listed)", uri=uri
+            )
+        with open(target, "xb") as copy:
+            shutil.copyfileobj(original, copy, _COPY_STEP)
+    os.chmod(target, stat.S_IMODE(st.st_mode))
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _copy_link(folder: int, name: str, target: Path, st: os.stat_result) -> None:
     """The symlink again, with its own mtime (the archive stores it; a new one has the time now)."""
-    os.symlink(os.readlink(source), target)
-    st = source.lstat()
+    os.symlink(os.readlink(name, dir_fd=folder), target)
     with contextlib.suppress(NotImplementedError, OSError):  # no lutimes on this platform
         os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
 
@@ -121,28 +163,48 @@ def _remove_tree(root: Path) -> None:
     shutil.rmtree(root, ignore_errors=True)
 
 
-def _scratch_for(source: Path) -> Path:
-    """A new scratch folder, on the source's filesystem when one can be found (so links work).
+def _inside(path: Path, tree: Path) -> bool:
+    """Whether ``path`` is ``tree`` or lies inside it (as real paths)."""
+    real, top = os.path.realpath(path), os.path.realpath(tree)
+    return real == top or real.startswith(top.rstrip(os.sep) + os.sep)
+
+
+def _scratch_for(source: Path, is_tree: bool) -> Path:
+    """A new scratch folder: outside the tree being snapshotted, on the source's filesystem when
+    one can be found (so links work).
 
     Tried in order: the system temporary folder, then a hidden folder beside the source. Frameworks
-    glob their own names (``checkpoint-*``, ``*.ckpt``); a dot-name beside them matches none.
+    glob their own names (``checkpoint-*``, ``*.ckpt``); a dot-name beside them matches none. A
+    temporary folder inside the tree (``TMPDIR`` set to a folder of the tree, where ``/tmp`` is
+    small) is passed over: the snapshot would copy itself into itself. Only when every candidate
+    lies inside the tree is one used there; :func:`take` then leaves it out of the walk.
     """
     device = source.stat().st_dev
     candidates = [Path(tempfile.gettempdir()), source.parent]
-    for base in candidates:
+    outside = [base for base in candidates if not (is_tree and _inside(base, source))]
+    for base in outside:
         try:
             if base.stat().st_dev == device:
                 return Path(tempfile.mkdtemp(prefix=".checkpointio-snapshot-", dir=base))
         except OSError:
             continue
+    for base in outside:  # another filesystem: files are copied
+        with contextlib.suppress(OSError):
+            return Path(tempfile.mkdtemp(prefix=".checkpointio-snapshot-", dir=base))
     return Path(tempfile.mkdtemp(prefix=".checkpointio-snapshot-"))
 
 
-def take(data: object, *, link: bool = True) -> Snapshot:
+def take(data: object, *, link: bool = True, skip: Callable[[Path], _archive.Skip | None] | None = None) -> Snapshot:
     """Snapshot ``data`` (bytes, a file or a directory) as it is now.
+
+    ``skip``, given the real path of a directory being snapshotted, says what to leave out of it
+    (the store's own files where the checkpoint is saved inside the tree).
 
     Raises:
         SourceNotFoundError: The path does not exist.
+        UnsupportedSourceError: It is neither a regular file nor a directory (a FIFO, a socket).
+        SourceChangedError: The tree changed under the walk (see :func:`_archive.walk_tree`).
+        SourceUnreadableError: A file or folder of it cannot be read.
         TypeError: ``data`` is of another type.
     """
     if isinstance(data, bytes):
@@ -154,48 +216,60 @@ def take(data: object, *, link: bool = True) -> Snapshot:
     if not isinstance(data, str | os.PathLike):
         raise TypeError(f"save() takes bytes, a str path or a pathlib.Path, not {type(data).__name__}")
     given = Path(data)
+    shown = str(given)
     try:
         st = given.stat()
     except FileNotFoundError:
-        raise SourceNotFoundError(f"cannot save {str(given)!r}: no such file or directory", uri=str(given)) from None
+        raise SourceNotFoundError(f"cannot save {shown!r}: no such file or directory", uri=shown) from None
+    is_tree = stat.S_ISDIR(st.st_mode)
+    if not is_tree and not stat.S_ISREG(st.st_mode):
+        raise UnsupportedSourceError(
+            f"cannot save {shown!r}: it is {_archive.file_type(st.st_mode)}, not a regular file or directory (to "
+            "save what a pipe carries, pass it open in binary mode to save(wait=True))",
+            uri=shown,
+        )
     # What a path names, not the symlink or "." that names it: a file given as a symlink (Lightning's
     # ``last.ckpt``) is linked as the file, and a scratch folder beside a tree is outside it.
     source = Path(os.path.realpath(given))
-    scratch = _scratch_for(source)
-    snapshot = Snapshot(scratch / "snapshot", scratch)
+    scratch = _scratch_for(source, is_tree)
+    target = scratch / "snapshot"
+    snapshot = Snapshot(target, scratch, shown)
     try:
-        target = scratch / "snapshot"
-        if stat.S_ISDIR(st.st_mode):
-            _tree(snapshot, source, target, link)
+        if is_tree:
+            own = _archive.skip_within(str(source), str(scratch.parent), lambda name: name == scratch.name)
+            _tree(snapshot, source, shown, target, link, _archive.skip_any(own, skip(source) if skip else None))
         else:
-            snapshot._file(source, target, st, link)
+            # O_PATH where there is one: linking a file needs no right to list its folder
+            folder = os.open(source.parent, getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                listed = os.stat(source.name, dir_fd=folder, follow_symlinks=False)
+                snapshot._file(folder, source.name, shown, target, listed, link)
+            finally:
+                os.close(folder)
     except BaseException:
         snapshot.discard()
         raise
     return snapshot
 
 
-def _tree(snapshot: Snapshot, source: Path, target: Path, link: bool) -> None:
+def _tree(snapshot: Snapshot, source: Path, shown: str, target: Path, link: bool, skip: _archive.Skip | None) -> None:
+    """Build the shadow tree of ``source`` at ``target`` through :func:`_archive.walk_tree`, so a
+    folder swapped for a symlink while it is walked fails the snapshot rather than being followed."""
     target.mkdir()
-    folders: list[tuple[Path, Path]] = [(source, target)]
-    for root, dirs, files in os.walk(source):
-        base = Path(root)
-        shadow = target / base.relative_to(source)
-        for name in dirs:
-            path = base / name
-            if path.is_symlink():
-                _copy_link(path, shadow / name)
-            else:
-                (shadow / name).mkdir()
-                folders.append((path, shadow / name))
-        for name in files:
-            path = base / name
-            st = path.lstat()
-            if stat.S_ISLNK(st.st_mode):
-                _copy_link(path, shadow / name)
-            elif stat.S_ISREG(st.st_mode):
-                snapshot._file(path, shadow / name, st, link)
+    folders: list[tuple[Path, os.stat_result]] = [(target, source.stat())]
+    with contextlib.closing(_archive.walk_tree(str(source), shown=shown, uri=shown, skip=skip)) as entries:
+        for entry in entries:
+            copy = target / entry.rel
+            mode = entry.st.st_mode
+            if stat.S_ISDIR(mode):
+                copy.mkdir()
+                folders.append((copy, entry.st))
+            elif stat.S_ISLNK(mode):
+                _copy_link(entry.folder, entry.name, copy, entry.st)
+            elif stat.S_ISREG(mode):
+                snapshot._file(entry.folder, entry.name, os.path.join(shown, entry.rel), copy, entry.st, link)
             # sockets, pipes and devices hold no data: the archive would skip them anyway
-    for original, copy in reversed(folders):  # deepest first: creating entries changes a folder's mtime
+    for copy, st in reversed(folders):  # deepest first: creating entries changes a folder's mtime
         with contextlib.suppress(OSError):
-            shutil.copystat(original, copy, follow_symlinks=False)
+            os.chmod(copy, stat.S_IMODE(st.st_mode))
+            os.utime(copy, ns=(st.st_atime_ns, st.st_mtime_ns))

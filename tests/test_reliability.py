@@ -16,10 +16,13 @@ import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import textwrap
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -35,9 +38,11 @@ from checkpointio import (
     MiB,
     Progress,
     SourceChangedError,
+    SourceUnreadableError,
     StoreError,
     StoreUnavailableError,
     UnsafeArchiveError,
+    UnsupportedSourceError,
 )
 
 from .conftest import MotoServer, StoreCase, make_tree, pull_of, snapshot
@@ -433,6 +438,200 @@ async def test_a_file_deleted_while_saved_fails_the_save(
     with pytest.raises(SourceChangedError, match="tmpfile"):
         await Checkpoint(store.uri("a")).save(tree)
     assert store.partial_writes() in (0, None)
+
+
+def _swapper(tree: Path, outside: Path, moved: Path) -> Callable[[], None]:
+    """Swap ``tree/sub`` for a symlink to ``outside`` (the folder itself goes to ``moved``), once."""
+    done: list[bool] = []
+
+    def swap() -> None:
+        if not done:
+            done.append(True)
+            os.rename(tree / "sub", moved)
+            (tree / "sub").symlink_to(outside)
+
+    return swap
+
+
+def _tree_with_a_folder_and_a_secret_outside(tmp_path: Path) -> tuple[Path, Path]:
+    tree = tmp_path / "tree"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "a.bin").write_bytes(b"a" * 2000)
+    (tree / "sub" / "a.bin").write_bytes(b"s" * 2000)
+    (tree / "sub" / "id_rsa").write_bytes(b"the tree's own file")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "a.bin").write_bytes(b"o" * 2000)
+    (outside / "id_rsa").write_bytes(b"-----BEGIN PRIVATE KEY----- not part of the tree")
+    return tree, outside
+
+
+@pytest.mark.parametrize("moment", ["once-listed", "once-its-header-is-written", "while-it-is-read"])
+async def test_a_folder_swapped_for_a_symlink_out_of_the_tree_while_saved_never_brings_outside_files_in(
+    store: StoreCase, tmp_path: Path, moment: str
+) -> None:
+    tree, outside = _tree_with_a_folder_and_a_secret_outside(tmp_path)
+    swap = _swapper(tree, outside, tmp_path / "moved")
+    await Checkpoint(store.uri("a")).save(b"previous")
+    # One 512-byte tar block per chunk, each reported as it is written: reports 1-5 are a.bin's
+    # header and data (the listing said "sub" is a folder), 6 is sub/'s header, 7-11 sub/a.bin's
+    # (the folder was opened and its entries are being read).
+    reports = [0]
+    at = {"once-listed": 1, "once-its-header-is-written": 6, "while-it-is-read": 8}[moment]
+
+    def on_progress(event: Progress) -> None:
+        reports[0] += 1
+        if reports[0] == at:
+            swap()
+
+    cp = Checkpoint(store.uri("a"), on_progress=on_progress, chunk_size=512, compression_workers=1)
+    if moment != "while-it-is-read":
+        with pytest.raises(SourceChangedError, match="sub"):
+            await cp.save(tree)
+        async with Checkpoint(store.uri("b"), src=store.uri("a")) as reader:
+            assert await reader.load_bytes() == b"previous"
+        return
+    await cp.save(tree)  # the folder read is the one listed: stored as it was
+    assert (tree / "sub").is_symlink()  # the swap happened during the save
+    async with Checkpoint(store.uri("b"), src=store.uri("a")) as reader:
+        restored = await reader.load()
+        assert restored is not None
+        assert (restored / "sub" / "id_rsa").read_bytes() == b"the tree's own file"
+        assert (restored / "sub" / "a.bin").read_bytes() == b"s" * 2000
+
+
+@pytest.mark.parametrize("moment", ["before-it-is-read", "while-it-is-read"])
+async def test_a_folder_swapped_for_a_symlink_out_of_the_tree_during_a_background_snapshot_is_never_followed(
+    store: StoreCase, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, moment: str
+) -> None:
+    tree, outside = _tree_with_a_folder_and_a_secret_outside(tmp_path)
+    swap = _swapper(tree, outside, tmp_path / "moved")
+    await Checkpoint(store.uri("a")).save(b"previous")
+    # The snapshot hard-links each file: swap right after it linked a.bin (top: "sub" was listed
+    # but not read yet) or the first file of sub (the folder is being read).
+    real_link = os.link
+    folder = "snapshot" if moment == "before-it-is-read" else "sub"
+
+    def link(*args: Any, **kwargs: Any) -> None:
+        real_link(*args, **kwargs)
+        if Path(args[1]).parent.name == folder:
+            swap()
+
+    monkeypatch.setattr(os, "link", link)
+    async with Checkpoint(store.uri("a")) as cp:
+        if moment == "before-it-is-read":
+            with pytest.raises(SourceChangedError, match="sub"):
+                await cp.save(tree, wait=False)
+        else:
+            await (await cp.save(tree, wait=False))
+    assert (tree / "sub").is_symlink()  # the swap happened during the snapshot
+    monkeypatch.undo()
+    async with Checkpoint(store.uri("b"), src=store.uri("a")) as reader:
+        if moment == "before-it-is-read":
+            assert await reader.load_bytes() == b"previous"
+            return
+        restored = await reader.load()
+        assert restored is not None
+        assert (restored / "sub" / "id_rsa").read_bytes() == b"the tree's own file"
+        assert (restored / "sub" / "a.bin").read_bytes() == b"s" * 2000
+
+
+def _members(archive_path: Path) -> list[str]:
+    with tarfile.open(archive_path, "r:gz") as tar:
+        return sorted(member.name for member in tar.getmembers())
+
+
+@pytest.mark.parametrize("wait", [True, False], ids=["wait", "background"])
+@pytest.mark.parametrize("key", ["self.ckpt", "checkpoints/run.ckpt"], ids=["at-its-top", "in-a-new-subfolder"])
+async def test_a_folder_saved_to_a_local_key_inside_it_leaves_out_the_checkpoint_and_does_not_grow(
+    tmp_path: Path, wait: bool, key: str
+) -> None:
+    tree = make_tree(tmp_path / "tree")
+    dest = tree / key
+    names: list[list[str]] = []
+    trees: list[dict[str, tuple[str, object, int, int]]] = []
+    for _ in range(3):
+        async with Checkpoint(dest) as cp:
+            await (await cp.save(tree, wait=wait))
+        names.append(_members(dest))
+        async with Checkpoint(tmp_path / "reader", src=dest) as reader:
+            restored = await reader.load()
+            assert restored is not None
+            trees.append(snapshot(restored))
+    assert names[0] == names[1] == names[2]
+    assert trees[0] == trees[1] == trees[2]
+    assert not [name for name in names[0] if ".ckpt" in name]  # nor its record, nor temporary files
+    assert trees[0] == {rel: entry for rel, entry in snapshot(tree).items() if ".ckpt" not in rel}
+
+
+async def test_a_background_save_with_its_temporary_folder_inside_the_tree_keeps_its_scratch_out(
+    store: StoreCase, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tree = make_tree(tmp_path / "tree")
+    (tree / "tmp").mkdir()  # TMPDIR=$PWD/tmp, where /tmp is small
+    monkeypatch.setattr(tempfile, "tempdir", str(tree / "tmp"))
+    expected = snapshot(tree)
+    async with Checkpoint(store.uri("a")) as cp:
+        await (await cp.save(tree, wait=False))
+    assert snapshot(tree) == expected  # and the scratch is gone
+    async with Checkpoint(store.uri("b"), src=store.uri("a")) as reader:
+        restored = await reader.load()
+        assert restored is not None
+        assert snapshot(restored) == expected
+
+
+@pytest.mark.parametrize("wait", [True, False], ids=["wait", "background"])
+async def test_a_named_pipe_given_to_save_is_refused_as_what_it_is(
+    store: StoreCase, tmp_path: Path, wait: bool
+) -> None:
+    fifo = tmp_path / "feed"
+    os.mkfifo(fifo)
+    async with Checkpoint(store.uri("a")) as cp:
+        with pytest.raises(UnsupportedSourceError, match="named pipe") as caught:
+            await cp.save(fifo, wait=wait)
+    assert str(fifo) in str(caught.value) and ".checkpointio-snapshot" not in str(caught.value)
+    assert await Checkpoint(store.uri("a")).prev_exists() is False
+
+
+def _unreadable(path: Path) -> bool:
+    """Make ``path`` unreadable; whether that holds for this process (root reads anything)."""
+    path.chmod(0)
+    try:
+        os.listdir(path)
+    except PermissionError:
+        return True
+    path.chmod(0o755)
+    return False
+
+
+@pytest.mark.parametrize("wait", [True, False], ids=["wait", "background"])
+async def test_an_unreadable_folder_fails_the_save_naming_the_users_path(
+    store: StoreCase, tmp_path: Path, wait: bool
+) -> None:
+    tree = make_tree(tmp_path / "tree")
+    (tree / "model" / "locked").mkdir()
+    if not _unreadable(tree / "model" / "locked"):
+        pytest.skip("this process may read any folder (root with CAP_DAC_OVERRIDE)")
+    try:
+        async with Checkpoint(store.uri("a")) as cp:
+            with pytest.raises(SourceUnreadableError) as caught:
+                await (await cp.save(tree, wait=wait))
+    finally:
+        (tree / "model" / "locked").chmod(0o755)
+    message = str(caught.value)
+    assert str(tree / "model" / "locked") in message and ".checkpointio-snapshot" not in message
+    assert await Checkpoint(store.uri("a")).prev_exists() is False
+
+
+@pytest.mark.parametrize("where", ["a-file", "under-a-file"])
+async def test_a_workspace_that_is_a_file_is_a_clear_error(store: StoreCase, tmp_path: Path, where: str) -> None:
+    await Checkpoint(store.uri("a")).save(b"data")
+    (tmp_path / "notes.txt").write_text("a user's file")
+    workspace = tmp_path / "notes.txt" if where == "a-file" else tmp_path / "notes.txt" / "ws"
+    with pytest.raises(CheckpointError, match=r"not a folder|is a file") as caught:
+        await Checkpoint(store.uri("b"), src=store.uri("a"), workspace=workspace).load()
+    assert str(workspace) in str(caught.value)
+    assert (tmp_path / "notes.txt").read_text() == "a user's file"
 
 
 # -- awkward names and shapes ---------------------------------------------------------------------

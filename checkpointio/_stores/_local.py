@@ -17,9 +17,10 @@ import errno
 import json
 import logging
 import os
+import re
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import anyio
@@ -30,7 +31,7 @@ from .._exceptions import AccessDeniedError, ConcurrentModificationError, StoreE
 from .._location import Location
 from ._base import Body, ObjectInfo, PendingWrite, Record, Sink
 
-__all__ = ["LocalStore"]
+__all__ = ["LocalStore", "own_files"]
 
 logger = logging.getLogger("checkpointio")
 
@@ -58,13 +59,35 @@ def _partial_of(name: str) -> str | None:
 _NAME_MAX = 255
 
 
+#: Hex digits that make a temporary name unique.
+_UNIQUE = 16
+
+
+def _temporary_prefix(name: str) -> str:
+    """``.<name>.partial-``, the name cut (in bytes) where needed so that the sidecar's temporary
+    name (``_UNIQUE`` hex digits and the sidecar suffix more) still fits in ``_NAME_MAX``."""
+    room = _NAME_MAX - 1 - len(_PARTIAL_MARK) - _UNIQUE - len(_SIDECAR_SUFFIX)
+    return f".{os.fsdecode(os.fsencode(name)[:room])}{_PARTIAL_MARK}"
+
+
 def _temporary(path: Path) -> Path:
-    """``.<name>.partial-<16 hex>`` beside ``path``: the name cut (in bytes) where needed so that
-    the sidecar's temporary name (13 bytes more) still fits; a 220-byte name failed with
-    ENAMETOOLONG although it and its sidecar fit."""
-    suffix = f"{_PARTIAL_MARK}{uuid.uuid4().hex[:16]}"
-    room = _NAME_MAX - 1 - len(suffix) - len(_SIDECAR_SUFFIX)
-    return path.with_name(f".{os.fsdecode(os.fsencode(path.name)[:room])}{suffix}")
+    """``.<name>.partial-<16 hex>`` beside ``path`` (see ``_temporary_prefix``; a 220-byte name
+    failed with ENAMETOOLONG although it and its sidecar fit)."""
+    return path.with_name(f"{_temporary_prefix(path.name)}{uuid.uuid4().hex[:_UNIQUE]}")
+
+
+def own_files(path: Path) -> Callable[[str], bool]:
+    """Whether a name in ``path``'s folder is one of the files this store keeps for the checkpoint
+    at ``path``: the checkpoint, its record, or a temporary file of a save to it (or its record's).
+
+    A folder saved to a key inside itself leaves these out, as ``tar`` leaves out its own archive:
+    else every save would store the previous checkpoint, and grow by the tree's size each time.
+    """
+    exact = {path.name, _sidecar(path).name}
+    temporary = re.compile(
+        re.escape(_temporary_prefix(path.name)) + f"[0-9a-f]{{{_UNIQUE}}}(?:{re.escape(_SIDECAR_SUFFIX)})?"
+    )
+    return lambda name: name in exact or temporary.fullmatch(name) is not None
 
 
 def _fsync_dir(path: Path) -> None:
