@@ -299,7 +299,13 @@ async def _gc(cmd: _Command) -> None:
     verb = "would abort" if args.dry_run else "aborted"
     for write in writes:
         print(f"{verb} {write.location.uri} {write.ident} (started {_when(write.started)})")
-    if not writes:
+    runs = []
+    if args.runs_older_than is not None:
+        runs = await _manage.prune_runs(args.prefix, cmd.config, older_than=args.runs_older_than, dry_run=args.dry_run)
+    for run in runs:
+        removed = "would remove" if args.dry_run else "removed"
+        print(f"{removed} run {run.location.uri} (last written {_when(run.last_written)})")
+    if not writes and not runs:
         cmd.say(f"nothing to clean up under {args.prefix}")
 
 
@@ -396,7 +402,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="AGE",
         help="only those started longer ago than this: 0, 90s, 30m, 12h, 1d (default: 1d)",
     )
-    sub.add_argument("--dry-run", action="store_true", help="list what would be aborted, abort nothing")
+    sub.add_argument(
+        "--runs-older-than",
+        type=parse_duration,
+        metavar="AGE",
+        help="also remove the task runs (attempt-<n> checkpoints, their claims) last written longer ago than this",
+    )
+    sub.add_argument("--dry-run", action="store_true", help="list what would be aborted or removed, change nothing")
 
     sub = command(
         "demo",

@@ -7,12 +7,14 @@ and prints.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import shutil
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
@@ -24,9 +26,21 @@ from ._config import TransferConfig
 from ._exceptions import CheckpointNotFoundError
 from ._location import Location, parse_location, split_scheme
 from ._progress import ProgressCallback
-from ._stores import ObjectInfo, PendingWrite, open_store
+from ._stores import ObjectInfo, PendingWrite, Store, open_store
 
-__all__ = ["collect_garbage", "list_checkpoints", "parse_prefix", "remove", "restore", "verify", "write_out"]
+__all__ = [
+    "StoredRun",
+    "collect_garbage",
+    "delete_run",
+    "find_runs",
+    "list_checkpoints",
+    "parse_prefix",
+    "prune_runs",
+    "remove",
+    "restore",
+    "verify",
+    "write_out",
+]
 
 #: HEADs in flight at once when a listing lacks the records (S3 lists no metadata).
 _HEADS_AT_ONCE = 16
@@ -194,3 +208,93 @@ async def collect_garbage(
         if await store.discard(write):
             done.append(write)
     return done
+
+
+#: The last key segment of a task attempt's checkpoint, or of the marker claiming its number.
+_ATTEMPT_NAME = re.compile(r"attempt-(\d+)(\.claim)?")
+
+
+@dataclass
+class StoredRun:
+    """One task run found in a store: the folder holding ``attempt-<n>`` checkpoints and claims.
+
+    Attributes:
+        location: The run's folder (``<storage>/<environment>/<task>/<run id>``).
+        objects: Its attempts' checkpoints and claim markers (nothing else in the folder).
+        unfinished: Saves of its attempts that never finished.
+        last_written: When it was last written to, or ``None`` if the store does not say.
+    """
+
+    location: Location
+    objects: list[Location] = field(default_factory=list)
+    unfinished: list[PendingWrite] = field(default_factory=list)
+    last_written: float | None = None
+
+    def saw(self, when: float | None) -> None:
+        if when is not None and (self.last_written is None or when > self.last_written):
+            self.last_written = when
+
+
+def _run_of(key: str) -> str | None:
+    """The run folder of an attempt's key, or ``None`` for a key that is not an attempt's."""
+    folder, slash, name = key.rpartition("/")
+    return folder if slash and folder and _ATTEMPT_NAME.fullmatch(name) else None
+
+
+async def find_runs(store: Store, prefix: Location) -> list[StoredRun]:
+    """The task runs below ``prefix``, oldest written first (a tie: by folder)."""
+    runs: dict[str, StoredRun] = {}
+
+    def run_of(location: Location) -> StoredRun | None:
+        folder = _run_of(location.key)
+        if folder is None:
+            return None
+        return runs.setdefault(folder, StoredRun(Location(location.scheme, location.bucket, folder)))
+
+    for info in await store.list(prefix):
+        if (run := run_of(info.location)) is not None:
+            run.objects.append(info.location)
+            run.saw(info.modified)
+    for write in await store.pending(prefix):
+        if (run := run_of(write.location)) is not None:
+            run.unfinished.append(write)
+            run.saw(write.started)
+    return sorted(runs.values(), key=lambda run: (run.last_written or 0.0, run.location.key))
+
+
+async def delete_run(store: Store, run: StoredRun) -> None:
+    """Delete a run's attempts, claims and unfinished saves; on a local store, its emptied folders."""
+    for write in run.unfinished:
+        await store.discard(write)
+    for location in run.objects:
+        await store.delete(location)
+    if run.location.scheme == "file":
+        await anyio.to_thread.run_sync(_remove_empty_folders, run.location.key)
+
+
+def _remove_empty_folders(top: str) -> None:
+    """Remove ``top`` and the folders below it that are empty."""
+    for dirpath, _dirnames, _filenames in os.walk(top, topdown=False):
+        with contextlib.suppress(OSError):  # not empty (something else lives there), or gone already
+            os.rmdir(dirpath)
+
+
+async def prune_runs(
+    prefix: str, config: TransferConfig, *, older_than: float, dry_run: bool = False
+) -> list[StoredRun]:
+    """Delete the task runs under ``prefix`` last written more than ``older_than`` seconds ago.
+
+    Only what the task runtime writes goes: ``attempt-<n>`` checkpoints, their claims and unfinished
+    saves. A run whose store gives no times is kept. Returns what was (or, with ``dry_run``, would
+    be) deleted.
+    """
+    location = parse_prefix(prefix)
+    store = await open_store(location.scheme, config)
+    cutoff = time.time() - older_than
+    stale = [
+        run for run in await find_runs(store, location) if run.last_written is not None and run.last_written <= cutoff
+    ]
+    if not dry_run:
+        for run in stale:
+            await delete_run(store, run)
+    return stale

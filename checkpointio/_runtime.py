@@ -18,13 +18,11 @@ be one (``..``, ``/``, ...): they would share keys with another run, or leave th
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import functools
 import inspect
 import json
 import logging
-import math
 import os
 import re
 import secrets
@@ -41,13 +39,13 @@ import anyio
 import anyio.to_thread
 from typing_extensions import Unpack
 
-from . import _portal
+from . import _manage, _portal
 from ._checkpoint import Checkpoint
 from ._config import TransferConfig, TransferOptions
 from ._exceptions import BackgroundSaveError, CheckpointError, InvalidNameError
 from ._location import Location
 from ._manage import parse_prefix
-from ._stores import PendingWrite, open_store
+from ._stores import open_store
 
 __all__ = ["AttemptFailure", "TaskContext", "TaskEnvironment", "ctx", "default_storage", "env"]
 
@@ -241,53 +239,30 @@ async def _prune_runs(run_root: Location, keep: int, config: TransferConfig) -> 
     """Delete the task's runs beyond its ``keep`` most recently written (the run at ``run_root``
     counts and is never deleted), sparing any run written within ``RUN_IDLE_BEFORE_PRUNING``.
 
-    Housekeeping: a failure is logged, and the task goes on.
+    Only what the runtime writes goes (attempts, claims, unfinished saves). Housekeeping: a failure
+    is logged, and the task goes on.
     """
-    task_key, _, current = run_root.key.rpartition("/")
-    base = task_key + "/"
-    task_prefix = Location(run_root.scheme, run_root.bucket, base)
+    task_key = run_root.key.rpartition("/")[0]
+    task_prefix = Location(run_root.scheme, run_root.bucket, task_key + "/")
     try:
         store = await open_store(run_root.scheme, config)
-        objects: dict[str, list[Location]] = {}
-        unfinished: dict[str, list[PendingWrite]] = {}
-        latest: dict[str, float] = {}
-
-        def seen(key: str, when: float | None) -> str | None:
-            if not key.startswith(base):
-                return None
-            run = key[len(base) :].partition("/")[0]
-            latest[run] = max(latest.get(run, -math.inf), math.inf if when is None else when)
-            return run
-
-        for info in await store.list(task_prefix):
-            if (run := seen(info.location.key, info.modified)) is not None:
-                objects.setdefault(run, []).append(info.location)
-        for write in await store.pending(task_prefix):
-            if (run := seen(write.location.key, write.started)) is not None:
-                unfinished.setdefault(run, []).append(write)
+        runs = await _manage.find_runs(store, task_prefix)  # oldest first; a tie: by id, as new ids start with the time
+        others = [run for run in runs if run.location.key.rpartition("/")[0] == task_key and run.location != run_root]
         cutoff = time.time() - RUN_IDLE_BEFORE_PRUNING
-        # Newest first; a tie (S3 times are in whole seconds) goes to the greater id (new ids start with the time).
-        others = sorted((run for run in latest if run != current), key=lambda run: (latest[run], run), reverse=True)
-        pruned = [run for run in others[max(keep - 1, 0) :] if latest[run] <= cutoff]
+        newest_first = others[::-1]
+        pruned = [
+            run
+            for run in newest_first[max(keep - 1, 0) :]
+            if run.last_written is not None and run.last_written <= cutoff
+        ]
         for run in pruned:
-            for write in unfinished.get(run, []):
-                await store.discard(write)
-            for location in objects.get(run, []):
-                await store.delete(location)
-            if run_root.scheme == "file":
-                await anyio.to_thread.run_sync(_remove_empty_folders, base + run)
+            await _manage.delete_run(store, run)
     except (CheckpointError, OSError) as error:
         logger.warning("could not prune the old runs under %s: %s", task_prefix.uri, error)
         return
     if pruned:
-        logger.info("pruned %d old run(s) under %s (keep_runs=%d): %s", len(pruned), task_prefix.uri, keep, pruned)
-
-
-def _remove_empty_folders(top: str) -> None:
-    """Remove ``top`` and the folders below it that are empty (a local run whose objects are gone)."""
-    for dirpath, _dirnames, _filenames in os.walk(top, topdown=False):
-        with contextlib.suppress(OSError):  # not empty (a file written since), or gone already
-            os.rmdir(dirpath)
+        names = [run.location.key.rpartition("/")[2] for run in pruned]
+        logger.info("pruned %d old run(s) under %s (keep_runs=%d): %s", len(pruned), task_prefix.uri, keep, names)
 
 
 class TaskEnvironment:

@@ -363,3 +363,52 @@ def test_demo_runs_from_the_installed_package(tmp_path: Path) -> None:
         "Every task resumed from its last checkpoint",
     ):
         assert line in result.stdout, result.stdout
+
+
+@pytest.mark.parametrize("backend", ["local", "s3"])
+def test_gc_runs_older_than_removes_old_task_runs_and_nothing_else(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    from checkpointio import TaskEnvironment, ctx
+
+    if backend == "s3":
+        server: MotoServer = request.getfixturevalue("moto_server")
+        bucket = server.new_bucket()
+        storage = f"s3://{bucket}/runs"
+    else:
+        storage = str(tmp_path / "runs")
+
+    for run_id in ("old", "new"):
+
+        @TaskEnvironment("e", storage=storage, run_id=run_id).task(retries=1)
+        def job() -> None:
+            ctx().checkpoint.save_sync(b"progress")  # type: ignore[union-attr]
+            raise RuntimeError("fails: the run keeps its attempts and claims")
+
+        with pytest.raises(RuntimeError):
+            job()
+    ok("save", "-", f"{storage}/models/final", stdin=b"the model")  # not a run: never pruned
+    if backend == "s3":
+        server.client().put_object(Bucket=bucket, Key="runs/e/job/old/notes.txt", Body=b"mine")
+        age = "0"  # S3 times cannot be set back: every run is old enough
+        removed = ["new", "old"]
+    else:
+        (tmp_path / "runs" / "e" / "job" / "old" / "notes.txt").write_bytes(b"mine")
+        when = time.time() - 3 * 86400
+        for path in (tmp_path / "runs" / "e" / "job" / "old").iterdir():
+            os.utime(path, (when, when))
+        age = "2d"
+        removed = ["old"]
+
+    def runs_in(lines: str) -> list[str]:
+        return [line.split(" (last written ")[0] for line in lines.splitlines()]
+
+    dry = runs_in(ok("gc", storage, "--runs-older-than", age, "--dry-run"))
+    assert dry == [f"would remove run {storage}/e/job/{run}" for run in removed]
+    assert "attempt-1.claim" in ok("ls", f"{storage}/e/job/old/")  # the dry run removed nothing
+    done = runs_in(ok("gc", storage, "--runs-older-than", age))
+    assert done == [f"removed run {storage}/e/job/{run}" for run in removed]
+    left = ok("ls", storage)
+    assert "models/final" in left and "e/job/old/notes.txt" in left and "e/job/old/attempt-" not in left
+    assert ("e/job/new/attempt-1" in left) == (backend == "local")
+    assert ok("gc", storage, "--runs-older-than", age) == f"nothing to clean up under {storage}\n"

@@ -593,14 +593,22 @@ def test_keep_runs_prunes_the_oldest_runs_of_a_task_on_every_store(
     for number in range(1, 5):
         task_env = environment(store, run_id=f"run-{number}", keep_runs=2)
         _calls_of_a_task_that_fails_once(task_env, 1, age=None)
+        if number == 1:
+            store.put_raw("root/tests/train/run-1/notes.txt", b"not the runtime's: never pruned")
     assert store.list_names("root/tests/train/") == [
+        "run-1/notes.txt",
         "run-3/attempt-0",
         "run-3/attempt-1",
         "run-4/attempt-0",
         "run-4/attempt-1",
     ]
     if store.name == "local":
-        assert sorted(path.name for path in (store.root / "root" / "tests" / "train").iterdir()) == ["run-3", "run-4"]
+        assert (store.root / "root" / "tests" / "train" / "run-1" / "notes.txt").read_bytes().startswith(b"not the")
+        assert sorted(path.name for path in (store.root / "root" / "tests" / "train").iterdir()) == [
+            "run-1",
+            "run-3",
+            "run-4",
+        ]
 
 
 def test_the_log_says_where_a_run_is_stored_and_how_to_resume_it(
