@@ -34,9 +34,7 @@ env = TaskEnvironment("examples")
 def persistent_counter(target: int, crash_at: int | None = 5, step_seconds: float = 0.0) -> int:
     """Count to ``target``, saving after every step; attempt 0 fails at ``crash_at``."""
     context = ctx()
-    checkpoint = context.checkpoint
-    if checkpoint is None:
-        raise RuntimeError("persistent_counter needs retries > 0 for a checkpoint")
+    checkpoint = context.checkpoint  # a Checkpoint: NoCheckpointError here if the task had retries=0
     previous = checkpoint.load_sync()
     count = int(previous.read_text()) if previous else 0
     if previous:
@@ -57,8 +55,7 @@ def persistent_counter(target: int, crash_at: int | None = 5, step_seconds: floa
 def train(epochs: int, crash_in: int | None = 3) -> dict[str, float]:
     """A stand-in training loop whose state is a folder of per-epoch files."""
     context = ctx()
-    checkpoint = context.checkpoint
-    assert checkpoint is not None
+    checkpoint = context.checkpoint  # a Checkpoint: NoCheckpointError here if the task had retries=0
     work = Path(tempfile.mkdtemp(prefix="checkpointio-train-"))
     try:
         start = 0
@@ -85,8 +82,7 @@ def train(epochs: int, crash_in: int | None = 3) -> dict[str, float]:
 async def accumulate(target: int) -> int:
     """Sum 1..target, checkpointing the running total; attempt 0 loses its network half-way."""
     context = ctx()
-    checkpoint = context.checkpoint
-    assert checkpoint is not None
+    checkpoint = context.checkpoint  # a Checkpoint: NoCheckpointError here if the task had retries=0
     previous = await checkpoint.load()
     start, total = map(int, previous.read_text().split(",")) if previous else (1, 0)
     if previous:

@@ -20,6 +20,7 @@ URI it concerns. Built-in bases are mixed in where a caller would reasonably cat
     │   └── ObjectTooLargeError                         over the store's object size limit
     ├── BackgroundSaveError                             an earlier background save failed
     ├── InvalidNameError (also ValueError)              a run id or task name that cannot be a key
+    ├── NoCheckpointError (also RuntimeError)           ctx().checkpoint where there is none
     └── PortalError (also RuntimeError)                 a *_sync call that would deadlock
 
 Cancellation (``KeyboardInterrupt``, ``anyio`` cancellation) is never wrapped.
@@ -37,6 +38,7 @@ __all__ = [
     "ConcurrentModificationError",
     "CorruptCheckpointError",
     "InvalidNameError",
+    "NoCheckpointError",
     "ObjectTooLargeError",
     "PortalError",
     "SourceChangedError",
@@ -138,6 +140,14 @@ class InvalidNameError(CheckpointError, ValueError):
 
     Empty, ``.``, ``..`` or holding ``/``, ``\\`` or NUL: such a name would share its keys with
     another run or task, or leave the storage root.
+    """
+
+
+class NoCheckpointError(CheckpointError, RuntimeError):
+    """``ctx().checkpoint`` (or an integration defaulting to it) where no checkpoint is in force.
+
+    Outside a task, or in a task with ``retries=0`` (nothing could ever be restored, so none is
+    made). ``ctx().checkpoint_or_none`` is ``None`` there instead of raising.
     """
 
 

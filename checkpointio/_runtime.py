@@ -42,7 +42,7 @@ from typing_extensions import Unpack
 from . import _manage, _portal
 from ._checkpoint import Checkpoint
 from ._config import TransferConfig, TransferOptions
-from ._exceptions import BackgroundSaveError, CheckpointError, InvalidNameError
+from ._exceptions import BackgroundSaveError, CheckpointError, InvalidNameError, NoCheckpointError
 from ._location import Location
 from ._manage import parse_prefix
 from ._stores import open_store
@@ -122,19 +122,36 @@ class TaskContext:
     """What a running task knows about itself; ``ctx()`` outside a task is falsy, fields ``None``.
 
     Attributes:
-        checkpoint: This attempt's checkpoint, or ``None`` outside a task or with ``retries=0``.
+        checkpoint_or_none: This attempt's checkpoint, or ``None`` outside a task or with
+            ``retries=0``.
         attempt: 0-based attempt number within the run.
         run_id: The run this attempt belongs to.
         task_name: The task's name.
     """
 
-    checkpoint: Checkpoint | None = None
+    checkpoint_or_none: Checkpoint | None = None
     attempt: int | None = None
     run_id: str | None = None
     task_name: str | None = None
 
     def __bool__(self) -> bool:
         return self.task_name is not None
+
+    @property
+    def checkpoint(self) -> Checkpoint:
+        """This attempt's checkpoint (typed ``Checkpoint``, never ``None``: use it without a check).
+
+        Raises:
+            NoCheckpointError: Outside a task, or in a task with ``retries=0``, which has none
+                (``checkpoint_or_none`` is ``None`` there).
+        """
+        if self.checkpoint_or_none is None:
+            where = "outside a task" if self.task_name is None else f"in task {self.task_name!r}, which has retries=0"
+            raise NoCheckpointError(
+                f"ctx().checkpoint used {where}: only an @env.task(retries=N) with N > 0 has one "
+                "(ctx().checkpoint_or_none is None here)"
+            )
+        return self.checkpoint_or_none
 
 
 _NO_TASK = TaskContext()

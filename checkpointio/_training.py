@@ -12,6 +12,7 @@ from pathlib import Path
 
 from . import _portal
 from ._checkpoint import Checkpoint
+from ._exceptions import NoCheckpointError
 from ._handle import SaveHandle
 from ._runtime import ctx
 
@@ -19,10 +20,14 @@ __all__ = ["FolderSaver", "checkpoint_in_force"]
 
 
 def checkpoint_in_force(checkpoint: Checkpoint | None) -> Checkpoint:
-    """``checkpoint``, else ``ctx().checkpoint``; a clear error when there is neither."""
-    checkpoint = checkpoint if checkpoint is not None else ctx().checkpoint
+    """``checkpoint``, else ``ctx().checkpoint``; a clear error when there is neither.
+
+    Raises:
+        NoCheckpointError: No ``checkpoint`` was given and none is in force.
+    """
+    checkpoint = checkpoint if checkpoint is not None else ctx().checkpoint_or_none
     if checkpoint is None:
-        raise ValueError("no checkpoint: pass checkpoint=, or run inside @env.task(retries=N) with N > 0")
+        raise NoCheckpointError("no checkpoint: pass checkpoint=, or run inside @env.task(retries=N) with N > 0")
     return checkpoint
 
 

@@ -242,7 +242,7 @@ def load_state(
 ) -> Pending[dict[str, Any] | None]:
     """Restore the previous attempt's state into ``model`` / ``optimizer``; return it (or ``None``); await it.
 
-    ``checkpoint`` may be ``None`` (``ctx().checkpoint`` with ``retries=0``): nothing to restore.
+    ``checkpoint`` may be ``None`` (``ctx().checkpoint_or_none`` with ``retries=0``): nothing to restore.
     Files are read with ``torch.load(weights_only=True)``: tensors, numbers, strings and plain
     containers only, so a checkpoint cannot run code when it is loaded. An ``extra`` holding other
     objects (a NumPy array, a custom class) then fails to load with ``pickle.UnpicklingError``;

@@ -25,8 +25,7 @@ env = TaskEnvironment("examples")
 def train(epochs: int, crash_in: int | None = 3) -> dict[str, float]:
     """A stand-in training loop whose state is a folder of per-epoch files."""
     context = ctx()
-    checkpoint = context.checkpoint
-    assert checkpoint is not None
+    checkpoint = context.checkpoint  # a Checkpoint: NoCheckpointError here if the task had retries=0
     work = Path(tempfile.mkdtemp(prefix="checkpointio-train-"))
     try:
         start = 0

@@ -16,7 +16,7 @@ import anyio
 import pytest
 
 import checkpointio._checkpoint as checkpoint_module
-from checkpointio import BackgroundSaveError, Checkpoint, TaskEnvironment, ctx
+from checkpointio import BackgroundSaveError, Checkpoint, NoCheckpointError, TaskEnvironment, ctx
 
 from .conftest import StoreCase
 
@@ -258,7 +258,7 @@ def test_a_restore_replaces_the_checkpoint_folders_and_picks_the_highest_step(tm
 def test_a_first_attempt_starts_clean_and_misuse_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="keep_last"):
         CheckpointioTrainerCallback(keep_last=0)
-    with pytest.raises(ValueError, match="no checkpoint"):
+    with pytest.raises(NoCheckpointError, match="no checkpoint: pass checkpoint="):
         _ = CheckpointioTrainerCallback().checkpoint
     out = tmp_path / "out"
     (out / "checkpoint-3").mkdir(parents=True)  # another run's leftover

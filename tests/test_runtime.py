@@ -19,7 +19,7 @@ import anyio.to_thread
 import pytest
 
 import checkpointio
-from checkpointio import AttemptFailure, TaskEnvironment, ctx, default_storage, latest_checkpoint
+from checkpointio import AttemptFailure, NoCheckpointError, TaskEnvironment, ctx, default_storage, latest_checkpoint
 
 from .conftest import MotoServer, StoreCase, make_tree, snapshot
 
@@ -33,7 +33,10 @@ def environment(store: StoreCase, **kwargs: object) -> TaskEnvironment:
 def test_ctx_outside_a_task_is_falsy_and_empty() -> None:
     context = ctx()
     assert not context
-    assert (context.checkpoint, context.attempt, context.run_id, context.task_name) == (None, None, None, None)
+    assert (context.checkpoint_or_none, context.attempt, context.run_id, context.task_name) == (None, None, None, None)
+    # Typed Checkpoint, never None: outside a task it raises instead of failing later on None.
+    with pytest.raises(NoCheckpointError, match=r"^ctx\(\).checkpoint used outside a task: only an @env.task"):
+        _ = context.checkpoint
 
 
 def test_the_ready_default_environment_is_importable() -> None:
@@ -148,7 +151,9 @@ def test_retries_zero_means_no_checkpoint_and_no_retry(store: StoreCase) -> None
 
     @environment(store).task
     def plain() -> None:
-        calls.append(ctx().checkpoint)
+        calls.append(ctx().checkpoint_or_none)
+        with pytest.raises(NoCheckpointError, match=r"in task 'plain', which has retries=0"):
+            _ = ctx().checkpoint
         raise ValueError("once")
 
     with pytest.raises(ValueError, match="once"):
@@ -245,7 +250,7 @@ async def test_ctx_reaches_worker_threads_the_task_starts(store: StoreCase) -> N
         return [
             await anyio.to_thread.run_sync(lambda: ctx().task_name),
             await asyncio.to_thread(lambda: ctx().run_id is not None and ctx().task_name),  # type: ignore[func-returns-value]
-            ctx().checkpoint is not None and ctx().task_name,  # type: ignore[list-item]
+            ctx().checkpoint_or_none is not None and ctx().task_name,  # type: ignore[list-item]
         ]
 
     assert await job() == ["threaded", "threaded", "threaded"]
