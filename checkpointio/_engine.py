@@ -383,8 +383,16 @@ class _Pull:
         return blocks
 
 
-#: Whether a load has warned that it could check a checkpoint's length only (once per process).
-_warned_unchecked: list[bool] = [False]
+#: Why a load could check only a checkpoint's length, for each reason already logged (once per
+#: process each: a user loading a foreign object after such a stream still learns about it).
+_warned_unchecked: set[str] = set()
+
+#: Why there is no CRC32 to check, by whether the object carries checkpointio's record.
+_UNCHECKED_WHY = {
+    True: "a stream saved in parts to a server that keeps no checksum of the whole object",
+    False: "an object written by another tool, without checkpointio's record, to a store that keeps no "
+    "checksum of its whole content",
+}
 
 
 def _verify(info: ObjectInfo, digest: Digest, *, archive: bool = False) -> None:
@@ -392,8 +400,8 @@ def _verify(info: ObjectInfo, digest: Digest, *, archive: bool = False) -> None:
 
     ``archive``: it was read as a tar.gz, whose gzip members each carry a CRC32 of their own
     (checked as they were inflated). Bytes with neither our CRC32 (a stream saved in several
-    parts, whose size was not known when the upload started) nor the server's can be checked for
-    their length only, which is logged once.
+    parts, whose size was not known when the upload started, or an object another tool wrote)
+    nor the server's can be checked for their length only, which is logged once per reason.
     """
     uri = info.location.uri
     if digest.length != info.size:
@@ -408,13 +416,10 @@ def _verify(info: ObjectInfo, digest: Digest, *, archive: bool = False) -> None:
                 uri=uri,
             )
     unchecked = (record is None or record.crc32 is None) and info.server_crc32 is None and not archive
-    if unchecked and not _warned_unchecked[0]:
-        _warned_unchecked[0] = True
-        logger.warning(
-            "checkpointio: %s has no CRC32 to check (a stream saved in parts to a server that keeps no "
-            "checksum of the whole object): only its length was checked",
-            uri,
-        )
+    why = _UNCHECKED_WHY[record is not None]
+    if unchecked and why not in _warned_unchecked:
+        _warned_unchecked.add(why)
+        logger.warning("checkpointio: %s has no CRC32 to check (%s): only its length was checked", uri, why)
 
 
 def _check_still_there(staging: Path, held: int, uri: str) -> None:

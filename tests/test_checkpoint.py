@@ -243,6 +243,49 @@ async def test_foreign_raw_object_restores_as_payload(store: StoreCase) -> None:
         assert restored.read_bytes() == b"\x1f\x8bnot really gzip"
 
 
+def _put_foreign_in_parts(store: StoreCase, name: str, data: bytes) -> None:
+    """Write ``data`` as flyte (through s3fs) does: no checkpointio record and, on S3, a multipart
+    upload sent without flexible checksums, so the server keeps no CRC32 of the whole object."""
+    if store.s3 is None:
+        store.put_raw(name, data)
+        return
+    import boto3
+    from botocore.config import Config
+
+    client = boto3.client(
+        "s3",
+        endpoint_url=store.s3.endpoint,
+        region_name="us-east-1",
+        config=Config(request_checksum_calculation="when_required"),
+    )
+    key = store.uri(name).split("/", 3)[3]
+    upload = client.create_multipart_upload(Bucket=store.bucket, Key=key)["UploadId"]
+    cut = 5 * 1024 * 1024
+    parts = []
+    for number, piece in enumerate((data[:cut], data[cut:]), start=1):
+        sent = client.upload_part(Bucket=store.bucket, Key=key, UploadId=upload, PartNumber=number, Body=piece)
+        parts.append({"PartNumber": number, "ETag": sent["ETag"]})
+    client.complete_multipart_upload(Bucket=store.bucket, Key=key, UploadId=upload, MultipartUpload={"Parts": parts})
+
+
+async def test_a_foreign_object_checked_for_its_length_only_is_named_as_written_by_another_tool(
+    store: StoreCase, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import checkpointio._engine as engine
+
+    monkeypatch.setattr(engine, "_warned_unchecked", set())
+    data = os.urandom(5 * 1024 * 1024 + 7)
+    _put_foreign_in_parts(store, "flyte", data)
+    for _ in range(2):
+        async with Checkpoint(store.uri("next"), src=store.uri("flyte")) as cp:
+            assert await cp.load_bytes() == data
+    warnings = [record.getMessage() for record in caplog.records if "only its length" in record.getMessage()]
+    assert warnings == [
+        f"checkpointio: {store.uri('flyte')} has no CRC32 to check (an object written by another tool, without "
+        "checkpointio's record, to a store that keeps no checksum of its whole content): only its length was checked"
+    ]
+
+
 async def test_missing_source_path_raises_file_not_found_naming_it(store: StoreCase, tmp_path: Path) -> None:
     missing = tmp_path / "no-such-dir"
     with pytest.raises(FileNotFoundError, match="no-such-dir") as caught:

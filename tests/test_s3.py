@@ -485,7 +485,7 @@ async def test_a_load_that_could_check_only_the_length_says_so_once(
 ) -> None:
     import checkpointio._engine as engine
 
-    monkeypatch.setattr(engine, "_warned_unchecked", [False])
+    monkeypatch.setattr(engine, "_warned_unchecked", set())
     options = {**SMALL_PARTS, "flexible_checksums": False}
     data = os.urandom(11 * MiB)
     await Checkpoint(f"s3://{bucket}/stream", **options).save(io.BytesIO(data))  # size unknown up front
