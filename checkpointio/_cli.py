@@ -21,6 +21,7 @@ import re
 import sys
 import threading
 import traceback
+import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -58,6 +59,13 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$", re.IGNORECASE)
 _SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 #: Fields of TransferConfig that are byte sizes (accept 16MiB, 5M, ...).
 _SIZE_FIELDS = {"part_size", "multipart_threshold", "chunk_size"}
+#: Placeholders of the text fields whose first word would not say what they take.
+_METAVARS = {
+    "server_side_encryption": "MODE",
+    "sse_kms_key_id": "KEY",
+    "storage_class": "CLASS",
+    "expected_bucket_owner": "ACCOUNT",
+}
 
 
 class UsageError(Exception):
@@ -81,6 +89,18 @@ def parse_duration(text: str) -> float:
     return float(match.group(1)) * _SECONDS[match.group(2).lower()]
 
 
+def parse_tags(text: str) -> dict[str, str]:
+    """``team=ml&run=7`` (URL query syntax, as S3's ``Tagging`` and ``aws s3api --tagging``) -> a dict."""
+    try:
+        pairs = urllib.parse.parse_qsl(text, keep_blank_values=True, strict_parsing=True)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not tags: {text!r} (e.g. 'team=ml&run=7')") from None
+    tags = dict(pairs)
+    if len(tags) != len(pairs):
+        raise argparse.ArgumentTypeError(f"a tag key given twice: {text!r}")
+    return tags
+
+
 def _field_help() -> dict[str, str]:
     """Each attribute's text in TransferConfig's docstring, as plain text: one source for the help."""
     doc = TransferConfig.__doc__ or ""
@@ -100,8 +120,10 @@ def _transfer_options() -> argparse.ArgumentParser:
         flag = "--" + field.name.replace("_", "-")
         default = field.default
         text = f"{helps.get(field.name, '')} (default: {default})"
-        if isinstance(default, bool):
+        if isinstance(default, bool) or field.type == "bool | None":
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+        elif field.name == "tags":
+            group.add_argument(flag, type=parse_tags, metavar="KEY=VALUE&...", help=text)
         elif field.name in _SIZE_FIELDS:
             group.add_argument(flag, type=parse_size, metavar="SIZE", help=text)
         elif isinstance(default, int):
@@ -109,7 +131,8 @@ def _transfer_options() -> argparse.ArgumentParser:
         elif isinstance(default, float):
             group.add_argument(flag, type=float, metavar="SECONDS", help=text)
         else:
-            group.add_argument(flag, metavar=field.name.split("_")[0].upper(), help=text)
+            metavar = _METAVARS.get(field.name, field.name.split("_")[0].upper())
+            group.add_argument(flag, metavar=metavar, help=text)
     return parser
 
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 import types
 import typing
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from typing_extensions import TypedDict, Unpack
 
@@ -15,6 +17,27 @@ __all__ = ["MiB", "TransferConfig", "TransferOptions"]
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
+
+#: ``server_side_encryption`` values: S3's (botocore's ``ServerSideEncryption``) for a bucket.
+ServerSideEncryption = Literal["AES256", "aws:kms", "aws:kms:dsse"]
+#: ``storage_class`` values: botocore's ``StorageClass`` whose objects can be read at once (GLACIER
+#: and DEEP_ARCHIVE need a restore first, so a load would fail; FSx, Snow and backup classes are
+#: for other services' buckets).
+StorageClass = Literal[
+    "STANDARD",
+    "REDUCED_REDUNDANCY",
+    "STANDARD_IA",
+    "ONEZONE_IA",
+    "INTELLIGENT_TIERING",
+    "GLACIER_IR",
+    "EXPRESS_ONEZONE",
+    "OUTPOSTS",
+]
+_ENCRYPTIONS: tuple[str, ...] = typing.get_args(ServerSideEncryption)
+_STORAGE_CLASSES: tuple[str, ...] = typing.get_args(StorageClass)
+_ARCHIVE_CLASSES = ("GLACIER", "DEEP_ARCHIVE")
+#: S3's limits for an object's tags.
+_MAX_TAGS, _MAX_TAG_KEY, _MAX_TAG_VALUE = 10, 128, 256
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -59,6 +82,23 @@ class TransferConfig:
             an endpoint is set (what most S3-compatible servers need) and auto otherwise.
         flexible_checksums: Send CRC32 checksums (per part and whole object) that S3 verifies.
             Turn off for servers that reject them; parts then carry Content-MD5 instead.
+        server_side_encryption: How S3 encrypts a saved object: ``"AES256"`` (SSE-S3),
+            ``"aws:kms"`` (SSE-KMS) or ``"aws:kms:dsse"``; ``None`` leaves it to the bucket's
+            default encryption. boto3's ``ServerSideEncryption``.
+        sse_kms_key_id: The KMS key (id, ARN or alias) for ``"aws:kms"`` / ``"aws:kms:dsse"``;
+            ``None`` takes the bucket's or the account's default key. boto3's ``SSEKMSKeyId``.
+        bucket_key_enabled: With ``"aws:kms"``, use (or not) an S3 Bucket Key, which cuts KMS
+            requests; ``None`` follows the bucket's setting. boto3's ``BucketKeyEnabled``.
+        storage_class: Storage class of saved objects (``"STANDARD_IA"``, ``"INTELLIGENT_TIERING"``,
+            ...); ``None`` is the bucket's default (STANDARD). GLACIER and DEEP_ARCHIVE are refused:
+            their objects cannot be loaded without a restore. boto3's ``StorageClass``.
+        tags: Object tags of saved objects, ``{"key": "value"}`` (up to 10; needs the
+            ``s3:PutObjectTagging`` permission). boto3's ``Tagging``, as a mapping.
+        expected_bucket_owner: The 12-digit AWS account id that must own the bucket; every request
+            carries it, and S3 refuses (access denied) one to a bucket owned by another account.
+            boto3's ``ExpectedBucketOwner``.
+        requester_pays: Agree to pay for the requests and transfer on a Requester Pays bucket
+            (every request says ``RequestPayer=requester``). boto3's ``RequestPayer``.
 
     Raises:
         TypeError: A field of the wrong type, named in the message (an ``int`` is accepted for a
@@ -81,8 +121,16 @@ class TransferConfig:
     profile: str | None = None
     addressing_style: str | None = None
     flexible_checksums: bool = True
+    server_side_encryption: ServerSideEncryption | None = None
+    sse_kms_key_id: str | None = None
+    bucket_key_enabled: bool | None = None
+    storage_class: StorageClass | None = None
+    tags: Mapping[str, str] | None = field(default=None, hash=False)  # a dict: the settings stay hashable
+    expected_bucket_owner: str | None = None
+    requester_pays: bool = False
 
     def __post_init__(self) -> None:
+        self._check_choices()
         _check_types(self)
         if not 5 * MiB <= self.part_size <= 5 * GiB:
             raise ValueError(f"part_size must be 5 MiB to 5 GiB (S3's limits for a part), got {self.part_size}")
@@ -101,6 +149,47 @@ class TransferConfig:
             raise ValueError("timeouts must be positive")
         if self.addressing_style not in (None, "path", "virtual", "auto"):
             raise ValueError(f"addressing_style must be path, virtual or auto, got {self.addressing_style!r}")
+        self._check_request_options()
+
+    def _check_choices(self) -> None:
+        """Before the type check: a string S3 does not take is a value error, with the reason."""
+        if isinstance(self.server_side_encryption, str) and self.server_side_encryption not in _ENCRYPTIONS:
+            raise ValueError(
+                f"server_side_encryption must be one of {', '.join(_ENCRYPTIONS)}, got {self.server_side_encryption!r}"
+            )
+        if self.storage_class in _ARCHIVE_CLASSES:
+            raise ValueError(
+                f"storage_class {self.storage_class!r} is refused: such objects cannot be loaded until they are "
+                "restored; move older checkpoints there with a lifecycle rule instead"
+            )
+        if isinstance(self.storage_class, str) and self.storage_class not in _STORAGE_CLASSES:
+            raise ValueError(f"storage_class must be one of {', '.join(_STORAGE_CLASSES)}, got {self.storage_class!r}")
+
+    def _check_request_options(self) -> None:
+        """The S3 request options (their types already checked): values S3 accepts, and
+        combinations that mean something."""
+        kms = self.server_side_encryption in ("aws:kms", "aws:kms:dsse")
+        if self.sse_kms_key_id is not None:
+            if not self.sse_kms_key_id:
+                raise ValueError("sse_kms_key_id must be a key id, ARN or alias, got ''")
+            if not kms:
+                raise ValueError(
+                    "sse_kms_key_id needs server_side_encryption='aws:kms' (or 'aws:kms:dsse'), "
+                    f"got server_side_encryption={self.server_side_encryption!r}"
+                )
+        if self.bucket_key_enabled is not None and self.server_side_encryption != "aws:kms":
+            raise ValueError(
+                "bucket_key_enabled applies to server_side_encryption='aws:kms' only, "
+                f"got server_side_encryption={self.server_side_encryption!r}"
+            )
+        if self.expected_bucket_owner is not None and not re.fullmatch(r"\d{12}", self.expected_bucket_owner):
+            raise ValueError(
+                f"expected_bucket_owner must be a 12-digit AWS account id, got {self.expected_bucket_owner!r}"
+            )
+        if self.tags is not None:
+            _check_tags(self.tags)
+            # A copy: a dict the caller changes later does not change the settings.
+            object.__setattr__(self, "tags", dict(self.tags))
 
     def with_options(self, **options: Unpack[TransferOptions]) -> TransferConfig:
         """Return a copy with some fields replaced.
@@ -143,6 +232,29 @@ class TransferOptions(TypedDict, total=False):
     profile: str | None
     addressing_style: str | None
     flexible_checksums: bool
+    server_side_encryption: ServerSideEncryption | None
+    sse_kms_key_id: str | None
+    bucket_key_enabled: bool | None
+    storage_class: StorageClass | None
+    tags: Mapping[str, str] | None
+    expected_bucket_owner: str | None
+    requester_pays: bool
+
+
+def _check_tags(tags: Mapping[str, str]) -> None:
+    """S3's limits for an object's tags."""
+    if len(tags) > _MAX_TAGS:
+        raise ValueError(f"tags: S3 allows at most {_MAX_TAGS} per object, got {len(tags)}")
+    for key, value in tags.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TypeError(f"option 'tags': keys and values must be str, got {key!r}: {value!r}")
+        if not 1 <= len(key) <= _MAX_TAG_KEY or len(value) > _MAX_TAG_VALUE:
+            raise ValueError(
+                f"tags: a key must be 1 to {_MAX_TAG_KEY} characters and a value at most {_MAX_TAG_VALUE}, "
+                f"got {key!r}: {value!r}"
+            )
+        if key.lower().startswith("aws:"):
+            raise ValueError(f"tags: keys starting with 'aws:' are reserved for AWS, got {key!r}")
 
 
 @functools.cache

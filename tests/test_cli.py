@@ -205,6 +205,31 @@ def test_gc_aborts_incomplete_uploads_and_dry_run_only_lists_them(moto_server: M
     assert ok("gc", f"s3://{bucket}", "--older-than", "0") == f"nothing to clean up under s3://{bucket}\n"
 
 
+def test_s3_request_options_from_the_command_line_reach_the_saved_object(moto_server: MotoServer) -> None:
+    bucket = moto_server.new_bucket()
+    client = moto_server.client()
+    options = ["--server-side-encryption", "aws:kms", "--sse-kms-key-id", "alias/ckpt", "--bucket-key-enabled"]
+    options += ["--storage-class", "ONEZONE_IA", "--tags", "team=ml%20research&run=7"]
+    options += ["--expected-bucket-owner", "123456789012", "--requester-pays"]
+    ok("save", "-", f"s3://{bucket}/runs/a", *options, stdin=b"state")
+    head = client.head_object(Bucket=bucket, Key="runs/a")
+    assert (head["ServerSideEncryption"], head["SSEKMSKeyId"], head["BucketKeyEnabled"], head["StorageClass"]) == (
+        "aws:kms",
+        "alias/ckpt",
+        True,
+        "ONEZONE_IA",
+    )
+    tags = client.get_object_tagging(Bucket=bucket, Key="runs/a")["TagSet"]
+    assert {tag["Key"]: tag["Value"] for tag in tags} == {"team": "ml research", "run": "7"}
+    assert output("load", f"s3://{bucket}/runs/a", "-", "--requester-pays").stdout == b"state"
+    assert "storage_class 'GLACIER' is refused" in fails(
+        2, "save", "-", f"s3://{bucket}/b", "--storage-class", "GLACIER"
+    )
+    for tags, message in (("team", "not tags: 'team'"), ("a=1&a=2", "a tag key given twice: 'a=1&a=2'")):
+        refused = cli("save", "-", f"s3://{bucket}/b", "--tags", tags)
+        assert refused.returncode == 2 and message in refused.stderr, refused.stderr
+
+
 def test_gc_removes_temporary_files_a_killed_local_save_left(tmp_path: Path) -> None:
     store = tmp_path / "store"
     ok("save", "-", str(store / "kept"), stdin=b"done")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -66,6 +67,55 @@ def test_config_rejects_impossible_settings() -> None:
     with pytest.raises(TypeError, match="unknown checkpoint option"):
         TransferConfig().with_options(part_sise=8 * MiB)
     assert TransferConfig().with_options(max_concurrency=3).max_concurrency == 3
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "message"),
+    [
+        ({"server_side_encryption": "aes256"}, ValueError, "server_side_encryption must be one of AES256, aws:kms"),
+        ({"sse_kms_key_id": "alias/ckpt"}, ValueError, "sse_kms_key_id needs server_side_encryption='aws:kms'"),
+        ({"server_side_encryption": "AES256", "sse_kms_key_id": "k"}, ValueError, "needs server_side_encryption="),
+        ({"server_side_encryption": "aws:kms", "sse_kms_key_id": ""}, ValueError, "sse_kms_key_id must be a key id"),
+        ({"bucket_key_enabled": True}, ValueError, "bucket_key_enabled applies to server_side_encryption='aws:kms'"),
+        ({"server_side_encryption": "aws:kms:dsse", "bucket_key_enabled": True}, ValueError, "bucket_key_enabled"),
+        ({"server_side_encryption": "aws:kms", "bucket_key_enabled": "yes"}, TypeError, "'bucket_key_enabled' must"),
+        ({"requester_pays": "requester"}, TypeError, "option 'requester_pays' must be bool, got str 'requester'"),
+        ({"storage_class": "GLACIER"}, ValueError, "storage_class 'GLACIER' is refused: such objects cannot be"),
+        ({"storage_class": "DEEP_ARCHIVE"}, ValueError, "until they are restored"),
+        ({"storage_class": "standard_ia"}, ValueError, "storage_class must be one of STANDARD, REDUCED_REDUNDANCY"),
+        ({"expected_bucket_owner": "my-account"}, ValueError, "expected_bucket_owner must be a 12-digit AWS account"),
+        ({"expected_bucket_owner": 123456789012}, TypeError, "option 'expected_bucket_owner' must be str or None"),
+        ({"tags": "team=ml"}, TypeError, "option 'tags' must be"),
+        ({"tags": {str(n): "v" for n in range(11)}}, ValueError, "at most 10 per object, got 11"),
+        ({"tags": {"step": 7}}, TypeError, "option 'tags': keys and values must be str, got 'step': 7"),
+        ({"tags": {"": "v"}}, ValueError, "a key must be 1 to 128 characters"),
+        ({"tags": {"k" * 129: "v"}}, ValueError, "a key must be 1 to 128 characters"),
+        ({"tags": {"k": "v" * 257}}, ValueError, "a value at most 256"),
+        ({"tags": {"aws:owner": "me"}}, ValueError, "keys starting with 'aws:' are reserved"),
+    ],
+)
+def test_s3_request_options_refuse_what_s3_would(
+    options: dict[str, object], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=re.escape(message)):
+        TransferConfig(**options)  # type: ignore[arg-type]
+
+
+def test_s3_request_options_keep_their_values_and_the_settings_stay_hashable() -> None:
+    tags = {"team": "ml"}
+    config = TransferConfig(
+        server_side_encryption="aws:kms",
+        sse_kms_key_id="alias/ckpt",
+        bucket_key_enabled=False,
+        storage_class="INTELLIGENT_TIERING",
+        tags=tags,
+        expected_bucket_owner="123456789012",
+        requester_pays=True,
+    )
+    tags["team"] = "changed later"
+    assert config.tags == {"team": "ml"}  # a copy
+    assert hash(config) == hash(config.with_options(tags={"other": "tags"}))
+    assert config.with_options(max_concurrency=3).sse_kms_key_id == "alias/ckpt"
 
 
 def test_part_size_grows_so_no_object_needs_more_than_10000_parts() -> None:

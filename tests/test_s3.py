@@ -25,6 +25,7 @@ from checkpointio import (
     SourceChangedError,
     StoreError,
     StoreUnavailableError,
+    TaskEnvironment,
 )
 from checkpointio._config import TransferConfig
 from checkpointio._location import parse_location
@@ -564,3 +565,183 @@ async def test_cancelling_load_bytes_mid_download_then_loading_again_gets_every_
             await cp.load_bytes()
         assert scope.cancelled_caught
         assert await cp.load_bytes() == data  # the next attempt starts afresh
+
+
+# -- request options: encryption, storage class, tags, expected bucket owner, requester pays ------
+
+
+#: What S3 operation a request the proxy relayed is, from its method and target (path-style).
+def operation_of(method: str, target: str) -> str:
+    path, _, query = target.partition("?")
+    on_bucket = path.strip("/").count("/") == 0
+    if method == "HEAD":
+        return "HeadBucket" if on_bucket else "HeadObject"
+    if method == "GET":
+        if "uploadId=" in query:
+            return "ListParts"
+        if "uploads" in query.split("&"):
+            return "ListMultipartUploads"
+        if "list-type=2" in query:
+            return "ListObjectsV2"
+        return "GetObject"
+    if method == "PUT":
+        return "UploadPart" if "partNumber=" in query else "PutObject"
+    if method == "POST":
+        return "CompleteMultipartUpload" if "uploadId=" in query else "CreateMultipartUpload"
+    return "AbortMultipartUpload" if "uploadId=" in query else "DeleteObject"
+
+
+async def test_saved_objects_carry_the_encryption_storage_class_and_tags_asked_for(
+    moto_server: MotoServer, bucket: str, proxy: FaultProxy
+) -> None:
+    import boto3
+
+    kms = boto3.client("kms", endpoint_url=moto_server.endpoint, region_name="us-east-1")
+    key = kms.create_key()["KeyMetadata"]["Arn"]
+    tags = {"team": "ml research", "run": "7/a:b@c+d=e"}
+    options = {
+        **SMALL_PARTS,
+        "endpoint_url": proxy.endpoint,
+        "server_side_encryption": "aws:kms",
+        "sse_kms_key_id": key,
+        "bucket_key_enabled": True,
+        "storage_class": "STANDARD_IA",
+        "tags": tags,
+    }
+    client = moto_server.client()
+    for name, data in (("small", b"step=41"), ("large", os.urandom(11 * MiB + 5))):  # one PUT; three parts
+        await Checkpoint(f"s3://{bucket}/{name}", **options).save(data)
+        head = client.head_object(Bucket=bucket, Key=name)
+        assert (head["ServerSideEncryption"], head["SSEKMSKeyId"], head["StorageClass"]) == (
+            "aws:kms",
+            key,
+            "STANDARD_IA",
+        )
+        stored = client.get_object_tagging(Bucket=bucket, Key=name)["TagSet"]
+        assert {tag["Key"]: tag["Value"] for tag in stored} == tags
+        # still checked against its CRC32 on the way back: one byte off on the wire is refused
+        proxy.add(is_ranged_get(proxy), "flip", times=1)
+        async with Checkpoint(f"s3://{bucket}/x", src=f"s3://{bucket}/{name}", **options) as cp:
+            with pytest.raises(ChecksumMismatchError, match="CRC32"):
+                await cp.load_bytes()
+            assert await cp.load_bytes() == data
+    # the marker a task's attempt claims its number with is an object too
+    task_env = TaskEnvironment("tests", storage=f"s3://{bucket}/tasks", run_id="r", **options)  # type: ignore[arg-type]
+
+    @task_env.task(retries=1)
+    async def job() -> None:
+        raise RuntimeError("saved nothing")
+
+    with pytest.raises(RuntimeError):
+        await job()
+    claim = client.head_object(Bucket=bucket, Key="tasks/tests/job/r/attempt-0.claim")
+    assert (claim["ServerSideEncryption"], claim["StorageClass"]) == ("aws:kms", "STANDARD_IA")
+    # moto keeps the bucket key flag of a single PUT only: on the wire, all creating requests carry it
+    assert client.head_object(Bucket=bucket, Key="small")["BucketKeyEnabled"] is True
+    sent: dict[str, list[dict[str, str]]] = {}
+    for entry in proxy.log:
+        sent.setdefault(operation_of(str(entry["method"]), str(entry["target"])), []).append(entry["headers"])  # type: ignore[arg-type]
+    assert len(sent["PutObject"]) == 3 and len(sent["CreateMultipartUpload"]) == 1  # small; 2 claims; large
+    for headers in sent["PutObject"] + sent["CreateMultipartUpload"]:
+        assert headers["x-amz-server-side-encryption"] == "aws:kms"
+        assert headers["x-amz-server-side-encryption-aws-kms-key-id"] == key
+        assert headers["x-amz-server-side-encryption-bucket-key-enabled"] == "true"
+        assert headers["x-amz-storage-class"] == "STANDARD_IA"
+        assert headers["x-amz-tagging"] == "team=ml%20research&run=7%2Fa%3Ab%40c%2Bd%3De"
+    # the others take none of them (S3 refuses encryption headers on a part)
+    for operation in ("UploadPart", "CompleteMultipartUpload", "HeadObject", "GetObject"):
+        assert sent[operation]
+        for headers in sent[operation]:
+            assert not [
+                name for name in headers if "server-side" in name or name in ("x-amz-storage-class", "x-amz-tagging")
+            ]
+
+
+async def test_every_request_carries_the_expected_bucket_owner_and_agrees_to_pay(
+    moto_server: MotoServer, bucket: str, proxy: FaultProxy
+) -> None:
+    # moto checks neither header, so what is checked is that each request sends them
+    from checkpointio._manage import collect_garbage, list_checkpoints, remove
+
+    owner = "123456789012"
+    options = {**SMALL_PARTS, "endpoint_url": proxy.endpoint, "expected_bucket_owner": owner, "requester_pays": True}
+    config = TransferConfig(**options)  # type: ignore[arg-type]
+    data = os.urandom(11 * MiB)
+    await Checkpoint(f"s3://{bucket}/run/small", **options).save(b"small")
+    await Checkpoint(f"s3://{bucket}/run/large", **options).save(data)
+    for name in ("small", "large", "missing"):
+        async with Checkpoint(f"s3://{bucket}/x", src=f"s3://{bucket}/run/{name}", **options) as cp:
+            assert await cp.load_bytes() == {"small": b"small", "large": data, "missing": None}[name]
+    assert [info.location.key for info in await list_checkpoints(f"s3://{bucket}/run/", config)] == [
+        "run/large",
+        "run/small",
+    ]
+    await remove(f"s3://{bucket}/run/small", config)
+    task_env = TaskEnvironment("tests", storage=f"s3://{bucket}/tasks", **options)  # type: ignore[arg-type]
+
+    @task_env.task(retries=1)
+    async def job() -> int:
+        return 7
+
+    assert await job() == 7  # its attempt's claim: a conditional PUT
+    assert sum(".claim" in str(entry["target"]) and entry["method"] == "PUT" for entry in proxy.log) == 1
+    proxy.add(is_part(2), "403")  # a save that fails is aborted, and the abort checked with ListParts
+    with pytest.raises(AccessDeniedError, match=f"account {owner} owns the bucket"):
+        await Checkpoint(f"s3://{bucket}/run/failed", **options).save(data)
+    moto_server.client().create_multipart_upload(Bucket=bucket, Key="run/abandoned")
+    assert len(await collect_garbage(f"s3://{bucket}/run/", config, older_than=0)) == 1
+    assert uploads_left(moto_server, bucket) == []
+
+    seen = set()
+    for entry in proxy.log:
+        operation = operation_of(str(entry["method"]), str(entry["target"]))
+        headers: dict[str, str] = entry["headers"]  # type: ignore[assignment]
+        seen.add(operation)
+        assert headers.get("x-amz-expected-bucket-owner") == owner, operation
+        # botocore's model: HeadBucket is the one request that takes no RequestPayer
+        assert headers.get("x-amz-request-payer") == (None if operation == "HeadBucket" else "requester"), operation
+    assert seen == {
+        "PutObject",
+        "CreateMultipartUpload",
+        "UploadPart",
+        "CompleteMultipartUpload",
+        "AbortMultipartUpload",
+        "ListParts",
+        "HeadObject",
+        "HeadBucket",
+        "GetObject",
+        "ListObjectsV2",
+        "DeleteObject",
+        "ListMultipartUploads",
+    }
+
+
+async def test_a_bucket_another_account_owns_is_refused_naming_the_expected_owner(
+    bucket: str, proxy: FaultProxy
+) -> None:
+    # What S3 answers when ExpectedBucketOwner does not match (moto does not check it): 403 AccessDenied.
+    proxy.add(lambda method, target: True, "403", times=100)
+    options = {"endpoint_url": proxy.endpoint, "max_attempts": 1, "expected_bucket_owner": "111122223333"}
+    message = (
+        rf"s3://{bucket}/w: access denied while trying to (upload the checkpoint|read the checkpoint's metadata): "
+        # a HEAD's answer has no body: botocore names it by its status
+        r"(AccessDenied: Access Denied|403: Forbidden) \(check the credentials and the bucket policy, and that account "
+        r"111122223333 owns the bucket \(expected_bucket_owner\)\)"
+    )
+    with pytest.raises(AccessDeniedError, match=message):
+        await Checkpoint(f"s3://{bucket}/w", **options).save(b"x")
+    async with Checkpoint(f"s3://{bucket}/x", src=f"s3://{bucket}/w", **options) as cp:
+        with pytest.raises(AccessDeniedError, match=message):
+            await cp.load_bytes()
+
+
+def test_the_request_options_accepted_are_values_botocore_knows() -> None:
+    import botocore.session
+
+    from checkpointio import _config
+
+    model = botocore.session.get_session().get_service_model("s3")
+    assert "aws:kms" in _config._ENCRYPTIONS and "STANDARD_IA" in _config._STORAGE_CLASSES
+    assert set(_config._ENCRYPTIONS) <= set(model.shape_for("ServerSideEncryption").enum)
+    assert set(_config._STORAGE_CLASSES) | set(_config._ARCHIVE_CLASSES) <= set(model.shape_for("StorageClass").enum)
+    assert model.shape_for("RequestPayer").enum == ["requester"]

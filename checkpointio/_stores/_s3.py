@@ -28,6 +28,7 @@ import random
 import weakref
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
+from urllib.parse import quote, urlencode
 
 import aiohttp
 import anyio
@@ -104,8 +105,12 @@ def endpoint_for(config: TransferConfig) -> str | None:
     return config.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
 
 
-def _translate(error: Exception, location: Location, action: str) -> Exception:
-    """Map a botocore/aiohttp error to ours, naming the bucket and key."""
+def _translate(error: Exception, location: Location, action: str, owner: str | None = None) -> Exception:
+    """Map a botocore/aiohttp error to ours, naming the bucket and key.
+
+    ``owner``: the expected bucket owner sent with the request; S3 answers a request to a bucket
+    another account owns with a plain 403, so a denial names it as a possible cause.
+    """
     uri = location.uri
     if isinstance(error, CheckpointError):
         return error
@@ -117,9 +122,10 @@ def _translate(error: Exception, location: Location, action: str) -> Exception:
         if code == "NoSuchBucket":
             return BucketNotFoundError(f"{uri}: bucket {location.bucket!r} does not exist ({action})", uri=uri)
         if code in _ACCESS_CODES or status == 403:
+            owned = f", and that account {owner} owns the bucket (expected_bucket_owner)" if owner else ""
             return AccessDeniedError(
                 f"{uri}: access denied while trying to {action}: {code}: {message} "
-                "(check the credentials and the bucket policy)",
+                f"(check the credentials and the bucket policy{owned})",
                 uri=uri,
             )
         if code in ("PreconditionFailed", "412") or status == 412:
@@ -372,29 +378,74 @@ def _cut(pieces: Pieces, size: int) -> tuple[Pieces, Pieces]:
     return taken, []
 
 
+def _request_options(config: TransferConfig) -> dict[str, Any]:
+    """The settings' S3 request parameters, by botocore's names (what boto3's ``ExtraArgs`` take)."""
+    options: dict[str, Any] = {}
+    if config.server_side_encryption is not None:
+        options["ServerSideEncryption"] = config.server_side_encryption
+    if config.sse_kms_key_id is not None:
+        options["SSEKMSKeyId"] = config.sse_kms_key_id
+    if config.bucket_key_enabled is not None:
+        options["BucketKeyEnabled"] = config.bucket_key_enabled
+    if config.storage_class is not None:
+        options["StorageClass"] = config.storage_class
+    if config.tags:
+        options["Tagging"] = urlencode(config.tags, quote_via=quote, safe="")  # S3: a URL query string
+    if config.expected_bucket_owner is not None:
+        options["ExpectedBucketOwner"] = config.expected_bucket_owner
+    if config.requester_pays:
+        options["RequestPayer"] = "requester"
+    return options
+
+
+#: The input parameters of each S3 operation, as botocore's service model lists them.
+_accepted: dict[str, frozenset[str]] = {}
+
+
 class S3Store:
     """Checkpoints as objects in S3 or an S3-compatible store."""
 
     def __init__(self, config: TransferConfig) -> None:
         self._config = config
+        self._options = _request_options(config)
 
     async def _client(self) -> Any:
         return await _clients.get(self._config)
+
+    def _for(self, client: Any, operation: str) -> dict[str, Any]:
+        """The request options ``operation`` takes, by botocore's model of its input.
+
+        So each goes to every request that takes it and to no other: the owner to every one
+        (HeadBucket included), the payer to all but HeadBucket, encryption, storage class and
+        tags to PutObject and CreateMultipartUpload only.
+        """
+        if not self._options:
+            return {}
+        accepted = _accepted.get(operation)
+        if accepted is None:
+            shape = client.meta.service_model.operation_model(operation).input_shape
+            accepted = _accepted[operation] = frozenset(shape.members)
+        return {name: value for name, value in self._options.items() if name in accepted}
+
+    def _error(self, error: Exception, location: Location, action: str) -> Exception:
+        return _translate(error, location, action, self._config.expected_bucket_owner)
 
     # -- head / delete / list / unfinished uploads ---------------------------------------------
 
     async def head(self, location: Location) -> ObjectInfo | None:
         client = await self._client()
         try:
-            response = await client.head_object(Bucket=location.bucket, Key=location.key, ChecksumMode="ENABLED")
+            response = await client.head_object(
+                Bucket=location.bucket, Key=location.key, ChecksumMode="ENABLED", **self._for(client, "HeadObject")
+            )
         except ClientError as error:
             status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             if status == 404 or error.response.get("Error", {}).get("Code") in ("404", "NoSuchKey"):
                 await self._check_bucket(client, location)
                 return None
-            raise _translate(error, location, "read the checkpoint's metadata") from error
+            raise self._error(error, location, "read the checkpoint's metadata") from error
         except Exception as error:
-            raise _translate(error, location, "read the checkpoint's metadata") from error
+            raise self._error(error, location, "read the checkpoint's metadata") from error
         server_crc = None
         checksum = response.get("ChecksumCRC32")
         # A composite (per-part) checksum ends in "-N" and says nothing about the whole content.
@@ -419,7 +470,7 @@ class S3Store:
         checkpoint", not an access error.
         """
         try:
-            await client.head_bucket(Bucket=location.bucket)
+            await client.head_bucket(Bucket=location.bucket, **self._for(client, "HeadBucket"))
         except ClientError as error:
             status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             if status == 404:
@@ -429,15 +480,15 @@ class S3Store:
             if status == 403:
                 logger.debug("checkpointio: no permission to HEAD bucket %r; %s is missing", location.bucket, location)
                 return
-            raise _translate(error, location, "check the bucket") from error
+            raise self._error(error, location, "check the bucket") from error
 
     async def delete(self, location: Location) -> bool:
         client = await self._client()
         existed = await self.head(location) is not None
         try:
-            await client.delete_object(Bucket=location.bucket, Key=location.key)
+            await client.delete_object(Bucket=location.bucket, Key=location.key, **self._for(client, "DeleteObject"))
         except Exception as error:
-            raise _translate(error, location, "delete the checkpoint") from error
+            raise self._error(error, location, "delete the checkpoint") from error
         return existed
 
     async def pending(self, prefix: Location) -> list[PendingWrite]:
@@ -445,7 +496,8 @@ class S3Store:
         found: list[PendingWrite] = []
         try:
             paginator = client.get_paginator("list_multipart_uploads")
-            async for page in paginator.paginate(Bucket=prefix.bucket, Prefix=prefix.key):
+            options = self._for(client, "ListMultipartUploads")
+            async for page in paginator.paginate(Bucket=prefix.bucket, Prefix=prefix.key, **options):
                 for upload in page.get("Uploads", []):
                     initiated = upload.get("Initiated")
                     found.append(
@@ -456,20 +508,25 @@ class S3Store:
                         )
                     )
         except Exception as error:
-            raise _translate(error, prefix, "list incomplete uploads") from error
+            raise self._error(error, prefix, "list incomplete uploads") from error
         return sorted(found, key=lambda write: (write.started or 0.0, write.location.key))
 
     async def discard(self, write: PendingWrite) -> bool:
         client = await self._client()
         location = write.location
         try:
-            await client.abort_multipart_upload(Bucket=location.bucket, Key=location.key, UploadId=write.ident)
+            await client.abort_multipart_upload(
+                Bucket=location.bucket,
+                Key=location.key,
+                UploadId=write.ident,
+                **self._for(client, "AbortMultipartUpload"),
+            )
         except ClientError as error:
             if error.response.get("Error", {}).get("Code") == "NoSuchUpload":
                 return False
-            raise _translate(error, location, f"abort upload {write.ident}") from error
+            raise self._error(error, location, f"abort upload {write.ident}") from error
         except Exception as error:
-            raise _translate(error, location, f"abort upload {write.ident}") from error
+            raise self._error(error, location, f"abort upload {write.ident}") from error
         return True
 
     async def list(self, prefix: Location) -> list[ObjectInfo]:
@@ -477,7 +534,9 @@ class S3Store:
         found: list[ObjectInfo] = []
         try:
             paginator = client.get_paginator("list_objects_v2")
-            async for page in paginator.paginate(Bucket=prefix.bucket, Prefix=prefix.key):
+            async for page in paginator.paginate(
+                Bucket=prefix.bucket, Prefix=prefix.key, **self._for(client, "ListObjectsV2")
+            ):
                 for item in page.get("Contents", []):
                     found.append(
                         ObjectInfo(
@@ -488,7 +547,7 @@ class S3Store:
                         )
                     )
         except Exception as error:
-            raise _translate(error, prefix, "list checkpoints") from error
+            raise self._error(error, prefix, "list checkpoints") from error
         return sorted(found, key=lambda info: info.location.key)
 
     async def create(self, location: Location, data: bytes) -> bool:
@@ -501,15 +560,22 @@ class S3Store:
         client = await self._client()
         body, _size, headers = self._request_body([data])
         try:
-            await client.put_object(Bucket=location.bucket, Key=location.key, Body=body, IfNoneMatch="*", **headers)
+            await client.put_object(
+                Bucket=location.bucket,
+                Key=location.key,
+                Body=body,
+                IfNoneMatch="*",
+                **headers,
+                **self._for(client, "PutObject"),
+            )
         except ClientError as error:
             status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             code = error.response.get("Error", {}).get("Code")
             if status in (409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict"):
                 return False
-            raise _translate(error, location, "create the object") from error
+            raise self._error(error, location, "create the object") from error
         except Exception as error:
-            raise _translate(error, location, "create the object") from error
+            raise self._error(error, location, "create the object") from error
         return True
 
     # -- put -------------------------------------------------------------------------------------
@@ -588,10 +654,15 @@ class S3Store:
         body, size, headers = await anyio.to_thread.run_sync(self._request_body, pieces, record.crc32)
         try:
             response = await client.put_object(
-                Bucket=location.bucket, Key=location.key, Body=body, Metadata=record.to_metadata(), **headers
+                Bucket=location.bucket,
+                Key=location.key,
+                Body=body,
+                Metadata=record.to_metadata(),
+                **headers,
+                **self._for(client, "PutObject"),
             )
         except Exception as error:
-            raise _translate(error, location, "upload the checkpoint") from error
+            raise self._error(error, location, "upload the checkpoint") from error
         return ObjectInfo(location, size, response["ETag"], record)
 
     async def _put_multipart(
@@ -617,10 +688,14 @@ class S3Store:
             # it could never be aborted. The id is ours the moment it exists.
             with anyio.CancelScope(shield=True):
                 created = await client.create_multipart_upload(
-                    Bucket=location.bucket, Key=location.key, Metadata=record.to_metadata(), **extra
+                    Bucket=location.bucket,
+                    Key=location.key,
+                    Metadata=record.to_metadata(),
+                    **extra,
+                    **self._for(client, "CreateMultipartUpload"),
                 )
         except Exception as error:
-            raise _translate(error, location, "start the upload") from error
+            raise self._error(error, location, "start the upload") from error
         upload_id = created["UploadId"]
         parts: dict[int, dict[str, Any]] = {}
         slots = anyio.Semaphore(config.max_concurrency)
@@ -640,6 +715,7 @@ class S3Store:
                     PartNumber=number,
                     Body=body,
                     **headers,
+                    **self._for(client, "UploadPart"),
                 )
                 part: dict[str, Any] = {"PartNumber": number, "ETag": response["ETag"]}
                 if "ChecksumCRC32" in headers:
@@ -647,7 +723,7 @@ class S3Store:
                 parts[number] = part
                 spare.append(body)  # sent and acknowledged: nothing reads it any more
             except Exception as error:
-                raise _translate(error, location, f"upload part {number}") from error
+                raise self._error(error, location, f"upload part {number}") from error
             finally:
                 slots.release()
 
@@ -691,10 +767,14 @@ class S3Store:
                 complete.update(ChecksumCRC32=_crc32_b64(body.digest.crc32), ChecksumType="FULL_OBJECT")
             try:
                 response = await client.complete_multipart_upload(
-                    Bucket=location.bucket, Key=location.key, UploadId=upload_id, **complete
+                    Bucket=location.bucket,
+                    Key=location.key,
+                    UploadId=upload_id,
+                    **complete,
+                    **self._for(client, "CompleteMultipartUpload"),
                 )
             except Exception as error:
-                raise _translate(error, location, "complete the upload") from error
+                raise self._error(error, location, "complete the upload") from error
         except BaseException:
             with anyio.CancelScope(shield=True), anyio.move_on_after(_ABORT_TIMEOUT):
                 await self._abort(client, location, upload_id)
@@ -705,8 +785,9 @@ class S3Store:
         """Abort, and repeat until no part is listed (S3 may keep parts uploaded during an abort)."""
         for attempt in range(3):
             try:
-                await client.abort_multipart_upload(Bucket=location.bucket, Key=location.key, UploadId=upload_id)
-                listed = await client.list_parts(Bucket=location.bucket, Key=location.key, UploadId=upload_id)
+                where = {"Bucket": location.bucket, "Key": location.key, "UploadId": upload_id}
+                await client.abort_multipart_upload(**where, **self._for(client, "AbortMultipartUpload"))
+                listed = await client.list_parts(**where, **self._for(client, "ListParts"))
                 if not listed.get("Parts"):
                     return
             except ClientError as error:
@@ -812,7 +893,12 @@ class S3Store:
         for attempt in range(attempts):
             if attempt and received.length == expected:  # the error came after the last byte
                 break
-            kwargs: dict[str, Any] = {"Bucket": location.bucket, "Key": location.key, "IfMatch": info.etag}
+            kwargs: dict[str, Any] = {
+                "Bucket": location.bucket,
+                "Key": location.key,
+                "IfMatch": info.etag,
+                **self._for(client, "GetObject"),
+            }
             start = first + received.length
             if span is not None or received.length:
                 kwargs["Range"] = f"bytes={start}-{last}"
@@ -835,16 +921,16 @@ class S3Store:
                     raise ConcurrentModificationError(
                         f"{location.uri}: removed while being read", uri=location.uri
                     ) from error
-                raise _translate(error, location, "download the checkpoint") from error
+                raise self._error(error, location, "download the checkpoint") from error
             except _TRANSIENT_READ_ERRORS as error:
                 if attempt + 1 >= attempts:
-                    raise _translate(error, location, "download the checkpoint") from error
+                    raise self._error(error, location, "download the checkpoint") from error
                 logger.info("checkpointio: retrying a range of %s after: %s", location.uri, error)
                 await anyio.sleep(min(20.0, random.uniform(0, 0.1 * 2**attempt)))
             except CheckpointError:
                 raise
             except Exception as error:
-                raise _translate(error, location, "download the checkpoint") from error
+                raise self._error(error, location, "download the checkpoint") from error
         received.finish()
 
 
