@@ -451,6 +451,29 @@ def test_saving_the_current_folder_in_the_background_keeps_its_scratch_outside_i
     assert not [path for path in tmp_path.iterdir() if path.name.startswith(".checkpointio-snapshot-")]
 
 
+def test_a_snapshot_whose_scratch_must_live_inside_the_tree_leaves_it_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tempfile
+
+    tree = make_tree(tmp_path / "tree")
+    expected = snapshot(tree)
+    # Where every candidate lies inside the tree (the tree is "/"), the scratch is made there.
+    monkeypatch.setattr(
+        _snapshot,
+        "_scratch_for",
+        lambda source, is_tree: Path(tempfile.mkdtemp(prefix=".checkpointio-snapshot-", dir=tree / "model")),
+    )
+    shot = _snapshot.take(tree)
+    try:
+        assert isinstance(shot.data, Path) and shot.scratch is not None
+        assert shot.scratch.parent == tree / "model"
+        assert snapshot(shot.data) == expected
+    finally:
+        shot.discard()
+    assert snapshot(tree) == expected
+
+
 def test_a_background_save_of_a_tree_with_a_symlink_to_a_folder_leaves_no_scratch_behind(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
