@@ -39,7 +39,7 @@ import anyio
 import anyio.to_thread
 from typing_extensions import Unpack
 
-from . import _engine, _manage, _portal
+from . import _manage, _portal
 from ._checkpoint import Checkpoint
 from ._config import TransferConfig, TransferOptions
 from ._exceptions import BackgroundSaveError, CheckpointError, InvalidNameError, NoCheckpointError
@@ -226,16 +226,12 @@ class _Run:
         """Claim the lowest free attempt number above ``after`` and every attempt seen so far.
 
         The marker is created only if absent, atomically on every store: two processes running
-        this run at once each get their own number, never one key for both. Once won, it is saved
-        again as an ordinary checkpoint (the object exists throughout, so the claim holds), which
-        gives it checkpointio's record: ``ls`` shows it as one of ours and ``rm --recursive``
-        removes it with the run's attempts, on every store alike.
+        this run at once each get their own number, never one key for both.
         """
         store = await open_store(self.root.scheme, self.config)
         attempt = max([after, *self.saved, *self.claimed]) + 1
-        while not await store.create(self.claim_location(attempt), marker := _claim_marker(self.run_id, attempt)):
+        while not await store.create(self.claim_location(attempt), _claim_marker(self.run_id, attempt)):
             attempt += 1
-        await _engine.save(store, self.claim_location(attempt), marker, self.config)
         self.claimed.append(attempt)
         self.mine.append(attempt)
         return attempt
