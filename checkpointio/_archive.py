@@ -42,6 +42,7 @@ __all__ = [
     "file_type",
     "looks_like_tar_gz",
     "pack_directory",
+    "remove_tree",
     "skip_any",
     "skip_within",
     "unpack_directory",
@@ -458,6 +459,10 @@ class GunzipReader:
         self._pending: deque[Future[bytes]] = deque()
         self._inflater: Any = None
         self._member_started = False
+        self._draining = False  # the tar stream has ended: what follows is trailing data
+        #: The start of bytes after the last member that are not one: an error once the members
+        #: before them are read (members are read ahead, while the tar stream may already be over).
+        self._not_member: bytes | None = None
 
     def read(self, size: int = -1) -> bytes:
         available = len(self._output) - self._offset
@@ -472,6 +477,7 @@ class GunzipReader:
 
     def drain(self) -> None:
         """Inflate and discard the rest of the stream, so every byte was checked."""
+        self._draining = True
         while not self._eof:
             self._fill()
         self._output.clear()
@@ -510,6 +516,8 @@ class GunzipReader:
             self._fill_sequential()
 
     def _next_member(self) -> bytes | None:
+        if self._not_member is not None:
+            return None
         while True:
             if self._input[:1] == b"\x00":  # zero padding between members, as gzip(1) allows
                 del self._input[: len(self._input) - len(self._input.lstrip(b"\x00"))]
@@ -519,7 +527,8 @@ class GunzipReader:
             return None
         length = _codec.member_length(self._input)
         if length is None:
-            raise CorruptCheckpointError("the archive is garbled: a gzip member has no valid header")
+            self._not_member = bytes(self._input[:32])
+            return None
         while len(self._input) < length:
             if not self._more_input():
                 raise CorruptCheckpointError("the archive is truncated: its last gzip member is incomplete")
@@ -528,11 +537,24 @@ class GunzipReader:
         del self._input[:length]
         return member
 
+    def _not_a_member(self, data: bytes | bytearray) -> str:
+        """What ``data``, which does not start a gzip member (of ours, in a stream of ours), is."""
+        if self._input_done and len(data) < 32 and data.startswith(_GZIP_MAGIC[: len(data)]):
+            return "the archive is truncated: its last gzip member is incomplete"
+        if self._draining:  # GNU tar and Python's gzip refuse them too
+            return "the archive has trailing data after its end: bytes that are not a gzip member"
+        return "the archive is garbled: a gzip member has no valid header"
+
+    def _end_of_members(self) -> None:
+        if self._not_member is not None:
+            raise CorruptCheckpointError(self._not_a_member(self._not_member))
+        self._eof = True
+
     def _fill_members(self) -> None:
         if self._pool is None:
             member = self._next_member()
             if member is None:
-                self._eof = True
+                self._end_of_members()
             else:
                 self._output += _codec.inflate_member(member)
             return
@@ -547,7 +569,7 @@ class GunzipReader:
                 return
             self._pending.append(self._pool.submit(_codec.inflate_member, member))
         if not self._pending:
-            self._eof = True
+            self._end_of_members()
             return
         self._output += self._pending.popleft().result()
 
@@ -570,6 +592,8 @@ class GunzipReader:
             data = data.lstrip(b"\x00")
             if not data:
                 return
+            if self._member_started and not data.startswith(_GZIP_MAGIC[: len(data)]):
+                raise CorruptCheckpointError(self._not_a_member(data))
             inflater = self._inflater = _codec.sequential_inflater()
             self._member_started = True
         self._output += inflater.decompress(data, _INFLATE_STEP)
@@ -577,10 +601,14 @@ class GunzipReader:
 
 def looks_like_tar_gz(head: bytes) -> bool:
     """Whether ``head`` (the first bytes of an object) starts a gzip-compressed tar archive."""
-    if not head.startswith(_GZIP_MAGIC):
-        return False
-    try:
-        block = _codec.sequential_inflater().decompress(head, _tar.BLOCK)
+    block = b""
+    try:  # past empty members (a stream of appended gzip files may start with one)
+        while head.startswith(_GZIP_MAGIC) and len(block) < _tar.BLOCK:
+            inflater = _codec.sequential_inflater()
+            block += inflater.decompress(head, _tar.BLOCK - len(block))
+            if not inflater.eof:
+                break
+            head = inflater.unused_data.lstrip(b"\x00")
     except _codec.InflateError:
         return False
     return _tar.is_header(block)
@@ -612,3 +640,64 @@ def unpack_directory(pull: Pull, dest: Path | None, *, uri: str, workers: int = 
 def check_directory(pull: Pull, *, uri: str, workers: int = 1) -> None:
     """Read a .tar.gz stream to its end as :func:`unpack_directory` would, writing nothing."""
     unpack_directory(pull, None, uri=uri, workers=workers)
+
+
+_OPEN_FOLDER = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def remove_tree(path: str | os.PathLike[str]) -> None:
+    """Remove ``path`` and everything in it, best effort (what cannot be removed is left), as
+    ``shutil.rmtree(path, ignore_errors=True)`` does, but for trees a restore can make: up to
+    2,000 folders deep (Python 3.11's ``rmtree`` recurses once per level, past the recursion
+    limit) and deeper than PATH_MAX (every call is relative to the folder open). Never follows
+    a symlink; holds two descriptors at most, whatever the depth.
+    """
+    try:
+        fd = os.open(path, _OPEN_FOLDER)
+    except OSError:  # not a folder (a symlink to one too), or gone
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        return
+    levels: list[tuple[str, list[str]]] = []  # per folder above: the one open, its siblings left
+    try:
+        folders = _remove_files(fd)
+        while True:
+            if folders:
+                name = folders.pop()
+                try:
+                    child = os.open(name, _OPEN_FOLDER, dir_fd=fd)
+                except OSError:
+                    continue
+                os.close(fd)
+                fd = child
+                levels.append((name, folders))
+                folders = _remove_files(fd)
+            elif levels:
+                name, folders = levels.pop()
+                parent = os.open("..", _OPEN_FOLDER, dir_fd=fd)
+                os.close(fd)
+                fd = parent
+                with contextlib.suppress(OSError):
+                    os.rmdir(name, dir_fd=fd)
+            else:
+                break
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    with contextlib.suppress(OSError):
+        os.rmdir(path)
+
+
+def _remove_files(fd: int) -> list[str]:
+    """Remove what the open folder ``fd`` holds but folders; the names of those."""
+    folders = []
+    for name in os.listdir(fd):
+        try:
+            if stat.S_ISDIR(os.lstat(name, dir_fd=fd).st_mode):
+                folders.append(name)
+            else:
+                os.unlink(name, dir_fd=fd)
+        except OSError:
+            pass
+    return folders

@@ -13,7 +13,6 @@ import contextlib
 import io
 import logging
 import os
-import shutil
 import stat
 import threading
 import uuid
@@ -465,7 +464,7 @@ def replace_all(moves: Sequence[tuple[Path, Path]]) -> None:
         with contextlib.suppress(OSError):
             aside.rmdir()
         raise
-    shutil.rmtree(aside, ignore_errors=True)
+    _archive.remove_tree(aside)
 
 
 def _present_tree(staging: Path, workspace: Path, uri: str) -> None:
@@ -525,7 +524,7 @@ def _restore(pull: _Pull, info: ObjectInfo, workspace: Path, workers: int) -> Pa
         return target
     finally:
         if staging.is_dir():
-            shutil.rmtree(staging, ignore_errors=True)
+            _archive.remove_tree(staging)
         elif staging.exists():
             staging.unlink()
 

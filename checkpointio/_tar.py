@@ -13,6 +13,19 @@ or hard links through a symlink the archive made, symlinks pointing out of the f
 through another symlink of the archive, in either order), hard links to anything but a file
 extracted before (and still a file), devices and pipes. Modes lose set-id, sticky and
 group/other write bits; owners are not applied.
+
+A later entry replaces an earlier one of the same name (file, symlink or hard link; a folder
+replaces them too), as GNU tar does; nothing replaces a folder (refused: its contents would go
+with it). Names with a part over 255 bytes are refused (no file system holds one, and ``verify``
+must refuse what a restore cannot make); every entry is made relative to the open destination,
+so a name up to PATH_MAX restores however long the destination's own path is. An ``OSError`` a
+name causes on this file system (one too long for it, or folded into another where case is
+ignored) becomes a :class:`CorruptCheckpointError`.
+
+Names are compared exactly, byte for byte. On a file system that ignores case (macOS, casefold
+folders) ``D`` and ``d`` are one name there but two here: creating one over the other fails (and
+is refused), but the symlink checks cannot see that a target spelled ``d/..`` walks through the
+symlink ``D``. Restore archives you do not trust on a case-sensitive file system.
 """
 
 from __future__ import annotations
@@ -22,7 +35,7 @@ import os
 import re
 import struct
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from ._exceptions import CorruptCheckpointError, UnsafeArchiveError
 
@@ -62,6 +75,17 @@ _MAX_META = 1024 * 1024
 #: walk a name's folders, so a 1 MiB name of 500,000 parts would cost quadratic time and memory
 #: (1.5 GiB for a 257-byte archive); a longer one could not be created anyway.
 _MAX_NAME = 4095
+#: Longest part of a name: what Linux file systems hold (NAME_MAX); a longer one cannot be created.
+_MAX_PART = 255
+#: Why creating an entry may fail when the archive, not the machine, is at fault: a name this file
+#: system cannot hold (too long or not valid for it, or a second name it folds into the first:
+#: ``A`` then ``a`` where case is ignored) or too many hard links to one file. Others (ENOSPC,
+#: EFBIG, EACCES, EROFS, EIO, a destination removed meanwhile) stay OSErrors: they are the
+#: machine's, and an older checkpoint would not restore any better.
+_ENTRY_ERRNOS = frozenset(
+    {errno.ENAMETOOLONG, errno.EILSEQ, errno.EINVAL, errno.EMLINK, errno.EEXIST, errno.ENOTDIR, errno.EISDIR,
+     errno.ELOOP}
+)  # fmt: skip
 
 
 def _octal(value: int, width: int) -> bytes:
@@ -215,20 +239,115 @@ def _pax_records(data: bytes) -> dict[str, bytes]:
     return records
 
 
+class _Edge:
+    """A run of folders in :class:`_Folders`: ``label`` is their parts joined by ``/``."""
+
+    __slots__ = ("child", "label")
+
+    def __init__(self, label: str, child: dict[str, _Edge]) -> None:
+        self.label = label
+        self.child = child
+
+
+class _Folders:
+    """The folders an extraction made: folder entries and every folder a name is in.
+
+    A trie of path parts in which a chain of folders with one child each is one edge labelled
+    with the parts joined (a radix tree): memory grows with the bytes of the names, whatever
+    their depth. A set of every folder's path holds every prefix of a deep name: 4 MB for one
+    name of 2,000 parts, 218 MiB for a 2 KB archive of 60 of them.
+    """
+
+    def __init__(self) -> None:
+        self._root: dict[str, _Edge] = {}  # an edge by its first part
+
+    def known(self, path: str) -> int:
+        """How much of the normalised ``path`` is a known folder: the length of its longest
+        prefix (cut at a ``/``) that is one; ``len(path)`` if ``path`` is a folder, 0 if no part is."""
+        node, start, end = self._root, 0, len(path)
+        while True:
+            slash = path.find("/", start)
+            edge = node.get(path[start:] if slash < 0 else path[start:slash])
+            if edge is None:
+                return start - 1 if start else 0
+            matched = _matched(edge.label, path, start)
+            if start + matched == end:
+                return end
+            if matched < len(edge.label):
+                return start + matched
+            node, start = edge.child, start + matched + 1
+
+    def below(self, folder: str) -> dict[str, _Edge] | str:
+        """What the known ``folder`` holds: the edges out of it by first part, or, where it is
+        inside an edge, the rest of the edge's label (its only sub-folder, and theirs)."""
+        node, start, end = self._root, 0, len(folder)
+        while start < end:
+            slash = folder.find("/", start)
+            edge = node[folder[start:] if slash < 0 else folder[start:slash]]
+            matched = _matched(edge.label, folder, start)
+            if matched < len(edge.label):
+                return edge.label[matched + 1 :]
+            node, start = edge.child, start + matched + 1
+        return node
+
+    def add(self, path: str) -> None:
+        """Record the normalised ``path`` (not ``""``) and the folders it is in as folders."""
+        node, start, end = self._root, 0, len(path)
+        while True:
+            slash = path.find("/", start)
+            first = path[start:] if slash < 0 else path[start:slash]
+            edge = node.get(first)
+            if edge is None:
+                node[first] = _Edge(path[start:], {})
+                return
+            label = edge.label
+            matched = _matched(label, path, start)
+            if matched < len(label):  # the path leaves (or ends) inside the edge: split it there
+                rest = label[matched + 1 :]
+                edge.child = {rest.partition("/")[0]: _Edge(rest, edge.child)}
+                edge.label = label[:matched]
+            if start + matched == end:
+                return
+            node, start = edge.child, start + matched + 1
+
+
+def _matched(label: str, path: str, start: int) -> int:
+    """How much of ``label`` (whose first part is that of ``path[start:]``) ``path[start:]``
+    begins with, in whole parts: a length at which ``label`` ends or has a ``/``."""
+    end = len(path)
+    stop = start + len(label)
+    if path.startswith(label, start) and (stop == end or path[stop] == "/"):
+        return len(label)
+    low, high = 0, min(len(label), end - start)  # the longest common prefix, in characters
+    while low < high:
+        middle = (low + high + 1) // 2
+        if path.startswith(label[:middle], start):
+            low = middle
+        else:
+            high = middle - 1
+    if (low == len(label) or label[low] == "/") and (start + low == end or path[start + low] == "/"):
+        return low
+    return label.rfind("/", 0, low)  # the first parts are equal: there is a "/" before ``low``
+
+
 class _Extraction:
     def __init__(self, read: Read, dest: str | None) -> None:
         self._read = read
-        self._dest = dest or ""
         self._write = dest is not None  # False: check everything, write nothing
-        self._links: set[str] = set()
+        #: The destination, held open: entries are created relative to it, so a name up to
+        #: PATH_MAX restores however long the destination's own path is.
+        self._fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC) if dest is not None else -1
         self._files: set[str] = set()
-        self._dirs: set[str] = {""}
-        #: Folder path -> (mode, mtime), applied at the end; keyed by path, so a crafted archive
-        #: naming one folder a million times holds one entry (a list held 50x the archive's size).
+        #: Symlink -> its target; the targets are walked once every entry is in (:meth:`check_links`).
+        self._links: dict[str, str] = {}
+        self._dirs = _Folders()
+        self._last_parent = ""  # a known folder: entries come folder by folder, most need no lookup
+        self._below_parent: str | None = None  # the folder self._below is of (None: not known)
+        self._below: dict[str, _Edge] | str = ""
+        #: Folder -> (mode, mtime), applied at the end; keyed by name, so a crafted archive naming
+        #: one folder a million times holds one entry (a list held 50x the archive's size).
         self._dir_attrs: dict[str, tuple[int, int]] = {}
         self._umask = _creation_umask(dest)
-        #: Paths that earlier symlinks' targets pass through: no symlink may appear there later.
-        self._walked: set[str] = set()
 
     def read_exact(self, size: int) -> bytes:
         data = self._read(size)
@@ -252,48 +371,81 @@ class _Extraction:
         normal = os.path.normpath(name)  # relative, no "." or empty parts, no trailing "/"
         if normal == ".." or normal.startswith("../"):
             raise UnsafeArchiveError(f"{what} {name!r} would be outside the destination")
-        if self._links:
-            parent = _parent(normal)
-            while parent:
-                if parent in self._links:
-                    raise UnsafeArchiveError(f"{what} {name!r} goes through the symlink {parent!r}")
-                parent = _parent(parent)
+        if self._links and _parent(normal) != self._last_parent:
+            first = self.first_new(normal)
+            if first is not None and first != normal and first in self._links:
+                raise UnsafeArchiveError(f"{what} {name!r} goes through the symlink {first!r}")
         return normal
+
+    def first_new(self, normal: str) -> str | None:
+        """The first of the folders ``normal`` is in, and ``normal``, that is not a known folder;
+        ``None`` if ``normal`` is one.
+
+        Whatever is in a folder of the archive (file, symlink or folder) had every folder it is in
+        made first, and a folder stays one: so of the folders ``normal`` is in, only this one can
+        be a file or a symlink of the archive. One lookup, not one per folder.
+        """
+        known = self._dirs.known(normal)
+        if known == len(normal):
+            return None
+        end = normal.find("/", known + 1 if known else 0)
+        return normal if end < 0 else normal[:end]
 
     def make_parents(self, rel: str) -> None:
         """Create the folders ``rel`` is in, refusing to go through a file the archive made
-        (``os.makedirs`` would fail on it with an OSError that says nothing of the archive)."""
+        (``mkdir`` would fail on it with an OSError that says nothing of the archive)."""
         parent = _parent(rel)
-        if parent in self._dirs:
+        if parent == self._last_parent:
             return
-        new = []
-        while parent and parent not in self._dirs:
-            if parent in self._files:
-                raise CorruptCheckpointError(f"entry {rel!r} is inside {parent!r}, a file of the archive")
-            new.append(parent)
-            parent = _parent(parent)
+        first = self.first_new(parent)
+        if first is not None:
+            if first in self._files:
+                raise CorruptCheckpointError(f"entry {rel!r} is inside {first!r}, a file of the archive")
+            end = len(first)
+            while self._write:  # each new folder in turn, as os.makedirs does, relative to the top
+                os.mkdir(parent[:end], dir_fd=self._fd)
+                if end == len(parent):
+                    break
+                end = parent.find("/", end + 1)
+                end = len(parent) if end < 0 else end
+            self.add_folder(parent)
+        self._last_parent = parent
+
+    def is_folder(self, rel: str) -> bool:
+        """Whether ``rel``, in a known folder, is a known folder itself."""
+        parent, _, leaf = rel.rpartition("/")
+        if parent != self._below_parent:  # entries come folder by folder: one walk per folder
+            self._below = self._dirs.below(parent)
+            self._below_parent = parent
+        below = self._below
+        if isinstance(below, dict):
+            return leaf in below
+        return below.startswith(leaf) and (len(below) == len(leaf) or below[len(leaf)] == "/")
+
+    def add_folder(self, rel: str) -> None:
+        self._dirs.add(rel)
+        self._below_parent = None
+
+    def clear(self, rel: str) -> None:
+        """Remove the file or symlink an earlier entry named ``rel`` made: a later entry replaces
+        an earlier one, as in GNU tar (a folder is never replaced: that is refused before)."""
+        if rel in self._files:
+            self._files.discard(rel)
+        elif self._links.pop(rel, None) is None:
+            return
         if self._write:
-            os.makedirs(os.path.join(self._dest, new[0]), exist_ok=True)
-        self._dirs.update(new)
-
-    def clear(self, rel: str, path: str) -> None:
-        """Remove what an earlier entry of the same name left, unless it is a folder.
-
-        The destination starts empty, so only a name this archive already wrote can be there:
-        no ``stat`` for the others (one system call less per file).
-        """
-        if not self._write or not (rel in self._files or rel in self._links or rel in self._dirs):
-            return
-        if os.path.lexists(path) and not (os.path.isdir(path) and not os.path.islink(path)):
-            os.unlink(path)
+            os.unlink(rel, dir_fd=self._fd)
 
     def run(self) -> None:
-        self.entries()
-        for path, (mode, mtime) in (
-            sorted(self._dir_attrs.items(), reverse=True) if self._write else ()
-        ):  # deepest first
-            os.chmod(path, mode)
-            os.utime(path, (mtime, mtime))
+        try:
+            self.entries()
+            self.check_links()
+            for rel, (mode, mtime) in sorted(self._dir_attrs.items(), reverse=True) if self._write else ():
+                os.chmod(rel, mode, dir_fd=self._fd)  # deepest first
+                os.utime(rel, (mtime, mtime), dir_fd=self._fd)
+        finally:
+            if self._fd >= 0:
+                os.close(self._fd)
 
     def entries(self) -> None:
         pax: dict[str, bytes] = {}
@@ -352,86 +504,97 @@ class _Extraction:
                 raise CorruptCheckpointError(
                     f"entry {_text(name[:100])!r}... has a name or link target over {_MAX_NAME} bytes"
                 )
-            self.entry(kind, _text(name), _text(link), size, mode, mtime)
+            if len(name) > _MAX_PART and max(map(len, name.split(b"/"))) > _MAX_PART:
+                raise CorruptCheckpointError(
+                    f"entry {_text(name[:100])!r}... has a name part over {_MAX_PART} bytes, which no file system holds"
+                )
+            try:
+                self.entry(kind, _text(name), _text(link), size, mode, mtime)
+            except OSError as error:
+                if error.errno not in _ENTRY_ERRNOS:
+                    raise
+                raise CorruptCheckpointError(
+                    f"entry {_text(name)!r} cannot be restored on this file system: {error.strerror}"
+                ) from error
 
     def entry(self, kind: bytes, name: str, link: str, size: int, mode: int, mtime: int) -> None:
         rel = self.inside(name, "entry")
         if kind in _SPECIAL_TYPES:
             raise UnsafeArchiveError(f"entry {name!r} is a {_SPECIAL_TYPES[kind]}")
-        path = f"{self._dest}/{rel}" if self._write else ""  # rel is normalised and relative
         if rel == ".":
             if kind != b"5":
                 raise UnsafeArchiveError(f"entry {name!r} would replace the destination")
-            self._dir_attrs[path] = (mode & 0o755 | 0o700, mtime)
+            self._dir_attrs[rel] = (mode & 0o755 | 0o700, mtime)
             self.skip(size + (-size % BLOCK))
             return
         self.make_parents(rel)
-        if rel in self._dirs and kind in (*_FILE_TYPES, b"1", b"2"):  # clear() keeps folders: EEXIST
+        folder = self.is_folder(rel)
+        if folder and kind in (*_FILE_TYPES, b"1", b"2"):
             raise CorruptCheckpointError(f"entry {name!r} would replace a folder of the archive")
         if kind in _FILE_TYPES:
-            self.clear(rel, path)
-            self.write_file(path, size, mode, mtime)
+            self.clear(rel)
+            self.write_file(rel, size, mode, mtime)
             self._files.add(rel)
         elif kind == b"5":
-            self._files.discard(rel)
-            self._links.discard(rel)
-            if self._write and (not os.path.isdir(path) or os.path.islink(path)):
-                self.clear(rel, path)
-                os.mkdir(path, 0o700)
-            self._dirs.add(rel)
-            self._dir_attrs[path] = (mode & 0o755 | 0o700, mtime)
+            if not folder:
+                self.clear(rel)
+                if self._write:
+                    os.mkdir(rel, 0o700, dir_fd=self._fd)
+                self.add_folder(rel)
+            self._dir_attrs[rel] = (mode & 0o755 | 0o700, mtime)
             self.skip(size + (-size % BLOCK))
         elif kind == b"2":
             self.check_link_target(rel, name, link)
-            self.clear(rel, path)
+            self.clear(rel)
             if self._write:
-                os.symlink(link, path)
-                os.utime(path, (mtime, mtime), follow_symlinks=False)
-            self._files.discard(rel)
-            self._links.add(rel)
+                os.symlink(link, rel, dir_fd=self._fd)
+                os.utime(rel, (mtime, mtime), dir_fd=self._fd, follow_symlinks=False)
+            self._links[rel] = link
             self.skip(size + (-size % BLOCK))
         elif kind == b"1":
             source = self.inside(link, "hard link target")
             if source not in self._files:
                 raise UnsafeArchiveError(f"hard link {name!r} -> {link!r} is not to a file extracted before")
             if source != rel:  # a link to itself (GNU tar's for a linked file named twice) is already there
-                self.clear(rel, path)
+                self.clear(rel)
                 if self._write:
-                    os.link(os.path.join(self._dest, source), path, follow_symlinks=False)
-            self._links.discard(rel)
-            self._files.add(rel)
+                    os.link(source, rel, src_dir_fd=self._fd, dst_dir_fd=self._fd, follow_symlinks=False)
+                self._files.add(rel)
             self.skip(size + (-size % BLOCK))
         else:
             raise CorruptCheckpointError(f"entry {name!r} has an unsupported type {kind!r}")
 
     def check_link_target(self, rel: str, name: str, link: str) -> None:
-        """Refuse a symlink whose target leaves the folder, now or once later links exist.
-
-        The target is walked from the link's folder: ``..`` may not climb out, and no part of the
-        way may be a symlink this archive made (``d/up -> ..`` then ``d/x -> up/..`` would leave
-        it). The parts walked are remembered, so a symlink made there later is refused too.
-        """
+        """Refuse a symlink whose target is empty, absolute or climbs above the folder (``..``
+        counted from the link's own folder); whether its way passes through another symlink is
+        known once all of them are in (:meth:`check_links`)."""
         if not link:  # os.symlink refuses it (ENOENT)
             raise CorruptCheckpointError(f"symlink {name!r} has an empty target")
         if link.startswith("/") or os.path.isabs(link):
             raise UnsafeArchiveError(f"symlink {name!r} -> {link!r} points to an absolute path")
-        way = link_way(rel, link)
-        if way is None:
+        if _climbs_out(rel, link):
             raise UnsafeArchiveError(f"symlink {name!r} -> {link!r} points outside the destination")
-        for here in way:
-            if here in self._links:
-                raise UnsafeArchiveError(f"symlink {name!r} -> {link!r} goes through the symlink {here!r}")
-        if rel in self._walked:
-            raise UnsafeArchiveError(f"symlink {name!r} would redirect the target of an earlier symlink")
-        self._walked.update(way)
 
-    def write_file(self, path: str, size: int, mode: int, mtime: int) -> None:
+    def check_links(self) -> None:
+        """Refuse a symlink whose target walks through another symlink of the tree, as it is at
+        the end (``d/up -> ..`` then ``d/x -> up/..`` leaves the folder, in either order).
+
+        Checked on the finished tree, not as links arrive: nothing the extraction does follows a
+        symlink (no name may go through one, files are opened with ``O_NOFOLLOW``), and a refusal
+        fails the whole restore. So the ways need not be kept: only each link's name and target.
+        """
+        for rel, link in self._links.items():
+            for here in _way(rel, link):
+                if here in self._links:
+                    raise UnsafeArchiveError(f"symlink {rel!r} -> {link!r} goes through the symlink {here!r}")
+
+    def write_file(self, rel: str, size: int, mode: int, mtime: int) -> None:
         if not self._write:
             self.skip(size + (-size % BLOCK))
             return
         mode = _file_mode(mode)
         padded = size + (-size % BLOCK)
-        fd = os.open(path, _WRITE_FLAGS, mode)
+        fd = os.open(rel, _WRITE_FLAGS, mode, dir_fd=self._fd)
         try:
             if padded <= _STEP:  # the common case: data and padding in one read
                 _write_all(fd, memoryview(self.read_exact(padded))[:size])
@@ -452,22 +615,37 @@ def link_way(rel: str, link: str) -> list[str] | None:
     """The folders (relative to the top) that the relative symlink ``rel -> link`` walks through
     from its own folder, ``..`` going up a level; ``None`` if the way climbs above the top.
 
-    One walk for extraction (none of them may be a symlink of the archive) and for saving (which
-    refuses, up front, what extraction would).
+    The walk extraction checks (none of them may be a symlink of the archive), for saving, which
+    refuses up front what extraction would.
     """
+    return None if _climbs_out(rel, link) else list(_way(rel, link))
+
+
+def _climbs_out(rel: str, link: str) -> bool:
+    """Whether the relative symlink ``rel -> link`` climbs above the top (more ``..`` than levels)."""
+    depth = rel.count("/")
+    for step in link.split("/"):
+        if step == "..":
+            if not depth:
+                return True
+            depth -= 1
+        elif step not in ("", "."):
+            depth += 1
+    return False
+
+
+def _way(rel: str, link: str) -> Iterator[str]:
+    """The folders :func:`link_way` lists, one at a time (for a target that does not climb out):
+    a target of 2,000 parts passes through 2,000 of them, 4 MB as a list."""
     parts = rel.split("/")[:-1]
     steps = [step for step in link.split("/") if step not in ("", ".")]
-    way = []
     for index, step in enumerate(steps):
         if step == "..":
-            if not parts:
-                return None
             parts.pop()
             continue
         parts.append(step)
         if index < len(steps) - 1:
-            way.append("/".join(parts))
-    return way
+            yield "/".join(parts)
 
 
 def _write_all(fd: int, data: memoryview) -> None:

@@ -198,6 +198,78 @@ def test_a_name_of_many_parts_is_refused_before_its_parts_are_walked(tmp_path: P
     assert list((tmp_path / "out").iterdir()) == []
 
 
+def _deep_entries(kind: str) -> list[bytes]:
+    """60 entries of names or link targets of 2,000 parts (under 4 KiB each, in a ~2 KB archive),
+    each in its own folder, so no two share the folders they name."""
+    deep = "a/" * 2000
+    if kind == "symlink targets":
+        return [_tar.header(f"l{i}/s", _tar.SYMLINK, link=deep + "x") for i in range(60)]
+    if kind == "zigzag symlink targets":  # down 1,000 folders, then 400 times one more and back
+        return [_tar.header(f"l{i}/s", _tar.SYMLINK, link="a/" * 1000 + "b/../" * 400 + "x") for i in range(60)]
+    if kind == "folder entries":
+        return [_tar.header(f"d{i}/{deep}", _tar.DIRECTORY) for i in range(60)]
+    return [_tar.header(f"d{i}/{deep}x", _tar.FILE) for i in range(60)]
+
+
+@pytest.mark.parametrize("kind", ["symlink targets", "zigzag symlink targets", "file names", "folder entries"])
+def test_names_of_thousands_of_parts_cost_memory_for_their_bytes_not_each_prefix(kind: str) -> None:
+    # Every folder a name is in, and every folder a link's target walks through, was kept as its
+    # own path: 4 MB for each of these names, 218 MiB for the 2 KB archive.
+    from checkpointio._archive import check_directory
+
+    entries = _deep_entries(kind)
+    tar = b"".join(entries) + _tar.end_of_archive(sum(map(len, entries)))
+    data = gzip.compress(tar, compresslevel=9)
+    assert len(data) < 3000
+    with traced() as peak:
+        check_directory(pull_of([data]), uri="test://deep")
+    assert peak[0] < 4 * 1024 * 1024
+
+
+def test_a_tree_of_folders_deeper_than_path_max_from_its_destination_restores(tmp_path: Path) -> None:
+    # 15 parts of 250 bytes under a destination of ~770 bytes: 4,500 bytes as one path, more than
+    # PATH_MAX; every entry is made relative to the destination, so it fits
+    parts = [f"{i:02}" + "p" * 248 for i in range(15)]
+    entries = [
+        _tar.header("/".join(parts) + "/deep.txt", _tar.FILE, size=4, mode=0o644) + b"deep" + bytes(508),
+        _tar.header("/".join(parts[:3]) + "/link", _tar.SYMLINK, link="/".join(parts[3:]) + "/deep.txt"),
+    ]
+    tar = b"".join(entries) + _tar.end_of_archive(sum(map(len, entries)))
+    dest = tmp_path / ("d" * 250) / ("d" * 250) / ("d" * 250)
+    dest.parent.mkdir(parents=True)
+    unpacked(gzip.compress(tar), dest)
+    top = os.open(dest, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert os.readlink("/".join(parts[:3]) + "/link", dir_fd=top) == "/".join(parts[3:]) + "/deep.txt"
+        fd = os.open("/".join(parts), os.O_RDONLY | os.O_DIRECTORY, dir_fd=top)
+        with open(os.open("deep.txt", os.O_RDONLY, dir_fd=fd), "rb") as file:
+            assert file.read() == b"deep"
+        os.close(fd)
+    finally:
+        os.close(top)
+
+
+folder_names = st.lists(st.lists(st.sampled_from(["a", "b", "ab", "a.b", "ba"]), min_size=1, max_size=6), max_size=12)
+
+
+@given(added=folder_names, asked=folder_names)
+@settings(max_examples=300, deadline=None)
+def test_the_folder_trie_knows_exactly_the_folders_a_set_of_every_prefix_holds(
+    added: list[list[str]], asked: list[list[str]]
+) -> None:
+    folders, prefixes = _tar._Folders(), {""}
+    for parts in added:
+        folders.add("/".join(parts))
+        prefixes.update("/".join(parts[:end]) for end in range(1, len(parts) + 1))
+    for parts in asked + added:
+        known = max(len(p) for p in ("/".join(parts[:end]) for end in range(len(parts) + 1)) if p in prefixes)
+        assert folders.known("/".join(parts)) == known
+        children = {p.rpartition("/")[2] for p in prefixes if p and p.rpartition("/")[0] == "/".join(parts)}
+        if "/".join(parts) in prefixes:
+            below = folders.below("/".join(parts))
+            assert (set(below) if isinstance(below, dict) else {below.partition("/")[0]}) == children
+
+
 @pytest.mark.parametrize("level", [0, 1, 6])
 def test_the_largest_member_we_write_is_read(level: int) -> None:
     member = encode_member(os.urandom(MAX_MEMBER_OUTPUT), level)  # incompressible: stored whole
@@ -295,6 +367,20 @@ def test_truncated_and_garbled_streams_are_corrupt(tmp_path: Path) -> None:
         unpacked(bytes(garbled), tmp_path / "b")
     with pytest.raises(CorruptCheckpointError):
         unpacked(os.urandom(10_000), tmp_path / "c")
+
+
+@pytest.mark.parametrize("writer", ["ours", "gzip"])
+@pytest.mark.parametrize(
+    ("after", "said"),
+    [(b"garbage!" * 8, "trailing data after its end"), (b"ga", "trailing data after its end"), (b"\x1f", "truncated")],
+)
+def test_bytes_after_the_archive_are_called_trailing_data_not_truncation(
+    tmp_path: Path, writer: str, after: bytes, said: str
+) -> None:
+    tree = make_tree(tmp_path / "tree")
+    data = packed(tree) if writer == "ours" else gzip.compress(gzip.decompress(packed(tree)))
+    with pytest.raises(CorruptCheckpointError, match=said):
+        unpacked(data + after, tmp_path / "out")
 
 
 @pytest.mark.skipif(shutil.which("tar") is None, reason="needs GNU tar")

@@ -437,3 +437,124 @@ def test_gc_runs_older_than_removes_old_task_runs_and_nothing_else(
     assert "models/final" in left and "e/job/old/notes.txt" in left and "e/job/old/attempt-" not in left
     assert ("e/job/new/attempt-1" in left) == (backend == "local")
     assert ok("gc", storage, "--runs-older-than", age) == f"nothing to clean up under {storage}\n"
+
+
+def _tar_gz(*entries: bytes, after: bytes = b"") -> bytes:
+    import gzip
+
+    from checkpointio import _tar
+
+    tar = b"".join(entries)
+    return gzip.compress(tar + _tar.end_of_archive(len(tar))) + after
+
+
+def _crafted_archives() -> dict[str, tuple[bytes, int, object]]:
+    """Archive -> (stored bytes, the exit code of `verify` and `load`, the tree restored or the
+    words the error has)."""
+    import gzip
+
+    from checkpointio._tar import DIRECTORY, FILE, SYMLINK, header
+
+    def file(name: str, data: bytes) -> bytes:
+        return header(name, FILE, size=len(data), mode=0o644) + data + bytes(-len(data) % 512)
+
+    parts = [f"{i:02}" + "p" * 248 for i in range(15)]  # 3,764 bytes: over PATH_MAX under a long DEST
+    return {
+        # GNU tar's rule: a later entry replaces an earlier one of the same name (a folder stays)
+        "file then folder": (
+            _tar_gz(file("d", b"old"), header("d/", DIRECTORY, mode=0o755), file("d/f", b"new")),
+            0,
+            {"d": "dir", "d/f": b"new"},
+        ),
+        "symlink then folder": (
+            _tar_gz(header("d", SYMLINK, link="x"), header("d/", DIRECTORY, mode=0o755)),
+            0,
+            {"d": "dir"},
+        ),
+        "name part over 255 bytes": (_tar_gz(file("n" * 256, b"x")), 4, "name part over 255 bytes"),
+        "deeper than PATH_MAX once in DEST": (
+            _tar_gz(file("/".join(parts) + "/f", b"deep")),
+            0,
+            {"/".join(parts[:end]): "dir" for end in range(1, 16)} | {"/".join(parts) + "/f": b"deep"},
+        ),
+        # 1,500 folders made, then a refusal: removing them recursed past Python's limit
+        "1,500 folders deep, then refused": (
+            _tar_gz(file("a/" * 1500 + "f", b"x"), header("dev", b"3")),
+            4,
+            "character device",
+        ),
+        "trailing garbage": (_tar_gz(file("f", b"x"), after=b"garbage!" * 4), 4, "trailing data after its end"),
+        "empty first gzip member": (gzip.compress(b"") + _tar_gz(file("f", b"tree")), 0, {"f": b"tree"}),
+    }
+
+
+CRAFTED = _crafted_archives()
+
+
+def _tree(top: Path) -> dict[str, object]:
+    """What ``top`` holds: file bytes, "dir", or ("link", target), read relative to open folders
+    (the paths can be longer than PATH_MAX)."""
+    import stat
+
+    found: dict[str, object] = {}
+
+    def walk(fd: int, prefix: str) -> None:
+        for name in sorted(os.listdir(fd)):
+            mode = os.lstat(name, dir_fd=fd).st_mode
+            if stat.S_ISLNK(mode):
+                found[prefix + name] = ("link", os.readlink(name, dir_fd=fd))
+            elif stat.S_ISDIR(mode):
+                found[prefix + name] = "dir"
+                child = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+                try:
+                    walk(child, f"{prefix}{name}/")
+                finally:
+                    os.close(child)
+            else:
+                with open(os.open(name, os.O_RDONLY, dir_fd=fd), "rb") as data:
+                    found[prefix + name] = data.read()
+
+    top_fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        walk(top_fd, "")
+    finally:
+        os.close(top_fd)
+    return found
+
+
+@pytest.mark.parametrize("case", sorted(CRAFTED))
+def test_crafted_archives_give_verify_load_and_the_cli_one_outcome(
+    root: str, tmp_path: Path, request: pytest.FixtureRequest, case: str
+) -> None:
+    from checkpointio import Checkpoint, CorruptCheckpointError
+
+    data, code, expected = CRAFTED[case]
+    if root.startswith("s3://"):
+        bucket, _, prefix = root[5:].partition("/")
+        moto: MotoServer = request.getfixturevalue("moto_server")
+        moto.client().put_object(Bucket=bucket, Key=f"{prefix}/crafted", Body=data)
+    else:
+        Path(root).mkdir()
+        (Path(root) / "crafted").write_bytes(data)
+    uri = f"{root}/crafted"
+    long = tmp_path / ("d" * 250) / ("d" * 250) / ("d" * 250)  # with the names: over PATH_MAX
+    long.mkdir(parents=True)
+
+    verify = cli("verify", uri)
+    loaded = cli("load", uri, str(long / "cli"))
+    try:
+        with Checkpoint(str(tmp_path / "unused"), src=uri, workspace=long / "lib") as cp:
+            restored = cp.load_sync()
+        library = (0, "")
+    except CorruptCheckpointError as error:  # anything else (a raw OSError before) fails the test
+        library, restored = (4, str(error)), None
+
+    assert (verify.returncode, loaded.returncode, library[0]) == (code, code, code), verify.stderr + loaded.stderr
+    if code == 0:
+        assert restored == long / "lib"
+        assert _tree(long / "cli") == _tree(long / "lib") == expected
+    else:
+        assert isinstance(expected, str)
+        for said in (verify.stderr, loaded.stderr, library[1]):
+            assert expected in said and uri in said, said
+        assert not (long / "cli").exists() and list((long / "lib").iterdir()) == []
