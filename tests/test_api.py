@@ -15,6 +15,7 @@ import anyio
 import pytest
 
 from checkpointio import Checkpoint, MiB, TaskEnvironment, TransferConfig, TransferOptions
+from checkpointio._pending import Pending
 
 from .conftest import StoreCase
 
@@ -120,3 +121,29 @@ def test_the_awaitables_still_work_wherever_a_coroutine_does(store: StoreCase) -
     assert asyncio.run(main()) == (True, bytearray(b"first"), bytearray(b"second"))
     assert anyio.run(cp.prev_exists) is True
     cp.close()
+
+
+def test_only_the_porting_trap_raises_not_the_event_loop_s_own_truth_tests(tmp_path: Path) -> None:
+    cp = Checkpoint(tmp_path / "b", src=tmp_path / "a")
+    pending = cp.prev_exists()
+    # asyncio's task repr tests `if task._coro:` (3.12+): the libraries' generic code sees a true object.
+    assert eval("bool(pending)", {"__name__": "asyncio.base_tasks", "pending": pending}) is True
+    with pytest.raises(TypeError, match="returns an awaitable"):
+        eval("bool(pending)", {"__name__": "user_script", "pending": pending})
+
+    async def main() -> tuple[str, str, bool]:
+        task = asyncio.create_task(cp.prev_exists())
+        before = repr(task)  # not started yet
+        exists = await task
+        return before, repr(task), exists
+
+    before, after, exists = asyncio.run(main())
+    assert "cp.prev_exists" in before and "pending" in before and "finished" in after and exists is False
+
+    async def step() -> None:
+        await asyncio.sleep(0)
+
+    started = Pending(step(), "cp.wait", "cp.wait_sync")
+    started.send(None)  # a coroutine already running is no porting trap
+    assert bool(started) is True
+    started.close()
