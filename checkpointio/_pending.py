@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import sys
 from collections.abc import Callable, Coroutine, Generator
 from typing import Any, ParamSpec, TypeVar
@@ -89,6 +90,8 @@ def awaitable(call: str, twin: str) -> Callable[[Callable[P, Coroutine[Any, Any,
         def start(*args: P.args, **kwargs: P.kwargs) -> Pending[T]:
             return Pending(func(*args, **kwargs), call, twin)
 
+        if sys.version_info >= (3, 12):  # inspect.iscoroutinefunction(cp.load) stays true where it can
+            inspect.markcoroutinefunction(start)
         return start
 
     return decorate
