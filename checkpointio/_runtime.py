@@ -29,6 +29,7 @@ import secrets
 import shlex
 import socket
 import time
+import zlib
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -45,7 +46,7 @@ from ._config import TransferConfig, TransferOptions
 from ._exceptions import BackgroundSaveError, CheckpointError, InvalidNameError, NoCheckpointError
 from ._location import Location
 from ._manage import parse_prefix
-from ._stores import open_store
+from ._stores import Kind, Record, open_store
 
 __all__ = ["AttemptFailure", "TaskContext", "TaskEnvironment", "ctx", "default_storage", "env"]
 
@@ -175,11 +176,13 @@ def _new_run_id() -> str:
     return time.strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(4)
 
 
-def _claim_marker(run_id: str, attempt: int) -> bytes:
-    """What a claim holds: who took the attempt number and when, for a person reading the store."""
-    return json.dumps(
+def _claim_marker(run_id: str, attempt: int) -> tuple[bytes, Record]:
+    """What a claim holds: who took the attempt number and when, for a person reading the store; as
+    a bytes checkpoint of ours (its record), which ``ls`` shows and ``rm --recursive`` removes."""
+    data = json.dumps(
         {"run_id": run_id, "attempt": attempt, "host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
     ).encode()
+    return data, Record(Kind.BYTES, len(data), zlib.crc32(data))
 
 
 @dataclass
@@ -230,7 +233,7 @@ class _Run:
         """
         store = await open_store(self.root.scheme, self.config)
         attempt = max([after, *self.saved, *self.claimed]) + 1
-        while not await store.create(self.claim_location(attempt), _claim_marker(self.run_id, attempt)):
+        while not await store.create(self.claim_location(attempt), *_claim_marker(self.run_id, attempt)):
             attempt += 1
         self.claimed.append(attempt)
         self.mine.append(attempt)

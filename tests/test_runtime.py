@@ -19,7 +19,17 @@ import anyio.to_thread
 import pytest
 
 import checkpointio
-from checkpointio import AttemptFailure, NoCheckpointError, TaskEnvironment, ctx, default_storage, latest_checkpoint
+from checkpointio import (
+    AttemptFailure,
+    NoCheckpointError,
+    TaskEnvironment,
+    TransferConfig,
+    _manage,
+    ctx,
+    default_storage,
+    latest_checkpoint,
+)
+from checkpointio._stores import Kind
 
 from .conftest import MotoServer, StoreCase, make_tree, snapshot
 
@@ -533,6 +543,11 @@ def test_a_failed_run_keeps_its_claims_and_a_restart_numbers_after_them(store: S
     assert store.list_names("root/tests/job/r/") == ["attempt-0.claim", "attempt-1.claim"]
     claim = json.loads(store.get_raw("root/tests/job/r/attempt-1.claim"))
     assert (claim["run_id"], claim["attempt"], claim["pid"]) == ("r", 1, os.getpid())
+    listed = anyio.run(_manage.list_checkpoints, store.uri("root/tests/job/r/"), TransferConfig())
+    assert [(info.location.key.rpartition("/")[2], info.record and info.record.kind) for info in listed] == [
+        ("attempt-0.claim", Kind.BYTES),  # checkpointio's own: `rm --recursive` removes them with the run
+        ("attempt-1.claim", Kind.BYTES),
+    ]
     assert job(False) == 2  # an attempt that saved nothing still holds its number
     assert store.list_names("root/tests/job/r/") == ["attempt-0.claim", "attempt-1.claim"]
 

@@ -187,8 +187,8 @@ class Store(Protocol):
         """The objects whose location starts with ``prefix``, sorted by key."""
         ...
 
-    async def create(self, location: Location, data: bytes) -> bool:
-        """Store the small object ``data`` (no record) only if there is none at ``location``.
+    async def create(self, location: Location, data: bytes, record: Record) -> bool:
+        """Store the small object ``data`` with ``record`` only if there is none at ``location``.
 
         Atomic against other processes writing the same key: of several racing calls exactly one
         returns ``True`` (the task runtime claims attempt numbers this way). ``False``: an object

@@ -304,7 +304,7 @@ class LocalStore:
 
         return await anyio.to_thread.run_sync(scan)
 
-    async def create(self, location: Location, data: bytes) -> bool:
+    async def create(self, location: Location, data: bytes, record: Record) -> bool:
         path = Path(location.key)
 
         def create_exclusively() -> bool:
@@ -315,13 +315,25 @@ class LocalStore:
                 return False
             except OSError as error:
                 raise _translate(error, location.uri) from error
+            # The name is taken once open() returned; the bytes and the record follow (a crash before
+            # the record leaves a file without one: still taken, recognised by content).
+            tmp = _temporary(path)
+            sidecar_tmp = tmp.with_name(tmp.name + _SIDECAR_SUFFIX)
             try:
-                with os.fdopen(fd, "wb") as out:  # the name is taken once open() returned: the bytes are extra
+                with os.fdopen(fd, "wb") as out:
                     out.write(data)
                     out.flush()
                     os.fsync(out.fileno())
+                    st = os.fstat(out.fileno())
+                with open(sidecar_tmp, "w", encoding="utf-8") as side:
+                    json.dump({"of": [st.st_size, st.st_mtime_ns], "record": record.to_metadata()}, side)
+                    side.flush()
+                    os.fsync(side.fileno())
+                os.replace(sidecar_tmp, _sidecar(path))
             except OSError as error:
                 raise _translate(error, location.uri) from error
+            finally:
+                sidecar_tmp.unlink(missing_ok=True)
             return True
 
         return await anyio.to_thread.run_sync(create_exclusively)

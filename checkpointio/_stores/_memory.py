@@ -79,8 +79,8 @@ class MemoryStore:
             infos = [obj.info for key, obj in _objects.items() if key.startswith(prefix.key)]
         return sorted(infos, key=lambda info: info.location.key)
 
-    async def create(self, location: Location, data: bytes) -> bool:
-        info = ObjectInfo(location, len(data), uuid.uuid4().hex, modified=time.time())
+    async def create(self, location: Location, data: bytes, record: Record) -> bool:
+        info = ObjectInfo(location, len(data), uuid.uuid4().hex, record, modified=time.time())
         with _lock:
             if location.key in _objects:
                 return False

@@ -550,7 +550,7 @@ class S3Store:
             raise self._error(error, prefix, "list checkpoints") from error
         return sorted(found, key=lambda info: info.location.key)
 
-    async def create(self, location: Location, data: bytes) -> bool:
+    async def create(self, location: Location, data: bytes, record: Record) -> bool:
         """A PUT with ``If-None-Match: *``, which S3 applies atomically: 412 means the key exists, 409
         that a concurrent conditional write to it is in progress (it, not this one, takes the key).
 
@@ -565,6 +565,7 @@ class S3Store:
                 Key=location.key,
                 Body=body,
                 IfNoneMatch="*",
+                Metadata=record.to_metadata(),
                 **headers,
                 **self._for(client, "PutObject"),
             )
