@@ -196,6 +196,12 @@ class Store(Protocol):
         """
         ...
 
+    async def read_range(self, info: ObjectInfo, offset: int, length: int) -> bytes:
+        """The ``length`` bytes of the object at ``offset`` (one request, in memory); fail if the
+        object changed since ``info`` or holds fewer bytes. For readers that need a few slices of
+        a large object (``checkpointio.dcp``), not for whole objects (use ``get``)."""
+        ...
+
 
 @runtime_checkable
 class RangedStore(Store, Protocol):

@@ -27,7 +27,7 @@ import anyio
 import anyio.to_thread
 
 from .._config import TransferConfig
-from .._exceptions import AccessDeniedError, ConcurrentModificationError, StoreError
+from .._exceptions import AccessDeniedError, ConcurrentModificationError, CorruptCheckpointError, StoreError
 from .._location import Location
 from ._base import Body, ObjectInfo, PendingWrite, Record, Sink
 
@@ -337,3 +337,35 @@ class LocalStore:
             return True
 
         return await anyio.to_thread.run_sync(create_exclusively)
+
+    async def read_range(self, info: ObjectInfo, offset: int, length: int) -> bytes:
+        uri = info.location.uri
+
+        def read() -> bytes:
+            try:
+                fd = os.open(info.location.key, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            except FileNotFoundError as error:
+                raise ConcurrentModificationError(f"{uri}: removed while being read", uri=uri) from error
+            except OSError as error:
+                raise _translate(error, uri) from error
+            try:
+                st = os.fstat(fd)
+                if f"{st.st_size}-{st.st_mtime_ns}" != info.etag:
+                    raise ConcurrentModificationError(f"{uri}: replaced while being read", uri=uri)
+                pieces: list[bytes] = []
+                position, end = offset, offset + length
+                while position < end:
+                    piece = os.pread(fd, end - position, position)
+                    if not piece:
+                        raise CorruptCheckpointError(
+                            f"{uri}: bytes {offset}..{end} asked for, the file ends at {position}", uri=uri
+                        )
+                    pieces.append(piece)
+                    position += len(piece)
+                return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+            except OSError as error:
+                raise _translate(error, uri) from error
+            finally:
+                os.close(fd)
+
+        return await anyio.to_thread.run_sync(read)

@@ -12,7 +12,7 @@ import uuid
 from dataclasses import dataclass
 
 from .._config import TransferConfig
-from .._exceptions import ConcurrentModificationError
+from .._exceptions import ConcurrentModificationError, CorruptCheckpointError
 from .._location import Location
 from ._base import Body, ObjectInfo, PendingWrite, Record, Sink
 
@@ -86,3 +86,15 @@ class MemoryStore:
                 return False
             _objects[location.key] = _Object(data, info)
         return True
+
+    async def read_range(self, info: ObjectInfo, offset: int, length: int) -> bytes:
+        with _lock:
+            obj = _objects.get(info.location.key)
+        if obj is None or obj.info.etag != info.etag:
+            raise ConcurrentModificationError(f"{info.location.uri}: replaced while being read", uri=info.location.uri)
+        if offset < 0 or length < 0 or offset + length > len(obj.data):
+            raise CorruptCheckpointError(
+                f"{info.location.uri}: bytes {offset}..{offset + length} asked for, the object holds {len(obj.data)}",
+                uri=info.location.uri,
+            )
+        return obj.data[offset : offset + length]

@@ -934,6 +934,14 @@ class S3Store:
                 raise self._error(error, location, "download the checkpoint") from error
         received.finish()
 
+    async def read_range(self, info: ObjectInfo, offset: int, length: int) -> bytes:
+        if length == 0:
+            return b""
+        received = _Received()
+        await self._get_range(await self._client(), info, (offset, offset + length - 1), received)
+        blocks = received.blocks
+        return blocks[0] if len(blocks) == 1 else b"".join(blocks)
+
 
 class _Gather:
     """Hands blocks on in groups of about ``step`` bytes (fewer, larger hand-overs)."""

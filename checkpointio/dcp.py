@@ -1,0 +1,621 @@
+"""checkpointio as the storage layer of ``torch.distributed.checkpoint`` (DCP).
+
+Needs the ``torch`` extra; ``import checkpointio`` alone never imports this module (nor torch).
+Every rank streams its shards into ONE object per save; the coordinator commits the save by
+writing one small manifest at the checkpoint's URI, last::
+
+    <uri>                          the manifest: DCP's metadata and every data object's size and CRC32
+    <uri>.dcp/<save-id>/rank-<n>   rank n's items of one save, one after the other
+
+The save id is fresh for every save and chosen by the coordinator, so a save never touches the
+data the current manifest points to: a save that fails (or a rank that dies) half-way leaves the
+previous checkpoint loadable and the new one invisible. Once the new manifest is in place, the data
+of saves that started before it is deleted. A load fetches only the byte ranges its rank's plan
+names, adjacent items coalesced into one request, requests in parallel, and checks every item's
+CRC32.
+
+The manifest holds DCP's ``Metadata`` pickled, as DCP's own ``FileSystemWriter`` stores it: load
+only checkpoints you trust, as with ``torch.load(weights_only=False)``. Tensors are read with
+``torch.load(weights_only=True)``.
+
+Example::
+
+    import torch.distributed.checkpoint as dcp
+    from checkpointio.dcp import StorageReader, StorageWriter
+
+    dcp.save(state_dict, storage_writer=StorageWriter("s3://bucket/run/step-100"))
+    dcp.load(state_dict, storage_reader=StorageReader("s3://bucket/run/step-100"))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import logging
+import os
+import pickle
+import time
+import uuid
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, BinaryIO, cast
+
+import anyio
+import anyio.to_thread
+import torch
+from torch.distributed._shard._utils import narrow_tensor_by_index
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, StorageMeta
+from torch.distributed.checkpoint.planner import (
+    LoadItemType,
+    LoadPlan,
+    LoadPlanner,
+    ReadItem,
+    SavePlan,
+    SavePlanner,
+    WriteItemType,
+)
+from torch.distributed.checkpoint.state_dict_loader import load as _dcp_load
+from torch.distributed.checkpoint.state_dict_saver import save as _dcp_save
+from torch.distributed.checkpoint.storage import StorageReader as _StorageReader
+from torch.distributed.checkpoint.storage import StorageWriter as _StorageWriter
+from torch.distributed.checkpoint.storage import WriteResult
+from torch.futures import Future
+from typing_extensions import Unpack
+
+from . import _codec, _engine
+from ._concurrency import one_error
+from ._config import TransferConfig, TransferOptions
+from ._exceptions import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    ChecksumMismatchError,
+    CorruptCheckpointError,
+)
+from ._location import Location, parse_location
+from ._portal import run_sync
+from ._stores import ObjectInfo, Store, open_store
+
+__all__ = ["StorageReader", "StorageWriter", "load", "save"]
+
+logger = logging.getLogger("checkpointio")
+
+#: The manifest's first line: what it is and the version of its layout.
+MANIFEST_MAGIC = b"checkpointio-dcp/"
+MANIFEST_VERSION = 1
+#: What follows the checkpoint's key for the folder (prefix) of its data objects.
+DATA_SUFFIX = ".dcp/"
+
+#: A URI, a path, or a parsed location.
+Target = str | os.PathLike[str]
+
+
+@dataclass(frozen=True)
+class _RankPlan:
+    """What the coordinator tells each rank in its save plan: the save id and the rank's number."""
+
+    save_id: str
+    rank: int
+
+
+@dataclass(frozen=True)
+class _Slice:
+    """Where one saved item lives (``Metadata.storage_data`` values).
+
+    Attributes:
+        object: The data object's name below ``<uri>.dcp/`` (``<save-id>/rank-<n>``).
+        offset: Where the item starts in it.
+        length: Its length in bytes.
+        crc32: The CRC32 of those bytes.
+    """
+
+    object: str
+    offset: int
+    length: int
+    crc32: int
+
+
+@dataclass(frozen=True)
+class _Written:
+    """A rank's report of one item (``WriteResult.storage_data``): where it is, and the size and
+    CRC32 of the whole object it went into, which the coordinator records in the manifest."""
+
+    slice: _Slice
+    object_size: int
+    object_crc32: int
+
+
+@dataclass(frozen=True)
+class _Manifest:
+    """What the checkpoint's URI holds: DCP's metadata and the data objects it points to."""
+
+    save_id: str
+    metadata: Metadata
+    #: Data object name -> (size, CRC32).
+    objects: dict[str, tuple[int, int]]
+
+
+def _new_save_id() -> str:
+    """Fresh and ordered by start time (nanoseconds, fixed-width hex), so "older" is a string compare."""
+    return f"{time.time_ns():016x}-{uuid.uuid4().hex[:8]}"
+
+
+def _object_name(save_id: str, rank: int) -> str:
+    return f"{save_id}/rank-{rank}"
+
+
+def _data_prefix(location: Location) -> Location:
+    return Location(location.scheme, location.bucket, location.key + DATA_SUFFIX)
+
+
+def _data_location(location: Location, name: str) -> Location:
+    return Location(location.scheme, location.bucket, location.key + DATA_SUFFIX + name)
+
+
+def _rank_of(name: str) -> str:
+    return name.rpartition("rank-")[2] or "?"
+
+
+def _encode_manifest(manifest: _Manifest) -> bytes:
+    header = MANIFEST_MAGIC + str(MANIFEST_VERSION).encode() + b"\n"
+    return header + pickle.dumps(manifest, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _decode_manifest(data: bytes | bytearray, uri: str) -> _Manifest:
+    """The manifest in ``data``; ``CorruptCheckpointError`` for anything else at the URI."""
+    line, newline, _ = bytes(data[:64]).partition(b"\n")
+    if not newline or not line.startswith(MANIFEST_MAGIC):
+        raise CorruptCheckpointError(
+            f"{uri}: not a distributed checkpoint (no checkpointio-dcp manifest there: another kind of "
+            "checkpoint, or something another tool wrote)",
+            uri=uri,
+        )
+    version = line[len(MANIFEST_MAGIC) :]
+    if version != str(MANIFEST_VERSION).encode():
+        raise CorruptCheckpointError(
+            f"{uri}: a distributed checkpoint of manifest version {version.decode(errors='replace')!r}; "
+            f"this checkpointio reads version {MANIFEST_VERSION} (a newer checkpointio wrote it?)",
+            uri=uri,
+        )
+    try:
+        manifest = pickle.loads(memoryview(data)[len(line) + 1 :])
+    except Exception as error:
+        raise CorruptCheckpointError(
+            f"{uri}: the distributed checkpoint's manifest is garbled: {error}", uri=uri
+        ) from error
+    if not isinstance(manifest, _Manifest) or not isinstance(manifest.metadata, Metadata):
+        raise CorruptCheckpointError(f"{uri}: the distributed checkpoint's manifest is garbled", uri=uri)
+    return manifest
+
+
+class _Target:
+    """A checkpoint's location, transfer settings and store (opened on the portal's loop, once)."""
+
+    def __init__(self, target: Target, options: TransferOptions) -> None:
+        self.config = TransferConfig().with_options(**options)
+        self.reset(target)
+
+    def reset(self, target: Target) -> None:
+        self.location = parse_location(target)
+        self._store: Store | None = None
+
+    async def store(self) -> Store:
+        if self._store is None:
+            self._store = await open_store(self.location.scheme, self.config)
+        return self._store
+
+    async def read_manifest(self) -> _Manifest | None:
+        """The manifest at the URI; ``None`` when there is no object there."""
+        data = await _engine.load_bytes(await self.store(), self.location, self.config)
+        if data is None:
+            return None
+        return await anyio.to_thread.run_sync(_decode_manifest, data, self.location.uri)
+
+
+def _failure_of(error: CheckpointException) -> CheckpointError | None:
+    """The checkpointio error a rank raised inside DCP, if one did."""
+    for failure in error.failures.values():
+        one = failure[0] if isinstance(failure, tuple) else failure
+        if isinstance(one, CheckpointError):
+            return one
+    return None
+
+
+class StorageWriter(_StorageWriter):
+    """DCP's ``StorageWriter`` for a checkpointio URI (local path, ``s3://``, ``memory://``).
+
+    ``options`` are :class:`~checkpointio.TransferConfig` fields (part size, concurrency, S3
+    endpoint and request options...). ``memory://`` works where every rank runs in one process.
+    """
+
+    def __init__(self, target: Target, **options: Unpack[TransferOptions]) -> None:
+        super().__init__()
+        self._target = _Target(target, options)
+        self._save_id: str | None = None
+        self._is_coordinator = False
+
+    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
+        if checkpoint_id:
+            self._target.reset(checkpoint_id)
+        self._save_id = None
+
+    def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        if kwargs.get("use_collectives", True) is False:
+            raise CheckpointError(
+                f"{self._target.location.uri}: checkpointio.dcp commits a save once for all ranks; "
+                "dcp.save(use_collectives=False) is not supported",
+                uri=self._target.location.uri,
+            )
+        self._is_coordinator = is_coordinator
+
+    def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        self._save_id = _new_save_id()
+        return [
+            dataclasses.replace(plan, storage_data=_RankPlan(self._save_id, rank)) for rank, plan in enumerate(plans)
+        ]
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        ours = plan.storage_data
+        if not isinstance(ours, _RankPlan):
+            raise CheckpointError(
+                f"{self._target.location.uri}: the save plan carries no save id (was prepare_global_plan skipped?)",
+                uri=self._target.location.uri,
+            )
+        results: list[WriteResult] = []
+        if plan.items:
+            results = run_sync(self._write, ours, plan, planner)
+        future: Future[list[WriteResult]] = Future()
+        future.set_result(results)
+        return future
+
+    async def _write(self, ours: _RankPlan, plan: SavePlan, planner: SavePlanner) -> list[WriteResult]:
+        """Stream every item of ``plan`` into this rank's one object (``torch.save`` for tensors,
+        the bytes as they are for bytes items), noting each item's offset, length and CRC32."""
+        name = _object_name(ours.save_id, ours.rank)
+        location = _data_location(self._target.location, name)
+        placed: list[tuple[MetadataIndex, int, int, int]] = []
+
+        def write(out: BinaryIO) -> None:
+            offset = 0
+            for item in plan.items:
+                data = planner.resolve_data(item)
+                if item.type == WriteItemType.BYTE_IO:
+                    if not isinstance(data, io.BytesIO):
+                        raise TypeError(f"a bytes item must resolve to io.BytesIO, got {type(data).__name__}")
+                    buffer = data.getbuffer()
+                else:
+                    tensor = cast(torch.Tensor, data).detach().cpu()
+                    if tensor.untyped_storage().size() != tensor.nbytes:
+                        tensor = tensor.clone()  # a view: store its elements, not the whole storage
+                    serialised = io.BytesIO()
+                    torch.save(tensor, serialised)
+                    buffer = serialised.getbuffer()
+                out.write(buffer)
+                placed.append((item.index, offset, len(buffer), _codec.crc32(buffer)))
+                offset += len(buffer)
+
+        info = await _engine.save_written(await self._target.store(), location, write, self._target.config)
+        record = info.record
+        if record is None or record.size is None or record.crc32 is None:  # pragma: no cover - every store records
+            raise CheckpointError(f"{location.uri}: the store kept no size and CRC32", uri=location.uri)
+        return [
+            WriteResult(
+                index=index,
+                size_in_bytes=length,
+                storage_data=_Written(_Slice(name, offset, length, crc), record.size, record.crc32),
+            )
+            for index, offset, length, crc in placed
+        ]
+
+    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        """Commit: write the manifest at the URI (after every rank's data is stored), then delete
+        the data of saves that started before this one."""
+        save_id = self._save_id
+        uri = self._target.location.uri
+        if save_id is None:
+            raise CheckpointError(f"{uri}: finish() before prepare_global_plan()", uri=uri)
+        slices: dict[MetadataIndex, _Slice] = {}
+        objects: dict[str, tuple[int, int]] = {}
+        for rank_results in results:
+            for result in rank_results:
+                written = result.storage_data
+                if not isinstance(written, _Written):
+                    raise CheckpointError(f"{uri}: a rank reported a write checkpointio did not make", uri=uri)
+                slices[result.index] = written.slice
+                objects[written.slice.object] = (written.object_size, written.object_crc32)
+        metadata.storage_data = slices
+        metadata.storage_meta = StorageMeta(checkpoint_id=uri, save_id=save_id)
+        run_sync(self._commit, _Manifest(save_id, metadata, objects))
+
+    async def _commit(self, manifest: _Manifest) -> None:
+        store = await self._target.store()
+        location = self._target.location
+        await _engine.save(store, location, _encode_manifest(manifest), self._target.config)
+        try:
+            await _delete_older(store, location, manifest.save_id)
+        except Exception as error:  # committed: stale data costs space, not correctness
+            logger.warning("checkpointio: %s: could not delete the data of earlier saves: %s", location.uri, error)
+
+    def storage_meta(self) -> StorageMeta | None:
+        return StorageMeta(checkpoint_id=self._target.location.uri, save_id=self._save_id or "")
+
+    @property
+    def checkpoint_id(self) -> str:
+        """The checkpoint's URI."""
+        return self._target.location.uri
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
+        return _valid(checkpoint_id)
+
+
+def _valid(checkpoint_id: str | os.PathLike[str]) -> bool:
+    try:
+        parse_location(checkpoint_id)
+    except ValueError:
+        return False
+    return True
+
+
+async def _delete_older(store: Store, location: Location, save_id: str) -> None:
+    """Delete the data objects (and unfinished writes) of saves that started before ``save_id``."""
+    prefix = _data_prefix(location)
+
+    def older(key: str) -> bool:
+        if not key.startswith(prefix.key):
+            return False
+        return key[len(prefix.key) :].partition("/")[0] < save_id
+
+    for info in await store.list(prefix):
+        if older(info.location.key):
+            await store.delete(info.location)
+    for write in await store.pending(prefix):
+        if older(write.location.key):
+            await store.discard(write)
+    if location.scheme == "file":
+        await anyio.to_thread.run_sync(_remove_empty_folders, prefix.key, save_id)
+
+
+def _remove_empty_folders(top: str, keep: str) -> None:
+    """Remove the emptied save folders below ``top`` on a local store (``keep`` is the current one)."""
+    try:
+        names = os.listdir(top)
+    except OSError:
+        return
+    for name in names:
+        if name < keep:
+            with contextlib.suppress(OSError):  # not empty (a save still writing), or gone already
+                os.rmdir(os.path.join(top, name))
+
+
+@dataclass
+class _Range:
+    """One request: a run of adjacent items of one object."""
+
+    object: str
+    offset: int
+    length: int
+    slices: list[_Slice]
+
+
+def _coalesce(slices: Sequence[_Slice], most: int) -> list[_Range]:
+    """Join items that follow each other in one object into ranges of at most ``most`` bytes (an
+    item larger than that is a range of its own)."""
+    ranges: list[_Range] = []
+    for one in sorted(set(slices), key=lambda s: (s.object, s.offset, s.length)):
+        last = ranges[-1] if ranges else None
+        if (
+            last is not None
+            and last.object == one.object
+            and last.offset + last.length == one.offset
+            and last.length + one.length <= most
+        ):
+            last.length += one.length
+            last.slices.append(one)
+        else:
+            ranges.append(_Range(one.object, one.offset, one.length, [one]))
+    return ranges
+
+
+class StorageReader(_StorageReader):
+    """DCP's ``StorageReader`` for a checkpointio URI written by :class:`StorageWriter`.
+
+    ``options`` are :class:`~checkpointio.TransferConfig` fields; ``max_concurrency`` ranges are
+    fetched at once, each at most ``part_size`` bytes (adjacent items joined up to that).
+    """
+
+    def __init__(self, target: Target, **options: Unpack[TransferOptions]) -> None:
+        super().__init__()
+        self._target = _Target(target, options)
+        self._manifest: _Manifest | None = None
+        self._storage_data: dict[MetadataIndex, _Slice] = {}
+
+    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
+        if checkpoint_id:
+            self._target.reset(checkpoint_id)
+            self._manifest = None
+        self._storage_data = {}
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        uri = self._target.location.uri
+        if kwargs.get("rank") is not None:  # DCP's fallback to per-rank metadata, which we never write
+            raise CheckpointNotFoundError(
+                f"{uri}: no per-rank metadata (checkpointio.dcp writes one manifest)", uri=uri
+            )
+        if self._manifest is None:
+            manifest = run_sync(self._target.read_manifest)
+            if manifest is None:
+                raise CheckpointNotFoundError(f"{uri}: no distributed checkpoint there", uri=uri)
+            self._manifest = manifest
+        metadata = self._manifest.metadata
+        if metadata.storage_meta is None:
+            metadata.storage_meta = StorageMeta()
+        return metadata
+
+    def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        storage_data = metadata.storage_data
+        if not isinstance(storage_data, dict) or not all(isinstance(one, _Slice) for one in storage_data.values()):
+            uri = self._target.location.uri
+            raise CorruptCheckpointError(f"{uri}: the metadata does not come from checkpointio.dcp", uri=uri)
+        self._storage_data = storage_data
+
+    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
+        return plans
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        """Fetch the ranges the plan's items lie in, a batch at a time (bounded memory), check
+        each item's CRC32 and hand it to the planner."""
+        config = self._target.config
+        wanted: dict[_Slice, list[ReadItem]] = {}
+        for item in plan.items:
+            wanted.setdefault(self._storage_data[item.storage_index], []).append(item)
+        ranges = _coalesce(list(wanted), config.part_size)
+        infos = run_sync(self._head_objects, sorted({one.object for one in ranges}))
+        budget = config.part_size * config.max_concurrency
+        start = 0
+        while start < len(ranges):
+            end, size = start, 0
+            while end < len(ranges) and (end == start or size + ranges[end].length <= budget):
+                size += ranges[end].length
+                end += 1
+            batch = ranges[start:end]
+            fetched = run_sync(self._fetch, infos, batch)
+            for one, data in zip(batch, fetched, strict=True):
+                self._deliver(one, data, wanted, planner)
+            start = end
+        future: Future[None] = Future()
+        future.set_result(None)
+        return future
+
+    async def _head_objects(self, names: list[str]) -> dict[str, ObjectInfo]:
+        """Each data object's description, checked against the size the manifest records."""
+        store = await self._target.store()
+        location = self._target.location
+        sizes = self._manifest.objects if self._manifest is not None else {}
+        infos: dict[str, ObjectInfo] = {}
+
+        async def head(name: str) -> None:
+            data = _data_location(location, name)
+            info = await store.head(data)
+            if info is None:
+                raise CorruptCheckpointError(
+                    f"{location.uri}: its data object {data.uri} (rank {_rank_of(name)}) is missing", uri=location.uri
+                )
+            expected = sizes.get(name, (info.size, 0))[0]
+            if info.size != expected:
+                raise CorruptCheckpointError(
+                    f"{location.uri}: its data object {data.uri} (rank {_rank_of(name)}) holds {info.size} bytes, "
+                    f"the manifest records {expected}",
+                    uri=location.uri,
+                )
+            infos[name] = info
+
+        with one_error():
+            async with anyio.create_task_group() as group:
+                for name in names:
+                    group.start_soon(head, name)
+        return infos
+
+    async def _fetch(self, infos: dict[str, ObjectInfo], batch: list[_Range]) -> list[bytes]:
+        """The bytes of each range, fetched at once (at most ``max_concurrency`` requests)."""
+        store = await self._target.store()
+        slots = anyio.CapacityLimiter(self._target.config.max_concurrency)
+        out: list[bytes] = [b""] * len(batch)
+
+        async def fetch(index: int, one: _Range) -> None:
+            async with slots:
+                out[index] = await store.read_range(infos[one.object], one.offset, one.length)
+
+        with one_error():
+            async with anyio.create_task_group() as group:
+                for index, one in enumerate(batch):
+                    group.start_soon(fetch, index, one)
+        return out
+
+    def _deliver(self, one: _Range, data: bytes, wanted: dict[_Slice, list[ReadItem]], planner: LoadPlanner) -> None:
+        view = memoryview(data)
+        for piece in one.slices:
+            chunk = view[piece.offset - one.offset : piece.offset - one.offset + piece.length]
+            if len(chunk) != piece.length or _codec.crc32(chunk) != piece.crc32:
+                uri = _data_location(self._target.location, piece.object).uri
+                raise ChecksumMismatchError(
+                    f"{uri}: the bytes {piece.offset}..{piece.offset + piece.length} saved by rank "
+                    f"{_rank_of(piece.object)} do not match their CRC32 (the object is corrupt)",
+                    uri=uri,
+                )
+            for request in wanted[piece]:
+                if request.type == LoadItemType.BYTE_IO:
+                    planner.load_bytes(request, io.BytesIO(chunk))
+                    continue
+                tensor = torch.load(io.BytesIO(chunk), map_location="cpu", weights_only=True)
+                tensor = narrow_tensor_by_index(tensor, request.storage_offsets, request.lengths)
+                target = planner.resolve_tensor(request).detach()
+                if target.size() != tensor.size():
+                    raise CheckpointError(
+                        f"{self._target.location.uri}: {request.dest_index.fqn} is {tuple(tensor.size())} in the "
+                        f"checkpoint, {tuple(target.size())} in the state dict",
+                        uri=self._target.location.uri,
+                    )
+                target.copy_(tensor)
+                planner.commit_tensor(request, target)
+
+    @property
+    def checkpoint_id(self) -> str:
+        """The checkpoint's URI."""
+        return self._target.location.uri
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
+        return _valid(checkpoint_id)
+
+
+def _unwrapped(call: Callable[[], Any]) -> Any:
+    """Run a DCP call; a checkpointio error a rank raised inside it comes out as itself.
+
+    Without a process group DCP warns that it assumes one process: here that is meant, not news.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+            return call()
+    except CheckpointException as error:
+        failure = _failure_of(error)
+        if failure is not None:
+            raise failure from error
+        raise
+
+
+def save(state_dict: dict[str, Any], target: Target, **options: Unpack[TransferOptions]) -> None:
+    """Save ``state_dict`` with ``torch.distributed.checkpoint.save`` to ``target``, committed at once.
+
+    Called by every rank of the process group (or alone, without one). ``options`` are
+    :class:`~checkpointio.TransferConfig` fields.
+    """
+    writer = StorageWriter(target, **options)
+    _unwrapped(lambda: _dcp_save(state_dict, storage_writer=writer))
+
+
+def load(state_dict: dict[str, Any], target: Target, **options: Unpack[TransferOptions]) -> bool:
+    """Load ``target`` into ``state_dict`` in place (``torch.distributed.checkpoint.load``, which
+    reshards to this world size); ``False``, and ``state_dict`` untouched, when there is no
+    checkpoint at ``target`` (a first attempt).
+
+    Raises:
+        CorruptCheckpointError: Something that is not a distributed checkpoint is at ``target``.
+        ChecksumMismatchError: A data object's bytes do not match their CRC32.
+    """
+    reader = StorageReader(target, **options)
+    manifest = run_sync(reader._target.read_manifest)
+    if manifest is None:
+        return False
+    reader._manifest = manifest
+    _unwrapped(lambda: _dcp_load(state_dict, storage_reader=reader))
+    return True

@@ -1,0 +1,252 @@
+"""checkpointio.dcp: torch.distributed.checkpoint over every store, committed by one manifest."""
+
+from __future__ import annotations
+
+import io
+import re
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from torch.distributed.checkpoint.api import CheckpointException  # noqa: E402
+
+from checkpointio import ChecksumMismatchError, CorruptCheckpointError  # noqa: E402
+from checkpointio.dcp import StorageReader, StorageWriter, load, save  # noqa: E402
+
+from .conftest import StoreCase  # noqa: E402
+
+
+def state(seed: int) -> dict[str, Any]:
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "weight": torch.randn(64, 33, generator=generator),
+        "half": torch.randn(17, 5, generator=generator).to(torch.bfloat16),
+        "view": torch.randn(40, generator=generator)[8:24],  # a view: only its elements are stored
+        "blob": io.BytesIO(bytes(range(256)) * (seed + 1)),
+        "step": seed,
+    }
+
+
+def empty() -> dict[str, Any]:
+    return {
+        "weight": torch.zeros(64, 33),
+        "half": torch.zeros(17, 5, dtype=torch.bfloat16),
+        "view": torch.zeros(16),
+        "blob": io.BytesIO(),
+        "step": -1,
+    }
+
+
+def assert_same(loaded: dict[str, Any], saved: dict[str, Any]) -> None:
+    for name in ("weight", "half", "view"):
+        assert loaded[name].dtype == saved[name].dtype
+        assert torch.equal(loaded[name], saved[name]), name
+    assert loaded["blob"].getvalue() == saved["blob"].getvalue()
+    assert loaded["step"] == saved["step"]
+
+
+def data_objects(store: StoreCase, name: str) -> list[str]:
+    """The data objects of the checkpoint ``name``: ``<save-id>/rank-<n>``, from the store's listing."""
+    prefix = f"{name}.dcp/"
+    return sorted(key[len(prefix) :] for key in store.list_names("") if key.startswith(prefix))
+
+
+def save_ids(store: StoreCase, name: str) -> set[str]:
+    return {key.partition("/")[0] for key in data_objects(store, name)}
+
+
+class Unpicklable:
+    def __reduce__(self) -> Any:
+        raise RuntimeError("this object cannot be saved")
+
+
+def test_round_trip_over_every_store_one_object_per_rank(store: StoreCase) -> None:
+    saved = state(1)
+    save(saved, store.uri("ckpt"), part_size=5 * 1024 * 1024)
+    loaded = empty()
+    assert load(loaded, store.uri("ckpt")) is True
+    assert_same(loaded, saved)
+    # One data object for the one rank, plus the manifest: world size + 1 objects.
+    names = store.list_names("")
+    objects = data_objects(store, "ckpt")
+    assert len(objects) == 1 and re.fullmatch(r"[0-9a-f]{16}-[0-9a-f]{8}/rank-0", objects[0])
+    assert sorted(names) == ["ckpt", f"ckpt.dcp/{objects[0]}"]
+    assert store.get_raw("ckpt").startswith(b"checkpointio-dcp/1\n")
+
+
+def test_the_storage_layer_plugs_into_dcp_itself(store: StoreCase) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    saved = state(2)
+    dcp.save(saved, storage_writer=StorageWriter(store.uri("ckpt")))
+    loaded = empty()
+    dcp.load(loaded, storage_reader=StorageReader(store.uri("ckpt")))
+    assert_same(loaded, saved)
+
+
+def test_nothing_there_loads_nothing_and_leaves_the_state_alone(store: StoreCase) -> None:
+    loaded = empty()
+    assert load(loaded, store.uri("none")) is False
+    assert_same(loaded, empty())
+
+
+def test_something_else_at_the_uri_is_a_clear_error(store: StoreCase) -> None:
+    store.put_raw("ckpt", b"PK\x03\x04 a torch.save file, not a distributed checkpoint")
+    with pytest.raises(CorruptCheckpointError, match="not a distributed checkpoint") as caught:
+        load(empty(), store.uri("ckpt"))
+    assert caught.value.uri == store.uri("ckpt")
+    store.put_raw("ckpt", b"checkpointio-dcp/9\nfrom the future")
+    with pytest.raises(CorruptCheckpointError, match="manifest version '9'"):
+        load(empty(), store.uri("ckpt"))
+
+
+def test_a_corrupt_data_object_names_the_object_and_rank(store: StoreCase) -> None:
+    save(state(3), store.uri("ckpt"))
+    (name,) = data_objects(store, "ckpt")
+    store.corrupt(f"ckpt.dcp/{name}")
+    loaded = empty()
+    with pytest.raises(ChecksumMismatchError, match=r"saved by rank 0 do not match their CRC32") as caught:
+        load(loaded, store.uri("ckpt"))
+    assert caught.value.uri == store.uri(f"ckpt.dcp/{name}")
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint_and_a_new_one_replaces_its_data(store: StoreCase) -> None:
+    first = state(4)
+    save(first, store.uri("ckpt"))
+    (first_id,) = save_ids(store, "ckpt")
+
+    broken = {**state(5), "zz": Unpicklable()}  # fails after the tensors went into the rank's object
+    with pytest.raises(CheckpointException, match="this object cannot be saved"):
+        save(broken, store.uri("ckpt"), multipart_threshold=0)  # S3: a multipart upload, aborted
+    assert save_ids(store, "ckpt") == {first_id}  # the failed save's object was never committed
+    loaded = empty()
+    assert load(loaded, store.uri("ckpt")) is True
+    assert_same(loaded, first)
+
+    second = state(6)
+    save(second, store.uri("ckpt"))
+    (second_id,) = save_ids(store, "ckpt")
+    assert second_id > first_id  # exactly one save's data left: the new one
+    loaded = empty()
+    assert load(loaded, store.uri("ckpt")) is True
+    assert_same(loaded, second)
+    if store.name == "local":  # the old save's emptied folder goes too
+        assert sorted(p.name for p in (store.root / "ckpt.dcp").iterdir()) == [second_id]
+
+
+def test_a_load_reads_only_the_items_it_needs(store: StoreCase) -> None:
+    saved = state(7)
+    save(saved, store.uri("ckpt"))
+    (name,) = data_objects(store, "ckpt")
+    slices = StorageReader(store.uri("ckpt")).read_metadata().storage_data
+    (weight,) = (one for index, one in slices.items() if index.fqn == "weight")
+    data = bytearray(store.get_raw(f"ckpt.dcp/{name}"))
+    middle = weight.offset + weight.length // 2
+    data[middle : middle + 8] = bytes(b ^ 0xFF for b in data[middle : middle + 8])
+    store.put_raw(f"ckpt.dcp/{name}", bytes(data))  # only the weight's bytes are damaged
+
+    partial = {"half": torch.zeros(17, 5, dtype=torch.bfloat16), "step": -1}
+    assert load(partial, store.uri("ckpt")) is True  # never reads the weight's range
+    assert torch.equal(partial["half"], saved["half"]) and partial["step"] == 7
+    with pytest.raises(ChecksumMismatchError, match="rank 0"):
+        load(empty(), store.uri("ckpt"))
+
+
+def full_state() -> dict[str, Any]:
+    generator = torch.Generator().manual_seed(11)
+    return {
+        "weight": torch.randn(10, 7, generator=generator),
+        "moments": torch.randn(6, 3, generator=generator).to(torch.bfloat16),
+        "bias": torch.randn(7, generator=generator),
+        "step": 5,
+    }
+
+
+def _two_ranks(rank: int, world_size: int, port: int, uris: list[str]) -> None:
+    """One process of the gloo group: save sharded at world size 2, load it back at 2 (each rank
+    gets its own shards), for every URI (several scenarios per process start)."""
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        mesh = init_device_mesh("cpu", (world_size,))
+        full = full_state()
+        for uri in uris:
+            sharded = {
+                "weight": distribute_tensor(full["weight"], mesh, [Shard(0)]),
+                "moments": distribute_tensor(full["moments"], mesh, [Shard(0)]),
+                "bias": full["bias"],
+                "step": full["step"],
+            }
+            assert load(sharded, uri) is False  # nothing there yet, on every rank
+            save(sharded, uri)
+            target = {
+                "weight": distribute_tensor(torch.zeros(10, 7), mesh, [Shard(0)]),
+                "moments": distribute_tensor(torch.zeros(6, 3, dtype=torch.bfloat16), mesh, [Shard(0)]),
+                "bias": torch.zeros(7),
+                "step": -1,
+            }
+            assert load(target, uri) is True
+            assert torch.equal(target["weight"].to_local(), sharded["weight"].to_local())
+            assert torch.equal(target["moments"].full_tensor(), full["moments"])
+            assert torch.equal(target["bias"], full["bias"]) and target["step"] == 5
+    finally:
+        dist.destroy_process_group()
+
+
+def test_world_size_two_saves_one_object_per_rank_and_reshards_to_one(tmp_path: Any, moto_server: Any) -> None:
+    import torch.multiprocessing as mp
+
+    from .conftest import free_port
+
+    bucket = moto_server.new_bucket()
+    uris = [str(tmp_path / "ckpt"), f"s3://{bucket}/run/ckpt"]
+    mp.spawn(_two_ranks, args=(2, free_port(), uris), nprocs=2, join=True)
+
+    local = StoreCase("local", tmp_path)
+    (save_id,) = save_ids(local, "ckpt")
+    assert data_objects(local, "ckpt") == [f"{save_id}/rank-0", f"{save_id}/rank-1"]  # world size + 1 objects
+    listed = moto_server.client().list_objects_v2(Bucket=bucket, Prefix="run/")["Contents"]
+    assert len(listed) == 3 and sorted(one["Key"].rpartition("/")[2] for one in listed)[:2] == ["ckpt", "rank-0"]
+    full = full_state()
+    for uri in uris:  # resharding: saved at world size 2, loaded in one process
+        loaded = {
+            "weight": torch.zeros(10, 7),
+            "moments": torch.zeros(6, 3, dtype=torch.bfloat16),
+            "bias": torch.zeros(7),
+            "step": -1,
+        }
+        assert load(loaded, uri) is True
+        for name in ("weight", "moments", "bias"):
+            assert torch.equal(loaded[name], full[name]), (uri, name)
+        assert loaded["step"] == 5
+
+
+def test_the_readme_example_runs(tmp_path: Any) -> None:
+    from .test_examples import readme_python_blocks
+
+    (block,) = (one for one in readme_python_blocks() if "from checkpointio.dcp import" in one)
+    assert '"s3://my-bucket/run-7/step-100"' in block
+    block = block.replace('"s3://my-bucket/run-7/step-100"', repr(str(tmp_path / "step-100")))
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.ones(2, 4)).sum().backward()
+    optimizer.step()
+    saved = {name: value.clone() for name, value in model.state_dict().items()}
+    exec(block, {"model": model, "optimizer": optimizer, "step": 1})  # first run: nothing to load, saves
+    fresh = torch.nn.Linear(4, 3)
+    fresh_optimizer = torch.optim.Adam(fresh.parameters())
+    fresh(torch.ones(2, 4)).sum().backward()  # Adam's state exists only after a step
+    fresh_optimizer.step()
+    exec(block, {"model": fresh, "optimizer": fresh_optimizer, "step": 0})  # loads what the first run saved
+    assert all(torch.equal(fresh.state_dict()[name], value) for name, value in saved.items())
+    assert torch.equal(
+        fresh_optimizer.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"]
+    )
