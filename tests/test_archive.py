@@ -249,6 +249,20 @@ def test_a_tree_of_folders_deeper_than_path_max_from_its_destination_restores(tm
         os.close(top)
 
 
+def test_an_entry_this_file_system_cannot_hold_is_corrupt_not_a_raw_os_error(tmp_path: Path) -> None:
+    # One file and more hard links to it than the file system allows: what `verify` cannot know,
+    # a restore must still report as the archive's fault (the runtime then falls back to an
+    # older attempt), not as an OSError
+    limit = os.pathconf(tmp_path, "PC_LINK_MAX")
+    if limit > 100_000:
+        pytest.skip(f"this file system allows {limit} links to a file")
+    entries = [_tar.header("f", _tar.FILE, size=1, mode=0o644) + b"x" + bytes(511)]
+    entries += [_tar.header(f"h{i}", _tar.HARD_LINK, link="f") for i in range(limit)]
+    tar = b"".join(entries) + _tar.end_of_archive(sum(map(len, entries)))
+    with pytest.raises(CorruptCheckpointError, match=f"entry 'h{limit - 1}' cannot be restored on this file system"):
+        unpacked(gzip.compress(tar, compresslevel=1), tmp_path / "out")
+
+
 folder_names = st.lists(st.lists(st.sampled_from(["a", "b", "ab", "a.b", "ba"]), min_size=1, max_size=6), max_size=12)
 
 
