@@ -136,6 +136,34 @@ def test_a_failed_save_leaves_the_previous_checkpoint_and_a_new_one_replaces_its
         assert sorted(p.name for p in (store.root / "ckpt.dcp").iterdir()) == [second_id]
 
 
+class DiesBeforeCommit(StorageWriter):
+    """A coordinator that stops after every rank's data is stored and before the manifest is written."""
+
+    def finish(self, metadata: Any, results: Any) -> None:
+        raise RuntimeError("the coordinator died before its commit")
+
+
+def test_data_stored_without_a_commit_never_replaces_the_previous_checkpoint(store: StoreCase) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    first = state(8)
+    save(first, store.uri("ckpt"))
+    (first_id,) = save_ids(store, "ckpt")
+    with pytest.raises(CheckpointException, match="died before its commit"):
+        dcp.save(state(9), storage_writer=DiesBeforeCommit(store.uri("ckpt")))
+    loaded = empty()
+    assert load(loaded, store.uri("ckpt")) is True
+    assert_same(loaded, first)  # the manifest still points at the first save's data, untouched
+    assert len(save_ids(store, "ckpt")) == 2  # the new data is stored, under its own save id
+
+    third = state(10)
+    save(third, store.uri("ckpt"))
+    assert save_ids(store, "ckpt") - {first_id} and len(save_ids(store, "ckpt")) == 1  # both earlier ones gone
+    loaded = empty()
+    assert load(loaded, store.uri("ckpt")) is True
+    assert_same(loaded, third)
+
+
 def test_a_load_reads_only_the_items_it_needs(store: StoreCase) -> None:
     saved = state(7)
     save(saved, store.uri("ckpt"))
