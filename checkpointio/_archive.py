@@ -45,6 +45,7 @@ __all__ = [
     "remove_tree",
     "skip_any",
     "skip_within",
+    "tree_size",
     "unpack_directory",
     "unreadable",
     "walk_tree",
@@ -332,8 +333,8 @@ def _seconds(st: os.stat_result) -> int:
     return st.st_mtime_ns // 1_000_000_000
 
 
-def _add_file(sink: _GzipMemberWriter, entry: Entry, full: str, uri: str) -> None:
-    """Append a regular file's header and exactly the bytes ``lstat`` promised."""
+def _add_file(sink: _GzipMemberWriter, entry: Entry, full: str, uri: str, on_read: Callable[[int], None]) -> None:
+    """Append a regular file's header and exactly the bytes ``lstat`` promised (counted by ``on_read``)."""
     st = entry.st
     size = st.st_size
     padding = bytes(-size % _tar.BLOCK)
@@ -355,13 +356,38 @@ def _add_file(sink: _GzipMemberWriter, entry: Entry, full: str, uri: str) -> Non
         header = _tar.header(entry.rel, _tar.FILE, size=size, mode=stat.S_IMODE(st.st_mode), mtime=_seconds(st))
         if size <= _COPY_BUFSIZE:  # most files: header, data and padding in one write
             sink.write(b"".join((header, *file_data(fd, size, full, uri), padding)))
+            on_read(size)
             return
         sink.write(header)
         for chunk in file_data(fd, size, full, uri):
             sink.write(chunk)
+            on_read(len(chunk))
     finally:
         os.close(fd)
     sink.write(padding)
+
+
+def tree_size(root: Path, *, shown: str | None = None, skip: Skip | None = None) -> int:
+    """The bytes of the regular files under ``root`` (hard-linked ones once), walked as
+    :func:`pack_directory` walks it (the same ``skip``): the total a save's progress is measured
+    against. A tree that changes under the walk raises as the save would."""
+    uri = shown if shown is not None else str(root)
+    total = 0
+    seen: set[tuple[int, int]] = set()
+    with contextlib.closing(walk_tree(str(root), shown=uri, uri=uri, skip=skip)) as entries:
+        for entry in entries:
+            st = entry.st
+            if stat.S_ISREG(st.st_mode):
+                if st.st_nlink > 1:
+                    if (st.st_dev, st.st_ino) in seen:
+                        continue
+                    seen.add((st.st_dev, st.st_ino))
+                total += st.st_size
+    return total
+
+
+def _ignore(count: int) -> None:
+    """The default ``on_read``: nobody counts."""
 
 
 def pack_directory(
@@ -373,6 +399,7 @@ def pack_directory(
     workers: int = 1,
     shown: str | None = None,
     skip: Skip | None = None,
+    on_read: Callable[[int], None] = _ignore,
 ) -> None:
     """Write ``root``'s contents as a .tar.gz stream to ``emit``, one gzip member per block.
 
@@ -383,7 +410,8 @@ def pack_directory(
     data. A file that grows while it is read is stored with the size it had when listed; one that
     shrinks or vanishes, and an entry replaced since it was listed (a folder swapped for a symlink
     included), raise :class:`SourceChangedError` (see :func:`walk_tree`). Messages name ``shown``
-    (default ``root``): the user's folder when ``root`` is a snapshot of it.
+    (default ``root``): the user's folder when ``root`` is a snapshot of it. ``on_read`` hears of
+    each piece of a file read.
     """
     uri = shown if shown is not None else str(root)
     sink = _GzipMemberWriter(emit, block_size, level, workers)
@@ -402,7 +430,7 @@ def pack_directory(
                         continue
                     if st.st_nlink > 1:
                         links[inode] = rel
-                    _add_file(sink, entry, full, uri)
+                    _add_file(sink, entry, full, uri, on_read)
                 elif stat.S_ISDIR(st.st_mode):
                     sink.write(_tar.header(rel + "/", _tar.DIRECTORY, mode=mode, mtime=mtime))
                 elif stat.S_ISLNK(st.st_mode):

@@ -22,7 +22,7 @@ import sys
 import threading
 import traceback
 import urllib.parse
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -157,12 +157,38 @@ def _verbosity() -> argparse.ArgumentParser:
 # -- progress --------------------------------------------------------------------------------------
 
 
+class _ByteBar(tqdm):  # type: ignore[type-arg]  # tqdm is generic in its stubs only
+    """A tqdm bar that writes sizes and rates in binary units (``MiB``, ``MiB/s``), as the summary
+    line does; tqdm's own scaling divides the counts by 1024 but the rate by 1000, and says ``MB``."""
+
+    @property
+    def format_dict(self) -> MutableMapping[str, Any]:
+        values = super().format_dict
+        total, rate, elapsed = values["total"], values["rate"], values["elapsed"]
+        if rate is None and elapsed:
+            rate = values["n"] / elapsed
+        values["done_h"] = _human(values["n"])
+        values["total_h"] = _human(total) if total is not None else "?"
+        values["rate_h"] = f"{_human(int(rate))}/s" if rate else "?/s"
+        return values
+
+
+#: With a known total: percentage, bar, bytes, time left. Without: bytes and rate only.
+_BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {done_h}/{total_h} [{elapsed}<{remaining}, {rate_h}{postfix}]"
+_COUNTER_FORMAT = "{desc}: {done_h} [{elapsed}, {rate_h}{postfix}]"
+
+
 class ProgressBars:
-    """One tqdm bar per transfer, fed by the library's ``on_progress`` events (from worker threads)."""
+    """One tqdm bar per transfer, fed by the library's ``on_progress`` events (from worker threads).
+
+    A bar counts the source's bytes (a directory's files before compression, against their total
+    listed when the save starts, as ``rsync --info=progress2`` does) and says how much was sent
+    when that differs, and when the save is committing.
+    """
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
-        self._bars: dict[tuple[str, str], tqdm[Any]] = {}
+        self._bars: dict[tuple[str, str], _ByteBar] = {}
         self._lock = threading.Lock()
         self.last: Progress | None = None
 
@@ -171,22 +197,33 @@ class ProgressBars:
         if not self.enabled:
             return
         key = (event.operation, event.uri)
+        done = event.source_done if event.source_done is not None else event.done
+        total = event.source_total if event.source_done is not None else event.total
         with self._lock:
             bar = self._bars.get(key)
             if bar is None:
-                bar = self._bars[key] = tqdm(
-                    desc=f"{event.operation} {event.uri}",
-                    total=event.total,
-                    unit="B",
-                    unit_scale=True,
-                    unit_divisor=1024,
-                    **_width(),
+                shape = _shape()
+                bar = self._bars[key] = _ByteBar(
+                    desc=_fit(f"{event.operation} {event.uri}", shape["ncols"] or 100),
+                    total=total,
+                    bar_format=_BAR_FORMAT if total is not None else _COUNTER_FORMAT,
+                    **shape,
                     mininterval=0.1,
                     file=sys.stderr,
                 )
-            if event.total != bar.total:
-                bar.total = event.total
-            bar.update(event.done - bar.n)
+            if total != bar.total:
+                bar.total = total
+                bar.bar_format = _BAR_FORMAT if total is not None else _COUNTER_FORMAT
+            notes = [f"{_human(event.done)} sent"] if done != event.done else []
+            if event.committing and not event.finished:
+                notes.append("committing")
+            postfix = ", ".join(notes)
+            if postfix != (bar.postfix or ""):
+                bar.set_postfix_str(postfix, refresh=False)
+                bar.update(done - bar.n)
+                bar.refresh()  # a change of phase shows at once, whatever the refresh interval
+            else:
+                bar.update(done - bar.n)
             if event.finished:
                 bar.close()
                 del self._bars[key]
@@ -198,13 +235,29 @@ class ProgressBars:
             self._bars.clear()
 
 
-def _width() -> dict[str, Any]:
-    """Follow the terminal's width; a terminal that reports none (0 columns) gets 100."""
+def _shape() -> dict[str, Any]:
+    """Follow the terminal's size; one that reports none (0 rows or columns: ``script``, CI logs,
+    some IDE consoles) gets a fixed 100 x 20, as tqdm would hide the bar of a terminal of 0 rows.
+    ``ncols`` is the width now (``None``: unknown)."""
     try:
-        columns = os.get_terminal_size(sys.stderr.fileno()).columns
+        size = os.get_terminal_size(sys.stderr.fileno())
+        columns, lines = size.columns, size.lines
     except (OSError, ValueError):
-        columns = 0
-    return {"dynamic_ncols": True} if columns > 0 else {"ncols": 100}
+        columns = lines = 0
+    if columns > 0 and lines > 0:
+        return {"dynamic_ncols": True, "ncols": columns}
+    return {"ncols": columns if columns > 0 else 100, "nrows": lines if lines > 0 else 20}
+
+
+#: Columns kept for a bar's figures: percentage, bar, sizes, times, rate and notes.
+_FIGURES = 80
+
+
+def _fit(desc: str, width: int) -> str:
+    """A bar's label cut at its start (the end of a URI tells checkpoints apart) to leave the
+    figures room; tqdm would cut them instead, from the end of the line."""
+    room = max(width - _FIGURES, 24)
+    return desc if len(desc) <= room else "..." + desc[len(desc) - room + 3 :]
 
 
 def _human(size: int) -> str:
@@ -255,8 +308,11 @@ async def _save(cmd: _Command) -> None:
         kind = Kind.DIRECTORY if is_dir else Kind.FILE  # a missing path: save() says so
     checkpoint = Checkpoint(cmd.args.uri, config=cmd.config, on_progress=cmd.bars)
     await checkpoint.save(data)
-    size = cmd.bars.last.done if cmd.bars.last is not None else 0
-    cmd.say(f"saved {checkpoint.dest} ({kind.value}, {_human(size)})")
+    last = cmd.bars.last
+    stored = last.done if last is not None else 0
+    read = last.source_done if last is not None and last.source_done is not None else stored
+    size = _human(stored) if read == stored else f"{_human(read)}, {_human(stored)} stored"
+    cmd.say(f"saved {checkpoint.dest} ({kind.value}, {size})")
 
 
 def _stdout_writer() -> Callable[[bytes], object]:

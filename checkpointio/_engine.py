@@ -221,9 +221,14 @@ def _file_chunks(path: Path, size: int, step: int, shown: str | None = None) -> 
 
 
 def _produce(
-    source: _Source, emit: Callable[[bytes], None], config: TransferConfig, skip: _archive.Skip | None = None
+    source: _Source,
+    emit: Callable[[bytes], None],
+    config: TransferConfig,
+    meter: Meter,
+    skip: _archive.Skip | None = None,
 ) -> None:
-    """Worker thread: turn the source into chunks (a directory without what ``skip`` names)."""
+    """Worker thread: turn the source into chunks (a directory without what ``skip`` names, its
+    files counted by ``meter``)."""
     step = config.chunk_size
     if source.writer is not None:
         out = _ChunkingWriter(emit, step)
@@ -242,6 +247,9 @@ def _produce(
             emit(chunk)
     else:
         assert source.path is not None
+        if meter.reporting:  # progress against the source's size, as rsync and aws s3 cp show it
+            meter.source_total = _archive.tree_size(source.path, shown=source.shown, skip=skip)
+            meter.advance(0)
         _archive.pack_directory(
             source.path,
             emit,
@@ -250,6 +258,7 @@ def _produce(
             workers=config.compression_workers,
             shown=source.shown,
             skip=skip,
+            on_read=meter.read,
         )
 
 
@@ -302,7 +311,7 @@ async def _save(
     send, receive = anyio.create_memory_object_stream[bytes](config.pipeline_depth)
     body = Body(receive, source.size, crc32_up_front=_crc32_up_front(source))
     digest = body.digest
-    meter = Meter(on_progress, "save", location.uri, source.size)
+    meter = Meter(on_progress, "save", location.uri, source.size, packed=source.kind is Kind.DIRECTORY)
     stored: list[ObjectInfo] = []
 
     def emit(chunk: bytes) -> None:
@@ -312,9 +321,11 @@ async def _save(
         meter.advance(len(chunk))
 
     def produce_all() -> None:
-        _produce(source, emit, config, skip)
+        _produce(source, emit, config, meter, skip)
         if check is not None:
             check()
+        if meter.reporting:
+            meter.commit()
 
     async def produce() -> None:
         try:

@@ -293,30 +293,48 @@ def test_each_command_has_help_with_an_example() -> None:
     assert module.returncode == 0 and module.stdout.startswith("checkpointio ")
 
 
-def test_a_terminal_gets_a_progress_bar_and_quiet_silences_it(tmp_path: Path) -> None:
+def on_a_terminal(*args: str, cwd: Path, rows: int = 24, columns: int = 120) -> str:
+    """Run a command in ``cwd`` with its standard error on a pseudo-terminal of that size; what it
+    showed there."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
+    process = subprocess.Popen([SCRIPT, *args], stdout=subprocess.DEVNULL, stderr=slave, cwd=cwd)
+    os.close(slave)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # the other side closed
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(master)
+    assert process.wait(timeout=60) == 0
+    return output.decode(errors="replace")
+
+
+# a terminal of 0 rows and columns: what ``script``, CI logs and some IDE consoles report
+@pytest.mark.parametrize(("rows", "columns"), [(24, 120), (0, 0)])
+def test_a_terminal_gets_a_progress_bar_and_quiet_silences_it(tmp_path: Path, rows: int, columns: int) -> None:
     (tmp_path / "big").write_bytes(os.urandom(8 * 1024 * 1024))
+    shown = on_a_terminal("save", "big", "ck", cwd=tmp_path, rows=rows, columns=columns)
+    assert "/ck: 100%|" in shown and "| 8.0 MiB/8.0 MiB [" in shown and "MiB/s" in shown
+    assert "MB" not in shown  # binary units, as the summary line says them
+    assert on_a_terminal("-q", "load", "ck", "out", cwd=tmp_path, rows=rows, columns=columns) == ""
 
-    def on_a_terminal(*args: str) -> str:
-        master, slave = pty.openpty()
-        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
-        process = subprocess.Popen([SCRIPT, *args], stdout=subprocess.DEVNULL, stderr=slave)
-        os.close(slave)
-        output = b""
-        while True:
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:  # the other side closed
-                break
-            if not chunk:
-                break
-            output += chunk
-        os.close(master)
-        assert process.wait(timeout=60) == 0
-        return output.decode(errors="replace")
 
-    shown = on_a_terminal("save", str(tmp_path / "big"), str(tmp_path / "ck"))
-    assert f"save {tmp_path / 'ck'}" in shown and "100%" in shown and "8.00M/8.00M" in shown and "/s]" in shown
-    assert on_a_terminal("-q", "load", str(tmp_path / "ck"), str(tmp_path / "out")) == ""
+def test_a_directory_save_shows_its_files_bytes_against_their_total_and_the_commit(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "sub" / "random").write_bytes(os.urandom(6 * 1024 * 1024))
+    (tree / "zeros").write_bytes(bytes(2 * 1024 * 1024))  # compresses to almost nothing
+    shown = on_a_terminal("save", "tree", "ck", cwd=tmp_path)
+    lines = shown.replace("\r", "\n").splitlines()
+    assert any(line.endswith("| 0 B/8.0 MiB [00:00<?, ?/s]") for line in lines), shown  # the total, up front
+    assert any(" 100%|" in line and "| 8.0 MiB/8.0 MiB [" in line and ", committing]" in line for line in lines), shown
+    stored = (tmp_path / "ck").stat().st_size
+    assert any(line.endswith(f"MiB/s, {stored / 1024 / 1024:.1f} MiB sent]") for line in lines), shown
 
 
 def _wait_for(condition: object, what: str, timeout: float = 30) -> None:

@@ -65,6 +65,33 @@ async def test_a_directory_save_reports_an_unknown_total_until_it_finished(store
     assert last.finished and last.total == last.done > 0
 
 
+async def test_a_directory_save_reports_its_files_bytes_against_their_total_then_committing(
+    store: StoreCase, tmp_path: Path
+) -> None:
+    tree = make_tree(tmp_path / "tree")
+    os.link(tree / "model" / "weights.bin", tree / "same-weights.bin")  # read once, counted once
+    files = sum(path.stat().st_size for path in tree.rglob("*") if path.is_file() and not path.is_symlink())
+    files -= (tree / "same-weights.bin").stat().st_size
+    recorder = Recorder()
+    await Checkpoint(store.uri("a"), on_progress=recorder).save(tree)
+    events = recorder.events
+    assert all(event.source_total == files for event in events) and events[0].source_done == 0
+    sources = [event.source_done for event in events]
+    assert sources == sorted(sources) and sources[-1] == files
+    # the bytes handed over stop before the save completes: then one report says it is committing
+    assert [event.committing for event in events] == [False] * (len(events) - 2) + [True, True]
+    assert events[-2].done == events[-1].done == events[-1].total and not events[-2].finished and events[-1].finished
+
+
+async def test_a_file_save_reports_its_source_as_the_bytes_sent(store: StoreCase, tmp_path: Path) -> None:
+    (tmp_path / "data").write_bytes(os.urandom(2 * 1024 * 1024 + 3))
+    recorder = Recorder()
+    await Checkpoint(store.uri("a"), chunk_size=1024 * 1024).save(tmp_path / "data", on_progress=recorder)
+    events = recorder.events
+    assert all(event.source_done == event.done and event.source_total == event.total for event in events)
+    assert [event.committing for event in events[-2:]] == [True, True] and events[-1].done == 2 * 1024 * 1024 + 3
+
+
 async def test_a_binary_stream_is_saved_as_bytes(store: StoreCase) -> None:
     data = os.urandom(2 * 1024 * 1024 + 1)
     await Checkpoint(store.uri("a")).save(io.BytesIO(data))
@@ -216,4 +243,6 @@ async def test_gc_aborts_only_unfinished_saves_older_than_the_cutoff(store: Stor
 def test_progress_is_reported_by_the_sync_twins_too(tmp_path: Path) -> None:
     recorder = Recorder()
     Checkpoint(tmp_path / "a").save_sync(b"x" * 10, on_progress=recorder)
-    assert recorder.events[-1] == Progress("save", str(tmp_path / "a"), 10, 10, finished=True)
+    assert recorder.events[-1] == Progress(
+        "save", str(tmp_path / "a"), 10, 10, finished=True, source_done=10, source_total=10, committing=True
+    )
