@@ -52,8 +52,10 @@ T = TypeVar("T")
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_CORRUPT, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 EXIT_BROKEN_PIPE = 141  # what a shell reports for a process SIGPIPE ended
 
-_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3}
-_UNITS.update({"kib": 1024, "mib": 1024**2, "gib": 1024**3})
+#: Size suffixes, all powers of 1024 as aws and rclone read them (``5M`` = ``5MB`` = ``5MiB``).
+_UNITS = {"": 1, "b": 1} | {
+    prefix + suffix: 1024 ** (power + 1) for power, prefix in enumerate("kmgt") for suffix in ("", "b", "i", "ib")
+}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$", re.IGNORECASE)
 _SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -73,7 +75,8 @@ class UsageError(Exception):
 
 
 def parse_size(text: str) -> int:
-    """``16MiB``, ``5M``, ``1.5GiB``, ``1048576`` -> bytes (M, G are decimal; MiB, GiB binary)."""
+    """``16MiB``, ``5M``, ``1.5GiB``, ``1048576`` -> bytes; K, M, G, T are binary with or without
+    ``B`` or ``iB`` (``5M`` is 5 MiB, as aws and rclone read it)."""
     match = _SIZE.match(text)
     unit = match.group(2).lower() if match else ""
     if match is None or unit not in _UNITS:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import fcntl
 import json
 import os
@@ -17,6 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from checkpointio._cli import parse_size
 
 from .conftest import MotoServer, free_port, make_tree, snapshot, start_moto, stop
 from .faultproxy import FaultProxy
@@ -250,6 +253,25 @@ def test_bad_input_fails_with_one_line_and_an_exit_code(tmp_path: Path) -> None:
     assert "already exists" in fails(2, "load", str(tmp_path / "ck"), str(tmp_path / "out"))
     ok("load", "--force", str(tmp_path / "ck"), str(tmp_path / "out"))
     assert (tmp_path / "out").read_bytes() == b"x"
+
+
+def test_sizes_read_k_m_g_t_as_powers_of_1024_as_aws_and_rclone_do(tmp_path: Path) -> None:
+    mib = 1024 * 1024
+    assert [parse_size(text) for text in ("5M", "5MB", "5MiB", "5m", "5Mi", " 5 mb ")] == [5 * mib] * 6
+    assert [parse_size(text) for text in ("64K", "1.5G", "1T", "1048576", "0", "7B")] == [
+        64 * 1024,
+        3 * 512 * mib,
+        1024**4,
+        mib,
+        0,
+        7,
+    ]
+    data = os.urandom(6 * mib)  # 5M is S3's smallest part, 5 MiB: it was read as 5,000,000 and refused
+    ok("save", "-", str(tmp_path / "ck"), "--part-size", "5M", "--multipart-threshold", "5MB", stdin=data)
+    assert (tmp_path / "ck").read_bytes() == data
+    for wrong in ("5X", "M", "-1M", "5 M B"):
+        with pytest.raises(argparse.ArgumentTypeError, match="not a size"):
+            parse_size(wrong)
 
 
 def test_verbose_shows_the_traceback(tmp_path: Path) -> None:
