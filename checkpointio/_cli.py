@@ -108,35 +108,103 @@ def _field_help() -> dict[str, str]:
     """Each attribute's text in TransferConfig's docstring, as plain text: one source for the help."""
     doc = TransferConfig.__doc__ or ""
     section = doc.split("Attributes:", 1)[-1]
+    section = re.split(r"^ {4}\w+:$", section, maxsplit=1, flags=re.MULTILINE)[0]  # up to the next section
     helps: dict[str, str] = {}
     for name, text in re.findall(r"^ {8}(\w+): (.+?)(?=^ {8}\w+: |\Z)", section, re.MULTILINE | re.DOTALL):
-        helps[name] = " ".join(text.split()).replace("``", "").rstrip(".").replace("%", "%%")
+        text = re.split(r"[.;] ``None`` ", " ".join(text.split()))[0]  # what None means: said by the default
+        helps[name] = text.replace("``", "").rstrip(".").replace("%", "%%")
     return helps
 
 
-def _transfer_options() -> argparse.ArgumentParser:
-    """Options named after TransferConfig's fields (``part_size`` -> ``--part-size``)."""
-    parser = argparse.ArgumentParser(add_help=False)
-    group = parser.add_argument_group("transfer settings (the library's TransferConfig fields)")
+#: What an unset option means, for the fields whose default is ``None``.
+_UNSET = {
+    "endpoint_url": "AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL, else AWS",
+    "region_name": "the AWS configuration's",
+    "profile": "the AWS configuration's",
+    "addressing_style": "path with an endpoint, else auto",
+    "server_side_encryption": "the bucket's default encryption",
+    "sse_kms_key_id": "the bucket's or the account's default key",
+    "bucket_key_enabled": "the bucket's setting",
+    "storage_class": "the bucket's default, STANDARD",
+}
+
+
+#: Commands that reach a store (all but ``demo``), that move a checkpoint's bytes, that write one.
+_STORE_COMMANDS = frozenset({"save", "load", "ls", "rm", "verify", "gc"})
+_TRANSFERS = frozenset({"save", "load", "verify"})
+_SAVES = frozenset({"save"})
+#: The commands each TransferConfig field applies to; a field not named here goes to every
+#: command that reaches a store (connection settings, request options).
+_APPLIES_TO = {
+    "part_size": _TRANSFERS,  # parts of an upload, ranges of a download
+    "max_concurrency": _TRANSFERS,
+    "multipart_threshold": _SAVES,
+    "chunk_size": _TRANSFERS,
+    "pipeline_depth": _TRANSFERS,
+    "compression_level": _SAVES,
+    "compression_workers": _TRANSFERS,  # deflate on a save, inflate on a load or verify
+    "flexible_checksums": _SAVES,
+    "server_side_encryption": _SAVES,  # how a saved object is stored: sent with its upload only
+    "sse_kms_key_id": _SAVES,
+    "bucket_key_enabled": _SAVES,
+    "storage_class": _SAVES,
+    "tags": _SAVES,
+}
+#: Flags named as aws names them, where the field's name differs; the field's spelling is kept as
+#: a hidden alias.
+_FLAGS = {"region_name": "--region"}
+
+
+def _readable(value: object, *, size: bool = False) -> str:
+    """A default as a user would write it: ``16 MiB``, ``10 s``, ``on``."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if size and isinstance(value, int):
+        for unit, factor in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+            if value >= factor and value % factor == 0:
+                return f"{value // factor} {unit}"
+        return _human(value)
+    if isinstance(value, float):
+        return f"{value:g} s"
+    return str(value)
+
+
+def _add_settings(parser: argparse.ArgumentParser, command: str) -> None:
+    """The TransferConfig fields that apply to ``command``, as flags (``part_size`` ->
+    ``--part-size``): how its bytes move, then how the store is reached."""
+    transfer = parser.add_argument_group("transfer settings (the library's TransferConfig fields)")
+    store = parser.add_argument_group("store connection (S3 and S3-compatible servers)")
     helps = _field_help()
     for field in dataclasses.fields(TransferConfig):
-        flag = "--" + field.name.replace("_", "-")
-        default = field.default
-        text = f"{helps.get(field.name, '')} (default: {default})"
+        applies = _APPLIES_TO.get(field.name, _STORE_COMMANDS)
+        if command not in applies:
+            continue
+        group = store if applies is _STORE_COMMANDS else transfer
+        flag = _FLAGS.get(field.name, "--" + field.name.replace("_", "-"))
+        default, size = field.default, field.name in _SIZE_FIELDS
+        text = helps.get(field.name, "")
+        if default is not None:
+            text += f" (default: {_readable(default, size=size)})"
+        elif field.name in _UNSET:
+            text += f" (default: {_UNSET[field.name]})"
         if isinstance(default, bool) or field.type == "bool | None":
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif field.name == "tags":
             group.add_argument(flag, type=parse_tags, metavar="KEY=VALUE&...", help=text)
-        elif field.name in _SIZE_FIELDS:
-            group.add_argument(flag, type=parse_size, metavar="SIZE", help=text)
+        elif size:
+            group.add_argument(flag, dest=field.name, type=parse_size, metavar="SIZE", help=text)
         elif isinstance(default, int):
-            group.add_argument(flag, type=int, metavar="N", help=text)
+            group.add_argument(flag, dest=field.name, type=int, metavar="N", help=text)
         elif isinstance(default, float):
-            group.add_argument(flag, type=float, metavar="SECONDS", help=text)
+            group.add_argument(flag, dest=field.name, type=float, metavar="SECONDS", help=text)
+        elif field.name == "addressing_style":
+            group.add_argument(flag, dest=field.name, choices=("path", "virtual", "auto"), help=text)
         else:
             metavar = _METAVARS.get(field.name, field.name.split("_")[0].upper())
-            group.add_argument(flag, metavar=metavar, help=text)
-    return parser
+            group.add_argument(flag, dest=field.name, metavar=metavar, help=text)
+        if field.name in _FLAGS:
+            alias = "--" + field.name.replace("_", "-")
+            group.add_argument(alias, dest=field.name, metavar=metavar, help=argparse.SUPPRESS)
 
 
 def _config(args: argparse.Namespace) -> TransferConfig:
@@ -291,7 +359,7 @@ class _Command:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.config = _config(args) if hasattr(args, "part_size") else TransferConfig()
+        self.config = _config(args)
         self.quiet: bool = args.quiet
         self.bars = ProgressBars(enabled=not self.quiet and sys.stderr.isatty())
 
@@ -409,7 +477,7 @@ _COMMANDS: dict[str, Callable[[_Command], Awaitable[None]]] = {
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every command, each with an example in its ``--help``."""
-    transfer, verbosity = _transfer_options(), _verbosity()
+    verbosity = _verbosity()
     parser = argparse.ArgumentParser(
         prog="checkpointio",
         description="Save, restore, inspect and clean up checkpoints in a local folder, memory:// or s3://.",
@@ -420,15 +488,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, no summary line")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, summary: str, example: str, *, transfers: bool = True) -> argparse.ArgumentParser:
-        return commands.add_parser(
+    def command(name: str, summary: str, example: str) -> argparse.ArgumentParser:
+        parser = commands.add_parser(
             name,
             help=summary,
             description=summary,
             epilog=f"example:\n  {example}",
             formatter_class=argparse.RawDescriptionHelpFormatter,
-            parents=[verbosity, transfer] if transfers else [verbosity],
+            parents=[verbosity],
         )
+        _add_settings(parser, name)
+        return parser
 
     sub = command(
         "save",
@@ -496,7 +566,6 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         "Run the README's main job: tasks fail part-way, are retried and resume; a SIGKILLed run resumes.",
         "checkpointio demo --root /tmp/demo-store",
-        transfers=False,
     )
     sub.add_argument("--root", help="storage root (default: CHECKPOINTIO_STORAGE, else ~/.cache/checkpointio)")
     return parser

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from checkpointio._cli import parse_size
+from checkpointio._cli import build_parser, parse_size
 
 from .conftest import MotoServer, free_port, make_tree, snapshot, start_moto, stop
 from .faultproxy import FaultProxy
@@ -283,7 +283,8 @@ def test_store_failures_name_the_uri(moto_server: MotoServer) -> None:
     endpoint = f"http://127.0.0.1:{free_port()}"
     line = fails(1, "ls", "s3://bucket/x", "--endpoint-url", endpoint, "--max-attempts", "1", "--connect-timeout", "2")
     assert "cannot reach the store" in line and "s3://bucket/x" in line
-    assert "does not exist" in fails(1, "save", "-", "s3://no-such-bucket-4711/x")
+    missing = fails(1, "save", "-", "s3://no-such-bucket-4711/x")  # the fact last, not "(upload the checkpoint)"
+    assert missing.endswith(": cannot upload the checkpoint: bucket 'no-such-bucket-4711' does not exist"), missing
     guarded = start_moto({"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
     try:
         wrong = {"AWS_ACCESS_KEY_ID": "AKIANOTAREALKEY", "AWS_SECRET_ACCESS_KEY": "wrong"}
@@ -310,9 +311,26 @@ def test_each_command_has_help_with_an_example() -> None:
     for command in ("save", "load", "ls", "rm", "verify", "gc", "demo"):
         text = ok(command, "--help")
         assert "example:\n  checkpointio " in text, command
-    assert "--part-size SIZE" in ok("save", "--help") and "--compression-level N" in ok("save", "--help")
     module = subprocess.run([sys.executable, "-m", "checkpointio", "--version"], capture_output=True, text=True)
     assert module.returncode == 0 and module.stdout.startswith("checkpointio ")
+
+
+def test_each_command_lists_only_the_settings_that_apply_with_readable_defaults() -> None:
+    moving = ("--part-size SIZE", "--max-concurrency N", "--chunk-size SIZE", "--pipeline-depth N")
+    writing = ("--multipart-threshold SIZE", "--compression-level N", "--no-flexible-checksums")
+    reaching = ("--endpoint-url", "--region REGION", "--profile", "--addressing-style", "--max-attempts N")
+    for command in ("save", "load", "ls", "rm", "verify", "gc", "demo"):
+        text = " ".join(ok(command, "--help").split())  # argparse wraps lines where it likes
+        assert all((flag in text) == (command in ("save", "load", "verify")) for flag in moving), command
+        assert all((flag in text) == (command == "save") for flag in writing), command
+        assert all((flag in text) == (command != "demo") for flag in reaching), command
+        assert "--region-name" not in text and "None" not in text and "16777216" not in text, command
+    save = " ".join(ok("save", "--help").split())
+    assert "--part-size SIZE Size of one multipart part" in save and "(default: 16 MiB)" in save
+    assert "(default: 1 MiB)" in save and "(default: 10 s)" in save and "(default: on)" in save
+    assert "--region REGION S3 region (default: the AWS configuration's)" in save
+    for spelling in ("--region", "--region-name"):  # aws's name, and the field's, kept for scripts
+        assert build_parser().parse_args(["ls", spelling, "eu-west-3", "x"]).region_name == "eu-west-3"
 
 
 def on_a_terminal(*args: str, cwd: Path, rows: int = 24, columns: int = 120) -> str:

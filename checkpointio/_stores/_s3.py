@@ -120,7 +120,7 @@ def _translate(error: Exception, location: Location, action: str, owner: str | N
         status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         message = meta.get("Message") or code
         if code == "NoSuchBucket":
-            return BucketNotFoundError(f"{uri}: bucket {location.bucket!r} does not exist ({action})", uri=uri)
+            return BucketNotFoundError(f"{uri}: cannot {action}: bucket {location.bucket!r} does not exist", uri=uri)
         if code in _ACCESS_CODES or status == 403:
             owned = f", and that account {owner} owns the bucket (expected_bucket_owner)" if owner else ""
             return AccessDeniedError(
