@@ -1,7 +1,13 @@
 """checkpointio: fault-tolerant tasks that save their progress to an object store and resume.
 
 Public names are re-exported here; every other module is private.
+
+Each module logs to its own logger under ``checkpointio`` (``checkpointio._stores._s3``, ...).
+Like any library, checkpointio prints nothing itself: the package logger has a ``NullHandler``,
+and an application shows the records by configuring logging (``logging.basicConfig()``).
 """
+
+import logging
 
 from ._checkpoint import Checkpoint, SaveHandle, latest_checkpoint
 from ._config import MiB, TransferConfig, TransferOptions
@@ -30,6 +36,8 @@ from ._progress import Progress, ProgressCallback
 from ._runtime import AttemptFailure, TaskContext, TaskEnvironment, ctx, default_storage, env
 
 __version__ = "0.1.0"
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
     "AccessDeniedError",

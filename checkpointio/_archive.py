@@ -51,7 +51,7 @@ __all__ = [
     "walk_tree",
 ]
 
-logger = logging.getLogger("checkpointio")
+logger = logging.getLogger(__name__)
 
 Emit = Callable[[bytes], None]
 #: The next compressed bytes, as the blocks a store received them in; ``[]`` at the end.
@@ -442,7 +442,7 @@ def pack_directory(
                     sink.write(_tar.header(rel, _tar.SYMLINK, mode=mode, mtime=mtime, link=target))
                 else:
                     kind = file_type(st.st_mode)
-                    logger.warning("checkpointio: skipping %s %s (it holds no data to save)", kind, full)
+                    logger.warning("skipping %s %s (it holds no data to save)", kind, full)
         sink.write(_tar.end_of_archive(sink.tell()))
         sink.finish()
     finally:

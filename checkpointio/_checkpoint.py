@@ -29,7 +29,7 @@ from ._stores import Store, open_store
 
 __all__ = ["Checkpoint", "SaveHandle", "latest_checkpoint"]
 
-logger = logging.getLogger("checkpointio")
+logger = logging.getLogger(__name__)
 
 URI = str | os.PathLike[str]
 T = TypeVar("T")
@@ -200,11 +200,12 @@ class Checkpoint:
                 restored = await load(await self._store(location), location)
             except CorruptCheckpointError as error:
                 errors.append(error)
-                logger.warning("checkpointio: skipping corrupt checkpoint %s: %s", location.uri, error)
+                said = str(error) if location.uri in str(error) else f"{location.uri}: {error}"
+                logger.warning("skipping corrupt checkpoint %s", said)
                 continue
             if restored is not None:
                 if errors:
-                    logger.warning("checkpointio: restored the older checkpoint %s instead", location.uri)
+                    logger.warning("restored the older checkpoint %s instead", location.uri)
                 return restored
         if errors:
             raise errors[0]
@@ -390,7 +391,7 @@ class Checkpoint:
         if handle is not None:
             # Still ``pending`` while waited for: interrupted here (Ctrl-C), the caller can cancel it.
             if not handle.join(timeout):
-                logger.error("checkpointio: %s still running after %s s; cancelling it", handle, timeout)
+                logger.error("%s still running after %s s; cancelling it", handle, timeout)
                 handle.cancel()
                 handle.join(_portal.CLEANUP_TIMEOUT)
             if self._inflight is handle:

@@ -41,11 +41,12 @@ from ._exceptions import (
     UnsupportedSourceError,
 )
 from ._progress import Progress
+from ._progress import human_size as _human
 from ._stores import Kind, ObjectInfo
 
 __all__ = ["main"]
 
-logger = logging.getLogger("checkpointio")
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -216,11 +217,12 @@ def _config(args: argparse.Namespace) -> TransferConfig:
         raise UsageError(str(error)) from None
 
 
+_VERBOSE_HELP = "log each transfer and what is retried, and show tracebacks (-vv: debug, -vvv: botocore's too)"
+
+
 def _verbosity() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument(
-        "-v", "--verbose", action="count", default=argparse.SUPPRESS, help="debug logs and tracebacks (-vv: botocore)"
-    )
+    parser.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help=_VERBOSE_HELP)
     parser.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress, no summary")
     return parser
 
@@ -329,15 +331,6 @@ def _fit(desc: str, width: int) -> str:
     figures room; tqdm would cut them instead, from the end of the line."""
     room = max(width - _FIGURES, 24)
     return desc if len(desc) <= room else "..." + desc[len(desc) - room + 3 :]
-
-
-def _human(size: int) -> str:
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _when(timestamp: float | None) -> str:
@@ -484,7 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run 'checkpointio COMMAND --help' for a command's options and an example.",
     )
     parser.add_argument("--version", action="version", version=f"checkpointio {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="debug logs and tracebacks (-vv: botocore)")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help=_VERBOSE_HELP)
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, no summary line")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -581,13 +574,32 @@ def _exit_code(error: BaseException) -> int:
     return EXIT_ERROR
 
 
+class _Formatter(logging.Formatter):
+    """``checkpointio: warning: ...`` as the error line reads; with ``-v`` a time and the logger."""
+
+    def __init__(self, verbose: int) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s" if verbose else None)
+        self._verbose = verbose
+
+    def format(self, record: logging.LogRecord) -> str:
+        if self._verbose:
+            return super().format(record)
+        text = f"checkpointio: {record.levelname.lower()}: {record.getMessage()}"
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        return text
+
+
 def _setup_logging(verbose: int, quiet: bool) -> None:
+    """The command's own output: warnings, ``-v`` what it does and retries (INFO) and tracebacks,
+    ``-vv`` checkpointio's debug records, ``-vvv`` botocore's and every other library's too."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(_Formatter(verbose))
     root = logging.getLogger()
     root.addHandler(handler)
-    root.setLevel(logging.DEBUG if verbose >= 2 else logging.WARNING)
-    logger.setLevel(logging.DEBUG if verbose else logging.ERROR if quiet else logging.WARNING)
+    root.setLevel(logging.DEBUG if verbose >= 3 else logging.WARNING)
+    levels = {0: logging.ERROR if quiet else logging.WARNING, 1: logging.INFO}
+    logging.getLogger("checkpointio").setLevel(levels.get(verbose, logging.DEBUG))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -15,6 +15,7 @@ import logging
 import os
 import stat
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ from ._exceptions import (
     UnsupportedSourceError,
 )
 from ._location import Location
-from ._progress import Meter, ProgressCallback
+from ._progress import Meter, ProgressCallback, human_size
 from ._stores import Blocks, Body, Digest, Kind, ObjectInfo, RangedStore, Record, Store
 from ._stores._local import own_files
 
@@ -71,7 +72,7 @@ Writer = Callable[[BinaryIO], None]
 
 T = TypeVar("T")
 
-logger = logging.getLogger("checkpointio")
+logger = logging.getLogger(__name__)
 
 
 def _own_thread() -> anyio.CapacityLimiter:
@@ -307,6 +308,7 @@ async def _save(
     check: Callable[[], None] | None = None,
     skip: _archive.Skip | None = None,
 ) -> ObjectInfo:
+    started = time.monotonic()
     _allocator.settle()
     send, receive = anyio.create_memory_object_stream[bytes](config.pipeline_depth)
     body = Body(receive, source.size, crc32_up_front=_crc32_up_front(source))
@@ -347,7 +349,31 @@ async def _save(
         send.close()
     if meter.reporting:
         await anyio.to_thread.run_sync(meter.finish)
+    if logger.isEnabledFor(logging.INFO):
+        size = human_size(stored[0].size)
+        if source.kind is Kind.DIRECTORY:  # its files are counted whether or not anybody listens
+            size = f"{human_size(meter.source_done)} of files, {size} stored"
+        seconds = time.monotonic() - started
+        logger.info("saved %s to %s (%s in %.1f s)", _what(source), location.uri, size, seconds)
     return stored[0]
+
+
+#: Kinds as a log line names them.
+_KIND_WORDS = {Kind.BYTES: "bytes", Kind.FILE: "file", Kind.DIRECTORY: "directory"}
+
+
+def _what(source: _Source) -> str:
+    """What a save was given, for its log line."""
+    if source.path is not None:
+        return f"{_KIND_WORDS[source.kind]} {source.path}"
+    return "a stream" if source.stream is not None or source.writer is not None else "bytes"
+
+
+def _log_read(verb: str, info: ObjectInfo, started: float) -> None:
+    """One INFO line for a finished load or verify: what, where, how much, how long."""
+    kind = _KIND_WORDS[info.record.kind] if info.record is not None else "object"
+    seconds = time.monotonic() - started
+    logger.info("%s %s (%s, %s in %.1f s)", verb, info.location.uri, kind, human_size(info.size), seconds)
 
 
 class _Pull:
@@ -429,7 +455,7 @@ def _verify(info: ObjectInfo, digest: Digest, *, archive: bool = False) -> None:
     why = _UNCHECKED_WHY[record is not None]
     if unchecked and why not in _warned_unchecked:
         _warned_unchecked.add(why)
-        logger.warning("checkpointio: %s has no CRC32 to check (%s): only its length was checked", uri, why)
+        logger.warning("%s has no CRC32 to check (%s): only its length was checked", uri, why)
 
 
 def _check_still_there(staging: Path, held: int, uri: str) -> None:
@@ -612,11 +638,15 @@ async def load(
     if info is None:
         return None
     await anyio.to_thread.run_sync(_make_workspace, workspace, location.uri)
+    started = time.monotonic()
     meter = Meter(on_progress, "load", location.uri, info.size)
     if info.record is not None and info.record.kind is not Kind.DIRECTORY and _ranged(store, info, config):
-        return await _restore_ranges(store, info, workspace, meter)
-    workers = config.compression_workers
-    return await _read(store, info, config, meter, lambda pull: _restore(pull, info, workspace, workers))
+        restored = await _restore_ranges(store, info, workspace, meter)
+    else:
+        workers = config.compression_workers
+        restored = await _read(store, info, config, meter, lambda pull: _restore(pull, info, workspace, workers))
+    _log_read("loaded", info, started)
+    return restored
 
 
 async def _fetch_ranges(
@@ -711,6 +741,7 @@ async def load_bytes(
         return None
     uri = location.uri
     _refuse_directory(info, "restore it with load(), not load_bytes()")
+    started = time.monotonic()
     meter = Meter(on_progress, "load", uri, info.size)
     # Not zeroed: its pages are faulted in by the threads that copy into them, during the
     # download. Every byte is written before it is returned (``_verify`` checks the length).
@@ -745,6 +776,7 @@ async def load_bytes(
                 group.start_soon(fetch)
     finally:
         view.release()
+    _log_read("loaded into memory", info, started)
     return buffer
 
 
@@ -779,7 +811,9 @@ async def write_out(
                 write(block)
         _verify(info, pull.digest)
 
+    started = time.monotonic()
     await _read(store, info, config, Meter(on_progress, "load", location.uri, info.size), copy)
+    _log_read("wrote out", info, started)
     return info
 
 
@@ -798,7 +832,9 @@ async def verify(
     info = await store.head(location)
     if info is None:
         return None
+    started = time.monotonic()
     meter = Meter(on_progress, "verify", location.uri, info.size)
     workers = config.compression_workers
     await _read(store, info, config, meter, lambda pull: _check(pull, info, workers))
+    _log_read("verified", info, started)
     return info

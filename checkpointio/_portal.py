@@ -33,7 +33,7 @@ from ._exceptions import PortalError
 
 __all__ = ["Background", "exit_timeout", "on_loop_thread", "run_sync", "start_soon"]
 
-logger = logging.getLogger("checkpointio")
+logger = logging.getLogger(__name__)
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -176,23 +176,21 @@ def _drain(timeout: float) -> None:
         return
     running = [work for work in works if not work.outcome.done()]
     if running:
-        logger.info("checkpointio: waiting up to %.0f s for %d background save(s)", timeout, len(running))
+        logger.info("waiting up to %.0f s for %d background save(s)", timeout, len(running))
     deadline = time.monotonic() + timeout
     for work in running:
         with contextlib.suppress(BaseException):
             work.outcome.exception(max(0.0, deadline - time.monotonic()))
     for work in works:
         if not work.outcome.done():
-            logger.error(
-                "checkpointio: %s did not finish within %.0f s of exit; cancelling it", work.description, timeout
-            )
+            logger.error("%s did not finish within %.0f s of exit; cancelling it", work.description, timeout)
             work.cancel()
             with contextlib.suppress(BaseException):
                 work.outcome.exception(CLEANUP_TIMEOUT)
             continue
         error = work.outcome.exception()
         if error is not None and not isinstance(error, concurrent.futures.CancelledError):
-            logger.error("checkpointio: %s failed: %s: %s", work.description, type(error).__name__, error)
+            logger.error("%s failed: %s: %s", work.description, type(error).__name__, error)
         work.reported()
 
 

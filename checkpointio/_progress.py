@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["Progress", "ProgressCallback"]
+__all__ = ["Progress", "ProgressCallback", "human_size"]
 
 Operation = Literal["save", "load", "verify"]
 
@@ -122,3 +122,13 @@ class Meter:
                     committing=self._committing,
                 )
             )
+
+
+def human_size(size: int) -> str:
+    """``512 B``, ``1.5 KiB``, ``16.0 MiB``: binary units, as the bars, summaries and logs write sizes."""
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")  # pragma: no cover

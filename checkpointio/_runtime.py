@@ -462,9 +462,11 @@ def _make_task(
         if tries >= retries:
             _failed(error, failures, run.resume_hint if stores else None)
             raise error
-        logger.warning("task %s: attempt %d failed (%s); retrying", task_name, attempt, error)
-        logger.debug("task %s: attempt %d failed", task_name, attempt, exc_info=error)
-        return float(backoff * 2.0**tries)
+        delay = float(backoff * 2.0**tries)
+        failure = f"{type(error).__name__}: {error}"
+        logger.warning("task %s: attempt %d failed (%s); retrying in %.3g s", task_name, attempt, failure, delay)
+        logger.debug("task %s: attempt %d failed with", task_name, attempt, exc_info=error)
+        return delay
 
     if inspect.iscoroutinefunction(func):
         async_func: Callable[P, Awaitable[Any]] = func

@@ -31,7 +31,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
 
 __all__ = ["CheckpointioTrainerCallback", "checkpoint_folders"]
 
-logger = logging.getLogger("checkpointio")
+logger = logging.getLogger(__name__)
 
 #: The name of the folders the Trainer writes: ``checkpoint-<global step>``.
 _FOLDER = re.compile(re.escape(PREFIX_CHECKPOINT_DIR) + r"-(\d+)")
@@ -76,7 +76,7 @@ def _place(restored: Path | None, output_dir: Path) -> None:
     names = {child.name for child in restored.iterdir()} if restored is not None else set()
     for stale in checkpoint_folders(output_dir):
         if stale.name not in names:
-            logger.warning("checkpointio: removing %s: it is not part of this run's stored checkpoint", stale)
+            logger.warning("removing %s: it is not part of this run's stored checkpoint", stale)
             shutil.rmtree(stale)
     if restored is None:
         return
@@ -161,7 +161,7 @@ class CheckpointioTrainerCallback(FolderSaver, TrainerCallback):
                 folders = checkpoint_folders(self.output_dir)
                 self.resumed_from = folders[-1] if folders else None
                 if self.resumed_from is None:
-                    logger.warning("checkpointio: the restored folder has no checkpoint-<step> folder; starting over")
+                    logger.warning("the restored folder has no checkpoint-<step> folder; starting over")
             self._restored = True
         return str(self.resumed_from) if self.resumed_from is not None else None
 

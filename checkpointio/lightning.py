@@ -39,7 +39,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 __all__ = ["CheckpointioCallback", "CheckpointioIO"]
 
-logger = logging.getLogger("checkpointio")
+logger = logging.getLogger(__name__)
 
 #: The file pattern of the checkpoints the callback writes and looks for.
 PATTERN = "**/*.ckpt"

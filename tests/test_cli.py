@@ -279,6 +279,28 @@ def test_verbose_shows_the_traceback(tmp_path: Path) -> None:
     assert result.returncode == 3 and "Traceback" in result.stderr
 
 
+def test_verbose_says_what_is_retried_and_max_attempts_counts_the_first_try(moto_server: MotoServer) -> None:
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens: every attempt fails to connect
+    args = ("ls", "s3://bucket/x", "--endpoint-url", endpoint, "--max-attempts", "3", "--connect-timeout", "1")
+    result = cli("-v", *args)
+    assert result.returncode == 1, result.stderr
+    retries = [line for line in result.stderr.splitlines() if " INFO checkpointio._stores._s3: retrying " in line]
+    assert [line.split("(attempt ")[1].split(")")[0] for line in retries] == ["2 of 3", "3 of 3"], result.stderr
+    assert all(f"ListObjectsV2 {endpoint}/bucket" in line for line in retries), retries
+    assert all("after EndpointConnectionError: Could not connect to the endpoint URL" in line for line in retries)
+    assert "retrying" not in fails(1, *args)  # without -v: the error line alone
+
+
+def test_warnings_are_one_line_prefixed_once(tmp_path: Path) -> None:
+    (tmp_path / "tree").mkdir()
+    (tmp_path / "tree" / "data").write_bytes(b"x")
+    os.mkfifo(tmp_path / "tree" / "pipe")
+    result = cli("save", str(tmp_path / "tree"), str(tmp_path / "ck"))
+    assert result.returncode == 0
+    pipe = tmp_path / "tree" / "pipe"
+    assert result.stderr == f"checkpointio: warning: skipping special file {pipe} (not regular data)\n"
+
+
 def test_store_failures_name_the_uri(moto_server: MotoServer) -> None:
     endpoint = f"http://127.0.0.1:{free_port()}"
     line = fails(1, "ls", "s3://bucket/x", "--endpoint-url", endpoint, "--max-attempts", "1", "--connect-timeout", "2")

@@ -33,7 +33,7 @@ from ._base import Body, ObjectInfo, PendingWrite, Record, Sink
 
 __all__ = ["LocalStore", "own_files"]
 
-logger = logging.getLogger("checkpointio")
+logger = logging.getLogger(__name__)
 
 _SIDECAR_SUFFIX = ".checkpointio"
 _PARTIAL_MARK = ".partial-"
@@ -160,7 +160,7 @@ class LocalStore:
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as error:
-            logger.warning("checkpointio: ignoring unreadable record %s: %s", _sidecar(path), error)
+            logger.warning("ignoring unreadable record %s: %s", _sidecar(path), error)
             return None
         if not isinstance(doc, dict) or doc.get("of") != [st.st_size, st.st_mtime_ns]:
             return None  # the record of another generation of this file
@@ -217,7 +217,7 @@ class LocalStore:
             # Some filesystems refuse fsync on a folder (EINVAL on CIFS and some FUSE ones), and a
             # folder may be writable but not readable; the renames stand, only their durability
             # across a power loss is not confirmed.
-            logger.warning("checkpointio: could not fsync %s after saving %s: %s", path.parent, location.uri, error)
+            logger.warning("could not fsync %s after saving %s: %s", path.parent, location.uri, error)
         return ObjectInfo(location, st.st_size, f"{st.st_size}-{st.st_mtime_ns}", record, modified=st.st_mtime)
 
     async def get(self, info: ObjectInfo, sink: Sink) -> None:

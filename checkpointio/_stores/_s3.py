@@ -68,7 +68,7 @@ from ._base import Blocks, Body, ObjectInfo, PendingWrite, RangeSink, Record, Si
 
 __all__ = ["S3Store"]
 
-logger = logging.getLogger("checkpointio")
+logger = logging.getLogger(__name__)
 
 _ACCESS_CODES = {
     "AccessDenied",
@@ -245,7 +245,9 @@ class _Clients:
     ) -> AsyncIterator[Any]:
         addressing = config.addressing_style or ("path" if endpoint else "auto")
         botocore_config = Config(
-            retries={"max_attempts": config.max_attempts, "mode": "standard"},
+            # total_max_attempts: the first try included, as max_attempts is documented (botocore reads
+            # its own max_attempts as the number of retries, one more attempt than asked for)
+            retries={"total_max_attempts": config.max_attempts, "mode": "standard"},
             connect_timeout=config.connect_timeout,
             read_timeout=config.read_timeout,
             max_pool_connections=config.max_concurrency * 2,
@@ -270,12 +272,44 @@ class _Clients:
                 config=botocore_config,
                 **({"verify": False} if plain_http else {}),
             ) as client:
+                _report_retries(client, config.max_attempts)
                 yield client  # held here until the loop shuts down its async generators
         finally:
             clients.pop(key, None)
 
 
 _clients = _Clients()
+
+#: Where a request's context keeps why its last attempt failed, for the line of the next one.
+_FAILURE = "checkpointio_failure"
+
+
+def _report_retries(client: Any, max_attempts: int) -> None:
+    """Log at INFO each request botocore retries, with the attempt and why: an unreachable
+    endpoint otherwise retries in silence for up to ~20 s with the default five attempts."""
+
+    def remember(request_dict: dict[str, Any], caught_exception: Exception | None = None, **kwargs: Any) -> None:
+        response = kwargs.get("response")
+        if caught_exception is not None:
+            reason = f"{type(caught_exception).__name__}: {caught_exception}"
+        elif response is not None and response[0].status_code >= 300:
+            error = response[1].get("Error", {}) if isinstance(response[1], dict) else {}
+            reason = f"HTTP {response[0].status_code} {error.get('Code', '')}".rstrip()
+        else:
+            return
+        request_dict.get("context", {})[_FAILURE] = reason
+
+    def announce(request: Any, operation_name: str, **_: Any) -> None:
+        attempt = request.context.get("retries", {}).get("attempt", 1)
+        if attempt > 1:
+            target = request.url.split("?", 1)[0]
+            failure = request.context.get(_FAILURE, "an error")
+            logger.info(
+                "retrying %s %s (attempt %d of %d) after %s", operation_name, target, attempt, max_attempts, failure
+            )
+
+    client.meta.events.register("needs-retry.s3", remember)
+    client.meta.events.register("request-created.s3", announce)
 
 
 class _Services(Sequence[str]):
@@ -355,7 +389,7 @@ def _prepared_session(profile: str | None) -> AioSession:
         loader.load_data("sdk-default-configuration")
         session._get_internal_component("endpoint_resolver")
     except Exception as error:  # pragma: no cover - botocore internals moved: merely slower
-        logger.debug("checkpointio: could not preload botocore data: %s", error)
+        logger.debug("could not preload botocore data: %s", error)
     return session
 
 
@@ -478,7 +512,7 @@ class S3Store:
                     f"{location.uri}: bucket {location.bucket!r} does not exist", uri=location.uri
                 ) from error
             if status == 403:
-                logger.debug("checkpointio: no permission to HEAD bucket %r; %s is missing", location.bucket, location)
+                logger.debug("no permission to HEAD bucket %r; %s is missing", location.bucket, location)
                 return
             raise self._error(error, location, "check the bucket") from error
 
@@ -794,13 +828,11 @@ class S3Store:
             except ClientError as error:
                 if error.response.get("Error", {}).get("Code") == "NoSuchUpload":
                     return
-                logger.warning("checkpointio: aborting upload %s of %s failed: %s", upload_id, location.uri, error)
+                logger.warning("aborting upload %s of %s failed: %s", upload_id, location.uri, error)
             except Exception as error:
-                logger.warning("checkpointio: aborting upload %s of %s failed: %s", upload_id, location.uri, error)
+                logger.warning("aborting upload %s of %s failed: %s", upload_id, location.uri, error)
             await anyio.sleep(0.2 * 2**attempt)
-        logger.error(
-            "checkpointio: could not abort upload %s of %s; `checkpointio gc` can remove it", upload_id, location.uri
-        )
+        logger.error("could not abort upload %s of %s; `checkpointio gc` can remove it", upload_id, location.uri)
 
     # -- get -------------------------------------------------------------------------------------
 
@@ -926,7 +958,7 @@ class S3Store:
             except _TRANSIENT_READ_ERRORS as error:
                 if attempt + 1 >= attempts:
                     raise self._error(error, location, "download the checkpoint") from error
-                logger.info("checkpointio: retrying a range of %s after: %s", location.uri, error)
+                logger.info("retrying a range of %s after: %s", location.uri, error)
                 await anyio.sleep(min(20.0, random.uniform(0, 0.1 * 2**attempt)))
             except CheckpointError:
                 raise
