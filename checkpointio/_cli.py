@@ -23,6 +23,7 @@ import threading
 import traceback
 import urllib.parse
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -30,7 +31,7 @@ import anyio
 import anyio.to_thread
 from tqdm import tqdm
 
-from . import __version__, _manage
+from . import __version__, _archive, _manage
 from ._checkpoint import Checkpoint
 from ._config import TransferConfig
 from ._exceptions import (
@@ -40,9 +41,10 @@ from ._exceptions import (
     SourceNotFoundError,
     UnsupportedSourceError,
 )
+from ._location import parse_location
 from ._progress import Progress
 from ._progress import human_size as _human
-from ._stores import Kind, ObjectInfo
+from ._stores import Kind, ObjectInfo, open_store
 
 __all__ = ["main"]
 
@@ -340,6 +342,18 @@ def _when(timestamp: float | None) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _row(info: ObjectInfo) -> dict[str, Any]:
+    """A checkpoint as ``--json`` gives it (``ls`` and ``verify``)."""
+    return {
+        "uri": info.location.uri,
+        "key": info.location.key,
+        "kind": info.record.kind.value if info.record is not None else None,
+        "size": info.size,
+        "modified": _when(info.modified) if info.modified is not None else None,
+        "crc32": f"{info.record.crc32:08x}" if info.record and info.record.crc32 is not None else None,
+    }
+
+
 def _kind(info: ObjectInfo) -> str:
     return info.record.kind.value if info.record is not None else "-"
 
@@ -361,6 +375,11 @@ class _Command:
             print(line, flush=True)
 
 
+def _emit_json(value: object) -> None:
+    """A command's result for scripts (``--json``), on standard output."""
+    print(json.dumps(value, indent=2), flush=True)
+
+
 async def _save(cmd: _Command) -> None:
     source: str = cmd.args.source
     if source == "-":
@@ -371,12 +390,39 @@ async def _save(cmd: _Command) -> None:
         is_dir = await anyio.to_thread.run_sync(data.is_dir)
         kind = Kind.DIRECTORY if is_dir else Kind.FILE  # a missing path: save() says so
     checkpoint = Checkpoint(cmd.args.uri, config=cmd.config, on_progress=cmd.bars)
+    if cmd.args.dry_run:
+        await _save_dry_run(cmd, source, kind, checkpoint.dest)
+        return
     await checkpoint.save(data)
     last = cmd.bars.last
     stored = last.done if last is not None else 0
     read = last.source_done if last is not None and last.source_done is not None else stored
+    if cmd.args.json:
+        _emit_json({"uri": checkpoint.dest, "kind": kind.value, "size": read, "stored": stored})
+        return
     size = _human(stored) if read == stored else f"{_human(read)}, {_human(stored)} stored"
     cmd.say(f"saved {checkpoint.dest} ({kind.value}, {size})")
+
+
+async def _save_dry_run(cmd: _Command, source: str, kind: Kind, uri: str) -> None:
+    """What ``save`` would do: the source's size, and whether a checkpoint at URI would be
+    replaced (which reaches the store: a missing bucket or bad credentials show here too)."""
+    size: int | None = None
+    if source != "-":
+        path = Path(source)
+        if not await anyio.to_thread.run_sync(path.exists):
+            raise SourceNotFoundError(f"cannot save {source!r}: no such file or directory", uri=source)
+        measure = partial(_archive.tree_size, path) if kind is Kind.DIRECTORY else lambda: path.stat().st_size
+        size = await anyio.to_thread.run_sync(measure)
+    location = parse_location(uri)
+    existing = await (await open_store(location.scheme, cmd.config)).head(location)
+    if cmd.args.json:
+        replaces = existing.size if existing is not None else None
+        _emit_json({"uri": uri, "kind": kind.value, "size": size, "dry_run": True, "replaces": replaces})
+        return
+    what = "standard input" if source == "-" else f"{source} ({kind.value}, {_human(size or 0)})"
+    after = f"replacing the checkpoint there ({_human(existing.size)})" if existing is not None else "a new checkpoint"
+    print(f"would save {what} to {uri}: {after}", flush=True)
 
 
 def _stdout_writer() -> Callable[[bytes], object]:
@@ -398,9 +444,18 @@ def _stdout_writer() -> Callable[[bytes], object]:
 
 async def _load(cmd: _Command) -> None:
     if cmd.args.dest == "-":
+        if cmd.args.json:
+            raise UsageError("--json prints a summary to standard output, which DEST '-' takes for the bytes")
         await _manage.write_out(cmd.args.uri, _stdout_writer(), cmd.config, cmd.bars)
         return  # no summary: standard output holds the checkpoint
     restored = await _manage.restore(cmd.args.uri, cmd.args.dest, cmd.config, cmd.bars, overwrite=cmd.args.force)
+    if cmd.args.json:
+        kind = Kind.DIRECTORY if restored.is_directory else Kind.FILE
+        size = None if restored.is_directory else restored.size
+        _emit_json(
+            {"uri": parse_location(cmd.args.uri).uri, "dest": str(restored.path), "kind": kind.value, "size": size}
+        )
+        return
     what = "directory" if restored.is_directory else f"file, {_human(restored.size)}"
     cmd.say(f"restored {cmd.args.uri} to {restored.path} ({what})")
 
@@ -408,18 +463,7 @@ async def _load(cmd: _Command) -> None:
 async def _ls(cmd: _Command) -> None:
     infos = await _manage.list_checkpoints(cmd.args.prefix, cmd.config)
     if cmd.args.json:
-        rows = [
-            {
-                "uri": info.location.uri,
-                "key": info.location.key,
-                "kind": info.record.kind.value if info.record is not None else None,
-                "size": info.size,
-                "modified": _when(info.modified) if info.modified is not None else None,
-                "crc32": f"{info.record.crc32:08x}" if info.record and info.record.crc32 is not None else None,
-            }
-            for info in infos
-        ]
-        print(json.dumps(rows, indent=2))
+        _emit_json([_row(info) for info in infos])
         return
     for info in infos:
         print(f"{_kind(info):<5} {info.size:>14} {_when(info.modified):<20} {info.location.uri}")
@@ -432,6 +476,9 @@ async def _rm(cmd: _Command) -> None:
 
 async def _verify(cmd: _Command) -> None:
     info = await _manage.verify(cmd.args.uri, cmd.config, cmd.bars)
+    if cmd.args.json:
+        _emit_json(_row(info))
+        return
     crc = f", crc32 {info.record.crc32:08x}" if info.record and info.record.crc32 is not None else ""
     cmd.say(f"ok {info.location.uri} ({_kind(info)}, {_human(info.size)}{crc})")
 
@@ -439,12 +486,17 @@ async def _verify(cmd: _Command) -> None:
 async def _gc(cmd: _Command) -> None:
     args = cmd.args
     writes = await _manage.collect_garbage(args.prefix, cmd.config, older_than=args.older_than, dry_run=args.dry_run)
-    verb = "would abort" if args.dry_run else "aborted"
-    for write in writes:
-        print(f"{verb} {write.location.uri} {write.ident} (started {_when(write.started)})")
     runs = []
     if args.runs_older_than is not None:
         runs = await _manage.prune_runs(args.prefix, cmd.config, older_than=args.runs_older_than, dry_run=args.dry_run)
+    if args.json:
+        saves = [{"uri": write.location.uri, "ident": write.ident, "started": _when(write.started)} for write in writes]
+        old = [{"uri": run.location.uri, "last_written": _when(run.last_written)} for run in runs]
+        _emit_json({"dry_run": args.dry_run, "unfinished_saves": saves, "runs": old})
+        return
+    verb = "would abort" if args.dry_run else "aborted"
+    for write in writes:
+        print(f"{verb} {write.location.uri} {write.ident} (started {_when(write.started)})")
     for run in runs:
         removed = "would remove" if args.dry_run else "removed"
         print(f"{removed} run {run.location.uri} (last written {_when(run.last_written)})")
@@ -466,6 +518,9 @@ _COMMANDS: dict[str, Callable[[_Command], Awaitable[None]]] = {
     "verify": _verify,
     "gc": _gc,
 }
+
+
+_JSON_HELP = "print the result as a JSON object, for scripts"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -500,6 +555,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub.add_argument("source", metavar="SRC", help="a directory, a file, or - for standard input")
     sub.add_argument("uri", metavar="URI", help="a path, file://..., memory://name or s3://bucket/key")
+    sub.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="say what would be saved (its size) and whether a checkpoint at URI would be replaced; write nothing",
+    )
+    sub.add_argument("--json", action="store_true", help=_JSON_HELP)
 
     sub = command(
         "load",
@@ -513,6 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
         "dest", metavar="DEST", help="path to create (refused if it exists, unless --force), or - for standard output"
     )
     sub.add_argument("-f", "--force", action="store_true", help="replace DEST if it exists")
+    sub.add_argument("--json", action="store_true", help=_JSON_HELP)
 
     sub = command(
         "ls",
@@ -532,6 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpointio verify s3://bucket/runs/7/attempt-0 && echo intact",
     )
     sub.add_argument("uri", metavar="URI")
+    sub.add_argument("--json", action="store_true", help=_JSON_HELP)
 
     sub = command(
         "gc",
@@ -554,6 +617,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also remove the task runs (attempt-<n> checkpoints, their claims) last written longer ago than this",
     )
     sub.add_argument("--dry-run", action="store_true", help="list what would be aborted or removed, change nothing")
+    sub.add_argument("--json", action="store_true", help="an object of the unfinished saves and the runs, for scripts")
 
     sub = command(
         "demo",

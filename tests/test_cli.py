@@ -14,6 +14,7 @@ import subprocess
 import sys
 import termios
 import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -165,6 +166,44 @@ def test_ls_lists_kind_size_and_time_as_text_and_json(root: str, tmp_path: Path)
     assert [(row["uri"], row["kind"]) for row in rows] == [(f"{root}/a/bytes", "bytes"), (f"{root}/a/dir", "dir")]
     assert rows[0]["size"] == 5 and rows[0]["modified"].endswith("Z") and len(rows[0]["crc32"]) == 8
     assert json.loads(ok("ls", "--json", f"{root}/nothing-here/")) == []
+
+
+def test_save_load_verify_and_gc_give_their_result_as_json(root: str, tmp_path: Path) -> None:
+    data = os.urandom(100_000)
+    saved = json.loads(ok("save", "-", f"{root}/j", "--json", stdin=data))
+    assert saved == {"uri": f"{root}/j", "kind": "bytes", "size": len(data), "stored": len(data)}
+    tree = make_tree(tmp_path / "tree")
+    files = sum(path.stat().st_size for path in tree.rglob("*") if path.is_file() and not path.is_symlink())
+    saved = json.loads(ok("save", str(tree), f"{root}/t", "--json"))
+    assert saved["kind"] == "dir" and saved["size"] == files and 0 < saved["stored"] < files
+    checked = json.loads(ok("verify", f"{root}/j", "--json"))
+    assert checked["uri"] == f"{root}/j" and checked["kind"] == "bytes" and checked["size"] == len(data)
+    assert checked["crc32"] == f"{zlib.crc32(data):08x}"
+    restored = json.loads(ok("load", f"{root}/j", str(tmp_path / "out"), "--json"))
+    assert restored == {"uri": f"{root}/j", "dest": str(tmp_path / "out"), "kind": "file", "size": len(data)}
+    assert (tmp_path / "out").read_bytes() == data
+    assert json.loads(ok("gc", root, "--json")) == {"dry_run": False, "unfinished_saves": [], "runs": []}
+    assert "DEST '-' takes for the bytes" in fails(2, "load", f"{root}/j", "-", "--json")
+
+
+def test_save_dry_run_says_what_it_would_save_and_replace_and_writes_nothing(root: str, tmp_path: Path) -> None:
+    tree = make_tree(tmp_path / "tree")
+    files = sum(path.stat().st_size for path in tree.rglob("*") if path.is_file() and not path.is_symlink())
+    said = ok("save", "--dry-run", str(tree), f"{root}/d")
+    assert said == f"would save {tree} (dir, {files / 1024 / 1024:.1f} MiB) to {root}/d: a new checkpoint\n"
+    fails(3, "verify", f"{root}/d")  # nothing was written
+    ok("save", "-", f"{root}/d", stdin=b"x" * 2048)
+    said = ok("save", "--dry-run", str(tree), f"{root}/d")
+    assert said.endswith(f"to {root}/d: replacing the checkpoint there (2.0 KiB)\n"), said
+    planned = json.loads(ok("save", "--dry-run", "--json", str(tree), f"{root}/d"))
+    assert planned == {"uri": f"{root}/d", "kind": "dir", "size": files, "dry_run": True, "replaces": 2048}
+    assert json.loads(ok("verify", f"{root}/d", "--json"))["size"] == 2048  # still the old one
+    assert "no such file or directory" in fails(2, "save", "--dry-run", str(tmp_path / "missing"), f"{root}/d")
+
+
+def test_save_dry_run_reaches_the_store(moto_server: MotoServer, tmp_path: Path) -> None:
+    (tmp_path / "f").write_bytes(b"x")
+    assert "does not exist" in fails(1, "save", "--dry-run", str(tmp_path / "f"), "s3://no-such-bucket-4711/x")
 
 
 def test_rm_removes_and_a_second_rm_says_there_is_none(root: str) -> None:
