@@ -173,15 +173,16 @@ def _readable(value: object, *, size: bool = False) -> str:
 
 
 def _add_settings(parser: argparse.ArgumentParser, command: str) -> None:
-    """The TransferConfig fields that apply to ``command``, as flags (``part_size`` ->
-    ``--part-size``): how its bytes move, then how the store is reached."""
+    """The TransferConfig fields as flags (``part_size`` -> ``--part-size``): those that apply to
+    ``command`` listed in its help, how its bytes move and then how the store is reached; the
+    others accepted but not listed, so one set of flags can be passed to every command."""
+    if command not in _STORE_COMMANDS:
+        return
     transfer = parser.add_argument_group("transfer settings (the library's TransferConfig fields)")
     store = parser.add_argument_group("store connection (S3 and S3-compatible servers)")
     helps = _field_help()
     for field in dataclasses.fields(TransferConfig):
         applies = _APPLIES_TO.get(field.name, _STORE_COMMANDS)
-        if command not in applies:
-            continue
         group = store if applies is _STORE_COMMANDS else transfer
         flag = _FLAGS.get(field.name, "--" + field.name.replace("_", "-"))
         default, size = field.default, field.name in _SIZE_FIELDS
@@ -190,6 +191,8 @@ def _add_settings(parser: argparse.ArgumentParser, command: str) -> None:
             text += f" (default: {_readable(default, size=size)})"
         elif field.name in _UNSET:
             text += f" (default: {_UNSET[field.name]})"
+        if command not in applies:
+            text = argparse.SUPPRESS
         if isinstance(default, bool) or field.type == "bool | None":
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif field.name == "tags":

@@ -23,6 +23,7 @@ import logging
 import os
 import threading
 import time
+import warnings
 from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import AbstractContextManager
 from typing import Any, ParamSpec, TypeVar
@@ -183,15 +184,37 @@ def _drain(timeout: float) -> None:
             work.outcome.exception(max(0.0, deadline - time.monotonic()))
     for work in works:
         if not work.outcome.done():
-            logger.error("%s did not finish within %.0f s of exit; cancelling it", work.description, timeout)
+            _lost(f"{work.description} did not finish within {timeout:.0f} s of exit; cancelling it")
             work.cancel()
             with contextlib.suppress(BaseException):
                 work.outcome.exception(CLEANUP_TIMEOUT)
             continue
         error = work.outcome.exception()
         if error is not None and not isinstance(error, concurrent.futures.CancelledError):
-            logger.error("%s failed: %s: %s", work.description, type(error).__name__, error)
+            _lost(f"{work.description} failed: {type(error).__name__}: {error}")
         work.reported()
+
+
+def _lost(message: str) -> None:
+    """A background save lost at exit, where no exception can tell anybody any more: logged, and
+    also a ``RuntimeWarning`` (which Python prints by default) unless the application configured
+    logging to show or hide it, as the package logger's ``NullHandler`` would swallow it."""
+    logger.error("%s", message)
+    if not _configured(logger, logging.ERROR):
+        warnings.warn(f"checkpointio: {message}", RuntimeWarning, stacklevel=1)
+
+
+def _configured(log: logging.Logger, level: int) -> bool:
+    """Whether the application decided what becomes of ``log``'s records of ``level``: it set a
+    level that drops them, or a handler other than a ``NullHandler`` receives them."""
+    if not log.isEnabledFor(level):
+        return True
+    current: logging.Logger | None = log
+    while current is not None:
+        if any(not isinstance(handler, logging.NullHandler) and level >= handler.level for handler in current.handlers):
+            return True
+        current = current.parent if current.propagate else None
+    return False
 
 
 @atexit.register

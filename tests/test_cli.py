@@ -390,6 +390,8 @@ def test_each_command_lists_only_the_settings_that_apply_with_readable_defaults(
     assert "--part-size SIZE Size of one multipart part" in save and "(default: 16 MiB)" in save
     assert "(default: 1 MiB)" in save and "(default: 10 s)" in save and "(default: on)" in save
     assert "--region REGION S3 region (default: the AWS configuration's)" in save
+    # one set of flags still goes to every command (scripts, aliases): those that do not apply are ignored
+    assert build_parser().parse_args(["ls", "--compression-level", "3", "--part-size", "5M", "x"]).part_size == 5 << 20
     for spelling in ("--region", "--region-name"):  # aws's name, and the field's, kept for scripts
         assert build_parser().parse_args(["ls", spelling, "eu-west-3", "x"]).region_name == "eu-west-3"
 

@@ -92,3 +92,22 @@ def test_every_module_logs_under_its_own_name_without_repeating_the_package(
         text = path.read_text()
         assert re.findall(r"^logger = logging\.getLogger\((.*)\)$", text, re.MULTILINE) in ([], ["__name__"]), path
         assert not re.search(r'logger\.\w+\(\s*"checkpointio: ', text), path
+
+
+@pytest.mark.parametrize("configured", [False, True])
+def test_a_background_save_lost_at_exit_is_told_once_configured_or_not(tmp_path: Path, configured: bool) -> None:
+    (tmp_path / "a-file").write_text("not a folder")
+    script = (
+        "import logging, sys, checkpointio\n"
+        "if sys.argv[1] == 'yes': logging.basicConfig(format='%(levelname)s %(name)s %(message)s')\n"
+        f"checkpointio.Checkpoint({str(tmp_path / 'a-file' / 'ckpt')!r}).save_sync(b'data', wait=False)\n"
+    )
+    argument = "yes" if configured else "no"
+    result = subprocess.run([sys.executable, "-c", script, argument], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    told = [line for line in result.stderr.splitlines() if "background save to" in line]
+    assert len(told) == 1 and "failed" in told[0], result.stderr
+    if configured:  # the application's handler says it; no warning besides
+        assert told[0].startswith("ERROR checkpointio._portal background save to ") and "Warning" not in result.stderr
+    else:  # the NullHandler would swallow the record: Python's warnings say it
+        assert "RuntimeWarning: checkpointio: background save to " in told[0]

@@ -501,7 +501,7 @@ async def test_a_load_that_could_check_only_the_length_says_so_once(
                 assert restored.read_bytes() == data
     warnings = [record.getMessage() for record in caplog.records if "only its length" in record.getMessage()]
     assert warnings == [
-        f"checkpointio: s3://{bucket}/stream has no CRC32 to check (a stream saved in parts to a "
+        f"s3://{bucket}/stream has no CRC32 to check (a stream saved in parts to a "
         "server that keeps no checksum of the whole object): only its length was checked"
     ]
 
