@@ -337,7 +337,7 @@ def test_warnings_are_one_line_prefixed_once(tmp_path: Path) -> None:
     result = cli("save", str(tmp_path / "tree"), str(tmp_path / "ck"))
     assert result.returncode == 0
     pipe = tmp_path / "tree" / "pipe"
-    assert result.stderr == f"checkpointio: warning: skipping special file {pipe} (not regular data)\n"
+    assert result.stderr == f"checkpointio: warning: skipping a named pipe (FIFO) {pipe} (it holds no data to save)\n"
 
 
 def test_store_failures_name_the_uri(moto_server: MotoServer) -> None:

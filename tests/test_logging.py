@@ -30,7 +30,8 @@ def test_the_package_logger_has_a_null_handler_and_prints_nothing_unless_configu
     assert silent.returncode == 0 and silent.stderr == ""
     shown = subprocess.run([sys.executable, "-c", script, "configured"], capture_output=True, text=True, timeout=120)
     assert shown.returncode == 0
-    assert shown.stderr == f"WARNING checkpointio._archive skipping special file {tree / 'pipe'} (not regular data)\n"
+    said = f"skipping a named pipe (FIFO) {tree / 'pipe'} (it holds no data to save)"
+    assert shown.stderr == f"WARNING checkpointio._archive {said}\n"
 
 
 async def test_a_save_and_a_load_log_one_info_line_each_what_where_size_and_time(
@@ -86,7 +87,7 @@ def test_every_module_logs_under_its_own_name_without_repeating_the_package(
     Checkpoint(tmp_path / "ck").save_sync(tree)
     (record,) = [record for record in caplog.records if record.name.startswith("checkpointio")]
     assert record.name == "checkpointio._archive" and record.levelno == logging.WARNING
-    assert record.getMessage() == f"skipping special file {tree / 'pipe'} (not regular data)"
+    assert record.getMessage() == f"skipping a named pipe (FIFO) {tree / 'pipe'} (it holds no data to save)"
     sources = Path(__file__).parent.parent / "checkpointio"
     for path in sources.rglob("*.py"):
         text = path.read_text()
