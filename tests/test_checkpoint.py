@@ -281,7 +281,7 @@ async def test_a_foreign_object_checked_for_its_length_only_is_named_as_written_
             assert await cp.load_bytes() == data
     warnings = [record.getMessage() for record in caplog.records if "only its length" in record.getMessage()]
     assert warnings == [
-        f"checkpointio: {store.uri('flyte')} has no CRC32 to check (an object written by another tool, without "
+        f"{store.uri('flyte')} has no CRC32 to check (an object written by another tool, without "
         "checkpointio's record, to a store that keeps no checksum of its whole content): only its length was checked"
     ]
 
