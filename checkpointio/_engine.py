@@ -250,7 +250,6 @@ def _produce(
         assert source.path is not None
         if meter.reporting:  # progress against the source's size, as rsync and aws s3 cp show it
             meter.source_total = _archive.tree_size(source.path, shown=source.shown, skip=skip)
-            meter.advance(0)
         _archive.pack_directory(
             source.path,
             emit,
