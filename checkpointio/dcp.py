@@ -80,7 +80,7 @@ from ._stores import ObjectInfo, Store, open_store
 
 __all__ = ["StorageReader", "StorageWriter", "load", "save"]
 
-logger = logging.getLogger("checkpointio")
+logger = logging.getLogger(__name__)
 
 #: The manifest's first line: what it is and the version of its layout.
 MANIFEST_MAGIC = b"checkpointio-dcp/"
@@ -339,7 +339,7 @@ class StorageWriter(_StorageWriter):
         try:
             await _delete_older(store, location, manifest.save_id)
         except Exception as error:  # committed: stale data costs space, not correctness
-            logger.warning("checkpointio: %s: could not delete the data of earlier saves: %s", location.uri, error)
+            logger.warning("%s: could not delete the data of earlier saves: %s", location.uri, error)
 
     def storage_meta(self) -> StorageMeta | None:
         return StorageMeta(checkpoint_id=self._target.location.uri, save_id=self._save_id or "")
