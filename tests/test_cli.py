@@ -275,7 +275,7 @@ def test_s3_request_options_from_the_command_line_reach_the_saved_object(moto_se
 def test_gc_removes_temporary_files_a_killed_local_save_left(tmp_path: Path) -> None:
     store = tmp_path / "store"
     ok("save", "-", str(store / "kept"), stdin=b"done")
-    left = store / ".killed.partial-0123abcd"
+    left = store / ".killed.partial-0123456789abcdef"
     left.write_bytes(b"half")
     assert ok("gc", str(store)) == f"nothing to clean up under {store}\n"  # younger than a day: may be running
     assert ok("gc", str(store), "--older-than", "0").startswith(f"aborted {store / 'killed'} {left}")

@@ -214,7 +214,7 @@ def _leave_unfinished_save(store: StoreCase, name: str, age: float) -> bool:
         client.upload_part(Bucket=store.bucket, Key=key, UploadId=upload["UploadId"], PartNumber=1, Body=b"x" * 100)
         return True
     if store.name == "local":
-        path = store.root / f".{name}.partial-0123abcd"
+        path = store.root / f".{name}.partial-0123456789abcdef"  # as a save names it
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"half")
         os.utime(path, (time.time() - age, time.time() - age))

@@ -1,14 +1,22 @@
-"""The local filesystem store: one file per checkpoint, committed by rename.
+"""The local filesystem store: one file per checkpoint, committed by one rename.
 
 File I/O runs on anyio's worker threads (``anyio.open_file``), not aiofiles: aiofiles goes through
 the event loop's default ``ThreadPoolExecutor``, which Python shuts down before ``atexit`` handlers
 run, so a ``save_sync`` at interpreter exit would fail.
 
-A save streams into a temporary file in the destination folder, fsyncs it and renames it over the
-destination, so a reader sees the old checkpoint or the new one, never a part. The record lives in
-a hidden sidecar (``.<name>.checkpointio``) that names the size and mtime of the file it
-describes: a sidecar left from an older generation (a crash between the two renames) does not
-match and is ignored, and the object is then recognised by its content.
+The file at a checkpoint's path is exactly the stored bytes (a directory's is a plain ``.tar.gz``),
+so other tools read it as is. Its record lives in a hidden sidecar (``.<name>.checkpointio``) whose
+entries each name the size and mtime of the generation of the file they describe.
+
+A save streams into a temporary file in the destination folder and fsyncs it; then the commit:
+
+1. the sidecar is replaced (by rename) with one naming the new generation *and still naming the
+   current one*: the file at the path is unchanged and still matches its own entry;
+2. the temporary file is renamed over the path: that one rename is the commit.
+
+A process killed at any point therefore leaves the old bytes with their record or the new bytes
+with theirs, never one with the other's. Anything that could make the commit fail half-way (a name
+too long for the sidecar) is refused before anything is written.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.to_thread
@@ -37,43 +46,127 @@ logger = logging.getLogger(__name__)
 
 _SIDECAR_SUFFIX = ".checkpointio"
 _PARTIAL_MARK = ".partial-"
+#: The random token of a temporary name: 16 hex digits (32 in versions before names were cut).
+_TOKEN_LENGTH = 16
+#: Exactly the temporary names a save writes: ``.<name>.partial-<token>`` for the data and the same
+#: with ``.checkpointio`` for its sidecar. Nothing else is taken for a save's leftover.
+_TEMPORARY = re.compile(r"\.(?P<target>.+)\.partial-(?P<token>[0-9a-f]{16}|[0-9a-f]{32})(?:\.checkpointio)?", re.DOTALL)
+#: A sidecar is a few hundred bytes of JSON; a larger file of that name is not one.
+_SIDECAR_MAX_BYTES = 64 * 1024
+#: Longest file name (bytes) where the filesystem does not tell.
+_NAME_MAX = 255
 
 
 def _sidecar(path: Path) -> Path:
     return path.with_name(f".{path.name}{_SIDECAR_SUFFIX}")
 
 
-def _is_internal(name: str) -> bool:
-    return name.startswith(".") and (name.endswith(_SIDECAR_SUFFIX) or _PARTIAL_MARK in name)
+def _name_max(folder: str | os.PathLike[str]) -> int:
+    """The longest file name (bytes) the filesystem of ``folder`` takes."""
+    try:
+        return int(os.pathconf(folder, "PC_NAME_MAX"))
+    except (OSError, ValueError):
+        return _NAME_MAX
 
 
-def _partial_of(name: str) -> str | None:
-    """The checkpoint name a temporary ``.<name>.partial-<hex>[.checkpointio]`` file was writing."""
-    if not name.startswith(".") or _PARTIAL_MARK not in name:
+def _name_room(name_max: int) -> int:
+    """How many bytes of a checkpoint's name its temporary names keep: the temporary sidecar's name
+    (``.<name>.partial-<token>.checkpointio``) must fit in ``name_max``."""
+    return name_max - 1 - len(_PARTIAL_MARK) - _TOKEN_LENGTH - len(_SIDECAR_SUFFIX)
+
+
+def _temporary(path: Path, name_max: int) -> Path:
+    """``.<name>.partial-<16 hex>`` beside ``path``, the name cut (in bytes) to ``_name_room``."""
+    cut = os.fsencode(path.name)[: _name_room(name_max)]
+    return path.with_name(f".{os.fsdecode(cut)}{_PARTIAL_MARK}{uuid.uuid4().hex[:_TOKEN_LENGTH]}")
+
+
+def _temporary_target(name: str, name_max: int) -> tuple[str, bool] | None:
+    """For a save's temporary name, the (start of the) checkpoint name it was writing and whether
+    that name may have been cut; ``None`` for any other name."""
+    match = _TEMPORARY.fullmatch(name)
+    if match is None:
         return None
-    target = name[1:].rpartition(_PARTIAL_MARK)[0]
-    return target or None
+    target = match["target"]
+    cut = len(match["token"]) == _TOKEN_LENGTH and len(os.fsencode(target)) >= _name_room(name_max)
+    return target, cut
 
 
-#: Longest file name (bytes) on the filesystems checkpoints live on.
-_NAME_MAX = 255
+def _entry(doc: Any) -> tuple[tuple[int, int], dict[str, str]] | None:
+    """One ``{"of": [size, mtime_ns], "record": {...}}`` entry of a sidecar, or ``None``."""
+    if not isinstance(doc, dict):
+        return None
+    of, record = doc.get("of"), doc.get("record")
+    if not (isinstance(of, list) and len(of) == 2 and all(type(value) is int for value in of)):
+        return None
+    if not isinstance(record, dict):
+        return None
+    return (of[0], of[1]), record
 
 
-#: Hex digits that make a temporary name unique.
-_UNIQUE = 16
+def _entries(doc: Any) -> list[tuple[tuple[int, int], dict[str, str]]] | None:
+    """A sidecar's entries, newest first: its own (the newest generation, the only one versions
+    before the one-rename commit wrote and read) and those under ``"also"``. ``None`` when ``doc``
+    is not a sidecar checkpointio wrote."""
+    top = _entry(doc)
+    if top is None:
+        return None
+    found = [top]
+    also = doc.get("also", [])
+    if isinstance(also, list):
+        found.extend(entry for entry in map(_entry, also) if entry is not None)
+    return found
 
 
-def _temporary_prefix(name: str) -> str:
-    """``.<name>.partial-``, the name cut (in bytes) where needed so that the sidecar's temporary
-    name (``_UNIQUE`` hex digits and the sidecar suffix more) still fits in ``_NAME_MAX``."""
-    room = _NAME_MAX - 1 - len(_PARTIAL_MARK) - _UNIQUE - len(_SIDECAR_SUFFIX)
-    return f".{os.fsdecode(os.fsencode(name)[:room])}{_PARTIAL_MARK}"
+def _read_sidecar(sidecar: Path) -> list[tuple[tuple[int, int], dict[str, str]]] | None:
+    """The entries of the sidecar at ``sidecar``; ``None`` if there is none or the file there is not
+    one (a user's file of that name). Errors reading it raise."""
+    try:
+        with open(sidecar, "rb") as source:
+            text = source.read(_SIDECAR_MAX_BYTES + 1)
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        if error.errno in (errno.ENAMETOOLONG, errno.EISDIR, errno.ENOTDIR):
+            return None  # no sidecar can have that name
+        raise
+    if len(text) > _SIDECAR_MAX_BYTES:
+        return None
+    try:
+        return _entries(json.loads(text))
+    except ValueError:
+        return None
 
 
-def _temporary(path: Path) -> Path:
-    """``.<name>.partial-<16 hex>`` beside ``path`` (see ``_temporary_prefix``; a 220-byte name
-    failed with ENAMETOOLONG although it and its sidecar fit)."""
-    return path.with_name(f"{_temporary_prefix(path.name)}{uuid.uuid4().hex[:_UNIQUE]}")
+def _is_sidecar_name(name: str) -> bool:
+    return name.startswith(".") and name.endswith(_SIDECAR_SUFFIX) and len(name) > 1 + len(_SIDECAR_SUFFIX)
+
+
+def _is_sidecar(full: str) -> bool:
+    """Whether ``full`` is a sidecar checkpointio wrote: named like one *and* holding one, so that a
+    user's file of such a name is listed and never removed with a checkpoint."""
+    if not _is_sidecar_name(os.path.basename(full)):
+        return False
+    try:
+        return _read_sidecar(Path(full)) is not None
+    except OSError:
+        return True  # unreadable: not listed as a checkpoint either (reading it would fail too)
+
+
+def _path_max(folder: str | os.PathLike[str]) -> int:
+    """The longest path (bytes, with its terminating NUL) the filesystem of ``folder`` takes."""
+    try:
+        return int(os.pathconf(folder, "PC_PATH_MAX"))
+    except (OSError, ValueError):
+        return 4096
+
+
+def _folder_name_max(path: Path) -> int:
+    """``_name_max`` of the folder ``path`` is (or will be, once made) in."""
+    existing = path.parent
+    while not existing.is_dir() and existing != existing.parent:
+        existing = existing.parent  # the folder the missing ones will be made in
+    return _name_max(existing)
 
 
 def own_files(path: Path) -> Callable[[str], bool]:
@@ -84,10 +177,19 @@ def own_files(path: Path) -> Callable[[str], bool]:
     else every save would store the previous checkpoint, and grow by the tree's size each time.
     """
     exact = {path.name, _sidecar(path).name}
-    temporary = re.compile(
-        re.escape(_temporary_prefix(path.name)) + f"[0-9a-f]{{{_UNIQUE}}}(?:{re.escape(_SIDECAR_SUFFIX)})?"
-    )
-    return lambda name: name in exact or temporary.fullmatch(name) is not None
+    name = os.fsencode(path.name)
+    cut = name[: _name_room(_folder_name_max(path))]  # what a save's temporary names keep of it
+
+    def own(entry: str) -> bool:
+        if entry in exact:
+            return True
+        matched = _TEMPORARY.fullmatch(entry)
+        if matched is None:
+            return False
+        target = os.fsencode(matched["target"])
+        return target == name or (len(matched["token"]) == _TOKEN_LENGTH and target == cut)
+
+    return own
 
 
 def _fsync_dir(path: Path) -> None:
@@ -126,6 +228,10 @@ def _walk(base: Path, root: Path, uri: str) -> Iterator[tuple[str, list[str], li
         yield dirpath, dirnames, filenames
 
 
+def _generation(st: os.stat_result) -> tuple[int, int]:
+    return st.st_size, st.st_mtime_ns
+
+
 class LocalStore:
     """Checkpoints as files on a local (or mounted) filesystem."""
 
@@ -155,25 +261,25 @@ class LocalStore:
 
     @staticmethod
     def _read_record(path: Path, st: os.stat_result) -> Record | None:
+        """The record of the generation of ``path`` that ``st`` describes, if its sidecar names it
+        (by size and mtime) once; a file another tool wrote or rewrote has none."""
         try:
-            doc = json.loads(_sidecar(path).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError) as error:
+            entries = _read_sidecar(_sidecar(path))
+        except OSError as error:
             logger.warning("ignoring unreadable record %s: %s", _sidecar(path), error)
             return None
-        if not isinstance(doc, dict) or doc.get("of") != [st.st_size, st.st_mtime_ns]:
-            return None  # the record of another generation of this file
-        meta = doc.get("record")
-        return Record.from_metadata(meta) if isinstance(meta, dict) else None
+        records = {json.dumps(meta, sort_keys=True): meta for of, meta in entries or [] if of == _generation(st)}
+        if len(records) != 1:
+            return None  # none of this generation, or two that cannot be told apart
+        return Record.from_metadata(next(iter(records.values())))
 
     async def put(self, location: Location, body: Body, record: Record) -> ObjectInfo:
         path = Path(location.key)
-        await anyio.to_thread.run_sync(self._prepare_parent, path, location.uri)
-        tmp = _temporary(path)
+        name_max = await anyio.to_thread.run_sync(self._prepare, path, location.uri)
+        tmp = _temporary(path, name_max)
         try:
             try:
-                async with await anyio.open_file(tmp, "wb") as out:
+                async with await anyio.open_file(tmp, "xb") as out:
                     async for chunk in body:
                         await out.write(chunk)
                     await out.flush()
@@ -187,28 +293,68 @@ class LocalStore:
             raise
 
     @staticmethod
-    def _prepare_parent(path: Path, uri: str) -> None:
-        if path.is_dir():
-            raise StoreError(f"{uri}: is a directory; a checkpoint URI names a file", uri=uri)
+    def _prepare(path: Path, uri: str) -> int:
+        """Refuse, before anything is written, a save whose commit could not complete; create the
+        parent folder. Returns the longest name its filesystem takes."""
+        if _TEMPORARY.fullmatch(path.name) or _is_sidecar_name(path.name):
+            raise StoreError(
+                f"{uri}: {path.name!r} is a name the local store uses for its own files (records, unfinished "
+                "saves); choose another",
+                uri=uri,
+            )
         try:
+            name_max = _folder_name_max(path)
+            longest = name_max - 1 - len(_SIDECAR_SUFFIX)
+            size = len(os.fsencode(path.name))
+            if size > longest:
+                raise StoreError(
+                    f"{uri}: the name is {size} bytes; the local store keeps checkpoints of names up to "
+                    f"{longest} bytes here (its record, .<name>{_SIDECAR_SUFFIX}, must fit in {name_max}); "
+                    "nothing was changed",
+                    uri=uri,
+                )
+            sidecar = _sidecar(path)
+            path_max = _path_max(path.parent if path.parent.is_dir() else "/")
+            if len(os.fsencode(str(sidecar))) >= path_max:
+                raise StoreError(
+                    f"{uri}: the path of its record ({sidecar}) would exceed the {path_max}-byte path limit; "
+                    "nothing was changed",
+                    uri=uri,
+                )
+            if path.is_dir():
+                raise StoreError(f"{uri}: is a directory; a checkpoint URI names a file", uri=uri)
+            # An empty one is what a crash can leave of a record: nothing to keep.
+            if sidecar.exists() and sidecar.stat().st_size > 0 and _read_sidecar(sidecar) is None:
+                raise StoreError(
+                    f"{uri}: {sidecar} is where the local store keeps this checkpoint's record, and it holds "
+                    "something else; move it away to save here",
+                    uri=uri,
+                )
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise _translate(error, uri) from error
+        return name_max
 
     def _commit(self, location: Location, tmp: Path, record: Record) -> ObjectInfo:
         path = Path(location.key)
-        # A fresh mtime marks this generation; the sidecar names it.
-        os.utime(tmp, ns=(time.time_ns(), time.time_ns()))
-        st = tmp.stat()
+        sidecar = _sidecar(path)
+        kept = self._entries_to_keep(path, sidecar)
+        st = self._stamp(tmp, {of for of, _meta in kept})
+        doc = {
+            "of": list(_generation(st)),
+            "record": record.to_metadata(),
+            "also": [{"of": list(of), "record": meta} for of, meta in kept],
+        }
         sidecar_tmp = tmp.with_name(tmp.name + _SIDECAR_SUFFIX)
-        doc = {"of": [st.st_size, st.st_mtime_ns], "record": record.to_metadata()}
         try:
-            with open(sidecar_tmp, "w", encoding="utf-8") as out:
+            with open(sidecar_tmp, "x", encoding="utf-8") as out:
                 json.dump(doc, out)
                 out.flush()
                 os.fsync(out.fileno())
-            os.replace(tmp, path)
-            os.replace(sidecar_tmp, _sidecar(path))
+            # Names the new generation and keeps the current one's entry: the file at the path
+            # still reads with its own record until the next rename.
+            os.replace(sidecar_tmp, sidecar)
+            os.replace(tmp, path)  # the commit: new bytes, whose entry the sidecar already holds
         finally:
             sidecar_tmp.unlink(missing_ok=True)
         try:
@@ -219,6 +365,36 @@ class LocalStore:
             # across a power loss is not confirmed.
             logger.warning("could not fsync %s after saving %s: %s", path.parent, location.uri, error)
         return ObjectInfo(location, st.st_size, f"{st.st_size}-{st.st_mtime_ns}", record, modified=st.st_mtime)
+
+    @staticmethod
+    def _entries_to_keep(path: Path, sidecar: Path) -> list[tuple[tuple[int, int], dict[str, str]]]:
+        """The entries the new sidecar carries besides the new generation's: the one of the file at
+        the path now (it must keep its record until the commit) and the newest of the current
+        sidecar (a concurrent save of this key may be about to commit it)."""
+        entries = _read_sidecar(sidecar) or []
+        try:
+            live: tuple[int, int] | None = _generation(path.stat())
+        except FileNotFoundError:
+            live = None
+        kept = [entry for entry in entries if entry[0] == live][:1]
+        if entries and entries[0] not in kept:
+            kept.append(entries[0])
+        return kept
+
+    @staticmethod
+    def _stamp(tmp: Path, taken: set[tuple[int, int]]) -> os.stat_result:
+        """Give ``tmp`` a fresh mtime that, with its size, tells it apart from the generations in
+        ``taken`` (on a filesystem with coarse timestamps a second later), and return its stat."""
+        mtime = time.time_ns()
+        os.utime(tmp, ns=(mtime, mtime))
+        st = tmp.stat()
+        for _ in range(3):
+            if _generation(st) not in taken:
+                break
+            mtime = max(of[1] for of in taken) + 1_000_000_000
+            os.utime(tmp, ns=(mtime, mtime))
+            st = tmp.stat()
+        return st
 
     async def get(self, info: ObjectInfo, sink: Sink) -> None:
         uri = info.location.uri
@@ -247,28 +423,41 @@ class LocalStore:
                 if error.errno == errno.EISDIR:
                     raise StoreError(f"{location.uri}: is a directory", uri=location.uri) from error
                 raise _translate(error, location.uri) from error
-            _sidecar(path).unlink(missing_ok=True)
+            sidecar = _sidecar(path)
+            if _is_sidecar(str(sidecar)):  # a user's file of that name is not ours to remove
+                sidecar.unlink(missing_ok=True)
             return True
 
         return await anyio.to_thread.run_sync(remove)
 
     async def pending(self, prefix: Location) -> list[PendingWrite]:
         root = Path(prefix.key)
+        wanted = str(root)
 
         def scan() -> list[PendingWrite]:
             base = root if root.is_dir() else root.parent
             found: list[PendingWrite] = []
             for dirpath, _dirnames, filenames in _walk(base, root, prefix.uri):
+                name_max = _name_max(dirpath)
                 for name in filenames:
-                    target = _partial_of(name)
-                    if target is None or not os.path.join(dirpath, target).startswith(str(root)):
+                    matched = _temporary_target(name, name_max)
+                    if matched is None:
                         continue
+                    target, cut = matched
+                    written = os.path.join(dirpath, target)
+                    if not written.startswith(wanted):
+                        # A cut name is the start of the real one: the checkpoint asked for may
+                        # be the one this save was writing.
+                        rest = wanted[len(written) :]
+                        if not (cut and wanted.startswith(written) and os.sep not in rest):
+                            continue
+                        written = wanted
                     full = os.path.join(dirpath, name)
                     try:
                         started = os.lstat(full).st_mtime
                     except FileNotFoundError:
                         continue  # its save just finished or was cleaned up
-                    found.append(PendingWrite(Location("file", "", os.path.join(dirpath, target)), full, started))
+                    found.append(PendingWrite(Location("file", "", written), full, started))
             return sorted(found, key=lambda write: (write.started or 0.0, write.ident))
 
         return await anyio.to_thread.run_sync(scan)
@@ -295,7 +484,7 @@ class LocalStore:
                 dirnames.sort()
                 for name in sorted(filenames):
                     full = os.path.join(dirpath, name)
-                    if _is_internal(name) or not full.startswith(str(root)):
+                    if not full.startswith(str(root)) or _TEMPORARY.fullmatch(name) or _is_sidecar(full):
                         continue
                     info = self._head(Location("file", "", full))
                     if info is not None:
@@ -308,7 +497,7 @@ class LocalStore:
         path = Path(location.key)
 
         def create_exclusively() -> bool:
-            self._prepare_parent(path, location.uri)
+            name_max = self._prepare(path, location.uri)
             try:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
             except FileExistsError:
@@ -317,7 +506,7 @@ class LocalStore:
                 raise _translate(error, location.uri) from error
             # The name is taken once open() returned; the bytes and the record follow (a crash before
             # the record leaves a file without one: still taken, recognised by content).
-            tmp = _temporary(path)
+            tmp = _temporary(path, name_max)
             sidecar_tmp = tmp.with_name(tmp.name + _SIDECAR_SUFFIX)
             try:
                 with os.fdopen(fd, "wb") as out:
