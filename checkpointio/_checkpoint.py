@@ -22,7 +22,7 @@ from . import _engine, _portal, _snapshot
 from ._config import TransferConfig, TransferOptions
 from ._exceptions import CorruptCheckpointError
 from ._handle import SaveHandle
-from ._location import Location, parse_location
+from ._location import Location, checkpoint_location
 from ._pending import awaitable
 from ._progress import ProgressCallback
 from ._stores import Store, open_store
@@ -90,14 +90,14 @@ class Checkpoint:
         on_progress: ProgressCallback | None = None,
         **options: Unpack[TransferOptions],
     ) -> None:
-        self._dest: Location = parse_location(dest)
+        self._dest: Location = checkpoint_location(dest)
         if src is None:
             sources: Sequence[URI] = ()
         elif isinstance(src, str | os.PathLike):
             sources = (src,)
         else:
             sources = src
-        self._sources: tuple[Location, ...] = tuple(parse_location(uri) for uri in sources)
+        self._sources: tuple[Location, ...] = tuple(checkpoint_location(uri) for uri in sources)
         self._config = (config or TransferConfig()).with_options(**options)
         self._on_progress = on_progress
         self._workspace = Path(workspace).absolute() if workspace is not None else None

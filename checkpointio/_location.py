@@ -8,7 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote
 
-__all__ = ["Location", "parse_location", "split_scheme"]
+__all__ = ["Location", "checkpoint_location", "parse_location", "parse_prefix", "split_scheme"]
+
+#: The schemes a store handles; a path that starts like one of them is a mistyped URI.
+_SCHEMES = ("file", "memory", "s3")
+#: Bucket names botocore sends (its own check): anything else is a typo, refused before a request.
+_BUCKET = re.compile(r"[A-Za-z0-9.\-_]{1,255}")
 
 
 @dataclass(frozen=True)
@@ -48,16 +53,26 @@ def parse_location(uri: str | os.PathLike[str]) -> Location:
 
     S3 keys and memory names are taken literally, as ``aws s3`` takes them: ``#``, ``?`` and
     ``%`` are part of the key (a URL parser would cut ``s3://b/run#1`` down to ``run``, and two
-    checkpoints would share one key). ``file://`` URIs are percent-decoded, as RFC 8089 has them.
+    checkpoints would share one key). ``file://`` URIs are percent-decoded, as RFC 8089 has them,
+    and so is its one-slash form ``file:/path``. The scheme is case-insensitive (``S3://``).
+
+    A path that looks like a mistyped URI is refused rather than taken as a local folder:
+    ``s3:/bucket/key``, ``s3:bucket/key``, ``s3//bucket/key``, ``gs:/x`` or a bare ``s3:`` would
+    otherwise save into a folder named ``s3:`` (write ``./s3:/...`` to mean that folder).
 
     Raises:
-        ValueError: The URI is empty, has no key, or has a scheme no store handles.
+        ValueError: The URI is empty, has no key, has a scheme no store handles, or looks like a
+            mistyped one.
     """
     text = os.fspath(uri)
     if not text:
         raise ValueError("a checkpoint URI must not be empty")
     split = split_scheme(text)
     if split is None:
+        rfc_file = re.fullmatch(r"(?i:file):(/.*)", text, re.DOTALL)
+        if rfc_file is not None:
+            return Location("file", "", str(Path(unquote(rfc_file.group(1))).absolute()))
+        _refuse_lookalike(text)
         return Location("file", "", str(Path(text).expanduser().absolute()))
     scheme, rest = split
     if scheme == "file":
@@ -70,13 +85,72 @@ def parse_location(uri: str | os.PathLike[str]) -> Location:
         key = key.lstrip("/")
         if not bucket or not key:
             raise ValueError(f"an S3 checkpoint URI needs a bucket and a key: s3://bucket/key, got {text!r}")
-        return Location("s3", bucket, key)
+        return Location("s3", _bucket(bucket, text), key)
     if scheme == "memory":
         key = rest.strip("/")
         if not key:
             raise ValueError(f"a memory URI needs a name: memory://name, got {text!r}")
         return Location("memory", "", key)
     raise ValueError(f"no store handles {scheme!r} URIs ({text!r}); use a path, file://, s3:// or memory://")
+
+
+def checkpoint_location(uri: str | os.PathLike[str]) -> Location:
+    """:func:`parse_location` for the URI of one checkpoint object (not a prefix).
+
+    An S3 key ending in ``/`` is refused: S3 consoles show such an object as a folder, and
+    ``aws s3 cp`` would put a file *under* that prefix, so the intent is unclear; the URI must
+    name the checkpoint itself (``s3://bucket/runs/7/big``).
+
+    Raises:
+        ValueError: As :func:`parse_location`, or the key ends in ``/``.
+    """
+    location = parse_location(uri)
+    if location.scheme == "s3" and location.key.endswith("/"):
+        raise ValueError(
+            f"{os.fspath(uri)!r} ends with '/', a folder-like prefix: a checkpoint URI names one object, "
+            f"e.g. {location.uri}NAME"
+        )
+    return location
+
+
+def parse_prefix(uri: str | os.PathLike[str]) -> Location:
+    """Like :func:`parse_location`, but ``s3://bucket`` (a whole bucket) is a valid prefix."""
+    text = os.fspath(uri)
+    split = split_scheme(text)
+    if split is not None and split[0] == "s3":
+        bucket, _, key = split[1].partition("/")
+        if bucket and not key.strip("/"):
+            return Location("s3", _bucket(bucket, text), "")
+    return parse_location(text)
+
+
+def _bucket(name: str, text: str) -> str:
+    if not _BUCKET.fullmatch(name):
+        raise ValueError(f"{name!r} is not a valid S3 bucket name (letters, digits, '.', '-', '_'), in {text!r}")
+    return name
+
+
+def _refuse_lookalike(text: str) -> None:
+    """Raise for a path that starts like a URI: ``NAME:`` alone or followed by ``/``, or a
+    handled scheme followed by ``:`` or ``//`` (``s3:bucket/k``, ``s3//bucket/k``)."""
+    match = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)(:|//)", text)
+    if match is None:
+        return
+    scheme, mark = match.group(1), match.group(2)
+    rest = text[match.end() :]
+    known = scheme.lower() in _SCHEMES
+    if mark == ":" and not known and rest and not rest.startswith("/"):
+        return  # ``run:7`` and the like are ordinary names
+    if mark == "//" and not known:
+        return  # ``a//b`` is a path
+    if known:
+        root = "/" if scheme.lower() == "file" else ""
+        hint = f"did you mean {scheme.lower()}://{root}{rest.lstrip('/')}?"
+    else:
+        hint = f"no store handles {scheme.lower()!r} URIs: use a path, file://, s3:// or memory://"
+    raise ValueError(
+        f"{text!r} looks like a URI with a mistyped scheme ({hint}); for a local folder of that name write ./{text}"
+    )
 
 
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")

@@ -24,7 +24,7 @@ from . import _engine
 from ._concurrency import one_error
 from ._config import TransferConfig
 from ._exceptions import CheckpointNotFoundError
-from ._location import Location, parse_location, split_scheme
+from ._location import Location, checkpoint_location, parse_prefix
 from ._progress import ProgressCallback
 from ._stores import ObjectInfo, PendingWrite, Store, open_store
 
@@ -44,16 +44,6 @@ __all__ = [
 
 #: HEADs in flight at once when a listing lacks the records (S3 lists no metadata).
 _HEADS_AT_ONCE = 16
-
-
-def parse_prefix(uri: str) -> Location:
-    """Like :func:`parse_location`, but ``s3://bucket`` (a whole bucket) is a valid prefix."""
-    split = split_scheme(uri)
-    if split is not None and split[0] == "s3":
-        bucket, _, key = split[1].partition("/")
-        if bucket and not key.strip("/"):
-            return Location("s3", bucket, "")
-    return parse_location(uri)
 
 
 async def list_checkpoints(prefix: str, config: TransferConfig) -> list[ObjectInfo]:
@@ -83,7 +73,7 @@ async def remove(uri: str, config: TransferConfig) -> None:
     Raises:
         CheckpointNotFoundError: There is none.
     """
-    location = parse_location(uri)
+    location = checkpoint_location(uri)
     if not await (await open_store(location.scheme, config)).delete(location):
         raise CheckpointNotFoundError(f"{location.uri}: no such checkpoint", uri=location.uri)
 
@@ -95,7 +85,7 @@ async def verify(uri: str, config: TransferConfig, on_progress: ProgressCallback
         CheckpointNotFoundError: There is none.
         CorruptCheckpointError: It does not read back whole (checksum, truncation, unsafe entries).
     """
-    location = parse_location(uri)
+    location = checkpoint_location(uri)
     info = await _engine.verify(await open_store(location.scheme, config), location, config, on_progress)
     if info is None:
         raise CheckpointNotFoundError(f"{location.uri}: no such checkpoint", uri=location.uri)
@@ -115,7 +105,7 @@ async def write_out(
         CheckpointError: It is a directory.
         CorruptCheckpointError: It did not read back whole, found after its bytes were written.
     """
-    location = parse_location(uri)
+    location = checkpoint_location(uri)
     info = await _engine.write_out(await open_store(location.scheme, config), location, write, config, on_progress)
     if info is None:
         raise CheckpointNotFoundError(f"{location.uri}: no such checkpoint", uri=location.uri)
@@ -157,7 +147,7 @@ async def restore(
         FileExistsError: ``dest`` exists and ``overwrite`` is false.
         CheckpointNotFoundError: There is no checkpoint at ``uri``.
     """
-    location = parse_location(uri)
+    location = checkpoint_location(uri)
 
     def prepare() -> Path:
         target = Path(dest).absolute()

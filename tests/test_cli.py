@@ -29,7 +29,9 @@ SCRIPT = str(Path(sys.executable).with_name("checkpointio"))  # installed by pyp
 SMALL_PARTS = ["--part-size", "5MiB", "--multipart-threshold", "5MiB"]
 
 
-def cli(*args: str, stdin: bytes | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def cli(
+    *args: str, stdin: bytes | None = None, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(
         [SCRIPT, *args],
         input=stdin.decode("latin-1") if stdin is not None else None,
@@ -38,6 +40,7 @@ def cli(*args: str, stdin: bytes | None = None, env: dict[str, str] | None = Non
         encoding="latin-1",
         timeout=120,
         env={**os.environ, **(env or {})},
+        cwd=cwd,
     )
     return result
 
@@ -54,9 +57,9 @@ def ok(*args: str, stdin: bytes | None = None) -> str:
     return result.stdout
 
 
-def fails(code: int, *args: str, env: dict[str, str] | None = None) -> str:
+def fails(code: int, *args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> str:
     """Run a command that must fail with ``code`` and one line on stderr, no traceback; that line."""
-    result = cli(*args, env=env)
+    result = cli(*args, env=env, cwd=cwd)
     assert result.returncode == code, result.stdout + result.stderr
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("checkpointio: error: "), result.stderr
@@ -311,6 +314,16 @@ def test_sizes_read_k_m_g_t_as_powers_of_1024_as_aws_and_rclone_do(tmp_path: Pat
     for wrong in ("5X", "M", "-1M", "5 M B"):
         with pytest.raises(argparse.ArgumentTypeError, match="not a size"):
             parse_size(wrong)
+
+
+def test_a_mistyped_scheme_or_bad_bucket_is_refused_and_nothing_is_saved(tmp_path: Path) -> None:
+    (tmp_path / "state.bin").write_bytes(b"state")
+    for uri in ("s3:/bucket/x", "s3:bucket/x", "S3:/bucket/x", "gs:/bucket/x"):
+        assert "mistyped scheme" in fails(2, "save", "state.bin", uri, cwd=tmp_path)
+        assert "mistyped scheme" in fails(2, "ls", uri, cwd=tmp_path)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["state.bin"]  # no folder named s3:
+    assert "not a valid S3 bucket name" in fails(2, "save", "state.bin", "s3://bücket/x", cwd=tmp_path)
+    assert "ends with '/'" in fails(2, "save", "state.bin", "s3://bucket/runs/7/", cwd=tmp_path)
 
 
 def test_verbose_shows_the_traceback(tmp_path: Path) -> None:

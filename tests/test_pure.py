@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from checkpointio import MiB, ObjectTooLargeError, TransferConfig, latest_checkpoint
-from checkpointio._location import parse_location
+from checkpointio import Checkpoint, MiB, ObjectTooLargeError, TransferConfig, latest_checkpoint
+from checkpointio._location import checkpoint_location, parse_location, parse_prefix
 from checkpointio._planning import (
     MAX_OBJECT_SIZE,
     MAX_PART_SIZE,
@@ -36,6 +36,11 @@ from checkpointio._planning import (
         ("memory://run#2", "memory", "", "run#2"),
         ("file:///tmp/a%20b#c?d", "file", "", "/tmp/a b#c?d"),  # file URIs are percent-decoded
         ("file://localhost/tmp/x", "file", "", "/tmp/x"),
+        ("file:/tmp/a%20b", "file", "", "/tmp/a b"),  # RFC 8089's one-slash form
+        ("FILE:/tmp/x", "file", "", "/tmp/x"),
+        ("/tmp/run:7", "file", "", "/tmp/run:7"),  # a colon further on is part of a name
+        ("/tmp/s3:/x", "file", "", "/tmp/s3:/x"),
+        ("s3://my_old.Bucket-1/k", "s3", "my_old.Bucket-1", "k"),
     ],
 )
 def test_uris_parse_into_locations(uri: str, scheme: str, bucket: str, key: str) -> None:
@@ -181,3 +186,49 @@ def test_latest_checkpoint_handles_none_missing_and_custom_key(tmp_path: Path) -
     (tmp_path / "b.pt").write_text("b")
     assert latest_checkpoint(tmp_path, "*.pt", key=lambda p: p.stat().st_size) == tmp_path / "a.pt"
     assert latest_checkpoint(tmp_path / "a.pt", "*.pt") == tmp_path / "a.pt"
+
+
+def test_names_with_a_colon_that_do_not_look_like_a_scheme_are_local_paths() -> None:
+    assert parse_location("run:7").key == os.path.join(os.getcwd(), "run:7")
+    assert parse_location("./s3:/bucket/x").key == os.path.join(os.getcwd(), "s3:/bucket/x")  # said explicitly
+
+
+@pytest.mark.parametrize(
+    ("uri", "hint"),
+    [
+        ("s3:/bucket/x", "did you mean s3://bucket/x?"),
+        ("S3:/bucket/x", "did you mean s3://bucket/x?"),
+        ("s3:bucket/x", "did you mean s3://bucket/x?"),
+        ("s3//bucket/x", "did you mean s3://bucket/x?"),
+        ("s3:", "did you mean s3://?"),
+        ("memory:/run", "did you mean memory://run?"),
+        ("file:tmp/x", "did you mean file:///tmp/x?"),
+        ("gs:/bucket/x", "no store handles 'gs'"),
+        ("https:/host/x", "no store handles 'https'"),
+    ],
+)
+def test_a_mistyped_scheme_is_refused_not_saved_to_a_local_folder(uri: str, hint: str, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="mistyped scheme") as caught:
+        parse_location(uri)
+    assert hint in str(caught.value) and repr(uri) in str(caught.value)
+    with pytest.raises(ValueError, match="mistyped scheme"):
+        Checkpoint(uri)  # the library refuses what the command line refuses
+    with pytest.raises(ValueError, match="mistyped scheme"):
+        parse_prefix(uri)
+
+
+@pytest.mark.parametrize("uri", ["s3://bücket/x", "s3://my bucket/x", "s3://bucket:1/x"])
+def test_a_bucket_name_botocore_would_refuse_is_refused_up_front(uri: str) -> None:
+    with pytest.raises(ValueError, match="not a valid S3 bucket name"):
+        parse_location(uri)
+    with pytest.raises(ValueError, match="not a valid S3 bucket name"):
+        parse_prefix(uri.rsplit("/", 1)[0])
+
+
+def test_a_checkpoint_uri_ending_in_a_slash_is_refused_but_a_prefix_may() -> None:
+    with pytest.raises(ValueError, match=r"ends with '/'.*s3://bucket/runs/7/NAME"):
+        checkpoint_location("s3://bucket/runs/7/")
+    with pytest.raises(ValueError, match="ends with '/'"):
+        Checkpoint("s3://bucket/runs/7/")
+    assert parse_prefix("s3://bucket/runs/7/") == parse_location("s3://bucket/runs/7/")
+    assert parse_prefix("s3://bucket/").key == ""
