@@ -17,7 +17,8 @@ URI it concerns. Built-in bases are mixed in where a caller would reasonably cat
     │   ├── StoreUnavailableError                       unreachable endpoint, timeouts
     │   ├── AccessDeniedError (also PermissionError)    bad credentials or missing permission
     │   ├── BucketNotFoundError                         the bucket does not exist
-    │   └── ObjectTooLargeError                         over the store's object size limit
+    │   ├── ObjectTooLargeError                         over the store's object size limit
+    │   └── DestinationError (also ValueError)          a path that cannot be written as named
     ├── BackgroundSaveError                             an earlier background save failed
     ├── InvalidNameError (also ValueError)              a run id or task name that cannot be a key
     ├── NoCheckpointError (also RuntimeError)           ctx().checkpoint where there is none
@@ -37,6 +38,7 @@ __all__ = [
     "ChecksumMismatchError",
     "ConcurrentModificationError",
     "CorruptCheckpointError",
+    "DestinationError",
     "InvalidNameError",
     "NoCheckpointError",
     "ObjectTooLargeError",
@@ -125,6 +127,12 @@ class BucketNotFoundError(StoreError):
 
 class ObjectTooLargeError(StoreError):
     """The object is larger than the store accepts (5 TiB on S3)."""
+
+
+class DestinationError(StoreError, ValueError):
+    """A local path that cannot be written as named: a folder where a checkpoint file goes, a file
+    where a folder is needed on its way, or a restore that would replace a folder it must not (the
+    current folder or one of its parents, the home folder, ``/``, the checkpoint being read)."""
 
 
 class BackgroundSaveError(CheckpointError):

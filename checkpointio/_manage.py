@@ -23,10 +23,11 @@ import anyio.to_thread
 from . import _engine
 from ._concurrency import one_error
 from ._config import TransferConfig
-from ._exceptions import CheckpointNotFoundError
+from ._exceptions import CheckpointNotFoundError, DestinationError
 from ._location import Location, checkpoint_location, parse_prefix
 from ._progress import ProgressCallback
 from ._stores import ObjectInfo, PendingWrite, Store, open_store
+from ._stores._local import file_in_the_way
 
 __all__ = [
     "StoredRun",
@@ -112,6 +113,54 @@ async def write_out(
     return info
 
 
+def _protection(path: Path, checkpoint: Location | None) -> str | None:
+    """Why ``path`` (resolved) must not be replaced or swept, or ``None``: it is ``/``, the current
+    folder, the home folder, a parent of one of them, or the local checkpoint being read or a
+    folder that holds it."""
+    if path == Path(path.anchor):
+        return "the root folder"
+    try:
+        cwd: Path | None = Path.cwd().resolve()
+    except OSError:  # the current folder was removed: nothing of it to protect
+        cwd = None
+    try:
+        home: Path | None = Path.home().resolve()
+    except (RuntimeError, KeyError, OSError):  # no HOME and no password entry
+        home = None
+    if path == cwd:
+        return "the current folder"
+    if cwd is not None and path in cwd.parents:
+        return "a parent of the current folder"
+    if path == home:
+        return "the home folder"
+    if home is not None and path in home.parents:
+        return "a parent of the home folder"
+    if checkpoint is not None and checkpoint.scheme == "file":
+        stored = Path(checkpoint.key).resolve()
+        if path == stored:
+            return "the checkpoint being read"
+        if path in stored.parents:
+            return f"a folder holding the checkpoint being read ({checkpoint.uri})"
+    return None
+
+
+def refuse_protected(path: Path, doing: str, checkpoint: Location | None = None) -> None:
+    """Raise :class:`DestinationError` if ``path`` is a folder that ``doing`` must never touch (see
+    :func:`_protection`), as written and with every symlink resolved (``./link`` to ``.``, ``sub/..``).
+
+    Raises:
+        DestinationError: It is one of them.
+    """
+    seen = {path.resolve()}
+    if path.name not in ("", ".", ".."):
+        seen.add(path.parent.resolve() / path.name)
+    for candidate in sorted(seen):
+        why = _protection(candidate, checkpoint)
+        if why is not None:
+            shown = str(path) if candidate == path else f"{path} ({candidate})"
+            raise DestinationError(f"refusing to {doing} {shown}: it is {why}", uri=str(path))
+
+
 @dataclass(frozen=True)
 class Restored:
     """What :func:`restore` put at its destination."""
@@ -143,17 +192,45 @@ async def restore(
     left half-written. With ``overwrite`` the old ``dest`` is renamed aside first and removed only
     once the new one is in place.
 
+    ``dest`` is the name to create, never a folder to restore into: it is refused, even with
+    ``overwrite``, when it is ``/``, the current or home folder or one of their parents, or the
+    local checkpoint itself or a folder holding it (symlinks resolved); a bytes or file checkpoint
+    never replaces a folder that is not empty.
+
     Raises:
         FileExistsError: ``dest`` exists and ``overwrite`` is false.
+        DestinationError: ``dest`` is one of the folders above, or a file stands where a folder of
+            its path must be.
         CheckpointNotFoundError: There is no checkpoint at ``uri``.
     """
     location = checkpoint_location(uri)
 
     def prepare() -> Path:
         target = Path(dest).absolute()
+        try:
+            refuse_protected(target, "replace", location)
+        except DestinationError as error:
+            if not target.is_dir():
+                raise
+            raise DestinationError(
+                f"{error}. DEST is the name to create: the checkpoint is restored as DEST, not into it "
+                f"(e.g. {os.path.join(target, 'NAME')})",
+                uri=error.uri,
+            ) from None
         if not overwrite and (target.exists() or target.is_symlink()):
-            raise FileExistsError(f"{target} already exists (--force replaces it)")
-        target.parent.mkdir(parents=True, exist_ok=True)
+            raise FileExistsError(
+                f"{target} already exists. DEST is the name to create: the checkpoint is restored as DEST, "
+                f"not into it (e.g. {os.path.join(target, 'NAME')}); --force replaces it"
+            )
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError) as error:
+            blocker = file_in_the_way(target)
+            if blocker is None:
+                raise
+            raise DestinationError(
+                f"cannot create {target}: {blocker} is a file, not a folder", uri=str(target)
+            ) from error
         return target
 
     target = await anyio.to_thread.run_sync(prepare)
@@ -167,6 +244,12 @@ async def restore(
         def put_in_place(source: Path) -> Restored:
             is_directory = source == staging
             size = source.stat().st_size if not is_directory else 0
+            if not is_directory and target.is_dir() and not target.is_symlink() and any(target.iterdir()):
+                raise DestinationError(
+                    f"{target} is a folder that is not empty, and {location.uri} is a single file: it is restored "
+                    f"as DEST, not into it; name the file to create (e.g. {target / 'NAME'})",
+                    uri=str(target),
+                )
             if overwrite:  # the old one stays whole until the new one is in place
                 _engine.replace_all([(source, target)])
             else:

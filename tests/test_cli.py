@@ -326,6 +326,60 @@ def test_a_mistyped_scheme_or_bad_bucket_is_refused_and_nothing_is_saved(tmp_pat
     assert "ends with '/'" in fails(2, "save", "state.bin", "s3://bucket/runs/7/", cwd=tmp_path)
 
 
+def test_load_refuses_a_dest_it_must_never_replace_even_with_force(tmp_path: Path) -> None:
+    work, home = tmp_path / "work", tmp_path / "home"
+    home.mkdir()
+    (work / "sub").mkdir(parents=True)
+    (work / "train.py").write_text("print('train')")
+    (work / "here").symlink_to(".")
+    ok("save", "-", str(tmp_path / "ck"), stdin=b"restored bytes")
+    ok("save", str(make_tree(tmp_path / "tree")), str(tmp_path / "tree-ck"))
+    before = snapshot(tmp_path)
+    env = {"HOME": str(home)}
+    for checkpoint in ("ck", "tree-ck"):
+        uri = str(tmp_path / checkpoint)
+        for dest, why in [
+            (".", "it is the current folder"),
+            ("..", "it is a parent of the current folder"),
+            ("sub/..", "it is the current folder"),
+            ("here", "it is the current folder"),  # a symlink to it
+            ("/", "it is the root folder"),
+            (str(home), "it is the home folder"),
+            (str(tmp_path), "it is a parent of the current folder"),
+        ]:
+            line = fails(2, "load", uri, dest, "--force", cwd=work, env=env)
+            assert "refusing to replace" in line and why in line and "DEST is the name to create" in line, line
+    # the folder holding a local checkpoint, and the checkpoint itself
+    assert "holding the checkpoint being read" in fails(2, "load", str(tmp_path / "ck"), str(tmp_path), "--force")
+    assert "it is the checkpoint being read" in fails(2, "load", str(tmp_path / "ck"), str(tmp_path / "ck"), "-f")
+    assert snapshot(tmp_path) == before  # nothing moved, nothing lost
+
+
+def test_a_file_checkpoint_never_replaces_a_folder_that_is_not_empty(tmp_path: Path) -> None:
+    ok("save", "-", str(tmp_path / "ck"), stdin=b"restored bytes")
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / "train.py").write_text("print('train')")
+    line = fails(2, "load", str(tmp_path / "ck"), str(tmp_path / "project"), "--force")
+    assert "is a folder that is not empty" in line and f"{tmp_path / 'project' / 'NAME'}" in line
+    assert (tmp_path / "project" / "train.py").read_text() == "print('train')"
+    assert sorted(path.name for path in tmp_path.iterdir()) == [".ck.checkpointio", "ck", "project"]
+    (tmp_path / "empty").mkdir()  # an empty folder holds nothing to lose: --force replaces it
+    ok("load", str(tmp_path / "ck"), str(tmp_path / "empty"), "--force")
+    assert (tmp_path / "empty").read_bytes() == b"restored bytes"
+
+
+def test_a_file_where_a_folder_of_the_destination_must_be_is_bad_input(tmp_path: Path) -> None:
+    (tmp_path / "notes").write_text("notes")
+    (tmp_path / "folder").mkdir()
+    ok("save", "-", str(tmp_path / "ck"), stdin=b"x")
+    expected = f"{tmp_path / 'notes'} is a file, not a folder"
+    assert expected in fails(2, "load", str(tmp_path / "ck"), str(tmp_path / "notes" / "out"))
+    assert expected in fails(2, "load", str(tmp_path / "ck"), str(tmp_path / "notes" / "a" / "b"))
+    assert expected in fails(2, "save", "-", str(tmp_path / "notes" / "ck"))
+    assert "is a directory; a checkpoint URI names a file" in fails(2, "save", "-", str(tmp_path / "folder"))
+    assert (tmp_path / "notes").read_text() == "notes" and list((tmp_path / "folder").iterdir()) == []
+
+
 def test_verbose_shows_the_traceback(tmp_path: Path) -> None:
     result = cli("-v", "load", str(tmp_path / "missing"), str(tmp_path / "out"))
     assert result.returncode == 3 and "Traceback" in result.stderr

@@ -15,6 +15,7 @@ from checkpointio import (
     CheckpointNotFoundError,
     ChecksumMismatchError,
     CorruptCheckpointError,
+    DestinationError,
     Progress,
     UnsafeArchiveError,
 )
@@ -150,8 +151,14 @@ async def test_restore_puts_a_tree_or_a_file_in_place_only_when_whole(store: Sto
     assert not restored.is_directory and (tmp_path / "out" / "file").read_bytes() == b"payload"
     with pytest.raises(FileExistsError):
         await restore(store.uri("bytes"), tmp_path / "out" / "file", CONFIG)
-    await restore(store.uri("bytes"), tmp_path / "out" / "tree", CONFIG, overwrite=True)
-    assert (tmp_path / "out" / "tree").read_bytes() == b"payload"
+    with pytest.raises(DestinationError, match="not empty"):  # a file never replaces a folder's contents
+        await restore(store.uri("bytes"), tmp_path / "out" / "tree", CONFIG, overwrite=True)
+    assert snapshot(tmp_path / "out" / "tree") == snapshot(tree)
+    (tmp_path / "out" / "file").write_bytes(b"older")
+    await restore(store.uri("bytes"), tmp_path / "out" / "file", CONFIG, overwrite=True)
+    assert (tmp_path / "out" / "file").read_bytes() == b"payload"
+    await restore(store.uri("dir"), tmp_path / "out" / "file", CONFIG, overwrite=True)
+    assert snapshot(tmp_path / "out" / "file") == snapshot(tree)
     store.corrupt("dir")
     with pytest.raises(CorruptCheckpointError):
         await restore(store.uri("dir"), tmp_path / "out" / "broken", CONFIG)
@@ -163,7 +170,9 @@ async def test_restore_puts_a_tree_or_a_file_in_place_only_when_whole(store: Sto
 async def test_restore_over_an_existing_dest_keeps_it_until_the_new_one_is_in_place(
     store: StoreCase, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    await Checkpoint(store.uri("new")).save(b"new")
+    new = make_tree(tmp_path / "new")
+    (new / "only-in-new").write_bytes(b"new")
+    await Checkpoint(store.uri("new")).save(new)
     old = make_tree(tmp_path / "out" / "dest")
     expected = snapshot(old)
     real_replace = os.replace
@@ -180,7 +189,7 @@ async def test_restore_over_an_existing_dest_keeps_it_until_the_new_one_is_in_pl
     assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["dest"]
     monkeypatch.undo()
     await restore(store.uri("new"), old, CONFIG, overwrite=True)
-    assert old.read_bytes() == b"new"
+    assert snapshot(old) == snapshot(new)
     assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["dest"]
 
 

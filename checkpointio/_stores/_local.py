@@ -36,11 +36,17 @@ import anyio
 import anyio.to_thread
 
 from .._config import TransferConfig
-from .._exceptions import AccessDeniedError, ConcurrentModificationError, CorruptCheckpointError, StoreError
+from .._exceptions import (
+    AccessDeniedError,
+    ConcurrentModificationError,
+    CorruptCheckpointError,
+    DestinationError,
+    StoreError,
+)
 from .._location import Location
 from ._base import Body, ObjectInfo, PendingWrite, Record, Sink
 
-__all__ = ["LocalStore", "own_files"]
+__all__ = ["LocalStore", "file_in_the_way", "own_files"]
 
 logger = logging.getLogger(__name__)
 
@@ -192,6 +198,14 @@ def own_files(path: Path) -> Callable[[str], bool]:
     return own
 
 
+def file_in_the_way(path: Path) -> Path | None:
+    """The first of ``path``'s parents that exists and is not a folder (so ``path`` cannot be made)."""
+    for parent in reversed(path.parents):
+        if os.path.lexists(parent) and not parent.is_dir():
+            return parent
+    return None
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -322,7 +336,7 @@ class LocalStore:
                     uri=uri,
                 )
             if path.is_dir():
-                raise StoreError(f"{uri}: is a directory; a checkpoint URI names a file", uri=uri)
+                raise DestinationError(f"{uri}: is a directory; a checkpoint URI names a file", uri=uri)
             # An empty one is what a crash can leave of a record: nothing to keep.
             if sidecar.exists() and sidecar.stat().st_size > 0 and _read_sidecar(sidecar) is None:
                 raise StoreError(
@@ -332,6 +346,9 @@ class LocalStore:
                 )
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as error:
+            blocker = file_in_the_way(path) if isinstance(error, FileExistsError | NotADirectoryError) else None
+            if blocker is not None:
+                raise DestinationError(f"{uri}: {blocker} is a file, not a folder", uri=uri) from error
             raise _translate(error, uri) from error
         return name_max
 
