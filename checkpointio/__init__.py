@@ -35,6 +35,7 @@ from ._exceptions import (
 )
 from ._progress import Progress, ProgressCallback
 from ._runtime import AttemptFailure, TaskContext, TaskEnvironment, ctx, default_storage, env
+from ._signals import Termination, interrupt_on_sigterm
 
 __version__ = "0.1.0"
 
@@ -67,6 +68,7 @@ __all__ = [
     "StoreUnavailableError",
     "TaskContext",
     "TaskEnvironment",
+    "Termination",
     "TransferConfig",
     "TransferOptions",
     "UnsafeArchiveError",
@@ -75,5 +77,6 @@ __all__ = [
     "ctx",
     "default_storage",
     "env",
+    "interrupt_on_sigterm",
     "latest_checkpoint",
 ]

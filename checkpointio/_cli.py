@@ -6,7 +6,8 @@ imports tqdm. Every transfer goes through the library's own ``on_progress`` call
 the same events a user's callback gets.
 
 Exit codes: 0 success, 1 store or other error, 2 bad usage or input, 3 no such checkpoint,
-4 corrupt checkpoint, 130 interrupted (Ctrl-C), 141 standard output closed by its reader.
+4 corrupt checkpoint, 130 interrupted (Ctrl-C), 141 standard output closed by its reader,
+143 terminated (SIGTERM, handled as Ctrl-C: an upload in flight is aborted).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from ._exceptions import (
 from ._location import parse_location
 from ._progress import Progress
 from ._progress import human_size as _human
+from ._signals import Termination, interrupt_on_sigterm
 from ._stores import Kind, ObjectInfo, open_store
 
 __all__ = ["main"]
@@ -54,6 +56,7 @@ T = TypeVar("T")
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_CORRUPT, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 EXIT_BROKEN_PIPE = 141  # what a shell reports for a process SIGPIPE ended
+EXIT_TERMINATED = 143  # what a shell reports for a process SIGTERM ended
 
 #: Size suffixes, all powers of 1024 as aws and rclone read them (``5M`` = ``5MB`` = ``5MiB``).
 _UNITS = {"": 1, "b": 1} | {
@@ -386,6 +389,8 @@ def _emit_json(value: object) -> None:
 async def _save(cmd: _Command) -> None:
     source: str = cmd.args.source
     if source == "-":
+        if sys.stdin is None:
+            raise UsageError("standard input is closed: nothing to save from '-' (give a file or a folder)")
         data: Any = sys.stdin.buffer
         kind = Kind.BYTES
     else:
@@ -445,10 +450,18 @@ def _stdout_writer() -> Callable[[bytes], object]:
     return write
 
 
+def _need_stdout(what: str) -> None:
+    """Refuse, before any work, a command whose result is its output when standard output is closed
+    (``>&-``): it would do the work and exit 0 having shown nothing."""
+    if sys.stdout is None:
+        raise UsageError(f"standard output is closed: nowhere to write {what}")
+
+
 async def _load(cmd: _Command) -> None:
     if cmd.args.dest == "-":
         if cmd.args.json:
             raise UsageError("--json prints a summary to standard output, which DEST '-' takes for the bytes")
+        _need_stdout("the checkpoint's bytes")
         await _manage.write_out(cmd.args.uri, _stdout_writer(), cmd.config, cmd.bars)
         return  # no summary: standard output holds the checkpoint
     restored = await _manage.restore(cmd.args.uri, cmd.args.dest, cmd.config, cmd.bars, overwrite=cmd.args.force)
@@ -464,6 +477,7 @@ async def _load(cmd: _Command) -> None:
 
 
 async def _ls(cmd: _Command) -> None:
+    _need_stdout("the listing")
     infos = await _manage.list_checkpoints(cmd.args.prefix, cmd.config)
     if cmd.args.json:
         _emit_json([_row(info) for info in infos])
@@ -488,6 +502,8 @@ async def _verify(cmd: _Command) -> None:
 
 async def _gc(cmd: _Command) -> None:
     args = cmd.args
+    if args.dry_run:
+        _need_stdout("what would be aborted")
     writes = await _manage.collect_garbage(args.prefix, cmd.config, older_than=args.older_than, dry_run=args.dry_run)
     runs = []
     if args.runs_older_than is not None:
@@ -669,8 +685,35 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     logging.getLogger("checkpointio").setLevel(levels.get(verbose, logging.DEBUG))
 
 
+def _closed_streams_to_devnull() -> None:
+    """Open the null device on each standard descriptor (0, 1, 2) that was closed at start.
+
+    Python leaves ``sys.stdin``/``stdout``/``stderr`` as ``None`` for those (the commands check
+    that), but the descriptor number is free: the first file the command opens would get it, and a
+    write meant for the terminal would land in a checkpoint. A closed stderr gets a writer to the
+    null device, so the work goes on and only its messages are lost (``print(file=None)`` would
+    write them to standard output).
+    """
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            opened = os.open(os.devnull, os.O_RDWR)
+            if opened != fd:
+                os.dup2(opened, fd)
+                os.close(opened)
+    if sys.stderr is None:
+        sys.stderr = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 (for the process's life)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (the console script exits with it)."""
+    _closed_streams_to_devnull()
+    with interrupt_on_sigterm() as termination:
+        return _main(argv, termination)
+
+
+def _main(argv: Sequence[str] | None, termination: Termination) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.verbose = getattr(args, "verbose", 0) or 0
@@ -684,9 +727,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             _demo(cmd)
         else:
             anyio.run(_COMMANDS[args.command], cmd)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (interrupt_on_sigterm)
         if cmd is not None:
             cmd.bars.close()
+        if termination.received:
+            print("checkpointio: terminated", file=sys.stderr)
+            return EXIT_TERMINATED
         print("checkpointio: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except BrokenPipeError:  # the reader of standard output left (``| head``): stop quietly, as tar does

@@ -556,6 +556,62 @@ def test_ctrl_c_during_a_load_leaves_no_dest(moto_server: MotoServer, proxy: Fau
     assert sorted(path.name for path in tmp_path.iterdir()) == ["tree"]  # no staging folder left either
 
 
+def test_sigterm_during_a_large_save_aborts_the_upload_and_exits_143(
+    moto_server: MotoServer, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    bucket = moto_server.new_bucket()
+    client = moto_server.client()
+    (tmp_path / "big").write_bytes(os.urandom(40 * 1024 * 1024))
+    proxy.delay, proxy.slow = 0.5, lambda method, target: method == "PUT" and "partNumber=" in target
+    process = subprocess.Popen(
+        [SCRIPT, "save", str(tmp_path / "big"), f"s3://{bucket}/big", "--endpoint-url", proxy.endpoint, *SMALL_PARTS],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _wait_for(lambda: client.list_multipart_uploads(Bucket=bucket).get("Uploads"), "the upload to start")
+    _wait_for(lambda: proxy.max_in_flight >= 1, "a part in flight")
+    process.terminate()  # SIGTERM, as timeout, kill, systemd, Docker, Kubernetes and Slurm send it
+    out, err = process.communicate(timeout=90)
+    assert process.returncode == 143, out + err
+    assert err.strip().splitlines()[-1] == "checkpointio: terminated", err
+    assert "Traceback" not in err
+    assert client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+    assert client.list_objects_v2(Bucket=bucket).get("KeyCount") == 0
+
+
+def shell(command: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run ``command`` in sh, where ``$CLI`` is the console script (for redirections like ``>&-``)."""
+    env = {**os.environ, "CLI": SCRIPT}
+    return subprocess.run(["sh", "-c", command], capture_output=True, text=True, timeout=120, cwd=cwd, env=env)
+
+
+def test_closed_standard_streams_give_one_line_errors_and_the_right_exit_codes(tmp_path: Path) -> None:
+    (tmp_path / "state.bin").write_bytes(b"state")
+    ok("save", "-", str(tmp_path / "ck"), stdin=b"stored")
+    for command, what in [
+        ('"$CLI" save - fresh <&-', "standard input is closed"),
+        ('"$CLI" load ck - >&-', "standard output is closed"),
+        ('"$CLI" ls . >&-', "standard output is closed"),
+        ('"$CLI" gc . --dry-run >&-', "standard output is closed"),
+    ]:
+        result = shell(command, tmp_path)
+        assert result.returncode == 2, (command, result.stderr)
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("checkpointio: error: ") and what in lines[0], result.stderr
+    assert not (tmp_path / "fresh").exists()
+    # a closed stderr stops nothing: the work is done, with the exit code it deserves
+    saved = shell('"$CLI" save state.bin copy 2>&- && "$CLI" load copy restored 2>&-', tmp_path)
+    assert saved.returncode == 0 and saved.stdout.startswith(f"saved {tmp_path / 'copy'} (file"), saved
+    assert (tmp_path / "restored").read_bytes() == b"state"
+    assert shell('"$CLI" load missing out 2>&-', tmp_path).returncode == 3
+    listed = shell('"$CLI" ls . 2>&-', tmp_path)
+    assert listed.returncode == 0 and f"{tmp_path / 'copy'}" in listed.stdout
+    # a closed stdout does not stop a save either: only its summary line is lost
+    assert shell('"$CLI" save state.bin quiet >&-', tmp_path).returncode == 0
+    assert (tmp_path / "quiet").read_bytes() == b"state"
+
+
 @pytest.mark.timeout(300)
 def test_demo_runs_from_the_installed_package(tmp_path: Path) -> None:
     result = subprocess.run(

@@ -156,6 +156,45 @@ def test_ctrl_c_during_save_sync_cancels_the_save_and_keeps_the_previous(tmp_pat
     assert (tmp_path / "other").read_bytes() == b"loop still usable"
 
 
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_sigterm_inside_interrupt_on_sigterm_cancels_a_save_as_ctrl_c_does(mode: str, tmp_path: Path) -> None:
+    result = _run_script(
+        f"""
+        import asyncio, os, signal, time, pathlib
+        from checkpointio import Checkpoint, interrupt_on_sigterm
+        root = pathlib.Path({str(tmp_path)!r})
+        Checkpoint(root / "ckpt").save_sync(b"previous")
+        big = root / "big"; big.mkdir()
+        for i in range(8):
+            (big / f"shard-{{i}}").write_bytes(os.urandom(8 * 1024 * 1024))
+
+        def terminate_half_way(progress):  # from the save's own thread: the save is in flight
+            if progress.done and not progress.finished and not sent:
+                sent.append(True)
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(1)
+
+        sent = []
+        cp = Checkpoint(root / "ckpt", chunk_size=256 * 1024, on_progress=terminate_half_way)
+        with interrupt_on_sigterm() as term:
+            try:
+                if {mode!r} == "sync":
+                    cp.save_sync(big)
+                else:
+                    asyncio.run(cp.save(big))
+            except KeyboardInterrupt:
+                print("interrupted, by sigterm:", term.received)
+        print("partials", len(list(root.glob(".ckpt.partial-*"))))
+        print("handler restored:", signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)
+        """,
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "interrupted, by sigterm: True" in result.stdout, result.stdout + result.stderr
+    assert "partials 0" in result.stdout and "handler restored: True" in result.stdout, result.stdout
+    assert (tmp_path / "ckpt").read_bytes() == b"previous"
+
+
 def test_public_names_are_exported_and_importable() -> None:
     for name in checkpointio.__all__:
         assert hasattr(checkpointio, name), name
