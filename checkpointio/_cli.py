@@ -42,7 +42,7 @@ from ._exceptions import (
     SourceNotFoundError,
     UnsupportedSourceError,
 )
-from ._location import parse_location
+from ._location import checkpoint_location, parse_location, parse_prefix
 from ._progress import Progress
 from ._progress import human_size as _human
 from ._signals import Termination, interrupt_on_sigterm
@@ -476,9 +476,26 @@ async def _load(cmd: _Command) -> None:
     cmd.say(f"restored {cmd.args.uri} to {restored.path} ({what})")
 
 
+def _names_nothing(prefix: str) -> CheckpointError:
+    """The error for a prefix under which nothing at all was listed, as ``aws s3 ls`` exits 1 for
+    one: a typo must not look like an empty store. An existing local folder or a whole bucket may
+    be empty."""
+    location = parse_prefix(prefix)
+    if location.scheme == "file" and not os.path.lexists(location.key):
+        return CheckpointError(f"{location.uri}: no such file or folder, and no name starts with it", uri=location.uri)
+    return CheckpointError(f"{location.uri}: nothing there (no object's name starts with it)", uri=location.uri)
+
+
+def _empty_is_fine(prefix: str) -> bool:
+    location = parse_prefix(prefix)
+    return (location.scheme == "file" and os.path.isdir(location.key)) or (location.scheme == "s3" and not location.key)
+
+
 async def _ls(cmd: _Command) -> None:
     _need_stdout("the listing")
     infos = await _manage.list_checkpoints(cmd.args.prefix, cmd.config)
+    if not infos and not _empty_is_fine(cmd.args.prefix):
+        raise _names_nothing(cmd.args.prefix)
     if cmd.args.json:
         _emit_json([_row(info) for info in infos])
         return
@@ -486,9 +503,38 @@ async def _ls(cmd: _Command) -> None:
         print(f"{_kind(info):<5} {info.size:>14} {_when(info.modified):<20} {info.location.uri}")
 
 
-async def _rm(cmd: _Command) -> None:
-    await _manage.remove(cmd.args.uri, cmd.config)
-    cmd.say(f"removed {cmd.args.uri}")
+async def _rm(cmd: _Command) -> int:
+    args = cmd.args
+    if args.dry_run:
+        _need_stdout("what would be removed")
+    verb = "would remove" if args.dry_run else "removed"
+    if args.recursive:
+        for prefix in args.uri:  # every prefix checked before anything is removed
+            _manage.refuse_sweeping(parse_prefix(prefix), "remove the checkpoints under")
+        for prefix in args.uri:
+            removal = await _manage.remove_under(prefix, cmd.config, dry_run=args.dry_run)
+            if not removal.removed and not removal.skipped and not _empty_is_fine(prefix):
+                raise _names_nothing(prefix)
+            for location in removal.removed:
+                print(f"{verb} {location.uri}", flush=True)
+            for location in removal.skipped:
+                print(f"skipped {location.uri} (no checkpointio record: not removed)", flush=True)
+        return EXIT_OK
+    for uri in args.uri:
+        checkpoint_location(uri)  # a bad URI among them: nothing removed
+    code = EXIT_OK
+    for uri in args.uri:
+        try:
+            await _manage.remove(uri, cmd.config, dry_run=args.dry_run)
+        except CheckpointNotFoundError as error:  # the others are still removed, as rm does
+            print(f"checkpointio: error: {error}", file=sys.stderr)
+            code = code or EXIT_NOT_FOUND
+            continue
+        if args.dry_run:
+            print(f"{verb} {checkpoint_location(uri).uri}", flush=True)
+        else:
+            cmd.say(f"{verb} {checkpoint_location(uri).uri}")
+    return code
 
 
 async def _verify(cmd: _Command) -> None:
@@ -529,7 +575,7 @@ def _demo(cmd: _Command) -> None:
     _demo.run(cmd.args.root)
 
 
-_COMMANDS: dict[str, Callable[[_Command], Awaitable[None]]] = {
+_COMMANDS: dict[str, Callable[[_Command], Awaitable[int | None]]] = {
     "save": _save,
     "load": _load,
     "ls": _ls,
@@ -603,8 +649,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("prefix", metavar="URI_PREFIX", help="a folder, s3://bucket[/prefix] or memory://prefix")
     sub.add_argument("--json", action="store_true", help="a JSON array of objects, for scripts")
 
-    sub = command("rm", "Delete the checkpoint at URI.", "checkpointio rm s3://bucket/runs/7/attempt-0")
-    sub.add_argument("uri", metavar="URI")
+    sub = command(
+        "rm",
+        "Delete the checkpoints at the URIs; with --recursive, every checkpoint checkpointio wrote under "
+        "each prefix (files and objects without its record are listed as skipped, never deleted).",
+        "checkpointio rm --recursive --dry-run s3://bucket/runs/7/",
+    )
+    sub.add_argument("uri", metavar="URI", nargs="+", help="checkpoint URIs, or prefixes with --recursive")
+    sub.add_argument("-r", "--recursive", action="store_true", help="remove every checkpoint under each prefix")
+    sub.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
 
     sub = command(
         "verify",
@@ -726,7 +779,9 @@ def _main(argv: Sequence[str] | None, termination: Termination) -> int:
         if args.command == "demo":
             _demo(cmd)
         else:
-            anyio.run(_COMMANDS[args.command], cmd)
+            code = anyio.run(_COMMANDS[args.command], cmd)
+            if code:  # a command that went on past a failure (rm of several URIs)
+                return code
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (interrupt_on_sigterm)
         if cmd is not None:
             cmd.bars.close()

@@ -30,6 +30,7 @@ from ._stores import ObjectInfo, PendingWrite, Store, open_store
 from ._stores._local import file_in_the_way
 
 __all__ = [
+    "Removal",
     "StoredRun",
     "collect_garbage",
     "delete_run",
@@ -37,7 +38,9 @@ __all__ = [
     "list_checkpoints",
     "parse_prefix",
     "prune_runs",
+    "refuse_sweeping",
     "remove",
+    "remove_under",
     "restore",
     "verify",
     "write_out",
@@ -68,15 +71,47 @@ async def list_checkpoints(prefix: str, config: TransferConfig) -> list[ObjectIn
     return [info for info in full if info is not None]
 
 
-async def remove(uri: str, config: TransferConfig) -> None:
-    """Delete the checkpoint at ``uri``.
+async def remove(uri: str, config: TransferConfig, *, dry_run: bool = False) -> None:
+    """Delete the checkpoint at ``uri`` (with ``dry_run``, only check that there is one).
 
     Raises:
         CheckpointNotFoundError: There is none.
     """
     location = checkpoint_location(uri)
-    if not await (await open_store(location.scheme, config)).delete(location):
+    store = await open_store(location.scheme, config)
+    found = await store.head(location) is not None if dry_run else await store.delete(location)
+    if not found:
         raise CheckpointNotFoundError(f"{location.uri}: no such checkpoint", uri=location.uri)
+
+
+@dataclass(frozen=True)
+class Removal:
+    """What :func:`remove_under` removed (or, with ``dry_run``, would remove) and what it left."""
+
+    removed: list[Location]
+    skipped: list[Location]
+
+
+async def remove_under(prefix: str, config: TransferConfig, *, dry_run: bool = False) -> Removal:
+    """Delete every checkpoint under ``prefix`` that checkpointio wrote (one with its record).
+
+    Objects and files without checkpointio's record (a user's files in a local folder, objects
+    other tools wrote) are never deleted: they are returned as skipped (``rm URI`` removes one).
+
+    Raises:
+        DestinationError: A local ``prefix`` covers ``/``, the current or home folder or one of
+            their parents.
+    """
+    location = parse_prefix(prefix)
+    refuse_sweeping(location, "remove the checkpoints under")
+    infos = await list_checkpoints(prefix, config)
+    ours = [info.location for info in infos if info.record is not None]
+    skipped = [info.location for info in infos if info.record is None]
+    if dry_run:
+        return Removal(ours, skipped)
+    store = await open_store(location.scheme, config)
+    removed = [found for found in ours if await store.delete(found)]  # False: removed meanwhile
+    return Removal(removed, skipped)
 
 
 async def verify(uri: str, config: TransferConfig, on_progress: ProgressCallback | None = None) -> ObjectInfo:
@@ -113,52 +148,75 @@ async def write_out(
     return info
 
 
-def _protection(path: Path, checkpoint: Location | None) -> str | None:
-    """Why ``path`` (resolved) must not be replaced or swept, or ``None``: it is ``/``, the current
-    folder, the home folder, a parent of one of them, or the local checkpoint being read or a
-    folder that holds it."""
-    if path == Path(path.anchor):
-        return "the root folder"
+def _protected(checkpoint: Location | None = None) -> list[tuple[Path, str]]:
+    """The folders no command may replace or sweep, resolved, with what each is: ``/``, the
+    current folder, the home folder, their parents, and the local checkpoint being read and the
+    folders that hold it."""
+    folders: list[tuple[Path, str]] = [(Path("/"), "the root folder")]
     try:
-        cwd: Path | None = Path.cwd().resolve()
+        cwd = Path.cwd().resolve()
     except OSError:  # the current folder was removed: nothing of it to protect
-        cwd = None
+        pass
+    else:
+        folders += [(cwd, "the current folder"), *((p, "a parent of the current folder") for p in cwd.parents)]
     try:
-        home: Path | None = Path.home().resolve()
+        home = Path.home().resolve()
     except (RuntimeError, KeyError, OSError):  # no HOME and no password entry
-        home = None
-    if path == cwd:
-        return "the current folder"
-    if cwd is not None and path in cwd.parents:
-        return "a parent of the current folder"
-    if path == home:
-        return "the home folder"
-    if home is not None and path in home.parents:
-        return "a parent of the home folder"
+        pass
+    else:
+        folders += [(home, "the home folder"), *((p, "a parent of the home folder") for p in home.parents)]
     if checkpoint is not None and checkpoint.scheme == "file":
         stored = Path(checkpoint.key).resolve()
-        if path == stored:
-            return "the checkpoint being read"
-        if path in stored.parents:
-            return f"a folder holding the checkpoint being read ({checkpoint.uri})"
-    return None
+        folders.append((stored, "the checkpoint being read"))
+        holding = f"a folder holding the checkpoint being read ({checkpoint.uri})"
+        folders += [(p, holding) for p in stored.parents]
+    return folders
+
+
+def _spellings(path: Path) -> list[Path]:
+    """``path`` as written (its folder resolved) and with every symlink resolved (``./link`` to
+    ``.``, ``sub/..``): a command is refused if either is protected."""
+    seen = {path.resolve()}
+    if path.name not in ("", ".", ".."):
+        seen.add(path.parent.resolve() / path.name)
+    return sorted(seen)
 
 
 def refuse_protected(path: Path, doing: str, checkpoint: Location | None = None) -> None:
     """Raise :class:`DestinationError` if ``path`` is a folder that ``doing`` must never touch (see
-    :func:`_protection`), as written and with every symlink resolved (``./link`` to ``.``, ``sub/..``).
+    :func:`_protected`).
 
     Raises:
         DestinationError: It is one of them.
     """
-    seen = {path.resolve()}
-    if path.name not in ("", ".", ".."):
-        seen.add(path.parent.resolve() / path.name)
-    for candidate in sorted(seen):
-        why = _protection(candidate, checkpoint)
-        if why is not None:
-            shown = str(path) if candidate == path else f"{path} ({candidate})"
-            raise DestinationError(f"refusing to {doing} {shown}: it is {why}", uri=str(path))
+    protected = _protected(checkpoint)
+    for candidate in _spellings(path):
+        for folder, why in protected:
+            if candidate == folder:
+                shown = str(path) if candidate == path else f"{path} ({candidate})"
+                raise DestinationError(f"refusing to {doing} {shown}: it is {why}", uri=str(path))
+
+
+def refuse_sweeping(prefix: Location, doing: str) -> None:
+    """Raise :class:`DestinationError` if the local ``prefix`` (a folder, or a name prefix such as
+    ``/ho``) covers a folder of :func:`_protected`: ``rm --recursive`` or ``gc`` of ``/``, ``~``,
+    ``.`` or one of their parents.
+
+    Raises:
+        DestinationError: It covers one of them.
+    """
+    if prefix.scheme != "file":
+        return
+    protected = _protected()
+    for candidate in _spellings(Path(prefix.key)):
+        root = str(candidate)
+        exact = [(folder, why) for folder, why in protected if folder == candidate]
+        for folder, why in exact or protected:  # the folder it is, else those its names take in
+            if str(folder).startswith(root):
+                raise DestinationError(
+                    f"refusing to {doing} {prefix.uri}: it covers {folder}, {why}; name a folder below it",
+                    uri=prefix.uri,
+                )
 
 
 @dataclass(frozen=True)
@@ -269,8 +327,12 @@ async def collect_garbage(
 
     A save still running looks the same as an abandoned one, hence the age cutoff. Returns what
     was (or, with ``dry_run``, would be) discarded.
+
+    Raises:
+        DestinationError: ``prefix`` covers ``/``, the current or home folder or one of their parents.
     """
     location = parse_prefix(prefix)
+    refuse_sweeping(location, "clean up under")
     store = await open_store(location.scheme, config)
     cutoff = time.time() - older_than
     stale = [write for write in await store.pending(location) if write.started is None or write.started <= cutoff]
@@ -360,8 +422,12 @@ async def prune_runs(
     Only what the task runtime writes goes: ``attempt-<n>`` checkpoints, their claims and unfinished
     saves. A run whose store gives no times is kept. Returns what was (or, with ``dry_run``, would
     be) deleted.
+
+    Raises:
+        DestinationError: ``prefix`` covers ``/``, the current or home folder or one of their parents.
     """
     location = parse_prefix(prefix)
+    refuse_sweeping(location, "remove the runs under")
     store = await open_store(location.scheme, config)
     cutoff = time.time() - older_than
     stale = [

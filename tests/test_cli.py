@@ -168,7 +168,7 @@ def test_ls_lists_kind_size_and_time_as_text_and_json(root: str, tmp_path: Path)
     rows = json.loads(ok("ls", "--json", f"{root}/a/"))
     assert [(row["uri"], row["kind"]) for row in rows] == [(f"{root}/a/bytes", "bytes"), (f"{root}/a/dir", "dir")]
     assert rows[0]["size"] == 5 and rows[0]["modified"].endswith("Z") and len(rows[0]["crc32"]) == 8
-    assert json.loads(ok("ls", "--json", f"{root}/nothing-here/")) == []
+    assert "nothing-here" in fails(1, "ls", "--json", f"{root}/nothing-here/")  # as aws s3 ls: exit 1
 
 
 def test_save_load_verify_and_gc_give_their_result_as_json(root: str, tmp_path: Path) -> None:
@@ -213,7 +213,95 @@ def test_rm_removes_and_a_second_rm_says_there_is_none(root: str) -> None:
     ok("save", "-", f"{root}/x", stdin=b"x")
     assert ok("rm", f"{root}/x") == f"removed {root}/x\n"
     assert "no such checkpoint" in fails(3, "rm", f"{root}/x")
-    assert ok("ls", f"{root}/") == ""
+    if root.startswith("s3://"):  # an empty prefix is not there at all: exit 1, as aws s3 ls
+        assert "nothing there" in fails(1, "ls", f"{root}/")
+    else:  # the folder remains, empty
+        assert ok("ls", f"{root}/") == ""
+
+
+def test_ls_of_a_prefix_that_names_nothing_exits_1(root: str, tmp_path: Path) -> None:
+    assert f"{root}/missing" in fails(1, "ls", f"{root}/missing")
+    assert fails(1, "ls", "--json", f"{root}/missing").startswith("checkpointio: error: ")
+    ok("save", "-", f"{root}/run-1/a", stdin=b"x")
+    assert ok("ls", f"{root}/run").rstrip().endswith(f"{root}/run-1/a")  # a name prefix that matches
+    (tmp_path / "empty").mkdir()
+    assert ok("ls", str(tmp_path / "empty")) == ""  # an existing folder may be empty
+    assert "no such file or folder" in fails(1, "ls", str(tmp_path / "no" / "such" / "path"))
+
+
+def test_ls_of_a_whole_empty_bucket_is_empty_not_an_error(moto_server: MotoServer) -> None:
+    assert ok("ls", f"s3://{moto_server.new_bucket()}") == ""
+
+
+def _put_foreign(root: str, name: str, data: bytes) -> None:
+    """An object or file another tool wrote under ``root``: no checkpointio record."""
+    if root.startswith("s3://"):
+        import boto3
+
+        bucket, _, key = root[len("s3://") :].partition("/")
+        client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL_S3"], region_name="us-east-1")
+        client.put_object(Bucket=bucket, Key=f"{key}/{name}", Body=data)
+    else:
+        (Path(root) / name).parent.mkdir(parents=True, exist_ok=True)
+        (Path(root) / name).write_bytes(data)
+
+
+def test_rm_of_several_uris_removes_each_and_reports_the_missing(root: str) -> None:
+    for name in ("a", "b"):
+        ok("save", "-", f"{root}/{name}", stdin=name.encode())
+    result = cli("rm", f"{root}/a", f"{root}/missing", f"{root}/b")
+    assert result.returncode == 3, result.stderr
+    assert result.stdout == f"removed {root}/a\nremoved {root}/b\n"
+    assert result.stderr == f"checkpointio: error: {root}/missing: no such checkpoint\n"
+    assert "no such checkpoint" in fails(3, "load", f"{root}/a", "-") and "no such" in fails(3, "verify", f"{root}/b")
+    ok("save", "-", f"{root}/c", stdin=b"c")
+    assert "mistyped scheme" in fails(2, "rm", f"{root}/c", "s3:/bucket/x")  # checked before removing any
+    assert ok("rm", "--dry-run", f"{root}/c") == f"would remove {root}/c\n"
+    assert ok("load", f"{root}/c", "-") == "c"
+
+
+def test_rm_recursive_removes_only_checkpoints_and_dry_run_only_lists_them(root: str) -> None:
+    for name in ("run/a", "run/sub/b", "run-2/c", "other/d"):
+        ok("save", "-", f"{root}/{name}", stdin=name.encode())
+    _put_foreign(root, "run/notes.txt", b"a user's file")
+    listed = ok("ls", f"{root}/")
+    expected = [f"would remove {root}/run/a", f"would remove {root}/run/sub/b"]
+    skipped = f"skipped {root}/run/notes.txt (no checkpointio record: not removed)"
+    assert ok("rm", "-r", "--dry-run", f"{root}/run/").splitlines() == [*expected, skipped]
+    assert ok("ls", f"{root}/") == listed  # nothing removed
+    assert ok("rm", "--recursive", f"{root}/run/").splitlines() == [
+        f"removed {root}/run/a",
+        f"removed {root}/run/sub/b",
+        skipped,
+    ]
+    remaining = [line.split()[-1] for line in ok("ls", f"{root}/").splitlines()]
+    assert remaining == [f"{root}/other/d", f"{root}/run-2/c", f"{root}/run/notes.txt"]
+    assert "run/missing" in fails(1, "rm", "-r", f"{root}/run/missing")
+
+
+def test_rm_recursive_and_gc_refuse_a_prefix_covering_the_current_home_or_root_folder(tmp_path: Path) -> None:
+    work, home = tmp_path / "work", tmp_path / "home"
+    (work / "sub").mkdir(parents=True)
+    home.mkdir()
+    ok("save", "-", str(work / "sub" / "ck"), stdin=b"kept")
+    ok("save", "-", str(home / "ck"), stdin=b"kept")
+    left = work / "sub" / ".ck.partial-0123456789abcdef"
+    left.write_bytes(b"an unfinished save")
+    env = {"HOME": str(home)}
+    for prefix, why in [
+        (".", "the current folder"),
+        ("..", "a parent of the current folder"),
+        ("sub/..", "the current folder"),
+        ("/", "the root folder"),
+        (str(home), "the home folder"),
+        (str(tmp_path / "wo"), "the current folder"),  # a name prefix that takes it in
+    ]:
+        for command in (["rm", "-r", prefix], ["rm", "-r", "--dry-run", prefix], ["gc", prefix, "--older-than", "0"]):
+            line = fails(2, *command, cwd=work, env=env)
+            assert "refusing to" in line and why in line, (command, line)
+    assert "mistyped" in fails(2, "rm", "-r", str(work / "sub"), "s3:/x", cwd=work)  # all checked first
+    assert (work / "sub" / "ck").read_bytes() == b"kept" and (home / "ck").read_bytes() == b"kept" and left.exists()
+    assert ok("rm", "-r", str(work / "sub")) == f"removed {work / 'sub' / 'ck'}\n"  # below them: fine
 
 
 def test_verify_passes_intact_checkpoints_and_fails_corrupt_ones(tmp_path: Path) -> None:
