@@ -398,6 +398,8 @@ async def _save(cmd: _Command) -> None:
         is_dir = await anyio.to_thread.run_sync(data.is_dir)
         kind = Kind.DIRECTORY if is_dir else Kind.FILE  # a missing path: save() says so
     checkpoint = Checkpoint(cmd.args.uri, config=cmd.config, on_progress=cmd.bars)
+    if not cmd.args.force:
+        await _manage.refuse_foreign_file(cmd.args.uri, cmd.config)
     if cmd.args.dry_run:
         await _save_dry_run(cmd, source, kind, checkpoint.dest)
         return
@@ -626,6 +628,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="say what would be saved (its size) and whether a checkpoint at URI would be replaced; write nothing",
     )
     sub.add_argument("--json", action="store_true", help=_JSON_HELP)
+    sub.add_argument(
+        "-f", "--force", action="store_true", help="replace a local file at URI that checkpointio did not write"
+    )
 
     sub = command(
         "load",

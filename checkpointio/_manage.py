@@ -84,6 +84,24 @@ async def remove(uri: str, config: TransferConfig, *, dry_run: bool = False) -> 
         raise CheckpointNotFoundError(f"{location.uri}: no such checkpoint", uri=location.uri)
 
 
+async def refuse_foreign_file(uri: str, config: TransferConfig) -> None:
+    """Raise if ``uri`` is a local file that checkpointio did not write (no record of it): a save
+    there would replace a user's file, as ``save ckpt/ train.py`` (the arguments swapped) would.
+
+    Raises:
+        DestinationError: It is such a file.
+    """
+    location = checkpoint_location(uri)
+    if location.scheme != "file" or not await anyio.to_thread.run_sync(os.path.isfile, location.key):
+        return
+    info = await (await open_store(location.scheme, config)).head(location)
+    if info is not None and info.record is None:
+        raise DestinationError(
+            f"{location.uri} is a file checkpointio did not write (check the order: save SRC URI); --force replaces it",
+            uri=location.uri,
+        )
+
+
 @dataclass(frozen=True)
 class Removal:
     """What :func:`remove_under` removed (or, with ``dry_run``, would remove) and what it left."""

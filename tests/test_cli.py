@@ -456,6 +456,19 @@ def test_a_file_checkpoint_never_replaces_a_folder_that_is_not_empty(tmp_path: P
     assert (tmp_path / "empty").read_bytes() == b"restored bytes"
 
 
+def test_save_does_not_replace_a_local_file_checkpointio_did_not_write_unless_forced(tmp_path: Path) -> None:
+    tree = make_tree(tmp_path / "ckpt")
+    (tmp_path / "train.py").write_text("print('train')")
+    line = fails(2, "save", str(tree), str(tmp_path / "train.py"))  # the arguments swapped
+    assert "did not write" in line and "--force" in line
+    assert (tmp_path / "train.py").read_text() == "print('train')"
+    ok("save", "-", str(tmp_path / "ck"), stdin=b"one")
+    ok("save", "-", str(tmp_path / "ck"), stdin=b"two")  # a checkpoint of ours is replaced as before
+    ok("save", "--force", str(tree), str(tmp_path / "train.py"))
+    ok("load", str(tmp_path / "train.py"), str(tmp_path / "restored"))
+    assert snapshot(tmp_path / "restored") == snapshot(tree)
+
+
 def test_a_file_where_a_folder_of_the_destination_must_be_is_bad_input(tmp_path: Path) -> None:
     (tmp_path / "notes").write_text("notes")
     (tmp_path / "folder").mkdir()
