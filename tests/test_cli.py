@@ -288,17 +288,20 @@ def test_rm_recursive_and_gc_refuse_a_prefix_covering_the_current_home_or_root_f
     left = work / "sub" / ".ck.partial-0123456789abcdef"
     left.write_bytes(b"an unfinished save")
     env = {"HOME": str(home)}
-    for prefix, why in [
-        (".", "the current folder"),
-        ("..", "a parent of the current folder"),
-        ("sub/..", "the current folder"),
-        ("/", "the root folder"),
-        (str(home), "the home folder"),
-        (str(tmp_path / "wo"), "the current folder"),  # a name prefix that takes it in
+    for command, why in [
+        (["rm", "-r", "."], "the current folder"),
+        (["rm", "-r", "--dry-run", "."], "the current folder"),
+        (["gc", ".", "--older-than", "0"], "the current folder"),
+        (["rm", "-r", ".."], "a parent of the current folder"),
+        (["gc", "sub/..", "--older-than", "0"], "the current folder"),
+        (["rm", "-r", "/"], "the root folder"),
+        (["gc", "/", "--older-than", "0"], "the root folder"),
+        (["rm", "-r", str(home)], "the home folder"),
+        (["gc", str(home), "--older-than", "0"], "the home folder"),
+        (["rm", "-r", str(tmp_path / "wo")], "the current folder"),  # a name prefix that takes it in
     ]:
-        for command in (["rm", "-r", prefix], ["rm", "-r", "--dry-run", prefix], ["gc", prefix, "--older-than", "0"]):
-            line = fails(2, *command, cwd=work, env=env)
-            assert "refusing to" in line and why in line, (command, line)
+        line = fails(2, *command, cwd=work, env=env)
+        assert "refusing to" in line and why in line, (command, line)
     assert "mistyped" in fails(2, "rm", "-r", str(work / "sub"), "s3:/x", cwd=work)  # all checked first
     assert (work / "sub" / "ck").read_bytes() == b"kept" and (home / "ck").read_bytes() == b"kept" and left.exists()
     assert ok("rm", "-r", str(work / "sub")) == f"removed {work / 'sub' / 'ck'}\n"  # below them: fine
@@ -424,19 +427,19 @@ def test_load_refuses_a_dest_it_must_never_replace_even_with_force(tmp_path: Pat
     ok("save", str(make_tree(tmp_path / "tree")), str(tmp_path / "tree-ck"))
     before = snapshot(tmp_path)
     env = {"HOME": str(home)}
-    for checkpoint in ("ck", "tree-ck"):
-        uri = str(tmp_path / checkpoint)
-        for dest, why in [
-            (".", "it is the current folder"),
-            ("..", "it is a parent of the current folder"),
-            ("sub/..", "it is the current folder"),
-            ("here", "it is the current folder"),  # a symlink to it
-            ("/", "it is the root folder"),
-            (str(home), "it is the home folder"),
-            (str(tmp_path), "it is a parent of the current folder"),
-        ]:
-            line = fails(2, "load", uri, dest, "--force", cwd=work, env=env)
-            assert "refusing to replace" in line and why in line and "DEST is the name to create" in line, line
+    for checkpoint, dest, why in [
+        ("ck", ".", "it is the current folder"),
+        ("tree-ck", ".", "it is the current folder"),  # a directory checkpoint too
+        ("ck", "..", "it is a parent of the current folder"),
+        ("tree-ck", "..", "it is a parent of the current folder"),
+        ("ck", "sub/..", "it is the current folder"),
+        ("ck", "here", "it is the current folder"),  # a symlink to it
+        ("ck", "/", "it is the root folder"),
+        ("tree-ck", str(home), "it is the home folder"),
+        ("ck", str(tmp_path), "it is a parent of the current folder"),
+    ]:
+        line = fails(2, "load", str(tmp_path / checkpoint), dest, "--force", cwd=work, env=env)
+        assert "refusing to replace" in line and why in line and "DEST is the name to create" in line, line
     # the folder holding a local checkpoint, and the checkpoint itself
     assert "holding the checkpoint being read" in fails(2, "load", str(tmp_path / "ck"), str(tmp_path), "--force")
     assert "it is the checkpoint being read" in fails(2, "load", str(tmp_path / "ck"), str(tmp_path / "ck"), "-f")
