@@ -13,6 +13,7 @@ Exit codes: 0 success, 1 store or other error, 2 bad usage or input, 3 no such c
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import datetime
 import json
@@ -771,6 +772,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _main(argv, termination)
 
 
+def _run_command(command: Callable[[_Command], Awaitable[int | None]], cmd: _Command) -> int | None:
+    """Run one command on a fresh event loop; Ctrl-C (or SIGTERM) is a ``KeyboardInterrupt``.
+
+    On Python 3.11+ anyio's runner turns the interrupt it delivered as a cancellation of the main
+    task back into ``KeyboardInterrupt``; on 3.10 (no ``Task.uncancel``) it lets the
+    ``CancelledError`` out, which only an interrupt can cause here.
+    """
+    try:
+        return anyio.run(command, cmd)
+    except asyncio.CancelledError:
+        if sys.version_info >= (3, 11):
+            raise
+        raise KeyboardInterrupt from None
+
+
 def _main(argv: Sequence[str] | None, termination: Termination) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -784,7 +800,7 @@ def _main(argv: Sequence[str] | None, termination: Termination) -> int:
         if args.command == "demo":
             _demo(cmd)
         else:
-            code = anyio.run(_COMMANDS[args.command], cmd)
+            code = _run_command(_COMMANDS[args.command], cmd)
             if code:  # a command that went on past a failure (rm of several URIs)
                 return code
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (interrupt_on_sigterm)
