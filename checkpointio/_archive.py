@@ -16,6 +16,7 @@ import contextlib
 import errno
 import logging
 import os
+import re
 import stat
 from collections import deque
 from collections.abc import Callable, Generator, Iterator
@@ -60,6 +61,9 @@ Pull = Callable[[], list[bytes]]
 #: Names restores stage in, at the top of a workspace. A killed restore leaves one behind; saving
 #: that workspace skips it, so it does not end up in every later checkpoint.
 STAGING_PREFIX = ".checkpointio-partial-"
+#: Exactly the staging folders' names (restores' and ``replace_all``'s): a user's own entry that
+#: merely starts with the prefix is saved like any other.
+STAGING_NAME = re.compile(re.escape(STAGING_PREFIX) + r"(?:replaced-)?[0-9a-f]{32}")
 
 _GZIP_MAGIC = b"\x1f\x8b"
 #: Bytes one inflate call may produce: bounds memory whatever the compression ratio (gzip bombs).
@@ -237,7 +241,7 @@ def walk_tree(
                 continue
             name, listed = names.pop()
             rel = prefix + name
-            if (not prefix and name.startswith(STAGING_PREFIX)) or (skip is not None and skip(rel)):
+            if (not prefix and listed == _FOLDER and STAGING_NAME.fullmatch(name)) or (skip is not None and skip(rel)):
                 continue
             try:
                 st = os.stat(name, dir_fd=fd, follow_symlinks=False)
