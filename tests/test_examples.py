@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -73,62 +71,3 @@ def test_hf_example_resumes_from_its_last_saved_trainer_checkpoint(tmp_path: Pat
     assert "attempt 0 starts from None" in out
     assert "attempt 1 starts from" in out and "checkpoint-8" in out
     assert "finished after 12 steps" in out
-
-
-#: Names a README fragment leaves to the reader (your model, your data, a checkpoint in scope).
-README_PRELUDE = """\
-from typing import Any
-
-from checkpointio import Checkpoint, ctx
-
-model: Any = None
-optimizer: Any = None
-data: Any = None
-step: int = 0
-cp: Checkpoint = Checkpoint("memory://readme")
-"""
-
-
-def readme_python_blocks() -> list[str]:
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
-    return re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M)
-
-
-@pytest.mark.timeout(600)
-def test_the_readme_s_python_and_the_examples_pass_mypy_strict(tmp_path: Path) -> None:
-    from mypy import api
-
-    blocks = readme_python_blocks()
-    assert len(blocks) >= 8
-    files = []
-    for number, block in enumerate(blocks):
-        path = tmp_path / f"readme_block_{number}.py"
-        path.write_text(README_PRELUDE + "\n" + block, encoding="utf-8")
-        files.append(str(path))
-    files += sorted(str(path) for path in (ROOT / "examples").glob("*.py"))
-    config = tmp_path / "mypy.ini"
-    config.write_text(
-        textwrap.dedent(f"""\
-            [mypy]
-            strict = True
-            python_version = 3.10
-            mypy_path = {ROOT}
-            cache_dir = {ROOT / ".mypy_cache" / "readme"}
-            # The frameworks' classes are Any here (below): the examples subclass them.
-            disallow_subclassing_any = False
-
-            # Checked by the project's own mypy run; here only what the snippets use of it.
-            [mypy-checkpointio.*]
-            follow_imports = silent
-
-            # The ML frameworks are large and not what is checked here: their names are Any.
-            [mypy-torch.*,lightning.*,pytorch_lightning.*,transformers.*,accelerate.*]
-            follow_imports = skip
-            ignore_missing_imports = True
-
-            [mypy-aiobotocore.*,botocore.*,exceptiongroup]
-            ignore_missing_imports = True
-            """)
-    )
-    out, err, status = api.run(["--config-file", str(config), "--no-error-summary", *files])
-    assert status == 0, out + err

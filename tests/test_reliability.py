@@ -1,6 +1,6 @@
 """The promise, tried systematically: a checkpoint that save() reported stored comes back bit for
 bit, a save that did not complete is never seen, and no bad input or fault corrupts, loses or leaks
-anything. Each test is a row of the README's "Guarantees" table."""
+anything. Each test is a row of the table in docs/guarantees.md."""
 
 from __future__ import annotations
 
