@@ -169,15 +169,21 @@ class Pipeline:
 
 
 def checkpointio(
-    name: str = "checkpointio", *, as_bytes: bool = False, ticker: bool = False, **options: Any
+    name: str = "checkpointio",
+    *,
+    as_bytes: bool = False,
+    ticker: bool = False,
+    root: str | None = None,
+    **options: Any,
 ) -> Pipeline:
     """checkpointio ``save_sync`` / ``load_sync`` with ``options`` (none: the defaults).
 
     ``as_bytes`` saves the file's content as ``bytes`` (read before timing) and loads it back
     into memory with ``load_bytes_sync()``; ``ticker`` uses ``await save()`` / ``await load()``
-    with a coroutine ticking every 10 ms that records the longest gap.
+    with a coroutine ticking every 10 ms that records the longest gap. ``root``: a source tree
+    whose checkpointio is measured instead of this one (another version, in the same run).
     """
-    common = {"options": options, "as_bytes": as_bytes, "ticker": ticker}
+    common = {"options": options, "as_bytes": as_bytes, "ticker": ticker, "root": root}
 
     def save(context: Context, dataset: Dataset, place: Place) -> Step:
         return PythonStep({"op": "ours_save", "src": str(dataset.path), "dest": place.uri, **common})

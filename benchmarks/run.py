@@ -31,6 +31,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: make benchmarks.* importable
 
@@ -366,15 +367,29 @@ class Places:
         return Case(table, pipeline, dataset, Place(str(path), path))
 
 
-def build_tables(places: Places, trees: Sequence[Dataset], big: Dataset) -> dict[str, list[Case]]:
-    """Every repeated table: title -> cases, the reference (checkpointio) first."""
+def build_tables(
+    places: Places, trees: Sequence[Dataset], big: Dataset, compare: Path | None = None
+) -> dict[str, list[Case]]:
+    """Every repeated table: title -> cases, the reference (checkpointio) first.
+
+    With ``compare`` (a source tree of another checkpointio version), every checkpointio row is
+    followed by the same row measured with that version.
+    """
+    label = _compare_label(compare) if compare is not None else ""
+
+    def ours(name: str = "checkpointio", **options: Any) -> list[Pipeline]:
+        rows = [checkpointio(name, **options)]
+        if compare is not None:
+            rows.append(checkpointio(f"{name} [{label}]", root=str(compare), **options))
+        return rows
+
     tables: dict[str, list[Case]] = {}
     for tree in trees:
         title = f"S3, {_describe(tree)}"
         tables[title] = [
             places.s3(title, tree, pipeline)
             for pipeline in (
-                checkpointio(),
+                *ours(),
                 tarfile_boto3("flyte-like: tarfile -9, temp file, boto3", 9),
                 tarfile_boto3("naive: tarfile -6, temp file, boto3", 6),
                 tar_compress_s5cmd("tar | pigz -p2 -1 | s5cmd pipe", "pigz"),
@@ -385,14 +400,17 @@ def build_tables(places: Places, trees: Sequence[Dataset], big: Dataset) -> dict
         ]
     workers = default_workers()
     scaling = [
-        checkpointio(f"checkpointio compression_workers={n}", compression_workers=n) for n in (1, 2) if n != workers
+        row
+        for n in (1, 2)
+        if n != workers
+        for row in ours(f"checkpointio compression_workers={n}", compression_workers=n)
     ]
     for tree in trees:
         title = f"local store, {_describe(tree)}"
         tables[title] = [
             places.local(title, tree, pipeline)
             for pipeline in (
-                checkpointio(f"checkpointio (defaults: compression_workers={workers})"),
+                *ours(f"checkpointio (defaults: compression_workers={workers})"),
                 *scaling,  # with the defaults row: 1 and 2 workers
                 tar_compress_local("tar | igzip -1 -T2 > file", "igzip"),
                 tar_compress_local("tar | igzip -1 -T2 > file; sync file", "igzip", sync=True),
@@ -402,12 +420,32 @@ def build_tables(places: Places, trees: Sequence[Dataset], big: Dataset) -> dict
     tables[title] = [
         places.s3(title, big, pipeline)
         for pipeline in (
-            checkpointio("checkpointio save(path)"),
-            checkpointio("checkpointio save(bytes)", as_bytes=True),
+            *ours("checkpointio save(path)"),
+            *ours("checkpointio save(bytes)", as_bytes=True),
             s5cmd_cp("s5cmd cp"),
         )
     ]
     return tables
+
+
+def _compare_label(root: Path) -> str:
+    """How rows of the ``--compare`` version are named: its git commit, else its folder's name."""
+    try:
+        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
+    except OSError:
+        done = None
+    sha = done.stdout.strip() if done is not None and done.returncode == 0 else ""
+    return f"at {sha}" if sha else f"from {root.name}"
+
+
+def keep_rows(tables: dict[str, list[Case]], parts: Sequence[str]) -> dict[str, list[Case]]:
+    """Each table with its checkpointio rows and the rows whose name contains one of ``parts``."""
+
+    def kept(case: Case) -> bool:
+        name = case.pipeline.name
+        return name.startswith("checkpointio") or any(part in name for part in parts)
+
+    return {title: [case for case in cases if kept(case)] for title, cases in tables.items()}
 
 
 def run_repetitions(bench: Bench, tables: dict[str, list[Case]], repeat: int) -> None:
@@ -443,10 +481,12 @@ def run(args: argparse.Namespace, sizes: Sizes, scratch: Path) -> int:
         bench = Bench(runner, context, scratch, server)
         places = Places(server, scratch)
 
-        tables = build_tables(places, trees, big)
+        tables = build_tables(places, trees, big, args.compare)
         references = {cases[0].dataset.name: cases[0] for cases in reversed(tables.values())}  # S3 ones win
         if args.only:
             tables = {title: cases for title, cases in tables.items() if any(part in title for part in args.only)}
+        if args.rows:
+            tables = keep_rows(tables, args.rows)
         run_repetitions(bench, tables, sizes.repeat)
 
         growth: list[tuple[Case, Case]] = []
@@ -478,6 +518,7 @@ def run(args: argparse.Namespace, sizes: Sizes, scratch: Path) -> int:
     for title, cases in tables.items():
         rows, notes = throughput_rows(bench, cases)
         print_table(f"{title}; median of {sizes.repeat}", THROUGHPUT_HEADER, rows, notes)
+    print_stages(bench, tables, sizes.repeat)
     if not args.tables_only:
         print_rss_growth(bench, growth)
         print_event_loop(bench, ticker)
@@ -494,6 +535,50 @@ def run(args: argparse.Namespace, sizes: Sizes, scratch: Path) -> int:
     if bench.failures and not args.keep:
         print("(the logs named above are removed with the scratch folder: rerun with --keep to keep them)")
     return 1 if bench.failures else 0
+
+
+#: The thread groups the stage table shows (benchmarks.worker.GROUPS), with their column titles.
+STAGES = (
+    ("loop", "loop"), ("reader", "reader"), ("writers", "writers"), ("codec", "codec"),
+    ("workers", "anyio thr."), ("main", "caller"), ("other", "other"), ("exited", "exited"),
+)  # fmt: skip
+
+
+def print_stages(bench: Bench, tables: dict[str, list[Case]], repeat: int) -> None:
+    """Where checkpointio's CPU went: seconds of CPU per thread group (medians), and the share of
+    the wall time each group was busy (100%: one core all the time)."""
+    rows = []
+    for title, cases in tables.items():
+        for case in cases:
+            if not case.pipeline.name.startswith("checkpointio"):
+                continue
+            outcome = bench.outcome(case)
+            for op in OPS:
+                wall = outcome.median(op, "wall")
+                if wall is None or outcome.median_extra(op, "cpu_loop") is None:
+                    continue
+                cells = []
+                for group, _ in STAGES:
+                    seconds = outcome.median_extra(op, f"cpu_{group}") or 0.0
+                    cells.append(f"{seconds:.2f} {100 * seconds / wall:3.0f}%" if seconds >= 0.005 else "-")
+                extraction = (outcome.median_extra(op, "cpu_reader") or 0.0) + (
+                    outcome.median_extra(op, "cpu_writers") or 0.0
+                )
+                per_file = (
+                    _num(extraction / case.dataset.files * 1e6, 1) if case.dataset.is_tree and op == "load" else "-"
+                )
+                rows.append(
+                    [f"{title.split(':')[0]} | {case.pipeline.name}", op, _num(wall), _num(outcome.median(op, "cpu")),
+                     *cells, per_file]
+                )  # fmt: skip
+    if not rows:
+        return
+    header = ("case", "op", "wall s", "CPU s", *(name for _, name in STAGES), "reader+writers µs/file")
+    title = (
+        f"checkpointio: CPU seconds per thread group and busy share of the wall time (median of {repeat}; "
+        "loop: event loop, reader: archive reader, writers: file writers, codec: inflate/deflate threads)"
+    )
+    print_table(title, header, rows)
 
 
 def _mib(value: int | float | None) -> str:
@@ -557,6 +642,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny datasets, one repetition (CI)")
     parser.add_argument("--issue-sizes", action="store_true", help="the issue's sizes (770 MiB, 50,000 files, ...)")
     parser.add_argument("--only", action="append", help="run only the tables whose title contains this")
+    parser.add_argument(
+        "--rows", action="append", help="run only checkpointio and the rows whose name contains this (repeatable)"
+    )
+    parser.add_argument(
+        "--compare", type=Path, help="also measure the checkpointio in this source tree (e.g. a checkout of main)"
+    )
     parser.add_argument(
         "--tables-only", action="store_true", help="skip the once-only measurements (4x RSS, event loop, idle worker)"
     )

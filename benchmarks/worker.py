@@ -8,20 +8,26 @@ and covers every thread of the process.
 
 The result is written as JSON to ``SPEC["result"]``: ``{"wall": s, "cpu": s, ...}``, or
 ``{"unsupported": message}`` when checkpointio refused an option with ``TypeError`` (an option
-that this version does not have yet).
+that this version does not have yet). checkpointio's steps also report the CPU time of each of
+their threads, by the threads' names (``cpu_<group>``, see :class:`ThreadCPU`).
+
+``SPEC["root"]``, when given, is a source tree whose ``checkpointio`` is imported instead of the
+one on the path (the runner's ``--compare``: the same run measures another version).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import resource
 import sys
 import tarfile
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +43,87 @@ def _cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _timed(operation: Callable[[], object]) -> Result:
-    cpu, start = _cpu(), time.perf_counter()
-    operation()
-    return {"wall": time.perf_counter() - start, "cpu": _cpu() - cpu}
+def _timed(operation: Callable[[], object], *, per_thread: bool = False) -> Result:
+    """Wall and CPU time of ``operation()``; with ``per_thread``, also its threads' CPU by group."""
+    result: Result = {}
+    with _per_thread(result) if per_thread else contextlib.nullcontext():
+        cpu, start = _cpu(), time.perf_counter()
+        operation()
+        wall, cpu = time.perf_counter() - start, _cpu() - cpu
+    return {"wall": wall, "cpu": cpu, **result}
+
+
+#: Thread name -> the stage it is reported as (checkpointio names the threads of its pipeline).
+THREAD_GROUPS = {
+    "checkpointio-loop": "loop",
+    "checkpointio-reader": "reader",
+    "checkpointio-writer": "writers",
+    "checkpointio-codec": "codec",
+    "AnyIO worker thread": "workers",
+    "MainThread": "main",
+}
+#: Every group a step reports, in table order; ``exited`` is CPU of threads that ended between two
+#: samples (the process's CPU time less what the samples saw).
+GROUPS = ("loop", "reader", "writers", "codec", "workers", "main", "other", "exited")
+
+
+class ThreadCPU:
+    """Samples every thread's CPU clock (``pthread_getcpuclockid``) every few milliseconds and
+    adds each thread's CPU time since the last sample to the group its *current* name belongs to
+    (a pooled thread renamed while it runs one stage is counted there for that while).
+
+    The cost is a few microseconds per thread and sample, on a thread of its own; CPU used by a
+    thread that ends between two samples is reported as ``exited``.
+    """
+
+    def __init__(self, interval: float = 0.004) -> None:
+        self._interval = interval
+        self._last: dict[int, float] = {}
+        self.groups: dict[str, float] = dict.fromkeys(GROUPS, 0.0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bench-sampler", daemon=True)
+        self._own = 0.0
+
+    def _sample(self) -> None:
+        for thread in threading.enumerate():
+            ident = thread.ident
+            if ident is None or thread is self._thread:
+                continue
+            try:
+                now = time.clock_gettime(time.pthread_getcpuclockid(ident))
+            except (OSError, ProcessLookupError):  # ended since enumerate()
+                continue
+            before = self._last.get(ident)
+            self._last[ident] = now
+            if before is not None:
+                group = THREAD_GROUPS.get(thread.name, "other")
+                self.groups[group] += now - before
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            self._sample()
+        self._own = time.clock_gettime(time.CLOCK_THREAD_CPUTIME_ID)
+
+    def __enter__(self) -> ThreadCPU:
+        self._sample()  # the baseline of the threads already there
+        self._cpu = _cpu()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        seen = sum(self.groups.values())
+        self.groups["exited"] = max(0.0, _cpu() - self._cpu - seen - self._own)
+
+
+@contextlib.contextmanager
+def _per_thread(result: Result) -> Iterator[None]:
+    """Add ``cpu_<group>`` entries for the threads' CPU time during the block to ``result``."""
+    with ThreadCPU() as threads:
+        yield
+    result.update({f"cpu_{group}": round(seconds, 4) for group, seconds in threads.groups.items()})
 
 
 def _checkpoint(spec: Spec, **kwargs: Any) -> Any:
@@ -96,7 +179,7 @@ def ours_save(spec: Spec) -> Result:
     data: bytes | Path = source.read_bytes() if spec.get("as_bytes") else source
     if spec.get("ticker"):
         return asyncio.run(_with_ticker(lambda: checkpoint.save(data), lambda: checkpoint.save(data)))
-    return _timed(lambda: checkpoint.save_sync(data))
+    return _timed(lambda: checkpoint.save_sync(data), per_thread=True)
 
 
 def ours_load(spec: Spec) -> Result:
@@ -110,11 +193,11 @@ def ours_load(spec: Spec) -> Result:
         return asyncio.run(_with_ticker(checkpoint.load, again.load))
 
     if not spec.get("as_bytes"):
-        return _timed(checkpoint.load_sync)
+        return _timed(checkpoint.load_sync, per_thread=True)
     # as_bytes: the bytes back in memory, as a task restoring its state would want them
     # (load_bytes: no payload file in between); written out after the clock for the verification.
     loaded: list[bytearray | None] = []
-    result = _timed(lambda: loaded.append(checkpoint.load_bytes_sync()))
+    result = _timed(lambda: loaded.append(checkpoint.load_bytes_sync()), per_thread=True)
     data = loaded[0]
     if data is None:
         raise RuntimeError(f"{spec['src']}: no checkpoint to load")
@@ -205,6 +288,8 @@ OPERATIONS: dict[str, Callable[[Spec], Result]] = {
 def main() -> None:
     """Run ``OPERATIONS[spec["op"]]`` and write its result where ``spec["result"]`` says."""
     spec: Spec = json.loads(sys.argv[1])
+    if spec.get("root"):  # another version of checkpointio, imported instead of the one on the path
+        sys.path.insert(0, spec["root"])
     result = OPERATIONS[spec["op"]](spec)
     Path(spec["result"]).write_text(json.dumps(result))
 
