@@ -213,6 +213,13 @@ class _Target:
             return None
         return await anyio.to_thread.run_sync(_decode_manifest, data, self.location.uri)
 
+    async def read_manifest_or_none(self) -> _Manifest | None:
+        """The manifest at the URI; ``None`` when there is none, or something else is there."""
+        try:
+            return await self.read_manifest()
+        except CorruptCheckpointError:
+            return None
+
 
 def _failure_of(error: CheckpointException) -> CheckpointError | None:
     """The checkpointio error a rank raised inside DCP, if one did."""
@@ -333,13 +340,46 @@ class StorageWriter(_StorageWriter):
         run_sync(self._commit, _Manifest(save_id, metadata, objects))
 
     async def _commit(self, manifest: _Manifest) -> None:
+        """Write the manifest, then delete the data it replaced.
+
+        Only data of saves whose manifest was superseded is deleted: the one this commit replaced
+        (read just before), and this save's own if another commit landed after it. The data of a
+        save that has not committed yet is never touched here (a slower save racing this one may
+        still commit it); what a failed or killed save left behind goes with ``checkpointio gc``.
+        """
         store = await self._target.store()
         location = self._target.location
+        before = await self._target.read_manifest_or_none()
         await _engine.save(store, location, _encode_manifest(manifest), self._target.config)
         try:
-            await _delete_older(store, location, manifest.save_id)
+            live = await self._target.read_manifest_or_none()
+            if live is None:  # unreadable now: keep everything rather than guess
+                return
+            superseded = {manifest.save_id} | ({before.save_id} if before is not None else set())
+            for save_id in sorted(superseded - {live.save_id}):
+                await _delete_save(store, location, save_id)
         except Exception as error:  # committed: stale data costs space, not correctness
             logger.warning("%s: could not delete the data of earlier saves: %s", location.uri, error)
+
+    def discard_failed_save(self) -> None:
+        """After a failed save, delete the data its ranks stored (on the coordinator, best effort).
+
+        Called once every rank has stopped writing (DCP gathers the ranks' outcomes before it
+        raises). Data the live manifest points to is never deleted: a commit whose reply was lost
+        may have landed.
+        """
+        save_id = self._save_id
+        if not self._is_coordinator or save_id is None:
+            return
+        try:
+            run_sync(self._discard, save_id)
+        except Exception as error:
+            logger.warning("%s: could not delete the data of the failed save: %s", self._target.location.uri, error)
+
+    async def _discard(self, save_id: str) -> None:
+        live = await self._target.read_manifest_or_none()
+        if live is None or live.save_id != save_id:
+            await _delete_save(await self._target.store(), self._target.location, save_id)
 
     def storage_meta(self) -> StorageMeta | None:
         return StorageMeta(checkpoint_id=self._target.location.uri, save_id=self._save_id or "")
@@ -362,35 +402,21 @@ def _valid(checkpoint_id: str | os.PathLike[str]) -> bool:
     return True
 
 
-async def _delete_older(store: Store, location: Location, save_id: str) -> None:
-    """Delete the data objects (and unfinished writes) of saves that started before ``save_id``."""
-    prefix = _data_prefix(location)
-
-    def older(key: str) -> bool:
-        if not key.startswith(prefix.key):
-            return False
-        return key[len(prefix.key) :].partition("/")[0] < save_id
-
+async def _delete_save(store: Store, location: Location, save_id: str) -> None:
+    """Delete every data object (and unfinished write) of the save ``save_id`` of ``location``."""
+    prefix = _data_location(location, save_id + "/")
     for info in await store.list(prefix):
-        if older(info.location.key):
-            await store.delete(info.location)
+        await store.delete(info.location)
     for write in await store.pending(prefix):
-        if older(write.location.key):
-            await store.discard(write)
+        await store.discard(write)
     if location.scheme == "file":
-        await anyio.to_thread.run_sync(_remove_empty_folders, prefix.key, save_id)
+        await anyio.to_thread.run_sync(_remove_empty_folder, prefix.key)
 
 
-def _remove_empty_folders(top: str, keep: str) -> None:
-    """Remove the emptied save folders below ``top`` on a local store (``keep`` is the current one)."""
-    try:
-        names = os.listdir(top)
-    except OSError:
-        return
-    for name in names:
-        if name < keep:
-            with contextlib.suppress(OSError):  # not empty (a save still writing), or gone already
-                os.rmdir(os.path.join(top, name))
+def _remove_empty_folder(folder: str) -> None:
+    """Remove a save's emptied folder on a local store."""
+    with contextlib.suppress(OSError):  # not empty (a save still writing), or gone already
+        os.rmdir(folder)
 
 
 @dataclass
@@ -600,7 +626,11 @@ def save(state_dict: dict[str, Any], target: Target, **options: Unpack[TransferO
     :class:`~checkpointio.TransferConfig` fields.
     """
     writer = StorageWriter(target, **options)
-    _unwrapped(lambda: _dcp_save(state_dict, storage_writer=writer))
+    try:
+        _unwrapped(lambda: _dcp_save(state_dict, storage_writer=writer))
+    except (Exception, CheckpointException):  # DCP's own error is a BaseException
+        writer.discard_failed_save()
+        raise
 
 
 def load(state_dict: dict[str, Any], target: Target, **options: Unpack[TransferOptions]) -> bool:

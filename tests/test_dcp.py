@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import re
+import threading
 from typing import Any
 
 import pytest
@@ -154,14 +155,78 @@ def test_data_stored_without_a_commit_never_replaces_the_previous_checkpoint(sto
     loaded = empty()
     assert load(loaded, store.uri("ckpt")) is True
     assert_same(loaded, first)  # the manifest still points at the first save's data, untouched
-    assert len(save_ids(store, "ckpt")) == 2  # the new data is stored, under its own save id
+    (uncommitted,) = save_ids(store, "ckpt") - {first_id}  # the new data is stored, under its own save id
 
     third = state(10)
     save(third, store.uri("ckpt"))
-    assert save_ids(store, "ckpt") - {first_id} and len(save_ids(store, "ckpt")) == 1  # both earlier ones gone
+    # The replaced save's data is gone; the uncommitted one is not the commit's to judge (it could
+    # be a slower save still on its way): gc sweeps it.
+    (third_id,) = save_ids(store, "ckpt") - {uncommitted}
+    assert first_id not in save_ids(store, "ckpt") and third_id > uncommitted
     loaded = empty()
     assert load(loaded, store.uri("ckpt")) is True
     assert_same(loaded, third)
+
+
+class HeldBeforeCommit(StorageWriter):
+    """A coordinator whose every rank's data is stored, held before its commit until released."""
+
+    def __init__(self, uri: str) -> None:
+        super().__init__(uri)
+        self.holding = threading.Event()
+        self.release = threading.Event()
+
+    def finish(self, metadata: Any, results: Any) -> None:
+        self.holding.set()
+        assert self.release.wait(60)
+        super().finish(metadata, results)
+
+
+class Racer:
+    """One save in a thread, held before its commit until released."""
+
+    def __init__(self, uri: str, saved: dict[str, Any]) -> None:
+        self.writer = HeldBeforeCommit(uri)
+        self.errors: list[BaseException] = []
+        self.thread = threading.Thread(target=self._run, args=(saved,))
+        self.thread.start()
+        assert self.writer.holding.wait(60)  # its data is stored, its save id chosen
+
+    def _run(self, saved: dict[str, Any]) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        try:
+            dcp.save(saved, storage_writer=self.writer)
+        except BaseException as error:  # pragma: no cover - reported by commit()
+            self.errors.append(error)
+
+    def commit(self) -> None:
+        self.writer.release.set()
+        self.thread.join(60)
+        assert not self.thread.is_alive() and self.errors == []
+
+
+@pytest.mark.parametrize("survivor", ["started-first", "started-last"])
+def test_two_saves_racing_to_one_uri_leave_the_survivors_data_whole(store: StoreCase, survivor: str) -> None:
+    """Two saves overlap; whichever commits last is the checkpoint, and its data is all there."""
+    save(state(12), store.uri("ckpt"))  # a previous checkpoint, replaced by the race
+    first, last = state(13), state(14)
+    started_first = Racer(store.uri("ckpt"), first)
+    started_last = Racer(store.uri("ckpt"), last)
+    if survivor == "started-first":  # the later save commits first, then the earlier one
+        started_last.commit()
+        started_first.commit()
+        expected = first
+    else:
+        started_first.commit()
+        started_last.commit()
+        expected = last
+
+    loaded = empty()
+    assert load(loaded, store.uri("ckpt")) is True
+    assert_same(loaded, expected)
+    live = StorageReader(store.uri("ckpt")).read_metadata().storage_meta.save_id
+    assert save_ids(store, "ckpt") == {live}  # the replaced saves' data is gone, the survivor's whole
 
 
 def test_a_load_reads_only_the_items_it_needs(store: StoreCase) -> None:
