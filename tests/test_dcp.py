@@ -322,10 +322,10 @@ def test_world_size_two_saves_one_object_per_rank_and_reshards_to_one(tmp_path: 
         assert loaded["step"] == 5
 
 
-def test_the_readme_example_runs(tmp_path: Any) -> None:
-    from .test_examples import readme_python_blocks
+def test_the_documented_example_runs(tmp_path: Any) -> None:
+    from .test_docs import python_blocks
 
-    (block,) = (one for one in readme_python_blocks() if "from checkpointio.dcp import" in one)
+    (block,) = (one.code for one in python_blocks() if "from checkpointio.dcp import" in one.code)
     assert '"s3://my-bucket/run-7/step-100"' in block
     block = block.replace('"s3://my-bucket/run-7/step-100"', repr(str(tmp_path / "step-100")))
     model = torch.nn.Linear(4, 3)
