@@ -29,12 +29,15 @@ Example::
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import io
 import logging
 import os
 import pickle
+import threading
 import time
 import uuid
 import warnings
@@ -58,6 +61,7 @@ from torch.distributed.checkpoint.planner import (
     WriteItemType,
 )
 from torch.distributed.checkpoint.state_dict_loader import load as _dcp_load
+from torch.distributed.checkpoint.state_dict_saver import async_save as _dcp_async_save
 from torch.distributed.checkpoint.state_dict_saver import save as _dcp_save
 from torch.distributed.checkpoint.storage import StorageReader as _StorageReader
 from torch.distributed.checkpoint.storage import StorageWriter as _StorageWriter
@@ -65,7 +69,7 @@ from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 from typing_extensions import Unpack
 
-from . import _codec, _engine
+from . import _codec, _engine, _portal
 from ._concurrency import one_error
 from ._config import TransferConfig, TransferOptions
 from ._exceptions import (
@@ -74,11 +78,12 @@ from ._exceptions import (
     ChecksumMismatchError,
     CorruptCheckpointError,
 )
+from ._handle import SaveHandle
 from ._location import Location, parse_location
 from ._portal import run_sync
 from ._stores import ObjectInfo, Store, open_store
 
-__all__ = ["StorageReader", "StorageWriter", "load", "save"]
+__all__ = ["DistributedSaveHandle", "StorageReader", "StorageWriter", "load", "save"]
 
 logger = logging.getLogger(__name__)
 
@@ -230,6 +235,15 @@ def _failure_of(error: CheckpointException) -> CheckpointError | None:
     return None
 
 
+def _describe(error: CheckpointException) -> str:
+    """Each failed rank's error in one line (DCP's own message carries whole tracebacks)."""
+    parts = []
+    for rank, failure in sorted(error.failures.items()):
+        one = failure[0] if isinstance(failure, tuple) else failure
+        parts.append(f"rank {rank}: {type(one).__name__}: {one}")
+    return "; ".join(parts) or str(error)
+
+
 class StorageWriter(_StorageWriter):
     """DCP's ``StorageWriter`` for a checkpointio URI (local path, ``s3://``, ``memory://``).
 
@@ -368,18 +382,19 @@ class StorageWriter(_StorageWriter):
         raises). Data the live manifest points to is never deleted: a commit whose reply was lost
         may have landed.
         """
+        run_sync(self.discard_failed_save_async)
+
+    async def discard_failed_save_async(self) -> None:
+        """:meth:`discard_failed_save` on the event loop."""
         save_id = self._save_id
         if not self._is_coordinator or save_id is None:
             return
         try:
-            run_sync(self._discard, save_id)
+            live = await self._target.read_manifest_or_none()
+            if live is None or live.save_id != save_id:
+                await _delete_save(await self._target.store(), self._target.location, save_id)
         except Exception as error:
             logger.warning("%s: could not delete the data of the failed save: %s", self._target.location.uri, error)
-
-    async def _discard(self, save_id: str) -> None:
-        live = await self._target.read_manifest_or_none()
-        if live is None or live.save_id != save_id:
-            await _delete_save(await self._target.store(), self._target.location, save_id)
 
     def storage_meta(self) -> StorageMeta | None:
         return StorageMeta(checkpoint_id=self._target.location.uri, save_id=self._save_id or "")
@@ -619,29 +634,103 @@ def _unwrapped(call: Callable[[], Any]) -> Any:
         raise
 
 
-def save(state_dict: dict[str, Any], target: Target, **options: Unpack[TransferOptions]) -> None:
+class DistributedSaveHandle(SaveHandle):
+    """What ``save(..., wait=False)`` returns: a :class:`~checkpointio.SaveHandle` of a distributed save.
+
+    It behaves as a background save's handle does (``done()``, ``result()``, ``exception()``,
+    ``await handle``, ``add_done_callback``), and its error is never lost: one nobody retrieved
+    is raised, as :class:`~checkpointio.BackgroundSaveError`, by this process's next
+    ``checkpointio.dcp`` ``save()`` or ``load()``, and logged at interpreter exit. It cannot be
+    cancelled: every rank takes part in the save, one of them cannot call it off.
+    """
+
+    def cancel(self) -> None:
+        """Does nothing: a distributed save runs to its end on every rank (see the class)."""
+
+
+_lock = threading.Lock()
+#: This process's saves with ``wait=False`` not yet settled by a later save or load.
+_in_flight: list[DistributedSaveHandle] = []
+
+
+def _settle_in_flight() -> None:
+    """Wait for this process's earlier ``wait=False`` saves (two saves' collectives must never
+    interleave), then raise the first failure nobody retrieved."""
+    with _lock:
+        earlier = list(_in_flight)
+        _in_flight.clear()
+    errors = []
+    for handle in earlier:
+        handle.join()
+        error = handle.unseen_error()
+        if error is not None:
+            errors.append(error)
+    if errors:
+        raise errors[0]
+
+
+def save(
+    state_dict: dict[str, Any], target: Target, *, wait: bool = True, **options: Unpack[TransferOptions]
+) -> DistributedSaveHandle:
     """Save ``state_dict`` with ``torch.distributed.checkpoint.save`` to ``target``, committed at once.
 
     Called by every rank of the process group (or alone, without one). ``options`` are
-    :class:`~checkpointio.TransferConfig` fields.
+    :class:`~checkpointio.TransferConfig` fields. With ``wait=False`` the save goes on in the
+    background (``torch.distributed.checkpoint.async_save``: the state is copied to CPU memory
+    first, so training may change it at once) and the returned handle tells how it ended.
+    It first waits for this process's earlier ``wait=False`` save, if one still runs.
+
+    Returns:
+        The save's handle, already done unless ``wait=False``.
+
+    Raises:
+        BackgroundSaveError: An earlier ``wait=False`` save failed and nobody retrieved its error.
     """
+    _settle_in_flight()
     writer = StorageWriter(target, **options)
+    if wait:
+        try:
+            _unwrapped(lambda: _dcp_save(state_dict, storage_writer=writer))
+        except (Exception, CheckpointException):  # DCP's own error is a BaseException
+            writer.discard_failed_save()
+            raise
+        return DistributedSaveHandle(writer.checkpoint_id)
+    single = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    future = cast(concurrent.futures.Future[Any], _dcp_async_save(state_dict, storage_writer=writer, no_dist=single))
+    uri = writer.checkpoint_id
+    handle = DistributedSaveHandle(uri, _portal.start_soon(_awaited, f"distributed save to {uri}", writer, future))
+    with _lock:
+        _in_flight.append(handle)
+    return handle
+
+
+async def _awaited(writer: StorageWriter, future: concurrent.futures.Future[Any]) -> None:
+    """The outcome of DCP's background save: a checkpointio error where a rank raised one."""
     try:
-        _unwrapped(lambda: _dcp_save(state_dict, storage_writer=writer))
-    except (Exception, CheckpointException):  # DCP's own error is a BaseException
-        writer.discard_failed_save()
+        await asyncio.wrap_future(future)
+    except (Exception, CheckpointException) as error:
+        await writer.discard_failed_save_async()
+        if isinstance(error, CheckpointException):
+            failure = _failure_of(error)
+            uri = writer.checkpoint_id
+            if failure is not None:
+                raise failure from error
+            raise CheckpointError(f"{uri}: the distributed save failed: {_describe(error)}", uri=uri) from error
         raise
 
 
 def load(state_dict: dict[str, Any], target: Target, **options: Unpack[TransferOptions]) -> bool:
     """Load ``target`` into ``state_dict`` in place (``torch.distributed.checkpoint.load``, which
     reshards to this world size); ``False``, and ``state_dict`` untouched, when there is no
-    checkpoint at ``target`` (a first attempt).
+    checkpoint at ``target`` (a first attempt). It first waits for this process's earlier
+    ``save(wait=False)``, if one still runs.
 
     Raises:
         CorruptCheckpointError: Something that is not a distributed checkpoint is at ``target``.
         ChecksumMismatchError: A data object's bytes do not match their CRC32.
+        BackgroundSaveError: An earlier ``wait=False`` save failed and nobody retrieved its error.
     """
+    _settle_in_flight()
     reader = StorageReader(target, **options)
     manifest = run_sync(reader._target.read_manifest)
     if manifest is None:

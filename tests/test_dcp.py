@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
+import os
 import re
+import subprocess
+import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,7 +18,12 @@ torch = pytest.importorskip("torch")
 
 from torch.distributed.checkpoint.api import CheckpointException  # noqa: E402
 
-from checkpointio import ChecksumMismatchError, CorruptCheckpointError  # noqa: E402
+from checkpointio import (  # noqa: E402
+    BackgroundSaveError,
+    CheckpointError,
+    ChecksumMismatchError,
+    CorruptCheckpointError,
+)
 from checkpointio.dcp import StorageReader, StorageWriter, load, save  # noqa: E402
 
 from .conftest import StoreCase  # noqa: E402
@@ -229,6 +239,91 @@ def test_two_saves_racing_to_one_uri_leave_the_survivors_data_whole(store: Store
     assert save_ids(store, "ckpt") == {live}  # the replaced saves' data is gone, the survivor's whole
 
 
+class FailsToSave:
+    """Copied to CPU memory fine (a background save's staging); fails when DCP serialises it."""
+
+    def __deepcopy__(self, memo: Any) -> FailsToSave:
+        return FailsToSave()
+
+    def __reduce__(self) -> Any:
+        raise RuntimeError("this object cannot be saved")
+
+
+def test_a_background_save_commits_a_copy_of_the_state_taken_when_it_returned(store: StoreCase) -> None:
+    saved = state(15)
+    handle = save(saved, store.uri("ckpt"), wait=False)
+    saved["weight"].zero_()  # training goes on: the save has its own copy
+    saved["blob"].write(b"changed")
+    assert handle.result(timeout=120) is None
+    assert handle.done() and handle.succeeded() and handle.exception() is None
+    loaded = empty()
+    assert load(loaded, store.uri("ckpt")) is True
+    assert_same(loaded, state(15))
+    assert len(save_ids(store, "ckpt")) == 1
+
+    import torch.distributed.checkpoint as dcp
+
+    dcp.async_save(state(20), storage_writer=StorageWriter(store.uri("ckpt"))).result(timeout=120)
+    loaded = empty()
+    assert load(loaded, store.uri("ckpt")) is True
+    assert_same(loaded, state(20))
+
+
+def test_a_background_save_failure_is_never_lost(store: StoreCase) -> None:
+    save(state(16), store.uri("ckpt"))
+    failing = {**state(17), "zz": FailsToSave()}
+
+    handle = save(failing, store.uri("ckpt"), wait=False)
+    error = handle.exception(timeout=120)  # retrieved here: not raised again
+    assert isinstance(error, CheckpointError)
+    assert (
+        str(error)
+        == f"{store.uri('ckpt')}: the distributed save failed: rank 0: RuntimeError: this object cannot be saved"
+    )
+    with pytest.raises(CheckpointError, match="this object cannot be saved"):
+        asyncio.run(_awaited(handle))
+    save(state(18), store.uri("ckpt"))
+
+    handle = save(failing, store.uri("ckpt"), wait=False)  # nobody looks at this handle
+    with pytest.raises(BackgroundSaveError, match="this object cannot be saved") as caught:
+        save(state(19), store.uri("ckpt"))  # the next save reports it, and does not save
+    assert caught.value.uri == store.uri("ckpt") and isinstance(caught.value.__cause__, CheckpointError)
+    loaded = empty()
+    assert load(loaded, store.uri("ckpt")) is True
+    assert_same(loaded, state(18))  # the failed saves changed nothing
+    assert len(save_ids(store, "ckpt")) == 1  # and left no data behind
+
+    save(failing, store.uri("ckpt"), wait=False)
+    with pytest.raises(BackgroundSaveError, match="this object cannot be saved"):
+        load(empty(), store.uri("ckpt"))  # a load reports it too
+    loaded = empty()
+    assert load(loaded, store.uri("ckpt")) is True  # once
+    assert_same(loaded, state(18))
+
+
+async def _awaited(handle: Any) -> None:
+    await handle
+
+
+def test_a_background_save_failure_nobody_retrieved_is_logged_at_exit(tmp_path: Any) -> None:
+    script = tmp_path / "script.py"
+    script.write_text(
+        "from checkpointio.dcp import save\n"
+        "from tests.test_dcp import FailsToSave\n"
+        f"save({{'zz': FailsToSave()}}, {str(tmp_path / 'ckpt')!r}, wait=False)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).parent.parent,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "distributed save to" in result.stderr and "this object cannot be saved" in result.stderr, result.stderr
+
+
 def test_a_load_reads_only_the_items_it_needs(store: StoreCase) -> None:
     saved = state(7)
     save(saved, store.uri("ckpt"))
@@ -258,8 +353,9 @@ def full_state() -> dict[str, Any]:
 
 
 def _two_ranks(rank: int, world_size: int, port: int, uris: list[str]) -> None:
-    """One process of the gloo group: save sharded at world size 2, load it back at 2 (each rank
-    gets its own shards), for every URI (several scenarios per process start)."""
+    """One process of the gloo group: save sharded at world size 2 (the last URI with wait=False),
+    load it back at 2 (each rank gets its own shards), for every URI (several scenarios per
+    process start)."""
     import os
 
     import torch.distributed as dist
@@ -279,7 +375,8 @@ def _two_ranks(rank: int, world_size: int, port: int, uris: list[str]) -> None:
                 "step": full["step"],
             }
             assert load(sharded, uri) is False  # nothing there yet, on every rank
-            save(sharded, uri)
+            handle = save(sharded, uri, wait=uri != uris[-1])  # the last one in the background
+            assert handle.result(timeout=120) is None
             target = {
                 "weight": distribute_tensor(torch.zeros(10, 7), mesh, [Shard(0)]),
                 "moments": distribute_tensor(torch.zeros(6, 3, dtype=torch.bfloat16), mesh, [Shard(0)]),
