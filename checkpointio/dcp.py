@@ -70,6 +70,7 @@ from torch.futures import Future
 from typing_extensions import Unpack
 
 from . import _codec, _engine, _portal
+from ._checkpoint import Checkpoint
 from ._concurrency import one_error
 from ._config import TransferConfig, TransferOptions
 from ._exceptions import (
@@ -93,8 +94,9 @@ MANIFEST_VERSION = 1
 #: What follows the checkpoint's key for the folder (prefix) of its data objects.
 DATA_SUFFIX = ".dcp/"
 
-#: A URI, a path, or a parsed location.
-Target = str | os.PathLike[str]
+#: A URI or a path; or a :class:`~checkpointio.Checkpoint`: saves go to its ``dest``, loads read
+#: its newest valid source.
+Target = str | os.PathLike[str] | Checkpoint
 
 
 @dataclass(frozen=True)
@@ -196,27 +198,68 @@ def _decode_manifest(data: bytes | bytearray, uri: str) -> _Manifest:
 
 
 class _Target:
-    """A checkpoint's location, transfer settings and store (opened on the portal's loop, once)."""
+    """A checkpoint's location, transfer settings and stores (opened on the portal's loop, once).
+
+    For a :class:`~checkpointio.Checkpoint`, ``location`` is its ``dest`` (where a save goes) until
+    :meth:`find_manifest` picks the source a load reads.
+    """
 
     def __init__(self, target: Target, options: TransferOptions) -> None:
-        self.config = TransferConfig().with_options(**options)
+        self.sources: tuple[Location, ...] | None = None
+        if isinstance(target, Checkpoint):
+            self.config = target.config.with_options(**options)
+            self.sources = tuple(parse_location(uri) for uri in target.sources)
+            target = target.dest
+        else:
+            self.config = TransferConfig().with_options(**options)
+        self._stores: dict[str, Store] = {}
         self.reset(target)
 
-    def reset(self, target: Target) -> None:
+    def reset(self, target: str | os.PathLike[str]) -> None:
         self.location = parse_location(target)
-        self._store: Store | None = None
 
-    async def store(self) -> Store:
-        if self._store is None:
-            self._store = await open_store(self.location.scheme, self.config)
-        return self._store
+    async def store(self, location: Location | None = None) -> Store:
+        scheme = (location or self.location).scheme
+        if scheme not in self._stores:
+            self._stores[scheme] = await open_store(scheme, self.config)
+        return self._stores[scheme]
 
-    async def read_manifest(self) -> _Manifest | None:
-        """The manifest at the URI; ``None`` when there is no object there."""
-        data = await _engine.load_bytes(await self.store(), self.location, self.config)
+    async def read_manifest(self, location: Location | None = None) -> _Manifest | None:
+        """The manifest at the URI (or ``location``); ``None`` when there is no object there."""
+        location = location or self.location
+        data = await _engine.load_bytes(await self.store(location), location, self.config)
         if data is None:
             return None
-        return await anyio.to_thread.run_sync(_decode_manifest, data, self.location.uri)
+        return await anyio.to_thread.run_sync(_decode_manifest, data, location.uri)
+
+    async def find_manifest(self) -> _Manifest | None:
+        """The manifest a load reads: the URI's or, for a ``Checkpoint``, that of its newest source
+        holding a whole one (a garbled manifest or a missing data object is logged and the next
+        older source tried, as ``Checkpoint.load()`` does). ``location`` becomes that source.
+
+        Raises:
+            CorruptCheckpointError: Every source holding something is corrupt (the newest one's error).
+        """
+        if self.sources is None:
+            return await self.read_manifest()
+        errors: list[CorruptCheckpointError] = []
+        for location in self.sources:
+            try:
+                manifest = await self.read_manifest(location)
+                if manifest is None:
+                    continue
+                await _head_objects(await self.store(location), location, manifest, sorted(manifest.objects))
+            except CorruptCheckpointError as error:
+                errors.append(error)
+                logger.warning("skipping corrupt checkpoint %s", error)
+                continue
+            if errors:
+                logger.warning("restoring the older checkpoint %s instead", location.uri)
+            self.location = location
+            return manifest
+        if errors:
+            raise errors[0]
+        return None
 
     async def read_manifest_or_none(self) -> _Manifest | None:
         """The manifest at the URI; ``None`` when there is none, or something else is there."""
@@ -245,7 +288,8 @@ def _describe(error: CheckpointException) -> str:
 
 
 class StorageWriter(_StorageWriter):
-    """DCP's ``StorageWriter`` for a checkpointio URI (local path, ``s3://``, ``memory://``).
+    """DCP's ``StorageWriter`` for a checkpointio URI (local path, ``s3://``, ``memory://``), or a
+    :class:`~checkpointio.Checkpoint` (it writes the checkpoint's ``dest``, with its settings).
 
     ``options`` are :class:`~checkpointio.TransferConfig` fields (part size, concurrency, S3
     endpoint and request options...). ``memory://`` works where every rank runs in one process.
@@ -434,6 +478,39 @@ def _remove_empty_folder(folder: str) -> None:
         os.rmdir(folder)
 
 
+async def _head_objects(
+    store: Store, location: Location, manifest: _Manifest, names: list[str]
+) -> dict[str, ObjectInfo]:
+    """Each data object's description, checked against the size the manifest records.
+
+    Raises:
+        CorruptCheckpointError: One is missing or of another size.
+    """
+    infos: dict[str, ObjectInfo] = {}
+
+    async def head(name: str) -> None:
+        data = _data_location(location, name)
+        info = await store.head(data)
+        if info is None:
+            raise CorruptCheckpointError(
+                f"{location.uri}: its data object {data.uri} (rank {_rank_of(name)}) is missing", uri=location.uri
+            )
+        expected = manifest.objects.get(name, (info.size, 0))[0]
+        if info.size != expected:
+            raise CorruptCheckpointError(
+                f"{location.uri}: its data object {data.uri} (rank {_rank_of(name)}) holds {info.size} bytes, "
+                f"the manifest records {expected}",
+                uri=location.uri,
+            )
+        infos[name] = info
+
+    with one_error():
+        async with anyio.create_task_group() as group:
+            for name in names:
+                group.start_soon(head, name)
+    return infos
+
+
 @dataclass
 class _Range:
     """One request: a run of adjacent items of one object."""
@@ -464,7 +541,9 @@ def _coalesce(slices: Sequence[_Slice], most: int) -> list[_Range]:
 
 
 class StorageReader(_StorageReader):
-    """DCP's ``StorageReader`` for a checkpointio URI written by :class:`StorageWriter`.
+    """DCP's ``StorageReader`` for a checkpointio URI written by :class:`StorageWriter`, or a
+    :class:`~checkpointio.Checkpoint` (it reads the newest of its sources holding a whole
+    distributed checkpoint, as ``Checkpoint.load()`` does, with its settings).
 
     ``options`` are :class:`~checkpointio.TransferConfig` fields; ``max_concurrency`` ranges are
     fetched at once, each at most ``part_size`` bytes (adjacent items joined up to that).
@@ -489,9 +568,10 @@ class StorageReader(_StorageReader):
                 f"{uri}: no per-rank metadata (checkpointio.dcp writes one manifest)", uri=uri
             )
         if self._manifest is None:
-            manifest = run_sync(self._target.read_manifest)
+            manifest = run_sync(self._target.find_manifest)
             if manifest is None:
-                raise CheckpointNotFoundError(f"{uri}: no distributed checkpoint there", uri=uri)
+                there = "there" if self._target.sources is None else "in any of its sources"
+                raise CheckpointNotFoundError(f"{uri}: no distributed checkpoint {there}", uri=uri)
             self._manifest = manifest
         metadata = self._manifest.metadata
         if metadata.storage_meta is None:
@@ -537,33 +617,8 @@ class StorageReader(_StorageReader):
         return future
 
     async def _head_objects(self, names: list[str]) -> dict[str, ObjectInfo]:
-        """Each data object's description, checked against the size the manifest records."""
-        store = await self._target.store()
-        location = self._target.location
-        sizes = self._manifest.objects if self._manifest is not None else {}
-        infos: dict[str, ObjectInfo] = {}
-
-        async def head(name: str) -> None:
-            data = _data_location(location, name)
-            info = await store.head(data)
-            if info is None:
-                raise CorruptCheckpointError(
-                    f"{location.uri}: its data object {data.uri} (rank {_rank_of(name)}) is missing", uri=location.uri
-                )
-            expected = sizes.get(name, (info.size, 0))[0]
-            if info.size != expected:
-                raise CorruptCheckpointError(
-                    f"{location.uri}: its data object {data.uri} (rank {_rank_of(name)}) holds {info.size} bytes, "
-                    f"the manifest records {expected}",
-                    uri=location.uri,
-                )
-            infos[name] = info
-
-        with one_error():
-            async with anyio.create_task_group() as group:
-                for name in names:
-                    group.start_soon(head, name)
-        return infos
+        manifest = self._manifest or _Manifest("", Metadata({}), {})
+        return await _head_objects(await self._target.store(), self._target.location, manifest, names)
 
     async def _fetch(self, infos: dict[str, ObjectInfo], batch: list[_Range]) -> list[bytes]:
         """The bytes of each range, fetched at once (at most ``max_concurrency`` requests)."""
@@ -732,7 +787,7 @@ def load(state_dict: dict[str, Any], target: Target, **options: Unpack[TransferO
     """
     _settle_in_flight()
     reader = StorageReader(target, **options)
-    manifest = run_sync(reader._target.read_manifest)
+    manifest = run_sync(reader._target.find_manifest)
     if manifest is None:
         return False
     reader._manifest = manifest

@@ -20,7 +20,9 @@ from torch.distributed.checkpoint.api import CheckpointException  # noqa: E402
 
 from checkpointio import (  # noqa: E402
     BackgroundSaveError,
+    Checkpoint,
     CheckpointError,
+    CheckpointNotFoundError,
     ChecksumMismatchError,
     CorruptCheckpointError,
 )
@@ -66,6 +68,22 @@ def data_objects(store: StoreCase, name: str) -> list[str]:
 
 def save_ids(store: StoreCase, name: str) -> set[str]:
     return {key.partition("/")[0] for key in data_objects(store, name)}
+
+
+def delete(store: StoreCase, name: str) -> None:
+    """Delete one stored object, through the store itself."""
+    import anyio
+
+    from checkpointio._config import TransferConfig
+    from checkpointio._location import parse_location
+    from checkpointio._stores import open_store
+
+    location = parse_location(store.uri(name))
+
+    async def remove() -> bool:
+        return await (await open_store(location.scheme, TransferConfig())).delete(location)
+
+    assert anyio.run(remove)
 
 
 class Unpicklable:
@@ -322,6 +340,39 @@ def test_a_background_save_failure_nobody_retrieved_is_logged_at_exit(tmp_path: 
     )
     assert result.returncode == 0, result.stderr
     assert "distributed save to" in result.stderr and "this object cannot be saved" in result.stderr, result.stderr
+
+
+def test_a_checkpoint_saves_to_its_dest_and_loads_its_newest_whole_source(store: StoreCase) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    save(state(21), store.uri("attempt-0"))
+    save(state(22), store.uri("attempt-1"))
+    (broken,) = data_objects(store, "attempt-1")
+    delete(store, f"attempt-1.dcp/{broken}")  # its data object is gone: the older source is used
+    store.put_raw("attempt-2", b"checkpointio-dcp/1\ngarbled")  # a garbled manifest: skipped too
+    sources = [store.uri("attempt-3"), store.uri("attempt-2"), store.uri("attempt-1"), store.uri("attempt-0")]
+    cp = Checkpoint(store.uri("attempt-4"), src=sources, part_size=5 * 1024 * 1024)
+
+    loaded = empty()
+    assert load(loaded, cp) is True
+    assert_same(loaded, state(21))
+    loaded = empty()
+    dcp.load(loaded, storage_reader=StorageReader(cp))
+    assert_same(loaded, state(21))
+
+    save(state(23), cp)  # to its dest
+    assert store.get_raw("attempt-4").startswith(b"checkpointio-dcp/1\n")
+    loaded = empty()
+    assert load(loaded, Checkpoint(store.uri("attempt-5"), src=[store.uri("attempt-4"), *sources])) is True
+    assert_same(loaded, state(23))
+    assert load(empty(), store.uri("attempt-5")) is False
+
+    with pytest.raises(CorruptCheckpointError, match=r"attempt-2: the distributed checkpoint's manifest is garbled"):
+        load(empty(), Checkpoint(store.uri("attempt-5"), src=sources[:3]))  # nothing whole: the newest error
+    first = Checkpoint(store.uri("attempt-0"))
+    assert load(empty(), first) is False  # no source at all: a first attempt
+    with pytest.raises(CheckpointNotFoundError, match="no distributed checkpoint in any of its sources"):
+        StorageReader(first).read_metadata()
 
 
 def test_a_load_reads_only_the_items_it_needs(store: StoreCase) -> None:
