@@ -254,8 +254,8 @@ class _Folders:
 
     A trie of path parts in which a chain of folders with one child each is one edge labelled
     with the parts joined (a radix tree): memory grows with the bytes of the names, whatever
-    their depth. A set of every folder's path holds every prefix of a deep name: 4 MB for one
-    name of 2,000 parts, 218 MiB for a 2 KB archive of 60 of them.
+    their depth. (A set of every folder's path would hold every prefix of a deep name: memory
+    quadratic in its number of parts, from a tiny crafted archive.)
     """
 
     def __init__(self) -> None:
@@ -636,7 +636,7 @@ def _climbs_out(rel: str, link: str) -> bool:
 
 def _way(rel: str, link: str) -> Iterator[str]:
     """The folders :func:`link_way` lists, one at a time (for a target that does not climb out):
-    a target of 2,000 parts passes through 2,000 of them, 4 MB as a list."""
+    a target of thousands of parts passes through as many folders, which a list would hold at once."""
     parts = rel.split("/")[:-1]
     steps = [step for step in link.split("/") if step not in ("", ".")]
     for index, step in enumerate(steps):
