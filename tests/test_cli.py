@@ -494,7 +494,8 @@ def test_verbose_says_what_is_retried_and_max_attempts_counts_the_first_try(moto
     args = ("ls", "s3://bucket/x", "--endpoint-url", endpoint, "--max-attempts", "3", "--connect-timeout", "1")
     result = cli("-v", *args)
     assert result.returncode == 1, result.stderr
-    retries = [line for line in result.stderr.splitlines() if " INFO checkpointio._stores._s3: retrying " in line]
+    retrying = " INFO checkpointio._stores._s3._client: retrying "
+    retries = [line for line in result.stderr.splitlines() if retrying in line]
     assert [line.split("(attempt ")[1].split(")")[0] for line in retries] == ["2 of 3", "3 of 3"], result.stderr
     assert all(f"ListObjectsV2 {endpoint}/bucket" in line for line in retries), retries
     assert all("after EndpointConnectionError: Could not connect to the endpoint URL" in line for line in retries)

@@ -29,7 +29,10 @@ from checkpointio import (
 )
 from checkpointio._config import TransferConfig
 from checkpointio._location import parse_location
-from checkpointio._stores._s3 import S3Store, _clients, _DataLoader, _prepared_session, _Received
+from checkpointio._stores._s3 import S3Store
+from checkpointio._stores._s3._client import _clients
+from checkpointio._stores._s3._download import _Received
+from checkpointio._stores._s3._loader import _DataLoader, _prepared_session
 
 from .conftest import MotoServer, free_port, make_tree, snapshot, start_moto, stop
 from .faultproxy import FaultProxy
@@ -245,7 +248,7 @@ async def test_an_ordered_read_holds_buffers_only_for_the_ranges_in_flight(
 ) -> None:
     import weakref
 
-    import checkpointio._stores._s3 as s3
+    import checkpointio._stores._s3._download as s3
 
     data = os.urandom(31 * MiB)  # seven ranges of 5 MiB, two in flight at a time
     options = {**SMALL_PARTS, "max_concurrency": 2}
@@ -358,7 +361,7 @@ async def test_a_listing_whose_head_fails_raises_that_store_error(
 
 def test_an_interrupted_call_waits_longer_than_an_abort_may_take() -> None:
     from checkpointio._portal import CLEANUP_TIMEOUT
-    from checkpointio._stores._s3 import _ABORT_TIMEOUT
+    from checkpointio._stores._s3._upload import _ABORT_TIMEOUT
 
     assert CLEANUP_TIMEOUT > _ABORT_TIMEOUT  # else Ctrl-C could return with the upload still open
 

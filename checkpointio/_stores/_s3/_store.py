@@ -1,0 +1,195 @@
+"""The S3 store: head, list, delete, conditional create and unfinished uploads; put and get are
+in :mod:`._upload` and :mod:`._download`."""
+
+from __future__ import annotations
+
+import base64
+import logging
+from typing import Any
+
+from botocore.exceptions import ClientError
+
+from ..._config import TransferConfig
+from ..._exceptions import BucketNotFoundError
+from ..._location import Location
+from .._base import Body, ObjectInfo, PendingWrite, RangeSink, Record, Sink
+from ._client import _Requests
+from ._download import get, get_ranges, read_range
+from ._upload import put, request_body
+
+logger = logging.getLogger(__name__)
+
+
+class S3Store:
+    """Checkpoints as objects in S3 or an S3-compatible store."""
+
+    def __init__(self, config: TransferConfig) -> None:
+        self._requests = _Requests(config)
+
+    # -- head / delete / list / unfinished uploads ---------------------------------------------
+
+    async def head(self, location: Location) -> ObjectInfo | None:
+        client = await self._requests.client()
+        try:
+            response = await client.head_object(
+                Bucket=location.bucket,
+                Key=location.key,
+                ChecksumMode="ENABLED",
+                **self._requests.options(client, "HeadObject"),
+            )
+        except ClientError as error:
+            status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if status == 404 or error.response.get("Error", {}).get("Code") in ("404", "NoSuchKey"):
+                await self._check_bucket(client, location)
+                return None
+            raise self._requests.error(error, location, "read the checkpoint's metadata") from error
+        except Exception as error:
+            raise self._requests.error(error, location, "read the checkpoint's metadata") from error
+        server_crc = None
+        checksum = response.get("ChecksumCRC32")
+        # A composite (per-part) checksum ends in "-N" and says nothing about the whole content.
+        if checksum and "-" not in checksum and response.get("ChecksumType", "FULL_OBJECT") == "FULL_OBJECT":
+            server_crc = int.from_bytes(base64.b64decode(checksum), "big")
+        modified = response.get("LastModified")
+        return ObjectInfo(
+            location,
+            int(response["ContentLength"]),
+            response["ETag"],
+            Record.from_metadata(response.get("Metadata", {})),
+            server_crc32=server_crc,
+            modified=modified.timestamp() if modified is not None else None,
+        )
+
+    async def _check_bucket(self, client: Any, location: Location) -> None:
+        """A 404 on HEAD does not say whether the key or the bucket is missing: ask.
+
+        Only a 404 means the bucket is missing. A 403 means it exists and these credentials may
+        not look at the bucket itself (object-only permissions, as with GCS interop's
+        ``objectAdmin`` role): the key is what is missing, and a first attempt must see "no
+        checkpoint", not an access error.
+        """
+        try:
+            await client.head_bucket(Bucket=location.bucket, **self._requests.options(client, "HeadBucket"))
+        except ClientError as error:
+            status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if status == 404:
+                raise BucketNotFoundError(
+                    f"{location.uri}: bucket {location.bucket!r} does not exist", uri=location.uri
+                ) from error
+            if status == 403:
+                logger.debug("no permission to HEAD bucket %r; %s is missing", location.bucket, location)
+                return
+            raise self._requests.error(error, location, "check the bucket") from error
+
+    async def delete(self, location: Location) -> bool:
+        client = await self._requests.client()
+        existed = await self.head(location) is not None
+        try:
+            await client.delete_object(
+                Bucket=location.bucket, Key=location.key, **self._requests.options(client, "DeleteObject")
+            )
+        except Exception as error:
+            raise self._requests.error(error, location, "delete the checkpoint") from error
+        return existed
+
+    async def pending(self, prefix: Location) -> list[PendingWrite]:
+        client = await self._requests.client()
+        found: list[PendingWrite] = []
+        try:
+            paginator = client.get_paginator("list_multipart_uploads")
+            options = self._requests.options(client, "ListMultipartUploads")
+            async for page in paginator.paginate(Bucket=prefix.bucket, Prefix=prefix.key, **options):
+                for upload in page.get("Uploads", []):
+                    initiated = upload.get("Initiated")
+                    found.append(
+                        PendingWrite(
+                            Location("s3", prefix.bucket, upload["Key"]),
+                            upload["UploadId"],
+                            initiated.timestamp() if initiated is not None else None,
+                        )
+                    )
+        except Exception as error:
+            raise self._requests.error(error, prefix, "list incomplete uploads") from error
+        return sorted(found, key=lambda write: (write.started or 0.0, write.location.key))
+
+    async def discard(self, write: PendingWrite) -> bool:
+        client = await self._requests.client()
+        location = write.location
+        try:
+            await client.abort_multipart_upload(
+                Bucket=location.bucket,
+                Key=location.key,
+                UploadId=write.ident,
+                **self._requests.options(client, "AbortMultipartUpload"),
+            )
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") == "NoSuchUpload":
+                return False
+            raise self._requests.error(error, location, f"abort upload {write.ident}") from error
+        except Exception as error:
+            raise self._requests.error(error, location, f"abort upload {write.ident}") from error
+        return True
+
+    async def list(self, prefix: Location) -> list[ObjectInfo]:
+        client = await self._requests.client()
+        found: list[ObjectInfo] = []
+        try:
+            paginator = client.get_paginator("list_objects_v2")
+            async for page in paginator.paginate(
+                Bucket=prefix.bucket, Prefix=prefix.key, **self._requests.options(client, "ListObjectsV2")
+            ):
+                for item in page.get("Contents", []):
+                    found.append(
+                        ObjectInfo(
+                            Location("s3", prefix.bucket, item["Key"]),
+                            int(item["Size"]),
+                            item["ETag"],
+                            modified=item["LastModified"].timestamp(),
+                        )
+                    )
+        except Exception as error:
+            raise self._requests.error(error, prefix, "list checkpoints") from error
+        return sorted(found, key=lambda info: info.location.key)
+
+    async def create(self, location: Location, data: bytes, record: Record) -> bool:
+        """A PUT with ``If-None-Match: *``, which S3 applies atomically: 412 means the key exists, 409
+        that a concurrent conditional write to it is in progress (it, not this one, takes the key).
+
+        A server that ignores the header (some S3-compatible ones) overwrites instead: the claim
+        then holds only as well as a plain PUT.
+        """
+        client = await self._requests.client()
+        body, _size, headers = request_body(self._requests, [data])
+        try:
+            await client.put_object(
+                Bucket=location.bucket,
+                Key=location.key,
+                Body=body,
+                IfNoneMatch="*",
+                Metadata=record.to_metadata(),
+                **headers,
+                **self._requests.options(client, "PutObject"),
+            )
+        except ClientError as error:
+            status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            code = error.response.get("Error", {}).get("Code")
+            if status in (409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict"):
+                return False
+            raise self._requests.error(error, location, "create the object") from error
+        except Exception as error:
+            raise self._requests.error(error, location, "create the object") from error
+        return True
+
+    # -- put / get: see _upload and _download ---------------------------------------------------
+
+    async def put(self, location: Location, body: Body, record: Record) -> ObjectInfo:
+        return await put(self._requests, location, body, record)
+
+    async def get(self, info: ObjectInfo, sink: Sink) -> None:
+        await get(self._requests, info, sink)
+
+    async def get_ranges(self, info: ObjectInfo, sink: RangeSink) -> None:
+        await get_ranges(self._requests, info, sink)
+
+    async def read_range(self, info: ObjectInfo, offset: int, length: int) -> bytes:
+        return await read_range(self._requests, info, offset, length)

@@ -1,0 +1,288 @@
+"""Save: one PUT for small objects; otherwise a multipart upload fed as a stream.
+
+Parts are cut from the producer and uploaded concurrently while it keeps going, each with a CRC32
+(or Content-MD5) the server verifies, the whole object's CRC32 sent with CompleteMultipartUpload.
+The object appears only when Complete succeeds; on any error or cancellation the upload is aborted.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+import io
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import anyio.to_thread
+from botocore.exceptions import ClientError
+
+from ... import _codec
+from ..._concurrency import one_error
+from ..._exceptions import SourceChangedError
+from ..._location import Location
+from ..._planning import check_object_size, part_size_for_known_size, part_size_for_stream
+from .._base import Body, ObjectInfo, Record
+from ._client import _Requests
+
+logger = logging.getLogger(__name__)
+
+#: How long an abort may take once a save failed or was cancelled.
+_ABORT_TIMEOUT = 60.0
+
+
+def _b64(digest: bytes) -> str:
+    return base64.b64encode(digest).decode()
+
+
+def _crc32_b64(crc: int) -> str:
+    return _b64(crc.to_bytes(4, "big"))
+
+
+Pieces = list[bytes | memoryview]
+
+
+def _cut(pieces: Pieces, size: int) -> tuple[Pieces, Pieces]:
+    """Split a list of byte pieces after ``size`` bytes, slicing (not copying) the piece that straddles."""
+    taken: Pieces = []
+    held = 0
+    for index, piece in enumerate(pieces):
+        if held + len(piece) > size:
+            view = memoryview(piece)
+            cut = size - held
+            if cut:
+                taken.append(view[:cut])
+            return taken, [view[cut:], *pieces[index + 1 :]]
+        taken.append(piece)
+        held += len(piece)
+    return taken, []
+
+
+async def put(requests: _Requests, location: Location, body: Body, record: Record) -> ObjectInfo:
+    config = requests.config
+    if body.size is not None:
+        check_object_size(body.size, location.uri)
+        part_size = part_size_for_known_size(body.size, config.part_size)
+    else:
+        part_size = config.part_size
+    stream = aiter(body)
+    # Chunks are gathered as a list and joined in a worker thread: growing one buffer on the
+    # event loop would copy every byte there, two or three times.
+    first: Pieces = []
+    held = 0
+    ended = False
+    while held < max(part_size, config.multipart_threshold):
+        try:
+            chunk = await anext(stream)
+        except StopAsyncIteration:
+            ended = True
+            break
+        first.append(chunk)
+        held += len(chunk)
+    if ended and held < config.multipart_threshold:
+        return await _put_single(requests, location, first, record.completed(body.digest))
+    return await _put_multipart(requests, location, body, stream, first, record, part_size)
+
+
+def request_body(
+    requests: _Requests, pieces: Pieces, crc: int | None = None, reuse: io.BytesIO | None = None
+) -> tuple[io.BytesIO, int, dict[str, str]]:
+    """Worker thread: one request's body, its size and the checksum header the server verifies.
+
+    The body is a file object, not bytes: aiohttp then writes it in 64 KiB pieces as the
+    socket drains, where bytes would be copied whole into the transport's buffer (and shifted
+    down after every send) on the event loop. It is allocated once at its exact size (growing
+    it write by write fragmented the heap: +20% peak RSS over a 1 GiB tree) and filled piece by
+    piece, so the GIL is released between pieces (one 16 MiB copy would hold it, and the event
+    loop with it, for ~10 ms); aiohttp then finds a buffer of its own, with nothing to copy.
+    botocore seeks back to resend it on a retry. ``reuse``, the body of a part whose upload
+    finished, is overwritten when it has the same size.
+    """
+    size = sum(len(piece) for piece in pieces)
+    fits = False
+    if reuse is not None:
+        with reuse.getbuffer() as view:  # an export: released before the buffer is written
+            fits = view.nbytes == size
+    if reuse is not None and fits:
+        body = reuse
+        body.seek(0)
+    else:
+        body = io.BytesIO()
+        if size:  # one allocation of the exact size: no chain of reallocations as it fills
+            body.seek(size - 1)
+            body.write(b"\0")
+            body.seek(0)
+    running = 0
+    digest = None if requests.config.flexible_checksums else hashlib.md5()
+    pieces.reverse()
+    while pieces:  # each piece is let go once copied: a part is not held twice while it is built
+        piece = pieces.pop()
+        body.write(piece)
+        if digest is not None:
+            digest.update(piece)
+        elif crc is None:
+            running = _codec.crc32(piece, running)
+        del piece
+    body.seek(0)
+    if digest is not None:
+        return body, size, {"ContentMD5": _b64(digest.digest())}
+    return body, size, {"ChecksumCRC32": _crc32_b64(running if crc is None else crc)}
+
+
+async def _put_single(requests: _Requests, location: Location, pieces: Pieces, record: Record) -> ObjectInfo:
+    client = await requests.client()
+    body, size, headers = await anyio.to_thread.run_sync(request_body, requests, pieces, record.crc32)
+    try:
+        response = await client.put_object(
+            Bucket=location.bucket,
+            Key=location.key,
+            Body=body,
+            Metadata=record.to_metadata(),
+            **headers,
+            **requests.options(client, "PutObject"),
+        )
+    except Exception as error:
+        raise requests.error(error, location, "upload the checkpoint") from error
+    return ObjectInfo(location, size, response["ETag"], record)
+
+
+async def _put_multipart(
+    requests: _Requests,
+    location: Location,
+    body: Body,
+    stream: AsyncIterator[bytes],
+    first: Pieces,
+    record: Record,
+    part_size: int,
+) -> ObjectInfo:
+    config = requests.config
+    client = await requests.client()
+    if body.size is not None and body.crc32_up_front is not None:
+        # The metadata is set now, before any part: read the source once more for its CRC32,
+        # so the object carries one a load can check on any server (many keep no CRC32 of a
+        # multipart object's whole content; then it would be checked for its length only).
+        crc = await anyio.to_thread.run_sync(body.crc32_up_front)
+        record = dataclasses.replace(record, size=body.size, crc32=crc)
+    extra = {"ChecksumAlgorithm": "CRC32", "ChecksumType": "FULL_OBJECT"} if config.flexible_checksums else {}
+    try:
+        # Shielded: cancelled after the server created the upload but before we learnt its id,
+        # it could never be aborted. The id is ours the moment it exists.
+        with anyio.CancelScope(shield=True):
+            created = await client.create_multipart_upload(
+                Bucket=location.bucket,
+                Key=location.key,
+                Metadata=record.to_metadata(),
+                **extra,
+                **requests.options(client, "CreateMultipartUpload"),
+            )
+    except Exception as error:
+        raise requests.error(error, location, "start the upload") from error
+    upload_id = created["UploadId"]
+    parts: dict[int, dict[str, Any]] = {}
+    slots = anyio.Semaphore(config.max_concurrency)
+    # Bodies of parts already sent, refilled for the next parts: a transfer allocates at most
+    # max_concurrency of them, instead of a new 16 MiB buffer per part, which left freed
+    # buffers spread over the worker threads' malloc arenas (peak RSS up to +80 MiB).
+    spare: list[io.BytesIO] = []
+
+    async def upload_part(number: int, pieces: Pieces) -> None:
+        try:
+            reuse = spare.pop() if spare else None
+            body, _, headers = await anyio.to_thread.run_sync(request_body, requests, pieces, None, reuse)
+            response = await client.upload_part(
+                Bucket=location.bucket,
+                Key=location.key,
+                UploadId=upload_id,
+                PartNumber=number,
+                Body=body,
+                **headers,
+                **requests.options(client, "UploadPart"),
+            )
+            part: dict[str, Any] = {"PartNumber": number, "ETag": response["ETag"]}
+            if "ChecksumCRC32" in headers:
+                part["ChecksumCRC32"] = headers["ChecksumCRC32"]
+            parts[number] = part
+            spare.append(body)  # sent and acknowledged: nothing reads it any more
+        except Exception as error:
+            raise requests.error(error, location, f"upload part {number}") from error
+        finally:
+            slots.release()
+
+    try:
+        await anyio.lowlevel.checkpoint()  # a cancellation that arrived during the shield
+        pieces = first
+        held = sum(len(piece) for piece in pieces)
+        number = 0
+        total = 0
+        with one_error():
+            async with anyio.create_task_group() as group:
+                ended = False
+                while not ended or pieces:
+                    size = part_size if body.size is not None else part_size_for_stream(number, part_size)
+                    while not ended and held < size:
+                        try:
+                            chunk = await anext(stream)
+                        except StopAsyncIteration:
+                            ended = True
+                            break
+                        pieces.append(chunk)
+                        held += len(chunk)
+                    if not pieces:
+                        break
+                    part, pieces = _cut(pieces, size)
+                    length = min(size, held)
+                    held -= length
+                    number += 1
+                    total += length
+                    check_object_size(total, location.uri)
+                    await slots.acquire()  # at most max_concurrency parts in flight
+                    group.start_soon(upload_part, number, part)
+        if record.crc32 is not None and (body.digest.crc32, body.digest.length) != (record.crc32, record.size):
+            raise SourceChangedError(
+                f"{location.uri}: the source changed while it was saved (read again, it no longer has "
+                f"the size and CRC32 recorded when the upload started); the previous checkpoint stays",
+                uri=location.uri,
+            )
+        complete: dict[str, Any] = {"MultipartUpload": {"Parts": [parts[n] for n in sorted(parts)]}}
+        if config.flexible_checksums:
+            complete.update(ChecksumCRC32=_crc32_b64(body.digest.crc32), ChecksumType="FULL_OBJECT")
+        try:
+            response = await client.complete_multipart_upload(
+                Bucket=location.bucket,
+                Key=location.key,
+                UploadId=upload_id,
+                **complete,
+                **requests.options(client, "CompleteMultipartUpload"),
+            )
+        except Exception as error:
+            raise requests.error(error, location, "complete the upload") from error
+    except BaseException:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(_ABORT_TIMEOUT):
+            await _abort(requests, client, location, upload_id)
+        raise
+    return ObjectInfo(location, total, response["ETag"], record.completed(body.digest))
+
+
+async def _abort(requests: _Requests, client: Any, location: Location, upload_id: str) -> None:
+    """Abort, and repeat until no part is listed (S3 may keep parts uploaded during an abort)."""
+    for attempt in range(3):
+        try:
+            where = {"Bucket": location.bucket, "Key": location.key, "UploadId": upload_id}
+            await client.abort_multipart_upload(**where, **requests.options(client, "AbortMultipartUpload"))
+            listed = await client.list_parts(**where, **requests.options(client, "ListParts"))
+            if not listed.get("Parts"):
+                return
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") == "NoSuchUpload":
+                return
+            logger.warning("aborting upload %s of %s failed: %s", upload_id, location.uri, error)
+        except Exception as error:
+            logger.warning("aborting upload %s of %s failed: %s", upload_id, location.uri, error)
+        await anyio.sleep(0.2 * 2**attempt)
+    logger.error("could not abort upload %s of %s; `checkpointio gc` can remove it", upload_id, location.uri)
+
+
+# -- get -------------------------------------------------------------------------------------
