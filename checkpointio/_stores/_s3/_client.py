@@ -65,8 +65,8 @@ class _Clients:
 
     def _forget_closed_loops(self) -> None:
         """Drop the clients of loops closed without ``shutdown_asyncgens()`` (``asyncio.run``
-        calls it; ``new_event_loop() ... close()`` does not): each holds its loop, so the weak
-        keys never went, and a process making loop after loop kept ~8 MB per loop."""
+        calls it; ``new_event_loop() ... close()`` does not): each holds its loop, so its weak key
+        never goes, and a process making loop after loop would keep every client it ever made."""
         for loop in [loop for loop in self._by_loop if loop.is_closed()]:
             self._by_loop.pop(loop, None)
             self._locks.pop(loop, None)
@@ -94,7 +94,7 @@ class _Clients:
         )
         session = await anyio.to_thread.run_sync(_prepared_session, config.profile)
         # Over plain HTTP there is no certificate to verify; saying so spares the first request
-        # building a TLS context from the CA bundle (~30 ms of a cold start, in a thread).
+        # building a TLS context from the CA bundle, a cold-start cost (in a thread).
         plain_http = endpoint is not None and endpoint.lower().startswith("http://")
         try:
             async with session.create_client(

@@ -95,9 +95,9 @@ def request_body(
     The body is a file object, not bytes: aiohttp then writes it in 64 KiB pieces as the
     socket drains, where bytes would be copied whole into the transport's buffer (and shifted
     down after every send) on the event loop. It is allocated once at its exact size (growing
-    it write by write fragmented the heap: +20% peak RSS over a 1 GiB tree) and filled piece by
-    piece, so the GIL is released between pieces (one 16 MiB copy would hold it, and the event
-    loop with it, for ~10 ms); aiohttp then finds a buffer of its own, with nothing to copy.
+    it write by write fragments the heap and raises peak RSS) and filled piece by piece, so the
+    GIL is released between pieces (one whole-part copy would hold it, and the event loop with
+    it); aiohttp then finds a buffer of its own, with nothing to copy.
     botocore seeks back to resend it on a retry. ``reuse``, the body of a part whose upload
     finished, is overwritten when it has the same size.
     """
@@ -184,8 +184,8 @@ async def _put_multipart(
     parts: dict[int, dict[str, Any]] = {}
     slots = anyio.Semaphore(config.max_concurrency)
     # Bodies of parts already sent, refilled for the next parts: a transfer allocates at most
-    # max_concurrency of them, instead of a new 16 MiB buffer per part, which left freed
-    # buffers spread over the worker threads' malloc arenas (peak RSS up to +80 MiB).
+    # max_concurrency of them, not one per part, whose freed buffers would spread over the
+    # worker threads' malloc arenas and make peak RSS drift from run to run.
     spare: list[io.BytesIO] = []
 
     async def upload_part(number: int, pieces: Pieces) -> None:
