@@ -18,6 +18,7 @@ be one (``..``, ``/``, ...): they would share keys with another run, or leave th
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
 import inspect
@@ -30,7 +31,7 @@ import shlex
 import socket
 import time
 import zlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -411,25 +412,115 @@ def _failed(error: BaseException, failures: list[AttemptFailure], resume_hint: s
             error.add_note(f"checkpointio: {resume_hint}")
 
 
-def _close_after_failure(checkpoint: Checkpoint, error: Exception) -> None:
-    """Close a failed attempt's checkpoint: wait for its background save, so the next attempt sees it.
+class _Attempts:
+    """The retry policy of one task call, written once for the ``def`` and the ``async def`` driver.
 
-    A background failure is logged and noted on the attempt's error, which stays the one reported.
+    For each attempt a driver calls :meth:`claim`, runs the function inside :meth:`entered`
+    (``ctx()`` set), then :meth:`close` (waits for the attempt's background save, whose failure
+    fails the attempt). After an ``Exception``: :meth:`close_failed`, then :meth:`retry_delay`, which
+    raises the error when no attempt is left, then :meth:`rediscover` and a sleep of that delay.
+    After anything else (Ctrl-C, cancellation): :meth:`interrupted`, and the exception goes on.
+    After a success: :meth:`succeeded`.
+
+    Coroutine methods touch the store and do nothing when the task stores no checkpoint
+    (``retries=0``); the others may block on a background save and do nothing without a checkpoint.
     """
-    try:
-        checkpoint.close()
-    except BackgroundSaveError as failure:
-        logger.warning("%s", failure)
-        if hasattr(error, "add_note"):
-            error.add_note(f"checkpointio: also, {failure}")
 
+    def __init__(self, run: _Run, task_name: str, retries: int, backoff: float) -> None:
+        self.run = run
+        self.task_name = task_name
+        self.retries = retries
+        self.backoff = backoff
+        #: With no retry there is nothing to restore: no checkpoint, no storage touched.
+        self.stores = retries > 0
+        #: The attempt running, or the last one; without a store the only one is 0 and claims nothing.
+        self.attempt = -1 if self.stores else 0
+        self.checkpoint: Checkpoint | None = None
+        self.failures: list[AttemptFailure] = []
 
-def _close_after_interrupt(checkpoint: Checkpoint) -> None:
-    """Ctrl-C or cancellation: give a background save a short while, then abort it."""
-    try:
-        checkpoint.close(timeout=_portal.CLEANUP_TIMEOUT)
-    except BackgroundSaveError as failure:
-        logger.warning("%s", failure)
+    async def open(self) -> None:
+        """Before the first attempt: prune old runs where asked, list this run's attempts."""
+        if self.stores:
+            await self.run.open()
+
+    async def claim(self) -> None:
+        """Begin the next attempt: claim its number and make its checkpoint."""
+        if not self.stores:
+            return
+        self.attempt = await self.run.claim(self.attempt)
+        self.checkpoint = self.run.checkpoint(self.attempt)
+        logger.info(
+            "task %s: attempt %d of run %s saves to %s (%s)",
+            self.task_name,
+            self.attempt,
+            self.run.run_id,
+            self.run.attempt_location(self.attempt).uri,
+            self.run.resume_hint,
+        )
+
+    @contextlib.contextmanager
+    def entered(self) -> Iterator[None]:
+        """``ctx()`` is this attempt's while the function runs."""
+        token = _current.set(TaskContext(self.checkpoint, self.attempt, self.run.run_id, self.task_name))
+        try:
+            yield
+        finally:
+            _current.reset(token)
+
+    def close(self) -> None:
+        """The function returned: wait for the attempt's background save; its failure fails the attempt."""
+        if self.checkpoint is not None:
+            self.checkpoint.close()
+
+    def close_failed(self, error: Exception) -> None:
+        """The attempt failed: wait for its background save, so the next attempt sees it.
+
+        A background failure is logged and noted on the attempt's error, which stays the one reported.
+        """
+        if self.checkpoint is None:
+            return
+        try:
+            self.checkpoint.close()
+        except BackgroundSaveError as failure:
+            logger.warning("%s", failure)
+            if hasattr(error, "add_note"):
+                error.add_note(f"checkpointio: also, {failure}")
+
+    def retry_delay(self, error: Exception) -> float:
+        """Record the failed attempt; the seconds to wait before the next one.
+
+        Raises:
+            Exception: ``error``, with ``error.attempts`` and notes attached, when no attempt is left.
+        """
+        self.failures.append(AttemptFailure(self.attempt, error))
+        if len(self.failures) > self.retries:
+            _failed(error, self.failures, self.run.resume_hint if self.stores else None)
+            raise error
+        delay = float(self.backoff * 2.0 ** (len(self.failures) - 1))
+        failure = f"{type(error).__name__}: {error}"
+        name, attempt = self.task_name, self.attempt
+        logger.warning("task %s: attempt %d failed (%s); retrying in %.3g s", name, attempt, failure, delay)
+        logger.debug("task %s: attempt %d failed with", name, attempt, exc_info=error)
+        return delay
+
+    async def rediscover(self) -> None:
+        """Before a retry: what the failed attempt saved is the next one's to restore."""
+        if self.stores:
+            await self.run.discover()
+
+    def interrupted(self) -> None:
+        """Ctrl-C or cancellation: give a background save a short while, then abort it."""
+        if self.checkpoint is None:
+            return
+        try:
+            self.checkpoint.close(timeout=_portal.CLEANUP_TIMEOUT)
+        except BackgroundSaveError as failure:
+            logger.warning("%s", failure)
+
+    async def succeeded(self) -> None:
+        """After a successful attempt: apply retention, drop this call's claims."""
+        if self.stores:
+            await self.run.clean_up()
 
 
 def _make_task(
@@ -441,106 +532,69 @@ def _make_task(
     run_id: str | None,
 ) -> Callable[P, R]:
     task_name = name if name is not None else _key_segment(func.__name__, "task name", "the function's name")
-    stores = retries > 0  # with no retry there is nothing to restore: no checkpoint, no storage touched
 
-    def begin(run: _Run, attempt: int) -> tuple[Checkpoint | None, Any]:
-        checkpoint = run.checkpoint(attempt) if stores else None
-        if stores:
-            logger.info(
-                "task %s: attempt %d of run %s saves to %s (%s)",
-                task_name,
-                attempt,
-                run.run_id,
-                run.attempt_location(attempt).uri,
-                run.resume_hint,
-            )
-        token = _current.set(TaskContext(checkpoint, attempt, run.run_id, task_name))
-        return checkpoint, token
-
-    def give_up_or_wait(error: Exception, run: _Run, attempt: int, tries: int, failures: list[AttemptFailure]) -> float:
-        failures.append(AttemptFailure(attempt, error))
-        if tries >= retries:
-            _failed(error, failures, run.resume_hint if stores else None)
-            raise error
-        delay = float(backoff * 2.0**tries)
-        failure = f"{type(error).__name__}: {error}"
-        logger.warning("task %s: attempt %d failed (%s); retrying in %.3g s", task_name, attempt, failure, delay)
-        logger.debug("task %s: attempt %d failed with", task_name, attempt, exc_info=error)
-        return delay
+    def start() -> _Attempts:
+        return _Attempts(environment._start(task_name, run_id), task_name, retries, backoff)
 
     if inspect.iscoroutinefunction(func):
         async_func: Callable[P, Awaitable[Any]] = func
 
         @functools.wraps(func)
         async def run_async(*args: P.args, **kwargs: P.kwargs) -> Any:
-            run = environment._start(task_name, run_id)
-            if stores:
-                await run.open()
-            failures: list[AttemptFailure] = []
-            attempt = -1
-            for tries in range(retries + 1):
-                attempt = await run.claim(attempt) if stores else 0
-                checkpoint, token = begin(run, attempt)
+            attempts = start()
+
+            async def off_the_loop(step: Callable[..., None], *step_args: Any) -> None:
+                if attempts.checkpoint is not None:  # only a checkpoint's waits block
+                    await anyio.to_thread.run_sync(step, *step_args)
+
+            await attempts.open()
+            while True:
+                await attempts.claim()
                 try:
-                    try:
+                    with attempts.entered():
                         result = await async_func(*args, **kwargs)
-                    finally:
-                        _current.reset(token)
-                    if checkpoint is not None:  # waits for a background save; its failure fails the attempt
-                        await anyio.to_thread.run_sync(checkpoint.close)
+                    await off_the_loop(attempts.close)
                 except Exception as error:
-                    if checkpoint is not None:
-                        await anyio.to_thread.run_sync(_close_after_failure, checkpoint, error)
-                    delay = give_up_or_wait(error, run, attempt, tries, failures)
-                    if checkpoint is not None:
-                        await run.discover()  # what this attempt saved is the next one's to restore
+                    await off_the_loop(attempts.close_failed, error)
+                    delay = attempts.retry_delay(error)
+                    await attempts.rediscover()
                     await anyio.sleep(delay)
                     continue
                 except BaseException:
-                    if checkpoint is not None:
-                        with anyio.CancelScope(shield=True):
-                            await anyio.to_thread.run_sync(_close_after_interrupt, checkpoint)
+                    with anyio.CancelScope(shield=True):
+                        await off_the_loop(attempts.interrupted)
                     raise
-                if stores:
-                    await run.clean_up()
+                await attempts.succeeded()
                 return result
-            raise AssertionError("unreachable")  # pragma: no cover
 
         return run_async  # type: ignore[return-value]
 
     @functools.wraps(func)
     def run_sync(*args: P.args, **kwargs: P.kwargs) -> R:
-        run = environment._start(task_name, run_id)
-        if stores:
-            _portal.run_sync(run.open)
-        failures: list[AttemptFailure] = []
-        attempt = -1
-        for tries in range(retries + 1):
-            attempt = _portal.run_sync(run.claim, attempt) if stores else 0
-            checkpoint, token = begin(run, attempt)
+        attempts = start()
+
+        def on_the_portal(step: Callable[[], Awaitable[None]]) -> None:
+            if attempts.stores:  # only the store is touched by coroutine steps
+                _portal.run_sync(step)
+
+        on_the_portal(attempts.open)
+        while True:
+            on_the_portal(attempts.claim)
             try:
-                try:
+                with attempts.entered():
                     result = func(*args, **kwargs)
-                finally:
-                    _current.reset(token)
-                if checkpoint is not None:  # waits for a background save; its failure fails the attempt
-                    checkpoint.close()
+                attempts.close()
             except Exception as error:
-                if checkpoint is not None:
-                    _close_after_failure(checkpoint, error)
-                delay = give_up_or_wait(error, run, attempt, tries, failures)
-                if checkpoint is not None:
-                    _portal.run_sync(run.discover)  # what this attempt saved is the next one's to restore
+                attempts.close_failed(error)
+                delay = attempts.retry_delay(error)
+                on_the_portal(attempts.rediscover)
                 time.sleep(delay)
                 continue
             except BaseException:
-                if checkpoint is not None:
-                    _close_after_interrupt(checkpoint)
+                attempts.interrupted()
                 raise
-            if stores:
-                _portal.run_sync(run.clean_up)
+            on_the_portal(attempts.succeeded)
             return result
-        raise AssertionError("unreachable")  # pragma: no cover
 
     return run_sync
 
