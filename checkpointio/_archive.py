@@ -56,7 +56,7 @@ logger = logging.getLogger(__name__)
 
 Emit = Callable[[bytes], None]
 #: The next compressed bytes, as the blocks a store received them in; ``[]`` at the end.
-Pull = Callable[[], list[bytes]]
+NextBlocks = Callable[[], list[bytes]]
 
 #: Names restores stage in, at the top of a workspace. A killed restore leaves one behind; saving
 #: that workspace skips it, so it does not end up in every later checkpoint.
@@ -478,7 +478,7 @@ class GunzipReader:
     stays bounded by a few members (or one inflate step) whatever the compression ratio.
     """
 
-    def __init__(self, pull: Pull, workers: int = 1) -> None:
+    def __init__(self, pull: NextBlocks, workers: int = 1) -> None:
         self._pull = pull
         self._input = bytearray()
         self._input_done = False
@@ -646,7 +646,7 @@ def looks_like_tar_gz(head: bytes) -> bool:
     return _tar.is_header(block)
 
 
-def unpack_directory(pull: Pull, dest: Path | None, *, uri: str, workers: int = 1) -> None:
+def unpack_directory(pull: NextBlocks, dest: Path | None, *, uri: str, workers: int = 1) -> None:
     """Extract a .tar.gz stream from ``pull`` into the existing empty folder ``dest``.
 
     Nothing is written outside ``dest`` (see :mod:`._tar`): absolute names, ``..``, links
@@ -669,7 +669,7 @@ def unpack_directory(pull: Pull, dest: Path | None, *, uri: str, workers: int = 
         reader.close()
 
 
-def check_directory(pull: Pull, *, uri: str, workers: int = 1) -> None:
+def check_directory(pull: NextBlocks, *, uri: str, workers: int = 1) -> None:
     """Read a .tar.gz stream to its end as :func:`unpack_directory` would, writing nothing."""
     unpack_directory(pull, None, uri=uri, workers=workers)
 

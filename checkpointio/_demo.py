@@ -96,19 +96,19 @@ async def accumulate(target: int) -> int:
     return total
 
 
-def _task(*args: str, env: dict[str, str]) -> None:
+def _task(*args: str, environ: dict[str, str]) -> None:
     command = [sys.executable, "-m", "checkpointio._demo", *args]
-    subprocess.run(command, env=env, check=True, stderr=subprocess.STDOUT)
+    subprocess.run(command, env=environ, check=True, stderr=subprocess.STDOUT)
 
 
-def _killed_and_restarted(env: dict[str, str]) -> None:
+def _killed_and_restarted(environ: dict[str, str]) -> None:
     """Start the counter slowly, SIGKILL it after three saves, start it again with the same run id."""
     run_id = f"demo-{secrets.token_hex(3)}"
-    run_env = {**env, "CHECKPOINTIO_RUN_ID": run_id}
+    run_environ = {**environ, "CHECKPOINTIO_RUN_ID": run_id}
     command = [sys.executable, "-m", "checkpointio._demo", "counter", "--target", "6", "--crash-at", "0"]
     print(f"   starting run {run_id} (one step every 0.2 s)", flush=True)
     with subprocess.Popen(
-        [*command, "--step-seconds", "0.2"], env=run_env, stdout=subprocess.PIPE, text=True
+        [*command, "--step-seconds", "0.2"], env=run_environ, stdout=subprocess.PIPE, text=True
     ) as process:
         assert process.stdout is not None
         for line in process.stdout:
@@ -118,27 +118,27 @@ def _killed_and_restarted(env: dict[str, str]) -> None:
                 break
         process.wait()
     print(f"   process killed with SIGKILL (exit status {process.returncode}); starting it again", flush=True)
-    result = subprocess.run(command, env=run_env, stdout=subprocess.PIPE, text=True, check=True)
+    result = subprocess.run(command, env=run_environ, stdout=subprocess.PIPE, text=True, check=True)
     for line in result.stdout.splitlines():
         print(f"   | {line}", flush=True)
 
 
 def run(root: str | None = None) -> None:
     """The whole demo; ``root`` overrides the storage root (else ``CHECKPOINTIO_STORAGE``, else the cache)."""
-    env = dict(os.environ)
+    environ = dict(os.environ)
     if root:
-        env["CHECKPOINTIO_STORAGE"] = root
-    env.pop("CHECKPOINTIO_RUN_ID", None)  # parts 1-3 are new runs each time
-    storage = env.get("CHECKPOINTIO_STORAGE") or default_storage()
+        environ["CHECKPOINTIO_STORAGE"] = root
+    environ.pop("CHECKPOINTIO_RUN_ID", None)  # parts 1-3 are new runs each time
+    storage = environ.get("CHECKPOINTIO_STORAGE") or default_storage()
     print(f"Checkpoints are stored under {storage}\n", flush=True)
     print("1. A counter saved as bytes; attempt 0 fails at step 5, attempt 1 resumes:", flush=True)
-    _task("counter", "--target", "8", env=env)
+    _task("counter", "--target", "8", environ=environ)
     print("\n2. A folder of per-epoch files saved as a streamed tar.gz; attempt 0 fails in epoch 3:", flush=True)
-    _task("train", "--epochs", "5", env=env)
+    _task("train", "--epochs", "5", environ=environ)
     print("\n3. An async task; attempt 0 loses its network half-way:", flush=True)
-    _task("accumulate", "--target", "6", env=env)
+    _task("accumulate", "--target", "6", environ=environ)
     print("\n4. A process killed outright, then started again with the same run id:", flush=True)
-    _killed_and_restarted(env)
+    _killed_and_restarted(environ)
     print("\nEvery task resumed from its last checkpoint instead of starting over.", flush=True)
 
 

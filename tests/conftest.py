@@ -17,8 +17,7 @@ from typing import Any
 
 import pytest
 
-from checkpointio._stores._memory import _lock as memory_lock
-from checkpointio._stores._memory import _objects as memory_objects
+from checkpointio._stores import _memory as memory_store
 
 STORES = ["local", "memory", "s3"]
 
@@ -132,14 +131,9 @@ class StoreCase:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(data)
         else:
-            import checkpointio._stores._memory as memory
             from checkpointio._location import parse_location
-            from checkpointio._stores._base import ObjectInfo
 
-            location = parse_location(self.uri(name))
-            info = ObjectInfo(location, len(data), uuid.uuid4().hex)
-            with memory_lock:
-                memory_objects[location.key] = memory._Object(data, info)
+            memory_store.write_raw(parse_location(self.uri(name)), data)
 
     def get_raw(self, name: str) -> bytes:
         if self.s3 is not None:
@@ -148,8 +142,7 @@ class StoreCase:
             return (self.root / name).read_bytes()
         from checkpointio._location import parse_location
 
-        with memory_lock:
-            return memory_objects[parse_location(self.uri(name)).key].data
+        return memory_store.read_raw(parse_location(self.uri(name)))[0]
 
     def corrupt(self, name: str) -> None:
         """Flip bytes in the middle of the stored object, keeping its size and record."""
@@ -171,13 +164,12 @@ class StoreCase:
         else:
             from checkpointio._location import parse_location
 
-            key = parse_location(self.uri(name)).key
-            with memory_lock:
-                obj = memory_objects[key]
-                data = bytearray(obj.data)
-                middle = len(data) // 2
-                data[middle : middle + 16] = bytes(b ^ 0xFF for b in data[middle : middle + 16])
-                memory_objects[key] = type(obj)(bytes(data), obj.info)
+            location = parse_location(self.uri(name))
+            stored, info = memory_store.read_raw(location)
+            data = bytearray(stored)
+            middle = len(data) // 2
+            data[middle : middle + 16] = bytes(b ^ 0xFF for b in data[middle : middle + 16])
+            memory_store.write_raw(location, bytes(data), info)
 
     def list_names(self, prefix: str) -> list[str]:
         """Names of the stored objects below ``prefix`` (relative to it), as the store lists them."""

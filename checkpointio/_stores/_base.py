@@ -14,7 +14,6 @@ from typing import Protocol, runtime_checkable
 
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from .._config import TransferConfig
 from .._location import Location
 
 __all__ = [
@@ -215,7 +214,3 @@ class RangedStore(Store, Protocol):
         """Send every byte of the object to ``sink`` once, as ``(offset, blocks)`` pieces in any order
         (each range in pieces of about ``chunk_size``, as they arrive); fail if the object changed."""
         ...
-
-
-#: Builds the store for one scheme from the transfer settings.
-StoreFactory = Callable[[TransferConfig], Store]

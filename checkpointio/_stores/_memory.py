@@ -16,7 +16,7 @@ from .._exceptions import ConcurrentModificationError, CorruptCheckpointError
 from .._location import Location
 from ._base import Body, ObjectInfo, PendingWrite, Record, Sink
 
-__all__ = ["MemoryStore", "clear_memory_store"]
+__all__ = ["MemoryStore", "read_raw", "write_raw"]
 
 
 @dataclass(frozen=True)
@@ -29,10 +29,30 @@ _objects: dict[str, _Object] = {}
 _lock = threading.Lock()
 
 
-def clear_memory_store() -> None:
-    """Forget every object of every ``memory://`` URI."""
+def read_raw(location: Location) -> tuple[bytes, ObjectInfo]:
+    """The bytes and description held at ``location``, as they are (nothing checked).
+
+    With :func:`write_raw`, how a test puts the store in a state a save never leaves, as it would
+    write a file or an S3 object directly on the other stores.
+
+    Raises:
+        KeyError: Nothing is held there.
+    """
     with _lock:
-        _objects.clear()
+        obj = _objects[location.key]
+    return obj.data, obj.info
+
+
+def write_raw(location: Location, data: bytes, info: ObjectInfo | None = None) -> None:
+    """Hold ``data`` at ``location`` as given, bypassing a save.
+
+    Without ``info`` the object has no record, as one another tool wrote; with the ``info`` of the
+    object it replaces (from :func:`read_raw`), it is that object damaged in place.
+    """
+    if info is None:
+        info = ObjectInfo(location, len(data), uuid.uuid4().hex, modified=time.time())
+    with _lock:
+        _objects[location.key] = _Object(data, info)
 
 
 class MemoryStore:
