@@ -16,7 +16,6 @@ import contextlib
 import errno
 import logging
 import os
-import re
 import stat
 from collections import deque
 from collections.abc import Callable, Generator, Iterator
@@ -32,9 +31,9 @@ from ._exceptions import (
     UnsafeArchiveError,
     UnsupportedSourceError,
 )
+from ._placement import STAGING_NAME
 
 __all__ = [
-    "STAGING_PREFIX",
     "Entry",
     "GunzipReader",
     "Skip",
@@ -43,7 +42,6 @@ __all__ = [
     "file_type",
     "looks_like_tar_gz",
     "pack_directory",
-    "remove_tree",
     "skip_any",
     "skip_within",
     "tree_size",
@@ -57,13 +55,6 @@ logger = logging.getLogger(__name__)
 Emit = Callable[[bytes], None]
 #: The next compressed bytes, as the blocks a store received them in; ``[]`` at the end.
 NextBlocks = Callable[[], list[bytes]]
-
-#: Names restores stage in, at the top of a workspace. A killed restore leaves one behind; saving
-#: that workspace skips it, so it does not end up in every later checkpoint.
-STAGING_PREFIX = ".checkpointio-partial-"
-#: Exactly the staging folders' names (restores' and ``replace_all``'s): a user's own entry that
-#: merely starts with the prefix is saved like any other.
-STAGING_NAME = re.compile(re.escape(STAGING_PREFIX) + r"(?:replaced-)?[0-9a-f]{32}")
 
 _GZIP_MAGIC = b"\x1f\x8b"
 #: Bytes one inflate call may produce: bounds memory whatever the compression ratio (gzip bombs).
@@ -223,7 +214,7 @@ def walk_tree(
     must be the folder the listing showed; every entry must still be what the listing said (a
     folder, a symlink or a file): a tree changed under the walk raises :class:`SourceChangedError`
     instead of leading the walk outside it. The root is the path given (followed if a symlink).
-    Restores' staging folders at the top (see ``STAGING_PREFIX``) and what ``skip`` names are left
+    Staging folders a killed restore left at the top (see ``_placement.STAGING_NAME``) and what ``skip`` names are left
     out. ``shown`` is the path messages name (the user's, when ``root`` is a snapshot of it),
     ``uri`` what is being saved.
     """
@@ -408,7 +399,7 @@ def pack_directory(
     """Write ``root``'s contents as a .tar.gz stream to ``emit``, one gzip member per block.
 
     Entries are named relative to ``root`` in sorted order (but for staging folders a killed restore
-    left at its top, see ``STAGING_PREFIX``, and what ``skip`` names); empty folders, symlinks (as
+    left at its top, see ``_placement.STAGING_NAME``, and what ``skip`` names); empty folders, symlinks (as
     links), hard links, modes and mtimes (whole seconds) are kept; owners are not (a restore belongs
     to whoever runs it). Sockets, pipes and device files are skipped with a warning: they hold no
     data. A file that grows while it is read is stored with the size it had when listed; one that
@@ -672,64 +663,3 @@ def unpack_directory(pull: NextBlocks, dest: Path | None, *, uri: str, workers: 
 def check_directory(pull: NextBlocks, *, uri: str, workers: int = 1) -> None:
     """Read a .tar.gz stream to its end as :func:`unpack_directory` would, writing nothing."""
     unpack_directory(pull, None, uri=uri, workers=workers)
-
-
-_OPEN_FOLDER = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-def remove_tree(path: str | os.PathLike[str]) -> None:
-    """Remove ``path`` and everything in it, best effort (what cannot be removed is left), as
-    ``shutil.rmtree(path, ignore_errors=True)`` does, but for trees a restore can make: up to
-    2,000 folders deep (Python 3.11's ``rmtree`` recurses once per level, past the recursion
-    limit) and deeper than PATH_MAX (every call is relative to the folder open). Never follows
-    a symlink; holds two descriptors at most, whatever the depth.
-    """
-    try:
-        fd = os.open(path, _OPEN_FOLDER)
-    except OSError:  # not a folder (a symlink to one too), or gone
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-        return
-    levels: list[tuple[str, list[str]]] = []  # per folder above: the one open, its siblings left
-    try:
-        folders = _remove_files(fd)
-        while True:
-            if folders:
-                name = folders.pop()
-                try:
-                    child = os.open(name, _OPEN_FOLDER, dir_fd=fd)
-                except OSError:
-                    continue
-                os.close(fd)
-                fd = child
-                levels.append((name, folders))
-                folders = _remove_files(fd)
-            elif levels:
-                name, folders = levels.pop()
-                parent = os.open("..", _OPEN_FOLDER, dir_fd=fd)
-                os.close(fd)
-                fd = parent
-                with contextlib.suppress(OSError):
-                    os.rmdir(name, dir_fd=fd)
-            else:
-                break
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-    with contextlib.suppress(OSError):
-        os.rmdir(path)
-
-
-def _remove_files(fd: int) -> list[str]:
-    """Remove what the open folder ``fd`` holds but folders; the names of those."""
-    folders = []
-    for name in os.listdir(fd):
-        try:
-            if stat.S_ISDIR(os.lstat(name, dir_fd=fd).st_mode):
-                folders.append(name)
-            else:
-                os.unlink(name, dir_fd=fd)
-        except OSError:
-            pass
-    return folders

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import atexit
 import functools
 import logging
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -18,7 +15,7 @@ import anyio
 import anyio.to_thread
 from typing_extensions import Unpack
 
-from . import _engine, _portal, _snapshot
+from . import _engine, _placement, _portal, _snapshot
 from ._config import TransferConfig, TransferOptions
 from ._exceptions import CorruptCheckpointError
 from ._handle import SaveHandle
@@ -33,23 +30,6 @@ logger = logging.getLogger(__name__)
 
 URI = str | os.PathLike[str]
 T = TypeVar("T")
-
-#: Temporary workspaces not removed by ``close()`` yet, with the process that made each.
-_temporary_workspaces: dict[Path, int] = {}
-
-
-@atexit.register
-def _remove_temporary_workspaces() -> None:
-    """At exit, remove the temporary workspaces of checkpoints nobody closed (a restore can be
-    gigabytes in ``/tmp``); a forked child leaves its parent's alone.
-
-    Background saves still running are not reading them: a save that returned early works from
-    its own snapshot (hard links or copies in a scratch folder), taken during the call.
-    """
-    for path, pid in list(_temporary_workspaces.items()):
-        if pid == os.getpid():
-            shutil.rmtree(path, ignore_errors=True)
-            _temporary_workspaces.pop(path, None)
 
 
 class Checkpoint:
@@ -137,8 +117,7 @@ class Checkpoint:
         exit: keep the ``Checkpoint`` open (or pass ``workspace=``) while you use what it restored.
         """
         if self._workspace is None:
-            self._workspace = Path(tempfile.mkdtemp(prefix="checkpointio-"))
-            _temporary_workspaces[self._workspace] = os.getpid()
+            self._workspace = _placement.temporary_workspace()
         return self._workspace
 
     async def _store(self, location: Location) -> Store:
@@ -398,9 +377,7 @@ class Checkpoint:
                 self._inflight = None
             error = handle.unseen_error()
         if self._owns_workspace and self._workspace is not None:
-            if _temporary_workspaces.get(self._workspace) == os.getpid():  # not a forked child's to remove
-                shutil.rmtree(self._workspace, ignore_errors=True)
-                _temporary_workspaces.pop(self._workspace, None)
+            _placement.discard_workspace(self._workspace)  # not a forked child's: its parent's
             self._workspace = None
         self._loaded = False
         self._restored = None

@@ -16,8 +16,7 @@ import os
 import stat
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -28,7 +27,7 @@ import anyio.from_thread
 import anyio.to_thread
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from . import _allocator, _archive, _codec
+from . import _allocator, _archive, _codec, _placement
 from ._concurrency import PLUMBING as _PLUMBING
 from ._concurrency import Aborted as _Aborted
 from ._concurrency import one_error
@@ -51,7 +50,6 @@ __all__ = [
     "Writer",
     "load",
     "load_bytes",
-    "replace_all",
     "save",
     "save_written",
     "store_files_in",
@@ -62,7 +60,6 @@ __all__ = [
 
 #: The file a restored bytes or single-file checkpoint is written to, inside the workspace.
 PAYLOAD_NAME = "payload"
-_PARTIAL = _archive.STAGING_PREFIX
 
 #: What ``save()`` takes: bytes, a path to a file or directory, or a binary file object read to its
 #: end (stdin, a pipe, a socket), streamed and stored as bytes.
@@ -468,47 +465,12 @@ def _check_still_there(staging: Path, held: int, uri: str) -> None:
         raise CheckpointError(f"{uri}: the workspace was removed while the checkpoint was restored", uri=uri)
 
 
-def replace_all(moves: Sequence[tuple[Path, Path]]) -> None:
-    """Rename each source over its target (the targets in one folder): all or none.
-
-    Targets that exist (a file where the source is a folder, say) are moved aside first and
-    removed once every source is in place; on an error the sources go back, the old targets are
-    put back, and the error is raised. A crash in between leaves the old ones in a folder named
-    with ``STAGING_PREFIX``, which saves skip.
-    """
-    if not moves:
-        return
-    aside = moves[0][1].parent / f"{_PARTIAL}replaced-{uuid.uuid4().hex}"
-    moved: list[int] = []
-    placed: list[int] = []
-    try:
-        aside.mkdir()
-        for index, (_, target) in enumerate(moves):
-            if os.path.lexists(target):
-                os.replace(target, aside / str(index))
-                moved.append(index)
-        for index, (source, target) in enumerate(moves):
-            os.replace(source, target)
-            placed.append(index)
-    except BaseException:
-        for index in reversed(placed):
-            with contextlib.suppress(OSError):
-                os.replace(moves[index][1], moves[index][0])
-        for index in moved:
-            with contextlib.suppress(OSError):
-                os.replace(aside / str(index), moves[index][1])
-        with contextlib.suppress(OSError):
-            aside.rmdir()
-        raise
-    _archive.remove_tree(aside)
-
-
 def _present_tree(staging: Path, workspace: Path, uri: str) -> None:
     """Move a restored tree's top-level names from ``staging`` into ``workspace``, all or none
-    (see :func:`replace_all`); other names in the workspace are left alone."""
+    (see :func:`_placement.replace_all`); other names in the workspace are left alone."""
     names = sorted(child.name for child in staging.iterdir())
     try:
-        replace_all([(staging / name, workspace / name) for name in names])
+        _placement.replace_all([(staging / name, workspace / name) for name in names])
     except OSError as error:
         raise CheckpointError(
             f"{uri}: could not put the restored checkpoint in place in {workspace}: {error}", uri=uri
@@ -537,7 +499,7 @@ def _restore(pull: _Pull, info: ObjectInfo, workspace: Path, workers: int) -> Pa
     """Worker thread: write the object into ``workspace``; present nothing until it verified."""
     uri = info.location.uri
     kind = _kind(pull, info)
-    staging = workspace / f"{_PARTIAL}{uuid.uuid4().hex}"
+    staging = _placement.staging_path(workspace)
     try:
         if kind is Kind.DIRECTORY:
             staging.mkdir()
@@ -556,11 +518,11 @@ def _restore(pull: _Pull, info: ObjectInfo, workspace: Path, workers: int) -> Pa
                 out.writelines(blocks)
         _verify(info, pull.digest)
         target = workspace / PAYLOAD_NAME
-        replace_all([(staging, target)])
+        _placement.replace_all([(staging, target)])
         return target
     finally:
         if staging.is_dir():
-            _archive.remove_tree(staging)
+            _placement.remove_tree(staging)
         elif staging.exists():
             staging.unlink()
 
@@ -696,7 +658,7 @@ def _ranged(store: Store, info: ObjectInfo, config: TransferConfig) -> TypeGuard
 async def _restore_ranges(store: RangedStore, info: ObjectInfo, workspace: Path, meter: Meter) -> Path:
     """Restore a single file by writing each range at its offset as it arrives, in worker threads;
     the file appears under its name only once its checksum matched."""
-    staging = workspace / f"{_PARTIAL}{uuid.uuid4().hex}"
+    staging = _placement.staging_path(workspace)
     fd = await anyio.to_thread.run_sync(os.open, staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
 
     def write_at(position: int, block: bytes) -> None:
@@ -708,7 +670,7 @@ async def _restore_ranges(store: RangedStore, info: ObjectInfo, workspace: Path,
 
     def present() -> Path:
         target = workspace / PAYLOAD_NAME
-        replace_all([(staging, target)])
+        _placement.replace_all([(staging, target)])
         meter.finish()
         return target
 

@@ -10,9 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import shutil
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +18,7 @@ from pathlib import Path
 import anyio
 import anyio.to_thread
 
-from . import _engine
+from . import _engine, _placement
 from ._concurrency import one_error
 from ._config import TransferConfig
 from ._exceptions import CheckpointNotFoundError, DestinationError
@@ -246,13 +244,6 @@ class Restored:
     size: int
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
-
-
 async def restore(
     uri: str,
     dest: str | os.PathLike[str],
@@ -310,7 +301,7 @@ async def restore(
         return target
 
     target = await anyio.to_thread.run_sync(prepare)
-    staging = target.with_name(f".{target.name}.checkpointio-partial-{uuid.uuid4().hex}")
+    staging = _placement.staging_path(target.parent)
     try:
         store = await open_store(location.scheme, config)
         restored = await _engine.load(store, location, staging, config, on_progress)
@@ -327,7 +318,7 @@ async def restore(
                     uri=str(target),
                 )
             if overwrite:  # the old one stays whole until the new one is in place
-                _engine.replace_all([(source, target)])
+                _placement.replace_all([(source, target)])
             else:
                 os.replace(source, target)
             return Restored(target, is_directory, size)
@@ -335,7 +326,7 @@ async def restore(
         return await anyio.to_thread.run_sync(put_in_place, restored)
     finally:
         with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(lambda: _remove(staging))
+            await anyio.to_thread.run_sync(_placement.remove_tree, staging)
 
 
 async def collect_garbage(

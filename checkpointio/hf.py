@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import logging
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
+from . import _placement
 from ._checkpoint import Checkpoint
 from ._training import FolderSaver
 
@@ -55,36 +55,28 @@ def checkpoint_folders(output_dir: str | Path) -> list[Path]:
     return [path for _, _, path in sorted(found)]
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
-
-
 def _place(restored: Path | None, output_dir: Path) -> None:
     """Make the ``checkpoint-<step>`` folders of ``output_dir`` exactly those restored (none at first).
 
-    Restored entries replace same-named ones. ``checkpoint-<step>`` folders the restore does not
-    have are removed, with a warning: a failed attempt wrote them in this same folder without
-    storing them (perhaps half-written), or another run left them; resuming must not pick them, and
-    retention, which goes by step, must not keep them over this run's. Entries are moved (a rename on
-    one filesystem, a copy across filesystems), so the workspace ends up empty.
+    Restored entries replace same-named ones, all or none (a failure leaves ``output_dir`` as it
+    was, never an entry removed and not replaced), also from a workspace on another filesystem.
+    ``checkpoint-<step>`` folders the restore does not have are then removed, with a warning: a
+    failed attempt wrote them in this same folder without storing them (perhaps half-written), or
+    another run left them; resuming must not pick them, and retention, which goes by step, must not
+    keep them over this run's. The workspace ends up empty.
     """
     if restored is not None and output_dir.exists() and restored.resolve() == output_dir.resolve():
         return
-    names = {child.name for child in restored.iterdir()} if restored is not None else set()
+    names = set()
+    if restored is not None:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        children = sorted(restored.iterdir())
+        _placement.move_all([(child, output_dir / child.name) for child in children])
+        names = {child.name for child in children}
     for stale in checkpoint_folders(output_dir):
         if stale.name not in names:
             logger.warning("removing %s: it is not part of this run's stored checkpoint", stale)
-            shutil.rmtree(stale)
-    if restored is None:
-        return
-    output_dir.mkdir(parents=True, exist_ok=True)
-    for child in restored.iterdir():
-        target = output_dir / child.name
-        _remove(target)
-        shutil.move(child, target)
+            _placement.remove(stale)
 
 
 class CheckpointioTrainerCallback(FolderSaver, TrainerCallback):
@@ -189,7 +181,7 @@ class CheckpointioTrainerCallback(FolderSaver, TrainerCallback):
         kept = {path.resolve() for path in keep}
         for old in checkpoint_folders(output_dir)[: -self.keep_last]:
             if old.resolve() not in kept:
-                shutil.rmtree(old)
+                _placement.remove(old)
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any

@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from . import _placement
 from ._checkpoint import Checkpoint, latest_checkpoint
 from ._handle import SaveHandle
 from ._training import FolderSaver, checkpoint_in_force
@@ -120,8 +121,8 @@ class CheckpointioCallback(FolderSaver, pl.Callback):
             restored = self.checkpoint.load_sync()
             if restored is not None and restored.is_dir() and restored.resolve() != self.dirpath.resolve():
                 self.dirpath.mkdir(parents=True, exist_ok=True)
-                for child in restored.iterdir():
-                    os.replace(child, self.dirpath / child.name)
+                moves = [(child, self.dirpath / child.name) for child in sorted(restored.iterdir())]
+                _placement.move_all(moves)  # all or none, over folders that are not empty, across filesystems
                 restored = self.dirpath
             self.resumed_from = latest_checkpoint(restored, PATTERN)
             self._restored = True

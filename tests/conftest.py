@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 import uuid
@@ -17,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from checkpointio._placement import remove_tree
 from checkpointio._stores import _memory as memory_store
 
 STORES = ["local", "memory", "s3"]
@@ -246,3 +248,17 @@ def pull_of(chunks: Iterable[bytes]) -> Callable[[], list[bytes]]:
     """A stream as the archive reader pulls it from a load: each chunk as one block, then ``[]``."""
     pieces = iter(chunks)
     return lambda: [piece] if (piece := next(pieces, b"")) else []
+
+
+@pytest.fixture
+def other_filesystem(tmp_path: Path) -> Iterator[Path]:
+    """A new folder on another filesystem than ``tmp_path``: the tmpfs at ``/dev/shm``, where a
+    rename from ``tmp_path`` fails with EXDEV."""
+    base = Path("/dev/shm")
+    if not base.is_dir() or not os.access(base, os.W_OK) or base.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("needs /dev/shm writable and on another filesystem than the test's temporary folder")
+    folder = Path(tempfile.mkdtemp(prefix="checkpointio-test-", dir=base))
+    try:
+        yield folder
+    finally:
+        remove_tree(folder)

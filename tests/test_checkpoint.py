@@ -20,6 +20,7 @@ from checkpointio import (
 )
 
 from .conftest import StoreCase, make_tree, snapshot
+from .placing import fail_placing_onto
 
 
 async def test_load_returns_none_on_first_attempt(store: StoreCase) -> None:
@@ -162,19 +163,13 @@ async def test_a_restore_that_cannot_be_put_in_place_leaves_the_workspace_as_it_
     (workspace / "model").write_text("the old model")
     (workspace / "run.sh").write_text("the old script")
     before = snapshot(workspace)
-    real_replace = os.replace
-
-    def failing(source: object, target: object) -> None:
-        staged = ".checkpointio-partial-" in str(source) and "-replaced" not in str(source)
-        if str(target) == str(workspace / "run.sh") and staged:
-            raise OSError(28, "No space left on device")  # the second name going into place
-        real_replace(source, target)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(os, "replace", failing)
+    # A name going into place after others did (names go in sorted order).
+    refused = fail_placing_onto(monkeypatch, workspace / "run.sh", OSError(28, "No space left on device"))
     async with Checkpoint(store.uri("b"), src=store.uri("a"), workspace=workspace) as cp:
         with pytest.raises(CheckpointError, match="could not put the restored checkpoint in place"):
             await cp.load()
     monkeypatch.undo()
+    assert refused  # it failed where it was meant to
     assert snapshot(workspace) == before  # the old names back, nothing new, no staging left
 
 

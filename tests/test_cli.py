@@ -907,3 +907,26 @@ def test_crafted_archives_give_verify_load_and_the_cli_one_outcome(
         for said in (verify.stderr, loaded.stderr, library[1]):
             assert expected in said and uri in said, said
         assert not (long / "cli").exists() and list((long / "lib").iterdir()) == []
+
+
+def test_load_onto_another_filesystem_and_with_force_over_a_non_empty_folder(
+    tmp_path: Path, other_filesystem: Path
+) -> None:
+    """The store on the test's disk, DEST on a tmpfs (/dev/shm): the tree and file arrive whole,
+    --force replaces a folder that is not empty, and nothing is left beside DEST."""
+    tree = make_tree(tmp_path / "tree")
+    ok("save", str(tree), str(tmp_path / "dir"))
+    ok("save", "-", str(tmp_path / "bytes"), stdin=b"payload")
+    ok("load", str(tmp_path / "dir"), str(other_filesystem / "tree"))
+    assert snapshot(other_filesystem / "tree") == snapshot(tree)
+    ok("load", str(tmp_path / "bytes"), str(other_filesystem / "file"))
+    assert (other_filesystem / "file").read_bytes() == b"payload"
+    old = other_filesystem / "old"
+    (old / "model").mkdir(parents=True)
+    (old / "model" / "weights.bin").write_bytes(b"the old weights")
+    (old / "only-in-old").write_bytes(b"gone once replaced")
+    assert "already exists" in fails(2, "load", str(tmp_path / "dir"), str(old))
+    assert (old / "only-in-old").read_bytes() == b"gone once replaced"
+    ok("load", "--force", str(tmp_path / "dir"), str(old))
+    assert snapshot(old) == snapshot(tree)
+    assert sorted(path.name for path in other_filesystem.iterdir()) == ["file", "old", "tree"]

@@ -6,6 +6,7 @@ A tiny BERT built from a config (no download) trains on the CPU for a few steps.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import traceback
@@ -18,7 +19,7 @@ import pytest
 import checkpointio._checkpoint as checkpoint_module
 from checkpointio import BackgroundSaveError, Checkpoint, NoCheckpointError, TaskEnvironment, ctx
 
-from .conftest import StoreCase
+from .conftest import StoreCase, snapshot
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a tiny model built from a config: nothing to download
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -277,3 +278,72 @@ def test_a_first_attempt_starts_clean_and_misuse_is_a_clear_error(tmp_path: Path
         make_trainer(out, [saver])
         with pytest.raises(ValueError, match="not as a Trainer output folder"):
             _ = saver.resume_from_checkpoint
+
+
+def stored_run(tmp_path: Path) -> Path:
+    """A stored output folder with checkpoint-9 and checkpoint-10; the store's path."""
+    tree = tmp_path / "tree"
+    for step in (9, 10):
+        (tree / f"checkpoint-{step}" / "nested").mkdir(parents=True)
+        (tree / f"checkpoint-{step}" / "trainer_state.json").write_text(f"stored {step}")
+        (tree / f"checkpoint-{step}" / "nested" / "weights.bin").write_bytes(os.urandom(1000))
+    Checkpoint(tmp_path / "store" / "attempt-0").save_sync(tree)
+    return tree
+
+
+def local_run(out: Path) -> None:
+    """What a failed attempt left in the output folder: checkpoint folders that are not empty."""
+    for step in (9, 10):
+        (out / f"checkpoint-{step}").mkdir(parents=True)
+        (out / f"checkpoint-{step}" / "trainer_state.json").write_text(f"local {step}")
+        (out / f"checkpoint-{step}" / "optimizer.pt").write_text("not stored")
+    (out / "notes.txt").write_text("mine")
+
+
+def test_a_restore_from_a_workspace_on_another_filesystem_replaces_non_empty_folders(
+    tmp_path: Path, other_filesystem: Path
+) -> None:
+    tree = stored_run(tmp_path)
+    out = tmp_path / "out"
+    local_run(out)
+    workspace = other_filesystem / "ws"  # the workspace on a tmpfs, the output folder on disk: EXDEV
+    with Checkpoint(tmp_path / "store" / "attempt-1", src=tmp_path / "store" / "attempt-0", workspace=workspace) as cp:
+        saver = CheckpointioTrainerCallback(cp)
+        make_trainer(out, [saver])
+        assert saver.resume_from_checkpoint == str(out / "checkpoint-10")
+        assert list(workspace.iterdir()) == []  # moved, not copied and left
+    (out / "notes.txt").unlink()
+    assert snapshot(out) == snapshot(tree)
+    assert list(other_filesystem.iterdir()) == [workspace]
+
+
+def test_a_restore_that_fails_part_way_leaves_the_output_folder_as_it_was(
+    tmp_path: Path, other_filesystem: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk fills while the second folder is copied over from another filesystem: every old
+    folder is still there, whole, and nothing new or half-copied is."""
+    stored_run(tmp_path)
+    out = tmp_path / "out"
+    local_run(out)
+    before = snapshot(out)
+    real_copyfile = shutil.copyfile
+    copied: list[str] = []
+
+    def copyfile(source: Any, target: Any, **kwargs: Any) -> Any:
+        copied.append(os.fspath(source))
+        if "checkpoint-9" in copied[-1] and copied[-1].endswith("weights.bin"):
+            raise OSError(28, "No space left on device")
+        return real_copyfile(source, target, **kwargs)
+
+    with Checkpoint(
+        tmp_path / "store" / "attempt-1", src=tmp_path / "store" / "attempt-0", workspace=other_filesystem / "ws"
+    ) as cp:
+        saver = CheckpointioTrainerCallback(cp)
+        make_trainer(out, [saver])
+        cp.load_sync()
+        monkeypatch.setattr(shutil, "copyfile", copyfile)
+        with pytest.raises(OSError, match="No space left"):
+            _ = saver.resume_from_checkpoint
+        monkeypatch.undo()
+    assert snapshot(out) == before
+    assert any("checkpoint-10" in path for path in copied)  # the other folder was copied before

@@ -9,7 +9,8 @@ import pytest
 
 from checkpointio import Checkpoint, TaskEnvironment, ctx
 
-from .conftest import StoreCase
+from .conftest import StoreCase, snapshot
+from .placing import fail_placing_onto
 
 torch = pytest.importorskip("torch")
 L = pytest.importorskip("lightning.pytorch")
@@ -109,3 +110,57 @@ def test_the_checkpoint_io_plugin_stores_lightnings_files(tmp_path: Path) -> Non
             assert restored is not None
             names = sorted(path.name for path in restored.glob("*.ckpt"))
         assert names == sorted(path.name for path in files.glob("*.ckpt")) and len(names) == EPOCHS
+
+
+def stored_and_local(tmp_path: Path) -> tuple[Path, Path]:
+    """A stored folder of .ckpt files, and a dirpath a failed attempt left with the same names
+    (a subfolder that is not empty among them) and one of its own; (stored tree, dirpath)."""
+    tree = tmp_path / "tree"
+    (tree / "fold-1").mkdir(parents=True)
+    (tree / "epoch=0-step=6.ckpt").write_bytes(b"stored epoch 0")
+    (tree / "epoch=1-step=12.ckpt").write_bytes(b"stored epoch 1")
+    (tree / "fold-1" / "epoch=1-step=12.ckpt").write_bytes(b"stored fold 1")
+    Checkpoint(tmp_path / "store" / "attempt-0").save_sync(tree)
+    dirpath = tmp_path / "ckpts"
+    (dirpath / "fold-1").mkdir(parents=True)
+    (dirpath / "epoch=0-step=6.ckpt").write_bytes(b"local epoch 0")
+    (dirpath / "epoch=1-step=12.ckpt").write_bytes(b"local epoch 1")
+    (dirpath / "fold-1" / "epoch=0-step=6.ckpt").write_bytes(b"local fold 1")
+    (dirpath / "notes.txt").write_text("mine")
+    return tree, dirpath
+
+
+def test_a_restore_from_a_workspace_on_another_filesystem_replaces_non_empty_folders(
+    tmp_path: Path, other_filesystem: Path
+) -> None:
+    tree, dirpath = stored_and_local(tmp_path)
+    workspace = other_filesystem / "ws"  # the workspace on a tmpfs, dirpath on disk: EXDEV
+    with Checkpoint(tmp_path / "store" / "attempt-1", src=tmp_path / "store" / "attempt-0", workspace=workspace) as cp:
+        saver = CheckpointioCallback(cp, dirpath=dirpath)
+        assert saver.ckpt_path is not None and Path(saver.ckpt_path).parent in (dirpath, dirpath / "fold-1")
+        assert list(workspace.iterdir()) == []  # moved, not copied and left
+    assert (dirpath / "notes.txt").read_text() == "mine"  # not in the checkpoint: left alone
+    (dirpath / "notes.txt").unlink()
+    assert snapshot(dirpath) == snapshot(tree)  # fold-1 replaced whole, not merged
+    assert list(other_filesystem.iterdir()) == [workspace]
+
+
+def test_a_restore_that_fails_part_way_leaves_dirpath_as_it_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second entry cannot be renamed into place (one filesystem): the first goes back too."""
+    _, dirpath = stored_and_local(tmp_path)
+    before = snapshot(dirpath)
+    with Checkpoint(
+        tmp_path / "store" / "attempt-1", src=tmp_path / "store" / "attempt-0", workspace=tmp_path / "ws"
+    ) as cp:
+        saver = CheckpointioCallback(cp, dirpath=dirpath)
+        cp.load_sync()
+        refused = fail_placing_onto(
+            monkeypatch, dirpath / "epoch=1-step=12.ckpt", OSError(28, "No space left on device")
+        )
+        with pytest.raises(OSError, match="No space left"):
+            _ = saver.ckpt_path
+        monkeypatch.undo()
+        assert refused
+    assert snapshot(dirpath) == before

@@ -25,6 +25,7 @@ from checkpointio._manage import collect_garbage, list_checkpoints, restore, ver
 from checkpointio._stores import open_store
 
 from .conftest import StoreCase, make_tree, snapshot
+from .placing import fail_placing_onto
 
 CONFIG = TransferConfig()
 
@@ -175,14 +176,7 @@ async def test_restore_over_an_existing_dest_keeps_it_until_the_new_one_is_in_pl
     await Checkpoint(store.uri("new")).save(new)
     old = make_tree(tmp_path / "out" / "dest")
     expected = snapshot(old)
-    real_replace = os.replace
-
-    def failing_replace(source: object, target: object) -> None:
-        if str(target) == str(old) and "-replaced-" not in str(source):  # the new one going into place
-            raise OSError(28, "No space left on device")
-        real_replace(source, target)  # type: ignore[arg-type]
-
-    monkeypatch.setattr("checkpointio._manage.os.replace", failing_replace)
+    fail_placing_onto(monkeypatch, old, OSError(28, "No space left on device"))  # the new one going into place
     with pytest.raises(OSError, match="No space"):
         await restore(store.uri("new"), old, CONFIG, overwrite=True)
     assert snapshot(old) == expected

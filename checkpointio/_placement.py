@@ -1,0 +1,282 @@
+"""Putting files on the user's filesystem: the one module that renames, copies and removes there.
+
+Restores (the engine), the command line's ``load`` and the Lightning and Hugging Face integrations
+all place what they restored through here, so they share one set of guarantees:
+
+- **Staging names.** Work in progress lives in the folder of its target, on the target's
+  filesystem, under ``.checkpointio-partial-<32 hex>`` (:func:`staging_path`), so that the step
+  that makes it visible is a rename. A killed process leaves such an entry behind; saving that
+  folder leaves it out (:data:`STAGING_NAME`, which also knows the names older versions staged in).
+- **All or none** (:func:`replace_all`): entries replace whatever their targets are (a file, a
+  folder that is not empty, a symlink) together or not at all. An error on the way puts every old
+  entry back; the old ones are removed only once every new one is in place. A process killed on
+  the way loses nothing and leaves no half tree: a file replaces a file in one rename; an entry
+  replacing a folder is, for the moment between two renames, the old one in a staging folder
+  beside it and the new one under its staging name.
+- **Across filesystems** (:func:`move_all`): a source on another filesystem than its target
+  (``EXDEV``: a workspace in ``/tmp`` restored into a folder on another disk) is copied into a
+  staging sibling of the target first, then renamed into place as above; the sources are removed
+  once everything is in place.
+- **Removal** (:func:`remove_tree`, :func:`remove`): iterative and relative to an open folder, so
+  trees thousands of folders deep (past Python's recursion limit) and deeper than ``PATH_MAX`` go.
+- **Temporary workspaces** (:func:`temporary_workspace`, :func:`discard_workspace`): removed by
+  their owner, else at interpreter exit by the process that made them (never by a forked child).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import errno
+import os
+import re
+import shutil
+import stat
+import tempfile
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = [
+    "STAGING_NAME",
+    "STAGING_PREFIX",
+    "discard_workspace",
+    "move_all",
+    "remove",
+    "remove_tree",
+    "replace_all",
+    "staging_path",
+    "temporary_workspace",
+]
+
+#: The start of every staging name: ``.checkpointio-partial-<32 hex>``.
+STAGING_PREFIX = ".checkpointio-partial-"
+#: Exactly the names staging entries have, now (``.checkpointio-partial-<32 hex>``) and in older
+#: versions (``.checkpointio-partial-replaced-<32 hex>`` for entries moved aside,
+#: ``.<name>.checkpointio-partial-<32 hex>`` beside a command line ``load``'s destination). A
+#: user's entry that merely starts with the prefix is not one.
+STAGING_NAME = re.compile(r"(?:\..+)?" + re.escape(STAGING_PREFIX) + r"(?:replaced-)?[0-9a-f]{32}", re.DOTALL)
+
+_OPEN_FOLDER = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def staging_path(folder: Path) -> Path:
+    """A new staging name in ``folder`` (nothing is created)."""
+    return folder / f"{STAGING_PREFIX}{uuid.uuid4().hex}"
+
+
+def replace_all(moves: Sequence[tuple[Path, Path]]) -> None:
+    """Rename each source over its target (sources and targets on one filesystem): all or none.
+
+    A target that exists is kept aside in a staging folder, and removed once every source is in
+    place: a file (or symlink) replaced by a file stays linked there while the new one replaces
+    it in one rename; anything else (a folder that is not empty, a file where the source is a
+    folder) is moved there just before its source takes its place. On an error the sources go
+    back, the old targets are put back, and the error is raised.
+    """
+    if not moves:
+        return
+    aside = staging_path(moves[0][1].parent)
+    aside_made = False
+    moved: list[int] = []
+    placed: list[int] = []
+    try:
+        for index, (source, target) in enumerate(moves):
+            if os.path.lexists(target):
+                if not aside_made:
+                    aside.mkdir()
+                    aside_made = True
+                if not _keep_linked(source, target, aside / str(index)):
+                    os.replace(target, aside / str(index))
+                moved.append(index)
+            os.replace(source, target)
+            placed.append(index)
+    except BaseException:
+        for index in reversed(placed):
+            with contextlib.suppress(OSError):
+                os.replace(moves[index][1], moves[index][0])
+        for index in moved:
+            kept = aside / str(index)
+            with contextlib.suppress(OSError):
+                os.replace(kept, moves[index][1])
+                if os.path.lexists(kept):  # a link of the target itself, which the rename leaves
+                    os.unlink(kept)
+        if aside_made:
+            with contextlib.suppress(OSError):
+                aside.rmdir()
+        raise
+    if aside_made:
+        remove_tree(aside)
+
+
+def _keep_linked(source: Path, target: Path, kept: Path) -> bool:
+    """Hard-link ``target`` as ``kept`` when ``source`` can replace it in one rename (neither is a
+    folder); whether it did."""
+    if stat.S_ISDIR(os.lstat(source).st_mode) or stat.S_ISDIR(os.lstat(target).st_mode):
+        return False
+    try:
+        os.link(target, kept, follow_symlinks=False)
+    except OSError:  # a filesystem without hard links: moved aside instead
+        return False
+    return True
+
+
+def move_all(moves: Sequence[tuple[Path, Path]]) -> None:
+    """Move each source to its target, replacing what is there: all or none (see :func:`replace_all`).
+
+    Sources may be on another filesystem than their targets: those are copied into a staging
+    name beside their target first (symlinks as symlinks, modes and times kept), so that placing
+    them is still a rename; the sources are removed once everything is in place. On an error the
+    copies are removed and the sources and targets are as they were.
+    """
+    if not moves:
+        return
+    try:
+        _move_all(moves, copy_all=False)
+    except OSError as error:
+        if error.errno != errno.EXDEV:
+            raise
+        _move_all(moves, copy_all=True)  # one filesystem by device number, yet not by mount (a bind mount)
+
+
+def _move_all(moves: Sequence[tuple[Path, Path]], *, copy_all: bool) -> None:
+    staged: list[tuple[Path, Path]] = []
+    copies: list[Path] = []
+    try:
+        for source, target in moves:
+            if copy_all or not _same_filesystem(source, target.parent):
+                copy = staging_path(target.parent)
+                copies.append(copy)
+                _copy(source, copy)
+                staged.append((copy, target))
+            else:
+                staged.append((source, target))
+        replace_all(staged)
+    except BaseException:
+        for copy in copies:
+            remove_tree(copy)
+        raise
+    for (source, _), (placed, _) in zip(moves, staged, strict=True):
+        if placed != source:
+            remove_tree(source)
+
+
+def _same_filesystem(source: Path, folder: Path) -> bool:
+    return os.lstat(source).st_dev == os.stat(folder).st_dev
+
+
+def _copy(source: Path, target: Path) -> None:
+    """Copy ``source`` (a file, a symlink or a tree, whatever its depth) to the new name ``target``."""
+    if not stat.S_ISDIR(os.lstat(source).st_mode):
+        shutil.copy2(source, target, follow_symlinks=False)
+        return
+    folders: list[tuple[Path, Path]] = []  # modes and times are set once each folder is filled
+    pending = [(source, target)]
+    while pending:
+        folder, copy = pending.pop()
+        os.mkdir(copy, 0o700)
+        folders.append((folder, copy))
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append((Path(entry.path), copy / entry.name))
+                else:
+                    shutil.copy2(entry.path, copy / entry.name, follow_symlinks=False)
+    for folder, copy in reversed(folders):  # deepest first: a read-only folder is made so last
+        shutil.copystat(folder, copy, follow_symlinks=False)
+
+
+def remove(path: Path) -> None:
+    """Remove ``path`` (a file, a symlink or a tree, whatever its depth); raise if it is still there."""
+    remove_tree(path)
+    if os.path.lexists(path):
+        raise OSError(errno.ENOTEMPTY, f"could not remove everything in {path}", str(path))
+
+
+def remove_tree(path: str | os.PathLike[str]) -> None:
+    """Remove ``path`` and everything in it, best effort (what cannot be removed is left), as
+    ``shutil.rmtree(path, ignore_errors=True)`` does, but for trees a restore can make: thousands
+    of folders deep (``rmtree`` before Python 3.12 recurses once per level, past the recursion
+    limit) and deeper than ``PATH_MAX`` (every call is relative to the folder open). Never follows
+    a symlink; holds two descriptors at most, whatever the depth.
+    """
+    try:
+        fd = os.open(path, _OPEN_FOLDER)
+    except OSError:  # not a folder (a symlink to one too), or gone
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        return
+    levels: list[tuple[str, list[str]]] = []  # per folder above: the one open, its siblings left
+    try:
+        folders = _remove_files(fd)
+        while True:
+            if folders:
+                name = folders.pop()
+                try:
+                    child = os.open(name, _OPEN_FOLDER, dir_fd=fd)
+                except OSError:
+                    continue
+                os.close(fd)
+                fd = child
+                levels.append((name, folders))
+                folders = _remove_files(fd)
+            elif levels:
+                name, folders = levels.pop()
+                parent = os.open("..", _OPEN_FOLDER, dir_fd=fd)
+                os.close(fd)
+                fd = parent
+                with contextlib.suppress(OSError):
+                    os.rmdir(name, dir_fd=fd)
+            else:
+                break
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    with contextlib.suppress(OSError):
+        os.rmdir(path)
+
+
+def _remove_files(fd: int) -> list[str]:
+    """Remove what the open folder ``fd`` holds but folders; the names of those."""
+    folders = []
+    for name in os.listdir(fd):
+        try:
+            if stat.S_ISDIR(os.lstat(name, dir_fd=fd).st_mode):
+                folders.append(name)
+            else:
+                os.unlink(name, dir_fd=fd)
+        except OSError:
+            pass
+    return folders
+
+
+#: Temporary workspaces not discarded yet, with the process that made each.
+_temporary_workspaces: dict[Path, int] = {}
+
+
+def temporary_workspace() -> Path:
+    """A new temporary folder to restore into, removed at interpreter exit unless discarded first."""
+    path = Path(tempfile.mkdtemp(prefix="checkpointio-"))
+    _temporary_workspaces[path] = os.getpid()
+    return path
+
+
+def discard_workspace(path: Path) -> None:
+    """Remove a folder :func:`temporary_workspace` made, unless another process made it (the
+    parent of a forked child keeps using it)."""
+    if _temporary_workspaces.get(path) == os.getpid():
+        remove_tree(path)
+        _temporary_workspaces.pop(path, None)
+
+
+@atexit.register
+def _discard_temporary_workspaces() -> None:
+    """At exit, remove the temporary workspaces nobody discarded (a restore can be gigabytes in
+    ``/tmp``); a forked child leaves its parent's alone.
+
+    Background saves still running are not reading them: a save that returned early works from
+    its own snapshot (hard links or copies in a scratch folder), taken during the call.
+    """
+    for path in list(_temporary_workspaces):
+        discard_workspace(path)
