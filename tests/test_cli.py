@@ -652,7 +652,7 @@ def test_ctrl_c_during_a_load_leaves_no_dest(moto_server: MotoServer, proxy: Fau
     dest = tmp_path / "restored"
     args = ["load", f"s3://{bucket}/dir", str(dest), "--endpoint-url", proxy.endpoint, "--max-concurrency", "1"]
     process = subprocess.Popen([SCRIPT, *args, *SMALL_PARTS], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for(lambda: list(tmp_path.glob(".restored.checkpointio-partial-*")), "the restore to start")
+    _wait_for(lambda: list(tmp_path.glob(".checkpointio-partial-*")), "the restore to start")
     time.sleep(0.3)
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=90)
