@@ -47,7 +47,7 @@ def one_error() -> Iterator[None]:
         cancel = anyio.get_cancelled_exc_class()
         for exc in leaves:
             if not isinstance(exc, PLUMBING) and not isinstance(exc, cancel):
-                raise exc from None
+                raise exc from exc.__cause__  # its own cause kept; the group is not shown as context
         for exc in leaves:
             if isinstance(exc, cancel):
                 raise exc from None

@@ -7,6 +7,7 @@ import logging
 import os
 import weakref
 from collections.abc import AsyncIterator
+from contextlib import AbstractContextManager
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -16,7 +17,7 @@ from botocore.config import Config
 
 from ..._config import TransferConfig
 from ..._location import Location
-from ._errors import _translate
+from ._errors import mapped_errors
 from ._loader import _prepared_session
 
 logger = logging.getLogger(__name__)
@@ -194,5 +195,6 @@ class _Requests:
             accepted = _accepted[operation] = frozenset(shape.members)
         return {name: value for name, value in self._options.items() if name in accepted}
 
-    def error(self, error: Exception, location: Location, action: str) -> Exception:
-        return _translate(error, location, action, self.config.expected_bucket_owner)
+    def mapped_errors(self, location: Location, action: str) -> AbstractContextManager[None]:
+        """:func:`._errors.mapped_errors`, a denial naming the expected bucket owner if one is set."""
+        return mapped_errors(location, action, self.config.expected_bucket_owner)

@@ -14,11 +14,11 @@ import anyio
 from botocore.exceptions import ClientError, ResponseStreamingError
 
 from ..._concurrency import one_error
-from ..._exceptions import CheckpointError, ConcurrentModificationError, StoreError
+from ..._exceptions import ConcurrentModificationError, StoreError
 from ..._planning import ranges
 from .._base import Blocks, ObjectInfo, RangeSink, Sink
 from ._client import _Requests
-from ._errors import _TRANSIENT_READ_ERRORS
+from ._errors import TRANSIENT_READ_ERRORS, answered
 
 logger = logging.getLogger(__name__)
 
@@ -155,10 +155,15 @@ async def get_ranges(requests: _Requests, info: ObjectInfo, sink: RangeSink) -> 
 async def _get_range(
     requests: _Requests, client: Any, info: ObjectInfo, span: tuple[int, int] | None, received: _Received
 ) -> None:
-    """GET one range (or the whole object) into ``received``, pinned to the ETag.
+    """GET one range (or the whole object) into ``received``, pinned to the ETag; errors mapped."""
+    with requests.mapped_errors(info.location, "download the checkpoint"):
+        await _get_range_resuming(requests, client, info, span, received)
 
-    A read that fails half-way is resumed where it stopped, by this range alone.
-    """
+
+async def _get_range_resuming(
+    requests: _Requests, client: Any, info: ObjectInfo, span: tuple[int, int] | None, received: _Received
+) -> None:
+    """:func:`_get_range`: a read that fails half-way is resumed where it stopped, by this range alone."""
     location = info.location
     first, last = span if span is not None else (0, info.size - 1)
     expected = last - first + 1
@@ -189,21 +194,16 @@ async def _get_range(
                 raise ResponseStreamingError(error=f"got {received.length} of {expected} bytes")
             break
         except ClientError as error:
-            status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            if status == 404:
+            if answered(error, (404,)):
                 raise ConcurrentModificationError(
                     f"{location.uri}: removed while being read", uri=location.uri
                 ) from error
-            raise requests.error(error, location, "download the checkpoint") from error
-        except _TRANSIENT_READ_ERRORS as error:
+            raise
+        except TRANSIENT_READ_ERRORS as error:
             if attempt + 1 >= attempts:
-                raise requests.error(error, location, "download the checkpoint") from error
+                raise
             logger.info("retrying a range of %s after: %s", location.uri, error)
             await anyio.sleep(min(20.0, random.uniform(0, 0.1 * 2**attempt)))
-        except CheckpointError:
-            raise
-        except Exception as error:
-            raise requests.error(error, location, "download the checkpoint") from error
     received.finish()
 
 

@@ -15,6 +15,7 @@ from ..._location import Location
 from .._base import Body, ObjectInfo, PendingWrite, RangeSink, Record, Sink
 from ._client import _Requests
 from ._download import get, get_ranges, read_range
+from ._errors import answered
 from ._upload import put, request_body
 
 logger = logging.getLogger(__name__)
@@ -30,21 +31,21 @@ class S3Store:
 
     async def head(self, location: Location) -> ObjectInfo | None:
         client = await self._requests.client()
-        try:
-            response = await client.head_object(
-                Bucket=location.bucket,
-                Key=location.key,
-                ChecksumMode="ENABLED",
-                **self._requests.options(client, "HeadObject"),
-            )
-        except ClientError as error:
-            status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            if status == 404 or error.response.get("Error", {}).get("Code") in ("404", "NoSuchKey"):
-                await self._check_bucket(client, location)
-                return None
-            raise self._requests.error(error, location, "read the checkpoint's metadata") from error
-        except Exception as error:
-            raise self._requests.error(error, location, "read the checkpoint's metadata") from error
+        with self._requests.mapped_errors(location, "read the checkpoint's metadata"):
+            try:
+                response = await client.head_object(
+                    Bucket=location.bucket,
+                    Key=location.key,
+                    ChecksumMode="ENABLED",
+                    **self._requests.options(client, "HeadObject"),
+                )
+            except ClientError as error:
+                if not answered(error, (404,), ("404", "NoSuchKey")):
+                    raise
+                response = None
+        if response is None:
+            await self._check_bucket(client, location)
+            return None
         server_crc = None
         checksum = response.get("ChecksumCRC32")
         # A composite (per-part) checksum ends in "-N" and says nothing about the whole content.
@@ -68,34 +69,31 @@ class S3Store:
         ``objectAdmin`` role): the key is what is missing, and a first attempt must see "no
         checkpoint", not an access error.
         """
-        try:
-            await client.head_bucket(Bucket=location.bucket, **self._requests.options(client, "HeadBucket"))
-        except ClientError as error:
-            status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            if status == 404:
-                raise BucketNotFoundError(
-                    f"{location.uri}: bucket {location.bucket!r} does not exist", uri=location.uri
-                ) from error
-            if status == 403:
+        with self._requests.mapped_errors(location, "check the bucket"):
+            try:
+                await client.head_bucket(Bucket=location.bucket, **self._requests.options(client, "HeadBucket"))
+            except ClientError as error:
+                if answered(error, (404,)):
+                    raise BucketNotFoundError(
+                        f"{location.uri}: bucket {location.bucket!r} does not exist", uri=location.uri
+                    ) from error
+                if not answered(error, (403,)):
+                    raise
                 logger.debug("no permission to HEAD bucket %r; %s is missing", location.bucket, location)
-                return
-            raise self._requests.error(error, location, "check the bucket") from error
 
     async def delete(self, location: Location) -> bool:
         client = await self._requests.client()
         existed = await self.head(location) is not None
-        try:
+        with self._requests.mapped_errors(location, "delete the checkpoint"):
             await client.delete_object(
                 Bucket=location.bucket, Key=location.key, **self._requests.options(client, "DeleteObject")
             )
-        except Exception as error:
-            raise self._requests.error(error, location, "delete the checkpoint") from error
         return existed
 
     async def pending(self, prefix: Location) -> list[PendingWrite]:
         client = await self._requests.client()
         found: list[PendingWrite] = []
-        try:
+        with self._requests.mapped_errors(prefix, "list incomplete uploads"):
             paginator = client.get_paginator("list_multipart_uploads")
             options = self._requests.options(client, "ListMultipartUploads")
             async for page in paginator.paginate(Bucket=prefix.bucket, Prefix=prefix.key, **options):
@@ -108,32 +106,29 @@ class S3Store:
                             initiated.timestamp() if initiated is not None else None,
                         )
                     )
-        except Exception as error:
-            raise self._requests.error(error, prefix, "list incomplete uploads") from error
         return sorted(found, key=lambda write: (write.started or 0.0, write.location.key))
 
     async def discard(self, write: PendingWrite) -> bool:
         client = await self._requests.client()
         location = write.location
-        try:
-            await client.abort_multipart_upload(
-                Bucket=location.bucket,
-                Key=location.key,
-                UploadId=write.ident,
-                **self._requests.options(client, "AbortMultipartUpload"),
-            )
-        except ClientError as error:
-            if error.response.get("Error", {}).get("Code") == "NoSuchUpload":
-                return False
-            raise self._requests.error(error, location, f"abort upload {write.ident}") from error
-        except Exception as error:
-            raise self._requests.error(error, location, f"abort upload {write.ident}") from error
+        with self._requests.mapped_errors(location, f"abort upload {write.ident}"):
+            try:
+                await client.abort_multipart_upload(
+                    Bucket=location.bucket,
+                    Key=location.key,
+                    UploadId=write.ident,
+                    **self._requests.options(client, "AbortMultipartUpload"),
+                )
+            except ClientError as error:
+                if answered(error, codes=("NoSuchUpload",)):
+                    return False
+                raise
         return True
 
     async def list(self, prefix: Location) -> list[ObjectInfo]:
         client = await self._requests.client()
         found: list[ObjectInfo] = []
-        try:
+        with self._requests.mapped_errors(prefix, "list checkpoints"):
             paginator = client.get_paginator("list_objects_v2")
             async for page in paginator.paginate(
                 Bucket=prefix.bucket, Prefix=prefix.key, **self._requests.options(client, "ListObjectsV2")
@@ -147,8 +142,6 @@ class S3Store:
                             modified=item["LastModified"].timestamp(),
                         )
                     )
-        except Exception as error:
-            raise self._requests.error(error, prefix, "list checkpoints") from error
         return sorted(found, key=lambda info: info.location.key)
 
     async def create(self, location: Location, data: bytes, record: Record) -> bool:
@@ -160,24 +153,21 @@ class S3Store:
         """
         client = await self._requests.client()
         body, _size, headers = request_body(self._requests, [data])
-        try:
-            await client.put_object(
-                Bucket=location.bucket,
-                Key=location.key,
-                Body=body,
-                IfNoneMatch="*",
-                Metadata=record.to_metadata(),
-                **headers,
-                **self._requests.options(client, "PutObject"),
-            )
-        except ClientError as error:
-            status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            code = error.response.get("Error", {}).get("Code")
-            if status in (409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict"):
-                return False
-            raise self._requests.error(error, location, "create the object") from error
-        except Exception as error:
-            raise self._requests.error(error, location, "create the object") from error
+        with self._requests.mapped_errors(location, "create the object"):
+            try:
+                await client.put_object(
+                    Bucket=location.bucket,
+                    Key=location.key,
+                    Body=body,
+                    IfNoneMatch="*",
+                    Metadata=record.to_metadata(),
+                    **headers,
+                    **self._requests.options(client, "PutObject"),
+                )
+            except ClientError as error:
+                if answered(error, (409, 412), ("PreconditionFailed", "ConditionalRequestConflict")):
+                    return False
+                raise
         return True
 
     # -- put / get: see _upload and _download ---------------------------------------------------

@@ -18,7 +18,6 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 import anyio.to_thread
-from botocore.exceptions import ClientError
 
 from ... import _codec
 from ..._concurrency import one_error
@@ -27,6 +26,7 @@ from ..._location import Location
 from ..._planning import check_object_size, part_size_for_known_size, part_size_for_stream
 from .._base import Body, ObjectInfo, Record
 from ._client import _Requests
+from ._errors import answered
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ def request_body(
 async def _put_single(requests: _Requests, location: Location, pieces: Pieces, record: Record) -> ObjectInfo:
     client = await requests.client()
     body, size, headers = await anyio.to_thread.run_sync(request_body, requests, pieces, record.crc32)
-    try:
+    with requests.mapped_errors(location, "upload the checkpoint"):
         response = await client.put_object(
             Bucket=location.bucket,
             Key=location.key,
@@ -144,8 +144,6 @@ async def _put_single(requests: _Requests, location: Location, pieces: Pieces, r
             **headers,
             **requests.options(client, "PutObject"),
         )
-    except Exception as error:
-        raise requests.error(error, location, "upload the checkpoint") from error
     return ObjectInfo(location, size, response["ETag"], record)
 
 
@@ -158,61 +156,67 @@ async def _put_multipart(
     record: Record,
     part_size: int,
 ) -> ObjectInfo:
-    config = requests.config
-    client = await requests.client()
+    """Create the upload, upload its parts, check the source, complete; abort on any error or cancellation."""
     if body.size is not None and body.crc32_up_front is not None:
         # The metadata is set now, before any part: read the source once more for its CRC32,
         # so the object carries one a load can check on any server (many keep no CRC32 of a
         # multipart object's whole content; then it would be checked for its length only).
         crc = await anyio.to_thread.run_sync(body.crc32_up_front)
         record = dataclasses.replace(record, size=body.size, crc32=crc)
-    extra = {"ChecksumAlgorithm": "CRC32", "ChecksumType": "FULL_OBJECT"} if config.flexible_checksums else {}
+    upload = await _Multipart.create(requests, location, record)
     try:
-        # Shielded: cancelled after the server created the upload but before we learnt its id,
-        # it could never be aborted. The id is ours the moment it exists.
-        with anyio.CancelScope(shield=True):
-            created = await client.create_multipart_upload(
-                Bucket=location.bucket,
-                Key=location.key,
-                Metadata=record.to_metadata(),
-                **extra,
-                **requests.options(client, "CreateMultipartUpload"),
+        await anyio.lowlevel.checkpoint()  # a cancellation that arrived while the creation was shielded
+        total = await upload.upload_parts(body, stream, first, part_size)
+        if record.crc32 is not None and (body.digest.crc32, body.digest.length) != (record.crc32, record.size):
+            raise SourceChangedError(
+                f"{location.uri}: the source changed while it was saved (read again, it no longer has "
+                f"the size and CRC32 recorded when the upload started); the previous checkpoint stays",
+                uri=location.uri,
             )
-    except Exception as error:
-        raise requests.error(error, location, "start the upload") from error
-    upload_id = created["UploadId"]
-    parts: dict[int, dict[str, Any]] = {}
-    slots = anyio.Semaphore(config.max_concurrency)
-    # Bodies of parts already sent, refilled for the next parts: a transfer allocates at most
-    # max_concurrency of them, not one per part, whose freed buffers would spread over the
-    # worker threads' malloc arenas and make peak RSS drift from run to run.
-    spare: list[io.BytesIO] = []
+        etag = await upload.complete(body.digest.crc32)
+    except BaseException:
+        await upload.abort()
+        raise
+    return ObjectInfo(location, total, etag, record.completed(body.digest))
 
-    async def upload_part(number: int, pieces: Pieces) -> None:
-        try:
-            reuse = spare.pop() if spare else None
-            body, _, headers = await anyio.to_thread.run_sync(request_body, requests, pieces, None, reuse)
-            response = await client.upload_part(
-                Bucket=location.bucket,
-                Key=location.key,
-                UploadId=upload_id,
-                PartNumber=number,
-                Body=body,
-                **headers,
-                **requests.options(client, "UploadPart"),
-            )
-            part: dict[str, Any] = {"PartNumber": number, "ETag": response["ETag"]}
-            if "ChecksumCRC32" in headers:
-                part["ChecksumCRC32"] = headers["ChecksumCRC32"]
-            parts[number] = part
-            spare.append(body)  # sent and acknowledged: nothing reads it any more
-        except Exception as error:
-            raise requests.error(error, location, f"upload part {number}") from error
-        finally:
-            slots.release()
 
-    try:
-        await anyio.lowlevel.checkpoint()  # a cancellation that arrived during the shield
+class _Multipart:
+    """One multipart upload: the parts the server acknowledged, and the bodies of sent parts for reuse."""
+
+    def __init__(self, requests: _Requests, client: Any, location: Location, upload_id: str) -> None:
+        self._requests = requests
+        self._client = client
+        self._location = location
+        self._upload_id = upload_id
+        self._where = {"Bucket": location.bucket, "Key": location.key, "UploadId": upload_id}
+        self._parts: dict[int, dict[str, Any]] = {}
+        self._slots = anyio.Semaphore(requests.config.max_concurrency)
+        # Bodies of parts already sent, refilled for the next parts: a transfer allocates at most
+        # max_concurrency of them, not one per part, whose freed buffers would spread over the
+        # worker threads' malloc arenas and make peak RSS drift from run to run.
+        self._spare: list[io.BytesIO] = []
+
+    @classmethod
+    async def create(cls, requests: _Requests, location: Location, record: Record) -> _Multipart:
+        client = await requests.client()
+        flexible = requests.config.flexible_checksums
+        extra = {"ChecksumAlgorithm": "CRC32", "ChecksumType": "FULL_OBJECT"} if flexible else {}
+        with requests.mapped_errors(location, "start the upload"):
+            # Shielded: cancelled after the server created the upload but before we learnt its id,
+            # it could never be aborted. The id is ours the moment it exists.
+            with anyio.CancelScope(shield=True):
+                created = await client.create_multipart_upload(
+                    Bucket=location.bucket,
+                    Key=location.key,
+                    Metadata=record.to_metadata(),
+                    **extra,
+                    **requests.options(client, "CreateMultipartUpload"),
+                )
+        return cls(requests, client, location, created["UploadId"])
+
+    async def upload_parts(self, body: Body, stream: AsyncIterator[bytes], first: Pieces, part_size: int) -> int:
+        """Cut ``first`` and then the rest of ``stream`` into parts and upload them, at most
+        max_concurrency at a time, while the stream goes on; the number of bytes uploaded."""
         pieces = first
         held = sum(len(piece) for piece in pieces)
         number = 0
@@ -237,52 +241,61 @@ async def _put_multipart(
                     held -= length
                     number += 1
                     total += length
-                    check_object_size(total, location.uri)
-                    await slots.acquire()  # at most max_concurrency parts in flight
-                    group.start_soon(upload_part, number, part)
-        if record.crc32 is not None and (body.digest.crc32, body.digest.length) != (record.crc32, record.size):
-            raise SourceChangedError(
-                f"{location.uri}: the source changed while it was saved (read again, it no longer has "
-                f"the size and CRC32 recorded when the upload started); the previous checkpoint stays",
-                uri=location.uri,
-            )
-        complete: dict[str, Any] = {"MultipartUpload": {"Parts": [parts[n] for n in sorted(parts)]}}
-        if config.flexible_checksums:
-            complete.update(ChecksumCRC32=_crc32_b64(body.digest.crc32), ChecksumType="FULL_OBJECT")
+                    check_object_size(total, self._location.uri)
+                    await self._slots.acquire()  # released by _upload_part
+                    group.start_soon(self._upload_part, number, part)
+        return total
+
+    async def _upload_part(self, number: int, pieces: Pieces) -> None:
+        client = self._client
         try:
+            with self._requests.mapped_errors(self._location, f"upload part {number}"):
+                reuse = self._spare.pop() if self._spare else None
+                body, _, headers = await anyio.to_thread.run_sync(request_body, self._requests, pieces, None, reuse)
+                response = await client.upload_part(
+                    **self._where,
+                    PartNumber=number,
+                    Body=body,
+                    **headers,
+                    **self._requests.options(client, "UploadPart"),
+                )
+            part: dict[str, Any] = {"PartNumber": number, "ETag": response["ETag"]}
+            if "ChecksumCRC32" in headers:
+                part["ChecksumCRC32"] = headers["ChecksumCRC32"]
+            self._parts[number] = part
+            self._spare.append(body)  # sent and acknowledged: nothing reads it any more
+        finally:
+            self._slots.release()
+
+    async def complete(self, crc32: int) -> str:
+        """Complete the upload with the parts in order (and the whole object's CRC32); its ETag."""
+        client = self._client
+        complete: dict[str, Any] = {"MultipartUpload": {"Parts": [self._parts[n] for n in sorted(self._parts)]}}
+        if self._requests.config.flexible_checksums:
+            complete.update(ChecksumCRC32=_crc32_b64(crc32), ChecksumType="FULL_OBJECT")
+        with self._requests.mapped_errors(self._location, "complete the upload"):
             response = await client.complete_multipart_upload(
-                Bucket=location.bucket,
-                Key=location.key,
-                UploadId=upload_id,
-                **complete,
-                **requests.options(client, "CompleteMultipartUpload"),
+                **self._where, **complete, **self._requests.options(client, "CompleteMultipartUpload")
             )
-        except Exception as error:
-            raise requests.error(error, location, "complete the upload") from error
-    except BaseException:
+        etag: str = response["ETag"]
+        return etag
+
+    async def abort(self) -> None:
+        """Abort, shielded and within _ABORT_TIMEOUT, and repeat until no part is listed (S3 may
+        keep parts uploaded during an abort); a failure is logged, the caller's error goes on."""
+        client, location, upload_id = self._client, self._location, self._upload_id
         with anyio.CancelScope(shield=True), anyio.move_on_after(_ABORT_TIMEOUT):
-            await _abort(requests, client, location, upload_id)
-        raise
-    return ObjectInfo(location, total, response["ETag"], record.completed(body.digest))
-
-
-async def _abort(requests: _Requests, client: Any, location: Location, upload_id: str) -> None:
-    """Abort, and repeat until no part is listed (S3 may keep parts uploaded during an abort)."""
-    for attempt in range(3):
-        try:
-            where = {"Bucket": location.bucket, "Key": location.key, "UploadId": upload_id}
-            await client.abort_multipart_upload(**where, **requests.options(client, "AbortMultipartUpload"))
-            listed = await client.list_parts(**where, **requests.options(client, "ListParts"))
-            if not listed.get("Parts"):
-                return
-        except ClientError as error:
-            if error.response.get("Error", {}).get("Code") == "NoSuchUpload":
-                return
-            logger.warning("aborting upload %s of %s failed: %s", upload_id, location.uri, error)
-        except Exception as error:
-            logger.warning("aborting upload %s of %s failed: %s", upload_id, location.uri, error)
-        await anyio.sleep(0.2 * 2**attempt)
-    logger.error("could not abort upload %s of %s; `checkpointio gc` can remove it", upload_id, location.uri)
-
-
-# -- get -------------------------------------------------------------------------------------
+            for attempt in range(3):
+                try:
+                    await client.abort_multipart_upload(
+                        **self._where, **self._requests.options(client, "AbortMultipartUpload")
+                    )
+                    listed = await client.list_parts(**self._where, **self._requests.options(client, "ListParts"))
+                    if not listed.get("Parts"):
+                        return
+                except Exception as error:
+                    if answered(error, codes=("NoSuchUpload",)):
+                        return
+                    logger.warning("aborting upload %s of %s failed: %s", upload_id, location.uri, error)
+                await anyio.sleep(0.2 * 2**attempt)
+            logger.error("could not abort upload %s of %s; `checkpointio gc` can remove it", upload_id, location.uri)
