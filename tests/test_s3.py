@@ -32,7 +32,7 @@ from checkpointio._location import parse_location
 from checkpointio._stores._s3 import S3Store
 from checkpointio._stores._s3._client import _clients
 from checkpointio._stores._s3._download import _Received
-from checkpointio._stores._s3._loader import _DataLoader, _prepared_session
+from checkpointio._stores._s3._loader import _DataLoader, prepared_session
 
 from .conftest import MotoServer, free_port, make_tree, snapshot, start_moto, stop
 from .faultproxy import FaultProxy
@@ -402,7 +402,7 @@ async def test_object_over_5_tib_is_refused_before_any_upload(
 
 def test_the_quicker_botocore_loader_reads_the_same_models_and_knows_every_service() -> None:
     stock = Loader()
-    loader = _prepared_session(None).get_component("data_loader")
+    loader = prepared_session(None).get_component("data_loader")
     assert isinstance(loader, _DataLoader)  # the session uses it (not botocore's own, left on error)
     for type_name in ("service-2", "endpoint-rule-set-1"):
         assert loader.load_service_model("s3", type_name) == stock.load_service_model("s3", type_name)
@@ -412,6 +412,42 @@ def test_the_quicker_botocore_loader_reads_the_same_models_and_knows_every_servi
     assert "no-such-service" not in services and "../s3" not in services and "" not in services
     assert list(services) == stock.list_available_services("service-2")
     assert loader.load_service_model("sts", "service-2") == stock.load_service_model("sts", "service-2")
+
+
+async def test_botocore_start_up_work_is_all_done_before_the_client_is_created(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import botocore
+
+    listed: list[str] = []
+    listdir = os.listdir
+
+    def listing(path: str) -> list[str]:
+        listed.append(os.path.normpath(path))
+        return listdir(path)
+
+    monkeypatch.setattr(os, "listdir", listing)
+    session = await anyio.to_thread.run_sync(prepared_session, None)
+    loader = session.get_component("data_loader")
+    files = loader.file_loader
+    parsed: list[str] = []
+
+    class Watched:
+        def exists(self, path: str) -> bool:
+            return bool(files.exists(path))
+
+        def load_file(self, path: str) -> object:
+            data = files.load_file(path)
+            if data is not None:
+                parsed.append(path)
+            return data
+
+    loader.file_loader = Watched()
+    async with session.create_client("s3", endpoint_url="http://127.0.0.1:9", region_name="us-east-1"):
+        pass
+    assert parsed == []  # every file a client reads was parsed in the worker thread, none on the loop
+    # botocore asked whether S3 is a service by `in`: the ~400 service folders were never listed
+    assert os.path.normpath(os.path.join(os.path.dirname(botocore.__file__), "data")) not in listed
 
 
 async def test_one_client_is_reused_per_event_loop(bucket: str) -> None:

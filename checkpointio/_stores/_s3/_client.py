@@ -18,7 +18,7 @@ from botocore.config import Config
 from ..._config import TransferConfig
 from ..._location import Location
 from ._errors import mapped_errors
-from ._loader import _prepared_session
+from ._loader import prepared_session
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class _Clients:
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
         )
-        session = await anyio.to_thread.run_sync(_prepared_session, config.profile)
+        session = await anyio.to_thread.run_sync(prepared_session, config.profile)
         # Over plain HTTP there is no certificate to verify; saying so spares the first request
         # building a TLS context from the CA bundle, a cold-start cost (in a thread).
         plain_http = endpoint is not None and endpoint.lower().startswith("http://")

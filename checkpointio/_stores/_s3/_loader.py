@@ -1,4 +1,21 @@
-"""A botocore session that starts quicker: S3's models parsed in a worker thread, not on the loop."""
+"""botocore's start-up, moved off the event loop and made quicker: the one place where checkpointio
+relies on how botocore works inside (its figures: ``benchmarks/README.md``, *Client start-up*).
+
+Creating an S3 client parses botocore's JSON models on the calling thread, which for us is the
+event loop. :func:`prepared_session` does that work in a worker thread first, with a quicker loader:
+
+- :func:`preload` parses what creating a client reads (S3's model and endpoint rules, partitions,
+  endpoints, retry and default settings). It relies on botocore's ``Loader`` keeping what it
+  parsed for the session's life (``instance_cache``); through public calls only.
+- :class:`_DataLoader` answers ``"s3" in list_available_services(...)``, the question botocore
+  asks, by looking in S3's folder instead of listing ~400 service folders; the full list is made
+  only if iterated. It relies on botocore asking that question by ``in``.
+- :class:`_PlainJSONFileLoader` parses into plain dicts instead of ``OrderedDict``.
+
+``tests/test_s3.py::test_botocore_start_up_work_is_all_done_before_the_client_is_created`` fails
+when botocore changes so that either stops holding (creating a client parses a file again, or the
+service folders are listed); at run time a failure here only costs the time it would have saved.
+"""
 
 from __future__ import annotations
 
@@ -16,11 +33,48 @@ from botocore.loaders import JSONFileLoader, Loader
 logger = logging.getLogger(__name__)
 
 
-class _Services(Sequence[str]):
-    """The services a loader knows, as botocore asks for them: mostly ``"s3" in services``.
+def prepared_session(profile: str | None) -> AioSession:
+    """Worker thread: a session with the quicker loader and everything a client reads already parsed."""
+    session = AioSession(profile=profile)
+    try:
+        session.register_component("data_loader", _data_loader(session))
+        preload(session)
+    except Exception as error:  # botocore changed: merely slower here; the test named above fails
+        logger.debug("could not preload botocore data: %s", error)
+    return session
 
-    botocore answers that by listing ~400 service folders, twice (~15 ms of a cold start); here
-    ``in`` looks in the one folder asked about, and the whole list is made only if iterated.
+
+def preload(session: AioSession) -> None:
+    """Parse, into the session's loader, the files creating an S3 client reads."""
+    loader = session.get_component("data_loader")
+    loader.load_service_model("s3", "service-2")
+    loader.load_service_model("s3", "endpoint-rule-set-1")
+    for name in ("partitions", "sdk-default-configuration", "_retry"):
+        loader.load_data(name)
+    session.get_available_partitions()  # builds the endpoint resolver: parses "endpoints"
+
+
+def _data_loader(session: AioSession) -> Loader:
+    """What botocore's ``create_loader`` builds, with the quicker parts (``AWS_DATA_PATH`` honoured)."""
+    data_path = session.get_config_variable("data_path")
+    paths = None
+    if data_path:
+        paths = [os.path.expanduser(os.path.expandvars(path)) for path in data_path.split(os.pathsep)]
+    return _DataLoader(extra_search_paths=paths, file_loader=_PlainJSONFileLoader())
+
+
+class _DataLoader(Loader):  # type: ignore[misc]  # botocore has no type hints
+    """botocore's data loader, quicker to start: see :class:`_Services` and :class:`_PlainJSONFileLoader`."""
+
+    def list_available_services(self, type_name: str) -> Any:
+        return _Services(self, type_name)
+
+
+class _Services(Sequence[str]):
+    """The services a loader knows, as botocore asks for them: ``"s3" in services``.
+
+    ``in`` looks in the one folder asked about; the whole list (every service folder, listed
+    twice) is made only if iterated.
     """
 
     def __init__(self, loader: Loader, type_name: str) -> None:
@@ -50,7 +104,7 @@ class _Services(Sequence[str]):
 
 class _PlainJSONFileLoader(JSONFileLoader):  # type: ignore[misc]  # botocore has no type hints
     """botocore's model files parsed into plain dicts (ordered, as every dict) instead of
-    ``OrderedDict``: 2-3x faster to parse (S3's model and the endpoint data: ~13 ms less)."""
+    ``OrderedDict``: quicker to parse."""
 
     def load_file(self, file_path: str) -> Any:
         for extension, opener in ((".json", open), (".json.gz", gzip.open)):
@@ -59,39 +113,3 @@ class _PlainJSONFileLoader(JSONFileLoader):  # type: ignore[misc]  # botocore ha
                 with opener(full_path, "rb") as file:
                     return json.loads(file.read().decode("utf-8"))
         return super().load_file(file_path)  # a format this botocore added since
-
-
-class _DataLoader(Loader):  # type: ignore[misc]  # botocore has no type hints
-    """botocore's data loader, quicker to start: see :class:`_Services` and :class:`_PlainJSONFileLoader`."""
-
-    def list_available_services(self, type_name: str) -> Any:
-        return _Services(self, type_name)
-
-
-def _data_loader(session: AioSession) -> Loader:
-    """What botocore's ``create_loader`` builds, with the faster parts (``AWS_DATA_PATH`` honoured)."""
-    data_path = session.get_config_variable("data_path")
-    paths = None
-    if data_path:
-        paths = [os.path.expanduser(os.path.expandvars(path)) for path in data_path.split(os.pathsep)]
-    return _DataLoader(extra_search_paths=paths, file_loader=_PlainJSONFileLoader())
-
-
-def _prepared_session(profile: str | None) -> AioSession:
-    """A session with S3's service model and endpoint rules already parsed.
-
-    Creating a client parses ~60 ms of botocore JSON; done here, in a worker thread, the client
-    itself is then created on the event loop in a few milliseconds instead of stalling it.
-    """
-    session = AioSession(profile=profile)
-    try:
-        session.register_component("data_loader", _data_loader(session))
-        loader = session.get_component("data_loader")
-        loader.load_service_model("s3", "service-2")
-        loader.load_service_model("s3", "endpoint-rule-set-1")
-        loader.load_data("partitions")
-        loader.load_data("sdk-default-configuration")
-        session._get_internal_component("endpoint_resolver")
-    except Exception as error:  # pragma: no cover - botocore internals moved: merely slower
-        logger.debug("could not preload botocore data: %s", error)
-    return session
