@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from . import __version__, _archive, _manage
 from ._checkpoint import Checkpoint
-from ._config import TransferConfig
+from ._config import TransferConfig, field_help
 from ._exceptions import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -111,31 +111,6 @@ def parse_tags(text: str) -> dict[str, str]:
     return tags
 
 
-def _field_help() -> dict[str, str]:
-    """Each attribute's text in TransferConfig's docstring, as plain text: one source for the help."""
-    doc = TransferConfig.__doc__ or ""
-    section = doc.split("Attributes:", 1)[-1]
-    section = re.split(r"^ {4}\w+:$", section, maxsplit=1, flags=re.MULTILINE)[0]  # up to the next section
-    helps: dict[str, str] = {}
-    for name, text in re.findall(r"^ {8}(\w+): (.+?)(?=^ {8}\w+: |\Z)", section, re.MULTILINE | re.DOTALL):
-        text = re.split(r"[.;] ``None`` ", " ".join(text.split()))[0]  # what None means: said by the default
-        helps[name] = text.replace("``", "").rstrip(".").replace("%", "%%")
-    return helps
-
-
-#: What an unset option means, for the fields whose default is ``None``.
-_UNSET = {
-    "endpoint_url": "AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL, else AWS",
-    "region_name": "the AWS configuration's",
-    "profile": "the AWS configuration's",
-    "addressing_style": "path with an endpoint, else auto",
-    "server_side_encryption": "the bucket's default encryption",
-    "sse_kms_key_id": "the bucket's or the account's default key",
-    "bucket_key_enabled": "the bucket's setting",
-    "storage_class": "the bucket's default, STANDARD",
-}
-
-
 #: Commands that reach a store (all but ``demo``), that move a checkpoint's bytes, that write one.
 _STORE_COMMANDS = frozenset({"save", "load", "ls", "rm", "verify", "gc"})
 _TRANSFERS = frozenset({"save", "load", "verify"})
@@ -184,17 +159,17 @@ def _add_settings(parser: argparse.ArgumentParser, command: str) -> None:
         return
     transfer = parser.add_argument_group("transfer settings (the library's TransferConfig fields)")
     store = parser.add_argument_group("store connection (S3 and S3-compatible servers)")
-    helps = _field_help()
     for field in dataclasses.fields(TransferConfig):
         applies = _APPLIES_TO.get(field.name, _STORE_COMMANDS)
         group = store if applies is _STORE_COMMANDS else transfer
         flag = _FLAGS.get(field.name, "--" + field.name.replace("_", "-"))
         default, size = field.default, field.name in _SIZE_FIELDS
-        text = helps.get(field.name, "")
+        text, unset = field_help(field.name)
+        text = text.rstrip(".").replace("%", "%%")  # argparse formats help with %
         if default is not None:
             text += f" (default: {_readable(default, size=size)})"
-        elif field.name in _UNSET:
-            text += f" (default: {_UNSET[field.name]})"
+        elif unset is not None:
+            text += f" (default: {unset})"
         if command not in applies:
             text = argparse.SUPPRESS
         if isinstance(default, bool) or field.type == "bool | None":

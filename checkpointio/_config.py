@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import re
+import textwrap
 import types
 import typing
 from collections.abc import Mapping
@@ -13,7 +15,7 @@ from typing import Any, Literal
 
 from typing_extensions import TypedDict, Unpack
 
-__all__ = ["MiB", "TransferConfig", "TransferOptions"]
+__all__ = ["MiB", "TransferConfig", "TransferOptions", "field_help"]
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -40,6 +42,13 @@ _ARCHIVE_CLASSES = ("GLACIER", "DEEP_ARCHIVE")
 _MAX_TAGS, _MAX_TAG_KEY, _MAX_TAG_VALUE = 10, 128, 256
 
 
+def _about(text: str, *, unset: str | None = None) -> dict[str, str]:
+    """A field's documentation, kept in its metadata: ``help`` says what it is (plain text, whole
+    sentences); ``unset`` what its default ``None`` means. Read by the CLI's ``--help`` and
+    appended to the class docstring."""
+    return {"help": text} if unset is None else {"help": text, "unset": unset}
+
+
 @dataclass(frozen=True, kw_only=True)
 class TransferConfig:
     """How checkpoints move between the machine and the store.
@@ -54,51 +63,8 @@ class TransferConfig:
     ``part_size``: up to 156 GiB for a file or bytes and 112 GiB for a directory archive or other
     stream, past which S3's 10,000-part limit makes them grow.
 
-    Attributes:
-        part_size: Size of one multipart part and one ranged GET. Grown automatically so that no
-            object needs more than 10,000 parts. 5 MiB to 5 GiB (S3's limits for a part).
-        max_concurrency: Parts or ranges in flight at once per transfer; also sizes the S3
-            connection pool.
-        multipart_threshold: Objects below this go up in one PUT: those of known size, and
-            streams (a directory archive, stdin) that end before reaching it. At most 5 GiB (S3's
-            largest single PUT).
-        chunk_size: Size of the blocks passed between the archive thread and the store, and of
-            each independently compressed gzip member of a directory archive.
-        pipeline_depth: Chunks buffered between producer and consumer (back-pressure).
-        compression_level: gzip level for directory archives, 0 (store) to 9. Levels 1-3 use
-            ISA-L's fast deflate where the ``isal`` wheel is installed; blocks that deflating
-            would shrink by less than 10% (float weights, compressed files) are stored whatever
-            the level.
-        compression_workers: Threads that deflate (save) or inflate (load) archive blocks at once.
-        max_attempts: Attempts per S3 request (first try included) on throttling and transient
-            errors, with botocore's jittered exponential backoff.
-        connect_timeout: Seconds to wait for a connection to the store.
-        read_timeout: Seconds to wait for data on an open connection.
-        endpoint_url: S3 endpoint (MinIO, Ceph, R2, a test server). ``None`` reads
-            ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` as botocore does, else AWS.
-        region_name: S3 region; ``None`` takes the AWS configuration chain's.
-        profile: Named AWS profile; ``None`` takes the default chain.
-        addressing_style: ``"path"``, ``"virtual"`` or ``"auto"``; ``None`` means path-style when
-            an endpoint is set (what most S3-compatible servers need) and auto otherwise.
-        flexible_checksums: Send CRC32 checksums (per part and whole object) that S3 verifies.
-            Turn off for servers that reject them; parts then carry Content-MD5 instead.
-        server_side_encryption: How S3 encrypts a saved object: ``"AES256"`` (SSE-S3),
-            ``"aws:kms"`` (SSE-KMS) or ``"aws:kms:dsse"``; ``None`` leaves it to the bucket's
-            default encryption. boto3's ``ServerSideEncryption``.
-        sse_kms_key_id: The KMS key (id, ARN or alias) for ``"aws:kms"`` / ``"aws:kms:dsse"``;
-            ``None`` takes the bucket's or the account's default key. boto3's ``SSEKMSKeyId``.
-        bucket_key_enabled: With ``"aws:kms"``, use (or not) an S3 Bucket Key, which cuts KMS
-            requests; ``None`` follows the bucket's setting. boto3's ``BucketKeyEnabled``.
-        storage_class: Storage class of saved objects (``"STANDARD_IA"``, ``"INTELLIGENT_TIERING"``,
-            ...); ``None`` is the bucket's default (STANDARD). GLACIER and DEEP_ARCHIVE are refused:
-            their objects cannot be loaded without a restore. boto3's ``StorageClass``.
-        tags: Object tags of saved objects, ``{"key": "value"}`` (up to 10; needs the
-            ``s3:PutObjectTagging`` permission). boto3's ``Tagging``, as a mapping.
-        expected_bucket_owner: The 12-digit AWS account id that must own the bucket; every request
-            carries it, and S3 refuses (access denied) one to a bucket owned by another account.
-            boto3's ``ExpectedBucketOwner``.
-        requester_pays: Agree to pay for the requests and transfer on a Requester Pays bucket
-            (every request says ``RequestPayer=requester``). boto3's ``RequestPayer``.
+    Each field is documented next to its declaration (its ``metadata["help"]``, listed under
+    *Attributes* below); ``checkpointio COMMAND --help`` shows the same text for its flag.
 
     Raises:
         TypeError: A field of the wrong type, named in the message (an ``int`` is accepted for a
@@ -106,28 +72,131 @@ class TransferConfig:
         ValueError: A field out of its range, named in the message.
     """
 
-    part_size: int = 16 * MiB
-    max_concurrency: int = 8
-    multipart_threshold: int = 16 * MiB
-    chunk_size: int = 1 * MiB
-    pipeline_depth: int = 4
-    compression_level: int = 1
-    compression_workers: int = 2
-    max_attempts: int = 5
-    connect_timeout: float = 10.0
-    read_timeout: float = 60.0
-    endpoint_url: str | None = None
-    region_name: str | None = None
-    profile: str | None = None
-    addressing_style: str | None = None
-    flexible_checksums: bool = True
-    server_side_encryption: ServerSideEncryption | None = None
-    sse_kms_key_id: str | None = None
-    bucket_key_enabled: bool | None = None
-    storage_class: StorageClass | None = None
-    tags: Mapping[str, str] | None = field(default=None, hash=False)  # a dict: the settings stay hashable
-    expected_bucket_owner: str | None = None
-    requester_pays: bool = False
+    part_size: int = field(
+        default=16 * MiB,
+        metadata=_about(
+            "Size of one multipart part and one ranged GET. Grown automatically so that no object needs more "
+            "than 10,000 parts. 5 MiB to 5 GiB (S3's limits for a part)."
+        ),
+    )
+    max_concurrency: int = field(
+        default=8,
+        metadata=_about("Parts or ranges in flight at once per transfer; also sizes the S3 connection pool."),
+    )
+    multipart_threshold: int = field(
+        default=16 * MiB,
+        metadata=_about(
+            "Objects below this go up in one PUT: those of known size, and streams (a directory archive, stdin) "
+            "that end before reaching it. At most 5 GiB (S3's largest single PUT)."
+        ),
+    )
+    chunk_size: int = field(
+        default=1 * MiB,
+        metadata=_about(
+            "Size of the blocks passed between the archive thread and the store, and of each independently "
+            "compressed gzip member of a directory archive."
+        ),
+    )
+    pipeline_depth: int = field(
+        default=4, metadata=_about("Chunks buffered between producer and consumer (back-pressure).")
+    )
+    compression_level: int = field(
+        default=1,
+        metadata=_about(
+            "gzip level for directory archives, 0 (store) to 9. Levels 1-3 use ISA-L's fast deflate where the "
+            "isal wheel is installed; blocks that deflating would shrink by less than 10% (float weights, "
+            "compressed files) are stored whatever the level."
+        ),
+    )
+    compression_workers: int = field(
+        default=2, metadata=_about("Threads that deflate (save) or inflate (load) archive blocks at once.")
+    )
+    max_attempts: int = field(
+        default=5,
+        metadata=_about(
+            "Attempts per S3 request (first try included) on throttling and transient errors, with botocore's "
+            "jittered exponential backoff."
+        ),
+    )
+    connect_timeout: float = field(default=10.0, metadata=_about("Seconds to wait for a connection to the store."))
+    read_timeout: float = field(default=60.0, metadata=_about("Seconds to wait for data on an open connection."))
+    endpoint_url: str | None = field(
+        default=None,
+        metadata=_about(
+            "S3 endpoint (MinIO, Ceph, R2, a test server).",
+            unset="AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL, as botocore reads them, else AWS",
+        ),
+    )
+    region_name: str | None = field(default=None, metadata=_about("S3 region.", unset="the AWS configuration's"))
+    profile: str | None = field(default=None, metadata=_about("Named AWS profile.", unset="the AWS configuration's"))
+    addressing_style: str | None = field(
+        default=None,
+        metadata=_about(
+            '"path", "virtual" or "auto".',
+            unset="path-style when an endpoint is set, as most S3-compatible servers need; else auto",
+        ),
+    )
+    flexible_checksums: bool = field(
+        default=True,
+        metadata=_about(
+            "Send CRC32 checksums (per part and whole object) that S3 verifies. Turn off for servers that "
+            "reject them; parts then carry Content-MD5 instead."
+        ),
+    )
+    server_side_encryption: ServerSideEncryption | None = field(
+        default=None,
+        metadata=_about(
+            'How S3 encrypts a saved object: "AES256" (SSE-S3), "aws:kms" (SSE-KMS) or "aws:kms:dsse". '
+            "boto3's ServerSideEncryption.",
+            unset="the bucket's default encryption",
+        ),
+    )
+    sse_kms_key_id: str | None = field(
+        default=None,
+        metadata=_about(
+            'The KMS key (id, ARN or alias) for "aws:kms" / "aws:kms:dsse". boto3\'s SSEKMSKeyId.',
+            unset="the bucket's or the account's default key",
+        ),
+    )
+    bucket_key_enabled: bool | None = field(
+        default=None,
+        metadata=_about(
+            'With "aws:kms", use (or not) an S3 Bucket Key, which cuts KMS requests. boto3\'s BucketKeyEnabled.',
+            unset="the bucket's setting",
+        ),
+    )
+    storage_class: StorageClass | None = field(
+        default=None,
+        metadata=_about(
+            'Storage class of saved objects ("STANDARD_IA", "INTELLIGENT_TIERING", ...). GLACIER and '
+            "DEEP_ARCHIVE are refused: their objects cannot be loaded without a restore. boto3's StorageClass.",
+            unset="the bucket's default, STANDARD",
+        ),
+    )
+    tags: Mapping[str, str] | None = field(
+        default=None,
+        hash=False,  # a dict: the settings stay hashable
+        metadata=_about(
+            'Object tags of saved objects, {"key": "value"} (up to 10; needs the s3:PutObjectTagging '
+            "permission). boto3's Tagging, as a mapping.",
+            unset="no tags",
+        ),
+    )
+    expected_bucket_owner: str | None = field(
+        default=None,
+        metadata=_about(
+            "The 12-digit AWS account id that must own the bucket; every request carries it, and S3 refuses "
+            "(access denied) one to a bucket owned by another account. boto3's ExpectedBucketOwner.",
+            unset="any owner",
+        ),
+    )
+    requester_pays: bool = field(
+        default=False,
+        metadata=_about(
+            "Agree to pay for the requests and transfer on a Requester Pays bucket (every request says "
+            "RequestPayer=requester). boto3's RequestPayer."
+        ),
+    )
 
     def __post_init__(self) -> None:
         self._check_choices()
@@ -205,6 +274,43 @@ class TransferConfig:
         if unknown:
             raise TypeError(f"unknown checkpoint option(s) {unknown}; valid: {sorted(known)}")
         return dataclasses.replace(self, **options)
+
+
+def field_help(name: str) -> tuple[str, str | None]:
+    """A :class:`TransferConfig` field's help text, and what its default ``None`` means (``None``
+    for a field whose default is a value).
+
+    Raises:
+        KeyError: No such field.
+    """
+    for setting in dataclasses.fields(TransferConfig):
+        if setting.name == name:
+            return setting.metadata["help"], setting.metadata.get("unset")
+    raise KeyError(name)
+
+
+def _attributes_section() -> str:
+    """The Google-style *Attributes* section of TransferConfig's docstring, from its fields' help."""
+    lines = ["Attributes:"]
+    for setting in dataclasses.fields(TransferConfig):
+        text, unset = field_help(setting.name)
+        if unset is not None:
+            text += f" None (the default): {unset}."
+        lines += textwrap.wrap(
+            f"{setting.name}: {text}", width=100, initial_indent="    ", subsequent_indent="        "
+        )
+    return "\n".join(lines)
+
+
+def _with_attributes(doc: str) -> str:
+    """``doc`` cleaned of its indentation (Python 3.13 strips it itself, older versions do not, so
+    the section's indentation matches the rest whatever the version), the *Attributes* section
+    put before its *Raises*."""
+    summary, raises, rest = inspect.cleandoc(doc).partition("\nRaises:")
+    return f"{summary.rstrip()}\n\n{_attributes_section()}\n{raises}{rest}\n"
+
+
+TransferConfig.__doc__ = _with_attributes(TransferConfig.__doc__ or "")
 
 
 class TransferOptions(TypedDict, total=False):

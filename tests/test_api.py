@@ -15,9 +15,23 @@ import anyio
 import pytest
 
 from checkpointio import Checkpoint, MiB, TaskEnvironment, TransferConfig, TransferOptions
+from checkpointio._config import field_help
 from checkpointio._pending import Pending
 
 from .conftest import StoreCase
+
+
+def test_each_transfer_setting_is_documented_next_to_its_field() -> None:
+    doc = " ".join((TransferConfig.__doc__ or "").split())
+    for setting in dataclasses.fields(TransferConfig):
+        text, unset = field_help(setting.name)
+        assert text.endswith(".") and len(text.split()) > 1, setting.name  # a sentence, not a stub
+        # a field whose default is None says what None means; one with a value does not need to
+        assert (unset is not None) == (setting.default is None), setting.name
+        assert f"{setting.name}: {text}" in doc, setting.name  # help(TransferConfig) lists it
+    assert doc.index("Attributes:") < doc.index("Raises:")  # Google style order, whatever Python's version
+    with pytest.raises(KeyError):
+        field_help("part_sise")
 
 
 def test_the_typed_options_are_exactly_transfer_configs_fields_with_their_types() -> None:

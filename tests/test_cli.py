@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import fcntl
 import json
 import os
@@ -20,7 +21,9 @@ from pathlib import Path
 
 import pytest
 
+from checkpointio import TransferConfig
 from checkpointio._cli import build_parser, parse_size
+from checkpointio._config import field_help
 
 from .conftest import MotoServer, free_port, make_tree, snapshot, start_moto, stop
 from .faultproxy import FaultProxy
@@ -566,6 +569,30 @@ def test_each_command_lists_only_the_settings_that_apply_with_readable_defaults(
     assert build_parser().parse_args(["ls", "--compression-level", "3", "--part-size", "5M", "x"]).part_size == 5 << 20
     for spelling in ("--region", "--region-name"):  # aws's name, and the field's, kept for scripts
         assert build_parser().parse_args(["ls", spelling, "eu-west-3", "x"]).region_name == "eu-west-3"
+
+
+def test_the_help_of_each_setting_is_its_fields_documentation_with_its_default() -> None:
+    # every option listed (save lists every TransferConfig field, load those that apply to it) shows
+    # the whole of the field's help text and its default as a user would write it
+    wide = {"COLUMNS": "10000"}  # one line per option: argparse would break lines at hyphens too
+    for command in ("save", "load"):
+        shown = " ".join(cli(command, "--help", env=wide).stdout.split())
+        section = shown[shown.index("transfer settings (") : shown.index("example:")]
+        options = ["--" + entry for entry in section.split(" --")[1:]]
+        listed = 0
+        for setting in dataclasses.fields(TransferConfig):
+            text, unset = field_help(setting.name)
+            flag = "--region" if setting.name == "region_name" else "--" + setting.name.replace("_", "-")
+            entries = [entry for entry in options if entry.startswith((flag + " ", "--no-" + flag[2:] + " "))]
+            if command == "load" and not entries:
+                continue  # not listed where it does not apply (test above)
+            assert len(entries) == 1, (command, setting.name)
+            assert text.rstrip(".") in entries[0] and "(default: " + (unset or "") in entries[0], (command, entries)
+            listed += 1
+        assert listed == len(dataclasses.fields(TransferConfig)) if command == "save" else listed > 10
+    save = " ".join(cli("save", "--help", env=wide).stdout.split())
+    assert "(default: no tags)" in save and "(default: the bucket's default encryption)" in save
+    assert "refused: their objects cannot be loaded without a restore. boto3's StorageClass" in save
 
 
 def on_a_terminal(*args: str, cwd: Path, rows: int = 24, columns: int = 120) -> str:
