@@ -174,6 +174,8 @@ def checkpointio(
     as_bytes: bool = False,
     ticker: bool = False,
     root: str | None = None,
+    env: dict[str, str] | None = None,
+    without: tuple[str, ...] = (),
     **options: Any,
 ) -> Pipeline:
     """checkpointio ``save_sync`` / ``load_sync`` with ``options`` (none: the defaults).
@@ -181,9 +183,19 @@ def checkpointio(
     ``as_bytes`` saves the file's content as ``bytes`` (read before timing) and loads it back
     into memory with ``load_bytes_sync()``; ``ticker`` uses ``await save()`` / ``await load()``
     with a coroutine ticking every 10 ms that records the longest gap. ``root``: a source tree
-    whose checkpointio is measured instead of this one (another version, in the same run).
+    whose checkpointio is measured instead of this one (another version, in the same run). ``env``
+    is added to the worker's environment (``CHECKPOINTIO_TUNE_MALLOC``); ``without`` names memory
+    tweaks the worker turns off (:data:`benchmarks.worker.TWEAKS`), to measure each against its
+    absence.
     """
-    common = {"options": options, "as_bytes": as_bytes, "ticker": ticker, "root": root}
+    common = {
+        "options": options,
+        "as_bytes": as_bytes,
+        "ticker": ticker,
+        "root": root,
+        "env": env or {},
+        "without": list(without),
+    }
 
     def save(context: Context, dataset: Dataset, place: Place) -> Step:
         return PythonStep({"op": "ours_save", "src": str(dataset.path), "dest": place.uri, **common})

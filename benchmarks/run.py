@@ -448,6 +448,54 @@ def keep_rows(tables: dict[str, list[Case]], parts: Sequence[str]) -> dict[str, 
     return {title: [case for case in cases if kept(case)] for title, cases in tables.items()}
 
 
+def build_tweak_tables(places: Places, trees: Sequence[Dataset], big: Dataset) -> dict[str, list[Case]]:
+    """``--tweaks``: checkpointio with and without each of its memory tweaks, on the local store (no
+    server CPU in the way) and, with a server, on S3; each table's rows alternate like any other's."""
+    tables: dict[str, list[Case]] = {}
+    threshold = {"CHECKPOINTIO_TUNE_MALLOC": "0"}, {"CHECKPOINTIO_TUNE_MALLOC": "1"}
+    for tree in trees:
+        title = f"tweaks: glibc mmap threshold, local store, {_describe(tree)}"
+        tables[title] = [
+            places.local(title, tree, checkpointio("glibc threshold left alone", env=threshold[0])),
+            places.local(
+                title, tree, checkpointio("glibc threshold raised (CHECKPOINTIO_TUNE_MALLOC=1)", env=threshold[1])
+            ),
+        ]
+    title = f"tweaks: load_bytes() buffer, local store, {_describe(big)}"
+    tables[title] = [
+        places.local(title, big, checkpointio(name, as_bytes=True, env=threshold[0], without=without))
+        for name, without in (
+            ("unfilled bytearray + prefault", ()),
+            ("zeroed bytearray + prefault", ("unfilled_bytearray",)),
+            ("unfilled bytearray, no prefault", ("prefault",)),
+            ("zeroed bytearray, no prefault", ("unfilled_bytearray", "prefault")),
+        )
+    ]
+    title = f"tweaks: glibc mmap threshold, local store, bytes of {_describe(big)}"
+    tables[title] = [
+        places.local(title, big, checkpointio("glibc threshold left alone", as_bytes=True, env=threshold[0])),
+        places.local(title, big, checkpointio("glibc threshold raised", as_bytes=True, env=threshold[1])),
+    ]
+    if places.server is None:
+        return tables
+    title = f"tweaks: glibc mmap threshold, S3, {_describe(trees[0])}"
+    tables[title] = [
+        places.s3(title, trees[0], checkpointio("glibc threshold left alone", env=threshold[0])),
+        places.s3(title, trees[0], checkpointio("glibc threshold raised", env=threshold[1])),
+    ]
+    title = f"tweaks: load_bytes() buffer, S3, {_describe(big)}"
+    tables[title] = [
+        places.s3(title, big, checkpointio(name, as_bytes=True, env=threshold[0], without=without))
+        for name, without in (
+            ("unfilled bytearray + prefault", ()),
+            ("zeroed bytearray + prefault", ("unfilled_bytearray",)),
+            ("unfilled bytearray, no prefault", ("prefault",)),
+            ("zeroed bytearray, no prefault", ("unfilled_bytearray", "prefault")),
+        )
+    ]
+    return tables
+
+
 def run_repetitions(bench: Bench, tables: dict[str, list[Case]], repeat: int) -> None:
     """Measure every case ``repeat`` times, rotating each table's order so ours alternates with the rest."""
     for repetition in range(repeat):
@@ -467,8 +515,10 @@ def run(args: argparse.Namespace, sizes: Sizes, scratch: Path) -> int:
         print(f"  {name:6} {version}")
     tensors, small, big = make_datasets(sizes, scratch / "data")
     trees = (tensors, small)
-    grown = {tree.name: grow_tree(tree, scratch / "data" / f"{tree.name}-x4") for tree in trees}
-    archives = {tree.name: make_archive(tools, tree, scratch / f"{tree.name}.tar.gz") for tree in trees}
+    grown, archives = {}, {}
+    if not args.tweaks:  # used by the comparison only
+        grown = {tree.name: grow_tree(tree, scratch / "data" / f"{tree.name}-x4") for tree in trees}
+        archives = {tree.name: make_archive(tools, tree, scratch / f"{tree.name}.tar.gz") for tree in trees}
     (scratch / "tmp").mkdir()
 
     with s3_server(tools, scratch) as server:
@@ -481,7 +531,10 @@ def run(args: argparse.Namespace, sizes: Sizes, scratch: Path) -> int:
         bench = Bench(runner, context, scratch, server)
         places = Places(server, scratch)
 
-        tables = build_tables(places, trees, big, args.compare)
+        if args.tweaks:
+            tables = build_tweak_tables(places, trees, big)
+        else:
+            tables = build_tables(places, trees, big, args.compare)
         references = {cases[0].dataset.name: cases[0] for cases in reversed(tables.values())}  # S3 ones win
         if args.only:
             tables = {title: cases for title, cases in tables.items() if any(part in title for part in args.only)}
@@ -493,7 +546,7 @@ def run(args: argparse.Namespace, sizes: Sizes, scratch: Path) -> int:
         ticker: list[Case] = []
         idle_rss: int | None = None
         floor_ms: float | None = None
-        if not args.tables_only:
+        if not args.tables_only and not args.tweaks:
             print("once each: peak RSS on a tree 4x larger, event-loop responsiveness, idle worker", flush=True)
             growth = [
                 (
@@ -519,7 +572,7 @@ def run(args: argparse.Namespace, sizes: Sizes, scratch: Path) -> int:
         rows, notes = throughput_rows(bench, cases)
         print_table(f"{title}; median of {sizes.repeat}", THROUGHPUT_HEADER, rows, notes)
     print_stages(bench, tables, sizes.repeat)
-    if not args.tables_only:
+    if not args.tables_only and not args.tweaks:
         print_rss_growth(bench, growth)
         print_event_loop(bench, ticker)
         print(
@@ -650,6 +703,11 @@ def main() -> None:
     )
     parser.add_argument(
         "--tables-only", action="store_true", help="skip the once-only measurements (4x RSS, event loop, idle worker)"
+    )
+    parser.add_argument(
+        "--tweaks",
+        action="store_true",
+        help="instead of the comparison, checkpointio with and without its memory tweaks",
     )
     parser.add_argument("--repeat", type=int, help=f"repetitions (default {FULL.repeat})")
     parser.add_argument("--tensor-mib", type=float, help=f"tensor directory size (default {FULL.tensor_mib})")

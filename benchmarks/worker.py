@@ -285,11 +285,33 @@ OPERATIONS: dict[str, Callable[[Spec], Result]] = {
 }
 
 
+#: Memory tweaks of checkpointio that a step can turn off (``spec["without"]``), each replaced by
+#: what the library would do without it: a zeroed ``bytearray``, no prefaulting.
+TWEAKS: dict[str, Callable[..., Any]] = {
+    "unfilled_bytearray": bytearray,
+    "prefault": lambda buffer: None,
+}
+
+
+def _turn_off(names: list[str]) -> None:
+    """Replace the named tweaks in the module that owns them; fail if one is no longer there."""
+    if not names:
+        return
+    from checkpointio import _allocator as owner
+
+    for name in names:
+        if not callable(getattr(owner, name, None)):
+            raise RuntimeError(f"{owner.__name__} has no {name}: update benchmarks/worker.py TWEAKS")
+        setattr(owner, name, TWEAKS[name])
+
+
 def main() -> None:
     """Run ``OPERATIONS[spec["op"]]`` and write its result where ``spec["result"]`` says."""
     spec: Spec = json.loads(sys.argv[1])
     if spec.get("root"):  # another version of checkpointio, imported instead of the one on the path
         sys.path.insert(0, spec["root"])
+    os.environ.update(spec.get("env", {}))  # before checkpointio reads it
+    _turn_off(spec.get("without", []))
     result = OPERATIONS[spec["op"]](spec)
     Path(spec["result"]).write_text(json.dumps(result))
 
