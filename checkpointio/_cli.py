@@ -33,7 +33,7 @@ import anyio
 import anyio.to_thread
 from tqdm import tqdm
 
-from . import __version__, _archive, _manage
+from . import __version__, _allocator, _archive, _manage
 from ._checkpoint import Checkpoint
 from ._config import TransferConfig, field_help
 from ._exceptions import (
@@ -802,5 +802,7 @@ def _main(argv: Sequence[str] | None, termination: Termination) -> int:
 
 
 def run() -> None:
-    """Console-script entry point."""
+    """Console-script entry point: the command owns its process, so it has glibc keep transfer
+    buffers on its heap (see ``_allocator.tune_malloc``; ``CHECKPOINTIO_TUNE_MALLOC=0`` opts out)."""
+    _allocator.tune_malloc(default=True)
     sys.exit(main())

@@ -305,7 +305,7 @@ async def _save(
     skip: _archive.Skip | None = None,
 ) -> ObjectInfo:
     started = time.monotonic()
-    _allocator.settle()
+    _allocator.tune_malloc()  # only if asked: it changes the whole process
     send, receive = anyio.create_memory_object_stream[bytes](config.pipeline_depth)
     body = Body(receive, source.size, crc32_up_front=_crc32_up_front(source))
     digest = body.digest
@@ -535,7 +535,7 @@ async def _read(
     consume: Callable[[_Pull], T],
 ) -> T:
     """Stream the object from the store into ``consume``, run in a worker thread; its result."""
-    _allocator.settle()
+    _allocator.tune_malloc()  # only if asked: it changes the whole process
     send, receive = anyio.create_memory_object_stream[Blocks](config.pipeline_depth)
     failed = [False]
     pull = _Pull(receive, failed, meter)
@@ -619,7 +619,7 @@ async def _fetch_ranges(
     The ranges' CRC32s are combined in order into the whole object's, so the stored checksum is
     checked as on the ordered path.
     """
-    _allocator.settle()
+    _allocator.tune_malloc()  # only if asked: it changes the whole process
     written: dict[int, tuple[int, int]] = {}  # offset -> (length, CRC32)
     lock = threading.Lock()
 
