@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import gc
+import re
 import typing
 import warnings
 from collections.abc import Callable
@@ -32,6 +33,18 @@ def test_each_transfer_setting_is_documented_next_to_its_field() -> None:
     assert doc.index("Attributes:") < doc.index("Raises:")  # Google style order, whatever Python's version
     with pytest.raises(KeyError):
         field_help("part_sise")
+
+
+def test_the_configuration_page_lists_every_transfer_setting_and_no_other() -> None:
+    page = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text(encoding="utf-8")
+    table = page.split("\n## Settings\n", 1)[1].split("\n## ", 1)[0]
+    listed = {
+        name
+        for row in table.splitlines()
+        if row.startswith("| `")
+        for name in re.findall(r"`(\w+)`", row.split("|")[1])
+    }
+    assert listed == {setting.name for setting in dataclasses.fields(TransferConfig)}
 
 
 def test_the_typed_options_are_exactly_transfer_configs_fields_with_their_types() -> None:
