@@ -214,9 +214,10 @@ def walk_tree(
     must be the folder the listing showed; every entry must still be what the listing said (a
     folder, a symlink or a file): a tree changed under the walk raises :class:`SourceChangedError`
     instead of leading the walk outside it. The root is the path given (followed if a symlink).
-    Staging folders a killed restore left at the top (see ``_placement.STAGING_NAME``) and what ``skip`` names are left
-    out. ``shown`` is the path messages name (the user's, when ``root`` is a snapshot of it),
-    ``uri`` what is being saved.
+    Entries a killed restore or placement left behind (exact staging names, see
+    ``_placement.STAGING_NAME``, files or folders, at any depth) and what ``skip`` names are left out.
+    ``shown`` is the path messages name (the user's, when ``root`` is a snapshot of it), ``uri`` what
+    is being saved.
     """
     shown = shown if shown is not None else root
     uri = uri if uri is not None else shown
@@ -232,7 +233,7 @@ def walk_tree(
                 continue
             name, listed = names.pop()
             rel = prefix + name
-            if (not prefix and listed == _FOLDER and STAGING_NAME.fullmatch(name)) or (skip is not None and skip(rel)):
+            if STAGING_NAME.fullmatch(name) or (skip is not None and skip(rel)):
                 continue
             try:
                 st = os.stat(name, dir_fd=fd, follow_symlinks=False)
@@ -398,15 +399,15 @@ def pack_directory(
 ) -> None:
     """Write ``root``'s contents as a .tar.gz stream to ``emit``, one gzip member per block.
 
-    Entries are named relative to ``root`` in sorted order (but for staging folders a killed restore
-    left at its top, see ``_placement.STAGING_NAME``, and what ``skip`` names); empty folders, symlinks (as
-    links), hard links, modes and mtimes (whole seconds) are kept; owners are not (a restore belongs
-    to whoever runs it). Sockets, pipes and device files are skipped with a warning: they hold no
-    data. A file that grows while it is read is stored with the size it had when listed; one that
-    shrinks or vanishes, and an entry replaced since it was listed (a folder swapped for a symlink
-    included), raise :class:`SourceChangedError` (see :func:`walk_tree`). Messages name ``shown``
-    (default ``root``): the user's folder when ``root`` is a snapshot of it. ``on_read`` hears of
-    each piece of a file read.
+    Entries are named relative to ``root`` in sorted order (but for what a killed restore or
+    placement left under an exact staging name, see ``_placement.STAGING_NAME``, and what ``skip``
+    names); empty folders, symlinks (as links), hard links, modes and mtimes (whole seconds) are
+    kept; owners are not (a restore belongs to whoever runs it). Sockets, pipes and device files are
+    skipped with a warning: they hold no data. A file that grows while it is read is stored with the
+    size it had when listed; one that shrinks or vanishes, and an entry replaced since it was listed
+    (a folder swapped for a symlink included), raise :class:`SourceChangedError` (see
+    :func:`walk_tree`). Messages name ``shown`` (default ``root``): the user's folder when ``root``
+    is a snapshot of it. ``on_read`` hears of each piece of a file read.
     """
     uri = shown if shown is not None else str(root)
     sink = _GzipMemberWriter(emit, block_size, level, workers)
