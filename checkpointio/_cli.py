@@ -469,16 +469,40 @@ def _empty_is_fine(prefix: str) -> bool:
     return (location.scheme == "file" and os.path.isdir(location.key)) or (location.scheme == "s3" and not location.key)
 
 
+def _distributed_row(found: _manage.Distributed) -> dict[str, Any]:
+    """A distributed checkpoint as ``--json`` gives it: its manifest's row, with the kind
+    ``distributed``, the total size (manifest and data) and the world size that saved it."""
+    return {
+        **_row(found.manifest),
+        "kind": "distributed",
+        "size": found.size,
+        "crc32": None,
+        "world_size": found.summary.world_size,
+    }
+
+
 async def _ls(cmd: _Command) -> None:
     _need_stdout("the listing")
     infos = await _manage.list_checkpoints(cmd.args.prefix, cmd.config)
     if not infos and not _empty_is_fine(cmd.args.prefix):
         raise _names_nothing(cmd.args.prefix)
+    distributed = await _manage.distributed_among(infos, cmd.config)
+    infos = [info for info in infos if not _manage.folded(info, distributed)]
     if cmd.args.json:
-        _emit_json([_row(info) for info in infos])
+        _emit_json(
+            [
+                _distributed_row(distributed[info.location.key]) if info.location.key in distributed else _row(info)
+                for info in infos
+            ]
+        )
         return
     for info in infos:
-        print(f"{_kind(info):<5} {info.size:>14} {_when(info.modified):<20} {info.location.uri}")
+        found = distributed.get(info.location.key)
+        if found is None:
+            print(f"{_kind(info):<5} {info.size:>14} {_when(info.modified):<20} {info.location.uri}")
+        else:
+            world = f"(world size {found.summary.world_size})"
+            print(f"distributed {found.size:>14} {_when(info.modified):<20} {info.location.uri} {world}")
 
 
 async def _rm(cmd: _Command) -> int:
@@ -516,7 +540,20 @@ async def _rm(cmd: _Command) -> int:
 
 
 async def _verify(cmd: _Command) -> None:
+    summary = await _manage.distributed_summary(cmd.args.uri, cmd.config)
     info = await _manage.verify(cmd.args.uri, cmd.config, cmd.bars)
+    if summary is not None:
+        await _manage.verify_distributed(cmd.args.uri, summary, cmd.config, cmd.bars)
+        found = _manage.Distributed(info, summary)
+        if cmd.args.json:
+            _emit_json(_distributed_row(found))
+            return
+        objects = len(summary.objects)
+        cmd.say(
+            f"ok {info.location.uri} (distributed, {_human(found.size)}, world size {summary.world_size}, "
+            f"{objects} data object{'s' if objects != 1 else ''})"
+        )
+        return
     if cmd.args.json:
         _emit_json(_row(info))
         return
@@ -529,21 +566,38 @@ async def _gc(cmd: _Command) -> None:
     if args.dry_run:
         _need_stdout("what would be aborted")
     writes = await _manage.collect_garbage(args.prefix, cmd.config, older_than=args.older_than, dry_run=args.dry_run)
+    stale = await _manage.collect_distributed(args.prefix, cmd.config, older_than=args.older_than, dry_run=args.dry_run)
     runs = []
     if args.runs_older_than is not None:
         runs = await _manage.prune_runs(args.prefix, cmd.config, older_than=args.runs_older_than, dry_run=args.dry_run)
     if args.json:
         saves = [{"uri": write.location.uri, "ident": write.ident, "started": _when(write.started)} for write in writes]
         old = [{"uri": run.location.uri, "last_written": _when(run.last_written)} for run in runs]
-        _emit_json({"dry_run": args.dry_run, "unfinished_saves": saves, "runs": old})
+        data = [
+            {
+                "uri": one.checkpoint.uri,
+                "save_id": one.save_id,
+                "objects": [info.location.uri for info in one.objects],
+                "size": one.size,
+                "last_written": _when(one.last_written),
+            }
+            for one in stale
+        ]
+        _emit_json({"dry_run": args.dry_run, "unfinished_saves": saves, "distributed_saves": data, "runs": old})
         return
     verb = "would abort" if args.dry_run else "aborted"
     for write in writes:
         print(f"{verb} {write.location.uri} {write.ident} (started {_when(write.started)})")
+    for one in stale:
+        removed = "would remove" if args.dry_run else "removed"
+        print(
+            f"{removed} the data of the uncommitted distributed save {one.save_id} of {one.checkpoint.uri} "
+            f"({len(one.objects)} objects, {_human(one.size)}, last written {_when(one.last_written)})"
+        )
     for run in runs:
         removed = "would remove" if args.dry_run else "removed"
         print(f"{removed} run {run.location.uri} (last written {_when(run.last_written)})")
-    if not writes and not runs:
+    if not writes and not stale and not runs:
         cmd.say(f"nothing to clean up under {args.prefix}")
 
 
@@ -624,7 +678,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = command(
         "ls",
-        "List the checkpoints under a prefix: kind, size, time (UTC) and URI.",
+        "List the checkpoints under a prefix: kind, size, time (UTC) and URI; a distributed checkpoint "
+        "is one row (its total size and world size).",
         "checkpointio ls s3://bucket/runs/7/ --json",
     )
     sub.add_argument("prefix", metavar="URI_PREFIX", help="a folder, s3://bucket[/prefix] or memory://prefix")
@@ -632,8 +687,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = command(
         "rm",
-        "Delete the checkpoints at the URIs; with --recursive, every checkpoint checkpointio wrote under "
-        "each prefix (files and objects without its record are listed as skipped, never deleted).",
+        "Delete the checkpoints at the URIs (a distributed one with its data); with --recursive, every "
+        "checkpoint checkpointio wrote under each prefix (files and objects without its record are listed "
+        "as skipped, never deleted).",
         "checkpointio rm --recursive --dry-run s3://bucket/runs/7/",
     )
     sub.add_argument("uri", metavar="URI", nargs="+", help="checkpoint URIs, or prefixes with --recursive")
@@ -642,8 +698,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = command(
         "verify",
-        "Read the checkpoint at URI to its end and check its checksum and, for a directory, its archive; "
-        "writes nothing.",
+        "Read the checkpoint at URI to its end and check its checksum and, for a directory, its archive "
+        "(for a distributed one, every data object against its manifest); writes nothing.",
         "checkpointio verify s3://bucket/runs/7/attempt-0 && echo intact",
     )
     sub.add_argument("uri", metavar="URI")
@@ -652,7 +708,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command(
         "gc",
         "Abort unfinished saves under a prefix (S3: incomplete multipart uploads; local: temporary files "
-        "of killed saves) and list them.",
+        "of killed saves), remove the data of distributed saves no manifest commits, and list them.",
         "checkpointio gc s3://bucket/runs/ --older-than 12h --dry-run",
     )
     sub.add_argument("prefix", metavar="PREFIX")

@@ -11,6 +11,7 @@ import contextlib
 import os
 import re
 import time
+from bisect import bisect_left as _bisect_left
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,19 +19,23 @@ from pathlib import Path
 import anyio
 import anyio.to_thread
 
-from . import _engine, _placement
+from . import _dcp_layout, _engine, _placement
 from ._concurrency import one_error
 from ._config import TransferConfig
-from ._exceptions import CheckpointNotFoundError, DestinationError
+from ._exceptions import CheckpointNotFoundError, CorruptCheckpointError, DestinationError
 from ._location import Location, checkpoint_location, parse_prefix
 from ._progress import ProgressCallback
 from ._stores import ObjectInfo, PendingWrite, Store, open_store
 from ._stores._local import file_in_the_way
 
 __all__ = [
+    "Distributed",
     "Removal",
     "StoredRun",
+    "collect_distributed",
     "collect_garbage",
+    "distributed_among",
+    "distributed_summary",
     "delete_run",
     "find_runs",
     "list_checkpoints",
@@ -41,6 +46,7 @@ __all__ = [
     "remove_under",
     "restore",
     "verify",
+    "verify_distributed",
     "write_out",
 ]
 
@@ -69,15 +75,113 @@ async def list_checkpoints(prefix: str, config: TransferConfig) -> list[ObjectIn
     return [info for info in full if info is not None]
 
 
+@dataclass(frozen=True)
+class Distributed:
+    """A distributed (``checkpointio.dcp``) checkpoint found in a listing.
+
+    Attributes:
+        manifest: The object at its URI.
+        summary: What its manifest says (save id, world size, data objects).
+    """
+
+    manifest: ObjectInfo
+    summary: _dcp_layout.Summary
+
+    @property
+    def size(self) -> int:
+        """The manifest's and the committed data objects' bytes."""
+        return self.manifest.size + self.summary.data_size
+
+
+async def distributed_among(infos: list[ObjectInfo], config: TransferConfig) -> dict[str, Distributed]:
+    """The distributed checkpoints among ``infos`` (a listing), by key: the objects that have data
+    objects listed under ``<key>.dcp/`` and hold a manifest (only those are read)."""
+    keys = sorted(info.location.key for info in infos)
+    found: dict[str, Distributed] = {}
+    for info in infos:
+        key = info.location.key
+        if key.endswith("/"):
+            continue
+        data = key + _dcp_layout.DATA_SUFFIX
+        at = _bisect_left(keys, data)
+        if at == len(keys) or not keys[at].startswith(data):
+            continue
+        store = await open_store(info.location.scheme, config)
+        try:
+            summary = await _dcp_layout.read_summary(store, info.location, config)
+        except CorruptCheckpointError:
+            continue  # listed as the object it is; verify says what is wrong
+        if summary is not None:
+            found[key] = Distributed(info, summary)
+    return found
+
+
+def folded(info: ObjectInfo, distributed: dict[str, Distributed]) -> bool:
+    """Whether ``info`` is a data object of one of the ``distributed`` checkpoints (a listing shows
+    the checkpoint as one row instead)."""
+    key, sep, _ = info.location.key.partition(_dcp_layout.DATA_SUFFIX)
+    return bool(sep) and key in distributed
+
+
+async def distributed_summary(uri: str, config: TransferConfig) -> _dcp_layout.Summary | None:
+    """The summary of the distributed checkpoint at ``uri``; ``None`` if there is something else
+    (or nothing). Of anything else only the first bytes are read.
+
+    Raises:
+        CorruptCheckpointError: Its manifest is garbled.
+    """
+    location = checkpoint_location(uri)
+    return await _dcp_layout.read_summary(await open_store(location.scheme, config), location, config)
+
+
+async def verify_distributed(
+    uri: str, summary: _dcp_layout.Summary, config: TransferConfig, on_progress: ProgressCallback | None = None
+) -> None:
+    """Read every data object of the distributed checkpoint at ``uri`` and check it against its
+    manifest's ``summary``.
+
+    Raises:
+        CorruptCheckpointError: One is missing, of another size or other bytes (named with its rank).
+    """
+    location = checkpoint_location(uri)
+    await _dcp_layout.verify(await open_store(location.scheme, config), location, summary, config, on_progress)
+
+
+async def collect_distributed(
+    prefix: str, config: TransferConfig, *, older_than: float, dry_run: bool = False
+) -> list[_dcp_layout.StaleSave]:
+    """Delete the data of distributed saves under ``prefix`` that no manifest commits (failed,
+    killed or replaced) and that were last written more than ``older_than`` seconds ago.
+
+    Raises:
+        DestinationError: ``prefix`` covers ``/``, the current or home folder or one of their parents.
+    """
+    location = parse_prefix(prefix)
+    refuse_sweeping(location, "clean up under")
+    store = await open_store(location.scheme, config)
+    return await _dcp_layout.collect(store, location, config, cutoff=time.time() - older_than, dry_run=dry_run)
+
+
 async def remove(uri: str, config: TransferConfig, *, dry_run: bool = False) -> None:
-    """Delete the checkpoint at ``uri`` (with ``dry_run``, only check that there is one).
+    """Delete the checkpoint at ``uri`` (with ``dry_run``, only check that there is one); a
+    distributed one with its data (the manifest first: it disappears at once).
 
     Raises:
         CheckpointNotFoundError: There is none.
     """
     location = checkpoint_location(uri)
     store = await open_store(location.scheme, config)
-    found = await store.head(location) is not None if dry_run else await store.delete(location)
+    if dry_run:
+        found = await store.head(location) is not None
+    else:
+        try:
+            summary = await _dcp_layout.read_summary(store, location, config)
+        except CorruptCheckpointError:  # a garbled manifest: removed as the object it is
+            summary = None
+        if summary is not None:
+            await _dcp_layout.remove(store, location)
+            return
+        found = await store.delete(location)
     if not found:
         raise CheckpointNotFoundError(f"{location.uri}: no such checkpoint", uri=location.uri)
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import dataclasses
 import io
 import logging
@@ -69,7 +68,7 @@ from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 from typing_extensions import Unpack
 
-from . import _codec, _engine, _portal
+from . import _codec, _dcp_layout, _engine, _portal
 from ._checkpoint import Checkpoint
 from ._concurrency import one_error
 from ._config import TransferConfig, TransferOptions
@@ -87,12 +86,6 @@ from ._stores import ObjectInfo, Store, open_store
 __all__ = ["DistributedSaveHandle", "StorageReader", "StorageWriter", "load", "save"]
 
 logger = logging.getLogger(__name__)
-
-#: The manifest's first line: what it is and the version of its layout.
-MANIFEST_MAGIC = b"checkpointio-dcp/"
-MANIFEST_VERSION = 1
-#: What follows the checkpoint's key for the folder (prefix) of its data objects.
-DATA_SUFFIX = ".dcp/"
 
 #: A URI or a path; or a :class:`~checkpointio.Checkpoint`: saves go to its ``dest``, loads read
 #: its newest valid source.
@@ -142,6 +135,8 @@ class _Manifest:
     metadata: Metadata
     #: Data object name -> (size, CRC32).
     objects: dict[str, tuple[int, int]]
+    #: How many ranks saved it.
+    world_size: int = 1
 
 
 def _new_save_id() -> str:
@@ -153,48 +148,23 @@ def _object_name(save_id: str, rank: int) -> str:
     return f"{save_id}/rank-{rank}"
 
 
-def _data_prefix(location: Location) -> Location:
-    return Location(location.scheme, location.bucket, location.key + DATA_SUFFIX)
-
-
-def _data_location(location: Location, name: str) -> Location:
-    return Location(location.scheme, location.bucket, location.key + DATA_SUFFIX + name)
-
-
-def _rank_of(name: str) -> str:
-    return name.rpartition("rank-")[2] or "?"
-
-
 def _encode_manifest(manifest: _Manifest) -> bytes:
-    header = MANIFEST_MAGIC + str(MANIFEST_VERSION).encode() + b"\n"
-    return header + pickle.dumps(manifest, protocol=pickle.HIGHEST_PROTOCOL)
+    summary = _dcp_layout.Summary(manifest.save_id, manifest.world_size, manifest.objects)
+    return _dcp_layout.encode(summary, pickle.dumps(manifest.metadata, protocol=pickle.HIGHEST_PROTOCOL))
 
 
 def _decode_manifest(data: bytes | bytearray, uri: str) -> _Manifest:
     """The manifest in ``data``; ``CorruptCheckpointError`` for anything else at the URI."""
-    line, newline, _ = bytes(data[:64]).partition(b"\n")
-    if not newline or not line.startswith(MANIFEST_MAGIC):
-        raise CorruptCheckpointError(
-            f"{uri}: not a distributed checkpoint (no checkpointio-dcp manifest there: another kind of "
-            "checkpoint, or something another tool wrote)",
-            uri=uri,
-        )
-    version = line[len(MANIFEST_MAGIC) :]
-    if version != str(MANIFEST_VERSION).encode():
-        raise CorruptCheckpointError(
-            f"{uri}: a distributed checkpoint of manifest version {version.decode(errors='replace')!r}; "
-            f"this checkpointio reads version {MANIFEST_VERSION} (a newer checkpointio wrote it?)",
-            uri=uri,
-        )
+    summary, pickled = _dcp_layout.decode(data, uri)
     try:
-        manifest = pickle.loads(memoryview(data)[len(line) + 1 :])
+        metadata = pickle.loads(pickled)
     except Exception as error:
         raise CorruptCheckpointError(
             f"{uri}: the distributed checkpoint's manifest is garbled: {error}", uri=uri
         ) from error
-    if not isinstance(manifest, _Manifest) or not isinstance(manifest.metadata, Metadata):
+    if not isinstance(metadata, Metadata):
         raise CorruptCheckpointError(f"{uri}: the distributed checkpoint's manifest is garbled", uri=uri)
-    return manifest
+    return _Manifest(summary.save_id, metadata, summary.objects, summary.world_size)
 
 
 class _Target:
@@ -342,7 +312,7 @@ class StorageWriter(_StorageWriter):
         """Stream every item of ``plan`` into this rank's one object (``torch.save`` for tensors,
         the bytes as they are for bytes items), noting each item's offset, length and CRC32."""
         name = _object_name(ours.save_id, ours.rank)
-        location = _data_location(self._target.location, name)
+        location = _dcp_layout.data_location(self._target.location, name)
         placed: list[tuple[MetadataIndex, int, int, int]] = []
 
         def write(out: BinaryIO) -> None:
@@ -395,7 +365,7 @@ class StorageWriter(_StorageWriter):
                 objects[written.slice.object] = (written.object_size, written.object_crc32)
         metadata.storage_data = slices
         metadata.storage_meta = StorageMeta(checkpoint_id=uri, save_id=save_id)
-        run_sync(self._commit, _Manifest(save_id, metadata, objects))
+        run_sync(self._commit, _Manifest(save_id, metadata, objects, len(results)))
 
     async def _commit(self, manifest: _Manifest) -> None:
         """Write the manifest, then delete the data it replaced.
@@ -415,7 +385,7 @@ class StorageWriter(_StorageWriter):
                 return
             superseded = {manifest.save_id} | ({before.save_id} if before is not None else set())
             for save_id in sorted(superseded - {live.save_id}):
-                await _delete_save(store, location, save_id)
+                await _dcp_layout.delete_save(store, location, save_id)
         except Exception as error:  # committed: stale data costs space, not correctness
             logger.warning("%s: could not delete the data of earlier saves: %s", location.uri, error)
 
@@ -436,7 +406,7 @@ class StorageWriter(_StorageWriter):
         try:
             live = await self._target.read_manifest_or_none()
             if live is None or live.save_id != save_id:
-                await _delete_save(await self._target.store(), self._target.location, save_id)
+                await _dcp_layout.delete_save(await self._target.store(), self._target.location, save_id)
         except Exception as error:
             logger.warning("%s: could not delete the data of the failed save: %s", self._target.location.uri, error)
 
@@ -461,23 +431,6 @@ def _valid(checkpoint_id: str | os.PathLike[str]) -> bool:
     return True
 
 
-async def _delete_save(store: Store, location: Location, save_id: str) -> None:
-    """Delete every data object (and unfinished write) of the save ``save_id`` of ``location``."""
-    prefix = _data_location(location, save_id + "/")
-    for info in await store.list(prefix):
-        await store.delete(info.location)
-    for write in await store.pending(prefix):
-        await store.discard(write)
-    if location.scheme == "file":
-        await anyio.to_thread.run_sync(_remove_empty_folder, prefix.key)
-
-
-def _remove_empty_folder(folder: str) -> None:
-    """Remove a save's emptied folder on a local store."""
-    with contextlib.suppress(OSError):  # not empty (a save still writing), or gone already
-        os.rmdir(folder)
-
-
 async def _head_objects(
     store: Store, location: Location, manifest: _Manifest, names: list[str]
 ) -> dict[str, ObjectInfo]:
@@ -489,17 +442,18 @@ async def _head_objects(
     infos: dict[str, ObjectInfo] = {}
 
     async def head(name: str) -> None:
-        data = _data_location(location, name)
+        data = _dcp_layout.data_location(location, name)
         info = await store.head(data)
         if info is None:
             raise CorruptCheckpointError(
-                f"{location.uri}: its data object {data.uri} (rank {_rank_of(name)}) is missing", uri=location.uri
+                f"{location.uri}: its data object {data.uri} (rank {_dcp_layout.rank_of(name)}) is missing",
+                uri=location.uri,
             )
         expected = manifest.objects.get(name, (info.size, 0))[0]
         if info.size != expected:
             raise CorruptCheckpointError(
-                f"{location.uri}: its data object {data.uri} (rank {_rank_of(name)}) holds {info.size} bytes, "
-                f"the manifest records {expected}",
+                f"{location.uri}: its data object {data.uri} (rank {_dcp_layout.rank_of(name)}) holds "
+                f"{info.size} bytes, the manifest records {expected}",
                 uri=location.uri,
             )
         infos[name] = info
@@ -641,10 +595,10 @@ class StorageReader(_StorageReader):
         for piece in one.slices:
             chunk = view[piece.offset - one.offset : piece.offset - one.offset + piece.length]
             if len(chunk) != piece.length or _codec.crc32(chunk) != piece.crc32:
-                uri = _data_location(self._target.location, piece.object).uri
+                uri = _dcp_layout.data_location(self._target.location, piece.object).uri
                 raise ChecksumMismatchError(
                     f"{uri}: the bytes {piece.offset}..{piece.offset + piece.length} saved by rank "
-                    f"{_rank_of(piece.object)} do not match their CRC32 (the object is corrupt)",
+                    f"{_dcp_layout.rank_of(piece.object)} do not match their CRC32 (the object is corrupt)",
                     uri=uri,
                 )
             for request in wanted[piece]:

@@ -25,7 +25,7 @@ from checkpointio import TransferConfig
 from checkpointio._cli import build_parser, parse_size
 from checkpointio._config import field_help
 
-from .conftest import MotoServer, free_port, make_tree, snapshot, start_moto, stop
+from .conftest import MotoServer, StoreCase, free_port, make_tree, snapshot, start_moto, stop
 from .faultproxy import FaultProxy
 
 SCRIPT = str(Path(sys.executable).with_name("checkpointio"))  # installed by pyproject's [project.scripts]
@@ -188,7 +188,12 @@ def test_save_load_verify_and_gc_give_their_result_as_json(root: str, tmp_path: 
     restored = json.loads(ok("load", f"{root}/j", str(tmp_path / "out"), "--json"))
     assert restored == {"uri": f"{root}/j", "dest": str(tmp_path / "out"), "kind": "file", "size": len(data)}
     assert (tmp_path / "out").read_bytes() == data
-    assert json.loads(ok("gc", root, "--json")) == {"dry_run": False, "unfinished_saves": [], "runs": []}
+    assert json.loads(ok("gc", root, "--json")) == {
+        "dry_run": False,
+        "unfinished_saves": [],
+        "distributed_saves": [],
+        "runs": [],
+    }
     assert "DEST '-' takes for the bytes" in fails(2, "load", f"{root}/j", "-", "--json")
 
 
@@ -958,3 +963,59 @@ def test_load_onto_another_filesystem_and_with_force_over_a_non_empty_folder(
     ok("load", "--force", str(tmp_path / "dir"), str(old))
     assert snapshot(old) == snapshot(tree)
     assert sorted(path.name for path in other_filesystem.iterdir()) == ["file", "old", "tree"]
+
+
+def _store_case(root: str, request: pytest.FixtureRequest) -> StoreCase:
+    """The test store behind ``root`` (to damage objects behind the command line's back)."""
+    if root.startswith("s3://"):
+        bucket, _, prefix = root[len("s3://") :].partition("/")
+        return StoreCase("s3", Path(), request.getfixturevalue("moto_server"), bucket, prefix)
+    return StoreCase("local", Path(root))
+
+
+def test_a_distributed_checkpoint_is_listed_verified_removed_and_cleaned_up_whole(
+    root: str, request: pytest.FixtureRequest
+) -> None:
+    torch = pytest.importorskip("torch")
+    import torch.distributed.checkpoint as dcp
+
+    from checkpointio.dcp import save
+
+    from .test_dcp import DiesBeforeCommit, data_objects, save_ids
+
+    store = _store_case(root, request)
+    save({"weight": torch.arange(1000.0), "step": 3}, f"{root}/ckpt")
+    ok("save", "-", f"{root}/plain", stdin=b"plain bytes")
+    (committed,) = save_ids(store, "ckpt")
+    with pytest.raises(BaseException, match="died before its commit"):
+        dcp.save({"weight": torch.zeros(1000), "step": 4}, storage_writer=DiesBeforeCommit(f"{root}/ckpt"))
+    (uncommitted,) = save_ids(store, "ckpt") - {committed}
+    manifest, data = len(store.get_raw("ckpt")), len(store.get_raw(f"ckpt.dcp/{committed}/rank-0"))
+
+    listed = json.loads(ok("ls", root, "--json"))
+    assert [(row["kind"], row["uri"]) for row in listed] == [
+        ("distributed", f"{root}/ckpt"),
+        ("bytes", f"{root}/plain"),
+    ]
+    assert listed[0]["size"] == manifest + data and listed[0]["world_size"] == 1  # its data objects: one row
+    (line, _) = ok("ls", root).splitlines()
+    assert line.startswith(f"distributed {manifest + data:>14} ") and line.endswith(f"{root}/ckpt (world size 1)")
+
+    said = ok("verify", f"{root}/ckpt")
+    assert said.startswith(f"ok {root}/ckpt (distributed, ") and "world size 1, 1 data object)" in said
+    assert json.loads(ok("verify", f"{root}/ckpt", "--json"))["kind"] == "distributed"
+
+    cleaned = json.loads(ok("gc", root, "--older-than", "0", "--json"))
+    assert [(one["uri"], one["save_id"]) for one in cleaned["distributed_saves"]] == [(f"{root}/ckpt", uncommitted)]
+    assert data_objects(store, "ckpt") == [f"{committed}/rank-0"]  # the committed data stays
+    assert "nothing to clean up" in ok("gc", root, "--older-than", "0")
+    ok("verify", f"{root}/ckpt")
+
+    store.corrupt(f"ckpt.dcp/{committed}/rank-0")
+    error = fails(4, "verify", f"{root}/ckpt")
+    assert f"{root}/ckpt: its data object {root}/ckpt.dcp/{committed}/rank-0 (rank 0)" in error
+
+    assert ok("rm", f"{root}/ckpt") == f"removed {root}/ckpt\n"
+    assert data_objects(store, "ckpt") == [] and store.list_names("") == ["plain"]
+    if store.name == "local":
+        assert not (Path(root) / "ckpt.dcp").exists() and not (Path(root) / "ckpt").exists()  # no folder left

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
 import re
 import subprocess
@@ -453,6 +454,10 @@ def test_world_size_two_saves_one_object_per_rank_and_reshards_to_one(tmp_path: 
 
     local = StoreCase("local", tmp_path)
     (save_id,) = save_ids(local, "ckpt")
+    from .test_cli import ok
+
+    (row,) = json.loads(ok("ls", str(tmp_path), "--json"))  # one checkpoint, saved by 2 ranks
+    assert (row["kind"], row["world_size"], row["uri"]) == ("distributed", 2, str(tmp_path / "ckpt"))
     assert data_objects(local, "ckpt") == [f"{save_id}/rank-0", f"{save_id}/rank-1"]  # world size + 1 objects
     listed = moto_server.client().list_objects_v2(Bucket=bucket, Prefix="run/")["Contents"]
     assert len(listed) == 3 and sorted(one["Key"].rpartition("/")[2] for one in listed)[:2] == ["ckpt", "rank-0"]

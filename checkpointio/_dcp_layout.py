@@ -1,0 +1,291 @@
+"""How a distributed (``checkpointio.dcp``) checkpoint lies in a store, readable without torch.
+
+The command line lists, verifies, removes and cleans up such checkpoints through this module; only
+loading one needs torch (``checkpointio.dcp``, which writes and reads the same layout)::
+
+    <uri>                          the manifest: a header line, a JSON summary line, DCP's metadata pickled
+    <uri>.dcp/<save-id>/rank-<n>   rank n's items of one save
+
+The summary names the save the manifest commits, the world size that saved it, and every data
+object's size and CRC32: all the command line needs, and nothing it would have to unpickle.
+A save id is ``<start time in ns, 16 hex digits>-<8 hex digits>``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+from dataclasses import dataclass
+
+import anyio
+import anyio.to_thread
+
+from . import _engine
+from ._config import TransferConfig
+from ._exceptions import CorruptCheckpointError
+from ._location import Location
+from ._progress import ProgressCallback
+from ._stores import ObjectInfo, Store
+
+__all__ = [
+    "DATA_SUFFIX",
+    "Summary",
+    "StaleSave",
+    "collect",
+    "data_location",
+    "data_prefix",
+    "decode",
+    "delete_save",
+    "encode",
+    "is_manifest",
+    "read_summary",
+    "rank_of",
+    "remove",
+    "verify",
+]
+
+#: The manifest's first line: what it is and the version of its layout.
+MAGIC = b"checkpointio-dcp/"
+VERSION = 1
+#: What follows the checkpoint's key for the folder (prefix) of its data objects.
+DATA_SUFFIX = ".dcp/"
+#: A data object's key: the checkpoint's key, the save id and the rank.
+_UNKNOWN = "?"
+_DATA_KEY = re.compile(r"(?P<checkpoint>.+)\.dcp/(?P<save>[0-9a-f]{16}-[0-9a-f]{8})/rank-(?P<rank>\d+)")
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What a manifest says besides DCP's metadata.
+
+    Attributes:
+        save_id: The save it commits.
+        world_size: How many ranks saved it.
+        objects: Data object name (``<save-id>/rank-<n>``) -> (size, CRC32).
+    """
+
+    save_id: str
+    world_size: int
+    objects: dict[str, tuple[int, int]]
+
+    @property
+    def data_size(self) -> int:
+        return sum(size for size, _ in self.objects.values())
+
+
+def data_prefix(location: Location) -> Location:
+    """The folder (prefix) of the data objects of the checkpoint at ``location``."""
+    return Location(location.scheme, location.bucket, location.key + DATA_SUFFIX)
+
+
+def data_location(location: Location, name: str) -> Location:
+    """Where the data object ``name`` (``<save-id>/rank-<n>``) of ``location`` lives."""
+    return Location(location.scheme, location.bucket, location.key + DATA_SUFFIX + name)
+
+
+def rank_of(name: str) -> str:
+    """The rank in a data object's name."""
+    return name.rpartition("rank-")[2] or "?"
+
+
+def encode(summary: Summary, metadata: bytes) -> bytes:
+    """A manifest: the header, the summary as one JSON line, then ``metadata`` (DCP's, pickled)."""
+    header = MAGIC + str(VERSION).encode() + b"\n"
+    line = json.dumps(
+        {"save_id": summary.save_id, "world_size": summary.world_size, "objects": summary.objects},
+        separators=(",", ":"),
+        sort_keys=True,
+    ).encode()
+    return header + line + b"\n" + metadata
+
+
+def is_manifest(head: bytes) -> bool:
+    """Whether ``head`` (an object's first bytes) starts a distributed checkpoint's manifest."""
+    return head.startswith(MAGIC)
+
+
+def decode(data: bytes | bytearray | memoryview, uri: str) -> tuple[Summary, memoryview]:
+    """The summary of the manifest ``data`` and the bytes of its pickled metadata.
+
+    Raises:
+        CorruptCheckpointError: ``data`` is not a manifest this version reads.
+    """
+    view = memoryview(data)
+    line, newline, _ = bytes(view[:64]).partition(b"\n")
+    if not newline or not line.startswith(MAGIC):
+        raise CorruptCheckpointError(
+            f"{uri}: not a distributed checkpoint (no checkpointio-dcp manifest there: another kind of "
+            "checkpoint, or something another tool wrote)",
+            uri=uri,
+        )
+    version = line[len(MAGIC) :]
+    if version != str(VERSION).encode():
+        raise CorruptCheckpointError(
+            f"{uri}: a distributed checkpoint of manifest version {version.decode(errors='replace')!r}; "
+            f"this checkpointio reads version {VERSION} (a newer checkpointio wrote it?)",
+            uri=uri,
+        )
+    rest = view[len(line) + 1 :]
+    end = bytes(rest).find(b"\n")
+    try:
+        if end < 0:
+            raise ValueError("no summary line")
+        fields = json.loads(bytes(rest[:end]))
+        objects = {str(name): (int(size), int(crc)) for name, (size, crc) in fields["objects"].items()}
+        summary = Summary(str(fields["save_id"]), int(fields["world_size"]), objects)
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise CorruptCheckpointError(
+            f"{uri}: the distributed checkpoint's manifest is garbled: {error}", uri=uri
+        ) from error
+    return summary, rest[end + 1 :]
+
+
+async def _head_bytes(store: Store, info: ObjectInfo) -> bytes:
+    return await store.read_range(info, 0, min(info.size, len(MAGIC)))
+
+
+async def read_summary(store: Store, location: Location, config: TransferConfig) -> Summary | None:
+    """The summary of the distributed checkpoint at ``location``; ``None`` when what is there (if
+    anything) is not one. Reads only the first bytes of anything else.
+
+    Raises:
+        CorruptCheckpointError: A garbled manifest.
+    """
+    info = await store.head(location)
+    if info is None or not is_manifest(await _head_bytes(store, info)):
+        return None
+    data = await _engine.load_bytes(store, location, config)
+    if data is None:  # removed meanwhile
+        return None
+    return decode(data, location.uri)[0]
+
+
+async def verify(
+    store: Store,
+    location: Location,
+    summary: Summary,
+    config: TransferConfig,
+    on_progress: ProgressCallback | None = None,
+) -> None:
+    """Read every data object the manifest at ``location`` names to its end and check its size and
+    CRC32 against the manifest.
+
+    Raises:
+        CorruptCheckpointError: One is missing or of another size (``ChecksumMismatchError`` for
+            other bytes), named with its rank.
+    """
+    for name, (size, crc32) in sorted(summary.objects.items()):
+        data = data_location(location, name)
+        what = f"{location.uri}: its data object {data.uri} (rank {rank_of(name)})"
+        try:
+            info = await _engine.verify(store, data, config, on_progress)
+        except CorruptCheckpointError as error:
+            raise type(error)(f"{what}: {error}", uri=data.uri) from error
+        if info is None:
+            raise CorruptCheckpointError(f"{what} is missing", uri=data.uri)
+        stored = info.record.crc32 if info.record is not None else None
+        if info.size != size or stored != crc32:
+            raise CorruptCheckpointError(
+                f"{what} holds {info.size} bytes, CRC32 {stored or 0:08x}; the manifest records {size} bytes, "
+                f"CRC32 {crc32:08x} (replaced since the save?)",
+                uri=data.uri,
+            )
+
+
+async def delete_save(store: Store, location: Location, save_id: str) -> None:
+    """Delete every data object (and unfinished write) of the save ``save_id`` of ``location``."""
+    prefix = data_location(location, save_id + "/")
+    for info in await store.list(prefix):
+        await store.delete(info.location)
+    for write in await store.pending(prefix):
+        await store.discard(write)
+    if location.scheme == "file":
+        await anyio.to_thread.run_sync(_remove_empty_folder, prefix.key)
+
+
+def _remove_empty_folder(folder: str) -> None:
+    with contextlib.suppress(OSError):  # not empty (a save still writing), or gone already
+        os.rmdir(folder)
+
+
+async def remove(store: Store, location: Location) -> None:
+    """Remove the distributed checkpoint at ``location``: its manifest first (it disappears at
+    once), then the data of every save under it, committed or not."""
+    await store.delete(location)
+    prefix = data_prefix(location)
+    for info in await store.list(prefix):
+        await store.delete(info.location)
+    for write in await store.pending(prefix):
+        await store.discard(write)
+    if location.scheme == "file":
+        await anyio.to_thread.run_sync(_remove_empty_tree, prefix.key)
+
+
+def _remove_empty_tree(top: str) -> None:
+    for dirpath, _dirnames, _filenames in os.walk(top, topdown=False):
+        with contextlib.suppress(OSError):
+            os.rmdir(dirpath)
+
+
+@dataclass
+class StaleSave:
+    """The data of one save no manifest commits (it failed, was killed, or was replaced).
+
+    Attributes:
+        checkpoint: The checkpoint it was saved for.
+        save_id: Its save id.
+        objects: Its data objects.
+        last_written: When it was last written to (its start, or its newest object).
+    """
+
+    checkpoint: Location
+    save_id: str
+    objects: list[ObjectInfo]
+    last_written: float
+
+    @property
+    def size(self) -> int:
+        return sum(info.size for info in self.objects)
+
+
+async def collect(
+    store: Store, prefix: Location, config: TransferConfig, *, cutoff: float, dry_run: bool = False
+) -> list[StaleSave]:
+    """Delete the data under ``prefix`` of distributed saves that no manifest commits and that were
+    last written before ``cutoff`` (seconds since the epoch): a save still on its way looks the
+    same until then. Returns what was (or, with ``dry_run``, would be) deleted."""
+    saves: dict[tuple[str, str], StaleSave] = {}
+    for info in await store.list(prefix):
+        match = _DATA_KEY.fullmatch(info.location.key)
+        if match is None:
+            continue
+        save_id = match["save"]
+        started = int(save_id[:16], 16) / 1e9  # the save id starts with its start time
+        checkpoint = Location(prefix.scheme, prefix.bucket, match["checkpoint"])
+        one = saves.setdefault((checkpoint.key, save_id), StaleSave(checkpoint, save_id, [], started))
+        one.objects.append(info)
+        if info.modified is not None:
+            one.last_written = max(one.last_written, info.modified)
+    live: dict[str, str | None] = {}
+    stale: list[StaleSave] = []
+    for (key, save_id), one in sorted(saves.items()):
+        if one.last_written > cutoff:
+            continue
+        if key not in live:
+            try:
+                summary = await read_summary(store, one.checkpoint, config)
+            except CorruptCheckpointError:  # a garbled manifest: its data is kept, for whoever repairs it
+                live[key] = _UNKNOWN
+            else:
+                live[key] = summary.save_id if summary is not None else None
+        if live[key] not in (save_id, _UNKNOWN):
+            stale.append(one)
+    if not dry_run:
+        for one in stale:
+            for info in one.objects:
+                await store.delete(info.location)
+            if prefix.scheme == "file":
+                await anyio.to_thread.run_sync(_remove_empty_folder, data_location(one.checkpoint, one.save_id).key)
+    return stale
