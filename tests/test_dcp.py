@@ -18,6 +18,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from torch.distributed.checkpoint.api import CheckpointException  # noqa: E402
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner  # noqa: E402
 
 from checkpointio import (  # noqa: E402
     BackgroundSaveError,
@@ -473,6 +474,107 @@ def test_world_size_two_saves_one_object_per_rank_and_reshards_to_one(tmp_path: 
         for name in ("weight", "moments", "bias"):
             assert torch.equal(loaded[name], full[name]), (uri, name)
         assert loaded["step"] == 5
+
+
+class KillsOneRank(DefaultSavePlanner):
+    """Kills rank ``rank`` with SIGKILL as it resolves its item number ``after`` (its earlier items
+    are in its object's upload by then), after leaving ``marker`` to say so."""
+
+    def __init__(self, rank: int, after: int, marker: str) -> None:
+        super().__init__()
+        self.kill_rank, self.after, self.marker, self.resolved = rank, after, marker, 0
+
+    def resolve_data(self, write_item: Any) -> Any:
+        import signal
+
+        import torch.distributed as dist
+
+        if dist.get_rank() == self.kill_rank and self.resolved == self.after:
+            Path(self.marker).write_text(str(self.resolved))
+            os.kill(os.getpid(), signal.SIGKILL)
+        self.resolved += 1
+        return super().resolve_data(write_item)
+
+
+def big_state(step: int) -> dict[str, Any]:
+    """Two tensors of 13 MB: each rank's half of either is more than one 5 MiB part."""
+    generator = torch.Generator().manual_seed(step)
+    return {
+        "weight": torch.randn(4096, 800, generator=generator),
+        "moments": torch.randn(4096, 800, generator=generator),
+        "step": step,
+    }
+
+
+def _killed_mid_save(rank: int, world_size: int, port: int, uri: str, marker: str) -> None:
+    """A 2-rank group saves a checkpoint, then saves again and rank 1 is SIGKILLed half-way."""
+    import datetime
+
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60))
+    mesh = init_device_mesh("cpu", (world_size,))
+    options: dict[str, Any] = {"multipart_threshold": 0, "part_size": 5 * 1024 * 1024}
+
+    def sharded(step: int) -> dict[str, Any]:
+        full = big_state(step)
+        return {
+            "weight": distribute_tensor(full["weight"], mesh, [Shard(0)]),
+            "moments": distribute_tensor(full["moments"], mesh, [Shard(0)]),
+            "step": step,
+        }
+
+    save(sharded(1), uri, **options)
+    dist.barrier()
+    dcp.save(sharded(2), storage_writer=StorageWriter(uri, **options), planner=KillsOneRank(1, 1, marker))
+
+
+def test_a_rank_killed_mid_save_leaves_the_previous_checkpoint_and_gc_sweeps_what_it_left(
+    tmp_path: Any, moto_server: Any
+) -> None:
+    import torch.multiprocessing as mp
+
+    from .conftest import free_port
+    from .test_cli import ok
+
+    bucket = moto_server.new_bucket()
+    uri = f"s3://{bucket}/run/ckpt"
+    marker = tmp_path / "killed"
+    from torch.multiprocessing.spawn import ProcessException
+
+    with pytest.raises(ProcessException):  # rank 1 killed; rank 0 fails (or is stopped) with it
+        mp.spawn(_killed_mid_save, args=(2, free_port(), uri, str(marker)), nprocs=2, join=True)
+    assert marker.read_text() == "1"  # rank 1 died as it came to its second item
+
+    store = StoreCase("s3", tmp_path, moto_server, bucket, "run")
+    committed = StorageReader(uri).read_metadata().storage_meta.save_id
+    client = moto_server.client()
+    uploads = client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+    left = {name for name in data_objects(store, "ckpt") if not name.startswith(committed)}
+    assert uploads or left  # the killed save left something behind: rank 1's upload, rank 0's object
+    (row,) = json.loads(ok("ls", f"s3://{bucket}/run/", "--json"))  # the new save is invisible
+    assert (row["kind"], row["world_size"]) == ("distributed", 2)
+
+    loaded = {name: torch.zeros(4096, 800) for name in ("weight", "moments")} | {"step": -1}
+    assert load(loaded, uri) is True  # the previous checkpoint, resharded to one process
+    expected = big_state(1)
+    assert all(torch.equal(loaded[name], expected[name]) for name in ("weight", "moments"))
+    assert loaded["step"] == 1
+
+    cleaned = json.loads(ok("gc", f"s3://{bucket}/run/", "--older-than", "0", "--json"))
+    assert len(cleaned["unfinished_saves"]) == len(uploads)
+    assert {one["save_id"] for one in cleaned["distributed_saves"]} == {name.partition("/")[0] for name in left}
+    assert client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+    assert data_objects(store, "ckpt") == [f"{committed}/rank-0", f"{committed}/rank-1"]
+
+    store.corrupt(f"ckpt.dcp/{committed}/rank-1")  # a damaged data object: named, with its rank
+    with pytest.raises(ChecksumMismatchError, match="saved by rank 1 do not match their CRC32") as caught:
+        load(loaded, uri)
+    assert caught.value.uri == f"{uri}.dcp/{committed}/rank-1"
 
 
 def test_the_documented_example_runs(tmp_path: Any) -> None:
