@@ -484,9 +484,13 @@ class StoredRun:
 
 
 def _run_of(key: str) -> str | None:
-    """The run folder of an attempt's key, or ``None`` for a key that is not an attempt's."""
-    folder, slash, name = key.rpartition("/")
-    return folder if slash and folder and _ATTEMPT_NAME.fullmatch(name) else None
+    """The run folder of an attempt's key (or of a data object of a distributed attempt's,
+    ``attempt-<n>.dcp/...``), or ``None`` for a key that is not an attempt's."""
+    attempt, data, _ = key.partition(_dcp_layout.DATA_SUFFIX)
+    folder, slash, name = attempt.rpartition("/")
+    if not (slash and folder and _ATTEMPT_NAME.fullmatch(name)) or (data and name.endswith(".claim")):
+        return None
+    return folder
 
 
 async def find_runs(store: Store, prefix: Location) -> list[StoredRun]:

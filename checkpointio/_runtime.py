@@ -35,19 +35,25 @@ from collections.abc import Awaitable, Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ParamSpec, Protocol, TypeVar, overload
+from typing import Any, ParamSpec, Protocol, TypeVar, cast, overload
 
 import anyio
 import anyio.to_thread
 from typing_extensions import Unpack
 
-from . import _manage, _portal
+from . import _dcp_layout, _group, _manage, _portal
 from ._checkpoint import Checkpoint
 from ._config import TransferConfig, TransferOptions
-from ._exceptions import BackgroundSaveError, CheckpointError, InvalidNameError, NoCheckpointError
+from ._exceptions import (
+    BackgroundSaveError,
+    CheckpointError,
+    CorruptCheckpointError,
+    InvalidNameError,
+    NoCheckpointError,
+)
 from ._location import Location
 from ._manage import parse_prefix
-from ._stores import Kind, Record, open_store
+from ._stores import Kind, Record, Store, open_store
 
 __all__ = ["AttemptFailure", "TaskContext", "TaskEnvironment", "ctx", "default_storage", "env"]
 
@@ -129,6 +135,10 @@ class TaskContext:
         attempt: 0-based attempt number within the run.
         run_id: The run this attempt belongs to.
         task_name: The task's name.
+        rank: This process's rank in its group (``torch.distributed``'s process group, else the
+            ``RANK`` variable, else 0); every rank of a run gets the same ``run_id``, ``attempt``
+            and checkpoint key.
+        world_size: How many processes run the task together (else ``WORLD_SIZE``, else 1).
     """
 
     checkpoint_or_none: Checkpoint | None = None
@@ -138,6 +148,16 @@ class TaskContext:
 
     def __bool__(self) -> bool:
         return self.task_name is not None
+
+    @property
+    def rank(self) -> int | None:
+        """This process's rank in its group; ``None`` outside a task (see the class)."""
+        return _group.current().rank if self else None
+
+    @property
+    def world_size(self) -> int | None:
+        """How many processes run the task together; ``None`` outside a task (see the class)."""
+        return _group.current().world_size if self else None
 
     @property
     def checkpoint(self) -> Checkpoint:
@@ -210,7 +230,7 @@ class _Run:
 
     async def open(self) -> None:
         """Before the first attempt: prune the task's old runs (where asked), list this run's attempts."""
-        if self.keep_runs is not None:
+        if self.keep_runs is not None and _group.current().rank == 0:
             await _prune_runs(self.root, self.keep_runs, self.config)
         await self.discover()
 
@@ -230,8 +250,26 @@ class _Run:
         """Claim the lowest free attempt number above ``after`` and every attempt seen so far.
 
         The marker is created only if absent, atomically on every store: two processes running
-        this run at once each get their own number, never one key for both.
+        this run at once each get their own number, never one key for both. In a group of several
+        processes (ranks), rank 0 claims and broadcasts the number, so all save to one key.
         """
+        group = _group.current()
+        if group.world_size == 1:
+            return await self._claim(after)
+        outcome: int | str | None = None
+        if group.rank == 0:
+            try:
+                outcome = await self._claim(after)
+            except Exception as error:  # every rank must hear of it, or the others wait forever
+                outcome = f"{type(error).__name__}: {error}"
+        agreed = cast("int | str", await anyio.to_thread.run_sync(group.agree, outcome))
+        if isinstance(agreed, str):
+            raise CheckpointError(f"rank 0 could not claim an attempt of run {self.run_id}: {agreed}")
+        if group.rank != 0:
+            self.claimed.append(agreed)
+        return agreed
+
+    async def _claim(self, after: int) -> int:
         store = await open_store(self.root.scheme, self.config)
         attempt = max([after, *self.saved, *self.claimed]) + 1
         while not await store.create(self.claim_location(attempt), *_claim_marker(self.run_id, attempt)):
@@ -246,14 +284,28 @@ class _Run:
 
     async def clean_up(self) -> None:
         """After a successful run: keep the newest ``keep_last`` attempts' checkpoints, and drop this
-        call's claims (a kept checkpoint holds its number by itself)."""
+        call's claims (a kept checkpoint holds its number by itself). In a group, rank 0 does it."""
+        if _group.current().rank != 0:
+            return
         store = await open_store(self.root.scheme, self.config)
         if self.keep_last is not None:
             await self.discover()
             for attempt in self.saved[: -self.keep_last] if self.keep_last else self.saved:
-                await store.delete(self.attempt_location(attempt))
+                await _delete_attempt(store, self.attempt_location(attempt), self.config)
         for attempt in self.mine:
             await store.delete(self.claim_location(attempt))
+
+
+async def _delete_attempt(store: Store, location: Location, config: TransferConfig) -> None:
+    """Delete an attempt's checkpoint; a distributed one with its data."""
+    try:
+        summary = await _dcp_layout.read_summary(store, location, config)
+    except CorruptCheckpointError:
+        summary = None
+    if summary is not None:
+        await _dcp_layout.remove(store, location)
+    else:
+        await store.delete(location)
 
 
 async def _prune_runs(run_root: Location, keep: int, config: TransferConfig) -> None:
@@ -350,7 +402,14 @@ class TaskEnvironment:
             run, hint = explicit, f"run id {explicit!r} is set in {where}: calling the task again resumes it"
         else:
             configured = os.environ.get(_RUN_ID_VARIABLE)
-            run = _key_segment(configured, "run id", _RUN_ID_VARIABLE) if configured else _new_run_id()
+            elastic = _group.elastic_run_id()
+            if configured:
+                run = _key_segment(configured, "run id", _RUN_ID_VARIABLE)
+            elif elastic:  # torchrun's job id: the same on every rank, and again after a restart
+                run = _key_segment(elastic, "run id", "TORCHELASTIC_RUN_ID")
+            else:  # rank 0's new id on every rank (without a process group, claim() says what is missing)
+                group = _group.current()
+                run = group.agree(_new_run_id()) if group.connected else _new_run_id()
             hint = f"resume with {_RUN_ID_VARIABLE}={shlex.quote(run)}"
         keep_last = (EMBEDDED_KEEP_LAST if embedded else None) if self.keep_last is _DEFAULT else self.keep_last
         keep_runs = (EMBEDDED_KEEP_RUNS if embedded else None) if self.keep_runs is _DEFAULT else self.keep_runs

@@ -377,6 +377,29 @@ def test_a_checkpoint_saves_to_its_dest_and_loads_its_newest_whole_source(store:
         StorageReader(first).read_metadata()
 
 
+def test_pruning_a_task_run_removes_its_distributed_attempts_data(store: StoreCase) -> None:
+    import anyio
+
+    from checkpointio import TransferConfig, _manage
+    from checkpointio._location import parse_location, parse_prefix
+    from checkpointio._stores import open_store
+
+    save(state(24), store.uri("runs/env/task/run-1/attempt-0"))
+    store.put_raw("runs/env/task/run-1/notes.txt", b"not the run's")
+
+    async def prune() -> list[str]:
+        prefix = parse_prefix(store.uri("runs/"))
+        opened = await open_store(prefix.scheme, TransferConfig())
+        (run,) = await _manage.find_runs(opened, prefix)
+        await _manage.delete_run(opened, run)
+        return sorted(location.uri for location in run.objects)
+
+    (name,) = data_objects(store, "runs/env/task/run-1/attempt-0")
+    attempt = parse_location(store.uri("runs/env/task/run-1/attempt-0")).uri
+    assert anyio.run(prune) == [attempt, f"{attempt}.dcp/{name}"]
+    assert store.list_names("runs") == ["env/task/run-1/notes.txt"]
+
+
 def test_a_load_reads_only_the_items_it_needs(store: StoreCase) -> None:
     saved = state(7)
     save(saved, store.uri("ckpt"))
@@ -575,6 +598,78 @@ def test_a_rank_killed_mid_save_leaves_the_previous_checkpoint_and_gc_sweeps_wha
     with pytest.raises(ChecksumMismatchError, match="saved by rank 1 do not match their CRC32") as caught:
         load(loaded, uri)
     assert caught.value.uri == f"{uri}.dcp/{committed}/rank-1"
+
+
+def _task_group(rank: int, world_size: int, port: int, storage: str, out: str, kill: bool) -> None:
+    """One process of a 2-rank group calling a task with retries (the process group initialized
+    first). ``kill``: the first group, whose task fails once (retried in-process) and, after the
+    retry saved step 2, rank 1 is SIGKILLed; else the restarted group, resuming the same run."""
+    import signal
+
+    import torch.distributed as dist
+
+    from checkpointio import TaskEnvironment, ctx
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TORCHELASTIC_RUN_ID="job-7")
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    seen: list[dict[str, Any]] = []
+
+    @TaskEnvironment("dist", storage=storage).task(retries=2)
+    def train() -> int:
+        context = ctx()
+        model = {"weight": torch.zeros(6, 4), "step": 0}
+        resumed = load(model, context.checkpoint)
+        seen.append(
+            {
+                "rank": context.rank,
+                "world_size": context.world_size,
+                "attempt": context.attempt,
+                "run_id": context.run_id,
+                "resumed": resumed,
+                "step": model["step"],
+            }
+        )
+        step = model["step"] + 1
+        save({"weight": torch.full((6, 4), float(step)), "step": step}, context.checkpoint)
+        Path(out, f"rank-{rank}.json").write_text(json.dumps(seen))
+        if kill and step == 1:
+            raise RuntimeError("a failure every rank sees: retried in this process")
+        if kill:
+            dist.barrier()  # step 2 is committed on both ranks
+            if rank == 1:
+                os.kill(os.getpid(), signal.SIGKILL)
+            dist.barrier()  # rank 0 waits here until the group is torn down
+        return step
+
+    assert train() == 3  # only the restarted group gets here
+    dist.destroy_process_group()
+
+
+def test_the_ranks_of_a_task_agree_on_run_and_attempt_and_a_killed_group_resumes(tmp_path: Any) -> None:
+    import torch.multiprocessing as mp
+    from torch.multiprocessing.spawn import ProcessException
+
+    from .conftest import free_port
+
+    storage = str(tmp_path / "store")
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    with pytest.raises(ProcessException):  # rank 1 SIGKILLed after step 2 was committed
+        mp.spawn(_task_group, args=(2, free_port(), storage, str(first), True), nprocs=2, join=True)
+    mp.spawn(_task_group, args=(2, free_port(), storage, str(second), False), nprocs=2, join=True)
+
+    runs = {rank: json.loads((first / f"rank-{rank}.json").read_text()) for rank in (0, 1)}
+    again = {rank: json.loads((second / f"rank-{rank}.json").read_text()) for rank in (0, 1)}
+    for rank in (0, 1):
+        assert [(one["rank"], one["world_size"], one["run_id"]) for one in runs[rank] + again[rank]] == [
+            (rank, 2, "job-7")
+        ] * 3
+        # attempt 0 starts fresh, attempt 1 resumes step 1 in-process, the restarted group's attempt
+        # resumes step 2 (the killed attempt's last commit)
+        assert [(one["resumed"], one["step"]) for one in runs[rank] + again[rank]] == [(False, 0), (True, 1), (True, 2)]
+    attempts = [[one["attempt"] for one in runs[rank] + again[rank]] for rank in (0, 1)]
+    assert attempts[0] == attempts[1] and attempts[0][:2] == [0, 1] and attempts[0][2] > 1  # agreed, never reused
 
 
 def test_the_documented_example_runs(tmp_path: Any) -> None:

@@ -676,3 +676,31 @@ def test_a_task_without_retries_stores_nothing_and_logs_no_run(
     assert job() == 7
     assert [r for r in caplog.records if r.name == "checkpointio._runtime"] == []
     assert store.list_names("root") == []
+
+
+def test_ctx_knows_rank_and_world_size_and_several_ranks_without_a_process_group_are_refused(
+    store: StoreCase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert (ctx().rank, ctx().world_size) == (None, None)  # outside a task
+
+    @environment(store).task(retries=1)
+    def alone() -> tuple[int | None, int | None]:
+        return ctx().rank, ctx().world_size
+
+    assert alone() == (0, 1)
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+
+    @environment(store).task(retries=0)
+    def no_checkpoint() -> tuple[int | None, int | None]:
+        return ctx().rank, ctx().world_size
+
+    assert no_checkpoint() == (1, 2)  # stores nothing: nothing to agree on
+
+    @environment(store).task(retries=1)
+    def sharded() -> None:
+        raise AssertionError("never runs: its ranks could not agree on an attempt")
+
+    with pytest.raises(checkpointio.CheckpointError, match=r"rank 1 of 2 \(RANK / WORLD_SIZE\).*init_process_group"):
+        sharded()

@@ -1,0 +1,93 @@
+"""The process group a task runs in: this process's rank, the world size, and one value agreed by all.
+
+Read from ``torch.distributed`` when a process group is initialized (only if torch is imported
+already: checkpointio never imports it), else from the ``RANK`` / ``WORLD_SIZE`` variables that
+``torchrun`` and most launchers set, else a group of one.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from ._exceptions import CheckpointError
+
+__all__ = ["Group", "current", "elastic_run_id"]
+
+T = TypeVar("T")
+
+#: What ``torchrun``'s static rendezvous calls a run without ``--rdzv-id``: the same for every job,
+#: so no run id at all.
+_NO_ELASTIC_ID = "none"
+
+
+def _distributed() -> Any | None:
+    """``torch.distributed`` if torch is imported and a process group is initialized."""
+    module = sys.modules.get("torch.distributed")
+    if module is None or not module.is_available() or not module.is_initialized():
+        return None
+    return module
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise CheckpointError(f"{name}={value!r} is not a number") from None
+
+
+@dataclass(frozen=True)
+class Group:
+    """This process's place in its group.
+
+    Attributes:
+        rank: 0 for the process that decides (claims attempts, picks run ids).
+        world_size: How many processes run the task together.
+        connected: Whether a ``torch.distributed`` process group joins them (values can be broadcast).
+    """
+
+    rank: int
+    world_size: int
+    connected: bool
+
+    def agree(self, value: T | None) -> T:
+        """Rank 0's ``value``, on every rank (each passes its own; only rank 0's counts).
+
+        Raises:
+            CheckpointError: Several processes and no process group to broadcast over.
+        """
+        if self.world_size == 1:
+            assert value is not None
+            return value
+        distributed = _distributed()
+        if distributed is None:
+            raise CheckpointError(
+                f"rank {self.rank} of {self.world_size} (RANK / WORLD_SIZE): the ranks of a task must agree on its "
+                "attempt, which rank 0 broadcasts; initialize the process group "
+                "(torch.distributed.init_process_group) before calling the task"
+            )
+        box = [value if self.rank == 0 else None]
+        distributed.broadcast_object_list(box, src=0)
+        return box[0]  # type: ignore[return-value]
+
+
+def current() -> Group:
+    """The group of the calling process: the process group's, else ``RANK`` / ``WORLD_SIZE``, else one."""
+    distributed = _distributed()
+    if distributed is not None:
+        return Group(distributed.get_rank(), distributed.get_world_size(), True)
+    rank, world_size = _env_int("RANK"), _env_int("WORLD_SIZE")
+    if world_size is None or world_size < 1:
+        return Group(0, 1, False)
+    return Group(rank or 0, world_size, False)
+
+
+def elastic_run_id() -> str | None:
+    """The run id ``torchrun`` gives every process of one job (``TORCHELASTIC_RUN_ID``), if a real one."""
+    value = os.environ.get("TORCHELASTIC_RUN_ID")
+    return value if value and value != _NO_ELASTIC_ID else None
