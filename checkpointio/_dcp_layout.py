@@ -143,7 +143,7 @@ def decode(data: bytes | bytearray | memoryview, uri: str) -> tuple[Summary, mem
 
 
 async def _head_bytes(store: Store, info: ObjectInfo) -> bytes:
-    return await store.read_range(info, 0, min(info.size, len(MAGIC)))
+    return await store.read_range(info, 0, len(MAGIC))
 
 
 async def read_summary(store: Store, location: Location, config: TransferConfig) -> Summary | None:
@@ -154,7 +154,7 @@ async def read_summary(store: Store, location: Location, config: TransferConfig)
         CorruptCheckpointError: A garbled manifest.
     """
     info = await store.head(location)
-    if info is None or not is_manifest(await _head_bytes(store, info)):
+    if info is None or info.size < len(MAGIC) or not is_manifest(await _head_bytes(store, info)):
         return None
     data = await _engine.load_bytes(store, location, config)
     if data is None:  # removed meanwhile

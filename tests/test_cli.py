@@ -1015,7 +1015,9 @@ def test_a_distributed_checkpoint_is_listed_verified_removed_and_cleaned_up_whol
     error = fails(4, "verify", f"{root}/ckpt")
     assert f"{root}/ckpt: its data object {root}/ckpt.dcp/{committed}/rank-0 (rank 0)" in error
 
-    assert ok("rm", f"{root}/ckpt") == f"removed {root}/ckpt\n"
+    ok("save", "-", f"{root}/empty", stdin=b"")  # too short to be a manifest: checked without reading it
+    assert ok("verify", f"{root}/empty").startswith(f"ok {root}/empty (bytes, ")
+    assert ok("rm", f"{root}/empty", f"{root}/ckpt") == f"removed {root}/empty\nremoved {root}/ckpt\n"
     assert data_objects(store, "ckpt") == [] and store.list_names("") == ["plain"]
     if store.name == "local":
         assert not (Path(root) / "ckpt.dcp").exists() and not (Path(root) / "ckpt").exists()  # no folder left
