@@ -627,8 +627,10 @@ class StorageReader(_StorageReader):
         return _valid(checkpoint_id)
 
 
-def _unwrapped(call: Callable[[], Any]) -> Any:
-    """Run a DCP call; a checkpointio error a rank raised inside it comes out as itself.
+def _unwrapped(call: Callable[[], Any], loading: str | None = None) -> Any:
+    """Run a DCP call; a checkpointio error a rank raised inside it comes out as itself. Any other
+    failure of a load (``loading``: its URI) is a ``CheckpointError`` naming the URI and each rank's
+    error (a key missing from the checkpoint, a world size it cannot be resharded to...).
 
     Without a process group DCP warns that it assumes one process: here that is meant, not news.
     """
@@ -640,6 +642,10 @@ def _unwrapped(call: Callable[[], Any]) -> Any:
         failure = _failure_of(error)
         if failure is not None:
             raise failure from error
+        if loading is not None:
+            raise CheckpointError(
+                f"{loading}: the checkpoint does not fit the state dict: {_describe(error)}", uri=loading
+            ) from error
         raise
 
 
@@ -737,6 +743,8 @@ def load(state_dict: dict[str, Any], target: Target, **options: Unpack[TransferO
     Raises:
         CorruptCheckpointError: Something that is not a distributed checkpoint is at ``target``.
         ChecksumMismatchError: A data object's bytes do not match their CRC32.
+        CheckpointError: The checkpoint does not fit ``state_dict`` (a key it lacks, a shape or
+            world size it cannot be resharded to): DCP's error, with the URI.
         BackgroundSaveError: An earlier ``wait=False`` save failed and nobody retrieved its error.
     """
     _settle_in_flight()
@@ -745,5 +753,5 @@ def load(state_dict: dict[str, Any], target: Target, **options: Unpack[TransferO
     if manifest is None:
         return False
     reader._manifest = manifest
-    _unwrapped(lambda: _dcp_load(state_dict, storage_reader=reader))
+    _unwrapped(lambda: _dcp_load(state_dict, storage_reader=reader), loading=reader.checkpoint_id)
     return True

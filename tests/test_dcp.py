@@ -133,6 +133,18 @@ def test_something_else_at_the_uri_is_a_clear_error(store: StoreCase) -> None:
         load(empty(), store.uri("ckpt"))
 
 
+def test_a_checkpoint_that_does_not_fit_the_state_dict_is_a_clear_error_naming_the_uri(store: StoreCase) -> None:
+    save({"weight": torch.ones(3)}, store.uri("ckpt"))
+    expected = f"{store.uri('ckpt')}: the checkpoint does not fit the state dict: rank 0: RuntimeError: Missing key"
+    with pytest.raises(CheckpointError, match=re.escape(expected)) as caught:
+        load({"weight": torch.zeros(3), "bias": torch.zeros(2)}, store.uri("ckpt"))
+    assert caught.value.uri == store.uri("ckpt")
+    with pytest.raises(
+        CheckpointError, match=r"ckpt: the checkpoint does not fit the state dict: rank 0: ValueError: Size"
+    ):
+        load({"weight": torch.zeros(4)}, store.uri("ckpt"))
+
+
 def test_a_corrupt_data_object_names_the_object_and_rank(store: StoreCase) -> None:
     save(state(3), store.uri("ckpt"))
     (name,) = data_objects(store, "ckpt")
