@@ -175,18 +175,22 @@ class _Target:
     """
 
     def __init__(self, target: Target, options: TransferOptions) -> None:
-        self.sources: tuple[Location, ...] | None = None
+        self.sources: tuple[Location, ...] | None
         if isinstance(target, Checkpoint):
             self.config = target.config.with_options(**options)
-            self.sources = tuple(parse_location(uri) for uri in target.sources)
+            sources = tuple(parse_location(uri) for uri in target.sources)
             target = target.dest
         else:
             self.config = TransferConfig().with_options(**options)
+            sources = None
         self._stores: dict[str, Store] = {}
         self.reset(target)
+        self.sources = sources
 
     def reset(self, target: str | os.PathLike[str]) -> None:
+        """Point at ``target`` alone: an explicit checkpoint id replaces a ``Checkpoint``'s sources."""
         self.location = parse_location(target)
+        self.sources = None
 
     async def store(self, location: Location | None = None) -> Store:
         scheme = (location or self.location).scheme
@@ -231,12 +235,52 @@ class _Target:
             raise errors[0]
         return None
 
+    def agreed_manifest(self) -> _Manifest | None:
+        """:meth:`find_manifest`, decided once for the whole process group (called by every rank).
+
+        With a ``Checkpoint``'s sources, ranks choosing on their own could restore different
+        steps (one rank seeing a newer manifest appear, or a data object missing, that another
+        did not): rank 0 chooses and broadcasts its choice, or its error, to the others.
+        """
+        if self.sources is None or not _in_process_group():
+            return run_sync(self.find_manifest)
+        choice: list[Any] = [None]
+        manifest: _Manifest | None = None
+        failure: BaseException | None = None
+        if torch.distributed.get_rank() == 0:
+            try:
+                manifest = run_sync(self.find_manifest)
+                choice = [("found", self.location.uri) if manifest is not None else ("none", "")]
+            except Exception as error:
+                failure = error
+                choice = [("error", str(error))]
+        torch.distributed.broadcast_object_list(choice, src=0)
+        outcome, detail = choice[0]
+        if failure is not None:
+            raise failure
+        if outcome == "error":
+            uri = self.sources[0].uri if self.sources else self.location.uri
+            raise CorruptCheckpointError(f"rank 0 could not choose a checkpoint to load: {detail}", uri=uri)
+        if outcome == "none" or manifest is not None:
+            return manifest
+        self.location = parse_location(detail)
+        found = run_sync(self.read_manifest)
+        if found is None:
+            raise CheckpointNotFoundError(f"{detail}: the checkpoint rank 0 chose is gone", uri=detail)
+        return found
+
     async def read_manifest_or_none(self) -> _Manifest | None:
         """The manifest at the URI; ``None`` when there is none, or something else is there."""
         try:
             return await self.read_manifest()
         except CorruptCheckpointError:
             return None
+
+
+def _in_process_group() -> bool:
+    """Whether this process is one rank of several in an initialised process group."""
+    distributed = torch.distributed
+    return distributed.is_available() and distributed.is_initialized() and distributed.get_world_size() > 1
 
 
 def _failure_of(error: CheckpointException) -> CheckpointError | None:
@@ -349,7 +393,7 @@ class StorageWriter(_StorageWriter):
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         """Commit: write the manifest at the URI (after every rank's data is stored), then delete
-        the data of saves that started before this one."""
+        the data of the save it replaced (see :meth:`_commit`)."""
         save_id = self._save_id
         uri = self._target.location.uri
         if save_id is None:
@@ -522,7 +566,7 @@ class StorageReader(_StorageReader):
                 f"{uri}: no per-rank metadata (checkpointio.dcp writes one manifest)", uri=uri
             )
         if self._manifest is None:
-            manifest = run_sync(self._target.find_manifest)
+            manifest = self._target.agreed_manifest()
             if manifest is None:
                 there = "there" if self._target.sources is None else "in any of its sources"
                 raise CheckpointNotFoundError(f"{uri}: no distributed checkpoint {there}", uri=uri)
@@ -668,6 +712,16 @@ _lock = threading.Lock()
 _in_flight: list[DistributedSaveHandle] = []
 
 
+def _forget_parents_saves() -> None:
+    """In a forked child: the parent's saves can never end here, so they are not the child's to wait for."""
+    global _lock
+    _lock = threading.Lock()
+    _in_flight.clear()
+
+
+os.register_at_fork(after_in_child=_forget_parents_saves)
+
+
 def _settle_in_flight() -> None:
     """Wait for this process's earlier ``wait=False`` saves (two saves' collectives must never
     interleave), then raise the first failure nobody retrieved."""
@@ -676,6 +730,8 @@ def _settle_in_flight() -> None:
         _in_flight.clear()
     errors = []
     for handle in earlier:
+        if not handle.in_this_process():
+            continue
         handle.join()
         error = handle.unseen_error()
         if error is not None:
@@ -749,7 +805,7 @@ def load(state_dict: dict[str, Any], target: Target, **options: Unpack[TransferO
     """
     _settle_in_flight()
     reader = StorageReader(target, **options)
-    manifest = run_sync(reader._target.find_manifest)
+    manifest = reader._target.agreed_manifest()
     if manifest is None:
         return False
     reader._manifest = manifest

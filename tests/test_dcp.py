@@ -356,6 +356,55 @@ def test_a_background_save_failure_nobody_retrieved_is_logged_at_exit(tmp_path: 
     assert "distributed save to" in result.stderr and "this object cannot be saved" in result.stderr, result.stderr
 
 
+class SlowToSave:
+    """Pickles only after a pause: keeps a background save in flight for a moment."""
+
+    def __reduce__(self) -> Any:
+        import time
+
+        time.sleep(1.0)
+        return (SlowToSave, ())
+
+
+def test_a_forked_child_never_waits_for_its_parents_background_save(tmp_path: Any) -> None:
+    script = tmp_path / "script.py"
+    script.write_text(
+        "import os, signal\n"
+        "from checkpointio.dcp import load, save\n"
+        "from tests.test_dcp import SlowToSave\n"
+        f"handle = save({{'slow': SlowToSave()}}, {str(tmp_path / 'ckpt')!r}, wait=False)\n"
+        "print('in flight at fork:', not handle.done())\n"
+        "child = os.fork()\n"
+        "if child == 0:\n"
+        "    signal.alarm(30)  # a hang fails the test instead of stalling it\n"
+        f"    os._exit(0 if load({{'step': 0}}, {str(tmp_path / 'other')!r}) is False else 1)\n"
+        "_, status = os.waitpid(child, 0)\n"
+        "print('child exit:', os.waitstatus_to_exitcode(status))\n"
+        "print('saved by the parent:', handle.result(timeout=120) is None)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).parent.parent,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["in flight at fork: True", "child exit: 0", "saved by the parent: True"]
+
+
+def test_an_explicit_checkpoint_id_replaces_a_checkpoints_sources(store: StoreCase) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    save(state(1), store.uri("a"))
+    save(state(2), store.uri("b"))
+    reader = StorageReader(Checkpoint(store.uri("next"), src=store.uri("a")))
+    loaded = empty()
+    dcp.load(loaded, checkpoint_id=store.uri("b"), storage_reader=reader)
+    assert_same(loaded, state(2))
+
+
 def test_a_checkpoint_saves_to_its_dest_and_loads_its_newest_whole_source(store: StoreCase) -> None:
     import torch.distributed.checkpoint as dcp
 
@@ -440,10 +489,10 @@ def full_state() -> dict[str, Any]:
     }
 
 
-def _two_ranks(rank: int, world_size: int, port: int, uris: list[str]) -> None:
+def _two_ranks(rank: int, world_size: int, port: int, uris: list[str], agree: str) -> None:
     """One process of the gloo group: save sharded at world size 2 (the last URI with wait=False),
-    load it back at 2 (each rank gets its own shards), for every URI (several scenarios per
-    process start)."""
+    load it back at 2 (each rank gets its own shards), for every URI; then load a ``Checkpoint``
+    whose sources the ranks see differently (several scenarios per process start)."""
     import os
 
     import torch.distributed as dist
@@ -475,6 +524,14 @@ def _two_ranks(rank: int, world_size: int, port: int, uris: list[str]) -> None:
             assert torch.equal(target["weight"].to_local(), sharded["weight"].to_local())
             assert torch.equal(target["moments"].full_tensor(), full["moments"])
             assert torch.equal(target["bias"], full["bias"]) and target["step"] == 5
+        # Rank 1 sees a newer source than rank 0 does (as when it appears between their reads):
+        # every rank restores the one rank 0 chose, never a mix of steps.
+        save({"bias": full["bias"], "step": 9}, f"{agree}/newer")
+        save({"bias": full["bias"], "step": 7}, f"{agree}/older")
+        sources = [f"{agree}/older"] if rank == 0 else [f"{agree}/newer", f"{agree}/older"]
+        restored = {"bias": torch.zeros(7), "step": -1}
+        assert load(restored, Checkpoint(f"{agree}/next", src=sources)) is True
+        assert restored["step"] == 7, f"rank {rank} restored step {restored['step']}"
     finally:
         dist.destroy_process_group()
 
@@ -486,7 +543,8 @@ def test_world_size_two_saves_one_object_per_rank_and_reshards_to_one(tmp_path: 
 
     bucket = moto_server.new_bucket()
     uris = [str(tmp_path / "ckpt"), f"s3://{bucket}/run/ckpt"]
-    mp.spawn(_two_ranks, args=(2, free_port(), uris), nprocs=2, join=True)
+    agree = tmp_path.parent / f"{tmp_path.name}-agree"
+    mp.spawn(_two_ranks, args=(2, free_port(), uris, str(agree)), nprocs=2, join=True)
 
     local = StoreCase("local", tmp_path)
     (save_id,) = save_ids(local, "ckpt")
