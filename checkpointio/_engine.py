@@ -2,9 +2,11 @@
 
 A save runs the producer (bytes slicer, file reader or tar.gz packer) in a worker thread that keeps
 a running CRC32 and pushes chunks into a bounded memory stream; the store consumes the stream on
-the event loop. A load is the mirror image. Back-pressure of the stream bounds memory; the task
-group ties both sides' lifetimes, so an error or cancellation on either side stops the other and
-the store aborts instead of committing.
+the event loop. A load is the mirror image: the store fetches onto the stream, a worker thread
+checksums what it reads and writes it under a staging name, and only once the checksum matched is
+the result put in place (all or none, by :mod:`._placement`). Back-pressure of the stream bounds
+memory; the task group ties both sides' lifetimes, so an error or cancellation on either side stops
+the other and the store aborts instead of committing.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import IO, Any, BinaryIO, TypeGuard, TypeVar
+from typing import IO, Any, BinaryIO, TypeGuard, TypeVar, cast
 
 import anyio
 import anyio.from_thread
@@ -310,7 +312,6 @@ async def _save(
     body = Body(receive, source.size, crc32_up_front=_crc32_up_front(source))
     digest = body.digest
     meter = Meter(on_progress, "save", location.uri, source.size, packed=source.kind is Kind.DIRECTORY)
-    stored: list[ObjectInfo] = []
 
     def emit(chunk: bytes) -> None:
         digest.crc32 = _codec.crc32(chunk, digest.crc32)
@@ -332,26 +333,30 @@ async def _save(
             return  # the store side stopped first; its error (or the cancellation) is the one to report
         send.close()  # only on success: a failed producer must never look like a finished one
 
+    stored: ObjectInfo | None = None
+
     async def put() -> None:
+        nonlocal stored
         with receive:
-            stored.append(await store.put(location, body, Record(source.kind)))
+            stored = await store.put(location, body, Record(source.kind))
 
     try:
-        with one_error():
+        with one_error():  # both sides in tasks of their own: each is cancelled by the group's scope
             async with anyio.create_task_group() as group:
                 group.start_soon(produce)
                 group.start_soon(put)
     finally:
         send.close()
+    assert stored is not None  # else the group raised
     if meter.reporting:
         await anyio.to_thread.run_sync(meter.finish)
     if logger.isEnabledFor(logging.INFO):
-        size = human_size(stored[0].size)
+        size = human_size(stored.size)
         if source.kind is Kind.DIRECTORY:  # its files are counted whether or not anybody listens
             size = f"{human_size(meter.source_done)} of files, {size} stored"
         seconds = time.monotonic() - started
         logger.info("saved %s to %s (%s in %.1f s)", _what(source), location.uri, size, seconds)
-    return stored[0]
+    return stored
 
 
 #: Kinds as a log line names them.
@@ -379,9 +384,10 @@ class _Pull:
     reader's buffer, into a file), so joining them first would be one more copy of every byte.
     """
 
-    def __init__(self, receive: MemoryObjectReceiveStream[Blocks], failed: list[bool], meter: Meter) -> None:
+    def __init__(self, receive: MemoryObjectReceiveStream[Blocks], meter: Meter) -> None:
         self._receive = receive
-        self._failed = failed
+        #: Set by the fetch side when it failed: the end of the stream is then no end of the object.
+        self.fetch_failed = False
         self._first: Blocks | None = None
         self._meter = meter
         self.digest = Digest()
@@ -402,7 +408,7 @@ class _Pull:
         try:
             blocks = anyio.from_thread.run(self._receive.receive)
         except anyio.EndOfStream:
-            if self._failed[0]:
+            if self.fetch_failed:
                 raise _Aborted from None
             return []
         crc, length = self.digest.crc32, 0
@@ -454,29 +460,6 @@ def _verify(info: ObjectInfo, digest: Digest, *, archive: bool = False) -> None:
         logger.warning("%s has no CRC32 to check (%s): only its length was checked", uri, why)
 
 
-def _check_still_there(staging: Path, held: int, uri: str) -> None:
-    """Refuse a restore whose folder was removed (and recreated by extraction) on the way."""
-    original = os.fstat(held)
-    try:
-        now = os.stat(staging)
-    except FileNotFoundError:
-        now = None
-    if original.st_nlink == 0 or now is None or (now.st_dev, now.st_ino) != (original.st_dev, original.st_ino):
-        raise CheckpointError(f"{uri}: the workspace was removed while the checkpoint was restored", uri=uri)
-
-
-def _present_tree(staging: Path, workspace: Path, uri: str) -> None:
-    """Move a restored tree's top-level names from ``staging`` into ``workspace``, all or none
-    (see :func:`_placement.replace_all`); other names in the workspace are left alone."""
-    names = sorted(child.name for child in staging.iterdir())
-    try:
-        _placement.replace_all([(staging / name, workspace / name) for name in names])
-    except OSError as error:
-        raise CheckpointError(
-            f"{uri}: could not put the restored checkpoint in place in {workspace}: {error}", uri=uri
-        ) from error
-
-
 def _kind(pull: _Pull, info: ObjectInfo) -> Kind:
     """What the object holds: its record says, else its first bytes (objects other tools wrote)."""
     if info.record is not None:
@@ -498,33 +481,20 @@ def _check(pull: _Pull, info: ObjectInfo, workers: int) -> None:
 def _restore(pull: _Pull, info: ObjectInfo, workspace: Path, workers: int) -> Path:
     """Worker thread: write the object into ``workspace``; present nothing until it verified."""
     uri = info.location.uri
-    kind = _kind(pull, info)
-    staging = _placement.staging_path(workspace)
-    try:
-        if kind is Kind.DIRECTORY:
-            staging.mkdir()
-            held = os.open(staging, os.O_RDONLY | os.O_DIRECTORY)  # pins the folder: no inode reuse
-            try:
-                _archive.unpack_directory(pull.blocks, staging, uri=uri, workers=workers)
-                _verify(info, pull.digest, archive=True)
-                _check_still_there(staging, held, uri)
-            finally:
-                os.close(held)
-            _present_tree(staging, workspace, uri)
-            staging.rmdir()
-            return workspace
-        with open(staging, "wb") as out:
+    if _kind(pull, info) is Kind.DIRECTORY:
+        with _placement.StagingFolder(workspace, uri) as staging:
+            _archive.unpack_directory(pull.blocks, staging.path, uri=uri, workers=workers)
+            _verify(info, pull.digest, archive=True)
+            staging.present()
+        return workspace
+    with _placement.staging_file(workspace) as staging_file:
+        with open(staging_file, "xb") as out:
             while blocks := pull.blocks():
                 out.writelines(blocks)
         _verify(info, pull.digest)
         target = workspace / PAYLOAD_NAME
-        _placement.replace_all([(staging, target)])
-        return target
-    finally:
-        if staging.is_dir():
-            _placement.remove_tree(staging)
-        elif staging.exists():
-            staging.unlink()
+        _placement.replace_all([(staging_file, target)])
+    return target
 
 
 async def _read(
@@ -537,14 +507,14 @@ async def _read(
     """Stream the object from the store into ``consume``, run in a worker thread; its result."""
     _allocator.tune_malloc()  # only if asked: it changes the whole process
     send, receive = anyio.create_memory_object_stream[Blocks](config.pipeline_depth)
-    failed = [False]
-    pull = _Pull(receive, failed, meter)
-    result: list[T] = []
+    pull = _Pull(receive, meter)
+    result: T | None = None
 
     async def run_consumer() -> None:
+        nonlocal result
         with receive:
             try:
-                result.append(await anyio.to_thread.run_sync(consume, pull, limiter=_own_thread()))
+                result = await anyio.to_thread.run_sync(consume, pull, limiter=_own_thread())
             except _PLUMBING:
                 return  # the fetch side stopped first; its error (or the cancellation) is reported
 
@@ -552,7 +522,7 @@ async def _read(
         try:
             await store.get(info, send.send)
         except BaseException:
-            failed[0] = True
+            pull.fetch_failed = True
             raise
         finally:
             send.close()
@@ -563,24 +533,7 @@ async def _read(
             group.start_soon(fetch)
     if meter.reporting:
         await anyio.to_thread.run_sync(meter.finish)
-    return result[0]
-
-
-def _make_workspace(workspace: Path, uri: str) -> None:
-    """Create the folder a restore goes into, or say what stands in the way."""
-    try:
-        workspace.mkdir(parents=True, exist_ok=True)
-    except FileExistsError as error:  # something that is not a folder (exist_ok covers folders)
-        raise CheckpointError(
-            f"cannot restore {uri} into the workspace {workspace}: it exists and is not a folder "
-            "(pass workspace= a folder, or a path that does not exist yet)",
-            uri=uri,
-        ) from error
-    except NotADirectoryError as error:
-        raise CheckpointError(
-            f"cannot restore {uri} into the workspace {workspace}: a part of its path is a file, not a folder",
-            uri=uri,
-        ) from error
+    return cast(T, result)  # what the consumer returned: had it not returned, the group raised
 
 
 async def load(
@@ -598,7 +551,7 @@ async def load(
     info = await store.head(location)
     if info is None:
         return None
-    await anyio.to_thread.run_sync(_make_workspace, workspace, location.uri)
+    await anyio.to_thread.run_sync(_placement.make_workspace, workspace, location.uri)
     started = time.monotonic()
     meter = Meter(on_progress, "load", location.uri, info.size)
     if info.record is not None and info.record.kind is not Kind.DIRECTORY and _ranged(store, info, config):

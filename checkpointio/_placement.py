@@ -34,17 +34,24 @@ import shutil
 import stat
 import tempfile
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from types import TracebackType
+
+from ._exceptions import CheckpointError
 
 __all__ = [
     "STAGING_NAME",
     "STAGING_PREFIX",
+    "StagingFolder",
     "discard_workspace",
+    "make_staging_folder",
+    "make_workspace",
     "move_all",
     "remove",
     "remove_tree",
     "replace_all",
+    "staging_file",
     "staging_path",
     "temporary_workspace",
 ]
@@ -53,9 +60,13 @@ __all__ = [
 STAGING_PREFIX = ".checkpointio-partial-"
 #: Exactly the names staging entries have, now (``.checkpointio-partial-<32 hex>``) and in older
 #: versions (``.checkpointio-partial-replaced-<32 hex>`` for entries moved aside,
-#: ``.<name>.checkpointio-partial-<32 hex>`` beside a command line ``load``'s destination). A
-#: user's entry that merely starts with the prefix is not one.
-STAGING_NAME = re.compile(r"(?:\..+)?" + re.escape(STAGING_PREFIX) + r"(?:replaced-)?[0-9a-f]{32}", re.DOTALL)
+#: ``.<name>.checkpointio-partial-<32 hex>`` beside a command line ``load``'s destination,
+#: ``.checkpointio-snapshot-<8 characters>`` for a background save's scratch). A user's entry that
+#: merely starts with the prefix is not one.
+STAGING_NAME = re.compile(
+    r"(?:\..+)?" + re.escape(STAGING_PREFIX) + r"(?:replaced-)?[0-9a-f]{32}|\.checkpointio-snapshot-[a-z0-9_]{8}",
+    re.DOTALL,
+)
 
 _OPEN_FOLDER = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -63,6 +74,101 @@ _OPEN_FOLDER = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 def staging_path(folder: Path) -> Path:
     """A new staging name in ``folder`` (nothing is created)."""
     return folder / f"{STAGING_PREFIX}{uuid.uuid4().hex}"
+
+
+def make_staging_folder(folder: Path) -> Path:
+    """A new staging folder in ``folder``, only its owner's (as ``tempfile.mkdtemp`` makes them)."""
+    path = staging_path(folder)
+    path.mkdir(0o700)
+    return path
+
+
+class StagingFolder:
+    """A new staging folder in ``workspace`` that a restore writes its tree into, then presents
+    (:meth:`present`); leaving the ``with`` block removes it with whatever is still in it.
+
+    The folder is held open from the start, so that one removed on the way (and recreated, by the
+    extraction itself) is noticed instead of presenting a tree written partly elsewhere.
+    """
+
+    def __init__(self, workspace: Path, uri: str) -> None:
+        self.workspace = workspace
+        self.uri = uri
+        self.path = staging_path(workspace)
+        self.path.mkdir()
+        try:
+            self._held = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except BaseException:
+            remove_tree(self.path)
+            raise
+
+    def __enter__(self) -> StagingFolder:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        os.close(self._held)
+        remove_tree(self.path)
+
+    def present(self) -> None:
+        """Move the staged tree's top-level names into the workspace, all or none (see
+        :func:`replace_all`); other names in the workspace are left alone.
+
+        Raises:
+            CheckpointError: The staging folder was removed on the way, or the names could not be
+                put in place (the workspace is then as it was).
+        """
+        original = os.fstat(self._held)
+        try:
+            now = os.stat(self.path)
+        except FileNotFoundError:
+            now = None
+        if original.st_nlink == 0 or now is None or (now.st_dev, now.st_ino) != (original.st_dev, original.st_ino):
+            raise CheckpointError(
+                f"{self.uri}: the workspace was removed while the checkpoint was restored", uri=self.uri
+            )
+        names = sorted(os.listdir(self.path))
+        try:
+            replace_all([(self.path / name, self.workspace / name) for name in names])
+        except OSError as error:
+            raise CheckpointError(
+                f"{self.uri}: could not put the restored checkpoint in place in {self.workspace}: {error}",
+                uri=self.uri,
+            ) from error
+
+
+@contextlib.contextmanager
+def staging_file(folder: Path) -> Iterator[Path]:
+    """A new staging name in ``folder`` for a file (not created); on exit a file left under it
+    (one not renamed into place) is removed."""
+    path = staging_path(folder)
+    try:
+        yield path
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def make_workspace(workspace: Path, uri: str) -> None:
+    """Create the folder a restore of ``uri`` goes into, or say what stands in the way.
+
+    Raises:
+        CheckpointError: Something that is not a folder is there, or in its path.
+    """
+    try:
+        workspace.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as error:  # something that is not a folder (exist_ok covers folders)
+        raise CheckpointError(
+            f"cannot restore {uri} into the workspace {workspace}: it exists and is not a folder "
+            "(pass workspace= a folder, or a path that does not exist yet)",
+            uri=uri,
+        ) from error
+    except NotADirectoryError as error:
+        raise CheckpointError(
+            f"cannot restore {uri} into the workspace {workspace}: a part of its path is a file, not a folder",
+            uri=uri,
+        ) from error
 
 
 def replace_all(moves: Sequence[tuple[Path, Path]]) -> None:
@@ -193,13 +299,19 @@ def remove(path: Path) -> None:
         raise OSError(errno.ENOTEMPTY, f"could not remove everything in {path}", str(path))
 
 
-def remove_tree(path: str | os.PathLike[str]) -> None:
+def remove_tree(path: str | os.PathLike[str], *, writable: bool = False) -> None:
     """Remove ``path`` and everything in it, best effort (what cannot be removed is left), as
     ``shutil.rmtree(path, ignore_errors=True)`` does, but for trees a restore can make: thousands
-    of folders deep (``rmtree`` before Python 3.12 recurses once per level, past the recursion
-    limit) and deeper than ``PATH_MAX`` (every call is relative to the folder open). Never follows
-    a symlink; holds two descriptors at most, whatever the depth.
+    of folders deep (``rmtree`` and ``os.walk`` before Python 3.12 recurse once per level, past the
+    recursion limit) and deeper than ``PATH_MAX`` (every call is relative to the folder open).
+    Never follows a symlink; holds two descriptors at most, whatever the depth.
+
+    ``writable``: give each folder its owner's full access before emptying it, for a scratch tree
+    of our own whose folders copied read-only modes (never for the user's folders).
     """
+    if writable:
+        with contextlib.suppress(OSError):
+            os.chmod(path, stat.S_IRWXU)
     try:
         fd = os.open(path, _OPEN_FOLDER)
     except OSError:  # not a folder (a symlink to one too), or gone
@@ -212,6 +324,9 @@ def remove_tree(path: str | os.PathLike[str]) -> None:
         while True:
             if folders:
                 name = folders.pop()
+                if writable:  # listed as a folder by lstat: this follows no symlink
+                    with contextlib.suppress(OSError):
+                        os.chmod(name, stat.S_IRWXU, dir_fd=fd)
                 try:
                     child = os.open(name, _OPEN_FOLDER, dir_fd=fd)
                 except OSError:

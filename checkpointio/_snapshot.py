@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import _archive
+from . import _archive, _placement
 from ._exceptions import SourceChangedError, SourceNotFoundError, UnsupportedSourceError
 
 __all__ = ["Snapshot", "take"]
@@ -78,7 +78,7 @@ class Snapshot:
     def discard(self) -> None:
         """Remove the scratch folder (the source is never touched)."""
         if self.scratch is not None:
-            _remove_tree(self.scratch)
+            _placement.remove_tree(self.scratch, writable=True)  # its folders may copy read-only modes
             self.scratch = None
 
     def _file(self, folder: int, name: str, shown: str, target: Path, st: os.stat_result, link: bool) -> None:
@@ -149,20 +149,6 @@ def _copy_link(folder: int, name: str, target: Path, st: os.stat_result) -> None
         os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
 
 
-def _remove_tree(root: Path) -> None:
-    """``rmtree``, also where the shadow tree copied a read-only folder's mode (0o555 left its
-    entries, and the hard links that keep old files' disk space in use, behind for a non-root user)."""
-    for folder, subfolders, _ in os.walk(root):  # top-down: each folder is opened up before it is entered
-        for name in subfolders:
-            path = os.path.join(folder, name)
-            if not os.path.islink(path):  # os.walk lists symlinks to folders too; not entered, not changed
-                with contextlib.suppress(OSError):
-                    os.chmod(path, stat.S_IRWXU)
-    with contextlib.suppress(OSError):
-        os.chmod(root, stat.S_IRWXU)
-    shutil.rmtree(root, ignore_errors=True)
-
-
 def _inside(path: Path, tree: Path) -> bool:
     """Whether ``path`` is ``tree`` or lies inside it (as real paths)."""
     real, top = os.path.realpath(path), os.path.realpath(tree)
@@ -185,13 +171,13 @@ def _scratch_for(source: Path, is_tree: bool) -> Path:
     for base in outside:
         try:
             if base.stat().st_dev == device:
-                return Path(tempfile.mkdtemp(prefix=".checkpointio-snapshot-", dir=base))
+                return _placement.make_staging_folder(base)
         except OSError:
             continue
     for base in outside:  # another filesystem: files are copied
         with contextlib.suppress(OSError):
-            return Path(tempfile.mkdtemp(prefix=".checkpointio-snapshot-", dir=base))
-    return Path(tempfile.mkdtemp(prefix=".checkpointio-snapshot-"))
+            return _placement.make_staging_folder(base)
+    return _placement.make_staging_folder(Path(tempfile.gettempdir()))
 
 
 def take(data: object, *, link: bool = True, skip: Callable[[Path], _archive.Skip | None] | None = None) -> Snapshot:

@@ -26,6 +26,7 @@ from checkpointio import (
     SourceNotFoundError,
     _snapshot,
 )
+from checkpointio._placement import STAGING_NAME
 
 from .conftest import StoreCase, make_tree, snapshot
 
@@ -448,7 +449,7 @@ def test_saving_the_current_folder_in_the_background_keeps_its_scratch_outside_i
     with Checkpoint(tmp_path / "reader", src=tmp_path / "ck") as reader:
         restored = reader.load_sync()
         assert restored is not None and snapshot(restored) == expected
-    assert not [path for path in tmp_path.iterdir() if path.name.startswith(".checkpointio-snapshot-")]
+    assert not [path for path in tmp_path.iterdir() if STAGING_NAME.fullmatch(path.name)]
 
 
 def test_a_snapshot_whose_scratch_must_live_inside_the_tree_leaves_it_out(
@@ -740,3 +741,35 @@ def test_a_task_whose_last_background_save_failed_is_retried(monkeypatch: pytest
 
     job()
     assert attempts == [0, 1]
+
+
+def test_a_background_save_of_a_tree_1200_folders_deep_is_stored_and_leaves_no_scratch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Deeper than the recursion limit: the snapshot's scratch and the restore's workspace are
+    removed all the same (no ``RecursionError`` from a recursive walk or ``rmtree``)."""
+    import tempfile
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where the snapshot's scratch goes
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    fd = os.open(tree, os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(1200):  # pathlib's and os.makedirs's recursion would not get there
+        os.mkdir("d", dir_fd=fd)
+        child = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = child
+    with open(os.open("bottom", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd), "wb") as file:
+        file.write(b"at the bottom")
+    os.close(fd)
+    with Checkpoint(tmp_path / "ck") as cp:
+        cp.save_sync(tree, wait=False).result(timeout=120)
+    assert list(scratch.iterdir()) == []
+    reader = Checkpoint(tmp_path / "reader", src=tmp_path / "ck")
+    restored = reader.load_sync()
+    assert restored is not None and restored.parent == scratch  # a temporary workspace
+    assert (restored / ("d/" * 1200 + "bottom")).read_bytes() == b"at the bottom"
+    reader.close()
+    assert list(scratch.iterdir()) == []

@@ -589,7 +589,7 @@ async def test_a_named_pipe_given_to_save_is_refused_as_what_it_is(
     async with Checkpoint(store.uri("a")) as cp:
         with pytest.raises(UnsupportedSourceError, match="named pipe") as caught:
             await cp.save(fifo, wait=wait)
-    assert str(fifo) in str(caught.value) and ".checkpointio-snapshot" not in str(caught.value)
+    assert str(fifo) in str(caught.value) and ".checkpointio-partial" not in str(caught.value)
     assert await Checkpoint(store.uri("a")).prev_exists() is False
 
 
@@ -619,7 +619,7 @@ async def test_an_unreadable_folder_fails_the_save_naming_the_users_path(
     finally:
         (tree / "model" / "locked").chmod(0o755)
     message = str(caught.value)
-    assert str(tree / "model" / "locked") in message and ".checkpointio-snapshot" not in message
+    assert str(tree / "model" / "locked") in message and ".checkpointio-partial" not in message
     assert await Checkpoint(store.uri("a")).prev_exists() is False
 
 
