@@ -8,11 +8,12 @@ all place what they restored through here, so they share one set of guarantees:
   that makes it visible is a rename. A killed process leaves such an entry behind; saving that
   folder leaves it out (:data:`STAGING_NAME`, which also knows the names older versions staged in).
 - **All or none** (:func:`replace_all`): entries replace whatever their targets are (a file, a
-  folder that is not empty, a symlink) together or not at all. An error on the way puts every old
-  entry back; the old ones are removed only once every new one is in place. A process killed on
-  the way loses nothing and leaves no half tree: a file replaces a file in one rename; an entry
-  replacing a folder is, for the moment between two renames, the old one in a staging folder
-  beside it and the new one under its staging name.
+  folder that is not empty, a symlink) together or not at all when an error stops it: every old
+  entry is put back; the old ones are removed only once every new one is in place. A process
+  *killed* on the way loses no data but may leave a mix: entries already replaced are new, the
+  others old; an entry replacing a folder is, between its two renames, the old one in a staging
+  folder beside it (not under its name) and the new one under its staging name. No entry is ever
+  half written.
 - **Across filesystems** (:func:`move_all`): a source on another filesystem than its target
   (``EXDEV``: a workspace in ``/tmp`` restored into a folder on another disk) is copied into a
   staging sibling of the target first, then renamed into place as above; the sources are removed
