@@ -14,6 +14,11 @@ through another symlink of the archive, in either order), hard links to anything
 extracted before (and still a file), devices and pipes. Modes lose set-id, sticky and
 group/other write bits; owners are not applied.
 
+Folders, symlinks and hard links carry no data, whatever their size field says (POSIX ustar; some
+writers fill it in, and ``tarfile`` and libarchive ignore it too). Records of a global pax header
+apply to every later entry, as POSIX says; a pre-POSIX folder (a plain file type with a name ending
+in ``/``) is a folder.
+
 A later entry replaces an earlier one of the same name (file, symlink or hard link; a folder
 replaces them too), as GNU tar does; nothing replaces a folder (refused: its contents would go
 with it). Names with a part over 255 bytes are refused (no file system holds one, and ``verify``
@@ -145,12 +150,14 @@ def end_of_archive(position: int) -> bytes:
 
 
 def _number(field: bytes, *, signed: bool = False) -> int:
-    """A numeric header field: octal text, or GNU base-256 when the top bit is set.
+    """A numeric header field: octal text, or GNU base-256 when its first byte is 0x80 (or 0xFF).
 
     Only a ``signed`` field (a time: GNU tar writes files from before 1970 so) may be negative,
     base-256 with a first byte of 0xFF; a negative size or mode is refused.
     """
     if field[:1] and field[0] & 0x80:
+        if field[0] not in (0x80, 0xFF):  # GNU tar and tarfile mark base-256 with these two bytes only
+            raise CorruptCheckpointError(f"a tar header holds a bad number {bytes(field)!r}")
         if field[0] == 0xFF:
             if not signed:
                 raise CorruptCheckpointError("a tar header holds a negative number")
@@ -449,6 +456,8 @@ class _Extraction:
 
     def entries(self) -> None:
         pax: dict[str, bytes] = {}
+        #: Records of global pax headers (``g``): they apply to every later entry, under its own.
+        global_pax: dict[str, bytes] = {}
         long_name: bytes | None = None
         long_link: bytes | None = None
         while True:
@@ -469,6 +478,8 @@ class _Extraction:
                 records = _pax_records(self.read_padded(size))
                 if kind == b"x":
                     pax = records
+                else:
+                    global_pax.update(records)
                 continue
             if kind in (b"L", b"K"):
                 value = self.read_padded(size).split(b"\0", 1)[0]
@@ -478,10 +489,14 @@ class _Extraction:
                     long_link = value
                 continue
             name = name.split(b"\0", 1)[0]
+            if kind == b"\0" and name.endswith(b"/"):  # a pre-POSIX folder: old type, name with a "/"
+                kind = DIRECTORY
             if magic[:5] == b"ustar" and prefix[:1] != b"\0":
                 name = prefix.split(b"\0", 1)[0] + b"/" + name
             link = link.split(b"\0", 1)[0]
             mode = _number(raw_mode) & 0o7777
+            if global_pax:
+                pax = {**global_pax, **pax}
             if pax or long_name is not None or long_link is not None:
                 name = pax.get("path", long_name if long_name is not None else name)
                 link = pax.get("linkpath", long_link if long_link is not None else link)
@@ -525,7 +540,6 @@ class _Extraction:
             if kind != b"5":
                 raise UnsafeArchiveError(f"entry {name!r} would replace the destination")
             self._dir_attrs[rel] = (mode & 0o755 | 0o700, mtime)
-            self.skip(size + (-size % BLOCK))
             return
         self.make_parents(rel)
         folder = self.is_folder(rel)
@@ -542,7 +556,6 @@ class _Extraction:
                     os.mkdir(rel, 0o700, dir_fd=self._fd)
                 self.add_folder(rel)
             self._dir_attrs[rel] = (mode & 0o755 | 0o700, mtime)
-            self.skip(size + (-size % BLOCK))
         elif kind == b"2":
             self.check_link_target(rel, name, link)
             self.clear(rel)
@@ -550,7 +563,6 @@ class _Extraction:
                 os.symlink(link, rel, dir_fd=self._fd)
                 os.utime(rel, (mtime, mtime), dir_fd=self._fd, follow_symlinks=False)
             self._links[rel] = link
-            self.skip(size + (-size % BLOCK))
         elif kind == b"1":
             source = self.inside(link, "hard link target")
             if source not in self._files:
@@ -560,7 +572,6 @@ class _Extraction:
                 if self._write:
                     os.link(source, rel, src_dir_fd=self._fd, dst_dir_fd=self._fd, follow_symlinks=False)
                 self._files.add(rel)
-            self.skip(size + (-size % BLOCK))
         else:
             raise CorruptCheckpointError(f"entry {name!r} has an unsupported type {kind!r}")
 
