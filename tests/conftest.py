@@ -190,6 +190,17 @@ class StoreCase:
         base = location.key.rstrip("/") + "/"
         return [info.location.key[len(base) :] for info in infos if info.location.key.startswith(base)]
 
+    def abandon_save(self, name: str) -> bool:
+        """Leave what a save killed part-way leaves (an open multipart upload, a temporary file);
+        ``False`` where a store never has one (memory: a save is one assignment)."""
+        if self.s3 is not None:
+            self.s3.client().create_multipart_upload(Bucket=self.bucket, Key=self._key(name))
+            return True
+        if self.name == "local":
+            (self.root / f".{name}.partial-{uuid.uuid4().hex[:16]}").write_bytes(b"half a save")
+            return True
+        return False
+
     def partial_writes(self) -> int | None:
         """How many saves are visibly in progress, or None where the store cannot show it."""
         if self.s3 is not None:

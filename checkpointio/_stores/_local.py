@@ -546,6 +546,8 @@ class LocalStore:
 
     async def read_range(self, info: ObjectInfo, offset: int, length: int) -> bytes:
         uri = info.location.uri
+        if offset < 0 or length < 0:
+            raise CorruptCheckpointError(f"{uri}: bytes {offset}..{offset + length} asked for", uri=uri)
 
         def read() -> bytes:
             try:

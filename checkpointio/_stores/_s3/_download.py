@@ -14,7 +14,7 @@ import anyio
 from botocore.exceptions import ClientError, ResponseStreamingError
 
 from ..._concurrency import one_error
-from ..._exceptions import ConcurrentModificationError, StoreError
+from ..._exceptions import ConcurrentModificationError, CorruptCheckpointError, StoreError
 from ..._planning import ranges
 from .._base import Blocks, ObjectInfo, RangeSink, Sink
 from ._client import _Requests
@@ -208,6 +208,11 @@ async def _get_range_resuming(
 
 
 async def read_range(requests: _Requests, info: ObjectInfo, offset: int, length: int) -> bytes:
+    if offset < 0 or length < 0 or offset + length > info.size:
+        uri = info.location.uri
+        raise CorruptCheckpointError(
+            f"{uri}: bytes {offset}..{offset + length} asked for, the object holds {info.size}", uri=uri
+        )
     if length == 0:
         return b""
     received = _Received()
