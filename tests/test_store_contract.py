@@ -72,6 +72,8 @@ async def put(
         if failed is not None:
             raise failed.exceptions[0] from None
         raise
+    finally:
+        receive.close()
     return stored[0]
 
 
@@ -154,6 +156,7 @@ async def test_a_cancelled_put_leaves_the_previous_object_and_nothing_pending(st
             scope.cancel()  # mid-stream: the store is waiting for more
     assert scope.cancelled_caught
     send.close()
+    receive.close()
     head = await target.head(location)
     assert head is not None and head.etag == before.etag
     assert await target.pending(where(store, "")) == []
