@@ -22,6 +22,9 @@ from checkpointio._placement import remove_tree
 from checkpointio._stores import _memory as memory_store
 
 STORES = ["local", "memory", "s3"]
+#: For behaviour in which the store plays no part (archive safety, symlinks, workspaces, argument
+#: checks): run on one store, not every one. What each store must do is test_store_contract.py.
+ONE_STORE = pytest.mark.parametrize("store", ["memory"], indirect=True)
 
 # A shell starts background jobs with SIGINT ignored, and a child inherits that: Python then never
 # turns Ctrl-C into KeyboardInterrupt, and the tests that interrupt a save or load would see the

@@ -19,7 +19,7 @@ from checkpointio import (
     UnsupportedSourceError,
 )
 
-from .conftest import StoreCase, make_tree, snapshot
+from .conftest import ONE_STORE, StoreCase, make_tree, snapshot
 from .placing import fail_placing_onto
 
 
@@ -287,6 +287,7 @@ async def test_a_foreign_object_checked_for_its_length_only_is_named_as_written_
     ]
 
 
+@ONE_STORE
 async def test_missing_source_path_raises_file_not_found_naming_it(store: StoreCase, tmp_path: Path) -> None:
     missing = tmp_path / "no-such-dir"
     with pytest.raises(FileNotFoundError, match="no-such-dir") as caught:
@@ -295,12 +296,14 @@ async def test_missing_source_path_raises_file_not_found_naming_it(store: StoreC
     assert await Checkpoint(store.uri("b")).prev_exists() is False
 
 
+@ONE_STORE
 @pytest.mark.parametrize("bad", [123, None, ["a"], 1.5])
 async def test_save_of_unsupported_type_is_a_type_error(store: StoreCase, bad: object) -> None:
     with pytest.raises(TypeError, match=r"bytes, a str path or a pathlib\.Path"):
         await Checkpoint(store.uri("a")).save(bad)  # type: ignore[arg-type]
 
 
+@ONE_STORE
 async def test_symlink_pointing_outside_the_tree_is_refused_at_save(store: StoreCase, tmp_path: Path) -> None:
     tree = tmp_path / "tree"
     tree.mkdir()
@@ -311,6 +314,7 @@ async def test_symlink_pointing_outside_the_tree_is_refused_at_save(store: Store
     assert await Checkpoint(store.uri("b"), src=store.uri("a")).prev_exists() is False
 
 
+@ONE_STORE
 @pytest.mark.parametrize(
     ("links", "refused"),
     [
@@ -332,6 +336,7 @@ async def test_a_symlink_through_another_symlink_is_refused_at_save_not_at_resto
     assert await Checkpoint(store.uri("b"), src=store.uri("a")).prev_exists() is False
 
 
+@ONE_STORE
 async def test_symlinks_to_symlinks_and_through_real_folders_round_trip(store: StoreCase, tmp_path: Path) -> None:
     tree = tmp_path / "tree"
     (tree / "checkpoint-10").mkdir(parents=True)
@@ -412,6 +417,7 @@ UNSAFE_ARCHIVES = {
 }
 
 
+@ONE_STORE
 @pytest.mark.parametrize("case", sorted(UNSAFE_ARCHIVES))
 async def test_archive_escaping_its_folder_is_refused(store: StoreCase, tmp_path: Path, case: str) -> None:
     store.put_raw("evil", _archive_with(*UNSAFE_ARCHIVES[case]))
@@ -448,6 +454,7 @@ async def test_cancelled_save_leaves_previous_checkpoint_intact(store: StoreCase
         assert restored is not None and restored.read_bytes() == b"previous"
 
 
+@ONE_STORE
 async def test_leaving_the_context_removes_the_workspace(store: StoreCase) -> None:
     await Checkpoint(store.uri("a")).save(b"x")
     async with Checkpoint(store.uri("b"), src=store.uri("a")) as cp:
@@ -457,6 +464,7 @@ async def test_leaving_the_context_removes_the_workspace(store: StoreCase) -> No
     assert not workspace.exists()
 
 
+@ONE_STORE
 async def test_given_workspace_is_used_and_kept(store: StoreCase, tmp_path: Path) -> None:
     await Checkpoint(store.uri("a")).save(b"x")
     with Checkpoint(store.uri("b"), src=store.uri("a"), workspace=tmp_path / "ws") as cp:

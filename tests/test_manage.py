@@ -24,7 +24,7 @@ from checkpointio._location import parse_location
 from checkpointio._manage import collect_garbage, list_checkpoints, restore, verify
 from checkpointio._stores import open_store
 
-from .conftest import StoreCase, make_tree, snapshot
+from .conftest import ONE_STORE, StoreCase, make_tree, snapshot
 from .placing import fail_placing_onto
 
 CONFIG = TransferConfig()
@@ -130,6 +130,7 @@ async def test_verify_raises_the_errors_a_load_would(store: StoreCase, tmp_path:
         await verify(store.uri("missing"), CONFIG)
 
 
+@ONE_STORE
 async def test_verify_refuses_an_unsafe_foreign_archive(store: StoreCase) -> None:
     import tarfile
 

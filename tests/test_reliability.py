@@ -45,7 +45,7 @@ from checkpointio import (
     UnsupportedSourceError,
 )
 
-from .conftest import MotoServer, StoreCase, make_tree, pull_of, snapshot
+from .conftest import ONE_STORE, MotoServer, StoreCase, make_tree, pull_of, snapshot
 from .faultproxy import FaultProxy
 
 SMALL_PARTS = {"part_size": 5 * MiB, "multipart_threshold": 5 * MiB}
@@ -623,6 +623,7 @@ async def test_an_unreadable_folder_fails_the_save_naming_the_users_path(
     assert await Checkpoint(store.uri("a")).prev_exists() is False
 
 
+@ONE_STORE
 @pytest.mark.parametrize("where", ["a-file", "under-a-file"])
 async def test_a_workspace_that_is_a_file_is_a_clear_error(store: StoreCase, tmp_path: Path, where: str) -> None:
     await Checkpoint(store.uri("a")).save(b"data")
@@ -637,6 +638,7 @@ async def test_a_workspace_that_is_a_file_is_a_clear_error(store: StoreCase, tmp
 # -- awkward names and shapes ---------------------------------------------------------------------
 
 
+@ONE_STORE
 async def test_non_utf8_long_and_deep_names_sparse_and_empty_files_round_trip(store: StoreCase, tmp_path: Path) -> None:
     tree = tmp_path / "tree"
     deep = tree / "/".join(f"level{i:02d}" for i in range(30))
@@ -679,6 +681,7 @@ async def test_trees_with_many_entries_round_trip(entries: int, tmp_path: Path) 
 # -- bad archives ---------------------------------------------------------------------------------
 
 
+@ONE_STORE
 async def test_a_huge_declared_size_is_truncation_not_a_memory_blow_up(store: StoreCase, tmp_path: Path) -> None:
     header = tarfile.TarInfo("huge")
     header.size = 1 << 40  # 1 TiB declared, a few bytes present
