@@ -274,7 +274,7 @@ async def test_a_foreign_object_checked_for_its_length_only_is_named_as_written_
 ) -> None:
     import checkpointio._engine as engine
 
-    monkeypatch.setattr(engine, "_warned_unchecked", set())
+    monkeypatch.setattr(engine, "_warned_unchecked", set())  # private: the warning is once per process
     data = os.urandom(5 * 1024 * 1024 + 7)
     _put_foreign_in_parts(store, "flyte", data)
     for _ in range(2):

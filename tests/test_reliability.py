@@ -13,6 +13,7 @@ import random
 import resource
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tarfile
@@ -253,6 +254,7 @@ async def test_workspace_deleted_mid_restore_is_an_error_not_a_partial_tree(
         (tree / "model" / f"shard-{i}").write_bytes(os.urandom(256 * 1024))
     await Checkpoint(store.uri("a")).save(tree)
     workspace = tmp_path / "ws"
+    # Private: the only way to act at a chosen point inside an extraction (the 10th entry).
     original = untar._Extraction.entry
     calls = [0]
 
@@ -280,7 +282,7 @@ async def test_a_file_shrinking_while_saved_fails_the_save_and_keeps_the_previou
     tree.mkdir()
     (tree / "log").write_bytes(b"x" * size)
     await Checkpoint(store.uri("a")).save(b"previous")
-    original = archive._add_file
+    original = archive._add_file  # private: the one point between listing a file and reading it
 
     def shrink_after_stat(*args: object) -> None:
         os.truncate(tree / "log", 10)  # another process rotates the log right after we looked
@@ -303,7 +305,7 @@ async def test_a_file_swapped_after_it_was_listed_fails_the_save(
     (tree / "weights").write_bytes(b"w" * 1000)
     (tmp_path / "secret").write_bytes(b"not part of the tree" * 100)  # as long as what was listed
     await Checkpoint(store.uri("a")).save(b"previous")
-    original = archive._add_file
+    original = archive._add_file  # private: the one point between listing a file and reading it
 
     def swap_after_stat(*args: object) -> None:
         if swap == "renamed-over":  # new content, which would be cut to the old size
@@ -330,7 +332,7 @@ async def test_a_file_growing_while_saved_is_stored_as_it_was_when_listed(
     tree = tmp_path / "tree"
     tree.mkdir()
     (tree / "log").write_bytes(b"first part\n")
-    original = archive._add_file
+    original = archive._add_file  # private: the one point between listing a file and reading it
 
     def grow_after_stat(*args: object) -> None:
         with open(tree / "log", "ab") as log:
@@ -375,12 +377,14 @@ async def test_long_checkpoint_names_save_and_load_on_the_local_store(tmp_path: 
 async def test_a_folder_fsync_refused_after_the_commit_does_not_fail_a_stored_save(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    import checkpointio._stores._local as local
+    real_fsync = os.fsync
 
-    def refused(path: Path) -> None:
-        raise OSError(errno.EINVAL, "Invalid argument")  # CIFS and some FUSE filesystems
+    def fsync(fd: int) -> None:  # CIFS and some FUSE filesystems refuse to fsync a folder
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        real_fsync(fd)
 
-    monkeypatch.setattr(local, "_fsync_dir", refused)
+    monkeypatch.setattr(os, "fsync", fsync)
     await Checkpoint(tmp_path / "ck").save(b"new")  # stored: reporting a failure would be wrong
     async with Checkpoint(tmp_path / "b", src=tmp_path / "ck") as cp:
         assert await cp.load_bytes() == b"new"
@@ -428,7 +432,7 @@ async def test_a_file_deleted_while_saved_fails_the_save(
     tree = tmp_path / "tree"
     tree.mkdir()
     (tree / "tmpfile").write_bytes(b"x")
-    original = archive._add_file
+    original = archive._add_file  # private: the one point between listing a file and reading it
 
     def delete_after_stat(*args: object) -> None:
         (tree / "tmpfile").unlink()

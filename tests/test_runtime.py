@@ -609,6 +609,7 @@ def test_explicit_storage_keeps_every_run_and_attempt_unless_asked(tmp_path: Pat
 def test_keep_runs_prunes_the_oldest_runs_of_a_task_on_every_store(
     store: StoreCase, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Private: runs count as idle only after minutes without a write; no public setting shortens that.
     monkeypatch.setattr(checkpointio._runtime, "RUN_IDLE_BEFORE_PRUNING", 0.0)  # every finished run is idle
     for number in range(1, 5):
         task_env = environment(store, run_id=f"run-{number}", keep_runs=2)

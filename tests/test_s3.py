@@ -265,7 +265,7 @@ async def test_an_ordered_read_holds_buffers_only_for_the_ranges_in_flight(
             alive.add(self)
             most[0] = max(most[0], len(alive))
 
-    monkeypatch.setattr(s3, "_Received", Counted)
+    monkeypatch.setattr(s3, "_Received", Counted)  # private: counts the buffers the bound is about
     chunks: list[bytes] = []
 
     async def sink(blocks: list[bytes]) -> None:
@@ -532,7 +532,7 @@ async def test_a_load_that_could_check_only_the_length_says_so_once(
 ) -> None:
     import checkpointio._engine as engine
 
-    monkeypatch.setattr(engine, "_warned_unchecked", set())
+    monkeypatch.setattr(engine, "_warned_unchecked", set())  # private: the warning is once per process
     options = {**SMALL_PARTS, "flexible_checksums": False}
     data = os.urandom(11 * MiB)
     await Checkpoint(f"s3://{bucket}/stream", **options).save(io.BytesIO(data))  # size unknown up front
@@ -559,6 +559,7 @@ async def test_a_source_that_differs_from_its_crc32_read_up_front_is_not_stored(
 
     await Checkpoint(f"s3://{bucket}/w", **SMALL_PARTS).save(b"previous")
     # as if the file was rewritten between the read for its CRC32 and the upload's own read
+    # Private: a source changing between the CRC32 pass and the upload is a race no test can time.
     monkeypatch.setattr(engine, "_crc32_up_front", lambda source: lambda: 12345)
     with pytest.raises(SourceChangedError, match="changed while it was saved"):
         await Checkpoint(f"s3://{bucket}/w", **SMALL_PARTS).save(os.urandom(11 * MiB))
