@@ -788,7 +788,7 @@ def test_gc_runs_older_than_removes_old_task_runs_and_nothing_else(
 
         @TaskEnvironment("e", storage=storage, run_id=run_id).task(retries=1)
         def job() -> None:
-            ctx().checkpoint.save_sync(b"progress")  # type: ignore[union-attr]
+            ctx().checkpoint.save_sync(b"progress")
             raise RuntimeError("fails: the run keeps its attempts and claims")
 
         with pytest.raises(RuntimeError):

@@ -42,6 +42,7 @@ from checkpointio import (
     SourceUnreadableError,
     StoreError,
     StoreUnavailableError,
+    TransferOptions,
     UnsafeArchiveError,
     UnsupportedSourceError,
 )
@@ -49,7 +50,7 @@ from checkpointio import (
 from .conftest import ONE_STORE, MotoServer, StoreCase, make_tree, pull_of, snapshot
 from .faultproxy import FaultProxy
 
-SMALL_PARTS = {"part_size": 5 * MiB, "multipart_threshold": 5 * MiB}
+SMALL_PARTS: TransferOptions = {"part_size": 5 * MiB, "multipart_threshold": 5 * MiB}
 
 
 @pytest.fixture
@@ -76,7 +77,7 @@ async def test_stalled_part_upload_times_out_and_is_retried(moto_server: MotoSer
     proxy.stall_seconds = 8
     proxy.add(lambda m, t: m == "PUT" and "partNumber=2" in t, "stall")
     data = os.urandom(12 * MiB)
-    options = {**SMALL_PARTS, "endpoint_url": proxy.endpoint, "read_timeout": 1.5}
+    options: TransferOptions = {**SMALL_PARTS, "endpoint_url": proxy.endpoint, "read_timeout": 1.5}
     with anyio.fail_after(60):  # bounded: a stalled connection is a timeout, not a hang
         await Checkpoint(f"s3://{bucket}/a", **options).save(data)
     assert [e["action"] for e in proxy.log if "partNumber=2" in str(e["target"])][:2] == ["stall", "relay"]
@@ -91,7 +92,7 @@ async def test_stalled_range_download_times_out_and_is_fetched_again(
 ) -> None:
     bucket = moto_server.new_bucket()
     data = os.urandom(11 * MiB)
-    options = {**SMALL_PARTS, "endpoint_url": proxy.endpoint, "read_timeout": 1.5}
+    options: TransferOptions = {**SMALL_PARTS, "endpoint_url": proxy.endpoint, "read_timeout": 1.5}
     await Checkpoint(f"s3://{bucket}/a", **options).save(data)
     proxy.stall_seconds = 8
     proxy.add(lambda m, t: m == "GET", "stall")
@@ -114,7 +115,7 @@ async def test_a_failing_complete_aborts_the_upload_and_keeps_the_previous(
     moto_server: MotoServer, proxy: FaultProxy
 ) -> None:
     bucket = moto_server.new_bucket()
-    options = {**SMALL_PARTS, "endpoint_url": proxy.endpoint, "max_attempts": 2}
+    options: TransferOptions = {**SMALL_PARTS, "endpoint_url": proxy.endpoint, "max_attempts": 2}
     await Checkpoint(f"s3://{bucket}/a", **options).save(b"previous")
     proxy.add(lambda m, t: m == "POST" and "uploadId=" in t, "500", times=100)  # CompleteMultipartUpload
     with pytest.raises(StoreUnavailableError, match="complete the upload"):

@@ -259,7 +259,7 @@ async def test_ctx_reaches_worker_threads_the_task_starts(store: StoreCase) -> N
     async def job() -> list[str | None]:
         return [
             await anyio.to_thread.run_sync(lambda: ctx().task_name),
-            await asyncio.to_thread(lambda: ctx().run_id is not None and ctx().task_name),  # type: ignore[func-returns-value]
+            await asyncio.to_thread(lambda: ctx().run_id is not None and ctx().task_name),
             ctx().checkpoint_or_none is not None and ctx().task_name,  # type: ignore[list-item]
         ]
 
@@ -408,7 +408,7 @@ def test_a_run_id_from_the_environment_that_is_not_one_key_segment_is_refused_be
     @task_env.task(retries=1)
     def first() -> None:
         ran.append("first")
-        ctx().checkpoint.save_sync(b"first's state")  # type: ignore[union-attr]
+        ctx().checkpoint.save_sync(b"first's state")
 
     @task_env.task(retries=1)
     def second() -> None:

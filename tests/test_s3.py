@@ -26,6 +26,7 @@ from checkpointio import (
     StoreError,
     StoreUnavailableError,
     TaskEnvironment,
+    TransferOptions,
 )
 from checkpointio._config import TransferConfig
 from checkpointio._location import parse_location
@@ -37,7 +38,7 @@ from checkpointio._stores._s3._loader import _DataLoader, prepared_session
 from .conftest import MotoServer, free_port, make_tree, snapshot, start_moto, stop
 from .faultproxy import FaultProxy
 
-SMALL_PARTS = {"part_size": 5 * MiB, "multipart_threshold": 5 * MiB, "max_attempts": 4}
+SMALL_PARTS: TransferOptions = {"part_size": 5 * MiB, "multipart_threshold": 5 * MiB, "max_attempts": 4}
 
 
 def is_part_upload(method: str, target: str) -> bool:
@@ -73,7 +74,7 @@ async def test_large_bytes_go_up_in_several_parts_and_come_back_by_ranges(
     moto_server: MotoServer, bucket: str, proxy: FaultProxy
 ) -> None:
     data = os.urandom(12 * MiB + 5)
-    options = {**SMALL_PARTS, "endpoint_url": proxy.endpoint}
+    options: TransferOptions = {**SMALL_PARTS, "endpoint_url": proxy.endpoint}
     await Checkpoint(f"s3://{bucket}/run/a", **options).save(data)
     head = moto_server.client().head_object(Bucket=bucket, Key="run/a")
     assert head["ETag"].strip('"').endswith("-3")  # three parts: 5 + 5 + 2 MiB
@@ -91,7 +92,7 @@ async def test_large_bytes_go_up_in_several_parts_and_come_back_by_ranges(
     assert sorted(entry["headers"]["range"] for entry in ranged) == sorted(  # type: ignore[index]
         [f"bytes=0-{5 * MiB - 1}", f"bytes={5 * MiB}-{10 * MiB - 1}", f"bytes={10 * MiB}-{12 * MiB + 4}"]
     )
-    assert all(entry["headers"].get("if-match") == head["ETag"] for entry in ranged)  # type: ignore[union-attr]
+    assert all(entry["headers"].get("if-match") == head["ETag"] for entry in ranged)
 
 
 async def test_directory_archive_streams_as_multipart_upload(
@@ -111,7 +112,7 @@ async def test_directory_archive_streams_as_multipart_upload(
 
 async def test_parts_and_ranges_are_transferred_concurrently(bucket: str, proxy: FaultProxy) -> None:
     data = os.urandom(30 * MiB)
-    options = {**SMALL_PARTS, "endpoint_url": proxy.endpoint, "max_concurrency": 4}
+    options: TransferOptions = {**SMALL_PARTS, "endpoint_url": proxy.endpoint, "max_concurrency": 4}
     proxy.delay, proxy.slow = 0.3, is_part_upload
     await Checkpoint(f"s3://{bucket}/a", **options).save(data)
     assert proxy.max_in_flight >= 2
@@ -124,7 +125,7 @@ async def test_parts_and_ranges_are_transferred_concurrently(bucket: str, proxy:
 
 async def test_content_md5_per_part_when_flexible_checksums_are_off(bucket: str, proxy: FaultProxy) -> None:
     data = os.urandom(11 * MiB)
-    options = {**SMALL_PARTS, "endpoint_url": proxy.endpoint, "flexible_checksums": False}
+    options: TransferOptions = {**SMALL_PARTS, "endpoint_url": proxy.endpoint, "flexible_checksums": False}
     await Checkpoint(f"s3://{bucket}/a", **options).save(data)
     parts = [entry for entry in proxy.log if is_part_upload(entry["method"], entry["target"])]  # type: ignore[arg-type]
     assert len(parts) == 3 and all("content-md5" in entry["headers"] for entry in parts)  # type: ignore[operator]
@@ -139,7 +140,7 @@ async def test_part_buffers_refilled_for_later_parts_carry_only_their_own_bytes(
 ) -> None:
     # One part in flight: every part after the first is built in the buffer of the one before.
     data = os.urandom(4 * 5 * MiB + 3)
-    options = {**SMALL_PARTS, "endpoint_url": proxy.endpoint, "max_concurrency": 1}
+    options: TransferOptions = {**SMALL_PARTS, "endpoint_url": proxy.endpoint, "max_concurrency": 1}
     await Checkpoint(f"s3://{bucket}/a", flexible_checksums=flexible_checksums, **options).save(data)
     parts = [entry for entry in proxy.log if is_part_upload(entry["method"], entry["target"])]  # type: ignore[arg-type]
     assert len(parts) == 5  # each accepted once: its checksum header matched the bytes sent
@@ -152,7 +153,7 @@ async def test_a_transient_failure_of_one_part_is_retried_alone(
     moto_server: MotoServer, bucket: str, proxy: FaultProxy, fault: str
 ) -> None:
     data = os.urandom(12 * MiB)
-    options = {**SMALL_PARTS, "endpoint_url": proxy.endpoint}
+    options: TransferOptions = {**SMALL_PARTS, "endpoint_url": proxy.endpoint}
     proxy.add(is_part(2), fault, times=2)  # type: ignore[arg-type]
     await Checkpoint(f"s3://{bucket}/a", **options).save(data)
     part_two = [entry["action"] for entry in proxy.log if is_part(2)(entry["method"], entry["target"])]  # type: ignore[operator]
@@ -167,7 +168,7 @@ async def test_a_transient_failure_of_one_part_is_retried_alone(
 
 async def test_a_range_dropped_half_way_is_fetched_again(bucket: str, proxy: FaultProxy) -> None:
     data = os.urandom(12 * MiB)
-    options = {**SMALL_PARTS, "endpoint_url": proxy.endpoint}
+    options: TransferOptions = {**SMALL_PARTS, "endpoint_url": proxy.endpoint}
     await Checkpoint(f"s3://{bucket}/a", **options).save(data)
     proxy.add(lambda method, target: method == "GET", "reset_response", times=2)
     async with Checkpoint(f"s3://{bucket}/b", src=f"s3://{bucket}/a", **options) as cp:
@@ -183,7 +184,7 @@ async def test_a_range_cut_short_resumes_where_it_stopped(
     tree = make_tree(tmp_path / "tree")
     (tree / "big.bin").write_bytes(os.urandom(11 * MiB))
     source = tree if kind == "directory" else tree / "big.bin"
-    options = {**SMALL_PARTS, "compression_level": 0, "endpoint_url": proxy.endpoint}
+    options: TransferOptions = {**SMALL_PARTS, "compression_level": 0, "endpoint_url": proxy.endpoint}
     await Checkpoint(f"s3://{bucket}/a", **options).save(source)
     proxy.add(lambda method, target: method == "GET", "truncate", times=1)
     async with Checkpoint(f"s3://{bucket}/b", src=f"s3://{bucket}/a", **options) as cp:
@@ -199,15 +200,15 @@ async def test_a_range_cut_short_resumes_where_it_stopped(
     retry = gets[gets.index(cut) + 1 :]
     starts = [
         int(str(e["headers"]["range"]).removeprefix("bytes=").split("-")[0])
-        for e in retry  # type: ignore[index]
+        for e in retry
         if str(e["headers"]["range"]).endswith(f"-{last}")
-    ]  # type: ignore[index]
+    ]
     assert len(starts) == 1 and first < starts[0] <= first + (last - first + 1) // 2  # resumed, not started over
     assert len(gets) == 4  # three ranges, one of them in two requests
 
 
 async def test_a_server_ignoring_range_requests_is_a_clear_error(bucket: str, proxy: FaultProxy) -> None:
-    options = {**SMALL_PARTS, "endpoint_url": proxy.endpoint, "max_attempts": 1}
+    options: TransferOptions = {**SMALL_PARTS, "endpoint_url": proxy.endpoint, "max_attempts": 1}
     await Checkpoint(f"s3://{bucket}/a", **options).save(os.urandom(11 * MiB))
     proxy.add(lambda method, target: method == "GET", "drop_range", times=100)
     async with Checkpoint(f"s3://{bucket}/b", src=f"s3://{bucket}/a", **options) as cp:
@@ -218,9 +219,9 @@ async def test_a_server_ignoring_range_requests_is_a_clear_error(bucket: str, pr
 
 async def test_the_range_whose_turn_it_is_is_delivered_as_its_bytes_arrive(bucket: str, proxy: FaultProxy) -> None:
     data = os.urandom(12 * MiB)
-    options = {**SMALL_PARTS, "endpoint_url": proxy.endpoint}
+    options: TransferOptions = {**SMALL_PARTS, "endpoint_url": proxy.endpoint}
     await Checkpoint(f"s3://{bucket}/w", **options).save(data)
-    store = S3Store(TransferConfig(**options))  # type: ignore[arg-type]
+    store = S3Store(TransferConfig(**options))
     info = await store.head(parse_location(f"s3://{bucket}/w"))
     assert info is not None
     proxy.add(is_ranged_get(proxy), "pause", times=100)  # every range: half now, half later
@@ -251,9 +252,9 @@ async def test_an_ordered_read_holds_buffers_only_for_the_ranges_in_flight(
     import checkpointio._stores._s3._download as s3
 
     data = os.urandom(31 * MiB)  # seven ranges of 5 MiB, two in flight at a time
-    options = {**SMALL_PARTS, "max_concurrency": 2}
+    options: TransferOptions = {**SMALL_PARTS, "max_concurrency": 2}
     await Checkpoint(f"s3://{bucket}/w", **options).save(data)
-    store = S3Store(TransferConfig(**options))  # type: ignore[arg-type]
+    store = S3Store(TransferConfig(**options))
     info = await store.head(parse_location(f"s3://{bucket}/w"))
     assert info is not None
     alive: weakref.WeakSet[object] = weakref.WeakSet()
@@ -303,7 +304,7 @@ async def test_a_bounded_range_stops_reading_until_its_bytes_are_taken() -> None
 async def test_a_part_that_keeps_failing_aborts_the_upload_and_keeps_the_previous(
     moto_server: MotoServer, bucket: str, proxy: FaultProxy
 ) -> None:
-    options = {**SMALL_PARTS, "endpoint_url": proxy.endpoint, "max_attempts": 2}
+    options: TransferOptions = {**SMALL_PARTS, "endpoint_url": proxy.endpoint, "max_attempts": 2}
     await Checkpoint(f"s3://{bucket}/a", **options).save(b"previous")
     proxy.add(is_part(2), "500", times=100)  # type: ignore[arg-type]
     with pytest.raises(StoreUnavailableError, match=f"s3://{bucket}/a"):
@@ -316,7 +317,7 @@ async def test_a_part_that_keeps_failing_aborts_the_upload_and_keeps_the_previou
 
 async def test_an_object_replaced_between_head_and_get_is_detected(moto_server: MotoServer, bucket: str) -> None:
     await Checkpoint(f"s3://{bucket}/a", **SMALL_PARTS).save(os.urandom(11 * MiB))
-    store = S3Store(TransferConfig(**SMALL_PARTS))  # type: ignore[arg-type]
+    store = S3Store(TransferConfig(**SMALL_PARTS))
     info = await store.head(parse_location(f"s3://{bucket}/a"))
     assert info is not None
     moto_server.client().put_object(Bucket=bucket, Key="a", Body=b"someone else's")
@@ -485,7 +486,7 @@ async def test_a_large_file_is_written_range_by_range_and_checked_against_its_cr
 ) -> None:
     source = tmp_path / "weights.bin"
     source.write_bytes(os.urandom(17 * MiB + 3))
-    options = {**SMALL_PARTS, "endpoint_url": proxy.endpoint}
+    options: TransferOptions = {**SMALL_PARTS, "endpoint_url": proxy.endpoint}
     await Checkpoint(f"s3://{bucket}/w", **options).save(source)
     proxy.add(is_ranged_get(proxy), "reset_response", times=1)  # one range fails and is fetched again
     async with Checkpoint(f"s3://{bucket}/x", src=f"s3://{bucket}/w", **options) as cp:
@@ -496,7 +497,7 @@ async def test_a_large_file_is_written_range_by_range_and_checked_against_its_cr
 
 
 async def test_a_large_file_with_a_corrupt_range_is_refused_and_not_presented(bucket: str, proxy: FaultProxy) -> None:
-    options = {**SMALL_PARTS, "endpoint_url": proxy.endpoint}
+    options: TransferOptions = {**SMALL_PARTS, "endpoint_url": proxy.endpoint}
     await Checkpoint(f"s3://{bucket}/w", **options).save(os.urandom(12 * MiB))
     proxy.add(is_ranged_get(proxy), "flip", times=1)  # same length, one byte off: only the CRC32 tells
     async with Checkpoint(f"s3://{bucket}/x", src=f"s3://{bucket}/w", **options) as cp:
@@ -510,12 +511,12 @@ async def test_multipart_bytes_and_files_carry_their_crc32_where_the_server_keep
     bucket: str, proxy: FaultProxy, tmp_path: Path
 ) -> None:
     # no flexible checksums: the server keeps no CRC32 of the whole object, only our record can
-    options = {**SMALL_PARTS, "endpoint_url": proxy.endpoint, "flexible_checksums": False}
+    options: TransferOptions = {**SMALL_PARTS, "endpoint_url": proxy.endpoint, "flexible_checksums": False}
     data = os.urandom(12 * MiB + 3)
     (tmp_path / "state.bin").write_bytes(data)
     await Checkpoint(f"s3://{bucket}/bytes", **options).save(data)
     await Checkpoint(f"s3://{bucket}/file", **options).save(tmp_path / "state.bin")
-    store = S3Store(TransferConfig(**options))  # type: ignore[arg-type]
+    store = S3Store(TransferConfig(**options))
     for name in ("bytes", "file"):
         info = await store.head(parse_location(f"s3://{bucket}/{name}"))
         assert info is not None and info.etag.strip('"').endswith("-3") and info.server_crc32 is None
@@ -533,7 +534,7 @@ async def test_a_load_that_could_check_only_the_length_says_so_once(
     import checkpointio._engine as engine
 
     monkeypatch.setattr(engine, "_warned_unchecked", set())  # private: the warning is once per process
-    options = {**SMALL_PARTS, "flexible_checksums": False}
+    options: TransferOptions = {**SMALL_PARTS, "flexible_checksums": False}
     data = os.urandom(11 * MiB)
     await Checkpoint(f"s3://{bucket}/stream", **options).save(io.BytesIO(data))  # size unknown up front
     tree = make_tree(tmp_path / "tree")
@@ -573,7 +574,7 @@ async def test_a_large_file_replaced_while_its_ranges_are_fetched_is_detected(
     moto_server: MotoServer, bucket: str
 ) -> None:
     await Checkpoint(f"s3://{bucket}/w", **SMALL_PARTS).save(os.urandom(11 * MiB))
-    store = S3Store(TransferConfig(**SMALL_PARTS))  # type: ignore[arg-type]
+    store = S3Store(TransferConfig(**SMALL_PARTS))
     info = await store.head(parse_location(f"s3://{bucket}/w"))
     assert info is not None
     moto_server.client().put_object(Bucket=bucket, Key="w", Body=b"someone else's")
@@ -588,7 +589,7 @@ async def test_a_large_file_replaced_while_its_ranges_are_fetched_is_detected(
 
 
 async def test_cancelling_a_ranged_restore_leaves_no_partial_file(bucket: str, proxy: FaultProxy) -> None:
-    options = {**SMALL_PARTS, "endpoint_url": proxy.endpoint}
+    options: TransferOptions = {**SMALL_PARTS, "endpoint_url": proxy.endpoint}
     await Checkpoint(f"s3://{bucket}/w", **options).save(os.urandom(16 * MiB))
     proxy.stall_seconds = 5
     proxy.add(lambda method, target: method == "GET", "stall", times=100)
@@ -603,7 +604,7 @@ async def test_cancelling_load_bytes_mid_download_then_loading_again_gets_every_
     bucket: str, proxy: FaultProxy
 ) -> None:
     data = os.urandom(16 * MiB)
-    options = {**SMALL_PARTS, "endpoint_url": proxy.endpoint}
+    options: TransferOptions = {**SMALL_PARTS, "endpoint_url": proxy.endpoint}
     await Checkpoint(f"s3://{bucket}/w", **options).save(data)
     proxy.stall_seconds = 5
     proxy.add(lambda method, target: method == "GET", "stall", times=2)  # two ranges hang
@@ -646,7 +647,7 @@ async def test_saved_objects_carry_the_encryption_storage_class_and_tags_asked_f
     kms = boto3.client("kms", endpoint_url=moto_server.endpoint, region_name="us-east-1")
     key = kms.create_key()["KeyMetadata"]["Arn"]
     tags = {"team": "ml research", "run": "7/a:b@c+d=e"}
-    options = {
+    options: TransferOptions = {
         **SMALL_PARTS,
         "endpoint_url": proxy.endpoint,
         "server_side_encryption": "aws:kms",
@@ -673,7 +674,7 @@ async def test_saved_objects_carry_the_encryption_storage_class_and_tags_asked_f
                 await cp.load_bytes()
             assert await cp.load_bytes() == data
     # the marker a task's attempt claims its number with is an object too
-    task_env = TaskEnvironment("tests", storage=f"s3://{bucket}/tasks", run_id="r", **options)  # type: ignore[arg-type]
+    task_env = TaskEnvironment("tests", storage=f"s3://{bucket}/tasks", run_id="r", **options)
 
     @task_env.task(retries=1)
     async def job() -> None:
@@ -711,8 +712,13 @@ async def test_every_request_carries_the_expected_bucket_owner_and_agrees_to_pay
     from checkpointio._manage import collect_garbage, list_checkpoints, remove
 
     owner = "123456789012"
-    options = {**SMALL_PARTS, "endpoint_url": proxy.endpoint, "expected_bucket_owner": owner, "requester_pays": True}
-    config = TransferConfig(**options)  # type: ignore[arg-type]
+    options: TransferOptions = {
+        **SMALL_PARTS,
+        "endpoint_url": proxy.endpoint,
+        "expected_bucket_owner": owner,
+        "requester_pays": True,
+    }
+    config = TransferConfig(**options)
     data = os.urandom(11 * MiB)
     await Checkpoint(f"s3://{bucket}/run/small", **options).save(b"small")
     await Checkpoint(f"s3://{bucket}/run/large", **options).save(data)
@@ -724,7 +730,7 @@ async def test_every_request_carries_the_expected_bucket_owner_and_agrees_to_pay
         "run/small",
     ]
     await remove(f"s3://{bucket}/run/small", config)
-    task_env = TaskEnvironment("tests", storage=f"s3://{bucket}/tasks", **options)  # type: ignore[arg-type]
+    task_env = TaskEnvironment("tests", storage=f"s3://{bucket}/tasks", **options)
 
     @task_env.task(retries=1)
     async def job() -> int:
@@ -768,7 +774,11 @@ async def test_a_bucket_another_account_owns_is_refused_naming_the_expected_owne
 ) -> None:
     # What S3 answers when ExpectedBucketOwner does not match (moto does not check it): 403 AccessDenied.
     proxy.add(lambda method, target: True, "403", times=100)
-    options = {"endpoint_url": proxy.endpoint, "max_attempts": 1, "expected_bucket_owner": "111122223333"}
+    options: TransferOptions = {
+        "endpoint_url": proxy.endpoint,
+        "max_attempts": 1,
+        "expected_bucket_owner": "111122223333",
+    }
     message = (
         rf"s3://{bucket}/w: access denied while trying to (upload the checkpoint|read the checkpoint's metadata): "
         # a HEAD's answer has no body: botocore names it by its status
