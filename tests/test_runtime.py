@@ -31,7 +31,7 @@ from checkpointio import (
 )
 from checkpointio._stores import Kind
 
-from .conftest import MotoServer, StoreCase, make_tree, snapshot
+from .conftest import ONE_STORE, MotoServer, StoreCase, make_tree, snapshot
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -156,6 +156,7 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_older_one(
     assert "skipping corrupt checkpoint" in caplog.text and "attempt-1" in caplog.text
 
 
+@ONE_STORE
 def test_retries_zero_means_no_checkpoint_and_no_retry(store: StoreCase) -> None:
     calls: list[object] = []
 
@@ -171,6 +172,7 @@ def test_retries_zero_means_no_checkpoint_and_no_retry(store: StoreCase) -> None
     assert calls == [None]
 
 
+@ONE_STORE
 @pytest.mark.parametrize("error", [KeyboardInterrupt, SystemExit])
 def test_interrupts_are_never_retried(store: StoreCase, error: type[BaseException]) -> None:
     calls: list[int] = []
@@ -185,6 +187,7 @@ def test_interrupts_are_never_retried(store: StoreCase, error: type[BaseExceptio
     assert calls == [1]
 
 
+@ONE_STORE
 async def test_cancellation_is_never_retried(store: StoreCase) -> None:
     calls: list[int] = []
 
@@ -203,6 +206,7 @@ async def test_cancellation_is_never_retried(store: StoreCase) -> None:
     assert calls == [1]
 
 
+@ONE_STORE
 def test_the_last_error_carries_the_attempt_history(store: StoreCase) -> None:
     @environment(store).task(retries=2)
     def always_fails() -> None:
@@ -219,6 +223,7 @@ def test_the_last_error_carries_the_attempt_history(store: StoreCase) -> None:
     assert all(isinstance(failure, AttemptFailure) for failure in history)
 
 
+@ONE_STORE
 def test_backoff_doubles_between_attempts(store: StoreCase, monkeypatch: pytest.MonkeyPatch) -> None:
     import checkpointio._runtime as runtime
 
@@ -254,6 +259,7 @@ def test_the_decorator_keeps_name_docstring_and_signature() -> None:
     assert documented(1) == "1x"
 
 
+@ONE_STORE
 async def test_ctx_reaches_worker_threads_the_task_starts(store: StoreCase) -> None:
     @environment(store).task(retries=1, name="threaded")
     async def job() -> list[str | None]:

@@ -9,7 +9,7 @@ import pytest
 
 from checkpointio import Checkpoint
 
-from .conftest import StoreCase
+from .conftest import ONE_STORE, StoreCase
 
 torch = pytest.importorskip("torch")
 
@@ -101,6 +101,7 @@ def test_untrusted_objects_are_refused_unless_weights_only_is_turned_off() -> No
         assert torch.equal(restored.weight, model.weight)
 
 
+@ONE_STORE
 async def test_the_async_helpers_refuse_a_truth_test_and_name_their_sync_twin(store: StoreCase) -> None:
     model, _ = tiny()
     async with Checkpoint(store.uri("b"), src=store.uri("a")) as cp:
@@ -115,6 +116,7 @@ async def test_the_async_helpers_refuse_a_truth_test_and_name_their_sync_twin(st
     assert state is not None and state["step"] == 1
 
 
+@ONE_STORE
 def test_the_former_names_still_work_for_one_release_with_a_deprecation_warning(store: StoreCase) -> None:
     import asyncio
 
