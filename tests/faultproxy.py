@@ -9,14 +9,26 @@ response body held back until the test lets it go. Everything else is relayed un
 from __future__ import annotations
 
 import contextlib
+import io
 import socket
 import struct
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypedDict
 
 Match = Callable[[str, str], bool]
+
+
+class Request(TypedDict):
+    """One request the proxy saw: method, target, what it did, and the request headers."""
+
+    method: str
+    target: str
+    action: str
+    headers: dict[str, str]
+
 
 _RESPONSES = {
     "503": (503, "Slow Down", "SlowDown", "Please reduce your request rate."),
@@ -44,7 +56,7 @@ class FaultProxy:
     upstream: tuple[str, int]
     faults: list[Fault] = field(default_factory=list)
     #: One entry per request: method, target, what the proxy did, and its request headers.
-    log: list[dict[str, object]] = field(default_factory=list)
+    log: list[Request] = field(default_factory=list)
     #: Seconds to hold each request matching ``slow`` before relaying it (to observe overlap).
     delay: float = 0.0
     slow: Match = lambda method, target: False
@@ -104,7 +116,9 @@ class FaultProxy:
                 with contextlib.suppress(OSError):
                     sock.close()
 
-    def _relay_one(self, client: socket.socket, cin, upstream: socket.socket, uin) -> bool:  # type: ignore[no-untyped-def]
+    def _relay_one(
+        self, client: socket.socket, cin: io.BufferedReader, upstream: socket.socket, uin: io.BufferedReader
+    ) -> bool:
         head, headers = _read_head(cin)
         if not head:
             return False
@@ -125,12 +139,12 @@ class FaultProxy:
                     self._in_flight -= 1
         return self._relay_body(client, cin, upstream, uin, method_s, headers, action)
 
-    def _relay_body(  # type: ignore[no-untyped-def]
+    def _relay_body(
         self,
         client: socket.socket,
-        cin,
+        cin: io.BufferedReader,
         upstream: socket.socket,
-        uin,
+        uin: io.BufferedReader,
         method_s: str,
         headers: dict[str, str],
         action: str,
@@ -141,12 +155,12 @@ class FaultProxy:
             if not expects:
                 _read_exact(cin, length)
             status, reason, code, message = _RESPONSES[action]
-            body = (
+            xml = (
                 f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code><Message>{message}</Message></Error>"
             )
             client.sendall(
                 f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/xml\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n{'' if method_s == 'HEAD' else body}".encode()
+                f"Content-Length: {len(xml)}\r\nConnection: close\r\n\r\n{'' if method_s == 'HEAD' else xml}".encode()
             )
             return False
         head = headers["_head"]
@@ -202,7 +216,7 @@ class FaultProxy:
         return rheaders.get("connection", "").lower() != "close"
 
 
-def _read_head(stream) -> tuple[bytes, dict[str, str]]:  # type: ignore[no-untyped-def]
+def _read_head(stream: io.BufferedReader) -> tuple[bytes, dict[str, str]]:
     lines = []
     while True:
         line = stream.readline()
@@ -218,14 +232,14 @@ def _read_head(stream) -> tuple[bytes, dict[str, str]]:  # type: ignore[no-untyp
     return b"".join(lines), headers
 
 
-def _read_exact(stream, length: int) -> bytes:  # type: ignore[no-untyped-def]
+def _read_exact(stream: io.BufferedReader, length: int) -> bytes:
     data = stream.read(length) if length else b""
     if len(data) != length:
         raise OSError("connection closed mid-body")
     return bytes(data)
 
 
-def _relay_chunked(source, client: socket.socket) -> None:  # type: ignore[no-untyped-def]
+def _relay_chunked(source: io.BufferedReader, client: socket.socket) -> None:
     while True:
         size_line = source.readline()
         client.sendall(size_line)

@@ -381,7 +381,9 @@ def _archive_with(*members: tuple[tarfile.TarInfo, bytes | None]) -> bytes:
     return buffer.getvalue()
 
 
-def _member(name: str, kind: bytes = tarfile.REGTYPE, data: bytes | None = b"evil", link: str = "") -> tuple:
+def _member(
+    name: str, kind: bytes = tarfile.REGTYPE, data: bytes | None = b"evil", link: str = ""
+) -> tuple[tarfile.TarInfo, bytes | None]:
     info = tarfile.TarInfo(name)
     info.type = kind
     info.linkname = link
@@ -494,7 +496,7 @@ async def test_settings_can_be_overridden_for_one_save(store: StoreCase, tmp_pat
     await cp.save(tree)
     assert len(store.get_raw("a")) < stored / 10  # level 1 by default, level 0 (stored) for that one call
     with pytest.raises(TypeError, match="unknown checkpoint option"):
-        await cp.save(tree, compresion_level=0)
+        await cp.save(tree, compresion_level=0)  # type: ignore[call-arg]
 
 
 async def test_several_sources_skip_missing_and_fall_back_past_corrupt(store: StoreCase) -> None:

@@ -70,7 +70,7 @@ def test_config_rejects_impossible_settings() -> None:
     with pytest.raises(ValueError, match="compression_level"):
         TransferConfig(compression_level=10)
     with pytest.raises(TypeError, match="unknown checkpoint option"):
-        TransferConfig().with_options(part_sise=8 * MiB)
+        TransferConfig().with_options(part_sise=8 * MiB)  # type: ignore[call-arg]
     assert TransferConfig().with_options(max_concurrency=3).max_concurrency == 3
 
 

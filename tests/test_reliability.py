@@ -106,7 +106,8 @@ async def test_a_throttling_burst_is_absorbed_by_retries(moto_server: MotoServer
     bucket = moto_server.new_bucket()
     proxy.add(lambda m, t: m == "PUT" and "partNumber=" in t, "503", times=6)
     data = os.urandom(16 * MiB)
-    await Checkpoint(f"s3://{bucket}/a", **SMALL_PARTS, endpoint_url=proxy.endpoint, max_attempts=8).save(data)
+    options: TransferOptions = {**SMALL_PARTS, "endpoint_url": proxy.endpoint, "max_attempts": 8}
+    await Checkpoint(f"s3://{bucket}/a", **options).save(data)
     assert [e["action"] for e in proxy.log].count("503") == 6
     assert moto_server.client().get_object(Bucket=bucket, Key="a")["Body"].read() == data
 

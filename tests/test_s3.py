@@ -36,7 +36,7 @@ from checkpointio._stores._s3._download import _Received
 from checkpointio._stores._s3._loader import _DataLoader, prepared_session
 
 from .conftest import MotoServer, free_port, make_tree, snapshot, start_moto, stop
-from .faultproxy import FaultProxy
+from .faultproxy import FaultProxy, Match
 
 SMALL_PARTS: TransferOptions = {"part_size": 5 * MiB, "multipart_threshold": 5 * MiB, "max_attempts": 4}
 
@@ -45,11 +45,11 @@ def is_part_upload(method: str, target: str) -> bool:
     return method == "PUT" and "partNumber=" in target
 
 
-def is_part(number: int) -> object:
+def is_part(number: int) -> Match:
     return lambda method, target: is_part_upload(method, target) and f"partNumber={number}&" in target + "&"
 
 
-def is_ranged_get(proxy: FaultProxy) -> object:
+def is_ranged_get(proxy: FaultProxy) -> Match:
     return lambda method, target: method == "GET" and "uploadId" not in target and "list-type" not in target
 
 
@@ -78,18 +78,18 @@ async def test_large_bytes_go_up_in_several_parts_and_come_back_by_ranges(
     await Checkpoint(f"s3://{bucket}/run/a", **options).save(data)
     head = moto_server.client().head_object(Bucket=bucket, Key="run/a")
     assert head["ETag"].strip('"').endswith("-3")  # three parts: 5 + 5 + 2 MiB
-    parts = [entry for entry in proxy.log if is_part_upload(entry["method"], entry["target"])]  # type: ignore[arg-type]
+    parts = [entry for entry in proxy.log if is_part_upload(entry["method"], entry["target"])]
     assert len(parts) == 3
-    assert all("x-amz-checksum-crc32" in entry["headers"] for entry in parts)  # type: ignore[operator]
+    assert all("x-amz-checksum-crc32" in entry["headers"] for entry in parts)
     # the signed CRC32 header protects the body: no SHA-256 over every payload byte
-    assert {entry["headers"]["x-amz-content-sha256"] for entry in parts} == {"UNSIGNED-PAYLOAD"}  # type: ignore[index]
+    assert {entry["headers"]["x-amz-content-sha256"] for entry in parts} == {"UNSIGNED-PAYLOAD"}
     info = await S3Store(TransferConfig()).head(parse_location(f"s3://{bucket}/run/a"))
     assert info is not None and info.server_crc32 == zlib.crc32(data)  # the whole-object CRC32 we sent
     async with Checkpoint(f"s3://{bucket}/run/b", src=f"s3://{bucket}/run/a", **options) as cp:
         restored = await cp.load()
         assert restored is not None and restored.read_bytes() == data
-    ranged = [entry for entry in proxy.log if "range" in entry["headers"]]  # type: ignore[operator]
-    assert sorted(entry["headers"]["range"] for entry in ranged) == sorted(  # type: ignore[index]
+    ranged = [entry for entry in proxy.log if "range" in entry["headers"]]
+    assert sorted(entry["headers"]["range"] for entry in ranged) == sorted(
         [f"bytes=0-{5 * MiB - 1}", f"bytes={5 * MiB}-{10 * MiB - 1}", f"bytes={10 * MiB}-{12 * MiB + 4}"]
     )
     assert all(entry["headers"].get("if-match") == head["ETag"] for entry in ranged)
@@ -127,8 +127,8 @@ async def test_content_md5_per_part_when_flexible_checksums_are_off(bucket: str,
     data = os.urandom(11 * MiB)
     options: TransferOptions = {**SMALL_PARTS, "endpoint_url": proxy.endpoint, "flexible_checksums": False}
     await Checkpoint(f"s3://{bucket}/a", **options).save(data)
-    parts = [entry for entry in proxy.log if is_part_upload(entry["method"], entry["target"])]  # type: ignore[arg-type]
-    assert len(parts) == 3 and all("content-md5" in entry["headers"] for entry in parts)  # type: ignore[operator]
+    parts = [entry for entry in proxy.log if is_part_upload(entry["method"], entry["target"])]
+    assert len(parts) == 3 and all("content-md5" in entry["headers"] for entry in parts)
     async with Checkpoint(f"s3://{bucket}/b", src=f"s3://{bucket}/a", **options) as cp:
         restored = await cp.load()
         assert restored is not None and restored.read_bytes() == data
@@ -141,8 +141,9 @@ async def test_part_buffers_refilled_for_later_parts_carry_only_their_own_bytes(
     # One part in flight: every part after the first is built in the buffer of the one before.
     data = os.urandom(4 * 5 * MiB + 3)
     options: TransferOptions = {**SMALL_PARTS, "endpoint_url": proxy.endpoint, "max_concurrency": 1}
-    await Checkpoint(f"s3://{bucket}/a", flexible_checksums=flexible_checksums, **options).save(data)
-    parts = [entry for entry in proxy.log if is_part_upload(entry["method"], entry["target"])]  # type: ignore[arg-type]
+    saving: TransferOptions = {**options, "flexible_checksums": flexible_checksums}
+    await Checkpoint(f"s3://{bucket}/a", **saving).save(data)
+    parts = [entry for entry in proxy.log if is_part_upload(entry["method"], entry["target"])]
     assert len(parts) == 5  # each accepted once: its checksum header matched the bytes sent
     async with Checkpoint(f"s3://{bucket}/b", src=f"s3://{bucket}/a", **options) as cp:
         assert await cp.load_bytes() == data
@@ -154,11 +155,11 @@ async def test_a_transient_failure_of_one_part_is_retried_alone(
 ) -> None:
     data = os.urandom(12 * MiB)
     options: TransferOptions = {**SMALL_PARTS, "endpoint_url": proxy.endpoint}
-    proxy.add(is_part(2), fault, times=2)  # type: ignore[arg-type]
+    proxy.add(is_part(2), fault, times=2)
     await Checkpoint(f"s3://{bucket}/a", **options).save(data)
-    part_two = [entry["action"] for entry in proxy.log if is_part(2)(entry["method"], entry["target"])]  # type: ignore[operator]
+    part_two = [entry["action"] for entry in proxy.log if is_part(2)(entry["method"], entry["target"])]
     assert part_two == [fault, fault, "relay"]
-    others = [entry for entry in proxy.log if is_part_upload(entry["method"], entry["target"])]  # type: ignore[arg-type]
+    others = [entry for entry in proxy.log if is_part_upload(entry["method"], entry["target"])]
     assert len(others) == 5  # parts 1 and 3 went up once each
     assert uploads_left(moto_server, bucket) == []
     async with Checkpoint(f"s3://{bucket}/b", src=f"s3://{bucket}/a", **options) as cp:
@@ -196,7 +197,7 @@ async def test_a_range_cut_short_resumes_where_it_stopped(
             assert restored.read_bytes() == source.read_bytes()
     gets = [entry for entry in proxy.log if entry["method"] == "GET"]
     cut = next(entry for entry in gets if entry["action"] == "truncate")
-    first, last = map(int, str(cut["headers"]["range"]).removeprefix("bytes=").split("-"))  # type: ignore[index]
+    first, last = map(int, str(cut["headers"]["range"]).removeprefix("bytes=").split("-"))
     retry = gets[gets.index(cut) + 1 :]
     starts = [
         int(str(e["headers"]["range"]).removeprefix("bytes=").split("-")[0])
@@ -306,7 +307,7 @@ async def test_a_part_that_keeps_failing_aborts_the_upload_and_keeps_the_previou
 ) -> None:
     options: TransferOptions = {**SMALL_PARTS, "endpoint_url": proxy.endpoint, "max_attempts": 2}
     await Checkpoint(f"s3://{bucket}/a", **options).save(b"previous")
-    proxy.add(is_part(2), "500", times=100)  # type: ignore[arg-type]
+    proxy.add(is_part(2), "500", times=100)
     with pytest.raises(StoreUnavailableError, match=f"s3://{bucket}/a"):
         await Checkpoint(f"s3://{bucket}/a", **options).save(os.urandom(12 * MiB))
     assert uploads_left(moto_server, bucket) == []
@@ -688,7 +689,7 @@ async def test_saved_objects_carry_the_encryption_storage_class_and_tags_asked_f
     assert client.head_object(Bucket=bucket, Key="small")["BucketKeyEnabled"] is True
     sent: dict[str, list[dict[str, str]]] = {}
     for entry in proxy.log:
-        sent.setdefault(operation_of(str(entry["method"]), str(entry["target"])), []).append(entry["headers"])  # type: ignore[arg-type]
+        sent.setdefault(operation_of(str(entry["method"]), str(entry["target"])), []).append(entry["headers"])
     assert len(sent["PutObject"]) == 3 and len(sent["CreateMultipartUpload"]) == 1  # small; 2 claims; large
     for headers in sent["PutObject"] + sent["CreateMultipartUpload"]:
         assert headers["x-amz-server-side-encryption"] == "aws:kms"
@@ -748,7 +749,7 @@ async def test_every_request_carries_the_expected_bucket_owner_and_agrees_to_pay
     seen = set()
     for entry in proxy.log:
         operation = operation_of(str(entry["method"]), str(entry["target"]))
-        headers: dict[str, str] = entry["headers"]  # type: ignore[assignment]
+        headers: dict[str, str] = entry["headers"]
         seen.add(operation)
         assert headers.get("x-amz-expected-bucket-owner") == owner, operation
         # botocore's model: HeadBucket is the one request that takes no RequestPayer

@@ -223,7 +223,7 @@ def test_a_damaged_header_is_refused_or_restored_as_tarfile_restores_it(
     assume(not (field == "type" and value in META))
     at = offset + start + data.draw(st.integers(0, width - len(value)))
     archive[at : at + len(value)] = value
-    archive[offset : offset + _tar.BLOCK] = _with_checksum(archive[offset : offset + _tar.BLOCK])
+    archive[offset : offset + _tar.BLOCK] = _with_checksum(bytes(archive[offset : offset + _tar.BLOCK]))
     agree(bytes(archive), tmp_path_factory.mktemp("damaged"))
 
 
