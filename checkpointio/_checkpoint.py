@@ -16,9 +16,9 @@ import anyio.to_thread
 from typing_extensions import Unpack
 
 from . import _engine, _placement, _portal, _snapshot
+from ._background import InFlight, SaveHandle
 from ._config import TransferConfig, TransferOptions
 from ._exceptions import CorruptCheckpointError
-from ._handle import SaveHandle
 from ._location import Location, checkpoint_location
 from ._pending import awaitable
 from ._progress import ProgressCallback
@@ -84,7 +84,7 @@ class Checkpoint:
         self._owns_workspace = workspace is None
         self._loaded = False
         self._restored: Path | None = None
-        self._inflight: SaveHandle | None = None
+        self._inflight = InFlight()
 
     def __repr__(self) -> str:
         return f"Checkpoint(dest={self._dest.uri!r}, src={self.src!r})"
@@ -245,45 +245,24 @@ class Checkpoint:
         config = self._config.with_options(**options)
         callback = on_progress or self._on_progress
         if wait:
-            await self._settle(supersede)
+            await self._inflight.wait_for_it(supersede)
             await _engine.save(await open_store(self._dest.scheme, config), self._dest, data, config, callback)
             return SaveHandle(self.dest)
         own = functools.partial(_engine.store_files_in, self._dest)
         snapshot = await anyio.to_thread.run_sync(functools.partial(_snapshot.take, data, skip=own))
         try:
-            await self._settle(supersede)
+            await self._inflight.wait_for_it(supersede)
         except BaseException:
             await anyio.to_thread.run_sync(snapshot.discard)
             raise
-        work = _portal.start_soon(self._save_snapshot, f"background save to {self.dest}", snapshot, config, callback)
-        self._inflight = SaveHandle(self.dest, work)
-        return self._inflight
+        return await self._inflight.start(self._save_snapshot, self.dest, snapshot, config, callback)
 
     async def _save_written(self, writer: _engine.Writer, **options: Unpack[TransferOptions]) -> None:
         """Save what ``writer`` writes into a file object (in a worker thread), streamed, as a file."""
         config = self._config.with_options(**options)
-        await self._settle(False)
+        await self._inflight.wait_for_it(False)
         store = await open_store(self._dest.scheme, config)
         await _engine.save_written(store, self._dest, writer, config, self._on_progress)
-
-    def _forget_inherited(self) -> None:
-        """In a forked child, drop the parent's background save: its outcome is only ever set in
-        the parent (waiting for it here would hang), and its upload is the parent's business."""
-        if self._inflight is not None and not self._inflight.in_this_process():
-            self._inflight = None
-
-    async def _settle(self, supersede: bool) -> None:
-        """Wait for (or cancel) the background save in flight; raise its unretrieved error."""
-        self._forget_inherited()
-        while (previous := self._inflight) is not None:
-            if supersede:
-                previous.cancel()
-            await previous.wait_ended()
-            if self._inflight is previous:
-                self._inflight = None
-            error = previous.unseen_error()
-            if error is not None:
-                raise error
 
     async def _save_snapshot(
         self, snapshot: _snapshot.Snapshot, config: TransferConfig, on_progress: ProgressCallback | None
@@ -306,7 +285,7 @@ class Checkpoint:
     @property
     def pending(self) -> SaveHandle | None:
         """The last background save, until a later save, ``wait()`` or ``close()`` settled it."""
-        return self._inflight
+        return self._inflight.handle
 
     @awaitable("cp.wait", "cp.wait_sync")
     async def wait(self) -> None:
@@ -316,7 +295,7 @@ class Checkpoint:
             BackgroundSaveError: It failed (or an earlier one did) and the error had not been
                 retrieved from its handle.
         """
-        await self._settle(False)
+        await self._inflight.wait_for_it(False)
 
     @awaitable("cp.prev_exists", "cp.prev_exists_sync")
     async def prev_exists(self) -> bool:
@@ -364,18 +343,7 @@ class Checkpoint:
         Raises:
             BackgroundSaveError: The background save failed and its error had not been retrieved.
         """
-        error = None
-        self._forget_inherited()
-        handle = self._inflight
-        if handle is not None:
-            # Still ``pending`` while waited for: interrupted here (Ctrl-C), the caller can cancel it.
-            if not handle.join(timeout):
-                logger.error("%s still running after %s s; cancelling it", handle, timeout)
-                handle.cancel()
-                handle.join(_portal.CLEANUP_TIMEOUT)
-            if self._inflight is handle:
-                self._inflight = None
-            error = handle.unseen_error()
+        error = self._inflight.close(timeout)
         if self._owns_workspace and self._workspace is not None:
             _placement.discard_workspace(self._workspace)  # not a forked child's: its parent's
             self._workspace = None

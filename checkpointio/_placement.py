@@ -26,7 +26,6 @@ all place what they restored through here, so they share one set of guarantees:
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import errno
 import os
@@ -39,6 +38,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 
+from . import _exit
 from ._exceptions import CheckpointError
 
 __all__ = [
@@ -386,13 +386,15 @@ def discard_workspace(path: Path) -> None:
         _temporary_workspaces.pop(path, None)
 
 
-@atexit.register
 def _discard_temporary_workspaces() -> None:
-    """At exit, remove the temporary workspaces nobody discarded (a restore can be gigabytes in
-    ``/tmp``); a forked child leaves its parent's alone.
+    """At exit, once background saves were drained, remove the temporary workspaces nobody
+    discarded (a restore can be gigabytes in ``/tmp``); a forked child leaves its parent's alone.
 
-    Background saves still running are not reading them: a save that returned early works from
-    its own snapshot (hard links or copies in a scratch folder), taken during the call.
+    No background save reads them anyway: one that returned early works from its own snapshot
+    (hard links or copies in a scratch folder), taken during the call.
     """
     for path in list(_temporary_workspaces):
         discard_workspace(path)
+
+
+_exit.on_exit(_exit.Stage.FILES, _discard_temporary_workspaces)

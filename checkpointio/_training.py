@@ -11,9 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import _portal
+from ._background import SaveHandle
 from ._checkpoint import Checkpoint
 from ._exceptions import NoCheckpointError
-from ._handle import SaveHandle
 from ._runtime import ctx
 
 __all__ = ["FolderSaver", "checkpoint_in_force"]

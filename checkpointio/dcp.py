@@ -68,7 +68,8 @@ from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 from typing_extensions import Unpack
 
-from . import _codec, _dcp_layout, _engine, _portal
+from . import _codec, _dcp_layout, _engine
+from ._background import BackgroundSave, SaveHandle
 from ._checkpoint import Checkpoint
 from ._concurrency import one_error
 from ._config import TransferConfig, TransferOptions
@@ -78,7 +79,6 @@ from ._exceptions import (
     ChecksumMismatchError,
     CorruptCheckpointError,
 )
-from ._handle import SaveHandle
 from ._location import Location, parse_location
 from ._portal import run_sync
 from ._stores import ObjectInfo, Store, open_store
@@ -722,7 +722,7 @@ def _forget_parents_saves() -> None:
 os.register_at_fork(after_in_child=_forget_parents_saves)
 
 
-def _settle_in_flight() -> None:
+def _wait_for_earlier_saves() -> None:
     """Wait for this process's earlier ``wait=False`` saves (two saves' collectives must never
     interleave), then raise the first failure nobody retrieved."""
     with _lock:
@@ -757,7 +757,7 @@ def save(
     Raises:
         BackgroundSaveError: An earlier ``wait=False`` save failed and nobody retrieved its error.
     """
-    _settle_in_flight()
+    _wait_for_earlier_saves()
     writer = StorageWriter(target, **options)
     if wait:
         try:
@@ -769,7 +769,9 @@ def save(
     single = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     future = cast(concurrent.futures.Future[Any], _dcp_async_save(state_dict, storage_writer=writer, no_dist=single))
     uri = writer.checkpoint_id
-    handle = DistributedSaveHandle(uri, _portal.start_soon(_awaited, f"distributed save to {uri}", writer, future))
+    work = BackgroundSave(uri, f"distributed save to {uri}")
+    work.start(_awaited, writer, future)
+    handle = DistributedSaveHandle(uri, work)
     with _lock:
         _in_flight.append(handle)
     return handle
@@ -803,7 +805,7 @@ def load(state_dict: dict[str, Any], target: Target, **options: Unpack[TransferO
             world size it cannot be resharded to): DCP's error, with the URI.
         BackgroundSaveError: An earlier ``wait=False`` save failed and nobody retrieved its error.
     """
-    _settle_in_flight()
+    _wait_for_earlier_saves()
     reader = StorageReader(target, **options)
     manifest = reader._target.agreed_manifest()
     if manifest is None:

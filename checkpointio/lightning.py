@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from . import _placement
+from ._background import SaveHandle
 from ._checkpoint import Checkpoint, latest_checkpoint
-from ._handle import SaveHandle
 from ._training import FolderSaver, checkpoint_in_force
 
 try:

@@ -41,9 +41,9 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from typing_extensions import Unpack
 
+from ._background import SaveHandle
 from ._checkpoint import Checkpoint, latest_checkpoint
 from ._config import TransferOptions
-from ._handle import SaveHandle
 from ._pending import Pending, in_async_context
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -112,14 +112,20 @@ def test_a_file_rewritten_in_place_during_a_background_save_fails_it_instead_of_
     tree.mkdir()
     (tree / "model.pt").write_bytes(b"A" * (3 * 1024 * 1024))
     (tree / "notes.txt").write_text("kept")
-    gate = threading.Event()
+    read, gate = threading.Event(), threading.Event()
 
-    def hold(progress: Any) -> None:  # runs in the save's reading thread: hold it after its first chunk
-        gate.wait(30)
+    def hold(progress: Any) -> None:
+        # Runs in the save's reading thread. Hold it once model.pt has been read whole, before the
+        # check that precedes the commit: rewritten earlier, the read itself would find the file
+        # shorter ("shrank"), which is another guard than the one this test is about.
+        if progress.source_done >= 3 * 1024 * 1024 and not read.is_set():
+            read.set()
+            gate.wait(30)
 
     with Checkpoint(store.uri("ckpt")) as cp:
         cp.save_sync(b"previous")
         handle = cp.save_sync(tree, wait=False, on_progress=hold)
+        assert read.wait(30)
         # What torch.save(state, "tree/model.pt") does to an existing path: truncate and rewrite it.
         with open(tree / "model.pt", "wb") as file:
             file.write(b"B" * (2 * 1024 * 1024))
@@ -773,3 +779,74 @@ def test_a_background_save_of_a_tree_1200_folders_deep_is_stored_and_leaves_no_s
     assert (restored / ("d/" * 1200 + "bottom")).read_bytes() == b"at the bottom"
     reader.close()
     assert list(scratch.iterdir()) == []
+
+
+@pytest.mark.parametrize("registered", ["before", "after"])
+def test_interpreter_exit_stores_a_background_save_started_by_an_atexit_hook_whatever_the_import_order(
+    registered: str, tmp_path: Path
+) -> None:
+    # atexit runs hooks in the reverse order of registration: a hook the application registered
+    # before importing checkpointio runs after checkpointio's own exit step, one registered after
+    # runs before it. A background save started from either must be stored before the process ends.
+    hook = f"""
+        def last_words():
+            import os, pathlib
+            from checkpointio import Checkpoint
+            root = pathlib.Path({str(tmp_path)!r})
+            tree = root / "tree"; tree.mkdir()
+            for i in range(4):
+                (tree / f"shard-{{i}}").write_bytes(os.urandom(4 * 1024 * 1024))
+            Checkpoint(root / "ckpt", chunk_size=256 * 1024).save_sync(tree, wait=False)
+            print("save started")
+        """
+    register = "import atexit; atexit.register(last_words)\n"
+    imports = "import checkpointio, checkpointio.lightning, checkpointio.torch\n"
+    script = textwrap.dedent(hook) + (register + imports if registered == "before" else imports + register)
+    result = _run_script(script, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["save started"]
+    with Checkpoint(tmp_path / "reader", src=tmp_path / "ckpt") as cp:
+        restored = cp.load_sync()
+        assert restored is not None
+        assert snapshot(restored) == snapshot(tmp_path / "tree")
+
+
+def test_a_forked_child_neither_awaits_nor_drains_its_parents_background_save(tmp_path: Path) -> None:
+    result = _run_script(
+        f"""
+        import logging, os, pathlib, signal, sys, threading
+        from checkpointio import Checkpoint, PortalError
+        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+        root = pathlib.Path({str(tmp_path)!r})
+        release = threading.Event()
+
+        def held(progress):  # the parent's save waits until its child has exited
+            release.wait(60)
+
+        cp = Checkpoint(root / "ckpt")
+        handle = cp.save_sync(b"the parent's" * 100_000, wait=False, on_progress=held)
+        child = os.fork()
+        if child == 0:
+            signal.alarm(20)  # a hang fails the test instead of stalling it
+            print("child: pending", cp.pending, "in this process", handle.in_this_process(), flush=True)
+            try:
+                handle.result()
+            except PortalError as error:
+                print("child: result() refused:", "forked" in str(error), flush=True)
+            sys.exit(0)  # a normal exit: the child's exit step must not wait for the parent's save
+        _, status = os.waitpid(child, 0)
+        print("child exit:", os.waitstatus_to_exitcode(status), "parent still saving:", not handle.done(), flush=True)
+        release.set()
+        print("parent: stored", handle.result(timeout=60) is None, flush=True)
+        """,
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert [line for line in result.stdout.splitlines() if line.startswith(("child", "parent"))] == [
+        "child: pending None in this process False",
+        "child: result() refused: True",
+        "child exit: 0 parent still saving: True",
+        "parent: stored True",
+    ], result.stdout
+    assert "waiting up to" not in result.stdout  # neither process had a save left to wait for at exit
+    assert (tmp_path / "ckpt").read_bytes() == b"the parent's" * 100_000

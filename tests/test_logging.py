@@ -109,6 +109,7 @@ def test_a_background_save_lost_at_exit_is_told_once_configured_or_not(tmp_path:
     told = [line for line in result.stderr.splitlines() if "background save to" in line]
     assert len(told) == 1 and "failed" in told[0], result.stderr
     if configured:  # the application's handler says it; no warning besides
-        assert told[0].startswith("ERROR checkpointio._portal background save to ") and "Warning" not in result.stderr
+        assert told[0].startswith("ERROR checkpointio._background background save to ")
+        assert "Warning" not in result.stderr
     else:  # the NullHandler would swallow the record: Python's warnings say it
         assert "RuntimeWarning: checkpointio: background save to " in told[0]
