@@ -462,20 +462,92 @@ def file_type(mode: int) -> str:
     return "a regular file" if stat.S_ISREG(mode) else "a file of unknown type"
 
 
+class _Pieces:
+    """Bytes as a queue of pieces (views of the blocks they came in), taken from the front.
+
+    Nothing is joined unless asked for: a file's data goes from the blocks a member was cut
+    into, or an inflated member, to the file's writer as views of them.
+    """
+
+    def __init__(self) -> None:
+        self._pieces: deque[memoryview] = deque()
+        self.length = 0
+
+    def add(self, data: bytes | memoryview) -> None:
+        if len(data):
+            self._pieces.append(data if isinstance(data, memoryview) else memoryview(data))
+            self.length += len(data)
+
+    def take(self, size: int) -> list[memoryview]:
+        """The first ``size`` bytes (fewer if there are fewer), as views, removed from the queue."""
+        views: list[memoryview] = []
+        pieces = self._pieces
+        while size > 0 and pieces:
+            piece = pieces[0]
+            if len(piece) <= size:
+                views.append(pieces.popleft())
+                size -= len(piece)
+                self.length -= len(piece)
+            else:
+                views.append(piece[:size])
+                pieces[0] = piece[size:]
+                self.length -= size
+                size = 0
+        return views
+
+    def take_bytes(self, size: int) -> bytes:
+        """The first ``size`` bytes (fewer if there are fewer) as one ``bytes`` (a copy)."""
+        views = self.take(size)
+        return bytes(views[0]) if len(views) == 1 else b"".join(views)
+
+    def head(self, size: int) -> bytes:
+        """A copy of the first ``size`` bytes (fewer if there are fewer), left in the queue."""
+        pieces = self._pieces
+        if pieces and len(pieces[0]) >= size:
+            return bytes(pieces[0][:size])
+        out = bytearray()
+        for piece in pieces:
+            out += piece[: size - len(out)]
+            if len(out) >= size:
+                break
+        return bytes(out)
+
+    def strip_zeros(self) -> None:
+        """Drop zero bytes at the front (padding between gzip members, as gzip(1) allows)."""
+        pieces = self._pieces
+        while pieces:
+            piece = pieces[0]
+            kept = len(bytes(piece).lstrip(b"\x00")) if piece[0] == 0 else len(piece)
+            if kept:
+                pieces[0] = piece[len(piece) - kept :]
+                self.length -= len(piece) - kept
+                return
+            pieces.popleft()
+            self.length -= len(piece)
+
+    def clear(self) -> None:
+        self._pieces.clear()
+        self.length = 0
+
+
 class GunzipReader:
     """Read-only file over a stream of compressed chunks: inflates concatenated gzip members.
 
     Members checkpointio wrote (they state their length) are cut from the stream and inflated on
-    ``workers`` threads at once; a stream from another writer is inflated sequentially. Memory
-    stays bounded by a few members (or one inflate step) whatever the compression ratio.
+    ``workers`` threads at once; a member holding its block stored (float weights, compressed
+    files) is not inflated at all: its data is handed on as views of the member, checked against
+    its CRC32. A stream from another writer is inflated sequentially. Memory stays bounded by a
+    few members (or one inflate step) whatever the compression ratio.
+
+    :meth:`read` gives a copy (tar headers); :meth:`read_views` gives views of the inflated
+    data without copying it (file contents, on their way to a file).
     """
 
     def __init__(self, pull: NextBlocks, workers: int = 1) -> None:
         self._pull = pull
-        self._input = bytearray()
+        self._input = _Pieces()
         self._input_done = False
-        self._output = bytearray()
-        self._offset = 0  # bytes of _output already read: dropped in one go, not per read()
+        self._output = _Pieces()
         self._eof = False
         self._workers = workers
         self._parallel: bool | None = None  # decided by the first member
@@ -488,24 +560,31 @@ class GunzipReader:
         #: before them are read (members are read ahead, while the tar stream may already be over).
         self._not_member: bytes | None = None
 
-    def read(self, size: int = -1) -> bytes:
-        available = len(self._output) - self._offset
-        while not self._eof and (size < 0 or available < size):
+    @property
+    def buffered(self) -> int:
+        """Inflated bytes waiting to be read."""
+        return self._output.length
+
+    def _ready(self, size: int) -> None:
+        while not self._eof and (size < 0 or self._output.length < size):
             self._fill()
-            available = len(self._output) - self._offset
-        end = len(self._output) if size < 0 else min(len(self._output), self._offset + size)
-        with memoryview(self._output) as view:  # one copy, not a bytearray slice and then bytes
-            data = bytes(view[self._offset : end])
-        self._offset = end
-        return data
+
+    def read(self, size: int = -1) -> bytes:
+        self._ready(size)
+        return self._output.take_bytes(self._output.length if size < 0 else size)
+
+    def read_views(self, size: int) -> list[memoryview]:
+        """The next ``size`` bytes (fewer at the end) as views, valid for as long as they are held."""
+        self._ready(size)
+        return self._output.take(size)
 
     def drain(self) -> None:
         """Inflate and discard the rest of the stream, so every byte was checked."""
         self._draining = True
         while not self._eof:
             self._fill()
+            self._output.clear()
         self._output.clear()
-        self._offset = 0
 
     def close(self) -> None:
         for future in self._pending:
@@ -521,17 +600,15 @@ class GunzipReader:
             self._input_done = True
             return False
         for block in blocks:
-            self._input += block
+            self._input.add(block)
         return True
 
     def _fill(self) -> None:
-        if self._offset:
-            del self._output[: self._offset]
-            self._offset = 0
         if self._parallel is None:
-            while len(self._input) < 32 and self._more_input():
+            while self._input.length < 32 and self._more_input():
                 pass
-            self._parallel = _codec.member_length(self._input.lstrip(b"\x00")) is not None
+            head = self._input.head(64 * 1024).lstrip(b"\x00")
+            self._parallel = _codec.member_length(head) is not None
             if self._parallel and self._workers > 1:
                 self._pool = _codec.OrderedPool(self._workers)
         if self._parallel:
@@ -543,23 +620,20 @@ class GunzipReader:
         if self._not_member is not None:
             return None
         while True:
-            if self._input[:1] == b"\x00":  # zero padding between members, as gzip(1) allows
-                del self._input[: len(self._input) - len(self._input.lstrip(b"\x00"))]
-            if len(self._input) >= 32 or not self._more_input():
+            self._input.strip_zeros()  # zero padding between members, as gzip(1) allows
+            if self._input.length >= 32 or not self._more_input():
                 break
-        if not self._input:
+        if not self._input.length:
             return None
-        length = _codec.member_length(self._input)
+        head = self._input.head(32)
+        length = _codec.member_length(head)
         if length is None:
-            self._not_member = bytes(self._input[:32])
+            self._not_member = head
             return None
-        while len(self._input) < length:
+        while self._input.length < length:
             if not self._more_input():
                 raise CorruptCheckpointError("the archive is truncated: its last gzip member is incomplete")
-        with memoryview(self._input) as view:
-            member = bytes(view[:length])
-        del self._input[:length]
-        return member
+        return self._input.take_bytes(length)
 
     def _not_a_member(self, data: bytes | bytearray) -> str:
         """What ``data``, which does not start a gzip member (of ours, in a stream of ours), is."""
@@ -574,44 +648,56 @@ class GunzipReader:
             raise CorruptCheckpointError(self._not_a_member(self._not_member))
         self._eof = True
 
+    def _add_member(self, member: bytes) -> None:
+        """Inflate ``member`` here: a stored one by reference (views of it), any other by copy."""
+        stored = _codec.stored_data(member)
+        if stored is None:
+            self._output.add(_codec.inflate_member(member))
+            return
+        for view in stored:
+            self._output.add(view)
+
     def _fill_members(self) -> None:
         if self._pool is None:
             member = self._next_member()
             if member is None:
                 self._end_of_members()
             else:
-                self._output += _codec.inflate_member(member)
+                self._add_member(member)
             return
         while len(self._pending) < 2 * self._workers:
             member = self._next_member()
             if member is None:
                 break
-            if _codec.is_stored_member(member):  # a copy and a CRC32: here, after those before it
+            if _codec.is_stored_member(member):  # a CRC32, no copy: here, after those before it
                 while self._pending:
-                    self._output += self._pending.popleft().result()
-                self._output += _codec.inflate_member(member)
+                    self._output.add(self._pending.popleft().result())
+                self._add_member(member)
                 return
             self._pending.append(self._pool.submit(_codec.inflate_member, member))
         if not self._pending:
             self._end_of_members()
             return
-        self._output += self._pending.popleft().result()
+        self._output.add(self._pending.popleft().result())
 
     def _fill_sequential(self) -> None:
         inflater = self._inflater
         if inflater is not None and inflater.eof:
-            self._input[:0] = inflater.unused_data
+            unused = inflater.unused_data
+            rest = self._input.take(self._input.length)
+            self._input.add(unused)
+            for view in rest:
+                self._input.add(view)
             inflater = self._inflater = None
         if inflater is not None and inflater.unconsumed_tail:
             data = inflater.unconsumed_tail
         else:
-            if not self._input and not self._more_input():
+            if not self._input.length and not self._more_input():
                 if self._member_started and inflater is not None:
                     raise CorruptCheckpointError("the archive is truncated: its last gzip member is incomplete")
                 self._eof = True
                 return
-            data = bytes(self._input)
-            self._input.clear()
+            data = self._input.take_bytes(self._input.length)
         if inflater is None:
             data = data.lstrip(b"\x00")
             if not data:
@@ -620,7 +706,7 @@ class GunzipReader:
                 raise CorruptCheckpointError(self._not_a_member(data))
             inflater = self._inflater = _codec.sequential_inflater()
             self._member_started = True
-        self._output += inflater.decompress(data, _INFLATE_STEP)
+        self._output.add(inflater.decompress(data, _INFLATE_STEP))
 
 
 def looks_like_tar_gz(head: bytes) -> bool:
@@ -649,7 +735,9 @@ def unpack_directory(pull: NextBlocks, dest: Path | None, *, uri: str, workers: 
     """
     reader = GunzipReader(pull, workers)
     try:
-        _tar.extract(reader.read, str(dest) if dest is not None else None)
+        # The reader thread parses; with workers > 1, that many threads write large files' data.
+        writers = workers if workers > 1 else 0
+        _tar.extract(reader.read, str(dest) if dest is not None else None, views=reader.read_views, writers=writers)
         reader.drain()
     except UnsafeArchiveError as error:
         raise UnsafeArchiveError(f"{uri}: unsafe archive entry refused: {error}", uri=uri) from error

@@ -45,6 +45,7 @@ __all__ = [
     "inflate_member",
     "is_stored_member",
     "member_length",
+    "stored_data",
 ]
 
 T = TypeVar("T")
@@ -136,6 +137,51 @@ def is_stored_member(member: bytes) -> bool:
     Inflating a stored block is a copy and a CRC32: cheaper to do at once than to hand to a thread.
     """
     return len(member) > _HEADER.size and (member[_HEADER.size] >> 1) & 3 == 0
+
+
+_STORED_HEAD = struct.Struct("<BHH")  # BFINAL/BTYPE bits, LEN, NLEN
+
+
+def stored_data(member: bytes) -> list[memoryview] | None:
+    """The data of one of our members whose deflate stream is stored blocks only, as views of
+    ``member`` (nothing copied), checked against the member's CRC32 and length; ``None`` when it
+    holds any other kind of block or is not well formed (:func:`inflate_member` then inflates it,
+    or says what is wrong with it).
+
+    A stored block is a byte holding BFINAL and BTYPE 00, then LEN and its complement, then LEN
+    bytes as they are; the blocks after a stored one start on a byte boundary, so the data can be
+    found without inflating.
+
+    Raises:
+        CorruptCheckpointError: The data does not match the member's CRC32 or length.
+    """
+    end = len(member) - _TRAILER.size
+    position = _HEADER.size
+    views: list[memoryview] = []
+    whole = memoryview(member)
+    total = 0
+    crc = 0
+    while True:
+        if position + _STORED_HEAD.size > end:
+            return None
+        flags, length, complement = _STORED_HEAD.unpack_from(member, position)
+        start = position + _STORED_HEAD.size
+        position = start + length
+        if flags & 0b110 or length ^ complement != 0xFFFF or position > end:
+            return None
+        if length:
+            view = whole[start:position]
+            crc = crc32(view, crc)
+            views.append(view)
+            total += length
+        if flags & 1:
+            break
+    if position != end or total > MAX_MEMBER_OUTPUT:
+        return None
+    expected_crc, expected_size = _TRAILER.unpack_from(member, end)
+    if crc != expected_crc or total & 0xFFFFFFFF != expected_size:
+        raise CorruptCheckpointError("a gzip member fails its CRC32 check")
+    return views
 
 
 def inflate_member(member: bytes) -> bytes:

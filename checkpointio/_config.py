@@ -109,7 +109,11 @@ class TransferConfig:
         ),
     )
     compression_workers: int = field(
-        default=2, metadata=_about("Threads that deflate (save) or inflate (load) archive blocks at once.")
+        default=2,
+        metadata=_about(
+            "Threads that deflate (save) or inflate (load) archive blocks at once; a directory load also "
+            "writes its files on as many threads (1: all on one)."
+        ),
     )
     max_attempts: int = field(
         default=5,

@@ -35,10 +35,13 @@ symlink ``D``. Restore archives you do not trust on a case-sensitive file system
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import queue
 import re
 import struct
+import threading
 import zlib
 from collections.abc import Callable, Iterator
 
@@ -58,6 +61,8 @@ __all__ = [
 ]
 
 Read = Callable[[int], bytes]
+#: Gives the next ``size`` bytes of the stream (fewer at its end) as views, without copying them.
+ReadViews = Callable[[int], list[memoryview]]
 
 BLOCK = 512
 _ZERO_BLOCK = bytes(BLOCK)
@@ -66,6 +71,16 @@ _FILE_TYPES = (b"0", b"\0", b"7")
 _SPECIAL_TYPES = {b"3": "character device", b"4": "block device", b"6": "pipe"}
 _WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _STEP = 1024 * 1024
+#: Files at least this large have their data written by the writer threads; smaller ones are
+#: written where they are read (a hand-off costs more than writing a few KiB, and every system
+#: call of another thread has to win the GIL back from the reader).
+_HAND_OFF = 256 * 1024
+#: Most bytes of one file a writer thread writes in one job (one ``pwritev``): a large file is
+#: written by several threads at once, each at its offset.
+_JOB = 4 * 1024 * 1024
+#: Most bytes queued for the writer threads: the reader waits beyond it (bounded memory).
+_QUEUED = 16 * 1024 * 1024
+_pwritev = getattr(os, "pwritev", None)
 
 
 _USTAR = struct.Struct("100s8s8s8s12s12s8s1s100s6s2s32s32s8s8s155s12s")
@@ -337,9 +352,174 @@ def _matched(label: str, path: str, start: int) -> int:
     return label.rfind("/", 0, low)  # the first parts are equal: there is a "/" before ``low``
 
 
+class _File:
+    """A file being written by the writer threads; closed by whoever finishes it last."""
+
+    __slots__ = ("fd", "mode", "mtime", "pending", "sealed")
+
+    def __init__(self, fd: int, mode: int, mtime: int) -> None:
+        self.fd = fd
+        self.mode = mode
+        self.mtime = mtime
+        self.pending = 0  # jobs queued or being written
+        self.sealed = False  # all its data was queued
+
+
+class _Writers:
+    """Threads that write file data at its offsets while the reader goes on with the archive.
+
+    ``pwritev`` releases the GIL, so writes into the page cache (the largest cost of restoring
+    large files) run on other cores while the reader checksums, cuts and parses what follows. A
+    file's last job gives it its mode and time and closes it. Memory stays bounded: the reader
+    waits while more than ``_QUEUED`` bytes are queued. The first error is kept and raised to the
+    reader at its next call; after it, queued jobs are dropped.
+    """
+
+    def __init__(self, threads: int, umask: int | None) -> None:
+        self._umask = umask
+        self._jobs: queue.SimpleQueue[tuple[_File, int, list[memoryview], int] | None] = queue.SimpleQueue()
+        self._changed = threading.Condition(threading.Lock())
+        self._queued = 0  # bytes
+        self._busy = 0  # jobs queued or running, and files being closed
+        self._open: set[_File] = set()
+        self._error: BaseException | None = None
+        self._threads = [
+            threading.Thread(target=self._work, name="checkpointio-writer", daemon=True) for _ in range(threads)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def _raise(self) -> None:
+        error, self._error = self._error, _Stopped()
+        if error is not None and not isinstance(error, _Stopped):
+            raise error
+
+    def open(self, fd: int, mode: int, mtime: int) -> _File:
+        file = _File(fd, mode, mtime)
+        with self._changed:
+            self._open.add(file)
+        return file
+
+    def write(self, file: _File, offset: int, views: list[memoryview], length: int) -> None:
+        with self._changed:
+            while self._queued and self._queued + length > _QUEUED and self._error is None:
+                self._changed.wait()
+            if self._error is not None:
+                self._raise()
+            self._queued += length
+            self._busy += 1
+            file.pending += 1
+        self._jobs.put((file, offset, views, length))
+
+    def seal(self, file: _File) -> None:
+        """All of ``file``'s data is queued: it is finished and closed once written."""
+        with self._changed:
+            file.sealed = True
+            last = file.pending == 0
+            if last:
+                self._busy += 1
+        if last:
+            self._close(file)
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            file, offset, views, length = job
+            error: BaseException | None = None
+            try:
+                if self._error is None:
+                    _pwrite_all(file.fd, views, offset)
+            except BaseException as caught:  # raised to the reader, in its thread
+                error = caught
+            del views
+            with self._changed:
+                self._queued -= length
+                self._busy -= 1
+                file.pending -= 1
+                if error is not None and self._error is None:
+                    self._error = error
+                last = file.sealed and file.pending == 0
+                if last:
+                    self._busy += 1
+                self._changed.notify_all()
+            if last:
+                self._close(file)
+
+    def _close(self, file: _File) -> None:
+        error: BaseException | None = None
+        try:
+            try:
+                if self._error is None:
+                    _finish(file.fd, file.mode, file.mtime, self._umask)
+            finally:
+                os.close(file.fd)
+        except BaseException as caught:
+            error = caught
+        with self._changed:
+            self._open.discard(file)
+            self._busy -= 1
+            if error is not None and self._error is None:
+                self._error = error
+            self._changed.notify_all()
+
+    def join(self) -> None:
+        """Wait until every file queued is written and closed; raise the first error."""
+        with self._changed:
+            while self._busy and self._error is None:
+                self._changed.wait()
+            if self._error is not None:
+                self._raise()
+
+    def stop(self) -> None:
+        """End the threads (dropping what is still queued after an error) and close every file
+        still open. Idempotent."""
+        with self._changed:
+            if self._error is None:
+                self._error = _Stopped()
+        for _ in self._threads:
+            self._jobs.put(None)
+        for thread in self._threads:
+            thread.join()
+        self._threads = []
+        for file in list(self._open):
+            with contextlib.suppress(OSError):
+                os.close(file.fd)
+        self._open.clear()
+
+
+class _Stopped(Exception):
+    """The writers were stopped: what is queued is dropped (the reader raised already)."""
+
+
+def _pwrite_all(fd: int, views: list[memoryview], offset: int) -> None:
+    """Write ``views`` one after the other at ``offset`` of ``fd``, in as few calls as it takes."""
+    while views:
+        # One call for all of them where the system has pwritev, else one per view.
+        count = _pwritev(fd, views, offset) if _pwritev is not None else os.pwrite(fd, views[0], offset)
+        offset += count
+        while views and count >= len(views[0]):
+            count -= len(views[0])
+            views = views[1:]
+        if count:
+            views[0] = views[0][count:]
+
+
+def _write_views(fd: int, views: list[memoryview]) -> None:
+    """Write ``views`` one after the other to ``fd``: one ``writev`` where that takes them all."""
+    if len(views) > 1 and hasattr(os, "writev"):
+        count = os.writev(fd, views)
+        while views and count >= len(views[0]):
+            count -= len(views[0])
+            views = views[1:]
+        if count:
+            views[0] = views[0][count:]
+    for view in views:
+        _write_all(fd, view)
+
+
 class _Extraction:
-    def __init__(self, read: Read, dest: str | None) -> None:
+    def __init__(self, read: Read, dest: str | None, views: ReadViews | None = None, writers: int = 0) -> None:
         self._read = read
+        self._views: ReadViews = views if views is not None else (lambda size: [memoryview(read(size))])
         self._write = dest is not None  # False: check everything, write nothing
         #: The destination, held open: entries are created relative to it, so a name up to
         #: PATH_MAX restores however long the destination's own path is.
@@ -355,6 +535,7 @@ class _Extraction:
         #: one folder a million times holds one entry (a list held 50x the archive's size).
         self._dir_attrs: dict[str, tuple[int, int]] = {}
         self._umask = _creation_umask(dest)
+        self._writers = _Writers(writers, self._umask) if writers > 0 and self._write else None
 
     def read_exact(self, size: int) -> bytes:
         data = self._read(size)
@@ -364,7 +545,16 @@ class _Extraction:
 
     def skip(self, size: int) -> None:
         while size:
-            size -= len(self.read_exact(min(size, _STEP)))
+            got = sum(map(len, self._views(min(size, _STEP))))
+            if not got:
+                raise CorruptCheckpointError("the archive is truncated: it ends inside an entry")
+            size -= got
+
+    def read_views(self, size: int) -> list[memoryview]:
+        views = self._views(size)
+        if sum(map(len, views)) != size:
+            raise CorruptCheckpointError("the archive is truncated: it ends inside an entry")
+        return views
 
     def read_padded(self, size: int) -> bytes:
         data = self.read_exact(size)
@@ -446,11 +636,15 @@ class _Extraction:
     def run(self) -> None:
         try:
             self.entries()
+            if self._writers is not None:
+                self._writers.join()
             self.check_links()
             for rel, (mode, mtime) in sorted(self._dir_attrs.items(), reverse=True) if self._write else ():
                 os.chmod(rel, mode, dir_fd=self._fd)  # deepest first
                 os.utime(rel, (mtime, mtime), dir_fd=self._fd)
         finally:
+            if self._writers is not None:
+                self._writers.stop()
             if self._fd >= 0:
                 os.close(self._fd)
 
@@ -600,26 +794,33 @@ class _Extraction:
                     raise UnsafeArchiveError(f"symlink {rel!r} -> {link!r} goes through the symlink {here!r}")
 
     def write_file(self, rel: str, size: int, mode: int, mtime: int) -> None:
+        padding = -size % BLOCK
         if not self._write:
-            self.skip(size + (-size % BLOCK))
+            self.skip(size + padding)
             return
         mode = _file_mode(mode)
-        padded = size + (-size % BLOCK)
         fd = os.open(rel, _WRITE_FLAGS, mode, dir_fd=self._fd)
+        writers = self._writers
+        if writers is not None and size >= _HAND_OFF:
+            file = writers.open(fd, mode, mtime)  # closed by the writers from here on
+            offset = 0
+            while offset < size:
+                length = min(size - offset, _JOB)
+                writers.write(file, offset, self.read_views(length), length)
+                offset += length
+            writers.seal(file)
+            self.skip(padding)
+            return
         try:
-            if padded <= _STEP:  # the common case: data and padding in one read
-                _write_all(fd, memoryview(self.read_exact(padded))[:size])
-            else:
-                remaining = size
-                while remaining:
-                    chunk = self.read_exact(min(remaining, _STEP))
-                    remaining -= len(chunk)
-                    _write_all(fd, memoryview(chunk))
+            remaining = size
+            while remaining:
+                length = min(remaining, _STEP)
+                _write_views(fd, self.read_views(length))
+                remaining -= length
             _finish(fd, mode, mtime, self._umask)
         finally:
             os.close(fd)
-        if padded > _STEP:
-            self.skip(padded - size)
+        self.skip(padding)
 
 
 def link_way(rel: str, link: str) -> list[str] | None:
@@ -714,14 +915,16 @@ def _finish(fd: int, mode: int, mtime: int, umask: int | None) -> None:
     os.utime(fd, (mtime, mtime))
 
 
-def extract(read: Read, dest: str | None) -> None:
+def extract(read: Read, dest: str | None, *, views: ReadViews | None = None, writers: int = 0) -> None:
     """Extract the tar stream ``read`` gives into the new, empty folder ``dest``.
 
     With ``dest=None`` every header, rule and byte is checked the same way and nothing is written
-    (``checkpointio verify``).
+    (``checkpointio verify``). ``views``, if given, reads file data without copying it;
+    ``writers`` threads, if any, write the data of large files while the stream is read on
+    (every file is written, closed and given its time before this returns).
 
     Raises:
         UnsafeArchiveError: An entry would be written outside ``dest`` or is a device.
         CorruptCheckpointError: The stream is truncated, garbled or of an unsupported kind.
     """
-    _Extraction(read, dest).run()
+    _Extraction(read, dest, views, writers).run()
