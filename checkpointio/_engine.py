@@ -404,20 +404,33 @@ class _Pull:
             return blocks
         return self._next()
 
+    async def _receive_all(self) -> list[Blocks]:
+        """On the event loop: the next group of blocks, and all those queued behind it (one
+        hand-off instead of one per group, when the reader is behind)."""
+        groups = [await self._receive.receive()]
+        while True:
+            try:
+                groups.append(self._receive.receive_nowait())
+            except (anyio.WouldBlock, anyio.EndOfStream):
+                return groups
+
     def _next(self) -> Blocks:
         try:
-            blocks = anyio.from_thread.run(self._receive.receive)
+            groups = anyio.from_thread.run(self._receive_all)
         except anyio.EndOfStream:
             if self.fetch_failed:
                 raise _Aborted from None
             return []
-        crc, length = self.digest.crc32, 0
-        for block in blocks:
-            crc = _codec.crc32(block, crc)
-            length += len(block)
-        self.digest.crc32 = crc
-        self.digest.length += length
-        self._meter.advance(length)
+        blocks: Blocks = []
+        for group in groups:  # progress is reported per group, as the store handed them on
+            crc, length = self.digest.crc32, 0
+            for block in group:
+                crc = _codec.crc32(block, crc)
+                length += len(block)
+            self.digest.crc32 = crc
+            self.digest.length += length
+            self._meter.advance(length)
+            blocks += group
         return blocks
 
 

@@ -44,6 +44,7 @@ import struct
 import threading
 import zlib
 from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
 
 from ._exceptions import CorruptCheckpointError, UnsafeArchiveError
 
@@ -80,6 +81,11 @@ _HAND_OFF = 256 * 1024
 _JOB = 4 * 1024 * 1024
 #: Most bytes queued for the writer threads: the reader waits beyond it (bounded memory).
 _QUEUED = 16 * 1024 * 1024
+#: Smaller files are created by the writer threads in batches of files of one folder, at most
+#: this many files or ``_BATCH_BYTES`` each: creating a file can wait on the disk (inode tables),
+#: and several threads then wait at once, while the reader parses on.
+_BATCH_FILES = 64
+_BATCH_BYTES = 1024 * 1024
 _pwritev = getattr(os, "pwritev", None)
 
 
@@ -377,7 +383,7 @@ class _Writers:
 
     def __init__(self, threads: int, umask: int | None) -> None:
         self._umask = umask
-        self._jobs: queue.SimpleQueue[tuple[_File, int, list[memoryview], int] | None] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[tuple[_File | None, int, list[Any], int] | None] = queue.SimpleQueue()
         self._changed = threading.Condition(threading.Lock())
         self._queued = 0  # bytes
         self._busy = 0  # jobs queued or running, and files being closed
@@ -411,6 +417,17 @@ class _Writers:
             file.pending += 1
         self._jobs.put((file, offset, views, length))
 
+    def create(self, folder: int, batch: list[_NewFile], length: int) -> None:
+        """Create the files of ``batch`` (new names, in the open folder ``folder``) with their data."""
+        with self._changed:
+            while self._queued and self._queued + length > _QUEUED and self._error is None:
+                self._changed.wait()
+            if self._error is not None:
+                self._raise()
+            self._queued += length
+            self._busy += 1
+        self._jobs.put((None, folder, batch, length))
+
     def seal(self, file: _File) -> None:
         """All of ``file``'s data is queued: it is finished and closed once written."""
         with self._changed:
@@ -426,7 +443,9 @@ class _Writers:
             file, offset, views, length = job
             error: BaseException | None = None
             try:
-                if self._error is None:
+                if self._error is None and file is None:
+                    _create_all(offset, views, self._umask)
+                elif self._error is None and file is not None:
                     _pwrite_all(file.fd, views, offset)
             except BaseException as caught:  # raised to the reader, in its thread
                 error = caught
@@ -434,9 +453,12 @@ class _Writers:
             with self._changed:
                 self._queued -= length
                 self._busy -= 1
-                file.pending -= 1
                 if error is not None and self._error is None:
                     self._error = error
+                if file is None:
+                    self._changed.notify_all()
+                    continue
+                file.pending -= 1
                 last = file.sealed and file.pending == 0
                 if last:
                     self._busy += 1
@@ -490,6 +512,36 @@ class _Stopped(Exception):
     """The writers were stopped: what is queued is dropped (the reader raised already)."""
 
 
+class _NewFile(NamedTuple):
+    """A file for the writer threads to create: its name in the archive (for messages), its path
+    in the destination, data, mode and time."""
+
+    name: str
+    rel: str
+    views: list[memoryview]
+    mode: int
+    mtime: int
+
+
+def _create_all(folder: int, batch: list[_NewFile], umask: int | None) -> None:
+    """Create each file of ``batch`` in the open folder ``folder`` (a name the archive cannot
+    have here is a :class:`CorruptCheckpointError`, as when the reader creates it)."""
+    for new in batch:
+        try:
+            fd = os.open(new.rel, _WRITE_FLAGS, new.mode, dir_fd=folder)
+        except OSError as error:
+            if error.errno not in _ENTRY_ERRNOS:
+                raise
+            raise CorruptCheckpointError(
+                f"entry {new.name!r} cannot be restored on this file system: {error.strerror}"
+            ) from error
+        try:
+            _write_views(fd, new.views)
+            _finish(fd, new.mode, new.mtime, umask)
+        finally:
+            os.close(fd)
+
+
 def _pwrite_all(fd: int, views: list[memoryview], offset: int) -> None:
     """Write ``views`` one after the other at ``offset`` of ``fd``, in as few calls as it takes."""
     while views:
@@ -536,6 +588,11 @@ class _Extraction:
         self._dir_attrs: dict[str, tuple[int, int]] = {}
         self._umask = _creation_umask(dest)
         self._writers = _Writers(writers, self._umask) if writers > 0 and self._write else None
+        #: Small files waiting to be handed to the writers together (all in one folder), their bytes,
+        #: and the names of every file handed on whose creation may not have happened yet.
+        self._batch: list[_NewFile] = []
+        self._batch_bytes = 0
+        self._creating: set[str] = set()
 
     def read_exact(self, size: int) -> bytes:
         data = self._read(size)
@@ -627,16 +684,32 @@ class _Extraction:
         """Remove the file or symlink an earlier entry named ``rel`` made: a later entry replaces
         an earlier one, as in GNU tar (a folder is never replaced: that is refused before)."""
         if rel in self._files:
+            self.created(rel)
             self._files.discard(rel)
         elif self._links.pop(rel, None) is None:
             return
         if self._write:
             os.unlink(rel, dir_fd=self._fd)
 
+    def hand_on(self) -> None:
+        """Give the batch of small files to the writer threads."""
+        if self._batch and self._writers is not None:
+            batch, self._batch, length, self._batch_bytes = self._batch, [], self._batch_bytes, 0
+            self._writers.create(self._fd, batch, length)
+
+    def created(self, rel: str) -> None:
+        """Wait until ``rel``, if the writers were to create it, exists (it is about to be
+        replaced or linked to)."""
+        if rel in self._creating and self._writers is not None:
+            self.hand_on()
+            self._writers.join()
+            self._creating.clear()
+
     def run(self) -> None:
         try:
             self.entries()
             if self._writers is not None:
+                self.hand_on()
                 self._writers.join()
             self.check_links()
             for rel, (mode, mtime) in sorted(self._dir_attrs.items(), reverse=True) if self._write else ():
@@ -741,7 +814,7 @@ class _Extraction:
             raise CorruptCheckpointError(f"entry {name!r} would replace a folder of the archive")
         if kind in _FILE_TYPES:
             self.clear(rel)
-            self.write_file(rel, size, mode, mtime)
+            self.write_file(rel, name, size, mode, mtime)
             self._files.add(rel)
         elif kind == b"5":
             if not folder:
@@ -762,6 +835,7 @@ class _Extraction:
             if source not in self._files:
                 raise UnsafeArchiveError(f"hard link {name!r} -> {link!r} is not to a file extracted before")
             if source != rel:  # a link to itself (GNU tar's for a linked file named twice) is already there
+                self.created(source)
                 self.clear(rel)
                 if self._write:
                     os.link(source, rel, src_dir_fd=self._fd, dst_dir_fd=self._fd, follow_symlinks=False)
@@ -793,15 +867,27 @@ class _Extraction:
                 if here in self._links:
                     raise UnsafeArchiveError(f"symlink {rel!r} -> {link!r} goes through the symlink {here!r}")
 
-    def write_file(self, rel: str, size: int, mode: int, mtime: int) -> None:
+    def write_file(self, rel: str, name: str, size: int, mode: int, mtime: int) -> None:
         padding = -size % BLOCK
         if not self._write:
             self.skip(size + padding)
             return
         mode = _file_mode(mode)
-        fd = os.open(rel, _WRITE_FLAGS, mode, dir_fd=self._fd)
         writers = self._writers
-        if writers is not None and size >= _HAND_OFF:
+        if writers is not None and size < _HAND_OFF:
+            if self._batch and (
+                len(self._batch) >= _BATCH_FILES
+                or self._batch_bytes + size > _BATCH_BYTES
+                or _parent(self._batch[0].rel) != _parent(rel)
+            ):
+                self.hand_on()
+            self._batch.append(_NewFile(name, rel, self.read_views(size), mode, mtime))
+            self._batch_bytes += size
+            self._creating.add(rel)
+            self.skip(padding)
+            return
+        fd = os.open(rel, _WRITE_FLAGS, mode, dir_fd=self._fd)
+        if writers is not None:
             file = writers.open(fd, mode, mtime)  # closed by the writers from here on
             offset = 0
             while offset < size:

@@ -11,7 +11,6 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import textwrap
 import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
@@ -541,39 +540,88 @@ def test_a_later_entry_replaces_a_large_file_still_being_written(tmp_path: Path,
     assert int((restored / "big").stat().st_mtime) == 1_600_000_000
 
 
-@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc and RLIMIT_FSIZE")
-def test_a_write_failing_in_a_writer_thread_fails_the_restore_and_leaves_nothing_open(tmp_path: Path) -> None:
+_FAILING_RESTORE = """
+import os, resource, signal, sys, threading
+from pathlib import Path
+from checkpointio._archive import unpack_directory
+data = Path(sys.argv[1]).read_bytes()
+dest = Path(sys.argv[2])
+dest.mkdir()
+top = max(int(name) for name in os.listdir("/proc/self/fd"))
+for fd in range(top + 1):  # no free descriptor below ``top``: the next ones opened are above it
+    try:
+        os.fstat(fd)
+    except OSError:
+        os.dup2(0, fd)
+before = set(os.listdir("/proc/self/fd"))
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+if sys.argv[3] == "fsize":  # writes past 2 MiB fail (EFBIG)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2 * 1024 * 1024, resource.RLIM_INFINITY))
+else:  # the destination can be opened (top + 1), a file in it cannot (EMFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (top + 2, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+blocks = iter([[data[i : i + 100_000]] for i in range(0, len(data), 100_000)])
+try:
+    unpack_directory(lambda: next(blocks, []), dest, uri="test://archive", workers=2)
+except OSError as error:
+    print("errno", error.errno)
+print("open", sorted(set(os.listdir("/proc/self/fd")) - before), "threads", threading.active_count())
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc and resource limits")
+@pytest.mark.parametrize(
+    ("limit", "files", "expected"),
+    [("fsize", {"a": 100, "large": 6 * 1024 * 1024}, errno.EFBIG), ("nofile", {"a": 100, "b": 200}, errno.EMFILE)],
+    ids=["large-file-write", "small-file-creation"],
+)
+def test_an_error_in_a_writer_thread_fails_the_restore_and_leaves_nothing_open(
+    tmp_path: Path, limit: str, files: dict[str, int], expected: int
+) -> None:
     tree = tmp_path / "tree"
     tree.mkdir()
-    (tree / "small").write_bytes(b"fits")
-    (tree / "large").write_bytes(os.urandom(6 * 1024 * 1024))
+    for name, size in files.items():
+        (tree / name).write_bytes(os.urandom(size))
     archive = tmp_path / "archive"
     archive.write_bytes(packed(tree))
-    # A file size limit makes the kernel refuse writes past 2 MiB (EFBIG), here in a writer thread.
-    script = textwrap.dedent(
-        """
-        import os, resource, signal, sys, threading
-        from pathlib import Path
-        from checkpointio._archive import unpack_directory
-        data = Path(sys.argv[1]).read_bytes()
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (2 * 1024 * 1024, resource.RLIM_INFINITY))
-        before = set(os.listdir("/proc/self/fd"))
-        dest = Path(sys.argv[2])
-        dest.mkdir()
-        blocks = iter([[data[i : i + 100_000]] for i in range(0, len(data), 100_000)])
-        try:
-            unpack_directory(lambda: next(blocks, []), dest, uri="test://archive", workers=2)
-        except OSError as error:
-            print("errno", error.errno)
-        print("open", sorted(set(os.listdir("/proc/self/fd")) - before), "threads", threading.active_count())
-        """
-    )
     root = str(Path(_tar.__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     done = subprocess.run(
-        [sys.executable, "-c", script, str(archive), str(tmp_path / "out")],
+        [sys.executable, "-c", _FAILING_RESTORE, str(archive), str(tmp_path / "out"), limit],
         capture_output=True, text=True, env=env, timeout=120, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["errno", str(errno.EFBIG), "open", "[]", "threads", "1"]
+    assert done.stdout.split() == ["errno", str(expected), "open", "[]", "threads", "1"]
+
+
+@pytest.mark.skipif(shutil.which("tar") is None, reason="needs GNU tar")
+@pytest.mark.parametrize("workers", [1, 2])
+def test_entries_replacing_or_linking_files_still_being_created_restore_as_gnu_tar_does(
+    tmp_path: Path, workers: int
+) -> None:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT) as tar:
+
+        def add(name: str, kind: bytes, data: bytes = b"", link: str = "") -> None:
+            info = tarfile.TarInfo(name)
+            info.type, info.size, info.linkname, info.mtime = kind, len(data), link, 1_600_000_000
+            info.mode = 0o755 if kind == tarfile.DIRTYPE else 0o644
+            tar.addfile(info, io.BytesIO(data))
+
+        add("d", tarfile.DIRTYPE)
+        add("d/x", tarfile.REGTYPE, b"first x")
+        add("d/y", tarfile.LNKTYPE, link="d/x")  # a hard link to a file just handed on
+        add("d/x", tarfile.REGTYPE, b"second x")  # replaces it; d/y keeps the first
+        add("d/z", tarfile.SYMTYPE, link="x")
+        add("d/z", tarfile.REGTYPE, b"z replaces a symlink")
+        add("d/w", tarfile.REGTYPE, b"a file, then a folder")
+        add("d/w", tarfile.DIRTYPE)
+        add("d/w/inside", tarfile.REGTYPE, b"in the folder")
+        for index in range(200):  # more than one batch, in two folders
+            add(f"e{index % 2}/f{index}", tarfile.REGTYPE, os.urandom(index * 37))
+    data = buffer.getvalue()
+    gnu = tmp_path / "gnu"
+    gnu.mkdir()
+    subprocess.run(["tar", "-x", "-C", str(gnu)], input=data, check=True)
+    restored = unpacked(gzip.compress(data, compresslevel=1), tmp_path / "ours", workers=workers)
+    assert snapshot(restored) == snapshot(gnu)
+    assert (restored / "d" / "y").read_bytes() == b"first x"
