@@ -26,7 +26,7 @@ from checkpointio import (
     SourceNotFoundError,
     _snapshot,
 )
-from checkpointio._placement import STAGING_NAME
+from checkpointio._placement import STAGING_NAME, remove_tree
 
 from .conftest import StoreCase, make_tree, snapshot
 
@@ -779,6 +779,7 @@ def test_a_background_save_of_a_tree_1200_folders_deep_is_stored_and_leaves_no_s
     assert (restored / ("d/" * 1200 + "bottom")).read_bytes() == b"at the bottom"
     reader.close()
     assert list(scratch.iterdir()) == []
+    remove_tree(tree)  # pytest removes old temporary folders recursively: it could not remove this one
 
 
 @pytest.mark.parametrize("registered", ["before", "after"])
