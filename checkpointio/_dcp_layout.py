@@ -197,12 +197,17 @@ async def verify(
 async def delete_save(store: Store, location: Location, save_id: str) -> None:
     """Delete every data object (and unfinished write) of the save ``save_id`` of ``location``."""
     prefix = data_location(location, save_id + "/")
+    await _delete_under(store, prefix)
+    if location.scheme == "file":
+        await anyio.to_thread.run_sync(_remove_empty_folder, prefix.key)
+
+
+async def _delete_under(store: Store, prefix: Location) -> None:
+    """Delete every object under ``prefix`` and discard every unfinished write there."""
     for info in await store.list(prefix):
         await store.delete(info.location)
     for write in await store.pending(prefix):
         await store.discard(write)
-    if location.scheme == "file":
-        await anyio.to_thread.run_sync(_remove_empty_folder, prefix.key)
 
 
 def _remove_empty_folder(folder: str) -> None:
@@ -215,10 +220,7 @@ async def remove(store: Store, location: Location) -> None:
     once), then the data of every save under it, committed or not."""
     await store.delete(location)
     prefix = data_prefix(location)
-    for info in await store.list(prefix):
-        await store.delete(info.location)
-    for write in await store.pending(prefix):
-        await store.discard(write)
+    await _delete_under(store, prefix)
     if location.scheme == "file":
         await anyio.to_thread.run_sync(_remove_empty_tree, prefix.key)
 

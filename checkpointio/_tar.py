@@ -407,18 +407,16 @@ class _Writers:
         return file
 
     def write(self, file: _File, offset: int, views: list[memoryview], length: int) -> None:
-        with self._changed:
-            while self._queued and self._queued + length > _QUEUED and self._error is None:
-                self._changed.wait()
-            if self._error is not None:
-                self._raise()
-            self._queued += length
-            self._busy += 1
-            file.pending += 1
+        self._reserve(length, file)
         self._jobs.put((file, offset, views, length))
 
     def create(self, folder: int, batch: list[_NewFile], length: int) -> None:
         """Create the files of ``batch`` (new names, in the open folder ``folder``) with their data."""
+        self._reserve(length, None)
+        self._jobs.put((None, folder, batch, length))
+
+    def _reserve(self, length: int, file: _File | None) -> None:
+        """Wait until ``length`` more bytes fit in the queue (raising a writer's error), then count a job."""
         with self._changed:
             while self._queued and self._queued + length > _QUEUED and self._error is None:
                 self._changed.wait()
@@ -426,7 +424,8 @@ class _Writers:
                 self._raise()
             self._queued += length
             self._busy += 1
-        self._jobs.put((None, folder, batch, length))
+            if file is not None:
+                file.pending += 1
 
     def seal(self, file: _File) -> None:
         """All of ``file``'s data is queued: it is finished and closed once written."""
