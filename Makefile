@@ -43,9 +43,11 @@ test-oldest:
 	.venv-oldest/bin/python -m pytest
 
 # pigz and igzip rows need `apt-get install -y pigz isal`; without them those rows are skipped.
-bench: $(VENV)/.installed
+# The DCP benchmark (benchmarks/dcpbench.py) needs torch, hence the ML extras.
+bench: $(VENV)/.installed-ml
 	$(PY) -m pip install --quiet --group bench
 	$(PY) benchmarks/run.py --quick
+	$(PY) benchmarks/dcpbench.py --quick
 
 clean:
 	rm -rf $(VENV) .venv-oldest .pytest_cache .mypy_cache .ruff_cache .checkpointio
