@@ -60,14 +60,20 @@ WIDTH, QUICK_WIDTH = 1024, 128
 
 @dataclass(frozen=True)
 class Row:
-    """One way to save and load: ``how`` is the worker's name for it (benchmarks/dcpworker.py)."""
+    """One way to save and load: ``how`` is the worker's name for it (benchmarks/dcpworker.py);
+    ``root``, a source tree whose checkpointio (and worker) the ranks import instead (``--compare``)."""
 
     name: str
     how: str
+    root: str = ""
 
     @property
     def slug(self) -> str:
-        return self.how
+        return self.how + ("-compared" if self.root else "")
+
+    @property
+    def key(self) -> str:
+        return self.slug
 
 
 ROWS = (
@@ -145,16 +151,20 @@ class Bench:
     def __init__(self, runner: Runner, s3: S3, tools: Tools, endpoint: str, scratch: Path, shape: tuple[int, int]):
         self.runner, self.s3, self.tools, self.endpoint, self.scratch = runner, s3, tools, endpoint, scratch
         self.width, self.layers = shape
-        self.outcomes = {row.how: Outcome() for row in ROWS}
+        self.outcomes: dict[str, Outcome] = {}
+        self.rows: list[Row] = []
         self.failures: list[str] = []
         self.ready = scratch / "ready"  # the FileSystemWriter checkpoint the ceiling moves
         self.verified = 0
         self._count = 0
 
+    def outcome(self, key: str) -> Outcome:
+        return self.outcomes.setdefault(key, Outcome())
+
     def uri(self, row: Row) -> str:
         return f"s3://{BUCKET}/dcp/{row.slug}/ckpt" + ("" if row.how == "ours" else "/")
 
-    def ranks(self, spec: dict[str, Any], label: str) -> tuple[list[dict[str, Any]], float]:
+    def ranks(self, spec: dict[str, Any], label: str, root: str = "") -> tuple[list[dict[str, Any]], float]:
         """Run one step on ``WORLD`` ranks; each rank's report and the server's CPU seconds."""
         self._count += 1
         result = self.scratch / "results" / f"{self._count:04d}"
@@ -163,6 +173,8 @@ class Bench:
         spec = {**spec, "result": str(result), "width": self.width, "layers": self.layers,
                 "endpoint": self.endpoint, "region": REGION, "s5cmd": s5cmd}  # fmt: skip
         worker = f"{shlex.quote(sys.executable)} -m benchmarks.dcpworker {shlex.quote(json.dumps(spec))}"
+        if root:  # this checkout's worker, that tree's checkpointio
+            worker = f"DCPBENCH_CHECKPOINTIO={shlex.quote(root)} {worker}"
         launches = "\n".join(f"RANK={rank} {worker} & pids+=($!)" for rank in range(WORLD))
         script = (
             f"export WORLD_SIZE={WORLD} MASTER_ADDR=127.0.0.1 MASTER_PORT={_free_port()}\npids=()\n{launches}\n"
@@ -182,7 +194,9 @@ class Bench:
 
     def measure(self, row: Row) -> None:
         """Save, count, load and verify ``row`` once (a failed save skips its load)."""
-        outcome = self.outcomes[row.how]
+        outcome = self.outcome(row.key)
+        if row not in self.rows:
+            self.rows.append(row)
         prefix = f"dcp/{row.slug}/"
         self.s3.clear(prefix)
         uri = self.uri(row)
@@ -215,7 +229,7 @@ class Bench:
         spec: dict[str, Any] = {"op": op, "how": row.how, "uri": uri}
         if row.how == "fs_s5cmd":
             spec["local"] = str(self.scratch / "local" / f"{op}-{self._count}")
-        reports, server_cpu = self.ranks(spec, f"{row.name} {op}")
+        reports, server_cpu = self.ranks(spec, f"{row.name} {op}", row.root)
         if op == "load":
             self.verified += all(report["verified"] for report in reports)
         if row.how == "fs_s5cmd" and op == "save":
@@ -273,11 +287,12 @@ def report(bench: Bench, state_bytes: int, repeat: int) -> None:
     """The table and the ratios the targets are stated in."""
     rows: list[list[str]] = []
     notes: list[str] = []
-    ours = bench.outcomes["ours"]
+    ours = bench.outcome("ours")
+    shown = sorted(bench.rows, key=lambda row: [one.how for one in ROWS].index(row.how) + 0.5 * bool(row.root))
     for op in OPS:
         reference = ours.median(op, "wall")
-        for row in ROWS:
-            outcome = bench.outcomes[row.how]
+        for row in shown:
+            outcome = bench.outcome(row.key)
             wall = outcome.median(op, "wall")
             if wall is None:
                 rows.append([row.name, op, "FAILED" if op in outcome.failed else "-", *["-"] * 7])
@@ -291,8 +306,8 @@ def report(bench: Bench, state_bytes: int, repeat: int) -> None:
                 str(outcome.objects) if outcome.objects is not None else "-",
                 _num(outcome.stored / MiB, 1) if outcome.stored is not None else "-",
             ])  # fmt: skip
-    for row in ROWS:
-        for op, message in bench.outcomes[row.how].failed.items():
+    for row in shown:
+        for op, message in bench.outcome(row.key).failed.items():
             lines = [line for line in message.splitlines() if line.strip()]
             errors = [line for line in lines if re.search(r"(Exception|Error): ", line) and "CheckpointExc" not in line]
             errors.sort(key=lambda line: "CRT error" not in line)  # the CRT's own error says most
@@ -300,7 +315,7 @@ def report(bench: Bench, state_bytes: int, repeat: int) -> None:
             notes.append(f"{row.name}: the {op} failed: {reason.strip()[:300]}")
             if row.how == "s3torch" and op == "save":
                 notes.append(f"{row.name}: its load reads the ceiling's FileSystemWriter checkpoint (same layout)")
-    helper = bench.outcomes["fs_s5cmd"].most("save", "helper_rss")
+    helper = bench.outcome("fs_s5cmd").most("save", "helper_rss")
     if helper:
         notes.append(
             f"FileSystemWriter + s5cmd cp: its s5cmd process peaks at {helper / MiB:.0f} MiB (not counted above)"
@@ -310,25 +325,29 @@ def report(bench: Bench, state_bytes: int, repeat: int) -> None:
     print()
     for op in OPS:
         print(ratios(bench, op))
+    for row in shown:
+        if row.root:
+            for op in OPS:
+                print(compared(bench, row, op))
 
 
 def ratios(bench: Bench, op: str) -> str:
     """Ours against the fastest baseline and against the ceiling, as medians of each repetition's
     ratio (every repetition measures all rows back to back, so a slow phase of the machine hits both)."""
-    ours = bench.outcomes["ours"].samples[op]
-    baselines = [row for row in ROWS if row.how not in ("ours", "ceiling")]
+    ours = bench.outcome("ours").samples[op]
+    baselines = [row for row in bench.rows if row.how not in ("ours", "ceiling")]
     speedups, ceilings, fastest_names = [], [], []
     for index, mine in enumerate(ours):
         walls = {
-            row.name: bench.outcomes[row.how].samples[op][index].wall
+            row.name: bench.outcome(row.key).samples[op][index].wall
             for row in baselines
-            if len(bench.outcomes[row.how].samples[op]) > index
+            if len(bench.outcome(row.key).samples[op]) > index
         }
         if walls:
             name = min(walls, key=lambda key: walls[key])
             fastest_names.append(name)
             speedups.append(walls[name] / mine.wall)
-        ceiling = bench.outcomes["ceiling"].samples[op]
+        ceiling = bench.outcome("ceiling").samples[op]
         if len(ceiling) > index:
             ceilings.append(mine.wall / ceiling[index].wall)
     if not speedups:
@@ -340,12 +359,21 @@ def ratios(bench: Bench, op: str) -> str:
     )
     if ceilings:
         text += f", {statistics.median(ceilings):.2f}x the time of the s5cmd cp ceiling (target <= 1.3)"
-    per_rank = bench.outcomes["ours"].most(op, "peak_beyond")
+    per_rank = bench.outcome("ours").most(op, "peak_beyond")
     if per_rank is not None:
         text += f"; peak RSS beyond the state dict {per_rank / MiB:.0f} MiB per rank (target < 300)"
     if op == "save":
-        text += f"; {bench.outcomes['ours'].objects} objects (target <= {WORLD + 1})"
+        text += f"; {bench.outcome('ours').objects} objects (target <= {WORLD + 1})"
     return text
+
+
+def compared(bench: Bench, row: Row, op: str) -> str:
+    """The ``--compare`` row against ours: the median of each repetition's ratio of wall times."""
+    ours, other = bench.outcome("ours").samples[op], bench.outcome(row.key).samples[op]
+    ratios = [b.wall / a.wall for a, b in zip(ours, other, strict=False)]
+    if not ratios:
+        return f"{op}: {row.name}: not measured"
+    return f"{op}: {row.name} takes {statistics.median(ratios):.2f}x the time of this checkout's checkpointio"
 
 
 def main() -> None:
@@ -354,6 +382,9 @@ def main() -> None:
     parser.add_argument("--mib", type=float, default=1024, help="size of the whole state dict (default 1024)")
     parser.add_argument("--repeat", type=int, help="repetitions (default 3; 1 with --quick)")
     parser.add_argument("--rows", action="append", help="run only checkpointio and the rows whose 'how' contains this")
+    parser.add_argument(
+        "--compare", type=Path, help="also measure the checkpointio in this source tree (e.g. an export of main)"
+    )
     parser.add_argument("--workdir", type=Path, help="scratch folder (default: a new temporary folder)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder (checkpoints, logs)")
     parser.add_argument("--json", type=Path, help="also write every sample to this JSON file")
@@ -376,6 +407,8 @@ def main() -> None:
         args.workdir.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="checkpointio-dcpbench-", dir=args.workdir))
     rows = [row for row in ROWS if row.how == "ours" or not args.rows or any(part in row.how for part in args.rows)]
+    if args.compare:
+        rows.insert(1, Row(f"checkpointio.dcp from {args.compare}", "ours", str(args.compare.resolve())))
     start = time.perf_counter()
     status = 1
     try:

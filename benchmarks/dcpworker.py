@@ -30,6 +30,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import os
 import resource
 import shutil
 import subprocess
@@ -235,13 +236,16 @@ def load(spec: Spec, state: dict[str, Any]) -> None:
 def main() -> None:
     """Join the group, build the state dict, run the operation between two barriers, report."""
     spec: Spec = json.loads(sys.argv[1])
+    if os.environ.get("DCPBENCH_CHECKPOINTIO"):  # dcpbench.py --compare: another tree's checkpointio
+        sys.path.insert(0, os.environ["DCPBENCH_CHECKPOINTIO"])
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     width, layers = spec["width"], spec["layers"]
     operation = spec["op"]
     state = state_dict(width, layers, mesh, fill=None if operation == "save" else -1.0)
-    if spec["how"] == "ours":  # import what the operation needs before the baseline
+    if spec["how"] == "ours":  # import what the operation needs before the baseline (as s3fs is below)
+        import checkpointio._stores._s3
         import checkpointio.dcp  # noqa: F401
     if spec["how"] == "s3torch":
         import s3torchconnector.dcp  # noqa: F401

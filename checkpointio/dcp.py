@@ -12,11 +12,13 @@ data the current manifest points to: a save that fails (or a rank that dies) hal
 previous checkpoint loadable and the new one invisible. Once the new manifest is in place, the data
 of saves that started before it is deleted. A load fetches only the byte ranges its rank's plan
 names, adjacent items coalesced into one request, requests in parallel, and checks every item's
-CRC32.
+CRC32; each range's items are copied into the state dict as soon as it arrives.
 
-The manifest holds DCP's ``Metadata`` pickled, as DCP's own ``FileSystemWriter`` stores it: load
-only checkpoints you trust, as with ``torch.load(weights_only=False)``. Tensors are read with
-``torch.load(weights_only=True)``.
+A tensor is stored as its elements, as they lie in memory (the manifest records its dtype and
+shape): a save writes them straight from the tensor and a load copies them straight into it, with
+no serialised copy on either side. The manifest holds DCP's ``Metadata`` pickled, as DCP's own
+``FileSystemWriter`` stores it: load only checkpoints you trust, as with
+``torch.load(weights_only=False)``.
 
 Example::
 
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import ctypes
 import dataclasses
 import io
 import logging
@@ -109,12 +112,18 @@ class _Slice:
         offset: Where the item starts in it.
         length: Its length in bytes.
         crc32: The CRC32 of those bytes.
+        dtype: For a tensor, its dtype (``"torch.float32"``): the bytes are its elements, in
+            row-major order, as they lie in memory (no serialisation to copy them into, or
+            out of). Empty for a bytes item.
+        shape: For a tensor, its shape.
     """
 
     object: str
     offset: int
     length: int
     crc32: int
+    dtype: str = ""
+    shape: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -146,6 +155,35 @@ def _new_save_id() -> str:
 
 def _object_name(save_id: str, rank: int) -> str:
     return f"{save_id}/rank-{rank}"
+
+
+def _memory_of(tensor: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor's elements, without copying them (valid while it lives)."""
+    if tensor.nbytes == 0:
+        return memoryview(b"")
+    return memoryview((ctypes.c_char * tensor.nbytes).from_address(tensor.data_ptr())).cast("B")
+
+
+def _dtype_named(name: str, uri: str) -> torch.dtype:
+    """The dtype a slice names (``"torch.bfloat16"``); ``CorruptCheckpointError`` for anything else."""
+    dtype = getattr(torch, name.removeprefix("torch."), None)
+    if not name.startswith("torch.") or not isinstance(dtype, torch.dtype):
+        raise CorruptCheckpointError(f"{uri}: the manifest names an unknown dtype {name!r}", uri=uri)
+    return dtype
+
+
+def _in_place(request: ReadItem, piece: _Slice, target: torch.Tensor, uri: str) -> bool:
+    """Whether ``piece``'s bytes can be copied into ``target`` as they are: it holds elements of
+    ``target``'s dtype, all of them wanted (no resharding), and ``target`` is one contiguous
+    CPU block of that shape. Otherwise the elements are converted and narrowed by torch."""
+    return (
+        bool(piece.dtype)
+        and target.device.type == "cpu"
+        and target.is_contiguous()
+        and tuple(target.shape) == piece.shape == tuple(request.lengths)
+        and all(offset == 0 for offset in request.storage_offsets)
+        and _dtype_named(piece.dtype, uri) == target.dtype
+    )
 
 
 def _encode_manifest(manifest: _Manifest) -> bytes:
@@ -357,25 +395,26 @@ class StorageWriter(_StorageWriter):
         the bytes as they are for bytes items), noting each item's offset, length and CRC32."""
         name = _object_name(ours.save_id, ours.rank)
         location = _dcp_layout.data_location(self._target.location, name)
-        placed: list[tuple[MetadataIndex, int, int, int]] = []
+        placed: list[tuple[MetadataIndex, _Slice]] = []
 
         def write(out: BinaryIO) -> None:
             offset = 0
             for item in plan.items:
                 data = planner.resolve_data(item)
+                dtype: str = ""
+                shape: tuple[int, ...] = ()
                 if item.type == WriteItemType.BYTE_IO:
                     if not isinstance(data, io.BytesIO):
                         raise TypeError(f"a bytes item must resolve to io.BytesIO, got {type(data).__name__}")
                     buffer = data.getbuffer()
                 else:
-                    tensor = cast(torch.Tensor, data).detach().cpu()
-                    if tensor.untyped_storage().size() != tensor.nbytes:
-                        tensor = tensor.clone()  # a view: store its elements, not the whole storage
-                    serialised = io.BytesIO()
-                    torch.save(tensor, serialised)
-                    buffer = serialised.getbuffer()
+                    # The elements as they lie in memory, written straight from the tensor (no
+                    # serialised copy): the slice records what a load needs to read them back.
+                    tensor = cast(torch.Tensor, data).detach().cpu().contiguous()
+                    dtype, shape = str(tensor.dtype), tuple(tensor.shape)
+                    buffer = _memory_of(tensor)
                 out.write(buffer)
-                placed.append((item.index, offset, len(buffer), _codec.crc32(buffer)))
+                placed.append((item.index, _Slice(name, offset, len(buffer), _codec.crc32(buffer), dtype, shape)))
                 offset += len(buffer)
 
         info = await _engine.save_written(await self._target.store(), location, write, self._target.config)
@@ -383,12 +422,8 @@ class StorageWriter(_StorageWriter):
         if record is None or record.size is None or record.crc32 is None:  # pragma: no cover - every store records
             raise CheckpointError(f"{location.uri}: the store kept no size and CRC32", uri=location.uri)
         return [
-            WriteResult(
-                index=index,
-                size_in_bytes=length,
-                storage_data=_Written(_Slice(name, offset, length, crc), record.size, record.crc32),
-            )
-            for index, offset, length, crc in placed
+            WriteResult(index=index, size_in_bytes=one.length, storage_data=_Written(one, record.size, record.crc32))
+            for index, one in placed
         ]
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
@@ -590,76 +625,86 @@ class StorageReader(_StorageReader):
         return plans
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
-        """Fetch the ranges the plan's items lie in, a batch at a time (bounded memory), check
-        each item's CRC32 and hand it to the planner."""
+        """Fetch the ranges the plan's items lie in, ``max_concurrency`` at a time, and hand each
+        one's items to the planner (CRC32 checked) as soon as it arrives, while later ranges are
+        still on their way. At most ``max_concurrency`` ranges are held at once (bounded memory)."""
         config = self._target.config
         wanted: dict[_Slice, list[ReadItem]] = {}
         for item in plan.items:
             wanted.setdefault(self._storage_data[item.storage_index], []).append(item)
         ranges = _coalesce(list(wanted), config.part_size)
-        infos = run_sync(self._head_objects, sorted({one.object for one in ranges}))
-        budget = config.part_size * config.max_concurrency
-        start = 0
-        while start < len(ranges):
-            end, size = start, 0
-            while end < len(ranges) and (end == start or size + ranges[end].length <= budget):
-                size += ranges[end].length
-                end += 1
-            batch = ranges[start:end]
-            fetched = run_sync(self._fetch, infos, batch)
-            for one, data in zip(batch, fetched, strict=True):
-                self._deliver(one, data, wanted, planner)
-            start = end
+        if ranges:
+            run_sync(self._read, ranges, wanted, planner)
         future: Future[None] = Future()
         future.set_result(None)
         return future
 
-    async def _head_objects(self, names: list[str]) -> dict[str, ObjectInfo]:
-        manifest = self._manifest or _Manifest("", Metadata({}), {})
-        return await _head_objects(await self._target.store(), self._target.location, manifest, names)
-
-    async def _fetch(self, infos: dict[str, ObjectInfo], batch: list[_Range]) -> list[bytes]:
-        """The bytes of each range, fetched at once (at most ``max_concurrency`` requests)."""
+    async def _read(self, ranges: list[_Range], wanted: dict[_Slice, list[ReadItem]], planner: LoadPlanner) -> None:
         store = await self._target.store()
-        slots = anyio.CapacityLimiter(self._target.config.max_concurrency)
-        out: list[bytes] = [b""] * len(batch)
+        manifest = self._manifest or _Manifest("", Metadata({}), {})
+        infos = await _head_objects(store, self._target.location, manifest, sorted({one.object for one in ranges}))
+        slots = anyio.Semaphore(self._target.config.max_concurrency)  # ranges fetched and not yet delivered
+        # Deliveries run one at a time (the planner is not thread-safe), off the event loop, in
+        # the order ranges arrive; copying one range's items overlaps fetching the next ones.
+        delivering = anyio.CapacityLimiter(1)
 
-        async def fetch(index: int, one: _Range) -> None:
-            async with slots:
-                out[index] = await store.read_range(infos[one.object], one.offset, one.length)
+        async def fetch(one: _Range) -> None:
+            try:
+                data = await store.read_range(infos[one.object], one.offset, one.length)
+                await anyio.to_thread.run_sync(self._deliver, one, data, wanted, planner, limiter=delivering)
+            finally:
+                slots.release()
 
         with one_error():
             async with anyio.create_task_group() as group:
-                for index, one in enumerate(batch):
-                    group.start_soon(fetch, index, one)
-        return out
+                for one in ranges:
+                    await slots.acquire()
+                    group.start_soon(fetch, one)
 
     def _deliver(self, one: _Range, data: bytes, wanted: dict[_Slice, list[ReadItem]], planner: LoadPlanner) -> None:
+        """Worker thread: check each item of a fetched range and copy it where the plan says."""
         view = memoryview(data)
+        uri = self._target.location.uri
         for piece in one.slices:
             chunk = view[piece.offset - one.offset : piece.offset - one.offset + piece.length]
             if len(chunk) != piece.length or _codec.crc32(chunk) != piece.crc32:
-                uri = _dcp_layout.data_location(self._target.location, piece.object).uri
+                where = _dcp_layout.data_location(self._target.location, piece.object).uri
                 raise ChecksumMismatchError(
-                    f"{uri}: the bytes {piece.offset}..{piece.offset + piece.length} saved by rank "
+                    f"{where}: the bytes {piece.offset}..{piece.offset + piece.length} saved by rank "
                     f"{_dcp_layout.rank_of(piece.object)} do not match their CRC32 (the object is corrupt)",
-                    uri=uri,
+                    uri=where,
                 )
             for request in wanted[piece]:
                 if request.type == LoadItemType.BYTE_IO:
                     planner.load_bytes(request, io.BytesIO(chunk))
                     continue
-                tensor = torch.load(io.BytesIO(chunk), map_location="cpu", weights_only=True)
-                tensor = narrow_tensor_by_index(tensor, request.storage_offsets, request.lengths)
                 target = planner.resolve_tensor(request).detach()
-                if target.size() != tensor.size():
-                    raise CheckpointError(
-                        f"{self._target.location.uri}: {request.dest_index.fqn} is {tuple(tensor.size())} in the "
-                        f"checkpoint, {tuple(target.size())} in the state dict",
-                        uri=self._target.location.uri,
+                if _in_place(request, piece, target, uri):
+                    if chunk:
+                        _memory_of(target)[:] = chunk  # the common case: one copy, straight into place
+                else:
+                    tensor = narrow_tensor_by_index(
+                        self._stored_tensor(piece, chunk), request.storage_offsets, request.lengths
                     )
-                target.copy_(tensor)
+                    if target.size() != tensor.size():
+                        raise CheckpointError(
+                            f"{uri}: {request.dest_index.fqn} is {tuple(tensor.size())} in the "
+                            f"checkpoint, {tuple(target.size())} in the state dict",
+                            uri=uri,
+                        )
+                    target.copy_(tensor)
                 planner.commit_tensor(request, target)
+
+    def _stored_tensor(self, piece: _Slice, chunk: memoryview) -> torch.Tensor:
+        """The tensor one item holds."""
+        uri = self._target.location.uri
+        if not piece.dtype:
+            raise CorruptCheckpointError(f"{uri}: the manifest records bytes where DCP asks for a tensor", uri=uri)
+        dtype = _dtype_named(piece.dtype, uri)
+        if not chunk:
+            return torch.empty(piece.shape, dtype=dtype)
+        # A writable copy: torch does not take read-only buffers (used only when resharding).
+        return torch.frombuffer(bytearray(chunk), dtype=dtype).reshape(piece.shape)
 
     @property
     def checkpoint_id(self) -> str:

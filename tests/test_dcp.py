@@ -117,6 +117,36 @@ def test_the_storage_layer_plugs_into_dcp_itself(store: StoreCase) -> None:
     assert_same(loaded, saved)
 
 
+def test_tensors_load_into_other_dtypes_strided_targets_and_every_shape(store: StoreCase) -> None:
+    """Tensors are stored as their elements: each is read back into its target whatever its
+    layout (copied straight in when dtype and shape match, converted by torch otherwise)."""
+    generator = torch.Generator().manual_seed(7)
+    saved = {
+        "f32": torch.randn(6, 4, generator=generator),
+        "bf16": torch.randn(5, 3, generator=generator).to(torch.bfloat16),
+        "ints": torch.arange(-20, 20, dtype=torch.int64).reshape(8, 5),
+        "flags": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(2.5, dtype=torch.float64),
+        "nothing": torch.zeros(0, 3),
+        "transposed": torch.randn(3, 7, generator=generator).t(),  # saved from a non-contiguous view
+    }
+    save(saved, store.uri("ckpt"))
+    loaded = {
+        "f32": torch.zeros(6, 4, dtype=torch.float64),  # another dtype: converted as torch's copy_ does
+        "bf16": torch.zeros(5, 3, dtype=torch.bfloat16),
+        "ints": torch.zeros(8, 5, dtype=torch.int64),
+        "flags": torch.zeros(3, dtype=torch.bool),
+        "scalar": torch.tensor(0.0, dtype=torch.float64),
+        "nothing": torch.zeros(0, 3),
+        "transposed": torch.full((3, 7), -1.0).t(),  # a non-contiguous target
+    }
+    assert load(loaded, store.uri("ckpt")) is True
+    assert loaded["f32"].dtype == torch.float64 and torch.equal(loaded["f32"], saved["f32"].double())
+    for name in ("bf16", "ints", "flags", "scalar", "nothing", "transposed"):
+        assert loaded[name].dtype == saved[name].dtype, name
+        assert torch.equal(loaded[name], saved[name]), name
+
+
 def test_nothing_there_loads_nothing_and_leaves_the_state_alone(store: StoreCase) -> None:
     loaded = empty()
     assert load(loaded, store.uri("none")) is False
