@@ -23,7 +23,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from . import _codec, _tar
+from . import _codec, _tar, _toc
 from ._exceptions import (
     CorruptCheckpointError,
     SourceChangedError,
@@ -36,6 +36,7 @@ from ._placement import STAGING_NAME
 __all__ = [
     "Entry",
     "GunzipReader",
+    "Pieces",
     "Skip",
     "check_directory",
     "file_data",
@@ -72,8 +73,11 @@ class _GzipMemberWriter:
     (figures in benchmarks/README.md), until a block deflates again.
     """
 
-    def __init__(self, emit: Emit, block_size: int, level: int, workers: int) -> None:
-        self._emit = emit
+    def __init__(
+        self, emit: Emit, block_size: int, level: int, workers: int, on_member: Callable[[int, int], None] | None = None
+    ) -> None:
+        self._emit_raw = emit
+        self._on_member = on_member
         self._block_size = block_size
         self._level = level
         self._buffer = bytearray()
@@ -96,6 +100,17 @@ class _GzipMemberWriter:
     def tell(self) -> int:
         return self._position
 
+    def cut(self) -> None:
+        """End the current member here, whatever its size: the next byte starts a new one."""
+        if self._buffer:
+            self._emit_member(bytes(self._buffer))
+            self._buffer.clear()
+
+    def _emit(self, member: bytes, size: int) -> None:
+        self._emit_raw(member)
+        if self._on_member is not None:
+            self._on_member(len(member), size)
+
     def finish(self) -> None:
         if self._buffer:
             self._emit_member(bytes(self._buffer))
@@ -111,7 +126,7 @@ class _GzipMemberWriter:
         future, size = self._pending.popleft()
         member = future.result()
         self._inline = len(member) >= size  # stored: encode the next blocks here
-        self._emit(member)
+        self._emit(member, size)
 
     def _emit_member(self, block: bytes) -> None:
         if self._pool is None or self._inline:
@@ -119,7 +134,7 @@ class _GzipMemberWriter:
                 self._emit_next()
             member = _codec.encode_member(block, self._level)
             self._inline = len(member) >= len(block)
-            self._emit(member)
+            self._emit(member, len(block))
             return
         self._pending.append((self._pool.submit(_codec.encode_member, block, self._level), len(block)))
         while len(self._pending) > 2 * self._workers:  # bounded: a few blocks in flight per thread
@@ -410,8 +425,10 @@ def pack_directory(
     is a snapshot of it. ``on_read`` hears of each piece of a file read.
     """
     uri = shown if shown is not None else str(root)
-    sink = _GzipMemberWriter(emit, block_size, level, workers)
+    table = _toc.TableWriter(block_size, level)
+    sink = _GzipMemberWriter(emit, block_size, level, workers, on_member=table.member)
     links: dict[tuple[int, int], str] = {}
+    own_members = block_size // 4  # files from this size on start a member and end one
     try:
         top = uri.rstrip(os.sep) + os.sep  # names are joined by concatenation: this runs once per entry
         with contextlib.closing(walk_tree(str(root), shown=uri, uri=uri, skip=skip)) as entries:
@@ -419,16 +436,25 @@ def pack_directory(
                 rel, st = entry.rel, entry.st
                 full = top + rel
                 mode, mtime = stat.S_IMODE(st.st_mode), _seconds(st)
+                start = sink.tell()
                 if stat.S_ISREG(st.st_mode):
                     inode = (st.st_dev, st.st_ino)
                     if st.st_nlink > 1 and inode in links:
                         sink.write(_tar.header(rel, _tar.HARD_LINK, mode=mode, mtime=mtime, link=links[inode]))
+                        table.add(rel, "hardlink", mode, mtime, 0, links[inode], start, sink.tell())
                         continue
                     if st.st_nlink > 1:
                         links[inode] = rel
+                    if st.st_size >= own_members:  # a partial restore then reads little besides the file
+                        sink.cut()
+                        start = sink.tell()
                     _add_file(sink, entry, full, uri, on_read)
+                    table.add(rel, "file", mode, mtime, st.st_size, "", start, sink.tell())
+                    if st.st_size >= own_members:
+                        sink.cut()
                 elif stat.S_ISDIR(st.st_mode):
                     sink.write(_tar.header(rel + "/", _tar.DIRECTORY, mode=mode, mtime=mtime))
+                    table.add(rel, "dir", mode, mtime, 0, "", start, sink.tell())
                 elif stat.S_ISLNK(st.st_mode):
                     try:
                         target = os.readlink(entry.name, dir_fd=entry.folder)
@@ -436,11 +462,14 @@ def pack_directory(
                         raise SourceChangedError(f"{full} disappeared while {uri} was being saved", uri=uri) from error
                     _check_link(str(root), rel, target, uri)
                     sink.write(_tar.header(rel, _tar.SYMLINK, mode=mode, mtime=mtime, link=target))
+                    table.add(rel, "symlink", mode, mtime, 0, target, start, sink.tell())
                 else:
                     kind = file_type(st.st_mode)
                     logger.warning("skipping %s %s (it holds no data to save)", kind, full)
         sink.write(_tar.end_of_archive(sink.tell()))
         sink.finish()
+        for member in table.finish():  # after tar's end-of-archive blocks: see _toc
+            emit(member)
     finally:
         sink.close()
 
@@ -462,7 +491,7 @@ def file_type(mode: int) -> str:
     return "a regular file" if stat.S_ISREG(mode) else "a file of unknown type"
 
 
-class _Pieces:
+class Pieces:
     """Bytes as a queue of pieces (views of the blocks they came in), taken from the front.
 
     Nothing is joined unless asked for: a file's data goes from the blocks a member was cut
@@ -545,9 +574,9 @@ class GunzipReader:
 
     def __init__(self, pull: NextBlocks, workers: int = 1) -> None:
         self._pull = pull
-        self._input = _Pieces()
+        self._input = Pieces()
         self._input_done = False
-        self._output = _Pieces()
+        self._output = Pieces()
         self._eof = False
         self._workers = workers
         self._parallel: bool | None = None  # decided by the first member
@@ -724,20 +753,25 @@ def looks_like_tar_gz(head: bytes) -> bool:
     return _tar.is_header(block)
 
 
-def unpack_directory(pull: NextBlocks, dest: Path | None, *, uri: str, workers: int = 1) -> None:
+def unpack_directory(
+    pull: NextBlocks, dest: Path | None, *, uri: str, workers: int = 1, pick: _tar.Pick | None = None
+) -> None:
     """Extract a .tar.gz stream from ``pull`` into the existing empty folder ``dest``.
 
     Nothing is written outside ``dest`` (see :mod:`._tar`): absolute names, ``..``, links
     pointing out and device files raise :class:`UnsafeArchiveError`. A truncated or garbled stream
     raises :class:`CorruptCheckpointError`. The stream is read to its end, so the caller's checksum
     covers every byte. On error, ``dest`` may hold part of the tree: the caller removes it.
-    With ``dest=None`` the stream is checked the same way and nothing is written.
+    With ``dest=None`` the stream is checked the same way and nothing is written. ``pick`` selects
+    the entries to extract (see :func:`_tar.extract`); the stream is still read to its end.
     """
     reader = GunzipReader(pull, workers)
     try:
         # The reader thread parses; with workers > 1, that many threads write large files' data.
         writers = workers if workers > 1 else 0
-        _tar.extract(reader.read, str(dest) if dest is not None else None, views=reader.read_views, writers=writers)
+        _tar.extract(
+            reader.read, str(dest) if dest is not None else None, views=reader.read_views, writers=writers, pick=pick
+        )
         reader.drain()
     except UnsafeArchiveError as error:
         raise UnsafeArchiveError(f"{uri}: unsafe archive entry refused: {error}", uri=uri) from error

@@ -22,6 +22,7 @@ from ._exceptions import CorruptCheckpointError
 from ._location import Location, checkpoint_location
 from ._pending import awaitable
 from ._progress import ProgressCallback
+from ._selection import Selection
 from ._stores import Store, open_store
 
 __all__ = ["Checkpoint", "SaveHandle", "latest_checkpoint"]
@@ -124,8 +125,18 @@ class Checkpoint:
         return await open_store(location.scheme, self._config)
 
     @awaitable("cp.load", "cp.load_sync")
-    async def load(self) -> Path | None:
+    async def load(self, only: Sequence[str] | None = None) -> Path | None:
         """Restore the previous attempt's checkpoint into ``cp.path``.
+
+        Args:
+            only: Glob patterns (``["model/*.pt", "config.json"]``): restore just the entries of a
+                directory checkpoint they match, each at its path under ``cp.path`` (the folders
+                they are in created as needed; other files there are left alone). ``*``, ``?`` and
+                ``[...]`` match within one path part, a ``**`` part any number of parts, and a
+                pattern naming a folder takes everything in it; a selected hard link brings the
+                file it links to. Through the archive's table of contents only those entries'
+                bytes are downloaded; an archive without one (another tool's, or an older
+                version's) is streamed whole. Each call with ``only`` restores again.
 
         Returns:
             ``None`` if there is no previous checkpoint; the restored root (``cp.path``) for a
@@ -135,7 +146,18 @@ class Checkpoint:
         Raises:
             CorruptCheckpointError: The stored checkpoint is truncated, garbled or unsafe.
             StoreError: The store failed; never reported as "no checkpoint".
+            CheckpointError: With ``only``: a pattern matches no entry, or the checkpoint holds
+                bytes or a single file.
+            ValueError: A pattern is empty, absolute or holds ``..``.
         """
+        if only is not None:
+            Selection(only)  # a bad pattern is refused before anything is read
+
+            async def restore_selected(store: Store, location: Location) -> Path | None:
+                selection = Selection(only)  # per source: it notes which patterns matched
+                return await _engine.load(store, location, self.path, self._config, self._on_progress, only=selection)
+
+            return await self._first_valid(restore_selected)
         if not self._loaded:
             self._restored = await self._load_first_valid()
             self._loaded = True
@@ -305,9 +327,9 @@ class Checkpoint:
                 return True
         return False
 
-    def load_sync(self) -> Path | None:
+    def load_sync(self, only: Sequence[str] | None = None) -> Path | None:
         """Blocking twin of :meth:`load`."""
-        return _portal.run_sync(self.load)
+        return _portal.run_sync(self.load, only)
 
     def load_bytes_sync(self) -> bytearray | None:
         """Blocking twin of :meth:`load_bytes`."""

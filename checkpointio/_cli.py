@@ -46,6 +46,7 @@ from ._exceptions import (
 from ._location import checkpoint_location, parse_location, parse_prefix
 from ._progress import Progress
 from ._progress import human_size as _human
+from ._selection import ListedEntry
 from ._signals import Termination, interrupt_on_sigterm
 from ._stores import Kind, ObjectInfo, open_store
 
@@ -442,7 +443,11 @@ async def _load(cmd: _Command) -> None:
         _need_stdout("the checkpoint's bytes")
         await _manage.write_out(cmd.args.uri, _stdout_writer(), cmd.config, cmd.bars)
         return  # no summary: standard output holds the checkpoint
-    restored = await _manage.restore(cmd.args.uri, cmd.args.dest, cmd.config, cmd.bars, overwrite=cmd.args.force)
+    if cmd.args.only and cmd.args.dest == "-":
+        raise UsageError("--only restores entries of a directory into DEST, not to standard output")
+    restored = await _manage.restore(
+        cmd.args.uri, cmd.args.dest, cmd.config, cmd.bars, overwrite=cmd.args.force, only=cmd.args.only
+    )
     if cmd.args.json:
         kind = Kind.DIRECTORY if restored.is_directory else Kind.FILE
         size = None if restored.is_directory else restored.size
@@ -481,8 +486,34 @@ def _distributed_row(found: _manage.Distributed) -> dict[str, Any]:
     }
 
 
+async def _ls_contents(cmd: _Command) -> None:
+    """``ls --contents URI``: the entries of one directory checkpoint, from its table of contents."""
+    rows: list[dict[str, Any]] = []
+
+    def each(entry: ListedEntry) -> None:
+        if cmd.args.json:
+            row = {"path": entry.path, "kind": entry.kind, "size": entry.size, "mtime": _when(entry.mtime)}
+            rows.append({**row, "mode": f"{entry.mode:04o}", **({"link": entry.link} if entry.link else {})})
+            return
+        link = f" -> {entry.link}" if entry.kind == "symlink" else f" => {entry.link}" if entry.link else ""
+        print(f"{entry.kind:<8} {entry.size:>14} {_when(entry.mtime):<20} {entry.path}{link}")
+
+    table = await _manage.list_contents(cmd.args.prefix, cmd.config, each)
+    if cmd.args.json:
+        _emit_json(rows)
+    if not table:
+        logger.warning(
+            "%s has no table of contents (saved by another tool or an older checkpointio): the whole archive was "
+            "read to list it",
+            parse_location(cmd.args.prefix).uri,
+        )
+
+
 async def _ls(cmd: _Command) -> None:
     _need_stdout("the listing")
+    if cmd.args.contents:
+        await _ls_contents(cmd)
+        return
     infos = await _manage.list_checkpoints(cmd.args.prefix, cmd.config)
     if not infos and not _empty_is_fine(cmd.args.prefix):
         raise _names_nothing(cmd.args.prefix)
@@ -674,15 +705,33 @@ def build_parser() -> argparse.ArgumentParser:
         "dest", metavar="DEST", help="path to create (refused if it exists, unless --force), or - for standard output"
     )
     sub.add_argument("-f", "--force", action="store_true", help="replace DEST if it exists")
+    sub.add_argument(
+        "--only",
+        action="append",
+        metavar="GLOB",
+        help="restore just the entries of a directory checkpoint matching GLOB (a path inside it; * ? [...] "
+        "within a part, ** across parts, a folder with its contents); repeatable",
+    )
     sub.add_argument("--json", action="store_true", help=_JSON_HELP)
 
     sub = command(
         "ls",
         "List the checkpoints under a prefix: kind, size, time (UTC) and URI; a distributed checkpoint "
-        "is one row (its total size and world size).",
+        "is one row (its total size and world size). With --contents, the files in one directory "
+        "checkpoint, read from its table of contents without downloading its data.",
         "checkpointio ls s3://bucket/runs/7/ --json",
     )
-    sub.add_argument("prefix", metavar="URI_PREFIX", help="a folder, s3://bucket[/prefix] or memory://prefix")
+    sub.add_argument(
+        "prefix",
+        metavar="URI_PREFIX",
+        help="a folder, s3://bucket[/prefix] or memory://prefix (with --contents: a URI)",
+    )
+    sub.add_argument(
+        "--contents",
+        action="store_true",
+        help="list the entries of the directory checkpoint at URI: kind, size, mtime (UTC), path (an archive "
+        "without a table of contents, from another tool or an older version, is read whole)",
+    )
     sub.add_argument("--json", action="store_true", help="a JSON array of objects, for scripts")
 
     sub = command(

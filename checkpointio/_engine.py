@@ -29,7 +29,7 @@ import anyio.from_thread
 import anyio.to_thread
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from . import _allocator, _archive, _codec, _placement
+from . import _allocator, _archive, _codec, _partial, _placement, _tar
 from ._concurrency import PLUMBING as _PLUMBING
 from ._concurrency import Aborted as _Aborted
 from ._concurrency import one_error
@@ -43,6 +43,7 @@ from ._exceptions import (
 )
 from ._location import Location
 from ._progress import Meter, ProgressCallback, human_size
+from ._selection import ListedEntry, Selection, normal_path, roots
 from ._stores import Blocks, Body, Digest, Kind, ObjectInfo, RangedStore, Record, Store
 from ._stores._local import own_files
 
@@ -491,9 +492,27 @@ def _check(pull: _Pull, info: ObjectInfo, workers: int) -> None:
     _verify(info, pull.digest, archive=archive)
 
 
-def _restore(pull: _Pull, info: ObjectInfo, workspace: Path, workers: int) -> Path:
-    """Worker thread: write the object into ``workspace``; present nothing until it verified."""
+def _restore(pull: _Pull, info: ObjectInfo, workspace: Path, workers: int, only: Selection | None = None) -> Path:
+    """Worker thread: write the object into ``workspace``; present nothing until it verified.
+    With ``only``, the directory's entries it picks, and nothing else, are restored."""
     uri = info.location.uri
+    if only is not None:
+        _refuse_selecting(info, _kind(pull, info))
+        picked: dict[str, None] = {}
+
+        def pick(header: _tar.Header) -> bool:
+            path = normal_path(header.name)
+            if only.matches(path):
+                picked[path] = None
+                return True
+            return False
+
+        with _placement.StagingFolder(workspace, uri) as staging:
+            _archive.unpack_directory(pull.blocks, staging.path, uri=uri, workers=workers, pick=pick)
+            _verify(info, pull.digest, archive=True)
+            only.check_all_used(uri)
+            staging.present_paths(roots(picked))
+        return workspace
     if _kind(pull, info) is Kind.DIRECTORY:
         with _placement.StagingFolder(workspace, uri) as staging:
             _archive.unpack_directory(pull.blocks, staging.path, uri=uri, workers=workers)
@@ -558,17 +577,33 @@ async def _read(
     return cast(T, result)  # what the consumer returned: had it not returned, the group raised
 
 
+def _refuse_selecting(info: ObjectInfo, kind: Kind) -> None:
+    """``only=`` picks entries of a directory: bytes and files have none."""
+    if kind is not Kind.DIRECTORY:
+        uri = info.location.uri
+        raise CheckpointError(
+            f"{uri} holds a single file, not a directory: only= picks entries of a directory checkpoint "
+            "(load it whole)",
+            uri=uri,
+        )
+
+
 async def load(
     store: Store,
     location: Location,
     workspace: Path,
     config: TransferConfig,
     on_progress: ProgressCallback | None = None,
+    *,
+    only: Selection | None = None,
 ) -> Path | None:
     """Restore the object at ``location`` into ``workspace``; ``None`` if there is none.
 
     Returns the workspace itself for a directory (its restored root) or ``workspace/payload``.
     ``on_progress`` hears of each chunk received, from the consumer thread, and of the end.
+    ``only`` restores just the entries of a directory it picks (see :mod:`._selection`), placed at
+    their paths in the workspace: through the archive's table of contents when it has one
+    (:mod:`._partial`), else by streaming the whole archive and keeping them.
     """
     info = await store.head(location)
     if info is None:
@@ -576,6 +611,10 @@ async def load(
     await anyio.to_thread.run_sync(_placement.make_workspace, workspace, location.uri)
     started = time.monotonic()
     meter = Meter(on_progress, "load", location.uri, info.size)
+    if only is not None:
+        await _load_selected(store, info, workspace, config, meter, only)
+        _log_read("loaded the selected entries of", info, started)
+        return workspace
     if info.record is not None and info.record.kind is not Kind.DIRECTORY and _ranged(store, info, config):
         restored = await _restore_ranges(store, info, workspace, meter)
     else:
@@ -583,6 +622,63 @@ async def load(
         restored = await _read(store, info, config, meter, lambda pull: _restore(pull, info, workspace, workers))
     _log_read("loaded", info, started)
     return restored
+
+
+async def _load_selected(
+    store: Store, info: ObjectInfo, workspace: Path, config: TransferConfig, meter: Meter, only: Selection
+) -> None:
+    """:func:`load` with ``only``: through the table, else streaming the archive (again with the
+    file a picked hard link needs, should it have been left out)."""
+    if info.record is not None:
+        _refuse_selecting(info, info.record.kind)
+    workers = config.compression_workers
+    if await _partial.restore_from_table(store, info, workspace, meter, only, workers):
+        return
+    while True:
+        try:
+            await _read(store, info, config, meter, lambda pull: _restore(pull, info, workspace, workers, only))
+            return
+        except _tar.SkippedLinkTarget as missing:
+            only.also([missing.path])
+
+
+async def list_contents(
+    store: Store, location: Location, config: TransferConfig, each: Callable[[ListedEntry], None]
+) -> bool | None:
+    """Give each entry of the directory checkpoint at ``location`` to ``each`` (in a worker thread,
+    in archive order) without restoring anything; ``None`` if there is no checkpoint.
+
+    Returns whether the archive's table of contents was read (a few small reads); ``False``: it
+    has none (saved by another tool or an older version) and the whole archive was streamed.
+
+    Raises:
+        CheckpointError: It holds bytes or a single file, not a directory.
+        CorruptCheckpointError: The table, or the archive streamed, is damaged.
+    """
+    info = await store.head(location)
+    if info is None:
+        return None
+    if info.record is not None:
+        _refuse_selecting(info, info.record.kind)
+    if await _partial.list_from_table(store, info, each):
+        return True
+
+    def walk(pull: _Pull) -> None:
+        _refuse_selecting(info, _kind(pull, info))
+
+        def pick(header: _tar.Header) -> bool:
+            path = normal_path(header.name)
+            if path:
+                kind = _tar.KIND_NAMES.get(header.kind, "other")
+                size = header.size if kind == "file" else 0
+                each(ListedEntry(path, kind, size, header.mtime, header.mode & 0o7777, header.link))
+            return False
+
+        _archive.unpack_directory(pull.blocks, None, uri=info.location.uri, pick=pick)
+        _verify(info, pull.digest, archive=True)
+
+    await _read(store, info, config, Meter(None, "load", location.uri, info.size), walk)
+    return False
 
 
 async def _fetch_ranges(

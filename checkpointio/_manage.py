@@ -12,7 +12,7 @@ import os
 import re
 import time
 from bisect import bisect_left as _bisect_left
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from ._config import TransferConfig
 from ._exceptions import CheckpointNotFoundError, CorruptCheckpointError, DestinationError
 from ._location import Location, checkpoint_location, parse_prefix
 from ._progress import ProgressCallback
+from ._selection import ListedEntry, Selection
 from ._stores import ObjectInfo, PendingWrite, Store, open_store
 from ._stores._local import file_in_the_way
 
@@ -355,6 +356,7 @@ async def restore(
     on_progress: ProgressCallback | None = None,
     *,
     overwrite: bool = False,
+    only: Sequence[str] | None = None,
 ) -> Restored:
     """Restore the checkpoint at ``uri`` as ``dest``: the saved tree for a directory, else a file.
 
@@ -366,7 +368,8 @@ async def restore(
     ``dest`` is the name to create, never a folder to restore into: it is refused, even with
     ``overwrite``, when it is ``/``, the current or home folder or one of their parents, or the
     local checkpoint itself or a folder holding it (symlinks resolved); a bytes or file checkpoint
-    never replaces a folder that is not empty.
+    never replaces a folder that is not empty. ``only``: just the entries of a directory these
+    glob patterns match (see ``Checkpoint.load``).
 
     Raises:
         FileExistsError: ``dest`` exists and ``overwrite`` is false.
@@ -375,6 +378,7 @@ async def restore(
         CheckpointNotFoundError: There is no checkpoint at ``uri``.
     """
     location = checkpoint_location(uri)
+    selection = Selection(only) if only is not None else None
 
     def prepare() -> Path:
         target = Path(dest).absolute()
@@ -408,7 +412,7 @@ async def restore(
     staging = _placement.staging_path(target.parent)
     try:
         store = await open_store(location.scheme, config)
-        restored = await _engine.load(store, location, staging, config, on_progress)
+        restored = await _engine.load(store, location, staging, config, on_progress, only=selection)
         if restored is None:
             raise CheckpointNotFoundError(f"{location.uri}: no such checkpoint", uri=location.uri)
 
@@ -431,6 +435,21 @@ async def restore(
     finally:
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(_placement.remove_tree, staging)
+
+
+async def list_contents(uri: str, config: TransferConfig, each: Callable[[ListedEntry], None]) -> bool:
+    """Give each entry of the directory checkpoint at ``uri`` to ``each`` (from a worker thread);
+    whether its table of contents was read (``False``: the whole archive was streamed).
+
+    Raises:
+        CheckpointNotFoundError: There is no checkpoint at ``uri``.
+    """
+    location = checkpoint_location(uri)
+    store = await open_store(location.scheme, config)
+    found = await _engine.list_contents(store, location, config, each)
+    if found is None:
+        raise CheckpointNotFoundError(f"{location.uri}: no such checkpoint", uri=location.uri)
+    return found
 
 
 async def collect_garbage(

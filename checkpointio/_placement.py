@@ -120,6 +120,36 @@ class StagingFolder:
             CheckpointError: The staging folder was removed on the way, or the names could not be
                 put in place (the workspace is then as it was).
         """
+        self._check_held()
+        self._place(sorted(os.listdir(self.path)))
+
+    def present_paths(self, paths: Sequence[str]) -> None:
+        """Move the staged entries at ``paths`` (relative, ``/``-separated, none inside another)
+        to the same paths in the workspace, all or none (see :func:`replace_all`), creating the
+        folders they are in where missing: a partial restore replaces what it restored and
+        leaves everything else in the workspace alone.
+
+        Raises:
+            CheckpointError: The staging folder was removed on the way, a folder of a path is a
+                file or a symlink in the workspace (never followed), or the entries could not be
+                put in place (the workspace then holds what it held, and maybe new empty folders).
+        """
+        self._check_held()
+        for path in paths:
+            folder = self.workspace
+            for part in path.split("/")[:-1]:
+                folder = folder / part
+                try:
+                    os.mkdir(folder)
+                except FileExistsError:
+                    if not stat.S_ISDIR(os.lstat(folder).st_mode):
+                        raise CheckpointError(
+                            f"{self.uri}: cannot restore {path!r} into {self.workspace}: {folder} is not a folder",
+                            uri=self.uri,
+                        ) from None
+        self._place(list(paths))
+
+    def _check_held(self) -> None:
         original = os.fstat(self._held)
         try:
             now = os.stat(self.path)
@@ -129,7 +159,8 @@ class StagingFolder:
             raise CheckpointError(
                 f"{self.uri}: the workspace was removed while the checkpoint was restored", uri=self.uri
             )
-        names = sorted(os.listdir(self.path))
+
+    def _place(self, names: Sequence[str]) -> None:
         try:
             replace_all([(self.path / name, self.workspace / name) for name in names])
         except OSError as error:

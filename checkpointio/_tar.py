@@ -53,6 +53,10 @@ __all__ = [
     "DIRECTORY",
     "FILE",
     "HARD_LINK",
+    "Header",
+    "KIND_NAMES",
+    "Pick",
+    "SkippedLinkTarget",
     "SYMLINK",
     "end_of_archive",
     "extract",
@@ -62,6 +66,23 @@ __all__ = [
 ]
 
 Read = Callable[[int], bytes]
+
+
+class Header(NamedTuple):
+    """An entry's header as the archive gives it (what a :data:`Pick` decides on)."""
+
+    name: str
+    """As the archive spells it (not normalised)."""
+    kind: bytes
+    """The type byte (``FILE``, ``DIRECTORY``, ...; a pre-POSIX folder says ``DIRECTORY``)."""
+    size: int
+    mode: int
+    mtime: int
+    link: str
+
+
+#: Decides whether to extract an entry; it may raise to refuse the archive (see :func:`extract`).
+Pick = Callable[[Header], bool]
 #: Gives the next ``size`` bytes of the stream (fewer at its end) as views, without copying them.
 ReadViews = Callable[[int], list[memoryview]]
 
@@ -69,6 +90,8 @@ BLOCK = 512
 _ZERO_BLOCK = bytes(BLOCK)
 FILE, HARD_LINK, SYMLINK, DIRECTORY = b"0", b"1", b"2", b"5"
 _FILE_TYPES = (b"0", b"\0", b"7")
+#: Type bytes by the words tables of contents and listings use.
+KIND_NAMES = {b"0": "file", b"\0": "file", b"7": "file", b"5": "dir", b"2": "symlink", b"1": "hardlink"}
 _SPECIAL_TYPES = {b"3": "character device", b"4": "block device", b"6": "pipe"}
 _WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _STEP = 1024 * 1024
@@ -567,9 +590,22 @@ def _write_views(fd: int, views: list[memoryview]) -> None:
         _write_all(fd, view)
 
 
+class SkippedLinkTarget(Exception):
+    """A picked hard link's file was not picked: extract again with it (``path``) picked too."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.path = path
+
+
 class _Extraction:
-    def __init__(self, read: Read, dest: str | None, views: ReadViews | None = None, writers: int = 0) -> None:
+    def __init__(
+        self, read: Read, dest: str | None, views: ReadViews | None = None, writers: int = 0, pick: Pick | None = None
+    ) -> None:
         self._read = read
+        self._pick = pick
+        #: Files left out by ``pick``: a picked hard link to one of them needs it picked too.
+        self._skipped: set[str] = set()
         self._views: ReadViews = views if views is not None else (lambda size: [memoryview(read(size))])
         self._write = dest is not None  # False: check everything, write nothing
         #: The destination, held open: entries are created relative to it, so a name up to
@@ -789,6 +825,11 @@ class _Extraction:
                 raise CorruptCheckpointError(
                     f"entry {_text(name[:100])!r}... has a name part over {_MAX_PART} bytes, which no file system holds"
                 )
+            if self._pick is not None and not self._pick(Header(_text(name), kind, size, mode, mtime, _text(link))):
+                if kind in _FILE_TYPES:
+                    self.skip(size + -size % BLOCK)
+                    self._skipped.add(os.path.normpath(_text(name)))
+                continue
             try:
                 self.entry(kind, _text(name), _text(link), size, mode, mtime)
             except OSError as error:
@@ -831,6 +872,8 @@ class _Extraction:
             self._links[rel] = link
         elif kind == b"1":
             source = self.inside(link, "hard link target")
+            if source not in self._files and source in self._skipped:
+                raise SkippedLinkTarget(source)
             if source not in self._files:
                 raise UnsafeArchiveError(f"hard link {name!r} -> {link!r} is not to a file extracted before")
             if source != rel:  # a link to itself (GNU tar's for a linked file named twice) is already there
@@ -1000,16 +1043,21 @@ def _finish(fd: int, mode: int, mtime: int, umask: int | None) -> None:
     os.utime(fd, (mtime, mtime))
 
 
-def extract(read: Read, dest: str | None, *, views: ReadViews | None = None, writers: int = 0) -> None:
+def extract(
+    read: Read, dest: str | None, *, views: ReadViews | None = None, writers: int = 0, pick: Pick | None = None
+) -> None:
     """Extract the tar stream ``read`` gives into the new, empty folder ``dest``.
 
     With ``dest=None`` every header, rule and byte is checked the same way and nothing is written
     (``checkpointio verify``). ``views``, if given, reads file data without copying it;
     ``writers`` threads, if any, write the data of large files while the stream is read on
-    (every file is written, closed and given its time before this returns).
+    (every file is written, closed and given its time before this returns). ``pick``, if given,
+    is asked about every entry: those it declines are skipped, unchecked and unwritten (a partial
+    restore).
 
     Raises:
         UnsafeArchiveError: An entry would be written outside ``dest`` or is a device.
         CorruptCheckpointError: The stream is truncated, garbled or of an unsupported kind.
+        SkippedLinkTarget: A picked hard link is to a file ``pick`` declined.
     """
-    _Extraction(read, dest, views, writers).run()
+    _Extraction(read, dest, views, writers, pick).run()

@@ -1,0 +1,294 @@
+"""The table of contents at the end of a directory archive: where each entry can be read alone.
+
+Layout of a directory checkpoint (a ``.tar.gz`` any tool reads)::
+
+    gzip members of the tar stream ... end-of-archive blocks | table members | footer member
+
+The table and the footer are gzip members of their own (checkpointio's, with the ``CK`` length
+field), after the members holding tar's end-of-archive blocks: ``tar``, :mod:`tarfile` and older
+checkpointio versions stop extracting at that marker and read (or skip) the rest as data that
+follows the archive, so no file appears. The table inflates to JSON lines, one per entry, in
+archive order::
+
+    [path, kind, mode, mtime, size, link, offset, span, skip, length]
+
+``kind`` is ``file``, ``dir``, ``symlink`` or ``hardlink``; ``offset`` and ``span`` are the
+compressed byte range of the gzip members the entry lies in (each member inflates on its own
+and carries its CRC32), ``skip`` where its header starts in the inflated first member, and
+``length`` its bytes in the tar stream (headers, data and padding). The footer is the last
+:data:`FOOTER_SIZE` bytes of the object: one stored member whose data is :data:`_FOOTER`
+(magic, version, the table's compressed offset, length and CRC32, its inflated length and its
+number of entries), so one suffix read finds it and, for tables up to that read's size, the
+table too.
+
+A table is a claim, not a fact: a reader checks it (:func:`read_table`) and then checks every
+entry it restores against the header found at that place in the archive.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import os
+import struct
+from collections.abc import Iterator
+from typing import Any, NamedTuple
+
+from . import _codec
+from ._exceptions import CorruptCheckpointError
+
+__all__ = [
+    "FOOTER_SIZE",
+    "KINDS",
+    "Footer",
+    "TableWriter",
+    "TocEntry",
+    "parse_footer",
+    "read_table",
+]
+
+_MAGIC = b"CKIO-TOC"
+_VERSION = 1
+#: magic, version, flags, table offset, table length (compressed), inflated length, entries, CRC32
+_FOOTER = struct.Struct("<8sHHQQQQI")
+#: The footer member: gzip header with the length field, one stored deflate block, trailer.
+FOOTER_SIZE = len(_codec.encode_member(bytes(_FOOTER.size), 0))
+#: Largest table a reader fetches (compressed), and the longest line it holds: bounds memory
+#: against a hostile footer whatever it claims. A 1,000,000-file tree's table is ~20 MiB.
+MAX_TABLE = 512 * 1024 * 1024
+_MAX_LINE = 64 * 1024
+_MAX_NAME = 4095
+#: Entry kinds in the table.
+KINDS = ("file", "dir", "symlink", "hardlink")
+_BLOCK = 512
+
+
+class TocEntry(NamedTuple):
+    """One row of the table (see the module docstring)."""
+
+    path: str
+    kind: str
+    mode: int
+    mtime: int
+    size: int
+    link: str
+    offset: int
+    span: int
+    skip: int
+    length: int
+
+
+class Footer(NamedTuple):
+    """What the footer says about the table."""
+
+    offset: int
+    length: int
+    inflated: int
+    entries: int
+    crc32: int
+
+
+class TableWriter:
+    """Builds the table while an archive is written (in the archive's thread).
+
+    The archive writer reports each entry's place in the tar stream (:meth:`add`) and each gzip
+    member as it is emitted (:meth:`member`); an entry becomes a row once the member holding its
+    end went out, so rows are compressed as the save goes and only the members' boundaries are
+    kept whole (a few integers per member).
+    """
+
+    def __init__(self, block_size: int, level: int) -> None:
+        self._block_size = block_size
+        self._level = max(level, 1)  # JSON deflates well; storing it would be 5-10 times larger
+        #: Members emitted so far: inflated start, compressed start (parallel lists, for bisect).
+        self._raw_starts: list[int] = []
+        self._starts: list[int] = []
+        self._raw_end = 0
+        self._end = 0
+        self._pending: list[tuple[str, str, int, int, int, str, int, int]] = []
+        self._lines = bytearray()
+        self._members: list[bytes] = []
+        self._inflated = 0
+        self._count = 0
+
+    def add(self, path: str, kind: str, mode: int, mtime: int, size: int, link: str, start: int, end: int) -> None:
+        """An entry whose bytes in the tar stream are ``start`` to ``end``."""
+        self._pending.append((path, kind, mode, mtime, size, link, start, end))
+        self._settle()
+
+    def member(self, compressed: int, inflated: int) -> None:
+        """The next member went out: ``compressed`` bytes holding ``inflated`` of the tar stream."""
+        self._raw_starts.append(self._raw_end)
+        self._starts.append(self._end)
+        self._raw_end += inflated
+        self._end += compressed
+        self._settle()
+
+    def _find(self, raw: int) -> int:
+        """Index of the member holding the tar stream's byte ``raw`` (emitted already)."""
+        return bisect.bisect_right(self._raw_starts, raw) - 1
+
+    def _settle(self) -> None:
+        done = 0
+        for path, kind, mode, mtime, size, link, start, end in self._pending:
+            if end > self._raw_end:
+                break
+            first, last = self._find(start), self._find(end - 1)
+            offset = self._starts[first]
+            last_end = self._starts[last + 1] if last + 1 < len(self._starts) else self._end
+            row = [path, kind, mode, mtime, size, link, offset, last_end - offset, start - self._raw_starts[first]]
+            row.append(end - start)
+            self._lines += json.dumps(row, separators=(",", ":")).encode("ascii") + b"\n"
+            self._count += 1
+            done += 1
+        if done:
+            del self._pending[:done]
+        if len(self._lines) >= self._block_size:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._lines:
+            self._inflated += len(self._lines)
+            self._members.append(_codec.encode_member(bytes(self._lines), self._level))
+            self._lines.clear()
+
+    def finish(self) -> list[bytes]:
+        """The table's members and the footer, to append after the archive's last member."""
+        if self._pending:
+            raise AssertionError("entries past the last member emitted")
+        self._flush()
+        table = b"".join(self._members)
+        footer = _FOOTER.pack(
+            _MAGIC, _VERSION, 0, self._end, len(table), self._inflated, self._count, _codec.crc32(table)
+        )
+        return [*self._members, _codec.encode_member(footer, 0)]
+
+
+def parse_footer(tail: bytes, size: int, uri: str) -> Footer | None:
+    """The footer at the end of ``tail`` (the last bytes of an object of ``size`` bytes), or ``None``
+    when the object does not end with one (an archive of another tool or of an older version).
+
+    Raises:
+        CorruptCheckpointError: It ends with a footer that is damaged or points outside the
+            object or at more than :data:`MAX_TABLE` bytes.
+    """
+    if len(tail) < FOOTER_SIZE or size < FOOTER_SIZE:
+        return None
+    member = tail[-FOOTER_SIZE:]
+    if _codec.member_length(member[:32]) != FOOTER_SIZE or _MAGIC not in member:
+        return None
+    try:
+        stored = _codec.stored_data(member)
+    except CorruptCheckpointError as error:
+        raise CorruptCheckpointError(f"{uri}: the table of contents' footer fails its CRC32 check", uri=uri) from error
+    if stored is None or sum(map(len, stored)) != _FOOTER.size:
+        return None
+    magic, version, _, offset, length, inflated, entries, crc = _FOOTER.unpack(b"".join(stored))
+    if magic != _MAGIC:
+        return None
+    if version != _VERSION:
+        raise CorruptCheckpointError(
+            f"{uri}: its table of contents is of version {version}, newer than this checkpointio reads "
+            "(upgrade, or restore it whole)",
+            uri=uri,
+        )
+    if offset + length != size - FOOTER_SIZE or length > MAX_TABLE or (length == 0) != (entries == 0):
+        raise CorruptCheckpointError(
+            f"{uri}: the table of contents' footer points outside the object ({length} bytes at {offset}, "
+            f"the object holds {size})",
+            uri=uri,
+        )
+    if entries * 22 > inflated:  # the shortest row: ["a","dir",0,0,0,"",0,1,0,512]
+        raise CorruptCheckpointError(
+            f"{uri}: the table of contents claims {entries} entries in {inflated} bytes", uri=uri
+        )
+    return Footer(offset, length, inflated, entries, crc)
+
+
+def _bad(uri: str, why: str) -> CorruptCheckpointError:
+    return CorruptCheckpointError(f"{uri}: the table of contents is corrupt: {why}", uri=uri)
+
+
+def _entry(row: Any, footer: Footer, uri: str) -> TocEntry:
+    """A row checked for shape and for what a restore relies on: a path inside the tree, a range
+    before the table."""
+    if not isinstance(row, list) or len(row) != 10:
+        raise _bad(uri, "a row is not a list of 10 fields")
+    path, kind, mode, mtime, size, link, offset, span, skip, length = row
+    texts, numbers = (path, kind, link), (mode, mtime, size, offset, span, skip, length)
+    if not all(isinstance(text, str) for text in texts) or not all(
+        type(number) is int
+        for number in numbers  # not isinstance: a bool is an int
+    ):
+        raise _bad(uri, f"a row has fields of the wrong type: {str(row)[:200]}")
+    if kind not in KINDS:
+        raise _bad(uri, f"entry {path!r} has an unknown kind {kind!r}")
+    if (
+        not path
+        or path.startswith("/")
+        or os.path.normpath(path) != path
+        or path == ".."
+        or path.startswith("../")
+        or "\0" in path + link
+        or len(path.encode("utf-8", "surrogatepass")) > _MAX_NAME
+    ):
+        raise _bad(uri, f"entry path {path[:200]!r} is not a path inside the tree")
+    if not 0 <= mode <= 0o7777 or size < 0 or (kind != "file" and size):
+        raise _bad(uri, f"entry {path!r} has an impossible mode or size")
+    if offset < 0 or span <= 0 or offset + span > footer.offset:
+        raise _bad(uri, f"entry {path!r} lies at bytes {offset}..{offset + span}, outside the archive before the table")
+    if skip < 0 or length < _BLOCK + size or length % _BLOCK:
+        raise _bad(uri, f"entry {path!r} has an impossible place in its members")
+    return TocEntry(path, kind, mode, mtime, size, link, offset, span, skip, length)
+
+
+def read_table(table: bytes, footer: Footer, uri: str) -> Iterator[TocEntry]:
+    """The rows of ``table`` (the bytes the footer points at), checked, in archive order.
+
+    Memory stays bounded by one inflated member (at most 64 MiB) and one line, whatever the
+    table claims.
+
+    Raises:
+        CorruptCheckpointError: The table fails its CRC32, does not inflate, holds a row that is
+            not well formed, a path outside the tree, a range outside the archive, entries out of
+            order or overlapping in one member, or not the number of entries the footer says.
+    """
+    if len(table) != footer.length or _codec.crc32(table) != footer.crc32:
+        raise _bad(uri, "it fails its CRC32 check")
+    position = 0
+    count = 0
+    inflated = 0
+    carry = b""
+    previous: TocEntry | None = None
+    while position < len(table):
+        length = _codec.member_length(table[position : position + 32])
+        if length is None or position + length > len(table):
+            raise _bad(uri, "it is not a series of gzip members")
+        member = table[position : position + length]
+        position += length
+        data = _codec.inflate_member(member)
+        inflated += len(data)
+        lines = (carry + data).split(b"\n")
+        carry = lines.pop()
+        if len(carry) > _MAX_LINE:
+            raise _bad(uri, f"a row is longer than {_MAX_LINE} bytes")
+        for line in lines:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                raise _bad(uri, "a row is not JSON") from None
+            entry = _entry(row, footer, uri)
+            if previous is not None and (
+                (entry.offset, entry.skip) <= (previous.offset, previous.skip)
+                or (entry.offset == previous.offset and entry.skip < previous.skip + previous.length)
+            ):
+                raise _bad(uri, f"entries {previous.path!r} and {entry.path!r} overlap or are out of order")
+            previous = entry
+            count += 1
+            if count > footer.entries:
+                raise _bad(uri, f"it holds more than the {footer.entries} entries its footer says")
+            yield entry
+    if carry or count != footer.entries or inflated != footer.inflated:
+        raise _bad(
+            uri, f"it holds {count} entries in {inflated} bytes, its footer says {footer.entries} in {footer.inflated}"
+        )

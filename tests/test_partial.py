@@ -1,0 +1,575 @@
+"""The table of contents of directory archives, partial restores (``only=``) and ``ls --contents``."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from checkpointio import Checkpoint, CheckpointError, CorruptCheckpointError, UnsafeArchiveError, _codec, _engine, _toc
+from checkpointio._archive import pack_directory, unpack_directory
+from checkpointio._cli import main
+from checkpointio._config import TransferConfig
+from checkpointio._location import Location, parse_location
+from checkpointio._partial import _table
+from checkpointio._selection import ListedEntry, Selection, roots
+from checkpointio._stores import Body, ObjectInfo, PendingWrite, Record, Sink, Store, open_store
+
+from .conftest import ONE_STORE, StoreCase, make_tree, pull_of, snapshot
+
+CONFIG = TransferConfig()
+REPO = Path(__file__).resolve().parent.parent
+#: The last commit whose archives carry no table of contents: its reader must restore ours.
+BEFORE_TABLES = "2973467"
+
+
+def packed(root: Path, *, block: int = 256 * 1024, workers: int = 2) -> bytes:
+    chunks: list[bytes] = []
+    pack_directory(root, chunks.append, block_size=block, level=1, workers=workers)
+    return b"".join(chunks)
+
+
+def table_of(data: bytes) -> list[_toc.TocEntry]:
+    footer = _toc.parse_footer(data[-4096:], len(data), "test://archive")
+    assert footer is not None
+    return list(_toc.read_table(data[footer.offset : footer.offset + footer.length], footer, "test://archive"))
+
+
+def mixed_tree(root: Path) -> Path:
+    """make_tree plus a hard link, a file large enough for members of its own, a non-ASCII name."""
+    make_tree(root)
+    os.link(root / "run.sh", root / "model" / "run-again.sh")
+    (root / "model" / "big.pt").write_bytes(os.urandom(700_000))
+    (root / "naïve.json").write_text('{"a": 1}')
+    return root
+
+
+# -- the format: still a plain .tar.gz -------------------------------------------------------------
+
+
+@pytest.mark.skipif(shutil.which("tar") is None, reason="needs GNU tar")
+def test_an_archive_with_a_table_restores_exactly_with_gnu_tar_tarfile_and_the_previous_reader(
+    tmp_path: Path,
+) -> None:
+    tree = mixed_tree(tmp_path / "tree")
+    archive = tmp_path / "a.tar.gz"
+    archive.write_bytes(packed(tree))
+    assert table_of(archive.read_bytes())  # it has one
+    expected = snapshot(tree)
+
+    gnu = tmp_path / "gnu"
+    gnu.mkdir()
+    done = subprocess.run(["tar", "-xzf", str(archive), "-C", str(gnu)], capture_output=True)
+    assert (done.returncode, done.stderr) == (0, b"")
+    assert snapshot(gnu) == expected
+
+    # tarfile by name and by file object, as the flyte tutorial opens it ("r:*") and as r:gz;
+    # warnings are errors in this suite, so none is raised either.
+    for mode, extraction_filter in (("r:gz", "data"), ("r:*", "data"), ("r:*", "fully_trusted")):
+        out = tmp_path / f"py-{mode[-1]}-{extraction_filter}"
+        with tarfile.open(archive, mode) as tar:
+            tar.extractall(out, filter=extraction_filter)
+        assert snapshot(out) == expected, mode
+    with tarfile.open(fileobj=io.BytesIO(archive.read_bytes()), mode="r:gz") as tar:
+        assert sorted(tar.getnames()) == sorted(expected)
+
+    ours = tmp_path / "ours"
+    ours.mkdir()
+    unpack_directory(pull_of([archive.read_bytes()]), ours, uri="test://a", workers=2)
+    assert snapshot(ours) == expected
+
+
+@pytest.mark.skipif(not (REPO / ".git").exists() or shutil.which("git") is None, reason="needs the git history")
+def test_the_reader_of_the_version_before_tables_restores_exactly_the_tree(tmp_path: Path) -> None:
+    old = tmp_path / "old"
+    old.mkdir()
+    exported = subprocess.run(["git", "-C", str(REPO), "archive", BEFORE_TABLES, "checkpointio"], capture_output=True)
+    if exported.returncode:
+        pytest.skip(f"commit {BEFORE_TABLES} is not in this checkout's history")
+    with tarfile.open(fileobj=io.BytesIO(exported.stdout)) as tar:
+        tar.extractall(old, filter="data")
+    tree = mixed_tree(tmp_path / "tree")
+    archive = tmp_path / "a.tar.gz"
+    archive.write_bytes(packed(tree))
+    script = (
+        "import sys; from pathlib import Path; import checkpointio._archive as a; "
+        "assert a.__file__.startswith(sys.argv[1]), a.__file__; data = Path(sys.argv[2]).read_bytes(); "
+        "chunks = iter([data[i:i + 65536] for i in range(0, len(data), 65536)]); "
+        "Path(sys.argv[3]).mkdir(); "
+        "a.unpack_directory(lambda: [c] if (c := next(chunks, None)) is not None else [], Path(sys.argv[3]), "
+        "uri='old', workers=2)"
+    )
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(old)}
+    done = subprocess.run(
+        [sys.executable, "-W", "error", "-c", script, str(old), str(archive), str(out)],
+        capture_output=True,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert (done.returncode, done.stderr) == (0, b"")
+    assert snapshot(out) == snapshot(tree)
+
+
+def test_the_table_lists_every_entry_where_its_header_is(tmp_path: Path) -> None:
+    tree = mixed_tree(tmp_path / "tree")
+    data = packed(tree)
+    entries = table_of(data)
+    kinds = {entry.path: entry.kind for entry in entries}
+    assert kinds["model"] == "dir" and kinds["latest"] == "symlink" and kinds["model/big.pt"] == "file"
+    assert {kinds["model/run-again.sh"], kinds["run.sh"]} == {"file", "hardlink"}
+    on_disk = {path.relative_to(tree).as_posix() for path in tree.rglob("*")}
+    assert set(kinds) == on_disk
+    for entry in entries:
+        st = (tree / entry.path).lstat()
+        assert (entry.mode, entry.mtime) == (st.st_mode & 0o7777, int(st.st_mtime))
+        if entry.kind == "file":
+            assert entry.size == st.st_size
+        # the range holds whole members; the entry's header is at ``skip`` in their data
+        members, position = [], entry.offset
+        while position < entry.offset + entry.span:
+            length = _codec.member_length(data[position : position + 32])
+            assert length is not None
+            members.append(_codec.inflate_member(data[position : position + length]))
+            position += length
+        assert position == entry.offset + entry.span
+        inflated = b"".join(members)
+        assert len(inflated) >= entry.skip + entry.length
+        with tarfile.open(fileobj=io.BytesIO(inflated[entry.skip : entry.skip + entry.length])) as tar:
+            (member,) = tar.getmembers()
+            assert member.name.rstrip("/") == entry.path
+
+
+def test_large_files_take_members_of_their_own(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    for index in range(4):
+        (tree / f"small-{index}").write_bytes(os.urandom(1000))
+        (tree / f"layer-{index}.pt").write_bytes(os.urandom(300_000))
+    entries = {entry.path: entry for entry in table_of(packed(tree, block=256 * 1024))}
+    for index in range(4):
+        layer = entries[f"layer-{index}.pt"]
+        assert layer.skip == 0  # its header starts a member
+        assert layer.span < 300_000 + 2 * 1024  # its members hold the file and little else
+
+
+# -- selections --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("pattern", "path", "selected"),
+    [
+        ("model/*.pt", "model/a.pt", True),
+        ("model/*.pt", "model/sub/a.pt", False),  # * stays within one part
+        ("*.json", "a/config.json", False),
+        ("**/*.json", "config.json", True),  # ** matches no part too
+        ("**/*.json", "a/b/config.json", True),
+        ("model/**", "model/x/y", True),
+        ("model", "model/x/y", True),  # a folder selects what it holds
+        ("mod", "model/x", False),
+        ("l[0-2].pt", "l1.pt", True),
+        ("l[!0-2].pt", "l3.pt", True),
+        ("l[!0-2].pt", "l1.pt", False),
+        ("l?.pt", "l12.pt", False),
+        ("./config.json/", "config.json", True),
+        ("Config.json", "config.json", False),
+    ],
+)
+def test_glob_patterns_match_paths_part_by_part(pattern: str, path: str, selected: bool) -> None:
+    assert Selection([pattern]).matches(path) is selected
+
+
+@pytest.mark.parametrize("patterns", [[], [""], ["/etc/passwd"], ["../x"], ["a/../../x"], "model/*.pt"])
+def test_patterns_outside_the_tree_or_none_are_refused(patterns: Any) -> None:
+    with pytest.raises(ValueError, match="only="):
+        Selection(patterns)
+
+
+def test_roots_are_the_paths_no_other_one_holds() -> None:
+    assert roots(["a", "a-b", "a/b", "a/b/c", "b/c", "b/d"]) == ["a", "a-b", "b/c", "b/d"]
+
+
+# -- partial restores over every store -------------------------------------------------------------
+
+
+@dataclass
+class Counted:
+    """A store that counts the requests made through it and the bytes they carried."""
+
+    inner: Store
+    requests: list[str] = field(default_factory=list)
+    received: int = 0
+
+    async def head(self, location: Location) -> ObjectInfo | None:
+        self.requests.append("head")
+        return await self.inner.head(location)
+
+    async def put(self, location: Location, body: Body, record: Record) -> ObjectInfo:
+        self.requests.append("put")
+        return await self.inner.put(location, body, record)
+
+    async def get(self, info: ObjectInfo, sink: Sink) -> None:
+        self.requests.append("get")
+
+        async def counted(blocks: list[bytes]) -> None:
+            self.received += sum(map(len, blocks))
+            await sink(blocks)
+
+        await self.inner.get(info, counted)
+
+    async def delete(self, location: Location) -> bool:
+        return await self.inner.delete(location)
+
+    async def pending(self, prefix: Location) -> list[PendingWrite]:
+        return await self.inner.pending(prefix)
+
+    async def discard(self, write: PendingWrite) -> bool:
+        return await self.inner.discard(write)
+
+    async def list(self, prefix: Location) -> list[ObjectInfo]:
+        return await self.inner.list(prefix)
+
+    async def create(self, location: Location, data: bytes, record: Record) -> bool:
+        return await self.inner.create(location, data, record)
+
+    async def read_range(self, info: ObjectInfo, offset: int, length: int) -> bytes:
+        self.requests.append(f"range {offset}+{length}")
+        data = await self.inner.read_range(info, offset, length)
+        self.received += len(data)
+        return data
+
+
+def counted_store(case: StoreCase, name: str) -> tuple[Counted, Location]:
+    location = parse_location(case.uri(name))
+    return Counted(anyio.run(open_store, location.scheme, CONFIG)), location
+
+
+def load_only(case: StoreCase, name: str, workspace: Path, patterns: list[str]) -> Counted:
+    store, location = counted_store(case, name)
+    restored = anyio.run(lambda: _engine.load(store, location, workspace, CONFIG, only=Selection(patterns)))
+    assert restored == workspace
+    return store
+
+
+def picked(expected: dict[str, Any], *paths: str) -> dict[str, Any]:
+    return {path: value for path, value in expected.items() if path in paths}
+
+
+def test_only_restores_the_matching_entries_and_their_folders(store: StoreCase, tmp_path: Path) -> None:
+    tree = mixed_tree(tmp_path / "tree")
+    expected = snapshot(tree)
+    Checkpoint(store.uri("ck")).save_sync(tree)
+    with Checkpoint(store.uri("next"), src=store.uri("ck")) as cp:
+        root = cp.load_sync(only=["model/*.pt", "naïve.json", "empty", "latest"])
+        assert root == cp.path
+        got = snapshot(cp.path)
+    wanted = ["model/big.pt", "naïve.json", "empty", "empty/deeper", "latest"]
+    assert {k: v for k, v in got.items() if k != "model"} == picked(expected, *wanted)
+    assert got["model"][0] == "dir"  # made to hold the file, not restored with the archive's mode
+
+
+def test_only_through_the_async_api_and_twice_into_one_workspace(store: StoreCase, tmp_path: Path) -> None:
+    tree = mixed_tree(tmp_path / "tree")
+    expected = snapshot(tree)
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    (workspace / "mine.txt").write_text("the user's own file")
+
+    async def run() -> None:
+        await Checkpoint(store.uri("ck")).save(tree)
+        cp = Checkpoint(store.uri("next"), src=store.uri("ck"), workspace=workspace)
+        await cp.load(only=["model/layers/0.txt"])
+        (workspace / "model" / "layers" / "0.txt").write_text("changed")
+        await cp.load(only=["model/layers/*", "run.sh"])
+
+    anyio.run(run)
+    got = snapshot(workspace)
+    assert got.pop("mine.txt")[1] == b"the user's own file"  # left alone
+    assert picked(got, "model/layers/0.txt", "run.sh") == picked(expected, "model/layers/0.txt", "run.sh")
+
+
+def test_a_selected_hard_link_brings_the_file_it_links_to(store: StoreCase, tmp_path: Path) -> None:
+    tree = mixed_tree(tmp_path / "tree")
+    Checkpoint(store.uri("ck")).save_sync(tree)
+    link = next(entry for entry in table_of(store.get_raw("ck")) if entry.kind == "hardlink")
+    workspace = tmp_path / "ws"
+    load_only(store, "ck", workspace, [link.path])
+    assert (workspace / link.path).read_bytes() == (tree / link.path).read_bytes()
+    assert (workspace / link.path).stat().st_ino == (workspace / link.link).stat().st_ino
+
+
+def test_one_file_of_a_large_checkpoint_costs_three_requests_and_about_its_size(
+    store: StoreCase, tmp_path: Path
+) -> None:
+    # The 1 GiB target in small: 1 MiB files of random data (stored, not deflated) in 1 MiB members.
+    tree = tmp_path / "tree"
+    (tree / "layers").mkdir(parents=True)
+    for index in range(24):
+        (tree / "layers" / f"{index:02d}.pt").write_bytes(os.urandom(1024 * 1024))
+    (tree / "config.json").write_text("{}")
+    Checkpoint(store.uri("ck")).save_sync(tree)
+    size = len(store.get_raw("ck"))
+    workspace = tmp_path / "ws"
+    counted = load_only(store, "ck", workspace, ["layers/13.pt"])
+    assert snapshot(workspace) == picked(snapshot(tree), "layers", "layers/13.pt") | {
+        "layers": snapshot(workspace)["layers"]
+    }
+    assert counted.requests[0] == "head" and len(counted.requests) <= 4, counted.requests
+    footer = _toc.parse_footer(store.get_raw("ck")[-4096:], size, "x")
+    assert footer is not None
+    assert counted.received <= 2 * 1024 * 1024 + footer.length, counted.requests
+
+
+def test_an_archive_without_a_table_is_streamed_keeping_the_matches(store: StoreCase, tmp_path: Path) -> None:
+    tree = mixed_tree(tmp_path / "tree")
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        tar.add(tree, arcname=".")
+    store.put_raw("foreign.tar.gz", buffer.getvalue())
+    workspace = tmp_path / "ws"
+    counted = load_only(store, "foreign.tar.gz", workspace, ["model/layers", "run.sh"])
+    assert counted.requests[0] == "head" and "get" in counted.requests
+    got = snapshot(workspace)
+    expected = snapshot(tree)
+    assert picked(got, "model/layers", "model/layers/0.txt", "model/run-again.sh") == picked(
+        expected, "model/layers", "model/layers/0.txt", "model/run-again.sh"
+    )
+    # the hard link's file came with it (tarfile stored model/run-again.sh first, the link run.sh second)
+    assert set(got) - {"model"} == {"model/layers", "model/layers/0.txt", "model/run-again.sh", "run.sh"}
+
+
+@ONE_STORE
+def test_a_pattern_matching_nothing_fails_and_restores_nothing(store: StoreCase, tmp_path: Path) -> None:
+    tree = mixed_tree(tmp_path / "tree")
+    Checkpoint(store.uri("ck")).save_sync(tree)
+    with Checkpoint(store.uri("next"), src=store.uri("ck")) as cp:
+        with pytest.raises(CheckpointError, match=r"no entry matches 'modle/\*'"):
+            cp.load_sync(only=["model/big.pt", "modle/*"])
+        assert list(cp.path.iterdir()) == []
+
+
+@ONE_STORE
+def test_only_on_a_bytes_checkpoint_is_refused(store: StoreCase, tmp_path: Path) -> None:
+    Checkpoint(store.uri("ck")).save_sync(b"state")
+    with (
+        Checkpoint(store.uri("next"), src=store.uri("ck")) as cp,
+        pytest.raises(CheckpointError, match="not a directory: only= picks entries"),
+    ):
+        cp.load_sync(only=["*"])
+
+
+@ONE_STORE
+def test_a_foreign_archive_entry_outside_the_workspace_is_refused(store: StoreCase, tmp_path: Path) -> None:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name in ("ok.txt", "../evil.txt"):
+            info = tarfile.TarInfo(name)
+            info.size = 4
+            tar.addfile(info, io.BytesIO(b"data"))
+    store.put_raw("evil.tar.gz", buffer.getvalue())
+    workspace = tmp_path / "deep" / "ws"
+    with pytest.raises(UnsafeArchiveError, match="outside"):
+        load_only(store, "evil.tar.gz", workspace, ["**"])
+    assert not (tmp_path / "deep" / "evil.txt").exists()
+    assert list(workspace.iterdir()) == []
+
+
+# -- ls --contents ------------------------------------------------------------------------------
+
+
+def listed(case: StoreCase, name: str) -> tuple[Counted, list[ListedEntry], bool | None]:
+    store, location = counted_store(case, name)
+    rows: list[ListedEntry] = []
+    table = anyio.run(lambda: _engine.list_contents(store, location, CONFIG, rows.append))
+    return store, rows, table
+
+
+def test_listing_reads_the_table_in_two_requests(store: StoreCase, tmp_path: Path) -> None:
+    tree = mixed_tree(tmp_path / "tree")
+    Checkpoint(store.uri("ck")).save_sync(tree)
+    counted, rows, table = listed(store, "ck")
+    assert table is True
+    assert len(counted.requests) == 2, counted.requests  # HEAD and one suffix read
+    by_path = {row.path: row for row in rows}
+    assert set(by_path) == {path.relative_to(tree).as_posix() for path in tree.rglob("*")}
+    st = (tree / "model" / "big.pt").stat()
+    assert by_path["model/big.pt"][1:4] == ("file", st.st_size, int(st.st_mtime))
+
+
+def test_a_table_larger_than_the_suffix_read_takes_one_more(tmp_path: Path) -> None:
+    tree = mixed_tree(tmp_path / "tree")
+    data = packed(tree)
+    location = parse_location(f"memory://{tmp_path.name}/big-table")
+    from checkpointio._stores import _memory
+
+    _memory.write_raw(location, data)
+    store = Counted(anyio.run(open_store, "memory", CONFIG))
+
+    async def read() -> tuple[_toc.Footer, bytes] | None:
+        info = await store.head(location)
+        assert info is not None
+        return await _table(store, info, tail=_toc.FOOTER_SIZE + 10)
+
+    found = anyio.run(read)
+    assert found is not None
+    footer, table = found
+    assert len(store.requests) == 3
+    assert [entry.path for entry in _toc.read_table(table, footer, "x")] == [entry.path for entry in table_of(data)]
+
+
+@ONE_STORE
+def test_listing_an_archive_without_a_table_streams_it(store: StoreCase, tmp_path: Path) -> None:
+    tree = mixed_tree(tmp_path / "tree")
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        tar.add(tree, arcname=".")
+    store.put_raw("foreign.tar.gz", buffer.getvalue())
+    counted, rows, table = listed(store, "foreign.tar.gz")
+    assert table is False and "get" in counted.requests
+    assert {row.path for row in rows} == {path.relative_to(tree).as_posix() for path in tree.rglob("*")}
+
+
+# -- the command line ---------------------------------------------------------------------------
+
+
+@ONE_STORE
+def test_the_command_line_loads_only_and_lists_contents(
+    store: StoreCase, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tree = mixed_tree(tmp_path / "tree")
+    uri = store.uri("ck")
+    Checkpoint(uri).save_sync(tree)
+    dest = tmp_path / "dest"
+    assert main(["-q", "load", uri, str(dest), "--only", "model/*.pt", "--only", "run.sh"]) == 0
+    restored = {path.relative_to(dest).as_posix() for path in dest.rglob("*")}
+    assert restored == {"model", "model/big.pt", "model/run-again.sh", "run.sh"}  # the link's file too
+    capsys.readouterr()
+    assert main(["ls", "--contents", uri]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    size = (tree / "model" / "big.pt").stat().st_size
+    assert any(line.split()[:2] == ["file", str(size)] and line.endswith(" model/big.pt") for line in lines)
+    assert len(lines) == len(list(tree.rglob("*")))
+    assert main(["ls", "--contents", "--json", uri]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {"path": "latest", "kind": "symlink", "link": "model/weights.bin"}.items() <= next(
+        row for row in rows if row["path"] == "latest"
+    ).items()
+    assert main(["load", uri, str(tmp_path / "none"), "--only", "nothing"]) == 1
+    assert "no entry matches 'nothing'" in capsys.readouterr().err
+
+
+@ONE_STORE
+def test_listing_without_a_table_says_so(store: StoreCase, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        tar.add(make_tree(tmp_path / "tree"), arcname=".")
+    store.put_raw("foreign.tar.gz", buffer.getvalue())
+    assert main(["ls", "--contents", store.uri("foreign.tar.gz")]) == 0
+    assert "has no table of contents" in capsys.readouterr().err
+
+
+# -- hostile tables -------------------------------------------------------------------------------
+
+
+def with_table(data: bytes, rows: list[list[Any]], *, entries: int | None = None, shift: int = 0) -> bytes:
+    """``data`` with its table replaced by ``rows`` (well-formed members, matching CRC32s): only
+    what the rows say is wrong. ``entries`` and ``shift`` falsify the footer's count and offset."""
+    footer = _toc.parse_footer(data[-4096:], len(data), "x")
+    assert footer is not None
+    lines = b"".join(json.dumps(row).encode() + b"\n" for row in rows)
+    table = _codec.encode_member(lines, 1)
+    body = data[: footer.offset]
+    packed_footer = _toc._FOOTER.pack(
+        b"CKIO-TOC",
+        1,
+        0,
+        footer.offset + shift,
+        len(table),
+        len(lines),
+        len(rows) if entries is None else entries,
+        _codec.crc32(table),
+    )
+    return body + table + _codec.encode_member(packed_footer, 0)
+
+
+def rows_of(data: bytes) -> list[list[Any]]:
+    return [list(entry) for entry in table_of(data)]
+
+
+def hostile_cases(data: bytes) -> dict[str, bytes]:
+    rows = rows_of(data)
+    big = next(index for index, row in enumerate(rows) if row[0] == "model/big.pt")
+    small = next(index for index, row in enumerate(rows) if row[0] == "run.sh")
+    out = {}
+    escaping = [list(row) for row in rows]
+    escaping[big][0] = "../escaped.pt"
+    out["a path out of the workspace"] = with_table(data, escaping)
+    absolute = [list(row) for row in rows]
+    absolute[big][0] = "/tmp/absolute.pt"
+    out["an absolute path"] = with_table(data, absolute)
+    overlapping = [list(row) for row in rows]
+    overlapping.insert(big + 1, [*overlapping[big][:6], *overlapping[big][6:9], overlapping[big][9]])
+    overlapping[big + 1][0] = "model/big-again.pt"
+    out["overlapping ranges"] = with_table(data, overlapping)
+    lying = [list(row) for index, row in enumerate(rows) if index != big]
+    moved = next(row for row in lying if row[0] == "naïve.json")
+    moved[6:10] = rows[big][6:10]  # naïve.json said to be where big.pt's header is
+    lying.sort(key=lambda row: (row[6], row[8]))
+    del small
+    out["a range holding another entry"] = with_table(data, lying)
+    out["a huge count"] = with_table(data, rows, entries=10**15)
+    out["a footer pointing past the end"] = with_table(data, rows, shift=4096)
+    good = with_table(data, rows)
+    footer = _toc.parse_footer(good[-4096:], len(good), "x")
+    assert footer is not None
+    flipped = bytearray(good)
+    flipped[footer.offset + 30] ^= 0xFF
+    out["a table failing its CRC32"] = bytes(flipped)
+    return out
+
+
+def test_hostile_tables_are_refused_by_partial_restores_and_listings(store: StoreCase, tmp_path: Path) -> None:
+    tree = mixed_tree(tmp_path / "tree")
+    data = packed(tree)
+    for why, hostile in hostile_cases(data).items():
+        name = why.replace(" ", "-")
+        store.put_raw(name, hostile)
+        workspace = tmp_path / "ws" / name
+        with pytest.raises(CorruptCheckpointError, match="table of contents"):
+            load_only(store, name, workspace, ["**"])
+        assert not os.path.lexists(tmp_path / "ws" / "escaped.pt")
+        assert list(workspace.iterdir()) == [], why
+        if why == "a range holding another entry":  # only the data read shows it: a listing reads none
+            assert {row.path for row in listed(store, name)[1]} == {
+                path.relative_to(tree).as_posix() for path in tree.rglob("*")
+            } - {"model/big.pt"}
+        else:
+            with pytest.raises(CorruptCheckpointError, match="table of contents"):
+                listed(store, name)
+        # a full restore never uses the table: the tree comes back whole, nothing else with it
+        # (its members are still read and checked: a damaged one fails the restore)
+        full = tmp_path / "full" / name
+        restore = (_engine.load, counted_store(store, name)[0], parse_location(store.uri(name)), full, CONFIG)
+        if "CRC32" in why:
+            with pytest.raises(CorruptCheckpointError, match="CRC32"):
+                anyio.run(*restore)
+        else:
+            assert anyio.run(*restore) == full
+            assert snapshot(full) == snapshot(tree), why
+
+
+def test_a_table_claiming_more_than_the_bound_is_refused_before_it_is_fetched() -> None:
+    # an object of 512 MiB and a bit whose footer claims a table filling it: only the footer is read
+    footer = _codec.encode_member(_toc._FOOTER.pack(b"CKIO-TOC", 1, 0, 0, _toc.MAX_TABLE + 1, 2**40, 10, 0), 0)
+    with pytest.raises(CorruptCheckpointError, match="points outside"):
+        _toc.parse_footer(footer, _toc.MAX_TABLE + 1 + _toc.FOOTER_SIZE, "x")
