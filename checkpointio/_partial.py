@@ -26,7 +26,7 @@ import anyio.to_thread
 
 from . import _codec, _tar, _toc
 from ._archive import Pieces
-from ._concurrency import one_error
+from ._concurrency import Aborted, one_error
 from ._exceptions import CorruptCheckpointError, UnsafeArchiveError
 from ._placement import StagingFolder
 from ._progress import Meter
@@ -36,8 +36,8 @@ from ._stores import ObjectInfo, Store
 __all__ = ["list_from_table", "restore_from_table"]
 
 #: The suffix read: the footer, and the table when it is at most this minus the footer (a
-#: 1 GiB tree of 1 MiB files has a table of ~40 KiB; 50,000 small files ~1.5 MiB).
-_TAIL = 256 * 1024
+#: 1 GiB tree of 1 MiB files has a table of ~15 KiB; 50,000 small files ~0.5 MiB).
+_TAIL = 64 * 1024
 #: Ranges closer than this are fetched as one (fewer requests for a few more bytes).
 _GAP = 256 * 1024
 #: Most bytes one ranged read fetches: bounds memory, whatever the size of the files picked.
@@ -169,6 +169,7 @@ class _Window:
         self.data = Pieces()
         self.at = 0  # where the data's first byte is, inflated
         self.filled = 0  # where it ends
+        self.last = -1  # the offset of the last member inflated
 
     def more(self, limit: int) -> None:
         """Inflate the next member, which must start before ``limit``."""
@@ -178,6 +179,7 @@ class _Window:
                 f"{self._uri}: an entry of the table of contents runs past the members it names", uri=self._uri
             )
         self.starts[found[0]] = self.filled
+        self.last = found[0]
         for view in found[1]:
             self.data.add(view)
             self.filled += len(view)
@@ -195,7 +197,7 @@ def _picked_bytes(groups: list[_Group], chunks: Iterator[bytes], uri: str) -> It
         for entry in group.entries:
             limit = entry.offset + entry.span
             while entry.offset not in window.starts:
-                if window.starts and max(window.starts) > entry.offset:
+                if window.last > entry.offset:
                     raise CorruptCheckpointError(
                         f"{uri}: the table of contents places {entry.path!r} inside a gzip member, not at its start",
                         uri=uri,
@@ -301,20 +303,29 @@ async def restore_from_table(
     meter.total = meter.source_total = sum(group.end - group.start for group in groups)
     send, receive = anyio.create_memory_object_stream[bytes](2)
 
+    fetch_failed = False
+
     async def fetch() -> None:
+        nonlocal fetch_failed
         with send:
-            for group in groups:
-                for start in range(group.start, group.end, _REQUEST):
-                    data = await store.read_range(info, start, min(_REQUEST, group.end - start))
-                    meter.advance(len(data))
-                    await send.send(data)
+            try:
+                for group in groups:
+                    for start in range(group.start, group.end, _REQUEST):
+                        await send.send(await store.read_range(info, start, min(_REQUEST, group.end - start)))
+            except BaseException:
+                fetch_failed = True  # its error is the one to report, not the reader's
+                raise
 
     def chunks() -> Iterator[bytes]:
         while True:
             try:
-                yield anyio.from_thread.run(receive.receive)
+                data = anyio.from_thread.run(receive.receive)
             except anyio.EndOfStream:
+                if fetch_failed:
+                    raise Aborted from None
                 raise CorruptCheckpointError(f"{uri}: fewer bytes came than were asked for", uri=uri) from None
+            meter.advance(len(data))  # in this worker thread: progress callbacks never run on the loop
+            yield data
 
     def extract() -> None:
         pick, all_came = _matching(entries, uri)

