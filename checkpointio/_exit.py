@@ -10,7 +10,9 @@ One ``atexit`` hook runs the stages in this order, each stage's hooks in the ord
 A hook finds its own process's state only: state inherited through ``fork`` is forgotten in the
 child by the module that owns it. Work arriving after its stage has run (from an ``atexit`` hook the
 application registered before importing checkpointio, which runs after this one) asks
-:func:`passed` and is done in the foreground instead.
+:func:`passed` and is done in the foreground instead. Work that needs a
+``concurrent.futures`` executor asks :func:`began`: executors refuse new work in every ``atexit``
+hook, whatever its order.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ from __future__ import annotations
 import atexit
 import enum
 import logging
+import threading
 from collections.abc import Callable
 
-__all__ = ["Stage", "on_exit", "passed"]
+__all__ = ["Stage", "began", "on_exit", "passed"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +49,13 @@ def on_exit(stage: Stage, hook: Callable[[], None]) -> None:
 def passed(stage: Stage) -> bool:
     """Whether interpreter exit has begun ``stage``: its hooks will not run (again) for new work."""
     return _reached is not None and _reached >= stage
+
+
+def began() -> bool:
+    """Whether interpreter exit has begun at all: true in every ``atexit`` hook, whichever runs
+    first, since ``threading`` has joined its threads before ``atexit`` and ``concurrent.futures``
+    executors refuse new work from then on."""
+    return _reached is not None or bool(getattr(threading, "_SHUTTING_DOWN", False))
 
 
 @atexit.register

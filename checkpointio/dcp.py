@@ -71,7 +71,7 @@ from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 from typing_extensions import Unpack
 
-from . import _codec, _dcp_layout, _engine
+from . import _codec, _dcp_layout, _engine, _exit
 from ._background import BackgroundSave, SaveHandle
 from ._checkpoint import Checkpoint
 from ._concurrency import one_error
@@ -794,7 +794,8 @@ def save(
     :class:`~checkpointio.TransferConfig` fields. With ``wait=False`` the save goes on in the
     background (``torch.distributed.checkpoint.async_save``: the state is copied to CPU memory
     first, so training may change it at once) and the returned handle tells how it ended.
-    It first waits for this process's earlier ``wait=False`` save, if one still runs.
+    It first waits for this process's earlier ``wait=False`` save, if one still runs. Called at
+    interpreter exit (from an ``atexit`` hook), it saves in the foreground whatever ``wait`` says.
 
     Returns:
         The save's handle, already done unless ``wait=False``.
@@ -804,7 +805,9 @@ def save(
     """
     _wait_for_earlier_saves()
     writer = StorageWriter(target, **options)
-    if wait:
+    if wait or _exit.passed(_exit.Stage.SAVES) or _exit.began():
+        # At interpreter exit (from an atexit hook) DCP's async_save cannot start its thread, and
+        # once the exit step waited for background saves nobody would wait for this one: save here.
         try:
             _unwrapped(lambda: _dcp_save(state_dict, storage_writer=writer))
         except (Exception, CheckpointException):  # DCP's own error is a BaseException

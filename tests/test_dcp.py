@@ -386,6 +386,42 @@ def test_a_background_save_failure_nobody_retrieved_is_logged_at_exit(tmp_path: 
     assert "distributed save to" in result.stderr and "this object cannot be saved" in result.stderr, result.stderr
 
 
+def test_a_background_save_started_by_an_atexit_hook_is_stored_whatever_the_import_order(tmp_path: Any) -> None:
+    # atexit runs hooks in the reverse order of registration: a hook registered before checkpointio
+    # was imported runs after checkpointio's exit step has waited for the background saves, one
+    # registered after runs before it. A save(wait=False) from either must be committed before the
+    # process ends.
+    script = tmp_path / "script.py"
+    script.write_text(
+        "import atexit\n"
+        "def last_words(name, seed):\n"
+        "    from checkpointio.dcp import save\n"
+        "    from tests.test_dcp import state\n"
+        f"    handle = save(state(seed), {str(tmp_path)!r} + '/' + name, wait=False)\n"
+        "    print(name, 'done when save returned:', handle.done())\n"
+        "atexit.register(last_words, 'before', 21)\n"
+        "import checkpointio.dcp\n"
+        "atexit.register(last_words, 'after', 22)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).parent.parent,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "after done when save returned: True",
+        "before done when save returned: True",
+    ], result.stderr
+    for name, seed in (("before", 21), ("after", 22)):
+        loaded = empty()
+        assert load(loaded, str(tmp_path / name)) is True
+        assert_same(loaded, state(seed))
+
+
 class SlowToSave:
     """Pickles only after a pause: keeps a background save in flight for a moment."""
 
