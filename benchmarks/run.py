@@ -592,7 +592,7 @@ def run(args: argparse.Namespace, sizes: Sizes, scratch: Path) -> int:
 
 #: The thread groups the stage table shows (benchmarks.worker.GROUPS), with their column titles.
 STAGES = (
-    ("loop", "loop"), ("reader", "reader"), ("writers", "writers"), ("codec", "codec"),
+    ("loop", "loop"), ("receivers", "receivers"), ("reader", "reader"), ("writers", "writers"), ("codec", "codec"),
     ("workers", "anyio thr."), ("main", "caller"), ("other", "other"), ("exited", "exited"),
 )  # fmt: skip
 
@@ -629,7 +629,8 @@ def print_stages(bench: Bench, tables: dict[str, list[Case]], repeat: int) -> No
     header = ("case", "op", "wall s", "CPU s", *(name for _, name in STAGES), "reader+writers µs/file")
     title = (
         f"checkpointio: CPU seconds per thread group and busy share of the wall time (median of {repeat}; "
-        "loop: event loop, reader: archive reader, writers: file writers, codec: inflate/deflate threads)"
+        "loop: event loop, receivers: receiving threads (S3 loads), reader: archive reader, "
+        "writers: file writers, codec: inflate/deflate threads)"
     )
     print_table(title, header, rows)
 

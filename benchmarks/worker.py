@@ -56,6 +56,7 @@ def _timed(operation: Callable[[], object], *, per_thread: bool = False) -> Resu
 #: Thread name -> the stage it is reported as (checkpointio names the threads of its pipeline).
 THREAD_GROUPS = {
     "checkpointio-loop": "loop",
+    "checkpointio-receiver": "receivers",
     "checkpointio-reader": "reader",
     "checkpointio-writer": "writers",
     "checkpointio-codec": "codec",
@@ -64,7 +65,7 @@ THREAD_GROUPS = {
 }
 #: Every group a step reports, in table order; ``exited`` is CPU of threads that ended between two
 #: samples (the process's CPU time less what the samples saw).
-GROUPS = ("loop", "reader", "writers", "codec", "workers", "main", "other", "exited")
+GROUPS = ("loop", "receivers", "reader", "writers", "codec", "workers", "main", "other", "exited")
 
 
 class ThreadCPU:

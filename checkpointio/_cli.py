@@ -116,6 +116,7 @@ def parse_tags(text: str) -> dict[str, str]:
 _STORE_COMMANDS = frozenset({"save", "load", "ls", "rm", "verify", "gc"})
 _TRANSFERS = frozenset({"save", "load", "verify"})
 _SAVES = frozenset({"save"})
+_LOADS = frozenset({"load", "verify"})
 #: The commands each TransferConfig field applies to; a field not named here goes to every
 #: command that reaches a store (connection settings, request options).
 _APPLIES_TO = {
@@ -126,6 +127,7 @@ _APPLIES_TO = {
     "pipeline_depth": _TRANSFERS,
     "compression_level": _SAVES,
     "compression_workers": _TRANSFERS,  # deflate on a save, inflate on a load or verify
+    "receive_workers": _LOADS,
     "flexible_checksums": _SAVES,
     "server_side_encryption": _SAVES,  # how a saved object is stored: sent with its upload only
     "sse_kms_key_id": _SAVES,
@@ -179,7 +181,7 @@ def _add_settings(parser: argparse.ArgumentParser, command: str) -> None:
             group.add_argument(flag, type=parse_tags, metavar="KEY=VALUE&...", help=text)
         elif size:
             group.add_argument(flag, dest=field.name, type=parse_size, metavar="SIZE", help=text)
-        elif isinstance(default, int):
+        elif isinstance(default, int) or field.type == "int | None":
             group.add_argument(flag, dest=field.name, type=int, metavar="N", help=text)
         elif isinstance(default, float):
             group.add_argument(flag, dest=field.name, type=float, metavar="SECONDS", help=text)

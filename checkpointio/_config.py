@@ -115,6 +115,14 @@ class TransferConfig:
             "writes its files on as many threads (1: all on one)."
         ),
     )
+    receive_workers: int | None = field(
+        default=None,
+        metadata=_about(
+            "Threads that receive a load's ranged GETs from S3, each with its own event loop and connection "
+            "pool; a single file is written at its offsets on the same threads. At most max_concurrency are used.",
+            unset="the number of cores this process may run on",
+        ),
+    )
     max_attempts: int = field(
         default=5,
         metadata=_about(
@@ -216,6 +224,8 @@ class TransferConfig:
         for name in ("max_concurrency", "chunk_size", "pipeline_depth", "max_attempts", "compression_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.receive_workers is not None and self.receive_workers < 1:
+            raise ValueError(f"receive_workers must be at least 1, got {self.receive_workers}")
         if not 0 <= self.compression_level <= 9:
             raise ValueError(f"compression_level must be 0..9, got {self.compression_level}")
         if self.connect_timeout <= 0 or self.read_timeout <= 0:
@@ -334,6 +344,7 @@ class TransferOptions(TypedDict, total=False):
     pipeline_depth: int
     compression_level: int
     compression_workers: int
+    receive_workers: int | None
     max_attempts: int
     connect_timeout: float
     read_timeout: float

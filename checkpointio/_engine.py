@@ -684,8 +684,8 @@ async def list_contents(
 async def _fetch_ranges(
     store: RangedStore, info: ObjectInfo, meter: Meter, write_at: Callable[[int, bytes], None]
 ) -> None:
-    """Fetch the object's ranges at once, handing each block to ``write_at(offset, block)`` in
-    worker threads as it arrives; raise unless the bytes match the stored checksum.
+    """Fetch the object's ranges at once, handing each block to ``write_at(offset, block)`` on the
+    store's receiving threads as it arrives; raise unless the bytes match the stored checksum.
 
     The ranges' CRC32s are combined in order into the whole object's, so the stored checksum is
     checked as on the ordered path.
@@ -704,9 +704,6 @@ async def _fetch_ranges(
             written[offset] = (position - offset, crc)
             meter.advance(position - offset)
 
-    async def sink(offset: int, blocks: list[bytes]) -> None:
-        await anyio.to_thread.run_sync(write, offset, blocks)
-
     def check() -> None:
         digest = Digest()
         for offset in sorted(written):
@@ -717,7 +714,7 @@ async def _fetch_ranges(
             digest.length += length
         _verify(info, digest)
 
-    await store.get_ranges(info, sink)
+    await store.get_ranges(info, write)
     await anyio.to_thread.run_sync(check)
 
 
@@ -727,8 +724,8 @@ def _ranged(store: Store, info: ObjectInfo, config: TransferConfig) -> TypeGuard
 
 
 async def _restore_ranges(store: RangedStore, info: ObjectInfo, workspace: Path, meter: Meter) -> Path:
-    """Restore a single file by writing each range at its offset as it arrives, in worker threads;
-    the file appears under its name only once its checksum matched."""
+    """Restore a single file by writing each range at its offset as it arrives, on the receiving
+    threads; the file appears under its name only once its checksum matched."""
     staging = _placement.staging_path(workspace)
     fd = await anyio.to_thread.run_sync(os.open, staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
 

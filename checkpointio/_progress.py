@@ -1,10 +1,12 @@
 """Progress of one transfer, reported to a user's callback as the bytes flow.
 
 The engine calls the callback from its worker threads (the producer of a save, the consumer of a
-load) as each chunk passes, on a save once with ``committing=True`` when every byte was handed to
+load, or for a single file loaded from S3 by ranges the receiving thread that wrote them) as each
+chunk passes, on a save once with ``committing=True`` when every byte was handed to
 the store, and once more with ``finished=True`` when the transfer committed or verified. It is
-never called on the event loop, so a slow callback (a progress bar redrawing) delays only its own
-transfer's thread, and never blocks other tasks on the loop.
+never called on the caller's event loop, so a slow callback (a progress bar redrawing) delays
+only the transfer's own threads (and ranges of other loads received on the same thread), and never
+blocks other tasks on the loop.
 """
 
 from __future__ import annotations

@@ -559,11 +559,13 @@ def test_each_command_has_help_with_an_example() -> None:
 def test_each_command_lists_only_the_settings_that_apply_with_readable_defaults() -> None:
     moving = ("--part-size SIZE", "--max-concurrency N", "--chunk-size SIZE", "--pipeline-depth N")
     writing = ("--multipart-threshold SIZE", "--compression-level N", "--no-flexible-checksums")
+    receiving = ("--receive-workers N",)
     reaching = ("--endpoint-url", "--region REGION", "--profile", "--addressing-style", "--max-attempts N")
     for command in ("save", "load", "ls", "rm", "verify", "gc", "demo"):
         text = " ".join(ok(command, "--help").split())  # argparse wraps lines where it likes
         assert all((flag in text) == (command in ("save", "load", "verify")) for flag in moving), command
         assert all((flag in text) == (command == "save") for flag in writing), command
+        assert all((flag in text) == (command in ("load", "verify")) for flag in receiving), command
         assert all((flag in text) == (command != "demo") for flag in reaching), command
         assert "--region-name" not in text and "None" not in text and "16777216" not in text, command
     save = " ".join(ok("save", "--help").split())
@@ -577,8 +579,9 @@ def test_each_command_lists_only_the_settings_that_apply_with_readable_defaults(
 
 
 def test_the_help_of_each_setting_is_its_fields_documentation_with_its_default() -> None:
-    # every option listed (save lists every TransferConfig field, load those that apply to it) shows
-    # the whole of the field's help text and its default as a user would write it
+    # every option listed (save lists every TransferConfig field but the load-only ones, load those
+    # that apply to it) shows the whole of the field's help text and its default as a user would write it
+    load_only = {"receive_workers"}
     wide = {"COLUMNS": "10000"}  # one line per option: argparse would break lines at hyphens too
     for command in ("save", "load"):
         shown = " ".join(cli(command, "--help", env=wide).stdout.split())
@@ -589,12 +592,12 @@ def test_the_help_of_each_setting_is_its_fields_documentation_with_its_default()
             text, unset = field_help(setting.name)
             flag = "--region" if setting.name == "region_name" else "--" + setting.name.replace("_", "-")
             entries = [entry for entry in options if entry.startswith((flag + " ", "--no-" + flag[2:] + " "))]
-            if command == "load" and not entries:
+            if not entries and (command == "load" or setting.name in load_only):
                 continue  # not listed where it does not apply (test above)
             assert len(entries) == 1, (command, setting.name)
             assert text.rstrip(".") in entries[0] and "(default: " + (unset or "") in entries[0], (command, entries)
             listed += 1
-        assert listed == len(dataclasses.fields(TransferConfig)) if command == "save" else listed > 10
+        assert listed == len(dataclasses.fields(TransferConfig)) - len(load_only) if command == "save" else listed > 10
     save = " ".join(cli("save", "--help", env=wide).stdout.split())
     assert "(default: no tags)" in save and "(default: the bucket's default encryption)" in save
     assert "refused: their objects cannot be loaded without a restore. boto3's StorageClass" in save

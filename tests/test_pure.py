@@ -69,6 +69,8 @@ def test_config_rejects_impossible_settings() -> None:
         TransferConfig(multipart_threshold=5 * 1024 * MiB + 1)
     with pytest.raises(ValueError, match="compression_level"):
         TransferConfig(compression_level=10)
+    with pytest.raises(ValueError, match="receive_workers must be at least 1, got 0"):
+        TransferConfig(receive_workers=0)
     with pytest.raises(TypeError, match="unknown checkpoint option"):
         TransferConfig().with_options(part_sise=8 * MiB)  # type: ignore[call-arg]
     assert TransferConfig().with_options(max_concurrency=3).max_concurrency == 3

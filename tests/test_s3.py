@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import io
 import os
+import threading
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
 import pytest
-from anyio import wait_all_tasks_blocked
 from botocore.loaders import Loader
 
 from checkpointio import (
@@ -30,9 +31,11 @@ from checkpointio import (
 )
 from checkpointio._config import TransferConfig
 from checkpointio._location import parse_location
+from checkpointio._placement import remove_tree
 from checkpointio._stores._s3 import S3Store
+from checkpointio._stores._s3 import _loader as s3_loader
+from checkpointio._stores._s3 import _receivers as s3_receivers
 from checkpointio._stores._s3._client import _clients
-from checkpointio._stores._s3._download import _Received
 from checkpointio._stores._s3._loader import _DataLoader, prepared_session
 
 from .conftest import MotoServer, free_port, make_tree, snapshot, start_moto, stop
@@ -261,13 +264,13 @@ async def test_an_ordered_read_holds_buffers_only_for_the_ranges_in_flight(
     alive: weakref.WeakSet[object] = weakref.WeakSet()
     most = [0]
 
-    class Counted(s3._Received):
-        def __init__(self, limit: int | None = None) -> None:
-            super().__init__(limit)
+    class Counted(s3._Arriving):
+        def __init__(self, step: int) -> None:
+            super().__init__(step)
             alive.add(self)
             most[0] = max(most[0], len(alive))
 
-    monkeypatch.setattr(s3, "_Received", Counted)  # private: counts the buffers the bound is about
+    monkeypatch.setattr(s3, "_Arriving", Counted)  # private: counts the buffers the bound is about
     chunks: list[bytes] = []
 
     async def sink(blocks: list[bytes]) -> None:
@@ -276,30 +279,6 @@ async def test_an_ordered_read_holds_buffers_only_for_the_ranges_in_flight(
     await store.get(info, sink)
     assert b"".join(chunks) == data
     assert 0 < most[0] <= 3  # in flight (2) and the one due next, never all seven
-
-
-async def test_a_bounded_range_stops_reading_until_its_bytes_are_taken() -> None:
-    # What keeps a single-file restore's memory small when the disk is slower than the network:
-    # the connection is not read while more than the limit waits to be written.
-    received = _Received(limit=10)
-    await received.add(b"a" * 8)  # within the limit: no wait
-    added = anyio.Event()
-
-    async def add_more() -> None:
-        await received.add(b"b" * 8)
-        added.set()
-
-    async with anyio.create_task_group() as group:
-        group.start_soon(add_more)
-        await wait_all_tasks_blocked()
-        assert not added.is_set()  # 16 bytes held, more than 10: waiting for the reader
-        assert await received.take() == [b"a" * 8, b"b" * 8]
-        with anyio.fail_after(10):
-            await added.wait()
-    unbounded = _Received()
-    for _ in range(100):
-        await unbounded.add(b"c" * 8)  # a directory's ranges wait their turn whole (see S3Store.get)
-    assert unbounded.length == 800
 
 
 async def test_a_part_that_keeps_failing_aborts_the_upload_and_keeps_the_previous(
@@ -402,7 +381,12 @@ async def test_object_over_5_tib_is_refused_before_any_upload(
     assert uploads_left(moto_server, bucket) == []
 
 
-def test_the_quicker_botocore_loader_reads_the_same_models_and_knows_every_service() -> None:
+def test_the_quicker_botocore_loader_reads_the_same_models_and_knows_every_service(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # private: a fresh loader (clients made by earlier tests changed the shared one's models as
+    # botocore does, e.g. request URIs stripped of the bucket)
+    monkeypatch.setattr(s3_loader, "_loaders", {})
     stock = Loader()
     loader = prepared_session(None).get_component("data_loader")
     assert isinstance(loader, _DataLoader)  # the session uses it (not botocore's own, left on error)
@@ -429,6 +413,7 @@ async def test_botocore_start_up_work_is_all_done_before_the_client_is_created(
         return listdir(path)
 
     monkeypatch.setattr(os, "listdir", listing)
+    monkeypatch.setattr(s3_loader, "_loaders", {})  # private: a fresh process's loader, nothing parsed yet
     session = await anyio.to_thread.run_sync(prepared_session, None)
     loader = session.get_component("data_loader")
     files = loader.file_loader
@@ -581,7 +566,7 @@ async def test_a_large_file_replaced_while_its_ranges_are_fetched_is_detected(
     moto_server.client().put_object(Bucket=bucket, Key="w", Body=b"someone else's")
     offsets: list[int] = []
 
-    async def sink(offset: int, blocks: list[bytes]) -> None:
+    def sink(offset: int, blocks: list[bytes]) -> None:
         offsets.append(offset)
 
     with pytest.raises(ConcurrentModificationError, match="replaced while being read"):
@@ -599,6 +584,7 @@ async def test_cancelling_a_ranged_restore_leaves_no_partial_file(bucket: str, p
             await cp.load()
         assert scope.cancelled_caught
         assert not cp.path.exists() or list(cp.path.iterdir()) == []
+    assert tasks_left_on_receivers() == 0  # the stalled ranges were cancelled and waited for
 
 
 async def test_cancelling_load_bytes_mid_download_then_loading_again_gets_every_byte(
@@ -803,3 +789,113 @@ def test_the_request_options_accepted_are_values_botocore_knows() -> None:
     assert set(_config._ENCRYPTIONS) <= set(model.shape_for("ServerSideEncryption").enum)
     assert set(_config._STORAGE_CLASSES) | set(_config._ARCHIVE_CLASSES) <= set(model.shape_for("StorageClass").enum)
     assert model.shape_for("RequestPayer").enum == ["requester"]
+
+
+# -- loads received on several threads, each with its own event loop and client ----------------
+
+#: Five ranges of 5 MiB for 21 MiB, four in flight, on three receiving threads.
+ON_THREADS: TransferOptions = {**SMALL_PARTS, "max_concurrency": 4, "receive_workers": 3}
+
+
+def receiving_threads() -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name == "checkpointio-receiver"]
+
+
+def tasks_left_on_receivers() -> int:
+    """Tasks still running on the receiving threads' loops (none once a load returned or raised)."""
+
+    async def others() -> int:
+        return len(asyncio.all_tasks()) - 1  # itself not counted
+
+    return sum(asyncio.run_coroutine_threadsafe(others(), r.loop).result(10) for r in s3_receivers._running)
+
+
+async def test_a_load_is_received_on_several_threads_and_every_byte_comes_back(bucket: str, tmp_path: Path) -> None:
+    tree = make_tree(tmp_path / "tree")
+    (tree / "weights.bin").write_bytes(os.urandom(21 * MiB + 3))
+    data = os.urandom(21 * MiB + 5)
+    options: TransferOptions = {**ON_THREADS, "compression_level": 0}
+    await Checkpoint(f"s3://{bucket}/tree", **options).save(tree)
+    await Checkpoint(f"s3://{bucket}/file", **options).save(tree / "weights.bin")
+    await Checkpoint(f"s3://{bucket}/bytes", **options).save(data)
+    async with Checkpoint(f"s3://{bucket}/x", src=f"s3://{bucket}/tree", **options) as cp:
+        restored = await cp.load()
+        assert restored is not None and snapshot(restored) == snapshot(tree)
+    async with Checkpoint(f"s3://{bucket}/x", src=f"s3://{bucket}/file", **options) as cp:
+        restored = await cp.load()
+        assert restored is not None and restored.read_bytes() == (tree / "weights.bin").read_bytes()
+        assert await cp.load_bytes() == (tree / "weights.bin").read_bytes()
+    async with Checkpoint(f"s3://{bucket}/x", src=f"s3://{bucket}/bytes", **options) as cp:
+        assert await cp.load_bytes() == data
+    # The ranges are written at their offsets on the threads that received them, three here
+    store = S3Store(TransferConfig(**options))
+    info = await store.head(parse_location(f"s3://{bucket}/bytes"))
+    assert info is not None
+    pieces: dict[int, bytes] = {}
+    writers: set[int] = set()
+
+    def sink(offset: int, blocks: list[bytes]) -> None:
+        pieces[offset] = b"".join(blocks)
+        writers.add(threading.get_ident())
+
+    await store.get_ranges(info, sink)
+    assert b"".join(pieces[offset] for offset in sorted(pieces)) == data
+    assert writers == {thread.ident for thread in receiving_threads()[:3]} and len(writers) == 3
+    ordered: list[bytes] = []
+
+    async def in_order(blocks: list[bytes]) -> None:
+        ordered.extend(blocks)
+
+    await store.get(info, in_order)  # delivered in order on the caller's loop
+    assert b"".join(ordered) == data
+
+
+@pytest.mark.parametrize("kind", ["directory", "file", "bytes"])
+async def test_a_range_failing_half_way_fails_the_load_presents_nothing_and_leaves_nothing_running(
+    bucket: str, proxy: FaultProxy, tmp_path: Path, kind: str
+) -> None:
+    tree = make_tree(tmp_path / "tree")
+    (tree / "weights.bin").write_bytes(os.urandom(21 * MiB))
+    options: TransferOptions = {**ON_THREADS, "compression_level": 0, "endpoint_url": proxy.endpoint}
+    await Checkpoint(f"s3://{bucket}/a", **options).save(tree if kind == "directory" else tree / "weights.bin")
+    async with Checkpoint(f"s3://{bucket}/x", src=f"s3://{bucket}/a", **options) as cp:
+        assert await cp.load_bytes() if kind == "bytes" else await cp.load()  # the receivers are running
+        threads = receiving_threads()
+        if cp.path.exists():
+            remove_tree(cp.path)
+    proxy.add(is_ranged_get(proxy), "reset_response", times=1)  # one range cut half-way, not retried
+    async with Checkpoint(f"s3://{bucket}/x", src=f"s3://{bucket}/a", **{**options, "max_attempts": 1}) as cp:
+        with pytest.raises(StoreError, match=f"s3://{bucket}/a") as failure:
+            await (cp.load_bytes() if kind == "bytes" else cp.load())
+        assert "download the checkpoint" in str(failure.value)
+        assert not cp.path.exists() or list(cp.path.iterdir()) == []  # nothing presented, nothing staged
+    assert [entry["action"] for entry in proxy.log].count("reset_response") == 1
+    assert tasks_left_on_receivers() == 0  # every range stopped before the load raised
+    assert receiving_threads() == threads  # the same threads, none added or left over
+    async with Checkpoint(f"s3://{bucket}/x", src=f"s3://{bucket}/a", **options) as cp:
+        restored = await cp.load()
+        assert restored is not None
+        if kind == "directory":
+            assert snapshot(restored) == snapshot(tree)
+        else:
+            assert restored.read_bytes() == (tree / "weights.bin").read_bytes()
+
+
+async def test_a_sink_failing_on_one_range_stops_every_range_and_is_not_called_again(bucket: str) -> None:
+    await Checkpoint(f"s3://{bucket}/w", **ON_THREADS).save(os.urandom(21 * MiB))
+    store = S3Store(TransferConfig(**ON_THREADS))
+    info = await store.head(parse_location(f"s3://{bucket}/w"))
+    assert info is not None
+    calls: list[int] = []
+
+    def sink(offset: int, blocks: list[bytes]) -> None:
+        calls.append(offset)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        await store.get_ranges(info, sink)
+    made = len(calls)
+    assert tasks_left_on_receivers() == 0
+    await anyio.sleep(0.5)
+    assert len(calls) == made  # no range went on writing after the error was raised

@@ -248,7 +248,7 @@ async def test_a_ranged_store_delivers_every_byte_once(store: StoreCase) -> None
     out = bytearray(len(data))
     seen = bytearray(len(data))
 
-    async def sink(offset: int, blocks: Blocks) -> None:
+    def sink(offset: int, blocks: Blocks) -> None:  # on the store's receiving threads, several at once
         for block in blocks:
             out[offset : offset + len(block)] = block
             seen[offset : offset + len(block)] = bytes(b + 1 for b in seen[offset : offset + len(block)])

@@ -34,8 +34,10 @@ __all__ = [
 Blocks = list[bytes]
 #: Receives the bytes of an object in order, as blocks; awaiting it applies back-pressure.
 Sink = Callable[[Blocks], Awaitable[None]]
-#: Receives a piece of an object, ``(offset, blocks)``, in any order (see ``RangedStore``).
-RangeSink = Callable[[int, Blocks], Awaitable[None]]
+#: Receives a piece of an object, ``(offset, blocks)``, in any order (see ``RangedStore``): called
+#: on the store's receiving threads, several at once, so it must be thread-safe; it may block (its
+#: range waits meanwhile).
+RangeSink = Callable[[int, Blocks], None]
 
 _PREFIX = "checkpointio-"
 FORMAT_VERSION = "1"
@@ -212,5 +214,6 @@ class RangedStore(Store, Protocol):
 
     async def get_ranges(self, info: ObjectInfo, sink: RangeSink) -> None:
         """Send every byte of the object to ``sink`` once, as ``(offset, blocks)`` pieces in any order
-        (each range in pieces of about ``chunk_size``, as they arrive); fail if the object changed."""
+        (each range in pieces of about ``chunk_size``, as they arrive, on the thread that received
+        them); fail if the object changed. Once it returns or raises, ``sink`` is called no more."""
         ...

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import weakref
 from collections.abc import AsyncIterator
 from contextlib import AbstractContextManager
@@ -29,9 +30,14 @@ def endpoint_for(config: TransferConfig) -> str | None:
 
 
 class _Clients:
-    """One aiobotocore client per (event loop, settings), closed with its loop."""
+    """One aiobotocore client per (event loop, settings), closed with its loop.
+
+    Several loops use it at once (the caller's and the receiving threads', :mod:`._receivers`):
+    its dictionaries are changed under a thread lock, never held across an ``await``.
+    """
 
     def __init__(self) -> None:
+        self._guard = threading.Lock()
         self._by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[Any, ...], Any]] = (
             weakref.WeakKeyDictionary()
         )
@@ -39,8 +45,10 @@ class _Clients:
 
     async def get(self, config: TransferConfig) -> Any:
         loop = asyncio.get_running_loop()
-        self._forget_closed_loops()
-        clients = self._by_loop.setdefault(loop, {})
+        with self._guard:
+            self._forget_closed_loops()
+            clients = self._by_loop.setdefault(loop, {})
+            lock = self._locks.setdefault(loop, asyncio.Lock())
         endpoint = endpoint_for(config)
         key = (
             endpoint,
@@ -55,7 +63,6 @@ class _Clients:
         entry = clients.get(key)
         if entry is not None:
             return entry[0]
-        lock = self._locks.setdefault(loop, asyncio.Lock())
         async with lock:
             entry = clients.get(key)
             if entry is None:

@@ -1,70 +1,63 @@
-"""Load: concurrent ranged GETs pinned to the ETag (``If-Match``), delivered in order.
+"""Load: concurrent ranged GETs pinned to the ETag (``If-Match``), received on several threads.
 
-The range whose turn it is is handed on as its bytes arrive. A range that fails half-way is resumed
-where it stopped, on its own.
+A whole-object load spreads its ranges over the receiving threads (:mod:`._receivers`), each with
+its own event loop and client: :func:`get` delivers them in order (the range whose turn it is as
+its bytes arrive), :func:`get_ranges` hands each to the sink at its offset on the thread that
+received it. A range that fails half-way is resumed where it stopped, on its own.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import random
-from typing import Any
+import threading
+from typing import Any, Protocol
 
 import anyio
 from botocore.exceptions import ClientError, ResponseStreamingError
 
 from ..._concurrency import one_error
+from ..._config import TransferConfig
 from ..._exceptions import ConcurrentModificationError, CorruptCheckpointError, StoreError
 from ..._planning import ranges
 from .._base import Blocks, ObjectInfo, RangeSink, Sink
 from ._client import _Requests
 from ._errors import TRANSIENT_READ_ERRORS, answered
+from ._receivers import Receiver, default_count, receivers
 
 logger = logging.getLogger(__name__)
 
 
+class _Receiving(Protocol):
+    """Where a range's bytes go as they arrive: ``length`` says how many came (a range that fails
+    half-way resumes from there); :meth:`finish` is called once the last one did."""
+
+    length: int
+
+    async def add(self, block: bytes) -> None: ...
+
+    def finish(self) -> None: ...
+
+
 class _Received:
-    """The blocks of one range as the connection hands them over, for a reader taking them in order.
+    """The blocks of one range as the connection hands them over (:func:`read_range`: one range
+    read into memory). aiohttp's ``readany`` gives its buffers without copying."""
 
-    aiohttp's ``readany`` gives its buffers without copying; nothing is joined on the event loop.
-    With a ``limit``, :meth:`add` waits while more than that many bytes are waiting to be taken:
-    the connection then stops reading, and TCP's flow control holds the rest at the server.
-    """
-
-    def __init__(self, limit: int | None = None) -> None:
+    def __init__(self) -> None:
         self.blocks: Blocks = []
         self.length = 0
-        self.done = False
-        self._arrived = anyio.Event()
-        self._limit = limit
-        self._held = 0
-        self._taken = anyio.Event()
 
     async def add(self, block: bytes) -> None:
         self.blocks.append(block)
         self.length += len(block)
-        self._held += len(block)
-        self._arrived.set()
-        while self._limit is not None and self._held > self._limit:
-            self._taken = anyio.Event()
-            await self._taken.wait()
 
     def finish(self) -> None:
-        self.done = True
-        self._arrived.set()
-
-    async def take(self) -> Blocks:
-        """The blocks received since the last call, waiting for some; ``[]`` once the range is done."""
-        while not self.blocks and not self.done:
-            self._arrived = anyio.Event()
-            await self._arrived.wait()
-        blocks, self.blocks = self.blocks, []
-        self._held = 0
-        self._taken.set()
-        return blocks
+        pass
 
 
-async def _read_into(body: Any, received: _Received, limit: int) -> None:
+async def _read_into(body: Any, received: _Receiving, limit: int) -> None:
     """Append a response body to ``received`` block by block; more than ``limit`` bytes is an error."""
     content: Any = getattr(getattr(body, "raw_stream", None), "content", None)
     read = content.readany if hasattr(content, "readany") else body.read  # the latter: another HTTP backend
@@ -74,38 +67,95 @@ async def _read_into(body: Any, received: _Received, limit: int) -> None:
         await received.add(block)
 
 
+def _receivers_for(config: TransferConfig, count: int) -> list[Receiver]:
+    """The receiving threads for a load of ``count`` ranges: ``receive_workers`` (default: the
+    cores present), never more than ranges in flight at once."""
+    wanted = config.receive_workers if config.receive_workers is not None else default_count()
+    return receivers(min(wanted, config.max_concurrency, count))
+
+
+class _Arriving:
+    """The blocks of one range, received on a receiving thread and taken in order on the caller's loop.
+
+    Unbounded: a range after the one being delivered waits whole (``max_concurrency`` of them at
+    most, see :func:`get`). The taker is woken from the receiving thread only when it waits and
+    ``step`` bytes (or the range's end) arrived: one cross-thread wake per ``step``, not per block.
+    """
+
+    def __init__(self, step: int) -> None:
+        self.length = 0  # received; read by the receiving thread only (resuming a range)
+        self._step = step
+        self._lock = threading.Lock()
+        self._blocks: Blocks = []
+        self._held = 0
+        self._done = False
+        self._waiter: tuple[asyncio.AbstractEventLoop, anyio.Event] | None = None
+
+    async def add(self, block: bytes) -> None:  # on a receiving thread
+        with self._lock:
+            self._blocks.append(block)
+            self._held += len(block)
+            self.length += len(block)
+            if self._held >= self._step:
+                self._wake()
+
+    def finish(self) -> None:  # on a receiving thread
+        with self._lock:
+            self._done = True
+            self._wake()
+
+    def _wake(self) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            loop, event = waiter
+            with contextlib.suppress(RuntimeError):  # the taker's loop is gone: nobody waits
+                loop.call_soon_threadsafe(event.set)
+
+    async def take(self) -> Blocks:
+        """On the caller's loop: the blocks received since the last call, waiting for ``step`` bytes
+        or the end; ``[]`` once the range is done."""
+        while True:
+            with self._lock:
+                if self._held >= self._step or self._done:
+                    blocks, self._blocks, self._held = self._blocks, [], 0
+                    return blocks
+                event = anyio.Event()
+                self._waiter = (asyncio.get_running_loop(), event)
+            await event.wait()
+
+
 async def get(requests: _Requests, info: ObjectInfo, sink: Sink) -> None:
-    # Ranges are fetched concurrently; the one whose turn it is streams on as its blocks arrive
-    # (the first bytes reach the sink as soon as the server sends them, not after a whole
-    # range). A range holds its slot until delivered, so at most max_concurrency ranges are
-    # held; slots are taken in order, so the range being delivered always has one.
+    # Ranges are fetched concurrently on the receiving threads (range i on receiver i mod n); the
+    # one whose turn it is streams on to the sink, on the caller's loop, in groups of about
+    # chunk_size as its blocks arrive. A range holds its slot until delivered, so at most
+    # max_concurrency ranges are held; slots are taken in order, so the range being delivered
+    # always has one.
     config = requests.config
-    client = await requests.client()
     spans = ranges(info.size, config.part_size)
     count = max(1, len(spans))
+    pool = _receivers_for(config, count)
     # Made when their range starts or is due, dropped once delivered: at most max_concurrency
     # + 1 at a time, so memory does not grow with the object's number of ranges.
-    received: dict[int, _Received] = {}
+    arriving: dict[int, _Arriving] = {}
     slots = anyio.Semaphore(config.max_concurrency)
 
-    def range_buffer(index: int) -> _Received:
-        one = received.get(index)
+    def range_buffer(index: int) -> _Arriving:
+        one = arriving.get(index)
         if one is None:
-            one = received[index] = _Received()
+            one = arriving[index] = _Arriving(config.chunk_size)
         return one
 
     async def fetch(index: int) -> None:
-        await _get_range(requests, client, info, spans[index] if len(spans) > 1 else None, range_buffer(index))
+        span = spans[index] if len(spans) > 1 else None
+        await pool[index % len(pool)].run(_receive_range, requests, info, span, range_buffer(index))
 
     async def deliver() -> None:
-        gather = _Gather(config.chunk_size, sink)  # as received: joining them is the consumer's call
         for index in range(count):
             one = range_buffer(index)
             while blocks := await one.take():
-                await gather.add(blocks)
-            del received[index]
+                await sink(blocks)
+            del arriving[index]
             slots.release()
-        await gather.flush()
 
     with one_error():
         async with anyio.create_task_group() as group:
@@ -116,44 +166,68 @@ async def get(requests: _Requests, info: ObjectInfo, sink: Sink) -> None:
 
 
 async def get_ranges(requests: _Requests, info: ObjectInfo, sink: RangeSink) -> None:
+    # Each range is received on a receiving thread and handed to the sink there, at its offset, in
+    # pieces of about chunk_size as its bytes arrive: receiving and writing overlap on as many
+    # threads as there are receivers, and nothing passes through the caller's loop.
     config = requests.config
-    client = await requests.client()
     spans = ranges(info.size, config.part_size) or [(0, -1)]  # an empty object: one plain GET
+    pool = _receivers_for(config, len(spans))
     slots = anyio.Semaphore(config.max_concurrency)
 
-    async def fetch(span: tuple[int, int]) -> None:
-        # Each range is handed on in pieces of about chunk_size as its bytes arrive, at their
-        # offsets: writing overlaps receiving, and memory is freed (and reused) piece by piece.
-        position = span[0]
-
-        async def at_position(blocks: Blocks) -> None:
-            nonlocal position
-            length = sum(map(len, blocks))
-            await sink(position, blocks)
-            position += length
-
+    async def fetch(index: int) -> None:
+        span = spans[index]
         try:
-            # Bounded: a range waits for its bytes to be written instead of piling up in memory
-            # (each range has its own connection and its own offset, so none waits for another).
-            received = _Received(limit=2 * config.chunk_size)
-            gather = _Gather(config.chunk_size, at_position)
-            async with anyio.create_task_group() as group:
-                group.start_soon(_get_range, requests, client, info, span if len(spans) > 1 else None, received)
-                while blocks := await received.take():
-                    await gather.add(blocks)
-                await gather.flush()
+            written = _Written(span[0], config.chunk_size, sink)
+            await pool[index % len(pool)].run(_receive_range, requests, info, span if len(spans) > 1 else None, written)
         finally:
             slots.release()  # at most max_concurrency ranges held, fetched or being written
 
     with one_error():
         async with anyio.create_task_group() as group:
-            for span in spans:
+            for index in range(len(spans)):
                 await slots.acquire()
-                group.start_soon(fetch, span)
+                group.start_soon(fetch, index)
+
+
+class _Written:
+    """A range handed to a ``RangeSink`` at its offsets, in pieces of about ``step`` bytes, on the
+    receiving thread: while a piece is written the connection is not read (TCP holds the rest)."""
+
+    def __init__(self, offset: int, step: int, sink: RangeSink) -> None:
+        self.length = 0
+        self._position = offset
+        self._step = step
+        self._sink = sink
+        self._blocks: Blocks = []
+        self._held = 0
+
+    async def add(self, block: bytes) -> None:
+        self._blocks.append(block)
+        self._held += len(block)
+        self.length += len(block)
+        if self._held >= self._step:
+            self._flush()
+
+    def finish(self) -> None:
+        self._flush()
+
+    def _flush(self) -> None:
+        if self._blocks:
+            blocks, position = self._blocks, self._position
+            self._blocks, self._position, self._held = [], position + self._held, 0
+            self._sink(position, blocks)
+
+
+async def _receive_range(
+    requests: _Requests, info: ObjectInfo, span: tuple[int, int] | None, received: _Receiving
+) -> None:
+    """On a receiving thread: GET one range (or the whole object) into ``received`` with this
+    thread's client."""
+    await _get_range(requests, await requests.client(), info, span, received)
 
 
 async def _get_range(
-    requests: _Requests, client: Any, info: ObjectInfo, span: tuple[int, int] | None, received: _Received
+    requests: _Requests, client: Any, info: ObjectInfo, span: tuple[int, int] | None, received: _Receiving
 ) -> None:
     """GET one range (or the whole object) into ``received``, pinned to the ETag; errors mapped."""
     with requests.mapped_errors(info.location, "download the checkpoint"):
@@ -161,7 +235,7 @@ async def _get_range(
 
 
 async def _get_range_resuming(
-    requests: _Requests, client: Any, info: ObjectInfo, span: tuple[int, int] | None, received: _Received
+    requests: _Requests, client: Any, info: ObjectInfo, span: tuple[int, int] | None, received: _Receiving
 ) -> None:
     """:func:`_get_range`: a read that fails half-way is resumed where it stopped, by this range alone."""
     location = info.location
@@ -219,25 +293,3 @@ async def read_range(requests: _Requests, info: ObjectInfo, offset: int, length:
     await _get_range(requests, await requests.client(), info, (offset, offset + length - 1), received)
     blocks = received.blocks
     return blocks[0] if len(blocks) == 1 else b"".join(blocks)
-
-
-class _Gather:
-    """Hands blocks on in groups of about ``step`` bytes (fewer, larger hand-overs)."""
-
-    def __init__(self, step: int, sink: Sink) -> None:
-        self._step = step
-        self._sink = sink
-        self._group: Blocks = []
-        self._held = 0
-
-    async def add(self, blocks: Blocks) -> None:
-        for block in blocks:
-            self._group.append(block)
-            self._held += len(block)
-            if self._held >= self._step:
-                await self.flush()
-
-    async def flush(self) -> None:
-        if self._group:
-            group, self._group, self._held = self._group, [], 0
-            await self._sink(group)

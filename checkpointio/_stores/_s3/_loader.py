@@ -11,6 +11,10 @@ event loop. :func:`prepared_session` does that work in a worker thread first, wi
   asks, by looking in S3's folder instead of listing ~400 service folders; the full list is made
   only if iterated. It relies on botocore asking that question by ``in``.
 - :class:`_PlainJSONFileLoader` parses into plain dicts instead of ``OrderedDict``.
+- The loader, with what it parsed, is shared by every session of the process (per data path): a
+  client made later (another event loop's, a receiving thread's) parses nothing again. botocore
+  itself shares one loader among the clients of a session, and what it changes in the parsed
+  models holds for every client (S3's request URIs lose their ``/{Bucket}`` once, idempotently).
 
 ``tests/test_s3.py::test_botocore_start_up_work_is_all_done_before_the_client_is_created`` fails
 when botocore changes so that either stops holding (creating a client parses a file again, or the
@@ -23,6 +27,7 @@ import gzip
 import json
 import logging
 import os
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -54,13 +59,23 @@ def preload(session: AioSession) -> None:
     session.get_available_partitions()  # builds the endpoint resolver: parses "endpoints"
 
 
+#: The loader of each data path (``AWS_DATA_PATH``), shared by the sessions of the process.
+_loaders: dict[str | None, Loader] = {}
+_loaders_lock = threading.Lock()
+
+
 def _data_loader(session: AioSession) -> Loader:
-    """What botocore's ``create_loader`` builds, with the quicker parts (``AWS_DATA_PATH`` honoured)."""
+    """What botocore's ``create_loader`` builds, with the quicker parts (``AWS_DATA_PATH`` honoured),
+    made once per data path."""
     data_path = session.get_config_variable("data_path")
-    paths = None
-    if data_path:
-        paths = [os.path.expanduser(os.path.expandvars(path)) for path in data_path.split(os.pathsep)]
-    return _DataLoader(extra_search_paths=paths, file_loader=_PlainJSONFileLoader())
+    with _loaders_lock:
+        loader = _loaders.get(data_path)
+        if loader is None:
+            paths = None
+            if data_path:
+                paths = [os.path.expanduser(os.path.expandvars(path)) for path in data_path.split(os.pathsep)]
+            loader = _loaders[data_path] = _DataLoader(extra_search_paths=paths, file_loader=_PlainJSONFileLoader())
+        return loader
 
 
 class _DataLoader(Loader):  # type: ignore[misc]  # botocore has no type hints

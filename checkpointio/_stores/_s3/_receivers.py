@@ -1,0 +1,144 @@
+"""Receiving threads: event loops of their own that carry a load's ranged GETs.
+
+One event loop receives at most about a core's worth of bytes (``recv`` and aiohttp's parser, two
+copies of every byte, all on its one thread). A load therefore spreads its ranges over several
+*receivers*: each is a thread running its own asyncio loop, with its own aiobotocore client and
+connection pool (:mod:`._client` keeps one per loop), started on first use and kept for the life
+of the process, so a client is made once per receiver, not once per load.
+
+:meth:`Receiver.run` runs a coroutine on a receiver and waits for it from the caller's loop. It
+returns or raises only once that coroutine has ended: when the caller is cancelled, the coroutine
+is cancelled and waited for, so nothing it does (a write at an offset, a block handed on) happens
+after the caller moved on. The threads are stopped at interpreter exit (with the event-loop thread,
+:mod:`..._exit`) and forgotten in a forked child, as :mod:`..._portal` does with its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import threading
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+import anyio
+
+from ... import _exit
+
+__all__ = ["Receiver", "receivers", "default_count"]
+
+T = TypeVar("T")
+
+#: How long stopping a receiver at exit waits for its loop to close its client.
+_STOP_TIMEOUT = 10.0
+
+
+def default_count() -> int:
+    """The cores this process may run on (its CPU affinity, so ``taskset`` counts), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # pragma: no cover - platforms without affinity
+        return max(1, os.cpu_count() or 1)
+
+
+class Receiver:
+    """A thread running an asyncio event loop of its own, named ``checkpointio-receiver``."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self._serve, name="checkpointio-receiver", daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        loop = self.loop
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_forever()
+        finally:
+            # Stopped (interpreter exit): cancel what still runs, then close the clients kept in
+            # async generators (:class:`._client._Clients`) and the loop.
+            with contextlib.suppress(Exception):
+                tasks = asyncio.all_tasks(loop)
+                for task in tasks:
+                    task.cancel()
+                loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+                loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+    def stop(self) -> None:
+        with contextlib.suppress(RuntimeError):  # already closed
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(_STOP_TIMEOUT)
+
+    async def run(self, func: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
+        """``await func(*args)`` on this receiver's loop, waited for from the caller's loop.
+
+        Returns its result or raises its exception once it has ended. If the caller is cancelled,
+        so is the coroutine, and the cancellation goes on only once it has ended.
+        """
+        caller = asyncio.get_running_loop()
+        ended = anyio.Event()
+        task: asyncio.Task[T] | None = None
+
+        def finished(_: object) -> None:  # on this receiver's loop
+            with contextlib.suppress(RuntimeError):  # the caller's loop is gone: nobody waits
+                caller.call_soon_threadsafe(ended.set)
+
+        def start() -> None:  # on this receiver's loop
+            nonlocal task
+            task = self.loop.create_task(func(*args))
+            task.add_done_callback(finished)
+
+        def cancel() -> None:  # on this receiver's loop, after start(): call_soon_threadsafe keeps order
+            if task is not None:
+                task.cancel()
+
+        self.loop.call_soon_threadsafe(start)
+        try:
+            await ended.wait()
+        except BaseException:
+            self.loop.call_soon_threadsafe(cancel)
+            with anyio.CancelScope(shield=True):
+                await ended.wait()
+            raise
+        assert task is not None  # ended is set by the task's own callback
+        return task.result()  # its exception, or CancelledError if it was cancelled from elsewhere
+
+
+_lock = threading.Lock()
+_running: list[Receiver] = []
+#: Receivers inherited from a parent process: their threads are not in this one; never touched.
+_orphans: list[Receiver] = []
+
+
+def receivers(count: int) -> list[Receiver]:
+    """``count`` receivers (at least one), started as needed; the same ones call after call."""
+    count = max(1, count)
+    with _lock:
+        while len(_running) < count:
+            _running.append(Receiver())
+        return _running[:count]
+
+
+def _forget_after_fork() -> None:
+    global _lock
+    _orphans.extend(_running)
+    _running.clear()
+    _lock = threading.Lock()  # another thread may have held it at the fork
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_after_fork)
+
+
+def _stop() -> None:
+    """At interpreter exit, with the event-loop thread: stop the receivers (closing their clients)."""
+    with _lock:
+        stopping = list(_running)
+        _running.clear()
+    for receiver in stopping:
+        receiver.stop()
+
+
+_exit.on_exit(_exit.Stage.LOOP, _stop)
