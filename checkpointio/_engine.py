@@ -110,14 +110,21 @@ class _ChunkingWriter(io.RawIOBase):
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
-        self._buffer += view
-        self._written += len(view)
-        while len(self._buffer) >= self._step:
-            with memoryview(self._buffer) as buffered:  # one copy, not a bytearray slice and then bytes
-                chunk = bytes(buffered[: self._step])
-            self._emit(chunk)
-            del self._buffer[: self._step]
-        return len(view)
+        length = len(view)
+        self._written += length
+        start = 0
+        if self._buffer:  # complete the chunk begun by earlier writes first
+            start = min(length, self._step - len(self._buffer))
+            self._buffer += view[:start]
+            if len(self._buffer) == self._step:
+                self._emit(bytes(self._buffer))
+                self._buffer.clear()
+        while length - start >= self._step:  # whole chunks straight from the caller's bytes: one copy each
+            self._emit(bytes(view[start : start + self._step]))
+            start += self._step
+        if start < length:
+            self._buffer += view[start:]
+        return length
 
     def tell(self) -> int:
         return self._written
