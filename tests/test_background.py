@@ -29,6 +29,7 @@ from checkpointio import (
 from checkpointio._placement import STAGING_NAME, remove_tree
 
 from .conftest import StoreCase, make_tree, snapshot
+from .scripts import run_script
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -538,7 +539,7 @@ def test_a_background_save_of_a_tree_with_a_read_only_folder_leaves_no_scratch_b
 
 
 def test_a_forked_child_neither_waits_for_nor_removes_what_its_parent_owns(tmp_path: Path) -> None:
-    result = _run_script(
+    result = run_script(
         f"""
         import os, pathlib, signal, sys, time
         from checkpointio import Checkpoint
@@ -600,21 +601,8 @@ def test_a_close_interrupted_while_waiting_keeps_the_save_reachable_for_cancelli
     assert cp.pending is None and handle.done()
 
 
-def _run_script(code: str, tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
-    script = tmp_path / "script.py"
-    script.write_text(textwrap.dedent(code))
-    return subprocess.run(
-        [sys.executable, str(script)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=tmp_path,
-        env={**os.environ, **env},
-    )
-
-
 def test_interpreter_exit_waits_for_the_background_save_in_flight(tmp_path: Path) -> None:
-    result = _run_script(
+    result = run_script(
         f"""
         import os, pathlib
         from checkpointio import Checkpoint
@@ -642,7 +630,7 @@ def test_interpreter_exit_removes_temporary_workspaces_nobody_closed_after_savin
     tree = make_tree(tmp_path / "tree")
     with Checkpoint(tmp_path / "first") as writer:
         writer.save_sync(tree)
-    result = _run_script(
+    result = run_script(
         f"""
         import os, pathlib, time
         from checkpointio import Checkpoint
@@ -677,7 +665,7 @@ def test_interpreter_exit_removes_temporary_workspaces_nobody_closed_after_savin
 
 
 def test_interpreter_exit_logs_a_background_failure_nobody_retrieved(tmp_path: Path) -> None:
-    result = _run_script(
+    result = run_script(
         f"""
         import pathlib
         from checkpointio import Checkpoint
@@ -692,7 +680,7 @@ def test_interpreter_exit_logs_a_background_failure_nobody_retrieved(tmp_path: P
 
 
 def test_interpreter_exit_waits_only_as_long_as_its_bound(tmp_path: Path) -> None:
-    result = _run_script(
+    result = run_script(
         f"""
         import anyio, pathlib
         import checkpointio._checkpoint as module
@@ -805,7 +793,7 @@ def test_interpreter_exit_stores_a_background_save_started_by_an_atexit_hook_wha
         f"try:\n    import checkpointio.{name}\nexcept ImportError:\n    pass\n" for name in ("lightning", "torch")
     )
     script = textwrap.dedent(hook) + (register + imports if registered == "before" else imports + register)
-    result = _run_script(script, tmp_path)
+    result = run_script(script, tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["save started"]
     with Checkpoint(tmp_path / "reader", src=tmp_path / "ckpt") as cp:
@@ -815,7 +803,7 @@ def test_interpreter_exit_stores_a_background_save_started_by_an_atexit_hook_wha
 
 
 def test_a_forked_child_neither_awaits_nor_drains_its_parents_background_save(tmp_path: Path) -> None:
-    result = _run_script(
+    result = run_script(
         f"""
         import logging, os, pathlib, signal, sys, threading
         from checkpointio import Checkpoint, PortalError

@@ -7,8 +7,6 @@ import io
 import json
 import os
 import re
-import subprocess
-import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -31,6 +29,7 @@ from checkpointio import (  # noqa: E402
 from checkpointio.dcp import StorageReader, StorageWriter, load, save  # noqa: E402
 
 from .conftest import StoreCase  # noqa: E402
+from .scripts import run_script  # noqa: E402
 
 
 def state(seed: int) -> dict[str, Any]:
@@ -368,19 +367,11 @@ async def _awaited(handle: Any) -> None:
 
 
 def test_a_background_save_failure_nobody_retrieved_is_logged_at_exit(tmp_path: Any) -> None:
-    script = tmp_path / "script.py"
-    script.write_text(
+    result = run_script(
         "from checkpointio.dcp import save\n"
         "from tests.test_dcp import FailsToSave\n"
-        f"save({{'zz': FailsToSave()}}, {str(tmp_path / 'ckpt')!r}, wait=False)\n"
-    )
-    result = subprocess.run(
-        [sys.executable, str(script)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=Path(__file__).parent.parent,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
+        f"save({{'zz': FailsToSave()}}, {str(tmp_path / 'ckpt')!r}, wait=False)\n",
+        tmp_path,
     )
     assert result.returncode == 0, result.stderr
     assert "distributed save to" in result.stderr and "this object cannot be saved" in result.stderr, result.stderr
@@ -433,8 +424,7 @@ class SlowToSave:
 
 
 def test_a_forked_child_never_waits_for_its_parents_background_save(tmp_path: Any) -> None:
-    script = tmp_path / "script.py"
-    script.write_text(
+    result = run_script(
         "import os, signal\n"
         "from checkpointio.dcp import load, save\n"
         "from tests.test_dcp import SlowToSave\n"
@@ -446,15 +436,8 @@ def test_a_forked_child_never_waits_for_its_parents_background_save(tmp_path: An
         f"    os._exit(0 if load({{'step': 0}}, {str(tmp_path / 'other')!r}) is False else 1)\n"
         "_, status = os.waitpid(child, 0)\n"
         "print('child exit:', os.waitstatus_to_exitcode(status))\n"
-        "print('saved by the parent:', handle.result(timeout=120) is None)\n"
-    )
-    result = subprocess.run(
-        [sys.executable, str(script)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=Path(__file__).parent.parent,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
+        "print('saved by the parent:', handle.result(timeout=120) is None)\n",
+        tmp_path,
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["in flight at fork: True", "child exit: 0", "saved by the parent: True"]

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import subprocess
-import sys
-import textwrap
 import threading
 import types
 from pathlib import Path
@@ -16,11 +13,7 @@ import pytest
 import checkpointio
 from checkpointio import Checkpoint, PortalError, _portal
 
-
-def _run_script(code: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
-    script = tmp_path / "script.py"
-    script.write_text(textwrap.dedent(code))
-    return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+from .scripts import run_script
 
 
 @pytest.mark.parametrize("name", ["load", "save", "prev_exists", "wait"])
@@ -72,7 +65,7 @@ def test_sync_call_from_the_loop_thread_raises_instead_of_deadlocking(tmp_path: 
 
 
 def test_sync_calls_work_in_a_forked_child(tmp_path: Path) -> None:
-    result = _run_script(
+    result = run_script(
         f"""
         import os
         from checkpointio import Checkpoint
@@ -101,7 +94,7 @@ def test_sync_calls_work_in_a_forked_child(tmp_path: Path) -> None:
 
 
 def test_sync_calls_work_at_interpreter_exit(tmp_path: Path) -> None:
-    result = _run_script(
+    result = run_script(
         f"""
         import atexit
         from checkpointio import Checkpoint
@@ -121,7 +114,7 @@ def test_sync_calls_work_at_interpreter_exit(tmp_path: Path) -> None:
 
 
 def test_ctrl_c_during_save_sync_cancels_the_save_and_keeps_the_previous(tmp_path: Path) -> None:
-    result = _run_script(
+    result = run_script(
         f"""
         import os, signal, threading, time, pathlib
         from checkpointio import Checkpoint
@@ -158,7 +151,7 @@ def test_ctrl_c_during_save_sync_cancels_the_save_and_keeps_the_previous(tmp_pat
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_sigterm_inside_interrupt_on_sigterm_cancels_a_save_as_ctrl_c_does(mode: str, tmp_path: Path) -> None:
-    result = _run_script(
+    result = run_script(
         f"""
         import asyncio, os, signal, time, pathlib
         from checkpointio import Checkpoint, interrupt_on_sigterm

@@ -1,0 +1,28 @@
+"""Running a test's Python script in a fresh interpreter (exit-time behaviour, fork, signals)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_script(code: str, tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` (dedented) as ``tmp_path/script.py`` with ``tmp_path`` as the working folder and
+    the repository on the import path (a script may import helpers from ``tests``); ``env`` adds to
+    the environment. The timeout only keeps a hang from stalling the suite."""
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent(code))
+    python_path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": python_path, **env},
+    )
