@@ -61,6 +61,19 @@ def _cut(pieces: Pieces, size: int) -> tuple[Pieces, Pieces]:
     return taken, []
 
 
+async def _gather(stream: AsyncIterator[bytes], pieces: Pieces, held: int, size: int) -> tuple[int, bool]:
+    """Append chunks of ``stream`` to ``pieces`` (which hold ``held`` bytes) until they hold at
+    least ``size`` bytes or the stream ends; the bytes they hold then, and whether it ended."""
+    while held < size:
+        try:
+            chunk = await anext(stream)
+        except StopAsyncIteration:
+            return held, True
+        pieces.append(chunk)
+        held += len(chunk)
+    return held, False
+
+
 async def put(requests: _Requests, location: Location, body: Body, record: Record) -> ObjectInfo:
     config = requests.config
     if body.size is not None:
@@ -72,16 +85,7 @@ async def put(requests: _Requests, location: Location, body: Body, record: Recor
     # Chunks are gathered as a list and joined in a worker thread: growing one buffer on the
     # event loop would copy every byte there, two or three times.
     first: Pieces = []
-    held = 0
-    ended = False
-    while held < max(part_size, config.multipart_threshold):
-        try:
-            chunk = await anext(stream)
-        except StopAsyncIteration:
-            ended = True
-            break
-        first.append(chunk)
-        held += len(chunk)
+    held, ended = await _gather(stream, first, 0, max(part_size, config.multipart_threshold))
     if ended and held < config.multipart_threshold:
         return await _put_single(requests, location, first, record.completed(body.digest))
     return await _put_multipart(requests, location, body, stream, first, record, part_size)
@@ -226,14 +230,8 @@ class _Multipart:
                 ended = False
                 while not ended or pieces:
                     size = part_size if body.size is not None else part_size_for_stream(number, part_size)
-                    while not ended and held < size:
-                        try:
-                            chunk = await anext(stream)
-                        except StopAsyncIteration:
-                            ended = True
-                            break
-                        pieces.append(chunk)
-                        held += len(chunk)
+                    if not ended:
+                        held, ended = await _gather(stream, pieces, held, size)
                     if not pieces:
                         break
                     part, pieces = _cut(pieces, size)
