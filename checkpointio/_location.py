@@ -51,7 +51,8 @@ class Location:
 def parse_location(uri: str | os.PathLike[str]) -> Location:
     """Parse a checkpoint URI; a bare path (relative or absolute) means the local filesystem.
 
-    S3 keys and memory names are taken literally, as ``aws s3`` takes them: ``#``, ``?`` and
+    S3 keys and memory names are taken literally, as ``aws s3`` takes them (leading ``/`` dropped,
+    a trailing one kept: ``s3://b/runs/7/`` and ``memory://runs/7/`` name a folder): ``#``, ``?`` and
     ``%`` are part of the key (a URL parser would cut ``s3://b/run#1`` down to ``run``, and two
     checkpoints would share one key). ``file://`` URIs are percent-decoded, as RFC 8089 has them,
     and so is its one-slash form ``file:/path``. The scheme is case-insensitive (``S3://``).
@@ -87,8 +88,8 @@ def parse_location(uri: str | os.PathLike[str]) -> Location:
             raise ValueError(f"an S3 checkpoint URI needs a bucket and a key: s3://bucket/key, got {text!r}")
         return Location("s3", _bucket(bucket, text), key)
     if scheme == "memory":
-        key = rest.strip("/")
-        if not key:
+        key = rest.lstrip("/")
+        if not key.strip("/"):
             raise ValueError(f"a memory URI needs a name: memory://name, got {text!r}")
         return Location("memory", "", key)
     raise ValueError(f"no store handles {scheme!r} URIs ({text!r}); use a path, file://, s3:// or memory://")
@@ -97,15 +98,16 @@ def parse_location(uri: str | os.PathLike[str]) -> Location:
 def checkpoint_location(uri: str | os.PathLike[str]) -> Location:
     """:func:`parse_location` for the URI of one checkpoint object (not a prefix).
 
-    An S3 key ending in ``/`` is refused: S3 consoles show such an object as a folder, and
-    ``aws s3 cp`` would put a file *under* that prefix, so the intent is unclear; the URI must
-    name the checkpoint itself (``s3://bucket/runs/7/big``).
+    An S3 key or memory name ending in ``/`` is refused: S3 consoles show such an object as a
+    folder, and ``aws s3 cp`` would put a file *under* that prefix, so the intent is unclear; the
+    URI must name the checkpoint itself (``s3://bucket/runs/7/big``). (A local path's trailing
+    ``/`` names the same file or folder as the path without it, as the filesystem has it.)
 
     Raises:
         ValueError: As :func:`parse_location`, or the key ends in ``/``.
     """
     location = parse_location(uri)
-    if location.scheme == "s3" and location.key.endswith("/"):
+    if location.scheme in ("s3", "memory") and location.key.endswith("/"):
         raise ValueError(
             f"{os.fspath(uri)!r} ends with '/', a folder-like prefix: a checkpoint URI names one object, "
             f"e.g. {location.uri}NAME"
@@ -114,14 +116,20 @@ def checkpoint_location(uri: str | os.PathLike[str]) -> Location:
 
 
 def parse_prefix(uri: str | os.PathLike[str]) -> Location:
-    """Like :func:`parse_location`, but ``s3://bucket`` (a whole bucket) is a valid prefix."""
+    """Like :func:`parse_location`, but ``s3://bucket`` (a whole bucket) is a valid prefix, and a
+    local path keeps its trailing ``/`` as the other schemes do: ``runs/7/`` is the folder only,
+    where ``runs/7`` is the folder if there is one, else the start of names (see
+    ``_stores._base.under``)."""
     text = os.fspath(uri)
     split = split_scheme(text)
     if split is not None and split[0] == "s3":
         bucket, _, key = split[1].partition("/")
         if bucket and not key.strip("/"):
             return Location("s3", _bucket(bucket, text), "")
-    return parse_location(text)
+    location = parse_location(text)
+    if location.scheme == "file" and text.endswith(("/", os.sep)) and not location.key.endswith(os.sep):
+        return Location("file", "", location.key + os.sep)
+    return location
 
 
 def _bucket(name: str, text: str) -> str:

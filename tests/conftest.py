@@ -200,7 +200,9 @@ class StoreCase:
             self.s3.client().create_multipart_upload(Bucket=self.bucket, Key=self._key(name))
             return True
         if self.name == "local":
-            (self.root / f".{name}.partial-{uuid.uuid4().hex[:16]}").write_bytes(b"half a save")
+            target = self.root / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            (target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:16]}").write_bytes(b"half a save")
             return True
         return False
 

@@ -41,6 +41,11 @@ from checkpointio._planning import (
         ("/tmp/run:7", "file", "", "/tmp/run:7"),  # a colon further on is part of a name
         ("/tmp/s3:/x", "file", "", "/tmp/s3:/x"),
         ("s3://my_old.Bucket-1/k", "s3", "my_old.Bucket-1", "k"),
+        # a trailing "/" (a folder) is kept by S3 and memory alike; a path's names the same folder
+        ("s3://bucket/runs/7/", "s3", "bucket", "runs/7/"),
+        ("memory://runs/7/", "memory", "", "runs/7/"),
+        ("memory:///runs/7", "memory", "", "runs/7"),
+        ("/tmp/runs/7/", "file", "", "/tmp/runs/7"),
     ],
 )
 def test_uris_parse_into_locations(uri: str, scheme: str, bucket: str, key: str) -> None:
@@ -54,7 +59,7 @@ def test_relative_paths_become_absolute() -> None:
     assert parse_location("ckpt").key == os.path.join(os.getcwd(), "ckpt")
 
 
-@pytest.mark.parametrize("uri", ["", "s3://bucket", "s3:///key", "gs://bucket/key", "memory://"])
+@pytest.mark.parametrize("uri", ["", "s3://bucket", "s3:///key", "gs://bucket/key", "memory://", "memory:///"])
 def test_bad_uris_are_refused_with_a_message(uri: str) -> None:
     with pytest.raises(ValueError, match=r"\S"):
         parse_location(uri)
@@ -233,4 +238,9 @@ def test_a_checkpoint_uri_ending_in_a_slash_is_refused_but_a_prefix_may() -> Non
     with pytest.raises(ValueError, match="ends with '/'"):
         Checkpoint("s3://bucket/runs/7/")
     assert parse_prefix("s3://bucket/runs/7/") == parse_location("s3://bucket/runs/7/")
+    with pytest.raises(ValueError, match=r"ends with '/'.*memory://runs/7/NAME"):
+        checkpoint_location("memory://runs/7/")
+    assert parse_prefix("memory://runs/7/").key == "runs/7/"
+    assert parse_prefix("/tmp/runs/7/").key == "/tmp/runs/7/"  # the folder only, as on S3
+    assert parse_prefix("/tmp/runs/7").key == checkpoint_location("/tmp/runs/7/").key == "/tmp/runs/7"
     assert parse_prefix("s3://bucket/").key == ""

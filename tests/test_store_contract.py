@@ -15,7 +15,7 @@ import pytest
 
 from checkpointio import ConcurrentModificationError, CorruptCheckpointError
 from checkpointio._config import TransferConfig
-from checkpointio._location import Location, parse_location
+from checkpointio._location import Location, parse_location, parse_prefix
 from checkpointio._stores import Blocks, Body, Kind, ObjectInfo, RangedStore, Record, Store, open_store
 
 from .conftest import StoreCase
@@ -191,13 +191,36 @@ async def test_list_gives_the_objects_under_a_prefix_sorted_by_key(store: StoreC
     target = await opened(store)
     for name in ("run/b2", "run/a/2", "run/a/1", "run/b1", "run/c", "runs/x", "other/x"):
         await put(target, where(store, name), name.encode())
-    infos = await target.list(where(store, "run").child(""))  # "run/": parse_location drops memory's "/"
+    infos = await target.list(where(store, "run/"))
     assert names(infos, store) == ["run/a/1", "run/a/2", "run/b1", "run/b2", "run/c"]
     for info, name in zip(infos, names(infos, store), strict=True):  # S3 lists no metadata: no record there
         assert info.size == len(name)
         assert info.record in (None, Record(Kind.BYTES, len(name), zlib.crc32(name.encode())))
     assert names(await target.list(where(store, "run/b")), store) == ["run/b1", "run/b2"]  # a key prefix
     assert await target.list(where(store, "nothing-here")) == []
+
+
+async def test_a_prefix_naming_a_folder_lists_that_folder_any_other_the_names_starting_with_it(
+    store: StoreCase,
+) -> None:
+    target = await opened(store)
+    for name in ("run/a", "run/b/1", "run-2/x", "runs"):
+        await put(target, where(store, name), name.encode())
+    assert names(await target.list(where(store, "run")), store) == ["run/a", "run/b/1"]  # never run-2/
+    assert names(await target.list(where(store, "run-")), store) == ["run-2/x"]
+    assert names(await target.list(where(store, "ru")), store) == ["run-2/x", "run/a", "run/b/1", "runs"]
+    assert names(await target.list(where(store, "run/b")), store) == ["run/b/1"]
+    assert await target.list(parse_prefix(store.uri("run-") + "/")) == []  # "/": only a folder of that name
+    assert names(await target.list(parse_prefix(store.uri("run") + "/")), store) == ["run/a", "run/b/1"]
+    if store.abandon_save("run/obj") and store.abandon_save("run-2/obj"):
+        try:
+            (inside,) = await target.pending(where(store, "run"))
+            assert inside.location == where(store, "run/obj")
+            assert len(await target.pending(where(store, "run-"))) == 1
+            assert await target.pending(parse_prefix(store.uri("run-") + "/")) == []
+        finally:
+            for write in await target.pending(where(store, "")):
+                await target.discard(write)
 
 
 async def test_create_stores_only_where_nothing_is(store: StoreCase) -> None:

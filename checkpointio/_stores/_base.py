@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeVar, runtime_checkable
 
 from anyio.streams.memory import MemoryObjectReceiveStream
 
@@ -28,6 +28,7 @@ __all__ = [
     "Record",
     "Sink",
     "Store",
+    "under",
 ]
 
 #: Some of an object's bytes: the blocks a store received them in (joining them would be a copy).
@@ -38,6 +39,8 @@ Sink = Callable[[Blocks], Awaitable[None]]
 #: on the store's receiving threads, several at once, so it must be thread-safe; it may block (its
 #: range waits meanwhile).
 RangeSink = Callable[[int, Blocks], None]
+
+_Item = TypeVar("_Item")
 
 _PREFIX = "checkpointio-"
 FORMAT_VERSION = "1"
@@ -157,6 +160,23 @@ class Body:
         return self.chunks.__aiter__()
 
 
+def under(prefix: str, items: list[_Item], key: Callable[[_Item], str]) -> list[_Item]:
+    """The ``items`` whose ``key`` lies under the prefix, as every store lists: a prefix that ends
+    with ``/`` or names a folder (something lies below ``prefix/``) is that folder, holding
+    ``prefix`` itself and what lies below ``prefix/``; any other prefix is the start of names.
+
+    So ``runs/7`` lists ``runs/7/...`` and never ``runs/70/...`` once ``runs/7/`` holds anything,
+    as a local folder is listed; ``runs/ckpt`` lists ``runs/ckpt``, ``runs/ckpt-2`` and a
+    distributed checkpoint's ``runs/ckpt.dcp/...`` when there is no folder ``runs/ckpt/``.
+    ``items`` are those whose key starts with ``prefix`` (what an S3 listing returns).
+    """
+    matched = [item for item in items if key(item).startswith(prefix)]
+    folder = prefix + "/"
+    if not prefix or prefix.endswith("/") or not any(key(item).startswith(folder) for item in matched):
+        return matched
+    return [item for item in matched if key(item) == prefix or key(item).startswith(folder)]
+
+
 class Store(Protocol):
     """An object store the engine can save to and load from."""
 
@@ -177,7 +197,7 @@ class Store(Protocol):
         ...
 
     async def pending(self, prefix: Location) -> list[PendingWrite]:
-        """Unfinished saves of checkpoints whose location starts with ``prefix``, oldest first."""
+        """Unfinished saves of checkpoints :func:`under` ``prefix``, oldest first."""
         ...
 
     async def discard(self, write: PendingWrite) -> bool:
@@ -185,7 +205,7 @@ class Store(Protocol):
         ...
 
     async def list(self, prefix: Location) -> list[ObjectInfo]:
-        """The objects whose location starts with ``prefix``, sorted by key."""
+        """The objects :func:`under` ``prefix``, sorted by key."""
         ...
 
     async def create(self, location: Location, data: bytes, record: Record) -> bool:

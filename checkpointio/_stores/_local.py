@@ -221,6 +221,16 @@ def _translate(error: OSError, uri: str) -> StoreError:
     return StoreError(f"{uri}: {error.strerror or error}: {error.filename or ''}".rstrip(": "), uri=uri)
 
 
+def _listing_base(prefix: str) -> Path | None:
+    """Where a listing of ``prefix`` walks from (see ``_base.under``): the folder it names, else
+    the folder holding the names that start with it; ``None`` when it ends with ``/`` and names
+    no folder (nothing lies under it)."""
+    root = Path(prefix)
+    if root.is_dir():
+        return root
+    return None if prefix.endswith(("/", os.sep)) else root.parent
+
+
 def _walk(base: Path, root: Path, uri: str) -> Iterator[tuple[str, list[str], list[str]]]:
     """``os.walk`` from ``base`` into the folders whose paths start with ``root`` (a folder or a
     name prefix), where a folder that cannot be read is an error, not an empty folder.
@@ -452,7 +462,9 @@ class LocalStore:
         wanted = str(root)
 
         def scan() -> list[PendingWrite]:
-            base = root if root.is_dir() else root.parent
+            base = _listing_base(prefix.key)
+            if base is None:
+                return []
             found: list[PendingWrite] = []
             for dirpath, _dirnames, filenames in _walk(base, root, prefix.uri):
                 name_max = _name_max(dirpath)
@@ -495,7 +507,9 @@ class LocalStore:
         root = Path(prefix.key)
 
         def scan() -> list[ObjectInfo]:
-            base = root if root.is_dir() else root.parent
+            base = _listing_base(prefix.key)
+            if base is None:
+                return []
             found: list[ObjectInfo] = []
             for dirpath, dirnames, filenames in _walk(base, root, prefix.uri):
                 dirnames.sort()

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from .._config import TransferConfig
 from .._exceptions import ConcurrentModificationError, CorruptCheckpointError
 from .._location import Location
-from ._base import Body, ObjectInfo, PendingWrite, Record, Sink
+from ._base import Body, ObjectInfo, PendingWrite, Record, Sink, under
 
 __all__ = ["MemoryStore", "read_raw", "write_raw"]
 
@@ -53,6 +53,10 @@ def write_raw(location: Location, data: bytes, info: ObjectInfo | None = None) -
         info = ObjectInfo(location, len(data), uuid.uuid4().hex, modified=time.time())
     with _lock:
         _objects[location.key] = _Object(data, info)
+
+
+def _key(info: ObjectInfo) -> str:
+    return info.location.key
 
 
 class MemoryStore:
@@ -97,7 +101,7 @@ class MemoryStore:
     async def list(self, prefix: Location) -> list[ObjectInfo]:
         with _lock:
             infos = [obj.info for key, obj in _objects.items() if key.startswith(prefix.key)]
-        return sorted(infos, key=lambda info: info.location.key)
+        return sorted(under(prefix.key, infos, _key), key=_key)
 
     async def create(self, location: Location, data: bytes, record: Record) -> bool:
         info = ObjectInfo(location, len(data), uuid.uuid4().hex, record, modified=time.time())

@@ -12,7 +12,7 @@ from botocore.exceptions import ClientError
 from ..._config import TransferConfig
 from ..._exceptions import BucketNotFoundError
 from ..._location import Location
-from .._base import Body, ObjectInfo, PendingWrite, RangeSink, Record, Sink
+from .._base import Body, ObjectInfo, PendingWrite, RangeSink, Record, Sink, under
 from ._client import _Requests
 from ._download import get, get_ranges, read_range
 from ._errors import answered
@@ -106,6 +106,7 @@ class S3Store:
                             initiated.timestamp() if initiated is not None else None,
                         )
                     )
+        found = under(prefix.key, found, lambda write: write.location.key)
         return sorted(found, key=lambda write: (write.started or 0.0, write.location.key))
 
     async def discard(self, write: PendingWrite) -> bool:
@@ -142,7 +143,7 @@ class S3Store:
                             modified=item["LastModified"].timestamp(),
                         )
                     )
-        return sorted(found, key=lambda info: info.location.key)
+        return sorted(under(prefix.key, found, lambda info: info.location.key), key=lambda info: info.location.key)
 
     async def create(self, location: Location, data: bytes, record: Record) -> bool:
         """A PUT with ``If-None-Match: *``, which S3 applies atomically: 412 means the key exists, 409
