@@ -42,12 +42,19 @@ class Failed(Exception):
 
 
 async def put(
-    target: Store, location: Location, data: bytes, *, step: int = MiB, fail_after: int | None = None
+    target: Store,
+    location: Location,
+    data: bytes,
+    *,
+    step: int = MiB,
+    fail_after: int | None = None,
+    sized: bool = True,
 ) -> ObjectInfo:
     """Save ``data`` as the engine does: a producer task streams the chunks (keeping their CRC32)
-    while the store consumes them; ``fail_after`` chunks, the producer raises instead."""
+    while the store consumes them; ``fail_after`` chunks, the producer raises instead. Not
+    ``sized``: as a directory archive, whose size and CRC32 are known only at its end."""
     send, receive = anyio.create_memory_object_stream[bytes](4)
-    body = Body(receive, len(data), crc32_up_front=lambda: zlib.crc32(data))
+    body = Body(receive, len(data), crc32_up_front=lambda: zlib.crc32(data)) if sized else Body(receive, None)
     stored: list[ObjectInfo] = []
 
     async def produce() -> None:
@@ -113,6 +120,18 @@ async def test_put_stores_the_bytes_and_the_record_that_head_and_get_return(stor
     assert (head.location, head.size, head.etag, head.record) == (location, size, info.etag, info.record)
     assert await get(target, head) == data
     assert store.get_raw("obj") == data  # what other tools read at the location: exactly the bytes
+
+
+@pytest.mark.parametrize("size", [3 * MiB + 7, 12 * MiB + 1])  # one PUT, multipart on S3
+async def test_a_stream_of_unknown_size_is_stored_with_the_record_head_returns(store: StoreCase, size: int) -> None:
+    target, location = await opened(store), where(store, "obj")
+    data = payload(size, seed=5)
+    info = await put(target, location, data, sized=False)
+    assert info.record == Record(Kind.BYTES, size, zlib.crc32(data))
+    head = await target.head(location)
+    assert head is not None
+    assert (head.size, head.etag, head.record) == (size, info.etag, info.record)
+    assert await get(target, head) == data
 
 
 async def test_put_replaces_the_object_with_a_new_generation(store: StoreCase) -> None:

@@ -4,6 +4,7 @@ in :mod:`._upload` and :mod:`._download`."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import logging
 from typing import Any
 
@@ -52,11 +53,24 @@ class S3Store:
         if checksum and "-" not in checksum and response.get("ChecksumType", "FULL_OBJECT") == "FULL_OBJECT":
             server_crc = int.from_bytes(base64.b64decode(checksum), "big")
         modified = response.get("LastModified")
+        size = int(response["ContentLength"])
+        record = Record.from_metadata(response.get("Metadata", {}))
+        if record is not None and (record.size is None or record.crc32 is None):
+            # A stream saved in parts (a directory archive): its metadata was set when the upload
+            # started, before its size and CRC32 were known, and S3 cannot change an object's
+            # metadata without copying the whole object. The server knows both since it completed
+            # the upload: its length, and the whole-object CRC32 it checked against ours then
+            # (where it offers one; else the record has no CRC32, as one of an older save).
+            record = dataclasses.replace(
+                record,
+                size=size if record.size is None else record.size,
+                crc32=server_crc if record.crc32 is None else record.crc32,
+            )
         return ObjectInfo(
             location,
-            int(response["ContentLength"]),
+            size,
             response["ETag"],
-            Record.from_metadata(response.get("Metadata", {})),
+            record,
             server_crc32=server_crc,
             modified=modified.timestamp() if modified is not None else None,
         )
