@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import _portal
 from ._background import SaveHandle
 from ._checkpoint import Checkpoint
 from ._exceptions import NoCheckpointError
@@ -76,6 +75,11 @@ class FolderSaver:
         return self.resumed_from is not None and not self._stored_newer
 
     def wait(self) -> None:
-        """Wait for the last background upload, raising its error."""
-        if self.last is not None and not _portal.on_loop_thread():
+        """Wait for the last background upload, raising its error.
+
+        Raises:
+            PortalError: Called on checkpointio's loop thread while the upload runs there
+                (waiting would deadlock); a finished upload's outcome is reported there too.
+        """
+        if self.last is not None:
             self.last.result()

@@ -20,6 +20,7 @@ import checkpointio._checkpoint as checkpoint_module
 from checkpointio import (
     BackgroundSaveError,
     Checkpoint,
+    CheckpointError,
     PortalError,
     SaveHandle,
     SourceChangedError,
@@ -841,3 +842,35 @@ def test_a_forked_child_neither_awaits_nor_drains_its_parents_background_save(tm
     ], result.stdout
     assert "waiting up to" not in result.stdout  # neither process had a save left to wait for at exit
     assert (tmp_path / "ckpt").read_bytes() == b"the parent's" * 100_000
+
+
+def test_a_training_callbacks_wait_on_the_loop_thread_reports_the_save_never_skips_it(tmp_path: Path) -> None:
+    from checkpointio import _portal
+    from checkpointio._training import FolderSaver
+
+    folder = make_tree(tmp_path / "folder")
+    (tmp_path / "in-the-way").write_bytes(b"a file where the checkpoint's folder must be")
+    failing = FolderSaver(Checkpoint(tmp_path / "in-the-way" / "ckpt"), None, background=True)
+    failing._store(folder)
+    assert failing.last is not None and failing.last.join() and not failing.last.succeeded()
+
+    async def wait_on_loop(saver: FolderSaver) -> None:
+        saver.wait()
+
+    with pytest.raises(CheckpointError, match="in-the-way"):  # its failure, not a silent return
+        _portal.run_sync(wait_on_loop, failing)
+
+    in_flight = FolderSaver(Checkpoint(tmp_path / "ckpt"), None, background=True)
+
+    async def save_and_wait_on_loop() -> None:
+        in_flight.last = await in_flight.checkpoint.save(folder, wait=False)
+        assert not in_flight.last.done()  # it runs on this loop, which this coroutine holds
+        in_flight.wait()
+
+    with pytest.raises(PortalError, match="deadlock"):  # not a return as if it were stored
+        _portal.run_sync(save_and_wait_on_loop)
+    assert in_flight.last is not None
+    in_flight.last.result()
+    with Checkpoint(tmp_path / "unused", src=tmp_path / "ckpt") as cp:
+        assert cp.load_sync() and cp.path is not None
+        assert snapshot(cp.path) == snapshot(folder)
