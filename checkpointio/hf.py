@@ -21,7 +21,7 @@ from typing import Any
 
 from . import _placement
 from ._checkpoint import Checkpoint
-from ._training import FolderSaver
+from ._training import FolderSaver, placing
 
 try:
     from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -145,10 +145,12 @@ class CheckpointioTrainerCallback(FolderSaver, TrainerCallback):
                     "output_dir is unknown: build the Trainer with callbacks=[this callback] before reading "
                     "resume_from_checkpoint"
                 )
+            uri = self.checkpoint.dest
             restored = self.checkpoint.load_sync()
             if restored is not None and not restored.is_dir():
                 raise ValueError(f"the checkpoint restored as the file {restored}, not as a Trainer output folder")
-            _place(restored, self.output_dir)
+            with placing("put the restored checkpoint folders in place in", self.output_dir, uri, kept=restored):
+                _place(restored, self.output_dir)
             if restored is not None:
                 folders = checkpoint_folders(self.output_dir)
                 self.resumed_from = folders[-1] if folders else None
@@ -181,7 +183,8 @@ class CheckpointioTrainerCallback(FolderSaver, TrainerCallback):
         kept = {path.resolve() for path in keep}
         for old in checkpoint_folders(output_dir)[: -self.keep_last]:
             if old.resolve() not in kept:
-                _placement.remove(old)
+                with placing("remove the old checkpoint folder", old, self.checkpoint.dest):
+                    _placement.remove(old)
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any

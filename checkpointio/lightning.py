@@ -24,7 +24,7 @@ from typing import Any
 from . import _placement
 from ._background import SaveHandle
 from ._checkpoint import Checkpoint, latest_checkpoint
-from ._training import FolderSaver, checkpoint_in_force
+from ._training import FolderSaver, checkpoint_in_force, placing
 
 try:
     import lightning.pytorch as pl
@@ -120,9 +120,11 @@ class CheckpointioCallback(FolderSaver, pl.Callback):
         if not self._restored:
             restored = self.checkpoint.load_sync()
             if restored is not None and restored.is_dir() and restored.resolve() != self.dirpath.resolve():
-                self.dirpath.mkdir(parents=True, exist_ok=True)
-                moves = [(child, self.dirpath / child.name) for child in sorted(restored.iterdir())]
-                _placement.move_all(moves)  # all or none, over folders that are not empty, across filesystems
+                doing = "put the restored files in place in"
+                with placing(doing, self.dirpath, self.checkpoint.dest, kept=restored):
+                    self.dirpath.mkdir(parents=True, exist_ok=True)
+                    moves = [(child, self.dirpath / child.name) for child in sorted(restored.iterdir())]
+                    _placement.move_all(moves)  # all or none, over folders that are not empty, across filesystems
                 restored = self.dirpath
             self.resumed_from = latest_checkpoint(restored, PATTERN)
             self._restored = True
@@ -131,7 +133,8 @@ class CheckpointioCallback(FolderSaver, pl.Callback):
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if trainer.sanity_checking:
             return
-        self.dirpath.mkdir(parents=True, exist_ok=True)
+        with placing("create the checkpoint folder", self.dirpath, self.checkpoint.dest):
+            self.dirpath.mkdir(parents=True, exist_ok=True)
         trainer.save_checkpoint(self.dirpath / f"epoch={trainer.current_epoch}-step={trainer.global_step}.ckpt")
         if trainer.is_global_zero:
             self._retain()
@@ -141,11 +144,13 @@ class CheckpointioCallback(FolderSaver, pl.Callback):
         if self.keep_last is None:
             return
         protected = self._resumed_is_protected()
-        files = sorted(self.dirpath.glob(PATTERN), key=lambda path: (path.stat().st_mtime_ns, path.name))
+        with placing("list the checkpoint files in", self.dirpath, self.checkpoint.dest):
+            files = sorted(self.dirpath.glob(PATTERN), key=lambda path: (path.stat().st_mtime_ns, path.name))
         for old in files[: -self.keep_last]:
             if protected and old == self.resumed_from:
                 continue
-            old.unlink()
+            with placing("remove the old checkpoint file", old, self.checkpoint.dest):
+                old.unlink()
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         self.wait()

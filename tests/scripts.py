@@ -11,15 +11,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_script(code: str, tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+#: Runs a command as root without its power to ignore file permissions (as any other user runs).
+UNPRIVILEGED = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+
+
+def run_script(
+    code: str, tmp_path: Path, *, unprivileged: bool = False, **env: str
+) -> subprocess.CompletedProcess[str]:
     """Run ``code`` (dedented) as ``tmp_path/script.py`` with ``tmp_path`` as the working folder and
     the repository on the import path (a script may import helpers from ``tests``); ``env`` adds to
-    the environment. The timeout only keeps a hang from stalling the suite."""
+    the environment; ``unprivileged``: under :data:`UNPRIVILEGED`, so that file permissions apply
+    (tests using it skip where ``setpriv`` is missing). The timeout only keeps a hang from stalling
+    the suite."""
     script = tmp_path / "script.py"
     script.write_text(textwrap.dedent(code))
     python_path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     return subprocess.run(
-        [sys.executable, str(script)],
+        [*(UNPRIVILEGED if unprivileged else []), sys.executable, str(script)],
         capture_output=True,
         text=True,
         timeout=300,

@@ -6,6 +6,7 @@ A tiny BERT built from a config (no download) trains on the CPU for a few steps.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,9 +18,18 @@ import anyio
 import pytest
 
 import checkpointio._checkpoint as checkpoint_module
-from checkpointio import BackgroundSaveError, Checkpoint, NoCheckpointError, TaskEnvironment, ctx
+from checkpointio import (
+    BackgroundSaveError,
+    Checkpoint,
+    DestinationError,
+    NoCheckpointError,
+    StoreError,
+    TaskEnvironment,
+    ctx,
+)
 
 from .conftest import StoreCase, snapshot
+from .scripts import run_script
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a tiny model built from a config: nothing to download
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -342,8 +352,65 @@ def test_a_restore_that_fails_part_way_leaves_the_output_folder_as_it_was(
         make_trainer(out, [saver])
         cp.load_sync()
         monkeypatch.setattr(shutil, "copyfile", copyfile)
-        with pytest.raises(OSError, match="No space left"):
+        with pytest.raises(
+            StoreError, match=rf"could not put the restored checkpoint folders in place in {re.escape(str(out))}"
+        ):
             _ = saver.resume_from_checkpoint
         monkeypatch.undo()
+        assert cp.path is not None and (cp.path / "checkpoint-9").is_dir()  # the restore is kept
     assert snapshot(out) == before
     assert any("checkpoint-10" in path for path in copied)  # the other folder was copied before
+
+
+def test_a_file_where_the_output_folder_must_be_is_a_destination_error_and_the_restore_is_kept(
+    tmp_path: Path,
+) -> None:
+    tree = stored_run(tmp_path)
+    (tmp_path / "in-the-way").write_text("a file where the output folder's parent must be")
+    with Checkpoint(
+        tmp_path / "store" / "attempt-1", src=tmp_path / "store" / "attempt-0", workspace=tmp_path / "ws"
+    ) as cp:
+        saver = CheckpointioTrainerCallback(cp)
+        saver.output_dir = tmp_path / "in-the-way" / "out"  # as on_init_end learns it from the Trainer
+        with pytest.raises(DestinationError, match="in-the-way/out") as caught:
+            _ = saver.resume_from_checkpoint
+        assert f"the restored files are still in {tmp_path / 'ws'}" in str(caught.value)
+        assert snapshot(tmp_path / "ws") == snapshot(tree)
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv to run without root's file access")
+def test_an_output_folder_without_write_permission_is_an_access_error_and_the_restore_is_kept(
+    tmp_path: Path,
+) -> None:
+    stored_run(tmp_path)
+    out = tmp_path / "out"
+    local_run(out)
+    before = snapshot(out)
+    out.chmod(0o555)
+    try:
+        result = run_script(
+            f"""
+            from pathlib import Path
+            from checkpointio import AccessDeniedError, Checkpoint
+            from checkpointio.hf import CheckpointioTrainerCallback
+            with Checkpoint({str(tmp_path / "store" / "attempt-1")!r}, src={str(tmp_path / "store" / "attempt-0")!r},
+                            workspace={str(tmp_path / "ws")!r}) as cp:
+                saver = CheckpointioTrainerCallback(cp)
+                saver.output_dir = Path({str(out)!r})
+                try:
+                    saver.resume_from_checkpoint
+                except AccessDeniedError as error:
+                    print(error)
+                print(sorted(path.name for path in cp.path.iterdir()))
+            """,
+            tmp_path,
+            unprivileged=True,
+            HF_HUB_OFFLINE="1",
+        )
+    finally:
+        out.chmod(0o755)
+    assert result.returncode == 0, result.stderr
+    message, kept = result.stdout.splitlines()
+    assert f"could not put the restored checkpoint folders in place in {out}: Permission denied" in message
+    assert kept == "['checkpoint-10', 'checkpoint-9']"
+    assert snapshot(out) == before

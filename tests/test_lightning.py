@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import re
+import shutil
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-from checkpointio import Checkpoint, TaskEnvironment, ctx
+from checkpointio import Checkpoint, DestinationError, StoreError, TaskEnvironment, ctx
 
 from .conftest import StoreCase, snapshot
 from .placing import fail_placing_onto
+from .scripts import run_script
 
 torch = pytest.importorskip("torch")
 L = pytest.importorskip("lightning.pytorch")
@@ -159,8 +163,56 @@ def test_a_restore_that_fails_part_way_leaves_dirpath_as_it_was(
         refused = fail_placing_onto(
             monkeypatch, dirpath / "epoch=1-step=12.ckpt", OSError(28, "No space left on device")
         )
-        with pytest.raises(OSError, match="No space left"):
+        with pytest.raises(
+            StoreError, match=rf"could not put the restored files in place in {re.escape(str(dirpath))}: No space"
+        ):
             _ = saver.ckpt_path
         monkeypatch.undo()
         assert refused
+        assert cp.path is not None and (cp.path / "epoch=1-step=12.ckpt").read_bytes() == b"stored epoch 1"
+    assert snapshot(dirpath) == before
+
+
+def test_a_file_where_dirpath_must_be_is_a_destination_error_and_the_restore_is_kept(tmp_path: Path) -> None:
+    stored_and_local(tmp_path)
+    (tmp_path / "in-the-way").write_text("a file where dirpath's parent folder must be")
+    with Checkpoint(
+        tmp_path / "store" / "attempt-1", src=tmp_path / "store" / "attempt-0", workspace=tmp_path / "ws"
+    ) as cp:
+        saver = CheckpointioCallback(cp, dirpath=tmp_path / "in-the-way" / "ckpts")
+        with pytest.raises(DestinationError, match="in-the-way/ckpts") as caught:
+            _ = saver.ckpt_path
+        assert f"the restored files are still in {tmp_path / 'ws'}" in str(caught.value)
+        assert (tmp_path / "ws" / "epoch=1-step=12.ckpt").read_bytes() == b"stored epoch 1"
+        with pytest.raises(DestinationError, match=r"could not create the checkpoint folder .*in-the-way/ckpts"):
+            saver.on_train_epoch_end(SimpleNamespace(sanity_checking=False), None)
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv to run without root's file access")
+def test_a_dirpath_without_write_permission_is_an_access_error_and_the_restore_is_kept(tmp_path: Path) -> None:
+    _, dirpath = stored_and_local(tmp_path)
+    before = snapshot(dirpath)
+    dirpath.chmod(0o555)
+    try:
+        result = run_script(
+            f"""
+            from checkpointio import AccessDeniedError, Checkpoint
+            from checkpointio.lightning import CheckpointioCallback
+            with Checkpoint({str(tmp_path / "store" / "attempt-1")!r}, src={str(tmp_path / "store" / "attempt-0")!r},
+                            workspace={str(tmp_path / "ws")!r}) as cp:
+                try:
+                    CheckpointioCallback(cp, dirpath={str(dirpath)!r}).ckpt_path
+                except AccessDeniedError as error:
+                    print(error)
+                print(sorted(path.name for path in cp.path.iterdir()))
+            """,
+            tmp_path,
+            unprivileged=True,
+        )
+    finally:
+        dirpath.chmod(0o755)
+    assert result.returncode == 0, result.stderr
+    message, kept = result.stdout.splitlines()
+    assert f"could not put the restored files in place in {dirpath}: Permission denied" in message
+    assert kept == "['epoch=0-step=6.ckpt', 'epoch=1-step=12.ckpt', 'fold-1']"
     assert snapshot(dirpath) == before
