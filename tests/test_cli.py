@@ -654,8 +654,16 @@ def _wait_for(condition: object, what: str, timeout: float = 30) -> None:
         time.sleep(0.05)
 
 
-def test_ctrl_c_during_a_large_save_leaves_no_incomplete_upload(
-    moto_server: MotoServer, proxy: FaultProxy, tmp_path: Path
+@pytest.mark.parametrize(
+    ("sent", "code", "word"),
+    [
+        pytest.param(signal.SIGINT, 130, "interrupted", id="ctrl_c"),
+        # SIGTERM, as timeout, kill, systemd, Docker, Kubernetes and Slurm send it
+        pytest.param(signal.SIGTERM, 143, "terminated", id="sigterm"),
+    ],
+)
+def test_a_signal_during_a_large_save_aborts_the_upload_and_exits_with_its_code(
+    moto_server: MotoServer, proxy: FaultProxy, tmp_path: Path, sent: signal.Signals, code: int, word: str
 ) -> None:
     bucket = moto_server.new_bucket()
     client = moto_server.client()
@@ -669,10 +677,10 @@ def test_ctrl_c_during_a_large_save_leaves_no_incomplete_upload(
     )
     _wait_for(lambda: client.list_multipart_uploads(Bucket=bucket).get("Uploads"), "the upload to start")
     _wait_for(lambda: proxy.max_in_flight >= 1, "a part in flight")
-    process.send_signal(signal.SIGINT)
+    process.send_signal(sent)
     out, err = process.communicate(timeout=90)
-    assert process.returncode == 130, out + err
-    assert err.strip().splitlines()[-1] == "checkpointio: interrupted", err
+    assert process.returncode == code, out + err
+    assert err.strip().splitlines()[-1] == f"checkpointio: {word}", err
     assert "Traceback" not in err
     assert client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
     assert client.list_objects_v2(Bucket=bucket).get("KeyCount") == 0
@@ -694,30 +702,6 @@ def test_ctrl_c_during_a_load_leaves_no_dest(moto_server: MotoServer, proxy: Fau
     assert process.returncode == 130, out + err
     assert not dest.exists()
     assert sorted(path.name for path in tmp_path.iterdir()) == ["tree"]  # no staging folder left either
-
-
-def test_sigterm_during_a_large_save_aborts_the_upload_and_exits_143(
-    moto_server: MotoServer, proxy: FaultProxy, tmp_path: Path
-) -> None:
-    bucket = moto_server.new_bucket()
-    client = moto_server.client()
-    (tmp_path / "big").write_bytes(os.urandom(40 * 1024 * 1024))
-    proxy.delay, proxy.slow = 0.5, lambda method, target: method == "PUT" and "partNumber=" in target
-    process = subprocess.Popen(
-        [SCRIPT, "save", str(tmp_path / "big"), f"s3://{bucket}/big", "--endpoint-url", proxy.endpoint, *SMALL_PARTS],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    _wait_for(lambda: client.list_multipart_uploads(Bucket=bucket).get("Uploads"), "the upload to start")
-    _wait_for(lambda: proxy.max_in_flight >= 1, "a part in flight")
-    process.terminate()  # SIGTERM, as timeout, kill, systemd, Docker, Kubernetes and Slurm send it
-    out, err = process.communicate(timeout=90)
-    assert process.returncode == 143, out + err
-    assert err.strip().splitlines()[-1] == "checkpointio: terminated", err
-    assert "Traceback" not in err
-    assert client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
-    assert client.list_objects_v2(Bucket=bucket).get("KeyCount") == 0
 
 
 def shell(command: str, cwd: Path) -> subprocess.CompletedProcess[str]:
