@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import AbstractContextManager
 from typing import Any, ParamSpec, TypeVar
 
+import anyio
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from . import _exit
@@ -112,8 +113,35 @@ def submit(
     return asyncio.run_coroutine_threadsafe(func(*args, **kwargs), _loop_thread().loop)
 
 
+class _Call:
+    """One :func:`run_sync` call's work on the loop thread, as its caller can stop it from the moment
+    it is scheduled: a Ctrl-C may land anywhere in the caller, also before it waits on the result."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        #: The caller was interrupted: work not started yet must not start.
+        self.stopped = False
+        #: The scope the work runs in, once it started.
+        self.scope: anyio.CancelScope | None = None
+        #: Set once the work has ended, its cleanup done.
+        self.finished = threading.Event()
+
+    def stop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Cancel the work and wait for its cleanup (at most ``CLEANUP_TIMEOUT``); work that has
+        not started never will."""
+        with self.lock:
+            self.stopped = True
+            scope = self.scope
+        if scope is not None:
+            loop.call_soon_threadsafe(scope.cancel)
+            self.finished.wait(CLEANUP_TIMEOUT)
+
+
 def run_sync(func: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs) -> T:
     """Run ``func(*args, **kwargs)`` on the loop thread and return its result.
+
+    Interrupted (Ctrl-C) at any point, even before it started waiting, it cancels the work and
+    waits for its cleanup (an aborted upload, a removed temporary file) before raising.
 
     Raises:
         PortalError: Called from the loop thread itself, where waiting would deadlock.
@@ -124,19 +152,25 @@ def run_sync(func: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs)
             "a *_sync method was called from checkpointio's own event-loop thread, where it would "
             "deadlock; await the async method instead"
         )
-    finished = threading.Event()
+    call = _Call()
 
-    async def call() -> T:
-        try:
-            return await func(*args, **kwargs)
-        finally:
-            finished.set()
+    async def work() -> T:
+        with anyio.CancelScope() as scope:
+            with call.lock:
+                if call.stopped:
+                    raise PortalError("interrupted before it started")  # nobody waits for this result
+                call.scope = scope
+            try:
+                return await func(*args, **kwargs)
+            finally:
+                call.finished.set()
+        raise PortalError("cancelled by its interrupted caller")  # nobody waits for this result
 
-    future = loop.portal.start_task_soon(call)
+    future: concurrent.futures.Future[T] | None = None
     try:
+        future = loop.portal.start_task_soon(work)
         return future.result()
     except BaseException:
-        if not future.done():  # interrupted while waiting (Ctrl-C): cancel, let cleanup finish
-            future.cancel()
-            finished.wait(CLEANUP_TIMEOUT)
+        if future is None or not future.done():  # interrupted (Ctrl-C), wherever it landed
+            call.stop(loop.loop)
         raise

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import subprocess
+import textwrap
 import threading
 import types
 from pathlib import Path
@@ -113,34 +115,45 @@ def test_sync_calls_work_at_interpreter_exit(tmp_path: Path) -> None:
     assert (tmp_path / "at-exit").read_bytes() == b"saved at exit"
 
 
-def test_ctrl_c_during_save_sync_cancels_the_save_and_keeps_the_previous(tmp_path: Path) -> None:
-    result = run_script(
-        f"""
-        import os, signal, threading, time, pathlib
-        from checkpointio import Checkpoint
+def _save_signalled_half_way(tmp_path: Path, sent: str, then: str) -> subprocess.CompletedProcess[str]:
+    """Run a script whose ``cp`` saves the folder ``big`` (64 MiB) over ``tmp_path/ckpt`` (holding
+    ``b"previous"``); once bytes flow it sends itself the signal ``sent`` (``"SIGINT"``: Ctrl-C)
+    from the save's own thread, which cannot go on while the signal lands: the save is certainly
+    in flight (a fast machine could otherwise finish it). ``then``: the rest of the script."""
+    setup = f"""
+        import asyncio, os, signal, time, pathlib
+        from checkpointio import Checkpoint, interrupt_on_sigterm
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # also where the suite runs with it ignored
         root = pathlib.Path({str(tmp_path)!r})
         Checkpoint(root / "ckpt").save_sync(b"previous")
         big = root / "big"; big.mkdir()
         for i in range(8):
             (big / f"shard-{{i}}").write_bytes(os.urandom(8 * 1024 * 1024))
+        sent = []
 
-        def interrupt_half_way(progress):
-            # Called from the save's own thread, which cannot go on while this runs: the save is
-            # certainly in flight when the signal lands (a fast machine could otherwise finish it).
-            if progress.done and not progress.finished and not interrupted:
-                interrupted.append(True)
-                os.kill(os.getpid(), signal.SIGINT)
+        def signal_half_way(progress):
+            if progress.done and not progress.finished and not sent:
+                sent.append(True)
+                os.kill(os.getpid(), signal.{sent})
                 time.sleep(1)
 
-        interrupted = []
+        cp = Checkpoint(root / "ckpt", chunk_size=256 * 1024, on_progress=signal_half_way)
+        """
+    return run_script(textwrap.dedent(setup) + textwrap.dedent(then), tmp_path)
+
+
+def test_ctrl_c_during_save_sync_cancels_the_save_and_keeps_the_previous(tmp_path: Path) -> None:
+    result = _save_signalled_half_way(
+        tmp_path,
+        "SIGINT",
+        """
         try:
-            Checkpoint(root / "ckpt", chunk_size=256 * 1024, on_progress=interrupt_half_way).save_sync(big)
+            cp.save_sync(big)
         except KeyboardInterrupt:
             print("interrupted")
         print("partials", len(list(root.glob(".ckpt.partial-*"))))
         Checkpoint(root / "other").save_sync(b"loop still usable")
         """,
-        tmp_path,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "interrupted" in result.stdout, result.stdout + result.stderr
@@ -149,26 +162,61 @@ def test_ctrl_c_during_save_sync_cancels_the_save_and_keeps_the_previous(tmp_pat
     assert (tmp_path / "other").read_bytes() == b"loop still usable"
 
 
+def test_ctrl_c_landing_as_a_sync_call_was_just_scheduled_cancels_it_and_waits_for_its_cleanup(
+    tmp_path: Path,
+) -> None:
+    """Ctrl-C lands wherever the caller is: here right as its work was handed to the loop thread,
+    before the caller waits for it (where a busy machine once let a save run on, unseen)."""
+    result = run_script(
+        """
+        import os, signal, sys, anyio
+        from anyio.from_thread import BlockingPortal
+        from checkpointio import _portal
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        ran = []
+
+        async def work():
+            ran.append("started")
+            try:
+                await anyio.sleep_forever()
+            finally:
+                ran.append("cleaned up")
+
+        def interrupt_as_scheduled(frame, event, arg):
+            if event == "call" and frame.f_code is BlockingPortal.start_task_soon.__code__:
+                def on_return(frame, event, arg):
+                    if event == "return":
+                        os.kill(os.getpid(), signal.SIGINT)  # handled as the call returns to run_sync
+                    return on_return
+                return on_return
+            return None
+
+        _portal.run_sync(anyio.sleep, 0)  # the loop thread runs
+        sys.settrace(interrupt_as_scheduled)
+        try:
+            _portal.run_sync(work)
+        except KeyboardInterrupt:
+            sys.settrace(None)
+            print("interrupted:", ran)
+        for _ in range(3):
+            _portal.run_sync(anyio.sleep, 0)  # the loop runs tasks in order: work has started by now, if ever
+        print("afterwards:", ran)
+        """,
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    interrupted, afterwards = result.stdout.splitlines()
+    # it never ran, or it ran and was cancelled, its cleanup done before the interrupt was raised
+    assert interrupted in ("interrupted: []", "interrupted: ['started', 'cleaned up']"), result.stdout
+    assert afterwards == interrupted.replace("interrupted", "afterwards"), result.stdout
+
+
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_sigterm_inside_interrupt_on_sigterm_cancels_a_save_as_ctrl_c_does(mode: str, tmp_path: Path) -> None:
-    result = run_script(
+    result = _save_signalled_half_way(
+        tmp_path,
+        "SIGTERM",
         f"""
-        import asyncio, os, signal, time, pathlib
-        from checkpointio import Checkpoint, interrupt_on_sigterm
-        root = pathlib.Path({str(tmp_path)!r})
-        Checkpoint(root / "ckpt").save_sync(b"previous")
-        big = root / "big"; big.mkdir()
-        for i in range(8):
-            (big / f"shard-{{i}}").write_bytes(os.urandom(8 * 1024 * 1024))
-
-        def terminate_half_way(progress):  # from the save's own thread: the save is in flight
-            if progress.done and not progress.finished and not sent:
-                sent.append(True)
-                os.kill(os.getpid(), signal.SIGTERM)
-                time.sleep(1)
-
-        sent = []
-        cp = Checkpoint(root / "ckpt", chunk_size=256 * 1024, on_progress=terminate_half_way)
         with interrupt_on_sigterm() as term:
             try:
                 if {mode!r} == "sync":
@@ -180,7 +228,6 @@ def test_sigterm_inside_interrupt_on_sigterm_cancels_a_save_as_ctrl_c_does(mode:
         print("partials", len(list(root.glob(".ckpt.partial-*"))))
         print("handler restored:", signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)
         """,
-        tmp_path,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "interrupted, by sigterm: True" in result.stdout, result.stdout + result.stderr
