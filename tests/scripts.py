@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -34,3 +35,30 @@ def run_script(
         cwd=tmp_path,
         env={**os.environ, "PYTHONPATH": python_path, **env},
     )
+
+
+def restore_into_read_only(folder: Path, tmp_path: Path, restore: str) -> tuple[str, list[str]]:
+    """Run ``restore``, code that puts ``cp``'s restore in place in ``folder``, unprivileged while
+    ``folder`` cannot be written; ``cp`` restores ``tmp_path/store/attempt-0`` into the workspace
+    ``tmp_path/ws``. Returns the ``AccessDeniedError``'s message and the names left in the workspace."""
+    body = textwrap.indent(textwrap.dedent(restore).strip(), " " * 8)
+    code = f"""\
+import json
+from pathlib import Path
+from checkpointio import AccessDeniedError, Checkpoint
+store, workspace = Path({str(tmp_path / "store")!r}), Path({str(tmp_path / "ws")!r})
+with Checkpoint(store / "attempt-1", src=store / "attempt-0", workspace=workspace) as cp:
+    try:
+{body}
+    except AccessDeniedError as error:
+        print(error)
+    print(json.dumps(sorted(path.name for path in cp.path.iterdir())))
+"""
+    folder.chmod(0o555)
+    try:
+        result = run_script(code, tmp_path, unprivileged=True, HF_HUB_OFFLINE="1")
+    finally:
+        folder.chmod(0o755)
+    assert result.returncode == 0, result.stderr
+    message, kept = result.stdout.splitlines()
+    return message, json.loads(kept)

@@ -29,7 +29,7 @@ from checkpointio import (
 )
 
 from .conftest import StoreCase, snapshot
-from .scripts import run_script
+from .scripts import restore_into_read_only
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a tiny model built from a config: nothing to download
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -386,31 +386,16 @@ def test_an_output_folder_without_write_permission_is_an_access_error_and_the_re
     out = tmp_path / "out"
     local_run(out)
     before = snapshot(out)
-    out.chmod(0o555)
-    try:
-        result = run_script(
-            f"""
-            from pathlib import Path
-            from checkpointio import AccessDeniedError, Checkpoint
-            from checkpointio.hf import CheckpointioTrainerCallback
-            with Checkpoint({str(tmp_path / "store" / "attempt-1")!r}, src={str(tmp_path / "store" / "attempt-0")!r},
-                            workspace={str(tmp_path / "ws")!r}) as cp:
-                saver = CheckpointioTrainerCallback(cp)
-                saver.output_dir = Path({str(out)!r})
-                try:
-                    saver.resume_from_checkpoint
-                except AccessDeniedError as error:
-                    print(error)
-                print(sorted(path.name for path in cp.path.iterdir()))
-            """,
-            tmp_path,
-            unprivileged=True,
-            HF_HUB_OFFLINE="1",
-        )
-    finally:
-        out.chmod(0o755)
-    assert result.returncode == 0, result.stderr
-    message, kept = result.stdout.splitlines()
+    message, kept = restore_into_read_only(
+        out,
+        tmp_path,
+        f"""
+        from checkpointio.hf import CheckpointioTrainerCallback
+        saver = CheckpointioTrainerCallback(cp)
+        saver.output_dir = Path({str(out)!r})
+        saver.resume_from_checkpoint
+        """,
+    )
     assert f"could not put the restored checkpoint folders in place in {out}: Permission denied" in message
-    assert kept == "['checkpoint-10', 'checkpoint-9']"
+    assert kept == ["checkpoint-10", "checkpoint-9"]
     assert snapshot(out) == before
