@@ -382,8 +382,7 @@ def test_a_background_save_started_by_an_atexit_hook_is_stored_whatever_the_impo
     # was imported runs after checkpointio's exit step has waited for the background saves, one
     # registered after runs before it. A save(wait=False) from either must be committed before the
     # process ends.
-    script = tmp_path / "script.py"
-    script.write_text(
+    result = run_script(
         "import atexit\n"
         "def last_words(name, seed):\n"
         "    from checkpointio.dcp import save\n"
@@ -392,15 +391,8 @@ def test_a_background_save_started_by_an_atexit_hook_is_stored_whatever_the_impo
         "    print(name, 'done when save returned:', handle.done())\n"
         "atexit.register(last_words, 'before', 21)\n"
         "import checkpointio.dcp\n"
-        "atexit.register(last_words, 'after', 22)\n"
-    )
-    result = subprocess.run(
-        [sys.executable, str(script)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=Path(__file__).parent.parent,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
+        "atexit.register(last_words, 'after', 22)\n",
+        tmp_path,
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [
