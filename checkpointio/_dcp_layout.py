@@ -24,7 +24,7 @@ import anyio.to_thread
 
 from . import _engine
 from ._config import TransferConfig
-from ._exceptions import CorruptCheckpointError
+from ._exceptions import ConcurrentModificationError, CorruptCheckpointError
 from ._location import Location
 from ._progress import ProgressCallback
 from ._stores import ObjectInfo, Store
@@ -146,6 +146,10 @@ async def _head_bytes(store: Store, info: ObjectInfo) -> bytes:
     return await store.read_range(info, 0, len(MAGIC))
 
 
+#: How often a manifest removed or replaced while it is read is looked at again.
+_READS_RACING_A_CHANGE = 3
+
+
 async def read_summary(store: Store, location: Location, config: TransferConfig) -> Summary | None:
     """The summary of the distributed checkpoint at ``location``; ``None`` when what is there (if
     anything) is not one. Reads only the first bytes of anything else.
@@ -153,13 +157,20 @@ async def read_summary(store: Store, location: Location, config: TransferConfig)
     Raises:
         CorruptCheckpointError: A garbled manifest.
     """
-    info = await store.head(location)
-    if info is None or info.size < len(MAGIC) or not is_manifest(await _head_bytes(store, info)):
-        return None
-    data = await _engine.load_bytes(store, location, config)
-    if data is None:  # removed meanwhile
-        return None
-    return decode(data, location.uri)[0]
+    for attempt in range(_READS_RACING_A_CHANGE):
+        try:
+            info = await store.head(location)
+            if info is None or info.size < len(MAGIC) or not is_manifest(await _head_bytes(store, info)):
+                return None
+            data = await _engine.load_bytes(store, location, config)
+        except ConcurrentModificationError:  # removed or replaced while read (a save or rm racing)
+            if attempt + 1 == _READS_RACING_A_CHANGE:
+                raise
+            continue
+        if data is None:  # removed meanwhile
+            return None
+        return decode(data, location.uri)[0]
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 async def verify(

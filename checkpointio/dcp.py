@@ -82,11 +82,11 @@ from ._exceptions import (
     ChecksumMismatchError,
     CorruptCheckpointError,
 )
-from ._location import Location, parse_location
+from ._location import Location, parse_location, split_scheme
 from ._portal import run_sync
 from ._stores import ObjectInfo, Store, open_store
 
-__all__ = ["DistributedSaveHandle", "StorageReader", "StorageWriter", "load", "save"]
+__all__ = ["DistributedSaveHandle", "StorageReader", "StorageWriter", "latest", "load", "remove", "save"]
 
 logger = logging.getLogger(__name__)
 
@@ -786,7 +786,12 @@ def _wait_for_earlier_saves() -> None:
 
 
 def save(
-    state_dict: dict[str, Any], target: Target, *, wait: bool = True, **options: Unpack[TransferOptions]
+    state_dict: dict[str, Any],
+    target: Target,
+    *,
+    wait: bool = True,
+    planner: SavePlanner | None = None,
+    **options: Unpack[TransferOptions],
 ) -> DistributedSaveHandle:
     """Save ``state_dict`` with ``torch.distributed.checkpoint.save`` to ``target``, committed at once.
 
@@ -794,8 +799,9 @@ def save(
     :class:`~checkpointio.TransferConfig` fields. With ``wait=False`` the save goes on in the
     background (``torch.distributed.checkpoint.async_save``: the state is copied to CPU memory
     first, so training may change it at once) and the returned handle tells how it ended.
-    It first waits for this process's earlier ``wait=False`` save, if one still runs. Called at
-    interpreter exit (from an ``atexit`` hook), it saves in the foreground whatever ``wait`` says.
+    ``planner`` is DCP's (its default planner unless given). It first waits for this process's
+    earlier ``wait=False`` save, if one still runs. Called at interpreter exit (from an
+    ``atexit`` hook), it saves in the foreground whatever ``wait`` says.
 
     Returns:
         The save's handle, already done unless ``wait=False``.
@@ -809,13 +815,16 @@ def save(
         # At interpreter exit (from an atexit hook) DCP's async_save cannot start its thread, and
         # once the exit step waited for background saves nobody would wait for this one: save here.
         try:
-            _unwrapped(lambda: _dcp_save(state_dict, storage_writer=writer))
+            _unwrapped(lambda: _dcp_save(state_dict, storage_writer=writer, planner=planner))
         except (Exception, CheckpointException):  # DCP's own error is a BaseException
             writer.discard_failed_save()
             raise
         return DistributedSaveHandle(writer.checkpoint_id)
     single = not (torch.distributed.is_available() and torch.distributed.is_initialized())
-    future = cast(concurrent.futures.Future[Any], _dcp_async_save(state_dict, storage_writer=writer, no_dist=single))
+    future = cast(
+        concurrent.futures.Future[Any],
+        _dcp_async_save(state_dict, storage_writer=writer, planner=planner, no_dist=single),
+    )
     uri = writer.checkpoint_id
     work = BackgroundSave(uri, f"distributed save to {uri}")
     work.start(_awaited, writer, future)
@@ -840,10 +849,17 @@ async def _awaited(writer: StorageWriter, future: concurrent.futures.Future[Any]
         raise
 
 
-def load(state_dict: dict[str, Any], target: Target, **options: Unpack[TransferOptions]) -> bool:
+def load(
+    state_dict: dict[str, Any],
+    target: Target,
+    *,
+    planner: LoadPlanner | None = None,
+    **options: Unpack[TransferOptions],
+) -> bool:
     """Load ``target`` into ``state_dict`` in place (``torch.distributed.checkpoint.load``, which
     reshards to this world size); ``False``, and ``state_dict`` untouched, when there is no
-    checkpoint at ``target`` (a first attempt). It first waits for this process's earlier
+    checkpoint at ``target`` (a first attempt). ``planner`` is DCP's (its default planner unless
+    given). It first waits for this process's earlier
     ``save(wait=False)``, if one still runs.
 
     Raises:
@@ -853,11 +869,68 @@ def load(state_dict: dict[str, Any], target: Target, **options: Unpack[TransferO
             world size it cannot be resharded to): DCP's error, with the URI.
         BackgroundSaveError: An earlier ``wait=False`` save failed and nobody retrieved its error.
     """
+    return _load_with(state_dict, StorageReader(target, **options), planner)
+
+
+def _agree_on_manifest(reader: StorageReader) -> bool:
+    """Whether there is a checkpoint for ``reader`` to load, decided by rank 0 for the whole group
+    (called by every rank); the reader keeps the manifest."""
+    if reader._manifest is None:
+        reader._manifest = reader._target.agreed_manifest()
+    return reader._manifest is not None
+
+
+def _load_with(state_dict: dict[str, Any], reader: StorageReader, planner: LoadPlanner | None = None) -> bool:
+    """:func:`load` through ``reader``: several loads through one reader read one manifest (the
+    parts of one checkpoint loaded one after the other, as a model before its optimizer)."""
     _wait_for_earlier_saves()
-    reader = StorageReader(target, **options)
-    manifest = reader._target.agreed_manifest()
-    if manifest is None:
+    if not _agree_on_manifest(reader):
         return False
-    reader._manifest = manifest
-    _unwrapped(lambda: _dcp_load(state_dict, storage_reader=reader), loading=reader.checkpoint_id)
+    _unwrapped(lambda: _dcp_load(state_dict, storage_reader=reader, planner=planner), loading=reader.checkpoint_id)
+    return True
+
+
+def latest(prefix: str | os.PathLike[str], **options: Unpack[TransferOptions]) -> str | None:
+    """The URI of the newest distributed checkpoint committed under ``prefix`` (a folder, or an
+    ``s3://`` prefix), by when its save started; ``None`` when there is none.
+
+    Every rank may call it: each lists the prefix itself (Lightning's ``load_checkpoint`` then
+    loads the URI rank 0 names).
+    """
+    text = os.fspath(prefix)
+    if split_scheme(text) is None and not os.path.isdir(text):
+        return None  # nothing saved there yet
+    return run_sync(_latest, text, TransferConfig().with_options(**options))
+
+
+async def _latest(prefix: str, config: TransferConfig) -> str | None:
+    from . import _manage
+
+    found = await _manage.distributed_among(await _manage.list_checkpoints(prefix, config), config)
+    if not found:
+        return None
+    newest = max(found.values(), key=lambda one: one.summary.save_id)
+    return newest.manifest.location.uri
+
+
+def _newest_source(checkpoint: Checkpoint, **options: Unpack[TransferOptions]) -> str | None:
+    """The URI of the newest of ``checkpoint``'s sources that holds a whole distributed
+    checkpoint (what :func:`load` would read); ``None`` when none does.
+
+    Raises:
+        CorruptCheckpointError: Every source holding something is corrupt (the newest one's error).
+    """
+    target = _Target(checkpoint, options)
+    return None if run_sync(target.find_manifest) is None else target.location.uri
+
+
+def remove(uri: str | os.PathLike[str], **options: Unpack[TransferOptions]) -> bool:
+    """Delete the distributed checkpoint at ``uri``, its manifest first, then its data; ``False``
+    when there is none."""
+    from . import _manage
+
+    try:
+        run_sync(_manage.remove, str(uri), TransferConfig().with_options(**options))
+    except CheckpointNotFoundError:
+        return False
     return True

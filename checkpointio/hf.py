@@ -3,6 +3,11 @@
 Needs the ``hf`` extra (``pip install 'checkpointio[hf]'``: ``transformers`` and ``accelerate``).
 ``import checkpointio`` alone never imports transformers.
 
+With several processes (``torchrun``, ``accelerate launch``: DDP, FSDP, several nodes) every rank
+takes part: each stores the files it wrote (its own RNG state, its shards), and the checkpoint is
+committed once all are stored (through :mod:`checkpointio.dcp`); a resume restores every file on
+every node.
+
 The one-liner in a task::
 
     @env.task(retries=3)
@@ -14,8 +19,12 @@ The one-liner in a task::
 
 from __future__ import annotations
 
+import io
 import logging
 import re
+import secrets
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +88,71 @@ def _place(restored: Path | None, output_dir: Path) -> None:
             _placement.remove(stale)
 
 
+def _group_size() -> int:
+    """The size of this process's ``torch.distributed`` group; 1 without one."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+@dataclass(frozen=True)
+class _LocalFile:
+    """A file of ``output_dir`` in a distributed checkpoint: read when the save writes it, or where
+    a load writes it."""
+
+    path: Path
+
+
+def _files_planners(targets: dict[str, Path] | None = None) -> tuple[Any, Any]:
+    """DCP planners that save each :class:`_LocalFile` as its bytes, and load each name's bytes
+    into the file ``targets`` names (DCP's load planner does not keep non-tensor values).
+
+    Every rank offers the files it sees; DCP keeps one copy of each name (on a shared file system
+    every rank sees the same files: each is stored once; on node-local ones, each node's own).
+    """
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
+
+    class SaveFiles(DefaultSavePlanner):
+        def __init__(self) -> None:
+            super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+
+        def transform_object(self, write_item: Any, object: Any) -> Any:
+            if isinstance(object, _LocalFile):
+                return io.BytesIO(object.path.read_bytes())
+            return super().transform_object(write_item, object)
+
+    class LoadFiles(DefaultLoadPlanner):
+        def __init__(self) -> None:
+            super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+
+        def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+            target = (targets or {})[read_item.dest_index.fqn]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(value.getbuffer())
+
+    return SaveFiles(), LoadFiles()
+
+
+def _shared_with_rank_zero(folder: Path) -> bool:
+    """Whether this rank sees the same ``folder`` as rank 0 (one shared file system) rather than a
+    node-local one of the same name: rank 0 leaves a marker there that the others look for.
+    Called by every rank."""
+    import torch.distributed as dist
+
+    folder.mkdir(parents=True, exist_ok=True)
+    name = [f".checkpointio-{secrets.token_hex(8)}" if dist.get_rank() == 0 else ""]
+    dist.broadcast_object_list(name, src=0)
+    marker = folder / name[0]
+    if dist.get_rank() == 0:
+        marker.touch()
+    dist.barrier()
+    shared = marker.exists()
+    dist.barrier()
+    if dist.get_rank() == 0:
+        marker.unlink()
+    return shared
+
+
 class CheckpointioTrainerCallback(FolderSaver, TrainerCallback):
     """Store every checkpoint the ``transformers`` Trainer saves; resume from it on retry.
 
@@ -100,7 +174,13 @@ class CheckpointioTrainerCallback(FolderSaver, TrainerCallback):
     ``save_total_limit`` unset and use ``keep_last`` to keep the resumed-from folder until a newer
     save is stored.
 
-    Only the main process (``state.is_world_process_zero``) saves. ``output_dir`` should belong to
+    With several processes (a ``torch.distributed`` group of more than one) every rank stores the
+    files it sees in ``output_dir`` (its RNG state, its shards; on a shared file system each file
+    is stored once) in one distributed checkpoint (:mod:`checkpointio.dcp`: one object per rank,
+    committed by rank 0 once every rank's files are stored); saves are then synchronous. A resume
+    restores every file on every node (once on a shared file system). Use it with the same kind of
+    group it saved with: a group resumes from a distributed checkpoint, a single process from a
+    folder. With one process, the main process alone saves. ``output_dir`` should belong to
     this run: everything in it is stored (model files a final ``trainer.save_model()`` wrote there,
     logs), and reading :attr:`resume_from_checkpoint` leaves in it only the checkpoint folders
     restored (none on a first attempt).
@@ -145,6 +225,10 @@ class CheckpointioTrainerCallback(FolderSaver, TrainerCallback):
                     "output_dir is unknown: build the Trainer with callbacks=[this callback] before reading "
                     "resume_from_checkpoint"
                 )
+            if _group_size() > 1:
+                self._restore_distributed(self.output_dir)
+                self._restored = True
+                return str(self.resumed_from) if self.resumed_from is not None else None
             uri = self.checkpoint.dest
             restored = self.checkpoint.load_sync()
             if restored is not None and not restored.is_dir():
@@ -159,11 +243,59 @@ class CheckpointioTrainerCallback(FolderSaver, TrainerCallback):
             self._restored = True
         return str(self.resumed_from) if self.resumed_from is not None else None
 
+    def _restore_distributed(self, output_dir: Path) -> None:
+        """Every rank: restore the distributed checkpoint's files into ``output_dir`` (on rank 0
+        and on each rank whose ``output_dir`` is not rank 0's), as :func:`_place` does."""
+        import torch.distributed as dist
+
+        from . import dcp
+
+        shared = _shared_with_rank_zero(output_dir)  # a collective: every rank asks
+        places = dist.get_rank() == 0 or not shared
+        reader = dcp.StorageReader(self.checkpoint)
+        found = dcp._agree_on_manifest(reader)
+        staging = Path(tempfile.mkdtemp(prefix=".checkpointio-restore-", dir=output_dir.parent))
+        try:
+            targets: dict[str, Path] = {}
+            if found and places:
+                targets = {name: staging / name for name in reader.read_metadata().state_dict_metadata}
+            if found:  # a collective: every rank loads, those that do not place load nothing
+                dcp._load_with(dict.fromkeys(targets, b""), reader, _files_planners(targets)[1])
+            if places:
+                _place(staging if found else None, output_dir)
+        finally:
+            _placement.remove(staging)
+        dist.barrier()  # rank 0's output_dir is in place before any rank looks at a shared one
+        folders = checkpoint_folders(output_dir)
+        self.resumed_from = folders[-1] if found and folders else None
+
+    def _store_distributed(self, output_dir: Path, state: TrainerState) -> None:
+        """Every rank: store the files of ``output_dir`` in one distributed checkpoint."""
+        import torch.distributed as dist
+
+        from . import dcp
+
+        dist.barrier()  # every rank has written its files of this save
+        shared = _shared_with_rank_zero(output_dir)  # a collective: every rank asks
+        if state.is_world_process_zero or not shared:
+            self._retain(output_dir, state)
+        dist.barrier()  # retention is done before any rank lists the files
+        files = {
+            path.relative_to(output_dir).as_posix(): _LocalFile(path)
+            for path in sorted(output_dir.rglob("*"))
+            if path.is_file() and not path.is_symlink()
+        }
+        self.last = dcp.save(files, self.checkpoint, planner=_files_planners()[0])
+        self._stored_newer = True
+
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if args.output_dir is not None:
             self.output_dir = Path(args.output_dir)
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if args.output_dir is not None and _group_size() > 1:
+            self._store_distributed(Path(args.output_dir), state)
+            return
         if not state.is_world_process_zero or args.output_dir is None:
             return
         output_dir = Path(args.output_dir)

@@ -5,6 +5,13 @@ Needs the ``lightning`` extra (``pip install 'checkpointio[lightning]'``). Works
 2.x; use the classes with the Trainer of the same package. ``import checkpointio`` alone never
 imports Lightning.
 
+Sharded checkpoints (``ModelParallelStrategy``: FSDP2 and tensor parallel), every rank's shards
+stored through :mod:`checkpointio.dcp`::
+
+    strategy = CheckpointioModelParallelStrategy("s3://bucket/run/checkpoints")
+    trainer = L.Trainer(strategy=strategy, callbacks=[ModelCheckpoint(dirpath="checkpoints")])
+    trainer.fit(model, ckpt_path=strategy.ckpt_path)      # None at first; the newest one after a restart
+
 The one-liner in a task::
 
     @env.task(retries=3)
@@ -16,29 +23,37 @@ The one-liner in a task::
 
 from __future__ import annotations
 
+import io
 import logging
 import os
+from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from typing_extensions import Unpack
 
 from . import _placement
 from ._background import SaveHandle
 from ._checkpoint import Checkpoint, latest_checkpoint
+from ._config import TransferOptions
+from ._location import split_scheme
 from ._training import FolderSaver, checkpoint_in_force, placing
 
 try:
     import lightning.pytorch as pl
     from lightning.pytorch.plugins.io import TorchCheckpointIO
+    from lightning.pytorch.strategies import ModelParallelStrategy
 except ImportError:  # pragma: no cover - depends on the environment
     try:
         import pytorch_lightning as pl  # type: ignore[no-redef]
         from pytorch_lightning.plugins.io import TorchCheckpointIO  # type: ignore[assignment]
+        from pytorch_lightning.strategies import ModelParallelStrategy  # type: ignore[assignment]
     except ImportError as error:
         raise ImportError(
             "checkpointio.lightning needs lightning or pytorch-lightning 2.x: pip install 'checkpointio[lightning]'"
         ) from error
 
-__all__ = ["CheckpointioCallback", "CheckpointioIO"]
+__all__ = ["CheckpointioCallback", "CheckpointioIO", "CheckpointioModelParallelStrategy"]
 
 logger = logging.getLogger(__name__)
 
@@ -154,3 +169,154 @@ class CheckpointioCallback(FolderSaver, pl.Callback):
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         self.wait()
+
+
+#: The key of Lightning's own state (loops, callbacks, hyper-parameters...: what it keeps in
+#: ``meta.pt`` of a sharded checkpoint folder) in the distributed checkpoint.
+LIGHTNING_STATE = "lightning"
+
+
+class CheckpointioModelParallelStrategy(ModelParallelStrategy):
+    """Lightning's ``ModelParallelStrategy`` (FSDP2, tensor parallel) whose sharded checkpoints
+    every rank saves through :mod:`checkpointio.dcp`, to a folder or ``s3://`` prefix, and loads
+    from there (resharded to the group's size).
+
+    Each checkpoint Lightning saves (``trainer.save_checkpoint``, ``ModelCheckpoint``) is one
+    distributed checkpoint: every rank streams its shards of the model and optimizers into its
+    own object, and rank 0 commits the save with the manifest, which also holds Lightning's own
+    state (loops, callbacks...). Nothing is written to the local path Lightning names; its file
+    name is the checkpoint's name under ``target``. A checkpoint ``ModelCheckpoint`` removes
+    (``save_top_k``) is removed with its data. A save that fails or is killed leaves the earlier
+    checkpoints as they were.
+
+    Args:
+        target: Where the checkpoints go: a folder or ``s3://`` prefix (``epoch=1-step=12.ckpt``
+            is saved at ``<target>/epoch=1-step=12.ckpt``); or a :class:`~checkpointio.Checkpoint`
+            (``ctx().checkpoint`` by default), to which every save goes, replacing the one before.
+        options: :class:`~checkpointio.TransferConfig` fields for the transfers.
+
+    The other arguments are ``ModelParallelStrategy``'s. Resume with
+    ``trainer.fit(model, ckpt_path=strategy.ckpt_path)``: the newest checkpoint committed under
+    ``target`` (or the newest whole source of the ``Checkpoint``), ``None`` when there is none.
+    A ``ckpt_path`` of your own is a URI, or a file name looked up under ``target``.
+    """
+
+    def __init__(
+        self,
+        target: str | os.PathLike[str] | Checkpoint | None = None,
+        *,
+        data_parallel_size: Literal["auto"] | int = "auto",
+        tensor_parallel_size: Literal["auto"] | int = "auto",
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = None,
+        **options: Unpack[TransferOptions],
+    ) -> None:
+        kwargs: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
+        super().__init__(
+            data_parallel_size=data_parallel_size,
+            tensor_parallel_size=tensor_parallel_size,
+            save_distributed_checkpoint=True,
+            process_group_backend=process_group_backend,
+            **kwargs,
+        )
+        self._target = target
+        self._options = options
+
+    def _checkpoint(self) -> Checkpoint | None:
+        """The checkpoint every save goes to, when ``target`` is one (or none was given)."""
+        if isinstance(self._target, Checkpoint):
+            return self._target
+        if self._target is None:
+            return checkpoint_in_force(None)
+        return None
+
+    def uri_for(self, path: str | os.PathLike[str], *, loading: bool = False) -> str:
+        """Where the checkpoint Lightning names ``path`` is saved (or, ``loading``, read): a URI
+        as it is; else the file name under ``target``. With a ``Checkpoint``, saves go to its
+        ``dest`` and a load reads ``path`` itself (the source :attr:`ckpt_path` named)."""
+        text = os.fspath(path)
+        if split_scheme(text) is not None:
+            return text
+        checkpoint = self._checkpoint()
+        if checkpoint is not None:
+            return text if loading else checkpoint.dest
+        root = os.fspath(self._target)  # type: ignore[arg-type]  # a folder or prefix here
+        name = Path(text).name
+        return f"{root.rstrip('/')}/{name}" if split_scheme(root) is not None else os.path.join(root, name)
+
+    @property
+    def ckpt_path(self) -> str | None:
+        """The checkpoint to resume from: the newest one committed under ``target`` (or the newest
+        whole source of the ``Checkpoint``); ``None`` when there is none (a first run)."""
+        from . import dcp
+
+        checkpoint = self._checkpoint()
+        if checkpoint is None:
+            return dcp.latest(os.fspath(self._target), **self._options)  # type: ignore[arg-type]
+        return dcp._newest_source(checkpoint, **self._options)
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        """Save the model's and optimizers' shards (every rank) and Lightning's state (rank 0)."""
+        import torch
+
+        from . import dcp
+
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__}.save_checkpoint(..., storage_options=...) is not supported")
+        uri = self.broadcast(self.uri_for(filepath))  # rank 0 names the checkpoint for every rank
+        state: dict[str, Any] = {"state_dict": checkpoint.pop("state_dict")}
+        for index, optimizer_state in enumerate(checkpoint.pop("optimizer_states", [])):
+            state[f"optimizer_{index}"] = optimizer_state
+        if self.global_rank == 0:
+            buffer = io.BytesIO()
+            torch.save(checkpoint, buffer)
+            state[LIGHTNING_STATE] = buffer
+        dcp.save(state, uri, **self._options)
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """Load the model's and optimizers' shards of the checkpoint (resharded to this group) and
+        return Lightning's state.
+
+        Raises:
+            CheckpointNotFoundError: There is no distributed checkpoint at ``checkpoint_path``.
+        """
+        import torch
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        from . import dcp
+        from ._exceptions import CheckpointNotFoundError
+
+        uri = self.broadcast(self.uri_for(checkpoint_path, loading=True))
+        reader = dcp.StorageReader(uri, **self._options)  # one manifest for the model, optimizers and state
+        module = self.model
+        assert module is not None and self.lightning_module is not None
+        model_state = {"state_dict": get_model_state_dict(module)}
+        if not dcp._load_with(model_state, reader):
+            raise CheckpointNotFoundError(f"{uri}: no distributed checkpoint there to resume from", uri=uri)
+        module.load_state_dict(model_state["state_dict"], strict=self.lightning_module.strict_loading)
+        for index, optimizer in enumerate(self.optimizers):
+            key = f"optimizer_{index}"
+            optimizer_state = {key: get_optimizer_state_dict(module, optimizer)}
+            dcp._load_with(optimizer_state, reader)
+            set_optimizer_state_dict(
+                module, optimizer, optim_state_dict=optimizer_state[key], options=StateDictOptions(cpu_offload=True)
+            )
+        lightning_state: dict[str, Any] = {LIGHTNING_STATE: io.BytesIO()}
+        dcp._load_with(lightning_state, reader)
+        buffer = lightning_state[LIGHTNING_STATE]
+        buffer.seek(0)
+        loaded: dict[str, Any] = torch.load(buffer, weights_only=weights_only)
+        return loaded
+
+    def remove_checkpoint(self, filepath: Any) -> None:
+        """Remove the checkpoint (rank 0), its data too; with a ``Checkpoint`` target nothing is
+        removed: it holds only the newest save."""
+        from . import dcp
+
+        if self.is_global_zero and self._checkpoint() is None:
+            dcp.remove(self.uri_for(filepath), **self._options)

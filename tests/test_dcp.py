@@ -405,6 +405,50 @@ def test_a_background_save_started_by_an_atexit_hook_is_stored_whatever_the_impo
         assert_same(loaded, state(seed))
 
 
+class RemovedOnceHeaded:
+    """A store (delegating to a real one) that deletes ``victim`` just after answering a HEAD for
+    it, once: another process removing the checkpoint while it is being read."""
+
+    def __init__(self, store: Any, victim: Any) -> None:
+        self.store, self.victim, self.struck = store, victim, False
+
+    async def head(self, location: Any) -> Any:
+        info = await self.store.head(location)
+        if location == self.victim and info is not None and not self.struck:
+            self.struck = True
+            await self.store.delete(location)
+        return info
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+
+def test_a_checkpoint_removed_while_listed_is_left_out_and_the_newest_committed_one_found(store: StoreCase) -> None:
+    import anyio
+
+    from checkpointio import _dcp_layout
+    from checkpointio._config import TransferConfig
+    from checkpointio._location import parse_location
+    from checkpointio._stores import open_store
+    from checkpointio.dcp import latest, remove
+
+    prefix = store.uri("run")
+    assert latest(prefix) is None  # nothing there yet
+    save(state(1), f"{prefix}/older")
+    save(state(2), f"{prefix}/newer")
+    assert latest(prefix) == f"{prefix}/newer"
+    location = parse_location(f"{prefix}/newer")
+
+    async def summary_while_removed() -> Any:
+        racing = RemovedOnceHeaded(await open_store(location.scheme, TransferConfig()), location)
+        return await _dcp_layout.read_summary(racing, location, TransferConfig())  # type: ignore[arg-type]
+
+    assert anyio.run(summary_while_removed) is None  # gone: not a distributed checkpoint any more
+    assert latest(prefix) == f"{prefix}/older"  # its data left, uncommitted: never chosen
+    assert remove(f"{prefix}/older") is True and remove(f"{prefix}/older") is False
+    assert latest(prefix) is None
+
+
 class SlowToSave:
     """Pickles only after a pause: keeps a background save in flight for a moment."""
 

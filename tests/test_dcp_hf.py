@@ -1,0 +1,128 @@
+"""The Hugging Face Trainer with 2 processes (DDP over gloo, CPU): every rank's files are stored and restored.
+
+One spawned group runs every scenario (process start-ups are what costs here): an uninterrupted
+reference run, then a task whose first attempt fails at step 10 and whose retry resumes from
+``checkpoint-8``, once with node-local output folders (each rank its own, as on several nodes)
+over a local store, once with one shared output folder over S3.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a tiny model built from a config: nothing to download
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from checkpointio import TaskEnvironment, ctx  # noqa: E402
+from checkpointio.dcp import StorageReader  # noqa: E402
+from checkpointio.hf import CheckpointioTrainerCallback, checkpoint_folders  # noqa: E402
+
+from .test_hf import CrashAt, Data, tiny_model  # noqa: E402
+
+#: 24 samples, batches of 4 on each of 2 ranks: 3 steps per epoch.
+STEPS = 12
+
+
+def make_trainer(output_dir: Path, callbacks: list[Any], save_steps: int = 4) -> Any:
+    args = transformers.TrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=STEPS,
+        save_steps=save_steps,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        seed=0,
+        use_cpu=True,
+        ddp_backend="gloo",
+        report_to=[],
+        dataloader_num_workers=0,
+        logging_strategy="no",
+        disable_tqdm=True,
+    )
+    return transformers.Trainer(model=tiny_model(), args=args, train_dataset=Data(), callbacks=callbacks)
+
+
+def train(output_dir: Path, expected: dict[str, Any], seen: list[dict[str, Any]]) -> bool:
+    """One attempt of the task: fails at step 10 the first time; notes what it resumed from."""
+    saver = CheckpointioTrainerCallback(keep_last=2)
+    trainer = make_trainer(output_dir, [saver, CrashAt(10)])
+    resume = saver.resume_from_checkpoint
+    restored = Path(resume) if resume is not None else None
+    seen.append(
+        {
+            "attempt": ctx().attempt,
+            "resume": None if restored is None else restored.relative_to(output_dir).as_posix(),
+            "files": [] if restored is None else sorted(path.name for path in restored.iterdir()),
+        }
+    )
+    trainer.train(resume_from_checkpoint=resume)
+    weights = trainer.model.state_dict()
+    return all(torch.equal(weights[name], value) for name, value in expected.items())
+
+
+def _group(rank: int, port: int, storages: dict[str, str], out: str) -> None:
+    os.environ.update(  # as torchrun sets them
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE="2",
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE="2",
+        TORCHELASTIC_RUN_ID="hf-run",
+    )
+    work = Path(out)
+    report: dict[str, Any] = {}
+    reference = make_trainer(work / f"reference-{rank}", [], save_steps=1000)
+    reference.train()
+    expected = {name: value.clone() for name, value in reference.model.state_dict().items()}
+
+    for layout, storage in storages.items():
+        # node-local: each rank its own output_dir, as on two nodes; shared: one for both ranks
+        output_dir = work / layout / (f"node-{rank}" if layout == "node-local" else "shared") / "out"
+        seen: list[dict[str, Any]] = []
+        task = TaskEnvironment("hf", storage=storage).task(retries=1)(train)
+        report[layout] = {
+            "identical": task(output_dir, expected, seen),
+            "seen": seen,
+            "folders": [path.name for path in checkpoint_folders(output_dir)],
+        }
+    (work / f"rank-{rank}.json").write_text(json.dumps(report))
+
+
+def test_every_ranks_files_are_stored_and_a_retried_run_resumes_on_every_node(tmp_path: Path, moto_server: Any) -> None:
+    import torch.multiprocessing as mp
+
+    from .conftest import free_port
+
+    bucket = moto_server.new_bucket()
+    storages = {"node-local": str(tmp_path / "store"), "shared": f"s3://{bucket}/runs"}
+    mp.spawn(_group, args=(free_port(), storages, str(tmp_path)), nprocs=2, join=True)
+
+    reports = [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
+    for rank, report in enumerate(reports):
+        for layout in storages:
+            run = report[layout]
+            assert run["identical"] is True, (rank, layout)  # as if never interrupted
+            first, second = run["seen"]
+            assert (first["attempt"], first["resume"]) == (0, None)
+            assert (second["attempt"], second["resume"]) == (1, "checkpoint-8"), (rank, layout)
+            # every file of the checkpoint on every node: the model rank 0 wrote, each rank's RNG state
+            assert {"model.safetensors", "optimizer.pt", "trainer_state.json", "rng_state_0.pth"} <= set(
+                second["files"]
+            ), (rank, layout, second["files"])
+            assert "rng_state_1.pth" in second["files"], (rank, layout, second["files"])
+            assert run["folders"] == ["checkpoint-8", "checkpoint-12"]
+
+    for storage in storages.values():  # the retry's checkpoint: one object per rank, both ranks' files
+        metadata = StorageReader(f"{storage}/hf/train/hf-run/attempt-1").read_metadata()
+        names = set(metadata.state_dict_metadata)
+        assert {"checkpoint-12/rng_state_0.pth", "checkpoint-12/rng_state_1.pth"} <= names
+        assert {"checkpoint-12/model.safetensors", "checkpoint-8/model.safetensors"} <= names
+        objects = {one.object for one in metadata.storage_data.values()}
+        assert len({name.rpartition("/")[2] for name in objects}) == 2  # rank-0 and rank-1

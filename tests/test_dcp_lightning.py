@@ -1,0 +1,202 @@
+"""Lightning's sharded checkpoints (ModelParallelStrategy: FSDP2) through checkpointio.dcp, 2 ranks on CPU.
+
+One spawned group runs every scenario (process start-ups are what costs here): an uninterrupted
+reference fit, then for a local folder, an ``s3://`` prefix and a task's ``ctx().checkpoint``, a
+fit that fails part-way and a fresh Trainer, model and strategy resuming from what every rank
+stored. The parent checks what the stores hold and loads the last checkpoint in one process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+L = pytest.importorskip("lightning.pytorch")
+
+from checkpointio import TaskEnvironment, ctx  # noqa: E402
+from checkpointio.dcp import latest, load  # noqa: E402
+from checkpointio.lightning import CheckpointioModelParallelStrategy  # noqa: E402
+
+EPOCHS = 3
+#: 24 samples, batches of 4, split between 2 ranks: 3 steps per epoch.
+STEPS_PER_EPOCH = 3
+CRASH_AT = 7  # in the third epoch, after the second epoch's checkpoint (step 6)
+
+
+class Sharded(L.LightningModule):  # type: ignore[misc]
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for layer in self.net:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(self.net, mesh=mesh)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        x, y = batch
+        return torch.nn.functional.mse_loss(self.net(x), y)
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.Adam(self.parameters(), lr=0.01)
+
+
+def loader() -> Any:
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(24, 8, generator=generator)
+    y = x.sum(dim=1, keepdim=True)
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4, shuffle=False)
+
+
+class CrashAt(L.Callback):  # type: ignore[misc]
+    """Fails the fit on every rank at ``step`` (a node lost: the whole group stops)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError(f"node lost at step {self.step}")
+
+
+def fit(strategy: Any, callbacks: list[Any], ckpt_path: str | None, root: Path) -> tuple[Any, Sharded]:
+    model = Sharded()
+    trainer = L.Trainer(
+        max_epochs=EPOCHS,
+        accelerator="cpu",
+        devices=2,
+        strategy=strategy,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=any(isinstance(one, L.callbacks.ModelCheckpoint) for one in callbacks),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+    )
+    trainer.fit(model, loader(), ckpt_path=ckpt_path)
+    return trainer, model
+
+
+def local_shards(model: Sharded) -> dict[str, Any]:
+    return {name: value.to_local().clone() for name, value in model.net.state_dict().items()}
+
+
+def strategy_for(target: Any) -> CheckpointioModelParallelStrategy:
+    return CheckpointioModelParallelStrategy(
+        target, data_parallel_size=2, tensor_parallel_size=1, process_group_backend="gloo"
+    )
+
+
+def _group(rank: int, port: int, roots: dict[str, str], out: str) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    os.environ.update(  # as torchrun sets them: Lightning then starts no processes of its own
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE="2",
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE="2",
+        GROUP_RANK="0",
+        TORCHELASTIC_RUN_ID="lightning-run",
+    )
+    work = Path(out)
+    report: dict[str, Any] = {}
+    stock = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, process_group_backend="gloo")
+    reference_trainer, reference = fit(stock, [], None, work / "reference")
+    expected = local_shards(reference)
+    if rank == 0:
+        full = {name: value.full_tensor() for name, value in reference.net.state_dict().items()}
+    else:
+        [value.full_tensor() for value in reference.net.state_dict().values()]  # a collective: every rank
+    if rank == 0:
+        torch.save(full, work / "reference.pt")
+
+    for name, root in roots.items():
+        local = work / name  # where ModelCheckpoint believes the files go: nothing is written there
+        first = strategy_for(root)
+        report[f"{name} first ckpt_path"] = first.ckpt_path
+        saver = ModelCheckpoint(dirpath=local, filename="{epoch}-{step}", save_top_k=1, every_n_epochs=1)
+        with pytest.raises(RuntimeError, match="node lost at step 7"):
+            fit(first, [saver, CrashAt(CRASH_AT)], first.ckpt_path, work / name)
+        again = strategy_for(root)  # a restart: new strategy, Trainer and model
+        resume_from = again.ckpt_path
+        report[f"{name} resumed from"] = resume_from
+        saver = ModelCheckpoint(dirpath=local, filename="{epoch}-{step}", save_top_k=1, every_n_epochs=1)
+        trainer, model = fit(again, [saver], resume_from, work / name)
+        report[f"{name} steps"] = trainer.global_step
+        shards = local_shards(model)
+        report[f"{name} identical"] = all(torch.equal(shards[key], expected[key]) for key in expected)
+        report[f"{name} latest"] = latest(root)
+        report[f"{name} local files"] = sorted(os.listdir(local)) if local.exists() else []
+
+    # A task: the strategy saves to ctx().checkpoint; the retry resumes from the failed attempt's.
+    attempts: list[tuple[int | None, str | None]] = []
+
+    @TaskEnvironment("sharded", storage=roots["local"] + "-tasks").task(retries=1)
+    def train() -> tuple[int, bool]:
+        strategy = strategy_for(None)
+        attempts.append((ctx().attempt, strategy.ckpt_path))
+        callbacks: list[Any] = [ModelCheckpoint(dirpath=work / "task", save_top_k=1, every_n_epochs=1)]
+        if ctx().attempt == 0:
+            callbacks.append(CrashAt(CRASH_AT))
+        trainer, model = fit(strategy, callbacks, strategy.ckpt_path, work / "task")
+        shards = local_shards(model)
+        return trainer.global_step, all(torch.equal(shards[key], expected[key]) for key in expected)
+
+    report["task"] = train()
+    report["task attempts"] = attempts
+    report["reference steps"] = reference_trainer.global_step
+    (work / f"rank-{rank}.json").write_text(json.dumps(report))
+
+
+def test_sharded_lightning_checkpoints_are_stored_by_every_rank_and_a_restarted_fit_resumes(
+    tmp_path: Path, moto_server: Any
+) -> None:
+    import torch.multiprocessing as mp
+
+    from .conftest import free_port
+    from .test_cli import ok
+
+    bucket = moto_server.new_bucket()
+    roots = {"local": str(tmp_path / "store"), "s3": f"s3://{bucket}/run/checkpoints"}
+    mp.spawn(_group, args=(free_port(), roots, str(tmp_path)), nprocs=2, join=True)
+
+    reports = [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
+    for report in reports:
+        assert report["reference steps"] == EPOCHS * STEPS_PER_EPOCH
+        for name, root in roots.items():
+            assert report[f"{name} first ckpt_path"] is None  # nothing to resume from at first
+            # the second epoch's checkpoint (the first was removed by save_top_k=1)
+            assert report[f"{name} resumed from"] == f"{root}/epoch=1-step=6.ckpt"
+            assert report[f"{name} steps"] == EPOCHS * STEPS_PER_EPOCH
+            assert report[f"{name} identical"] is True  # every rank's shards as if never interrupted
+            assert report[f"{name} latest"] == f"{root}/epoch=2-step=9.ckpt"
+            assert report[f"{name} local files"] == []  # nothing went to the local dirpath
+        assert report["task"] == [EPOCHS * STEPS_PER_EPOCH, True]
+        (first, second) = report["task attempts"]
+        assert first == [0, None] and second[0] == 1 and second[1].endswith("attempt-0"), report["task attempts"]
+
+    for root in roots.values():  # one checkpoint left under each root, saved by both ranks
+        (row,) = json.loads(ok("ls", root + "/", "--json"))
+        assert (row["uri"], row["kind"], row["world_size"]) == (f"{root}/epoch=2-step=9.ckpt", "distributed", 2)
+        ok("verify", row["uri"])
+
+    # Resharding: the 2-rank checkpoint loads in one process into the plain (unsharded) model.
+    expected = torch.load(tmp_path / "reference.pt", weights_only=True)
+    for root in roots.values():
+        plain = {"state_dict": {f"net.{key}": torch.zeros_like(value) for key, value in expected.items()}}
+        assert load(plain, f"{root}/epoch=2-step=9.ckpt") is True
+        for key, value in expected.items():
+            assert torch.equal(plain["state_dict"][f"net.{key}"], value), key
