@@ -830,7 +830,7 @@ def test_the_ranks_of_a_task_agree_on_run_and_attempt_and_a_killed_group_resumes
 def test_the_documented_example_runs(tmp_path: Any) -> None:
     from .test_docs import python_blocks
 
-    (block,) = (one.code for one in python_blocks() if "from checkpointio.dcp import" in one.code)
+    (block,) = (one.code for one in python_blocks() if "from checkpointio.dcp import StorageReader" in one.code)
     assert '"s3://my-bucket/run-7/step-100"' in block
     block = block.replace('"s3://my-bucket/run-7/step-100"', repr(str(tmp_path / "step-100")))
     model = torch.nn.Linear(4, 3)
