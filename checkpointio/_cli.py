@@ -323,7 +323,10 @@ def _fit(desc: str, width: int) -> str:
 def _when(timestamp: float | None) -> str:
     if timestamp is None:
         return "-"
-    moment = datetime.datetime.fromtimestamp(timestamp, tz=datetime.timezone.utc)
+    try:
+        moment = datetime.datetime.fromtimestamp(timestamp, tz=datetime.timezone.utc)
+    except (OverflowError, OSError, ValueError):  # tar stores mtimes far outside any calendar
+        return f"@{timestamp:.0f}"
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 

@@ -82,12 +82,18 @@ def _part(pattern: str) -> str:
 
 
 def _compile(pattern: str) -> re.Pattern[str]:
-    parts = pattern.split("/")
+    parts: list[str] = []
+    for part in pattern.split("/"):
+        if not (part == "**" and parts[-1:] == ["**"]):  # "**/**" is "**"
+            parts.append(part)
     regex = ""
     for index, part in enumerate(parts):
         last = index == len(parts) - 1
-        if part == "**":
-            regex += ".*" if last else "(?:[^/]+/)*"
+        if part == "**" and last:
+            # Any number of parts, none included: "a/**" is "a" too.
+            regex = regex[:-1] + "(?:/.*)?" if regex else ".*"
+        elif part == "**":
+            regex += "(?:[^/]+/)*"
         else:
             regex += _part(part) + ("" if last else "/")
     return re.compile(regex, re.DOTALL)

@@ -57,6 +57,9 @@ FOOTER_SIZE = len(_codec.encode_member(bytes(_FOOTER.size), 0))
 #: against a hostile footer whatever it claims. A 1,000,000-file tree's table is ~10 MiB.
 MAX_TABLE = 512 * 1024 * 1024
 _MAX_LINE = 64 * 1024
+#: Most rows' bytes one table member holds: far below what a reader inflates per member
+#: (``_codec.MAX_MEMBER_OUTPUT``) whatever the archive's block size, as a row is at most ``_MAX_LINE``.
+_TABLE_MEMBER = 4 * 1024 * 1024
 _MAX_NAME = 4095
 #: Entry kinds in the table.
 KINDS = ("file", "dir", "symlink", "hardlink")
@@ -156,10 +159,12 @@ class TableWriter:
             )
             self._held += len(lines[-1])
             done += 1
+            if self._held >= _TABLE_MEMBER:
+                self._flush()
         self._member = first
         self._count += done
         del self._pending[:done]
-        if self._held >= self._block_size:
+        if self._held >= min(self._block_size, _TABLE_MEMBER):
             self._flush()
 
     def _flush(self) -> None:
@@ -252,8 +257,8 @@ def _entry(row: Any, footer: Footer, uri: str) -> TocEntry:
         or len(path.encode("utf-8", "surrogatepass")) > _MAX_NAME
     ):
         raise _bad(uri, f"entry path {path[:200]!r} is not a path inside the tree")
-    if not 0 <= mode <= 0o7777 or size < 0 or (kind != "file" and size):
-        raise _bad(uri, f"entry {path!r} has an impossible mode or size")
+    if not 0 <= mode <= 0o7777 or size < 0 or (kind != "file" and size) or not -(2**63) <= mtime < 2**63:
+        raise _bad(uri, f"entry {path!r} has an impossible mode, size or mtime")
     if offset < 0 or span <= 0 or offset + span > footer.offset:
         raise _bad(uri, f"entry {path!r} lies at bytes {offset}..{offset + span}, outside the archive before the table")
     if skip < 0 or length < _BLOCK + size or length % _BLOCK:
@@ -287,11 +292,16 @@ def read_table(table: bytes, footer: Footer, uri: str) -> Iterator[TocEntry]:
         position += length
         data = _codec.inflate_member(member)
         inflated += len(data)
-        lines = (carry + data).split(b"\n")
-        carry = lines.pop()
-        if len(carry) > _MAX_LINE:
-            raise _bad(uri, f"a row is longer than {_MAX_LINE} bytes")
-        for line in lines:
+        buffer = carry + data if carry else data
+        start = 0
+        while True:  # one line at a time: a member of tiny rows never becomes a list of them
+            end = buffer.find(b"\n", start)
+            if end < 0:
+                break
+            line = buffer[start:end]
+            start = end + 1
+            if len(line) > _MAX_LINE:
+                raise _bad(uri, f"a row is longer than {_MAX_LINE} bytes")
             try:
                 row = json.loads(line)
             except ValueError:
@@ -307,6 +317,9 @@ def read_table(table: bytes, footer: Footer, uri: str) -> Iterator[TocEntry]:
             if count > footer.entries:
                 raise _bad(uri, f"it holds more than the {footer.entries} entries its footer says")
             yield entry
+        carry = buffer[start:]
+        if len(carry) > _MAX_LINE:
+            raise _bad(uri, f"a row is longer than {_MAX_LINE} bytes")
     if carry or count != footer.entries or inflated != footer.inflated:
         raise _bad(
             uri, f"it holds {count} entries in {inflated} bytes, its footer says {footer.entries} in {footer.inflated}"

@@ -16,9 +16,10 @@ CRC32; each range's items are copied into the state dict as soon as it arrives.
 
 A tensor is stored as its elements, as they lie in memory (the manifest records its dtype and
 shape): a save writes them straight from the tensor and a load copies them straight into it, with
-no serialised copy on either side. The manifest holds DCP's ``Metadata`` pickled, as DCP's own
-``FileSystemWriter`` stores it: load only checkpoints you trust, as with
-``torch.load(weights_only=False)``.
+no serialised copy on either side. Tensors whose memory is not their values (quantized, sparse,
+nested) are stored in torch's own format and read with ``torch.load(weights_only=True)``.
+The manifest holds DCP's ``Metadata`` pickled, as DCP's own ``FileSystemWriter`` stores it:
+load only checkpoints you trust, as with ``torch.load(weights_only=False)``.
 
 Example::
 
@@ -172,13 +173,22 @@ def _dtype_named(name: str, uri: str) -> torch.dtype:
     return dtype
 
 
+def _plain(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor``'s values are its elements in memory, read back as a dtype and shape."""
+    return tensor.layout == torch.strided and not tensor.is_quantized and not tensor.is_nested
+
+
 def _in_place(request: ReadItem, piece: _Slice, target: torch.Tensor, uri: str) -> bool:
     """Whether ``piece``'s bytes can be copied into ``target`` as they are: it holds elements of
     ``target``'s dtype, all of them wanted (no resharding), and ``target`` is one contiguous
-    CPU block of that shape. Otherwise the elements are converted and narrowed by torch."""
+    CPU block of that shape whose memory reads as its values (no lazy conjugate or negative bit).
+    Otherwise the elements are converted and narrowed by torch."""
     return (
         bool(piece.dtype)
         and target.device.type == "cpu"
+        and _plain(target)
+        and not target.is_conj()
+        and not target.is_neg()
         and target.is_contiguous()
         and tuple(target.shape) == piece.shape == tuple(request.lengths)
         and all(offset == 0 for offset in request.storage_offsets)
@@ -408,11 +418,19 @@ class StorageWriter(_StorageWriter):
                         raise TypeError(f"a bytes item must resolve to io.BytesIO, got {type(data).__name__}")
                     buffer = data.getbuffer()
                 else:
-                    # The elements as they lie in memory, written straight from the tensor (no
-                    # serialised copy): the slice records what a load needs to read them back.
-                    tensor = cast(torch.Tensor, data).detach().cpu().contiguous()
-                    dtype, shape = str(tensor.dtype), tuple(tensor.shape)
-                    buffer = _memory_of(tensor)
+                    tensor = cast(torch.Tensor, data).detach().cpu()
+                    if _plain(tensor):
+                        # The elements as they lie in memory, written straight from the tensor (no
+                        # serialised copy): the slice records what a load needs to read them back.
+                        # Lazy conjugate and negative bits are applied first: memory holds the
+                        # elements before them.
+                        tensor = tensor.resolve_conj().resolve_neg().contiguous()
+                        dtype, shape = str(tensor.dtype), tuple(tensor.shape)
+                        buffer = _memory_of(tensor)
+                    else:  # quantized, sparse, nested: torch's own format keeps what they are
+                        serialised = io.BytesIO()
+                        torch.save(tensor, serialised)
+                        buffer = serialised.getbuffer()
                 out.write(buffer)
                 placed.append((item.index, _Slice(name, offset, len(buffer), _codec.crc32(buffer), dtype, shape)))
                 offset += len(buffer)
@@ -698,8 +716,18 @@ class StorageReader(_StorageReader):
     def _stored_tensor(self, piece: _Slice, chunk: memoryview) -> torch.Tensor:
         """The tensor one item holds."""
         uri = self._target.location.uri
-        if not piece.dtype:
-            raise CorruptCheckpointError(f"{uri}: the manifest records bytes where DCP asks for a tensor", uri=uri)
+        if not piece.dtype:  # a tensor in torch's own format: quantized, sparse or nested
+            try:
+                stored = torch.load(io.BytesIO(chunk), map_location="cpu", weights_only=True)
+            except Exception as error:
+                raise CorruptCheckpointError(
+                    f"{uri}: an item where DCP asks for a tensor does not load as one ({error})", uri=uri
+                ) from error
+            if not isinstance(stored, torch.Tensor):
+                raise CorruptCheckpointError(
+                    f"{uri}: the manifest records {type(stored).__name__} where DCP asks for a tensor", uri=uri
+                )
+            return stored
         dtype = _dtype_named(piece.dtype, uri)
         if not chunk:
             return torch.empty(piece.shape, dtype=dtype)

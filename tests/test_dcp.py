@@ -146,6 +146,30 @@ def test_tensors_load_into_other_dtypes_strided_targets_and_every_shape(store: S
         assert torch.equal(loaded[name], saved[name]), name
 
 
+@pytest.mark.filterwarnings("ignore:.*quantized tensor creation functions.*:UserWarning")
+@pytest.mark.filterwarnings("ignore:TypedStorage is deprecated:UserWarning")
+def test_tensors_come_back_as_their_values_whatever_their_memory_holds(store: StoreCase) -> None:
+    """A lazy conjugate or negative view holds other elements in memory than its values, and a
+    quantized tensor holds integers: each is saved and loaded as the values it reads as."""
+    conjugated = torch.tensor([1 + 2j, 3 - 4j]).conj()
+    negated = torch.tensor([1.0, 2.0])._neg_view()
+    quantized = torch.quantize_per_tensor(torch.tensor([0.5, 1.0, -2.0]), 0.1, 0, torch.qint8)
+    save({"conj": conjugated, "neg": negated, "q": quantized}, store.uri("ckpt"))
+    loaded = {
+        "conj": torch.zeros(2, dtype=torch.complex64),
+        "neg": torch.zeros(2),
+        "q": torch.quantize_per_tensor(torch.zeros(3), 0.1, 0, torch.qint8),
+    }
+    assert load(loaded, store.uri("ckpt")) is True
+    assert loaded["conj"].tolist() == [1 - 2j, 3 + 4j]
+    assert loaded["neg"].tolist() == [-1.0, -2.0]
+    assert loaded["q"].dequantize().tolist() == quantized.dequantize().tolist()
+    into_views = {"conj": torch.zeros(2, dtype=torch.complex64).conj(), "neg": torch.zeros(2)._neg_view()}
+    assert load(into_views, store.uri("ckpt")) is True  # targets that are themselves lazy views
+    assert into_views["conj"].tolist() == [1 - 2j, 3 + 4j]
+    assert into_views["neg"].tolist() == [-1.0, -2.0]
+
+
 def test_nothing_there_loads_nothing_and_leaves_the_state_alone(store: StoreCase) -> None:
     loaded = empty()
     assert load(loaded, store.uri("none")) is False

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tracemalloc
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -184,6 +185,10 @@ def test_large_files_take_members_of_their_own(tmp_path: Path) -> None:
         ("**/*.json", "config.json", True),  # ** matches no part too
         ("**/*.json", "a/b/config.json", True),
         ("model/**", "model/x/y", True),
+        ("model/**", "model", True),  # a trailing ** matches no part too: the folder itself
+        ("model/**/**", "model", True),
+        ("model/**", "models", False),
+        ("a/**/b", "a/b", True),
         ("model", "model/x/y", True),  # a folder selects what it holds
         ("mod", "model/x", False),
         ("l[0-2].pt", "l1.pt", True),
@@ -604,3 +609,58 @@ def test_a_store_failing_during_a_partial_restore_is_the_error_reported(store: S
     with pytest.raises(StoreError, match="the connection dropped"):
         anyio.run(lambda: _engine.load(failing, location, workspace, CONFIG, only=Selection(["model/big.pt"])))
     assert list(workspace.iterdir()) == []
+
+
+def test_table_members_stay_small_whatever_the_archive_block_size() -> None:
+    # A reader refuses a member inflating past _codec.MAX_MEMBER_OUTPUT: the table's members are
+    # capped on their own, not by the archive's block size (up to 64 MiB), so any table reads back.
+    writer = _toc.TableWriter(block_size=64 * 1024 * 1024, level=1)
+    name = "d/" + "n" * 2000
+    entries = 12_000  # ~25 MiB of rows
+    for index in range(entries):
+        writer.add(f"{name}{index}", "file", 0o644, 0, 0, "", index * 512, (index + 1) * 512)
+    writer.member(entries * 64, entries * 512 + 1024)
+    *members, footer_member = writer.finish()
+    assert len(members) > 1
+    assert all(len(_codec.inflate_member(member)) <= 4 * 1024 * 1024 + 64 * 1024 for member in members)
+    table = b"".join(members)
+    footer = _toc.parse_footer(
+        bytes(entries * 64) + table + footer_member, entries * 64 + len(table) + len(footer_member), "x"
+    )
+    assert footer is not None
+    assert sum(1 for _ in _toc.read_table(table, footer, "x")) == entries
+
+
+def test_a_table_of_tiny_rows_is_read_in_bounded_memory() -> None:
+    # 4 MiB of two-byte rows: refused at the first one, without holding millions of lines
+    lines = b"ab\n" * (4 * 1024 * 1024 // 3)
+    table = _codec.encode_member(lines, 1)
+    footer = _toc.Footer(1024, len(table), len(lines), len(lines) // 3, _codec.crc32(table))
+    tracemalloc.start()
+    try:
+        with pytest.raises(CorruptCheckpointError, match="not JSON"):
+            list(_toc.read_table(table, footer, "x"))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * len(lines)  # the member inflated (and joined to a carried line), no list of rows
+
+
+def test_an_mtime_out_of_any_calendar_is_listed_or_refused_never_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "far.txt").write_bytes(b"far")
+    data = packed(tree)
+    rows = rows_of(data)
+    store = tmp_path / "store"
+    store.mkdir()
+    rows[-1][3] = 10**15  # year ~31.7 million: tar can store it, no calendar shows it
+    (store / "far").write_bytes(with_table(data, rows))
+    assert main(["ls", "--contents", str(store / "far")]) == 0
+    assert capsys.readouterr().out.split() == ["file", "3", f"@{10**15}", "far.txt"]
+    rows[-1][3] = 2**64  # beyond what tar stores
+    (store / "hostile").write_bytes(with_table(data, rows))
+    assert main(["ls", "--contents", str(store / "hostile")]) == 4
+    assert "impossible mode, size or mtime" in capsys.readouterr().err
