@@ -15,7 +15,7 @@ import anyio
 import anyio.to_thread
 from typing_extensions import Unpack
 
-from . import _engine, _placement, _portal, _snapshot
+from . import _engine, _incremental, _placement, _portal, _snapshot
 from ._background import InFlight, SaveHandle
 from ._config import TransferConfig, TransferOptions
 from ._exceptions import CorruptCheckpointError
@@ -48,6 +48,11 @@ class Checkpoint:
             interpreter exit.
         config: Transfer settings; ``**options`` override single fields of it, e.g.
             ``part_size=32 * MiB`` or ``endpoint_url="http://127.0.0.1:9000"``.
+        incremental: Save directories as incremental checkpoints (docs/incremental.md): a manifest
+            of content-defined chunks kept in packs shared by the checkpoints of its folder, so a
+            save uploads only what changed since ``dest``'s previous checkpoint and the one
+            ``load()`` restored (or the newest of ``src``). Bytes and single files are saved as
+            usual. Loads recognise either format by themselves.
         on_progress: Called with a :class:`Progress` as the bytes of each ``load()`` and
             ``save()`` flow, and once more when one finished. It runs in the transfer's worker
             thread, never on the event loop; it should be quick (a progress bar, a log line).
@@ -69,9 +74,13 @@ class Checkpoint:
         workspace: str | os.PathLike[str] | None = None,
         config: TransferConfig | None = None,
         on_progress: ProgressCallback | None = None,
+        incremental: bool = False,
         **options: Unpack[TransferOptions],
     ) -> None:
         self._dest: Location = checkpoint_location(dest)
+        self._incremental = incremental
+        #: The source ``load()`` restored from: the parent an incremental save deduplicates against.
+        self._restored_from: Location | None = None
         if src is None:
             sources: Sequence[URI] = ()
         elif isinstance(src, str | os.PathLike):
@@ -189,7 +198,10 @@ class Checkpoint:
 
     async def _load_first_valid(self) -> Path | None:
         async def restore(store: Store, location: Location) -> Path | None:
-            return await _engine.load(store, location, self.path, self._config, self._on_progress)
+            restored = await _engine.load(store, location, self.path, self._config, self._on_progress)
+            if restored is not None:
+                self._restored_from = location
+            return restored
 
         return await self._first_valid(restore)
 
@@ -268,7 +280,11 @@ class Checkpoint:
         callback = on_progress or self._on_progress
         if wait:
             await self._inflight.wait_for_it(supersede)
-            await _engine.save(await open_store(self._dest.scheme, config), self._dest, data, config, callback)
+            store = await open_store(self._dest.scheme, config)
+            if await self._is_incremental(data):
+                await _incremental.save(store, self._dest, Path(data), config, callback, parents=self._parents())  # type: ignore[arg-type]
+            else:
+                await _engine.save(store, self._dest, data, config, callback)
             return SaveHandle(self.dest)
         own = functools.partial(_engine.store_files_in, self._dest)
         snapshot = await anyio.to_thread.run_sync(functools.partial(_snapshot.take, data, skip=own))
@@ -291,6 +307,18 @@ class Checkpoint:
     ) -> None:
         try:
             store = await open_store(self._dest.scheme, config)
+            if await self._is_incremental(snapshot.data):
+                await _incremental.save(
+                    store,
+                    self._dest,
+                    Path(snapshot.data),  # type: ignore[arg-type]
+                    config,
+                    on_progress,
+                    parents=self._parents(),
+                    check=snapshot.check_unchanged,
+                    shown=snapshot.source,
+                )
+                return
             await _engine.save(
                 store,
                 self._dest,
@@ -303,6 +331,19 @@ class Checkpoint:
         finally:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(snapshot.discard)
+
+    async def _is_incremental(self, data: object) -> bool:
+        """Whether this save is an incremental one: asked for, and of a directory."""
+        if not self._incremental or not isinstance(data, str | os.PathLike):
+            return False
+        return await anyio.to_thread.run_sync(os.path.isdir, data)
+
+    def _parents(self) -> list[Location]:
+        """What an incremental save deduplicates against besides ``dest``'s previous checkpoint:
+        the checkpoint ``load()`` restored, else every source (the first incremental one found counts)."""
+        if self._restored_from is not None:
+            return [self._restored_from]
+        return list(self._sources)
 
     @property
     def pending(self) -> SaveHandle | None:

@@ -379,7 +379,7 @@ async def _save(cmd: _Command) -> None:
         data = Path(source)
         is_dir = await anyio.to_thread.run_sync(data.is_dir)
         kind = Kind.DIRECTORY if is_dir else Kind.FILE  # a missing path: save() says so
-    checkpoint = Checkpoint(cmd.args.uri, config=cmd.config, on_progress=cmd.bars)
+    checkpoint = Checkpoint(cmd.args.uri, config=cmd.config, on_progress=cmd.bars, incremental=cmd.args.incremental)
     if not cmd.args.force:
         await _manage.refuse_foreign_file(cmd.args.uri, cmd.config)
     if cmd.args.dry_run:
@@ -696,6 +696,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--json", action="store_true", help=_JSON_HELP)
     sub.add_argument(
         "-f", "--force", action="store_true", help="replace a local file at URI that checkpointio did not write"
+    )
+    sub.add_argument(
+        "--incremental",
+        action="store_true",
+        help="save a directory as an incremental checkpoint: upload only the chunks the checkpoint at URI "
+        "(and the others saved incrementally beside it) does not hold already",
     )
 
     sub = command(

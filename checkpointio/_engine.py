@@ -53,7 +53,9 @@ __all__ = [
     "Writer",
     "load",
     "load_bytes",
+    "load_object",
     "save",
+    "save_object",
     "save_written",
     "store_files_in",
     "unsupported_type",
@@ -305,6 +307,12 @@ async def save_written(
     return await _save(store, location, _Source(Kind.FILE, None, writer=writer), config, on_progress)
 
 
+async def save_object(store: Store, location: Location, data: bytes, kind: Kind, config: TransferConfig) -> ObjectInfo:
+    """Store ``data`` (in memory already) at ``location`` as an object of ``kind``, atomically and
+    with its CRC32: the parts of a checkpoint another module lays out (manifests, packs)."""
+    return await _save(store, location, _Source(kind, len(data), data=memoryview(data)), config, None, log=False)
+
+
 async def _save(
     store: Store,
     location: Location,
@@ -313,6 +321,8 @@ async def _save(
     on_progress: ProgressCallback | None,
     check: Callable[[], None] | None = None,
     skip: _archive.Skip | None = None,
+    *,
+    log: bool = True,
 ) -> ObjectInfo:
     started = time.monotonic()
     _allocator.tune_malloc()  # only if asked: it changes the whole process
@@ -358,7 +368,7 @@ async def _save(
     assert stored is not None  # else the group raised
     if meter.reporting:
         await anyio.to_thread.run_sync(meter.finish)
-    if logger.isEnabledFor(logging.INFO):
+    if log and logger.isEnabledFor(logging.INFO):
         size = human_size(stored.size)
         if source.kind is Kind.DIRECTORY:  # its files are counted whether or not anybody listens
             size = f"{human_size(meter.source_done)} of files, {size} stored"
@@ -615,6 +625,8 @@ async def load(
     info = await store.head(location)
     if info is None:
         return None
+    if await _incremental.is_manifest_object(store, info):
+        return await _incremental.load(store, info, workspace, config, on_progress)
     await anyio.to_thread.run_sync(_placement.make_workspace, workspace, location.uri)
     started = time.monotonic()
     meter = Meter(on_progress, "load", location.uri, info.size)
@@ -772,11 +784,29 @@ async def load_bytes(
     Nothing touches the disk: ranges are copied to their offsets in one buffer as they arrive,
     and the buffer is returned only once its CRC32 matched the stored one.
     """
+    return await _load_bytes(store, location, config, on_progress)
+
+
+async def load_object(store: Store, location: Location, config: TransferConfig) -> bytearray | None:
+    """The bytes of any object at ``location`` (a manifest, say), checked as :func:`load_bytes`
+    checks them, whatever its kind; ``None`` if there is none. Nothing is logged."""
+    return await _load_bytes(store, location, config, None, whole=True)
+
+
+async def _load_bytes(
+    store: Store,
+    location: Location,
+    config: TransferConfig,
+    on_progress: ProgressCallback | None,
+    *,
+    whole: bool = False,
+) -> bytearray | None:
     info = await store.head(location)
     if info is None:
         return None
     uri = location.uri
-    _refuse_directory(info, "restore it with load(), not load_bytes()")
+    if not whole:
+        _refuse_directory(info, "restore it with load(), not load_bytes()")
     started = time.monotonic()
     meter = Meter(on_progress, "load", uri, info.size)
     # Not zeroed: its pages are faulted in by the threads that copy into them, during the
@@ -812,7 +842,8 @@ async def load_bytes(
                 group.start_soon(fetch)
     finally:
         view.release()
-    _log_read("loaded into memory", info, started)
+    if not whole:
+        _log_read("loaded into memory", info, started)
     return buffer
 
 
@@ -869,8 +900,15 @@ async def verify(
     if info is None:
         return None
     started = time.monotonic()
+    if await _incremental.is_manifest_object(store, info):
+        await _incremental.verify(store, info, config, on_progress)
+        _log_read("verified", info, started)
+        return info
     meter = Meter(on_progress, "verify", location.uri, info.size)
     workers = config.compression_workers
     await _read(store, info, config, meter, lambda pull: _check(pull, info, workers))
     _log_read("verified", info, started)
     return info
+
+
+from . import _incremental  # noqa: E402  (it builds on this module: imported once this one is complete)

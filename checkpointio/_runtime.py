@@ -219,6 +219,8 @@ class _Run:
     resume_hint: str
     saved: list[int] = field(default_factory=list)
     claimed: list[int] = field(default_factory=list)
+    #: Save directories as incremental checkpoints (the attempts of a run share their packs).
+    incremental: bool = False
     #: The numbers this call claimed; their markers go once the run has succeeded.
     mine: list[int] = field(default_factory=list)
 
@@ -280,7 +282,9 @@ class _Run:
 
     def checkpoint(self, attempt: int) -> Checkpoint:
         earlier = [self.attempt_location(n).uri for n in sorted(self.saved, reverse=True) if n < attempt]
-        return Checkpoint(self.attempt_location(attempt).uri, src=earlier or None, config=self.config)
+        return Checkpoint(
+            self.attempt_location(attempt).uri, src=earlier or None, config=self.config, incremental=self.incremental
+        )
 
     async def clean_up(self) -> None:
         """After a successful run: keep the newest ``keep_last`` attempts' checkpoints, and drop this
@@ -357,6 +361,8 @@ class TaskEnvironment:
             keeps every run. By default ``EMBEDDED_KEEP_RUNS`` (10) on the embedded local folder,
             ``None`` on storage that was given.
         backoff: Seconds to wait before each retry, doubling each time.
+        incremental: Save directories as incremental checkpoints (docs/incremental.md): each
+            attempt uploads only the chunks its predecessors did not store.
         config / **options: Transfer settings for the checkpoints (see ``TransferConfig``).
 
     Raises:
@@ -373,9 +379,11 @@ class TaskEnvironment:
         keep_last: int | _Default | None = _DEFAULT,
         keep_runs: int | _Default | None = _DEFAULT,
         backoff: float = 0.0,
+        incremental: bool = False,
         config: TransferConfig | None = None,
         **options: Unpack[TransferOptions],
     ) -> None:
+        self.incremental = incremental
         self.name = _key_segment(name, "environment name", "TaskEnvironment(name=...)")
         if isinstance(keep_last, int) and keep_last < 0:
             raise ValueError(f"keep_last must not be negative, got {keep_last}")
@@ -414,7 +422,7 @@ class TaskEnvironment:
         keep_last = (EMBEDDED_KEEP_LAST if embedded else None) if self.keep_last is _DEFAULT else self.keep_last
         keep_runs = (EMBEDDED_KEEP_RUNS if embedded else None) if self.keep_runs is _DEFAULT else self.keep_runs
         root = storage.child(self.name).child(task_name).child(run)
-        return _Run(root, run, self.config, keep_last, keep_runs, hint)
+        return _Run(root, run, self.config, keep_last, keep_runs, hint, incremental=self.incremental)
 
     @overload
     def task(self, fn: Callable[P, R]) -> Callable[P, R]: ...

@@ -1,0 +1,374 @@
+"""Incremental checkpoints: round trips, deduplication against parents, damage and hostile manifests,
+over every store."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+
+import anyio
+import pytest
+
+from checkpointio import (
+    Checkpoint,
+    CorruptCheckpointError,
+    TaskEnvironment,
+    UnsafeArchiveError,
+    _cdc,
+    _engine,
+    _incremental,
+)
+from checkpointio._cli import main
+from checkpointio._config import TransferConfig
+from checkpointio._location import parse_location, parse_prefix
+from checkpointio._stores import Kind, open_store
+
+from .conftest import ONE_STORE, StoreCase, make_tree, snapshot
+
+AREA = _incremental.AREA
+
+
+def full_tree(root: Path) -> Path:
+    """``make_tree`` plus what only an incremental checkpoint's own code paths meet: a hard link,
+    a name that is not UTF-8, a large compressible file of many chunks, a file of repeated chunks."""
+    make_tree(root)
+    os.link(root / "run.sh", root / "run-again.sh")
+    (root / os.fsdecode(b"caf\xe9")).write_bytes(b"latin-1 name")
+    rng = random.Random(7)
+    words = [bytes(rng.randrange(97, 123) for _ in range(rng.randrange(3, 9))) for _ in range(500)]
+    (root / "model" / "text.log").write_bytes(b" ".join(rng.choice(words) for _ in range(150_000)))
+    block = os.urandom(600 * 1024)
+    (root / "model" / "repeated.bin").write_bytes(block * 3)
+    return root
+
+
+def tree_state(root: Path) -> dict[str, tuple[str, object, int, int]]:
+    state = snapshot(root)
+    # hard links come back linked
+    state["<linked>"] = ("linked", (root / "run.sh").stat().st_ino == (root / "run-again.sh").stat().st_ino, 0, 0)
+    return state
+
+
+def pack_bytes(store: StoreCase) -> dict[str, int]:
+    """The packs the store holds beside the test's checkpoints (name -> size), as the store lists them."""
+    location = parse_prefix(store.uri(f"{AREA}/packs/"))
+
+    async def listing() -> dict[str, int]:
+        found = await (await open_store(location.scheme, TransferConfig())).list(location)
+        return {info.location.key.rpartition("/")[2]: info.size for info in found}
+
+    return anyio.run(listing)
+
+
+def uploaded(before: dict[str, int], after: dict[str, int]) -> int:
+    return sum(size for name, size in after.items() if name not in before)
+
+
+def restore(uri: str, workspace: Path) -> Path:
+    with Checkpoint(workspace / "unused", src=uri, workspace=workspace) as cp:
+        restored = cp.load_sync()
+    assert restored == workspace
+    return workspace
+
+
+# -- format, save and full load ---------------------------------------------------------------------
+
+
+def test_an_incremental_checkpoint_restores_the_tree_it_saved(store: StoreCase, tmp_path: Path) -> None:
+    tree = full_tree(tmp_path / "tree")
+    with Checkpoint(store.uri("ckpt"), incremental=True) as cp:
+        cp.save_sync(tree)
+    restored = restore(store.uri("ckpt"), tmp_path / "restored")  # the loader is not told the format
+    assert tree_state(restored) == tree_state(tree)
+    names = store.list_names("")
+    assert "ckpt" in names
+    assert any(name.startswith(f"{AREA}/packs/") for name in names)
+
+
+def test_a_file_shared_by_two_trees_is_stored_once(store: StoreCase, tmp_path: Path) -> None:
+    data = os.urandom(2 * 1024 * 1024)
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "weights.bin").write_bytes(data)
+    with Checkpoint(store.uri("a"), incremental=True) as cp:
+        cp.save_sync(tmp_path / "a")
+    first = pack_bytes(store)
+    with Checkpoint(store.uri("b"), src=store.uri("a"), incremental=True) as cp:
+        cp.save_sync(tmp_path / "b")
+    assert uploaded(first, pack_bytes(store)) == 0
+    assert (restore(store.uri("b"), tmp_path / "restored") / "weights.bin").read_bytes() == data
+
+
+def test_either_format_replaces_the_other_at_one_key(store: StoreCase, tmp_path: Path) -> None:
+    tree = make_tree(tmp_path / "tree")
+    for incremental in (False, True, False, True):
+        (tree / "which").write_text(str(incremental))
+        with Checkpoint(store.uri("ckpt"), incremental=incremental) as cp:
+            cp.save_sync(tree)
+        restored = restore(store.uri("ckpt"), tmp_path / f"restored-{incremental}-{len(os.listdir(tmp_path))}")
+        assert snapshot(restored) == snapshot(tree)
+
+
+def test_bytes_and_single_files_are_saved_as_usual_when_incremental(store: StoreCase, tmp_path: Path) -> None:
+    (tmp_path / "one").write_bytes(b"a single file")
+    with Checkpoint(store.uri("ckpt"), incremental=True) as cp:
+        cp.save_sync(b"some bytes")
+        assert bytes(Checkpoint(store.uri("x"), src=store.uri("ckpt")).load_bytes_sync() or b"") == b"some bytes"
+        cp.save_sync(tmp_path / "one")
+        assert bytes(Checkpoint(store.uri("x"), src=store.uri("ckpt")).load_bytes_sync() or b"") == b"a single file"
+    assert not any(name.startswith(AREA) for name in store.list_names(""))
+
+
+def test_a_background_incremental_save_stores_the_tree_as_it_was(store: StoreCase, tmp_path: Path) -> None:
+    tree = make_tree(tmp_path / "tree")
+    expected = snapshot(tree)
+    with Checkpoint(store.uri("ckpt"), incremental=True) as cp:
+        handle = cp.save_sync(tree, wait=False)
+        (tree / "model" / "weights.bin").unlink()  # replaced after the call: the snapshot keeps it
+        (tree / "model" / "weights.bin").write_bytes(b"new")
+        cp.wait_sync()
+        assert handle.done()
+    assert snapshot(restore(store.uri("ckpt"), tmp_path / "restored")) == expected
+
+
+@ONE_STORE
+def test_the_command_line_saves_incrementally_and_loads_either_format(store: StoreCase, tmp_path: Path) -> None:
+    tree = full_tree(tmp_path / "tree")
+    assert main(["-q", "save", "--incremental", str(tree), store.uri("ckpt")]) == 0
+    assert main(["-q", "verify", store.uri("ckpt")]) == 0
+    assert main(["-q", "load", store.uri("ckpt"), str(tmp_path / "out")]) == 0
+    assert tree_state(tmp_path / "out") == tree_state(tree)
+
+
+def test_a_task_environment_saves_its_attempts_incrementally(tmp_path: Path) -> None:
+    env = TaskEnvironment("inc", storage=str(tmp_path / "store"), incremental=True, keep_last=None)
+    tree = full_tree(tmp_path / "tree")
+    calls: list[int] = []
+
+    @env.task(retries=1)
+    def train() -> str:
+        from checkpointio import ctx
+
+        cp = ctx().checkpoint
+        restored = cp.load_sync()
+        calls.append(1)
+        if restored is None:
+            cp.save_sync(tree)
+            raise RuntimeError("fails once")
+        assert tree_state(restored) == tree_state(tree)
+        cp.save_sync(restored)  # the restored tree again: every chunk is the first attempt's
+        return "done"
+
+    assert train() == "done"
+    packs = list((tmp_path / "store").rglob(f"{AREA}/packs/*"))
+    attempts = list((tmp_path / "store").rglob("attempt-[0-9]"))
+    assert len(attempts) == 2
+    assert len([pack for pack in packs if not pack.name.startswith(".")]) == 1  # the second attempt added none
+
+
+# -- deduplication against parents ------------------------------------------------------------------
+
+
+def test_an_unchanged_tree_uploads_no_pack(store: StoreCase, tmp_path: Path) -> None:
+    tree = full_tree(tmp_path / "tree")
+    with Checkpoint(store.uri("ckpt"), incremental=True) as cp:
+        cp.save_sync(tree)
+        first = pack_bytes(store)
+        cp.save_sync(tree)
+    assert uploaded(first, pack_bytes(store)) == 0
+
+
+def test_an_edit_in_place_and_an_append_upload_only_the_chunks_around_them(store: StoreCase, tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    big = tree / "big.bin"
+    big.write_bytes(os.urandom(3 * 1024 * 1024))
+    with Checkpoint(store.uri("ckpt"), incremental=True) as cp:
+        cp.save_sync(tree)
+        first = pack_bytes(store)
+        assert sum(first.values()) >= 3 * 1024 * 1024
+        with open(big, "r+b") as out:
+            out.seek(1024 * 1024)
+            out.write(os.urandom(4096))
+        cp.save_sync(tree)
+        second = pack_bytes(store)
+        assert 4096 <= uploaded(first, second) <= 2 * _cdc.MAXIMUM + 4096
+        with open(big, "ab") as out:
+            out.write(os.urandom(100_000))
+        cp.save_sync(tree)
+        third = pack_bytes(store)
+        assert 100_000 <= uploaded(second, third) <= _cdc.MAXIMUM + 100_000
+    assert (restore(store.uri("ckpt"), tmp_path / "restored") / "big.bin").read_bytes() == big.read_bytes()
+
+
+def test_a_save_deduplicates_against_the_checkpoint_it_restored(store: StoreCase, tmp_path: Path) -> None:
+    tree = full_tree(tmp_path / "tree")
+    with Checkpoint(store.uri("attempt-0"), incremental=True) as cp:
+        cp.save_sync(tree)
+    first = pack_bytes(store)
+    with Checkpoint(store.uri("attempt-1"), src=store.uri("attempt-0"), incremental=True) as cp:
+        restored = cp.load_sync()
+        assert restored is not None
+        (restored / "new.txt").write_bytes(b"x" * 1000)
+        cp.save_sync(restored)  # new inodes: every file read again, every chunk but one already stored
+    assert 0 < uploaded(first, pack_bytes(store)) < 2000
+    expected = tree_state(tree)
+    got = tree_state(restore(store.uri("attempt-1"), tmp_path / "again"))
+    assert got.pop("new.txt")[1] == b"x" * 1000
+    assert got == expected
+
+
+def test_the_python_chunker_cuts_where_pyfastcdc_does() -> None:
+    pyfastcdc = pytest.importorskip("pyfastcdc")
+    data = memoryview(random.Random(3).randbytes(3 * 1024 * 1024 + 123))
+    chunker = pyfastcdc.FastCDC(_cdc.AVERAGE, min_size=_cdc.MINIMUM, max_size=_cdc.MAXIMUM)
+    expected = [chunk.length for chunk in chunker.cut_buf(data)]
+    lengths, rest = [], data
+    while rest:
+        lengths.append(_cdc._cut_python(rest[: _cdc.MAXIMUM]))
+        rest = rest[lengths[-1] :]
+    assert lengths == expected
+    assert _cdc.cut_points(data, final=True) == expected
+
+
+def test_cuts_do_not_depend_on_how_the_file_was_read() -> None:
+    data = memoryview(random.Random(5).randbytes(2 * 1024 * 1024))
+    whole = _cdc.cut_points(data, final=True)
+    pieced: list[int] = []
+    start = 0
+    for end in (700_000, 1_400_000, len(data)):
+        lengths = _cdc.cut_points(data[start:end], final=end == len(data))
+        pieced += lengths
+        start += sum(lengths)
+    assert pieced == whole
+
+
+# -- damage and hostile manifests -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("damage", ["deleted", "corrupted"])
+def test_a_damaged_pack_names_the_files_it_affects_and_nothing_is_restored(
+    store: StoreCase, tmp_path: Path, damage: str
+) -> None:
+    tree = full_tree(tmp_path / "tree")
+    with Checkpoint(store.uri("ckpt"), incremental=True) as cp:
+        cp.save_sync(tree)
+    (pack,) = pack_bytes(store)
+    name = f"{AREA}/packs/{pack}"
+    if damage == "deleted":
+        location = parse_location(store.uri(name))
+        anyio.run(_delete, location)
+    else:
+        store.corrupt(name)
+    workspace = tmp_path / "restored"
+    with pytest.raises(CorruptCheckpointError) as caught:
+        restore(store.uri("ckpt"), workspace)
+    message = str(caught.value)
+    assert pack in message and store.uri("ckpt") in message
+    assert "affects" in message and ("model/weights.bin" in message or damage == "corrupted")
+    assert not workspace.exists() or list(workspace.iterdir()) == []
+    assert main(["-q", "verify", store.uri("ckpt")]) != 0
+
+
+async def _delete(location: object) -> None:
+    assert isinstance(location, type(parse_location("memory://x")))
+    await (await open_store(location.scheme, TransferConfig())).delete(location)
+
+
+def _write_manifest(store: StoreCase, name: str, manifest: _incremental.Manifest) -> None:
+    location = parse_location(store.uri(name))
+
+    async def put() -> None:
+        backend = await open_store(location.scheme, TransferConfig())
+        await _engine.save_object(backend, location, _incremental.encode(manifest), Kind.DIRECTORY, TransferConfig())
+
+    anyio.run(put)
+
+
+def _valid(store: StoreCase, tmp_path: Path) -> _incremental.Manifest:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "a").write_bytes(os.urandom(100_000))
+    (tree / "b").write_bytes(os.urandom(100_000))
+    with Checkpoint(store.uri("ckpt"), incremental=True) as cp:
+        cp.save_sync(tree)
+    manifest = anyio.run(_read, store.uri("ckpt"))
+    assert manifest is not None
+    return manifest
+
+
+async def _read(uri: str) -> _incremental.Manifest | None:
+    location = parse_location(uri)
+    return await _incremental.read_manifest(
+        await open_store(location.scheme, TransferConfig()), location, TransferConfig()
+    )
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["../escaped", "/etc/escaped", "a/../../escaped", "", "x\0y", "sub/./x"],
+)
+@ONE_STORE
+def test_a_manifest_naming_a_path_out_of_the_workspace_is_refused(store: StoreCase, tmp_path: Path, path: str) -> None:
+    manifest = _valid(store, tmp_path)
+    manifest.entries[0].path = path
+    _write_manifest(store, "ckpt", manifest)
+    with pytest.raises(UnsafeArchiveError):
+        restore(store.uri("ckpt"), tmp_path / "restored")
+    assert not (tmp_path / "escaped").exists() and not (tmp_path / "restored" / "escaped").exists()
+
+
+@ONE_STORE
+def test_a_manifest_with_a_symlink_out_or_through_another_is_refused(store: StoreCase, tmp_path: Path) -> None:
+    manifest = _valid(store, tmp_path)
+    for links in (
+        [("out", "../outside")],
+        [("up", "."), ("out", "up/..")],
+    ):
+        crafted = _incremental.Manifest(
+            manifest.packs,
+            manifest.chunks,
+            manifest.entries + [_incremental.Entry(path, "l", 0o777, 0, link=target) for path, target in links],
+        )
+        _write_manifest(store, "ckpt", crafted)
+        with pytest.raises(UnsafeArchiveError):
+            restore(store.uri("ckpt"), tmp_path / "restored")
+
+
+@ONE_STORE
+def test_a_manifest_with_overlapping_ranges_or_impossible_counts_is_refused(store: StoreCase, tmp_path: Path) -> None:
+    manifest = _valid(store, tmp_path)
+    first, second = manifest.chunks[0], manifest.chunks[1]
+    overlapping = _incremental.Chunk(
+        second.hash, second.pack, first.offset + 1, second.stored, second.size, second.codec
+    )
+    crafted = [
+        _incremental.Manifest(manifest.packs, [first, overlapping, *manifest.chunks[2:]], manifest.entries),
+        _incremental.Manifest({name: 10 for name in manifest.packs}, manifest.chunks, manifest.entries),
+    ]
+    for bad in crafted:
+        _write_manifest(store, "ckpt", bad)
+        with pytest.raises(CorruptCheckpointError, match=r"overlapping|outside its pack"):
+            restore(store.uri("ckpt"), tmp_path / "restored")
+    # a header stating a billion entries is refused before anything is held for them
+    good = _incremental.encode(manifest)
+    header_end = good.index(b"\n") + 1
+    import json
+    import zlib
+
+    lines = zlib.decompress(good[header_end:]).split(b"\n")
+    header = json.loads(lines[0])
+    header["entries"] = 10**12
+    raw = good[:header_end] + zlib.compress(b"\n".join([json.dumps(header).encode(), *lines[1:]]))
+    location = parse_location(store.uri("ckpt"))
+
+    async def put() -> None:
+        backend = await open_store(location.scheme, TransferConfig())
+        await _engine.save_object(backend, location, raw, Kind.DIRECTORY, TransferConfig())
+
+    anyio.run(put)
+    with pytest.raises(CorruptCheckpointError, match="beyond the limits"):
+        restore(store.uri("ckpt"), tmp_path / "restored")
+    shutil.rmtree(tmp_path / "restored", ignore_errors=True)
