@@ -514,6 +514,13 @@ async def _ls_contents(cmd: _Command) -> None:
         )
 
 
+def _incremental_row(found: _manage.Incremental) -> dict[str, Any]:
+    """An incremental checkpoint as ``--json`` gives it: its manifest's row, with the kind
+    ``incremental``, the bytes it references (``size``, the manifest included) and the bytes only
+    it holds (``exclusive``: what removing it and a ``gc`` frees)."""
+    return {**_row(found.manifest), "kind": "incremental", "size": found.size, "exclusive": found.usage.exclusive}
+
+
 async def _ls(cmd: _Command) -> None:
     _need_stdout("the listing")
     if cmd.args.contents:
@@ -523,18 +530,27 @@ async def _ls(cmd: _Command) -> None:
     if not infos and not _empty_is_fine(cmd.args.prefix):
         raise _names_nothing(cmd.args.prefix)
     distributed = await _manage.distributed_among(infos, cmd.config)
+    incremental = await _manage.incremental_among(infos, cmd.config)
     infos = [info for info in infos if not _manage.folded(info, distributed)]
     if cmd.args.json:
         _emit_json(
             [
-                _distributed_row(distributed[info.location.key]) if info.location.key in distributed else _row(info)
+                _distributed_row(distributed[info.location.key])
+                if info.location.key in distributed
+                else _incremental_row(incremental[info.location.key])
+                if info.location.key in incremental
+                else _row(info)
                 for info in infos
             ]
         )
         return
     for info in infos:
         found = distributed.get(info.location.key)
-        if found is None:
+        chunked = incremental.get(info.location.key)
+        if chunked is not None:
+            only = f"(only it: {_human(chunked.usage.exclusive)})"
+            print(f"incremental {chunked.size:>14} {_when(info.modified):<20} {info.location.uri} {only}")
+        elif found is None:
             print(f"{_kind(info):<5} {info.size:>14} {_when(info.modified):<20} {info.location.uri}")
         else:
             world = f"(world size {found.summary.world_size})"
@@ -603,6 +619,7 @@ async def _gc(cmd: _Command) -> None:
         _need_stdout("what would be aborted")
     writes = await _manage.collect_garbage(args.prefix, cmd.config, older_than=args.older_than, dry_run=args.dry_run)
     stale = await _manage.collect_distributed(args.prefix, cmd.config, older_than=args.older_than, dry_run=args.dry_run)
+    areas = await _manage.collect_incremental(args.prefix, cmd.config, older_than=args.older_than, dry_run=args.dry_run)
     runs = []
     if args.runs_older_than is not None:
         runs = await _manage.prune_runs(args.prefix, cmd.config, older_than=args.runs_older_than, dry_run=args.dry_run)
@@ -619,7 +636,25 @@ async def _gc(cmd: _Command) -> None:
             }
             for one in stale
         ]
-        _emit_json({"dry_run": args.dry_run, "unfinished_saves": saves, "distributed_saves": data, "runs": old})
+        packs = [
+            {
+                "uri": area.area.uri,
+                "removed": sorted(area.removed),
+                "size": area.freed,
+                "kept_unreferenced": area.kept_unreferenced,
+                "skipped": area.skipped or None,
+            }
+            for area in areas
+        ]
+        _emit_json(
+            {
+                "dry_run": args.dry_run,
+                "unfinished_saves": saves,
+                "distributed_saves": data,
+                "incremental_packs": packs,
+                "runs": old,
+            }
+        )
         return
     verb = "would abort" if args.dry_run else "aborted"
     for write in writes:
@@ -630,10 +665,20 @@ async def _gc(cmd: _Command) -> None:
             f"{removed} the data of the uncommitted distributed save {one.save_id} of {one.checkpoint.uri} "
             f"({len(one.objects)} objects, {_human(one.size)}, last written {_when(one.last_written)})"
         )
+    for area in areas:
+        removed = "would remove" if args.dry_run else "removed"
+        if area.removed:
+            count = len(area.removed)
+            print(
+                f"{removed} {count} pack{'s' if count != 1 else ''} no incremental checkpoint references from "
+                f"{area.area.uri} ({_human(area.freed)})"
+            )
+        if area.skipped:
+            print(f"kept the packs of {area.area.uri}: {area.skipped}")
     for run in runs:
         removed = "would remove" if args.dry_run else "removed"
         print(f"{removed} run {run.location.uri} (last written {_when(run.last_written)})")
-    if not writes and not stale and not runs:
+    if not writes and not stale and not runs and not any(area.removed or area.skipped for area in areas):
         cmd.say(f"nothing to clean up under {args.prefix}")
 
 
@@ -768,7 +813,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command(
         "gc",
         "Abort unfinished saves under a prefix (S3: incomplete multipart uploads; local: temporary files "
-        "of killed saves), remove the data of distributed saves no manifest commits, and list them.",
+        "of killed saves), remove the data of distributed saves no manifest commits and the packs no "
+        "incremental checkpoint references (none while a save is in progress beside them), and list them.",
         "checkpointio gc s3://bucket/runs/ --older-than 12h --dry-run",
     )
     sub.add_argument("prefix", metavar="PREFIX")

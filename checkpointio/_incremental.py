@@ -897,9 +897,8 @@ async def _save_tree(
             group.start_soon(uploader)
 
     manifest = _assemble(entries, packer, save_id)
-    reused = set(manifest.packs) - set(uploaded)
-    if reused and time.monotonic() - lease.renewed > LEASE_TTL / 2:
-        await _check_packs_exist(store, area, manifest, location.uri)  # this process was stalled
+    if time.monotonic() - lease.renewed > LEASE_TTL / 2:  # this process was stalled: gc may have run
+        await _check_packs_exist(store, area, manifest, location.uri)
     data = await anyio.to_thread.run_sync(encode, manifest)
     if meter.reporting:
         await anyio.to_thread.run_sync(meter.commit)
@@ -1238,3 +1237,202 @@ async def verify(
     if meter.reporting:
         await anyio.to_thread.run_sync(meter.finish)
     return manifest
+
+
+# -- garbage collection ----------------------------------------------------------------------------
+
+
+@dataclass
+class AreaReport:
+    """What :func:`collect` found in one folder's pack store.
+
+    Attributes:
+        area: The pack store (``<folder>/.checkpointio-incremental/``).
+        removed: The packs no manifest references, older than the grace period: deleted (or, with
+            ``dry_run``, to be deleted), name -> size.
+        kept_unreferenced: Packs no manifest references that are younger than the grace period.
+        skipped: Why nothing was deleted there (saves in progress, an unreadable manifest), or ``""``.
+        stale_leases: Leases of saves that died, removed.
+    """
+
+    area: Location
+    removed: dict[str, int] = field(default_factory=dict)
+    kept_unreferenced: int = 0
+    skipped: str = ""
+    stale_leases: int = 0
+
+    @property
+    def freed(self) -> int:
+        return sum(self.removed.values())
+
+
+def _folder_of(area: Location) -> Location:
+    """The folder whose checkpoints share ``area``'s packs."""
+    key = area.key[: -len(AREA) - 1]
+    return Location(area.scheme, area.bucket, key)
+
+
+def areas_under(infos: Iterable[ObjectInfo]) -> dict[str, Location]:
+    """The pack stores among the listed objects, by key."""
+    found: dict[str, Location] = {}
+    marker = f"{AREA}/"
+    for info in infos:
+        key = info.location.key
+        at = key.find(marker)
+        while at > 0 and key[at - 1] != "/":
+            at = key.find(marker, at + 1)
+        if at < 0:
+            continue
+        area_key = key[: at + len(marker)]
+        found.setdefault(area_key, Location(info.location.scheme, info.location.bucket, area_key))
+    return found
+
+
+def in_area(key: str) -> bool:
+    """Whether ``key`` is a pack or lease of an incremental pack store (not a checkpoint)."""
+    return key.startswith(f"{AREA}/") or f"/{AREA}/" in key
+
+
+async def manifests_beside(store: Store, area: Location, config: TransferConfig) -> dict[str, Manifest]:
+    """The incremental manifests of the folder ``area`` serves, by key.
+
+    Raises:
+        CorruptCheckpointError: One of them is garbled (its packs cannot be known).
+    """
+    folder = _folder_of(area)
+    found: dict[str, Manifest] = {}
+    for info in await store.list(folder):
+        rest = info.location.key[len(folder.key) :]
+        if "/" in rest:
+            continue
+        if info.record is None:  # S3 lists no metadata
+            described = await store.head(info.location)
+            if described is None:
+                continue
+            info = described
+        if not await is_manifest_object(store, info):
+            continue
+        manifest = await read_manifest(store, info.location, config)
+        if manifest is not None:
+            found[info.location.key] = manifest
+    return found
+
+
+async def _leases(store: Store, area: Location) -> list[ObjectInfo]:
+    return await store.list(Location(area.scheme, area.bucket, area.key + _LEASES))
+
+
+async def collect_area(
+    store: Store,
+    area: Location,
+    config: TransferConfig,
+    *,
+    older_than: float,
+    dry_run: bool = False,
+    lease_ttl: float = LEASE_TTL,
+) -> AreaReport:
+    """Delete the packs of ``area`` that no manifest beside it references and that were written
+    more than ``older_than`` seconds ago, unless a save may be in progress there.
+
+    The safety model (leases): every save writes a lease in the area before it reads any parent
+    manifest, renews it every ``LEASE_RENEW`` seconds and removes it when it ends. A save can only
+    reference packs named by a manifest it read after its lease existed, or packs it wrote itself.
+    So this deletes nothing while any lease younger than ``lease_ttl`` exists, and checks again
+    after reading every manifest and listing the packs, just before deleting: a save that started
+    in between is seen then. A lease older than ``lease_ttl`` is a save that died (a live one
+    renews it) and is removed. A save that was stalled for longer than ``LEASE_TTL / 2`` checks
+    that every pack it references still exists before committing. ``older_than`` spares young
+    packs on top (clock skew, a save stalled beyond its lease).
+    """
+    report = AreaReport(area)
+    now = time.time()
+
+    async def saves_in_progress() -> bool:
+        live = False
+        stale = time.time() - lease_ttl
+        for lease in await _leases(store, area):
+            if lease.modified is not None and lease.modified < stale:
+                if not dry_run and await store.delete(lease.location):
+                    report.stale_leases += 1
+            else:
+                live = True
+        return live
+
+    if await saves_in_progress():
+        report.skipped = "a save is in progress there"
+        return report
+    try:
+        manifests = await manifests_beside(store, area, config)
+    except CorruptCheckpointError as error:
+        report.skipped = f"a manifest there cannot be read ({error}); its packs are kept"
+        return report
+    referenced = {name for manifest in manifests.values() for name in manifest.packs}
+    cutoff = now - older_than
+    packs_prefix = Location(area.scheme, area.bucket, area.key + _PACKS)
+    for info in await store.list(packs_prefix):
+        name = info.location.key[len(packs_prefix.key) :]
+        if name in referenced:
+            continue
+        if info.modified is not None and info.modified <= cutoff:
+            report.removed[name] = info.size
+        else:
+            report.kept_unreferenced += 1
+    if not report.removed or dry_run:
+        return report
+    if await saves_in_progress():  # one started since the first look: it may reference any of them
+        report.removed = {}
+        report.skipped = "a save started while the manifests were read"
+        return report
+    for name in list(report.removed):
+        if not await store.delete(pack_location(area, name)):
+            del report.removed[name]
+    return report
+
+
+async def collect(
+    store: Store,
+    prefix: Location,
+    config: TransferConfig,
+    *,
+    older_than: float,
+    dry_run: bool = False,
+    lease_ttl: float = LEASE_TTL,
+) -> list[AreaReport]:
+    """:func:`collect_area` for every pack store under ``prefix``."""
+    areas = areas_under(await store.list(prefix))
+    return [
+        await collect_area(store, area, config, older_than=older_than, dry_run=dry_run, lease_ttl=lease_ttl)
+        for _, area in sorted(areas.items())
+    ]
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What one incremental checkpoint holds in its folder's pack store.
+
+    Attributes:
+        referenced: Bytes of the chunks it references (as stored: compressed).
+        exclusive: Of those, the bytes no other checkpoint of its folder references: what removing
+            it (and a ``gc``) frees.
+        files: Regular files in its tree.
+    """
+
+    referenced: int
+    exclusive: int
+    files: int
+
+
+def usage(manifests: dict[str, Manifest]) -> dict[str, Usage]:
+    """The :class:`Usage` of each of the manifests of one folder, by key."""
+    users: dict[tuple[str, int], int] = {}
+    for manifest in manifests.values():
+        for chunk in manifest.chunks:
+            place = (chunk.pack, chunk.offset)
+            users[place] = users.get(place, 0) + 1
+    result = {}
+    for key, manifest in manifests.items():
+        referenced = sum(chunk.stored for chunk in manifest.chunks)
+        exclusive = sum(chunk.stored for chunk in manifest.chunks if users[(chunk.pack, chunk.offset)] == 1)
+        files = sum(1 for entry in manifest.entries if entry.kind == _FILE)
+        result[key] = Usage(referenced, exclusive, files)
+    return result

@@ -19,7 +19,7 @@ from pathlib import Path
 import anyio
 import anyio.to_thread
 
-from . import _dcp_layout, _engine, _placement
+from . import _dcp_layout, _engine, _incremental, _placement
 from ._concurrency import one_error
 from ._config import TransferConfig
 from ._exceptions import CheckpointNotFoundError, CorruptCheckpointError, DestinationError
@@ -118,8 +118,10 @@ async def distributed_among(infos: list[ObjectInfo], config: TransferConfig) -> 
 
 
 def folded(info: ObjectInfo, distributed: dict[str, Distributed]) -> bool:
-    """Whether ``info`` is a data object of one of the ``distributed`` checkpoints (a listing shows
-    the checkpoint as one row instead)."""
+    """Whether ``info`` is a data object of one of the ``distributed`` checkpoints, or a pack or
+    lease of incremental ones (a listing shows the checkpoints as one row each instead)."""
+    if _incremental.in_area(info.location.key):
+        return True
     key, sep, _ = info.location.key.partition(_dcp_layout.DATA_SUFFIX)
     return bool(sep) and key in distributed
 
@@ -161,6 +163,55 @@ async def collect_distributed(
     refuse_sweeping(location, "clean up under")
     store = await open_store(location.scheme, config)
     return await _dcp_layout.collect(store, location, config, cutoff=time.time() - older_than, dry_run=dry_run)
+
+
+async def collect_incremental(
+    prefix: str, config: TransferConfig, *, older_than: float, dry_run: bool = False, lease_ttl: float | None = None
+) -> list[_incremental.AreaReport]:
+    """Delete the packs of incremental checkpoints under ``prefix`` that no manifest references and
+    that were written more than ``older_than`` seconds ago, where no save is in progress (see
+    :func:`._incremental.collect_area`). ``lease_ttl``: after how long a save's lease is taken for
+    a dead save's (default ``LEASE_TTL``).
+
+    Raises:
+        DestinationError: ``prefix`` covers ``/``, the current or home folder or one of their parents.
+    """
+    location = parse_prefix(prefix)
+    refuse_sweeping(location, "clean up under")
+    store = await open_store(location.scheme, config)
+    ttl = _incremental.LEASE_TTL if lease_ttl is None else lease_ttl
+    return await _incremental.collect(store, location, config, older_than=older_than, dry_run=dry_run, lease_ttl=ttl)
+
+
+@dataclass(frozen=True)
+class Incremental:
+    """An incremental checkpoint found in a listing: its manifest and what it holds in the packs."""
+
+    manifest: ObjectInfo
+    usage: _incremental.Usage
+
+    @property
+    def size(self) -> int:
+        """The manifest's bytes and the stored bytes of every chunk it references."""
+        return self.manifest.size + self.usage.referenced
+
+
+async def incremental_among(infos: list[ObjectInfo], config: TransferConfig) -> dict[str, Incremental]:
+    """The incremental checkpoints among ``infos`` (a listing), by key, with what each references
+    and holds alone (every manifest of their folders is read: sharing is per folder)."""
+    found: dict[str, Incremental] = {}
+    areas = _incremental.areas_under(infos)
+    for area in areas.values():
+        store = await open_store(area.scheme, config)
+        try:
+            manifests = await _incremental.manifests_beside(store, area, config)
+        except CorruptCheckpointError:
+            continue  # listed as the objects they are; verify says what is wrong
+        usage = _incremental.usage(manifests)
+        for info in infos:
+            if info.location.key in usage:
+                found[info.location.key] = Incremental(info, usage[info.location.key])
+    return found
 
 
 async def remove(uri: str, config: TransferConfig, *, dry_run: bool = False) -> None:
@@ -522,10 +573,21 @@ async def find_runs(store: Store, prefix: Location) -> list[StoredRun]:
             return None
         return runs.setdefault(folder, StoredRun(Location(location.scheme, location.bucket, folder)))
 
+    packs: dict[str, list[ObjectInfo]] = {}  # a folder's incremental packs and leases, by folder
     for info in await store.list(prefix):
-        if (run := run_of(info.location)) is not None:
+        key = info.location.key
+        if _incremental.in_area(key):
+            folder = key.partition(f"/{_incremental.AREA}/")[0]
+            packs.setdefault(folder, []).append(info)
+        elif (run := run_of(info.location)) is not None:
             run.objects.append(info.location)
             run.saw(info.modified)
+    for folder, infos in packs.items():
+        found = runs.get(folder)  # only a run's own: a folder of other checkpoints is no run
+        if found is not None:
+            for info in infos:
+                found.objects.append(info.location)
+                found.saw(info.modified)
     for write in await store.pending(prefix):
         if (run := run_of(write.location)) is not None:
             run.unfinished.append(write)

@@ -41,7 +41,7 @@ import anyio
 import anyio.to_thread
 from typing_extensions import Unpack
 
-from . import _dcp_layout, _group, _manage, _portal
+from . import _dcp_layout, _group, _incremental, _manage, _portal
 from ._checkpoint import Checkpoint
 from ._config import TransferConfig, TransferOptions
 from ._exceptions import (
@@ -294,8 +294,11 @@ class _Run:
         store = await open_store(self.root.scheme, self.config)
         if self.keep_last is not None:
             await self.discover()
-            for attempt in self.saved[: -self.keep_last] if self.keep_last else self.saved:
+            dropped = self.saved[: -self.keep_last] if self.keep_last else self.saved
+            for attempt in dropped:
                 await _delete_attempt(store, self.attempt_location(attempt), self.config)
+            if dropped:
+                await _collect_packs(store, self.attempt_location(0), self.config)
         for attempt in self.mine:
             await store.delete(self.claim_location(attempt))
 
@@ -310,6 +313,27 @@ async def _delete_attempt(store: Store, location: Location, config: TransferConf
         await _dcp_layout.remove(store, location)
     else:
         await store.delete(location)
+
+
+#: Retention removes the packs of incremental attempts it deleted once they are this old (and no
+#: save is in progress in the run, see ``_incremental.collect_area``); ``checkpointio gc`` takes
+#: the younger ones later.
+RETENTION_GRACE = 2 * _incremental.LEASE_TTL
+
+
+async def _collect_packs(store: Store, attempt: Location, config: TransferConfig) -> None:
+    """After retention deleted attempts: remove the packs no remaining incremental attempt of the
+    run references. Housekeeping: a failure is logged, and the task goes on."""
+    area = _incremental.area_of(attempt)
+    try:
+        if not await store.list(_incremental.pack_location(area, "")):
+            return  # no incremental attempt ever saved in this run
+        report = await _incremental.collect_area(store, area, config, older_than=RETENTION_GRACE)
+    except (CheckpointError, OSError) as error:
+        logger.warning("could not remove the unreferenced packs of %s: %s", area.uri, error)
+        return
+    if report.removed:
+        logger.info("removed %d unreferenced pack(s) of %s (%s)", len(report.removed), area.uri, report.freed)
 
 
 async def _prune_runs(run_root: Location, keep: int, config: TransferConfig) -> None:

@@ -372,3 +372,154 @@ def test_a_manifest_with_overlapping_ranges_or_impossible_counts_is_refused(stor
     with pytest.raises(CorruptCheckpointError, match="beyond the limits"):
         restore(store.uri("ckpt"), tmp_path / "restored")
     shutil.rmtree(tmp_path / "restored", ignore_errors=True)
+
+
+# -- gc, retention, ls, rm --------------------------------------------------------------------------
+
+
+def _random_tree(root: Path, seed: int, files: int = 4, size: int = 200_000) -> Path:
+    rng = random.Random(seed)
+    root.mkdir(parents=True)
+    for number in range(files):
+        (root / f"f{number}.bin").write_bytes(rng.randbytes(size))
+    return root
+
+
+def _ls_json(prefix: str) -> list[dict[str, object]]:
+    import contextlib
+    import io
+    import json
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["ls", "--json", prefix]) == 0
+    rows: list[dict[str, object]] = json.loads(out.getvalue())
+    return rows
+
+
+def _gc(prefix: str, *args: str) -> dict[str, object]:
+    import contextlib
+    import io
+    import json
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["gc", "--json", prefix, *args]) == 0
+    result: dict[str, object] = json.loads(out.getvalue())
+    return result
+
+
+def test_gc_removes_the_packs_no_manifest_references_once_older_than_the_grace(
+    store: StoreCase, tmp_path: Path
+) -> None:
+    shared = os.urandom(300_000)
+    for name, seed in (("a", 1), ("b", 2)):
+        tree = _random_tree(tmp_path / name, seed)
+        (tree / "shared.bin").write_bytes(shared)
+        with Checkpoint(store.uri(name), incremental=True, part_size=5 * 1024 * 1024) as cp:
+            cp.save_sync(tree)
+    rows = {row["uri"]: row for row in _ls_json(store.uri(""))}
+    assert set(rows) == {store.uri("a"), store.uri("b")}  # no pack or lease listed as a checkpoint
+    a = rows[store.uri("a")]
+    assert a["kind"] == "incremental"
+    assert isinstance(a["size"], int) and isinstance(a["exclusive"], int)
+    assert 800_000 <= a["exclusive"] < a["size"]  # its own files alone; the shared one is b's too
+    before = pack_bytes(store)
+    assert main(["-q", "rm", store.uri("a")]) == 0
+    assert pack_bytes(store) == before  # rm removes the manifest; the packs wait for gc
+    young = _gc(store.uri(""), "--older-than", "1h")
+    assert pack_bytes(store) == before and young["incremental_packs"]
+    result = _gc(store.uri(""), "--older-than", "0")
+    after = pack_bytes(store)
+    freed = sum(before.values()) - sum(after.values())
+    (area,) = result["incremental_packs"]  # type: ignore[misc]
+    assert area["size"] == freed and freed >= a["exclusive"]
+    b_tree = tmp_path / "b"
+    assert tree_state_plain(restore(store.uri("b"), tmp_path / "restored")) == tree_state_plain(b_tree)
+
+
+def tree_state_plain(root: Path) -> dict[str, tuple[str, object, int, int]]:
+    return snapshot(root)
+
+
+def test_gc_removes_nothing_while_a_save_holds_a_lease_and_takes_dead_saves_leases(
+    store: StoreCase, tmp_path: Path
+) -> None:
+    tree = _random_tree(tmp_path / "tree", 3)
+    with Checkpoint(store.uri("a"), incremental=True) as cp:
+        cp.save_sync(tree)
+    assert main(["-q", "rm", store.uri("a")]) == 0
+    before = pack_bytes(store)
+    lease = parse_location(store.uri(f"{AREA}/leases/0000000000000001-deadbeef"))
+
+    async def put_lease() -> None:  # what a save in progress (or one killed) leaves beside the packs
+        backend = await open_store(lease.scheme, TransferConfig())
+        await _engine.save_object(backend, lease, b"{}", Kind.BYTES, TransferConfig())
+
+    anyio.run(put_lease)
+    result = _gc(store.uri(""), "--older-than", "0")
+    (area,) = result["incremental_packs"]  # type: ignore[misc]
+    assert area["skipped"] and area["removed"] == []
+    assert pack_bytes(store) == before
+
+    async def collect_with_short_leases() -> list[_incremental.AreaReport]:
+        from checkpointio import _manage
+
+        await anyio.sleep(0.05)
+        return await _manage.collect_incremental(store.uri(""), TransferConfig(), older_than=0, lease_ttl=0.01)
+
+    (report,) = anyio.run(collect_with_short_leases)
+    assert report.stale_leases == 1 and report.freed == sum(before.values())
+    assert pack_bytes(store) == {}
+    assert not any("leases/" in name for name in store.list_names(""))
+
+
+def test_retention_and_gc_free_the_space_of_deleted_attempts(tmp_path: Path) -> None:
+    env = TaskEnvironment("inc", storage=str(tmp_path / "store"), incremental=True, keep_last=1)
+    work = tmp_path / "work"
+
+    @env.task(retries=3)
+    def train() -> str:
+        from checkpointio import ctx
+
+        cp = ctx().checkpoint
+        cp.load_sync()
+        attempt = len(list(tmp_path.glob("attempt-marker-*")))
+        (tmp_path / f"attempt-marker-{attempt}").touch()
+        shutil.rmtree(work, ignore_errors=True)
+        _random_tree(work, 100 + attempt, files=3, size=300_000)  # all new data each attempt
+        cp.save_sync(work)
+        if attempt < 2:
+            raise RuntimeError("fails")
+        return "done"
+
+    def stored_bytes() -> int:
+        return sum(path.stat().st_size for path in (tmp_path / "store").rglob("*") if path.is_file())
+
+    assert train() == "done"
+    attempts = sorted(path.name for path in (tmp_path / "store").rglob("attempt-[0-9]"))
+    assert attempts == ["attempt-2"]
+    held = stored_bytes()
+    assert held >= 3 * 900_000  # the deleted attempts' packs are younger than the grace period
+    assert main(["-q", "gc", str(tmp_path / "store"), "--older-than", "0"]) == 0
+    left = stored_bytes()
+    assert held - left >= 2 * 900_000
+    assert 900_000 <= left < 900_000 + 200_000  # the last attempt's packs, manifest and records
+    restored = restore(str(next((tmp_path / "store").rglob("attempt-2"))), tmp_path / "restored")
+    assert snapshot(restored) == snapshot(work)
+
+
+def test_pruning_old_runs_removes_their_packs_too(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    env = TaskEnvironment("inc", storage=str(store), incremental=True, keep_last=None)
+
+    @env.task(retries=1)
+    def train() -> None:
+        from checkpointio import ctx
+
+        ctx().checkpoint.save_sync(_random_tree(tmp_path / f"tree-{os.urandom(4).hex()}", 9))
+
+    train()
+    assert list(store.rglob(f"{AREA}/packs/*"))
+    assert main(["-q", "gc", str(store), "--older-than", "1d", "--runs-older-than", "0"]) == 0
+    assert not [path for path in store.rglob("*") if path.is_file()]
