@@ -54,7 +54,13 @@ import blake3
 from . import _archive, _cdc, _codec, _engine, _placement, _tar
 from ._concurrency import one_error
 from ._config import TransferConfig
-from ._exceptions import CheckpointError, CorruptCheckpointError, SourceChangedError, UnsafeArchiveError
+from ._exceptions import (
+    CheckpointError,
+    ConcurrentModificationError,
+    CorruptCheckpointError,
+    SourceChangedError,
+    UnsafeArchiveError,
+)
 from ._location import Location
 from ._progress import Meter, ProgressCallback, human_size
 from ._stores import Kind, ObjectInfo, Store
@@ -1294,28 +1300,36 @@ def in_area(key: str) -> bool:
 
 
 async def manifests_beside(store: Store, area: Location, config: TransferConfig) -> dict[str, Manifest]:
-    """The incremental manifests of the folder ``area`` serves, by key.
+    """The incremental manifests of the folder ``area`` serves, by key. One removed while this
+    reads it is left out; one replaced meanwhile is read again.
 
     Raises:
         CorruptCheckpointError: One of them is garbled (its packs cannot be known).
+        ConcurrentModificationError: One kept being replaced while it was read.
     """
     folder = _folder_of(area)
     found: dict[str, Manifest] = {}
-    for info in await store.list(folder):
-        rest = info.location.key[len(folder.key) :]
-        if "/" in rest:
+    for listed in await store.list(folder):
+        if "/" in listed.location.key[len(folder.key) :]:
             continue
-        if info.record is None:  # S3 lists no metadata
-            described = await store.head(info.location)
-            if described is None:
+        for attempt in range(3):
+            try:
+                manifest = await _manifest_of(store, listed, config)
+            except ConcurrentModificationError:
+                if attempt == 2:
+                    raise
                 continue
-            info = described
-        if not await is_manifest_object(store, info):
-            continue
-        manifest = await read_manifest(store, info.location, config)
-        if manifest is not None:
-            found[info.location.key] = manifest
+            if manifest is not None:
+                found[listed.location.key] = manifest
+            break
     return found
+
+
+async def _manifest_of(store: Store, listed: ObjectInfo, config: TransferConfig) -> Manifest | None:
+    info = listed if listed.record is not None else await store.head(listed.location)  # S3 lists no metadata
+    if info is None or not await is_manifest_object(store, info):
+        return None
+    return await read_manifest(store, info.location, config)
 
 
 async def _leases(store: Store, area: Location) -> list[ObjectInfo]:
@@ -1363,7 +1377,7 @@ async def collect_area(
         return report
     try:
         manifests = await manifests_beside(store, area, config)
-    except CorruptCheckpointError as error:
+    except (CorruptCheckpointError, ConcurrentModificationError) as error:
         report.skipped = f"a manifest there cannot be read ({error}); its packs are kept"
         return report
     referenced = {name for manifest in manifests.values() for name in manifest.packs}

@@ -523,3 +523,207 @@ def test_pruning_old_runs_removes_their_packs_too(tmp_path: Path) -> None:
     assert list(store.rglob(f"{AREA}/packs/*"))
     assert main(["-q", "gc", str(store), "--older-than", "1d", "--runs-older-than", "0"]) == 0
     assert not [path for path in store.rglob("*") if path.is_file()]
+
+
+# -- processes killed, gc racing saves --------------------------------------------------------------
+
+_SAVER = """
+import sys
+from checkpointio import Checkpoint
+Checkpoint(sys.argv[1], incremental=True, chunk_size=256 * 1024).save_sync(sys.argv[2])
+"""
+
+#: gc with leases taken for dead after 0 s: run only once the savers it follows are dead.
+_COLLECTOR = """
+import sys
+import anyio
+from checkpointio import _manage
+from checkpointio._config import TransferConfig
+
+async def main() -> None:
+    await _manage.collect_incremental(sys.argv[1], TransferConfig(), older_than=0, lease_ttl=0)
+
+anyio.run(main)
+"""
+
+
+def _referenced_and_present(folder_uri: str) -> tuple[set[str], set[str]]:
+    """The packs the manifests of the folder reference, and the packs present."""
+    area = parse_prefix(folder_uri + AREA + "/")
+
+    async def look() -> tuple[set[str], set[str]]:
+        store = await open_store(area.scheme, TransferConfig())
+        manifests = await _incremental.manifests_beside(store, area, TransferConfig())
+        listed = await store.list(parse_prefix(area.uri + "packs/"))
+        return (
+            {name for manifest in manifests.values() for name in manifest.packs},
+            {info.location.key.rpartition("/")[2] for info in listed},
+        )
+
+    return anyio.run(look)
+
+
+@pytest.mark.parametrize("backend", ["local", "s3"])
+def test_sigkill_at_random_points_of_incremental_saves_and_of_gc_leaves_old_or_new_and_no_pack_missing(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    if backend == "s3":
+        server = request.getfixturevalue("moto_server")
+        bucket = server.new_bucket()
+        folder = f"s3://{bucket}/run/"
+    else:
+        folder = str(tmp_path / "store") + "/"
+    uri = folder + "ckpt"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    versions = []
+    for name in ("old", "new"):
+        tree = make_tree(tmp_path / name)
+        (tree / "version").write_text(name)
+        (tree / "bulk.bin").write_bytes(random.Random(name).randbytes(6 * 1024 * 1024))
+        versions.append(tree)
+    expected = {name: snapshot(tree) for name, tree in zip(("old", "new"), versions, strict=True)}
+
+    def run(script: str, *args: str, kill_after: float | None = None) -> None:
+        proc = subprocess.Popen([sys.executable, "-c", script, *args], env=env)
+        try:
+            proc.wait(timeout=kill_after)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+
+    started = time.monotonic()
+    run(_SAVER, uri, str(versions[0]))
+    duration = time.monotonic() - started
+    rng = random.Random(4712)
+    outcomes = []
+    for _ in range(4):
+        run(_SAVER, uri, str(versions[1]), kill_after=rng.uniform(0.2, 0.95) * duration)
+        run(_COLLECTOR, folder, kill_after=rng.uniform(0.0, 0.5) * duration)
+        referenced, present = _referenced_and_present(folder)
+        assert referenced <= present  # no manifest references a pack that is gone
+        got = snapshot(restore(uri, tmp_path / f"restored-{len(outcomes)}"))
+        assert got in expected.values()  # old or new, whole
+        outcomes.append("new" if got == expected["new"] else "old")
+        with Checkpoint(uri, incremental=True) as cp:
+            cp.save_sync(versions[0])  # back to old
+    assert "old" in outcomes
+    run(_COLLECTOR, folder)  # to its end: only what the checkpoint references is left
+    referenced, present = _referenced_and_present(folder)
+    assert referenced == present
+    assert snapshot(restore(uri, tmp_path / "final")) == expected["old"]
+    if backend == "s3":  # a killed process cannot abort its upload: `gc` removes those
+        client = server.client()
+        for upload in client.list_multipart_uploads(Bucket=bucket).get("Uploads", []):
+            client.abort_multipart_upload(Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+
+
+_RACING_SAVER = """
+import random, shutil, sys, time
+from pathlib import Path
+from checkpointio import Checkpoint
+from checkpointio._cli import main
+
+folder, name, seed, rounds, work = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), Path(sys.argv[5])
+rng = random.Random(seed)
+work.mkdir(parents=True)
+for number in range(6):
+    (work / f"f{number}").write_bytes(rng.randbytes(rng.randrange(1, 300_000)))
+previous = None
+for step in range(rounds):
+    for path in rng.sample(sorted(work.iterdir()), 2):  # edits, appends, deletions, new files
+        action = rng.randrange(4)
+        if action == 0:
+            path.write_bytes(rng.randbytes(rng.randrange(1, 300_000)))
+        elif action == 1:
+            with open(path, "ab") as out:
+                out.write(rng.randbytes(50_000))
+        elif action == 2:
+            path.unlink()
+        else:
+            (work / f"n{step}-{rng.randrange(1000)}").write_bytes(rng.randbytes(100_000))
+    key = f"{folder}{name}-{step}"
+    with Checkpoint(key, src=previous, incremental=True) as cp:
+        cp.save_sync(work)
+    if previous is not None and rng.random() < 0.7:
+        assert main(["-q", "rm", previous]) == 0  # its exclusive packs become garbage
+    previous = key
+    time.sleep(rng.uniform(0, 0.3))
+"""
+
+_RACING_COLLECTOR = """
+import sys, time
+import anyio
+from checkpointio import _incremental, _manage
+from checkpointio._config import TransferConfig
+from checkpointio._location import parse_prefix
+from checkpointio._stores import open_store
+
+folder, seconds = sys.argv[1], float(sys.argv[2])
+area = parse_prefix(folder + _incremental.AREA + "/")
+
+async def check() -> None:
+    # with no gc running (this process is the only one), every manifest's packs must exist
+    store = await open_store(area.scheme, TransferConfig())
+    for key, manifest in (await _incremental.manifests_beside(store, area, TransferConfig())).items():
+        for name in manifest.packs:
+            if await store.head(_incremental.pack_location(area, name)) is None:
+                if await store.head(_incremental.Location(area.scheme, area.bucket, key)) is not None:
+                    raise SystemExit(f"{key} references the missing pack {name}")
+
+async def main() -> None:
+    deadline = time.monotonic() + seconds
+    removed = 0
+    while time.monotonic() < deadline:
+        for report in await _manage.collect_incremental(folder, TransferConfig(), older_than=0):
+            removed += len(report.removed)
+        await check()
+    print(removed)
+
+anyio.run(main)
+"""
+
+
+@pytest.mark.parametrize("backend", ["local", "s3"])
+def test_gc_racing_saves_in_other_processes_never_leaves_a_manifest_referencing_a_missing_pack(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    if backend == "s3":
+        server = request.getfixturevalue("moto_server")
+        folder = f"s3://{server.new_bucket()}/run/"
+    else:
+        folder = str(tmp_path / "store") + "/"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    savers = [
+        subprocess.Popen(
+            [sys.executable, "-c", _RACING_SAVER, folder, name, str(seed), "8", str(tmp_path / name)], env=env
+        )
+        for seed, name in enumerate(("a", "b"))
+    ]
+    collector = subprocess.Popen(
+        [sys.executable, "-c", _RACING_COLLECTOR, folder, "1000"], env=env, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        for saver in savers:
+            assert saver.wait(timeout=170) == 0
+        assert collector.poll() is None, collector.communicate()[1]  # its checks all held so far
+    finally:
+        collector.terminate()
+        collector.communicate()
+    final = subprocess.run(
+        [sys.executable, "-c", _RACING_COLLECTOR, folder, "0.1"], env=env, capture_output=True, text=True
+    )
+    assert final.returncode == 0, final.stderr
+    referenced, present = _referenced_and_present(folder)
+    assert referenced == present  # the property: every referenced pack exists; all garbage collected
+    rows = _ls_json(folder)
+    assert rows and all(row["kind"] == "incremental" for row in rows)
+    for row in rows:
+        assert main(["-q", "verify", str(row["uri"])]) == 0

@@ -7,6 +7,7 @@ errors, a bug, cancellation) goes on exactly as it was raised::
     ClientError NoSuchBucket / 404 on HEAD bucket -> BucketNotFoundError
     ClientError 403, bad or missing credentials   -> AccessDeniedError
     ClientError 412 PreconditionFailed            -> ConcurrentModificationError
+    ClientError NoSuchKey (a read after a HEAD)   -> ConcurrentModificationError
     ClientError 5xx, unreachable, dropped         -> StoreUnavailableError
     any other ClientError or BotoCoreError        -> StoreError
 """
@@ -114,6 +115,8 @@ def _mapped(error: Exception, location: Location, action: str, owner: str | None
             )
         if error_code in ("PreconditionFailed", "412") or error_status == 412:
             return ConcurrentModificationError(f"{uri}: replaced while being read", uri=uri)
+        if error_code == "NoSuchKey":  # a read of an object described a moment ago, as the local store says it
+            return ConcurrentModificationError(f"{uri}: removed while being read", uri=uri)
         if error_status is not None and error_status >= 500:
             return StoreUnavailableError(f"{uri}: the store kept failing to {action}: {error_code}: {message}", uri=uri)
         return StoreError(f"{uri}: could not {action}: {error_code}: {message}", uri=uri)
