@@ -200,6 +200,11 @@ def inflate_member(member: bytes) -> bytes:
     return data
 
 
+def raw_inflater() -> Any:
+    """A raw deflate (wbits=-15) decompressor, of the fastest backend installed."""
+    return (_isal or zlib).decompressobj(-15)
+
+
 def sequential_inflater() -> Any:
     """A gzip (wbits=31) decompressor for streams other writers made, one member at a time."""
     return (_isal or zlib).decompressobj(31)

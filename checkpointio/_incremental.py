@@ -30,6 +30,7 @@ docs/incremental.md.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import json
@@ -43,6 +44,7 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +94,9 @@ _PACK_MAGIC = b"checkpointio-pack/1 "
 
 #: A pack is uploaded once it holds this many bytes: tens of MiB, few requests, parallel parts.
 PACK_SIZE = 32 * 1024 * 1024
+#: Chunks are encoded (hashed, compressed) on the pool in batches of about this many bytes or chunks.
+_BATCH_BYTES = 2 * 1024 * 1024
+_BATCH_CHUNKS = 512
 #: Bytes of a file read at once while cutting it into chunks.
 _READ_STEP = 8 * 1024 * 1024
 #: Hash length in bytes (BLAKE3, truncated: 128 bits).
@@ -298,8 +303,11 @@ def _ints(values: object, count: int, what: str, low: int = 0, high: int = 1 << 
     return values
 
 
-def decode(data: bytes | bytearray | memoryview, uri: str) -> Manifest:
+def decode(data: bytes | bytearray | memoryview, uri: str, *, check_tree: bool = True) -> Manifest:
     """Parse and check a manifest: every count, range and path in bounds, or it is refused.
+
+    ``check_tree=False`` leaves out what only a restore needs (paths, links, overlaps): for a
+    parent a save only takes chunk locations from, each checked by its hash when restored.
 
     Raises:
         CorruptCheckpointError: It is garbled, or states what no save writes (``UnsafeArchiveError``
@@ -372,8 +380,9 @@ def decode(data: bytes | bytearray | memoryview, uri: str) -> Manifest:
     except (ValueError, KeyError, TypeError, IndexError, AttributeError) as error:
         raise CorruptCheckpointError(f"{uri}: the manifest is garbled: {error}", uri=uri) from error
     manifest = Manifest(packs, chunks, entries, str(header.get("save_id", "")), float(header.get("created", 0.0)))
-    _check_overlaps(manifest, uri)
-    _check_tree(manifest, uri)
+    if check_tree:
+        _check_overlaps(manifest, uri)
+        _check_tree(manifest, uri)
     return manifest
 
 
@@ -477,7 +486,9 @@ def _check_tree(manifest: Manifest, uri: str) -> None:
                 raise _unsafe(uri, f"the symlink {entry.path!r} -> {link!r} goes through the symlink {here!r}")
 
 
-async def read_manifest(store: Store, location: Location, config: TransferConfig) -> Manifest | None:
+async def read_manifest(
+    store: Store, location: Location, config: TransferConfig, *, check_tree: bool = True
+) -> Manifest | None:
     """The manifest at ``location``; ``None`` when what is there (if anything) is not one.
 
     Raises:
@@ -489,7 +500,7 @@ async def read_manifest(store: Store, location: Location, config: TransferConfig
     data = await _engine.load_object(store, location, config)
     if data is None:
         return None
-    return await anyio.to_thread.run_sync(decode, data, location.uri)
+    return await anyio.to_thread.run_sync(partial(decode, data, location.uri, check_tree=check_tree))
 
 
 async def is_manifest_object(store: Store, info: ObjectInfo) -> bool:
@@ -590,12 +601,44 @@ class _Packer:
         self.pack = bytearray()
         self.pack_pending: list[tuple[Hash, int, int, int, int]] = []  # hash, offset, stored, size, codec
         self.sequence = 0
+        self.pool: _codec.OrderedPool | None = None
+        self.batch: list[tuple[list[Chunk], bytes]] = []
+        self.batch_bytes = 0
+        self.in_flight: collections.deque[
+            tuple[list[tuple[list[Chunk], int]], Future[list[tuple[Hash, bytes | None, int]]]]
+        ] = collections.deque()
         #: Pack name -> size, of the parents' packs and of those this save wrote.
         self.pack_sizes: dict[str, int] = dict(parents.pack_sizes)
         self.read_bytes = 0
         self.new_bytes = 0
 
     # chunk encoding runs on the pool's threads: BLAKE3 and deflate let go of the GIL
+    def _encode_all(self, pieces: list[bytes]) -> list[tuple[Hash, bytes | None, int]]:
+        return [self._encode(piece) for piece in pieces]
+
+    def _queue(self, target: list[Chunk], piece: bytes) -> None:
+        """Encode ``piece`` (on the pool) and add it to ``target`` in order; small chunks go in
+        batches, one hand-off per batch rather than per file."""
+        self.batch.append((target, piece))
+        self.batch_bytes += len(piece)
+        if self.batch_bytes >= _BATCH_BYTES or len(self.batch) >= _BATCH_CHUNKS:
+            self._submit()
+
+    def _submit(self) -> None:
+        if not self.batch:
+            return
+        assert self.pool is not None
+        targets = [(target, len(piece)) for target, piece in self.batch]
+        self.in_flight.append((targets, self.pool.submit(self._encode_all, [piece for _, piece in self.batch])))
+        self.batch, self.batch_bytes = [], 0
+        while len(self.in_flight) > 2 * self.workers:
+            self._drain_one()
+
+    def _drain_one(self) -> None:
+        targets, future = self.in_flight.popleft()
+        for (target, size), encoded in zip(targets, future.result(), strict=True):
+            self._add(target, *encoded, size)
+
     def _encode(self, data: bytes) -> tuple[Hash, bytes | None, int]:
         digest = _hash(data)
         if digest in self.known:
@@ -647,6 +690,7 @@ class _Packer:
                 _archive.walk_tree(str(self.root), shown=self.shown, uri=self.uri, skip=self.skip)
             ) as walk,
         ):
+            self.pool = pool
             for item in walk:
                 rel, st = item.rel, item.st
                 full = top + rel
@@ -669,9 +713,12 @@ class _Packer:
                         continue
                     if st.st_nlink > 1:
                         links[inode] = rel
-                    self._file(pool, item, full, mode)
+                    self._file(item, full, mode)
                 else:
                     logger.warning("skipping %s %s (it holds no data to save)", _archive.file_type(st.st_mode), full)
+            self._submit()
+            while self.in_flight:
+                self._drain_one()
         self._flush_pack()
         return self.entries
 
@@ -679,7 +726,7 @@ class _Packer:
         self.entries.append(entry)
         self.file_chunks.append(chunks if chunks is not None else [])
 
-    def _file(self, pool: _codec.OrderedPool, item: _archive.Entry, full: str, mode: int) -> None:
+    def _file(self, item: _archive.Entry, full: str, mode: int) -> None:
         st = item.st
         entry = Entry(item.rel, _FILE, mode, st.st_mtime_ns, st.st_size, st.st_ino)
         parent = self.parents.files.get(item.rel)
@@ -708,14 +755,8 @@ class _Packer:
                     f"{full} was replaced while {self.uri} was being saved (the file read is not the one listed)",
                     uri=self.uri,
                 )
-            pending: list[tuple[Future[tuple[Hash, bytes | None, int]], int]] = []
             for piece in self._pieces(fd, st.st_size, full):
-                pending.append((pool.submit(self._encode, piece), len(piece)))
-                while len(pending) > 2 * self.workers:
-                    future, size = pending.pop(0)
-                    self._add(chunks, *future.result(), size)
-            for future, size in pending:
-                self._add(chunks, *future.result(), size)
+                self._queue(chunks, piece)
         finally:
             os.close(fd)
 
@@ -757,7 +798,7 @@ async def _load_parents(
         if area_of(candidate) != area:
             continue
         try:
-            manifest = await read_manifest(store, candidate, config)
+            manifest = await read_manifest(store, candidate, config, check_tree=False)
         except CorruptCheckpointError as error:
             logger.warning("not deduplicating against %s: %s", candidate.uri, error)
             continue
@@ -985,10 +1026,10 @@ def _spans(manifest: Manifest, wanted: set[int]) -> list[_Span]:
 def _decode_chunk(chunk: Chunk, stored: memoryview) -> bytes:
     """A chunk's bytes from what its pack holds, checked against its hash."""
     if chunk.codec == DEFLATED:
-        inflater = zlib.decompressobj(-15)
+        inflater = _codec.raw_inflater()
         try:
-            data = inflater.decompress(stored, chunk.size)
-        except zlib.error as error:
+            data: bytes = inflater.decompress(stored, chunk.size)
+        except _codec.InflateError as error:
             raise ValueError(f"does not inflate: {error}") from None
         if len(data) != chunk.size or inflater.unconsumed_tail or not inflater.eof:
             raise ValueError("inflates to another size")
@@ -1044,7 +1085,8 @@ async def _fetch(
     spans = _spans(manifest, wanted)
     infos: dict[str, ObjectInfo] = {}
     slots = anyio.Semaphore(max(1, config.max_concurrency))
-    workers = anyio.CapacityLimiter(max(2, config.compression_workers))
+    # inflating and checking release the GIL, and creating files waits on the file system
+    workers = anyio.CapacityLimiter(max(4, 2 * config.compression_workers))
 
     async def head(name: str) -> None:
         async with slots:
@@ -1329,7 +1371,7 @@ async def _manifest_of(store: Store, listed: ObjectInfo, config: TransferConfig)
     info = listed if listed.record is not None else await store.head(listed.location)  # S3 lists no metadata
     if info is None or not await is_manifest_object(store, info):
         return None
-    return await read_manifest(store, info.location, config)
+    return await read_manifest(store, info.location, config, check_tree=False)
 
 
 async def _leases(store: Store, area: Location) -> list[ObjectInfo]:

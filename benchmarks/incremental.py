@@ -1,0 +1,265 @@
+"""Benchmark incremental checkpoints against the tar.gz format (issue 21's targets).
+
+    python benchmarks/incremental.py [--quick] [--small-files N] [--small-mib N] [--big-mib N]
+                                     [--tensor-mib N] [--workdir DIR] [--json FILE]
+
+Every step runs in a child process of its own (its wall time and peak RSS are its own), against a
+local store; bytes uploaded are counted at the store: the bytes of the objects a step created or
+replaced there.
+
+* **small-file tree** (50,000 files, 328 MiB by default): a tar.gz save, a first incremental save,
+  then 1% of the files modified, 0.5% added and 0.5% deleted and a second incremental save.
+  Targets: the second save uploads at most 5% of a full save's bytes (the manifest included) and
+  takes at most 10% of its wall time; the first incremental save takes at most 1.1x the tar.gz
+  save's time.
+* **big file** (1 GiB by default): saved, then 10 scattered 4 KiB edits in place, saved again.
+  Target: the second save uploads at most 2% of the file.
+* **tensor directory** (770 MiB by default): saved, one layer file rewritten, saved again.
+  Target: it uploads that file's bytes, not the tree's.
+* **restores** of the small-file tree and the tensor directory, tar.gz and incremental. Targets:
+  the incremental restore reaches 0.9x the tar.gz restore's throughput; peak RSS < 300 MiB.
+
+Nothing about time is asserted: the script fails only if a restore differs from what was saved,
+so ``--quick`` (small datasets) is safe for CI. Results: benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.datasets import MiB, make_big_file, make_small_files, make_tensor_tree  # noqa: E402
+
+_CHILD = """
+import json, resource, sys, time
+from pathlib import Path
+from checkpointio import Checkpoint
+op, uri, path, incremental = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
+before = resource.getrusage(resource.RUSAGE_SELF)
+cpu_before = before.ru_utime + before.ru_stime
+started = time.perf_counter()
+if op == "save":
+    with Checkpoint(uri, incremental=incremental) as cp:
+        cp.save_sync(path)
+else:
+    with Checkpoint(Path(path) / "unused", src=uri, workspace=path) as cp:
+        assert cp.load_sync() is not None
+seconds = time.perf_counter() - started
+usage = resource.getrusage(resource.RUSAGE_SELF)
+cpu = usage.ru_utime + usage.ru_stime - cpu_before
+print(json.dumps({"seconds": seconds, "cpu": cpu, "rss_mib": usage.ru_maxrss / 1024}))
+"""
+
+
+def _objects(store: Path) -> dict[str, tuple[int, int, int]]:
+    found = {}
+    for path in store.rglob("*"):
+        if path.is_file():
+            st = path.stat()
+            found[str(path)] = (st.st_ino, st.st_mtime_ns, st.st_size)
+    return found
+
+
+def _step(op: str, uri: str, path: Path, incremental: bool, store: Path) -> dict[str, Any]:
+    before = _objects(store)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", _CHILD, op, uri, str(path), "1" if incremental else "0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"{op} {uri} failed:\n{done.stderr}")
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    after = _objects(store)
+    result["uploaded"] = sum(size for name, (*_, size) in after.items() if before.get(name) != after[name])
+    return result
+
+
+def _same_tree(one: Path, other: Path) -> None:
+    done = subprocess.run(["diff", "-r", "--no-dereference", "-q", str(one), str(other)], capture_output=True)
+    if done.returncode != 0:
+        raise SystemExit(f"restore differs:\n{done.stdout.decode()[:2000]}")
+
+
+def _tree_bytes(root: Path) -> int:
+    return sum(path.stat().st_size for path in root.rglob("*") if path.is_file())
+
+
+def _mutate(root: Path, rng: random.Random) -> tuple[int, int, int]:
+    """1% of the files modified in place, 0.5% added, 0.5% deleted."""
+    files = sorted(path for path in root.rglob("*") if path.is_file())
+    count = len(files)
+    picked = rng.sample(files, max(1, count // 100) + 2 * max(1, count // 200))
+    modified = picked[: max(1, count // 100)]
+    deleted = picked[len(modified) : len(modified) + max(1, count // 200)]
+    for path in modified:
+        data = bytearray(path.read_bytes())
+        at = rng.randrange(len(data))
+        data[at : at + 64] = rng.randbytes(64)
+        path.write_bytes(bytes(data))
+    for path in deleted:
+        path.unlink()
+    added = max(1, count // 200)
+    for number in range(added):
+        source = rng.choice(files[:100])
+        (source.parent / f"added-{number}.txt").write_bytes(rng.randbytes(64) + source.read_bytes()[::-1])
+    return len(modified), added, len(deleted)
+
+
+def _edit_big(path: Path, rng: random.Random) -> None:
+    size = path.stat().st_size
+    with open(path, "r+b") as out:
+        for _ in range(10):
+            out.seek(rng.randrange(size - 4096))
+            out.write(rng.randbytes(4096))
+
+
+def _fmt(value: float, digits: int = 2) -> str:
+    return f"{value:.{digits}f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small datasets (CI)")
+    parser.add_argument("--small-files", type=int)
+    parser.add_argument("--small-mib", type=float)
+    parser.add_argument("--big-mib", type=float)
+    parser.add_argument("--tensor-mib", type=float)
+    parser.add_argument("--workdir", type=Path)
+    parser.add_argument("--json", type=Path, help="write the results here too")
+    args = parser.parse_args()
+    small_files = args.small_files or (2000 if args.quick else 50_000)
+    small_mib = args.small_mib or (13.0 if args.quick else 328.0)
+    big_mib = args.big_mib or (32.0 if args.quick else 1024.0)
+    tensor_mib = args.tensor_mib or (24.0 if args.quick else 770.0)
+    scratch = Path(tempfile.mkdtemp(prefix="checkpointio-incbench-", dir=args.workdir))
+    rng = random.Random(21)
+    results: dict[str, Any] = {}
+    try:
+        store = scratch / "store"
+        store.mkdir()
+        data = scratch / "data"
+        small = make_small_files(data / "small", small_files, small_mib).path
+        big_folder = data / "big"
+        make_big_file(big_folder / "weights.f32", big_mib)
+        tensors = make_tensor_tree(data / "tensors", tensor_mib).path
+
+        # small-file tree
+        tar = _step("save", str(store / "small-tar"), small, False, store)
+        first = _step("save", str(store / "small-inc"), small, True, store)
+        changes = _mutate(small, rng)
+        second = _step("save", str(store / "small-inc"), small, True, store)
+        tar_again = _step("save", str(store / "small-tar"), small, False, store)
+        results["small"] = {"tar": tar, "first": first, "second": second, "tar_again": tar_again, "changes": changes}
+        # restores (the mutated tree, both formats)
+        for fmt, key in (("tar", "small-tar"), ("inc", "small-inc")):
+            out = scratch / f"restore-small-{fmt}"
+            results["small"][f"restore_{fmt}"] = _step("load", str(store / key), out, False, store)
+            _same_tree(small, out)
+            shutil.rmtree(out)
+
+        # big file
+        big_first = _step("save", str(store / "big-inc"), big_folder, True, store)
+        _edit_big(big_folder / "weights.f32", rng)
+        big_second = _step("save", str(store / "big-inc"), big_folder, True, store)
+        out = scratch / "restore-big"
+        big_restore = _step("load", str(store / "big-inc"), out, False, store)
+        _same_tree(big_folder, out)
+        shutil.rmtree(out)
+        results["big"] = {"first": big_first, "second": big_second, "restore": big_restore}
+
+        # tensor directory
+        t_tar = _step("save", str(store / "tensors-tar"), tensors, False, store)
+        t_first = _step("save", str(store / "tensors-inc"), tensors, True, store)
+        layer = sorted(tensors.rglob("mlp_up.f32"))[0]
+        layer.write_bytes(rng.randbytes(layer.stat().st_size))
+        t_second = _step("save", str(store / "tensors-inc"), tensors, True, store)
+        restores = {}
+        for fmt, key in (("tar", "tensors-tar"), ("inc", "tensors-inc")):
+            out = scratch / f"restore-tensors-{fmt}"
+            if fmt == "tar":
+                _step("save", str(store / key), tensors, False, store)
+            restores[fmt] = _step("load", str(store / key), out, False, store)
+            _same_tree(tensors, out)
+            shutil.rmtree(out)
+        results["tensors"] = {
+            "tar": t_tar,
+            "first": t_first,
+            "second": t_second,
+            "layer_bytes": layer.stat().st_size,
+            "restore_tar": restores["tar"],
+            "restore_inc": restores["inc"],
+        }
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    _report(results, small_files, small_mib, big_mib, tensor_mib)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+def _report(results: dict[str, Any], small_files: int, small_mib: float, big_mib: float, tensor_mib: float) -> None:
+    small = results["small"]
+    tar, first, second = small["tar"], small["first"], small["second"]
+    modified, added, deleted = small["changes"]
+    print(
+        f"small-file tree: {small_files} files, {small_mib:g} MiB; "
+        f"then {modified} modified, {added} added, {deleted} deleted"
+    )
+    print("| step | wall s | CPU s | uploaded MiB | peak RSS MiB |")
+    print("|---|---|---|---|---|")
+    for label, step in (
+        ("tar.gz save", tar),
+        ("first incremental save", first),
+        ("second incremental save", second),
+        ("tar.gz save of the changed tree", small["tar_again"]),
+        ("tar.gz restore", small["restore_tar"]),
+        ("incremental restore", small["restore_inc"]),
+    ):
+        print(
+            f"| {label} | {_fmt(step['seconds'])} | {_fmt(step['cpu'])} | {_fmt(step['uploaded'] / MiB)} "
+            f"| {_fmt(step['rss_mib'], 0)} |"
+        )
+    print(
+        f"second save / full incremental save: uploaded {_fmt(100 * second['uploaded'] / first['uploaded'], 1)}%, "
+        f"wall {_fmt(100 * second['seconds'] / first['seconds'], 1)}% "
+        f"(vs the tar.gz save: {_fmt(100 * second['uploaded'] / tar['uploaded'], 1)}%, "
+        f"{_fmt(100 * second['seconds'] / tar['seconds'], 1)}%); first incremental / tar.gz wall: "
+        f"{_fmt(first['seconds'] / tar['seconds'])}x"
+    )
+    tree = small_mib * MiB
+    ratio = (tree / small["restore_inc"]["seconds"]) / (tree / small["restore_tar"]["seconds"])
+    print(f"restore throughput, incremental / tar.gz: {_fmt(ratio)}x")
+    big = results["big"]
+    print(
+        f"big file ({big_mib:g} MiB), 10 scattered 4 KiB edits: second save uploaded "
+        f"{_fmt(big['second']['uploaded'] / MiB)} MiB = {_fmt(100 * big['second']['uploaded'] / (big_mib * MiB), 2)}% "
+        f"of the file in {_fmt(big['second']['seconds'])} s (first: {_fmt(big['first']['seconds'])} s); "
+        f"peak RSS {_fmt(max(big['first']['rss_mib'], big['second']['rss_mib'], big['restore']['rss_mib']), 0)} MiB"
+    )
+    tensors = results["tensors"]
+    print(
+        f"tensor directory ({tensor_mib:g} MiB), one layer file ({_fmt(tensors['layer_bytes'] / MiB)} MiB) rewritten: "
+        f"second save uploaded {_fmt(tensors['second']['uploaded'] / MiB)} MiB "
+        f"(tar.gz save: {_fmt(tensors['tar']['uploaded'] / MiB)} MiB); restore tar.gz "
+        f"{_fmt(tensors['restore_tar']['seconds'])} s, incremental {_fmt(tensors['restore_inc']['seconds'])} s, "
+        f"peak RSS {_fmt(tensors['restore_inc']['rss_mib'], 0)} MiB"
+    )
+
+
+if __name__ == "__main__":
+    main()
