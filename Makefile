@@ -48,6 +48,7 @@ bench: $(VENV)/.installed-ml
 	$(PY) -m pip install --quiet --group bench
 	$(PY) benchmarks/run.py --quick
 	$(PY) benchmarks/dcpbench.py --quick
+	$(PY) benchmarks/incremental.py --quick
 
 clean:
 	rm -rf $(VENV) .venv-oldest .pytest_cache .mypy_cache .ruff_cache .checkpointio

@@ -192,6 +192,7 @@ def test_save_load_verify_and_gc_give_their_result_as_json(root: str, tmp_path: 
         "dry_run": False,
         "unfinished_saves": [],
         "distributed_saves": [],
+        "incremental_packs": [],
         "runs": [],
     }
     assert "DEST '-' takes for the bytes" in fails(2, "load", f"{root}/j", "-", "--json")

@@ -7,6 +7,7 @@ import os
 import random
 import shutil
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -625,6 +626,7 @@ def test_sigkill_at_random_points_of_incremental_saves_and_of_gc_leaves_old_or_n
 _RACING_SAVER = """
 import random, shutil, sys, time
 from pathlib import Path
+from typing import Any
 from checkpointio import Checkpoint
 from checkpointio._cli import main
 
@@ -727,3 +729,24 @@ def test_gc_racing_saves_in_other_processes_never_leaves_a_manifest_referencing_
     assert rows and all(row["kind"] == "incremental" for row in rows)
     for row in rows:
         assert main(["-q", "verify", str(row["uri"])]) == 0
+
+
+@ONE_STORE
+def test_unchanged_files_are_not_read_again(store: StoreCase, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tree = _random_tree(tmp_path / "tree", 11, files=5, size=50_000)
+    with Checkpoint(store.uri("ckpt"), incremental=True) as cp:
+        cp.save_sync(tree)
+        (tree / "f2.bin").write_bytes(b"changed")
+        opened: list[str] = []
+        real_open = os.open
+
+        def recording_open(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+            if isinstance(path, str) and path.endswith(".bin") and not flags & (os.O_WRONLY | os.O_RDWR):
+                opened.append(path)
+            return real_open(path, flags, *args, **kwargs)
+
+        monkeypatch.setattr(os, "open", recording_open)
+        cp.save_sync(tree)
+        monkeypatch.undo()
+    assert opened == ["f2.bin"]  # same size, mtime and inode as in the manifest: taken from it unread
+    assert snapshot(restore(store.uri("ckpt"), tmp_path / "restored")) == snapshot(tree)
