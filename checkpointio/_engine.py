@@ -96,6 +96,8 @@ class _Source:
     writer: Writer | None = None
     #: The path messages name: the one given, also when ``path`` is a snapshot of it.
     shown: str | None = None
+    #: The record's layout (see ``Record.layout``).
+    layout: str | None = None
 
 
 class _ChunkingWriter(io.RawIOBase):
@@ -307,10 +309,13 @@ async def save_written(
     return await _save(store, location, _Source(Kind.FILE, None, writer=writer), config, on_progress)
 
 
-async def save_object(store: Store, location: Location, data: bytes, kind: Kind, config: TransferConfig) -> ObjectInfo:
-    """Store ``data`` (in memory already) at ``location`` as an object of ``kind``, atomically and
-    with its CRC32: the parts of a checkpoint another module lays out (manifests, packs)."""
-    return await _save(store, location, _Source(kind, len(data), data=memoryview(data)), config, None, log=False)
+async def save_object(
+    store: Store, location: Location, data: bytes, kind: Kind, config: TransferConfig, *, layout: str | None = None
+) -> ObjectInfo:
+    """Store ``data`` (in memory already) at ``location`` as an object of ``kind`` (and ``layout``),
+    atomically and with its CRC32: the parts of a checkpoint another module lays out (manifests, packs)."""
+    source = _Source(kind, len(data), data=memoryview(data), layout=layout)
+    return await _save(store, location, source, config, None, log=False)
 
 
 async def _save(
@@ -356,7 +361,7 @@ async def _save(
     async def put() -> None:
         nonlocal stored
         with receive:
-            stored = await store.put(location, body, Record(source.kind))
+            stored = await store.put(location, body, Record(source.kind, layout=source.layout))
 
     try:
         with one_error():  # both sides in tasks of their own: each is cancelled by the group's scope

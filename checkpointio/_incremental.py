@@ -503,13 +503,14 @@ async def read_manifest(
     return await anyio.to_thread.run_sync(partial(decode, data, location.uri, check_tree=check_tree))
 
 
+#: ``Record.layout`` of a manifest: a load tells the format from the record, with no read.
+LAYOUT = "incremental"
+
+
 async def is_manifest_object(store: Store, info: ObjectInfo) -> bool:
-    """Whether the object is an incremental manifest (one small ranged read of its first bytes)."""
-    if info.record is None or info.record.kind is not Kind.DIRECTORY:
-        return False
-    if info.size < len(_HEADER_LINE):
-        return False
-    return is_manifest(await store.read_range(info, 0, len(MAGIC)))
+    """Whether the object is an incremental manifest, as its record says (its first bytes then
+    say it again when it is read)."""
+    return info.record is not None and info.record.kind is Kind.DIRECTORY and info.record.layout == LAYOUT
 
 
 # -- saving ----------------------------------------------------------------------------------------
@@ -598,7 +599,9 @@ class _Packer:
         self.known: dict[Hash, Chunk] = dict(parents.chunks)
         self.entries: list[Entry] = []
         self.file_chunks: list[list[Chunk]] = []  # per entry (empty for others)
-        self.pack = bytearray()
+        #: The pack being filled, as its pieces (joined once, when it is full: no growing buffer).
+        self.pack: list[bytes] = []
+        self.pack_length = 0
         self.pack_pending: list[tuple[Hash, int, int, int, int]] = []  # hash, offset, stored, size, codec
         self.sequence = 0
         self.pool: _codec.OrderedPool | None = None
@@ -657,25 +660,28 @@ class _Packer:
         if encoded is None:  # known when encoded, so known now (the table only grows)
             raise AssertionError("a chunk known when encoded is missing")
         if not self.pack:
-            self.pack += _PACK_MAGIC + f"{self.save_id} {self.sequence}\n".encode()
-        offset = len(self.pack)
-        self.pack += encoded
+            head = _PACK_MAGIC + f"{self.save_id} {self.sequence}\n".encode()
+            self.pack.append(head)
+            self.pack_length = len(head)
+        offset = self.pack_length
+        self.pack.append(encoded)
+        self.pack_length += len(encoded)
         placeholder = Chunk(digest, "", offset, len(encoded), size, codec)
         self.known[digest] = placeholder
         self.pack_pending.append((digest, offset, len(encoded), size, codec))
         target.append(placeholder)
         self.new_bytes += len(encoded)
-        if len(self.pack) >= self.pack_size:
+        if self.pack_length >= self.pack_size:
             self._flush_pack()
 
     def _flush_pack(self) -> None:
         if not self.pack:
             return
-        data = bytes(self.pack)
+        data = b"".join(self.pack)
+        self.pack = []
         name = blake3.blake3(data).hexdigest(_HASH_BYTES)
         for digest, offset, stored, size, codec in self.pack_pending:
             self.known[digest] = Chunk(digest, name, offset, stored, size, codec)
-        self.pack = bytearray()
         self.pack_pending = []
         self.sequence += 1
         self.pack_sizes[name] = len(data)
@@ -887,7 +893,9 @@ async def _save_tree(
 ) -> tuple[Manifest, _Packer]:
     area = area_of(location)
     known = await _load_parents(store, location, parents, area, config)
-    send, receive = anyio.create_memory_object_stream[tuple[str, bytes]](1)
+    # unbuffered: a full pack waits in the producer until an upload slot is free (at most three
+    # packs in memory: two uploading, one waiting)
+    send, receive = anyio.create_memory_object_stream[tuple[str, bytes]](0)
     uploaded: dict[str, int] = {}
 
     def upload(name: str, data: bytes) -> None:
@@ -934,8 +942,13 @@ async def _save_tree(
         slots = anyio.Semaphore(2)
         async with anyio.create_task_group() as group:
             with receive:
-                async for name, data in receive:
-                    await slots.acquire()
+                while True:
+                    await slots.acquire()  # before taking a pack: the producer waits meanwhile
+                    try:
+                        name, data = await receive.receive()
+                    except anyio.EndOfStream:
+                        slots.release()
+                        break
                     group.start_soon(put_pack, name, data, slots)
 
     with one_error():
@@ -949,7 +962,7 @@ async def _save_tree(
     data = await anyio.to_thread.run_sync(encode, manifest)
     if meter.reporting:
         await anyio.to_thread.run_sync(meter.commit)
-    await _engine.save_object(store, location, data, Kind.DIRECTORY, config)
+    await _engine.save_object(store, location, data, Kind.DIRECTORY, config, layout=LAYOUT)
     meter.advance(len(data))
     return manifest, packer
 
@@ -1118,9 +1131,9 @@ async def _fetch(
         meter.advance(len(data))
 
     async def fetch(span: _Span) -> None:
-        async with slots:
+        async with slots:  # held until the span is written: memory stays bounded by the slots
             data = await store.read_range(infos[span.pack], span.offset, span.length)
-        await anyio.to_thread.run_sync(take, span, data, limiter=workers)
+            await anyio.to_thread.run_sync(take, span, data, limiter=workers)
 
     with one_error():
         async with anyio.create_task_group() as group:

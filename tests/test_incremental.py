@@ -20,13 +20,18 @@ from checkpointio import (
     _cdc,
     _engine,
     _incremental,
+    _manage,
 )
-from checkpointio._cli import main
 from checkpointio._config import TransferConfig
 from checkpointio._location import parse_location, parse_prefix
 from checkpointio._stores import Kind, open_store
 
 from .conftest import ONE_STORE, StoreCase, make_tree, snapshot
+from .test_cli import cli, ok
+
+#: The command line runs in a process of its own (it sets up logging and malloc for its process):
+#: over the stores another process can see.
+SHARED_STORES = pytest.mark.parametrize("store", ["local", "s3"], indirect=True)
 
 AREA = _incremental.AREA
 
@@ -134,12 +139,12 @@ def test_a_background_incremental_save_stores_the_tree_as_it_was(store: StoreCas
     assert snapshot(restore(store.uri("ckpt"), tmp_path / "restored")) == expected
 
 
-@ONE_STORE
+@SHARED_STORES
 def test_the_command_line_saves_incrementally_and_loads_either_format(store: StoreCase, tmp_path: Path) -> None:
     tree = full_tree(tmp_path / "tree")
-    assert main(["-q", "save", "--incremental", str(tree), store.uri("ckpt")]) == 0
-    assert main(["-q", "verify", store.uri("ckpt")]) == 0
-    assert main(["-q", "load", store.uri("ckpt"), str(tmp_path / "out")]) == 0
+    ok("-q", "save", "--incremental", str(tree), store.uri("ckpt"))
+    assert ok("verify", store.uri("ckpt")).startswith(f"ok {store.uri('ckpt')}")
+    ok("-q", "load", store.uri("ckpt"), str(tmp_path / "out"))
     assert tree_state(tmp_path / "out") == tree_state(tree)
 
 
@@ -270,7 +275,8 @@ def test_a_damaged_pack_names_the_files_it_affects_and_nothing_is_restored(
     assert pack in message and store.uri("ckpt") in message
     assert "affects" in message and ("model/weights.bin" in message or damage == "corrupted")
     assert not workspace.exists() or list(workspace.iterdir()) == []
-    assert main(["-q", "verify", store.uri("ckpt")]) != 0
+    with pytest.raises(CorruptCheckpointError, match=pack):
+        anyio.run(_manage.verify, store.uri("ckpt"), TransferConfig())
 
 
 async def _delete(location: object) -> None:
@@ -283,7 +289,14 @@ def _write_manifest(store: StoreCase, name: str, manifest: _incremental.Manifest
 
     async def put() -> None:
         backend = await open_store(location.scheme, TransferConfig())
-        await _engine.save_object(backend, location, _incremental.encode(manifest), Kind.DIRECTORY, TransferConfig())
+        await _engine.save_object(
+            backend,
+            location,
+            _incremental.encode(manifest),
+            Kind.DIRECTORY,
+            TransferConfig(),
+            layout=_incremental.LAYOUT,
+        )
 
     anyio.run(put)
 
@@ -367,7 +380,7 @@ def test_a_manifest_with_overlapping_ranges_or_impossible_counts_is_refused(stor
 
     async def put() -> None:
         backend = await open_store(location.scheme, TransferConfig())
-        await _engine.save_object(backend, location, raw, Kind.DIRECTORY, TransferConfig())
+        await _engine.save_object(backend, location, raw, Kind.DIRECTORY, TransferConfig(), layout=_incremental.LAYOUT)
 
     anyio.run(put)
     with pytest.raises(CorruptCheckpointError, match="beyond the limits"):
@@ -387,29 +400,20 @@ def _random_tree(root: Path, seed: int, files: int = 4, size: int = 200_000) -> 
 
 
 def _ls_json(prefix: str) -> list[dict[str, object]]:
-    import contextlib
-    import io
     import json
 
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        assert main(["ls", "--json", prefix]) == 0
-    rows: list[dict[str, object]] = json.loads(out.getvalue())
+    rows: list[dict[str, object]] = json.loads(ok("ls", "--json", prefix))
     return rows
 
 
 def _gc(prefix: str, *args: str) -> dict[str, object]:
-    import contextlib
-    import io
     import json
 
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        assert main(["gc", "--json", prefix, *args]) == 0
-    result: dict[str, object] = json.loads(out.getvalue())
+    result: dict[str, object] = json.loads(ok("gc", "--json", prefix, *args))
     return result
 
 
+@SHARED_STORES
 def test_gc_removes_the_packs_no_manifest_references_once_older_than_the_grace(
     store: StoreCase, tmp_path: Path
 ) -> None:
@@ -426,7 +430,7 @@ def test_gc_removes_the_packs_no_manifest_references_once_older_than_the_grace(
     assert isinstance(a["size"], int) and isinstance(a["exclusive"], int)
     assert 800_000 <= a["exclusive"] < a["size"]  # its own files alone; the shared one is b's too
     before = pack_bytes(store)
-    assert main(["-q", "rm", store.uri("a")]) == 0
+    ok("-q", "rm", store.uri("a"))
     assert pack_bytes(store) == before  # rm removes the manifest; the packs wait for gc
     young = _gc(store.uri(""), "--older-than", "1h")
     assert pack_bytes(store) == before and young["incremental_packs"]
@@ -443,13 +447,14 @@ def tree_state_plain(root: Path) -> dict[str, tuple[str, object, int, int]]:
     return snapshot(root)
 
 
+@SHARED_STORES
 def test_gc_removes_nothing_while_a_save_holds_a_lease_and_takes_dead_saves_leases(
     store: StoreCase, tmp_path: Path
 ) -> None:
     tree = _random_tree(tmp_path / "tree", 3)
     with Checkpoint(store.uri("a"), incremental=True) as cp:
         cp.save_sync(tree)
-    assert main(["-q", "rm", store.uri("a")]) == 0
+    ok("-q", "rm", store.uri("a"))
     before = pack_bytes(store)
     lease = parse_location(store.uri(f"{AREA}/leases/0000000000000001-deadbeef"))
 
@@ -464,8 +469,6 @@ def test_gc_removes_nothing_while_a_save_holds_a_lease_and_takes_dead_saves_leas
     assert pack_bytes(store) == before
 
     async def collect_with_short_leases() -> list[_incremental.AreaReport]:
-        from checkpointio import _manage
-
         await anyio.sleep(0.05)
         return await _manage.collect_incremental(store.uri(""), TransferConfig(), older_than=0, lease_ttl=0.01)
 
@@ -502,7 +505,7 @@ def test_retention_and_gc_free_the_space_of_deleted_attempts(tmp_path: Path) -> 
     assert attempts == ["attempt-2"]
     held = stored_bytes()
     assert held >= 3 * 900_000  # the deleted attempts' packs are younger than the grace period
-    assert main(["-q", "gc", str(tmp_path / "store"), "--older-than", "0"]) == 0
+    ok("-q", "gc", str(tmp_path / "store"), "--older-than", "0")
     left = stored_bytes()
     assert held - left >= 2 * 900_000
     assert 900_000 <= left < 900_000 + 200_000  # the last attempt's packs, manifest and records
@@ -522,7 +525,7 @@ def test_pruning_old_runs_removes_their_packs_too(tmp_path: Path) -> None:
 
     train()
     assert list(store.rglob(f"{AREA}/packs/*"))
-    assert main(["-q", "gc", str(store), "--older-than", "1d", "--runs-older-than", "0"]) == 0
+    ok("-q", "gc", str(store), "--older-than", "1d", "--runs-older-than", "0")
     assert not [path for path in store.rglob("*") if path.is_file()]
 
 
@@ -728,7 +731,7 @@ def test_gc_racing_saves_in_other_processes_never_leaves_a_manifest_referencing_
     rows = _ls_json(folder)
     assert rows and all(row["kind"] == "incremental" for row in rows)
     for row in rows:
-        assert main(["-q", "verify", str(row["uri"])]) == 0
+        assert cli("-q", "verify", str(row["uri"])).returncode == 0
 
 
 @ONE_STORE

@@ -64,6 +64,9 @@ class Record:
     kind: Kind
     size: int | None = None
     crc32: int | None = None
+    #: How a directory is laid out when not as a tar.gz: ``"incremental"`` for the manifest of an
+    #: incremental checkpoint (a load then needs no read to tell).
+    layout: str | None = None
 
     def to_metadata(self) -> dict[str, str]:
         """Encode as string metadata (S3 user metadata, the local sidecar)."""
@@ -72,6 +75,8 @@ class Record:
             meta[f"{_PREFIX}size"] = str(self.size)
         if self.crc32 is not None:
             meta[f"{_PREFIX}crc32"] = f"{self.crc32:08x}"
+        if self.layout is not None:
+            meta[f"{_PREFIX}layout"] = self.layout
         return meta
 
     @classmethod
@@ -81,7 +86,8 @@ class Record:
             kind = Kind(meta[f"{_PREFIX}kind"])
             size = meta.get(f"{_PREFIX}size")
             crc = meta.get(f"{_PREFIX}crc32")
-            return cls(kind, int(size) if size is not None else None, int(crc, 16) if crc is not None else None)
+            layout = meta.get(f"{_PREFIX}layout")
+            return cls(kind, int(size) if size is not None else None, int(crc, 16) if crc is not None else None, layout)
         except (KeyError, ValueError):
             return None
 
