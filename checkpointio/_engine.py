@@ -631,7 +631,7 @@ async def load(
     if info is None:
         return None
     if await _incremental.is_manifest_object(store, info):
-        return await _incremental.load(store, info, workspace, config, on_progress)
+        return await _incremental.load(store, info, workspace, config, on_progress, only=only)
     await anyio.to_thread.run_sync(_placement.make_workspace, workspace, location.uri)
     started = time.monotonic()
     meter = Meter(on_progress, "load", location.uri, info.size)
@@ -684,6 +684,9 @@ async def list_contents(
         return None
     if info.record is not None:
         _refuse_selecting(info, info.record.kind)
+    if await _incremental.is_manifest_object(store, info):
+        await _incremental.list_entries(store, info, config, each)
+        return True  # its manifest is its table of contents
     if await _partial.list_from_table(store, info, each):
         return True
 

@@ -65,6 +65,7 @@ from ._exceptions import (
 )
 from ._location import Location
 from ._progress import Meter, ProgressCallback, human_size
+from ._selection import ListedEntry, Selection, roots
 from ._stores import Kind, ObjectInfo, Store
 
 __all__ = [
@@ -1226,14 +1227,50 @@ def _wanted(manifest: Manifest) -> set[int]:
     return {index for entry in manifest.entries if entry.kind == _FILE for index in entry.chunks}
 
 
+def _select(manifest: Manifest, only: Selection, uri: str) -> tuple[Manifest, list[str]]:
+    """The part of ``manifest`` a partial restore writes (the entries ``only`` picks, the file a
+    picked hard link needs, the folders holding them) and the paths it then presents."""
+    picked = {entry.path for entry in manifest.entries if only.matches(entry.path)}
+    picked |= {entry.link for entry in manifest.entries if entry.kind == _HARDLINK and entry.path in picked}
+    only.check_all_used(uri)
+    needed = set(picked)
+    for path in picked:
+        parts = path.split("/")
+        needed.update("/".join(parts[:depth]) for depth in range(1, len(parts)))
+    entries = [entry for entry in manifest.entries if entry.path in needed]
+    return Manifest(manifest.packs, manifest.chunks, entries, manifest.save_id, manifest.created), roots(picked)
+
+
+async def list_entries(
+    store: Store, info: ObjectInfo, config: TransferConfig, each: Callable[[ListedEntry], None]
+) -> None:
+    """Give each entry of the incremental checkpoint ``info`` to ``each`` (in a worker thread), from
+    its manifest alone (``ls --contents``)."""
+    manifest = await read_manifest(store, info.location, config)
+    if manifest is None:
+        raise CheckpointError(f"{info.location.uri}: replaced while being read", uri=info.location.uri)
+    kinds = {_DIR: "dir", _FILE: "file", _SYMLINK: "symlink", _HARDLINK: "hardlink"}
+
+    def give() -> None:
+        for entry in manifest.entries:
+            size = entry.size if entry.kind == _FILE else 0
+            mtime = entry.mtime_ns // 1_000_000_000
+            each(ListedEntry(entry.path, kinds[entry.kind], size, mtime, entry.mode, entry.link))
+
+    await anyio.to_thread.run_sync(give)
+
+
 async def load(
     store: Store,
     info: ObjectInfo,
     workspace: Path,
     config: TransferConfig,
     on_progress: ProgressCallback | None = None,
+    *,
+    only: Selection | None = None,
 ) -> Path:
-    """Restore the incremental checkpoint whose manifest is ``info`` into ``workspace``.
+    """Restore the incremental checkpoint whose manifest is ``info`` into ``workspace`` (with
+    ``only``, just the entries it picks, at their paths, fetching only their chunks).
 
     Files are written into a staging folder as their chunks arrive; the tree is presented only
     once every chunk matched its hash.
@@ -1244,6 +1281,9 @@ async def load(
     manifest = await read_manifest(store, location, config)
     if manifest is None:
         raise CheckpointError(f"{uri}: replaced while being read", uri=uri)
+    presented: list[str] | None = None
+    if only is not None:
+        manifest, presented = _select(manifest, only, uri)
     meter = Meter(on_progress, "load", uri, manifest.stored_size())
     await anyio.to_thread.run_sync(_placement.make_workspace, workspace, uri)
     staging = await anyio.to_thread.run_sync(_placement.StagingFolder, workspace, uri)
@@ -1258,7 +1298,10 @@ async def load(
             await anyio.to_thread.run_sync(writer.finish, uri)
         finally:
             os.close(folder)
-        await anyio.to_thread.run_sync(staging.present)
+        if presented is None:
+            await anyio.to_thread.run_sync(staging.present)
+        else:
+            await anyio.to_thread.run_sync(staging.present_paths, presented)
     finally:
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(staging.__exit__, None, None, None)

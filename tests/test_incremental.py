@@ -753,3 +753,29 @@ def test_unchanged_files_are_not_read_again(store: StoreCase, tmp_path: Path, mo
         monkeypatch.undo()
     assert opened == ["f2.bin"]  # same size, mtime and inode as in the manifest: taken from it unread
     assert snapshot(restore(store.uri("ckpt"), tmp_path / "restored")) == snapshot(tree)
+
+
+def test_a_partial_restore_fetches_only_the_chunks_of_the_files_it_picks(store: StoreCase, tmp_path: Path) -> None:
+    tree = full_tree(tmp_path / "tree")
+    with Checkpoint(store.uri("ckpt"), incremental=True) as cp:
+        cp.save_sync(tree)
+    pack = next(iter(pack_bytes(store)))
+    workspace = tmp_path / "partial"
+    with Checkpoint(tmp_path / "unused", src=store.uri("ckpt"), workspace=workspace) as cp:
+        assert cp.load_sync(only=["model/layers/*", "run.sh"]) == workspace  # run.sh: the second link
+    got = sorted(str(path.relative_to(workspace)) for path in workspace.rglob("*"))
+    # the picked files, the folders holding them and the file the picked hard link is to
+    assert got == ["model", "model/layers", "model/layers/0.txt", "run-again.sh", "run.sh"]
+    assert (workspace / "model/layers/0.txt").read_bytes() == (tree / "model/layers/0.txt").read_bytes()
+    assert (workspace / "run.sh").stat().st_ino == (workspace / "run-again.sh").stat().st_ino
+    listed: list[object] = []
+    assert anyio.run(_manage.list_contents, store.uri("ckpt"), TransferConfig(), listed.append) is True
+    rows = {row.path: row for row in listed}  # type: ignore[attr-defined]
+    assert set(rows) == {path.relative_to(tree).as_posix() for path in tree.rglob("*")}
+    assert rows["model/weights.bin"].size == (tree / "model/weights.bin").stat().st_size  # type: ignore[attr-defined]
+    store.corrupt(f"{AREA}/packs/{pack}")  # a partial restore checks what it fetches as a full one does
+    with (
+        pytest.raises(CorruptCheckpointError),
+        Checkpoint(tmp_path / "unused", src=store.uri("ckpt"), workspace=tmp_path / "again") as cp,
+    ):
+        cp.load_sync(only=["model/weights.bin"])
