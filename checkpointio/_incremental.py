@@ -1423,6 +1423,16 @@ async def manifests_beside(store: Store, area: Location, config: TransferConfig)
     return found
 
 
+async def _children(store: Store, area: Location) -> dict[str, str]:
+    """The objects directly in the folder ``area`` serves: key -> generation tag."""
+    folder = _folder_of(area)
+    return {
+        info.location.key: info.etag
+        for info in await store.list(folder)
+        if "/" not in info.location.key[len(folder.key) :]
+    }
+
+
 async def _manifest_of(store: Store, listed: ObjectInfo, config: TransferConfig) -> Manifest | None:
     info = listed if listed.record is not None else await store.head(listed.location)  # S3 lists no metadata
     if info is None or not await is_manifest_object(store, info):
@@ -1473,6 +1483,7 @@ async def collect_area(
     if await saves_in_progress():
         report.skipped = "a save is in progress there"
         return report
+    before = await _children(store, area)
     try:
         manifests = await manifests_beside(store, area, config)
     except (CorruptCheckpointError, ConcurrentModificationError) as error:
@@ -1491,9 +1502,13 @@ async def collect_area(
             report.kept_unreferenced += 1
     if not report.removed or dry_run:
         return report
-    if await saves_in_progress():  # one started since the first look: it may reference any of them
+    # A save that started since the first look may reference any of them: it still holds its
+    # lease, or it committed a manifest since (it may have read a manifest that was removed before
+    # this read it, so its packs show as unreferenced). Any object of the folder written, replaced
+    # or removed since the first look calls the deletion off: a later gc does it.
+    if await saves_in_progress() or await _children(store, area) != before:
         report.removed = {}
-        report.skipped = "a save started while the manifests were read"
+        report.skipped = "a save ran while the manifests were read"
         return report
     for name in list(report.removed):
         if not await store.delete(pack_location(area, name)):
