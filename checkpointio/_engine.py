@@ -400,8 +400,8 @@ def _log_read(verb: str, info: ObjectInfo, started: float) -> None:
     logger.info("%s %s (%s, %s in %.1f s)", verb, info.location.uri, kind, human_size(info.size), seconds)
 
 
-class _Pull:
-    """Worker-thread side of a load: pulls blocks off the stream, counting and checksumming.
+class _BlockReader:
+    """Worker-thread side of a load: reads the fetched blocks off the stream, counting and checksumming.
 
     The blocks come as the store received them: consumers copy them anyway (into the archive
     reader's buffer, into a file), so joining them first would be one more copy of every byte.
@@ -496,30 +496,32 @@ def _verify(info: ObjectInfo, digest: Digest, *, archive: bool = False) -> None:
         logger.warning("%s has no CRC32 to check (%s): only its length was checked", uri, why)
 
 
-def _kind(pull: _Pull, info: ObjectInfo) -> Kind:
+def _kind(reader: _BlockReader, info: ObjectInfo) -> Kind:
     """What the object holds: its record says, else its first bytes (objects other tools wrote)."""
     if info.record is not None:
         return info.record.kind
-    return Kind.DIRECTORY if _archive.looks_like_tar_gz(pull.peek()) else Kind.FILE
+    return Kind.DIRECTORY if _archive.looks_like_tar_gz(reader.peek()) else Kind.FILE
 
 
-def _check(pull: _Pull, info: ObjectInfo, workers: int) -> None:
+def _check(reader: _BlockReader, info: ObjectInfo, workers: int) -> None:
     """Worker thread: read the object to its end as a restore would, writing nothing."""
-    archive = _kind(pull, info) is Kind.DIRECTORY
+    archive = _kind(reader, info) is Kind.DIRECTORY
     if archive:
-        _archive.check_directory(pull.blocks, uri=info.location.uri, workers=workers)
+        _archive.check_directory(reader.blocks, uri=info.location.uri, workers=workers)
     else:
-        while pull.blocks():
+        while reader.blocks():
             pass
-    _verify(info, pull.digest, archive=archive)
+    _verify(info, reader.digest, archive=archive)
 
 
-def _restore(pull: _Pull, info: ObjectInfo, workspace: Path, workers: int, only: Selection | None = None) -> Path:
+def _restore(
+    reader: _BlockReader, info: ObjectInfo, workspace: Path, workers: int, only: Selection | None = None
+) -> Path:
     """Worker thread: write the object into ``workspace``; present nothing until it verified.
     With ``only``, the directory's entries it picks, and nothing else, are restored."""
     uri = info.location.uri
     if only is not None:
-        _refuse_selecting(info, _kind(pull, info))
+        _refuse_selecting(info, _kind(reader, info))
         picked: dict[str, None] = {}
 
         def pick(header: _tar.Header) -> bool:
@@ -530,22 +532,22 @@ def _restore(pull: _Pull, info: ObjectInfo, workspace: Path, workers: int, only:
             return False
 
         with _placement.StagingFolder(workspace, uri) as staging:
-            _archive.unpack_directory(pull.blocks, staging.path, uri=uri, workers=workers, pick=pick)
-            _verify(info, pull.digest, archive=True)
+            _archive.unpack_directory(reader.blocks, staging.path, uri=uri, workers=workers, pick=pick)
+            _verify(info, reader.digest, archive=True)
             only.check_all_used(uri)
             staging.present_paths(roots(picked))
         return workspace
-    if _kind(pull, info) is Kind.DIRECTORY:
+    if _kind(reader, info) is Kind.DIRECTORY:
         with _placement.StagingFolder(workspace, uri) as staging:
-            _archive.unpack_directory(pull.blocks, staging.path, uri=uri, workers=workers)
-            _verify(info, pull.digest, archive=True)
+            _archive.unpack_directory(reader.blocks, staging.path, uri=uri, workers=workers)
+            _verify(info, reader.digest, archive=True)
             staging.present()
         return workspace
     with _placement.staging_file(workspace) as staging_file:
         with open(staging_file, "xb") as out:
-            while blocks := pull.blocks():
+            while blocks := reader.blocks():
                 out.writelines(blocks)
-        _verify(info, pull.digest)
+        _verify(info, reader.digest)
         target = workspace / PAYLOAD_NAME
         _placement.replace_all([(staging_file, target)])
     return target
@@ -556,20 +558,20 @@ async def _read(
     info: ObjectInfo,
     config: TransferConfig,
     meter: Meter,
-    consume: Callable[[_Pull], T],
+    consume: Callable[[_BlockReader], T],
 ) -> T:
     """Stream the object from the store into ``consume``, run in a worker thread; its result."""
     _allocator.tune_malloc()  # only if asked: it changes the whole process
     send, receive = anyio.create_memory_object_stream[Blocks](config.pipeline_depth)
-    pull = _Pull(receive, meter)
+    reader = _BlockReader(receive, meter)
     result: T | None = None
 
-    def consume_named(pull: _Pull) -> T:
+    def consume_named(reader: _BlockReader) -> T:
         # Named while it reads, so a profiler (and the benchmark's CPU table) can tell it apart.
         thread = threading.current_thread()
         name, thread.name = thread.name, "checkpointio-reader"
         try:
-            return consume(pull)
+            return consume(reader)
         finally:
             thread.name = name
 
@@ -577,7 +579,7 @@ async def _read(
         nonlocal result
         with receive:
             try:
-                result = await anyio.to_thread.run_sync(consume_named, pull, limiter=_own_thread())
+                result = await anyio.to_thread.run_sync(consume_named, reader, limiter=_own_thread())
             except _PLUMBING:
                 return  # the fetch side stopped first; its error (or the cancellation) is reported
 
@@ -585,7 +587,7 @@ async def _read(
         try:
             await store.get(info, send.send)
         except BaseException:
-            pull.fetch_failed = True
+            reader.fetch_failed = True
             raise
         finally:
             send.close()
@@ -643,7 +645,7 @@ async def load(
         restored = await _restore_ranges(store, info, workspace, meter)
     else:
         workers = config.compression_workers
-        restored = await _read(store, info, config, meter, lambda pull: _restore(pull, info, workspace, workers))
+        restored = await _read(store, info, config, meter, lambda reader: _restore(reader, info, workspace, workers))
     _log_read("loaded", info, started)
     return restored
 
@@ -660,7 +662,7 @@ async def _load_selected(
         return
     while True:
         try:
-            await _read(store, info, config, meter, lambda pull: _restore(pull, info, workspace, workers, only))
+            await _read(store, info, config, meter, lambda reader: _restore(reader, info, workspace, workers, only))
             return
         except _tar.SkippedLinkTarget as missing:
             only.also([missing.path])
@@ -690,8 +692,8 @@ async def list_contents(
     if await _partial.list_from_table(store, info, each):
         return True
 
-    def walk(pull: _Pull) -> None:
-        _refuse_selecting(info, _kind(pull, info))
+    def walk(reader: _BlockReader) -> None:
+        _refuse_selecting(info, _kind(reader, info))
 
         def pick(header: _tar.Header) -> bool:
             path = normal_path(header.name)
@@ -701,8 +703,8 @@ async def list_contents(
                 each(ListedEntry(path, kind, size, header.mtime, header.mode & 0o7777, header.link))
             return False
 
-        _archive.unpack_directory(pull.blocks, None, uri=info.location.uri, pick=pick)
-        _verify(info, pull.digest, archive=True)
+        _archive.unpack_directory(reader.blocks, None, uri=info.location.uri, pick=pick)
+        _verify(info, reader.digest, archive=True)
 
     await _read(store, info, config, Meter(None, "load", location.uri, info.size), walk)
     return False
@@ -825,15 +827,15 @@ async def _load_bytes(
     def write_at(position: int, block: bytes) -> None:
         view[position : position + len(block)] = block
 
-    def fill(pull: _Pull) -> None:
+    def fill(reader: _BlockReader) -> None:
         position = 0
-        while blocks := pull.blocks():
+        while blocks := reader.blocks():
             for block in blocks:
                 if position + len(block) > info.size:
                     raise CorruptCheckpointError(f"{uri}: read more than the {info.size} bytes stored", uri=uri)
                 write_at(position, block)
                 position += len(block)
-        _verify(info, pull.digest)
+        _verify(info, reader.digest)
 
     async def fetch() -> None:
         if _ranged(store, info, config):
@@ -880,11 +882,11 @@ async def write_out(
         return None
     _refuse_directory(info, "restore it to a folder")
 
-    def copy(pull: _Pull) -> None:
-        while blocks := pull.blocks():
+    def copy(reader: _BlockReader) -> None:
+        while blocks := reader.blocks():
             for block in blocks:
                 write(block)
-        _verify(info, pull.digest)
+        _verify(info, reader.digest)
 
     started = time.monotonic()
     await _read(store, info, config, Meter(on_progress, "load", location.uri, info.size), copy)
@@ -914,7 +916,7 @@ async def verify(
         return info
     meter = Meter(on_progress, "verify", location.uri, info.size)
     workers = config.compression_workers
-    await _read(store, info, config, meter, lambda pull: _check(pull, info, workers))
+    await _read(store, info, config, meter, lambda reader: _check(reader, info, workers))
     _log_read("verified", info, started)
     return info
 
