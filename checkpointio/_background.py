@@ -260,33 +260,6 @@ def _configured(log: logging.Logger, level: int) -> bool:
     return False
 
 
-class _CancelledFlag:
-    """What ``handle.cancelled`` is: call it (``handle.cancelled()``, as on a future).
-
-    Until the next release it also still reads as the bool the former property was
-    (``if handle.cancelled:``), with a ``DeprecationWarning``.
-    """
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: bool) -> None:
-        self._value = value
-
-    def __call__(self) -> bool:
-        return self._value
-
-    def __bool__(self) -> bool:
-        warnings.warn(
-            "SaveHandle.cancelled is a method, as on a future: call handle.cancelled()",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return self._value
-
-    def __repr__(self) -> str:
-        return f"<bound method SaveHandle.cancelled of a save: {self._value}>"
-
-
 class SaveHandle:
     """One save of a :class:`~checkpointio.Checkpoint`; already finished unless ``wait=False``.
 
@@ -327,18 +300,16 @@ class SaveHandle:
         """Whether the save has ended and stored its checkpoint (does not retrieve a failure)."""
         return self._save is None or (self._save.outcome.done() and self._save.outcome.exception() is None)
 
-    @property
-    def cancelled(self) -> _CancelledFlag:
-        """``handle.cancelled()``: whether the save was cancelled (or superseded) before it finished.
+    def cancelled(self) -> bool:
+        """Whether the save was cancelled (or superseded) before it finished.
 
         The store then keeps its previous checkpoint, except when the cancellation came while the
         commit itself was on its way (S3's CompleteMultipartUpload sent): the new checkpoint may
-        then be stored, whole. Never a mix of the two. (Read without calling, as the property it
-        used to be, it still works until the next release, with a ``DeprecationWarning``.)
+        then be stored, whole. Never a mix of the two.
         """
         if self._save is None or not self._save.outcome.done():
-            return _CancelledFlag(False)
-        return _CancelledFlag(isinstance(self._save.outcome.exception(), concurrent.futures.CancelledError))
+            return False
+        return isinstance(self._save.outcome.exception(), concurrent.futures.CancelledError)
 
     def cancel(self) -> None:
         """Ask the save to stop (its upload is aborted); it ends cancelled unless already stored."""

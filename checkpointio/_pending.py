@@ -13,14 +13,13 @@ any object.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import inspect
 import sys
 from collections.abc import Callable, Coroutine, Generator
 from typing import Any, ParamSpec, TypeVar
 
-__all__ = ["Pending", "awaitable", "in_async_context"]
+__all__ = ["Pending", "awaitable"]
 
 #: Top-level packages whose truth tests of a coroutine are generic code (``if task._coro:``), never
 #: the porting trap: for them a :class:`Pending` is true, like any object.
@@ -95,21 +94,3 @@ def awaitable(call: str, twin: str) -> Callable[[Callable[P, Coroutine[Any, Any,
         return start
 
     return decorate
-
-
-def in_async_context() -> bool:
-    """Whether this thread runs an event loop (asyncio, or trio if it is imported)."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        pass
-    else:
-        return True
-    trio = sys.modules.get("trio")
-    if trio is None:
-        return False
-    try:
-        trio.lowlevel.current_task()
-    except RuntimeError:
-        return False
-    return True

@@ -23,18 +23,11 @@ A save that waits (``wait=True``) streams ``torch.save`` output straight into th
 temporary file and no full copy in memory. A background save (``wait=False``) must capture the state at the call
 while training goes on updating the tensors, so it serializes into memory first (one copy of the
 state's size) and uploads that in the background.
-
-Until the next release the former names still work, with a ``DeprecationWarning``:
-``save_state_async`` / ``load_state_async`` (now ``save_state`` / ``load_state``), and
-``save_state`` / ``load_state`` called where no event loop runs (plain sync code), which then
-block as they used to (now ``save_state_sync`` / ``load_state_sync``). Sync code running on an
-event loop's thread (a notebook cell) gets the awaitable: call the ``*_sync`` twin there.
 """
 
 from __future__ import annotations
 
 import io
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -44,17 +37,15 @@ from typing_extensions import Unpack
 from ._background import SaveHandle
 from ._checkpoint import Checkpoint, latest_checkpoint
 from ._config import TransferOptions
-from ._pending import Pending, in_async_context
+from ._pending import Pending
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 __all__ = [
     "load_state",
-    "load_state_async",
     "load_state_sync",
     "save_state",
-    "save_state_async",
     "save_state_sync",
     "state_of",
 ]
@@ -132,11 +123,6 @@ def save_state(
     ``wait=False`` it is serialized into memory at the call and uploaded in the background.
     ``**options`` are transfer settings for this save. :func:`save_state_sync` is the blocking twin.
     """
-    if not in_async_context():  # the former sync save_state, called from sync code
-        _renamed("save_state", "save_state_sync")
-        return save_state_sync(  # type: ignore[return-value]
-            checkpoint, model, optimizer, step=step, extra=extra, wait=wait, **options
-        )
     return Pending(
         _save_state(checkpoint, model, optimizer, step=step, extra=extra, wait=wait, **options),
         "save_state",
@@ -158,34 +144,6 @@ def save_state_sync(
     from . import _portal
 
     return _portal.run_sync(_save_state, checkpoint, model, optimizer, step=step, extra=extra, wait=wait, **options)
-
-
-def save_state_async(
-    checkpoint: Checkpoint,
-    model: torch.nn.Module | None = None,
-    optimizer: torch.optim.Optimizer | None = None,
-    *,
-    step: int | None = None,
-    extra: Mapping[str, Any] | None = None,
-    wait: bool = True,
-    **options: Unpack[TransferOptions],
-) -> Pending[SaveHandle]:
-    """Deprecated name of :func:`save_state` (removed in the next release)."""
-    _renamed("save_state_async", "save_state")
-    return Pending(
-        _save_state(checkpoint, model, optimizer, step=step, extra=extra, wait=wait, **options),
-        "save_state_async",
-        "save_state_sync",
-    )
-
-
-def _renamed(old: str, new: str) -> None:
-    warnings.warn(
-        f"checkpointio.torch.{old}() is deprecated and will be removed in the next release: call {new}() "
-        "(the bare names are coroutines to await, the *_sync names block, as on Checkpoint)",
-        DeprecationWarning,
-        stacklevel=3,
-    )
 
 
 def _read(restored: Path | None, map_location: Any, weights_only: bool) -> dict[str, Any] | None:
@@ -251,11 +209,6 @@ def load_state(
 
     :func:`load_state_sync` is the blocking twin.
     """
-    if not in_async_context():  # the former sync load_state, called from sync code
-        _renamed("load_state", "load_state_sync")
-        return load_state_sync(  # type: ignore[return-value]
-            checkpoint, model, optimizer, map_location=map_location, weights_only=weights_only
-        )
     return Pending(
         _load_state(checkpoint, model, optimizer, map_location=map_location, weights_only=weights_only),
         "load_state",
@@ -275,20 +228,3 @@ def load_state_sync(
     if checkpoint is None:
         return None
     return _apply(_read(checkpoint.load_sync(), map_location, weights_only), model, optimizer)
-
-
-def load_state_async(
-    checkpoint: Checkpoint | None,
-    model: torch.nn.Module | None = None,
-    optimizer: torch.optim.Optimizer | None = None,
-    *,
-    map_location: Any = "cpu",
-    weights_only: bool = True,
-) -> Pending[dict[str, Any] | None]:
-    """Deprecated name of :func:`load_state` (removed in the next release)."""
-    _renamed("load_state_async", "load_state")
-    return Pending(
-        _load_state(checkpoint, model, optimizer, map_location=map_location, weights_only=weights_only),
-        "load_state_async",
-        "load_state_sync",
-    )

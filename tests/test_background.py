@@ -368,8 +368,6 @@ def test_a_cancelled_handle_says_so_like_a_future(monkeypatch: pytest.MonkeyPatc
         assert old.cancelled() is True
         with pytest.raises(concurrent.futures.CancelledError):
             old.exception()
-        with pytest.warns(DeprecationWarning, match=r"call handle.cancelled\(\)"):
-            assert old.cancelled  # the former property still reads as a bool, for one release
     assert not (tmp_path / "ckpt").exists()
 
 

@@ -114,37 +114,3 @@ async def test_the_async_helpers_refuse_a_truth_test_and_name_their_sync_twin(st
             cp, torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
         )
     assert state is not None and state["step"] == 1
-
-
-@ONE_STORE
-def test_the_former_names_still_work_for_one_release_with_a_deprecation_warning(store: StoreCase) -> None:
-    import asyncio
-
-    import checkpointio.torch as helpers
-
-    model, optimizer = tiny()
-    train_steps(model, optimizer, 1)
-    with pytest.warns(DeprecationWarning, match=r"save_state\(\) is deprecated .* call save_state_sync\(\)"):
-        handle = helpers.save_state(Checkpoint(store.uri("a")), model, optimizer, step=1)  # sync code, as before
-    assert handle.done() and handle.exception() is None
-    restored, _ = tiny()
-    with (
-        Checkpoint(store.uri("b"), src=store.uri("a")) as cp,
-        pytest.warns(DeprecationWarning, match=r"load_state\(\) is deprecated .* call load_state_sync\(\)"),
-    ):
-        state = helpers.load_state(cp, restored)
-    assert isinstance(state, dict) and state["step"] == 1 and same_weights(model, restored)
-
-    async def former_async_names() -> int:
-        async with Checkpoint(store.uri("c")) as cp:
-            with pytest.warns(DeprecationWarning, match=r"save_state_async\(\) is deprecated .* call save_state\(\)"):
-                await helpers.save_state_async(cp, model, step=2)
-        async with Checkpoint(store.uri("d"), src=store.uri("c")) as cp:
-            with pytest.warns(DeprecationWarning, match=r"load_state_async\(\) is deprecated .* call load_state\(\)"):
-                loaded = await helpers.load_state_async(
-                    cp, torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
-                )
-        assert loaded is not None
-        return int(loaded["step"])
-
-    assert asyncio.run(former_async_names()) == 2
