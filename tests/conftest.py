@@ -18,8 +18,11 @@ from typing import Any
 
 import pytest
 
+from checkpointio import TransferOptions
 from checkpointio._placement import remove_tree
 from checkpointio._stores import _memory as memory_store
+
+from .faultproxy import Fault, FaultProxy, Match
 
 STORES = ["local", "memory", "s3"]
 #: For behaviour in which the store plays no part (archive safety, symlinks, workspaces, argument
@@ -105,6 +108,68 @@ def moto_server() -> Iterator[MotoServer]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@pytest.fixture
+def proxy(moto_server: MotoServer) -> Iterator[FaultProxy]:
+    """A fault proxy in front of the session's moto server: pass ``endpoint_url=proxy.endpoint``."""
+    server = FaultProxy(("127.0.0.1", int(moto_server.endpoint.rsplit(":", 1)[1])))
+    yield server
+    server.close()
+
+
+@dataclass
+class ProxiedBucket:
+    """A bucket on the session's moto server, reached through the fault proxy: saves to it fail or
+    hang for real (a refused or unanswered request), through the public API."""
+
+    moto: MotoServer
+    proxy: FaultProxy
+    bucket: str
+
+    @property
+    def options(self) -> TransferOptions:
+        """The transfer options that send a checkpoint's requests through the proxy."""
+        return {"endpoint_url": self.proxy.endpoint}
+
+    def uri(self, key: str = "ckpt") -> str:
+        return f"s3://{self.bucket}/{key}"
+
+    def stored(self, key: str = "ckpt") -> bytes | None:
+        """What the bucket holds at ``key`` (read past the proxy), ``None`` if nothing."""
+        listed = self.moto.client().list_objects_v2(Bucket=self.bucket, Prefix=key).get("Contents", [])
+        if not any(item["Key"] == key for item in listed):
+            return None
+        return bytes(self.moto.client().get_object(Bucket=self.bucket, Key=key)["Body"].read())
+
+    def upload_of(self, key: str, nth: int = 1) -> Match:
+        """Matches the uploads of ``key`` (a small save's one PUT), from the ``nth`` one it is asked about on."""
+        seen = 0
+
+        def match(method: str, target: str) -> bool:
+            nonlocal seen
+            if method == "PUT" and target.partition("?")[0] == f"/{self.bucket}/{key}":
+                seen += 1
+                return seen >= nth
+            return False
+
+        return match
+
+    def refuse_upload(self, key: str = "ckpt", nth: int = 1, times: int = 1) -> Fault:
+        """The ``nth`` upload of ``key`` (and ``times - 1`` after it) is refused (403): its save
+        fails with AccessDeniedError."""
+        return self.proxy.add(self.upload_of(key, nth), "403", times)
+
+    def stall_upload(self, key: str = "ckpt") -> Fault:
+        """The next upload of ``key`` is taken and never answered (until the proxy closes): its save
+        stays in flight until cancelled. Wait on the fault's ``taken`` to know it got that far."""
+        self.proxy.stall_seconds = 600
+        return self.proxy.add(self.upload_of(key), "stall")
+
+
+@pytest.fixture
+def proxied_bucket(moto_server: MotoServer, proxy: FaultProxy) -> ProxiedBucket:
+    return ProxiedBucket(moto_server, proxy, moto_server.new_bucket())
 
 
 @dataclass

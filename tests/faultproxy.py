@@ -49,6 +49,8 @@ class Fault:
     action: str
     times: int = 1
     hits: int = 0
+    #: Set once a request was given this fault (a test waits on it to know a save got that far).
+    taken: threading.Event = field(default_factory=threading.Event)
 
 
 @dataclass
@@ -60,7 +62,8 @@ class FaultProxy:
     #: Seconds to hold each request matching ``slow`` before relaying it (to observe overlap).
     delay: float = 0.0
     slow: Match = lambda method, target: False
-    #: How long a "stall" fault holds a request before dropping the connection.
+    #: How long a "stall" fault holds a request before dropping the connection (at most until
+    #: :meth:`FaultProxy.close`).
     stall_seconds: float = 30.0
     #: Most requests matching ``slow`` in flight at once.
     max_in_flight: int = 0
@@ -72,7 +75,7 @@ class FaultProxy:
         self._server = socket.create_server(("127.0.0.1", 0))
         self.port = self._server.getsockname()[1]
         self.endpoint = f"http://127.0.0.1:{self.port}"
-        self._closed = False
+        self._closed = threading.Event()
         self._in_flight = 0
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -83,7 +86,7 @@ class FaultProxy:
         return fault
 
     def close(self) -> None:
-        self._closed = True
+        self._closed.set()
         self._server.close()
 
     def _take(self, method: str, target: str) -> Fault | None:
@@ -91,11 +94,12 @@ class FaultProxy:
             for fault in self.faults:
                 if fault.hits < fault.times and fault.match(method, target):
                     fault.hits += 1
+                    fault.taken.set()
                     return fault
         return None
 
     def _accept(self) -> None:
-        while not self._closed:
+        while not self._closed.is_set():
             try:
                 client, _ = self._server.accept()
             except OSError:
@@ -172,7 +176,7 @@ class FaultProxy:
         upstream.sendall(head.encode("latin-1"))
         body = _read_exact(cin, length)
         if action == "stall":  # take the request, never answer (until the client gives up)
-            time.sleep(self.stall_seconds)
+            self._closed.wait(self.stall_seconds)
             _reset(client)
             _reset(upstream)
             return False

@@ -9,15 +9,14 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 
-import checkpointio._checkpoint as checkpoint_module
 from checkpointio import (
+    AccessDeniedError,
     BackgroundSaveError,
     Checkpoint,
     CheckpointError,
@@ -29,7 +28,7 @@ from checkpointio import (
 )
 from checkpointio._placement import STAGING_NAME, remove_tree
 
-from .conftest import StoreCase, make_tree, snapshot
+from .conftest import ProxiedBucket, StoreCase, make_tree, snapshot
 from .scripts import run_script
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -169,112 +168,74 @@ async def test_a_second_background_save_waits_for_the_first_and_the_last_one_win
     assert await restored_bytes(store, "ckpt") == b"epoch 4"
 
 
-def test_waiting_saves_keep_at_most_one_in_flight(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    in_flight: list[int] = []
-    most = [0]
-    real_save = checkpoint_module._engine.save
-
-    async def slow_save(*args: Any, **kwargs: Any) -> Any:
-        in_flight.append(1)
-        most[0] = max(most[0], len(in_flight))
-        await anyio.sleep(0.05)
-        try:
-            return await real_save(*args, **kwargs)
-        finally:
-            in_flight.pop()
-
-    monkeypatch.setattr(checkpoint_module._engine, "save", slow_save)
-    cp = Checkpoint(tmp_path / "ckpt")
+def test_waiting_saves_keep_at_most_one_in_flight(proxied_bucket: ProxiedBucket) -> None:
+    proxy = proxied_bucket.proxy
+    proxy.slow = lambda method, target: method == "PUT"
+    proxy.delay = 0.05  # each upload lingers in the proxy, so saves that overlapped would show
+    cp = Checkpoint(proxied_bucket.uri(), **proxied_bucket.options)
     for n in range(4):
         cp.save_sync(f"{n}".encode(), wait=False)
     cp.close()
-    assert most[0] == 1
-    assert (tmp_path / "ckpt").read_bytes() == b"3"
+    assert [entry["method"] for entry in proxy.log].count("PUT") == 4
+    assert proxy.max_in_flight == 1
+    assert proxied_bucket.stored() == b"3"
 
 
-def test_supersede_cancels_the_save_in_flight_and_stores_the_newer(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    started = threading.Event()
-    real_save = checkpoint_module._engine.save
-
-    async def save(store: Any, location: Any, data: Any, config: Any, *rest: Any, **kwargs: Any) -> Any:
-        if data == b"old":
-            started.set()
-            await anyio.sleep(60)  # a slow upload
-        return await real_save(store, location, data, config, *rest, **kwargs)
-
-    monkeypatch.setattr(checkpoint_module._engine, "save", save)
-    with Checkpoint(tmp_path / "ckpt") as cp:
+def test_supersede_cancels_the_save_in_flight_and_stores_the_newer(proxied_bucket: ProxiedBucket) -> None:
+    stalled = proxied_bucket.stall_upload()
+    with Checkpoint(proxied_bucket.uri(), **proxied_bucket.options) as cp:
         old = cp.save_sync(b"old", wait=False)
-        assert started.wait(10)
-        begun = time.monotonic()
+        assert stalled.taken.wait(30)  # its upload reached the server, which never answers
         new = cp.save_sync(b"new", wait=False, supersede=True)
-        new.result(timeout=10)
-        assert time.monotonic() - begun < 10
+        new.result(timeout=30)  # not queued behind the old save: that one would never end
         assert old.done() and old.cancelled()
         with pytest.raises(concurrent.futures.CancelledError):
             old.result()
-    assert (tmp_path / "ckpt").read_bytes() == b"new"
+    assert proxied_bucket.stored() == b"new"
 
 
-def failing_engine(monkeypatch: pytest.MonkeyPatch, fail_on: bytes) -> None:
-    real_save = checkpoint_module._engine.save
-
-    async def save(store: Any, location: Any, data: Any, config: Any, *rest: Any, **kwargs: Any) -> Any:
-        if data == fail_on:
-            await anyio.sleep(0.01)
-            raise ConnectionResetError("the network went away")
-        return await real_save(store, location, data, config, *rest, **kwargs)
-
-    monkeypatch.setattr(checkpoint_module._engine, "save", save)
-
-
-def test_a_background_failure_is_raised_by_its_handle(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    failing_engine(monkeypatch, b"doomed")
-    with Checkpoint(tmp_path / "ckpt") as cp:
+def test_a_background_failure_is_raised_by_its_handle(proxied_bucket: ProxiedBucket) -> None:
+    proxied_bucket.refuse_upload()
+    with Checkpoint(proxied_bucket.uri(), **proxied_bucket.options) as cp:
         handle = cp.save_sync(b"doomed", wait=False)
-        with pytest.raises(ConnectionResetError, match="network went away"):
-            handle.result(timeout=10)
+        with pytest.raises(AccessDeniedError, match=f"{cp.dest}: access denied"):
+            handle.result(timeout=30)
         cp.save_sync(b"fine")  # retrieved from the handle: not reported again
+    assert proxied_bucket.stored() == b"fine"
 
 
-async def test_a_background_failure_is_raised_when_awaiting_the_handle(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    failing_engine(monkeypatch, b"doomed")
-    async with Checkpoint(tmp_path / "ckpt") as cp:
+async def test_a_background_failure_is_raised_when_awaiting_the_handle(proxied_bucket: ProxiedBucket) -> None:
+    proxied_bucket.refuse_upload()
+    async with Checkpoint(proxied_bucket.uri(), **proxied_bucket.options) as cp:
         handle = await cp.save(b"doomed", wait=False)
-        with pytest.raises(ConnectionResetError):
+        with pytest.raises(AccessDeniedError, match=f"{cp.dest}: access denied"):
             await handle
+    assert proxied_bucket.stored() is None
 
 
-def test_an_unretrieved_background_failure_is_raised_by_the_next_save(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    failing_engine(monkeypatch, b"doomed")
-    with Checkpoint(tmp_path / "ckpt") as cp:
+def test_an_unretrieved_background_failure_is_raised_by_the_next_save(proxied_bucket: ProxiedBucket) -> None:
+    proxied_bucket.refuse_upload()
+    with Checkpoint(proxied_bucket.uri(), **proxied_bucket.options) as cp:
         cp.save_sync(b"doomed", wait=False)
-        with pytest.raises(BackgroundSaveError, match="network went away") as caught:
+        with pytest.raises(BackgroundSaveError, match="access denied") as caught:
             cp.save_sync(b"next", wait=False)
-        assert isinstance(caught.value.__cause__, ConnectionResetError)
+        assert isinstance(caught.value.__cause__, AccessDeniedError)
         assert caught.value.uri == cp.dest
-        cp.save_sync(b"after", wait=False).result(timeout=10)  # reported once
-    assert (tmp_path / "ckpt").read_bytes() == b"after"
+        cp.save_sync(b"after", wait=False).result(timeout=30)  # reported once
+    assert proxied_bucket.stored() == b"after"
 
 
-def test_an_unretrieved_background_failure_is_raised_by_close_and_wait(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    failing_engine(monkeypatch, b"doomed")
-    cp = Checkpoint(tmp_path / "ckpt")
+def test_an_unretrieved_background_failure_is_raised_by_close_and_wait(proxied_bucket: ProxiedBucket) -> None:
+    proxied_bucket.refuse_upload(times=2)
+    cp = Checkpoint(proxied_bucket.uri(), **proxied_bucket.options)
     cp.save_sync(b"doomed", wait=False)
-    with pytest.raises(BackgroundSaveError):
+    with pytest.raises(BackgroundSaveError, match="access denied"):
         cp.close()
-    cp.save_sync(b"doomed", wait=False)
-    with pytest.raises(BackgroundSaveError):
+    cp.save_sync(b"doomed again", wait=False)
+    with pytest.raises(BackgroundSaveError, match="access denied"):
         cp.wait_sync()
     cp.close()
+    assert proxied_bucket.stored() is None
 
 
 async def test_a_real_store_failure_surfaces_on_the_handle(store: StoreCase, tmp_path: Path) -> None:
@@ -325,75 +286,60 @@ def test_a_handle_behaves_like_a_future_of_a_stored_save(store: StoreCase) -> No
 
 
 def test_exception_returns_a_background_failure_once_and_callbacks_see_it(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    proxied_bucket: ProxiedBucket, caplog: pytest.LogCaptureFixture
 ) -> None:
-    failing_engine(monkeypatch, b"doomed")
+    proxied_bucket.refuse_upload()
     errors: list[str] = []
 
     def broken(handle: SaveHandle) -> None:
         raise RuntimeError("a callback that fails")
 
-    with Checkpoint(tmp_path / "ckpt") as cp:
+    with Checkpoint(proxied_bucket.uri(), **proxied_bucket.options) as cp:
         handle = cp.save_sync(b"doomed", wait=False)
         handle.add_done_callback(broken)  # logged, and the next callback still runs
         handle.add_done_callback(lambda h: errors.append(str(h.exception())))
-        error = handle.exception(timeout=10)
-        assert isinstance(error, ConnectionResetError) and "network went away" in str(error)
+        error = handle.exception(timeout=30)
+        assert isinstance(error, AccessDeniedError) and f"{cp.dest}: access denied" in str(error)
         cp.wait_sync()  # retrieved through exception(): not reported again
         cp.save_sync(b"fine")
-    assert errors == ["the network went away"]
+    assert errors == [str(error)]
     assert "a done callback of <SaveHandle" in caplog.text and "a callback that fails" in caplog.text
-    assert (tmp_path / "ckpt").read_bytes() == b"fine"
+    assert proxied_bucket.stored() == b"fine"
 
 
-def test_a_cancelled_handle_says_so_like_a_future(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    started = threading.Event()
-    real_save = checkpoint_module._engine.save
-
-    async def save(store: Any, location: Any, data: Any, config: Any, *rest: Any, **kwargs: Any) -> Any:
-        if data == b"old":
-            started.set()
-            await anyio.sleep(60)
-        return await real_save(store, location, data, config, *rest, **kwargs)
-
-    monkeypatch.setattr(checkpoint_module._engine, "save", save)
-    with Checkpoint(tmp_path / "ckpt") as cp:
+def test_a_cancelled_handle_says_so_like_a_future(proxied_bucket: ProxiedBucket) -> None:
+    stalled = proxied_bucket.stall_upload()
+    with Checkpoint(proxied_bucket.uri(), **proxied_bucket.options) as cp:
         old = cp.save_sync(b"old", wait=False)
-        assert started.wait(10)
+        assert stalled.taken.wait(30)  # its upload reached the server, which never answers
         assert old.running() and old.cancelled() is False
         with pytest.raises(TimeoutError, match="still running"):
             old.exception(timeout=0.01)
         old.cancel()
-        assert old.join(10)
+        assert old.join(30)
         assert old.cancelled() is True
         with pytest.raises(concurrent.futures.CancelledError):
             old.exception()
-    assert not (tmp_path / "ckpt").exists()
+    assert proxied_bucket.stored() is None
 
 
-def test_result_on_the_loop_thread_raises_instead_of_deadlocking(tmp_path: Path) -> None:
+def test_result_on_the_loop_thread_raises_instead_of_deadlocking(proxied_bucket: ProxiedBucket) -> None:
     from checkpointio import _portal
 
-    cp = Checkpoint(tmp_path / "ckpt")
-    started = threading.Event()
-    release = threading.Event()
-    real_save = checkpoint_module._engine.save
-
-    async def save(*args: Any, **kwargs: Any) -> Any:
-        started.set()
-        await anyio.to_thread.run_sync(release.wait)
-        return await real_save(*args, **kwargs)
+    proxied_bucket.stall_upload()  # the save stays in flight until cancelled
+    cp = Checkpoint(proxied_bucket.uri(), **proxied_bucket.options)
 
     async def on_loop() -> None:
         handle = await cp.save(b"x", wait=False)
         handle.result()
 
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(checkpoint_module._engine, "save", save)
-        with pytest.raises(PortalError, match="deadlock"):
-            _portal.run_sync(on_loop)
-        release.set()
-        cp.close()
+    with pytest.raises(PortalError, match="deadlock"):
+        _portal.run_sync(on_loop)
+    handle = cp.pending
+    assert handle is not None and handle.running()
+    handle.cancel()
+    cp.close()
+    assert handle.cancelled()
 
 
 def test_snapshot_links_files_on_the_same_filesystem_and_copies_on_request(tmp_path: Path) -> None:
@@ -678,24 +624,27 @@ def test_interpreter_exit_logs_a_background_failure_nobody_retrieved(tmp_path: P
     assert "background save to" in result.stderr and "failed" in result.stderr
 
 
-def test_interpreter_exit_waits_only_as_long_as_its_bound(tmp_path: Path) -> None:
-    result = run_script(
-        f"""
-        import anyio, pathlib
-        import checkpointio._checkpoint as module
+def test_interpreter_exit_waits_only_as_long_as_its_bound(proxied_bucket: ProxiedBucket) -> None:
+    stalled = proxied_bucket.stall_upload()  # the upload never ends
+    script = f"""
+        import sys
         from checkpointio import Checkpoint
 
-        async def stuck(*args, **kwargs):
-            await anyio.sleep(600)
-
-        module._engine.save = stuck
-        Checkpoint(pathlib.Path({str(tmp_path)!r}) / "ckpt").save_sync(b"data", wait=False)
-        """,
-        tmp_path,
-        CHECKPOINTIO_EXIT_TIMEOUT="1",
-    )
-    assert result.returncode == 0, result.stderr
-    assert "did not finish within 1 s of exit" in result.stderr
+        Checkpoint({proxied_bucket.uri()!r}, **{proxied_bucket.options!r}).save_sync(b"data", wait=False)
+        sys.stdin.read()  # exits once the test saw the upload reach the server
+        """
+    with subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        stdin=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "CHECKPOINTIO_EXIT_TIMEOUT": "1"},
+    ) as process:
+        assert stalled.taken.wait(60)
+        _, stderr = process.communicate("", timeout=120)
+    assert process.returncode == 0, stderr
+    assert "did not finish within 1 s of exit" in stderr
+    assert proxied_bucket.stored() is None
 
 
 def test_a_task_attempt_that_fails_right_after_a_background_save_is_resumed_from_it(
@@ -719,13 +668,15 @@ def test_a_task_attempt_that_fails_right_after_a_background_save_is_resumed_from
     assert seen == [None, b"saved in the background" * 1000]
 
 
-def test_a_task_whose_last_background_save_failed_is_retried(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_a_task_whose_last_background_save_failed_is_retried(proxied_bucket: ProxiedBucket) -> None:
     from checkpointio import TaskEnvironment, ctx
 
-    failing_engine(monkeypatch, b"doomed")
+    refused = proxied_bucket.proxy.add(
+        lambda method, target: method == "PUT" and target.partition("?")[0].endswith("/attempt-0"), "403"
+    )
     attempts: list[int | None] = []
 
-    @TaskEnvironment("bg", storage=str(tmp_path / "root")).task(retries=1)
+    @TaskEnvironment("bg", storage=proxied_bucket.uri("root"), **proxied_bucket.options).task(retries=1)
     def job() -> None:
         cp = ctx().checkpoint
         assert cp is not None
@@ -733,6 +684,7 @@ def test_a_task_whose_last_background_save_failed_is_retried(monkeypatch: pytest
         cp.save_sync(b"doomed" if ctx().attempt == 0 else b"fine", wait=False)
 
     job()
+    assert refused.taken.is_set()
     assert attempts == [0, 1]
 
 

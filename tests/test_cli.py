@@ -16,7 +16,6 @@ import sys
 import termios
 import time
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -76,13 +75,6 @@ def root(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         server: MotoServer = request.getfixturevalue("moto_server")
         return f"s3://{server.new_bucket()}/runs"
     return str(tmp_path / "store")
-
-
-@pytest.fixture
-def proxy(moto_server: MotoServer) -> Iterator[FaultProxy]:
-    server = FaultProxy(("127.0.0.1", int(moto_server.endpoint.rsplit(":", 1)[1])))
-    yield server
-    server.close()
 
 
 def test_directory_file_and_stdin_round_trips(root: str, tmp_path: Path) -> None:

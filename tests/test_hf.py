@@ -14,11 +14,10 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-import anyio
 import pytest
 
-import checkpointio._checkpoint as checkpoint_module
 from checkpointio import (
+    AccessDeniedError,
     BackgroundSaveError,
     Checkpoint,
     DestinationError,
@@ -28,7 +27,7 @@ from checkpointio import (
     ctx,
 )
 
-from .conftest import StoreCase, snapshot
+from .conftest import ProxiedBucket, StoreCase, snapshot
 from .scripts import restore_into_read_only
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a tiny model built from a config: nothing to download
@@ -124,19 +123,6 @@ def weights(trainer: Any) -> dict[str, Any]:
     return {name: value.detach().clone() for name, value in trainer.model.state_dict().items()}
 
 
-def fail_saves_holding(monkeypatch: pytest.MonkeyPatch, folder: str) -> None:
-    """Make every save whose snapshot holds ``folder`` fail in its upload, as a dropped network would."""
-    real_save = checkpoint_module._engine.save
-
-    async def save(store: Any, location: Any, data: Any, *rest: Any, **kwargs: Any) -> Any:
-        if isinstance(data, Path) and (data / folder).is_dir():
-            await anyio.sleep(0.01)
-            raise ConnectionResetError("the network went away")
-        return await real_save(store, location, data, *rest, **kwargs)
-
-    monkeypatch.setattr(checkpoint_module._engine, "save", save)
-
-
 def test_importing_checkpointio_does_not_import_transformers() -> None:
     code = "import sys, checkpointio; assert 'transformers' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
@@ -210,35 +196,37 @@ def test_the_resumed_folder_stays_until_a_newer_save_is_stored(tmp_path: Path) -
 
 
 def test_a_failed_save_keeps_the_resumed_folder_and_fails_the_next_save(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    proxied_bucket: ProxiedBucket, tmp_path: Path
 ) -> None:
     src = first_run(tmp_path)
-    fail_saves_holding(monkeypatch, "checkpoint-6")
-    with Checkpoint(tmp_path / "store" / "attempt-1", src=src) as cp:
+    refused = proxied_bucket.refuse_upload("attempt-1")  # the save holding checkpoint-6
+    with Checkpoint(proxied_bucket.uri("attempt-1"), src=src, **proxied_bucket.options) as cp:
         saver = CheckpointioTrainerCallback(cp, keep_last=1)
         trainer = make_trainer(tmp_path / "out", [saver], max_steps=8, save_steps=2)
-        with pytest.raises(BackgroundSaveError, match="network went away") as caught:
+        with pytest.raises(BackgroundSaveError, match="access denied") as caught:
             trainer.train(resume_from_checkpoint=saver.resume_from_checkpoint)
-        assert isinstance(caught.value.__cause__, ConnectionResetError)
+        assert isinstance(caught.value.__cause__, AccessDeniedError)
         assert trainer.state.global_step == 8  # raised by the save at step 8, which did not start
         # checkpoint-6 was never stored, so the folder the run resumed from is still there.
         assert names(checkpoint_folders(tmp_path / "out")) == ["checkpoint-4", "checkpoint-8"]
-    assert not (tmp_path / "store" / "attempt-1").exists()
+    assert refused.hits == 1
+    assert proxied_bucket.stored("attempt-1") is None
     assert stored_folders(src, tmp_path) == ["checkpoint-2", "checkpoint-4"]
 
 
 def test_a_failure_of_the_last_background_save_surfaces_at_train_end(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    proxied_bucket: ProxiedBucket, tmp_path: Path
 ) -> None:
-    fail_saves_holding(monkeypatch, "checkpoint-4")
-    with Checkpoint(tmp_path / "store" / "run") as cp:
+    refused = proxied_bucket.refuse_upload("run", nth=2)  # the save holding checkpoint-4
+    with Checkpoint(proxied_bucket.uri("run"), **proxied_bucket.options) as cp:
         saver = CheckpointioTrainerCallback(cp, keep_last=2)
         trainer = make_trainer(tmp_path / "out", [saver], max_steps=4, save_steps=2)
-        with pytest.raises(ConnectionResetError, match="network went away") as caught:
+        with pytest.raises(AccessDeniedError, match="access denied") as caught:
             trainer.train()
         assert "on_train_end" in [frame.name for frame in traceback.extract_tb(caught.value.__traceback__)]
         assert trainer.state.global_step == 4
         cp.close()  # retrieved through the handle: not raised again
+    assert refused.hits == 1
     assert stored_folders(cp.dest, tmp_path) == ["checkpoint-2"]  # the store keeps the previous save
 
 

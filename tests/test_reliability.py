@@ -53,12 +53,6 @@ from .faultproxy import FaultProxy
 SMALL_PARTS: TransferOptions = {"part_size": 5 * MiB, "multipart_threshold": 5 * MiB}
 
 
-@pytest.fixture
-def proxy(moto_server: MotoServer) -> FaultProxy:
-    port = int(moto_server.endpoint.rsplit(":", 1)[1])
-    return FaultProxy(("127.0.0.1", port))
-
-
 def uploads_left(moto_server: MotoServer, bucket: str) -> list[object]:
     return list(moto_server.client().list_multipart_uploads(Bucket=bucket).get("Uploads", []))
 

@@ -8,7 +8,6 @@ import io
 import os
 import threading
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
@@ -59,14 +58,6 @@ def is_ranged_get(proxy: FaultProxy) -> Match:
 @pytest.fixture
 def bucket(moto_server: MotoServer) -> str:
     return moto_server.new_bucket()
-
-
-@pytest.fixture
-def proxy(moto_server: MotoServer) -> Iterator[FaultProxy]:
-    port = int(moto_server.endpoint.rsplit(":", 1)[1])
-    server = FaultProxy(("127.0.0.1", port))
-    yield server
-    server.close()
 
 
 def uploads_left(moto_server: MotoServer, bucket: str) -> list[object]:

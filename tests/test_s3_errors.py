@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import traceback
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -36,14 +35,6 @@ LOCATION = parse_location("s3://bucket/run/a")
 @pytest.fixture
 def bucket(moto_server: MotoServer) -> str:
     return moto_server.new_bucket()
-
-
-@pytest.fixture
-def proxy(moto_server: MotoServer) -> Iterator[FaultProxy]:
-    port = int(moto_server.endpoint.rsplit(":", 1)[1])
-    server = FaultProxy(("127.0.0.1", port))
-    yield server
-    server.close()
 
 
 def answer(status: int, code: str) -> ClientError:
