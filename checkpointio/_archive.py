@@ -783,6 +783,15 @@ def unpack_directory(
         reader.close()
 
 
-def check_directory(pull: NextBlocks, *, uri: str, workers: int = 1) -> None:
-    """Read a .tar.gz stream to its end as :func:`unpack_directory` would, writing nothing."""
-    unpack_directory(pull, None, uri=uri, workers=workers)
+def check_directory(
+    pull: NextBlocks, *, uri: str, workers: int = 1, seen: Callable[[_tar.Header], None] | None = None
+) -> None:
+    """Read a .tar.gz stream to its end as :func:`unpack_directory` would, writing nothing;
+    ``seen`` hears of every entry's header."""
+
+    def pick(header: _tar.Header) -> bool:
+        assert seen is not None
+        seen(header)
+        return True
+
+    unpack_directory(pull, None, uri=uri, workers=workers, pick=pick if seen is not None else None)

@@ -29,7 +29,7 @@ import anyio.from_thread
 import anyio.to_thread
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from . import _allocator, _archive, _codec, _partial, _placement, _tar
+from . import _allocator, _archive, _codec, _partial, _placement, _tar, _toc
 from ._concurrency import PLUMBING as _PLUMBING
 from ._concurrency import Aborted as _Aborted
 from ._concurrency import one_error
@@ -503,15 +503,25 @@ def _kind(reader: _BlockReader, info: ObjectInfo) -> Kind:
     return Kind.DIRECTORY if _archive.looks_like_tar_gz(reader.peek()) else Kind.FILE
 
 
-def _check(reader: _BlockReader, info: ObjectInfo, workers: int) -> None:
-    """Worker thread: read the object to its end as a restore would, writing nothing."""
+def _check(reader: _BlockReader, info: ObjectInfo, workers: int) -> _toc.Listing | None:
+    """Worker thread: read the object to its end as a restore would, writing nothing; for a
+    directory, the fingerprint of the entries it holds (see :func:`verify`)."""
     archive = _kind(reader, info) is Kind.DIRECTORY
-    if archive:
-        _archive.check_directory(reader.blocks, uri=info.location.uri, workers=workers)
+    listing = _toc.Listing() if archive else None
+    if listing is not None:
+
+        def seen(header: _tar.Header) -> None:
+            path = normal_path(header.name)
+            if path:
+                kind = _tar.KIND_NAMES.get(header.kind, "other")
+                listing.add(path, kind, header.size if kind == "file" else 0)
+
+        _archive.check_directory(reader.blocks, uri=info.location.uri, workers=workers, seen=seen)
     else:
         while reader.blocks():
             pass
     _verify(info, reader.digest, archive=archive)
+    return listing
 
 
 def _restore(
@@ -904,7 +914,9 @@ async def verify(
 
     The stored CRC32 is checked and a directory archive is read to its end through the same
     extraction filter, so whatever a load would refuse raises the same
-    :class:`CorruptCheckpointError`.
+    :class:`CorruptCheckpointError`; its table of contents, if it has one, must list exactly the
+    entries read (what ``load(only=...)`` and ``ls --contents`` would refuse, or show wrongly,
+    fails here too).
     """
     info = await store.head(location)
     if info is None:
@@ -916,7 +928,11 @@ async def verify(
         return info
     meter = Meter(on_progress, "verify", location.uri, info.size)
     workers = config.compression_workers
-    await _read(store, info, config, meter, lambda reader: _check(reader, info, workers))
+    listing = await _read(store, info, config, meter, lambda reader: _check(reader, info, workers))
+    if listing is not None:
+        found = await _partial.fetch_table(store, info)
+        if found is not None:
+            await anyio.to_thread.run_sync(_toc.check_lists, found[1], found[0], listing, location.uri)
     _log_read("verified", info, started)
     return info
 

@@ -33,7 +33,7 @@ from ._progress import Meter
 from ._selection import ListedEntry, Selection, normal_path, roots
 from ._stores import ObjectInfo, Store
 
-__all__ = ["list_from_table", "restore_from_table"]
+__all__ = ["fetch_table", "list_from_table", "restore_from_table"]
 
 #: The suffix read: the footer, and the table when it is at most this minus the footer (a
 #: 1 GiB tree of 1 MiB files has a table of ~15 KiB; 50,000 small files ~0.5 MiB).
@@ -45,7 +45,7 @@ _REQUEST = 32 * 1024 * 1024
 _END_OF_ARCHIVE = bytes(2 * _tar.BLOCK)
 
 
-async def _table(store: Store, info: ObjectInfo, tail: int = _TAIL) -> tuple[_toc.Footer, bytes] | None:
+async def fetch_table(store: Store, info: ObjectInfo, tail: int = _TAIL) -> tuple[_toc.Footer, bytes] | None:
     """The footer and the table's bytes: one read of the object's last ``tail`` bytes, a second
     one only for a table larger than that; ``None`` for an archive without a table."""
     uri = info.location.uri
@@ -66,7 +66,7 @@ async def _table(store: Store, info: ObjectInfo, tail: int = _TAIL) -> tuple[_to
 async def list_from_table(store: Store, info: ObjectInfo, each: Callable[[ListedEntry], None]) -> bool:
     """Give every entry of the archive's table to ``each`` (in a worker thread), in archive order;
     ``False`` (and nothing given) when the archive has no table."""
-    found = await _table(store, info)
+    found = await fetch_table(store, info)
     if found is None:
         return False
     footer, table = found
@@ -293,7 +293,7 @@ async def restore_from_table(
         UnsafeArchiveError: A picked entry would land outside the workspace.
     """
     uri = info.location.uri
-    found = await _table(store, info)
+    found = await fetch_table(store, info)
     if found is None:
         return False
     footer, table = found

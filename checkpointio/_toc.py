@@ -41,8 +41,10 @@ __all__ = [
     "FOOTER_SIZE",
     "KINDS",
     "Footer",
+    "Listing",
     "TableWriter",
     "TocEntry",
+    "check_lists",
     "parse_footer",
     "read_table",
 ]
@@ -227,6 +229,38 @@ def parse_footer(tail: bytes, size: int, uri: str) -> Footer | None:
             f"{uri}: the table of contents claims {entries} entries in {inflated} bytes", uri=uri
         )
     return Footer(offset, length, inflated, entries, crc)
+
+
+class Listing:
+    """A running fingerprint of a sequence of entries (path, kind, size): what the table lists
+    against what the archive holds, compared without holding either (``checkpointio verify``)."""
+
+    def __init__(self) -> None:
+        self.crc32 = 0
+        self.count = 0
+
+    def add(self, path: str, kind: str, size: int) -> None:
+        line = f"{path}\0{kind}\0{size}\n".encode("utf-8", "surrogatepass")
+        self.crc32 = _codec.crc32(line, self.crc32)
+        self.count += 1
+
+
+def check_lists(table: bytes, footer: Footer, archive: Listing, uri: str) -> None:
+    """Raise unless the table lists exactly the entries ``archive`` saw, in order (paths, kinds,
+    sizes; where each lies is checked by the restores that use it).
+
+    Raises:
+        CorruptCheckpointError: The table is damaged (see :func:`read_table`) or lists others.
+    """
+    listed = Listing()
+    for entry in read_table(table, footer, uri):
+        listed.add(entry.path, entry.kind, entry.size)
+    if (listed.crc32, listed.count) != (archive.crc32, archive.count):
+        raise CorruptCheckpointError(
+            f"{uri}: the table of contents does not list the archive's entries ({listed.count} listed, "
+            f"{archive.count} in the archive, or others)",
+            uri=uri,
+        )
 
 
 def _bad(uri: str, why: str) -> CorruptCheckpointError:
