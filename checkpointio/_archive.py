@@ -63,6 +63,12 @@ _INFLATE_STEP = 1024 * 1024
 _COPY_BUFSIZE = 1024 * 1024
 
 
+#: Members smaller than this (a large file's last bytes and their zero padding, cut into a member
+#: of their own for partial reads) say nothing about the data that follows: they do not switch
+#: encoding between this thread and the pool.
+_DECIDES = 64 * 1024
+
+
 class _GzipMemberWriter:
     """Write-only sink for the tar stream: cuts it into blocks and emits
     each as an independent gzip member, compressed on ``workers`` threads, in order.
@@ -125,7 +131,8 @@ class _GzipMemberWriter:
     def _emit_next(self) -> None:
         future, size = self._pending.popleft()
         member = future.result()
-        self._inline = len(member) >= size  # stored: encode the next blocks here
+        if size >= _DECIDES:
+            self._inline = len(member) >= size  # stored: encode the next blocks here
         self._emit(member, size)
 
     def _emit_member(self, block: bytes) -> None:
@@ -133,7 +140,8 @@ class _GzipMemberWriter:
             while self._pending:  # keep the order
                 self._emit_next()
             member = _codec.encode_member(block, self._level)
-            self._inline = len(member) >= len(block)
+            if len(block) >= _DECIDES:
+                self._inline = len(member) >= len(block)
             self._emit(member, len(block))
             return
         self._pending.append((self._pool.submit(_codec.encode_member, block, self._level), len(block)))
