@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,17 +23,17 @@ def fail_placing_onto(monkeypatch: pytest.MonkeyPatch, target: Path, error: OSEr
             refused.append(str(source))
             raise error
 
-    def replace(source: object, destination: object, **kwargs: object) -> None:
+    def replace(source: Any, destination: Any, **kwargs: Any) -> None:
         guard(source, destination)
-        real_replace(source, destination, **kwargs)  # type: ignore[arg-type]
+        real_replace(source, destination, **kwargs)
 
-    def rename(source: object, destination: object, **kwargs: object) -> None:
+    def rename(source: Any, destination: Any, **kwargs: Any) -> None:
         guard(source, destination)
-        real_rename(source, destination, **kwargs)  # type: ignore[arg-type]
+        real_rename(source, destination, **kwargs)
 
-    def link(source: object, destination: object, **kwargs: object) -> None:
+    def link(source: Any, destination: Any, **kwargs: Any) -> None:
         guard(source, destination)
-        real_link(source, destination, **kwargs)  # type: ignore[arg-type]
+        real_link(source, destination, **kwargs)
 
     monkeypatch.setattr(os, "replace", replace)
     monkeypatch.setattr(os, "rename", rename)

@@ -90,7 +90,7 @@ def test_an_option_of_the_wrong_type_is_a_type_error_naming_it_wherever_it_is_gi
 @pytest.mark.parametrize("field", [field.name for field in dataclasses.fields(TransferConfig)])
 def test_every_option_checks_its_type(field: str) -> None:
     with pytest.raises(TypeError, match=rf"^option '{field}' must be .*, got object <object"):
-        TransferConfig(**{field: object()})  # type: ignore[arg-type]
+        TransferConfig(**{field: object()})  # type: ignore[arg-type]  # the wrong type on purpose
 
 
 def test_values_of_the_declared_types_are_accepted(store: StoreCase) -> None:

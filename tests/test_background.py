@@ -80,7 +80,7 @@ def test_sync_background_save_returns_before_the_upload_and_stores_the_snapshot(
         assert isinstance(handle, SaveHandle)
         os.replace(tree / "private", tree / "moved")  # rename, as frameworks replace files
         (tree / "run.sh").unlink()
-        assert handle.result(timeout=60) is None
+        handle.result(timeout=60)
         assert cp.pending is handle
     assert cp.pending is None
     assert anyio.run(restored_tree, store, "ckpt") == expected
@@ -133,7 +133,7 @@ def test_a_file_rewritten_in_place_during_a_background_save_fails_it_instead_of_
         gate.set()
         with pytest.raises(SourceChangedError, match="rewritten in place"):
             handle.result(timeout=60)
-        assert cp.save_sync(b"after", wait=False).result(timeout=60) is None
+        cp.save_sync(b"after", wait=False).result(timeout=60)
     assert restored_bytes_sync(store, "ckpt") == b"after"
 
 
@@ -262,7 +262,7 @@ async def test_a_missing_source_fails_at_the_call_not_in_the_background(tmp_path
         with pytest.raises(SourceNotFoundError):
             await cp.save(tmp_path / "missing", wait=False)
         with pytest.raises(TypeError):
-            await cp.save(123, wait=False)  # type: ignore[arg-type]
+            await cp.save(123, wait=False)  # type: ignore[arg-type]  # the wrong type on purpose
         assert cp.pending is None
 
 
@@ -272,7 +272,7 @@ def test_a_handle_behaves_like_a_future_of_a_stored_save(store: StoreCase) -> No
         handle = cp.save_sync(b"stored", wait=False)
         handle.add_done_callback(lambda h: seen.append((h, h.done(), h.exception())))
         assert handle.exception(timeout=30) is None
-        assert handle.result(timeout=30) is None
+        handle.result(timeout=30)
         assert handle.done() and not handle.running() and handle.cancelled() is False
         cp.wait_sync()
         assert len(seen) == 1 and seen[0] == (handle, True, None)
@@ -355,7 +355,7 @@ def test_snapshot_links_files_on_the_same_filesystem_and_copies_on_request(tmp_p
             assert os.path.samefile(shot.data / "run.sh", shot.data / "run-again.sh")
         assert linked.copied == 0 and linked.linked == 5
         assert copied.linked == 0 and copied.copied == 5
-        assert os.path.samefile(linked.data / "private", tree / "private")  # type: ignore[operator]
+        assert isinstance(linked.data, Path) and os.path.samefile(linked.data / "private", tree / "private")
     finally:
         linked.discard()
         copied.discard()

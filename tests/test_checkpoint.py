@@ -300,7 +300,7 @@ async def test_missing_source_path_raises_file_not_found_naming_it(store: StoreC
 @pytest.mark.parametrize("bad", [123, None, ["a"], 1.5])
 async def test_save_of_unsupported_type_is_a_type_error(store: StoreCase, bad: object) -> None:
     with pytest.raises(TypeError, match=r"bytes, a str path or a pathlib\.Path"):
-        await Checkpoint(store.uri("a")).save(bad)  # type: ignore[arg-type]
+        await Checkpoint(store.uri("a")).save(bad)  # type: ignore[arg-type]  # the wrong type on purpose
 
 
 @ONE_STORE
@@ -496,7 +496,7 @@ async def test_settings_can_be_overridden_for_one_save(store: StoreCase, tmp_pat
     await cp.save(tree)
     assert len(store.get_raw("a")) < stored / 10  # level 1 by default, level 0 (stored) for that one call
     with pytest.raises(TypeError, match="unknown checkpoint option"):
-        await cp.save(tree, compresion_level=0)  # type: ignore[call-arg]
+        await cp.save(tree, compresion_level=0)  # type: ignore[call-arg]  # a misspelt option on purpose
 
 
 async def test_several_sources_skip_missing_and_fall_back_past_corrupt(store: StoreCase) -> None:

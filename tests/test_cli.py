@@ -16,6 +16,7 @@ import sys
 import termios
 import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -640,9 +641,9 @@ def test_a_directory_save_shows_its_files_bytes_against_their_total_and_the_comm
     assert any(line.endswith(f"MiB/s, {stored / 1024 / 1024:.1f} MiB sent]") for line in lines), shown
 
 
-def _wait_for(condition: object, what: str, timeout: float = 30) -> None:
+def _wait_for(condition: Callable[[], object], what: str, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
-    while not condition():  # type: ignore[operator]
+    while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.05)
 
@@ -956,7 +957,8 @@ def _store_case(root: str, request: pytest.FixtureRequest) -> StoreCase:
 def test_a_distributed_checkpoint_is_listed_verified_removed_and_cleaned_up_whole(
     root: str, request: pytest.FixtureRequest
 ) -> None:
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
+    import torch
     import torch.distributed.checkpoint as dcp
 
     from checkpointio.dcp import save

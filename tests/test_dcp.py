@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import io
 import json
 import os
@@ -13,12 +14,13 @@ from typing import Any
 
 import pytest
 
-torch = pytest.importorskip("torch")
+pytest.importorskip("torch")
 
-from torch.distributed.checkpoint.api import CheckpointException  # noqa: E402
-from torch.distributed.checkpoint.default_planner import DefaultSavePlanner  # noqa: E402
+import torch
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
-from checkpointio import (  # noqa: E402
+from checkpointio import (
     BackgroundSaveError,
     Checkpoint,
     CheckpointError,
@@ -26,10 +28,10 @@ from checkpointio import (  # noqa: E402
     ChecksumMismatchError,
     CorruptCheckpointError,
 )
-from checkpointio.dcp import StorageReader, StorageWriter, load, save  # noqa: E402
+from checkpointio.dcp import StorageReader, StorageWriter, load, save
 
-from .conftest import StoreCase  # noqa: E402
-from .scripts import run_script  # noqa: E402
+from .conftest import StoreCase
+from .scripts import run_script
 
 
 def state(seed: int) -> dict[str, Any]:
@@ -69,6 +71,13 @@ def data_objects(store: StoreCase, name: str) -> list[str]:
 
 def save_ids(store: StoreCase, name: str) -> set[str]:
     return {key.partition("/")[0] for key in data_objects(store, name)}
+
+
+def committed_save_id(uri: str) -> str:
+    """The save id the manifest at ``uri`` names: that of the committed save."""
+    meta = StorageReader(uri).read_metadata().storage_meta
+    assert meta is not None and meta.save_id is not None
+    return meta.save_id
 
 
 def delete(store: StoreCase, name: str) -> None:
@@ -320,7 +329,7 @@ def test_two_saves_racing_to_one_uri_leave_the_survivors_data_whole(store: Store
     loaded = empty()
     assert load(loaded, store.uri("ckpt")) is True
     assert_same(loaded, expected)
-    live = StorageReader(store.uri("ckpt")).read_metadata().storage_meta.save_id
+    live = committed_save_id(store.uri("ckpt"))
     assert save_ids(store, "ckpt") == {live}  # the replaced saves' data is gone, the survivor's whole
 
 
@@ -339,7 +348,7 @@ def test_a_background_save_commits_a_copy_of_the_state_taken_when_it_returned(st
     handle = save(saved, store.uri("ckpt"), wait=False)
     saved["weight"].zero_()  # training goes on: the save has its own copy
     saved["blob"].write(b"changed")
-    assert handle.result(timeout=120) is None
+    handle.result(timeout=120)
     assert handle.done() and handle.succeeded() and handle.exception() is None
     loaded = empty()
     assert load(loaded, store.uri("ckpt")) is True
@@ -348,7 +357,9 @@ def test_a_background_save_commits_a_copy_of_the_state_taken_when_it_returned(st
 
     import torch.distributed.checkpoint as dcp
 
-    dcp.async_save(state(20), storage_writer=StorageWriter(store.uri("ckpt"))).result(timeout=120)
+    response = dcp.async_save(state(20), storage_writer=StorageWriter(store.uri("ckpt")))
+    assert isinstance(response, concurrent.futures.Future)  # an AsyncSaveResponse only when asked for one
+    response.result(timeout=120)
     loaded = empty()
     assert load(loaded, store.uri("ckpt")) is True
     assert_same(loaded, state(20))
@@ -465,7 +476,7 @@ def test_a_checkpoint_removed_while_listed_is_left_out_and_the_newest_committed_
 
     async def summary_while_removed() -> Any:
         racing = RemovedOnceHeaded(await open_store(location.scheme, TransferConfig()), location)
-        return await _dcp_layout.read_summary(racing, location, TransferConfig())  # type: ignore[arg-type]
+        return await _dcp_layout.read_summary(racing, location, TransferConfig())
 
     assert anyio.run(summary_while_removed) is None  # gone: not a distributed checkpoint any more
     assert latest(prefix) == f"{prefix}/older"  # its data left, uncommitted: never chosen
@@ -581,7 +592,7 @@ def test_a_load_reads_only_the_items_it_needs(store: StoreCase) -> None:
     data[middle : middle + 8] = bytes(b ^ 0xFF for b in data[middle : middle + 8])
     store.put_raw(f"ckpt.dcp/{name}", bytes(data))  # only the weight's bytes are damaged
 
-    partial = {"half": torch.zeros(17, 5, dtype=torch.bfloat16), "step": -1}
+    partial: dict[str, Any] = {"half": torch.zeros(17, 5, dtype=torch.bfloat16), "step": -1}
     assert load(partial, store.uri("ckpt")) is True  # never reads the weight's range
     assert torch.equal(partial["half"], saved["half"]) and partial["step"] == 7
     with pytest.raises(ChecksumMismatchError, match="rank 0"):
@@ -622,8 +633,8 @@ def _two_ranks(rank: int, world_size: int, port: int, uris: list[str], agree: st
             }
             assert load(sharded, uri) is False  # nothing there yet, on every rank
             handle = save(sharded, uri, wait=uri != uris[-1])  # the last one in the background
-            assert handle.result(timeout=120) is None
-            target = {
+            handle.result(timeout=120)
+            target: dict[str, Any] = {
                 "weight": distribute_tensor(torch.zeros(10, 7), mesh, [Shard(0)]),
                 "moments": distribute_tensor(torch.zeros(6, 3, dtype=torch.bfloat16), mesh, [Shard(0)]),
                 "bias": torch.zeros(7),
@@ -666,7 +677,7 @@ def test_world_size_two_saves_one_object_per_rank_and_reshards_to_one(tmp_path: 
     assert len(listed) == 3 and sorted(one["Key"].rpartition("/")[2] for one in listed)[:2] == ["ckpt", "rank-0"]
     full = full_state()
     for uri in uris:  # resharding: saved at world size 2, loaded in one process
-        loaded = {
+        loaded: dict[str, Any] = {
             "weight": torch.zeros(10, 7),
             "moments": torch.zeros(6, 3, dtype=torch.bfloat16),
             "bias": torch.zeros(7),
@@ -753,7 +764,7 @@ def test_a_rank_killed_mid_save_leaves_the_previous_checkpoint_and_gc_sweeps_wha
     assert marker.read_text() == "1"  # rank 1 died as it came to its second item
 
     store = StoreCase("s3", tmp_path, moto_server, bucket, "run")
-    committed = StorageReader(uri).read_metadata().storage_meta.save_id
+    committed = committed_save_id(uri)
     client = moto_server.client()
     uploads = client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
     left = {name for name in data_objects(store, "ckpt") if not name.startswith(committed)}
@@ -761,7 +772,7 @@ def test_a_rank_killed_mid_save_leaves_the_previous_checkpoint_and_gc_sweeps_wha
     (row,) = json.loads(ok("ls", f"s3://{bucket}/run/", "--json"))  # the new save is invisible
     assert (row["kind"], row["world_size"]) == ("distributed", 2)
 
-    loaded = {name: torch.zeros(4096, 800) for name in ("weight", "moments")} | {"step": -1}
+    loaded: dict[str, Any] = {name: torch.zeros(4096, 800) for name in ("weight", "moments")} | {"step": -1}
     assert load(loaded, uri) is True  # the previous checkpoint, resharded to one process
     expected = big_state(1)
     assert all(torch.equal(loaded[name], expected[name]) for name in ("weight", "moments"))
@@ -796,7 +807,7 @@ def _task_group(rank: int, world_size: int, port: int, storage: str, out: str, k
     @TaskEnvironment("dist", storage=storage).task(retries=2)
     def train() -> int:
         context = ctx()
-        model = {"weight": torch.zeros(6, 4), "step": 0}
+        model: dict[str, Any] = {"weight": torch.zeros(6, 4), "step": 0}
         resumed = load(model, context.checkpoint)
         seen.append(
             {
@@ -808,7 +819,7 @@ def _task_group(rank: int, world_size: int, port: int, storage: str, out: str, k
                 "step": model["step"],
             }
         )
-        step = model["step"] + 1
+        step = int(model["step"]) + 1
         save({"weight": torch.full((6, 4), float(step)), "step": step}, context.checkpoint)
         Path(out, f"rank-{rank}.json").write_text(json.dumps(seen))
         if kill and step == 1:

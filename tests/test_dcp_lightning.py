@@ -15,12 +15,15 @@ from typing import Any
 
 import pytest
 
-torch = pytest.importorskip("torch")
-L = pytest.importorskip("lightning.pytorch")
+pytest.importorskip("torch")
+pytest.importorskip("lightning.pytorch")
 
-from checkpointio import TaskEnvironment, ctx  # noqa: E402
-from checkpointio.dcp import latest, load  # noqa: E402
-from checkpointio.lightning import CheckpointioModelParallelStrategy  # noqa: E402
+import lightning.pytorch as L
+import torch
+
+from checkpointio import TaskEnvironment, ctx
+from checkpointio.dcp import latest, load
+from checkpointio.lightning import CheckpointioModelParallelStrategy
 
 EPOCHS = 3
 #: 24 samples, batches of 4, split between 2 ranks: 3 steps per epoch.
@@ -28,7 +31,7 @@ STEPS_PER_EPOCH = 3
 CRASH_AT = 7  # in the third epoch, after the second epoch's checkpoint (step 6)
 
 
-class Sharded(L.LightningModule):  # type: ignore[misc]
+class Sharded(L.LightningModule):
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
@@ -37,6 +40,7 @@ class Sharded(L.LightningModule):  # type: ignore[misc]
     def configure_model(self) -> None:
         from torch.distributed.fsdp import fully_shard
 
+        assert self.device_mesh is not None  # ModelParallelStrategy sets it before configure_model
         mesh = self.device_mesh["data_parallel"]
         for layer in self.net:
             if isinstance(layer, torch.nn.Linear):
@@ -58,7 +62,7 @@ def loader() -> Any:
     return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4, shuffle=False)
 
 
-class CrashAt(L.Callback):  # type: ignore[misc]
+class CrashAt(L.Callback):
     """Fails the fit on every rank at ``step`` (a node lost: the whole group stops)."""
 
     def __init__(self, step: int) -> None:

@@ -32,15 +32,18 @@ from .scripts import restore_into_read_only
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a tiny model built from a config: nothing to download
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
 
-from checkpointio.hf import CheckpointioTrainerCallback, checkpoint_folders  # noqa: E402
+import torch
+import transformers
+
+from checkpointio.hf import CheckpointioTrainerCallback, checkpoint_folders
 
 STEPS = 12
 
 
-class Data(torch.utils.data.Dataset):  # type: ignore[misc]
+class Data(torch.utils.data.Dataset[dict[str, Any]]):
     """24 token sequences with binary labels, the same every time."""
 
     def __init__(self) -> None:
@@ -64,8 +67,8 @@ def tiny_model() -> Any:
         num_attention_heads=2,
         intermediate_size=16,
         max_position_embeddings=16,
-        num_labels=2,
     )
+    config.num_labels = 2
     return transformers.BertForSequenceClassification(config)
 
 
@@ -86,7 +89,7 @@ def make_trainer(output_dir: Path, callbacks: list[Any], *, max_steps: int = STE
     return transformers.Trainer(model=tiny_model(), args=args, train_dataset=Data(), callbacks=callbacks)
 
 
-class CrashAt(transformers.TrainerCallback):  # type: ignore[misc]
+class CrashAt(transformers.TrainerCallback):
     """Kills the first attempt after step ``step``."""
 
     def __init__(self, step: int) -> None:
@@ -97,7 +100,7 @@ class CrashAt(transformers.TrainerCallback):  # type: ignore[misc]
             raise RuntimeError(f"node lost at step {self.step}")
 
 
-class Listing(transformers.TrainerCallback):  # type: ignore[misc]
+class Listing(transformers.TrainerCallback):
     """Records the checkpoint folders in output_dir after each save (it runs after the saver)."""
 
     def __init__(self) -> None:

@@ -406,10 +406,10 @@ def _ls_json(prefix: str) -> list[dict[str, object]]:
     return rows
 
 
-def _gc(prefix: str, *args: str) -> dict[str, object]:
+def _gc(prefix: str, *args: str) -> dict[str, Any]:
     import json
 
-    result: dict[str, object] = json.loads(ok("gc", "--json", prefix, *args))
+    result: dict[str, Any] = json.loads(ok("gc", "--json", prefix, *args))
     return result
 
 
@@ -437,7 +437,7 @@ def test_gc_removes_the_packs_no_manifest_references_once_older_than_the_grace(
     result = _gc(store.uri(""), "--older-than", "0")
     after = pack_bytes(store)
     freed = sum(before.values()) - sum(after.values())
-    (area,) = result["incremental_packs"]  # type: ignore[misc]
+    (area,) = result["incremental_packs"]
     assert area["size"] == freed and freed >= a["exclusive"]
     b_tree = tmp_path / "b"
     assert tree_state_plain(restore(store.uri("b"), tmp_path / "restored")) == tree_state_plain(b_tree)
@@ -464,7 +464,7 @@ def test_gc_removes_nothing_while_a_save_holds_a_lease_and_takes_dead_saves_leas
 
     anyio.run(put_lease)
     result = _gc(store.uri(""), "--older-than", "0")
-    (area,) = result["incremental_packs"]  # type: ignore[misc]
+    (area,) = result["incremental_packs"]
     assert area["skipped"] and area["removed"] == []
     assert pack_bytes(store) == before
 
@@ -604,7 +604,7 @@ def test_sigkill_at_random_points_of_incremental_saves_and_of_gc_leaves_old_or_n
     run(_SAVER, uri, str(versions[0]))
     duration = time.monotonic() - started
     rng = random.Random(4712)
-    outcomes = []
+    outcomes: list[Any] = []
     for _ in range(4):
         run(_SAVER, uri, str(versions[1]), kill_after=rng.uniform(0.2, 0.95) * duration)
         run(_COLLECTOR, folder, kill_after=rng.uniform(0.0, 0.5) * duration)

@@ -16,15 +16,18 @@ from .conftest import StoreCase, snapshot
 from .placing import fail_placing_onto
 from .scripts import restore_into_read_only
 
-torch = pytest.importorskip("torch")
-L = pytest.importorskip("lightning.pytorch")
+pytest.importorskip("torch")
+pytest.importorskip("lightning.pytorch")
 
-from checkpointio.lightning import CheckpointioCallback, CheckpointioIO  # noqa: E402
+import lightning.pytorch as L
+import torch
+
+from checkpointio.lightning import CheckpointioCallback, CheckpointioIO
 
 EPOCHS = 4
 
 
-class Tiny(L.LightningModule):  # type: ignore[misc]
+class Tiny(L.LightningModule):
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
@@ -45,7 +48,7 @@ def loader() -> Any:
     return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4, shuffle=False)
 
 
-class CrashAt(L.Callback):  # type: ignore[misc]
+class CrashAt(L.Callback):
     """Kills the first attempt part-way through an epoch."""
 
     def __init__(self, step: int) -> None:

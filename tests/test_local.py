@@ -251,7 +251,8 @@ def test_the_file_at_a_local_path_is_the_plain_archive(tmp_path: Path) -> None:
     (tree / "sub" / "f.txt").write_text("hello")
     Checkpoint(tmp_path / "ck").save_sync(tree)
     with tarfile.open(tmp_path / "ck", "r:gz") as archive:  # as other tools read it
-        assert archive.extractfile("sub/f.txt").read() == b"hello"  # type: ignore[union-attr]
+        member = archive.extractfile("sub/f.txt")
+        assert member is not None and member.read() == b"hello"
     doc = json.loads((tmp_path / ".ck.checkpointio").read_text())
     st = (tmp_path / "ck").stat()
     assert doc["of"] == [st.st_size, st.st_mtime_ns] and doc["record"]["checkpointio-kind"] == "dir"

@@ -11,8 +11,9 @@ import sys
 import tarfile
 import tracemalloc
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 import pytest
@@ -85,7 +86,12 @@ def test_an_archive_with_a_table_restores_exactly_with_gnu_tar_tarfile_and_the_p
 
     # tarfile by name and by file object, as the flyte tutorial opens it ("r:*") and as r:gz;
     # warnings are errors in this suite, so none is raised either.
-    for mode, extraction_filter in (("r:gz", "data"), ("r:*", "data"), ("r:*", "fully_trusted")):
+    opened: list[tuple[Literal["r:gz", "r:*"], Literal["data", "fully_trusted"]]] = [
+        ("r:gz", "data"),
+        ("r:*", "data"),
+        ("r:*", "fully_trusted"),
+    ]
+    for mode, extraction_filter in opened:
         out = tmp_path / f"py-{mode[-1]}-{extraction_filter}"
         with tarfile.open(archive, mode) as tar:
             tar.extractall(out, filter=extraction_filter)
@@ -576,12 +582,12 @@ def test_hostile_tables_are_refused_by_partial_restores_and_listings(store: Stor
         # a full restore never uses the table: the tree comes back whole, nothing else with it
         # (its members are still read and checked: a damaged one fails the restore)
         full = tmp_path / "full" / name
-        restore = (_engine.load, counted_store(store, name)[0], parse_location(store.uri(name)), full, CONFIG)
+        restore = partial(_engine.load, counted_store(store, name)[0], parse_location(store.uri(name)), full, CONFIG)
         if "CRC32" in why:
             with pytest.raises(CorruptCheckpointError, match="CRC32"):
-                anyio.run(*restore)
+                anyio.run(restore)
         else:
-            assert anyio.run(*restore) == full
+            assert anyio.run(restore) == full
             assert snapshot(full) == snapshot(tree), why
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -77,7 +78,7 @@ def test_config_rejects_impossible_settings() -> None:
     with pytest.raises(ValueError, match="receive_workers must be at least 1, got 0"):
         TransferConfig(receive_workers=0)
     with pytest.raises(TypeError, match="unknown checkpoint option"):
-        TransferConfig().with_options(part_sise=8 * MiB)  # type: ignore[call-arg]
+        TransferConfig().with_options(part_sise=8 * MiB)  # type: ignore[call-arg]  # a misspelt option on purpose
     assert TransferConfig().with_options(max_concurrency=3).max_concurrency == 3
 
 
@@ -106,11 +107,9 @@ def test_config_rejects_impossible_settings() -> None:
         ({"tags": {"aws:owner": "me"}}, ValueError, "keys starting with 'aws:' are reserved"),
     ],
 )
-def test_s3_request_options_refuse_what_s3_would(
-    options: dict[str, object], error: type[Exception], message: str
-) -> None:
+def test_s3_request_options_refuse_what_s3_would(options: dict[str, Any], error: type[Exception], message: str) -> None:
     with pytest.raises(error, match=re.escape(message)):
-        TransferConfig(**options)  # type: ignore[arg-type]
+        TransferConfig(**options)
 
 
 def test_s3_request_options_keep_their_values_and_the_settings_stay_hashable() -> None:

@@ -57,8 +57,8 @@ def uploads_left(moto_server: MotoServer, bucket: str) -> list[object]:
     return list(moto_server.client().list_multipart_uploads(Bucket=bucket).get("Uploads", []))
 
 
-def run_python(code: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(  # type: ignore[call-overload, no-any-return]
+def run_python(code: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=180, **kwargs
     )
 
@@ -254,11 +254,11 @@ async def test_workspace_deleted_mid_restore_is_an_error_not_a_partial_tree(
     original = untar._Extraction.entry
     calls = [0]
 
-    def delete_workspace_half_way(self: untar._Extraction, *args: object) -> None:
+    def delete_workspace_half_way(self: untar._Extraction, *args: Any) -> None:
         calls[0] += 1
         if calls[0] == 10:
             shutil.rmtree(workspace)
-        original(self, *args)  # type: ignore[arg-type]
+        original(self, *args)
 
     monkeypatch.setattr(untar._Extraction, "entry", delete_workspace_half_way)
     async with Checkpoint(store.uri("b"), src=store.uri("a"), workspace=workspace) as cp:
@@ -280,9 +280,9 @@ async def test_a_file_shrinking_while_saved_fails_the_save_and_keeps_the_previou
     await Checkpoint(store.uri("a")).save(b"previous")
     original = archive._add_file  # private: the one point between listing a file and reading it
 
-    def shrink_after_stat(*args: object) -> None:
+    def shrink_after_stat(*args: Any) -> None:
         os.truncate(tree / "log", 10)  # another process rotates the log right after we looked
-        original(*args)  # type: ignore[arg-type]
+        original(*args)
 
     monkeypatch.setattr(archive, "_add_file", shrink_after_stat)
     with pytest.raises(SourceChangedError, match="log"):
@@ -303,7 +303,7 @@ async def test_a_file_swapped_after_it_was_listed_fails_the_save(
     await Checkpoint(store.uri("a")).save(b"previous")
     original = archive._add_file  # private: the one point between listing a file and reading it
 
-    def swap_after_stat(*args: object) -> None:
+    def swap_after_stat(*args: Any) -> None:
         if swap == "renamed-over":  # new content, which would be cut to the old size
             (tmp_path / "new").write_bytes(b"n" * 2000)
             os.replace(tmp_path / "new", tree / "weights")
@@ -313,7 +313,7 @@ async def test_a_file_swapped_after_it_was_listed_fails_the_save(
         else:
             (tree / "weights").unlink()
             (tree / "weights").mkdir()
-        original(*args)  # type: ignore[arg-type]
+        original(*args)
 
     monkeypatch.setattr(archive, "_add_file", swap_after_stat)
     with pytest.raises(SourceChangedError, match="weights"):
@@ -330,10 +330,10 @@ async def test_a_file_growing_while_saved_is_stored_as_it_was_when_listed(
     (tree / "log").write_bytes(b"first part\n")
     original = archive._add_file  # private: the one point between listing a file and reading it
 
-    def grow_after_stat(*args: object) -> None:
+    def grow_after_stat(*args: Any) -> None:
         with open(tree / "log", "ab") as log:
             log.write(b"appended later\n")
-        original(*args)  # type: ignore[arg-type]
+        original(*args)
 
     monkeypatch.setattr(archive, "_add_file", grow_after_stat)
     await Checkpoint(store.uri("a")).save(tree)
@@ -430,9 +430,9 @@ async def test_a_file_deleted_while_saved_fails_the_save(
     (tree / "tmpfile").write_bytes(b"x")
     original = archive._add_file  # private: the one point between listing a file and reading it
 
-    def delete_after_stat(*args: object) -> None:
+    def delete_after_stat(*args: Any) -> None:
         (tree / "tmpfile").unlink()
-        original(*args)  # type: ignore[arg-type]
+        original(*args)
 
     monkeypatch.setattr(archive, "_add_file", delete_after_stat)
     with pytest.raises(SourceChangedError, match="tmpfile"):
@@ -975,7 +975,8 @@ def write_tree(root: Path, spec: dict[str, object]) -> None:
         if isinstance(child, dict):
             write_tree(root / name, child)
         else:
-            (root / name).write_bytes(child)  # type: ignore[arg-type]
+            assert isinstance(child, bytes)
+            (root / name).write_bytes(child)
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

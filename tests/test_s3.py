@@ -855,7 +855,8 @@ async def test_a_range_failing_half_way_fails_the_load_presents_nothing_and_leav
         if cp.path.exists():
             remove_tree(cp.path)
     proxy.add(is_ranged_get(proxy), "reset_response", times=1)  # one range cut half-way, not retried
-    async with Checkpoint(f"s3://{bucket}/x", src=f"s3://{bucket}/a", **{**options, "max_attempts": 1}) as cp:
+    once: TransferOptions = {**options, "max_attempts": 1}
+    async with Checkpoint(f"s3://{bucket}/x", src=f"s3://{bucket}/a", **once) as cp:
         with pytest.raises(StoreError, match=f"s3://{bucket}/a") as failure:
             await (cp.load_bytes() if kind == "bytes" else cp.load())
         assert "download the checkpoint" in str(failure.value)

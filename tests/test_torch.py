@@ -11,9 +11,11 @@ from checkpointio import Checkpoint
 
 from .conftest import ONE_STORE, StoreCase
 
-torch = pytest.importorskip("torch")
+pytest.importorskip("torch")
 
-from checkpointio.torch import load_state, load_state_sync, save_state, save_state_sync  # noqa: E402
+import torch
+
+from checkpointio.torch import load_state, load_state_sync, save_state, save_state_sync
 
 
 def tiny() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
