@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -19,6 +20,7 @@ from typing import Any
 import pytest
 
 from checkpointio import TransferOptions
+from checkpointio._cli import _Formatter
 from checkpointio._placement import remove_tree
 from checkpointio._stores import _memory as memory_store
 
@@ -34,6 +36,21 @@ ONE_STORE = pytest.mark.parametrize("store", ["memory"], indirect=True)
 # transfer finish instead. Catching SIGINT here gives every child the default disposition back.
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+@pytest.fixture(autouse=True)
+def logging_as_it_was() -> Iterator[None]:
+    """The command line sets up logging for its process (a handler on the root logger, levels for
+    ``checkpointio`` and the root, ``-q`` silencing warnings): a test that runs ``main()`` in this
+    process must not change what the tests after it see in ``caplog``."""
+    root, ours = logging.getLogger(), logging.getLogger("checkpointio")
+    levels = root.level, ours.level
+    handlers = set(root.handlers)
+    yield
+    root.setLevel(levels[0])
+    ours.setLevel(levels[1])
+    for handler in [one for one in root.handlers if one not in handlers and isinstance(one.formatter, _Formatter)]:
+        root.removeHandler(handler)
 
 
 def free_port() -> int:
