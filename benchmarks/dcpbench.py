@@ -179,7 +179,11 @@ class Bench:
         script = (
             f"export WORLD_SIZE={WORLD} MASTER_ADDR=127.0.0.1 MASTER_PORT={_free_port()}\npids=()\n{launches}\n"
             # A rank that fails stops the others (they would wait at a barrier until gloo's timeout).
-            "trap 'kill ${pids[@]} 2>/dev/null || true' EXIT\n" + "wait -n || exit $?\n" * WORLD
+            # `wait -n` answers 127 once no rank is running (those that ended first may not be
+            # reported to it): each rank's own status is then taken from `wait PID`.
+            "trap 'kill ${pids[@]} 2>/dev/null || true' EXIT\n"
+            + "wait -n; status=$?; [ $status -eq 0 ] || [ $status -eq 127 ] || exit $status\n" * WORLD
+            + 'for pid in "${pids[@]}"; do wait "$pid" || exit $?; done\n'
         )
         sample = self.runner.run(ShellStep(script), label)
         reports = [json.loads(Path(f"{result}.rank{rank}.json").read_text()) for rank in range(WORLD)]
