@@ -721,10 +721,11 @@ def test_gc_racing_saves_in_other_processes_never_leaves_a_manifest_referencing_
     try:
         for saver in savers:
             assert saver.wait(timeout=170) == 0
-        assert collector.poll() is None, collector.communicate()[1]  # its checks all held so far
+        collecting = collector.poll() is None  # its checks all held so far
     finally:
         collector.terminate()
-        collector.communicate()
+        errors = collector.communicate()[1]
+    assert collecting, errors
     final = subprocess.run(
         [sys.executable, "-c", _RACING_COLLECTOR, folder, "0.1"], env=env, capture_output=True, text=True
     )

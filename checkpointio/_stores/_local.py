@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import re
+import stat
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -273,7 +274,7 @@ class LocalStore:
             return None
         except OSError as error:
             raise _translate(error, location.uri) from error
-        if not os.path.isfile(path):
+        if not stat.S_ISREG(st.st_mode):  # from the one stat: the file may go away right after it
             raise StoreError(f"{location.uri}: is a directory, not a checkpoint file", uri=location.uri)
         return ObjectInfo(
             location,
