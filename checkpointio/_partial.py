@@ -10,13 +10,18 @@ of the picked entries, in archive order, then go through the same extraction as 
 (:func:`._tar.extract`: paths kept inside, PEP 706 modes) into a staging folder, and are put in
 place only once all of them were written.
 
+Memory stays bounded whatever the number of entries picked: the table is walked (inflated again),
+never turned into a list; the picked entries go out in groups of at most :data:`_GROUP_ENTRIES`,
+and of the members fetched only the one being read is held inflated.
+
 Archives without a table are the engine's business: it streams them whole, keeping only what
 the selection picks (``_engine``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -30,7 +35,7 @@ from ._concurrency import Aborted, one_error
 from ._exceptions import CorruptCheckpointError, UnsafeArchiveError
 from ._placement import StagingFolder
 from ._progress import Meter
-from ._selection import ListedEntry, Selection, normal_path, roots
+from ._selection import ListedEntry, Roots, Selection, normal_path
 from ._stores import ObjectInfo, Store
 
 __all__ = ["fetch_table", "list_from_table", "restore_from_table"]
@@ -40,6 +45,8 @@ __all__ = ["fetch_table", "list_from_table", "restore_from_table"]
 _TAIL = 64 * 1024
 #: Ranges closer than this are fetched as one (fewer requests for a few more bytes).
 _GAP = 256 * 1024
+#: Most entries one fetched range holds: bounds the memory of a restore of a million entries.
+_GROUP_ENTRIES = 1024
 #: Most bytes one ranged read fetches: bounds memory, whatever the size of the files picked.
 _REQUEST = 32 * 1024 * 1024
 _END_OF_ARCHIVE = bytes(2 * _tar.BLOCK)
@@ -79,39 +86,6 @@ async def list_from_table(store: Store, info: ObjectInfo, each: Callable[[Listed
     return True
 
 
-def _pick(table: bytes, footer: _toc.Footer, selection: Selection, uri: str) -> list[_toc.TocEntry]:
-    """The table's entries ``selection`` picks, with the file each picked hard link is to, in
-    archive order. Two passes over the table (it is inflated again) rather than holding it."""
-    chosen: list[_toc.TocEntry] = []
-    targets: set[str] = set()
-    for entry in _toc.read_table(table, footer, uri):
-        if selection.matches(entry.path):
-            chosen.append(entry)
-            if entry.kind == "hardlink":
-                targets.add(normal_path(entry.link))
-    selection.check_all_used(uri)
-    if not targets:
-        return chosen
-    links = {(entry.offset, entry.skip) for entry in chosen if entry.kind == "hardlink"}
-    have = {(entry.offset, entry.skip) for entry in chosen}
-    last_file: dict[str, _toc.TocEntry] = {}
-    extra: dict[tuple[int, int], _toc.TocEntry] = {}
-    for entry in _toc.read_table(table, footer, uri):
-        if entry.kind == "file" and entry.path in targets:
-            last_file[entry.path] = entry
-        elif (entry.offset, entry.skip) in links:
-            source = last_file.get(normal_path(entry.link))
-            if source is None:
-                raise CorruptCheckpointError(
-                    f"{uri}: the table of contents lists hard link {entry.path!r} -> {entry.link!r}, which is not "
-                    "to a file before it",
-                    uri=uri,
-                )
-            if (source.offset, source.skip) not in have:
-                extra[(source.offset, source.skip)] = source
-    return sorted([*chosen, *extra.values()], key=lambda entry: (entry.offset, entry.skip))
-
-
 class _Group(NamedTuple):
     """Neighbouring entries fetched as one range of whole members."""
 
@@ -120,17 +94,70 @@ class _Group(NamedTuple):
     entries: list[_toc.TocEntry]
 
 
-def _groups(entries: list[_toc.TocEntry]) -> list[_Group]:
-    groups: list[_Group] = []
+def _groups(entries: Iterable[_toc.TocEntry]) -> Iterator[_Group]:
+    """``entries`` (in archive order) as ranges to fetch: neighbours closer than :data:`_GAP` share
+    one, of at most :data:`_GROUP_ENTRIES` entries (a longer run is cut, and the member two groups
+    share, if any, fetched twice), so memory stays bounded whatever the number of entries picked."""
+    held: list[_toc.TocEntry] = []
+    start = end = 0
     for entry in entries:
-        end = entry.offset + entry.span
-        if groups and entry.offset <= groups[-1].end + _GAP:
-            last = groups[-1]
-            last.entries.append(entry)
-            groups[-1] = _Group(last.start, max(last.end, end), last.entries)
-        else:
-            groups.append(_Group(entry.offset, end, [entry]))
-    return groups
+        if held and entry.offset <= end + _GAP and len(held) < _GROUP_ENTRIES:
+            held.append(entry)
+            end = max(end, entry.offset + entry.span)
+            continue
+        if held:
+            yield _Group(start, end, held)
+        held, start, end = [entry], entry.offset, entry.offset + entry.span
+    if held:
+        yield _Group(start, end, held)
+
+
+class _Plan(NamedTuple):
+    """What a restore fetches: its bytes (for progress) and the walk of the entries it restores."""
+
+    fetched: int
+    entries: Callable[[], Iterator[_toc.TocEntry]]
+
+
+def _plan(table: bytes, footer: _toc.Footer, selection: Selection, uri: str) -> _Plan:
+    """The table's entries ``selection`` picks and the file each picked hard link to an entry it
+    does not pick needs, as a walk over the table (inflated again each time, never held as a list):
+    two walks, three more when such hard links exist. Raises unless every pattern matched."""
+
+    def picked() -> Iterator[_toc.TocEntry]:
+        return (entry for entry in _toc.read_table(table, footer, uri) if selection.matches(entry.path))
+
+    fetched = 0
+    targets: set[str] = set()  # the paths of the files hard links need that are not picked
+    for group in _groups(picked()):
+        fetched += group.end - group.start
+        for entry in group.entries:
+            if entry.kind == "hardlink" and not selection.selects(normal_path(entry.link)):
+                targets.add(normal_path(entry.link))
+    selection.check_all_used(uri)
+    if not targets:
+        return _Plan(fetched, picked)
+    last_file: dict[str, tuple[int, int]] = {}
+    sources: set[tuple[int, int]] = set()  # (offset, skip) of each file needed
+    for entry in _toc.read_table(table, footer, uri):
+        if entry.kind == "file" and entry.path in targets:
+            last_file[entry.path] = (entry.offset, entry.skip)
+        elif entry.kind == "hardlink" and normal_path(entry.link) in targets and selection.selects(entry.path):
+            source = last_file.get(normal_path(entry.link))
+            if source is None:
+                raise CorruptCheckpointError(
+                    f"{uri}: the table of contents lists hard link {entry.path!r} -> {entry.link!r}, which is not "
+                    "to a file before it",
+                    uri=uri,
+                )
+            sources.add(source)
+
+    def with_sources() -> Iterator[_toc.TocEntry]:
+        for entry in _toc.read_table(table, footer, uri):
+            if (entry.offset, entry.skip) in sources or selection.selects(entry.path):
+                yield entry
+
+    return _Plan(sum(group.end - group.start for group in _groups(with_sources())), with_sources)
 
 
 def _members(start: int, end: int, chunks: Iterator[bytes], uri: str) -> Iterator[tuple[int, list[memoryview]]]:
@@ -160,16 +187,17 @@ def _members(start: int, end: int, chunks: Iterator[bytes], uri: str) -> Iterato
 
 
 class _Window:
-    """The inflated data of one group's members, read on as its entries need it."""
+    """The inflated data of one group's members, read on as its entries need it: at most the
+    member being read is held (bytes no entry needs are dropped as they are inflated)."""
 
     def __init__(self, group: _Group, chunks: Iterator[bytes], uri: str) -> None:
         self._members = _members(group.start, group.end, chunks, uri)
         self._uri = uri
-        self.starts: dict[int, int] = {}  # member offset -> where its data starts, inflated
         self.data = Pieces()
         self.at = 0  # where the data's first byte is, inflated
         self.filled = 0  # where it ends
         self.last = -1  # the offset of the last member inflated
+        self.last_start = 0  # where its data starts, inflated
 
     def more(self, limit: int) -> None:
         """Inflate the next member, which must start before ``limit``."""
@@ -178,11 +206,25 @@ class _Window:
             raise CorruptCheckpointError(
                 f"{self._uri}: an entry of the table of contents runs past the members it names", uri=self._uri
             )
-        self.starts[found[0]] = self.filled
-        self.last = found[0]
+        self.last, self.last_start = found[0], self.filled
         for view in found[1]:
             self.data.add(view)
             self.filled += len(view)
+
+    def drop(self) -> None:
+        """Forget the data inflated so far: no entry left starts in it."""
+        self.data = Pieces()
+        self.at = self.filled
+
+    def skip_to(self, position: int, limit: int) -> None:
+        """Drop the data before ``position`` (inflated), inflating members up to ``limit`` as needed."""
+        while True:
+            dropped = min(position - self.at, self.data.length)
+            self.data.take(dropped)
+            self.at += dropped
+            if self.at == position:
+                return
+            self.more(limit)
 
     def rest(self) -> None:
         """Inflate the members left in the range: fetched, so checked too."""
@@ -190,28 +232,50 @@ class _Window:
             pass
 
 
-def _picked_bytes(groups: list[_Group], chunks: Iterator[bytes], uri: str) -> Iterator[memoryview]:
-    """The tar stream's bytes of every entry of ``groups``, in order, then an end-of-archive marker."""
-    for group in groups:
-        window = _Window(group, chunks, uri)
+class _Sequence:
+    """The entries whose bytes went to the extraction, in order, until it checked each one
+    (:func:`_matching`); whether every group came."""
+
+    def __init__(self) -> None:
+        self.pending: deque[_toc.TocEntry] = deque()
+        self.ended = False
+
+
+def _group_chunks(group: _Group, items: Iterator[_Group | bytes], uri: str) -> Iterator[bytes]:
+    """The bytes fetched for ``group``: the items that follow it, up to its length."""
+    remaining = group.end - group.start
+    while remaining > 0:
+        item = next(items, None)
+        if not isinstance(item, bytes):
+            raise CorruptCheckpointError(f"{uri}: fewer bytes came than were asked for", uri=uri)
+        remaining -= len(item)
+        yield item
+
+
+def _picked_bytes(items: Iterator[_Group | bytes], sequence: _Sequence, uri: str) -> Iterator[memoryview]:
+    """The tar stream's bytes of every entry of the groups in ``items`` (each followed by its
+    fetched bytes), in order, then an end-of-archive marker."""
+    for group in items:
+        if not isinstance(group, _Group):
+            raise CorruptCheckpointError(f"{uri}: more bytes came than were asked for", uri=uri)
+        window = _Window(group, _group_chunks(group, items, uri), uri)
         for entry in group.entries:
             limit = entry.offset + entry.span
-            while entry.offset not in window.starts:
-                if window.last > entry.offset:
-                    raise CorruptCheckpointError(
-                        f"{uri}: the table of contents places {entry.path!r} inside a gzip member, not at its start",
-                        uri=uri,
-                    )
+            while window.last < entry.offset:
+                window.drop()
                 window.more(group.end)
-            begin = window.starts[entry.offset] + entry.skip
+            if window.last != entry.offset:
+                raise CorruptCheckpointError(
+                    f"{uri}: the table of contents places {entry.path!r} inside a gzip member, not at its start",
+                    uri=uri,
+                )
+            begin = window.last_start + entry.skip
             if begin < window.at:
                 raise CorruptCheckpointError(
                     f"{uri}: entries of the table of contents overlap at {entry.path!r}", uri=uri
                 )
-            while window.filled < begin:
-                window.more(limit)
-            window.data.take(begin - window.at)
-            window.at = begin
+            window.skip_to(begin, limit)
+            sequence.pending.append(entry)
             remaining = entry.length
             while remaining:
                 if not window.data.length:
@@ -222,6 +286,7 @@ def _picked_bytes(groups: list[_Group], chunks: Iterator[bytes], uri: str) -> It
                 window.at += taken
                 yield from views
         window.rest()
+    sequence.ended = True
     yield memoryview(_END_OF_ARCHIVE)
 
 
@@ -248,13 +313,12 @@ class _Stream:
         return self._buffer.take(size)
 
 
-def _matching(expected: list[_toc.TocEntry], uri: str) -> tuple[_tar.Pick, Callable[[], None]]:
+def _matching(sequence: _Sequence, uri: str) -> tuple[_tar.Pick, Callable[[], None]]:
     """A pick that checks each entry extracted against the table (and takes it), and the check
     that every entry the table promised came."""
-    pending = iter(expected)
 
     def pick(header: _tar.Header) -> bool:
-        entry = next(pending, None)
+        entry = sequence.pending.popleft() if sequence.pending else None
         found = (normal_path(header.name), _tar.KIND_NAMES.get(header.kind, repr(header.kind)))
         if (
             entry is None
@@ -271,10 +335,10 @@ def _matching(expected: list[_toc.TocEntry], uri: str) -> tuple[_tar.Pick, Calla
         return True
 
     def all_came() -> None:
-        entry = next(pending, None)
-        if entry is not None:
+        if sequence.pending or not sequence.ended:
+            where = repr(sequence.pending[0].path) if sequence.pending else "an entry"
             raise CorruptCheckpointError(
-                f"{uri}: the table of contents does not match the archive: {entry.path!r} is not where it says",
+                f"{uri}: the table of contents does not match the archive: {where} is not where it says",
                 uri=uri,
             )
 
@@ -297,11 +361,10 @@ async def restore_from_table(
     if found is None:
         return False
     footer, table = found
-    entries = await anyio.to_thread.run_sync(_pick, table, footer, selection, uri)
-    del table
-    groups = _groups(entries)
-    meter.total = meter.source_total = sum(group.end - group.start for group in groups)
-    send, receive = anyio.create_memory_object_stream[bytes](2)
+    plan = await anyio.to_thread.run_sync(_plan, table, footer, selection, uri)
+    meter.total = meter.source_total = plan.fetched
+    groups = _groups(plan.entries())  # walked one group at a time, in worker threads, by fetch()
+    send, receive = anyio.create_memory_object_stream[_Group | bytes](2)
 
     fetch_failed = False
 
@@ -309,37 +372,49 @@ async def restore_from_table(
         nonlocal fetch_failed
         with send:
             try:
-                for group in groups:
+                while (group := await anyio.to_thread.run_sync(next, groups, None)) is not None:
+                    await send.send(group)
                     for start in range(group.start, group.end, _REQUEST):
                         await send.send(await store.read_range(info, start, min(_REQUEST, group.end - start)))
             except BaseException:
                 fetch_failed = True  # its error is the one to report, not the reader's
                 raise
 
-    def chunks() -> Iterator[bytes]:
+    def items() -> Iterator[_Group | bytes]:
         while True:
             try:
-                data = anyio.from_thread.run(receive.receive)
+                item = anyio.from_thread.run(receive.receive)
             except anyio.EndOfStream:
                 if fetch_failed:
                     raise Aborted from None
-                raise CorruptCheckpointError(f"{uri}: fewer bytes came than were asked for", uri=uri) from None
-            meter.advance(len(data))  # in this worker thread: progress callbacks never run on the loop
-            yield data
+                return
+            if isinstance(item, bytes):
+                meter.advance(len(item))  # in this worker thread: progress callbacks never run on the loop
+            yield item
 
     def extract() -> None:
-        pick, all_came = _matching(entries, uri)
+        sequence = _Sequence()
+        pick, all_came = _matching(sequence, uri)
+        placed = Roots()
+
+        def pick_and_place(header: _tar.Header) -> bool:
+            pick(header)
+            placed.add(normal_path(header.name))
+            return True
+
         with StagingFolder(workspace, uri) as staging:
-            stream = _Stream(_picked_bytes(groups, chunks(), uri))
+            stream = _Stream(_picked_bytes(items(), sequence, uri))
             try:
-                _tar.extract(stream.read, str(staging.path), views=stream.read_views, writers=workers, pick=pick)
+                _tar.extract(
+                    stream.read, str(staging.path), views=stream.read_views, writers=workers, pick=pick_and_place
+                )
             except UnsafeArchiveError as error:
                 raise UnsafeArchiveError(f"{uri}: unsafe archive entry refused: {error}", uri=uri) from error
             except CorruptCheckpointError as error:
                 said = str(error)
                 raise CorruptCheckpointError(said if uri in said else f"{uri}: {said}", uri=uri) from error
             all_came()
-            staging.present_paths(roots(entry.path for entry in entries))
+            staging.present_paths(placed.result())
 
     async def consume() -> None:
         with receive:

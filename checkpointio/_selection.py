@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 from ._exceptions import CheckpointError
 
-__all__ = ["ListedEntry", "Selection", "normal_path"]
+__all__ = ["ListedEntry", "Roots", "Selection", "normal_path", "roots"]
 
 
 class ListedEntry(NamedTuple):
@@ -144,6 +144,17 @@ class Selection:
                 return False
             candidate = candidate[:cut]
 
+    def selects(self, path: str) -> bool:
+        """Whether :meth:`matches` would select ``path``, without noting any pattern as used."""
+        if path in self._exact:
+            return True
+        candidate = path
+        while candidate:
+            if any(compiled.fullmatch(candidate) for compiled in self._compiled):
+                return True
+            candidate = candidate[: max(candidate.rfind("/"), 0)]
+        return False
+
     def also(self, paths: Iterable[str]) -> None:
         """Select these exact paths too (the file a selected hard link needs)."""
         self._exact.update(paths)
@@ -169,3 +180,25 @@ def roots(paths: Iterable[str]) -> list[str]:
         if not any("/".join(parts[:depth]) in given for depth in range(1, len(parts))):
             out.append(path)
     return out
+
+
+class Roots:
+    """The roots (see :func:`roots`) of paths given one at a time in archive order, holding only
+    the paths no earlier one holds: a folder's entries, which follow it, add nothing, so a
+    restore picking a million entries of a few folders keeps a few paths, not a million."""
+
+    def __init__(self) -> None:
+        self._held: dict[str, None] = {}
+
+    def add(self, path: str) -> None:
+        held = self._held
+        cut = len(path)
+        while cut > 0:
+            if path[:cut] in held:
+                return
+            cut = path.rfind("/", 0, cut)
+        held[path] = None
+
+    def result(self) -> list[str]:
+        """The roots of every path given (a folder listed after its entries included)."""
+        return roots(self._held)

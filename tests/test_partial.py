@@ -686,3 +686,80 @@ def test_verify_checks_the_table_against_the_archive(store: StoreCase, tmp_path:
     big[4] -= 1  # a size the archive does not hold (a well-formed row): only reading the archive shows it
     store.put_raw("lying", with_table(data, rows))
     assert main(["-q", "verify", store.uri("lying")]) == 4
+
+
+# -- memory of partial restores -------------------------------------------------------------------
+
+
+def repeated_folder_archive(count: int) -> bytes:
+    """An archive of ``count`` entries, each the folder ``d`` again (as ``tar -r`` appends), with a
+    table: a restore picking them all writes almost nothing, so its memory is the planning's."""
+    header = tarfile.TarInfo("d")
+    header.type, header.mode, header.mtime = tarfile.DIRTYPE, 0o755, 1_700_000_000
+    stream = header.tobuf(format=tarfile.USTAR_FORMAT) * count + bytes(1024)
+    writer = _toc.TableWriter(block_size=256 * 1024, level=1)
+    for index in range(count):
+        writer.add("d", "dir", 0o755, 1_700_000_000, 0, "", index * 512, (index + 1) * 512)
+    members = []
+    for start in range(0, len(stream), 256 * 1024):
+        chunk = stream[start : start + 256 * 1024]
+        members.append(_codec.encode_member(chunk, 1))
+        writer.member(len(members[-1]), len(chunk))
+    return b"".join(members + writer.finish())
+
+
+def peak_of_load(case: StoreCase, name: str, workspace: Path, patterns: list[str]) -> int:
+    """The most memory Python held while ``only=patterns`` was restored (after the store's own
+    set-up, so a first S3 client does not count)."""
+    store, location = counted_store(case, name)
+    assert anyio.run(store.head, location) is not None
+    tracemalloc.start()
+    try:
+        anyio.run(lambda: _engine.load(store, location, workspace, CONFIG, only=Selection(patterns)))
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@ONE_STORE
+def test_a_partial_restore_of_many_entries_holds_none_of_them(store: StoreCase, tmp_path: Path) -> None:
+    # 25,000 entries picked: held as rows they take ~10 MiB more; walked, a few table members in all
+    # (~2.5 MiB, whatever the count: 150,000 held took 55 MiB).
+    count = 25_000
+    store.put_raw("many", repeated_folder_archive(count))
+    assert len(table_of(store.get_raw("many"))) == count
+    workspace = tmp_path / "ws"
+    peak = peak_of_load(store, "many", workspace, ["**"])
+    assert [path.name for path in workspace.iterdir()] == ["d"]
+    assert peak < 5 * 1024 * 1024, peak
+
+
+@ONE_STORE
+def test_the_bytes_between_two_picked_entries_are_not_held(store: StoreCase, tmp_path: Path) -> None:
+    # 64 MiB of zeros deflate to ~64 KiB: fetched with its neighbours as one range, inflated member
+    # by member and dropped, never all held.
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "a.txt").write_text("first")
+    with open(tree / "b.bin", "wb") as zeros:
+        zeros.truncate(64 * 1024 * 1024)
+    (tree / "c.txt").write_text("last")
+    Checkpoint(store.uri("ck")).save_sync(tree)
+    workspace = tmp_path / "ws"
+    peak = peak_of_load(store, "ck", workspace, ["a.txt", "c.txt"])
+    assert {path.name: path.read_text() for path in workspace.iterdir()} == {"a.txt": "first", "c.txt": "last"}
+    assert peak < 16 * 1024 * 1024, peak
+
+
+@ONE_STORE
+def test_a_run_of_entries_longer_than_a_fetch_group_restores_whole(store: StoreCase, tmp_path: Path) -> None:
+    # 1,500 small files share members: the run is cut into groups inside a member, fetched twice.
+    tree = tmp_path / "tree"
+    (tree / "many").mkdir(parents=True)
+    for index in range(1500):
+        (tree / "many" / f"{index:04d}.txt").write_text(f"file {index}")
+    Checkpoint(store.uri("ck")).save_sync(tree)
+    assert len({entry.offset for entry in table_of(store.get_raw("ck"))}) < 100
+    workspace = tmp_path / "ws"
+    load_only(store, "ck", workspace, ["many"])
+    assert snapshot(workspace) == snapshot(tree)
