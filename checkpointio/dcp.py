@@ -83,7 +83,7 @@ from ._exceptions import (
     ChecksumMismatchError,
     CorruptCheckpointError,
 )
-from ._location import Location, parse_location, split_scheme
+from ._location import Location, checkpoint_location, split_scheme
 from ._portal import run_sync
 from ._stores import ObjectInfo, Store, open_store
 
@@ -226,7 +226,7 @@ class _Target:
         self.sources: tuple[Location, ...] | None
         if isinstance(target, Checkpoint):
             self.config = target.config.with_options(**options)
-            sources = tuple(parse_location(uri) for uri in target.sources)
+            sources = tuple(checkpoint_location(uri) for uri in target.sources)
             target = target.dest
         else:
             self.config = TransferConfig().with_options(**options)
@@ -237,7 +237,7 @@ class _Target:
 
     def reset(self, target: str | os.PathLike[str]) -> None:
         """Point at ``target`` alone: an explicit checkpoint id replaces a ``Checkpoint``'s sources."""
-        self.location = parse_location(target)
+        self.location = checkpoint_location(target)
         self.sources = None
 
     async def store(self, location: Location | None = None) -> Store:
@@ -311,7 +311,7 @@ class _Target:
             raise CorruptCheckpointError(f"rank 0 could not choose a checkpoint to load: {detail}", uri=uri)
         if outcome == "none" or manifest is not None:
             return manifest
-        self.location = parse_location(detail)
+        self.location = checkpoint_location(detail)
         found = run_sync(self.read_manifest)
         if found is None:
             raise CheckpointNotFoundError(f"{detail}: the checkpoint rank 0 chose is gone", uri=detail)
@@ -522,7 +522,7 @@ class StorageWriter(_StorageWriter):
 
 def _valid(checkpoint_id: str | os.PathLike[str]) -> bool:
     try:
-        parse_location(checkpoint_id)
+        checkpoint_location(checkpoint_id)
     except ValueError:
         return False
     return True

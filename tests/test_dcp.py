@@ -883,3 +883,22 @@ def test_the_documented_example_runs(tmp_path: Any) -> None:
     assert torch.equal(
         fresh_optimizer.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"]
     )
+
+
+@pytest.mark.parametrize("uri", ["s3://bucket/runs/7/", "memory://runs/7/"])
+def test_a_folder_like_uri_is_refused_as_a_checkpoint_id_as_checkpoint_refuses_it(uri: str) -> None:
+    """A key ending in ``/`` names a folder, not one checkpoint: refused before any request, with
+    the message ``Checkpoint`` gives, whichever way the URI reaches the storage layer."""
+    with pytest.raises(ValueError, match=r"ends with '/'") as expected:
+        Checkpoint(uri)
+    for start in (lambda: save({"w": torch.ones(2)}, uri), lambda: load({"w": torch.zeros(2)}, uri)):
+        with pytest.raises(ValueError) as caught:
+            start()
+        assert str(caught.value) == str(expected.value)
+    for layer in (StorageWriter, StorageReader):
+        with pytest.raises(ValueError, match=r"ends with '/'"):
+            layer(uri)
+        with pytest.raises(ValueError, match=r"ends with '/'"):
+            layer("memory://runs/7/ok").reset(uri)
+        assert layer.validate_checkpoint_id(uri) is False
+        assert layer.validate_checkpoint_id(uri.rstrip("/")) is True
