@@ -51,6 +51,7 @@ from typing import Any, BinaryIO, cast
 import anyio
 import anyio.to_thread
 import torch
+from torch.autograd.graph import increment_version
 from torch.distributed._shard._utils import narrow_tensor_by_index
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, StorageMeta
@@ -700,6 +701,9 @@ class StorageReader(_StorageReader):
                 if _in_place(request, piece, target, uri):
                     if chunk:
                         _memory_of(target)[:] = chunk  # the common case: one copy, straight into place
+                    # A write autograd does not see: counted as the in-place change it is (as copy_
+                    # counts one), so a backward through a graph that saved the old values raises.
+                    increment_version(target)
                 else:
                     tensor = narrow_tensor_by_index(
                         self._stored_tensor(piece, chunk), request.storage_offsets, request.lengths

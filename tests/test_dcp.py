@@ -902,3 +902,19 @@ def test_a_folder_like_uri_is_refused_as_a_checkpoint_id_as_checkpoint_refuses_i
             layer("memory://runs/7/ok").reset(uri)
         assert layer.validate_checkpoint_id(uri) is False
         assert layer.validate_checkpoint_id(uri.rstrip("/")) is True
+
+
+def test_a_load_into_a_tensor_saved_for_backward_is_seen_by_autograd(store: StoreCase) -> None:
+    """Loading writes into the state dict's tensors in place: autograd must see that as it sees
+    ``copy_`` (a backward through a graph that saved the old values raises, instead of computing
+    gradients from the loaded ones), whether the bytes are copied straight in or converted."""
+    save({"same": torch.full((4,), 3.0), "other": torch.full((4,), 3.0)}, store.uri("ckpt"))
+    same = torch.ones(4, requires_grad=True)
+    other = torch.ones(4, dtype=torch.float64, requires_grad=True)  # another dtype: converted by copy_
+    losses = {"same": (same * same).sum(), "other": (other * other).sum()}  # each saves its tensor for backward
+    assert load({"same": same, "other": other}, store.uri("ckpt")) is True
+    assert same.tolist() == [3.0] * 4 and other.tolist() == [3.0] * 4
+    for name, loss in losses.items():
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            torch.autograd.backward(loss)
+        assert same.grad is None and other.grad is None, name
