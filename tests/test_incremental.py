@@ -665,7 +665,7 @@ import sys, time
 import anyio
 from checkpointio import StoreError, _incremental, _manage
 from checkpointio._config import TransferConfig
-from checkpointio._location import parse_prefix
+from checkpointio._location import Location, parse_prefix
 from checkpointio._stores import open_store
 
 folder, seconds = sys.argv[1], float(sys.argv[2])
@@ -677,7 +677,7 @@ async def check() -> None:
     for key, manifest in (await _incremental.manifests_beside(store, area, TransferConfig())).items():
         for name in manifest.packs:
             if await store.head(_incremental.pack_location(area, name)) is None:
-                if await store.head(_incremental.Location(area.scheme, area.bucket, key)) is not None:
+                if await store.head(Location(area.scheme, area.bucket, key)) is not None:
                     raise SystemExit(f"{key} references the missing pack {name}")
 
 async def main() -> None:

@@ -1,0 +1,356 @@
+"""Restoring and verifying an incremental checkpoint: the packs' chunks fetched with ranged reads,
+several at once, each checked against its hash, and files written as their chunks arrive."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+import anyio.to_thread
+
+from .. import _placement, _tar
+from .._concurrency import one_error
+from .._config import TransferConfig
+from .._exceptions import CheckpointError, CorruptCheckpointError
+from .._location import Location
+from .._progress import Meter, ProgressCallback, human_size
+from .._selection import ListedEntry, Selection, roots
+from .._stores import ObjectInfo, Store
+from . import _chunks
+from ._layout import area_of, pack_location
+from ._manifest import DIR, FILE, HARDLINK, SYMLINK, Entry, Manifest, read_manifest
+
+logger = logging.getLogger(__name__)
+
+#: A restore fetches a pack's chunks in ranges of at most this many bytes, merging chunks less
+#: than ``_GAP`` apart into one range.
+_SPAN = 8 * 1024 * 1024
+_GAP = 256 * 1024
+
+
+@dataclass
+class _Span:
+    pack: str
+    offset: int
+    length: int
+    chunks: list[int]
+
+
+def _spans(manifest: Manifest, wanted: set[int]) -> list[_Span]:
+    """The ranges to fetch: per pack, the wanted chunks in offset order, merged across small gaps."""
+    by_pack: dict[str, list[int]] = {}
+    for index in sorted(wanted):
+        by_pack.setdefault(manifest.chunks[index].pack, []).append(index)
+    spans: list[_Span] = []
+    for name, indices in by_pack.items():
+        indices.sort(key=lambda index: manifest.chunks[index].offset)
+        current: _Span | None = None
+        for index in indices:
+            chunk = manifest.chunks[index]
+            end = chunk.offset + chunk.stored
+            if (
+                current is not None
+                and chunk.offset - (current.offset + current.length) <= _GAP
+                and end - current.offset <= _SPAN
+            ):
+                current.length = end - current.offset
+                current.chunks.append(index)
+            else:
+                current = _Span(name, chunk.offset, chunk.stored, [index])
+                spans.append(current)
+    return spans
+
+
+class _Fetched:
+    """What fetching a manifest's chunks found wrong, by pack, to name the files it affects."""
+
+    def __init__(self) -> None:
+        self.missing: dict[str, str] = {}  # pack -> why
+        self.bad: dict[int, str] = {}  # chunk -> why
+        self.lock = threading.Lock()
+
+    def error(self, manifest: Manifest, uri: str) -> CorruptCheckpointError | None:
+        if not self.missing and not self.bad:
+            return None
+        affected = {index for index, chunk in enumerate(manifest.chunks) if chunk.pack in self.missing}
+        affected |= set(self.bad)
+        named, count = manifest.files_using(affected)
+        problems = [f"pack {name} {why}" for name, why in sorted(self.missing.items())]
+        bad_packs = sorted({manifest.chunks[index].pack for index in self.bad})
+        problems += [f"pack {name} holds chunks that {self.bad_reason(manifest, name)}" for name in bad_packs]
+        more = f" and {count - len(named)} more" if count > len(named) else ""
+        return CorruptCheckpointError(
+            f"{uri}: {'; '.join(problems[:5])}; it affects {count} file{'s' if count != 1 else ''}: "
+            f"{', '.join(named)}{more}",
+            uri=uri,
+        )
+
+    def bad_reason(self, manifest: Manifest, pack: str) -> str:
+        return next(why for index, why in self.bad.items() if manifest.chunks[index].pack == pack)
+
+
+async def _fetch(
+    store: Store,
+    area: Location,
+    manifest: Manifest,
+    wanted: set[int],
+    config: TransferConfig,
+    meter: Meter,
+    on_chunk: Callable[[int, bytes], None],
+    uri: str,
+) -> None:
+    """Fetch the ``wanted`` chunks with ranged reads of their packs, several at once, and hand each
+    one, checked, to ``on_chunk`` (in worker threads). What is missing or corrupt is collected,
+    then raised as one :class:`CorruptCheckpointError` naming the files it affects."""
+    found = _Fetched()
+    spans = _spans(manifest, wanted)
+    infos: dict[str, ObjectInfo] = {}
+    slots = anyio.Semaphore(max(1, config.max_concurrency))
+    # inflating and checking release the GIL, and creating files waits on the file system
+    workers = anyio.CapacityLimiter(max(4, 2 * config.compression_workers))
+
+    async def head(name: str) -> None:
+        async with slots:
+            info = await store.head(pack_location(area, name))
+        if info is None:
+            found.missing[name] = "is missing"
+        elif info.size != manifest.packs[name]:
+            found.missing[name] = f"holds {info.size} bytes, the manifest records {manifest.packs[name]}"
+        else:
+            infos[name] = info
+
+    with one_error():
+        async with anyio.create_task_group() as group:
+            for name in {span.pack for span in spans}:
+                group.start_soon(head, name)
+
+    def take(span: _Span, data: bytes) -> None:
+        view = memoryview(data)
+        for index in span.chunks:
+            chunk = manifest.chunks[index]
+            start = chunk.offset - span.offset
+            try:
+                content = _chunks.decode(chunk, view[start : start + chunk.stored])
+            except ValueError as error:
+                with found.lock:
+                    found.bad[index] = str(error)
+                continue
+            on_chunk(index, content)
+        meter.advance(len(data))
+
+    async def fetch(span: _Span) -> None:
+        async with slots:  # held until the span is written: memory stays bounded by the slots
+            data = await store.read_range(infos[span.pack], span.offset, span.length)
+            await anyio.to_thread.run_sync(take, span, data, limiter=workers)
+
+    with one_error():
+        async with anyio.create_task_group() as group:
+            for span in spans:
+                if span.pack in infos:
+                    group.start_soon(fetch, span)
+    error = found.error(manifest, uri)
+    if error is not None:
+        raise error
+
+
+_WRITE = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+_CREATE = _WRITE | os.O_CREAT | os.O_EXCL
+
+
+class _Writer:
+    """Writes a manifest's files into a staging folder as their chunks arrive, in any order."""
+
+    def __init__(self, manifest: Manifest, folder: int) -> None:
+        self.manifest = manifest
+        self.folder = folder
+        self.lock = threading.Lock()
+        # chunk -> [(entry index, offset in the file)]
+        self.uses: dict[int, list[tuple[int, int]]] = {}
+        self.remaining: dict[int, int] = {}
+        for number, entry in enumerate(manifest.entries):
+            if entry.kind != FILE:
+                continue
+            position = 0
+            for index in entry.chunks:
+                self.uses.setdefault(index, []).append((number, position))
+                position += manifest.chunks[index].size
+            self.remaining[number] = entry.size
+
+    def prepare(self) -> None:
+        """Create the folders, and the files that are empty or need several chunks (a single-chunk
+        file is created whole when its chunk arrives)."""
+        for entry in self.manifest.entries:
+            if entry.kind == DIR:
+                os.mkdir(entry.path, 0o700, dir_fd=self.folder)
+            elif entry.kind == FILE and (entry.size == 0 or len(entry.chunks) > 1):
+                fd = os.open(entry.path, _CREATE, 0o600, dir_fd=self.folder)
+                try:
+                    if entry.size == 0:
+                        self._finish(fd, entry)
+                finally:
+                    os.close(fd)
+
+    def chunk(self, index: int, data: bytes) -> None:
+        for number, position in self.uses.get(index, ()):
+            entry = self.manifest.entries[number]
+            single = len(entry.chunks) == 1
+            fd = os.open(entry.path, _CREATE if single else _WRITE, 0o600, dir_fd=self.folder)
+            try:
+                view = memoryview(data)
+                while view:
+                    written = os.pwrite(fd, view, position)
+                    position += written
+                    view = view[written:]
+                with self.lock:
+                    self.remaining[number] -= len(data)
+                    complete = self.remaining[number] == 0
+                if complete:
+                    self._finish(fd, entry)
+            finally:
+                os.close(fd)
+
+    @staticmethod
+    def _finish(fd: int, entry: Entry) -> None:
+        os.fchmod(fd, _tar._file_mode(entry.mode))
+        os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
+
+    def finish(self, uri: str) -> None:
+        """Links, then folder modes and times (deepest first), once every file is whole."""
+        short = [self.manifest.entries[n].path for n, left in self.remaining.items() if left != 0]
+        if short:
+            raise CorruptCheckpointError(f"{uri}: {short[0]!r} was not restored whole", uri=uri)
+        for entry in self.manifest.entries:
+            if entry.kind == SYMLINK:
+                os.symlink(entry.link, entry.path, dir_fd=self.folder)
+            elif entry.kind == HARDLINK:
+                os.link(entry.link, entry.path, src_dir_fd=self.folder, dst_dir_fd=self.folder, follow_symlinks=False)
+        for entry in reversed(self.manifest.entries):
+            if entry.kind == DIR:
+                os.chmod(entry.path, entry.mode & 0o755 | 0o700, dir_fd=self.folder)
+                os.utime(entry.path, ns=(entry.mtime_ns, entry.mtime_ns), dir_fd=self.folder, follow_symlinks=False)
+
+
+def _wanted(manifest: Manifest) -> set[int]:
+    return {index for entry in manifest.entries if entry.kind == FILE for index in entry.chunks}
+
+
+def _select(manifest: Manifest, only: Selection, uri: str) -> tuple[Manifest, list[str]]:
+    """The part of ``manifest`` a partial restore writes (the entries ``only`` picks, the file a
+    picked hard link needs, the folders holding them) and the paths it then presents."""
+    picked = {entry.path for entry in manifest.entries if only.matches(entry.path)}
+    picked |= {entry.link for entry in manifest.entries if entry.kind == HARDLINK and entry.path in picked}
+    only.check_all_used(uri)
+    needed = set(picked)
+    for path in picked:
+        parts = path.split("/")
+        needed.update("/".join(parts[:depth]) for depth in range(1, len(parts)))
+    entries = [entry for entry in manifest.entries if entry.path in needed]
+    return Manifest(manifest.packs, manifest.chunks, entries, manifest.save_id, manifest.created), roots(picked)
+
+
+async def list_entries(
+    store: Store, info: ObjectInfo, config: TransferConfig, each: Callable[[ListedEntry], None]
+) -> None:
+    """Give each entry of the incremental checkpoint ``info`` to ``each`` (in a worker thread), from
+    its manifest alone (``ls --contents``)."""
+    manifest = await read_manifest(store, info.location, config)
+    if manifest is None:
+        raise CheckpointError(f"{info.location.uri}: replaced while being read", uri=info.location.uri)
+    kinds = {DIR: "dir", FILE: "file", SYMLINK: "symlink", HARDLINK: "hardlink"}
+
+    def give() -> None:
+        for entry in manifest.entries:
+            size = entry.size if entry.kind == FILE else 0
+            mtime = entry.mtime_ns // 1_000_000_000
+            each(ListedEntry(entry.path, kinds[entry.kind], size, mtime, entry.mode, entry.link))
+
+    await anyio.to_thread.run_sync(give)
+
+
+async def load(
+    store: Store,
+    info: ObjectInfo,
+    workspace: Path,
+    config: TransferConfig,
+    on_progress: ProgressCallback | None = None,
+    *,
+    only: Selection | None = None,
+) -> Path:
+    """Restore the incremental checkpoint whose manifest is ``info`` into ``workspace`` (with
+    ``only``, just the entries it picks, at their paths, fetching only their chunks).
+
+    Files are written into a staging folder as their chunks arrive; the tree is presented only
+    once every chunk matched its hash.
+    """
+    location = info.location
+    uri = location.uri
+    started = time.monotonic()
+    manifest = await read_manifest(store, location, config)
+    if manifest is None:
+        raise CheckpointError(f"{uri}: replaced while being read", uri=uri)
+    presented: list[str] | None = None
+    if only is not None:
+        manifest, presented = _select(manifest, only, uri)
+    meter = Meter(on_progress, "load", uri, manifest.stored_size())
+    await anyio.to_thread.run_sync(_placement.make_workspace, workspace, uri)
+    staging = await anyio.to_thread.run_sync(_placement.StagingFolder, workspace, uri)
+    try:
+        folder = await anyio.to_thread.run_sync(
+            lambda: os.open(staging.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        )
+        try:
+            writer = _Writer(manifest, folder)
+            await anyio.to_thread.run_sync(writer.prepare)
+            await _fetch(store, area_of(location), manifest, _wanted(manifest), config, meter, writer.chunk, uri)
+            await anyio.to_thread.run_sync(writer.finish, uri)
+        finally:
+            os.close(folder)
+        if presented is None:
+            await anyio.to_thread.run_sync(staging.present)
+        else:
+            await anyio.to_thread.run_sync(staging.present_paths, presented)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(staging.__exit__, None, None, None)
+    if meter.reporting:
+        await anyio.to_thread.run_sync(meter.finish)
+    logger.info(
+        "loaded %s (incremental, %d entries, %s in %.1f s)",
+        uri,
+        len(manifest.entries),
+        human_size(sum(entry.size for entry in manifest.entries)),
+        time.monotonic() - started,
+    )
+    return workspace
+
+
+async def verify(
+    store: Store, info: ObjectInfo, config: TransferConfig, on_progress: ProgressCallback | None = None
+) -> Manifest:
+    """Check every chunk the manifest at ``info`` names, writing nothing.
+
+    Raises:
+        CorruptCheckpointError: The manifest is garbled or unsafe, or packs are missing or hold
+            chunks that fail their check (named, with the files they affect).
+    """
+    location = info.location
+    manifest = await read_manifest(store, location, config)
+    if manifest is None:
+        raise CheckpointError(f"{location.uri}: replaced while being read", uri=location.uri)
+    meter = Meter(on_progress, "verify", location.uri, manifest.stored_size())
+
+    def ignore(index: int, data: bytes) -> None:
+        pass
+
+    await _fetch(
+        store, area_of(location), manifest, set(range(len(manifest.chunks))), config, meter, ignore, location.uri
+    )
+    if meter.reporting:
+        await anyio.to_thread.run_sync(meter.finish)
+    return manifest
