@@ -5,7 +5,8 @@
 from many threads at once, and from inside another running event loop (that loop blocks; nothing
 deadlocks, because the work runs on this thread's loop). The thread is started on first use,
 started anew in a forked child (the parent's thread does not exist there), and stopped at
-interpreter exit, in the last stage of :mod:`._exit`. Ctrl-C while waiting cancels the work and
+interpreter exit, in the last stage of :mod:`._exit` (a call after that runs in the foreground on
+a loop of its own: nothing would stop a new thread). Ctrl-C while waiting cancels the work and
 waits for its cleanup, so an interrupted save aborts its upload instead of leaving it behind.
 
 This module only runs coroutines: what a background save owes its caller (its outcome, waiting
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import os
 import threading
 from collections.abc import Awaitable, Callable, Coroutine
@@ -65,9 +67,13 @@ _orphans: list[_LoopThread] = []
 
 
 def _loop_thread() -> _LoopThread:
+    """The loop thread, started on first use; never after interpreter exit stopped it (nothing
+    would stop a new one, and its teardown would fail noisily as the interpreter finalizes)."""
     global _current
     with _lock:
         if _current is None:
+            if _exit.passed(_exit.Stage.LOOP):
+                raise PortalError("checkpointio's event-loop thread was stopped at interpreter exit")
             _current = _LoopThread()
         return _current
 
@@ -143,9 +149,15 @@ def run_sync(func: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs)
     Interrupted (Ctrl-C) at any point, even before it started waiting, it cancels the work and
     waits for its cleanup (an aborted upload, a removed temporary file) before raising.
 
+    Called after interpreter exit stopped the loop thread (from an ``atexit`` hook registered
+    before checkpointio's), it runs the work in the foreground on an event loop of its own,
+    closed before it returns.
+
     Raises:
         PortalError: Called from the loop thread itself, where waiting would deadlock.
     """
+    if _exit.passed(_exit.Stage.LOOP):
+        return _run_here(functools.partial(func, *args, **kwargs))
     loop = _loop_thread()
     if threading.get_ident() == loop.thread_id:
         raise PortalError(
@@ -174,3 +186,24 @@ def run_sync(func: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs)
         if future is None or not future.done():  # interrupted (Ctrl-C), wherever it landed
             call.stop(loop.loop)
         raise
+
+
+def _run_here(func: Callable[[], Awaitable[T]]) -> T:
+    """Run ``func`` on a short-lived event loop in this thread; in a short-lived thread of its own
+    when this thread already runs one (an ``atexit`` hook calling ``asyncio.run``)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return anyio.run(func)
+    outcome: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+    def run() -> None:
+        try:
+            outcome.set_result(anyio.run(func))
+        except BaseException as error:  # handed to the caller, re-raised there
+            outcome.set_exception(error)
+
+    thread = threading.Thread(target=run, name="checkpointio-at-exit")
+    thread.start()
+    thread.join()
+    return outcome.result()

@@ -15,6 +15,7 @@ import pytest
 import checkpointio
 from checkpointio import Checkpoint, PortalError, _portal
 
+from .conftest import StoreCase
 from .scripts import run_script
 
 
@@ -113,6 +114,48 @@ def test_sync_calls_work_at_interpreter_exit(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "at-exit").read_bytes() == b"saved at exit"
+
+
+def test_sync_calls_after_the_loop_thread_stopped_at_exit_run_in_the_foreground(store: StoreCase) -> None:
+    # atexit runs hooks in the reverse order of registration: a hook registered before checkpointio
+    # runs after its exit hook stopped the loop thread. Its sync calls must still land (from plain
+    # code and from inside a running event loop), and the interpreter must end without a traceback.
+    uris = {name: store.uri(name) for name in ("plain", "background", "in-a-loop")}
+    result = run_script(
+        f"""
+        import asyncio, atexit
+        uris = {uris!r}
+
+        def last_words():
+            from checkpointio import Checkpoint
+            Checkpoint(uris["plain"]).save_sync(b"saved at exit")
+            handle = Checkpoint(uris["background"]).save_sync(b"saved at exit, wait=False", wait=False)
+            print("background save finished:", handle.done())
+
+            async def in_a_loop():
+                Checkpoint(uris["in-a-loop"]).save_sync(b"saved at exit in a loop")
+
+            asyncio.run(in_a_loop())
+            for name, uri in uris.items():
+                print(name, bytes(Checkpoint(uri + "-next", src=uri).load_bytes_sync() or b""))
+
+        atexit.register(last_words)  # before checkpointio's own exit hook: runs after it
+        from checkpointio import Checkpoint
+        Checkpoint(uris["plain"]).save_sync(b"early")  # the loop thread exists before exit
+        """,
+        store.root,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert result.stdout.splitlines() == [
+        "background save finished: True",
+        "plain b'saved at exit'",
+        "background b'saved at exit, wait=False'",
+        "in-a-loop b'saved at exit in a loop'",
+    ]
+    if store.name != "memory":  # a memory store ends with its process
+        assert store.get_raw("plain") == b"saved at exit"
+        assert store.get_raw("in-a-loop") == b"saved at exit in a loop"
 
 
 def _save_signalled_half_way(tmp_path: Path, sent: str, then: str) -> subprocess.CompletedProcess[str]:
