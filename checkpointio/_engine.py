@@ -43,7 +43,7 @@ from ._exceptions import (
 )
 from ._location import Location
 from ._progress import Meter, ProgressCallback, human_size
-from ._selection import ListedEntry, Selection, normal_path, roots
+from ._selection import ListedEntry, Roots, Selection, normal_path
 from ._stores import Blocks, Body, Digest, Kind, ObjectInfo, RangedStore, Record, Store
 from ._stores._local import own_files
 
@@ -524,29 +524,53 @@ def _check(reader: _BlockReader, info: ObjectInfo, workers: int) -> _toc.Listing
     return listing
 
 
-def _restore(
-    reader: _BlockReader, info: ObjectInfo, workspace: Path, workers: int, only: Selection | None = None
-) -> Path:
-    """Worker thread: write the object into ``workspace``; present nothing until it verified.
-    With ``only``, the directory's entries it picks, and nothing else, are restored."""
+def _restore_selected(
+    reader: _BlockReader, info: ObjectInfo, workspace: Path, workers: int, only: Selection
+) -> set[str]:
+    """Worker thread: restore the entries of the directory archive ``only`` picks, streaming all of
+    it; present nothing until it verified. Returns the paths of the entries picked hard links need
+    that ``only`` does not pick (then nothing was presented: restore again with them picked too),
+    found in this one pass whatever their number, links to links included."""
     uri = info.location.uri
-    if only is not None:
-        _refuse_selecting(info, _kind(reader, info))
-        picked: dict[str, None] = {}
+    _refuse_selecting(info, _kind(reader, info))
+    placed = Roots()
+    needed: set[str] = set()  # the entries picked hard links need that are not picked
+    unpicked_links: dict[str, str] = {}  # hard link -> its target, for those not picked
 
-        def pick(header: _tar.Header) -> bool:
-            path = normal_path(header.name)
-            if only.matches(path):
-                picked[path] = None
-                return True
+    def pick(header: _tar.Header) -> bool:
+        path = normal_path(header.name)
+        target = normal_path(header.link) if header.kind == _tar.HARD_LINK else None
+        if not only.matches(path):
+            if target is not None:
+                unpicked_links[path] = target
+            else:
+                unpicked_links.pop(path, None)  # a later entry of that name replaces the link
             return False
+        if target is not None and (needed or not only.selects(target)):
+            if not only.selects(target):
+                needed.add(target)
+            return False
+        if needed:
+            return False  # another pass restores everything: write nothing more, only look on
+        placed.add(path)
+        return True
 
-        with _placement.StagingFolder(workspace, uri) as staging:
-            _archive.unpack_directory(reader.blocks, staging.path, uri=uri, workers=workers, pick=pick)
-            _verify(info, reader.digest, archive=True)
-            only.check_all_used(uri)
-            staging.present_paths(roots(picked))
-        return workspace
+    with _placement.StagingFolder(workspace, uri) as staging:
+        _archive.unpack_directory(reader.blocks, staging.path, uri=uri, workers=workers, pick=pick)
+        _verify(info, reader.digest, archive=True)
+        only.check_all_used(uri)
+        if needed:
+            for path in list(needed):
+                while (path := unpicked_links.get(path, "")) and path not in needed:
+                    needed.add(path)
+            return needed
+        staging.present_paths(placed.result())
+    return set()
+
+
+def _restore(reader: _BlockReader, info: ObjectInfo, workspace: Path, workers: int) -> Path:
+    """Worker thread: write the object into ``workspace``; present nothing until it verified."""
+    uri = info.location.uri
     if _kind(reader, info) is Kind.DIRECTORY:
         with _placement.StagingFolder(workspace, uri) as staging:
             _archive.unpack_directory(reader.blocks, staging.path, uri=uri, workers=workers)
@@ -569,8 +593,11 @@ async def _read(
     config: TransferConfig,
     meter: Meter,
     consume: Callable[[_BlockReader], T],
+    *,
+    last: bool = True,
 ) -> T:
-    """Stream the object from the store into ``consume``, run in a worker thread; its result."""
+    """Stream the object from the store into ``consume``, run in a worker thread; its result.
+    ``last=False``: another read of it follows, so the meter is not told it finished."""
     _allocator.tune_malloc()  # only if asked: it changes the whole process
     send, receive = anyio.create_memory_object_stream[Blocks](config.pipeline_depth)
     reader = _BlockReader(receive, meter)
@@ -606,7 +633,7 @@ async def _read(
         async with anyio.create_task_group() as group:
             group.start_soon(run_consumer)
             group.start_soon(fetch)
-    if meter.reporting:
+    if meter.reporting and last:
         await anyio.to_thread.run_sync(meter.finish)
     return cast(T, result)  # what the consumer returned: had it not returned, the group raised
 
@@ -670,12 +697,21 @@ async def _load_selected(
     workers = config.compression_workers
     if await _partial.restore_from_table(store, info, workspace, meter, only, workers):
         return
-    while True:
-        try:
-            await _read(store, info, config, meter, lambda reader: _restore(reader, info, workspace, workers, only))
-            return
-        except _tar.SkippedLinkTarget as missing:
-            only.also([missing.path])
+    needed = await _read(
+        store, info, config, meter, lambda reader: _restore_selected(reader, info, workspace, workers, only), last=False
+    )
+    if not needed:
+        return
+    only.also(needed)
+    meter.total = meter.source_total = 2 * info.size
+    if await _read(
+        store, info, config, meter, lambda reader: _restore_selected(reader, info, workspace, workers, only)
+    ):
+        raise CorruptCheckpointError(
+            f"{info.location.uri}: a hard link is to a file not picked although it was picked (the archive changed "
+            "between two reads?)",
+            uri=info.location.uri,
+        )
 
 
 async def list_contents(
