@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import tarfile
+import threading
 from pathlib import Path
 
 import anyio
@@ -14,6 +15,7 @@ from checkpointio import (
     Checkpoint,
     CheckpointError,
     CorruptCheckpointError,
+    Progress,
     SourceNotFoundError,
     UnsafeArchiveError,
     UnsupportedSourceError,
@@ -436,20 +438,56 @@ async def test_cancelled_save_leaves_previous_checkpoint_intact(store: StoreCase
     await Checkpoint(store.uri("a")).save(b"previous")
     big = tmp_path / "big"
     big.mkdir()
-    for i in range(6):
+    for i in range(3):
         (big / f"shard-{i}").write_bytes(os.urandom(8 * 1024 * 1024))
-    cp = Checkpoint(store.uri("a"), chunk_size=256 * 1024)
+    part = 5 * 1024 * 1024
+    handed, release = threading.Event(), threading.Event()
+
+    def hold_after_the_first_part(progress: Progress) -> None:
+        # From the thread packing the folder: once two parts were handed to the store (the first
+        # one whole past any buffering), the packing waits, so the save stays in flight
+        # (uploading, never finishing) until cancelled.
+        if progress.done > 2 * part and not handed.is_set():
+            handed.set()
+            release.wait(120)
+
+    cp = Checkpoint(
+        store.uri("a"),
+        chunk_size=256 * 1024,
+        part_size=part,
+        multipart_threshold=part,
+        on_progress=hold_after_the_first_part,
+    )
+    ended = False
+
+    async def save() -> None:
+        nonlocal ended
+        try:
+            await cp.save(big)
+        except anyio.get_cancelled_exc_class():
+            raise
+        except BaseException:
+            ended = True
+            handed.set()  # a save that ended without being held: nothing left to wait for
+            raise
+        ended = True
+        handed.set()
+
+    partial = None
     with anyio.CancelScope() as scope:
         async with anyio.create_task_group() as group:
-            group.start_soon(cp.save, big)
-            if store.partial_writes() is None:
-                await anyio.sleep(0.05)
-            else:
-                with anyio.fail_after(30):
-                    while not store.partial_writes():
-                        await anyio.sleep(0.001)
-            scope.cancel()
-    assert scope.cancelled_caught
+            group.start_soon(save)
+            try:
+                await anyio.to_thread.run_sync(handed.wait)
+                # The write in progress shows (an S3 upload is created once its first part is
+                # ready): waited for without a time limit, as the save cannot end while held.
+                while (partial := await anyio.to_thread.run_sync(store.partial_writes)) == 0 and not ended:
+                    await anyio.sleep(0.01)
+                scope.cancel()
+            finally:
+                release.set()
+    assert scope.cancelled_caught and not ended
+    assert partial is None or partial > 0  # the save was cancelled in flight
     assert not store.partial_writes()
     async with Checkpoint(store.uri("b"), src=store.uri("a")) as reader:
         restored = await reader.load()
