@@ -20,6 +20,9 @@ all place what they restored through here, so they share one set of guarantees:
   once everything is in place.
 - **Removal** (:func:`remove_tree`, :func:`remove`): iterative and relative to an open folder, so
   trees thousands of folders deep (past Python's recursion limit) and deeper than ``PATH_MAX`` go.
+- **Errors name the path** (:func:`placing`): an ``OSError`` met while an integration works on
+  the user's files is raised as the :class:`CheckpointError` it is (access denied, something in
+  the way, any other failure), naming the path and where the restored files still are.
 - **Temporary workspaces** (:func:`temporary_workspace`, :func:`discard_workspace`): removed by
   their owner, else at interpreter exit by the process that made them (never by a forked child).
 """
@@ -39,7 +42,7 @@ from pathlib import Path
 from types import TracebackType
 
 from . import _exit
-from ._exceptions import CheckpointError
+from ._exceptions import AccessDeniedError, CheckpointError, DestinationError, StoreError
 
 __all__ = [
     "STAGING_NAME",
@@ -49,6 +52,7 @@ __all__ = [
     "make_staging_folder",
     "make_workspace",
     "move_all",
+    "placing",
     "remove",
     "remove_tree",
     "replace_all",
@@ -168,6 +172,33 @@ class StagingFolder:
                 f"{self.uri}: could not put the restored checkpoint in place in {self.workspace}: {error}",
                 uri=self.uri,
             ) from error
+
+
+@contextlib.contextmanager
+def placing(doing: str, path: Path, uri: str, *, kept: Path | None = None) -> Iterator[None]:
+    """Raise an ``OSError`` met while the integration works on the local ``path`` (``doing``, such
+    as "put the restored files in place in") as the :class:`CheckpointError` it is, naming ``path``
+    and, where a restore is not in place, the folder ``kept`` that still holds it.
+
+    Raises:
+        AccessDeniedError: Permission denied.
+        DestinationError: A file where a folder must be, or the reverse.
+        StoreError: Any other failure (a full disk, an I/O error).
+    """
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except OSError as error:
+        where = f" ({error.filename})" if error.filename is not None and str(error.filename) != str(path) else ""
+        message = f"{uri}: could not {doing} {path}: {error.strerror or error}{where}"
+        if kept is not None:
+            message += f"; the restored files are still in {kept}"
+        if isinstance(error, PermissionError):
+            raise AccessDeniedError(message, uri=uri) from error
+        if isinstance(error, FileExistsError | NotADirectoryError | IsADirectoryError):
+            raise DestinationError(message, uri=uri) from error
+        raise StoreError(message, uri=uri) from error
 
 
 @contextlib.contextmanager

@@ -8,43 +8,14 @@ succeeded. :class:`FolderSaver` holds that state once; each integration adds its
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 
 from ._background import SaveHandle
 from ._checkpoint import Checkpoint
-from ._exceptions import AccessDeniedError, CheckpointError, DestinationError, NoCheckpointError, StoreError
+from ._exceptions import NoCheckpointError
 from ._runtime import ctx
 
-__all__ = ["FolderSaver", "checkpoint_in_force", "placing"]
-
-
-@contextlib.contextmanager
-def placing(doing: str, path: Path, uri: str, *, kept: Path | None = None) -> Iterator[None]:
-    """Raise an ``OSError`` met while the integration works on the local ``path`` (``doing``, such
-    as "put the restored files in place in") as the :class:`CheckpointError` it is, naming ``path``
-    and, where a restore is not in place, the folder ``kept`` that still holds it.
-
-    Raises:
-        AccessDeniedError: Permission denied.
-        DestinationError: A file where a folder must be, or the reverse.
-        StoreError: Any other failure (a full disk, an I/O error).
-    """
-    try:
-        yield
-    except CheckpointError:
-        raise
-    except OSError as error:
-        where = f" ({error.filename})" if error.filename is not None and str(error.filename) != str(path) else ""
-        message = f"{uri}: could not {doing} {path}: {error.strerror or error}{where}"
-        if kept is not None:
-            message += f"; the restored files are still in {kept}"
-        if isinstance(error, PermissionError):
-            raise AccessDeniedError(message, uri=uri) from error
-        if isinstance(error, FileExistsError | NotADirectoryError | IsADirectoryError):
-            raise DestinationError(message, uri=uri) from error
-        raise StoreError(message, uri=uri) from error
+__all__ = ["FolderSaver", "checkpoint_in_force"]
 
 
 def checkpoint_in_force(checkpoint: Checkpoint | None) -> Checkpoint:

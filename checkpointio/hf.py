@@ -30,7 +30,8 @@ from typing import Any
 
 from . import _placement
 from ._checkpoint import Checkpoint
-from ._training import FolderSaver, placing
+from ._placement import placing
+from ._training import FolderSaver
 
 try:
     from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -133,23 +134,30 @@ def _files_planners(targets: dict[str, Path] | None = None) -> tuple[Any, Any]:
     return SaveFiles(), LoadFiles()
 
 
-def _shared_with_rank_zero(folder: Path) -> bool:
+def _shared_with_rank_zero(folder: Path, uri: str) -> bool:
     """Whether this rank sees the same ``folder`` as rank 0 (one shared file system) rather than a
     node-local one of the same name: rank 0 leaves a marker there that the others look for.
-    Called by every rank."""
+    Called by every rank.
+
+    Raises:
+        CheckpointError: The folder or the marker could not be made (``uri``: the checkpoint's).
+    """
     import torch.distributed as dist
 
-    folder.mkdir(parents=True, exist_ok=True)
+    with placing("create the output folder", folder, uri):
+        folder.mkdir(parents=True, exist_ok=True)
     name = [f".checkpointio-{secrets.token_hex(8)}" if dist.get_rank() == 0 else ""]
     dist.broadcast_object_list(name, src=0)
     marker = folder / name[0]
     if dist.get_rank() == 0:
-        marker.touch()
+        with placing("write a marker file in", folder, uri):
+            marker.touch()
     dist.barrier()
     shared = marker.exists()
     dist.barrier()
     if dist.get_rank() == 0:
-        marker.unlink()
+        with placing("remove the marker file in", folder, uri):
+            marker.unlink()
     return shared
 
 
@@ -250,11 +258,13 @@ class CheckpointioTrainerCallback(FolderSaver, TrainerCallback):
 
         from . import dcp
 
-        shared = _shared_with_rank_zero(output_dir)  # a collective: every rank asks
+        uri = self.checkpoint.dest
+        shared = _shared_with_rank_zero(output_dir, uri)  # a collective: every rank asks
         places = dist.get_rank() == 0 or not shared
         reader = dcp.StorageReader(self.checkpoint)
         found = dcp._agree_on_manifest(reader)
-        staging = Path(tempfile.mkdtemp(prefix=".checkpointio-restore-", dir=output_dir.parent))
+        with placing("create a folder to restore into beside", output_dir, uri):
+            staging = Path(tempfile.mkdtemp(prefix=".checkpointio-restore-", dir=output_dir.parent))
         try:
             targets: dict[str, Path] = {}
             if found and places:
@@ -262,11 +272,14 @@ class CheckpointioTrainerCallback(FolderSaver, TrainerCallback):
             if found:  # a collective: every rank loads, those that do not place load nothing
                 dcp._load_with(dict.fromkeys(targets, b""), reader, _files_planners(targets)[1])
             if places:
-                _place(staging if found else None, output_dir)
+                with placing("put the restored checkpoint folders in place in", output_dir, uri):
+                    _place(staging if found else None, output_dir)
         finally:
-            _placement.remove(staging)
+            with placing("remove the folder restored into", staging, uri):
+                _placement.remove(staging)
         dist.barrier()  # rank 0's output_dir is in place before any rank looks at a shared one
-        folders = checkpoint_folders(output_dir)
+        with placing("list the checkpoint folders in", output_dir, uri):
+            folders = checkpoint_folders(output_dir)
         self.resumed_from = folders[-1] if found and folders else None
 
     def _store_distributed(self, output_dir: Path, state: TrainerState) -> None:
@@ -276,15 +289,17 @@ class CheckpointioTrainerCallback(FolderSaver, TrainerCallback):
         from . import dcp
 
         dist.barrier()  # every rank has written its files of this save
-        shared = _shared_with_rank_zero(output_dir)  # a collective: every rank asks
+        uri = self.checkpoint.dest
+        shared = _shared_with_rank_zero(output_dir, uri)  # a collective: every rank asks
         if state.is_world_process_zero or not shared:
             self._retain(output_dir, state)
         dist.barrier()  # retention is done before any rank lists the files
-        files = {
-            path.relative_to(output_dir).as_posix(): _LocalFile(path)
-            for path in sorted(output_dir.rglob("*"))
-            if path.is_file() and not path.is_symlink()
-        }
+        with placing("list the files to store in", output_dir, uri):
+            files = {
+                path.relative_to(output_dir).as_posix(): _LocalFile(path)
+                for path in sorted(output_dir.rglob("*"))
+                if path.is_file() and not path.is_symlink()
+            }
         self.last = dcp.save(files, self.checkpoint, planner=_files_planners()[0])
         self._stored_newer = True
 
@@ -313,7 +328,9 @@ class CheckpointioTrainerCallback(FolderSaver, TrainerCallback):
         if protected and self.resumed_from is not None:
             keep.add(self.resumed_from)
         kept = {path.resolve() for path in keep}
-        for old in checkpoint_folders(output_dir)[: -self.keep_last]:
+        with placing("list the checkpoint folders in", output_dir, self.checkpoint.dest):
+            folders = checkpoint_folders(output_dir)
+        for old in folders[: -self.keep_last]:
             if old.resolve() not in kept:
                 with placing("remove the old checkpoint folder", old, self.checkpoint.dest):
                     _placement.remove(old)

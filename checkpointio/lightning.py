@@ -37,7 +37,8 @@ from ._background import SaveHandle
 from ._checkpoint import Checkpoint, latest_checkpoint
 from ._config import TransferOptions
 from ._location import split_scheme
-from ._training import FolderSaver, checkpoint_in_force, placing
+from ._placement import placing
+from ._training import FolderSaver, checkpoint_in_force
 
 try:
     import lightning.pytorch as pl

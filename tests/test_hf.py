@@ -28,7 +28,7 @@ from checkpointio import (
 )
 
 from .conftest import ProxiedBucket, StoreCase, snapshot
-from .scripts import restore_into_read_only
+from .scripts import restore_into_read_only, run_script
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a tiny model built from a config: nothing to download
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -390,3 +390,35 @@ def test_an_output_folder_without_write_permission_is_an_access_error_and_the_re
     assert f"could not put the restored checkpoint folders in place in {out}: Permission denied" in message
     assert kept == ["checkpoint-10", "checkpoint-9"]
     assert snapshot(out) == before
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv to run without root's file access")
+def test_an_output_folder_retention_cannot_list_is_an_access_error_naming_it(tmp_path: Path) -> None:
+    # The Trainer can write its checkpoint-<step> folders into a folder it may not read
+    # (write and search permission only); retention, which lists them, then fails clearly.
+    out = tmp_path / "out"
+    (out / "checkpoint-10").mkdir(parents=True)
+    out.chmod(0o333)
+    try:
+        result = run_script(
+            f"""
+            from types import SimpleNamespace
+            from checkpointio import AccessDeniedError, Checkpoint
+            from checkpointio.hf import CheckpointioTrainerCallback
+            saver = CheckpointioTrainerCallback(Checkpoint({str(tmp_path / "ckpt")!r}), keep_last=1)
+            args = SimpleNamespace(output_dir={str(out)!r})
+            state = SimpleNamespace(is_world_process_zero=True, global_step=10, best_model_checkpoint=None)
+            try:
+                saver.on_save(args, state, None)
+            except AccessDeniedError as error:
+                print(error)
+            """,
+            tmp_path,
+            unprivileged=True,
+            HF_HUB_OFFLINE="1",
+        )
+    finally:
+        out.chmod(0o755)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{tmp_path / 'ckpt'}: could not list the checkpoint folders in {out}: Permission denied\n"
+    assert not (tmp_path / "ckpt").exists()  # nothing saved: the save comes after retention
