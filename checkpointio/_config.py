@@ -119,7 +119,8 @@ class TransferConfig:
         default=None,
         metadata=_about(
             "Threads that receive a load's ranged GETs from S3, each with its own event loop and connection "
-            "pool; a single file is written at its offsets on the same threads. At most max_concurrency are used.",
+            "pool; a single file is written at its offsets on the same threads, and the ranges of a distributed "
+            "or partial load are received on them in turn. At most max_concurrency are used.",
             unset="the number of cores this process may run on",
         ),
     )

@@ -666,6 +666,8 @@ async def load(
     their paths in the workspace: through the archive's table of contents when it has one
     (:mod:`._partial`), else by streaming the whole archive and keeping them.
     """
+    if isinstance(store, RangedStore):
+        store.prepare_reads()
     info = await store.head(location)
     if info is None:
         return None
@@ -857,6 +859,8 @@ async def _load_bytes(
     *,
     whole: bool = False,
 ) -> bytearray | None:
+    if not whole and isinstance(store, RangedStore):
+        store.prepare_reads()
     info = await store.head(location)
     if info is None:
         return None

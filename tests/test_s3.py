@@ -32,6 +32,7 @@ from checkpointio._config import TransferConfig
 from checkpointio._location import parse_location
 from checkpointio._placement import remove_tree
 from checkpointio._stores._s3 import S3Store
+from checkpointio._stores._s3 import _download as s3_download
 from checkpointio._stores._s3 import _loader as s3_loader
 from checkpointio._stores._s3 import _receivers as s3_receivers
 from checkpointio._stores._s3._client import _clients
@@ -871,6 +872,54 @@ async def test_a_range_failing_half_way_fails_the_load_presents_nothing_and_leav
             assert snapshot(restored) == snapshot(tree)
         else:
             assert restored.read_bytes() == (tree / "weights.bin").read_bytes()
+
+
+def clients_on_receivers(read_timeout: float) -> list[int]:
+    """How many clients made with this ``read_timeout`` each receiving thread holds, once the work
+    started on its loop (:meth:`Receiver.start_soon`) has ended."""
+
+    async def settled() -> int:
+        others = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        await asyncio.gather(*others, return_exceptions=True)
+        return sum(1 for key in _clients._by_loop.get(asyncio.get_running_loop(), {}) if read_timeout in key)
+
+    return [asyncio.run_coroutine_threadsafe(settled(), r.loop).result(30) for r in s3_receivers._running]
+
+
+async def test_a_load_has_the_receivers_make_their_clients_while_it_asks_for_the_metadata(bucket: str) -> None:
+    # A setting no other test uses: clients made for it can only come from this test's loads.
+    options: TransferOptions = {**ON_THREADS, "read_timeout": 61.25}
+    async with Checkpoint(f"s3://{bucket}/x", src=f"s3://{bucket}/none", **options) as cp:
+        assert await cp.load() is None  # nothing there (a first attempt): no range was read...
+    assert clients_on_receivers(61.25)[:3] == [1, 1, 1]  # ...yet the three receivers are ready for one
+    data = os.urandom(21 * MiB + 1)
+    await Checkpoint(f"s3://{bucket}/w", **options).save(data)
+    async with Checkpoint(f"s3://{bucket}/x", src=f"s3://{bucket}/w", **options) as cp:
+        assert await cp.load_bytes() == data
+    assert clients_on_receivers(61.25)[:3] == [1, 1, 1]  # the load used those clients, made no others
+
+
+async def test_range_reads_are_received_on_the_receiving_threads_in_turn_and_come_back_whole(
+    bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = os.urandom(21 * MiB + 7)
+    await Checkpoint(f"s3://{bucket}/r", **ON_THREADS).save(data)
+    store = S3Store(TransferConfig(**ON_THREADS))
+    info = await store.head(parse_location(f"s3://{bucket}/r"))
+    assert info is not None
+    receivers_of_blocks: set[int] = set()
+    add = s3_download._Received.add
+
+    async def noting_the_thread(self: s3_download._Received, block: bytes) -> None:
+        receivers_of_blocks.add(threading.get_ident())
+        await add(self, block)
+
+    monkeypatch.setattr(s3_download._Received, "add", noting_the_thread)
+    spans = [(0, 5 * MiB), (5 * MiB, 5 * MiB), (10 * MiB + 1, 6 * MiB), (16 * MiB + 1, 5 * MiB + 6), (3, 1)]
+    got = await asyncio.gather(*(store.read_range(info, offset, length) for offset, length in spans))
+    assert got == [data[offset : offset + length] for offset, length in spans]
+    # five reads on three receivers in turn: each receiver took some, the caller's loop none
+    assert receivers_of_blocks == {thread.ident for thread in receiving_threads()[:3]}
 
 
 async def test_a_sink_failing_on_one_range_stops_every_range_and_is_not_called_again(bucket: str) -> None:

@@ -238,6 +238,11 @@ class RangedStore(Store, Protocol):
     waiting for the ranges before it: what a parallel download is for.
     """
 
+    def prepare_reads(self) -> None:
+        """Start getting ready for reads about to come (S3: the receiving threads make their
+        clients) and return at once; a hint, called before the object's :meth:`head`."""
+        ...
+
     async def get_ranges(self, info: ObjectInfo, sink: RangeSink) -> None:
         """Send every byte of the object to ``sink`` once, as ``(offset, blocks)`` pieces in any order
         (each range in pieces of about ``chunk_size``, as they arrive, on the thread that received

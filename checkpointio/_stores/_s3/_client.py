@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import threading
@@ -183,6 +184,11 @@ class _Requests:
     def __init__(self, config: TransferConfig) -> None:
         self.config = config
         self._options = _request_options(config)
+        self._turns = itertools.count()
+
+    def next_turn(self) -> int:
+        """0, 1, 2, ...: which receiving thread takes the next single range read (thread-safe)."""
+        return next(self._turns)
 
     async def client(self) -> Any:
         return await _clients.get(self.config)

@@ -16,7 +16,6 @@ import threading
 from typing import Any, Protocol
 
 import anyio
-import anyio.to_thread
 from botocore.exceptions import ClientError, ResponseStreamingError
 
 from ..._concurrency import one_error
@@ -73,6 +72,20 @@ def _receivers_for(config: TransferConfig, count: int) -> list[Receiver]:
     cores present), never more than ranges in flight at once."""
     wanted = config.receive_workers if config.receive_workers is not None else default_count()
     return receivers(min(wanted, config.max_concurrency, count))
+
+
+def prepare(requests: _Requests) -> None:
+    """Have the receiving threads a load may use start making their clients now, and return.
+
+    Called before the load's first request (its HEAD, on the caller's loop): the receivers' threads,
+    sessions and clients are then made while the caller's loop makes its own and waits for the
+    answer, instead of after it, when the ranges are due. A receiver keeps its client for the
+    process, so this costs nothing the load would not pay; a load that finds nothing to read has
+    started threads that the next load uses.
+    """
+    config = requests.config
+    for receiver in _receivers_for(config, config.max_concurrency):
+        receiver.start_soon(requests.client)
 
 
 class _Arriving:
@@ -283,6 +296,9 @@ async def _get_range_resuming(
 
 
 async def read_range(requests: _Requests, info: ObjectInfo, offset: int, length: int) -> bytes:
+    # On a receiving thread, the receivers taken in turn: concurrent reads (a DCP load's ranges,
+    # a partial restore's) are received on several threads, and none of their bytes passes
+    # through the caller's loop.
     if offset < 0 or length < 0 or offset + length > info.size:
         uri = info.location.uri
         raise CorruptCheckpointError(
@@ -290,11 +306,19 @@ async def read_range(requests: _Requests, info: ObjectInfo, offset: int, length:
         )
     if length == 0:
         return b""
+    config = requests.config
+    pool = _receivers_for(config, config.max_concurrency)
+    receiver = pool[requests.next_turn() % len(pool)]
+    return await receiver.run(_receive_joined, requests, info, (offset, offset + length - 1))
+
+
+async def _receive_joined(requests: _Requests, info: ObjectInfo, span: tuple[int, int]) -> bytes:
+    """On a receiving thread: one range, in memory as one ``bytes``."""
     received = _Received()
-    await _get_range(requests, await requests.client(), info, (offset, offset + length - 1), received)
+    await _receive_range(requests, info, span, received)
     blocks = received.blocks
     if len(blocks) == 1:
         return blocks[0]
-    # Joined in a worker thread: bytes.join copies without the GIL from 1 MiB up, so the event
-    # loop goes on receiving the other ranges meanwhile (on the loop, the copy held it up).
-    return await anyio.to_thread.run_sync(b"".join, blocks)
+    # bytes.join copies without the GIL from 1 MiB up: the other receivers go on meanwhile (this
+    # one's other ranges wait for the copy, a few milliseconds per part_size).
+    return b"".join(blocks)

@@ -43,7 +43,8 @@ def prepared_session(profile: str | None) -> AioSession:
     session = AioSession(profile=profile)
     try:
         session.register_component("data_loader", _data_loader(session))
-        preload(session)
+        with _preloading:  # sessions made at once (the receivers') parse once: the others wait for it
+            preload(session)
     except Exception as error:  # botocore changed: merely slower here; the test named above fails
         logger.debug("could not preload botocore data: %s", error)
     return session
@@ -62,6 +63,7 @@ def preload(session: AioSession) -> None:
 #: The loader of each data path (``AWS_DATA_PATH``), shared by the sessions of the process.
 _loaders: dict[str | None, Loader] = {}
 _loaders_lock = threading.Lock()
+_preloading = threading.Lock()
 
 
 def _data_loader(session: AioSession) -> Loader:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import threading
 from collections.abc import Callable, Coroutine
@@ -29,6 +30,8 @@ from ... import _exit
 __all__ = ["Receiver", "receivers", "default_count"]
 
 T = TypeVar("T")
+
+logger = logging.getLogger(__name__)
 
 #: How long stopping a receiver at exit waits for its loop to close its client.
 _STOP_TIMEOUT = 10.0
@@ -47,6 +50,7 @@ class Receiver:
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
+        self._started: set[asyncio.Task[Any]] = set()  # by start_soon: kept until done (asyncio holds weak references)
         self.thread = threading.Thread(target=self._serve, name="checkpointio-receiver", daemon=True)
         self.thread.start()
 
@@ -70,6 +74,27 @@ class Receiver:
         with contextlib.suppress(RuntimeError):  # already closed
             self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(_STOP_TIMEOUT)
+
+    def start_soon(self, func: Callable[..., Coroutine[Any, Any, object]], *args: Any) -> None:
+        """Start ``func(*args)`` on this receiver's loop and return at once, from any thread.
+
+        For work done ahead of need (a client made while the caller still asks for metadata):
+        nobody waits for it, so its failure is only logged (at debug level); the call that needs
+        the result meets the same failure again and reports it.
+        """
+
+        def done(task: asyncio.Task[Any]) -> None:
+            self._started.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                logger.debug("work started ahead on a receiving thread failed: %r", task.exception())
+
+        def start() -> None:
+            task = self.loop.create_task(func(*args))
+            self._started.add(task)
+            task.add_done_callback(done)
+
+        with contextlib.suppress(RuntimeError):  # the loop is closed (interpreter exit): nothing to get ready for
+            self.loop.call_soon_threadsafe(start)
 
     async def run(self, func: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
         """``await func(*args)`` on this receiver's loop, waited for from the caller's loop.

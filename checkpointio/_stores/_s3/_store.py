@@ -15,7 +15,7 @@ from ..._exceptions import BucketNotFoundError
 from ..._location import Location
 from .._base import Body, ObjectInfo, PendingWrite, RangeSink, Record, Sink, under
 from ._client import _Requests
-from ._download import get, get_ranges, read_range
+from ._download import get, get_ranges, prepare, read_range
 from ._errors import answered
 from ._upload import put, request_body
 
@@ -192,6 +192,9 @@ class S3Store:
 
     async def get(self, info: ObjectInfo, sink: Sink) -> None:
         await get(self._requests, info, sink)
+
+    def prepare_reads(self) -> None:
+        prepare(self._requests)
 
     async def get_ranges(self, info: ObjectInfo, sink: RangeSink) -> None:
         await get_ranges(self._requests, info, sink)
