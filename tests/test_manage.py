@@ -49,10 +49,12 @@ async def test_save_and_load_report_progress_ending_in_one_finished_event(store:
     async with Checkpoint(store.uri("b"), src=store.uri("a"), on_progress=loading) as cp:
         restored = await cp.load()
         assert restored is not None and restored.read_bytes() == data
-    for recorder, operation in ((saving, "save"), (loading, "load")):
+    # a save reports each 1 MiB part it hands over; a load reports as bytes arrive, and how many
+    # arrive in one hand-over depends on timing (all of them, on a slow machine): one report at least
+    for recorder, operation, least in ((saving, "save", 4), (loading, "load", 2)):
         events = recorder.events
         assert [event.operation for event in events] == [operation] * len(events)
-        assert len(events) >= 4 and [event.finished for event in events] == [False] * (len(events) - 1) + [True]
+        assert len(events) >= least and [event.finished for event in events] == [False] * (len(events) - 1) + [True]
         assert all(event.total == len(data) for event in events)
         assert [event.done for event in events] == sorted(event.done for event in events)
         assert events[-1].done == len(data)
