@@ -17,7 +17,8 @@ group/other write bits; owners are not applied.
 Folders, symlinks and hard links carry no data, whatever their size field says (POSIX ustar; some
 writers fill it in, and ``tarfile`` and libarchive ignore it too). Records of a global pax header
 apply to every later entry, as POSIX says; a pre-POSIX folder (a plain file type with a name ending
-in ``/``) is a folder.
+in ``/``) is a folder. A pax or GNU long-name header must be followed by its entry, and a long name
+must end with its NUL within its stated size (both writers count it in): else the archive is refused.
 
 A later entry replaces an earlier one of the same name (file, symlink or hard link; a folder
 replaces them too), as GNU tar does; nothing replaces a folder (refused: its contents would go
@@ -767,6 +768,10 @@ class _Extraction:
             if len(block) < BLOCK:
                 raise CorruptCheckpointError("the archive is truncated: no end-of-archive marker")
             if block == _ZERO_BLOCK:
+                if pax or long_name is not None or long_link is not None:
+                    raise CorruptCheckpointError(
+                        "the archive is corrupt: it ends after a pax or GNU long-name header, without its entry"
+                    )
                 break
             if not _checksum_ok(block):
                 raise CorruptCheckpointError("the archive is corrupt: a tar header fails its checksum")
@@ -784,7 +789,9 @@ class _Extraction:
                     global_pax.update(records)
                 continue
             if kind in (b"L", b"K"):
-                value = self.read_padded(size).split(b"\0", 1)[0]
+                value, nul, _ = self.read_padded(size).partition(b"\0")
+                if not nul:  # GNU tar and tarfile count it in: without it, the size was damaged
+                    raise CorruptCheckpointError(f"a GNU long-name header is garbled: {size} bytes without a NUL")
                 if kind == b"L":
                     long_name = value
                 else:

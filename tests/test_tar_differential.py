@@ -398,6 +398,17 @@ CRAFTED: dict[str, tuple[Callable[[], bytes], str]] = {
         lambda: write([Entry("f", tarfile.REGTYPE, b"1" * 2000)], tarfile.PAX_FORMAT)[:1536],
         BOTH_REFUSE,
     ),
+    "a gnu long name whose size was cut before its NUL": (
+        lambda: _end(
+            _raw(b"././@LongLink", b"L", size=4) + _data(b"long/name\0") + _raw(b"f", b"0", size=1) + _data(b"v")
+        ),
+        "tarfile reads the name on past its size up to a NUL; a damaged size: refused",
+    ),
+    "a gnu long name, then the end of the archive": (
+        lambda: _end(_raw(b"././@LongLink", b"L", size=5) + _data(b"name\0")),
+        BOTH_REFUSE,
+    ),
+    "a pax header, then the end of the archive": (lambda: _end(_pax(b"x", {b"path": b"name"})), BOTH_REFUSE),
     "no end-of-archive marker": (
         lambda: write([Entry("f", tarfile.REGTYPE, b"1")], tarfile.PAX_FORMAT)[:1024],
         BOTH_REFUSE,
