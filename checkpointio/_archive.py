@@ -778,7 +778,12 @@ def unpack_directory(
         # The reader thread parses; with workers > 1, that many threads write large files' data.
         writers = workers if workers > 1 else 0
         _tar.extract(
-            reader.read, str(dest) if dest is not None else None, views=reader.read_views, writers=writers, pick=pick
+            reader.read,
+            str(dest) if dest is not None else None,
+            views=reader.read_views,
+            writers=writers,
+            pick=pick,
+            buffered=lambda: reader.buffered,
         )
         reader.drain()
     except UnsafeArchiveError as error:

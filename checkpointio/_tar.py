@@ -44,6 +44,7 @@ import re
 import struct
 import threading
 import zlib
+from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
@@ -114,6 +115,10 @@ _pwritev = getattr(os, "pwritev", None)
 
 
 _USTAR = struct.Struct("100s8s8s8s12s12s8s1s100s6s2s32s32s8s8s155s12s")
+#: The fields :meth:`_Extraction.plain_files` reads: name, mode, size, mtime, checksum, type, magic
+#: and prefix (owner, link target, version, owner names and device numbers are skipped).
+_PLAIN = struct.Struct("100s8s16x12s12s8sc100x6s2x64x16x155s12x")
+_DOT_OR_SLASH = b"./"
 _RECORD = 20 * BLOCK  # archives end on a multiple of this, as tar(1) writes them
 _MAX_OCTAL_11 = 8**11
 #: The times a file can have (a 64-bit ``time_t``): ``os.utime`` raises OverflowError beyond them.
@@ -535,34 +540,41 @@ class _Stopped(Exception):
     """The writers were stopped: what is queued is dropped (the reader raised already)."""
 
 
-class _NewFile(NamedTuple):
-    """A file for the writer threads to create: its name in the archive (for messages), its path
-    in the destination, data, mode and time."""
-
-    name: str
-    rel: str
-    views: list[memoryview]
-    mode: int
-    mtime: int
+#: A file for the writer threads to create: its name in the archive (for messages), its path in
+#: the destination, data, mode and time. A plain tuple: one is made per small file.
+_NewFile = tuple[str, str, list[memoryview], int, int]
 
 
 def _create_all(folder: int, batch: list[_NewFile], umask: int | None) -> None:
     """Create each file of ``batch`` in the open folder ``folder`` (a name the archive cannot
-    have here is a :class:`CorruptCheckpointError`, as when the reader creates it)."""
-    for new in batch:
+    have here is a :class:`CorruptCheckpointError`, as when the reader creates it).
+
+    Four system calls a file (open, write, utime, close; fchmod only where the umask would take
+    bits of the mode away), with as little Python around them as it takes: this thread needs the
+    GIL back after each of them.
+    """
+    open_, write, utime, close = os.open, os.write, os.utime, os.close
+    for name, rel, views, mode, mtime in batch:
         try:
-            fd = os.open(new.rel, _WRITE_FLAGS, new.mode, dir_fd=folder)
+            fd = open_(rel, _WRITE_FLAGS, mode, dir_fd=folder)
         except OSError as error:
             if error.errno not in _ENTRY_ERRNOS:
                 raise
             raise CorruptCheckpointError(
-                f"entry {new.name!r} cannot be restored on this file system: {error.strerror}"
+                f"entry {name!r} cannot be restored on this file system: {error.strerror}"
             ) from error
         try:
-            _write_views(fd, new.views)
-            _finish(fd, new.mode, new.mtime, umask)
+            if len(views) == 1:
+                view = views[0]
+                if len(view) and (written := write(fd, view)) < len(view):
+                    _write_all(fd, view[written:])
+            else:
+                _write_views(fd, views)
+            if umask is None or mode & umask:
+                os.fchmod(fd, mode)
+            utime(fd, (mtime, mtime))
         finally:
-            os.close(fd)
+            close(fd)
 
 
 def _pwrite_all(fd: int, views: list[memoryview], offset: int) -> None:
@@ -599,15 +611,97 @@ class SkippedLinkTarget(Exception):
         self.path = path
 
 
+class _Input:
+    """The stream, kept as views of the pieces it came in, read ahead as far as the source has
+    data ready (``buffered``: a gzip reader's inflated members), or a step (``_STEP``).
+
+    The parser takes headers and file data from the front; :meth:`front` lends it the first
+    piece whole, so that the entries inside one piece are parsed in one loop (see
+    :meth:`_Extraction.plain_files`). Memory: what the source held already, or a step more.
+    What is past the end of the archive is asked for only when the archive needs it: a source
+    tells data after the tar stream ("trailing data") from a damaged stream by when it is asked.
+    """
+
+    __slots__ = ("_buffered", "_ended", "_pieces", "_views")
+
+    def __init__(self, views: ReadViews, buffered: Callable[[], int] | None) -> None:
+        self._views = views
+        self._buffered = buffered
+        self._pieces: deque[memoryview] = deque()
+        self._ended = False
+
+    def _more(self, size: int) -> bool:
+        """Read the next ``size`` bytes or more into the buffer; False at the end."""
+        if self._ended:
+            return False
+        got = False
+        for view in self._views(max(size, _STEP if self._buffered is None else self._buffered())):
+            if len(view):
+                self._pieces.append(view if isinstance(view, memoryview) else memoryview(view))
+                got = True
+        self._ended = not got
+        return got
+
+    def front(self) -> memoryview:
+        """The first piece buffered (reading one in if none is): empty at the end of the stream."""
+        if not self._pieces and not self._more(BLOCK):
+            return _EMPTY
+        return self._pieces[0]
+
+    def advance(self, size: int) -> None:
+        """Drop the first ``size`` bytes of :meth:`front`'s piece (``size`` at most its length)."""
+        if size:
+            first = self._pieces[0]
+            if size == len(first):
+                self._pieces.popleft()
+            else:
+                self._pieces[0] = first[size:]
+
+    def take(self, size: int) -> list[memoryview]:
+        """The next ``size`` bytes (fewer at the end of the stream) as views, without copying."""
+        views: list[memoryview] = []
+        pieces = self._pieces
+        while size > 0:
+            if not pieces and not self._more(size):
+                break
+            piece = pieces[0]
+            if len(piece) <= size:
+                views.append(pieces.popleft())
+                size -= len(piece)
+            else:
+                views.append(piece[:size])
+                pieces[0] = piece[size:]
+                size = 0
+        return views
+
+    def take_bytes(self, size: int) -> bytes:
+        """The next ``size`` bytes (fewer at the end of the stream) as one ``bytes`` (a copy)."""
+        pieces = self._pieces
+        if pieces and len(pieces[0]) > size:
+            first = pieces[0]
+            pieces[0] = first[size:]
+            return bytes(first[:size])
+        views = self.take(size)
+        return bytes(views[0]) if len(views) == 1 else b"".join(views)
+
+
+_EMPTY = memoryview(b"")
+
+
 class _Extraction:
     def __init__(
-        self, read: Read, dest: str | None, views: ReadViews | None = None, writers: int = 0, pick: Pick | None = None
+        self,
+        read: Read,
+        dest: str | None,
+        views: ReadViews | None = None,
+        writers: int = 0,
+        pick: Pick | None = None,
+        buffered: Callable[[], int] | None = None,
     ) -> None:
-        self._read = read
         self._pick = pick
         #: Files left out by ``pick``: a picked hard link to one of them needs it picked too.
         self._skipped: set[str] = set()
-        self._views: ReadViews = views if views is not None else (lambda size: [memoryview(read(size))])
+        self._input = _Input(views if views is not None else (lambda size: [memoryview(read(size))]), buffered)
         self._write = dest is not None  # False: check everything, write nothing
         #: The destination, held open: entries are created relative to it, so a name up to
         #: PATH_MAX restores however long the destination's own path is.
@@ -628,23 +722,24 @@ class _Extraction:
         #: and the names of every file handed on whose creation may not have happened yet.
         self._batch: list[_NewFile] = []
         self._batch_bytes = 0
+        self._batch_folder = ""
         self._creating: set[str] = set()
 
     def read_exact(self, size: int) -> bytes:
-        data = self._read(size)
+        data = self._input.take_bytes(size)
         if len(data) != size:
             raise CorruptCheckpointError("the archive is truncated: it ends inside an entry")
         return data
 
     def skip(self, size: int) -> None:
         while size:
-            got = sum(map(len, self._views(min(size, _STEP))))
+            got = sum(map(len, self._input.take(min(size, _STEP))))
             if not got:
                 raise CorruptCheckpointError("the archive is truncated: it ends inside an entry")
             size -= got
 
     def read_views(self, size: int) -> list[memoryview]:
-        views = self._views(size)
+        views = self._input.take(size)
         if sum(map(len, views)) != size:
             raise CorruptCheckpointError("the archive is truncated: it ends inside an entry")
         return views
@@ -763,8 +858,11 @@ class _Extraction:
         global_pax: dict[str, bytes] = {}
         long_name: bytes | None = None
         long_link: bytes | None = None
+        plain = self._pick is None
         while True:
-            block = self._read(BLOCK)
+            if plain and not pax and long_name is None and long_link is None and not global_pax:
+                self.plain_files()
+            block = self._input.take_bytes(BLOCK)
             if len(block) < BLOCK:
                 raise CorruptCheckpointError("the archive is truncated: no end-of-archive marker")
             if block == _ZERO_BLOCK:
@@ -845,6 +943,132 @@ class _Extraction:
                 raise CorruptCheckpointError(
                     f"entry {_text(name)!r} cannot be restored on this file system: {error.strerror}"
                 ) from error
+
+    def plain_files(self) -> None:
+        """Extract the plain files at the front of the stream in one loop, up to the first entry
+        that is anything else: :meth:`entries` takes that one, and then calls this again.
+
+        Parsing and checking headers is most of the cost of restoring small files: this loop does
+        for each plain file what the general path does, without its calls and objects. A plain
+        file: a file type, a ustar header whose numbers are plain octal and whose checksum is in
+        its usual form (six digits, NUL, space), no pax or long-name header before it, no name
+        prefix, a name already normal (no ``.``, ``..`` or empty part, not absolute, no trailing
+        ``/``: at most 100 bytes) in the folder of the entry before it, not a folder of the archive
+        and not a name used before (nothing to replace), under ``_HAND_OFF`` bytes, its data and
+        padding in the piece of the stream at hand. For such an entry every rule of the general
+        path is checked here (the header's checksum, a part of the name or a folder of the
+        archive in the way) or cannot apply: the folder it is in was made and checked for links
+        by the entry before. Whatever does not fit stops the loop, before anything is done for it.
+        """
+        below_parent = self._below_parent
+        if below_parent != self._last_parent:
+            return  # the folder's contents are looked up by the general path first
+        below = self._below
+        view = self._input.front()
+        end = len(view)
+        position = 0
+        unpack = _PLAIN.unpack_from
+        adler32 = zlib.adler32
+        file_modes = _FILE_MODES
+        files = self._files
+        links = self._links
+        writers = self._writers
+        write = self._write
+        creating = self._creating
+        try:
+            while position + BLOCK <= end:
+                raw_name, raw_mode, raw_size, raw_mtime, raw_sum, kind, magic, prefix = unpack(view, position)
+                if (
+                    kind not in _FILE_TYPES
+                    or raw_sum[6:] != b"\0 "
+                    or raw_size[11]
+                    or raw_mode[7]
+                    or raw_mtime[11]
+                    or (prefix[0] and magic[:5] == b"ustar")
+                ):
+                    break
+                raw_name = raw_name.partition(b"\0")[0]
+                relative = raw_name[2:] if raw_name.startswith(b"./") else raw_name
+                if (
+                    not relative
+                    or relative[0] in _DOT_OR_SLASH
+                    or relative[-1] == 47  # "/"
+                    or b"/." in relative
+                    or b"//" in relative
+                ):
+                    break
+                digits_sum, digits_size, digits_mode, digits_mtime = (
+                    raw_sum[:6],
+                    raw_size[:11],
+                    raw_mode[:7],
+                    raw_mtime[:11],
+                )
+                if not (
+                    digits_sum.isdigit() and digits_size.isdigit() and digits_mode.isdigit() and digits_mtime.isdigit()
+                ):
+                    break  # int() would also take signs, "_" and spaces
+                try:
+                    stored_sum, size = int(digits_sum, 8), int(digits_size, 8)
+                    mode, mtime = file_modes[int(digits_mode, 8) & 0o7777], int(digits_mtime, 8)
+                except ValueError:  # an 8 or a 9
+                    break
+                start = position + BLOCK
+                header = view[position:start]
+                if (
+                    stored_sum
+                    != (adler32(header[:256]) & 0xFFFF) + (adler32(header[256:]) & 0xFFFF) - sum(raw_sum) + 254
+                ):
+                    break  # the general path refuses it (or takes the signed sum some old writers used)
+                stop = start + size
+                after = stop + (-size % BLOCK)
+                if after > end or size >= _HAND_OFF:
+                    break
+                rel = relative.decode("utf-8", "surrogateescape")
+                parent, _, leaf = rel.rpartition("/")
+                if parent != below_parent or rel in files or rel in links:
+                    break
+                if isinstance(below, dict):
+                    if leaf in below:
+                        break
+                elif below.startswith(leaf) and (len(below) == len(leaf) or below[len(leaf)] == "/"):
+                    break
+                name = rel if relative is raw_name else raw_name.decode("utf-8", "surrogateescape")
+                if writers is not None:
+                    batch = self._batch
+                    if batch and (
+                        len(batch) >= _BATCH_FILES
+                        or self._batch_bytes + size > _BATCH_BYTES
+                        or self._batch_folder != parent
+                    ):
+                        self.hand_on()
+                        batch = self._batch
+                    if not batch:
+                        self._batch_folder = parent
+                    batch.append((name, rel, [view[start:stop]], mode, mtime))
+                    self._batch_bytes += size
+                    creating.add(rel)
+                elif write:
+                    self.create(name, rel, view[start:stop], mode, mtime)
+                files.add(rel)
+                position = after
+        finally:
+            self._input.advance(position)
+
+    def create(self, name: str, rel: str, data: memoryview, mode: int, mtime: int) -> None:
+        """Create the small file ``rel`` with ``data`` here, in the reader (no writer threads)."""
+        try:
+            fd = os.open(rel, _WRITE_FLAGS, mode, dir_fd=self._fd)
+        except OSError as error:
+            if error.errno not in _ENTRY_ERRNOS:
+                raise
+            raise CorruptCheckpointError(
+                f"entry {name!r} cannot be restored on this file system: {error.strerror}"
+            ) from error
+        try:
+            _write_all(fd, data)
+            _finish(fd, mode, mtime, self._umask)
+        finally:
+            os.close(fd)
 
     def entry(self, kind: bytes, name: str, link: str, size: int, mode: int, mtime: int) -> None:
         rel = self.inside(name, "entry")
@@ -927,10 +1151,12 @@ class _Extraction:
             if self._batch and (
                 len(self._batch) >= _BATCH_FILES
                 or self._batch_bytes + size > _BATCH_BYTES
-                or _parent(self._batch[0].rel) != _parent(rel)
+                or self._batch_folder != _parent(rel)
             ):
                 self.hand_on()
-            self._batch.append(_NewFile(name, rel, self.read_views(size), mode, mtime))
+            if not self._batch:
+                self._batch_folder = _parent(rel)
+            self._batch.append((name, rel, self.read_views(size), mode, mtime))
             self._batch_bytes += size
             self._creating.add(rel)
             self.skip(padding)
@@ -1014,6 +1240,10 @@ def _file_mode(mode: int) -> int:
     return mode
 
 
+#: :func:`_file_mode` of every mode a header can give (its low 12 bits), looked up per small file.
+_FILE_MODES = [_file_mode(mode) for mode in range(0o10000)]
+
+
 def _creation_umask(dest: str | None) -> int | None:
     """What creating a file in ``dest`` takes away from the mode asked for, when that is known:
     the process umask, unless ``dest`` has a default ACL (which then applies instead)."""
@@ -1051,7 +1281,13 @@ def _finish(fd: int, mode: int, mtime: int, umask: int | None) -> None:
 
 
 def extract(
-    read: Read, dest: str | None, *, views: ReadViews | None = None, writers: int = 0, pick: Pick | None = None
+    read: Read,
+    dest: str | None,
+    *,
+    views: ReadViews | None = None,
+    writers: int = 0,
+    pick: Pick | None = None,
+    buffered: Callable[[], int] | None = None,
 ) -> None:
     """Extract the tar stream ``read`` gives into the new, empty folder ``dest``.
 
@@ -1060,11 +1296,13 @@ def extract(
     ``writers`` threads, if any, write the data of large files while the stream is read on
     (every file is written, closed and given its time before this returns). ``pick``, if given,
     is asked about every entry: those it declines are skipped, unchecked and unwritten (a partial
-    restore).
+    restore). ``buffered``, if given, tells how many bytes ``views`` can give without reading
+    further into its source: the stream is read ahead that far (else a step at a time), never
+    past the end of the archive before it is needed.
 
     Raises:
         UnsafeArchiveError: An entry would be written outside ``dest`` or is a device.
         CorruptCheckpointError: The stream is truncated, garbled or of an unsupported kind.
         SkippedLinkTarget: A picked hard link is to a file ``pick`` declined.
     """
-    _Extraction(read, dest, views, writers, pick).run()
+    _Extraction(read, dest, views, writers, pick, buffered).run()

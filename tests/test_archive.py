@@ -625,3 +625,50 @@ def test_entries_replacing_or_linking_files_still_being_created_restore_as_gnu_t
     restored = unpacked(gzip.compress(data, compresslevel=1), tmp_path / "ours", workers=workers)
     assert snapshot(restored) == snapshot(gnu)
     assert (restored / "d" / "y").read_bytes() == b"first x"
+
+
+def _ustar(entries: list[tuple[str, bytes, bytes, str]]) -> bytes:
+    """A tar stream of ``(name, type, data, link)`` entries, mode 0o644, in plain ustar headers."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, kind, data, link in entries:
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname, info.size, info.mtime = kind, link, len(data), 1_600_000_000
+            tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("writers", [0, 2])
+def test_a_folder_of_plain_files_is_parsed_in_one_loop_and_restored_exactly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, writers: int
+) -> None:
+    """Most files of a folder go through the plain-file loop (not one general call each), and the
+    rules hold in it: a later entry replaces an earlier file or symlink, never writes through it."""
+    entries = [("d", tarfile.DIRTYPE, b"", "")]
+    entries += [(f"d/f{n:03}", tarfile.REGTYPE, b"x" * n, "") for n in range(300)]
+    entries += [("d/s", tarfile.SYMTYPE, b"", "f000"), ("d/s", tarfile.REGTYPE, b"over the link", "")]
+    entries += [("d/f007", tarfile.REGTYPE, b"replaced", ""), ("./d/g", tarfile.REGTYPE, b"dot-slash", "")]
+    general: list[str] = []
+    entry = _tar._Extraction.entry
+
+    def counted(self: _tar._Extraction, kind: bytes, name: str, link: str, size: int, mode: int, mtime: int) -> None:
+        general.append(name)
+        entry(self, kind, name, link, size, mode, mtime)
+
+    monkeypatch.setattr(_tar._Extraction, "entry", counted)
+    dest = tmp_path / "out"
+    dest.mkdir()
+    _tar.extract(io.BytesIO(_ustar(entries)).read, str(dest), writers=writers)
+    assert len(general) < 10, general  # the folder, its first file, the replacements
+    assert sorted(os.listdir(dest / "d")) == sorted(
+        {name[4:] if name.startswith("./") else name[2:] for name, *_ in entries[1:]}
+    )
+    for n in range(300):
+        if n != 7:
+            assert (dest / "d" / f"f{n:03}").read_bytes() == b"x" * n
+    assert (dest / "d" / "f007").read_bytes() == b"replaced"
+    assert not (dest / "d" / "s").is_symlink() and (dest / "d" / "s").read_bytes() == b"over the link"
+    assert (dest / "d" / "f000").read_bytes() == b""  # not written through the symlink
+    assert (dest / "d" / "g").read_bytes() == b"dot-slash"
+    assert os.stat(dest / "d" / "f123").st_mtime == 1_600_000_000
+    assert os.stat(dest / "d" / "f123").st_mode & 0o7777 == 0o644

@@ -409,6 +409,27 @@ CRAFTED: dict[str, tuple[Callable[[], bytes], str]] = {
         BOTH_REFUSE,
     ),
     "a pax header, then the end of the archive": (lambda: _end(_pax(b"x", {b"path": b"name"})), BOTH_REFUSE),
+    "plain files after a folder: a later one replaces an earlier one": (
+        lambda: write(
+            [Entry("d", tarfile.DIRTYPE, mode=0o755)]
+            + [Entry(f"d/{n}", tarfile.REGTYPE, b"%d" % n, mode=0o640 + n % 2) for n in range(40)]
+            + [Entry("d/7", tarfile.REGTYPE, b"new", mode=0o600), Entry("d/8", tarfile.REGTYPE, b"")],
+            tarfile.USTAR_FORMAT,
+        ),
+        SAME,
+    ),
+    "a plain file named as a folder of the archive in its folder": (
+        lambda: write(
+            [
+                Entry("d", tarfile.DIRTYPE),
+                Entry("d/x", tarfile.DIRTYPE),
+                Entry("d/a", tarfile.REGTYPE, b"1"),
+                Entry("d/x", tarfile.REGTYPE, b"2"),
+            ],
+            tarfile.USTAR_FORMAT,
+        ),
+        BOTH_REFUSE,
+    ),
     "no end-of-archive marker": (
         lambda: write([Entry("f", tarfile.REGTYPE, b"1")], tarfile.PAX_FORMAT)[:1024],
         BOTH_REFUSE,
