@@ -185,12 +185,17 @@ def stored_data(member: bytes) -> list[memoryview] | None:
 
 
 def inflate_member(member: bytes) -> bytes:
-    """Inflate one of our members and check its CRC32 and length."""
+    """Inflate one of our members and check its CRC32 and length.
+
+    The output is limited to the length its trailer states (at most ``MAX_MEMBER_OUTPUT``): the
+    inflater then allocates it once, which takes a third less time than letting it grow its
+    buffer towards the 64 MiB bound (data beyond the stated length is an error either way).
+    """
     body = memoryview(member)[_HEADER.size : len(member) - _TRAILER.size]
     expected_crc, expected_size = _TRAILER.unpack_from(member, len(member) - _TRAILER.size)
     inflater = (_isal or zlib).decompressobj(-15)
-    try:
-        data = bytes(inflater.decompress(body, MAX_MEMBER_OUTPUT))
+    try:  # a limit of 0 means none: an empty member's is 1
+        data = bytes(inflater.decompress(body, min(expected_size, MAX_MEMBER_OUTPUT) or 1))
     except InflateError as error:
         raise CorruptCheckpointError(f"a gzip member does not inflate: {error}") from None
     if not inflater.eof or inflater.unconsumed_tail or inflater.unused_data:
