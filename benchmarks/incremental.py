@@ -18,6 +18,9 @@ replaced there.
   Target: it uploads that file's bytes, not the tree's.
 * **restores** of the small-file tree and the tensor directory, tar.gz and incremental. Targets:
   the incremental restore reaches 0.9x the tar.gz restore's throughput; peak RSS < 300 MiB.
+* **a manifest of 1,000,000 files** (``--manifest-files``; 1,000 folders of 1,000 one-chunk
+  files): its size, and the memory and time decoding it takes (the checks a restore makes, and
+  the lighter read a save makes of a parent), each in a child process of its own.
 
 Nothing about time is asserted: the script fails only if a restore differs from what was saved,
 so ``--quick`` (small datasets) is safe for CI. Results: benchmarks/README.md.
@@ -61,6 +64,66 @@ usage = resource.getrusage(resource.RUSAGE_SELF)
 cpu = usage.ru_utime + usage.ru_stime - cpu_before
 print(json.dumps({"seconds": seconds, "cpu": cpu, "rss_mib": usage.ru_maxrss / 1024}))
 """
+
+
+_MANIFEST_BUILD = """
+import os, sys
+from array import array
+from checkpointio._incremental import _manifest
+folders, per = int(sys.argv[1]), 1000
+count = folders * per
+manifest = _manifest.Manifest()
+manifest.pack_names = [os.urandom(16).hex()]
+manifest.packs = {manifest.pack_names[0]: 200_000 * count}
+manifest.hashes = bytearray(os.urandom(16 * count))
+manifest.chunk_pack = array("I", bytes(4 * count))
+manifest.offsets = array("Q", range(0, 200_000 * count, 200_000))
+manifest.stored = array("I", [150_000]) * count
+manifest.sizes = array("I", [200_000]) * count
+manifest.codecs = bytearray([1]) * count
+for folder in range(folders):
+    manifest.add_entry(f"layer-{folder:04d}", "d", 0o755, 1_700_000_000_000_000_000)
+    for number in range(per):
+        chunk = folder * per + number
+        manifest.add_entry(f"layer-{folder:04d}/shard-{number:05d}.bin", "f", 0o644, 1_700_000_000_000_000_000 + chunk,
+                           200_000, 10**6 + chunk)
+        manifest.used.append(chunk)
+        manifest.first[-1] = len(manifest.used)
+with open(sys.argv[2], "wb") as out:
+    out.write(_manifest.encode(manifest))
+"""
+
+_MANIFEST_DECODE = """
+import json, resource, sys, time
+from checkpointio._incremental import _manifest
+data = open(sys.argv[1], "rb").read()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+started = time.perf_counter()
+manifest = _manifest.decode(data, sys.argv[1], check_tree=sys.argv[2] == "1")
+seconds = time.perf_counter() - started
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"seconds": seconds, "entries": manifest.entry_count, "rss_mib": after, "extra_mib": after - before}))
+"""
+
+
+def _manifest_memory(scratch: Path, files: int) -> dict[str, Any]:
+    """Build a manifest of ``files`` one-chunk files, then decode it as a restore and as a save's
+    parent, each in a fresh process: its size, the peak RSS the decoding added, the time."""
+    path = scratch / "manifest.bin"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    subprocess.run([sys.executable, "-c", _MANIFEST_BUILD, str(max(1, files // 1000)), str(path)], env=env, check=True)
+    result: dict[str, Any] = {"bytes": path.stat().st_size}
+    for label, check in (("restore", "1"), ("parent", "0")):
+        done = subprocess.run(
+            [sys.executable, "-c", _MANIFEST_DECODE, str(path), check],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        result[label] = json.loads(done.stdout.strip().splitlines()[-1])
+    path.unlink()
+    return result
 
 
 def _objects(store: Path) -> dict[str, tuple[int, int, int]]:
@@ -140,6 +203,7 @@ def main() -> None:
     parser.add_argument("--small-mib", type=float)
     parser.add_argument("--big-mib", type=float)
     parser.add_argument("--tensor-mib", type=float)
+    parser.add_argument("--manifest-files", type=int, help="files in the manifest whose decoding is measured")
     parser.add_argument("--workdir", type=Path)
     parser.add_argument("--json", type=Path, help="write the results here too")
     args = parser.parse_args()
@@ -147,6 +211,7 @@ def main() -> None:
     small_mib = args.small_mib or (13.0 if args.quick else 328.0)
     big_mib = args.big_mib or (32.0 if args.quick else 1024.0)
     tensor_mib = args.tensor_mib or (24.0 if args.quick else 770.0)
+    manifest_files = args.manifest_files or (50_000 if args.quick else 1_000_000)
     scratch = Path(tempfile.mkdtemp(prefix="checkpointio-incbench-", dir=args.workdir))
     rng = random.Random(21)
     results: dict[str, Any] = {}
@@ -205,6 +270,7 @@ def main() -> None:
             "restore_tar": restores["tar"],
             "restore_inc": restores["inc"],
         }
+        results["manifest"] = _manifest_memory(scratch, manifest_files)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     _report(results, small_files, small_mib, big_mib, tensor_mib)
@@ -258,6 +324,14 @@ def _report(results: dict[str, Any], small_files: int, small_mib: float, big_mib
         f"(tar.gz save: {_fmt(tensors['tar']['uploaded'] / MiB)} MiB); restore tar.gz "
         f"{_fmt(tensors['restore_tar']['seconds'])} s, incremental {_fmt(tensors['restore_inc']['seconds'])} s, "
         f"peak RSS {_fmt(tensors['restore_inc']['rss_mib'], 0)} MiB"
+    )
+    manifest = results["manifest"]
+    restore, parent = manifest["restore"], manifest["parent"]
+    print(
+        f"manifest of {restore['entries']:,} entries: {_fmt(manifest['bytes'] / 1e6, 1)} MB; decoded and checked "
+        f"for a restore: +{_fmt(restore['extra_mib'], 0)} MiB peak RSS ({_fmt(restore['rss_mib'], 0)} MiB in all), "
+        f"{_fmt(restore['seconds'])} s; read as a save's parent: +{_fmt(parent['extra_mib'], 0)} MiB, "
+        f"{_fmt(parent['seconds'])} s"
     )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -327,8 +328,9 @@ async def _read(uri: str) -> _incremental.Manifest | None:
 @ONE_STORE
 def test_a_manifest_naming_a_path_out_of_the_workspace_is_refused(store: StoreCase, tmp_path: Path, path: str) -> None:
     manifest = _valid(store, tmp_path)
-    manifest.entries[0].path = path
-    _write_manifest(store, "ckpt", manifest)
+    entries = manifest.entries
+    entries[0].path = path
+    _write_manifest(store, "ckpt", _incremental.Manifest.of(manifest.packs, manifest.chunks, entries))
     with pytest.raises(UnsafeArchiveError):
         restore(store.uri("ckpt"), tmp_path / "restored")
     assert not (tmp_path / "escaped").exists() and not (tmp_path / "restored" / "escaped").exists()
@@ -341,7 +343,7 @@ def test_a_manifest_with_a_symlink_out_or_through_another_is_refused(store: Stor
         [("out", "../outside")],
         [("up", "."), ("out", "up/..")],
     ):
-        crafted = _incremental.Manifest(
+        crafted = _incremental.Manifest.of(
             manifest.packs,
             manifest.chunks,
             manifest.entries + [_incremental.Entry(path, "l", 0o777, 0, link=target) for path, target in links],
@@ -359,8 +361,8 @@ def test_a_manifest_with_overlapping_ranges_or_impossible_counts_is_refused(stor
         second.hash, second.pack, first.offset + 1, second.stored, second.size, second.codec
     )
     crafted = [
-        _incremental.Manifest(manifest.packs, [first, overlapping, *manifest.chunks[2:]], manifest.entries),
-        _incremental.Manifest({name: 10 for name in manifest.packs}, manifest.chunks, manifest.entries),
+        _incremental.Manifest.of(manifest.packs, [first, overlapping, *manifest.chunks[2:]], manifest.entries),
+        _incremental.Manifest.of({name: 10 for name in manifest.packs}, manifest.chunks, manifest.entries),
     ]
     for bad in crafted:
         _write_manifest(store, "ckpt", bad)
@@ -369,13 +371,9 @@ def test_a_manifest_with_overlapping_ranges_or_impossible_counts_is_refused(stor
     # a header stating a billion entries is refused before anything is held for them
     good = _incremental.encode(manifest)
     header_end = good.index(b"\n") + 1
-    import json
-    import zlib
-
-    lines = zlib.decompress(good[header_end:]).split(b"\n")
-    header = json.loads(lines[0])
-    header["entries"] = 10**12
-    raw = good[:header_end] + zlib.compress(b"\n".join([json.dumps(header).encode(), *lines[1:]]))
+    body = zlib.decompress(good[header_end:])
+    # the header: packs (u32), chunks (u64), entries (u64), ...
+    raw = good[:header_end] + zlib.compress(body[:12] + (10**12).to_bytes(8, "little") + body[20:])
     location = parse_location(store.uri("ckpt"))
 
     async def put() -> None:
@@ -386,6 +384,70 @@ def test_a_manifest_with_overlapping_ranges_or_impossible_counts_is_refused(stor
     with pytest.raises(CorruptCheckpointError, match="beyond the limits"):
         restore(store.uri("ckpt"), tmp_path / "restored")
     shutil.rmtree(tmp_path / "restored", ignore_errors=True)
+
+
+def _write_raw(store: StoreCase, name: str, raw: bytes) -> None:
+    location = parse_location(store.uri(name))
+
+    async def put() -> None:
+        backend = await open_store(location.scheme, TransferConfig())
+        await _engine.save_object(backend, location, raw, Kind.DIRECTORY, TransferConfig(), layout=_incremental.LAYOUT)
+
+    anyio.run(put)
+
+
+@ONE_STORE
+def test_a_manifest_announcing_more_than_it_holds_is_refused_before_reading_it(
+    store: StoreCase, tmp_path: Path
+) -> None:
+    manifest = _valid(store, tmp_path)
+    good = _incremental.encode(manifest)
+    header_end = good.index(b"\n") + 1
+    body = zlib.decompress(good[header_end:])
+    packs, chunks, entries = len(manifest.packs), manifest.chunk_count, manifest.entry_count
+    assert manifest.paths == ["a", "b"] and chunks >= 2
+    # where the columns are (see docs/incremental.md, "The manifest format")
+    entries_at = 30 + len(manifest.save_id) + 24 * packs + 37 * chunks
+    counts_at = entries_at + 27 * entries
+    path_lengths_at = counts_at + 4 * entries
+    cases = {
+        "truncated": body[:-3],
+        "holds more than its header states": body + b"\0",
+        "more chunks than its size allows": body[:counts_at] + (10**9).to_bytes(4, "little") + body[counts_at + 4 :],
+        "truncated ": body[:path_lengths_at] + (2**32 - 1).to_bytes(4, "little") + body[path_lengths_at + 4 :],
+        "chunk indices holds a value out of range": body[:-4] + (2**32 - 1).to_bytes(4, "little"),
+        "unknown type": body[:entries_at] + b"x" + body[entries_at + 1 :],
+    }
+    for match, crafted in cases.items():
+        _write_raw(store, "ckpt", good[:header_end] + zlib.compress(crafted))
+        with pytest.raises(CorruptCheckpointError, match=match.strip()):
+            restore(store.uri("ckpt"), tmp_path / "restored")
+        assert not (tmp_path / "restored").exists() or not any((tmp_path / "restored").iterdir())
+    _write_raw(store, "ckpt", good)
+    assert snapshot(restore(store.uri("ckpt"), tmp_path / "restored")) == snapshot(tmp_path / "tree")
+
+
+def test_a_save_with_two_parents_sharing_chunks_restores_whole(tmp_path: Path) -> None:
+    """The key's previous checkpoint and the one restored both reference the same chunks: the new
+    manifest names each chunk once (two rows at one place would be refused as overlapping)."""
+    store = tmp_path / "store"
+    tree = full_tree(tmp_path / "tree")
+    with Checkpoint(str(store / "first"), incremental=True) as cp:
+        cp.save_sync(tree)
+    with Checkpoint(str(store / "second"), incremental=True) as cp:
+        cp.save_sync(tree)
+    with Checkpoint(str(store / "second"), src=str(store / "first"), incremental=True) as cp:
+        restored = cp.load_sync()
+        assert restored is not None
+        (restored / "new.txt").write_bytes(b"y" * 5000)
+        cp.save_sync(restored)
+    manifest = anyio.run(_read, str(store / "second"))
+    assert manifest is not None
+    places = list(zip(manifest.chunk_pack, manifest.offsets, strict=True))
+    assert len(places) == len(set(places))
+    got = tree_state(restore(str(store / "second"), tmp_path / "again"))
+    assert got.pop("new.txt")[1] == b"y" * 5000
+    assert got == tree_state(tree)
 
 
 # -- gc, retention, ls, rm --------------------------------------------------------------------------

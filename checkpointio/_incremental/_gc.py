@@ -191,13 +191,20 @@ def usage(manifests: dict[str, Manifest]) -> dict[str, Usage]:
     """The :class:`Usage` of each of the manifests of one folder, by key."""
     users: dict[tuple[str, int], int] = {}
     for manifest in manifests.values():
-        for chunk in manifest.chunks:
-            place = (chunk.pack, chunk.offset)
+        names = manifest.pack_names
+        for pack, offset in zip(manifest.chunk_pack, manifest.offsets, strict=True):
+            place = (names[pack], offset)
             users[place] = users.get(place, 0) + 1
     result = {}
+    file = ord(FILE)
     for key, manifest in manifests.items():
-        referenced = sum(chunk.stored for chunk in manifest.chunks)
-        exclusive = sum(chunk.stored for chunk in manifest.chunks if users[(chunk.pack, chunk.offset)] == 1)
-        files = sum(1 for entry in manifest.entries if entry.kind == FILE)
+        names = manifest.pack_names
+        referenced = sum(manifest.stored)
+        exclusive = sum(
+            stored
+            for pack, offset, stored in zip(manifest.chunk_pack, manifest.offsets, manifest.stored, strict=True)
+            if users[(names[pack], offset)] == 1
+        )
+        files = manifest.kinds.count(file)
         result[key] = Usage(referenced, exclusive, files)
     return result

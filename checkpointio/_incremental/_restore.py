@@ -24,7 +24,7 @@ from .._selection import ListedEntry, Selection, roots
 from .._stores import ObjectInfo, Store
 from . import _chunks
 from ._layout import area_of, pack_location
-from ._manifest import DIR, FILE, HARDLINK, SYMLINK, Entry, Manifest, read_manifest
+from ._manifest import DIR, FILE, HARDLINK, SYMLINK, Manifest, read_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -46,23 +46,23 @@ def _spans(manifest: Manifest, wanted: set[int]) -> list[_Span]:
     """The ranges to fetch: per pack, the wanted chunks in offset order, merged across small gaps."""
     by_pack: dict[str, list[int]] = {}
     for index in sorted(wanted):
-        by_pack.setdefault(manifest.chunks[index].pack, []).append(index)
+        by_pack.setdefault(manifest.pack_names[manifest.chunk_pack[index]], []).append(index)
     spans: list[_Span] = []
     for name, indices in by_pack.items():
-        indices.sort(key=lambda index: manifest.chunks[index].offset)
+        indices.sort(key=manifest.offsets.__getitem__)
         current: _Span | None = None
         for index in indices:
-            chunk = manifest.chunks[index]
-            end = chunk.offset + chunk.stored
+            offset, stored = manifest.offsets[index], manifest.stored[index]
+            end = offset + stored
             if (
                 current is not None
-                and chunk.offset - (current.offset + current.length) <= _GAP
+                and offset - (current.offset + current.length) <= _GAP
                 and end - current.offset <= _SPAN
             ):
                 current.length = end - current.offset
                 current.chunks.append(index)
             else:
-                current = _Span(name, chunk.offset, chunk.stored, [index])
+                current = _Span(name, offset, stored, [index])
                 spans.append(current)
     return spans
 
@@ -78,11 +78,12 @@ class _Fetched:
     def error(self, manifest: Manifest, uri: str) -> CorruptCheckpointError | None:
         if not self.missing and not self.bad:
             return None
-        affected = {index for index, chunk in enumerate(manifest.chunks) if chunk.pack in self.missing}
+        missing = {number for number, name in enumerate(manifest.pack_names) if name in self.missing}
+        affected = {index for index, pack in enumerate(manifest.chunk_pack) if pack in missing}
         affected |= set(self.bad)
         named, count = manifest.files_using(affected)
         problems = [f"pack {name} {why}" for name, why in sorted(self.missing.items())]
-        bad_packs = sorted({manifest.chunks[index].pack for index in self.bad})
+        bad_packs = sorted({manifest.pack_names[manifest.chunk_pack[index]] for index in self.bad})
         problems += [f"pack {name} holds chunks that {self.bad_reason(manifest, name)}" for name in bad_packs]
         more = f" and {count - len(named)} more" if count > len(named) else ""
         return CorruptCheckpointError(
@@ -92,7 +93,7 @@ class _Fetched:
         )
 
     def bad_reason(self, manifest: Manifest, pack: str) -> str:
-        return next(why for index, why in self.bad.items() if manifest.chunks[index].pack == pack)
+        return next(why for index, why in self.bad.items() if manifest.pack_names[manifest.chunk_pack[index]] == pack)
 
 
 async def _fetch(
@@ -133,7 +134,7 @@ async def _fetch(
     def take(span: _Span, data: bytes) -> None:
         view = memoryview(data)
         for index in span.chunks:
-            chunk = manifest.chunks[index]
+            chunk = manifest.chunk(index)
             start = chunk.offset - span.offset
             try:
                 content = _chunks.decode(chunk, view[start : start + chunk.stored])
@@ -173,34 +174,37 @@ class _Writer:
         # chunk -> [(entry index, offset in the file)]
         self.uses: dict[int, list[tuple[int, int]]] = {}
         self.remaining: dict[int, int] = {}
-        for number, entry in enumerate(manifest.entries):
-            if entry.kind != FILE:
+        file, sizes = ord(FILE), manifest.sizes
+        for number, kind in enumerate(manifest.kinds):
+            if kind != file:
                 continue
             position = 0
-            for index in entry.chunks:
+            for index in manifest.chunks_of(number):
                 self.uses.setdefault(index, []).append((number, position))
-                position += manifest.chunks[index].size
-            self.remaining[number] = entry.size
+                position += sizes[index]
+            self.remaining[number] = manifest.file_sizes[number]
 
     def prepare(self) -> None:
         """Create the folders, and the files that are empty or need several chunks (a single-chunk
         file is created whole when its chunk arrives)."""
-        for entry in self.manifest.entries:
-            if entry.kind == DIR:
-                os.mkdir(entry.path, 0o700, dir_fd=self.folder)
-            elif entry.kind == FILE and (entry.size == 0 or len(entry.chunks) > 1):
-                fd = os.open(entry.path, _CREATE, 0o600, dir_fd=self.folder)
+        manifest = self.manifest
+        folder, file, first = ord(DIR), ord(FILE), manifest.first
+        for number, kind in enumerate(manifest.kinds):
+            if kind == folder:
+                os.mkdir(manifest.paths[number], 0o700, dir_fd=self.folder)
+            elif kind == file and first[number + 1] - first[number] != 1:
+                fd = os.open(manifest.paths[number], _CREATE, 0o600, dir_fd=self.folder)
                 try:
-                    if entry.size == 0:
-                        self._finish(fd, entry)
+                    if manifest.file_sizes[number] == 0:
+                        self._finish(fd, number)
                 finally:
                     os.close(fd)
 
     def chunk(self, index: int, data: bytes) -> None:
+        first = self.manifest.first
         for number, position in self.uses.get(index, ()):
-            entry = self.manifest.entries[number]
-            single = len(entry.chunks) == 1
-            fd = os.open(entry.path, _CREATE if single else _WRITE, 0o600, dir_fd=self.folder)
+            single = first[number + 1] - first[number] == 1
+            fd = os.open(self.manifest.paths[number], _CREATE if single else _WRITE, 0o600, dir_fd=self.folder)
             try:
                 view = memoryview(data)
                 while view:
@@ -211,47 +215,56 @@ class _Writer:
                     self.remaining[number] -= len(data)
                     complete = self.remaining[number] == 0
                 if complete:
-                    self._finish(fd, entry)
+                    self._finish(fd, number)
             finally:
                 os.close(fd)
 
-    @staticmethod
-    def _finish(fd: int, entry: Entry) -> None:
-        os.fchmod(fd, _tar._file_mode(entry.mode))
-        os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
+    def _finish(self, fd: int, number: int) -> None:
+        mtime = self.manifest.mtimes[number]
+        os.fchmod(fd, _tar._file_mode(self.manifest.modes[number]))
+        os.utime(fd, ns=(mtime, mtime))
 
     def finish(self, uri: str) -> None:
         """Links, then folder modes and times (deepest first), once every file is whole."""
-        short = [self.manifest.entries[n].path for n, left in self.remaining.items() if left != 0]
+        manifest = self.manifest
+        short = [manifest.paths[n] for n, left in self.remaining.items() if left != 0]
         if short:
             raise CorruptCheckpointError(f"{uri}: {short[0]!r} was not restored whole", uri=uri)
-        for entry in self.manifest.entries:
-            if entry.kind == SYMLINK:
-                os.symlink(entry.link, entry.path, dir_fd=self.folder)
-            elif entry.kind == HARDLINK:
-                os.link(entry.link, entry.path, src_dir_fd=self.folder, dst_dir_fd=self.folder, follow_symlinks=False)
-        for entry in reversed(self.manifest.entries):
-            if entry.kind == DIR:
-                os.chmod(entry.path, entry.mode & 0o755 | 0o700, dir_fd=self.folder)
-                os.utime(entry.path, ns=(entry.mtime_ns, entry.mtime_ns), dir_fd=self.folder, follow_symlinks=False)
+        symlink, hardlink, folder = ord(SYMLINK), ord(HARDLINK), ord(DIR)
+        for number, link in manifest.links.items():
+            path, kind = manifest.paths[number], manifest.kinds[number]
+            if kind == symlink:
+                os.symlink(link, path, dir_fd=self.folder)
+            elif kind == hardlink:
+                os.link(link, path, src_dir_fd=self.folder, dst_dir_fd=self.folder, follow_symlinks=False)
+        for number in reversed(range(manifest.entry_count)):
+            if manifest.kinds[number] == folder:
+                path, mtime = manifest.paths[number], manifest.mtimes[number]
+                os.chmod(path, manifest.modes[number] & 0o755 | 0o700, dir_fd=self.folder)
+                os.utime(path, ns=(mtime, mtime), dir_fd=self.folder, follow_symlinks=False)
 
 
 def _wanted(manifest: Manifest) -> set[int]:
-    return {index for entry in manifest.entries if entry.kind == FILE for index in entry.chunks}
+    return set(manifest.used)
 
 
 def _select(manifest: Manifest, only: Selection, uri: str) -> tuple[Manifest, list[str]]:
     """The part of ``manifest`` a partial restore writes (the entries ``only`` picks, the file a
     picked hard link needs, the folders holding them) and the paths it then presents."""
-    picked = {entry.path for entry in manifest.entries if only.matches(entry.path)}
-    picked |= {entry.link for entry in manifest.entries if entry.kind == HARDLINK and entry.path in picked}
+    picked = {path for path in manifest.paths if only.matches(path)}
+    hardlink = ord(HARDLINK)
+    picked |= {
+        link
+        for number, link in manifest.links.items()
+        if manifest.kinds[number] == hardlink and manifest.paths[number] in picked
+    }
     only.check_all_used(uri)
     needed = set(picked)
     for path in picked:
         parts = path.split("/")
         needed.update("/".join(parts[:depth]) for depth in range(1, len(parts)))
-    entries = [entry for entry in manifest.entries if entry.path in needed]
-    return Manifest(manifest.packs, manifest.chunks, entries, manifest.save_id, manifest.created), roots(picked)
+    chosen = (number for number, path in enumerate(manifest.paths) if path in needed)
+    return manifest.selected(chosen), roots(picked)
 
 
 async def list_entries(
@@ -265,10 +278,13 @@ async def list_entries(
     kinds = {DIR: "dir", FILE: "file", SYMLINK: "symlink", HARDLINK: "hardlink"}
 
     def give() -> None:
-        for entry in manifest.entries:
-            size = entry.size if entry.kind == FILE else 0
-            mtime = entry.mtime_ns // 1_000_000_000
-            each(ListedEntry(entry.path, kinds[entry.kind], size, mtime, entry.mode, entry.link))
+        file = ord(FILE)
+        for number, path in enumerate(manifest.paths):
+            kind = manifest.kinds[number]
+            size = manifest.file_sizes[number] if kind == file else 0
+            mtime = manifest.mtimes[number] // 1_000_000_000
+            link = manifest.links.get(number, "")
+            each(ListedEntry(path, kinds[chr(kind)], size, mtime, manifest.modes[number], link))
 
     await anyio.to_thread.run_sync(give)
 
@@ -323,8 +339,8 @@ async def load(
     logger.info(
         "loaded %s (incremental, %d entries, %s in %.1f s)",
         uri,
-        len(manifest.entries),
-        human_size(sum(entry.size for entry in manifest.entries)),
+        manifest.entry_count,
+        human_size(sum(manifest.file_sizes)),
         time.monotonic() - started,
     )
     return workspace
@@ -349,7 +365,7 @@ async def verify(
         pass
 
     await _fetch(
-        store, area_of(location), manifest, set(range(len(manifest.chunks))), config, meter, ignore, location.uri
+        store, area_of(location), manifest, set(range(manifest.chunk_count)), config, meter, ignore, location.uri
     )
     if meter.reporting:
         await anyio.to_thread.run_sync(meter.finish)

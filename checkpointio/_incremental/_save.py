@@ -12,9 +12,9 @@ import os
 import stat
 import time
 import uuid
+from array import array
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
@@ -31,7 +31,7 @@ from .._stores import Kind, Store
 from . import _chunks
 from ._layout import AREA, area_of, pack_location
 from ._leases import LEASE_TTL, Lease
-from ._manifest import DIR, FILE, HARDLINK, LAYOUT, SYMLINK, Chunk, Entry, Hash, Manifest, encode, read_manifest
+from ._manifest import DIR, FILE, HARDLINK, HASH_BYTES, LAYOUT, SYMLINK, Hash, Manifest, encode, read_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -43,37 +43,43 @@ PACK_SIZE = 32 * 1024 * 1024
 #: Chunks are encoded (hashed, compressed) on the pool in batches of about this many bytes or chunks.
 _BATCH_BYTES = 2 * 1024 * 1024
 _BATCH_CHUNKS = 512
+_ENTRY_MASK = (1 << 40) - 1
 
 
 def _new_save_id() -> str:
     return f"{time.time_ns():016x}-{uuid.uuid4().hex[:8]}"
 
 
-@dataclass
 class _Parents:
-    """What the parents of a save stored: chunks by hash, and files by path (to skip reading them)."""
+    """What the parents of a save stored (their manifests, as read), and how a file of the tree
+    is looked up in them: by path, in the first manifest holding a file of that path."""
 
-    chunks: dict[Hash, Chunk] = field(default_factory=dict)
-    files: dict[str, tuple[int, int, int, list[Chunk]]] = field(default_factory=dict)
-    pack_sizes: dict[str, int] = field(default_factory=dict)
-
-    def add(self, manifest: Manifest) -> None:
-        self.pack_sizes.update(manifest.packs)
-        for chunk in manifest.chunks:
-            self.chunks.setdefault(chunk.hash, chunk)
-        for entry in manifest.entries:
-            if entry.kind == FILE and entry.path not in self.files:
-                self.files[entry.path] = (
-                    entry.size,
-                    entry.mtime_ns,
-                    entry.inode,
-                    [manifest.chunks[index] for index in entry.chunks],
-                )
+    def __init__(self, manifests: list[Manifest]) -> None:
+        self.manifests = manifests
+        file = ord(FILE)
+        #: path -> the parent's number << 40 | the entry's number in it
+        self.files: dict[str, int] = {}
+        for number, manifest in enumerate(manifests):
+            files = {
+                path: number << 40 | entry
+                for entry, (path, kind) in enumerate(zip(manifest.paths, manifest.kinds, strict=True))
+                if kind == file
+            }
+            if not self.files:
+                self.files = files
+            else:
+                for path, found in files.items():
+                    self.files.setdefault(path, found)
 
 
 class _Packer:
-    """Worker-thread side of a save: walks the tree, cuts and hashes what changed, packs new chunks.
+    """Worker-thread side of a save: walks the tree, cuts and hashes what changed, packs new chunks,
+    and builds the new manifest's columns as it goes.
 
+    An unchanged file (same size, mtime and inode as in a parent) takes the parent's chunk rows:
+    each parent row is copied into the new manifest once (``remap``), so the new manifest holds
+    exactly the chunks its files use. A changed file's chunks are encoded on the pool, in order;
+    each reserves its slot in ``used`` when cut and gets its row when its encoding comes back.
     Finished packs go to ``upload`` (it blocks while enough are in flight).
     """
 
@@ -102,76 +108,138 @@ class _Packer:
         self.upload = upload
         self.skip = skip
         self.meter = meter
-        self.known: dict[Hash, Chunk] = dict(parents.chunks)
-        self.entries: list[Entry] = []
-        self.file_chunks: list[list[Chunk]] = []  # per entry (empty for others)
-        #: The pack being filled, as its pieces (joined once, when it is full: no growing buffer).
+        self.out = Manifest()
+        self.out.save_id = save_id
+        #: Per parent: its chunk rows' rows in ``out`` (-1: not copied yet), its packs' indices in ``out``.
+        self.remap = [array("q", [-1]) * manifest.chunk_count for manifest in parents.manifests]
+        self.pack_map = [array("q", [-1]) * len(manifest.pack_names) for manifest in parents.manifests]
+        #: Parent chunks by hash (the first parent's first), built when a file must be read.
+        self.parent_rows: dict[Hash, tuple[int, int]] | None = None
+        #: Rows of ``out`` holding the chunks this save packed, by hash.
+        self.new_rows: dict[Hash, int] = {}
+        #: The pack being filled, as its pieces (joined once, when it is full: no growing buffer),
+        #: and its index in ``out.pack_names`` (its name is known once it is full).
         self.pack: list[bytes] = []
         self.pack_length = 0
-        self.pack_pending: list[tuple[Hash, int, int, int, int]] = []  # hash, offset, stored, size, codec
+        self.pack_index = -1
         self.sequence = 0
         self.pool: _codec.OrderedPool | None = None
-        self.batch: list[tuple[list[Chunk], bytes]] = []
+        self.batch: list[tuple[int, bytes]] = []  # (slot in out.used, piece)
         self.batch_bytes = 0
         self.in_flight: collections.deque[
-            tuple[list[tuple[list[Chunk], int]], Future[list[tuple[Hash, bytes | None, int]]]]
+            tuple[list[tuple[int, int]], Future[list[tuple[Hash, bytes | None, int]]]]
         ] = collections.deque()
-        #: Pack name -> size, of the parents' packs and of those this save wrote.
-        self.pack_sizes: dict[str, int] = dict(parents.pack_sizes)
         self.read_bytes = 0
         self.new_bytes = 0
+        if len(parents.manifests) > 1:
+            self._index_parents()
 
-    # chunk encoding runs on the pool's threads: BLAKE3 and deflate let go of the GIL
-    def _encode_all(self, pieces: list[bytes]) -> list[tuple[Hash, bytes | None, int]]:
-        return [self._encode(piece) for piece in pieces]
+    def __contains__(self, digest: object) -> bool:
+        """Whether a chunk of this hash is stored already (read from the pool's threads)."""
+        assert self.parent_rows is not None
+        return digest in self.parent_rows or digest in self.new_rows
 
-    def _queue(self, target: list[Chunk], piece: bytes) -> None:
-        """Encode ``piece`` (on the pool) and add it to ``target`` in order; small chunks go in
+    def _index_parents(self) -> None:
+        rows: dict[Hash, tuple[int, int]] = {}
+        for number, manifest in enumerate(self.parents.manifests):
+            hashes = manifest.hashes
+            for index in range(manifest.chunk_count):
+                rows.setdefault(bytes(hashes[index * HASH_BYTES : (index + 1) * HASH_BYTES]), (number, index))
+        self.parent_rows = rows
+
+    def _take(self, parent: int, index: int) -> int:
+        """The row in ``out`` of the parent's chunk row ``index`` (copied there on first use; with
+        several parents, a chunk stored by two of them gets one row)."""
+        remap = self.remap[parent]
+        row = remap[index]
+        if row >= 0:
+            return row
+        manifest = self.parents.manifests[parent]
+        if parent > 0:
+            assert self.parent_rows is not None
+            digest = bytes(manifest.hashes[index * HASH_BYTES : (index + 1) * HASH_BYTES])
+            canonical = self.parent_rows[digest]
+            if canonical != (parent, index):
+                row = remap[index] = self._take(*canonical)
+                return row
+        out = self.out
+        pack = manifest.chunk_pack[index]
+        pack_row = self.pack_map[parent][pack]
+        if pack_row < 0:
+            name = manifest.pack_names[pack]
+            pack_row = self.pack_map[parent][pack] = len(out.pack_names)
+            out.pack_names.append(name)
+            out.packs[name] = manifest.packs[name]
+        row = remap[index] = len(out.offsets)
+        out.hashes += manifest.hashes[index * HASH_BYTES : (index + 1) * HASH_BYTES]
+        out.chunk_pack.append(pack_row)
+        out.offsets.append(manifest.offsets[index])
+        out.stored.append(manifest.stored[index])
+        out.sizes.append(manifest.sizes[index])
+        out.codecs.append(manifest.codecs[index])
+        return row
+
+    def _queue(self, piece: bytes) -> None:
+        """Encode ``piece`` (on the pool) into the next slot of ``out.used``; small chunks go in
         batches, one hand-off per batch rather than per file."""
-        self.batch.append((target, piece))
+        if self.parent_rows is None:
+            self._index_parents()
+        self.out.used.append(0)
+        self.batch.append((len(self.out.used) - 1, piece))
         self.batch_bytes += len(piece)
         if self.batch_bytes >= _BATCH_BYTES or len(self.batch) >= _BATCH_CHUNKS:
             self._submit()
+
+    # chunk encoding runs on the pool's threads: BLAKE3 and deflate let go of the GIL
+    def _encode_all(self, pieces: list[bytes]) -> list[tuple[Hash, bytes | None, int]]:
+        return [_chunks.encode(piece, self.level, self) for piece in pieces]
 
     def _submit(self) -> None:
         if not self.batch:
             return
         assert self.pool is not None
-        targets = [(target, len(piece)) for target, piece in self.batch]
-        self.in_flight.append((targets, self.pool.submit(self._encode_all, [piece for _, piece in self.batch])))
+        slots = [(slot, len(piece)) for slot, piece in self.batch]
+        self.in_flight.append((slots, self.pool.submit(self._encode_all, [piece for _, piece in self.batch])))
         self.batch, self.batch_bytes = [], 0
         while len(self.in_flight) > 2 * self.workers:
             self._drain_one()
 
     def _drain_one(self) -> None:
-        targets, future = self.in_flight.popleft()
-        for (target, size), encoded in zip(targets, future.result(), strict=True):
-            self._add(target, *encoded, size)
+        slots, future = self.in_flight.popleft()
+        for (slot, size), encoded in zip(slots, future.result(), strict=True):
+            self.out.used[slot] = self._add(*encoded, size)
 
-    def _encode(self, data: bytes) -> tuple[Hash, bytes | None, int]:
-        return _chunks.encode(data, self.level, self.known)
-
-    def _add(self, target: list[Chunk], digest: Hash, encoded: bytes | None, codec: int, size: int) -> None:
-        known = self.known.get(digest)
+    def _add(self, digest: Hash, encoded: bytes | None, codec: int, size: int) -> int:
+        """The row of the chunk ``digest`` in ``out``: a parent's, one packed before, or a new one."""
+        assert self.parent_rows is not None
+        known = self.parent_rows.get(digest)
         if known is not None:
-            target.append(known)
-            return
-        if encoded is None:  # known when encoded, so known now (the table only grows)
+            return self._take(*known)
+        row = self.new_rows.get(digest)
+        if row is not None:
+            return row
+        if encoded is None:  # known when encoded, so known now (the tables only grow)
             raise AssertionError("a chunk known when encoded is missing")
+        out = self.out
         if not self.pack:
             head = _PACK_MAGIC + f"{self.save_id} {self.sequence}\n".encode()
             self.pack.append(head)
             self.pack_length = len(head)
-        offset = self.pack_length
+            self.pack_index = len(out.pack_names)
+            out.pack_names.append("")  # named when full
+        row = self.new_rows[digest] = len(out.offsets)
+        out.hashes += digest
+        out.chunk_pack.append(self.pack_index)
+        out.offsets.append(self.pack_length)
+        out.stored.append(len(encoded))
+        out.sizes.append(size)
+        out.codecs.append(codec)
         self.pack.append(encoded)
         self.pack_length += len(encoded)
-        placeholder = Chunk(digest, "", offset, len(encoded), size, codec)
-        self.known[digest] = placeholder
-        self.pack_pending.append((digest, offset, len(encoded), size, codec))
-        target.append(placeholder)
         self.new_bytes += len(encoded)
         if self.pack_length >= self.pack_size:
             self._flush_pack()
+        return row
 
     def _flush_pack(self) -> None:
         if not self.pack:
@@ -179,16 +247,21 @@ class _Packer:
         data = b"".join(self.pack)
         self.pack = []
         name = _chunks.hash_of(data).hex()
-        for digest, offset, stored, size, codec in self.pack_pending:
-            self.known[digest] = Chunk(digest, name, offset, stored, size, codec)
-        self.pack_pending = []
+        self.out.pack_names[self.pack_index] = name
+        self.out.packs[name] = len(data)
         self.sequence += 1
-        self.pack_sizes[name] = len(data)
         self.upload(name, data)
 
-    def run(self) -> list[Entry]:
+    def run(self) -> Manifest:
         links: dict[tuple[int, int], str] = {}
         top = self.shown.rstrip(os.sep) + os.sep
+        out = self.out
+        files = self.parents.files
+        parents = self.parents.manifests
+        remaps = self.remap
+        take = self._take
+        meter_read = self.meter.read
+        used = out.used
         with (
             _codec.OrderedPool(self.workers) as pool,
             contextlib.closing(
@@ -198,11 +271,36 @@ class _Packer:
             self.pool = pool
             for item in walk:
                 rel, st = item.rel, item.st
-                full = top + rel
-                mode, mtime = stat.S_IMODE(st.st_mode), st.st_mtime_ns
-                if stat.S_ISDIR(st.st_mode):
-                    self._append(Entry(rel, DIR, mode, mtime))
-                elif stat.S_ISLNK(st.st_mode):
+                mode, mtime = st.st_mode, st.st_mtime_ns
+                if stat.S_ISREG(mode):
+                    if st.st_nlink > 1:
+                        inode = (st.st_dev, st.st_ino)
+                        if inode in links:
+                            out.add_entry(rel, HARDLINK, stat.S_IMODE(mode), mtime, link=links[inode])
+                            continue
+                        links[inode] = rel
+                    found = files.get(rel)
+                    if found is not None:
+                        parent, number = found >> 40, found & _ENTRY_MASK
+                        manifest = parents[parent]
+                        if (
+                            manifest.mtimes[number] == mtime
+                            and manifest.file_sizes[number] == st.st_size
+                            and manifest.inodes[number] == st.st_ino
+                        ):  # unchanged: the parent's chunks, not read
+                            out.add_entry(rel, FILE, stat.S_IMODE(mode), mtime, st.st_size, st.st_ino)
+                            remap = remaps[parent]
+                            for index in manifest.used[manifest.first[number] : manifest.first[number + 1]]:
+                                row = remap[index]
+                                used.append(row if row >= 0 else take(parent, index))
+                            out.first[-1] = len(used)
+                            meter_read(st.st_size)
+                            continue
+                    self._file(item, top + rel, stat.S_IMODE(mode))
+                elif stat.S_ISDIR(mode):
+                    out.add_entry(rel, DIR, stat.S_IMODE(mode), mtime)
+                elif stat.S_ISLNK(mode):
+                    full = top + rel
                     try:
                         target = os.readlink(item.name, dir_fd=item.folder)
                     except FileNotFoundError as error:
@@ -210,60 +308,47 @@ class _Packer:
                             f"{full} disappeared while {self.uri} was being saved", uri=self.uri
                         ) from error
                     _archive._check_link(str(self.root), rel, target, self.uri)
-                    self._append(Entry(rel, SYMLINK, mode, mtime, link=target))
-                elif stat.S_ISREG(st.st_mode):
-                    inode = (st.st_dev, st.st_ino)
-                    if st.st_nlink > 1 and inode in links:
-                        self._append(Entry(rel, HARDLINK, mode, mtime, link=links[inode]))
-                        continue
-                    if st.st_nlink > 1:
-                        links[inode] = rel
-                    self._file(item, full, mode)
+                    out.add_entry(rel, SYMLINK, stat.S_IMODE(mode), mtime, link=target)
                 else:
-                    logger.warning("skipping %s %s (it holds no data to save)", _archive.file_type(st.st_mode), full)
+                    logger.warning("skipping %s %s (it holds no data to save)", _archive.file_type(mode), top + rel)
             self._submit()
             while self.in_flight:
                 self._drain_one()
         self._flush_pack()
-        return self.entries
-
-    def _append(self, entry: Entry, chunks: list[Chunk] | None = None) -> None:
-        self.entries.append(entry)
-        self.file_chunks.append(chunks if chunks is not None else [])
+        return out
 
     def _file(self, item: _archive.Entry, full: str, mode: int) -> None:
+        """A new or changed file: read, cut, and its chunks queued for encoding."""
         st = item.st
-        entry = Entry(item.rel, FILE, mode, st.st_mtime_ns, st.st_size, st.st_ino)
-        parent = self.parents.files.get(item.rel)
-        if parent is not None and parent[:3] == (st.st_size, st.st_mtime_ns, st.st_ino):
-            self._append(entry, [self.known[chunk.hash] for chunk in parent[3]])
-            self.meter.read(st.st_size)
-            return
-        chunks: list[Chunk] = []
-        self._append(entry, chunks)
-        if st.st_size == 0:
-            return
-        try:  # not through a symlink swapped in since the listing
-            fd = os.open(item.name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=item.folder)
-        except FileNotFoundError as error:
-            raise SourceChangedError(f"{full} disappeared while {self.uri} was being saved", uri=self.uri) from error
-        except OSError as error:
-            if error.errno != errno.ELOOP:
-                raise _archive.unreadable(error, full, self.uri) from error
-            raise SourceChangedError(
-                f"{full} was replaced by a symlink while {self.uri} was being saved", uri=self.uri
-            ) from error
+        self.out.add_entry(item.rel, FILE, mode, st.st_mtime_ns, st.st_size, st.st_ino)
         try:
-            opened = os.fstat(fd)
-            if not stat.S_ISREG(opened.st_mode) or (opened.st_dev, opened.st_ino) != (st.st_dev, st.st_ino):
+            if st.st_size == 0:
+                return
+            try:  # not through a symlink swapped in since the listing
+                fd = os.open(item.name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=item.folder)
+            except FileNotFoundError as error:
                 raise SourceChangedError(
-                    f"{full} was replaced while {self.uri} was being saved (the file read is not the one listed)",
-                    uri=self.uri,
-                )
-            for piece in _chunks.pieces(fd, st.st_size, full, self.uri, self._read):
-                self._queue(chunks, piece)
+                    f"{full} disappeared while {self.uri} was being saved", uri=self.uri
+                ) from error
+            except OSError as error:
+                if error.errno != errno.ELOOP:
+                    raise _archive.unreadable(error, full, self.uri) from error
+                raise SourceChangedError(
+                    f"{full} was replaced by a symlink while {self.uri} was being saved", uri=self.uri
+                ) from error
+            try:
+                opened = os.fstat(fd)
+                if not stat.S_ISREG(opened.st_mode) or (opened.st_dev, opened.st_ino) != (st.st_dev, st.st_ino):
+                    raise SourceChangedError(
+                        f"{full} was replaced while {self.uri} was being saved (the file read is not the one listed)",
+                        uri=self.uri,
+                    )
+                for piece in _chunks.pieces(fd, st.st_size, full, self.uri, self._read):
+                    self._queue(piece)
+            finally:
+                os.close(fd)
         finally:
-            os.close(fd)
+            self.out.first[-1] = len(self.out.used)
 
     def _read(self, length: int) -> None:
         self.meter.read(length)
@@ -275,7 +360,7 @@ async def _load_parents(
 ) -> _Parents:
     """What ``location`` held and the first incremental checkpoint among ``parents`` (newest first)
     stored, where their packs are ``area``'s: only those can be referenced from here."""
-    found = _Parents()
+    found: list[Manifest] = []
     for candidate in [location, *parents]:
         if area_of(candidate) != area:
             continue
@@ -285,10 +370,10 @@ async def _load_parents(
             logger.warning("not deduplicating against %s: %s", candidate.uri, error)
             continue
         if manifest is not None:
-            found.add(manifest)
+            found.append(manifest)
             if candidate != location:
                 break
-    return found
+    return _Parents(found)
 
 
 async def save(
@@ -340,7 +425,7 @@ async def save(
         uri,
         human_size(packer.read_bytes),
         human_size(packer.new_bytes),
-        len(manifest.entries),
+        manifest.entry_count,
         seconds,
     )
     return manifest
@@ -391,18 +476,17 @@ async def _save_tree(
         meter,
     )
 
-    def produce() -> list[Entry]:
-        entries = packer.run()
+    def produce() -> Manifest:
+        manifest = packer.run()
         if check is not None:
             check()
-        return entries
+        return manifest
 
-    entries: list[Entry] = []
+    built: list[Manifest] = []
 
     async def run_producer() -> None:
-        nonlocal entries
         try:
-            entries = await anyio.to_thread.run_sync(produce, limiter=anyio.CapacityLimiter(1))
+            built.append(await anyio.to_thread.run_sync(produce, limiter=anyio.CapacityLimiter(1)))
         finally:
             send.close()
 
@@ -432,7 +516,8 @@ async def _save_tree(
             group.start_soon(run_producer)
             group.start_soon(uploader)
 
-    manifest = _assemble(entries, packer, save_id)
+    manifest = built[0]
+    manifest.created = time.time()
     if time.monotonic() - lease.renewed > LEASE_TTL / 2:  # this process was stalled: gc may have run
         await _check_packs_exist(store, area, manifest, location.uri)
     data = await anyio.to_thread.run_sync(encode, manifest)
@@ -441,27 +526,6 @@ async def _save_tree(
     await _engine.save_object(store, location, data, Kind.DIRECTORY, config, layout=LAYOUT)
     meter.advance(len(data))
     return manifest, packer
-
-
-def _assemble(entries: list[Entry], packer: _Packer, save_id: str) -> Manifest:
-    """The manifest: the chunks the entries use (each once), the packs those are in."""
-    chunk_index: dict[Hash, int] = {}
-    chunks: list[Chunk] = []
-    packs: dict[str, int] = {}
-    for entry, used in zip(entries, packer.file_chunks, strict=True):
-        if entry.kind != FILE:
-            continue
-        indices = []
-        for placeholder in used:
-            chunk = packer.known[placeholder.hash]  # with its pack's name, now that every pack is named
-            index = chunk_index.get(chunk.hash)
-            if index is None:
-                index = chunk_index[chunk.hash] = len(chunks)
-                chunks.append(chunk)
-                packs[chunk.pack] = 0
-            indices.append(index)
-        entry.chunks = indices
-    return Manifest({name: packer.pack_sizes[name] for name in packs}, chunks, entries, save_id, time.time())
 
 
 async def _check_packs_exist(store: Store, area: Location, manifest: Manifest, uri: str) -> None:
