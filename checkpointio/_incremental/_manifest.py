@@ -11,8 +11,7 @@ reads what they announce. It is stored like any checkpoint (atomically, with its
 every pack it names is stored.
 
 A decoded manifest is columns too (arrays, one list of paths), not an object per entry: a
-1,000,000-file manifest takes about 170 MB decoded (measured in
-``tests/test_incremental.py::test_a_manifest_of_a_million_files_decodes_in_bounded_memory``).
+1,000,000-file manifest holds about 165 MB decoded (``benchmarks/incremental.py`` measures it).
 """
 
 from __future__ import annotations
