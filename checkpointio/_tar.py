@@ -58,7 +58,6 @@ __all__ = [
     "Header",
     "KIND_NAMES",
     "Pick",
-    "SkippedLinkTarget",
     "SYMLINK",
     "end_of_archive",
     "extract",
@@ -603,14 +602,6 @@ def _write_views(fd: int, views: list[memoryview]) -> None:
         _write_all(fd, view)
 
 
-class SkippedLinkTarget(Exception):
-    """A picked hard link's file was not picked: extract again with it (``path``) picked too."""
-
-    def __init__(self, path: str) -> None:
-        super().__init__(path)
-        self.path = path
-
-
 class _Input:
     """The stream, kept as views of the pieces it came in, read ahead as far as the source has
     data ready (``buffered``: a gzip reader's inflated members), or a step (``_STEP``).
@@ -699,8 +690,6 @@ class _Extraction:
         buffered: Callable[[], int] | None = None,
     ) -> None:
         self._pick = pick
-        #: Files left out by ``pick``: a picked hard link to one of them needs it picked too.
-        self._skipped: set[str] = set()
         self._input = _Input(views if views is not None else (lambda size: [memoryview(read(size))]), buffered)
         self._write = dest is not None  # False: check everything, write nothing
         #: The destination, held open: entries are created relative to it, so a name up to
@@ -933,7 +922,6 @@ class _Extraction:
             if self._pick is not None and not self._pick(Header(_text(name), kind, size, mode, mtime, _text(link))):
                 if kind in _FILE_TYPES:
                     self.skip(size + -size % BLOCK)
-                    self._skipped.add(os.path.normpath(_text(name)))
                 continue
             try:
                 self.entry(kind, _text(name), _text(link), size, mode, mtime)
@@ -1103,8 +1091,6 @@ class _Extraction:
             self._links[rel] = link
         elif kind == b"1":
             source = self.inside(link, "hard link target")
-            if source not in self._files and source in self._skipped:
-                raise SkippedLinkTarget(source)
             if source not in self._files:
                 raise UnsafeArchiveError(f"hard link {name!r} -> {link!r} is not to a file extracted before")
             if source != rel:  # a link to itself (GNU tar's for a linked file named twice) is already there
@@ -1303,6 +1289,5 @@ def extract(
     Raises:
         UnsafeArchiveError: An entry would be written outside ``dest`` or is a device.
         CorruptCheckpointError: The stream is truncated, garbled or of an unsupported kind.
-        SkippedLinkTarget: A picked hard link is to a file ``pick`` declined.
     """
     _Extraction(read, dest, views, writers, pick, buffered).run()

@@ -368,6 +368,46 @@ def test_an_archive_without_a_table_is_streamed_keeping_the_matches(store: Store
     assert set(got) - {"model"} == {"model/layers", "model/layers/0.txt", "model/run-again.sh", "run.sh"}
 
 
+def linked_archive() -> bytes:
+    """Another tool's archive (no table): three files, each with a hard link in a folder of its own
+    after it, and a link to a link (``chain/c`` -> ``links/b0`` -> ``data/a0``)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for index in range(3):
+            info = tarfile.TarInfo(f"data/a{index}")
+            payload = f"payload {index}".encode() * 1000
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+        for index in range(3):
+            link = tarfile.TarInfo(f"links/b{index}")
+            link.type, link.linkname = tarfile.LNKTYPE, f"data/a{index}"
+            tar.addfile(link)
+        chained = tarfile.TarInfo("chain/c")
+        chained.type, chained.linkname = tarfile.LNKTYPE, "links/b0"
+        tar.addfile(chained)
+    return buffer.getvalue()
+
+
+def test_hard_links_to_files_not_picked_cost_one_more_pass_at_most(store: StoreCase, tmp_path: Path) -> None:
+    data = linked_archive()
+    store.put_raw("links.tar.gz", data)
+    workspace = tmp_path / "ws"
+    counted = load_only(store, "links.tar.gz", workspace, ["links", "chain"])
+    assert counted.requests.count("get") == 2, counted.requests  # one pass found what the links need
+    assert counted.received == 3 * len(data)  # the suffix read for a table (here all of it), two passes
+    got = {path.relative_to(workspace).as_posix() for path in workspace.rglob("*") if path.is_file()}
+    assert got == {"data/a0", "data/a1", "data/a2", "links/b0", "links/b1", "links/b2", "chain/c"}
+    assert (workspace / "chain" / "c").read_bytes() == b"payload 0" * 1000
+    assert (workspace / "chain" / "c").stat().st_ino == (workspace / "data" / "a0").stat().st_ino
+    # a link to a link not picked brings both
+    alone = tmp_path / "alone"
+    counted = load_only(store, "links.tar.gz", alone, ["chain"])
+    assert counted.requests.count("get") == 2, counted.requests
+    got = {path.relative_to(alone).as_posix() for path in alone.rglob("*") if path.is_file()}
+    assert got == {"data/a0", "links/b0", "chain/c"}
+    assert (alone / "chain" / "c").stat().st_ino == (alone / "data" / "a0").stat().st_ino
+
+
 @ONE_STORE
 def test_a_pattern_matching_nothing_fails_and_restores_nothing(store: StoreCase, tmp_path: Path) -> None:
     tree = mixed_tree(tmp_path / "tree")
