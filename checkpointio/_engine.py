@@ -722,12 +722,18 @@ async def list_contents(
     """Give each entry of the directory checkpoint at ``location`` to ``each`` (in a worker thread,
     in archive order) without restoring anything; ``None`` if there is no checkpoint.
 
+    ``each`` hears of no entry unless all of them are sound: every row of a table of contents is
+    checked before the first is given, and an archive without one is read to its end under the
+    extraction rules of a restore (paths inside, no devices, CRC32), its entries held until then.
+
     Returns whether the archive's table of contents was read (a few small reads); ``False``: it
     has none (saved by another tool or an older version) and the whole archive was streamed.
 
     Raises:
         CheckpointError: It holds bytes or a single file, not a directory.
         CorruptCheckpointError: The table, or the archive streamed, is damaged.
+        UnsafeArchiveError: An entry of an archive without a table would be restored outside the
+            folder, or is a device (as a restore would refuse it).
     """
     info = await store.head(location)
     if info is None:
@@ -740,19 +746,23 @@ async def list_contents(
     if await _partial.list_from_table(store, info, each):
         return True
 
-    def walk(reader: _BlockReader) -> None:
+    def walk(reader: _BlockReader) -> list[ListedEntry]:
         _refuse_selecting(info, _kind(reader, info))
+        rows: list[ListedEntry] = []
 
-        def pick(header: _tar.Header) -> bool:
+        def seen(header: _tar.Header) -> None:
             path = normal_path(header.name)
             if path:
                 kind = _tar.KIND_NAMES.get(header.kind, "other")
                 size = header.size if kind == "file" else 0
-                each(ListedEntry(path, kind, size, header.mtime, header.mode & 0o7777, header.link))
-            return False
+                rows.append(ListedEntry(path, kind, size, header.mtime, header.mode & 0o7777, header.link))
 
-        _archive.unpack_directory(reader.blocks, None, uri=info.location.uri, pick=pick)
+        workers = config.compression_workers
+        _archive.check_directory(reader.blocks, uri=info.location.uri, workers=workers, seen=seen)
         _verify(info, reader.digest, archive=True)
+        for row in rows:
+            each(row)
+        return rows
 
     await _read(store, info, config, Meter(None, "load", location.uri, info.size), walk)
     return False

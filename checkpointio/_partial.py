@@ -71,14 +71,17 @@ async def fetch_table(store: Store, info: ObjectInfo, tail: int = _TAIL) -> tupl
 
 
 async def list_from_table(store: Store, info: ObjectInfo, each: Callable[[ListedEntry], None]) -> bool:
-    """Give every entry of the archive's table to ``each`` (in a worker thread), in archive order;
-    ``False`` (and nothing given) when the archive has no table."""
+    """Give every entry of the archive's table to ``each`` (in a worker thread), in archive order,
+    once every row was checked (a damaged table gives none); ``False`` (and nothing given) when the
+    archive has no table."""
     found = await fetch_table(store, info)
     if found is None:
         return False
     footer, table = found
 
     def give() -> None:
+        for _ in _toc.read_table(table, footer, info.location.uri):
+            pass  # checked whole first: the table is inflated twice rather than held as rows
         for entry in _toc.read_table(table, footer, info.location.uri):
             each(ListedEntry(entry.path, entry.kind, entry.size, entry.mtime, entry.mode, entry.link))
 

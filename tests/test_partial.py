@@ -538,6 +538,51 @@ def test_listing_without_a_table_says_so(store: StoreCase, tmp_path: Path, capsy
     assert "has no table of contents" in capsys.readouterr().err
 
 
+def unsafe_foreign_archive(name: str) -> bytes:
+    """Another tool's archive (no table) holding ``ok.txt`` and then ``name``."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for entry in ("ok.txt", name):
+            info = tarfile.TarInfo(entry)
+            info.size = 4
+            tar.addfile(info, io.BytesIO(b"data"))
+    return buffer.getvalue()
+
+
+def test_listing_an_archive_without_a_table_applies_the_extraction_rules(
+    store: StoreCase, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name in ("../evil.txt", "/etc/evil.txt", "a/../../evil.txt"):
+        store.put_raw("evil.tar.gz", unsafe_foreign_archive(name))
+        uri = store.uri("evil.tar.gz")
+        for json_flag in ([], ["--json"]):
+            assert main(["ls", "--contents", *json_flag, uri]) == 4, name
+            out, err = capsys.readouterr()
+            assert out == "", name  # not even ok.txt: nothing is listed unless all of it is safe
+            assert f"{uri}: unsafe archive entry refused: entry {name!r}" in err, err
+        with pytest.raises(UnsafeArchiveError, match="unsafe archive entry refused"):
+            listed(store, "evil.tar.gz")
+
+
+@ONE_STORE
+def test_listing_a_corrupt_table_prints_nothing(
+    store: StoreCase, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = packed(mixed_tree(tmp_path / "tree"))
+    rows = rows_of(data)
+    rows[-1][0] = "../escaped"  # the last row: every other one is well formed
+    store.put_raw("bad", with_table(data, rows))
+    assert main(["ls", "--contents", store.uri("bad")]) == 4
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert f"{store.uri('bad')}: the table of contents is corrupt" in err and "'../escaped'" in err
+    seen: list[ListedEntry] = []
+    counted, location = counted_store(store, "bad")
+    with pytest.raises(CorruptCheckpointError, match="not a path inside the tree"):
+        anyio.run(lambda: _engine.list_contents(counted, location, CONFIG, seen.append))
+    assert seen == []
+
+
 # -- hostile tables -------------------------------------------------------------------------------
 
 
