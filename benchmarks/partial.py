@@ -32,10 +32,10 @@ import anyio
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: make benchmarks.* importable
 
 from benchmarks.s3server import RcloneS3Server, find_rclone
-from checkpointio import Checkpoint, _engine, _toc
+from checkpointio import Checkpoint, Entry, _engine, _toc
 from checkpointio._config import TransferConfig
 from checkpointio._location import Location, parse_location
-from checkpointio._selection import ListedEntry, Selection
+from checkpointio._selection import Selection
 from checkpointio._stores import Body, ObjectInfo, PendingWrite, Record, Sink, Store, open_store
 
 MiB = 1024 * 1024
@@ -134,7 +134,7 @@ def measure(store: Store, location: Location, workspace: Path, selection: Select
 
 def listing(store: Store, location: Location) -> tuple[Counted, int, float]:
     counted = Counted(store)
-    rows: list[ListedEntry] = []
+    rows: list[Entry] = []
     started = time.perf_counter()
     anyio.run(lambda: _engine.list_contents(counted, location, TransferConfig(), rows.append))
     return counted, len(rows), time.perf_counter() - started

@@ -35,6 +35,7 @@ from ._exceptions import (
 )
 from ._progress import Progress, ProgressCallback
 from ._runtime import AttemptFailure, TaskContext, TaskEnvironment, ctx, default_storage, env
+from ._selection import Entry
 from ._signals import Termination, interrupt_on_sigterm
 
 __version__ = "0.1.0"
@@ -53,6 +54,7 @@ __all__ = [
     "ConcurrentModificationError",
     "CorruptCheckpointError",
     "DestinationError",
+    "Entry",
     "InvalidNameError",
     "NoCheckpointError",
     "MiB",

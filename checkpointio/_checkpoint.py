@@ -22,7 +22,7 @@ from ._exceptions import CorruptCheckpointError
 from ._location import Location, checkpoint_location
 from ._pending import awaitable
 from ._progress import ProgressCallback
-from ._selection import Selection
+from ._selection import Entry, Selection
 from ._stores import Store, open_store
 
 __all__ = ["Checkpoint", "SaveHandle", "latest_checkpoint"]
@@ -171,6 +171,34 @@ class Checkpoint:
             self._restored = await self._load_first_valid()
             self._loaded = True
         return self._restored
+
+    @awaitable("cp.contents", "cp.contents_sync")
+    async def contents(self) -> list[Entry] | None:
+        """List the entries of the previous attempt's directory checkpoint without restoring it.
+
+        The checkpoint is the one ``load()`` would restore (missing and corrupt sources skipped
+        the same way). A checkpoint with a table of contents (every directory this version
+        saves) or an incremental one is listed from it: a few small reads, whatever its size. An
+        archive without one (another tool's, an older version's) is read whole, under the
+        extraction rules of a restore. Nothing is written.
+
+        Returns:
+            ``None`` if there is no previous checkpoint; else every :class:`Entry` (path, kind,
+            size, mtime, mode, link) in archive order, folders included.
+
+        Raises:
+            CheckpointError: The checkpoint holds bytes or a single file, not a directory.
+            CorruptCheckpointError: Its table of contents or archive is damaged, or an entry is
+                unsafe (:class:`UnsafeArchiveError`), in every source.
+            StoreError: The store failed; never reported as "no checkpoint".
+        """
+
+        async def listing(store: Store, location: Location) -> list[Entry] | None:
+            entries: list[Entry] = []
+            found = await _engine.list_contents(store, location, self._config, entries.append)
+            return None if found is None else entries
+
+        return await self._first_valid(listing)
 
     @awaitable("cp.load_bytes", "cp.load_bytes_sync")
     async def load_bytes(self) -> bytearray | None:
@@ -371,6 +399,10 @@ class Checkpoint:
     def load_sync(self, only: Sequence[str] | None = None) -> Path | None:
         """Blocking twin of :meth:`load`."""
         return _portal.run_sync(self.load, only)
+
+    def contents_sync(self) -> list[Entry] | None:
+        """Blocking twin of :meth:`contents`."""
+        return _portal.run_sync(self.contents)
 
     def load_bytes_sync(self) -> bytearray | None:
         """Blocking twin of :meth:`load_bytes`."""

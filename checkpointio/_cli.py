@@ -46,7 +46,7 @@ from ._exceptions import (
 from ._location import checkpoint_location, parse_location, parse_prefix
 from ._progress import Progress
 from ._progress import human_size as _human
-from ._selection import ListedEntry
+from ._selection import Entry
 from ._signals import Termination, interrupt_on_sigterm
 from ._stores import Kind, ObjectInfo, open_store
 
@@ -495,7 +495,7 @@ async def _ls_contents(cmd: _Command) -> None:
     """``ls --contents URI``: the entries of one directory checkpoint, from its table of contents."""
     rows: list[dict[str, Any]] = []
 
-    def each(entry: ListedEntry) -> None:
+    def each(entry: Entry) -> None:
         if cmd.args.json:
             row = {"path": entry.path, "kind": entry.kind, "size": entry.size, "mtime": _when(entry.mtime)}
             rows.append({**row, "mode": f"{entry.mode:04o}", **({"link": entry.link} if entry.link else {})})

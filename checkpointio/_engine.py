@@ -43,7 +43,7 @@ from ._exceptions import (
 )
 from ._location import Location
 from ._progress import Meter, ProgressCallback, human_size
-from ._selection import ListedEntry, Roots, Selection, normal_path
+from ._selection import Entry, Roots, Selection, normal_path
 from ._stores import Blocks, Body, Digest, Kind, ObjectInfo, RangedStore, Record, Store
 from ._stores._local import own_files
 
@@ -638,15 +638,15 @@ async def _read(
     return cast(T, result)  # what the consumer returned: had it not returned, the group raised
 
 
-def _refuse_selecting(info: ObjectInfo, kind: Kind) -> None:
-    """``only=`` picks entries of a directory: bytes and files have none."""
+_PICKING = "only= picks entries of a directory checkpoint"
+_LISTING = "a listing of contents lists the entries of a directory checkpoint"
+
+
+def _refuse_selecting(info: ObjectInfo, kind: Kind, what: str = _PICKING) -> None:
+    """``only=`` picks, and a listing lists, entries of a directory: bytes and files have none."""
     if kind is not Kind.DIRECTORY:
         uri = info.location.uri
-        raise CheckpointError(
-            f"{uri} holds a single file, not a directory: only= picks entries of a directory checkpoint "
-            "(load it whole)",
-            uri=uri,
-        )
+        raise CheckpointError(f"{uri} holds a single file, not a directory: {what} (load it whole)", uri=uri)
 
 
 async def load(
@@ -717,7 +717,7 @@ async def _load_selected(
 
 
 async def list_contents(
-    store: Store, location: Location, config: TransferConfig, each: Callable[[ListedEntry], None]
+    store: Store, location: Location, config: TransferConfig, each: Callable[[Entry], None]
 ) -> bool | None:
     """Give each entry of the directory checkpoint at ``location`` to ``each`` (in a worker thread,
     in archive order) without restoring anything; ``None`` if there is no checkpoint.
@@ -739,23 +739,23 @@ async def list_contents(
     if info is None:
         return None
     if info.record is not None:
-        _refuse_selecting(info, info.record.kind)
+        _refuse_selecting(info, info.record.kind, _LISTING)
     if await _incremental.is_manifest_object(store, info):
         await _incremental.list_entries(store, info, config, each)
         return True  # its manifest is its table of contents
     if await _partial.list_from_table(store, info, each):
         return True
 
-    def walk(reader: _BlockReader) -> list[ListedEntry]:
-        _refuse_selecting(info, _kind(reader, info))
-        rows: list[ListedEntry] = []
+    def walk(reader: _BlockReader) -> list[Entry]:
+        _refuse_selecting(info, _kind(reader, info), _LISTING)
+        rows: list[Entry] = []
 
         def seen(header: _tar.Header) -> None:
             path = normal_path(header.name)
             if path:
                 kind = _tar.KIND_NAMES.get(header.kind, "other")
                 size = header.size if kind == "file" else 0
-                rows.append(ListedEntry(path, kind, size, header.mtime, header.mode & 0o7777, header.link))
+                rows.append(Entry(path, kind, size, header.mtime, header.mode & 0o7777, header.link))
 
         workers = config.compression_workers
         _archive.check_directory(reader.blocks, uri=info.location.uri, workers=workers, seen=seen)

@@ -25,7 +25,7 @@ from ._config import TransferConfig
 from ._exceptions import CheckpointNotFoundError, CorruptCheckpointError, DestinationError
 from ._location import Location, checkpoint_location, parse_prefix
 from ._progress import ProgressCallback
-from ._selection import ListedEntry, Selection
+from ._selection import Entry, Selection
 from ._stores import ObjectInfo, PendingWrite, Store, open_store
 from ._stores._local import file_in_the_way
 
@@ -488,7 +488,7 @@ async def restore(
             await anyio.to_thread.run_sync(_placement.remove_tree, staging)
 
 
-async def list_contents(uri: str, config: TransferConfig, each: Callable[[ListedEntry], None]) -> bool:
+async def list_contents(uri: str, config: TransferConfig, each: Callable[[Entry], None]) -> bool:
     """Give each entry of the directory checkpoint at ``uri`` to ``each`` (from a worker thread);
     whether its table of contents was read (``False``: the whole archive was streamed).
 

@@ -35,7 +35,7 @@ from ._concurrency import Aborted, one_error
 from ._exceptions import CorruptCheckpointError, UnsafeArchiveError
 from ._placement import StagingFolder
 from ._progress import Meter
-from ._selection import ListedEntry, Roots, Selection, normal_path
+from ._selection import Entry, Roots, Selection, normal_path
 from ._stores import ObjectInfo, Store
 
 __all__ = ["fetch_table", "list_from_table", "restore_from_table"]
@@ -70,7 +70,7 @@ async def fetch_table(store: Store, info: ObjectInfo, tail: int = _TAIL) -> tupl
     return footer, before + end[: tail_length - _toc.FOOTER_SIZE]
 
 
-async def list_from_table(store: Store, info: ObjectInfo, each: Callable[[ListedEntry], None]) -> bool:
+async def list_from_table(store: Store, info: ObjectInfo, each: Callable[[Entry], None]) -> bool:
     """Give every entry of the archive's table to ``each`` (in a worker thread), in archive order,
     once every row was checked (a damaged table gives none); ``False`` (and nothing given) when the
     archive has no table."""
@@ -83,7 +83,7 @@ async def list_from_table(store: Store, info: ObjectInfo, each: Callable[[Listed
         for _ in _toc.read_table(table, footer, info.location.uri):
             pass  # checked whole first: the table is inflated twice rather than held as rows
         for entry in _toc.read_table(table, footer, info.location.uri):
-            each(ListedEntry(entry.path, entry.kind, entry.size, entry.mtime, entry.mode, entry.link))
+            each(Entry(entry.path, entry.kind, entry.size, entry.mtime, entry.mode, entry.link))
 
     await anyio.to_thread.run_sync(give)
     return True

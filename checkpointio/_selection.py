@@ -1,7 +1,7 @@
 """Which entries of a directory checkpoint a partial restore takes: ``load(only=[...])`` patterns.
 
 Format-neutral: the tar.gz restore (:mod:`._partial`) and any other directory format match entry
-paths through :class:`Selection` and describe what they hold as :class:`ListedEntry` rows.
+paths through :class:`Selection` and describe what they hold as :class:`Entry` rows.
 
 Patterns are matched against an entry's path inside the saved tree: relative, ``/``-separated,
 without a leading ``./`` or a trailing ``/`` (``model/layer1.pt``, ``config.json``). Within one
@@ -22,11 +22,12 @@ from typing import NamedTuple
 
 from ._exceptions import CheckpointError
 
-__all__ = ["ListedEntry", "Roots", "Selection", "normal_path", "roots"]
+__all__ = ["Entry", "ListedEntry", "Roots", "Selection", "normal_path", "roots"]
 
 
-class ListedEntry(NamedTuple):
-    """One entry of a directory checkpoint, as ``checkpointio ls --contents`` lists it."""
+class Entry(NamedTuple):
+    """One entry of a directory checkpoint, as :meth:`Checkpoint.contents` and
+    ``checkpointio ls --contents`` list it."""
 
     path: str
     """Its path inside the saved tree (``/``-separated, no trailing ``/``)."""
@@ -40,6 +41,10 @@ class ListedEntry(NamedTuple):
     """Permission bits as saved."""
     link: str = ""
     """The target of a symlink or hard link."""
+
+
+#: The name the incremental format's modules know it by.
+ListedEntry = Entry
 
 
 def normal_path(name: str) -> str:

@@ -22,6 +22,7 @@ from checkpointio import (
     Checkpoint,
     CheckpointError,
     CorruptCheckpointError,
+    Entry,
     StoreError,
     UnsafeArchiveError,
     _codec,
@@ -33,7 +34,7 @@ from checkpointio._cli import main
 from checkpointio._config import TransferConfig
 from checkpointio._location import Location, parse_location
 from checkpointio._partial import fetch_table
-from checkpointio._selection import ListedEntry, Selection, roots
+from checkpointio._selection import Selection, roots
 from checkpointio._stores import Body, ObjectInfo, PendingWrite, Record, Sink, Store, open_store
 
 from .conftest import ONE_STORE, StoreCase, make_tree, pull_of, snapshot
@@ -447,9 +448,9 @@ def test_a_foreign_archive_entry_outside_the_workspace_is_refused(store: StoreCa
 # -- ls --contents ------------------------------------------------------------------------------
 
 
-def listed(case: StoreCase, name: str) -> tuple[Counted, list[ListedEntry], bool | None]:
+def listed(case: StoreCase, name: str) -> tuple[Counted, list[Entry], bool | None]:
     store, location = counted_store(case, name)
-    rows: list[ListedEntry] = []
+    rows: list[Entry] = []
     table = anyio.run(lambda: _engine.list_contents(store, location, CONFIG, rows.append))
     return store, rows, table
 
@@ -497,6 +498,56 @@ def test_listing_an_archive_without_a_table_streams_it(store: StoreCase, tmp_pat
     counted, rows, table = listed(store, "foreign.tar.gz")
     assert table is False and "get" in counted.requests
     assert {row.path for row in rows} == {path.relative_to(tree).as_posix() for path in tree.rglob("*")}
+
+
+def test_contents_lists_every_format_through_the_api(store: StoreCase, tmp_path: Path) -> None:
+    tree = mixed_tree(tmp_path / "tree")
+    expected = {path.relative_to(tree).as_posix(): path for path in tree.rglob("*")}
+    Checkpoint(store.uri("plain")).save_sync(tree)
+    Checkpoint(store.uri("incremental"), incremental=True).save_sync(tree)
+    foreign = io.BytesIO()
+    with tarfile.open(fileobj=foreign, mode="w:gz") as tar:
+        tar.add(tree, arcname=".")
+    store.put_raw("foreign.tar.gz", foreign.getvalue())
+    for name in ("plain", "incremental", "foreign.tar.gz"):
+        with Checkpoint(store.uri("next"), src=[store.uri("missing"), store.uri(name)]) as cp:
+            entries = cp.contents_sync()
+            assert entries is not None
+            assert all(isinstance(entry, Entry) for entry in entries)
+            by_path = {entry.path: entry for entry in entries}
+            assert set(by_path) == set(expected), name
+            big = expected["model/big.pt"].stat()
+            assert by_path["model/big.pt"][:4] == ("model/big.pt", "file", big.st_size, int(big.st_mtime)), name
+            assert by_path["model/big.pt"].mode == big.st_mode & 0o7777
+            assert (by_path["latest"].kind, by_path["latest"].link) == ("symlink", "model/weights.bin"), name
+            assert by_path["model"].kind == "dir" and by_path["model"].size == 0
+            assert {by_path["run.sh"].kind, by_path["model/run-again.sh"].kind} == {"file", "hardlink"}, name
+            assert list(cp.path.iterdir()) == []  # nothing restored
+
+    async def listed_async() -> list[Entry] | None:
+        async with Checkpoint(store.uri("next"), src=store.uri("plain")) as cp:
+            return await cp.contents()
+
+    assert sorted(entry.path for entry in anyio.run(listed_async) or []) == sorted(expected)
+
+
+@ONE_STORE
+def test_contents_of_nothing_bytes_and_a_corrupt_source(store: StoreCase, tmp_path: Path) -> None:
+    assert Checkpoint(store.uri("next"), src=store.uri("missing")).contents_sync() is None
+    assert Checkpoint(store.uri("first")).contents_sync() is None
+    Checkpoint(store.uri("bytes")).save_sync(b"state")
+    with pytest.raises(CheckpointError, match="not a directory: a listing of contents lists the entries"):
+        Checkpoint(store.uri("next"), src=store.uri("bytes")).contents_sync()
+    tree = mixed_tree(tmp_path / "tree")
+    Checkpoint(store.uri("good")).save_sync(tree)
+    rows = rows_of(store.get_raw("good"))
+    rows[-1][0] = "../escaped"
+    store.put_raw("bad", with_table(store.get_raw("good"), rows))
+    with pytest.raises(CorruptCheckpointError, match="not a path inside the tree"):
+        Checkpoint(store.uri("next"), src=store.uri("bad")).contents_sync()
+    # as load() does, a corrupt newer source is skipped for an older one
+    entries = Checkpoint(store.uri("next"), src=[store.uri("bad"), store.uri("good")]).contents_sync()
+    assert entries is not None and len(entries) == len(list(tree.rglob("*")))
 
 
 # -- the command line ---------------------------------------------------------------------------
@@ -576,7 +627,7 @@ def test_listing_a_corrupt_table_prints_nothing(
     out, err = capsys.readouterr()
     assert out == ""
     assert f"{store.uri('bad')}: the table of contents is corrupt" in err and "'../escaped'" in err
-    seen: list[ListedEntry] = []
+    seen: list[Entry] = []
     counted, location = counted_store(store, "bad")
     with pytest.raises(CorruptCheckpointError, match="not a path inside the tree"):
         anyio.run(lambda: _engine.list_contents(counted, location, CONFIG, seen.append))
