@@ -24,7 +24,6 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
@@ -36,60 +35,10 @@ from checkpointio import Checkpoint, Entry, _engine, _toc
 from checkpointio._config import TransferConfig
 from checkpointio._location import Location, parse_location
 from checkpointio._selection import Selection
-from checkpointio._stores import Body, ObjectInfo, PendingWrite, Record, Sink, Store, open_store
+from checkpointio._stores import Store, open_store
+from tests.counting import CountingStore
 
 MiB = 1024 * 1024
-
-
-@dataclass
-class Counted:
-    """A store that counts the requests made through it and the bytes they brought back."""
-
-    inner: Store
-    requests: int = 0
-    received: int = 0
-    kinds: list[str] = field(default_factory=list)
-
-    def _count(self, kind: str) -> None:
-        self.requests += 1
-        self.kinds.append(kind)
-
-    async def head(self, location: Location) -> ObjectInfo | None:
-        self._count("HEAD")
-        return await self.inner.head(location)
-
-    async def put(self, location: Location, body: Body, record: Record) -> ObjectInfo:
-        return await self.inner.put(location, body, record)
-
-    async def get(self, info: ObjectInfo, sink: Sink) -> None:
-        self._count("GET")
-
-        async def counted(blocks: list[bytes]) -> None:
-            self.received += sum(map(len, blocks))
-            await sink(blocks)
-
-        await self.inner.get(info, counted)
-
-    async def delete(self, location: Location) -> bool:
-        return await self.inner.delete(location)
-
-    async def pending(self, prefix: Location) -> list[PendingWrite]:
-        return await self.inner.pending(prefix)
-
-    async def discard(self, write: PendingWrite) -> bool:
-        return await self.inner.discard(write)
-
-    async def list(self, prefix: Location) -> list[ObjectInfo]:
-        return await self.inner.list(prefix)
-
-    async def create(self, location: Location, data: bytes, record: Record) -> bool:
-        return await self.inner.create(location, data, record)
-
-    async def read_range(self, info: ObjectInfo, offset: int, length: int) -> bytes:
-        self._count("GET range")
-        data = await self.inner.read_range(info, offset, length)
-        self.received += len(data)
-        return data
 
 
 @contextmanager
@@ -125,15 +74,23 @@ def make_tree(root: Path, gib: float, file_mib: float, *, sparse: bool = False) 
     return count
 
 
-def measure(store: Store, location: Location, workspace: Path, selection: Selection | None) -> tuple[Counted, float]:
-    counted = Counted(store)
+def table_row(what: str, counted: CountingStore, seconds: float) -> tuple[str, str, str, str, str]:
+    """One line of the table: the requests ``counted`` saw, by kind (HEAD, GET, GET range)."""
+    kinds = [{"head": "HEAD", "get": "GET", "put": "PUT"}.get(request, "GET range") for request in counted.requests]
+    return (what, str(len(counted.requests)), f"{counted.received / MiB:.2f}", f"{seconds:.2f}", " + ".join(kinds))
+
+
+def measure(
+    store: Store, location: Location, workspace: Path, selection: Selection | None
+) -> tuple[CountingStore, float]:
+    counted = CountingStore(store)
     started = time.perf_counter()
     anyio.run(lambda: _engine.load(counted, location, workspace, TransferConfig(), only=selection))
     return counted, time.perf_counter() - started
 
 
-def listing(store: Store, location: Location) -> tuple[Counted, int, float]:
-    counted = Counted(store)
+def listing(store: Store, location: Location) -> tuple[CountingStore, int, float]:
+    counted = CountingStore(store)
     rows: list[Entry] = []
     started = time.perf_counter()
     anyio.run(lambda: _engine.list_contents(counted, location, TransferConfig(), rows.append))
@@ -181,15 +138,12 @@ def main() -> int:
             one = f"shard-{(count // 2) // 64:03d}/layer-{count // 2:05d}.pt"
             counted, seconds = measure(store, location, scratch / "one", Selection([one]))
             assert (scratch / "one" / one).read_bytes() == (tree / one).read_bytes()
-            rows.append((f"`load(only=[one file])` of {what}", str(counted.requests), f"{counted.received / MiB:.2f}",
-                         f"{seconds:.2f}", " + ".join(counted.kinds)))  # fmt: skip
+            rows.append(table_row(f"`load(only=[one file])` of {what}", counted, seconds))
             counted, seconds = measure(store, location, scratch / "all", None)
             assert (scratch / "all" / one).read_bytes() == (tree / one).read_bytes()
-            rows.append((f"`load()` of the whole {what}", str(counted.requests), f"{counted.received / MiB:.2f}",
-                         f"{seconds:.2f}", " + ".join(counted.kinds)))  # fmt: skip
+            rows.append(table_row(f"`load()` of the whole {what}", counted, seconds))
             counted, entries, seconds = listing(store, location)
-            rows.append((f"`ls --contents` of {what} ({entries} entries)", str(counted.requests),
-                         f"{counted.received / MiB:.2f}", f"{seconds:.2f}", " + ".join(counted.kinds)))  # fmt: skip
+            rows.append(table_row(f"`ls --contents` of {what} ({entries} entries)", counted, seconds))
             shutil.rmtree(scratch / "all")
             shutil.rmtree(tree)
 
@@ -202,8 +156,7 @@ def main() -> int:
                 table = table_size(store, location)
                 counted, entries, seconds = listing(store, location)
                 what = f"{args.ls_gib:g} GiB, {count} files of {args.file_mib:g} MiB (table {table / 1024:.0f} KiB)"
-                rows.append((f"`ls --contents` of {what}", str(counted.requests), f"{counted.received / MiB:.2f}",
-                             f"{seconds:.2f}", " + ".join(counted.kinds)))  # fmt: skip
+                rows.append(table_row(f"`ls --contents` of {what}", counted, seconds))
                 shutil.rmtree(sparse)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

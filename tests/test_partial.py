@@ -10,7 +10,7 @@ import subprocess
 import sys
 import tarfile
 import tracemalloc
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -35,9 +35,10 @@ from checkpointio._config import TransferConfig
 from checkpointio._location import Location, parse_location
 from checkpointio._partial import fetch_table
 from checkpointio._selection import Selection, roots
-from checkpointio._stores import Body, ObjectInfo, PendingWrite, Record, Sink, Store, open_store
+from checkpointio._stores import ObjectInfo, open_store
 
 from .conftest import ONE_STORE, StoreCase, make_tree, pull_of, snapshot
+from .counting import CountingStore
 
 CONFIG = TransferConfig()
 REPO = Path(__file__).resolve().parent.parent
@@ -223,59 +224,12 @@ def test_roots_are_the_paths_no_other_one_holds() -> None:
 # -- partial restores over every store -------------------------------------------------------------
 
 
-@dataclass
-class Counted:
-    """A store that counts the requests made through it and the bytes they carried."""
-
-    inner: Store
-    requests: list[str] = field(default_factory=list)
-    received: int = 0
-
-    async def head(self, location: Location) -> ObjectInfo | None:
-        self.requests.append("head")
-        return await self.inner.head(location)
-
-    async def put(self, location: Location, body: Body, record: Record) -> ObjectInfo:
-        self.requests.append("put")
-        return await self.inner.put(location, body, record)
-
-    async def get(self, info: ObjectInfo, sink: Sink) -> None:
-        self.requests.append("get")
-
-        async def counted(blocks: list[bytes]) -> None:
-            self.received += sum(map(len, blocks))
-            await sink(blocks)
-
-        await self.inner.get(info, counted)
-
-    async def delete(self, location: Location) -> bool:
-        return await self.inner.delete(location)
-
-    async def pending(self, prefix: Location) -> list[PendingWrite]:
-        return await self.inner.pending(prefix)
-
-    async def discard(self, write: PendingWrite) -> bool:
-        return await self.inner.discard(write)
-
-    async def list(self, prefix: Location) -> list[ObjectInfo]:
-        return await self.inner.list(prefix)
-
-    async def create(self, location: Location, data: bytes, record: Record) -> bool:
-        return await self.inner.create(location, data, record)
-
-    async def read_range(self, info: ObjectInfo, offset: int, length: int) -> bytes:
-        self.requests.append(f"range {offset}+{length}")
-        data = await self.inner.read_range(info, offset, length)
-        self.received += len(data)
-        return data
-
-
-def counted_store(case: StoreCase, name: str) -> tuple[Counted, Location]:
+def counted_store(case: StoreCase, name: str) -> tuple[CountingStore, Location]:
     location = parse_location(case.uri(name))
-    return Counted(anyio.run(open_store, location.scheme, CONFIG)), location
+    return CountingStore(anyio.run(open_store, location.scheme, CONFIG)), location
 
 
-def load_only(case: StoreCase, name: str, workspace: Path, patterns: list[str]) -> Counted:
+def load_only(case: StoreCase, name: str, workspace: Path, patterns: list[str]) -> CountingStore:
     store, location = counted_store(case, name)
     restored = anyio.run(lambda: _engine.load(store, location, workspace, CONFIG, only=Selection(patterns)))
     assert restored == workspace
@@ -448,7 +402,7 @@ def test_a_foreign_archive_entry_outside_the_workspace_is_refused(store: StoreCa
 # -- ls --contents ------------------------------------------------------------------------------
 
 
-def listed(case: StoreCase, name: str) -> tuple[Counted, list[Entry], bool | None]:
+def listed(case: StoreCase, name: str) -> tuple[CountingStore, list[Entry], bool | None]:
     store, location = counted_store(case, name)
     rows: list[Entry] = []
     table = anyio.run(lambda: _engine.list_contents(store, location, CONFIG, rows.append))
@@ -474,7 +428,7 @@ def test_a_table_larger_than_the_suffix_read_takes_one_more(tmp_path: Path) -> N
     from checkpointio._stores import _memory
 
     _memory.write_raw(location, data)
-    store = Counted(anyio.run(open_store, "memory", CONFIG))
+    store = CountingStore(anyio.run(open_store, "memory", CONFIG))
 
     async def read() -> tuple[_toc.Footer, bytes] | None:
         info = await store.head(location)
@@ -735,7 +689,7 @@ def test_a_table_claiming_more_than_the_bound_is_refused_before_it_is_fetched() 
 
 
 @dataclass
-class FailingData(Counted):
+class FailingData(CountingStore):
     """Fails every ranged read after the first (the table's): the data reads."""
 
     async def read_range(self, info: ObjectInfo, offset: int, length: int) -> bytes:

@@ -1,0 +1,63 @@
+"""A store that counts the requests made through it and the bytes they brought back.
+
+Shared by the tests (``tests/test_partial.py``) and the benchmarks (``benchmarks/partial.py``),
+which measure partial restores and listings by what they ask of the store: no network capture,
+and the same counts over every store.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from checkpointio._location import Location
+from checkpointio._stores import Body, ObjectInfo, PendingWrite, Record, Sink, Store
+
+__all__ = ["CountingStore"]
+
+
+@dataclass
+class CountingStore:
+    """Passes every call to ``inner``; notes each request that reaches the object (``head``,
+    ``put``, ``get``, ``range OFFSET+LENGTH``) in order and the bytes reads brought back."""
+
+    inner: Store
+    requests: list[str] = field(default_factory=list)
+    received: int = 0
+
+    async def head(self, location: Location) -> ObjectInfo | None:
+        self.requests.append("head")
+        return await self.inner.head(location)
+
+    async def put(self, location: Location, body: Body, record: Record) -> ObjectInfo:
+        self.requests.append("put")
+        return await self.inner.put(location, body, record)
+
+    async def get(self, info: ObjectInfo, sink: Sink) -> None:
+        self.requests.append("get")
+
+        async def counted(blocks: list[bytes]) -> None:
+            self.received += sum(map(len, blocks))
+            await sink(blocks)
+
+        await self.inner.get(info, counted)
+
+    async def delete(self, location: Location) -> bool:
+        return await self.inner.delete(location)
+
+    async def pending(self, prefix: Location) -> list[PendingWrite]:
+        return await self.inner.pending(prefix)
+
+    async def discard(self, write: PendingWrite) -> bool:
+        return await self.inner.discard(write)
+
+    async def list(self, prefix: Location) -> list[ObjectInfo]:
+        return await self.inner.list(prefix)
+
+    async def create(self, location: Location, data: bytes, record: Record) -> bool:
+        return await self.inner.create(location, data, record)
+
+    async def read_range(self, info: ObjectInfo, offset: int, length: int) -> bytes:
+        self.requests.append(f"range {offset}+{length}")
+        data = await self.inner.read_range(info, offset, length)
+        self.received += len(data)
+        return data
