@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 from ._exceptions import CheckpointError
 
-__all__ = ["Entry", "ListedEntry", "Roots", "Selection", "normal_path", "roots"]
+__all__ = ["Entry", "Roots", "Selection", "normal_path", "roots"]
 
 
 class Entry(NamedTuple):
@@ -41,10 +41,6 @@ class Entry(NamedTuple):
     """Permission bits as saved."""
     link: str = ""
     """The target of a symlink or hard link."""
-
-
-#: The name the incremental format's modules know it by.
-ListedEntry = Entry
 
 
 def normal_path(name: str) -> str:

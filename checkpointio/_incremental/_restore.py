@@ -14,13 +14,13 @@ from pathlib import Path
 import anyio
 import anyio.to_thread
 
-from .. import _placement, _tar
+from .. import _placement, _selection, _tar
 from .._concurrency import one_error
 from .._config import TransferConfig
 from .._exceptions import CheckpointError, CorruptCheckpointError
 from .._location import Location
 from .._progress import Meter, ProgressCallback, human_size
-from .._selection import ListedEntry, Selection, roots
+from .._selection import Selection, roots
 from .._stores import ObjectInfo, Store
 from . import _chunks
 from ._layout import area_of, pack_location
@@ -268,7 +268,7 @@ def _select(manifest: Manifest, only: Selection, uri: str) -> tuple[Manifest, li
 
 
 async def list_entries(
-    store: Store, info: ObjectInfo, config: TransferConfig, each: Callable[[ListedEntry], None]
+    store: Store, info: ObjectInfo, config: TransferConfig, each: Callable[[_selection.Entry], None]
 ) -> None:
     """Give each entry of the incremental checkpoint ``info`` to ``each`` (in a worker thread), from
     its manifest alone (``ls --contents``)."""
@@ -284,7 +284,7 @@ async def list_entries(
             size = manifest.file_sizes[number] if kind == file else 0
             mtime = manifest.mtimes[number] // 1_000_000_000
             link = manifest.links.get(number, "")
-            each(ListedEntry(path, kinds[chr(kind)], size, mtime, manifest.modes[number], link))
+            each(_selection.Entry(path, kinds[chr(kind)], size, mtime, manifest.modes[number], link))
 
     await anyio.to_thread.run_sync(give)
 
