@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 import socket
 import struct
 import threading
@@ -17,6 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypedDict
+from urllib.parse import unquote
 
 Match = Callable[[str, str], bool]
 
@@ -69,6 +71,8 @@ class FaultProxy:
     max_in_flight: int = 0
     #: What "pause" faults wait for before sending the second half of a response body.
     resume: threading.Event = field(default_factory=threading.Event)
+    #: Every key a listing response (objects or multipart uploads) carried, in the order sent.
+    listed: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -137,11 +141,11 @@ class FaultProxy:
                 self.max_in_flight = max(self.max_in_flight, self._in_flight)
             try:
                 time.sleep(self.delay)
-                return self._relay_body(client, cin, upstream, uin, method_s, headers, action)
+                return self._relay_body(client, cin, upstream, uin, method_s, target_s, headers, action)
             finally:
                 with self._lock:
                     self._in_flight -= 1
-        return self._relay_body(client, cin, upstream, uin, method_s, headers, action)
+        return self._relay_body(client, cin, upstream, uin, method_s, target_s, headers, action)
 
     def _relay_body(
         self,
@@ -150,6 +154,7 @@ class FaultProxy:
         upstream: socket.socket,
         uin: io.BufferedReader,
         method_s: str,
+        target_s: str,
         headers: dict[str, str],
         action: str,
     ) -> bool:
@@ -199,6 +204,9 @@ class FaultProxy:
                 client.sendall(data)
             return False
         data = _read_exact(uin, int(rheaders["content-length"]))
+        query = target_s.partition("?")[2]
+        if method_s == "GET" and ("list-type=2" in query or query.startswith("uploads") or "&uploads" in query):
+            self.listed.extend(unquote(key.decode()) for key in re.findall(rb"<Key>(.*?)</Key>", data))
         if action == "reset_response":
             client.sendall(data[: len(data) // 2])
             _reset(client)

@@ -38,7 +38,7 @@ from checkpointio._stores._s3 import _receivers as s3_receivers
 from checkpointio._stores._s3._client import _clients
 from checkpointio._stores._s3._loader import _DataLoader, prepared_session
 
-from .conftest import MotoServer, free_port, make_tree, snapshot, start_moto, stop
+from .conftest import MotoServer, ProxiedBucket, free_port, make_tree, snapshot, start_moto, stop
 from .faultproxy import FaultProxy, Match
 
 SMALL_PARTS: TransferOptions = {"part_size": 5 * MiB, "multipart_threshold": 5 * MiB, "max_attempts": 4}
@@ -940,3 +940,43 @@ async def test_a_sink_failing_on_one_range_stops_every_range_and_is_not_called_a
     assert tasks_left_on_receivers() == 0
     await anyio.sleep(0.5)
     assert len(calls) == made  # no range went on writing after the error was raised
+
+
+def test_listing_a_folder_prefix_lists_that_folder_not_every_name_starting_like_it(
+    proxied_bucket: ProxiedBucket,
+) -> None:
+    """``runs/7`` names the folder ``runs/7/`` once it holds anything: the listing asks S3 for that
+    folder (and the object ``runs/7`` itself), never for the keys of ``runs/70``, ``runs/7-old``...
+    that would only be filtered out (on a big bucket, most of the requests); so do the listings of
+    unfinished uploads."""
+    client, bucket = proxied_bucket.moto.client(), proxied_bucket.bucket
+    wanted = ["runs/7", "runs/7/a", "runs/7/b/c"]
+    others = ["runs/7-old", "runs/7.dcp/x", *(f"runs/70/{i:02}" for i in range(20)), "runs/8"]
+    for key in wanted + others:
+        client.put_object(Bucket=bucket, Key=key, Body=key.encode())
+    uploads = {
+        key: client.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"] for key in ("runs/7/d", "runs/70/u")
+    }
+    store = S3Store(TransferConfig(endpoint_url=proxied_bucket.proxy.endpoint))
+    prefix = parse_location("s3://" + bucket + "/runs/7")
+
+    async def listing() -> tuple[list[str], list[str]]:
+        found = await store.list(prefix)
+        pending = await store.pending(prefix)
+        return [info.location.key for info in found], [write.location.key for write in pending]
+
+    try:
+        found, pending = anyio.run(listing)
+    finally:
+        for key, upload in uploads.items():
+            client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload)
+    assert found == wanted
+    assert pending == ["runs/7/d"]
+    assert proxied_bucket.proxy.listed, "the proxy saw no listing"
+    listed = proxied_bucket.proxy.listed
+    assert not [key for key in listed if key in others], listed
+    # The uploads of the key itself are listed one a page from its name on: the next key's ends it.
+    assert [key for key in listed if key not in {*wanted, "runs/7/d"}] in ([], ["runs/70/u"]), listed
+    # A name that is no folder is the start of names, as before: every key starting with it.
+    starting = parse_location("s3://" + bucket + "/runs/7-")
+    assert [info.location.key for info in anyio.run(store.list, starting)] == ["runs/7-old"]

@@ -105,23 +105,37 @@ class S3Store:
         return existed
 
     async def pending(self, prefix: Location) -> list[PendingWrite]:
-        client = await self._requests.client()
-        found: list[PendingWrite] = []
         with self._requests.mapped_errors(prefix, "list incomplete uploads"):
-            paginator = client.get_paginator("list_multipart_uploads")
-            options = self._requests.options(client, "ListMultipartUploads")
-            async for page in paginator.paginate(Bucket=prefix.bucket, Prefix=prefix.key, **options):
-                for upload in page.get("Uploads", []):
-                    initiated = upload.get("Initiated")
-                    found.append(
-                        PendingWrite(
-                            Location("s3", prefix.bucket, upload["Key"]),
-                            upload["UploadId"],
-                            initiated.timestamp() if initiated is not None else None,
-                        )
-                    )
+            if _may_name_a_folder(prefix.key):
+                inside = await self._uploads(prefix.bucket, prefix.key + "/")
+                if inside:  # the folder: never the uploads of runs/70/..., runs/7-old...
+                    found = await self._uploads(prefix.bucket, prefix.key, exact=True) + inside
+                    return sorted(found, key=lambda write: (write.started or 0.0, write.location.key))
+            found = await self._uploads(prefix.bucket, prefix.key)
         found = under(prefix.key, found, lambda write: write.location.key)
         return sorted(found, key=lambda write: (write.started or 0.0, write.location.key))
+
+    async def _uploads(self, bucket: str, prefix: str, *, exact: bool = False) -> list[PendingWrite]:
+        """The unfinished uploads of keys starting with ``prefix`` (``exact``: of the key ``prefix``
+        itself, listed first as S3 lists by key: one a page, stopping at the first other key)."""
+        client = await self._requests.client()
+        found: list[PendingWrite] = []
+        paginator = client.get_paginator("list_multipart_uploads")
+        options = self._requests.options(client, "ListMultipartUploads")
+        pages = {"PageSize": 1} if exact else {}  # one key's uploads are few: no other key's sent
+        async for page in paginator.paginate(Bucket=bucket, Prefix=prefix, PaginationConfig=pages, **options):
+            for upload in page.get("Uploads", []):
+                if exact and upload["Key"] != prefix:
+                    return found
+                initiated = upload.get("Initiated")
+                found.append(
+                    PendingWrite(
+                        Location("s3", bucket, upload["Key"]),
+                        upload["UploadId"],
+                        initiated.timestamp() if initiated is not None else None,
+                    )
+                )
+        return found
 
     async def discard(self, write: PendingWrite) -> bool:
         client = await self._requests.client()
@@ -140,24 +154,34 @@ class S3Store:
                 raise
         return True
 
-    async def list(self, prefix: Location) -> list[ObjectInfo]:
+    async def _objects(self, bucket: str, prefix: str) -> list[ObjectInfo]:
+        """The objects whose key starts with ``prefix``, in key order."""
         client = await self._requests.client()
         found: list[ObjectInfo] = []
-        with self._requests.mapped_errors(prefix, "list checkpoints"):
-            paginator = client.get_paginator("list_objects_v2")
-            async for page in paginator.paginate(
-                Bucket=prefix.bucket, Prefix=prefix.key, **self._requests.options(client, "ListObjectsV2")
-            ):
-                for item in page.get("Contents", []):
-                    found.append(
-                        ObjectInfo(
-                            Location("s3", prefix.bucket, item["Key"]),
-                            int(item["Size"]),
-                            item["ETag"],
-                            modified=item["LastModified"].timestamp(),
-                        )
+        paginator = client.get_paginator("list_objects_v2")
+        async for page in paginator.paginate(
+            Bucket=bucket, Prefix=prefix, **self._requests.options(client, "ListObjectsV2")
+        ):
+            for item in page.get("Contents", []):
+                found.append(
+                    ObjectInfo(
+                        Location("s3", bucket, item["Key"]),
+                        int(item["Size"]),
+                        item["ETag"],
+                        modified=item["LastModified"].timestamp(),
                     )
-        return sorted(under(prefix.key, found, lambda info: info.location.key), key=lambda info: info.location.key)
+                )
+        return sorted(found, key=lambda info: info.location.key)
+
+    async def list(self, prefix: Location) -> list[ObjectInfo]:
+        with self._requests.mapped_errors(prefix, "list checkpoints"):
+            if _may_name_a_folder(prefix.key):
+                inside = await self._objects(prefix.bucket, prefix.key + "/")
+                if inside:  # the folder (as ``under`` has it): never list runs/70/..., runs/7-old...
+                    itself = await self.head(prefix)
+                    return ([itself] if itself is not None else []) + inside
+            found = await self._objects(prefix.bucket, prefix.key)
+        return under(prefix.key, found, lambda info: info.location.key)
 
     async def create(self, location: Location, data: bytes, record: Record) -> bool:
         """A PUT with ``If-None-Match: *``, which S3 applies atomically: 412 means the key exists, 409
@@ -201,3 +225,9 @@ class S3Store:
 
     async def read_range(self, info: ObjectInfo, offset: int, length: int) -> bytes:
         return await read_range(self._requests, info, offset, length)
+
+
+def _may_name_a_folder(key: str) -> bool:
+    """Whether the prefix ``key`` names the folder ``key/`` when that holds anything (see
+    ``_base.under``): a prefix ending in ``/``, or the whole bucket, is listed as it is."""
+    return bool(key) and not key.endswith("/")
