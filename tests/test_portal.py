@@ -138,10 +138,13 @@ def test_sync_calls_after_the_loop_thread_stopped_at_exit_run_in_the_foreground(
             asyncio.run(in_a_loop())
             for name, uri in uris.items():
                 print(name, bytes(Checkpoint(uri + "-next", src=uri).load_bytes_sync() or b""))
+            import threading  # no thread of checkpointio's started at exit is left behind (S3's receivers)
+            print("threads:", sorted(t.name for t in threading.enumerate() if t.name.startswith("checkpointio")))
 
         atexit.register(last_words)  # before checkpointio's own exit hook: runs after it
         from checkpointio import Checkpoint
         Checkpoint(uris["plain"]).save_sync(b"early")  # the loop thread exists before exit
+        Checkpoint(uris["plain"] + "-early", src=uris["plain"]).load_bytes_sync()  # and S3's receivers
         """,
         store.root,
     )
@@ -152,6 +155,7 @@ def test_sync_calls_after_the_loop_thread_stopped_at_exit_run_in_the_foreground(
         "plain b'saved at exit'",
         "background b'saved at exit, wait=False'",
         "in-a-loop b'saved at exit in a loop'",
+        "threads: []",
     ]
     if store.name != "memory":  # a memory store ends with its process
         assert store.get_raw("plain") == b"saved at exit"

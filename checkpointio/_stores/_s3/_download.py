@@ -13,6 +13,7 @@ import contextlib
 import logging
 import random
 import threading
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import anyio
@@ -25,7 +26,7 @@ from ..._planning import ranges
 from .._base import Blocks, ObjectInfo, RangeSink, Sink
 from ._client import _Requests
 from ._errors import TRANSIENT_READ_ERRORS, answered
-from ._receivers import Receiver, default_count, receivers
+from ._receivers import Receiving, default_count, receivers
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ async def _read_into(body: Any, received: _Receiving, limit: int) -> None:
         await received.add(block)
 
 
-def _receivers_for(config: TransferConfig, count: int) -> list[Receiver]:
+def _receivers_for(config: TransferConfig, count: int) -> Sequence[Receiving]:
     """The receiving threads for a load of ``count`` ranges: ``receive_workers`` (default: the
     cores present), never more than ranges in flight at once."""
     wanted = config.receive_workers if config.receive_workers is not None else default_count()

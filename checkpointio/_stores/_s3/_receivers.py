@@ -20,14 +20,14 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, Protocol, TypeVar
 
 import anyio
 
 from ... import _exit
 
-__all__ = ["Receiver", "receivers", "default_count"]
+__all__ = ["Receiver", "Receiving", "receivers", "default_count"]
 
 T = TypeVar("T")
 
@@ -43,6 +43,25 @@ def default_count() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):  # pragma: no cover - platforms without affinity
         return max(1, os.cpu_count() or 1)
+
+
+class Receiving(Protocol):
+    """Where a load's ranges are received: a receiving thread, or the caller's own loop."""
+
+    def start_soon(self, func: Callable[..., Coroutine[Any, Any, object]], *args: Any) -> None: ...
+
+    async def run(self, func: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T: ...
+
+
+class _CallersLoop:
+    """Receives on the caller's loop: once interpreter exit stopped the receiving threads, a late
+    load (from an ``atexit`` hook) starts none that nobody would stop."""
+
+    def start_soon(self, func: Callable[..., Coroutine[Any, Any, object]], *args: Any) -> None:
+        """Nothing to make ahead: the caller's loop makes its client when it first asks."""
+
+    async def run(self, func: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
+        return await func(*args)
 
 
 class Receiver:
@@ -137,10 +156,13 @@ _running: list[Receiver] = []
 _orphans: list[Receiver] = []
 
 
-def receivers(count: int) -> list[Receiver]:
-    """``count`` receivers (at least one), started as needed; the same ones call after call."""
+def receivers(count: int) -> Sequence[Receiving]:
+    """``count`` receivers (at least one), started as needed; the same ones call after call. Once
+    interpreter exit stopped them, the caller's own loop instead."""
     count = max(1, count)
     with _lock:
+        if _exit.passed(_exit.Stage.LOOP):
+            return [_CallersLoop()]
         while len(_running) < count:
             _running.append(Receiver())
         return _running[:count]
