@@ -1067,6 +1067,8 @@ class _Extraction:
                 raise UnsafeArchiveError(f"entry {name!r} would replace the destination")
             self._dir_attrs[rel] = (mode & 0o755 | 0o700, mtime)
             return
+        if kind != b"5":
+            _names_a_file(name, "entry")
         self.make_parents(rel)
         folder = self.is_folder(rel)
         if folder and kind in (*_FILE_TYPES, b"1", b"2"):
@@ -1090,7 +1092,7 @@ class _Extraction:
                 os.utime(rel, (mtime, mtime), dir_fd=self._fd, follow_symlinks=False)
             self._links[rel] = link
         elif kind == b"1":
-            source = self.inside(link, "hard link target")
+            source = self.inside(_names_a_file(link, "hard link target"), "hard link target")
             if source not in self._files:
                 raise UnsafeArchiveError(f"hard link {name!r} -> {link!r} is not to a file extracted before")
             if source != rel:  # a link to itself (GNU tar's for a linked file named twice) is already there
@@ -1210,6 +1212,15 @@ def _way(rel: str, link: str) -> Iterator[str]:
 def _write_all(fd: int, data: memoryview) -> None:
     while data:
         data = data[os.write(fd, data) :]
+
+
+def _names_a_file(name: str, what: str) -> str:
+    """``name``, refused if its last part is empty, ``.`` or ``..``: such a name can only be a
+    folder (``x/``, ``x/.``), and no tool creates a file, link or symlink there (tar and ``tarfile``
+    fail on it), so the archive is damaged."""
+    if name.rpartition("/")[2] in ("", ".", ".."):
+        raise CorruptCheckpointError(f"{what} {name!r} names a folder, not a file")
+    return name
 
 
 def _parent(normal: str) -> str:

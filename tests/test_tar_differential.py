@@ -404,6 +404,22 @@ CRAFTED: dict[str, tuple[Callable[[], bytes], str]] = {
         ),
         "tarfile reads the name on past its size up to a NUL; a damaged size: refused",
     ),
+    "a plain file named as a folder (x/.)": (
+        lambda: _end(_raw(b"x/.", b"0", size=1) + _data(b"v")),
+        BOTH_REFUSE,
+    ),
+    "a plain file named x/..": (
+        lambda: _end(_raw(b"d", b"5") + _raw(b"d/x/..", b"0", size=1) + _data(b"v")),
+        BOTH_REFUSE,
+    ),
+    "a symlink named as a folder (x/.)": (
+        lambda: _end(_raw(b"f", b"0", size=1) + _data(b"v") + _raw(b"x/.", b"2", link=b"f")),
+        "a symlink cannot be made at x/.; tarfile makes one at x: refused",
+    ),
+    "a hard link to a folder-like name (f/.)": (
+        lambda: _end(_raw(b"f", b"0", size=1) + _data(b"v") + _raw(b"h", b"1", link=b"f/.")),
+        "f/. names a folder, which no file is; tarfile links to f: refused",
+    ),
     "a gnu long name, then the end of the archive": (
         lambda: _end(_raw(b"././@LongLink", b"L", size=5) + _data(b"name\0")),
         BOTH_REFUSE,
