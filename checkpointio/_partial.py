@@ -125,7 +125,7 @@ class _Plan(NamedTuple):
 def _plan(table: bytes, footer: _toc.Footer, selection: Selection, uri: str) -> _Plan:
     """The table's entries ``selection`` picks and the file each picked hard link to an entry it
     does not pick needs, as a walk over the table (inflated again each time, never held as a list):
-    two walks, three more when such hard links exist. Raises unless every pattern matched."""
+    two walks, two more when such hard links exist. Raises unless every pattern matched."""
 
     def picked() -> Iterator[_toc.TocEntry]:
         return (entry for entry in _toc.read_table(table, footer, uri) if selection.matches(entry.path))
