@@ -18,7 +18,7 @@ from typing_extensions import Unpack
 from . import _engine, _incremental, _placement, _portal, _snapshot
 from ._background import InFlight, SaveHandle
 from ._config import TransferConfig, TransferOptions
-from ._exceptions import CorruptCheckpointError
+from ._exceptions import AccessDeniedError, CheckpointError, CorruptCheckpointError
 from ._location import Location, checkpoint_location
 from ._pending import awaitable
 from ._progress import ProgressCallback
@@ -482,6 +482,10 @@ def latest_checkpoint(
     sort of their path, so ``epoch_10.pt`` beats ``epoch_9.pt``. Pass ``key`` to order otherwise
     (the maximum wins). ``root`` may be ``None`` (as ``load()`` returns on a first attempt) or a
     file, which is returned if its name matches.
+
+    Raises:
+        AccessDeniedError: ``root``, or with a ``**`` pattern a folder under it, cannot be read:
+            it may hold the newest checkpoint, so "none" would be a guess.
     """
     if root is None:
         return None
@@ -490,6 +494,7 @@ def latest_checkpoint(
         return base if base.match(pattern.rsplit("/", 1)[-1]) else None
     if not base.is_dir():
         return None
+    _check_listable(base, recursive="**" in pattern)
     candidates = [path for path in base.glob(pattern) if path.is_file()]
     if not candidates:
         return None
@@ -500,3 +505,26 @@ def latest_checkpoint(
 
         key = default_key
     return max(candidates, key=key)
+
+
+def _check_listable(base: Path, *, recursive: bool) -> None:
+    """Raise if ``base`` (and, ``recursive``, a folder under it) cannot be listed: ``Path.glob``
+    skips such folders, and a run folder that only looks empty makes a task start over."""
+
+    def fail(error: OSError) -> None:
+        if isinstance(error, FileNotFoundError | NotADirectoryError):
+            return  # gone while listed: it holds nothing now
+        shown = error.filename or base
+        message = f"{shown}: cannot list it to find the latest checkpoint: {error.strerror or error}"
+        if isinstance(error, PermissionError):
+            raise AccessDeniedError(message, uri=str(shown)) from error
+        raise CheckpointError(message, uri=str(shown)) from error
+
+    if recursive:
+        for _ in os.walk(base, onerror=fail):
+            pass
+    else:
+        try:
+            os.scandir(base).close()
+        except OSError as error:
+            fail(error)

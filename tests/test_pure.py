@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,8 @@ from checkpointio._planning import (
     part_size_for_stream,
     ranges,
 )
+
+from .scripts import run_script
 
 
 @pytest.mark.parametrize(
@@ -192,6 +195,35 @@ def test_latest_checkpoint_handles_none_missing_and_custom_key(tmp_path: Path) -
     (tmp_path / "b.pt").write_text("b")
     assert latest_checkpoint(tmp_path, "*.pt", key=lambda p: p.stat().st_size) == tmp_path / "a.pt"
     assert latest_checkpoint(tmp_path / "a.pt", "*.pt") == tmp_path / "a.pt"
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv to run without root's file access")
+@pytest.mark.parametrize("pattern", ["*.pt", "**/last.ckpt"])
+def test_latest_checkpoint_in_a_folder_it_cannot_list_is_an_access_error_not_none(tmp_path: Path, pattern: str) -> None:
+    # An unreadable run folder (or, searched with **, a folder under it) may hold the newest
+    # checkpoint: "none found" would start the task over.
+    run = tmp_path / "run"
+    hidden = run / "epoch_3" if "**" in pattern else run
+    hidden.mkdir(parents=True)
+    (hidden / "last.ckpt").write_text("newest")
+    (hidden / "step.pt").write_text("newest")
+    hidden.chmod(0o311)  # search permission only: not listable
+    try:
+        result = run_script(
+            f"""
+            from checkpointio import AccessDeniedError, latest_checkpoint
+            try:
+                print(latest_checkpoint({str(run)!r}, {pattern!r}))
+            except AccessDeniedError as error:
+                print(error)
+            """,
+            tmp_path,
+            unprivileged=True,
+        )
+    finally:
+        hidden.chmod(0o755)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{hidden}: cannot list it to find the latest checkpoint: Permission denied\n"
 
 
 def test_names_with_a_colon_that_do_not_look_like_a_scheme_are_local_paths() -> None:
