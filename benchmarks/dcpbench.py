@@ -157,6 +157,8 @@ class Bench:
         self.ready = scratch / "ready"  # the FileSystemWriter checkpoint the ceiling moves
         self.verified = 0
         self._count = 0
+        #: --profile: the folder for each checkpointio rank's py-spy profile (raw, every thread)
+        self.profile: Path | None = None
 
     def outcome(self, key: str) -> Outcome:
         return self.outcomes.setdefault(key, Outcome())
@@ -173,9 +175,13 @@ class Bench:
         spec = {**spec, "result": str(result), "width": self.width, "layers": self.layers,
                 "endpoint": self.endpoint, "region": REGION, "s5cmd": s5cmd}  # fmt: skip
         worker = f"{shlex.quote(sys.executable)} -m benchmarks.dcpworker {shlex.quote(json.dumps(spec))}"
+        if self.profile is not None and spec["how"] == "ours":  # each rank under py-spy, from its start
+            out = shlex.quote(str(self.profile / f"{self._count:04d}-{_slug(label)}"))
+            spy = shlex.quote(str(Path(sys.executable).with_name("py-spy")))
+            worker = f"{spy} record --format raw --threads --idle --rate 250 -o {out}.rank$RANK.txt -- {worker}"
         if root:  # this checkout's worker, that tree's checkpointio
             worker = f"DCPBENCH_CHECKPOINTIO={shlex.quote(root)} {worker}"
-        launches = "\n".join(f"RANK={rank} {worker} & pids+=($!)" for rank in range(WORLD))
+        launches = "\n".join(f"export RANK={rank}; {worker} & pids+=($!)" for rank in range(WORLD))
         script = (
             f"export WORLD_SIZE={WORLD} MASTER_ADDR=127.0.0.1 MASTER_PORT={_free_port()}\npids=()\n{launches}\n"
             # A rank that fails stops the others (they would wait at a barrier until gloo's timeout).
@@ -393,6 +399,11 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder (checkpoints, logs)")
     parser.add_argument("--json", type=Path, help="also write every sample to this JSON file")
     parser.add_argument("--timeout", type=float, default=900, help="seconds one step may take (default 900)")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        help="run checkpointio's ranks under py-spy (raw stacks of every thread) into this folder",
+    )
     args = parser.parse_args()
     try:
         from benchmarks.dcpworker import layer_bytes
@@ -444,6 +455,9 @@ def run(
         print(f"S3 server: rclone serve s3 at {server.endpoint} (pid {server.pid})")
         runner = Runner(scratch / "logs", child_env(server), server.cpu_seconds, args.timeout)
         bench = Bench(runner, S3(server), tools, server.endpoint, scratch, shape)
+        if args.profile:
+            args.profile.mkdir(parents=True, exist_ok=True)
+            bench.profile = args.profile.resolve()
         bench.prepare()
         for repetition in range(repeat):
             print(f"repetition {repetition + 1} of {repeat} (load average {_load()})", flush=True)
@@ -459,6 +473,10 @@ def run(
     for failure in bench.failures:
         print(f"FAILURE: {failure}", file=sys.stderr)
     return 1 if bench.failures else 0
+
+
+def _slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "-", label).strip("-")
 
 
 def _load() -> str:

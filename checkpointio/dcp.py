@@ -12,12 +12,14 @@ data the current manifest points to: a save that fails (or a rank that dies) hal
 previous checkpoint loadable and the new one invisible. Once the new manifest is in place, the data
 of saves that started before it is deleted. A load fetches only the byte ranges its rank's plan
 names, adjacent items coalesced into one request, requests in parallel, and checks every item's
-CRC32; each range's items are copied into the state dict as soon as it arrives.
+CRC32 before DCP is told it is loaded.
 
 A tensor is stored as its elements, as they lie in memory (the manifest records its dtype and
-shape): a save writes them straight from the tensor and a load copies them straight into it, with
-no serialised copy on either side. Tensors whose memory is not their values (quantized, sparse,
-nested) are stored in torch's own format and read with ``torch.load(weights_only=True)``.
+shape): a save writes them straight from the tensor, and a load receives them straight into it
+(each block written into the target's memory as it arrives, its CRC32 taken meanwhile), with no
+serialised copy on either side and nothing held between them. Tensors whose memory is not their
+values (quantized, sparse, nested) are stored in torch's own format and read with
+``torch.load(weights_only=True)``.
 The manifest holds DCP's ``Metadata`` pickled, as DCP's own ``FileSystemWriter`` stores it:
 load only checkpoints you trust, as with ``torch.load(weights_only=False)``.
 
@@ -573,6 +575,18 @@ class _Range:
     slices: list[_Slice]
 
 
+@dataclass
+class _Place:
+    """Where one item of a range is received: ``buffer`` is the memory of ``received``, the
+    target tensor it goes to as it is, or a buffer of its own (then converted into ``resolved``,
+    the target its one request resolved to, if any, or into each request's)."""
+
+    piece: _Slice
+    buffer: memoryview
+    received: torch.Tensor | None = None
+    resolved: torch.Tensor | None = None
+
+
 def _coalesce(slices: Sequence[_Slice], most: int) -> list[_Range]:
     """Join items that follow each other in one object into ranges of at most ``most`` bytes (an
     item larger than that is a range of its own)."""
@@ -644,9 +658,10 @@ class StorageReader(_StorageReader):
         return plans
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
-        """Fetch the ranges the plan's items lie in, ``max_concurrency`` at a time, and hand each
-        one's items to the planner (CRC32 checked) as soon as it arrives, while later ranges are
-        still on their way. At most ``max_concurrency`` ranges are held at once (bounded memory)."""
+        """Fetch the ranges the plan's items lie in, ``max_concurrency`` at a time, each received
+        straight into the state dict's tensors where they take its items' bytes as they are, and
+        hand each range's items to the planner (CRC32 checked) as soon as it is whole. At most
+        ``max_concurrency`` ranges are held at once, and only their items that must be converted."""
         config = self._target.config
         wanted: dict[_Slice, list[ReadItem]] = {}
         for item in plan.items:
@@ -663,14 +678,16 @@ class StorageReader(_StorageReader):
         manifest = self._manifest or _Manifest("", Metadata({}), {})
         infos = await _head_objects(store, self._target.location, manifest, sorted({one.object for one in ranges}))
         slots = anyio.Semaphore(self._target.config.max_concurrency)  # ranges fetched and not yet delivered
-        # Deliveries run one at a time (the planner is not thread-safe), off the event loop, in
-        # the order ranges arrive; copying one range's items overlaps fetching the next ones.
-        delivering = anyio.CapacityLimiter(1)
+        # Every call of the planner (resolve_tensor before a range is received, commit_tensor and
+        # load_bytes once it is whole) runs in a worker thread, one at a time: the planner is not
+        # thread-safe. Ranges are received meanwhile on the store's own threads.
+        planning = anyio.CapacityLimiter(1)
 
         async def fetch(one: _Range) -> None:
             try:
-                data = await store.read_range(infos[one.object], one.offset, one.length)
-                await anyio.to_thread.run_sync(self._deliver, one, data, wanted, planner, limiter=delivering)
+                places = await anyio.to_thread.run_sync(self._places, one, wanted, planner, limiter=planning)
+                crc32s = await store.read_range_into(infos[one.object], one.offset, [place.buffer for place in places])
+                await anyio.to_thread.run_sync(self._deliver, places, crc32s, wanted, planner, limiter=planning)
             finally:
                 slots.release()
 
@@ -680,41 +697,61 @@ class StorageReader(_StorageReader):
                     await slots.acquire()
                     group.start_soon(fetch, one)
 
-    def _deliver(self, one: _Range, data: bytes, wanted: dict[_Slice, list[ReadItem]], planner: LoadPlanner) -> None:
-        """Worker thread: check each item of a fetched range and copy it where the plan says."""
-        view = memoryview(data)
+    def _places(self, one: _Range, wanted: dict[_Slice, list[ReadItem]], planner: LoadPlanner) -> list[_Place]:
+        """Worker thread, before ``one`` is fetched: where each of its items is received. An item
+        whose one request takes its bytes as they are (see :func:`_in_place`) goes straight into
+        the target's memory; any other into a buffer of its own, converted once checked."""
         uri = self._target.location.uri
+        places = []
         for piece in one.slices:
-            chunk = view[piece.offset - one.offset : piece.offset - one.offset + piece.length]
-            if len(chunk) != piece.length or _codec.crc32(chunk) != piece.crc32:
+            requests = wanted[piece]
+            if len(requests) == 1 and requests[0].type != LoadItemType.BYTE_IO:
+                target = planner.resolve_tensor(requests[0]).detach()
+                if _in_place(requests[0], piece, target, uri):
+                    # A write autograd does not see: counted as the in-place change it is (as copy_
+                    # counts one), so a backward through a graph that saved the old values raises.
+                    # Counted before the bytes arrive, so that a load failing half-way counts too.
+                    increment_version(target)
+                    places.append(_Place(piece, _memory_of(target), target))
+                    continue
+                places.append(_Place(piece, memoryview(bytearray(piece.length)), None, target))
+                continue
+            places.append(_Place(piece, memoryview(bytearray(piece.length))))
+        return places
+
+    def _deliver(
+        self, places: list[_Place], crc32s: Sequence[int], wanted: dict[_Slice, list[ReadItem]], planner: LoadPlanner
+    ) -> None:
+        """Worker thread, once a range is whole: check each item's CRC32, then hand it to the
+        planner (converted into its target first where it was not received into it)."""
+        uri = self._target.location.uri
+        for place, crc32 in zip(places, crc32s, strict=True):
+            piece = place.piece
+            if crc32 != piece.crc32:
                 where = _dcp_layout.data_location(self._target.location, piece.object).uri
                 raise ChecksumMismatchError(
                     f"{where}: the bytes {piece.offset}..{piece.offset + piece.length} saved by rank "
                     f"{_dcp_layout.rank_of(piece.object)} do not match their CRC32 (the object is corrupt)",
                     uri=where,
                 )
+            if place.received is not None:  # already in place
+                planner.commit_tensor(wanted[piece][0], place.received)
+                continue
             for request in wanted[piece]:
                 if request.type == LoadItemType.BYTE_IO:
-                    planner.load_bytes(request, io.BytesIO(chunk))
+                    planner.load_bytes(request, io.BytesIO(place.buffer))
                     continue
-                target = planner.resolve_tensor(request).detach()
-                if _in_place(request, piece, target, uri):
-                    if chunk:
-                        _memory_of(target)[:] = chunk  # the common case: one copy, straight into place
-                    # A write autograd does not see: counted as the in-place change it is (as copy_
-                    # counts one), so a backward through a graph that saved the old values raises.
-                    increment_version(target)
-                else:
-                    tensor = narrow_tensor_by_index(
-                        self._stored_tensor(piece, chunk), request.storage_offsets, request.lengths
+                target = place.resolved if place.resolved is not None else planner.resolve_tensor(request).detach()
+                tensor = narrow_tensor_by_index(
+                    self._stored_tensor(piece, place.buffer), request.storage_offsets, request.lengths
+                )
+                if target.size() != tensor.size():
+                    raise CheckpointError(
+                        f"{uri}: {request.dest_index.fqn} is {tuple(tensor.size())} in the "
+                        f"checkpoint, {tuple(target.size())} in the state dict",
+                        uri=uri,
                     )
-                    if target.size() != tensor.size():
-                        raise CheckpointError(
-                            f"{uri}: {request.dest_index.fqn} is {tuple(tensor.size())} in the "
-                            f"checkpoint, {tuple(target.size())} in the state dict",
-                            uri=uri,
-                        )
-                    target.copy_(tensor)
+                target.copy_(tensor)
                 planner.commit_tensor(request, target)
 
     def _stored_tensor(self, piece: _Slice, chunk: memoryview) -> torch.Tensor:
@@ -735,8 +772,7 @@ class StorageReader(_StorageReader):
         dtype = _dtype_named(piece.dtype, uri)
         if not chunk:
             return torch.empty(piece.shape, dtype=dtype)
-        # A writable copy: torch does not take read-only buffers (used only when resharding).
-        return torch.frombuffer(bytearray(chunk), dtype=dtype).reshape(piece.shape)
+        return torch.frombuffer(chunk, dtype=dtype).reshape(piece.shape)  # the item's own (writable) buffer
 
     @property
     def checkpoint_id(self) -> str:

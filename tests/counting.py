@@ -7,6 +7,7 @@ and the same counts over every store.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from checkpointio._location import Location
@@ -61,3 +62,10 @@ class CountingStore:
         data = await self.inner.read_range(info, offset, length)
         self.received += len(data)
         return data
+
+    async def read_range_into(self, info: ObjectInfo, offset: int, buffers: Sequence[memoryview]) -> Sequence[int]:
+        length = sum(buffer.nbytes for buffer in buffers)
+        self.requests.append(f"range {offset}+{length}")
+        crc32s = await self.inner.read_range_into(info, offset, buffers)
+        self.received += length
+        return crc32s

@@ -918,3 +918,39 @@ def test_a_load_into_a_tensor_saved_for_backward_is_seen_by_autograd(store: Stor
         with pytest.raises(RuntimeError, match="modified by an inplace operation"):
             torch.autograd.backward(loss)
         assert same.grad is None and other.grad is None, name
+
+
+def test_a_load_receives_tensors_straight_into_the_state_dict_holding_no_copy_of_their_bytes(store: StoreCase) -> None:
+    """Items whose target takes their bytes as they are (same dtype and shape, contiguous) are
+    written into the target's memory as they arrive, their CRC32 taken meanwhile: the load holds no
+    copy of them (the range of this 16 MiB tensor would otherwise be held whole), and the values
+    that come back are the saved ones, in the state dict's own tensors. Items beside them in the
+    same range that need converting still come back converted."""
+    import tracemalloc
+
+    generator = torch.Generator().manual_seed(5)
+    saved: dict[str, Any] = {
+        "big": torch.randn(4 * 1024 * 1024, generator=generator),  # 16 MiB
+        "small": torch.randn(7, 3, generator=generator),
+        "converted": torch.randn(9, generator=generator),
+        "blob": io.BytesIO(b"x" * 1000),
+    }
+    save(saved, store.uri("ckpt"))
+    loaded: dict[str, Any] = {
+        "big": torch.zeros(4 * 1024 * 1024),
+        "small": torch.zeros(7, 3),
+        "converted": torch.zeros(9, dtype=torch.float64),
+        "blob": io.BytesIO(),
+    }
+    memory = {name: loaded[name].data_ptr() for name in ("big", "small", "converted")}
+    tracemalloc.start()
+    try:
+        assert load(loaded, store.uri("ckpt")) is True
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert torch.equal(loaded["big"], saved["big"]) and torch.equal(loaded["small"], saved["small"])
+    assert loaded["converted"].dtype == torch.float64 and torch.equal(loaded["converted"], saved["converted"].double())
+    assert loaded["blob"].getvalue() == b"x" * 1000
+    assert {name: loaded[name].data_ptr() for name in memory} == memory
+    assert peak < 4 * 1024 * 1024, f"the load held {peak} bytes at its peak"

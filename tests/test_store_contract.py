@@ -281,6 +281,34 @@ async def test_read_range_returns_the_slice_and_refuses_beyond_the_end(store: St
         await target.read_range(info, 0, 1)
 
 
+async def test_read_range_into_fills_the_buffers_in_order_with_each_ones_crc32(store: StoreCase) -> None:
+    target, location = await opened(store), where(store, "obj")
+    data = payload(5 * MiB + 7)
+    info = await put(target, location, data)
+    # Buffers as a caller hands them over: empty ones, one crossing many received blocks, a
+    # tensor's memory (cast to bytes, as checkpointio.dcp passes it), one byte.
+    floats = memoryview(bytearray(4 * 1000)).cast("f")
+    views = [memoryview(bytearray(size)) for size in (0, 3 * MiB + 1, 0, 1)]
+    views += [floats.cast("B"), memoryview(bytearray(1))]
+    offset = MiB - 3
+    crc32s = await target.read_range_into(info, offset, views)
+    expected: list[bytes] = []
+    position = offset
+    for view in views:
+        expected.append(data[position : position + len(view)])
+        position += len(view)
+    got = [bytes(view) for view in views]
+    assert got == expected
+    assert crc32s == [zlib.crc32(piece) for piece in expected]
+    assert await target.read_range_into(info, len(data), [memoryview(bytearray())]) == [0]  # nothing, at the end
+    for offset, size in ((len(data) - 1, 2), (len(data), 1), (-1, 1)):
+        with pytest.raises(CorruptCheckpointError, match="obj"):
+            await target.read_range_into(info, offset, [memoryview(bytearray(size))])
+    await put(target, location, b"replaced")
+    with pytest.raises(ConcurrentModificationError, match="obj"):
+        await target.read_range_into(info, 0, [memoryview(bytearray(1))])
+
+
 async def test_a_ranged_store_delivers_every_byte_once(store: StoreCase) -> None:
     target, location = await opened(store), where(store, "obj")
     if not isinstance(target, RangedStore):

@@ -9,12 +9,26 @@ import sys
 import anyio.to_thread
 
 from .._config import TransferConfig
-from ._base import Blocks, Body, Digest, Kind, ObjectInfo, PendingWrite, RangedStore, RangeSink, Record, Sink, Store
+from ._base import (
+    Blocks,
+    Body,
+    Digest,
+    Filling,
+    Kind,
+    ObjectInfo,
+    PendingWrite,
+    RangedStore,
+    RangeSink,
+    Record,
+    Sink,
+    Store,
+)
 
 __all__ = [
     "Blocks",
     "Body",
     "Digest",
+    "Filling",
     "Kind",
     "ObjectInfo",
     "PendingWrite",

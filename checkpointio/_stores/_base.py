@@ -8,18 +8,20 @@ sink, in order.
 from __future__ import annotations
 
 import enum
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol, TypeVar, runtime_checkable
 
 from anyio.streams.memory import MemoryObjectReceiveStream
 
+from .._codec import crc32
 from .._location import Location
 
 __all__ = [
     "Blocks",
     "Body",
     "Digest",
+    "Filling",
     "Kind",
     "ObjectInfo",
     "PendingWrite",
@@ -41,6 +43,42 @@ Sink = Callable[[Blocks], Awaitable[None]]
 RangeSink = Callable[[int, Blocks], None]
 
 _Item = TypeVar("_Item")
+
+
+class Filling:
+    """An object's bytes written in order across ``buffers`` (writable, as ``memoryview``s of
+    bytes), each buffer's CRC32 taken of what was written into it, as it is written: one pass over
+    memory that is still in the cache, no second read. What :meth:`Store.read_range_into` does."""
+
+    def __init__(self, buffers: Sequence[memoryview]) -> None:
+        self._buffers = [buffer.cast("B") if buffer.format != "B" or buffer.ndim != 1 else buffer for buffer in buffers]
+        #: Per buffer, the CRC32 of the bytes written into it so far.
+        self.crc32s = [0] * len(self._buffers)
+        #: Bytes written so far, and how many ``buffers`` take in all.
+        self.length = 0
+        self.size = sum(len(buffer) for buffer in self._buffers)
+        self._index = 0  # the buffer being written, and where in it
+        self._at = 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Write ``data`` next; ``ValueError`` if it goes past the last buffer's end."""
+        view = memoryview(data).cast("B")
+        if self.length + len(view) > self.size:
+            raise ValueError(f"{self.length + len(view)} bytes written where {self.size} were asked for")
+        done = 0
+        while done < len(view):
+            buffer = self._buffers[self._index]
+            if self._at == len(buffer):
+                self._index, self._at = self._index + 1, 0
+                continue
+            count = min(len(buffer) - self._at, len(view) - done)
+            into = buffer[self._at : self._at + count]
+            into[:] = view[done : done + count]
+            self.crc32s[self._index] = crc32(into, self.crc32s[self._index])
+            self._at += count
+            done += count
+        self.length += done
+
 
 _PREFIX = "checkpointio-"
 FORMAT_VERSION = "1"
@@ -227,6 +265,17 @@ class Store(Protocol):
         """The ``length`` bytes of the object at ``offset`` (one request, in memory); fail if the
         object changed since ``info`` or holds fewer bytes. For readers that need a few slices of
         a large object (``checkpointio.dcp``), not for whole objects (use ``get``)."""
+        ...
+
+    async def read_range_into(self, info: ObjectInfo, offset: int, buffers: Sequence[memoryview]) -> Sequence[int]:
+        """What :meth:`read_range` does, written straight into ``buffers`` instead of a new
+        ``bytes``: the object's bytes from ``offset`` fill them in order (as many as they hold in
+        all, one request; S3 writes each block as it arrives, on a receiving thread) and the CRC32
+        of each buffer's bytes comes back, taken as they were written (see :class:`Filling`).
+
+        Failing half-way leaves the buffers partly written. For ``checkpointio.dcp``, whose
+        buffers are the state dict's tensors: every byte is written once, and nothing is held.
+        """
         ...
 
 

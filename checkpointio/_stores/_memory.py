@@ -9,12 +9,13 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .._config import TransferConfig
 from .._exceptions import ConcurrentModificationError, CorruptCheckpointError
 from .._location import Location
-from ._base import Body, ObjectInfo, PendingWrite, Record, Sink, under
+from ._base import Body, Filling, ObjectInfo, PendingWrite, Record, Sink, under
 
 __all__ = ["MemoryStore", "read_raw", "write_raw"]
 
@@ -112,13 +113,23 @@ class MemoryStore:
         return True
 
     async def read_range(self, info: ObjectInfo, offset: int, length: int) -> bytes:
-        with _lock:
-            obj = _objects.get(info.location.key)
-        if obj is None or obj.info.etag != info.etag:
-            raise ConcurrentModificationError(f"{info.location.uri}: replaced while being read", uri=info.location.uri)
-        if offset < 0 or length < 0 or offset + length > len(obj.data):
-            raise CorruptCheckpointError(
-                f"{info.location.uri}: bytes {offset}..{offset + length} asked for, the object holds {len(obj.data)}",
-                uri=info.location.uri,
-            )
-        return obj.data[offset : offset + length]
+        return bytes(_range_of(info, offset, length))
+
+    async def read_range_into(self, info: ObjectInfo, offset: int, buffers: Sequence[memoryview]) -> Sequence[int]:
+        filling = Filling(buffers)
+        filling.write(_range_of(info, offset, filling.size))
+        return filling.crc32s
+
+
+def _range_of(info: ObjectInfo, offset: int, length: int) -> memoryview:
+    """``length`` bytes of the object ``info`` describes, from ``offset`` (a view, no copy)."""
+    with _lock:
+        obj = _objects.get(info.location.key)
+    if obj is None or obj.info.etag != info.etag:
+        raise ConcurrentModificationError(f"{info.location.uri}: replaced while being read", uri=info.location.uri)
+    if offset < 0 or length < 0 or offset + length > len(obj.data):
+        raise CorruptCheckpointError(
+            f"{info.location.uri}: bytes {offset}..{offset + length} asked for, the object holds {len(obj.data)}",
+            uri=info.location.uri,
+        )
+    return memoryview(obj.data)[offset : offset + length]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from botocore.exceptions import ClientError
@@ -15,7 +16,7 @@ from ..._exceptions import BucketNotFoundError
 from ..._location import Location
 from .._base import Body, ObjectInfo, PendingWrite, RangeSink, Record, Sink, under
 from ._client import _Requests
-from ._download import get, get_ranges, prepare, read_range
+from ._download import get, get_ranges, prepare, read_range, read_range_into
 from ._errors import answered
 from ._upload import put, request_body
 
@@ -225,6 +226,9 @@ class S3Store:
 
     async def read_range(self, info: ObjectInfo, offset: int, length: int) -> bytes:
         return await read_range(self._requests, info, offset, length)
+
+    async def read_range_into(self, info: ObjectInfo, offset: int, buffers: Sequence[memoryview]) -> Sequence[int]:
+        return await read_range_into(self._requests, info, offset, buffers)
 
 
 def _may_name_a_folder(key: str) -> bool:
