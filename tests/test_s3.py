@@ -902,6 +902,26 @@ async def test_a_load_has_the_receivers_make_their_clients_while_it_asks_for_the
     assert clients_on_receivers(61.25)[:3] == [1, 1, 1]  # the load used those clients, made no others
 
 
+async def test_a_range_read_into_buffers_cut_short_resumes_where_it_stopped(bucket: str, proxy: FaultProxy) -> None:
+    """``read_range_into`` (a DCP load's reads): a response cut short is asked again from the
+    first byte not received, and every buffer ends up whole with the CRC32 of its bytes."""
+    data = os.urandom(9 * MiB + 3)
+    options: TransferOptions = {**ON_THREADS, "endpoint_url": proxy.endpoint}
+    await Checkpoint(f"s3://{bucket}/r", **options).save(data)
+    store = S3Store(TransferConfig(**options))
+    info = await store.head(parse_location(f"s3://{bucket}/r"))
+    assert info is not None
+    proxy.add(lambda method, target: method == "GET", "truncate", times=1)
+    buffers = [bytearray(3 * MiB), bytearray(5 * MiB + 2)]
+    crc32s = await store.read_range_into(info, MiB, [memoryview(buffer) for buffer in buffers])
+    assert bytes(buffers[0]) == data[MiB : 4 * MiB] and bytes(buffers[1]) == data[4 * MiB : 9 * MiB + 2]
+    assert list(crc32s) == [zlib.crc32(data[MiB : 4 * MiB]), zlib.crc32(data[4 * MiB : 9 * MiB + 2])]
+    ranges = [str(entry["headers"]["range"]) for entry in proxy.log if entry["method"] == "GET"]
+    assert ranges[0] == f"bytes={MiB}-{9 * MiB + 1}" and len(ranges) == 2
+    resumed = int(ranges[1].removeprefix("bytes=").split("-")[0])
+    assert MiB < resumed < 9 * MiB + 1 and ranges[1].endswith(f"-{9 * MiB + 1}")  # resumed, not started over
+
+
 async def test_range_reads_are_received_on_the_receiving_threads_in_turn_and_come_back_whole(
     bucket: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -22,6 +22,7 @@ too long for the sidecar) is refused before anything is written.
 from __future__ import annotations
 
 import errno
+import io
 import json
 import logging
 import os
@@ -597,26 +598,27 @@ class LocalStore:
         def read() -> list[int]:
             fd = _open_unchanged(info)
             try:
-                crc32s = []
-                position = offset
-                for view in views:
-                    value = 0
-                    # Read in steps that stay in the CPU's cache until their CRC32 is taken.
-                    for start in range(0, len(view), _READ_STEP):
-                        step = view[start : start + _READ_STEP]
-                        got = 0
-                        while got < len(step):
-                            count = os.preadv(fd, [step[got:]], position + got)
-                            if not count:
-                                end = offset + sum(map(len, views))
-                                raise CorruptCheckpointError(
-                                    f"{uri}: bytes {offset}..{end} asked for, the file ends at {position + got}",
-                                    uri=uri,
-                                )
-                            got += count
-                        value = crc32(step, value)
-                        position += got
-                    crc32s.append(value)
+                # Straight into the buffers (FileIO.readinto is one read(2) into them), in steps
+                # that are still in the CPU's cache when their CRC32 is taken.
+                with io.FileIO(fd, "rb", closefd=False) as file:
+                    file.seek(offset)
+                    crc32s = []
+                    for view in views:
+                        value = 0
+                        for start in range(0, len(view), _READ_STEP):
+                            step = view[start : start + _READ_STEP]
+                            got = 0
+                            while got < len(step):
+                                count = file.readinto(step[got:])
+                                if not count:
+                                    end = offset + sum(map(len, views))
+                                    raise CorruptCheckpointError(
+                                        f"{uri}: bytes {offset}..{end} asked for, the file ends at {file.tell()}",
+                                        uri=uri,
+                                    )
+                                got += count
+                            value = crc32(step, value)
+                        crc32s.append(value)
                 return crc32s
             except OSError as error:
                 raise _translate(error, uri) from error
