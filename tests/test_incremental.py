@@ -187,6 +187,34 @@ def test_an_unchanged_tree_uploads_no_pack(store: StoreCase, tmp_path: Path) -> 
     assert uploaded(first, pack_bytes(store)) == 0
 
 
+def test_saves_after_changes_restore_every_file_and_name_only_the_chunks_and_packs_they_use(
+    store: StoreCase, tmp_path: Path
+) -> None:
+    tree = full_tree(tmp_path / "tree")
+    (tree / "model" / "z-last.bin").write_bytes(os.urandom(70_000))  # after a symlink, before the next folder
+    with Checkpoint(store.uri("ckpt"), incremental=True) as cp:
+        cp.save_sync(tree)
+        cp.save_sync(tree)  # unchanged: every file taken from the parent, among folders and links
+        assert tree_state(restore(store.uri("ckpt"), tmp_path / "unchanged")) == tree_state(tree)
+        extra = os.urandom(300_000)
+        (tree / "empty" / "extra.bin").write_bytes(extra)  # only this save's packs hold it
+        cp.save_sync(tree)
+        with_extra = anyio.run(_read, store.uri("ckpt"))
+        (tree / "empty" / "extra.bin").unlink()
+        (tree / "model" / "text.log").unlink()
+        (tree / "private").write_text("changed")
+        (tree / "model" / "layers" / "1.txt").write_text("added")
+        cp.save_sync(tree)
+    manifest = anyio.run(_read, store.uri("ckpt"))
+    assert manifest is not None and with_extra is not None
+    assert sorted(set(manifest.used)) == list(range(manifest.chunk_count))  # every row used, none twice
+    assert sorted(set(manifest.chunk_pack)) == list(range(len(manifest.pack_names)))
+    number = with_extra.paths.index("empty/extra.bin")
+    extra_packs = {with_extra.pack_names[with_extra.chunk_pack[index]] for index in with_extra.chunks_of(number)}
+    assert extra_packs and not extra_packs & set(manifest.packs)  # the packs only it used are no longer named
+    assert tree_state(restore(store.uri("ckpt"), tmp_path / "restored")) == tree_state(tree)
+
+
 def test_an_edit_in_place_and_an_append_upload_only_the_chunks_around_them(store: StoreCase, tmp_path: Path) -> None:
     tree = tmp_path / "tree"
     tree.mkdir()

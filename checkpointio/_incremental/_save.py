@@ -77,9 +77,11 @@ class _Packer:
     and builds the new manifest's columns as it goes.
 
     An unchanged file (same size, mtime and inode as in a parent) takes the parent's chunk rows:
-    each parent row is copied into the new manifest once (``remap``), so the new manifest holds
-    exactly the chunks its files use. A changed file's chunks are encoded on the pool, in order;
-    each reserves its slot in ``used`` when cut and gets its row when its encoding comes back.
+    the new manifest starts with the first parent's chunk table (the same row numbers), a later
+    parent's rows are copied in once each on first use (``remap``), and the rows no file uses are
+    dropped at the end, so the new manifest holds exactly the chunks its files use. A changed
+    file's chunks are encoded on the pool, in order; each reserves its slot in ``used`` when cut
+    and gets its row when its encoding comes back.
     Finished packs go to ``upload`` (it blocks while enough are in flight).
     """
 
@@ -110,9 +112,12 @@ class _Packer:
         self.meter = meter
         self.out = Manifest()
         self.out.save_id = save_id
-        #: Per parent: its chunk rows' rows in ``out`` (-1: not copied yet), its packs' indices in ``out``.
-        self.remap = [array("q", [-1]) * manifest.chunk_count for manifest in parents.manifests]
-        self.pack_map = [array("q", [-1]) * len(manifest.pack_names) for manifest in parents.manifests]
+        if parents.manifests:
+            _copy_chunk_table(parents.manifests[0], self.out)
+        #: Per parent after the first: its chunk rows' rows in ``out`` (-1: not copied yet), its
+        #: packs' indices in ``out``. The first parent's rows are ``out``'s first rows, as they are.
+        self.remap = [array("q", [-1]) * manifest.chunk_count for manifest in parents.manifests[1:]]
+        self.pack_map = [array("q", [-1]) * len(manifest.pack_names) for manifest in parents.manifests[1:]]
         #: Parent chunks by hash (the first parent's first), built when a file must be read.
         self.parent_rows: dict[Hash, tuple[int, int]] | None = None
         #: Rows of ``out`` holding the chunks this save packed, by hash.
@@ -131,6 +136,8 @@ class _Packer:
         ] = collections.deque()
         self.read_bytes = 0
         self.new_bytes = 0
+        #: The first path saved of each file with several links: (device, inode) -> path.
+        self.links: dict[tuple[int, int], str] = {}
         if len(parents.manifests) > 1:
             self._index_parents()
 
@@ -141,33 +148,42 @@ class _Packer:
 
     def _index_parents(self) -> None:
         rows: dict[Hash, tuple[int, int]] = {}
-        for number, manifest in enumerate(self.parents.manifests):
-            hashes = manifest.hashes
-            for index in range(manifest.chunk_count):
-                rows.setdefault(bytes(hashes[index * HASH_BYTES : (index + 1) * HASH_BYTES]), (number, index))
+        # a row of each hash, the first parent's where several hold it
+        for number, manifest in reversed(list(enumerate(self.parents.manifests))):
+            hashes = bytes(manifest.hashes)
+            rows.update(
+                zip(
+                    [hashes[at : at + HASH_BYTES] for at in range(0, len(hashes), HASH_BYTES)],
+                    zip([number] * manifest.chunk_count, range(manifest.chunk_count), strict=True),
+                    strict=True,
+                )
+            )
         self.parent_rows = rows
 
     def _take(self, parent: int, index: int) -> int:
-        """The row in ``out`` of the parent's chunk row ``index`` (copied there on first use; with
-        several parents, a chunk stored by two of them gets one row)."""
-        remap = self.remap[parent]
+        """The row in ``out`` of the parent's chunk row ``index``: the same row for the first parent
+        (its table is ``out``'s to start with), else copied on first use (a chunk stored by two
+        parents gets one row)."""
+        if parent == 0:
+            return index
+        remap = self.remap[parent - 1]
         row = remap[index]
         if row >= 0:
             return row
         manifest = self.parents.manifests[parent]
-        if parent > 0:
-            assert self.parent_rows is not None
-            digest = bytes(manifest.hashes[index * HASH_BYTES : (index + 1) * HASH_BYTES])
-            canonical = self.parent_rows[digest]
-            if canonical != (parent, index):
-                row = remap[index] = self._take(*canonical)
-                return row
+        assert self.parent_rows is not None
+        digest = bytes(manifest.hashes[index * HASH_BYTES : (index + 1) * HASH_BYTES])
+        canonical = self.parent_rows[digest]
+        if canonical != (parent, index):
+            row = remap[index] = self._take(*canonical)
+            return row
         out = self.out
         pack = manifest.chunk_pack[index]
-        pack_row = self.pack_map[parent][pack]
+        pack_map = self.pack_map[parent - 1]
+        pack_row = pack_map[pack]
         if pack_row < 0:
             name = manifest.pack_names[pack]
-            pack_row = self.pack_map[parent][pack] = len(out.pack_names)
+            pack_row = pack_map[pack] = len(out.pack_names)
             out.pack_names.append(name)
             out.packs[name] = manifest.packs[name]
         row = remap[index] = len(out.offsets)
@@ -253,69 +269,99 @@ class _Packer:
         self.upload(name, data)
 
     def run(self) -> Manifest:
-        links: dict[tuple[int, int], str] = {}
         top = self.shown.rstrip(os.sep) + os.sep
-        out = self.out
-        files = self.parents.files
-        parents = self.parents.manifests
-        remaps = self.remap
-        take = self._take
-        meter_read = self.meter.read
-        used = out.used
         with (
             _codec.OrderedPool(self.workers) as pool,
             contextlib.closing(
-                _archive.walk_tree(str(self.root), shown=self.shown, uri=self.uri, skip=self.skip)
+                _archive.walk_runs(str(self.root), shown=self.shown, uri=self.uri, skip=self.skip)
             ) as walk,
         ):
             self.pool = pool
-            for item in walk:
-                rel, st = item.rel, item.st
-                mode, mtime = st.st_mode, st.st_mtime_ns
-                if stat.S_ISREG(mode):
-                    if st.st_nlink > 1:
-                        inode = (st.st_dev, st.st_ino)
-                        if inode in links:
-                            out.add_entry(rel, HARDLINK, stat.S_IMODE(mode), mtime, link=links[inode])
-                            continue
-                        links[inode] = rel
-                    found = files.get(rel)
-                    if found is not None:
-                        parent, number = found >> 40, found & _ENTRY_MASK
-                        manifest = parents[parent]
-                        if (
-                            manifest.mtimes[number] == mtime
-                            and manifest.file_sizes[number] == st.st_size
-                            and manifest.inodes[number] == st.st_ino
-                        ):  # unchanged: the parent's chunks, not read
-                            out.add_entry(rel, FILE, stat.S_IMODE(mode), mtime, st.st_size, st.st_ino)
-                            remap = remaps[parent]
-                            for index in manifest.used[manifest.first[number] : manifest.first[number + 1]]:
-                                row = remap[index]
-                                used.append(row if row >= 0 else take(parent, index))
-                            out.first[-1] = len(used)
-                            meter_read(st.st_size)
-                            continue
-                    self._file(item, top + rel, stat.S_IMODE(mode))
-                elif stat.S_ISDIR(mode):
-                    out.add_entry(rel, DIR, stat.S_IMODE(mode), mtime)
-                elif stat.S_ISLNK(mode):
-                    full = top + rel
-                    try:
-                        target = os.readlink(item.name, dir_fd=item.folder)
-                    except FileNotFoundError as error:
-                        raise SourceChangedError(
-                            f"{full} disappeared while {self.uri} was being saved", uri=self.uri
-                        ) from error
-                    _archive._check_link(str(self.root), rel, target, self.uri)
-                    out.add_entry(rel, SYMLINK, stat.S_IMODE(mode), mtime, link=target)
-                else:
-                    logger.warning("skipping %s %s (it holds no data to save)", _archive.file_type(mode), top + rel)
+            unchanged = _Unchanged(self.out, self.parents.manifests[0] if self.parents.manifests else None)
+            for fd, prefix, names, stats in walk:
+                self._run(fd, [prefix + name for name in names], names, stats, top, unchanged)
+            unchanged.flush(self.meter)
             self._submit()
             while self.in_flight:
                 self._drain_one()
         self._flush_pack()
-        return out
+        _compact(self.out)
+        return self.out
+
+    def _run(
+        self,
+        fd: int,
+        rels: list[str],
+        names: list[str],
+        stats: list[os.stat_result],
+        top: str,
+        unchanged: _Unchanged,
+    ) -> None:
+        """One run of siblings (see :func:`_archive.walk_runs`). Files unchanged since the first
+        parent, the bulk of a tree saved again, are collected and added to ``out`` together."""
+        out = self.out
+        files = self.parents.files
+        parents = self.parents.manifests
+        first_parent = parents[0] if parents else None
+        mtimes = first_parent.mtimes if first_parent is not None else None
+        sizes = first_parent.file_sizes if first_parent is not None else None
+        inodes = first_parent.inodes if first_parent is not None else None
+        numbers, kept_rels, kept_modes = unchanged.numbers, unchanged.rels, unchanged.modes
+        for rel, name, st in zip(rels, names, stats, strict=True):
+            mode = st.st_mode
+            if stat.S_ISREG(mode):
+                found = files.get(rel)
+                if st.st_nlink == 1 and found is not None and found <= _ENTRY_MASK:
+                    assert mtimes is not None and sizes is not None and inodes is not None
+                    if mtimes[found] == st.st_mtime_ns and sizes[found] == st.st_size and inodes[found] == st.st_ino:
+                        numbers.append(found)  # unchanged since the first parent: its chunks, not read
+                        kept_rels.append(rel)
+                        kept_modes.append(stat.S_IMODE(mode))
+                        continue
+                unchanged.flush(self.meter)
+                if st.st_nlink > 1:
+                    inode = (st.st_dev, st.st_ino)
+                    if inode in self.links:
+                        out.add_entry(rel, HARDLINK, stat.S_IMODE(mode), st.st_mtime_ns, link=self.links[inode])
+                        continue
+                    self.links[inode] = rel
+                if found is not None and self._same_as_parent(found, rel, st):
+                    continue
+                self._file(_archive.Entry(rel, name, fd, st), top + rel, stat.S_IMODE(mode))
+                continue
+            unchanged.flush(self.meter)
+            if stat.S_ISDIR(mode):
+                out.add_entry(rel, DIR, stat.S_IMODE(mode), st.st_mtime_ns)
+            elif stat.S_ISLNK(mode):
+                try:
+                    target = os.readlink(name, dir_fd=fd)
+                except FileNotFoundError as error:
+                    raise SourceChangedError(
+                        f"{top + rel} disappeared while {self.uri} was being saved", uri=self.uri
+                    ) from error
+                _archive._check_link(str(self.root), rel, target, self.uri)
+                out.add_entry(rel, SYMLINK, stat.S_IMODE(mode), st.st_mtime_ns, link=target)
+            else:
+                logger.warning("skipping %s %s (it holds no data to save)", _archive.file_type(mode), top + rel)
+
+    def _same_as_parent(self, found: int, rel: str, st: os.stat_result) -> bool:
+        """Add the file ``rel`` with its parent's chunks if it is unchanged since that parent (same
+        mtime, size and inode), one file at a time (a hard link, or a file of a later parent)."""
+        parent, number = found >> 40, found & _ENTRY_MASK
+        manifest = self.parents.manifests[parent]
+        if (
+            manifest.mtimes[number] != st.st_mtime_ns
+            or manifest.file_sizes[number] != st.st_size
+            or manifest.inodes[number] != st.st_ino
+        ):
+            return False
+        out = self.out
+        out.add_entry(rel, FILE, stat.S_IMODE(st.st_mode), st.st_mtime_ns, st.st_size, st.st_ino)
+        take = self._take
+        out.used.extend(take(parent, index) for index in manifest.chunks_of(number))
+        out.first[-1] = len(out.used)
+        self.meter.read(st.st_size)
+        return True
 
     def _file(self, item: _archive.Entry, full: str, mode: int) -> None:
         """A new or changed file: read, cut, and its chunks queued for encoding."""
@@ -353,6 +399,106 @@ class _Packer:
     def _read(self, length: int) -> None:
         self.meter.read(length)
         self.read_bytes += length
+
+
+class _Unchanged:
+    """Files unchanged since the first parent, waiting to be added to the new manifest together:
+    their entries' columns are copied in bulk, their chunk rows are the parent's own (see
+    :func:`_copy_chunk_table`), and no file is read."""
+
+    def __init__(self, out: Manifest, parent: Manifest | None) -> None:
+        self.out = out
+        self.parent = parent
+        #: The files' entry numbers in the parent, their paths and modes (which may have changed).
+        self.numbers: list[int] = []
+        self.rels: list[str] = []
+        self.modes: list[int] = []
+
+    def flush(self, meter: Meter) -> None:
+        """Add the waiting files to ``out``, in order (before any entry that follows them)."""
+        numbers = self.numbers
+        if not numbers:
+            return
+        parent, out = self.parent, self.out
+        assert parent is not None
+        count = len(numbers)
+        out.paths += self.rels
+        out.kinds += FILE.encode() * count
+        out.modes.extend(self.modes)
+        sizes = array("Q", map(parent.file_sizes.__getitem__, numbers))
+        out.mtimes.extend(map(parent.mtimes.__getitem__, numbers))
+        out.file_sizes.extend(sizes)
+        out.inodes.extend(map(parent.inodes.__getitem__, numbers))
+        first, used = parent.first, parent.used
+        if numbers[-1] - numbers[0] == count - 1:  # consecutive in the parent: one slice
+            start, end = first[numbers[0]], first[numbers[-1] + 1]
+            shift = len(out.used) - start
+            out.used += used[start:end]
+            out.first.extend(array("Q", [at + shift for at in first[numbers[0] + 1 : numbers[-1] + 2]]))
+        else:
+            out_used, out_first = out.used, out.first
+            for number in numbers:
+                out_used += used[first[number] : first[number + 1]]
+                out_first.append(len(out_used))
+        meter.read(sum(sizes))
+        numbers.clear()  # in place: callers hold these lists
+        self.rels.clear()
+        self.modes.clear()
+
+
+def _copy_chunk_table(parent: Manifest, out: Manifest) -> None:
+    """Start ``out``'s chunk table and packs as a copy of ``parent``'s (columns copied whole, no
+    row at a time): a file unchanged since the parent keeps its chunk numbers. :func:`_compact`
+    drops the rows no file of ``out`` uses in the end."""
+    out.pack_names = list(parent.pack_names)
+    out.packs = dict(parent.packs)
+    out.hashes = bytearray(parent.hashes)
+    out.chunk_pack = array("I", parent.chunk_pack)
+    out.offsets = array("Q", parent.offsets)
+    out.stored = array("I", parent.stored)
+    out.sizes = array("I", parent.sizes)
+    out.codecs = bytearray(parent.codecs)
+
+
+def _compact(out: Manifest) -> None:
+    """Drop the chunk rows no entry of ``out`` uses, and the packs no row is in: a manifest names
+    exactly the chunks and packs its files need (what ``gc`` and ``ls`` count on).
+
+    The rows dropped are few (those of the files changed or deleted since the parent): the rows
+    kept are copied as the slices between them, not one at a time.
+    """
+    count = out.chunk_count
+    dropped = sorted(set(range(count)).difference(out.used))
+    if dropped:
+        kept: list[tuple[int, int]] = []  # [start, end) of the rows kept, in order
+        start = 0
+        for row in dropped:
+            if row > start:
+                kept.append((start, row))
+            start = row + 1
+        if start < count:
+            kept.append((start, count))
+        renumbered = array("q", [-1]) * count
+        row = 0
+        for start, end in kept:
+            renumbered[start:end] = array("q", range(row, row + end - start))
+            row += end - start
+        out.used = array("I", map(renumbered.__getitem__, out.used))
+
+        def cut(column: array[int]) -> array[int]:
+            return array(column.typecode, b"".join([column[start:end].tobytes() for start, end in kept]))
+
+        out.chunk_pack, out.offsets = cut(out.chunk_pack), cut(out.offsets)
+        out.stored, out.sizes = cut(out.stored), cut(out.sizes)
+        hashes, codecs = out.hashes, out.codecs
+        out.hashes = bytearray().join([hashes[start * HASH_BYTES : end * HASH_BYTES] for start, end in kept])
+        out.codecs = bytearray().join([codecs[start:end] for start, end in kept])
+    packs = sorted(set(out.chunk_pack))
+    if len(packs) < len(out.pack_names):
+        places = {pack: row for row, pack in enumerate(packs)}
+        out.chunk_pack = array("I", map(places.__getitem__, out.chunk_pack))
+        out.pack_names = [out.pack_names[pack] for pack in packs]
+        out.packs = {name: out.packs[name] for name in out.pack_names}
 
 
 async def _load_parents(
