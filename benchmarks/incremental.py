@@ -1,7 +1,8 @@
 """Benchmark incremental checkpoints against the tar.gz format (issue 21's targets).
 
     python benchmarks/incremental.py [--quick] [--small-files N] [--small-mib N] [--big-mib N]
-                                     [--tensor-mib N] [--workdir DIR] [--json FILE]
+                                     [--tensor-mib N] [--repeat N] [--compare DIR] [--workdir DIR]
+                                     [--json FILE]
 
 Every step runs in a child process of its own (its wall time and peak RSS are its own: the clock
 starts and the RSS high-water mark is reset once checkpointio is imported), against a local
@@ -23,6 +24,10 @@ replaced there.
   files): its size, and the memory and time decoding it takes (the checks a restore makes, and
   the lighter read a save makes of a parent), each in a child process of its own.
 
+``--repeat N`` runs each small-file and tensor step N times and reports medians; ``--compare DIR``
+runs them with the checkpointio of the source tree DIR too (a checkout of main: before and after
+in one run, on the same data, the two versions alternating).
+
 Nothing about time is asserted: the script fails only if a restore differs from what was saved,
 so ``--quick`` (small datasets) is safe for CI. Results: benchmarks/README.md.
 """
@@ -34,6 +39,7 @@ import json
 import os
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -109,11 +115,22 @@ _MANIFEST_DECODE = """
 import json, resource, sys, time
 from checkpointio._incremental import _manifest
 data = open(sys.argv[1], "rb").read()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+def peak_mib():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
+
+try:  # the decoding's own peak, not the imports': reset the high-water mark (Linux)
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")
+    peak = peak_mib
+except OSError:
+    peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+before = peak()
 started = time.perf_counter()
 manifest = _manifest.decode(data, sys.argv[1], check_tree=sys.argv[2] == "1")
 seconds = time.perf_counter() - started
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+after = peak()
 print(json.dumps({"seconds": seconds, "entries": manifest.entry_count, "rss_mib": after, "extra_mib": after - before}))
 """
 
@@ -147,9 +164,10 @@ def _objects(store: Path) -> dict[str, tuple[int, int, int]]:
     return found
 
 
-def _step(op: str, uri: str, path: Path, incremental: bool, store: Path) -> dict[str, Any]:
+def _step(op: str, uri: str, path: Path, incremental: bool, store: Path, code: Path = ROOT) -> dict[str, Any]:
+    """One save or load in a child process running the checkpointio of the source tree ``code``."""
     before = _objects(store)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(code)}
     done = subprocess.run(
         [sys.executable, "-c", _CHILD, op, uri, str(path), "1" if incremental else "0"],
         env=env,
@@ -208,6 +226,37 @@ def _fmt(value: float, digits: int = 2) -> str:
     return f"{value:.{digits}f}"
 
 
+class _Steps:
+    """Each step run ``repeat`` times for each version measured (``codes``: label -> source tree),
+    the versions alternating in order from one repetition to the next; results by name, in lists."""
+
+    def __init__(self, store: Path, codes: dict[str, Path], repeat: int) -> None:
+        self.store, self.codes, self.repeat = store, codes, repeat
+        self.results: dict[str, dict[str, list[dict[str, Any]]]] = {label: {} for label in codes}
+
+    def run(
+        self, name: str, op: str, key: str, path: Path, incremental: bool = False, same_as: Path | None = None
+    ) -> None:
+        """``op`` (save or load) of ``path`` at ``<label><key>-<repetition>``; a load is compared with
+        ``same_as`` and removed."""
+        labels = list(self.codes)
+        for rep in range(self.repeat):
+            for label in labels if rep % 2 == 0 else labels[::-1]:
+                uri = str(self.store / f"{label}{key}-{rep}")
+                target = path.with_name(f"{path.name}-{label}{rep}") if op == "load" else path
+                step = _step(op, uri, target, incremental, self.store, self.codes[label])
+                if op == "load":
+                    assert same_as is not None
+                    _same_tree(same_as, target)
+                    shutil.rmtree(target)
+                self.results[label].setdefault(name, []).append(step)
+
+
+def _median(steps: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median of each figure over repetitions (each figure on its own)."""
+    return {key: statistics.median(step[key] for step in steps) for key in steps[0]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small datasets (CI)")
@@ -216,6 +265,12 @@ def main() -> None:
     parser.add_argument("--big-mib", type=float)
     parser.add_argument("--tensor-mib", type=float)
     parser.add_argument("--manifest-files", type=int, help="files in the manifest whose decoding is measured")
+    parser.add_argument("--repeat", type=int, default=1, help="run each save and restore this many times (medians)")
+    parser.add_argument(
+        "--compare",
+        type=Path,
+        help="also run the small-file and tensor steps with the checkpointio of this source tree (a checkout)",
+    )
     parser.add_argument("--workdir", type=Path)
     parser.add_argument("--json", type=Path, help="write the results here too")
     args = parser.parse_args()
@@ -226,6 +281,7 @@ def main() -> None:
     manifest_files = args.manifest_files or (50_000 if args.quick else 1_000_000)
     scratch = Path(tempfile.mkdtemp(prefix="checkpointio-incbench-", dir=args.workdir))
     rng = random.Random(21)
+    codes = {"": ROOT} | ({"before-": args.compare.resolve()} if args.compare else {})
     results: dict[str, Any] = {}
     try:
         store = scratch / "store"
@@ -235,22 +291,35 @@ def main() -> None:
         big_folder = data / "big"
         make_big_file(big_folder / "weights.f32", big_mib)
         tensors = make_tensor_tree(data / "tensors", tensor_mib).path
+        steps = _Steps(store, codes, max(1, args.repeat))
 
         # small-file tree
-        tar = _step("save", str(store / "small-tar"), small, False, store)
-        first = _step("save", str(store / "small-inc"), small, True, store)
+        steps.run("tar", "save", "small-tar", small)
+        steps.run("first", "save", "small-inc", small, True)
         changes = _mutate(small, rng)
-        second = _step("save", str(store / "small-inc"), small, True, store)
-        tar_again = _step("save", str(store / "small-tar"), small, False, store)
-        results["small"] = {"tar": tar, "first": first, "second": second, "tar_again": tar_again, "changes": changes}
+        steps.run("second", "save", "small-inc", small, True)
+        steps.run("tar_again", "save", "small-tar", small)
         # restores (the mutated tree, both formats)
-        for fmt, key in (("tar", "small-tar"), ("inc", "small-inc")):
-            out = scratch / f"restore-small-{fmt}"
-            results["small"][f"restore_{fmt}"] = _step("load", str(store / key), out, False, store)
-            _same_tree(small, out)
-            shutil.rmtree(out)
+        steps.run("restore_tar", "load", "small-tar", scratch / "restore-small", same_as=small)
+        steps.run("restore_inc", "load", "small-inc", scratch / "restore-small", same_as=small)
 
-        # big file
+        # tensor directory
+        steps.run("t_tar", "save", "tensors-tar", tensors)
+        steps.run("t_first", "save", "tensors-inc", tensors, True)
+        layer = sorted(tensors.rglob("mlp_up.f32"))[0]
+        layer.write_bytes(rng.randbytes(layer.stat().st_size))
+        steps.run("t_second", "save", "tensors-inc", tensors, True)
+        steps.run("t_tar_again", "save", "tensors-tar", tensors)
+        steps.run("t_restore_tar", "load", "tensors-tar", scratch / "restore-tensors", same_as=tensors)
+        steps.run("t_restore_inc", "load", "tensors-inc", scratch / "restore-tensors", same_as=tensors)
+        for label, measured in steps.results.items():
+            results[label or "after"] = {name: _median(runs) for name, runs in measured.items()} | {
+                "changes": changes,
+                "layer_bytes": layer.stat().st_size,
+                "runs": measured,
+            }
+
+        # big file (this version only)
         big_first = _step("save", str(store / "big-inc"), big_folder, True, store)
         _edit_big(big_folder / "weights.f32", rng)
         big_second = _step("save", str(store / "big-inc"), big_folder, True, store)
@@ -259,39 +328,21 @@ def main() -> None:
         _same_tree(big_folder, out)
         shutil.rmtree(out)
         results["big"] = {"first": big_first, "second": big_second, "restore": big_restore}
-
-        # tensor directory
-        t_tar = _step("save", str(store / "tensors-tar"), tensors, False, store)
-        t_first = _step("save", str(store / "tensors-inc"), tensors, True, store)
-        layer = sorted(tensors.rglob("mlp_up.f32"))[0]
-        layer.write_bytes(rng.randbytes(layer.stat().st_size))
-        t_second = _step("save", str(store / "tensors-inc"), tensors, True, store)
-        restores = {}
-        for fmt, key in (("tar", "tensors-tar"), ("inc", "tensors-inc")):
-            out = scratch / f"restore-tensors-{fmt}"
-            if fmt == "tar":
-                _step("save", str(store / key), tensors, False, store)
-            restores[fmt] = _step("load", str(store / key), out, False, store)
-            _same_tree(tensors, out)
-            shutil.rmtree(out)
-        results["tensors"] = {
-            "tar": t_tar,
-            "first": t_first,
-            "second": t_second,
-            "layer_bytes": layer.stat().st_size,
-            "restore_tar": restores["tar"],
-            "restore_inc": restores["inc"],
-        }
         results["manifest"] = _manifest_memory(scratch, manifest_files)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    _report(results, small_files, small_mib, big_mib, tensor_mib)
+    print(f"each step's median of {max(1, args.repeat)}; load average at the end: {os.getloadavg()[0]:.1f}")
+    for label in codes:
+        name = label or "after"
+        if args.compare:
+            print(f"\n## {'this version' if not label else f'{args.compare}'}")
+        _report(results[name], small_files, small_mib, tensor_mib)
+    _report_big(results, big_mib)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 
 
-def _report(results: dict[str, Any], small_files: int, small_mib: float, big_mib: float, tensor_mib: float) -> None:
-    small = results["small"]
+def _report(small: dict[str, Any], small_files: int, small_mib: float, tensor_mib: float) -> None:
     tar, first, second = small["tar"], small["first"], small["second"]
     modified, added, deleted = small["changes"]
     print(
@@ -307,6 +358,11 @@ def _report(results: dict[str, Any], small_files: int, small_mib: float, big_mib
         ("tar.gz save of the changed tree", small["tar_again"]),
         ("tar.gz restore", small["restore_tar"]),
         ("incremental restore", small["restore_inc"]),
+        ("tensors: tar.gz save", small["t_tar"]),
+        ("tensors: first incremental save", small["t_first"]),
+        ("tensors: second incremental save (one layer rewritten)", small["t_second"]),
+        ("tensors: tar.gz restore", small["t_restore_tar"]),
+        ("tensors: incremental restore", small["t_restore_inc"]),
     ):
         print(
             f"| {label} | {_fmt(step['seconds'])} | {_fmt(step['cpu'])} | {_fmt(step['uploaded'] / MiB)} "
@@ -319,23 +375,23 @@ def _report(results: dict[str, Any], small_files: int, small_mib: float, big_mib
         f"{_fmt(100 * second['seconds'] / tar['seconds'], 1)}%); first incremental / tar.gz wall: "
         f"{_fmt(first['seconds'] / tar['seconds'])}x"
     )
-    tree = small_mib * MiB
-    ratio = (tree / small["restore_inc"]["seconds"]) / (tree / small["restore_tar"]["seconds"])
-    print(f"restore throughput, incremental / tar.gz: {_fmt(ratio)}x")
+    ratio = small["restore_tar"]["seconds"] / small["restore_inc"]["seconds"]
+    t_ratio = small["t_restore_tar"]["seconds"] / small["t_restore_inc"]["seconds"]
+    print(f"restore throughput, incremental / tar.gz: small files {_fmt(ratio)}x, tensors {_fmt(t_ratio)}x")
+    print(
+        f"tensor directory ({tensor_mib:g} MiB), one layer file ({_fmt(small['layer_bytes'] / MiB)} MiB) rewritten: "
+        f"second save uploaded {_fmt(small['t_second']['uploaded'] / MiB)} MiB "
+        f"(tar.gz save: {_fmt(small['t_tar']['uploaded'] / MiB)} MiB)"
+    )
+
+
+def _report_big(results: dict[str, Any], big_mib: float) -> None:
     big = results["big"]
     print(
         f"big file ({big_mib:g} MiB), 10 scattered 4 KiB edits: second save uploaded "
         f"{_fmt(big['second']['uploaded'] / MiB)} MiB = {_fmt(100 * big['second']['uploaded'] / (big_mib * MiB), 2)}% "
         f"of the file in {_fmt(big['second']['seconds'])} s (first: {_fmt(big['first']['seconds'])} s); "
         f"peak RSS {_fmt(max(big['first']['rss_mib'], big['second']['rss_mib'], big['restore']['rss_mib']), 0)} MiB"
-    )
-    tensors = results["tensors"]
-    print(
-        f"tensor directory ({tensor_mib:g} MiB), one layer file ({_fmt(tensors['layer_bytes'] / MiB)} MiB) rewritten: "
-        f"second save uploaded {_fmt(tensors['second']['uploaded'] / MiB)} MiB "
-        f"(tar.gz save: {_fmt(tensors['tar']['uploaded'] / MiB)} MiB); restore tar.gz "
-        f"{_fmt(tensors['restore_tar']['seconds'])} s, incremental {_fmt(tensors['restore_inc']['seconds'])} s, "
-        f"peak RSS {_fmt(tensors['restore_inc']['rss_mib'], 0)} MiB"
     )
     manifest = results["manifest"]
     restore, parent = manifest["restore"], manifest["parent"]

@@ -10,6 +10,7 @@ import errno
 import logging
 import os
 import stat
+import struct
 import time
 import uuid
 from array import array
@@ -20,8 +21,9 @@ from pathlib import Path
 import anyio
 import anyio.from_thread
 import anyio.to_thread
+import blake3
 
-from .. import _archive, _codec, _engine
+from .. import _archive, _cdc, _codec, _engine
 from .._concurrency import one_error
 from .._config import TransferConfig
 from .._exceptions import CheckpointError, CorruptCheckpointError, SourceChangedError
@@ -38,6 +40,11 @@ logger = logging.getLogger(__name__)
 #: A pack's first line: what it is and the save that wrote it, so that two saves never write the
 #: same pack name (gc may be deleting an unreferenced pack of that name; see :func:`._gc.collect_area`).
 _PACK_MAGIC = b"checkpointio-pack/1 "
+#: What names a pack, per chunk after its first line: the chunk's hash, its length in the pack and
+#: its codec. The first line names the save and the pack's number in it, so every pack name is new
+#: (the name is not a hash of the pack's bytes: hashing every byte again cost the packing thread
+#: ~0.5 s for 770 MiB of tensors; each chunk's bytes are checked by its own hash).
+_PACKED = struct.Struct(f"<{HASH_BYTES}sIB")
 #: A pack is uploaded once it holds this many bytes: tens of MiB, few requests, parallel parts.
 PACK_SIZE = 32 * 1024 * 1024
 #: Chunks are encoded (hashed, compressed) on the pool in batches of about this many bytes or chunks.
@@ -129,6 +136,8 @@ class _Packer:
         self.pack_index = -1
         self.sequence = 0
         self.pool: _codec.OrderedPool | None = None
+        #: Names the pack being filled: its first line and its chunks' hashes, lengths and codecs.
+        self.pack_hasher = blake3.blake3()
         self.batch: list[tuple[int, bytes]] = []  # (slot in out.used, piece)
         self.batch_bytes = 0
         self.in_flight: collections.deque[
@@ -241,6 +250,7 @@ class _Packer:
             head = _PACK_MAGIC + f"{self.save_id} {self.sequence}\n".encode()
             self.pack.append(head)
             self.pack_length = len(head)
+            self.pack_hasher = blake3.blake3(head)
             self.pack_index = len(out.pack_names)
             out.pack_names.append("")  # named when full
         row = self.new_rows[digest] = len(out.offsets)
@@ -251,6 +261,7 @@ class _Packer:
         out.sizes.append(size)
         out.codecs.append(codec)
         self.pack.append(encoded)
+        self.pack_hasher.update(_PACKED.pack(digest, len(encoded), codec))
         self.pack_length += len(encoded)
         self.new_bytes += len(encoded)
         if self.pack_length >= self.pack_size:
@@ -262,7 +273,7 @@ class _Packer:
             return
         data = b"".join(self.pack)
         self.pack = []
-        name = _chunks.hash_of(data).hex()
+        name = self.pack_hasher.digest(HASH_BYTES).hex()
         self.out.pack_names[self.pack_index] = name
         self.out.packs[name] = len(data)
         self.sequence += 1
@@ -389,8 +400,13 @@ class _Packer:
                         f"{full} was replaced while {self.uri} was being saved (the file read is not the one listed)",
                         uri=self.uri,
                     )
-                for piece in _chunks.pieces(fd, st.st_size, full, self.uri, self._read):
-                    self._queue(piece)
+                if st.st_size <= _cdc.MINIMUM:  # one chunk whatever its content: read at once, not cut
+                    data = b"".join(_archive.file_data(fd, st.st_size, full, self.uri, st.st_size))
+                    self._read(st.st_size)
+                    self._queue(data)
+                else:
+                    for piece in _chunks.pieces(fd, st.st_size, full, self.uri, self._read):
+                        self._queue(piece)
             finally:
                 os.close(fd)
         finally:
