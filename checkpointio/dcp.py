@@ -731,7 +731,9 @@ class StorageReader(_StorageReader):
                 where = _dcp_layout.data_location(self._target.location, piece.object).uri
                 raise ChecksumMismatchError(
                     f"{where}: the bytes {piece.offset}..{piece.offset + piece.length} saved by rank "
-                    f"{_dcp_layout.rank_of(piece.object)} do not match their CRC32 (the object is corrupt)",
+                    f"{_dcp_layout.rank_of(piece.object)} do not match their CRC32 (the object is corrupt); "
+                    "the state dict is left partly loaded (its tensors may hold these bytes): load it "
+                    "again from a whole checkpoint before using it",
                     uri=where,
                 )
             if place.received is not None:  # already in place

@@ -208,13 +208,21 @@ def test_a_checkpoint_that_does_not_fit_the_state_dict_is_a_clear_error_naming_t
 
 
 def test_a_corrupt_data_object_names_the_object_and_rank(store: StoreCase) -> None:
-    save(state(3), store.uri("ckpt"))
+    """The error names the object and rank, and says that the state dict is partly loaded: tensors
+    are received in place, so the damaged item's bytes may already be in its tensor."""
+    saved = state(3)
+    save(saved, store.uri("ckpt"))
     (name,) = data_objects(store, "ckpt")
     store.corrupt(f"ckpt.dcp/{name}")
     loaded = empty()
     with pytest.raises(ChecksumMismatchError, match=r"saved by rank 0 do not match their CRC32") as caught:
         load(loaded, store.uri("ckpt"))
     assert caught.value.uri == store.uri(f"ckpt.dcp/{name}")
+    assert "the state dict is left partly loaded" in str(caught.value)
+    assert "load it again from a whole checkpoint before using it" in str(caught.value)
+    save(saved, store.uri("ckpt"))  # a whole checkpoint again: the same state dict loads whole
+    assert load(loaded, store.uri("ckpt")) is True
+    assert_same(loaded, saved)
 
 
 def test_a_failed_save_leaves_the_previous_checkpoint_and_a_new_one_replaces_its_data(store: StoreCase) -> None:

@@ -301,9 +301,13 @@ async def test_read_range_into_fills_the_buffers_in_order_with_each_ones_crc32(s
     assert got == expected
     assert crc32s == [zlib.crc32(piece) for piece in expected]
     assert await target.read_range_into(info, len(data), [memoryview(bytearray())]) == [0]  # nothing, at the end
-    for offset, size in ((len(data) - 1, 2), (len(data), 1), (-1, 1)):
+    refused: list[tuple[int, tuple[int, ...]]] = [(len(data) - 1, (2,)), (len(data) - 10, (8, 3)), (len(data), (1,))]
+    for offset, sizes in [*refused, (-1, (1,))]:
+        # Refused before anything is written: the buffers (a caller's tensors) keep what they held.
+        untouched = [bytearray(b"\xaa" * size) for size in sizes]
         with pytest.raises(CorruptCheckpointError, match="obj"):
-            await target.read_range_into(info, offset, [memoryview(bytearray(size))])
+            await target.read_range_into(info, offset, [memoryview(buffer) for buffer in untouched])
+        assert all(buffer == b"\xaa" * len(buffer) for buffer in untouched), (offset, sizes)
     await put(target, location, b"replaced")
     with pytest.raises(ConcurrentModificationError, match="obj"):
         await target.read_range_into(info, 0, [memoryview(bytearray(1))])

@@ -592,8 +592,11 @@ class LocalStore:
     async def read_range_into(self, info: ObjectInfo, offset: int, buffers: Sequence[memoryview]) -> Sequence[int]:
         uri = info.location.uri
         views = [buffer.cast("B") for buffer in buffers]
-        if offset < 0:
-            raise CorruptCheckpointError(f"{uri}: bytes from {offset} asked for", uri=uri)
+        total = sum(len(view) for view in views)
+        if offset < 0 or offset + total > info.size:  # refused before any buffer is written, as S3 does
+            raise CorruptCheckpointError(
+                f"{uri}: bytes {offset}..{offset + total} asked for, the object holds {info.size}", uri=uri
+            )
 
         def read() -> list[int]:
             fd = _open_unchanged(info)
@@ -610,10 +613,10 @@ class LocalStore:
                             got = 0
                             while got < len(step):
                                 count = file.readinto(step[got:])
-                                if not count:
-                                    end = offset + sum(map(len, views))
+                                if not count:  # shorter than described: cut since
+                                    ended = file.tell()
                                     raise CorruptCheckpointError(
-                                        f"{uri}: bytes {offset}..{end} asked for, the file ends at {file.tell()}",
+                                        f"{uri}: bytes {offset}..{offset + total} asked for, the file ends at {ended}",
                                         uri=uri,
                                     )
                                 got += count
