@@ -37,22 +37,24 @@ def encode(data: bytes, level: int, known: Container[Hash]) -> tuple[Hash, bytes
     return digest, data, STORED
 
 
-def decode(chunk: Chunk, stored: memoryview) -> bytes:
-    """A chunk's bytes from what its pack holds, checked against its hash.
+def decode(chunk: Chunk, stored: memoryview) -> bytes | memoryview:
+    """A chunk's bytes from what its pack holds, checked against its hash: a stored chunk is
+    ``stored`` itself (no copy: valid while the caller holds what it views).
 
     Raises:
         ValueError: They do not inflate, or not to the chunk's size and hash.
     """
+    data: bytes | memoryview
     if chunk.codec == DEFLATED:
         inflater = _codec.raw_inflater()
         try:
-            data: bytes = inflater.decompress(stored, chunk.size)
+            data = inflater.decompress(stored, chunk.size)
         except _codec.InflateError as error:
             raise ValueError(f"does not inflate: {error}") from None
         if len(data) != chunk.size or inflater.unconsumed_tail or not inflater.eof:
             raise ValueError("inflates to another size")
     else:
-        data = bytes(stored)
+        data = stored
     if hash_of(data) != chunk.hash:
         raise ValueError("fails its BLAKE3 check")
     return data

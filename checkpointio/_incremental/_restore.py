@@ -103,11 +103,12 @@ async def _fetch(
     wanted: set[int],
     config: TransferConfig,
     meter: Meter,
-    on_chunk: Callable[[int, bytes], None],
+    on_chunk: Callable[[int, bytes | memoryview], None],
     uri: str,
 ) -> None:
     """Fetch the ``wanted`` chunks with ranged reads of their packs, several at once, and hand each
-    one, checked, to ``on_chunk`` (in worker threads). What is missing or corrupt is collected,
+    one, checked, to ``on_chunk`` (in worker threads; a stored chunk as a view of the range read,
+    valid until ``on_chunk`` returns). What is missing or corrupt is collected,
     then raised as one :class:`CorruptCheckpointError` naming the files it affects."""
     found = _Fetched()
     spans = _spans(manifest, wanted)
@@ -200,7 +201,7 @@ class _Writer:
                 finally:
                     os.close(fd)
 
-    def chunk(self, index: int, data: bytes) -> None:
+    def chunk(self, index: int, data: bytes | memoryview) -> None:
         first = self.manifest.first
         for number, position in self.uses.get(index, ()):
             single = first[number + 1] - first[number] == 1
@@ -361,7 +362,7 @@ async def verify(
         raise CheckpointError(f"{location.uri}: replaced while being read", uri=location.uri)
     meter = Meter(on_progress, "verify", location.uri, manifest.stored_size())
 
-    def ignore(index: int, data: bytes) -> None:
+    def ignore(index: int, data: bytes | memoryview) -> None:
         pass
 
     await _fetch(
