@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,3 +65,27 @@ with Checkpoint(store / "attempt-1", src=store / "attempt-0", workspace=workspac
     assert result.returncode == 0, result.stderr
     message, kept = result.stdout.splitlines()
     return message, json.loads(kept)
+
+
+class RandomKills:
+    """SIGKILLs runs of a command at random points of their run, for tests that a kill anywhere
+    leaves a consistent state. Kill times are ``uniform(low, high)`` fractions of the run's length;
+    a run that ends before its kill teaches the length (a loaded machine makes the measured first
+    run longer than later ones), so later kills still land inside the run, not after it."""
+
+    def __init__(self, seed: int, length: float, low: float, high: float) -> None:
+        self.rng = random.Random(seed)
+        self.length, self.low, self.high = length, low, high
+
+    def run(self, args: list[str], env: dict[str, str] | None = None) -> bool:
+        """Run ``args`` and kill it at a random point; whether it was killed (not ended by itself)."""
+        started = time.monotonic()
+        proc = subprocess.Popen(args, env=env)
+        try:
+            proc.wait(timeout=self.rng.uniform(self.low, self.high) * self.length)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return True
+        self.length = min(self.length, time.monotonic() - started)
+        return False

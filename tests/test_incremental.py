@@ -28,6 +28,7 @@ from checkpointio._location import parse_location, parse_prefix
 from checkpointio._stores import Kind, open_store
 
 from .conftest import ONE_STORE, StoreCase, make_tree, snapshot
+from .scripts import RandomKills
 from .test_cli import cli, ok
 
 #: The command line runs in a process of its own (it sets up logging and malloc for its process):
@@ -661,7 +662,6 @@ def _referenced_and_present(folder_uri: str) -> tuple[set[str], set[str]]:
 def test_sigkill_at_random_points_of_incremental_saves_and_of_gc_leaves_old_or_new_and_no_pack_missing(
     backend: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
-    import signal
     import subprocess
     import sys
     import time
@@ -682,22 +682,14 @@ def test_sigkill_at_random_points_of_incremental_saves_and_of_gc_leaves_old_or_n
         versions.append(tree)
     expected = {name: snapshot(tree) for name, tree in zip(("old", "new"), versions, strict=True)}
 
-    def run(script: str, *args: str, kill_after: float | None = None) -> None:
-        proc = subprocess.Popen([sys.executable, "-c", script, *args], env=env)
-        try:
-            proc.wait(timeout=kill_after)
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-
     started = time.monotonic()
-    run(_SAVER, uri, str(versions[0]))
+    subprocess.run([sys.executable, "-c", _SAVER, uri, str(versions[0])], env=env, check=True)
     duration = time.monotonic() - started
-    rng = random.Random(4712)
-    outcomes: list[Any] = []
-    for _ in range(4):
-        run(_SAVER, uri, str(versions[1]), kill_after=rng.uniform(0.2, 0.95) * duration)
-        run(_COLLECTOR, folder, kill_after=rng.uniform(0.0, 0.5) * duration)
+    saves, collections = RandomKills(4712, duration, 0.2, 0.95), RandomKills(4713, duration, 0.0, 0.5)
+    outcomes: list[str] = []
+    while len(outcomes) < 4 or ("old" not in outcomes and len(outcomes) < 10):
+        saves.run([sys.executable, "-c", _SAVER, uri, str(versions[1])], env)
+        collections.run([sys.executable, "-c", _COLLECTOR, folder], env)
         referenced, present = _referenced_and_present(folder)
         assert referenced <= present  # no manifest references a pack that is gone
         got = snapshot(restore(uri, tmp_path / f"restored-{len(outcomes)}"))
@@ -706,7 +698,8 @@ def test_sigkill_at_random_points_of_incremental_saves_and_of_gc_leaves_old_or_n
         with Checkpoint(uri, incremental=True) as cp:
             cp.save_sync(versions[0])  # back to old
     assert "old" in outcomes
-    run(_COLLECTOR, folder)  # to its end: only what the checkpoint references is left
+    # gc to its end: only what the checkpoint references is left
+    subprocess.run([sys.executable, "-c", _COLLECTOR, folder], env=env, check=True)
     referenced, present = _referenced_and_present(folder)
     assert referenced == present
     assert snapshot(restore(uri, tmp_path / "final")) == expected["old"]

@@ -12,7 +12,6 @@ import os
 import random
 import resource
 import shutil
-import signal
 import stat
 import subprocess
 import sys
@@ -49,6 +48,7 @@ from checkpointio import (
 
 from .conftest import ONE_STORE, MotoServer, StoreCase, make_tree, pull_of, snapshot
 from .faultproxy import FaultProxy
+from .scripts import RandomKills
 
 SMALL_PARTS: TransferOptions = {"part_size": 5 * MiB, "multipart_threshold": 5 * MiB}
 
@@ -163,15 +163,10 @@ def test_sigkill_at_random_points_of_a_save_leaves_old_or_new_never_a_mix(
     started = time.monotonic()  # one whole save in a child process: the kills land inside it
     subprocess.run([sys.executable, "-c", KILLED_SAVER, uri, str(versions[0])], check=True)
     duration = time.monotonic() - started
-    rng = random.Random(4711)
-    outcomes = []
-    for _ in range(5):
-        proc = subprocess.Popen([sys.executable, "-c", KILLED_SAVER, uri, str(versions[1])])
-        try:
-            proc.wait(timeout=rng.uniform(0.3, 0.97) * duration)
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
+    kills = RandomKills(4711, duration, 0.3, 0.97)
+    outcomes: list[str] = []
+    while len(outcomes) < 5 or ("old" not in outcomes and len(outcomes) < 12):
+        kills.run([sys.executable, "-c", KILLED_SAVER, uri, str(versions[1])])
         with Checkpoint(str(tmp_path / "unused"), src=uri) as cp:
             restored = cp.load_sync()
             assert restored is not None
