@@ -230,6 +230,11 @@ def _listing(fd: int, shown: str, uri: str) -> list[tuple[str, str]]:
     return children
 
 
+#: Most entries in one run of :func:`walk_runs`: what a walk holds of a flat folder beyond its
+#: listing is this many ``lstat`` results, not one per file of the folder.
+RUN_ENTRIES = 1024
+
+
 class Run(NamedTuple):
     """Consecutive siblings of a tree being walked (see :func:`walk_runs`)."""
 
@@ -250,9 +255,9 @@ def walk_runs(
     """Pre-order walk of ``root``, as runs of siblings: every folder comes before what it holds,
     siblings sorted by name.
 
-    A run ends at a folder (its last entry) or at the end of its folder's listing; once the caller
-    asks for the next run, the walk goes into that folder. Callers handle a folder's files in bulk
-    this way (:func:`walk_tree` gives one entry at a time).
+    A run ends at a folder (its last entry), after :data:`RUN_ENTRIES` entries, or at the end of its
+    folder's listing; once the caller asks for the next run, the walk goes into that folder.
+    Callers handle a folder's files in bulk this way (:func:`walk_tree` gives one entry at a time).
 
     Every folder is opened relative to its parent's descriptor, without following a symlink, and
     must be the folder the listing showed; every entry must still be what the listing said (a
@@ -280,7 +285,7 @@ def walk_runs(
             names: list[str] = []
             stats: list[os.stat_result] = []
             kind = _OTHER
-            while listed and kind != _FOLDER:
+            while listed and kind != _FOLDER and len(names) < RUN_ENTRIES:
                 name, expected = listed.pop()
                 if staging(name) or (skip is not None and skip(prefix + name)):
                     continue

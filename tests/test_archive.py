@@ -672,3 +672,27 @@ def test_a_folder_of_plain_files_is_parsed_in_one_loop_and_restored_exactly(
     assert (dest / "d" / "g").read_bytes() == b"dot-slash"
     assert os.stat(dest / "d" / "f123").st_mtime == 1_600_000_000
     assert os.stat(dest / "d" / "f123").st_mode & 0o7777 == 0o644
+
+
+def test_walking_a_flat_folder_holds_the_stat_of_one_run_not_of_every_file(tmp_path: Path) -> None:
+    from checkpointio import _archive
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    count = 20_000
+    for number in range(count):
+        (flat / f"f{number:05d}").touch()
+    tracemalloc.start()
+    try:
+        seen: list[str] = []
+        for entry in _archive.walk_tree(str(flat)):
+            if len(seen) < 3:
+                seen.append(entry.rel)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert seen == ["f00000", "f00001", "f00002"]
+    # the listing (~120 bytes a name) and at most RUN_ENTRIES lstat results; one per file was ~550 bytes more
+    assert peak < count * 250
+    runs = [len(run.names) for run in _archive.walk_runs(str(flat))]
+    assert sum(runs) == count and max(runs) == _archive.RUN_ENTRIES

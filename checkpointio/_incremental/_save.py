@@ -484,31 +484,39 @@ def _compact(out: Manifest) -> None:
     kept are copied as the slices between them, not one at a time.
     """
     count = out.chunk_count
-    dropped = sorted(set(range(count)).difference(out.used))
-    if dropped:
+    used = bytearray(count)  # a byte a row: 1 MB for 1,000,000 chunks
+    for row in out.used:
+        used[row] = 1
+    if used.find(0) >= 0:
         kept: list[tuple[int, int]] = []  # [start, end) of the rows kept, in order
         start = 0
-        for row in dropped:
-            if row > start:
-                kept.append((start, row))
-            start = row + 1
-        if start < count:
-            kept.append((start, count))
-        renumbered = array("q", [-1]) * count
+        while start < count:
+            end = used.find(0, start)
+            if end < 0:
+                end = count
+            if end > start:
+                kept.append((start, end))
+            start = used.find(1, end)  # past the run of dropped rows
+            if start < 0:
+                break
+        renumbered = array("I", bytes(4 * count))  # a dropped row's number is never looked up
         row = 0
         for start, end in kept:
-            renumbered[start:end] = array("q", range(row, row + end - start))
+            renumbered[start:end] = array("I", range(row, row + end - start))
             row += end - start
         out.used = array("I", map(renumbered.__getitem__, out.used))
+        del renumbered
 
-        def cut(column: array[int]) -> array[int]:
-            return array(column.typecode, b"".join([column[start:end].tobytes() for start, end in kept]))
+        def cut(column: bytearray | array[int], size: int) -> bytearray:
+            """The kept rows of ``column`` (``size`` bytes a row), joined from views: no copy of a slice."""
+            with memoryview(column) as whole, whole.cast("B") as view:
+                return bytearray().join([view[start * size : end * size] for start, end in kept])
 
-        out.chunk_pack, out.offsets = cut(out.chunk_pack), cut(out.offsets)
-        out.stored, out.sizes = cut(out.stored), cut(out.sizes)
-        hashes, codecs = out.hashes, out.codecs
-        out.hashes = bytearray().join([hashes[start * HASH_BYTES : end * HASH_BYTES] for start, end in kept])
-        out.codecs = bytearray().join([codecs[start:end] for start, end in kept])
+        for name in ("chunk_pack", "offsets", "stored", "sizes"):
+            column = getattr(out, name)
+            setattr(out, name, array(column.typecode, cut(column, column.itemsize)))
+        out.hashes = cut(out.hashes, HASH_BYTES)
+        out.codecs = cut(out.codecs, 1)
     packs = sorted(set(out.chunk_pack))
     if len(packs) < len(out.pack_names):
         places = {pack: row for row, pack in enumerate(packs)}
