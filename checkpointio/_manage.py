@@ -22,7 +22,7 @@ import anyio.to_thread
 from . import _dcp_layout, _engine, _incremental, _placement
 from ._concurrency import one_error
 from ._config import TransferConfig
-from ._exceptions import CheckpointNotFoundError, CorruptCheckpointError, DestinationError
+from ._exceptions import AccessDeniedError, CheckpointNotFoundError, CorruptCheckpointError, DestinationError
 from ._location import Location, checkpoint_location, parse_prefix
 from ._progress import ProgressCallback
 from ._selection import Entry, Selection
@@ -56,7 +56,8 @@ _HEADS_AT_ONCE = 16
 
 
 async def list_checkpoints(prefix: str, config: TransferConfig) -> list[ObjectInfo]:
-    """The objects under ``prefix`` with their records (kind, size, CRC32) where they have one."""
+    """The objects under ``prefix`` with their records (kind, size, CRC32) where they have one and
+    the credentials may read them."""
     location = parse_prefix(prefix)
     store = await open_store(location.scheme, config)
     infos = await store.list(location)
@@ -65,7 +66,10 @@ async def list_checkpoints(prefix: str, config: TransferConfig) -> list[ObjectIn
 
     async def head(index: int, info: ObjectInfo) -> None:
         async with slots:
-            found = await store.head(info.location)
+            try:
+                found = await store.head(info.location)
+            except AccessDeniedError:
+                return  # may list, not read (only s3:ListBucket): the row as listed, kind unknown
         full[index] = found  # None: removed since it was listed
 
     with one_error():  # one failed HEAD: its StoreError, not an exception group

@@ -18,6 +18,7 @@ import time
 import zlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -1009,3 +1010,61 @@ def test_a_distributed_checkpoint_is_listed_verified_removed_and_cleaned_up_whol
     assert data_objects(store, "ckpt") == [] and store.list_names("") == ["plain"]
     if store.name == "local":
         assert not (Path(root) / "ckpt.dcp").exists() and not (Path(root) / "ckpt").exists()  # no folder left
+
+
+def test_a_principal_allowed_only_to_list_lists_checkpoints_and_runs(moto_server: MotoServer) -> None:
+    """``ls`` and ``gc --dry-run`` need only the listing permission: listing a prefix that names a
+    folder never HEADs the object of that name, and ``ls`` shows the rows it may not read as listed
+    (kind ``-``). moto enforces the IAM policies of the users it made (it names listing actions by
+    operation, ``s3:ListObjectsV2``, where IAM has ``s3:ListBucket``; a HEAD is ``s3:GetObject`` in both)."""
+    import boto3
+
+    guarded = start_moto({"INITIAL_NO_AUTH_ACTION_COUNT": "3"})  # the admin's user, policy and key
+    try:
+
+        def principal(iam: Any, name: str, actions: list[str]) -> dict[str, str]:
+            iam.create_user(UserName=name)
+            statement = {"Effect": "Allow", "Action": actions, "Resource": "*"}
+            policy = json.dumps({"Version": "2012-10-17", "Statement": [statement]})
+            iam.put_user_policy(UserName=name, PolicyName="only", PolicyDocument=policy)
+            key = iam.create_access_key(UserName=name)["AccessKey"]
+            return {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
+
+        def client(service: str, keys: dict[str, str]) -> Any:
+            return boto3.client(
+                service,
+                endpoint_url=guarded.endpoint,
+                region_name="us-east-1",
+                aws_access_key_id=keys["AWS_ACCESS_KEY_ID"],
+                aws_secret_access_key=keys["AWS_SECRET_ACCESS_KEY"],
+            )
+
+        nobody = {"AWS_ACCESS_KEY_ID": "unused", "AWS_SECRET_ACCESS_KEY": "unused"}
+        admin = principal(client("iam", nobody), "admin", ["*"])
+        listing = ["s3:ListBucket", "s3:ListObjectsV2", "s3:ListMultipartUploads", "s3:ListBucketMultipartUploads"]
+        lister = principal(client("iam", admin), "lister", listing)
+        client("s3", admin).create_bucket(Bucket="guarded-runs")
+        run = "s3://guarded-runs/e/job/7"
+        reach = ("--endpoint-url", guarded.endpoint, "--max-attempts", "1")
+        for name in ("", "/attempt-0", "/attempt-1"):  # runs/7 itself too: the object of the folder's name
+            saved = cli("save", "-", run + name, *reach, stdin=b"step" + name.encode(), env=admin)
+            assert saved.returncode == 0, saved.stderr
+        with pytest.raises(Exception, match="403"):  # the lister may not read
+            client("s3", lister).head_object(Bucket="guarded-runs", Key="e/job/7")
+
+        listed = cli("ls", "--json", run, *reach, env=lister)
+        assert listed.returncode == 0, listed.stderr
+        rows = json.loads(listed.stdout)
+        assert [(row["uri"], row["kind"], row["size"]) for row in rows] == [
+            (run, None, 4),
+            (run + "/attempt-0", None, 14),
+            (run + "/attempt-1", None, 14),
+        ]
+        as_admin = json.loads(cli("ls", "--json", run, *reach, env=admin).stdout)
+        assert [row["kind"] for row in as_admin] == ["bytes"] * 3  # who may read sees the records
+        dry = cli("gc", "s3://guarded-runs/e", "--runs-older-than", "0", "--dry-run", *reach, env=lister)
+        assert dry.returncode == 0, dry.stderr
+        assert dry.stdout.startswith(f"would remove run {run} (last written "), dry.stdout
+        assert len(dry.stdout.splitlines()) == 1, dry.stdout
+    finally:
+        stop(guarded.process)

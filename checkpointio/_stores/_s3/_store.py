@@ -155,15 +155,22 @@ class S3Store:
                 raise
         return True
 
-    async def _objects(self, bucket: str, prefix: str) -> list[ObjectInfo]:
-        """The objects whose key starts with ``prefix``, in key order."""
+    async def _objects(self, bucket: str, prefix: str, *, exact: bool = False) -> list[ObjectInfo]:
+        """The objects whose key starts with ``prefix``, in key order (``exact``: the object
+        ``prefix`` itself, if any: the first key S3 lists from it, so one key asked for).
+
+        A listing is all it takes, never a HEAD: a principal allowed only ``s3:ListBucket`` lists.
+        """
         client = await self._requests.client()
         found: list[ObjectInfo] = []
         paginator = client.get_paginator("list_objects_v2")
+        pages = {"MaxItems": 1, "PageSize": 1} if exact else {}
         async for page in paginator.paginate(
-            Bucket=bucket, Prefix=prefix, **self._requests.options(client, "ListObjectsV2")
+            Bucket=bucket, Prefix=prefix, PaginationConfig=pages, **self._requests.options(client, "ListObjectsV2")
         ):
             for item in page.get("Contents", []):
+                if exact and item["Key"] != prefix:
+                    return found
                 found.append(
                     ObjectInfo(
                         Location("s3", bucket, item["Key"]),
@@ -179,8 +186,7 @@ class S3Store:
             if _may_name_a_folder(prefix.key):
                 inside = await self._objects(prefix.bucket, prefix.key + "/")
                 if inside:  # the folder (as ``under`` has it): never list runs/70/..., runs/7-old...
-                    itself = await self.head(prefix)
-                    return ([itself] if itself is not None else []) + inside
+                    return await self._objects(prefix.bucket, prefix.key, exact=True) + inside
             found = await self._objects(prefix.bucket, prefix.key)
         return under(prefix.key, found, lambda info: info.location.key)
 
