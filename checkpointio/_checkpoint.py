@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import logging
 import os
 import re
+import stat
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -484,8 +486,9 @@ def latest_checkpoint(
     file, which is returned if its name matches.
 
     Raises:
-        AccessDeniedError: ``root``, or with a ``**`` pattern a folder under it, cannot be read:
-            it may hold the newest checkpoint, so "none" would be a guess.
+        AccessDeniedError: ``root``, or a folder under it that ``pattern`` looks into (``run-*``
+            of ``run-*/*.pt``, every folder with ``**``), cannot be read: it may hold the newest
+            checkpoint, so "none" would be a guess.
     """
     if root is None:
         return None
@@ -494,7 +497,7 @@ def latest_checkpoint(
         return base if base.match(pattern.rsplit("/", 1)[-1]) else None
     if not base.is_dir():
         return None
-    _check_listable(base, recursive="**" in pattern)
+    _check_listable(base, pattern)
     candidates = [path for path in base.glob(pattern) if path.is_file()]
     if not candidates:
         return None
@@ -507,24 +510,56 @@ def latest_checkpoint(
     return max(candidates, key=key)
 
 
-def _check_listable(base: Path, *, recursive: bool) -> None:
-    """Raise if ``base`` (and, ``recursive``, a folder under it) cannot be listed: ``Path.glob``
-    skips such folders, and a run folder that only looks empty makes a task start over."""
+def _check_listable(base: Path, pattern: str) -> None:
+    """Raise if a folder ``Path.glob(pattern)`` looks into cannot be read: it skips such folders,
+    and a run folder that only looks empty makes a task start over.
 
-    def fail(error: OSError) -> None:
+    ``base`` is listed; below it, the folders the pattern reaches are followed part by part as
+    ``Path.glob`` does: listed where a wildcard is matched against their entries (every folder
+    under them for ``**``), searched where a literal name is looked up in them.
+    """
+
+    def fail(error: OSError, folder: str | None = None) -> None:
         if isinstance(error, FileNotFoundError | NotADirectoryError):
             return  # gone while listed: it holds nothing now
-        shown = error.filename or base
+        shown = folder or error.filename or base
         message = f"{shown}: cannot list it to find the latest checkpoint: {error.strerror or error}"
         if isinstance(error, PermissionError):
             raise AccessDeniedError(message, uri=str(shown)) from error
         raise CheckpointError(message, uri=str(shown)) from error
 
-    if recursive:
-        for _ in os.walk(base, onerror=fail):
-            pass
-    else:
-        try:
-            os.scandir(base).close()
-        except OSError as error:
-            fail(error)
+    try:
+        os.scandir(base).close()
+    except OSError as error:
+        fail(error)
+    folders = [str(base)]
+    for part in pattern.split("/"):
+        if part in ("", "."):
+            continue
+        reached: list[str] = []
+        for folder in folders:
+            if part == "**":  # the folder and every folder under it, symlinks not followed
+                reached.extend(dirpath for dirpath, _, _ in os.walk(folder, onerror=fail))
+            elif "*" in part or "?" in part or "[" in part:
+                try:
+                    with os.scandir(folder) as entries:
+                        reached.extend(entry.path for entry in entries if _matching_folder(entry, part))
+                except OSError as error:
+                    fail(error, folder)
+            else:
+                try:
+                    if stat.S_ISDIR(os.stat(os.path.join(folder, part)).st_mode):
+                        reached.append(os.path.join(folder, part))
+                except OSError as error:
+                    fail(error, folder)
+        folders = reached
+
+
+def _matching_folder(entry: os.DirEntry[str], part: str) -> bool:
+    """Whether ``entry`` is a folder (or a symlink to one) whose name matches the glob ``part``."""
+    if not fnmatch.fnmatchcase(entry.name, part):
+        return False
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False

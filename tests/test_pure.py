@@ -198,16 +198,29 @@ def test_latest_checkpoint_handles_none_missing_and_custom_key(tmp_path: Path) -
 
 
 @pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv to run without root's file access")
-@pytest.mark.parametrize("pattern", ["*.pt", "**/last.ckpt"])
-def test_latest_checkpoint_in_a_folder_it_cannot_list_is_an_access_error_not_none(tmp_path: Path, pattern: str) -> None:
-    # An unreadable run folder (or, searched with **, a folder under it) may hold the newest
-    # checkpoint: "none found" would start the task over.
+@pytest.mark.parametrize(
+    ("pattern", "folder", "mode"),
+    [
+        ("*.pt", "", 0o311),  # search permission only: not listable
+        ("**/last.ckpt", "epoch_3", 0o311),
+        ("run-*/*.pt", "run-2", 0o311),
+        ("run-*/step-*/last.ckpt", "run-1/step-3", 0o000),  # not even searchable: last.ckpt unseen
+        ("run-*/ckpt/*.pt", "run-2/ckpt", 0o311),
+        ("run-*/**/*.pt", "run-2/a/b", 0o311),
+    ],
+)
+def test_latest_checkpoint_in_a_folder_it_cannot_list_is_an_access_error_not_none(
+    tmp_path: Path, pattern: str, folder: str, mode: int
+) -> None:
+    # An unreadable run folder (or a folder under it that the pattern looks into) may hold the
+    # newest checkpoint: "none found" would start the task over.
     run = tmp_path / "run"
-    hidden = run / "epoch_3" if "**" in pattern else run
+    hidden = run / folder
     hidden.mkdir(parents=True)
     (hidden / "last.ckpt").write_text("newest")
     (hidden / "step.pt").write_text("newest")
-    hidden.chmod(0o311)  # search permission only: not listable
+    (run / "run-0").mkdir()  # readable, matching nothing: the others must still be looked into
+    hidden.chmod(mode)
     try:
         result = run_script(
             f"""
@@ -224,6 +237,8 @@ def test_latest_checkpoint_in_a_folder_it_cannot_list_is_an_access_error_not_non
         hidden.chmod(0o755)
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"{hidden}: cannot list it to find the latest checkpoint: Permission denied\n"
+    # Readable again, the pattern finds the file: the folder was one it had to look into.
+    assert latest_checkpoint(run, pattern) in (hidden / "last.ckpt", hidden / "step.pt")
 
 
 def test_names_with_a_colon_that_do_not_look_like_a_scheme_are_local_paths() -> None:
