@@ -24,17 +24,22 @@ all place what they restored through here, so they share one set of guarantees:
   the user's files is raised as the :class:`CheckpointError` it is (access denied, something in
   the way, any other failure), naming the path and where the restored files still are.
 - **Temporary workspaces** (:func:`temporary_workspace`, :func:`discard_workspace`): removed by
-  their owner, else at interpreter exit by the process that made them (never by a forked child).
+  their owner, else at interpreter exit by the process that made them (never by a forked child);
+  one made after that exit step ran (from a later ``atexit`` hook), by a helper process once this
+  one has ended.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import re
 import shutil
 import stat
+import subprocess
+import sys
 import tempfile
 import uuid
 from collections.abc import Iterator, Sequence
@@ -52,6 +57,7 @@ __all__ = [
     "make_staging_folder",
     "make_workspace",
     "move_all",
+    "placement_error",
     "placing",
     "remove",
     "remove_tree",
@@ -60,6 +66,8 @@ __all__ = [
     "staging_path",
     "temporary_workspace",
 ]
+
+logger = logging.getLogger(__name__)
 
 #: The start of every staging name: ``.checkpointio-partial-<32 hex>``.
 STAGING_PREFIX = ".checkpointio-partial-"
@@ -100,7 +108,11 @@ class StagingFolder:
         self.workspace = workspace
         self.uri = uri
         self.path = staging_path(workspace)
-        self.path.mkdir()
+        try:
+            self.path.mkdir()
+        except OSError as error:
+            message = f"{uri}: could not make a folder to restore into in {workspace}: {error.strerror or error}"
+            raise placement_error(error, message, uri) from error
         try:
             self._held = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except BaseException:
@@ -121,8 +133,10 @@ class StagingFolder:
         :func:`replace_all`); other names in the workspace are left alone.
 
         Raises:
-            CheckpointError: The staging folder was removed on the way, or the names could not be
-                put in place (the workspace is then as it was).
+            DestinationError: The staging folder was removed on the way, or a name could not be
+                put in place over what is there (the workspace is then as it was).
+            AccessDeniedError: Permission denied putting the names in place (likewise).
+            StoreError: Any other failure putting them in place (likewise).
         """
         self._check_held()
         self._place(sorted(os.listdir(self.path)))
@@ -134,9 +148,12 @@ class StagingFolder:
         leaves everything else in the workspace alone.
 
         Raises:
-            CheckpointError: The staging folder was removed on the way, a folder of a path is a
-                file or a symlink in the workspace (never followed), or the entries could not be
-                put in place (the workspace then holds what it held, and maybe new empty folders).
+            DestinationError: The staging folder was removed on the way, a folder of a path is a
+                file or a symlink in the workspace (never followed), or an entry could not be put
+                in place over what is there (the workspace then holds what it held, and maybe new
+                empty folders).
+            AccessDeniedError: Permission denied making a folder or putting the entries in place.
+            StoreError: Any other failure doing so.
         """
         self._check_held()
         for path in paths:
@@ -147,10 +164,13 @@ class StagingFolder:
                     os.mkdir(folder)
                 except FileExistsError:
                     if not stat.S_ISDIR(os.lstat(folder).st_mode):
-                        raise CheckpointError(
+                        raise DestinationError(
                             f"{self.uri}: cannot restore {path!r} into {self.workspace}: {folder} is not a folder",
                             uri=self.uri,
                         ) from None
+                except OSError as error:
+                    message = f"{self.uri}: cannot restore {path!r} into {self.workspace}: {error.strerror or error}"
+                    raise placement_error(error, message, self.uri) from error
         self._place(list(paths))
 
     def _check_held(self) -> None:
@@ -160,7 +180,7 @@ class StagingFolder:
         except FileNotFoundError:
             now = None
         if original.st_nlink == 0 or now is None or (now.st_dev, now.st_ino) != (original.st_dev, original.st_ino):
-            raise CheckpointError(
+            raise DestinationError(
                 f"{self.uri}: the workspace was removed while the checkpoint was restored", uri=self.uri
             )
 
@@ -168,10 +188,8 @@ class StagingFolder:
         try:
             replace_all([(self.path / name, self.workspace / name) for name in names])
         except OSError as error:
-            raise CheckpointError(
-                f"{self.uri}: could not put the restored checkpoint in place in {self.workspace}: {error}",
-                uri=self.uri,
-            ) from error
+            message = f"{self.uri}: could not put the restored checkpoint in place in {self.workspace}: {error}"
+            raise placement_error(error, message, self.uri) from error
 
 
 @contextlib.contextmanager
@@ -194,11 +212,18 @@ def placing(doing: str, path: Path, uri: str, *, kept: Path | None = None) -> It
         message = f"{uri}: could not {doing} {path}: {error.strerror or error}{where}"
         if kept is not None:
             message += f"; the restored files are still in {kept}"
-        if isinstance(error, PermissionError):
-            raise AccessDeniedError(message, uri=uri) from error
-        if isinstance(error, FileExistsError | NotADirectoryError | IsADirectoryError):
-            raise DestinationError(message, uri=uri) from error
-        raise StoreError(message, uri=uri) from error
+        raise placement_error(error, message, uri) from error
+
+
+def placement_error(error: OSError, message: str, uri: str) -> CheckpointError:
+    """The :class:`CheckpointError` an ``OSError`` met placing files is: :class:`AccessDeniedError`
+    (permission denied), :class:`DestinationError` (a file where a folder must be, or the reverse),
+    else :class:`StoreError` (a full disk, an I/O error)."""
+    if isinstance(error, PermissionError):
+        return AccessDeniedError(message, uri=uri)
+    if isinstance(error, FileExistsError | NotADirectoryError | IsADirectoryError):
+        return DestinationError(message, uri=uri)
+    return StoreError(message, uri=uri)
 
 
 @contextlib.contextmanager
@@ -217,21 +242,26 @@ def make_workspace(workspace: Path, uri: str) -> None:
     """Create the folder a restore of ``uri`` goes into, or say what stands in the way.
 
     Raises:
-        CheckpointError: Something that is not a folder is there, or in its path.
+        DestinationError: Something that is not a folder is there, or in its path.
+        AccessDeniedError: It cannot be created (permission denied).
+        StoreError: Any other failure (a full disk, an I/O error).
     """
     try:
         workspace.mkdir(parents=True, exist_ok=True)
     except FileExistsError as error:  # something that is not a folder (exist_ok covers folders)
-        raise CheckpointError(
+        raise DestinationError(
             f"cannot restore {uri} into the workspace {workspace}: it exists and is not a folder "
             "(pass workspace= a folder, or a path that does not exist yet)",
             uri=uri,
         ) from error
     except NotADirectoryError as error:
-        raise CheckpointError(
+        raise DestinationError(
             f"cannot restore {uri} into the workspace {workspace}: a part of its path is a file, not a folder",
             uri=uri,
         ) from error
+    except OSError as error:
+        message = f"cannot restore {uri} into the workspace {workspace}: {error.strerror or error}"
+        raise placement_error(error, message, uri) from error
 
 
 def replace_all(moves: Sequence[tuple[Path, Path]]) -> None:
@@ -437,7 +467,50 @@ def temporary_workspace() -> Path:
     """A new temporary folder to restore into, removed at interpreter exit unless discarded first."""
     path = Path(tempfile.mkdtemp(prefix="checkpointio-"))
     _temporary_workspaces[path] = os.getpid()
+    if _exit.passed(_exit.Stage.FILES):
+        _remove_once_ended(path)
     return path
+
+
+#: Removes what it is sent (NUL-separated paths) once its standard input ends, that is once every
+#: process holding the other end (the one that sent them, and children forked since) has ended.
+_REMOVER = """\
+import os, sys
+sys.path.insert(0, sys.argv[1])
+paths = sys.stdin.buffer.read().split(b"\\0")
+from checkpointio._placement import remove_tree
+for path in paths:
+    if path:
+        remove_tree(os.fsdecode(path))
+"""
+#: This process's remover (by the process that started it: a forked child starts its own).
+_removers: dict[int, subprocess.Popen[bytes]] = {}
+
+
+def _remove_once_ended(path: Path) -> None:
+    """Have ``path`` removed once this process has ended.
+
+    For a workspace made after the exit step that removes them ran (a load in an ``atexit`` hook
+    registered before checkpointio's): nothing of this process runs after the hooks, so a helper
+    process does it, started in its own session (a Ctrl-C meant for this one does not stop it). Its
+    standard error is this process's, for a failure to be seen.
+    """
+    remover = _removers.get(os.getpid())
+    try:
+        if remover is None:
+            package_parent = str(Path(__file__).resolve().parent.parent)
+            remover = subprocess.Popen(
+                [sys.executable, "-c", _REMOVER, package_parent],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+            _removers[os.getpid()] = remover
+        assert remover.stdin is not None
+        remover.stdin.write(os.fsencode(path) + b"\0")
+        remover.stdin.flush()
+    except OSError as error:  # no interpreter to start (embedded), no process left: the load goes on
+        logger.warning("%s will not be removed after this process ends: %s", path, error)
 
 
 def discard_workspace(path: Path) -> None:

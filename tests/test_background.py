@@ -824,3 +824,32 @@ def test_a_training_callbacks_wait_on_the_loop_thread_reports_the_save_never_ski
     with Checkpoint(tmp_path / "unused", src=tmp_path / "ckpt") as cp:
         assert cp.load_sync() and cp.path is not None
         assert snapshot(cp.path) == snapshot(folder)
+
+
+@pytest.mark.parametrize("registered", ["before", "after"])
+def test_a_temporary_workspace_made_by_an_atexit_hook_and_never_closed_is_removed_whatever_the_import_order(
+    registered: str, tmp_path: Path
+) -> None:
+    # A hook registered before checkpointio was imported runs after its exit step that removes the
+    # temporary workspaces nobody closed: the one it makes is removed once the process has ended.
+    tree = make_tree(tmp_path / "tree")
+    with Checkpoint(tmp_path / "first") as writer:
+        writer.save_sync(tree)
+    hook = f"""
+        def last_words():
+            import pathlib
+            from checkpointio import Checkpoint
+            root = pathlib.Path({str(tmp_path)!r})
+            restored = Checkpoint(root / "second", src=root / "first").load_sync()  # never closed
+            print(restored, (restored / "model" / "weights.bin").stat().st_size, flush=True)
+        """
+    register = "import atexit; atexit.register(last_words)\n"
+    imports = "import checkpointio\n"
+    script = textwrap.dedent(hook) + (register + imports if registered == "before" else imports + register)
+    result = run_script(script, tmp_path)  # returns once its standard error is closed by every holder
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    workspace, size = result.stdout.split()
+    assert int(size) == (tree / "model" / "weights.bin").stat().st_size  # it was restored there
+    assert Path(workspace).name.startswith("checkpointio-")
+    assert not Path(workspace).exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import tarfile
 import threading
 from pathlib import Path
@@ -12,17 +13,21 @@ import anyio
 import pytest
 
 from checkpointio import (
+    AccessDeniedError,
     Checkpoint,
     CheckpointError,
     CorruptCheckpointError,
+    DestinationError,
     Progress,
     SourceNotFoundError,
+    StoreError,
     UnsafeArchiveError,
     UnsupportedSourceError,
 )
 
 from .conftest import ONE_STORE, StoreCase, make_tree, snapshot
 from .placing import fail_placing_onto
+from .scripts import run_script
 
 
 async def test_load_returns_none_on_first_attempt(store: StoreCase) -> None:
@@ -156,8 +161,17 @@ async def test_a_restore_replaces_whatever_the_workspace_holds_under_the_same_na
     assert snapshot(workspace) == snapshot(tree)
 
 
+@pytest.mark.parametrize(
+    ("error", "raised"),
+    [
+        (OSError(28, "No space left on device"), StoreError),
+        (PermissionError(13, "Permission denied"), AccessDeniedError),
+        (IsADirectoryError(21, "Is a directory"), DestinationError),
+    ],
+    ids=["ENOSPC", "EACCES", "EISDIR"],
+)
 async def test_a_restore_that_cannot_be_put_in_place_leaves_the_workspace_as_it_was(
-    store: StoreCase, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    store: StoreCase, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: OSError, raised: type[CheckpointError]
 ) -> None:
     await Checkpoint(store.uri("a")).save(make_tree(tmp_path / "tree"))
     workspace = tmp_path / "ws"
@@ -166,13 +180,67 @@ async def test_a_restore_that_cannot_be_put_in_place_leaves_the_workspace_as_it_
     (workspace / "run.sh").write_text("the old script")
     before = snapshot(workspace)
     # A name going into place after others did (names go in sorted order).
-    refused = fail_placing_onto(monkeypatch, workspace / "run.sh", OSError(28, "No space left on device"))
+    refused = fail_placing_onto(monkeypatch, workspace / "run.sh", error)
     async with Checkpoint(store.uri("b"), src=store.uri("a"), workspace=workspace) as cp:
-        with pytest.raises(CheckpointError, match="could not put the restored checkpoint in place"):
+        with pytest.raises(raised) as caught:
             await cp.load()
+    assert str(caught.value) == (
+        f"{store.uri('a')}: could not put the restored checkpoint in place in {workspace}: {error}"
+    )
+    assert caught.value.__cause__ is error
     monkeypatch.undo()
     assert refused  # it failed where it was meant to
     assert snapshot(workspace) == before  # the old names back, nothing new, no staging left
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file"])
+async def test_a_workspace_that_cannot_be_a_folder_is_a_destination_error(
+    store: StoreCase, tmp_path: Path, where: str
+) -> None:
+    await Checkpoint(store.uri("a")).save(make_tree(tmp_path / "tree"))
+    (tmp_path / "file").write_text("mine")
+    workspace = tmp_path / "file" if where == "a file" else tmp_path / "file" / "ws"
+    fact = "it exists and is not a folder" if where == "a file" else "a part of its path is a file, not a folder"
+    async with Checkpoint(store.uri("b"), src=store.uri("a"), workspace=workspace) as cp:
+        with pytest.raises(DestinationError) as caught:
+            await cp.load()
+    assert str(caught.value).startswith(f"cannot restore {store.uri('a')} into the workspace {workspace}: {fact}")
+    assert (tmp_path / "file").read_text() == "mine"
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv to run without root's file access")
+@pytest.mark.parametrize("workspace", ["ws", "locked/ws"])
+def test_a_workspace_that_cannot_be_written_is_an_access_denied_error(tmp_path: Path, workspace: str) -> None:
+    # The workspace itself (the restore's staging folder goes in it) or its parent (it is made there).
+    Checkpoint(tmp_path / "a").save_sync(make_tree(tmp_path / "tree"))
+    locked = tmp_path / workspace.split("/")[0]
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        result = run_script(
+            f"""
+            from checkpointio import AccessDeniedError, Checkpoint
+            root = {str(tmp_path)!r}
+            cp = Checkpoint(root + "/b", src=root + "/a", workspace=root + "/" + {workspace!r})
+            try:
+                cp.load_sync()
+            except AccessDeniedError as error:
+                print(type(error).__name__, error)
+            """,
+            tmp_path,
+            unprivileged=True,
+        )
+    finally:
+        locked.chmod(0o755)
+    assert result.returncode == 0, result.stderr
+    uri = str(tmp_path / "a")
+    expected = (
+        f"{uri}: could not make a folder to restore into in {tmp_path / workspace}: Permission denied"
+        if workspace == "ws"
+        else f"cannot restore {uri} into the workspace {tmp_path / workspace}: Permission denied"
+    )
+    assert result.stdout == f"AccessDeniedError {expected}\n"
+    assert list(locked.iterdir()) == []
 
 
 async def test_directory_restores_as_tree_at_workspace_root(store: StoreCase, tmp_path: Path) -> None:
