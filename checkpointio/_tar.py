@@ -142,6 +142,16 @@ _ENTRY_ERRNOS = frozenset(
 )  # fmt: skip
 
 
+def _refuse_unrestorable(error: OSError, name: str) -> None:
+    """Raise the :class:`CorruptCheckpointError` that ``error``, met creating the archive's entry
+    ``name``, is where the entry cannot be on this file system (:data:`_ENTRY_ERRNOS`); return for
+    any other error, which the caller raises as it is (the machine's)."""
+    if error.errno in _ENTRY_ERRNOS:
+        raise CorruptCheckpointError(
+            f"entry {name!r} cannot be restored on this file system: {error.strerror}"
+        ) from error
+
+
 def _octal(value: int, width: int) -> bytes:
     return b"%0*o\0" % (width - 1, value)
 
@@ -557,11 +567,8 @@ def _create_all(folder: int, batch: list[_NewFile], umask: int | None) -> None:
         try:
             fd = open_(rel, _WRITE_FLAGS, mode, dir_fd=folder)
         except OSError as error:
-            if error.errno not in _ENTRY_ERRNOS:
-                raise
-            raise CorruptCheckpointError(
-                f"entry {name!r} cannot be restored on this file system: {error.strerror}"
-            ) from error
+            _refuse_unrestorable(error, name)
+            raise
         try:
             if len(views) == 1:
                 view = views[0]
@@ -926,11 +933,8 @@ class _Extraction:
             try:
                 self.entry(kind, _text(name), _text(link), size, mode, mtime)
             except OSError as error:
-                if error.errno not in _ENTRY_ERRNOS:
-                    raise
-                raise CorruptCheckpointError(
-                    f"entry {_text(name)!r} cannot be restored on this file system: {error.strerror}"
-                ) from error
+                _refuse_unrestorable(error, _text(name))
+                raise
 
     def plain_files(self) -> None:
         """Extract the plain files at the front of the stream in one loop, up to the first entry
@@ -1047,11 +1051,8 @@ class _Extraction:
         try:
             fd = os.open(rel, _WRITE_FLAGS, mode, dir_fd=self._fd)
         except OSError as error:
-            if error.errno not in _ENTRY_ERRNOS:
-                raise
-            raise CorruptCheckpointError(
-                f"entry {name!r} cannot be restored on this file system: {error.strerror}"
-            ) from error
+            _refuse_unrestorable(error, name)
+            raise
         try:
             _write_all(fd, data)
             _finish(fd, mode, mtime, self._umask)
