@@ -25,6 +25,7 @@ from checkpointio.dcp import StorageReader  # noqa: E402
 from checkpointio.hf import CheckpointioTrainerCallback, checkpoint_folders  # noqa: E402
 
 from .test_hf import CrashAt, Data, tiny_model  # noqa: E402
+from .torchrun import act_as_torchrun_rank  # noqa: E402
 
 #: 24 samples, batches of 4 on each of 2 ranks: 3 steps per epoch.
 STEPS = 12
@@ -67,15 +68,7 @@ def train(output_dir: Path, expected: dict[str, Any], seen: list[dict[str, Any]]
 
 
 def _group(rank: int, port: int, storages: dict[str, str], out: str) -> None:
-    os.environ.update(  # as torchrun sets them
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        WORLD_SIZE="2",
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        LOCAL_WORLD_SIZE="2",
-        TORCHELASTIC_RUN_ID="hf-run",
-    )
+    act_as_torchrun_rank(rank, port, "hf-run")
     work = Path(out)
     report: dict[str, Any] = {}
     reference = make_trainer(work / f"reference-{rank}", [], save_steps=1000)

@@ -25,17 +25,17 @@ from checkpointio import TaskEnvironment, ctx
 from checkpointio.dcp import latest, load
 from checkpointio.lightning import CheckpointioModelParallelStrategy
 
+from .lightning_parts import Tiny, loader
+from .torchrun import act_as_torchrun_rank
+
 EPOCHS = 3
 #: 24 samples, batches of 4, split between 2 ranks: 3 steps per epoch.
 STEPS_PER_EPOCH = 3
 CRASH_AT = 7  # in the third epoch, after the second epoch's checkpoint (step 6)
 
 
-class Sharded(L.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+class Sharded(Tiny):
+    """:class:`Tiny` with each linear layer, and the whole, sharded over the data-parallel ranks."""
 
     def configure_model(self) -> None:
         from torch.distributed.fsdp import fully_shard
@@ -46,20 +46,6 @@ class Sharded(L.LightningModule):
             if isinstance(layer, torch.nn.Linear):
                 fully_shard(layer, mesh=mesh)
         fully_shard(self.net, mesh=mesh)
-
-    def training_step(self, batch: Any, batch_idx: int) -> Any:
-        x, y = batch
-        return torch.nn.functional.mse_loss(self.net(x), y)
-
-    def configure_optimizers(self) -> Any:
-        return torch.optim.Adam(self.parameters(), lr=0.01)
-
-
-def loader() -> Any:
-    generator = torch.Generator().manual_seed(1)
-    x = torch.randn(24, 8, generator=generator)
-    y = x.sum(dim=1, keepdim=True)
-    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4, shuffle=False)
 
 
 class CrashAt(L.Callback):
@@ -105,16 +91,7 @@ def _group(rank: int, port: int, roots: dict[str, str], out: str) -> None:
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.strategies import ModelParallelStrategy
 
-    os.environ.update(  # as torchrun sets them: Lightning then starts no processes of its own
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        WORLD_SIZE="2",
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        LOCAL_WORLD_SIZE="2",
-        GROUP_RANK="0",
-        TORCHELASTIC_RUN_ID="lightning-run",
-    )
+    act_as_torchrun_rank(rank, port, "lightning-run")  # Lightning then starts no processes of its own
     work = Path(out)
     report: dict[str, Any] = {}
     stock = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, process_group_backend="gloo")

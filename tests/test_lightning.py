@@ -24,28 +24,9 @@ import torch
 
 from checkpointio.lightning import CheckpointioCallback, CheckpointioIO
 
+from .lightning_parts import Tiny, loader
+
 EPOCHS = 4
-
-
-class Tiny(L.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
-
-    def training_step(self, batch: Any, batch_idx: int) -> Any:
-        x, y = batch
-        return torch.nn.functional.mse_loss(self.net(x), y)
-
-    def configure_optimizers(self) -> Any:
-        return torch.optim.Adam(self.parameters(), lr=0.01)
-
-
-def loader() -> Any:
-    generator = torch.Generator().manual_seed(1)
-    x = torch.randn(24, 8, generator=generator)
-    y = x.sum(dim=1, keepdim=True)
-    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4, shuffle=False)
 
 
 class CrashAt(L.Callback):
