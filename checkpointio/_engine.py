@@ -649,6 +649,13 @@ def _refuse_selecting(info: ObjectInfo, kind: Kind, what: str = _PICKING) -> Non
         raise CheckpointError(f"{uri} holds a single file, not a directory: {what} (load it whole)", uri=uri)
 
 
+async def _head_for_reads(store: Store, location: Location) -> ObjectInfo | None:
+    """The object's metadata, for a read of it that follows: a ranged store gets ready meanwhile."""
+    if isinstance(store, RangedStore):
+        return await store.head_for_reads(location)
+    return await store.head(location)
+
+
 async def load(
     store: Store,
     location: Location,
@@ -666,9 +673,7 @@ async def load(
     their paths in the workspace: through the archive's table of contents when it has one
     (:mod:`._partial`), else by streaming the whole archive and keeping them.
     """
-    if isinstance(store, RangedStore):
-        store.prepare_reads()
-    info = await store.head(location)
+    info = await _head_for_reads(store, location)
     if info is None:
         return None
     if await _incremental.is_manifest_object(store, info):
@@ -735,7 +740,7 @@ async def list_contents(
         UnsafeArchiveError: An entry of an archive without a table would be restored outside the
             folder, or is a device (as a restore would refuse it).
     """
-    info = await store.head(location)
+    info = await _head_for_reads(store, location)
     if info is None:
         return None
     if info.record is not None:
@@ -770,9 +775,11 @@ async def list_contents(
 
 async def _fetch_ranges(
     store: RangedStore, info: ObjectInfo, meter: Meter, write_at: Callable[[int, bytes], None]
-) -> None:
+) -> Callable[[], None]:
     """Fetch the object's ranges at once, handing each block to ``write_at(offset, block)`` on the
-    store's receiving threads as it arrives; raise unless the bytes match the stored checksum.
+    store's receiving threads as it arrives; return the check to run (in a worker thread, with
+    whatever presents the result) before the bytes are presented: it raises unless they match
+    the stored checksum.
 
     The ranges' CRC32s are combined in order into the whole object's, so the stored checksum is
     checked as on the ordered path.
@@ -802,7 +809,7 @@ async def _fetch_ranges(
         _verify(info, digest)
 
     await store.get_ranges(info, write)
-    await anyio.to_thread.run_sync(check)
+    return check
 
 
 def _ranged(store: Store, info: ObjectInfo, config: TransferConfig) -> TypeGuard[RangedStore]:
@@ -823,22 +830,32 @@ async def _restore_ranges(store: RangedStore, info: ObjectInfo, workspace: Path,
             position += count
             view = view[count:]
 
-    def present() -> Path:
-        target = workspace / PAYLOAD_NAME
-        _placement.replace_all([(staging, target)])
+    def discard() -> None:
+        try:
+            os.close(fd)
+        finally:
+            staging.unlink(missing_ok=True)
+
+    def present(check: Callable[[], None]) -> Path:
+        # One hop to a worker thread for all of it: closed, checked, renamed into place.
+        try:
+            os.close(fd)
+            check()
+            target = workspace / PAYLOAD_NAME
+            _placement.replace_all([(staging, target)])
+        except BaseException:
+            staging.unlink(missing_ok=True)
+            raise
         meter.finish()
         return target
 
     try:
-        try:
-            await _fetch_ranges(store, info, meter, write_at)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(os.close, fd)
-        return await anyio.to_thread.run_sync(present)
-    finally:
+        check = await _fetch_ranges(store, info, meter, write_at)
+    except BaseException:
         with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(lambda: staging.unlink(missing_ok=True))
+            await anyio.to_thread.run_sync(discard)
+        raise
+    return await anyio.to_thread.run_sync(present, check)
 
 
 async def load_bytes(
@@ -869,9 +886,7 @@ async def _load_bytes(
     *,
     whole: bool = False,
 ) -> bytearray | None:
-    if not whole and isinstance(store, RangedStore):
-        store.prepare_reads()
-    info = await store.head(location)
+    info = await _head_for_reads(store, location)
     if info is None:
         return None
     uri = location.uri
@@ -899,9 +914,14 @@ async def _load_bytes(
 
     async def fetch() -> None:
         if _ranged(store, info, config):
-            await _fetch_ranges(store, info, meter, write_at)
-            if meter.reporting:
-                await anyio.to_thread.run_sync(meter.finish)
+            check = await _fetch_ranges(store, info, meter, write_at)
+
+            def finish() -> None:
+                check()
+                if meter.reporting:
+                    meter.finish()
+
+            await anyio.to_thread.run_sync(finish)
         else:
             await _read(store, info, config, meter, fill)
 
@@ -937,7 +957,7 @@ async def write_out(
     raises (and the command fails) once its bytes were written. Only an exit status can tell the
     reader of a pipe.
     """
-    info = await store.head(location)
+    info = await _head_for_reads(store, location)
     if info is None:
         return None
     _refuse_directory(info, "restore it to a folder")
@@ -968,7 +988,7 @@ async def verify(
     entries read (what ``load(only=...)`` and ``ls --contents`` would refuse, or show wrongly,
     fails here too).
     """
-    info = await store.head(location)
+    info = await _head_for_reads(store, location)
     if info is None:
         return None
     started = time.monotonic()

@@ -889,17 +889,34 @@ def clients_on_receivers(read_timeout: float) -> list[int]:
     return [asyncio.run_coroutine_threadsafe(settled(), r.loop).result(30) for r in s3_receivers._running]
 
 
-async def test_a_load_has_the_receivers_make_their_clients_while_it_asks_for_the_metadata(bucket: str) -> None:
+def clients_here(read_timeout: float) -> int:
+    """How many clients made with this ``read_timeout`` the running loop holds."""
+    return sum(1 for key in _clients._by_loop.get(asyncio.get_running_loop(), {}) if read_timeout in key)
+
+
+async def test_a_load_asks_for_the_metadata_on_a_receiver_while_the_others_make_their_clients(
+    bucket: str, tmp_path: Path
+) -> None:
     # A setting no other test uses: clients made for it can only come from this test's loads.
     options: TransferOptions = {**ON_THREADS, "read_timeout": 61.25}
     async with Checkpoint(f"s3://{bucket}/x", src=f"s3://{bucket}/none", **options) as cp:
         assert await cp.load() is None  # nothing there (a first attempt): no range was read...
     assert clients_on_receivers(61.25)[:3] == [1, 1, 1]  # ...yet the three receivers are ready for one
+    assert clients_here(61.25) == 0  # and the HEAD was asked on one of them, not on this loop
     data = os.urandom(21 * MiB + 1)
-    await Checkpoint(f"s3://{bucket}/w", **options).save(data)
+    tree = make_tree(tmp_path / "tree")
+    saving: TransferOptions = {**ON_THREADS, "read_timeout": 62.5}  # the saves' clients are another key
+    await Checkpoint(f"s3://{bucket}/w", **saving).save(data)
+    await Checkpoint(f"s3://{bucket}/t", **saving).save(tree)
     async with Checkpoint(f"s3://{bucket}/x", src=f"s3://{bucket}/w", **options) as cp:
         assert await cp.load_bytes() == data
-    assert clients_on_receivers(61.25)[:3] == [1, 1, 1]  # the load used those clients, made no others
+        restored = await cp.load()
+        assert restored is not None and restored.read_bytes() == data
+    async with Checkpoint(f"s3://{bucket}/x", src=f"s3://{bucket}/t", **options) as cp:
+        restored = await cp.load()
+        assert restored is not None and snapshot(restored) == snapshot(tree)
+    assert clients_on_receivers(61.25)[:3] == [1, 1, 1]  # the loads used those clients, made no others
+    assert clients_here(61.25) == 0  # a load needs no client on the caller's loop at all
 
 
 async def test_a_range_read_into_buffers_cut_short_resumes_where_it_stopped(bucket: str, proxy: FaultProxy) -> None:

@@ -287,9 +287,9 @@ class RangedStore(Store, Protocol):
     waiting for the ranges before it: what a parallel download is for.
     """
 
-    def prepare_reads(self) -> None:
-        """Start getting ready for reads about to come (S3: the receiving threads make their
-        clients) and return at once; a hint, called before the object's :meth:`head`."""
+    async def head_for_reads(self, location: Location) -> ObjectInfo | None:
+        """:meth:`head`, asked by a reader about to read the object: the store gets ready for the
+        reads meanwhile (S3: asked on a receiving thread while the others make their clients)."""
         ...
 
     async def get_ranges(self, info: ObjectInfo, sink: RangeSink) -> None:

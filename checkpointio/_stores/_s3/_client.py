@@ -21,6 +21,7 @@ from ..._config import TransferConfig
 from ..._location import Location
 from ._errors import mapped_errors
 from ._loader import prepared_session
+from ._receivers import on_receiver
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +102,12 @@ class _Clients:
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
         )
-        session = await anyio.to_thread.run_sync(prepared_session, config.profile)
+        if on_receiver():
+            # A receiving thread is ours and waits on nothing else: it makes its session itself
+            # (a hop to a worker thread would be one more thread to start and wake, for nothing).
+            session = prepared_session(config.profile)
+        else:
+            session = await anyio.to_thread.run_sync(prepared_session, config.profile)
         # Over plain HTTP there is no certificate to verify; saying so spares the first request
         # building a TLS context from the CA bundle, a cold-start cost (in a thread).
         plain_http = endpoint is not None and endpoint.lower().startswith("http://")

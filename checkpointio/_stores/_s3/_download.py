@@ -22,10 +22,12 @@ from botocore.exceptions import ClientError, ResponseStreamingError
 from ..._concurrency import one_error
 from ..._config import TransferConfig
 from ..._exceptions import ConcurrentModificationError, CorruptCheckpointError, StoreError
+from ..._location import Location
 from ..._planning import ranges
 from .._base import Blocks, Filling, ObjectInfo, RangeSink, Sink
 from ._client import _Requests
 from ._errors import TRANSIENT_READ_ERRORS, answered
+from ._head import head
 from ._receivers import Receiving, default_count, receivers
 
 logger = logging.getLogger(__name__)
@@ -93,18 +95,21 @@ def _receivers_for(config: TransferConfig, count: int) -> Sequence[Receiving]:
     return receivers(min(wanted, config.max_concurrency, count))
 
 
-def prepare(requests: _Requests) -> None:
-    """Have the receiving threads a load may use start making their clients now, and return.
+async def head_for_reads(requests: _Requests, location: Location) -> ObjectInfo | None:
+    """The object's HEAD (:func:`._head.head`), asked on the first receiving thread of a load about to
+    read it, while the other receivers make their clients.
 
-    Called before the load's first request (its HEAD, on the caller's loop): the receivers' threads,
-    sessions and clients are then made while the caller's loop makes its own and waits for the
-    answer, instead of after it, when the ranges are due. A receiver keeps its client for the
-    process, so this costs nothing the load would not pay; a load that finds nothing to read has
-    started threads that the next load uses.
+    So a load makes no client on the caller's loop at all: the receiver that asks gets its client
+    made and its connection opened for the load's first range (range 0 is its own), and the
+    others' threads, sessions and clients are made meanwhile instead of after the answer, when
+    the ranges are due. A receiver keeps its client for the process, so this costs nothing the
+    load would not pay; a load that finds nothing to read has started threads the next one uses.
     """
     config = requests.config
-    for receiver in _receivers_for(config, config.max_concurrency):
+    pool = _receivers_for(config, config.max_concurrency)
+    for receiver in pool[1:]:
         receiver.start_soon(requests.client)
+    return await pool[0].run(head, requests, location)
 
 
 class _Arriving:

@@ -27,7 +27,7 @@ import anyio
 
 from ... import _exit
 
-__all__ = ["Receiver", "Receiving", "receivers", "default_count"]
+__all__ = ["Receiver", "Receiving", "receivers", "default_count", "on_receiver"]
 
 T = TypeVar("T")
 
@@ -35,6 +35,14 @@ logger = logging.getLogger(__name__)
 
 #: How long stopping a receiver at exit waits for its loop to close its client.
 _STOP_TIMEOUT = 10.0
+
+#: ``receiving`` is set on the receivers' own threads.
+_local = threading.local()
+
+
+def on_receiver() -> bool:
+    """Whether the calling thread is a receiver's: a thread of ours that nothing else waits on."""
+    return getattr(_local, "receiving", False)
 
 
 def default_count() -> int:
@@ -74,6 +82,7 @@ class Receiver:
         self.thread.start()
 
     def _serve(self) -> None:
+        _local.receiving = True
         loop = self.loop
         asyncio.set_event_loop(loop)
         try:
@@ -97,7 +106,7 @@ class Receiver:
     def start_soon(self, func: Callable[..., Coroutine[Any, Any, object]], *args: Any) -> None:
         """Start ``func(*args)`` on this receiver's loop and return at once, from any thread.
 
-        For work done ahead of need (a client made while the caller still asks for metadata):
+        For work done ahead of need (a client made while another receiver asks for the metadata):
         nobody waits for it, so its failure is only logged (at debug level); the call that needs
         the result meets the same failure again and reports it.
         """
