@@ -18,7 +18,7 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -401,19 +401,45 @@ def _log_read(verb: str, info: ObjectInfo, started: float) -> None:
 
 
 class _BlockReader:
-    """Worker-thread side of a load: reads the fetched blocks off the stream, counting and checksumming.
+    """Worker-thread side of a load: takes the fetched blocks as they come, counting and checksumming.
 
     The blocks come as the store received them: consumers copy them anyway (into the archive
     reader's buffer, into a file), so joining them first would be one more copy of every byte.
+    ``pull`` gives the next groups of blocks (each as the store handed it on), waiting for them;
+    no groups at the end of the fetch.
     """
 
-    def __init__(self, receive: MemoryObjectReceiveStream[Blocks], meter: Meter) -> None:
-        self._receive = receive
+    def __init__(self, pull: Callable[[], list[Blocks]], meter: Meter) -> None:
+        self._pull = pull
         #: Set by the fetch side when it failed: the end of the stream is then no end of the object.
         self.fetch_failed = False
+        #: The end of the fetch was reached (every byte taken).
+        self.ended = False
         self._first: Blocks | None = None
         self._meter = meter
         self.digest = Digest()
+
+    @classmethod
+    def of_stream(cls, receive: MemoryObjectReceiveStream[Blocks], meter: Meter) -> _BlockReader:
+        """Taking the groups a store's ``get`` sent into ``receive``, through the event loop."""
+
+        async def receive_all() -> list[Blocks]:
+            # The next group of blocks, and all those queued behind it (one hand-off instead of
+            # one per group, when the reader is behind).
+            groups = [await receive.receive()]
+            while True:
+                try:
+                    groups.append(receive.receive_nowait())
+                except (anyio.WouldBlock, anyio.EndOfStream):
+                    return groups
+
+        def pull() -> list[Blocks]:
+            try:
+                return anyio.from_thread.run(receive_all)
+            except anyio.EndOfStream:
+                return []
+
+        return cls(pull, meter)
 
     def peek(self) -> bytes:
         if self._first is None:
@@ -427,22 +453,12 @@ class _BlockReader:
             return blocks
         return self._next()
 
-    async def _receive_all(self) -> list[Blocks]:
-        """On the event loop: the next group of blocks, and all those queued behind it (one
-        hand-off instead of one per group, when the reader is behind)."""
-        groups = [await self._receive.receive()]
-        while True:
-            try:
-                groups.append(self._receive.receive_nowait())
-            except (anyio.WouldBlock, anyio.EndOfStream):
-                return groups
-
     def _next(self) -> Blocks:
-        try:
-            groups = anyio.from_thread.run(self._receive_all)
-        except anyio.EndOfStream:
+        groups = self._pull()
+        if not groups:
             if self.fetch_failed:
-                raise _Aborted from None
+                raise _Aborted
+            self.ended = True
             return []
         blocks: Blocks = []
         for group in groups:  # progress is reported per group, as the store handed them on
@@ -587,6 +603,10 @@ def _restore(reader: _BlockReader, info: ObjectInfo, workspace: Path, workers: i
     return target
 
 
+def _nothing() -> None:
+    pass
+
+
 async def _read(
     store: Store,
     info: ObjectInfo,
@@ -599,8 +619,23 @@ async def _read(
     """Stream the object from the store into ``consume``, run in a worker thread; its result.
     ``last=False``: another read of it follows, so the meter is not told it finished."""
     _allocator.tune_malloc()  # only if asked: it changes the whole process
-    send, receive = anyio.create_memory_object_stream[Blocks](config.pipeline_depth)
-    reader = _BlockReader(receive, meter)
+    if isinstance(store, RangedStore):
+        # The reader takes the blocks from the receiving threads itself: no hop through this loop.
+        read = store.ordered(info)
+
+        def take() -> list[Blocks]:
+            blocks = read.take()
+            return [blocks] if blocks else []
+
+        reader = _BlockReader(take, meter)  # take() raises Aborted once the fetch failed
+        fetching: Callable[[], Awaitable[None]] = read.run
+        closing: Callable[[], None] = _nothing
+        receive: MemoryObjectReceiveStream[Blocks] | None = None
+    else:
+        send, receive = anyio.create_memory_object_stream[Blocks](config.pipeline_depth)
+        reader = _BlockReader.of_stream(receive, meter)
+        fetching, closing = partial(store.get, info, send.send), send.close
+
     result: T | None = None
 
     def consume_named(reader: _BlockReader) -> T:
@@ -612,26 +647,28 @@ async def _read(
         finally:
             thread.name = name
 
-    async def run_consumer() -> None:
+    async def run_consumer(scope: anyio.CancelScope) -> None:
         nonlocal result
-        with receive:
+        with receive if receive is not None else contextlib.nullcontext():
             try:
                 result = await anyio.to_thread.run_sync(consume_named, reader, limiter=_own_thread())
             except _PLUMBING:
                 return  # the fetch side stopped first; its error (or the cancellation) is reported
+        if receive is None and not reader.ended:
+            scope.cancel()  # done before the end: nobody takes the rest (a stream's close stops its fetch)
 
     async def fetch() -> None:
         try:
-            await store.get(info, send.send)
+            await fetching()
         except BaseException:
-            reader.fetch_failed = True
+            reader.fetch_failed = True  # set before the reader can hear of the end
             raise
         finally:
-            send.close()
+            closing()
 
     with one_error():
         async with anyio.create_task_group() as group:
-            group.start_soon(run_consumer)
+            group.start_soon(run_consumer, group.cancel_scope)
             group.start_soon(fetch)
     if meter.reporting and last:
         await anyio.to_thread.run_sync(meter.finish)

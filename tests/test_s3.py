@@ -9,8 +9,10 @@ import os
 import threading
 import zlib
 from pathlib import Path
+from typing import Any
 
 import anyio
+import anyio.from_thread
 import pytest
 from botocore.loaders import Loader
 
@@ -27,6 +29,7 @@ from checkpointio import (
     StoreUnavailableError,
     TaskEnvironment,
     TransferOptions,
+    _manage,
 )
 from checkpointio._config import TransferConfig
 from checkpointio._location import parse_location
@@ -843,6 +846,31 @@ async def test_a_load_is_received_on_several_threads_and_every_byte_comes_back(b
 
     await store.get(info, in_order)  # delivered in order on the caller's loop
     assert b"".join(ordered) == data
+
+
+async def test_a_directory_load_is_taken_by_its_reader_from_the_receiving_threads_not_through_the_loop(
+    bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tree = make_tree(tmp_path / "tree")
+    (tree / "weights.bin").write_bytes(os.urandom(21 * MiB + 3))
+    options: TransferOptions = {**ON_THREADS, "compression_level": 0}
+    await Checkpoint(f"s3://{bucket}/tree", **options).save(tree)
+    callers: list[str] = []
+    run = anyio.from_thread.run
+
+    def noting_the_caller(func: Any, *args: Any) -> Any:
+        callers.append(threading.current_thread().name)
+        return run(func, *args)
+
+    monkeypatch.setattr(anyio.from_thread, "run", noting_the_caller)
+    async with Checkpoint(f"s3://{bucket}/x", src=f"s3://{bucket}/tree", **options) as cp:
+        restored = await cp.load()
+        assert restored is not None and snapshot(restored) == snapshot(tree)
+        entries = await cp.contents()
+        assert entries is not None and "weights.bin" in {entry.path for entry in entries}
+    assert (await _manage.verify(f"s3://{bucket}/tree", TransferConfig(**options))).size > 21 * MiB  # ls --verify
+    # Five ranges, each in pieces of chunk_size: none waited for the event loop to hand it over
+    assert "checkpointio-reader" not in callers
 
 
 @pytest.mark.parametrize("kind", ["directory", "file", "bytes"])

@@ -24,6 +24,7 @@ __all__ = [
     "Filling",
     "Kind",
     "ObjectInfo",
+    "OrderedRead",
     "PendingWrite",
     "RangeSink",
     "RangedStore",
@@ -279,6 +280,22 @@ class Store(Protocol):
         ...
 
 
+class OrderedRead(Protocol):
+    """An object's bytes in order, taken by one thread straight from where they arrive
+    (:meth:`RangedStore.ordered`): :meth:`run` on the caller's loop, :meth:`take` in that thread."""
+
+    async def run(self) -> None:
+        """Fetch the object; return once every byte arrived, or raise (once nothing runs any
+        more). Either way :meth:`take` then hears of no more bytes. Call it once."""
+        ...
+
+    def take(self) -> Blocks:
+        """In one thread: the next blocks in order, waiting for them; ``[]`` once every byte was
+        taken. Raises ``_concurrency.Aborted`` once :meth:`run` ended without them (failed or
+        cancelled: its error is the one to report)."""
+        ...
+
+
 @runtime_checkable
 class RangedStore(Store, Protocol):
     """A store that can also deliver an object as ranges fetched at once, in any order.
@@ -290,6 +307,11 @@ class RangedStore(Store, Protocol):
     async def head_for_reads(self, location: Location) -> ObjectInfo | None:
         """:meth:`head`, asked by a reader about to read the object: the store gets ready for the
         reads meanwhile (S3: asked on a receiving thread while the others make their clients)."""
+        ...
+
+    def ordered(self, info: ObjectInfo) -> OrderedRead:
+        """The object's bytes in order, as :meth:`get` sends them, for a thread to take as they
+        arrive with no hop through the caller's loop; nothing is fetched before its ``run()``."""
         ...
 
     async def get_ranges(self, info: ObjectInfo, sink: RangeSink) -> None:

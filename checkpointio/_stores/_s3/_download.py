@@ -13,13 +13,13 @@ import contextlib
 import logging
 import random
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import anyio
 from botocore.exceptions import ClientError, ResponseStreamingError
 
-from ..._concurrency import one_error
+from ..._concurrency import Aborted, one_error
 from ..._config import TransferConfig
 from ..._exceptions import ConcurrentModificationError, CorruptCheckpointError, StoreError
 from ..._location import Location
@@ -201,6 +201,118 @@ async def get(requests: _Requests, info: ObjectInfo, sink: Sink) -> None:
             for index in range(count):
                 await slots.acquire()
                 group.start_soon(fetch, index)
+
+
+class _InOrder:
+    """An ordered read whose blocks a thread takes straight from the receiving threads
+    (:meth:`take`), with no hop through the caller's loop; :func:`ordered` makes one.
+
+    The caller's loop only hands the ranges out (range *i* to receiver *i* mod *n*, at most
+    ``max_concurrency`` held, slots taken in order) and hears of each range delivered whole, to
+    start the next. The taking thread is woken from a receiving thread only when the range whose
+    turn it is has ``step`` bytes ready, or ended: one wake per ``step``, whoever received them.
+    """
+
+    def __init__(self, requests: _Requests, info: ObjectInfo) -> None:
+        config = requests.config
+        self._requests = requests
+        self._info = info
+        self._spans = ranges(info.size, config.part_size)
+        self._count = max(1, len(self._spans))
+        self._step = config.chunk_size
+        self._cond = threading.Condition()
+        self._ranges: dict[int, _InOrderRange] = {}  # made when fetched, dropped once taken whole
+        self._turn = 0  # the range being taken
+        self._ended = False  # run() returned or raised: nothing more arrives
+        self._delivered: Callable[[], None] | None = None  # on the caller's loop, per range taken whole
+
+    async def run(self) -> None:
+        """Fetch every range on the receiving threads; return once all were received, or raise
+        (once every range stopped). Either way :meth:`take` then hears of no more."""
+        config = self._requests.config
+        pool = _receivers_for(config, self._count)
+        loop = asyncio.get_running_loop()
+        slots = asyncio.Semaphore(config.max_concurrency)
+
+        def delivered() -> None:  # in the taking thread
+            loop.call_soon_threadsafe(slots.release)
+
+        self._delivered = delivered
+
+        async def fetch(index: int, received: _InOrderRange) -> None:
+            span = self._spans[index] if len(self._spans) > 1 else None
+            await pool[index % len(pool)].run(_receive_range, self._requests, self._info, span, received)
+
+        try:
+            with one_error():
+                async with anyio.create_task_group() as group:
+                    for index in range(self._count):
+                        await slots.acquire()
+                        with self._cond:
+                            received = self._ranges[index] = _InOrderRange(self, index)
+                        group.start_soon(fetch, index, received)
+        finally:
+            with self._cond:
+                self._ended = True
+                self._cond.notify_all()
+
+    def take(self) -> Blocks:
+        """In the taking thread: the next blocks in order, waiting for ``step`` bytes of them or
+        their range's end; ``[]`` once every range was taken. Raises :class:`Aborted` once
+        :meth:`run` ended without them (failed or cancelled: its error is the one to report)."""
+        taken: Blocks = []
+        with self._cond:
+            while True:
+                one = self._ranges.get(self._turn)
+                if one is not None and (one.held >= self._step or (one.done and one.held)):
+                    taken += one.blocks
+                    one.blocks, one.held = [], 0
+                if one is not None and one.done and not one.held:
+                    del self._ranges[self._turn]  # delivered whole: its slot goes to the next range
+                    self._turn += 1
+                    if self._delivered is not None:
+                        with contextlib.suppress(RuntimeError):  # the caller's loop is gone: run() was cancelled
+                            self._delivered()
+                    if not taken and self._turn < self._count:
+                        continue  # the next range may hold blocks already (one range's at a time: its
+                        # slot is only given back once taken, so memory stays bounded as before)
+                if taken or self._turn >= self._count:
+                    return taken
+                if self._ended:  # run() ended before this range arrived: it failed
+                    raise Aborted
+                self._cond.wait()
+
+
+class _InOrderRange:
+    """One range of an :class:`_InOrder` read, as its receiving thread adds its blocks."""
+
+    def __init__(self, order: _InOrder, index: int) -> None:
+        self.length = 0  # received; read by the receiving thread only (resuming a range)
+        self.blocks: Blocks = []  # the rest under the order's lock
+        self.held = 0
+        self.done = False
+        self._order = order
+        self._index = index
+
+    async def add(self, block: bytes) -> None:  # on a receiving thread
+        order = self._order
+        with order._cond:
+            self.blocks.append(block)
+            self.held += len(block)
+            self.length += len(block)
+            if self.held >= order._step and order._turn == self._index:
+                order._cond.notify()
+
+    def finish(self) -> None:  # on a receiving thread
+        order = self._order
+        with order._cond:
+            self.done = True
+            if order._turn == self._index:
+                order._cond.notify()
+
+
+def ordered(requests: _Requests, info: ObjectInfo) -> _InOrder:
+    return _InOrder(requests, info)
 
 
 async def get_ranges(requests: _Requests, info: ObjectInfo, sink: RangeSink) -> None:

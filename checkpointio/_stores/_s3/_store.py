@@ -10,9 +10,9 @@ from botocore.exceptions import ClientError
 
 from ..._config import TransferConfig
 from ..._location import Location
-from .._base import Body, ObjectInfo, PendingWrite, RangeSink, Record, Sink, under
+from .._base import Body, ObjectInfo, OrderedRead, PendingWrite, RangeSink, Record, Sink, under
 from ._client import _Requests
-from ._download import get, get_ranges, head_for_reads, read_range, read_range_into
+from ._download import get, get_ranges, head_for_reads, ordered, read_range, read_range_into
 from ._errors import answered
 from ._head import head
 from ._upload import put, request_body
@@ -164,6 +164,9 @@ class S3Store:
 
     async def get_ranges(self, info: ObjectInfo, sink: RangeSink) -> None:
         await get_ranges(self._requests, info, sink)
+
+    def ordered(self, info: ObjectInfo) -> OrderedRead:
+        return ordered(self._requests, info)
 
     async def read_range(self, info: ObjectInfo, offset: int, length: int) -> bytes:
         return await read_range(self._requests, info, offset, length)
