@@ -7,12 +7,14 @@ import errno
 import io
 import os
 import threading
+import time
 import zlib
 from pathlib import Path
 from typing import Any
 
 import anyio
 import anyio.from_thread
+import anyio.lowlevel
 import pytest
 from botocore.loaders import Loader
 
@@ -277,6 +279,97 @@ async def test_an_ordered_read_holds_buffers_only_for_the_ranges_in_flight(
     await store.get(info, sink)
     assert b"".join(chunks) == data
     assert held[0] == 0 and 0 < most[0] <= 3  # in flight (2) and the one due next, never all seven
+
+
+async def test_an_ordered_read_taken_by_a_thread_streams_the_range_whose_turn_it_is(
+    bucket: str, proxy: FaultProxy
+) -> None:
+    data = os.urandom(12 * MiB)
+    options: TransferOptions = {**SMALL_PARTS, "endpoint_url": proxy.endpoint}
+    await Checkpoint(f"s3://{bucket}/w", **options).save(data)
+    store = S3Store(TransferConfig(**options))
+    info = await store.head(parse_location(f"s3://{bucket}/w"))
+    assert info is not None
+    proxy.add(is_ranged_get(proxy), "pause", times=100)  # every range: half now, half later
+    read = store.ordered(info)
+    taken: list[bytes] = []
+    first = threading.Event()
+
+    def take_all() -> None:  # as the archive reader does, in a thread of its own
+        while blocks := read.take():
+            taken.extend(blocks)
+            first.set()
+
+    try:
+        async with anyio.create_task_group() as group:
+            group.start_soon(read.run)
+            group.start_soon(anyio.to_thread.run_sync, take_all)
+            assert await anyio.to_thread.run_sync(first.wait, 30)  # no range is complete yet...
+            assert 0 < sum(map(len, list(taken))) <= 5 * MiB // 2  # ...the first streams on as it arrives
+            proxy.resume.set()
+    finally:
+        proxy.resume.set()  # never leave the proxy's threads waiting
+    assert b"".join(taken) == data
+
+
+async def test_an_ordered_read_taken_by_a_thread_holds_only_the_ranges_in_flight(
+    bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import checkpointio._stores._s3._download as s3
+
+    data = os.urandom(31 * MiB)  # seven ranges of 5 MiB, two in flight at a time
+    options: TransferOptions = {**SMALL_PARTS, "max_concurrency": 2}
+    await Checkpoint(f"s3://{bucket}/w", **options).save(data)
+    store = S3Store(TransferConfig(**options))
+    info = await store.head(parse_location(f"s3://{bucket}/w"))
+    assert info is not None
+    read = store.ordered(info)
+    most = [0]  # ranges made and not yet taken whole, this one included
+
+    class Counted(s3._InOrderRange):
+        def __init__(self, order: s3._InOrder, index: int) -> None:
+            super().__init__(order, index)
+            most[0] = max(most[0], len(order._ranges) + 1)  # private: the buffers the bound is about
+
+    monkeypatch.setattr(s3, "_InOrderRange", Counted)
+    taken: list[bytes] = []
+
+    def take_all() -> None:
+        time.sleep(0.5)  # a slow reader: the ranges ahead wait for it, no more of them are fetched
+        while blocks := read.take():
+            taken.extend(blocks)
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(read.run)
+        group.start_soon(anyio.to_thread.run_sync, take_all)
+    assert b"".join(taken) == data
+    assert most[0] == 2  # in flight (2), never more however slow the reader
+
+
+async def test_an_ordered_read_whose_fetch_fails_stops_its_taker(bucket: str, proxy: FaultProxy) -> None:
+    options: TransferOptions = {**SMALL_PARTS, "endpoint_url": proxy.endpoint, "max_attempts": 1}
+    await Checkpoint(f"s3://{bucket}/w", **options).save(os.urandom(12 * MiB))
+    store = S3Store(TransferConfig(**options))
+    info = await store.head(parse_location(f"s3://{bucket}/w"))
+    assert info is not None
+    proxy.add(is_ranged_get(proxy), "reset_response", times=1)  # one range cut half-way, not retried
+    read = store.ordered(info)
+    outcome: list[BaseException] = []
+
+    def take_all() -> None:
+        try:
+            while read.take():
+                pass
+        except BaseException as error:
+            outcome.append(error)
+
+    taker = threading.Thread(target=take_all)
+    taker.start()
+    with pytest.raises(StoreError, match=f"s3://{bucket}/w"):
+        await read.run()
+    await anyio.to_thread.run_sync(taker.join, 30)
+    assert [type(error).__name__ for error in outcome] == ["Aborted"]  # not an end: the taker stops
+    assert tasks_left_on_receivers() == 0
 
 
 async def test_a_part_that_keeps_failing_aborts_the_upload_and_keeps_the_previous(
