@@ -14,7 +14,6 @@ from typing import Any
 
 import anyio
 import anyio.from_thread
-import anyio.lowlevel
 import pytest
 from botocore.loaders import Loader
 
