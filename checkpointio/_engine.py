@@ -867,16 +867,23 @@ async def _restore_ranges(store: RangedStore, info: ObjectInfo, workspace: Path,
             position += count
             view = view[count:]
 
+    is_open = [True]  # the staging file's descriptor, closed exactly once
+
+    def close() -> None:
+        if is_open[0]:
+            is_open[0] = False
+            os.close(fd)
+
     def discard() -> None:
         try:
-            os.close(fd)
+            close()
         finally:
             staging.unlink(missing_ok=True)
 
     def present(check: Callable[[], None]) -> Path:
         # One hop to a worker thread for all of it: closed, checked, renamed into place.
         try:
-            os.close(fd)
+            close()
             check()
             target = workspace / PAYLOAD_NAME
             _placement.replace_all([(staging, target)])
@@ -888,11 +895,13 @@ async def _restore_ranges(store: RangedStore, info: ObjectInfo, workspace: Path,
 
     try:
         check = await _fetch_ranges(store, info, meter, write_at)
+        return await anyio.to_thread.run_sync(present, check)
     except BaseException:
+        # Failed, or cancelled (also once the ranges were in, before present() started): the
+        # descriptor closed and nothing left in the workspace (a file already in place stays).
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(discard)
         raise
-    return await anyio.to_thread.run_sync(present, check)
 
 
 async def load_bytes(

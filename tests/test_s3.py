@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import io
 import os
@@ -1080,6 +1081,40 @@ async def test_range_reads_are_received_on_the_receiving_threads_in_turn_and_com
     assert got == [data[offset : offset + length] for offset, length in spans]
     # five reads on three receivers in turn: each receiver took some, the caller's loop none
     assert receivers_of_blocks == {thread.ident for thread in receiving_threads()[:3]}
+
+
+async def test_a_single_file_load_cancelled_once_its_ranges_are_in_leaves_no_staging_file_and_no_descriptor(
+    bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from checkpointio import _engine
+
+    await Checkpoint(f"s3://{bucket}/f", **SMALL_PARTS).save(os.urandom(12 * MiB))
+    fetch = _engine._fetch_ranges
+    scopes: list[anyio.CancelScope] = []
+
+    async def then_cancelled(*args: Any) -> Any:
+        check = await fetch(*args)
+        scopes[0].cancel()  # a cancellation arriving once every range is in, before the file is placed
+        return check
+
+    monkeypatch.setattr(_engine, "_fetch_ranges", then_cancelled)
+    workspace = tmp_path / "ws"
+
+    def descriptors_into_it() -> list[str]:
+        found = []
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/self/fd/{fd}").startswith(str(workspace)):
+                    found.append(fd)
+        return found
+
+    with anyio.CancelScope() as scope:
+        scopes.append(scope)
+        async with Checkpoint(f"s3://{bucket}/x", src=f"s3://{bucket}/f", workspace=workspace, **SMALL_PARTS) as cp:
+            await cp.load()
+    assert scope.cancelled_caught
+    assert descriptors_into_it() == []
+    assert not workspace.exists() or list(workspace.iterdir()) == []  # no staging file, nothing placed
 
 
 async def test_a_sink_failing_on_one_range_stops_every_range_and_is_not_called_again(bucket: str) -> None:
