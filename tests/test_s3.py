@@ -245,42 +245,6 @@ async def test_the_range_whose_turn_it_is_is_delivered_as_its_bytes_arrive(bucke
     assert b"".join(chunks) == data
 
 
-async def test_an_ordered_read_holds_buffers_only_for_the_ranges_in_flight(
-    moto_server: MotoServer, bucket: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import checkpointio._stores._s3._download as s3
-
-    data = os.urandom(31 * MiB)  # seven ranges of 5 MiB, two in flight at a time
-    options: TransferOptions = {**SMALL_PARTS, "max_concurrency": 2}
-    await Checkpoint(f"s3://{bucket}/w", **options).save(data)
-    store = S3Store(TransferConfig(**options))
-    info = await store.head(parse_location(f"s3://{bucket}/w"))
-    assert info is not None
-    held, most = [0], [0]  # buffers made and not yet delivered whole (not: not yet collected)
-
-    class Counted(s3._Arriving):
-        def __init__(self, step: int) -> None:
-            super().__init__(step)
-            held[0] += 1
-            most[0] = max(most[0], held[0])
-
-        async def take(self) -> list[bytes]:
-            blocks = await super().take()
-            if not blocks:  # delivered whole: the read lets go of it
-                held[0] -= 1
-            return blocks
-
-    monkeypatch.setattr(s3, "_Arriving", Counted)  # private: counts the buffers the bound is about
-    chunks: list[bytes] = []
-
-    async def sink(blocks: list[bytes]) -> None:
-        chunks.extend(blocks)
-
-    await store.get(info, sink)
-    assert b"".join(chunks) == data
-    assert held[0] == 0 and 0 < most[0] <= 3  # in flight (2) and the one due next, never all seven
-
-
 async def test_an_ordered_read_taken_by_a_thread_streams_the_range_whose_turn_it_is(
     bucket: str, proxy: FaultProxy
 ) -> None:

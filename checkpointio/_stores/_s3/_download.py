@@ -1,8 +1,9 @@
 """Load: concurrent ranged GETs pinned to the ETag (``If-Match``), received on several threads.
 
 A whole-object load spreads its ranges over the receiving threads (:mod:`._receivers`), each with
-its own event loop and client: :func:`get` delivers them in order (the range whose turn it is as
-its bytes arrive), :func:`get_ranges` hands each to the sink at its offset on the thread that
+its own event loop and client: :func:`ordered` gives them in order to a thread that takes
+them as they arrive (the range whose turn it is streaming on), :func:`get` to a sink on the
+caller's loop the same way, :func:`get_ranges` hands each to the sink at its offset on the thread that
 received it. A range that fails half-way is resumed where it stopped, on its own.
 """
 
@@ -110,97 +111,6 @@ async def head_for_reads(requests: _Requests, location: Location) -> ObjectInfo 
     for receiver in pool[1:]:
         receiver.start_soon(requests.client)
     return await pool[0].run(head, requests, location)
-
-
-class _Arriving:
-    """The blocks of one range, received on a receiving thread and taken in order on the caller's loop.
-
-    Unbounded: a range after the one being delivered waits whole (``max_concurrency`` of them at
-    most, see :func:`get`). The taker is woken from the receiving thread only when it waits and
-    ``step`` bytes (or the range's end) arrived: one cross-thread wake per ``step``, not per block.
-    """
-
-    def __init__(self, step: int) -> None:
-        self.length = 0  # received; read by the receiving thread only (resuming a range)
-        self._step = step
-        self._lock = threading.Lock()
-        self._blocks: Blocks = []
-        self._held = 0
-        self._done = False
-        self._waiter: tuple[asyncio.AbstractEventLoop, anyio.Event] | None = None
-
-    async def add(self, block: bytes) -> None:  # on a receiving thread
-        with self._lock:
-            self._blocks.append(block)
-            self._held += len(block)
-            self.length += len(block)
-            if self._held >= self._step:
-                self._wake()
-
-    def finish(self) -> None:  # on a receiving thread
-        with self._lock:
-            self._done = True
-            self._wake()
-
-    def _wake(self) -> None:
-        waiter, self._waiter = self._waiter, None
-        if waiter is not None:
-            loop, event = waiter
-            with contextlib.suppress(RuntimeError):  # the taker's loop is gone: nobody waits
-                loop.call_soon_threadsafe(event.set)
-
-    async def take(self) -> Blocks:
-        """On the caller's loop: the blocks received since the last call, waiting for ``step`` bytes
-        or the end; ``[]`` once the range is done."""
-        while True:
-            with self._lock:
-                if self._held >= self._step or self._done:
-                    blocks, self._blocks, self._held = self._blocks, [], 0
-                    return blocks
-                event = anyio.Event()
-                self._waiter = (asyncio.get_running_loop(), event)
-            await event.wait()
-
-
-async def get(requests: _Requests, info: ObjectInfo, sink: Sink) -> None:
-    # Ranges are fetched concurrently on the receiving threads (range i on receiver i mod n); the
-    # one whose turn it is streams on to the sink, on the caller's loop, in groups of about
-    # chunk_size as its blocks arrive. A range holds its slot until delivered, so at most
-    # max_concurrency ranges are held; slots are taken in order, so the range being delivered
-    # always has one.
-    config = requests.config
-    spans = ranges(info.size, config.part_size)
-    count = max(1, len(spans))
-    pool = _receivers_for(config, count)
-    # Made when their range starts or is due, dropped once delivered: at most max_concurrency
-    # + 1 at a time, so memory does not grow with the object's number of ranges.
-    arriving: dict[int, _Arriving] = {}
-    slots = anyio.Semaphore(config.max_concurrency)
-
-    def range_buffer(index: int) -> _Arriving:
-        one = arriving.get(index)
-        if one is None:
-            one = arriving[index] = _Arriving(config.chunk_size)
-        return one
-
-    async def fetch(index: int) -> None:
-        span = spans[index] if len(spans) > 1 else None
-        await pool[index % len(pool)].run(_receive_range, requests, info, span, range_buffer(index))
-
-    async def deliver() -> None:
-        for index in range(count):
-            one = range_buffer(index)
-            while blocks := await one.take():
-                await sink(blocks)
-            del arriving[index]
-            slots.release()
-
-    with one_error():
-        async with anyio.create_task_group() as group:
-            group.start_soon(deliver)
-            for index in range(count):
-                await slots.acquire()
-                group.start_soon(fetch, index)
 
 
 class _InOrder:
@@ -313,6 +223,24 @@ class _InOrderRange:
 
 def ordered(requests: _Requests, info: ObjectInfo) -> _InOrder:
     return _InOrder(requests, info)
+
+
+async def get(requests: _Requests, info: ObjectInfo, sink: Sink) -> None:
+    # An ordered read (the engine takes one itself, in its reader: :func:`ordered`) whose blocks
+    # a worker thread takes and hands to the sink on the caller's loop, waiting for each.
+    read = _InOrder(requests, info)
+
+    async def hand_on(blocks: Blocks) -> None:
+        await sink(blocks)
+
+    def deliver() -> None:
+        while blocks := read.take():
+            anyio.from_thread.run(hand_on, blocks)
+
+    with one_error():
+        async with anyio.create_task_group() as group:
+            group.start_soon(read.run)
+            group.start_soon(anyio.to_thread.run_sync, deliver)
 
 
 async def get_ranges(requests: _Requests, info: ObjectInfo, sink: RangeSink) -> None:
