@@ -103,8 +103,10 @@ class _Clients:
             response_checksum_validation="when_required",
         )
         if on_receiver():
-            # A receiving thread is ours and waits on nothing else: it makes its session itself
-            # (a hop to a worker thread would be one more thread to start and wake, for nothing).
+            # A receiving thread is ours, not a caller's loop: it makes its session itself rather
+            # than start and wake a worker thread for it. Ranges of other loads on this receiver
+            # wait meanwhile: for botocore's models once per process (~30 ms of CPU, or until
+            # another thread parsing them is done), then ~6 ms per new settings.
             session = prepared_session(config.profile)
         else:
             session = await anyio.to_thread.run_sync(prepared_session, config.profile)

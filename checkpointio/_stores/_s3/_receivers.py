@@ -41,7 +41,7 @@ _local = threading.local()
 
 
 def on_receiver() -> bool:
-    """Whether the calling thread is a receiver's: a thread of ours that nothing else waits on."""
+    """Whether the calling thread is a receiver's (ours, not the caller's event loop)."""
     return getattr(_local, "receiving", False)
 
 
