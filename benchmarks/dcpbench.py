@@ -186,9 +186,10 @@ class Bench:
             f"export WORLD_SIZE={WORLD} MASTER_ADDR=127.0.0.1 MASTER_PORT={_free_port()}\npids=()\n{launches}\n"
             # A rank that fails stops the others (they would wait at a barrier until gloo's timeout).
             # `wait -n` answers 127 once no rank is running (those that ended first may not be
-            # reported to it): each rank's own status is then taken from `wait PID`.
+            # reported to it): each rank's own status is then taken from `wait PID`. The script runs
+            # under `set -e`, so the status is taken in an `&&`/`||` list, which `set -e` leaves alone.
             "trap 'kill ${pids[@]} 2>/dev/null || true' EXIT\n"
-            + "wait -n; status=$?; [ $status -eq 0 ] || [ $status -eq 127 ] || exit $status\n" * WORLD
+            + "wait -n && status=0 || status=$?; [ $status -eq 0 ] || [ $status -eq 127 ] || exit $status\n" * WORLD
             + 'for pid in "${pids[@]}"; do wait "$pid" || exit $?; done\n'
         )
         sample = self.runner.run(ShellStep(script), label)
