@@ -52,22 +52,29 @@ if str(ROOT) not in sys.path:
 
 from benchmarks.datasets import MiB, make_big_file, make_small_files, make_tensor_tree  # noqa: E402
 
-_CHILD = """
-import json, resource, sys, time
-from pathlib import Path
-from checkpointio import Checkpoint
-op, uri, path, incremental = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
+#: Defines ``peak()`` in a child script: the peak RSS in MiB since this point, not the imports'
+#: (the high-water mark is reset where Linux allows it), else the process's whole peak.
+_PEAK = """
+import resource
 
 def peak_mib():
     with open("/proc/self/status") as status:
         return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
 
-try:  # the operation's own peak RSS, not the imports': reset the high-water mark (Linux)
+try:
     with open("/proc/self/clear_refs", "w") as refs:
         refs.write("5")
     peak = peak_mib
 except OSError:
     peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+"""
+
+_CHILD = """
+import json, resource, sys, time
+from pathlib import Path
+from checkpointio import Checkpoint
+op, uri, path, incremental = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
+{peak}
 before = resource.getrusage(resource.RUSAGE_SELF)
 cpu_before = before.ru_utime + before.ru_stime
 started = time.perf_counter()
@@ -81,7 +88,7 @@ seconds = time.perf_counter() - started
 usage = resource.getrusage(resource.RUSAGE_SELF)
 cpu = usage.ru_utime + usage.ru_stime - cpu_before
 print(json.dumps({"seconds": seconds, "cpu": cpu, "rss_mib": peak()}))
-"""
+""".replace("{peak}", _PEAK)
 
 
 _MANIFEST_BUILD = """
@@ -115,24 +122,14 @@ _MANIFEST_DECODE = """
 import json, resource, sys, time
 from checkpointio._incremental import _manifest
 data = open(sys.argv[1], "rb").read()
-
-def peak_mib():
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
-
-try:  # the decoding's own peak, not the imports': reset the high-water mark (Linux)
-    with open("/proc/self/clear_refs", "w") as refs:
-        refs.write("5")
-    peak = peak_mib
-except OSError:
-    peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+{peak}
 before = peak()
 started = time.perf_counter()
 manifest = _manifest.decode(data, sys.argv[1], check_tree=sys.argv[2] == "1")
 seconds = time.perf_counter() - started
 after = peak()
 print(json.dumps({"seconds": seconds, "entries": manifest.entry_count, "rss_mib": after, "extra_mib": after - before}))
-"""
+""".replace("{peak}", _PEAK)
 
 
 def _manifest_memory(scratch: Path, files: int) -> dict[str, Any]:
