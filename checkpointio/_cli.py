@@ -49,6 +49,7 @@ from ._progress import human_size as _human
 from ._selection import Entry
 from ._signals import Termination, interrupt_on_sigterm
 from ._stores import Kind, ObjectInfo, open_store
+from ._writes import write_all
 
 __all__ = ["main"]
 
@@ -427,9 +428,7 @@ def _stdout_writer() -> Callable[[bytes], object]:
         return sys.stdout.buffer.write
 
     def write(block: bytes) -> None:
-        view = memoryview(block)
-        while view:
-            view = view[os.write(fd, view) :]
+        write_all(fd, block)
 
     return write
 

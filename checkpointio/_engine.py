@@ -46,6 +46,7 @@ from ._progress import Meter, ProgressCallback, human_size
 from ._selection import Entry, Roots, Selection, normal_path
 from ._stores import Blocks, Body, Digest, Kind, ObjectInfo, RangedStore, Record, Store
 from ._stores._local import own_files
+from ._writes import write_all, write_views
 
 __all__ = [
     "PAYLOAD_NAME",
@@ -594,9 +595,12 @@ def _restore(reader: _BlockReader, info: ObjectInfo, workspace: Path, workers: i
             staging.present()
         return workspace
     with _placement.staging_file(workspace) as staging_file:
-        with open(staging_file, "xb") as out:
+        fd = os.open(staging_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        try:
             while blocks := reader.blocks():
-                out.writelines(blocks)
+                write_views(fd, [memoryview(block) for block in blocks])
+        finally:
+            os.close(fd)
         _verify(info, reader.digest)
         target = workspace / PAYLOAD_NAME
         _placement.replace_all([(staging_file, target)])
@@ -861,11 +865,7 @@ async def _restore_ranges(store: RangedStore, info: ObjectInfo, workspace: Path,
     fd = await anyio.to_thread.run_sync(os.open, staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
 
     def write_at(position: int, block: bytes) -> None:
-        view = memoryview(block)
-        while view:
-            count = os.pwrite(fd, view, position)
-            position += count
-            view = view[count:]
+        write_all(fd, block, position)
 
     is_open = [True]  # the staging file's descriptor, closed exactly once
 

@@ -35,12 +35,12 @@ from pathlib import Path
 
 from . import _archive, _placement
 from ._exceptions import SourceChangedError, SourceNotFoundError, UnsupportedSourceError
+from ._writes import PIECE
 
 __all__ = ["Snapshot", "take"]
 
 #: ``os.link`` errors that mean "this filesystem or pair of filesystems cannot hard-link": copy.
 _NO_LINK = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EACCES}
-_COPY_STEP = 1024 * 1024
 
 
 @dataclass
@@ -137,7 +137,7 @@ def _copy(folder: int, name: str, shown: str, uri: str, target: Path, st: os.sta
                 f"{shown} was replaced while {uri} was being saved (the file read is not the one listed)", uri=uri
             )
         with open(target, "xb") as copy:
-            shutil.copyfileobj(original, copy, _COPY_STEP)
+            shutil.copyfileobj(original, copy, PIECE)
     os.chmod(target, stat.S_IMODE(st.st_mode))
     os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
 

@@ -49,6 +49,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 from ._exceptions import CorruptCheckpointError, UnsafeArchiveError
+from ._writes import write_all, write_views
 
 __all__ = [
     "BLOCK",
@@ -100,8 +101,8 @@ _STEP = 1024 * 1024
 #: written where they are read (a hand-off costs more than writing a few KiB, and every system
 #: call of another thread has to win the GIL back from the reader).
 _HAND_OFF = 256 * 1024
-#: Most bytes of one file a writer thread writes in one job (one ``pwritev``): a large file is
-#: written by several threads at once, each at its offset.
+#: Most bytes of one file a writer thread takes in one job (written in pieces, see ``_writes``):
+#: a large file is written by several threads at once, each at its offset.
 _JOB = 4 * 1024 * 1024
 #: Most bytes queued for the writer threads: the reader waits beyond it (bounded memory).
 _QUEUED = 16 * 1024 * 1024
@@ -110,7 +111,6 @@ _QUEUED = 16 * 1024 * 1024
 #: and several threads then wait at once, while the reader parses on.
 _BATCH_FILES = 64
 _BATCH_BYTES = 1024 * 1024
-_pwritev = getattr(os, "pwritev", None)
 
 
 _USTAR = struct.Struct("100s8s8s8s12s12s8s1s100s6s2s32s32s8s8s155s12s")
@@ -483,7 +483,7 @@ class _Writers:
                 if self._error is None and file is None:
                     _create_all(offset, views, self._umask)
                 elif self._error is None and file is not None:
-                    _pwrite_all(file.fd, views, offset)
+                    write_views(file.fd, views, offset)
             except BaseException as caught:  # raised to the reader, in its thread
                 error = caught
             del views
@@ -573,40 +573,14 @@ def _create_all(folder: int, batch: list[_NewFile], umask: int | None) -> None:
             if len(views) == 1:
                 view = views[0]
                 if len(view) and (written := write(fd, view)) < len(view):
-                    _write_all(fd, view[written:])
+                    write_all(fd, view[written:])
             else:
-                _write_views(fd, views)
+                write_views(fd, views)
             if umask is None or mode & umask:
                 os.fchmod(fd, mode)
             utime(fd, (mtime, mtime))
         finally:
             close(fd)
-
-
-def _pwrite_all(fd: int, views: list[memoryview], offset: int) -> None:
-    """Write ``views`` one after the other at ``offset`` of ``fd``, in as few calls as it takes."""
-    while views:
-        # One call for all of them where the system has pwritev, else one per view.
-        count = _pwritev(fd, views, offset) if _pwritev is not None else os.pwrite(fd, views[0], offset)
-        offset += count
-        while views and count >= len(views[0]):
-            count -= len(views[0])
-            views = views[1:]
-        if count:
-            views[0] = views[0][count:]
-
-
-def _write_views(fd: int, views: list[memoryview]) -> None:
-    """Write ``views`` one after the other to ``fd``: one ``writev`` where that takes them all."""
-    if len(views) > 1 and hasattr(os, "writev"):
-        count = os.writev(fd, views)
-        while views and count >= len(views[0]):
-            count -= len(views[0])
-            views = views[1:]
-        if count:
-            views[0] = views[0][count:]
-    for view in views:
-        _write_all(fd, view)
 
 
 class _Input:
@@ -1054,7 +1028,7 @@ class _Extraction:
             _refuse_unrestorable(error, name)
             raise
         try:
-            _write_all(fd, data)
+            write_all(fd, data)
             _finish(fd, mode, mtime, self._umask)
         finally:
             os.close(fd)
@@ -1165,7 +1139,7 @@ class _Extraction:
             remaining = size
             while remaining:
                 length = min(remaining, _STEP)
-                _write_views(fd, self.read_views(length))
+                write_views(fd, self.read_views(length))
                 remaining -= length
             _finish(fd, mode, mtime, self._umask)
         finally:
@@ -1208,11 +1182,6 @@ def _way(rel: str, link: str) -> Iterator[str]:
         parts.append(step)
         if index < len(steps) - 1:
             yield "/".join(parts)
-
-
-def _write_all(fd: int, data: memoryview) -> None:
-    while data:
-        data = data[os.write(fd, data) :]
 
 
 def _names_a_file(name: str, what: str) -> str:

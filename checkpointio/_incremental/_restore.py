@@ -22,6 +22,7 @@ from .._location import Location
 from .._progress import Meter, ProgressCallback, human_size
 from .._selection import Selection, roots
 from .._stores import ObjectInfo, Store
+from .._writes import write_all
 from . import _chunks
 from ._layout import area_of, pack_location
 from ._manifest import DIR, FILE, HARDLINK, SYMLINK, Manifest, read_manifest
@@ -207,11 +208,7 @@ class _Writer:
             single = first[number + 1] - first[number] == 1
             fd = os.open(self.manifest.paths[number], _CREATE if single else _WRITE, 0o600, dir_fd=self.folder)
             try:
-                view = memoryview(data)
-                while view:
-                    written = os.pwrite(fd, view, position)
-                    position += written
-                    view = view[written:]
+                write_all(fd, data, position)
                 with self.lock:
                     self.remaining[number] -= len(data)
                     complete = self.remaining[number] == 0

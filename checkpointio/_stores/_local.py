@@ -47,6 +47,7 @@ from .._exceptions import (
     StoreError,
 )
 from .._location import Location
+from .._writes import write_all
 from ._base import Body, ObjectInfo, PendingWrite, Record, Sink
 
 __all__ = ["LocalStore", "file_in_the_way", "own_files"]
@@ -66,6 +67,7 @@ _SIDECAR_MAX_BYTES = 64 * 1024
 _NAME_MAX = 255
 #: read_range_into reads and checks this much at a time (a step is still in the cache for its CRC32).
 _READ_STEP = 1024 * 1024
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 
 
 def _sidecar(path: Path) -> Path:
@@ -308,11 +310,13 @@ class LocalStore:
         tmp = _temporary(path, name_max)
         try:
             try:
-                async with await anyio.open_file(tmp, "xb") as out:
+                fd = await anyio.to_thread.run_sync(os.open, tmp, _CREATE_FLAGS, 0o666)
+                try:
                     async for chunk in body:
-                        await out.write(chunk)
-                    await out.flush()
-                    await anyio.to_thread.run_sync(os.fsync, out.wrapped.fileno())
+                        await anyio.to_thread.run_sync(write_all, fd, chunk)
+                    await anyio.to_thread.run_sync(os.fsync, fd)
+                finally:
+                    os.close(fd)
                 return await anyio.to_thread.run_sync(self._commit, location, tmp, record.completed(body.digest))
             except OSError as error:  # disk full, quota, I/O error: the previous checkpoint stays
                 raise _translate(error, location.uri) from error
@@ -535,7 +539,7 @@ class LocalStore:
         def create_exclusively() -> bool:
             name_max = self._prepare(path, location.uri)
             try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+                fd = os.open(path, _CREATE_FLAGS, 0o644)
             except FileExistsError:
                 return False
             except OSError as error:
@@ -546,8 +550,7 @@ class LocalStore:
             sidecar_tmp = tmp.with_name(tmp.name + _SIDECAR_SUFFIX)
             try:
                 with os.fdopen(fd, "wb") as out:
-                    out.write(data)
-                    out.flush()
+                    write_all(out.fileno(), data)
                     os.fsync(out.fileno())
                     st = os.fstat(out.fileno())
                 with open(sidecar_tmp, "w", encoding="utf-8") as side:
