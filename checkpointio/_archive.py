@@ -15,11 +15,14 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import operator
 import os
 import stat
 from collections import deque
 from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import Future
+from functools import partial
+from itertools import repeat
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -174,11 +177,14 @@ _SYMLINK = "symlink"
 _OTHER = "file"
 
 
-def _listed_kind(entry: os.DirEntry[str]) -> str:
-    """What the listing said the entry is (from the listing itself on Linux: no system call)."""
-    if entry.is_dir(follow_symlinks=False):
-        return _FOLDER
-    return _SYMLINK if entry.is_symlink() else _OTHER
+#: What the listing says an entry is, by (is a folder, is a symlink) as ``os.DirEntry`` tells them
+#: without following a symlink (from the listing itself on Linux: no system call).
+_LISTED_KINDS = {(False, False): _OTHER, (True, False): _FOLDER, (False, True): _SYMLINK}
+#: What an ``lstat`` says an entry is, by ``S_IFMT`` of its mode (anything else: ``_OTHER``).
+_STAT_KINDS = {stat.S_IFDIR: _FOLDER, stat.S_IFLNK: _SYMLINK}
+_NAME = operator.attrgetter("name")
+_IS_FOLDER = operator.methodcaller("is_dir", follow_symlinks=False)
+_MODE = operator.attrgetter("st_mode")
 
 
 def unreadable(error: OSError, shown: str, uri: str) -> Exception:
@@ -219,15 +225,26 @@ def _open_folder(parent: int | None, name: str, listed: os.stat_result | None, s
     return fd
 
 
-def _listing(fd: int, shown: str, uri: str) -> list[tuple[str, str]]:
-    """The folder's names with what the listing says each is, in reverse order (popped from the end)."""
+def _listing(fd: int, shown: str, uri: str) -> tuple[list[str], list[str]]:
+    """The folder's names, sorted, and what the listing says each is; the names a killed restore
+    or placement left behind (``STAGING_NAME``) left out. Per-entry work is C-level maps."""
     try:
-        with os.scandir(fd) as entries:
-            children = [(entry.name, _listed_kind(entry)) for entry in entries]
+        with os.scandir(fd) as listed:
+            entries = list(listed)
+        entries.sort(key=_NAME)
+        names = list(map(_NAME, entries))
+        if ".checkpointio-" in "\0".join(names) and any(map(STAGING_NAME.fullmatch, names)):  # every such name holds it
+            entries = [entry for entry in entries if not STAGING_NAME.fullmatch(entry.name)]
+            names = list(map(_NAME, entries))
+        kinds = list(
+            map(
+                _LISTED_KINDS.__getitem__,
+                zip(map(_IS_FOLDER, entries), map(os.DirEntry.is_symlink, entries), strict=True),
+            )
+        )
     except OSError as error:
         raise unreadable(error, shown, uri) from error
-    children.sort(reverse=True)
-    return children
+    return names, kinds
 
 
 #: Most entries in one run of :func:`walk_runs`: what a walk holds of a flat folder beyond its
@@ -271,54 +288,58 @@ def walk_runs(
     shown = shown if shown is not None else root
     uri = uri if uri is not None else shown
     top = _open_folder(None, root, None, shown, uri)
-    frames: list[tuple[int, str, list[tuple[str, str]]]] = []
-    staging = STAGING_NAME.fullmatch
-    lstat = os.stat
+    # each folder being walked: its descriptor, its path inside the tree with a trailing "/", its
+    # listing (names, kinds) and where the walk is in it
+    frames: list[tuple[int, str, list[str], list[str], list[int]]] = []
     try:
-        frames.append((top, "", _listing(top, shown, uri)))
+        frames.append((top, "", *_listing(top, shown, uri), [0]))
         while frames:
-            fd, prefix, listed = frames[-1]
-            if not listed:
+            fd, prefix, listed, expected, position = frames[-1]
+            start = position[0]
+            if start >= len(listed):
                 frames.pop()
                 os.close(fd)
                 continue
-            names: list[str] = []
-            stats: list[os.stat_result] = []
-            kind = _OTHER
-            while listed and kind != _FOLDER and len(names) < RUN_ENTRIES:
-                name, expected = listed.pop()
-                if staging(name) or (skip is not None and skip(prefix + name)):
-                    continue
-                try:
-                    st = lstat(name, dir_fd=fd, follow_symlinks=False)
-                except FileNotFoundError as error:
-                    message = f"{os.path.join(shown, prefix + name)} disappeared while {uri} was being saved"
-                    raise SourceChangedError(message, uri=uri) from error
-                except OSError as error:
-                    raise unreadable(error, os.path.join(shown, prefix + name), uri) from error
-                mode = st.st_mode
-                kind = _FOLDER if stat.S_ISDIR(mode) else _SYMLINK if stat.S_ISLNK(mode) else _OTHER
-                if kind != expected:
-                    raise SourceChangedError(
-                        f"{os.path.join(shown, prefix + name)} was replaced while {uri} was being saved "
-                        f"(a {expected} became a {kind})",
-                        uri=uri,
-                    )
-                names.append(name)
-                stats.append(st)
-            if not names:
-                continue
+            try:  # a run ends at a folder, or after RUN_ENTRIES entries
+                end = expected.index(_FOLDER, start, start + RUN_ENTRIES) + 1
+            except ValueError:
+                end = min(len(listed), start + RUN_ENTRIES)
+            position[0] = end
+            names, kinds = listed[start:end], expected[start:end]
+            if skip is not None:
+                kept = [number for number, name in enumerate(names) if not skip(prefix + name)]
+                if len(kept) < len(names):
+                    names, kinds = [names[number] for number in kept], [kinds[number] for number in kept]
+                    if not names:
+                        continue
+            try:
+                stats = list(map(partial(os.stat, dir_fd=fd, follow_symlinks=False), names))
+            except FileNotFoundError as error:
+                message = f"{os.path.join(shown, prefix + str(error.filename))} disappeared while {uri} was being saved"
+                raise SourceChangedError(message, uri=uri) from error
+            except OSError as error:
+                raise unreadable(error, os.path.join(shown, prefix + str(error.filename)), uri) from error
+            found = list(map(_STAT_KINDS.get, map(stat.S_IFMT, map(_MODE, stats)), repeat(_OTHER)))
+            if found != kinds:
+                number = next(number for number, kind in enumerate(found) if kind != kinds[number])
+                raise SourceChangedError(
+                    f"{os.path.join(shown, prefix + names[number])} was replaced while {uri} was being saved "
+                    f"(a {kinds[number]} became a {found[number]})",
+                    uri=uri,
+                )
             yield Run(fd, prefix, names, stats)
-            if kind == _FOLDER:
+            if found[-1] == _FOLDER:
                 name, st = names[-1], stats[-1]
                 rel = prefix + name
                 full = os.path.join(shown, rel)
                 child = _open_folder(fd, name, st, full, uri)
-                listing: list[tuple[str, str]] = []
-                frames.append((child, f"{rel}/", listing))  # first, so that it is closed if listing fails
-                listing.extend(_listing(child, full, uri))
+                listing: tuple[list[str], list[str]] = ([], [])
+                frames.append((child, f"{rel}/", *listing, [0]))  # first, so that it is closed if listing fails
+                names, kinds = _listing(child, full, uri)
+                listing[0].extend(names)
+                listing[1].extend(kinds)
     finally:
-        for fd, _, _ in frames:
+        for fd, *_ in frames:
             os.close(fd)
 
 

@@ -696,3 +696,41 @@ def test_walking_a_flat_folder_holds_the_stat_of_one_run_not_of_every_file(tmp_p
     assert peak < count * 250
     runs = [len(run.names) for run in _archive.walk_runs(str(flat))]
     assert sum(runs) == count and max(runs) == _archive.RUN_ENTRIES
+
+
+@pytest.mark.parametrize("change", ["deleted", "now-a-folder", "now-a-symlink", "staging-name"])
+def test_the_walk_refuses_an_entry_changed_since_its_folder_was_listed_and_leaves_out_staging_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: str
+) -> None:
+    from checkpointio import SourceChangedError, _archive
+
+    tree = tmp_path / "tree"
+    (tree / "sub").mkdir(parents=True)
+    for name in ("a.bin", "b.bin", "c.bin"):
+        (tree / "sub" / name).write_bytes(name.encode())
+    (tree / "sub" / ".checkpointio-partial-0123456789abcdef0123456789abcdef").write_bytes(b"a killed restore's")
+    real_listing = _archive._listing
+
+    def listing(fd: int, shown: str, uri: str) -> tuple[list[str], list[str]]:
+        listed = real_listing(fd, shown, uri)
+        if shown.endswith("sub") and change != "staging-name":
+            changed = tree / "sub" / "b.bin"
+            changed.unlink()
+            if change == "now-a-folder":
+                changed.mkdir()
+            elif change == "now-a-symlink":
+                changed.symlink_to("a.bin")
+        return listed
+
+    monkeypatch.setattr(_archive, "_listing", listing)
+    if change == "staging-name":
+        walked = [run.prefix + name for run in _archive.walk_runs(str(tree)) for name in run.names]
+        assert walked == ["sub", "sub/a.bin", "sub/b.bin", "sub/c.bin"]
+        return
+    message = {
+        "deleted": "sub/b.bin disappeared while",
+        "now-a-folder": r"sub/b.bin was replaced while .* \(a file became a folder\)",
+        "now-a-symlink": r"sub/b.bin was replaced while .* \(a file became a symlink\)",
+    }[change]
+    with pytest.raises(SourceChangedError, match=message):
+        list(_archive.walk_runs(str(tree)))

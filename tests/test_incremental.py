@@ -844,6 +844,63 @@ def test_unchanged_files_are_not_read_again(store: StoreCase, tmp_path: Path, mo
     assert snapshot(restore(store.uri("ckpt"), tmp_path / "restored")) == snapshot(tree)
 
 
+def test_files_whose_mode_type_or_neighbours_changed_since_the_parent_are_saved_as_they_are_now(
+    store: StoreCase, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A save tells the files unchanged since its parent a run of siblings at a time; whatever
+    breaks a run (a file deleted or added between unchanged ones, a mode changed, a folder that is
+    now a file and the reverse, a file that became a hard link) is saved as it is now."""
+    tree = tmp_path / "tree"
+    rng = random.Random(3)
+    (tree / "d").mkdir(parents=True)
+    for number in range(30):
+        (tree / "d" / f"f{number:02d}.bin").write_bytes(rng.randbytes(rng.randrange(1, 40_000)))
+    (tree / "was-a-folder").mkdir()
+    (tree / "was-a-folder" / "inside.bin").write_bytes(b"inside")
+    (tree / "was-a-file").write_bytes(b"a file")
+    with Checkpoint(store.uri("ckpt"), incremental=True) as cp:
+        cp.save_sync(tree)
+        first = anyio.run(_read, store.uri("ckpt"))
+        (tree / "d" / "f03.bin").chmod(0o600)  # mode only: not read again, saved with its new mode
+        (tree / "d" / "f07.bin").unlink()
+        (tree / "d" / "f07a.bin").write_bytes(b"added between unchanged files")
+        (tree / "d" / "f12.bin").write_bytes(rng.randbytes((tree / "d" / "f12.bin").stat().st_size))
+        os.link(tree / "d" / "f20.bin", tree / "d" / "f20z-link.bin")  # f20 now has two links
+        shutil.rmtree(tree / "was-a-folder")
+        (tree / "was-a-folder").write_bytes(b"now a file")
+        (tree / "was-a-file").unlink()
+        (tree / "was-a-file").mkdir()
+        (tree / "was-a-file" / "inside.bin").write_bytes(b"inside the new folder")
+        opened: list[str] = []
+        real_open = os.open
+
+        def recording_open(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+            if isinstance(path, str) and not flags & (os.O_WRONLY | os.O_RDWR | os.O_DIRECTORY):
+                opened.append(path)
+            return real_open(path, flags, *args, **kwargs)
+
+        monkeypatch.setattr(os, "open", recording_open)
+        cp.save_sync(tree)
+        monkeypatch.undo()
+    second = anyio.run(_read, store.uri("ckpt"))
+    assert first is not None and second is not None
+    # unchanged files (f20 and its new link: same inode, mtime and size) are taken from the parent unread
+    assert sorted(name for name in opened if not name.startswith(".")) == [
+        "f07a.bin",
+        "f12.bin",
+        "inside.bin",
+        "was-a-folder",
+    ]
+    number = second.paths.index("d/f03.bin")
+    assert second.modes[number] == 0o600
+    before = first.paths.index("d/f03.bin")
+    assert [second.chunk(index).hash for index in second.chunks_of(number)] == [
+        first.chunk(index).hash for index in first.chunks_of(before)
+    ]
+    assert chr(second.kinds[second.paths.index("d/f20z-link.bin")]) == "h"
+    assert snapshot(restore(store.uri("ckpt"), tmp_path / "restored")) == snapshot(tree)
+
+
 def test_a_partial_restore_fetches_only_the_chunks_of_the_files_it_picks(store: StoreCase, tmp_path: Path) -> None:
     tree = full_tree(tmp_path / "tree")
     with Checkpoint(store.uri("ckpt"), incremental=True) as cp:

@@ -16,14 +16,17 @@ A decoded manifest is columns too (arrays, one list of paths), not an object per
 
 from __future__ import annotations
 
+import operator
+import re
 import struct
 import sys
 import zlib
 from array import array
+from bisect import bisect_left
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from itertools import accumulate
+from itertools import accumulate, repeat
 from typing import Any
 
 import anyio.to_thread
@@ -59,6 +62,8 @@ _MAX_SAVE_ID = 256
 #: Entry types: folder, regular file, symlink, hard link (to a file listed before it).
 DIR, FILE, SYMLINK, HARDLINK = "d", "f", "l", "h"
 _KINDS = b"dflh"
+#: An entry type other than a file's, in a column of types.
+_NOT_FILE = re.compile(rb"[^f]")
 
 Hash = bytes
 
@@ -303,11 +308,14 @@ def encode(manifest: Manifest) -> bytes:
         put(_le(manifest.sizes[start:end]))
         put(manifest.codecs[start:end])
     first, links = manifest.first, manifest.links
+    linked = sorted(links)
     for start in range(0, manifest.entry_count, BLOCK):
         end = min(start + BLOCK, manifest.entry_count)
-        paths = [_encode_path(path) for path in manifest.paths[start:end]]
-        targets = [_encode_path(links[number]) if number in links else b"" for number in range(start, end)]
-        counts = array("I", (first[number + 1] - first[number] for number in range(start, end)))
+        paths = [path.encode("utf-8", "surrogateescape") for path in manifest.paths[start:end]]
+        targets = [b""] * (end - start)
+        for number in linked[bisect_left(linked, start) : bisect_left(linked, end)]:
+            targets[number - start] = _encode_path(links[number])
+        counts = array("I", map(operator.sub, first[start + 1 : end + 1], first[start:end]))
         put(manifest.kinds[start:end])
         put(_le(manifest.modes[start:end]))
         put(_le(manifest.mtimes[start:end]))
@@ -474,10 +482,10 @@ def _read_entries(stream: _Stream, manifest: Manifest, count: int, chunk_count: 
     counts = stream.column("I", count)
     path_lengths = stream.column("I", count)
     link_lengths = stream.column("I", count)
-    file = ord(FILE)
-    for kind, size, chunks in zip(kinds, sizes, counts, strict=True):
-        if chunks and (kind != file or chunks > size // _cdc.MINIMUM + 1):
-            raise ValueError("an entry names more chunks than its size allows")
+    # a file has at most size // MINIMUM + 1 chunks, any other entry none (C-level maps: no Python per entry)
+    most = map(operator.add, map(operator.floordiv, sizes, repeat(_cdc.MINIMUM)), repeat(1))
+    if any(map(operator.gt, counts, most)) or any(counts[other.start()] for other in _NOT_FILE.finditer(kinds)):
+        raise ValueError("an entry names more chunks than its size allows")
     blob = stream.read(sum(path_lengths))
     ends = list(accumulate(path_lengths))
     starts = [0, *ends[:-1]]
@@ -502,8 +510,7 @@ def _read_entries(stream: _Stream, manifest: Manifest, count: int, chunk_count: 
     manifest.mtimes += mtimes
     manifest.file_sizes += sizes
     manifest.inodes += inodes
-    base = manifest.first[-1]
-    manifest.first += array("Q", (base + end for end in accumulate(counts)))
+    manifest.first += array("Q", accumulate(counts, initial=manifest.first[-1]))[1:]
     manifest.used += used
 
 

@@ -8,7 +8,9 @@ import collections
 import contextlib
 import errno
 import logging
+import operator
 import os
+import re
 import stat
 import struct
 import time
@@ -16,6 +18,7 @@ import uuid
 from array import array
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
+from itertools import repeat
 from pathlib import Path
 
 import anyio
@@ -51,6 +54,8 @@ PACK_SIZE = 32 * 1024 * 1024
 _BATCH_BYTES = 2 * 1024 * 1024
 _BATCH_CHUNKS = 512
 _ENTRY_MASK = (1 << 40) - 1
+#: What of an entry's ``lstat`` tells a file unchanged since a parent (with :attr:`_Parents.keys`).
+_STAT_KEY = operator.attrgetter("st_mtime_ns", "st_size", "st_ino", "st_nlink", "st_mode")
 
 
 def _new_save_id() -> str:
@@ -59,24 +64,51 @@ def _new_save_id() -> str:
 
 class _Parents:
     """What the parents of a save stored (their manifests, as read), and how a file of the tree
-    is looked up in them: by path, in the first manifest holding a file of that path."""
+    is looked up in them: by path, in the first manifest holding a file of that path.
+
+    The first parent is the one nearly every file of a tree saved again is unchanged since; its
+    lookups are built for being done a run of siblings at a time (C-level maps, no Python per
+    file): ``numbers`` (every entry's number by path) and ``keys`` (what ``_STAT_KEY`` of the file's
+    ``lstat`` is while it is unchanged since then). Later parents are looked up one file at a time.
+    """
 
     def __init__(self, manifests: list[Manifest]) -> None:
         self.manifests = manifests
+        first = manifests[0] if manifests else Manifest()
+        #: path -> entry number in the first parent (every entry: only a file's key can match)
+        self.numbers: dict[str, int] = dict(zip(first.paths, range(first.entry_count), strict=True))
+        regular = stat.S_IFREG
+        #: entry number -> (mtime, size, inode, links, mode) of the first parent's file, as an
+        #: ``lstat`` of the same file shows it while unchanged (one link, a regular file of the
+        #: same permissions); ``None`` for other entries, and at the end (the number of a path not found)
+        self.keys: list[tuple[int, int, int, int, int] | None] = list(
+            zip(first.mtimes, first.file_sizes, first.inodes, repeat(1), map(regular.__or__, first.modes), strict=False)
+        )
+        for other in re.finditer(rb"[^" + FILE.encode() + rb"]", first.kinds):
+            self.keys[other.start()] = None
+        self.keys.append(None)
+        #: per parent after the first: path -> entry number of its files
         file = ord(FILE)
-        #: path -> the parent's number << 40 | the entry's number in it
-        self.files: dict[str, int] = {}
-        for number, manifest in enumerate(manifests):
-            files = {
-                path: number << 40 | entry
+        self.later = [
+            {
+                path: entry
                 for entry, (path, kind) in enumerate(zip(manifest.paths, manifest.kinds, strict=True))
                 if kind == file
             }
-            if not self.files:
-                self.files = files
-            else:
-                for path, found in files.items():
-                    self.files.setdefault(path, found)
+            for manifest in manifests[1:]
+        ]
+
+    def find(self, rel: str) -> int | None:
+        """The file ``rel`` in the first parent holding a file of that path, as the parent's number
+        << 40 | the entry's number in it; ``None`` when no parent holds one."""
+        number = self.numbers.get(rel)
+        if number is not None and self.keys[number] is not None:
+            return number
+        for parent, files in enumerate(self.later, 1):
+            number = files.get(rel)
+            if number is not None:
+                return parent << 40 | number
+        return None
 
 
 class _Packer:
@@ -125,8 +157,9 @@ class _Packer:
         #: packs' indices in ``out``. The first parent's rows are ``out``'s first rows, as they are.
         self.remap = [array("q", [-1]) * manifest.chunk_count for manifest in parents.manifests[1:]]
         self.pack_map = [array("q", [-1]) * len(manifest.pack_names) for manifest in parents.manifests[1:]]
-        #: Parent chunks by hash (the first parent's first), built when a file must be read.
-        self.parent_rows: dict[Hash, tuple[int, int]] | None = None
+        #: Parent chunks by hash (the first parent's first), as the parent's number << 40 | the
+        #: chunk's row in it; built when a file must be read.
+        self.parent_rows: dict[Hash, int] | None = None
         #: Rows of ``out`` holding the chunks this save packed, by hash.
         self.new_rows: dict[Hash, int] = {}
         #: The pack being filled, as its pieces (joined once, when it is full: no growing buffer),
@@ -156,14 +189,15 @@ class _Packer:
         return digest in self.parent_rows or digest in self.new_rows
 
     def _index_parents(self) -> None:
-        rows: dict[Hash, tuple[int, int]] = {}
+        rows: dict[Hash, int] = {}
         # a row of each hash, the first parent's where several hold it
         for number, manifest in reversed(list(enumerate(self.parents.manifests))):
             hashes = bytes(manifest.hashes)
+            base = number << 40
             rows.update(
                 zip(
                     [hashes[at : at + HASH_BYTES] for at in range(0, len(hashes), HASH_BYTES)],
-                    zip([number] * manifest.chunk_count, range(manifest.chunk_count), strict=True),
+                    range(base, base + manifest.chunk_count),
                     strict=True,
                 )
             )
@@ -183,8 +217,8 @@ class _Packer:
         assert self.parent_rows is not None
         digest = bytes(manifest.hashes[index * HASH_BYTES : (index + 1) * HASH_BYTES])
         canonical = self.parent_rows[digest]
-        if canonical != (parent, index):
-            row = remap[index] = self._take(*canonical)
+        if canonical != parent << 40 | index:
+            row = remap[index] = self._take(canonical >> 40, canonical & _ENTRY_MASK)
             return row
         out = self.out
         pack = manifest.chunk_pack[index]
@@ -239,7 +273,7 @@ class _Packer:
         assert self.parent_rows is not None
         known = self.parent_rows.get(digest)
         if known is not None:
-            return self._take(*known)
+            return self._take(known >> 40, known & _ENTRY_MASK)
         row = self.new_rows.get(digest)
         if row is not None:
             return row
@@ -288,10 +322,8 @@ class _Packer:
             ) as walk,
         ):
             self.pool = pool
-            unchanged = _Unchanged(self.out, self.parents.manifests[0] if self.parents.manifests else None)
             for fd, prefix, names, stats in walk:
-                self._run(fd, [prefix + name for name in names], names, stats, top, unchanged)
-            unchanged.flush(self.meter)
+                self._run(fd, prefix, names, stats, top)
             self._submit()
             while self.in_flight:
                 self._drain_one()
@@ -299,65 +331,88 @@ class _Packer:
         _compact(self.out)
         return self.out
 
-    def _run(
-        self,
-        fd: int,
-        rels: list[str],
-        names: list[str],
-        stats: list[os.stat_result],
-        top: str,
-        unchanged: _Unchanged,
-    ) -> None:
-        """One run of siblings (see :func:`_archive.walk_runs`). Files unchanged since the first
-        parent, the bulk of a tree saved again, are collected and added to ``out`` together."""
+    def _run(self, fd: int, prefix: str, names: list[str], stats: list[os.stat_result], top: str) -> None:
+        """One run of siblings (see :func:`_archive.walk_runs`). The files unchanged since the first
+        parent, the bulk of a tree saved again, are told by comparing the run's ``lstat`` keys with
+        the parent's in C-level maps, and added in slices; the others one at a time."""
+        parents = self.parents
+        rels = list(map(prefix.__add__, names))
+        found = list(map(parents.numbers.get, rels, repeat(-1)))  # -1: past the end of ``keys``
+        same = list(map(operator.eq, map(parents.keys.__getitem__, found), map(_STAT_KEY, stats)))
+        count = len(rels)
+        start = 0
+        while start < count:
+            try:
+                stop = same.index(False, start)
+            except ValueError:
+                stop = count
+            if stop > start:
+                self._add_unchanged(found[start:stop], rels[start:stop])
+            if stop < count:
+                self._entry(fd, rels[stop], names[stop], stats[stop], top)
+            start = stop + 1
+
+    def _add_unchanged(self, numbers: list[int], rels: list[str]) -> None:
+        """Add the files ``rels``, unchanged since the first parent (its entries ``numbers``, in
+        increasing order): their columns copied as slices of the parent's, their chunk rows the
+        parent's own (see :func:`_copy_chunk_table`), no file read."""
+        parent, out = self.parents.manifests[0], self.out
+        out.paths += rels
+        out.kinds += FILE.encode() * len(rels)
+        first, used = parent.first, parent.used
+        # consecutive runs of entry numbers (a file deleted since the parent breaks one)
+        breaks = list(map(operator.ne, map(operator.sub, numbers[1:], numbers), repeat(1)))
+        at = 0
+        while at < len(numbers):
+            try:
+                end = breaks.index(True, at) + 1
+            except ValueError:
+                end = len(numbers)
+            low, high = numbers[at], numbers[end - 1] + 1
+            out.modes += parent.modes[low:high]
+            out.mtimes += parent.mtimes[low:high]
+            out.file_sizes += parent.file_sizes[low:high]
+            out.inodes += parent.inodes[low:high]
+            start = first[low]
+            shift = len(out.used) - start
+            out.used += used[start : first[high]]
+            out.first.extend(map(shift.__add__, first[low + 1 : high + 1]))
+            self.meter.read(sum(parent.file_sizes[low:high]))
+            at = end
+
+    def _entry(self, fd: int, rel: str, name: str, st: os.stat_result, top: str) -> None:
+        """One entry that is not a file unchanged since the first parent (with the same mode)."""
         out = self.out
-        files = self.parents.files
-        parents = self.parents.manifests
-        first_parent = parents[0] if parents else None
-        mtimes = first_parent.mtimes if first_parent is not None else None
-        sizes = first_parent.file_sizes if first_parent is not None else None
-        inodes = first_parent.inodes if first_parent is not None else None
-        numbers, kept_rels, kept_modes = unchanged.numbers, unchanged.rels, unchanged.modes
-        for rel, name, st in zip(rels, names, stats, strict=True):
-            mode = st.st_mode
-            if stat.S_ISREG(mode):
-                found = files.get(rel)
-                if st.st_nlink == 1 and found is not None and found <= _ENTRY_MASK:
-                    assert mtimes is not None and sizes is not None and inodes is not None
-                    if mtimes[found] == st.st_mtime_ns and sizes[found] == st.st_size and inodes[found] == st.st_ino:
-                        numbers.append(found)  # unchanged since the first parent: its chunks, not read
-                        kept_rels.append(rel)
-                        kept_modes.append(stat.S_IMODE(mode))
-                        continue
-                unchanged.flush(self.meter)
-                if st.st_nlink > 1:
-                    inode = (st.st_dev, st.st_ino)
-                    if inode in self.links:
-                        out.add_entry(rel, HARDLINK, stat.S_IMODE(mode), st.st_mtime_ns, link=self.links[inode])
-                        continue
-                    self.links[inode] = rel
-                if found is not None and self._same_as_parent(found, rel, st):
-                    continue
-                self._file(_archive.Entry(rel, name, fd, st), top + rel, stat.S_IMODE(mode))
-                continue
-            unchanged.flush(self.meter)
-            if stat.S_ISDIR(mode):
-                out.add_entry(rel, DIR, stat.S_IMODE(mode), st.st_mtime_ns)
-            elif stat.S_ISLNK(mode):
-                try:
-                    target = os.readlink(name, dir_fd=fd)
-                except FileNotFoundError as error:
-                    raise SourceChangedError(
-                        f"{top + rel} disappeared while {self.uri} was being saved", uri=self.uri
-                    ) from error
-                _archive._check_link(str(self.root), rel, target, self.uri)
-                out.add_entry(rel, SYMLINK, stat.S_IMODE(mode), st.st_mtime_ns, link=target)
-            else:
-                logger.warning("skipping %s %s (it holds no data to save)", _archive.file_type(mode), top + rel)
+        mode = st.st_mode
+        if stat.S_ISREG(mode):
+            if st.st_nlink > 1:
+                inode = (st.st_dev, st.st_ino)
+                if inode in self.links:
+                    out.add_entry(rel, HARDLINK, stat.S_IMODE(mode), st.st_mtime_ns, link=self.links[inode])
+                    return
+                self.links[inode] = rel
+            found = self.parents.find(rel)
+            if found is not None and self._same_as_parent(found, rel, st):
+                return
+            self._file(_archive.Entry(rel, name, fd, st), top + rel, stat.S_IMODE(mode))
+        elif stat.S_ISDIR(mode):
+            out.add_entry(rel, DIR, stat.S_IMODE(mode), st.st_mtime_ns)
+        elif stat.S_ISLNK(mode):
+            try:
+                target = os.readlink(name, dir_fd=fd)
+            except FileNotFoundError as error:
+                raise SourceChangedError(
+                    f"{top + rel} disappeared while {self.uri} was being saved", uri=self.uri
+                ) from error
+            _archive._check_link(str(self.root), rel, target, self.uri)
+            out.add_entry(rel, SYMLINK, stat.S_IMODE(mode), st.st_mtime_ns, link=target)
+        else:
+            logger.warning("skipping %s %s (it holds no data to save)", _archive.file_type(mode), top + rel)
 
     def _same_as_parent(self, found: int, rel: str, st: os.stat_result) -> bool:
         """Add the file ``rel`` with its parent's chunks if it is unchanged since that parent (same
-        mtime, size and inode), one file at a time (a hard link, or a file of a later parent)."""
+        mtime, size and inode), one file at a time (a hard link, a file whose mode changed, or a
+        file of a later parent)."""
         parent, number = found >> 40, found & _ENTRY_MASK
         manifest = self.parents.manifests[parent]
         if (
@@ -415,51 +470,6 @@ class _Packer:
     def _read(self, length: int) -> None:
         self.meter.read(length)
         self.read_bytes += length
-
-
-class _Unchanged:
-    """Files unchanged since the first parent, waiting to be added to the new manifest together:
-    their entries' columns are copied in bulk, their chunk rows are the parent's own (see
-    :func:`_copy_chunk_table`), and no file is read."""
-
-    def __init__(self, out: Manifest, parent: Manifest | None) -> None:
-        self.out = out
-        self.parent = parent
-        #: The files' entry numbers in the parent, their paths and modes (which may have changed).
-        self.numbers: list[int] = []
-        self.rels: list[str] = []
-        self.modes: list[int] = []
-
-    def flush(self, meter: Meter) -> None:
-        """Add the waiting files to ``out``, in order (before any entry that follows them)."""
-        numbers = self.numbers
-        if not numbers:
-            return
-        parent, out = self.parent, self.out
-        assert parent is not None
-        count = len(numbers)
-        out.paths += self.rels
-        out.kinds += FILE.encode() * count
-        out.modes.extend(self.modes)
-        sizes = array("Q", map(parent.file_sizes.__getitem__, numbers))
-        out.mtimes.extend(map(parent.mtimes.__getitem__, numbers))
-        out.file_sizes.extend(sizes)
-        out.inodes.extend(map(parent.inodes.__getitem__, numbers))
-        first, used = parent.first, parent.used
-        if numbers[-1] - numbers[0] == count - 1:  # consecutive in the parent: one slice
-            start, end = first[numbers[0]], first[numbers[-1] + 1]
-            shift = len(out.used) - start
-            out.used += used[start:end]
-            out.first.extend(array("Q", [at + shift for at in first[numbers[0] + 1 : numbers[-1] + 2]]))
-        else:
-            out_used, out_first = out.used, out.first
-            for number in numbers:
-                out_used += used[first[number] : first[number + 1]]
-                out_first.append(len(out_used))
-        meter.read(sum(sizes))
-        numbers.clear()  # in place: callers hold these lists
-        self.rels.clear()
-        self.modes.clear()
 
 
 def _copy_chunk_table(parent: Manifest, out: Manifest) -> None:
