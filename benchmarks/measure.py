@@ -103,9 +103,17 @@ class Runner:
     """Runs steps one at a time with a fixed environment, logging each step's output to a file."""
 
     def __init__(
-        self, logs: Path, env: dict[str, str], server_cpu: Callable[[], float] | None = None, timeout: float = 1800
+        self,
+        logs: Path,
+        env: dict[str, str],
+        server_cpu: Callable[[], float] | None = None,
+        timeout: float = 1800,
+        cores: str | None = None,
     ) -> None:
+        """``cores``: a CPU list (``taskset -c``'s form, e.g. ``0``) each step runs on; the server
+        keeps running on every core."""
         self.logs = logs
+        self.cores = cores
         self.env = env
         self.server_cpu = server_cpu or (lambda: 0.0)
         self.timeout = timeout
@@ -128,6 +136,8 @@ class Runner:
             argv = [sys.executable, "-m", "benchmarks.worker", json.dumps({**step.spec, "result": str(result)})]
         else:
             argv = ["bash", "-c", "set -euo pipefail\n" + step.script]
+        if self.cores is not None:
+            argv = ["taskset", "-c", self.cores, *argv]  # taskset execs the step: same process
         server_before, machine_before = self.server_cpu(), machine_cpu_seconds()
         with open(log, "wb") as output:
             child = subprocess.Popen(

