@@ -487,27 +487,45 @@ def latest_checkpoint(
 
     Raises:
         AccessDeniedError: ``root``, or a folder under it that ``pattern`` looks into (``run-*``
-            of ``run-*/*.pt``, every folder with ``**``), cannot be read: it may hold the newest
-            checkpoint, so "none" would be a guess.
+            of ``run-*/*.pt``, every folder with ``**``), cannot be read, or a folder on the path
+            to ``root`` cannot be searched: it may hold the newest checkpoint, so "none" would be
+            a guess.
+        CheckpointError: Another error looking at them (the error named).
     """
     if root is None:
         return None
     base = Path(root)
-    if base.is_file():
-        return base if base.match(pattern.rsplit("/", 1)[-1]) else None
-    if not base.is_dir():
-        return None
-    _check_listable(base, pattern)
-    candidates = [path for path in base.glob(pattern) if path.is_file()]
-    if not candidates:
-        return None
-    if key is None:
+    try:
+        if base.is_file():
+            return base if base.match(pattern.rsplit("/", 1)[-1]) else None
+        if not base.is_dir():
+            return None
+        _check_listable(base, pattern)
+        candidates = [path for path in base.glob(pattern) if path.is_file()]
+        if not candidates:
+            return None
+        if key is None:
 
-        def default_key(path: Path) -> tuple[int, tuple[tuple[int, int | str], ...]]:
-            return path.stat().st_mtime_ns, _natural_key(path.relative_to(base).as_posix())
+            def default_key(path: Path) -> tuple[int, tuple[tuple[int, int | str], ...]]:
+                return path.stat().st_mtime_ns, _natural_key(path.relative_to(base).as_posix())
 
-        key = default_key
+            return max(candidates, key=default_key)
+    except CheckpointError:  # an AccessDeniedError is a PermissionError too: raised as it is
+        raise
+    except OSError as error:  # root's path not searchable, a file that went while it was looked at
+        raise _unlistable(error, base) from error
     return max(candidates, key=key)
+
+
+def _unlistable(error: OSError, base: Path, folder: str | None = None) -> CheckpointError:
+    """What an ``OSError`` met looking for the latest checkpoint under ``base`` (in ``folder``) is:
+    the checkpoint there is unknown, and "none" would make a task start over.
+    :class:`AccessDeniedError` for a permission denied, else :class:`CheckpointError`."""
+    shown = folder or error.filename or base
+    message = f"{shown}: cannot list it to find the latest checkpoint: {error.strerror or error}"
+    if isinstance(error, PermissionError):
+        return AccessDeniedError(message, uri=str(shown))
+    return CheckpointError(message, uri=str(shown))
 
 
 def _check_listable(base: Path, pattern: str) -> None:
@@ -522,11 +540,7 @@ def _check_listable(base: Path, pattern: str) -> None:
     def fail(error: OSError, folder: str | None = None) -> None:
         if isinstance(error, FileNotFoundError | NotADirectoryError):
             return  # gone while listed: it holds nothing now
-        shown = folder or error.filename or base
-        message = f"{shown}: cannot list it to find the latest checkpoint: {error.strerror or error}"
-        if isinstance(error, PermissionError):
-            raise AccessDeniedError(message, uri=str(shown)) from error
-        raise CheckpointError(message, uri=str(shown)) from error
+        raise _unlistable(error, base, folder) from error
 
     try:
         os.scandir(base).close()

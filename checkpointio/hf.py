@@ -30,6 +30,7 @@ from typing import Any
 
 from . import _placement
 from ._checkpoint import Checkpoint
+from ._exceptions import CheckpointError
 from ._placement import placing
 from ._training import FolderSaver
 
@@ -53,8 +54,25 @@ def checkpoint_folders(output_dir: str | Path) -> list[Path]:
     Ordered by the step number in the name (``checkpoint-10`` after ``checkpoint-9``), not by name
     or modification time: a restore may give every folder the same time. An ``output_dir`` that does
     not exist has none.
+
+    Raises:
+        AccessDeniedError: ``output_dir`` (or a folder on its path) may not be listed or searched.
+        CheckpointError: Another error listing it (a file where a folder must be: ``DestinationError``).
     """
     base = Path(output_dir)
+    try:
+        return _folders(base)
+    except FileNotFoundError as error:
+        if error.filename is not None and Path(error.filename) != base:
+            raise _unlistable(base, error) from error
+        return []  # removed while listed: it has none now
+    except OSError as error:
+        raise _unlistable(base, error) from error
+
+
+def _folders(base: Path) -> list[Path]:
+    """:func:`checkpoint_folders`, raising the ``OSError`` met (the callback's callers name the
+    checkpoint their work is for with :func:`placing`)."""
     if not base.is_dir():
         return []
     found: list[tuple[int, str, Path]] = []
@@ -63,6 +81,14 @@ def checkpoint_folders(output_dir: str | Path) -> list[Path]:
         if match is not None and child.is_dir() and not child.is_symlink():
             found.append((int(match[1]), child.name, child))
     return [path for _, _, path in sorted(found)]
+
+
+def _unlistable(base: Path, error: OSError) -> CheckpointError:
+    """The error :func:`checkpoint_folders` raises for ``error``, met listing ``base``: its folders
+    are unknown, and "none" would make a resume start over and retention keep the wrong ones."""
+    where = f" ({error.filename})" if error.filename is not None and Path(error.filename) != base else ""
+    message = f"{base}: could not list its checkpoint folders: {error.strerror or error}{where}"
+    return _placement.placement_error(error, message, str(base))
 
 
 def _place(restored: Path | None, output_dir: Path) -> None:
@@ -83,7 +109,7 @@ def _place(restored: Path | None, output_dir: Path) -> None:
         children = sorted(restored.iterdir())
         _placement.move_all([(child, output_dir / child.name) for child in children])
         names = {child.name for child in children}
-    for stale in checkpoint_folders(output_dir):
+    for stale in _folders(output_dir):
         if stale.name not in names:
             logger.warning("removing %s: it is not part of this run's stored checkpoint", stale)
             _placement.remove(stale)
@@ -244,7 +270,8 @@ class CheckpointioTrainerCallback(FolderSaver, TrainerCallback):
             with placing("put the restored checkpoint folders in place in", self.output_dir, uri, kept=restored):
                 _place(restored, self.output_dir)
             if restored is not None:
-                folders = checkpoint_folders(self.output_dir)
+                with placing("list the checkpoint folders in", self.output_dir, uri):
+                    folders = _folders(self.output_dir)
                 self.resumed_from = folders[-1] if folders else None
                 if self.resumed_from is None:
                     logger.warning("the restored folder has no checkpoint-<step> folder; starting over")
@@ -279,7 +306,7 @@ class CheckpointioTrainerCallback(FolderSaver, TrainerCallback):
                 _placement.remove(staging)
         dist.barrier()  # rank 0's output_dir is in place before any rank looks at a shared one
         with placing("list the checkpoint folders in", output_dir, uri):
-            folders = checkpoint_folders(output_dir)
+            folders = _folders(output_dir)
         self.resumed_from = folders[-1] if found and folders else None
 
     def _store_distributed(self, output_dir: Path, state: TrainerState) -> None:
@@ -329,7 +356,7 @@ class CheckpointioTrainerCallback(FolderSaver, TrainerCallback):
             keep.add(self.resumed_from)
         kept = {path.resolve() for path in keep}
         with placing("list the checkpoint folders in", output_dir, self.checkpoint.dest):
-            folders = checkpoint_folders(output_dir)
+            folders = _folders(output_dir)
         for old in folders[: -self.keep_last]:
             if old.resolve() not in kept:
                 with placing("remove the old checkpoint folder", old, self.checkpoint.dest):

@@ -38,6 +38,7 @@ from ._background import SaveHandle
 from ._checkpoint import Checkpoint, latest_checkpoint
 from ._config import TransferOptions
 from ._pending import Pending
+from ._placement import placing
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -154,7 +155,8 @@ def _read(restored: Path | None, map_location: Any, weights_only: bool) -> dict[
         candidates = [path for path in found if path is not None]
         if not candidates:
             return None
-        restored = max(candidates, key=lambda path: path.stat().st_mtime_ns)
+        with placing("compare the times of the checkpoint files in", restored, str(restored)):
+            restored = max(candidates, key=lambda path: path.stat().st_mtime_ns)
     state = _torch().load(restored, map_location=map_location, weights_only=weights_only)
     if not isinstance(state, dict):
         raise TypeError(f"{restored}: expected a state dictionary, found {type(state).__name__}")

@@ -422,3 +422,40 @@ def test_an_output_folder_retention_cannot_list_is_an_access_error_naming_it(tmp
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"{tmp_path / 'ckpt'}: could not list the checkpoint folders in {out}: Permission denied\n"
     assert not (tmp_path / "ckpt").exists()  # nothing saved: the save comes after retention
+
+
+def test_checkpoint_folders_of_a_folder_it_may_not_list_or_search_is_an_access_error(tmp_path: Path) -> None:
+    # Public, called by users' own resume logic: "none" for a folder it could not list would
+    # start the training over; a raw PermissionError would escape the CheckpointError hierarchy.
+    unlistable, unsearchable, behind = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    for out in (unlistable, unsearchable, behind / "out"):
+        (out / "checkpoint-3").mkdir(parents=True)
+    unlistable.chmod(0o000)  # neither listed nor searched
+    unsearchable.chmod(0o644)  # listed, its entries not looked at
+    behind.chmod(0o000)  # the output folder's parent: not searched
+    try:
+        result = run_script(
+            f"""
+            from checkpointio import AccessDeniedError
+            from checkpointio.hf import checkpoint_folders
+            for out in {[str(unlistable), str(unsearchable), str(behind / "out")]!r}:
+                try:
+                    print(checkpoint_folders(out))
+                except AccessDeniedError as error:
+                    print(error.uri, "|", error)
+            """,
+            tmp_path,
+            unprivileged=True,
+            HF_HUB_OFFLINE="1",
+        )
+    finally:
+        for folder in (unlistable, unsearchable, behind):
+            folder.chmod(0o755)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        f"{unlistable} | {unlistable}: could not list its checkpoint folders: Permission denied",
+        f"{unsearchable} | {unsearchable}: could not list its checkpoint folders: Permission denied "
+        f"({unsearchable / 'checkpoint-3'})",
+        f"{behind / 'out'} | {behind / 'out'}: could not list its checkpoint folders: Permission denied",
+    ]
+    assert names(checkpoint_folders(unsearchable)) == ["checkpoint-3"]  # readable again: it lists

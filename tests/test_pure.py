@@ -241,6 +241,38 @@ def test_latest_checkpoint_in_a_folder_it_cannot_list_is_an_access_error_not_non
     assert latest_checkpoint(run, pattern) in (hidden / "last.ckpt", hidden / "step.pt")
 
 
+def test_latest_checkpoint_behind_a_folder_it_may_not_search_is_an_access_error_not_a_raw_oserror(
+    tmp_path: Path,
+) -> None:
+    # The root itself cannot be looked at (its parent is not searchable): whether it is a file, a
+    # folder or nothing is unknown, which is no "none" either.
+    behind = tmp_path / "behind"
+    (behind / "run").mkdir(parents=True)
+    (behind / "run" / "last.ckpt").write_text("newest")
+    behind.chmod(0o000)
+    try:
+        result = run_script(
+            f"""
+            from checkpointio import AccessDeniedError, latest_checkpoint
+            for root in ({str(behind / "run")!r}, {str(behind / "run" / "last.ckpt")!r}):
+                try:
+                    print(latest_checkpoint(root))
+                except AccessDeniedError as error:
+                    print(error.uri, "|", error)
+            """,
+            tmp_path,
+            unprivileged=True,
+        )
+    finally:
+        behind.chmod(0o755)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        f"{behind / name} | {behind / name}: cannot list it to find the latest checkpoint: Permission denied"
+        for name in ("run", "run/last.ckpt")
+    ]
+    assert latest_checkpoint(behind / "run") == behind / "run" / "last.ckpt"
+
+
 def test_names_with_a_colon_that_do_not_look_like_a_scheme_are_local_paths() -> None:
     assert parse_location("run:7").key == os.path.join(os.getcwd(), "run:7")
     assert parse_location("./s3:/bucket/x").key == os.path.join(os.getcwd(), "s3:/bucket/x")  # said explicitly
