@@ -486,7 +486,7 @@ def _distributed_row(found: _manage.Distributed) -> dict[str, Any]:
         "kind": "distributed",
         "size": found.size,
         "crc32": None,
-        "world_size": found.summary.world_size,
+        "world_size": found.summary.world_size if found.summary is not None else None,
     }
 
 
@@ -525,35 +525,51 @@ async def _ls(cmd: _Command) -> None:
     if cmd.args.contents:
         await _ls_contents(cmd)
         return
-    infos = await _manage.list_checkpoints(cmd.args.prefix, cmd.config)
+    unread: set[str] = set()  # rows whose record or manifest the credentials may not read
+    infos = await _manage.list_checkpoints(cmd.args.prefix, cmd.config, unread)
     if not infos and not _empty_is_fine(cmd.args.prefix):
         raise _names_nothing(cmd.args.prefix)
-    distributed = await _manage.distributed_among(infos, cmd.config)
-    incremental = await _manage.incremental_among(infos, cmd.config)
+    distributed = await _manage.distributed_among(infos, cmd.config, unreadable=True)
+    unread.update(key for key, found in distributed.items() if found.summary is None)
+    incremental = await _manage.incremental_among(infos, cmd.config, unread)
     infos = [info for info in infos if not _manage.folded(info, distributed)]
     if cmd.args.json:
         _emit_json(
             [
-                _distributed_row(distributed[info.location.key])
-                if info.location.key in distributed
-                else _incremental_row(incremental[info.location.key])
-                if info.location.key in incremental
-                else _row(info)
+                {
+                    **(
+                        _distributed_row(distributed[info.location.key])
+                        if info.location.key in distributed
+                        else _incremental_row(incremental[info.location.key])
+                        if info.location.key in incremental
+                        else _row(info)
+                    ),
+                    "unread": info.location.key in unread,
+                }
                 for info in infos
             ]
         )
-        return
-    for info in infos:
-        found = distributed.get(info.location.key)
-        chunked = incremental.get(info.location.key)
-        if chunked is not None:
-            only = f"(only it: {_human(chunked.usage.exclusive)})"
-            print(f"incremental {chunked.size:>14} {_when(info.modified):<20} {info.location.uri} {only}")
-        elif found is None:
-            print(f"{_kind(info):<5} {info.size:>14} {_when(info.modified):<20} {info.location.uri}")
-        else:
-            world = f"(world size {found.summary.world_size})"
-            print(f"distributed {found.size:>14} {_when(info.modified):<20} {info.location.uri} {world}")
+    else:
+        for info in infos:
+            found = distributed.get(info.location.key)
+            chunked = incremental.get(info.location.key)
+            note = " (not read: access denied)" if info.location.key in unread else ""
+            if chunked is not None:
+                only = f"(only it: {_human(chunked.usage.exclusive)})"
+                print(f"incremental {chunked.size:>14} {_when(info.modified):<20} {info.location.uri} {only}")
+            elif found is None:
+                print(f"{_kind(info):<5} {info.size:>14} {_when(info.modified):<20} {info.location.uri}{note}")
+            else:
+                world = f" (world size {found.summary.world_size})" if found.summary is not None else note
+                print(f"distributed {found.size:>14} {_when(info.modified):<20} {info.location.uri}{world}")
+    shown = unread & {info.location.key for info in infos}
+    if shown:
+        logger.warning(
+            "%d of the checkpoints listed under %s could not be read (access denied: these credentials may list, "
+            "not read): shown as listed, their kind, size or world size unknown",
+            len(shown),
+            parse_prefix(cmd.args.prefix).uri,
+        )
 
 
 async def _rm(cmd: _Command) -> int:
@@ -570,8 +586,10 @@ async def _rm(cmd: _Command) -> int:
                 raise _names_nothing(prefix)
             for location in removal.removed:
                 print(f"{verb} {location.uri}", flush=True)
+            unread = set(removal.unread)
             for location in removal.skipped:
-                print(f"skipped {location.uri} (no checkpointio record: not removed)", flush=True)
+                why = "its record may not be read" if location in unread else "no checkpointio record"
+                print(f"skipped {location.uri} ({why}: not removed)", flush=True)
         return EXIT_OK
     for uri in args.uri:
         checkpoint_location(uri)  # a bad URI among them: nothing removed

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -24,10 +25,12 @@ import anyio.to_thread
 
 from . import _engine
 from ._config import TransferConfig
-from ._exceptions import ConcurrentModificationError, CorruptCheckpointError
+from ._exceptions import AccessDeniedError, ConcurrentModificationError, CorruptCheckpointError
 from ._location import Location
 from ._progress import ProgressCallback
 from ._stores import ObjectInfo, Store
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "DATA_SUFFIX",
@@ -39,10 +42,12 @@ __all__ = [
     "decode",
     "delete_save",
     "encode",
+    "is_data_of",
     "is_manifest",
     "read_summary",
     "rank_of",
     "remove",
+    "remove_checkpoint",
     "verify",
 ]
 
@@ -208,17 +213,27 @@ async def verify(
 async def delete_save(store: Store, location: Location, save_id: str) -> None:
     """Delete every data object (and unfinished write) of the save ``save_id`` of ``location``."""
     prefix = data_location(location, save_id + "/")
-    await _delete_under(store, prefix)
+    await _delete_data(store, location, prefix)
     if location.scheme == "file":
         await anyio.to_thread.run_sync(_remove_empty_folder, prefix.key)
 
 
-async def _delete_under(store: Store, prefix: Location) -> None:
-    """Delete every object under ``prefix`` and discard every unfinished write there."""
+def is_data_of(location: Location, key: str) -> bool:
+    """Whether ``key`` is the name of a data object a save of the checkpoint at ``location`` writes
+    (``<key>.dcp/<save-id>/rank-<n>``): only those are ever deleted under ``<key>.dcp/``."""
+    match = _DATA_KEY.fullmatch(key)
+    return match is not None and match["checkpoint"] == location.key
+
+
+async def _delete_data(store: Store, location: Location, prefix: Location) -> None:
+    """Delete the data objects of ``location`` under ``prefix`` and discard the unfinished writes
+    of such objects there; anything else under it (a user's object) stays."""
     for info in await store.list(prefix):
-        await store.delete(info.location)
+        if is_data_of(location, info.location.key):
+            await store.delete(info.location)
     for write in await store.pending(prefix):
-        await store.discard(write)
+        if is_data_of(location, write.location.key):
+            await store.discard(write)
 
 
 def _remove_empty_folder(folder: str) -> None:
@@ -230,10 +245,38 @@ async def remove(store: Store, location: Location) -> None:
     """Remove the distributed checkpoint at ``location``: its manifest first (it disappears at
     once), then the data of every save under it, committed or not."""
     await store.delete(location)
+    await _remove_data(store, location)
+
+
+async def _remove_data(store: Store, location: Location) -> None:
     prefix = data_prefix(location)
-    await _delete_under(store, prefix)
+    await _delete_data(store, location, prefix)
     if location.scheme == "file":
         await anyio.to_thread.run_sync(_remove_empty_tree, prefix.key)
+
+
+async def remove_checkpoint(store: Store, location: Location, config: TransferConfig) -> bool:
+    """Remove the checkpoint at ``location``, a distributed one with its data (its manifest first:
+    it disappears at once); whether there was an object there.
+
+    With credentials that may delete and list but not read (S3 without ``s3:GetObject``) the
+    manifest cannot be read: the object goes, then every data object listed under ``<key>.dcp/``
+    (only names a distributed save writes), so no data is ever left behind once its manifest is
+    gone.
+    """
+    try:
+        summary = await read_summary(store, location, config)
+    except CorruptCheckpointError:  # a garbled manifest: removed as the object it is
+        summary = None
+    except AccessDeniedError:
+        if not await store.delete(location):
+            return False  # data without a manifest is no checkpoint: gc's to collect
+        await _remove_data(store, location)
+        return True
+    if summary is not None:
+        await remove(store, location)
+        return True
+    return await store.delete(location)
 
 
 def _remove_empty_tree(top: str) -> None:
@@ -290,6 +333,9 @@ async def collect(
             try:
                 summary = await read_summary(store, one.checkpoint, config)
             except CorruptCheckpointError:  # a garbled manifest: its data is kept, for whoever repairs it
+                live[key] = _UNKNOWN
+            except AccessDeniedError as error:  # may list, not read: which save it commits is unknown
+                logger.warning("kept the data of the distributed saves of %s: %s", one.checkpoint.uri, error)
                 live[key] = _UNKNOWN
             else:
                 live[key] = summary.save_id if summary is not None else None

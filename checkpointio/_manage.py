@@ -55,9 +55,10 @@ __all__ = [
 _HEADS_AT_ONCE = 16
 
 
-async def list_checkpoints(prefix: str, config: TransferConfig) -> list[ObjectInfo]:
+async def list_checkpoints(prefix: str, config: TransferConfig, unread: set[str] | None = None) -> list[ObjectInfo]:
     """The objects under ``prefix`` with their records (kind, size, CRC32) where they have one and
-    the credentials may read them."""
+    the credentials may read them; the keys of those whose record they may not read are added to
+    ``unread``."""
     location = parse_prefix(prefix)
     store = await open_store(location.scheme, config)
     infos = await store.list(location)
@@ -68,8 +69,10 @@ async def list_checkpoints(prefix: str, config: TransferConfig) -> list[ObjectIn
         async with slots:
             try:
                 found = await store.head(info.location)
-            except AccessDeniedError:
-                return  # may list, not read (only s3:ListBucket): the row as listed, kind unknown
+            except AccessDeniedError:  # may list, not read (only s3:ListBucket): the row as listed, kind unknown
+                if unread is not None:
+                    unread.add(info.location.key)
+                return
         full[index] = found  # None: removed since it was listed
 
     with one_error():  # one failed HEAD: its StoreError, not an exception group
@@ -86,21 +89,32 @@ class Distributed:
 
     Attributes:
         manifest: The object at its URI.
-        summary: What its manifest says (save id, world size, data objects).
+        summary: What its manifest says (save id, world size, data objects); ``None`` where the
+            credentials may list and not read it (known by its data objects listed).
+        listed: The bytes of the data objects listed under it (every save's), for a ``summary``
+            unknown.
     """
 
     manifest: ObjectInfo
-    summary: _dcp_layout.Summary
+    summary: _dcp_layout.Summary | None
+    listed: int = 0
 
     @property
     def size(self) -> int:
-        """The manifest's and the committed data objects' bytes."""
-        return self.manifest.size + self.summary.data_size
+        """The manifest's and the committed data objects' bytes (unread: every listed data
+        object's)."""
+        return self.manifest.size + (self.summary.data_size if self.summary is not None else self.listed)
 
 
-async def distributed_among(infos: list[ObjectInfo], config: TransferConfig) -> dict[str, Distributed]:
+async def distributed_among(
+    infos: list[ObjectInfo], config: TransferConfig, *, unreadable: bool = False
+) -> dict[str, Distributed]:
     """The distributed checkpoints among ``infos`` (a listing), by key: the objects that have data
-    objects listed under ``<key>.dcp/`` and hold a manifest (only those are read)."""
+    objects listed under ``<key>.dcp/`` and hold a manifest (only those are read).
+
+    ``unreadable``: a manifest the credentials may not read is one too, its ``summary`` ``None``
+    (else its ``AccessDeniedError`` is raised).
+    """
     keys = sorted(info.location.key for info in infos)
     found: dict[str, Distributed] = {}
     for info in infos:
@@ -116,6 +130,12 @@ async def distributed_among(infos: list[ObjectInfo], config: TransferConfig) -> 
             summary = await _dcp_layout.read_summary(store, info.location, config)
         except CorruptCheckpointError:
             continue  # listed as the object it is; verify says what is wrong
+        except AccessDeniedError:
+            if not unreadable:
+                raise
+            listed = sum(one.size for one in infos if _dcp_layout.is_data_of(info.location, one.location.key))
+            found[key] = Distributed(info, None, listed)
+            continue
         if summary is not None:
             found[key] = Distributed(info, summary)
     return found
@@ -200,9 +220,15 @@ class Incremental:
         return self.manifest.size + self.usage.referenced
 
 
-async def incremental_among(infos: list[ObjectInfo], config: TransferConfig) -> dict[str, Incremental]:
+async def incremental_among(
+    infos: list[ObjectInfo], config: TransferConfig, unread: set[str] | None = None
+) -> dict[str, Incremental]:
     """The incremental checkpoints among ``infos`` (a listing), by key, with what each references
-    and holds alone (every manifest of their folders is read: sharing is per folder)."""
+    and holds alone (every manifest of their folders is read: sharing is per folder).
+
+    With ``unread`` given, a folder whose manifests the credentials may not read is left out, its
+    objects' keys added to ``unread`` (else its ``AccessDeniedError`` is raised).
+    """
     found: dict[str, Incremental] = {}
     areas = _incremental.areas_under(infos)
     for area in areas.values():
@@ -211,6 +237,16 @@ async def incremental_among(infos: list[ObjectInfo], config: TransferConfig) -> 
             manifests = await _incremental.manifests_beside(store, area, config)
         except CorruptCheckpointError:
             continue  # listed as the objects they are; verify says what is wrong
+        except AccessDeniedError:
+            if unread is None:
+                raise
+            folder = _incremental.folder_of(area).key
+            unread.update(
+                info.location.key
+                for info in infos
+                if info.location.key.startswith(folder) and "/" not in info.location.key[len(folder) :]
+            )
+            continue
         usage = _incremental.usage(manifests)
         for info in infos:
             if info.location.key in usage:
@@ -222,24 +258,28 @@ async def remove(uri: str, config: TransferConfig, *, dry_run: bool = False) -> 
     """Delete the checkpoint at ``uri`` (with ``dry_run``, only check that there is one); a
     distributed one with its data (the manifest first: it disappears at once).
 
+    Credentials that may list and delete suffice (see :func:`._dcp_layout.remove_checkpoint`).
+
     Raises:
         CheckpointNotFoundError: There is none.
     """
     location = checkpoint_location(uri)
     store = await open_store(location.scheme, config)
     if dry_run:
-        found = await store.head(location) is not None
+        found = await _exists(store, location)
     else:
-        try:
-            summary = await _dcp_layout.read_summary(store, location, config)
-        except CorruptCheckpointError:  # a garbled manifest: removed as the object it is
-            summary = None
-        if summary is not None:
-            await _dcp_layout.remove(store, location)
-            return
-        found = await store.delete(location)
+        found = await _dcp_layout.remove_checkpoint(store, location, config)
     if not found:
         raise CheckpointNotFoundError(f"{location.uri}: no such checkpoint", uri=location.uri)
+
+
+async def _exists(store: Store, location: Location) -> bool:
+    """Whether there is an object at ``location``: a HEAD, or a listing where the credentials may
+    list and not read."""
+    try:
+        return await store.head(location) is not None
+    except AccessDeniedError:
+        return any(info.location.key == location.key for info in await store.list(location))
 
 
 async def refuse_foreign_file(uri: str, config: TransferConfig) -> None:
@@ -266,13 +306,17 @@ class Removal:
 
     removed: list[Location]
     skipped: list[Location]
+    #: Of ``skipped``, those whose record the credentials may not read (list, not read): checkpointio's
+    #: or not is unknown, so they are kept too.
+    unread: list[Location] = field(default_factory=list)
 
 
 async def remove_under(prefix: str, config: TransferConfig, *, dry_run: bool = False) -> Removal:
     """Delete every checkpoint under ``prefix`` that checkpointio wrote (one with its record).
 
     Objects and files without checkpointio's record (a user's files in a local folder, objects
-    other tools wrote) are never deleted: they are returned as skipped (``rm URI`` removes one).
+    other tools wrote) are never deleted: they are returned as skipped (``rm URI`` removes one),
+    as are those whose record the credentials may not read (S3 without ``s3:GetObject``).
 
     Raises:
         DestinationError: A local ``prefix`` covers ``/``, the current or home folder or one of
@@ -280,14 +324,16 @@ async def remove_under(prefix: str, config: TransferConfig, *, dry_run: bool = F
     """
     location = parse_prefix(prefix)
     refuse_sweeping(location, "remove the checkpoints under")
-    infos = await list_checkpoints(prefix, config)
+    unread: set[str] = set()
+    infos = await list_checkpoints(prefix, config, unread)
     ours = [info.location for info in infos if info.record is not None]
     skipped = [info.location for info in infos if info.record is None]
+    kept = [found for found in skipped if found.key in unread]
     if dry_run:
-        return Removal(ours, skipped)
+        return Removal(ours, skipped, kept)
     store = await open_store(location.scheme, config)
     removed = [found for found in ours if await store.delete(found)]  # False: removed meanwhile
-    return Removal(removed, skipped)
+    return Removal(removed, skipped, kept)
 
 
 async def verify(uri: str, config: TransferConfig, on_progress: ProgressCallback | None = None) -> ObjectInfo:

@@ -47,7 +47,6 @@ from ._config import TransferConfig, TransferOptions
 from ._exceptions import (
     BackgroundSaveError,
     CheckpointError,
-    CorruptCheckpointError,
     InvalidNameError,
     NoCheckpointError,
 )
@@ -305,14 +304,7 @@ class _Run:
 
 async def _delete_attempt(store: Store, location: Location, config: TransferConfig) -> None:
     """Delete an attempt's checkpoint; a distributed one with its data."""
-    try:
-        summary = await _dcp_layout.read_summary(store, location, config)
-    except CorruptCheckpointError:
-        summary = None
-    if summary is not None:
-        await _dcp_layout.remove(store, location)
-    else:
-        await store.delete(location)
+    await _dcp_layout.remove_checkpoint(store, location, config)
 
 
 #: Retention removes the packs of incremental attempts it deleted once they are this old (and no

@@ -979,8 +979,8 @@ async def _latest(prefix: str, config: TransferConfig) -> str | None:
     found = await _manage.distributed_among(await _manage.list_checkpoints(prefix, config), config)
     if not found:
         return None
-    newest = max(found.values(), key=lambda one: one.summary.save_id)
-    return newest.manifest.location.uri
+    saves = {one.summary.save_id: one.manifest.location.uri for one in found.values() if one.summary is not None}
+    return saves[max(saves)]
 
 
 def _newest_source(checkpoint: Checkpoint, **options: Unpack[TransferOptions]) -> str | None:

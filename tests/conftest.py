@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -125,6 +126,61 @@ def moto_server() -> Iterator[MotoServer]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@dataclass
+class GuardedS3:
+    """A moto server that enforces the IAM policies of the users it made (:func:`guarded_s3`).
+
+    moto names listing actions by operation (``s3:ListObjectsV2``) where IAM has
+    ``s3:ListBucket``; a HEAD is ``s3:GetObject`` in both. :data:`LISTING` grants either.
+    """
+
+    endpoint: str
+    admin: dict[str, str]  # the environment of a user allowed everything
+
+    #: Listing objects and unfinished uploads, under both names.
+    LISTING = ("s3:ListBucket", "s3:ListObjectsV2", "s3:ListMultipartUploads", "s3:ListBucketMultipartUploads")
+
+    def client(self, service: str, keys: dict[str, str]) -> Any:
+        import boto3
+
+        return boto3.client(
+            service,
+            endpoint_url=self.endpoint,
+            region_name="us-east-1",
+            aws_access_key_id=keys["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=keys["AWS_SECRET_ACCESS_KEY"],
+        )
+
+    def principal(self, name: str, actions: Iterable[str], keys: dict[str, str] | None = None) -> dict[str, str]:
+        """A new user allowed only ``actions`` (on every resource): the environment that signs as it."""
+        iam = self.client("iam", keys or self.admin)
+        iam.create_user(UserName=name)
+        statement = {"Effect": "Allow", "Action": list(actions), "Resource": "*"}
+        policy = json.dumps({"Version": "2012-10-17", "Statement": [statement]})
+        iam.put_user_policy(UserName=name, PolicyName="only", PolicyDocument=policy)
+        key = iam.create_access_key(UserName=name)["AccessKey"]
+        return {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
+
+    def new_bucket(self) -> str:
+        bucket = f"guarded-{uuid.uuid4().hex[:16]}"
+        self.client("s3", self.admin).create_bucket(Bucket=bucket)
+        return bucket
+
+
+@pytest.fixture(scope="session")
+def guarded_s3() -> Iterator[GuardedS3]:
+    """One IAM-enforcing moto server for the session, with its admin user (its first three
+    requests, which make that user, are the only ones not checked)."""
+    server = start_moto({"INITIAL_NO_AUTH_ACTION_COUNT": "3"})
+    try:
+        guarded = GuardedS3(server.endpoint, {})
+        nobody = {"AWS_ACCESS_KEY_ID": "unused", "AWS_SECRET_ACCESS_KEY": "unused"}
+        guarded.admin = guarded.principal("admin", ["*"], keys=nobody)
+        yield guarded
+    finally:
+        stop(server.process)
 
 
 @pytest.fixture

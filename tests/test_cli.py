@@ -18,7 +18,6 @@ import time
 import zlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -26,8 +25,9 @@ from checkpointio import Checkpoint, TransferConfig
 from checkpointio._cli import build_parser, parse_size
 from checkpointio._config import field_help
 
-from .conftest import MotoServer, StoreCase, free_port, make_tree, snapshot, start_moto, stop
+from .conftest import GuardedS3, MotoServer, StoreCase, free_port, make_tree, snapshot, start_moto, stop
 from .faultproxy import FaultProxy
+from .scripts import run_script
 
 SCRIPT = str(Path(sys.executable).with_name("checkpointio"))  # installed by pyproject's [project.scripts]
 SMALL_PARTS = ["--part-size", "5MiB", "--multipart-threshold", "5MiB"]
@@ -1012,59 +1012,121 @@ def test_a_distributed_checkpoint_is_listed_verified_removed_and_cleaned_up_whol
         assert not (Path(root) / "ckpt.dcp").exists() and not (Path(root) / "ckpt").exists()  # no folder left
 
 
-def test_a_principal_allowed_only_to_list_lists_checkpoints_and_runs(moto_server: MotoServer) -> None:
+def test_a_principal_allowed_only_to_list_lists_checkpoints_and_runs(guarded_s3: GuardedS3) -> None:
     """``ls`` and ``gc --dry-run`` need only the listing permission: listing a prefix that names a
     folder never HEADs the object of that name, and ``ls`` shows the rows it may not read as listed
-    (kind ``-``). moto enforces the IAM policies of the users it made (it names listing actions by
-    operation, ``s3:ListObjectsV2``, where IAM has ``s3:ListBucket``; a HEAD is ``s3:GetObject`` in both)."""
-    import boto3
+    (kind ``-``)."""
+    admin = guarded_s3.admin
+    lister = guarded_s3.principal("lister", GuardedS3.LISTING)
+    bucket = guarded_s3.new_bucket()
+    run = f"s3://{bucket}/e/job/7"
+    reach = ("--endpoint-url", guarded_s3.endpoint, "--max-attempts", "1")
+    for name in ("", "/attempt-0", "/attempt-1"):  # runs/7 itself too: the object of the folder's name
+        saved = cli("save", "-", run + name, *reach, stdin=b"step" + name.encode(), env=admin)
+        assert saved.returncode == 0, saved.stderr
+    with pytest.raises(Exception, match="403"):  # the lister may not read
+        guarded_s3.client("s3", lister).head_object(Bucket=bucket, Key="e/job/7")
 
-    guarded = start_moto({"INITIAL_NO_AUTH_ACTION_COUNT": "3"})  # the admin's user, policy and key
-    try:
+    listed = cli("ls", "--json", run, *reach, env=lister)
+    assert listed.returncode == 0, listed.stderr
+    rows = json.loads(listed.stdout)
+    assert [(row["uri"], row["kind"], row["size"]) for row in rows] == [
+        (run, None, 4),
+        (run + "/attempt-0", None, 14),
+        (run + "/attempt-1", None, 14),
+    ]
+    as_admin = json.loads(cli("ls", "--json", run, *reach, env=admin).stdout)
+    assert [row["kind"] for row in as_admin] == ["bytes"] * 3  # who may read sees the records
+    dry = cli("gc", f"s3://{bucket}/e", "--runs-older-than", "0", "--dry-run", *reach, env=lister)
+    assert dry.returncode == 0, dry.stderr
+    assert dry.stdout.startswith(f"would remove run {run} (last written "), dry.stdout
+    assert len(dry.stdout.splitlines()) == 1, dry.stdout
 
-        def principal(iam: Any, name: str, actions: list[str]) -> dict[str, str]:
-            iam.create_user(UserName=name)
-            statement = {"Effect": "Allow", "Action": actions, "Resource": "*"}
-            policy = json.dumps({"Version": "2012-10-17", "Statement": [statement]})
-            iam.put_user_policy(UserName=name, PolicyName="only", PolicyDocument=policy)
-            key = iam.create_access_key(UserName=name)["AccessKey"]
-            return {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
 
-        def client(service: str, keys: dict[str, str]) -> Any:
-            return boto3.client(
-                service,
-                endpoint_url=guarded.endpoint,
-                region_name="us-east-1",
-                aws_access_key_id=keys["AWS_ACCESS_KEY_ID"],
-                aws_secret_access_key=keys["AWS_SECRET_ACCESS_KEY"],
-            )
+def test_list_only_and_list_and_delete_principals_list_and_remove_distributed_and_incremental_checkpoints(
+    guarded_s3: GuardedS3, tmp_path: Path
+) -> None:
+    """Credentials that may list and not read: ``ls`` lists every checkpoint (a distributed one as
+    one row, its data folded, world size unknown) and says which it could not read; with delete
+    too, ``rm`` removes a distributed checkpoint with every data object of it, a user's object
+    beside them kept, and ``gc`` keeps the data whose manifest it may not read."""
+    pytest.importorskip("torch")
+    admin = guarded_s3.admin
+    lister = guarded_s3.principal("only-lister", GuardedS3.LISTING)
+    remover = guarded_s3.principal("remover", [*GuardedS3.LISTING, "s3:DeleteObject", "s3:AbortMultipartUpload"])
+    bucket = guarded_s3.new_bucket()
+    root = f"s3://{bucket}/r"
+    reach = ("--endpoint-url", guarded_s3.endpoint, "--max-attempts", "1")
+    saved = run_script(
+        f"""
+        import torch
+        from checkpointio.dcp import save
+        save({{"weight": torch.arange(1000.0)}}, {root + "/ckpt"!r}, endpoint_url={guarded_s3.endpoint!r})
+        """,
+        tmp_path,
+        unprivileged=False,
+        **admin,
+    )
+    assert saved.returncode == 0, saved.stderr
+    tree = tmp_path / "tree"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "sub" / "a.txt").write_bytes(b"incremental" * 100)
+    for args, stdin in (
+        (("save", "-", f"{root}/plain"), b"plain"),
+        (("save", "--incremental", str(tree), f"{root}/inc"), None),
+    ):
+        done = cli(*args, *reach, stdin=stdin, env=admin)
+        assert done.returncode == 0, done.stderr
+    s3 = guarded_s3.client("s3", admin)
+    s3.put_object(Bucket=bucket, Key="r/ckpt.dcp/notes.txt", Body=b"mine")  # a user's object among the data
 
-        nobody = {"AWS_ACCESS_KEY_ID": "unused", "AWS_SECRET_ACCESS_KEY": "unused"}
-        admin = principal(client("iam", nobody), "admin", ["*"])
-        listing = ["s3:ListBucket", "s3:ListObjectsV2", "s3:ListMultipartUploads", "s3:ListBucketMultipartUploads"]
-        lister = principal(client("iam", admin), "lister", listing)
-        client("s3", admin).create_bucket(Bucket="guarded-runs")
-        run = "s3://guarded-runs/e/job/7"
-        reach = ("--endpoint-url", guarded.endpoint, "--max-attempts", "1")
-        for name in ("", "/attempt-0", "/attempt-1"):  # runs/7 itself too: the object of the folder's name
-            saved = cli("save", "-", run + name, *reach, stdin=b"step" + name.encode(), env=admin)
-            assert saved.returncode == 0, saved.stderr
-        with pytest.raises(Exception, match="403"):  # the lister may not read
-            client("s3", lister).head_object(Bucket="guarded-runs", Key="e/job/7")
+    def keys() -> list[str]:
+        return sorted(item["Key"] for item in s3.list_objects_v2(Bucket=bucket).get("Contents", []))
 
-        listed = cli("ls", "--json", run, *reach, env=lister)
+    (data,) = [key for key in keys() if key.startswith("r/ckpt.dcp/") and key.endswith("/rank-0")]
+    sizes = {item["Key"]: item["Size"] for item in s3.list_objects_v2(Bucket=bucket)["Contents"]}
+    for who in (lister, remover):
+        listed = cli("ls", "--json", root + "/", *reach, env=who)
         assert listed.returncode == 0, listed.stderr
-        rows = json.loads(listed.stdout)
-        assert [(row["uri"], row["kind"], row["size"]) for row in rows] == [
-            (run, None, 4),
-            (run + "/attempt-0", None, 14),
-            (run + "/attempt-1", None, 14),
+        rows = [
+            (row["uri"], row["kind"], row["size"], row.get("world_size"), row["unread"])
+            for row in json.loads(listed.stdout)
         ]
-        as_admin = json.loads(cli("ls", "--json", run, *reach, env=admin).stdout)
-        assert [row["kind"] for row in as_admin] == ["bytes"] * 3  # who may read sees the records
-        dry = cli("gc", "s3://guarded-runs/e", "--runs-older-than", "0", "--dry-run", *reach, env=lister)
-        assert dry.returncode == 0, dry.stderr
-        assert dry.stdout.startswith(f"would remove run {run} (last written "), dry.stdout
-        assert len(dry.stdout.splitlines()) == 1, dry.stdout
-    finally:
-        stop(guarded.process)
+        assert rows == [
+            (f"{root}/ckpt", "distributed", sizes["r/ckpt"] + sizes[data], None, True),
+            (f"{root}/inc", None, sizes["r/inc"], None, True),
+            (f"{root}/plain", None, 5, None, True),
+        ]
+        assert "3 of the checkpoints listed under" in listed.stderr
+        text = cli("ls", root + "/", *reach, env=who)
+        assert text.returncode == 0, text.stderr
+        assert [line.split()[0] for line in text.stdout.splitlines()] == ["distributed", "-", "-"]
+        assert all(line.endswith(" (not read: access denied)") for line in text.stdout.splitlines()), text.stdout
+
+    as_admin = {row["uri"]: row for row in json.loads(cli("ls", "--json", root + "/", *reach, env=admin).stdout)}
+    # who may read sees the world size
+    assert [(row["kind"], row["world_size"], row["unread"]) for row in [as_admin[f"{root}/ckpt"]]] == [
+        ("distributed", 1, False)
+    ]
+
+    cleaned = cli("gc", root + "/", "--older-than", "0", *reach, env=remover)
+    assert cleaned.returncode == 0, cleaned.stderr
+    assert f"kept the data of the distributed saves of {root}/ckpt" in cleaned.stderr
+    assert f"kept the packs of {root}/.checkpointio-incremental/" in cleaned.stdout
+    assert data in keys()  # which save the manifest commits is unknown: nothing of it collected
+
+    swept = cli("rm", "--recursive", "--dry-run", root + "/", *reach, env=remover)
+    assert swept.returncode == 0, swept.stderr
+    assert f"skipped {root}/plain (its record may not be read: not removed)" in swept.stdout.splitlines()
+
+    dry = cli("rm", "--dry-run", f"{root}/ckpt", f"{root}/none", *reach, env=remover)
+    assert (dry.returncode, dry.stdout) == (3, f"would remove {root}/ckpt\n"), dry.stderr
+    assert f"{root}/none: no such checkpoint" in dry.stderr
+    removed = cli("rm", f"{root}/ckpt", f"{root}/plain", *reach, env=remover)
+    assert removed.returncode == 0, removed.stderr
+    assert [key for key in keys() if not key.startswith("r/.checkpointio-incremental/")] == [
+        "r/ckpt.dcp/notes.txt",  # the user's object stays; every data object went with the manifest
+        "r/inc",
+    ]
+    again = cli("rm", f"{root}/ckpt", *reach, env=remover)
+    assert again.returncode == 3 and f"{root}/ckpt: no such checkpoint" in again.stderr

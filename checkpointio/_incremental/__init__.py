@@ -25,7 +25,7 @@ The rest of checkpointio uses the names this package exports.
 """
 
 from ._gc import AreaReport, Usage, collect, collect_area, manifests_beside, usage
-from ._layout import AREA, area_of, areas_under, in_area, pack_location
+from ._layout import AREA, area_of, areas_under, folder_of, in_area, pack_location
 from ._leases import LEASE_RENEW, LEASE_TTL
 from ._manifest import (
     LAYOUT,
@@ -60,6 +60,7 @@ __all__ = [
     "collect_area",
     "decode",
     "encode",
+    "folder_of",
     "in_area",
     "is_manifest",
     "is_manifest_object",

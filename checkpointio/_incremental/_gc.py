@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 
 from .._config import TransferConfig
-from .._exceptions import ConcurrentModificationError, CorruptCheckpointError
+from .._exceptions import AccessDeniedError, ConcurrentModificationError, CorruptCheckpointError
 from .._location import Location
 from .._stores import ObjectInfo, Store
 from ._layout import PACKS, areas_under, folder_of, pack_location
@@ -124,7 +124,7 @@ async def collect_area(
     before = await _children(store, area)
     try:
         manifests = await manifests_beside(store, area, config)
-    except (CorruptCheckpointError, ConcurrentModificationError) as error:
+    except (CorruptCheckpointError, ConcurrentModificationError, AccessDeniedError) as error:
         report.skipped = f"a manifest there cannot be read ({error}); its packs are kept"
         return report
     referenced = {name for manifest in manifests.values() for name in manifest.packs}

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from botocore.exceptions import ClientError
 
 from ..._config import TransferConfig
+from ..._exceptions import AccessDeniedError
 from ..._location import Location
 from .._base import Body, ObjectInfo, OrderedRead, PendingWrite, RangeSink, Record, Sink, under
 from ._client import _Requests
@@ -33,7 +34,11 @@ class S3Store:
 
     async def delete(self, location: Location) -> bool:
         client = await self._requests.client()
-        existed = await self.head(location) is not None
+        try:
+            existed = await self.head(location) is not None
+        except AccessDeniedError:  # may delete, not read (no s3:GetObject): a listing of the key tells
+            with self._requests.mapped_errors(location, "list the checkpoint"):
+                existed = bool(await self._objects(location.bucket, location.key, exact=True))
         with self._requests.mapped_errors(location, "delete the checkpoint"):
             await client.delete_object(
                 Bucket=location.bucket, Key=location.key, **self._requests.options(client, "DeleteObject")
