@@ -52,6 +52,7 @@ __all__ = [
     "PAYLOAD_NAME",
     "SaveData",
     "Writer",
+    "head_for_reads",
     "load",
     "load_bytes",
     "load_object",
@@ -690,8 +691,10 @@ def _refuse_selecting(info: ObjectInfo, kind: Kind, what: str = _PICKING) -> Non
         raise CheckpointError(f"{uri} holds a single file, not a directory: {what} (load it whole)", uri=uri)
 
 
-async def _head_for_reads(store: Store, location: Location) -> ObjectInfo | None:
-    """The object's metadata, for a read of it that follows: a ranged store gets ready meanwhile."""
+async def head_for_reads(store: Store, location: Location) -> ObjectInfo | None:
+    """The object's metadata, for a read of it that follows: a ranged store gets ready meanwhile
+    (S3 asks on a receiving thread, so a load makes no client on the caller's loop). Every load's
+    HEAD goes through here."""
     if isinstance(store, RangedStore):
         return await store.head_for_reads(location)
     return await store.head(location)
@@ -714,7 +717,7 @@ async def load(
     their paths in the workspace: through the archive's table of contents when it has one
     (:mod:`._partial`), else by streaming the whole archive and keeping them.
     """
-    info = await _head_for_reads(store, location)
+    info = await head_for_reads(store, location)
     if info is None:
         return None
     if await _incremental.is_manifest_object(store, info):
@@ -781,7 +784,7 @@ async def list_contents(
         UnsafeArchiveError: An entry of an archive without a table would be restored outside the
             folder, or is a device (as a restore would refuse it).
     """
-    info = await _head_for_reads(store, location)
+    info = await head_for_reads(store, location)
     if info is None:
         return None
     if info.record is not None:
@@ -932,7 +935,7 @@ async def _load_bytes(
     *,
     whole: bool = False,
 ) -> bytearray | None:
-    info = await _head_for_reads(store, location)
+    info = await head_for_reads(store, location)
     if info is None:
         return None
     uri = location.uri
@@ -1003,7 +1006,7 @@ async def write_out(
     raises (and the command fails) once its bytes were written. Only an exit status can tell the
     reader of a pipe.
     """
-    info = await _head_for_reads(store, location)
+    info = await head_for_reads(store, location)
     if info is None:
         return None
     _refuse_directory(info, "restore it to a folder")
@@ -1034,7 +1037,7 @@ async def verify(
     entries read (what ``load(only=...)`` and ``ls --contents`` would refuse, or show wrongly,
     fails here too).
     """
-    info = await _head_for_reads(store, location)
+    info = await head_for_reads(store, location)
     if info is None:
         return None
     started = time.monotonic()

@@ -1004,6 +1004,45 @@ async def test_a_load_asks_for_the_metadata_on_a_receiver_while_the_others_make_
     assert clients_here(61.25) == 0  # a load needs no client on the caller's loop at all
 
 
+async def test_distributed_and_incremental_loads_ask_for_metadata_on_the_receivers_too(
+    bucket: str, tmp_path: Path
+) -> None:
+    # The HEADs of an incremental checkpoint's manifest and packs, and of a distributed one's data
+    # objects, go where those objects' reads go: no client is made on the caller's loop (the
+    # test's for the incremental load; checkpointio's own loop thread for the blocking DCP load).
+    pytest.importorskip("torch")
+    import torch
+
+    from checkpointio import _portal, dcp
+
+    options: TransferOptions = {**ON_THREADS, "read_timeout": 63.75}  # no other test's clients
+    saving: TransferOptions = {**ON_THREADS, "read_timeout": 64.5}
+    tree = make_tree(tmp_path / "tree")
+    await Checkpoint(f"s3://{bucket}/inc", incremental=True, **saving).save(tree)
+    async with Checkpoint(f"s3://{bucket}/x", src=f"s3://{bucket}/inc", incremental=True, **options) as cp:
+        restored = await cp.load()
+        assert restored is not None and snapshot(restored) == snapshot(tree)
+    assert clients_here(63.75) == 0
+
+    state: dict[str, Any] = {"weight": torch.arange(4000.0).reshape(40, 100), "step": 3}
+
+    def blocking_dcp() -> dict[str, Any]:
+        dcp.save(state, f"s3://{bucket}/dist", **saving)
+        loaded: dict[str, Any] = {"weight": torch.zeros(40, 100), "step": -1}
+        assert dcp.load(loaded, f"s3://{bucket}/dist", **options) is True
+        return loaded
+
+    loaded = await anyio.to_thread.run_sync(blocking_dcp)
+    assert torch.equal(loaded["weight"], state["weight"]) and loaded["step"] == 3
+
+    async def on_the_portal_loop() -> int:
+        return clients_here(63.75)
+
+    portal = _portal._loop_thread().loop
+    assert asyncio.run_coroutine_threadsafe(on_the_portal_loop(), portal).result(30) == 0
+    assert clients_on_receivers(63.75)[:3] == [1, 1, 1]  # the loads' requests went to the receivers
+
+
 async def test_a_range_read_into_buffers_cut_short_resumes_where_it_stopped(bucket: str, proxy: FaultProxy) -> None:
     """``read_range_into`` (a DCP load's reads): a response cut short is asked again from the
     first byte not received, and every buffer ends up whole with the CRC32 of its bytes."""

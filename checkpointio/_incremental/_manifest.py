@@ -618,7 +618,7 @@ async def read_manifest(
     Raises:
         CorruptCheckpointError: It is one, but garbled or unsafe.
     """
-    info = await store.head(location)
+    info = await _engine.head_for_reads(store, location)  # on a receiving thread, as the reads
     if info is None or not await is_manifest_object(store, info):
         return None
     data = await _engine.load_object(store, location, config)

@@ -14,7 +14,7 @@ from pathlib import Path
 import anyio
 import anyio.to_thread
 
-from .. import _placement, _selection, _tar
+from .. import _engine, _placement, _selection, _tar
 from .._concurrency import one_error
 from .._config import TransferConfig
 from .._exceptions import CheckpointError, CorruptCheckpointError
@@ -120,7 +120,7 @@ async def _fetch(
 
     async def head(name: str) -> None:
         async with slots:
-            info = await store.head(pack_location(area, name))
+            info = await _engine.head_for_reads(store, pack_location(area, name))  # as the reads: on a receiver
         if info is None:
             found.missing[name] = "is missing"
         elif info.size != manifest.packs[name]:
