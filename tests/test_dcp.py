@@ -32,6 +32,7 @@ from checkpointio.dcp import StorageReader, StorageWriter, load, save
 
 from .conftest import StoreCase
 from .scripts import run_script
+from .torchrun import end_group, gloo_group
 
 
 def state(seed: int) -> dict[str, Any]:
@@ -618,50 +619,49 @@ def full_state() -> dict[str, Any]:
 
 
 def _two_ranks(rank: int, world_size: int, port: int, uris: list[str], agree: str) -> None:
-    """One process of the gloo group: save sharded at world size 2 (the last URI with wait=False),
-    load it back at 2 (each rank gets its own shards), for every URI; then load a ``Checkpoint``
-    whose sources the ranks see differently (several scenarios per process start)."""
-    import os
+    """One process of the gloo group: :func:`_two_rank_scenarios`, its mesh and tensors freed
+    before the group ends."""
+    with gloo_group(rank, world_size, port):
+        _two_rank_scenarios(rank, world_size, uris, agree)
 
-    import torch.distributed as dist
+
+def _two_rank_scenarios(rank: int, world_size: int, uris: list[str], agree: str) -> None:
+    """Save sharded at world size 2 (the last URI with wait=False), load it back at 2 (each rank
+    gets its own shards), for every URI; then load a ``Checkpoint`` whose sources the ranks see
+    differently (several scenarios per process start)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
-        mesh = init_device_mesh("cpu", (world_size,))
-        full = full_state()
-        for uri in uris:
-            sharded = {
-                "weight": distribute_tensor(full["weight"], mesh, [Shard(0)]),
-                "moments": distribute_tensor(full["moments"], mesh, [Shard(0)]),
-                "bias": full["bias"],
-                "step": full["step"],
-            }
-            assert load(sharded, uri) is False  # nothing there yet, on every rank
-            handle = save(sharded, uri, wait=uri != uris[-1])  # the last one in the background
-            handle.result(timeout=120)
-            target: dict[str, Any] = {
-                "weight": distribute_tensor(torch.zeros(10, 7), mesh, [Shard(0)]),
-                "moments": distribute_tensor(torch.zeros(6, 3, dtype=torch.bfloat16), mesh, [Shard(0)]),
-                "bias": torch.zeros(7),
-                "step": -1,
-            }
-            assert load(target, uri) is True
-            assert torch.equal(target["weight"].to_local(), sharded["weight"].to_local())
-            assert torch.equal(target["moments"].full_tensor(), full["moments"])
-            assert torch.equal(target["bias"], full["bias"]) and target["step"] == 5
-        # Rank 1 sees a newer source than rank 0 does (as when it appears between their reads):
-        # every rank restores the one rank 0 chose, never a mix of steps.
-        save({"bias": full["bias"], "step": 9}, f"{agree}/newer")
-        save({"bias": full["bias"], "step": 7}, f"{agree}/older")
-        sources = [f"{agree}/older"] if rank == 0 else [f"{agree}/newer", f"{agree}/older"]
-        restored = {"bias": torch.zeros(7), "step": -1}
-        assert load(restored, Checkpoint(f"{agree}/next", src=sources)) is True
-        assert restored["step"] == 7, f"rank {rank} restored step {restored['step']}"
-    finally:
-        dist.destroy_process_group()
+    mesh = init_device_mesh("cpu", (world_size,))
+    full = full_state()
+    for uri in uris:
+        sharded = {
+            "weight": distribute_tensor(full["weight"], mesh, [Shard(0)]),
+            "moments": distribute_tensor(full["moments"], mesh, [Shard(0)]),
+            "bias": full["bias"],
+            "step": full["step"],
+        }
+        assert load(sharded, uri) is False  # nothing there yet, on every rank
+        handle = save(sharded, uri, wait=uri != uris[-1])  # the last one in the background
+        handle.result(timeout=120)
+        target: dict[str, Any] = {
+            "weight": distribute_tensor(torch.zeros(10, 7), mesh, [Shard(0)]),
+            "moments": distribute_tensor(torch.zeros(6, 3, dtype=torch.bfloat16), mesh, [Shard(0)]),
+            "bias": torch.zeros(7),
+            "step": -1,
+        }
+        assert load(target, uri) is True
+        assert torch.equal(target["weight"].to_local(), sharded["weight"].to_local())
+        assert torch.equal(target["moments"].full_tensor(), full["moments"])
+        assert torch.equal(target["bias"], full["bias"]) and target["step"] == 5
+    # Rank 1 sees a newer source than rank 0 does (as when it appears between their reads):
+    # every rank restores the one rank 0 chose, never a mix of steps.
+    save({"bias": full["bias"], "step": 9}, f"{agree}/newer")
+    save({"bias": full["bias"], "step": 7}, f"{agree}/older")
+    sources = [f"{agree}/older"] if rank == 0 else [f"{agree}/newer", f"{agree}/older"]
+    restored = {"bias": torch.zeros(7), "step": -1}
+    assert load(restored, Checkpoint(f"{agree}/next", src=sources)) is True
+    assert restored["step"] == 7, f"rank {rank} restored step {restored['step']}"
 
 
 def test_world_size_two_saves_one_object_per_rank_and_reshards_to_one(tmp_path: Any, moto_server: Any) -> None:
@@ -840,7 +840,7 @@ def _task_group(rank: int, world_size: int, port: int, storage: str, out: str, k
         return step
 
     assert train() == 3  # only the restarted group gets here
-    dist.destroy_process_group()
+    end_group()
 
 
 def test_the_ranks_of_a_task_agree_on_run_and_attempt_and_a_killed_group_resumes(tmp_path: Any) -> None:

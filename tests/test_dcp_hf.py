@@ -25,7 +25,7 @@ from checkpointio.dcp import StorageReader  # noqa: E402
 from checkpointio.hf import CheckpointioTrainerCallback, checkpoint_folders  # noqa: E402
 
 from .test_hf import CrashAt, Data, tiny_model  # noqa: E402
-from .torchrun import act_as_torchrun_rank  # noqa: E402
+from .torchrun import act_as_torchrun_rank, end_group  # noqa: E402
 
 #: 24 samples, batches of 4 on each of 2 ranks: 3 steps per epoch.
 STEPS = 12
@@ -86,6 +86,7 @@ def _group(rank: int, port: int, storages: dict[str, str], out: str) -> None:
             "folders": [path.name for path in checkpoint_folders(output_dir)],
         }
     (work / f"rank-{rank}.json").write_text(json.dumps(report))
+    end_group()  # the group the framework made, ended alike on every rank
 
 
 def test_every_ranks_files_are_stored_and_a_retried_run_resumes_on_every_node(tmp_path: Path, moto_server: Any) -> None:

@@ -26,7 +26,7 @@ from checkpointio.dcp import latest, load
 from checkpointio.lightning import CheckpointioModelParallelStrategy
 
 from .lightning_parts import Tiny, loader
-from .torchrun import act_as_torchrun_rank
+from .torchrun import act_as_torchrun_rank, end_group
 
 EPOCHS = 3
 #: 24 samples, batches of 4, split between 2 ranks: 3 steps per epoch.
@@ -140,6 +140,7 @@ def _group(rank: int, port: int, roots: dict[str, str], out: str) -> None:
     report["task attempts"] = attempts
     report["reference steps"] = reference_trainer.global_step
     (work / f"rank-{rank}.json").write_text(json.dumps(report))
+    end_group()  # the group the framework made, ended alike on every rank
 
 
 def test_sharded_lightning_checkpoints_are_stored_by_every_rank_and_a_restarted_fit_resumes(

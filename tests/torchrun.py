@@ -1,8 +1,13 @@
-"""Making a spawned process one rank of a group, as ``torchrun`` would start it."""
+"""Making a spawned process one rank of a group, as ``torchrun`` would start it, and ending its
+part in the group the same way on every rank."""
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
+from collections.abc import Iterator
+from typing import Any
 
 
 def act_as_torchrun_rank(rank: int, port: int, run_id: str, world_size: int = 2) -> None:
@@ -18,3 +23,40 @@ def act_as_torchrun_rank(rank: int, port: int, run_id: str, world_size: int = 2)
         GROUP_RANK="0",
         TORCHELASTIC_RUN_ID=run_id,
     )
+
+
+def end_group(*, every_rank_got_here: bool = True) -> None:
+    """End this process's part in its ``torch.distributed`` groups (whoever made them: the test, a
+    Lightning strategy, the HF Trainer), the last thing a spawned rank does.
+
+    ``every_rank_got_here``: a barrier first, so no rank tears its groups down while another is
+    still in a collective or talking to rank 0's store (gloo ends a process with ``std::terminate``
+    when that happens). Then every group is destroyed, and what still refers to them (a device
+    mesh, DTensors) is collected now, while the interpreter is whole, instead of at its
+    finalization, when gloo's threads may no longer be joined. A rank that failed skips the
+    barrier: the others may never reach it.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        if every_rank_got_here:
+            dist.barrier()
+        dist.destroy_process_group()
+    gc.collect()
+
+
+@contextlib.contextmanager
+def gloo_group(rank: int, world_size: int, port: int, **options: Any) -> Iterator[None]:
+    """This process as rank ``rank`` of a gloo group of ``world_size`` (rendezvous on
+    127.0.0.1:``port``; ``options`` for ``init_process_group``), ended by :func:`end_group` on the
+    way out, whether the body returned or raised."""
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, **options)
+    try:
+        yield
+    except BaseException:
+        end_group(every_rank_got_here=False)
+        raise
+    end_group()
