@@ -97,6 +97,13 @@ def _deflate(data: bytes | memoryview, level: int) -> bytes:
     return bytes(compressor.compress(data) + compressor.flush())
 
 
+def raw_deflate_function(level: int) -> Callable[..., bytes]:
+    """The one-shot raw deflate of ``level`` (1-9), called as ``f(data, level, -15)``: one call a
+    piece, for callers deflating many small pieces (no compressor object each)."""
+    compress: Callable[..., bytes] = _isal.compress if _isal is not None and level <= 3 else zlib.compress
+    return compress
+
+
 def _worth_deflating(block: bytes, level: int) -> bool:
     """Probe a sample: float noise and compressed files gain too little to pay for inflating."""
     sample = memoryview(block)[:_SAMPLE]

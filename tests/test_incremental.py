@@ -992,3 +992,20 @@ def test_compacting_a_manifest_of_a_million_chunks_holds_little_beyond_its_colum
     # beyond the new columns (~41 MB, what compacting makes): a row number a chunk (4 MB) and one
     # column's copy in passing; a set of every row number held ~58 MB more
     assert peak - columns < 16 * 1024 * 1024
+
+
+@pytest.mark.parametrize("level", [0, 1, 6])
+def test_chunks_are_deflated_when_that_pays_stored_otherwise_and_not_kept_when_known(level: int) -> None:
+    from checkpointio._incremental import _chunks, _manifest
+
+    text = b"the same few words, again and again; " * 300
+    noise = random.Random(5).randbytes(9000)
+    known = random.Random(6).randbytes(5000)
+    tiny = b"ab"
+    encoded = _chunks.encode_all([text, noise, known, tiny], level, {}, {_chunks.hash_of(known): 0})
+    assert [digest for digest, _, _ in encoded] == [_chunks.hash_of(piece) for piece in (text, noise, known, tiny)]
+    codecs = [codec for _, _, codec in encoded]
+    assert codecs == [_manifest.DEFLATED if level else _manifest.STORED] + [_manifest.STORED] * 3
+    first = encoded[0][1]
+    assert first is not None and (zlib.decompress(first, -15) if level else first) == text
+    assert encoded[1][1] == noise and encoded[2][1] is None and encoded[3][1] == tiny

@@ -170,7 +170,7 @@ class _Packer:
         self.sequence = 0
         self.pool: _codec.OrderedPool | None = None
         #: Names the pack being filled: its first line and its chunks' hashes, lengths and codecs.
-        self.pack_hasher = blake3.blake3()
+        self.pack_summary: list[bytes] = []
         self.batch: list[tuple[int, bytes]] = []  # (slot in out.used, piece)
         self.batch_bytes = 0
         self.in_flight: collections.deque[
@@ -182,11 +182,6 @@ class _Packer:
         self.links: dict[tuple[int, int], str] = {}
         if len(parents.manifests) > 1:
             self._index_parents()
-
-    def __contains__(self, digest: object) -> bool:
-        """Whether a chunk of this hash is stored already (read from the pool's threads)."""
-        assert self.parent_rows is not None
-        return digest in self.parent_rows or digest in self.new_rows
 
     def _index_parents(self) -> None:
         rows: dict[Hash, int] = {}
@@ -251,7 +246,8 @@ class _Packer:
 
     # chunk encoding runs on the pool's threads: BLAKE3 and deflate let go of the GIL
     def _encode_all(self, pieces: list[bytes]) -> list[tuple[Hash, bytes | None, int]]:
-        return [_chunks.encode(piece, self.level, self) for piece in pieces]
+        assert self.parent_rows is not None
+        return _chunks.encode_all(pieces, self.level, self.parent_rows, self.new_rows)
 
     def _submit(self) -> None:
         if not self.batch:
@@ -284,7 +280,7 @@ class _Packer:
             head = _PACK_MAGIC + f"{self.save_id} {self.sequence}\n".encode()
             self.pack.append(head)
             self.pack_length = len(head)
-            self.pack_hasher = blake3.blake3(head)
+            self.pack_summary = [head]
             self.pack_index = len(out.pack_names)
             out.pack_names.append("")  # named when full
         row = self.new_rows[digest] = len(out.offsets)
@@ -295,7 +291,7 @@ class _Packer:
         out.sizes.append(size)
         out.codecs.append(codec)
         self.pack.append(encoded)
-        self.pack_hasher.update(_PACKED.pack(digest, len(encoded), codec))
+        self.pack_summary.append(_PACKED.pack(digest, len(encoded), codec))
         self.pack_length += len(encoded)
         self.new_bytes += len(encoded)
         if self.pack_length >= self.pack_size:
@@ -307,7 +303,7 @@ class _Packer:
             return
         data = b"".join(self.pack)
         self.pack = []
-        name = self.pack_hasher.digest(HASH_BYTES).hex()
+        name = blake3.blake3(b"".join(self.pack_summary)).digest(HASH_BYTES).hex()
         self.out.pack_names[self.pack_index] = name
         self.out.packs[name] = len(data)
         self.sequence += 1
@@ -456,7 +452,9 @@ class _Packer:
                         uri=self.uri,
                     )
                 if st.st_size <= _cdc.MINIMUM:  # one chunk whatever its content: read at once, not cut
-                    data = b"".join(_archive.file_data(fd, st.st_size, full, self.uri, st.st_size))
+                    data = os.read(fd, st.st_size)
+                    if len(data) < st.st_size:  # a short read, or it shrank: file_data tells which
+                        data += b"".join(_archive.file_data(fd, st.st_size - len(data), full, self.uri))
                     self._read(st.st_size)
                     self._queue(data)
                 else:
