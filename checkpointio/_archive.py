@@ -21,7 +21,6 @@ import stat
 from collections import deque
 from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import Future
-from functools import partial
 from itertools import repeat
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -291,6 +290,7 @@ def walk_runs(
     # each folder being walked: its descriptor, its path inside the tree with a trailing "/", its
     # listing (names, kinds) and where the walk is in it
     frames: list[tuple[int, str, list[str], list[str], list[int]]] = []
+    lstat = os.stat
     try:
         frames.append((top, "", *_listing(top, shown, uri), [0]))
         while frames:
@@ -313,7 +313,8 @@ def walk_runs(
                     if not names:
                         continue
             try:
-                stats = list(map(partial(os.stat, dir_fd=fd, follow_symlinks=False), names))
+                # a comprehension, not a map over functools.partial: merging its keywords costs a call
+                stats = [lstat(name, dir_fd=fd, follow_symlinks=False) for name in names]
             except FileNotFoundError as error:
                 message = f"{os.path.join(shown, prefix + str(error.filename))} disappeared while {uri} was being saved"
                 raise SourceChangedError(message, uri=uri) from error

@@ -493,8 +493,7 @@ def _compact(out: Manifest) -> None:
     """
     count = out.chunk_count
     used = bytearray(count)  # a byte a row: 1 MB for 1,000,000 chunks
-    for row in out.used:
-        used[row] = 1
+    collections.deque(map(used.__setitem__, out.used, repeat(1)), maxlen=0)  # marked with no Python step a row
     if used.find(0) >= 0:
         kept: list[tuple[int, int]] = []  # [start, end) of the rows kept, in order
         start = 0
