@@ -653,13 +653,15 @@ async def _save_tree(
         meter,
     )
 
-    def produce() -> Manifest:
+    def produce() -> tuple[Manifest, bytes]:
         manifest = packer.run()
         if check is not None:
             check()
-        return manifest
+        manifest.created = time.time()
+        # encoded here, while the last packs upload (it is stored only once they all are)
+        return manifest, encode(manifest)
 
-    built: list[Manifest] = []
+    built: list[tuple[Manifest, bytes]] = []
 
     async def run_producer() -> None:
         try:
@@ -693,11 +695,9 @@ async def _save_tree(
             group.start_soon(run_producer)
             group.start_soon(uploader)
 
-    manifest = built[0]
-    manifest.created = time.time()
+    manifest, data = built[0]
     if time.monotonic() - lease.renewed > LEASE_TTL / 2:  # this process was stalled: gc may have run
         await _check_packs_exist(store, area, manifest, location.uri)
-    data = await anyio.to_thread.run_sync(encode, manifest)
     if meter.reporting:
         await anyio.to_thread.run_sync(meter.commit)
     await _engine.save_object(store, location, data, Kind.DIRECTORY, config, layout=LAYOUT)
