@@ -1009,3 +1009,31 @@ def test_chunks_are_deflated_when_that_pays_stored_otherwise_and_not_kept_when_k
     first = encoded[0][1]
     assert first is not None and (zlib.decompress(first, -15) if level else first) == text
     assert encoded[1][1] == noise and encoded[2][1] is None and encoded[3][1] == tiny
+
+
+def test_the_lookups_a_save_builds_of_its_parent_hold_little_more_than_its_path_index() -> None:
+    """A save of a tree of 1,000,000 files reads a parent of as many entries: what it builds to
+    tell the unchanged files stays a path index and a few 8-byte columns (a tuple a file was
+    ~280 bytes a file)."""
+    import tracemalloc
+    from array import array
+
+    from checkpointio._incremental._save import _Parents
+
+    count = 100_000
+    manifest = _incremental.Manifest()
+    paths = [f"layer-{number // 1000:03d}/shard-{number % 1000:04d}.bin" for number in range(count)]
+    manifest.paths = paths
+    manifest.kinds = bytearray(b"f" * count)
+    manifest.modes = array("H", [0o644]) * count
+    manifest.mtimes = array("q", range(1_700_000_000_000_000_000, 1_700_000_000_000_000_000 + count))
+    manifest.file_sizes = array("Q", [200_000]) * count
+    manifest.inodes = array("Q", range(10**6, 10**6 + count))
+    tracemalloc.start()
+    try:
+        parents = _Parents([manifest])
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert parents.find(paths[12_345]) == 12_345 and parents.find("layer-000/absent") is None
+    assert held < 130 * count  # the path index (~100 bytes a path) and four 8-byte columns
