@@ -921,10 +921,13 @@ async def load_bytes(
     return await _load_bytes(store, location, config, on_progress)
 
 
-async def load_object(store: Store, location: Location, config: TransferConfig) -> bytearray | None:
+async def load_object(
+    store: Store, location: Location, config: TransferConfig, *, info: ObjectInfo | None = None
+) -> bytearray | None:
     """The bytes of any object at ``location`` (a manifest, say), checked as :func:`load_bytes`
-    checks them, whatever its kind; ``None`` if there is none. Nothing is logged."""
-    return await _load_bytes(store, location, config, None, whole=True)
+    checks them, whatever its kind; ``None`` if there is none. Nothing is logged. ``info``: its
+    metadata, when the caller has it already (no HEAD then; the reads are pinned to its ETag)."""
+    return await _load_bytes(store, location, config, None, whole=True, info=info)
 
 
 async def _load_bytes(
@@ -934,8 +937,10 @@ async def _load_bytes(
     on_progress: ProgressCallback | None,
     *,
     whole: bool = False,
+    info: ObjectInfo | None = None,
 ) -> bytearray | None:
-    info = await head_for_reads(store, location)
+    if info is None:
+        info = await head_for_reads(store, location)
     if info is None:
         return None
     uri = location.uri

@@ -1178,3 +1178,56 @@ def test_listing_a_folder_prefix_lists_that_folder_not_every_name_starting_like_
     # A name that is no folder is the start of names, as before: every key starting with it.
     starting = parse_location("s3://" + bucket + "/runs/7-")
     assert [info.location.key for info in anyio.run(store.list, starting)] == ["runs/7-old"]
+
+
+async def test_each_load_asks_for_each_objects_metadata_once(bucket: str, proxy: FaultProxy, tmp_path: Path) -> None:
+    """A load HEADs every object it reads once: an incremental checkpoint's manifest (once to tell
+    it is one, not again to read it) and each pack, a distributed one's manifest and data objects,
+    a plain archive read in part through its table."""
+    pytest.importorskip("torch")
+    import torch
+
+    from checkpointio import dcp
+
+    via: TransferOptions = {**ON_THREADS, "endpoint_url": proxy.endpoint}
+    tree = make_tree(tmp_path / "tree")
+    await Checkpoint(f"s3://{bucket}/inc", incremental=True, **ON_THREADS).save(tree)
+    await Checkpoint(f"s3://{bucket}/plain", **ON_THREADS).save(tree)
+    state: dict[str, Any] = {"weight": torch.arange(4000.0).reshape(40, 100), "step": 3}
+    await anyio.to_thread.run_sync(lambda: dcp.save(state, f"s3://{bucket}/dist", **ON_THREADS))
+
+    def heads() -> dict[str, int]:
+        counted: dict[str, int] = {}
+        for entry in proxy.log:
+            if entry["method"] == "HEAD":
+                key = str(entry["target"]).partition("?")[0]
+                counted[key] = counted.get(key, 0) + 1
+        proxy.log.clear()
+        return counted
+
+    async with Checkpoint(f"s3://{bucket}/x", src=f"s3://{bucket}/inc", incremental=True, **via) as cp:
+        restored = await cp.load()
+        assert restored is not None and snapshot(restored) == snapshot(tree)
+        loaded = heads()
+        assert loaded[f"/{bucket}/inc"] == 1
+        assert max(loaded.values()) == 1 and len(loaded) > 1  # the manifest and its packs, once each
+        picked = await cp.load(only=["run.sh"])
+        assert picked is not None and (picked / "run.sh").read_bytes() == (tree / "run.sh").read_bytes()
+        assert heads()[f"/{bucket}/inc"] == 1
+        entries = await cp.contents()
+        assert entries is not None and "run.sh" in {entry.path for entry in entries}
+        assert heads() == {f"/{bucket}/inc": 1}  # its manifest is its table of contents
+    async with Checkpoint(f"s3://{bucket}/y", src=f"s3://{bucket}/plain", **via) as cp:
+        picked = await cp.load(only=["run.sh"])
+        assert picked is not None and (picked / "run.sh").read_bytes() == (tree / "run.sh").read_bytes()
+        assert heads() == {f"/{bucket}/plain": 1}  # read through its table of contents
+
+    def blocking_dcp() -> dict[str, Any]:
+        loaded: dict[str, Any] = {"weight": torch.zeros(40, 100), "step": -1}
+        assert dcp.load(loaded, f"s3://{bucket}/dist", **via) is True
+        return loaded
+
+    loaded_state = await anyio.to_thread.run_sync(blocking_dcp)
+    assert torch.equal(loaded_state["weight"], state["weight"]) and loaded_state["step"] == 3
+    dist = heads()
+    assert dist[f"/{bucket}/dist"] == 1 and max(dist.values()) == 1 and len(dist) == 2  # the manifest, rank 0's data

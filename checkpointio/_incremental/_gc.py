@@ -79,7 +79,10 @@ async def _manifest_of(store: Store, listed: ObjectInfo, config: TransferConfig)
     info = listed if listed.record is not None else await store.head(listed.location)  # S3 lists no metadata
     if info is None or not await is_manifest_object(store, info):
         return None
-    return await read_manifest(store, info.location, config, check_tree=False)
+    # A HEAD made here is fresh: the read needs no other. A listing may be older than a removal
+    # or replacement since (a retry must see the object as it is now): the read asks again.
+    fresh = None if info is listed else info
+    return await read_manifest(store, info.location, config, check_tree=False, info=fresh)
 
 
 async def collect_area(

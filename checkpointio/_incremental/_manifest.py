@@ -611,17 +611,27 @@ def _check_tree(manifest: Manifest, uri: str) -> None:
 
 
 async def read_manifest(
-    store: Store, location: Location, config: TransferConfig, *, check_tree: bool = True
+    store: Store,
+    location: Location,
+    config: TransferConfig,
+    *,
+    check_tree: bool = True,
+    info: ObjectInfo | None = None,
 ) -> Manifest | None:
     """The manifest at ``location``; ``None`` when what is there (if anything) is not one.
+
+    ``info``: the object's metadata, when the caller HEADed it already (to tell it is a manifest):
+    it is not asked again, and the read is pinned to its ETag (a manifest replaced since fails
+    as changed while being read).
 
     Raises:
         CorruptCheckpointError: It is one, but garbled or unsafe.
     """
-    info = await _engine.head_for_reads(store, location)  # on a receiving thread, as the reads
+    if info is None:
+        info = await _engine.head_for_reads(store, location)  # on a receiving thread, as the reads
     if info is None or not await is_manifest_object(store, info):
         return None
-    data = await _engine.load_object(store, location, config)
+    data = await _engine.load_object(store, location, config, info=info)
     if data is None:
         return None
     return await anyio.to_thread.run_sync(partial(decode, data, location.uri, check_tree=check_tree))

@@ -270,7 +270,7 @@ async def list_entries(
 ) -> None:
     """Give each entry of the incremental checkpoint ``info`` to ``each`` (in a worker thread), from
     its manifest alone (``ls --contents``)."""
-    manifest = await read_manifest(store, info.location, config)
+    manifest = await read_manifest(store, info.location, config, info=info)
     if manifest is None:
         raise CheckpointError(f"{info.location.uri}: replaced while being read", uri=info.location.uri)
     kinds = {DIR: "dir", FILE: "file", SYMLINK: "symlink", HARDLINK: "hardlink"}
@@ -305,7 +305,7 @@ async def load(
     location = info.location
     uri = location.uri
     started = time.monotonic()
-    manifest = await read_manifest(store, location, config)
+    manifest = await read_manifest(store, location, config, info=info)
     if manifest is None:
         raise CheckpointError(f"{uri}: replaced while being read", uri=uri)
     presented: list[str] | None = None
@@ -354,7 +354,7 @@ async def verify(
             chunks that fail their check (named, with the files they affect).
     """
     location = info.location
-    manifest = await read_manifest(store, location, config)
+    manifest = await read_manifest(store, location, config, info=info)
     if manifest is None:
         raise CheckpointError(f"{location.uri}: replaced while being read", uri=location.uri)
     meter = Meter(on_progress, "verify", location.uri, manifest.stored_size())
