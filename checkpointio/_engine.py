@@ -691,12 +691,13 @@ def _refuse_selecting(info: ObjectInfo, kind: Kind, what: str = _PICKING) -> Non
         raise CheckpointError(f"{uri} holds a single file, not a directory: {what} (load it whole)", uri=uri)
 
 
-async def head_for_reads(store: Store, location: Location) -> ObjectInfo | None:
+async def head_for_reads(store: Store, location: Location, *, one_of_many: bool = False) -> ObjectInfo | None:
     """The object's metadata, for a read of it that follows: a ranged store gets ready meanwhile
     (S3 asks on a receiving thread, so a load makes no client on the caller's loop). Every load's
-    HEAD goes through here."""
+    HEAD goes through here. ``one_of_many``: one of many asked at once (a distributed load's data
+    objects, an incremental one's packs), spread over the receiving threads as their reads are."""
     if isinstance(store, RangedStore):
-        return await store.head_for_reads(location)
+        return await store.head_for_reads(location, one_of_many=one_of_many)
     return await store.head(location)
 
 

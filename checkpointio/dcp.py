@@ -543,7 +543,7 @@ async def _head_objects(
 
     async def head(name: str) -> None:
         data = _dcp_layout.data_location(location, name)
-        info = await _engine.head_for_reads(store, data)  # on a receiving thread, as the reads
+        info = await _engine.head_for_reads(store, data, one_of_many=True)  # on the receivers in turn, as the reads
         if info is None:
             raise CorruptCheckpointError(
                 f"{location.uri}: its data object {data.uri} (rank {_dcp_layout.rank_of(name)}) is missing",

@@ -36,6 +36,7 @@ from checkpointio import (
 from checkpointio._config import TransferConfig
 from checkpointio._location import parse_location
 from checkpointio._placement import remove_tree
+from checkpointio._stores import open_store
 from checkpointio._stores._s3 import S3Store
 from checkpointio._stores._s3 import _download as s3_download
 from checkpointio._stores._s3 import _loader as s3_loader
@@ -1231,3 +1232,48 @@ async def test_each_load_asks_for_each_objects_metadata_once(bucket: str, proxy:
     assert torch.equal(loaded_state["weight"], state["weight"]) and loaded_state["step"] == 3
     dist = heads()
     assert dist[f"/{bucket}/dist"] == 1 and max(dist.values()) == 1 and len(dist) == 2  # the manifest, rank 0's data
+
+
+async def test_many_heads_asked_at_once_are_spread_over_the_receivers(bucket: str, tmp_path: Path) -> None:
+    # An incremental load HEADs each of its packs at once: they go to the receiving threads in
+    # turn, as the packs' ranges do, not all to the first one. Each receiver's own client tells
+    # (botocore's before-call event) on which thread each HEAD was sent.
+    from checkpointio import _incremental
+
+    options: TransferOptions = {**ON_THREADS, "read_timeout": 65.25}  # no other test's clients
+    root = tmp_path / "tree"
+    root.mkdir()
+    for number in range(8):
+        (root / f"f{number}").write_bytes(os.urandom(300 * 1024))
+    location = parse_location(f"s3://{bucket}/inc")
+    manifest = await _incremental.save(
+        await open_store("s3", TransferConfig()), location, root, TransferConfig(), pack_size=256 * 1024
+    )
+    assert len(manifest.pack_names) >= 6
+    async with Checkpoint(f"s3://{bucket}/x", src=f"s3://{bucket}/none", **options) as cp:
+        assert await cp.load() is None  # the receivers' clients are made (none is made on a HEAD later)
+    sent_on: list[str] = []
+
+    def note(**_: Any) -> None:
+        sent_on.append(threading.current_thread().name + str(threading.get_ident()))
+
+    async def hook(register: bool) -> int:
+        clients = [c for key, (c, _) in _clients._by_loop.get(asyncio.get_running_loop(), {}).items() if 65.25 in key]
+        for client in clients:
+            (client.meta.events.register if register else client.meta.events.unregister)(
+                "before-call.s3.HeadObject", note
+            )
+        return len(clients)
+
+    loops = [receiver.loop for receiver in s3_receivers._running[:3]]
+    assert [asyncio.run_coroutine_threadsafe(hook(True), loop).result(30) for loop in loops] == [1, 1, 1]
+    try:
+        async with Checkpoint(f"s3://{bucket}/x", src=f"s3://{bucket}/inc", **options) as cp:
+            restored = await cp.load()
+            assert restored is not None and snapshot(restored) == snapshot(root)
+    finally:
+        for loop in loops:
+            asyncio.run_coroutine_threadsafe(hook(False), loop).result(30)
+    assert len(sent_on) == len(manifest.pack_names) + 1  # the manifest, then each pack once
+    assert all(name.startswith("checkpointio-receiver") for name in sent_on)
+    assert len(set(sent_on[1:])) > 1  # the packs' HEADs were sent from more than one receiver

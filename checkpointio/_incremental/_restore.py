@@ -120,7 +120,7 @@ async def _fetch(
 
     async def head(name: str) -> None:
         async with slots:
-            info = await _engine.head_for_reads(store, pack_location(area, name))  # as the reads: on a receiver
+            info = await _engine.head_for_reads(store, pack_location(area, name), one_of_many=True)  # as the reads
         if info is None:
             found.missing[name] = "is missing"
         elif info.size != manifest.packs[name]:

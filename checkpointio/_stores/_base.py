@@ -304,9 +304,11 @@ class RangedStore(Store, Protocol):
     waiting for the ranges before it: what a parallel download is for.
     """
 
-    async def head_for_reads(self, location: Location) -> ObjectInfo | None:
+    async def head_for_reads(self, location: Location, *, one_of_many: bool = False) -> ObjectInfo | None:
         """:meth:`head`, asked by a reader about to read the object: the store gets ready for the
-        reads meanwhile (S3: asked on a receiving thread while the others make their clients)."""
+        reads meanwhile (S3: asked on a receiving thread while the others make their clients).
+        ``one_of_many``: one of many asked at once, to be spread as their reads are (S3: over the
+        receiving threads in turn)."""
         ...
 
     def ordered(self, info: ObjectInfo) -> OrderedRead:

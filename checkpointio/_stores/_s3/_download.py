@@ -96,9 +96,13 @@ def _receivers_for(config: TransferConfig, count: int) -> Sequence[Receiving]:
     return receivers(min(wanted, config.max_concurrency, count))
 
 
-async def head_for_reads(requests: _Requests, location: Location) -> ObjectInfo | None:
+async def head_for_reads(requests: _Requests, location: Location, *, one_of_many: bool = False) -> ObjectInfo | None:
     """The object's HEAD (:func:`._head.head`), asked on the first receiving thread of a load about to
     read it, while the other receivers make their clients.
+
+    ``one_of_many``: one of many HEADs asked at once (a distributed load's data objects, an
+    incremental load's packs): asked on the receiver whose turn it is, as :func:`read_range`
+    takes them, so they are spread over the receivers instead of all waiting on the first.
 
     So a load makes no client on the caller's loop at all: the receiver that asks gets its client
     made and its connection opened for the load's first range (range 0 is its own), and the
@@ -108,6 +112,8 @@ async def head_for_reads(requests: _Requests, location: Location) -> ObjectInfo 
     """
     config = requests.config
     pool = _receivers_for(config, config.max_concurrency)
+    if one_of_many:
+        return await pool[requests.next_turn() % len(pool)].run(head, requests, location)
     for receiver in pool[1:]:
         receiver.start_soon(requests.client)
     return await pool[0].run(head, requests, location)

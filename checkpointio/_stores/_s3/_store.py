@@ -164,8 +164,8 @@ class S3Store:
     async def get(self, info: ObjectInfo, sink: Sink) -> None:
         await get(self._requests, info, sink)
 
-    async def head_for_reads(self, location: Location) -> ObjectInfo | None:
-        return await head_for_reads(self._requests, location)
+    async def head_for_reads(self, location: Location, *, one_of_many: bool = False) -> ObjectInfo | None:
+        return await head_for_reads(self._requests, location, one_of_many=one_of_many)
 
     async def get_ranges(self, info: ObjectInfo, sink: RangeSink) -> None:
         await get_ranges(self._requests, info, sink)
