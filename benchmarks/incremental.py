@@ -235,7 +235,9 @@ class _Steps:
         self, name: str, op: str, key: str, path: Path, incremental: bool = False, same_as: Path | None = None
     ) -> None:
         """``op`` (save or load) of ``path`` at ``<label><key>-<repetition>``; a load is compared with
-        ``same_as`` and removed."""
+        ``same_as`` and stays until the scratch folder goes, at the end: on ext4 without a journal,
+        creating files for minutes after deleting many is several times slower (the inode allocator
+        skips recently deleted inodes), which would slow down whichever restore came next."""
         labels = list(self.codes)
         for rep in range(self.repeat):
             for label in labels if rep % 2 == 0 else labels[::-1]:
@@ -245,7 +247,6 @@ class _Steps:
                 if op == "load":
                     assert same_as is not None
                     _same_tree(same_as, target)
-                    shutil.rmtree(target)
                 self.results[label].setdefault(name, []).append(step)
 
 

@@ -174,8 +174,9 @@ class Bench:
             return
         finally:
             # A restore of many files stays until the end of the run: on ext4 without a journal,
-            # creating files within ~30 s of deleting many is several times slower (the inode
-            # allocator skips recently deleted inodes), which would slow down the next restore.
+            # creating files within 1-6 minutes of deleting many is several times slower (the inode
+            # allocator skips inodes deleted in the last 60 s, 360 s while their inode table block
+            # is dirty), which would slow down the next restore.
             if case.dataset.files < _DEFER_DELETE_FILES:
                 shutil.rmtree(restore_dir, ignore_errors=True)
             os.sync()  # write back this step's files now, not during the next step's clock
