@@ -480,11 +480,13 @@ def _empty_is_fine(prefix: str) -> bool:
 
 def _distributed_row(found: _manage.Distributed) -> dict[str, Any]:
     """A distributed checkpoint as ``--json`` gives it: its manifest's row, with the kind
-    ``distributed``, the total size (manifest and data) and the world size that saved it."""
+    ``distributed``, the total size (manifest and data), how many saves' data that size counts
+    (more than one only where the manifest may not be read) and the world size that saved it."""
     return {
         **_row(found.manifest),
         "kind": "distributed",
         "size": found.size,
+        "saves_counted": found.saves,
         "crc32": None,
         "world_size": found.summary.world_size if found.summary is not None else None,
     }
@@ -561,6 +563,11 @@ async def _ls(cmd: _Command) -> None:
                 print(f"{_kind(info):<5} {info.size:>14} {_when(info.modified):<20} {info.location.uri}{note}")
             else:
                 world = f" (world size {found.summary.world_size})" if found.summary is not None else note
+                if found.saves > 1:  # only where the manifest may not be read
+                    world = (
+                        f" (not read: access denied; the size counts the data of {found.saves} saves, "
+                        f"{found.saves - 1} of them not committed)"
+                    )
                 print(f"distributed {found.size:>14} {_when(info.modified):<20} {info.location.uri}{world}")
     shown = unread & {info.location.key for info in infos}
     if shown:

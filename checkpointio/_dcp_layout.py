@@ -48,6 +48,7 @@ __all__ = [
     "rank_of",
     "remove",
     "remove_checkpoint",
+    "save_of",
     "verify",
 ]
 
@@ -216,6 +217,12 @@ async def delete_save(store: Store, location: Location, save_id: str) -> None:
     await _delete_data(store, location, prefix)
     if location.scheme == "file":
         await anyio.to_thread.run_sync(_remove_empty_folder, prefix.key)
+
+
+def save_of(key: str) -> str | None:
+    """The save id in a data object's key (``<key>.dcp/<save-id>/rank-<n>``); ``None`` for another key."""
+    match = _DATA_KEY.fullmatch(key)
+    return match["save"] if match is not None else None
 
 
 def is_data_of(location: Location, key: str) -> bool:

@@ -93,16 +93,20 @@ class Distributed:
             credentials may list and not read it (known by its data objects listed).
         listed: The bytes of the data objects listed under it (every save's), for a ``summary``
             unknown.
+        saves: How many saves' data objects ``size`` counts: the committed save's alone where
+            the manifest was read; else every save whose data is listed (only one of them is the
+            one the manifest commits: the others are unfinished, or being committed).
     """
 
     manifest: ObjectInfo
     summary: _dcp_layout.Summary | None
     listed: int = 0
+    saves: int = 1
 
     @property
     def size(self) -> int:
         """The manifest's and the committed data objects' bytes (unread: every listed data
-        object's)."""
+        object's, of :attr:`saves` saves)."""
         return self.manifest.size + (self.summary.data_size if self.summary is not None else self.listed)
 
 
@@ -133,8 +137,11 @@ async def distributed_among(
         except AccessDeniedError:
             if not unreadable:
                 raise
-            listed = sum(one.size for one in infos if _dcp_layout.is_data_of(info.location, one.location.key))
-            found[key] = Distributed(info, None, listed)
+            # Which save the manifest commits is unknown: one save's data listed is that save's
+            # (its data exists while it is committed); several saves' are counted, and said to be.
+            listed = [one for one in infos if _dcp_layout.is_data_of(info.location, one.location.key)]
+            saves = {_dcp_layout.save_of(one.location.key) for one in listed}
+            found[key] = Distributed(info, None, sum(one.size for one in listed), len(saves))
             continue
         if summary is not None:
             found[key] = Distributed(info, summary)

@@ -1103,11 +1103,26 @@ def test_list_only_and_list_and_delete_principals_list_and_remove_distributed_an
         assert [line.split()[0] for line in text.stdout.splitlines()] == ["distributed", "-", "-"]
         assert all(line.endswith(" (not read: access denied)") for line in text.stdout.splitlines()), text.stdout
 
+    # An unfinished save's data beside the committed save's: which save the unread manifest names is
+    # unknown, so the size counts both and the row says so; who may read counts the committed one's.
+    stale = "r/ckpt.dcp/18ee000000000000-0badcafe/rank-0"
+    s3.put_object(Bucket=bucket, Key=stale, Body=b"x" * 300)
+    listed = cli("ls", "--json", root + "/", *reach, env=lister)
+    assert listed.returncode == 0, listed.stderr
+    (row,) = [row for row in json.loads(listed.stdout) if row["uri"] == f"{root}/ckpt"]
+    assert (row["size"], row["saves_counted"], row["unread"]) == (sizes["r/ckpt"] + sizes[data] + 300, 2, True)
+    text = cli("ls", root + "/", *reach, env=lister)
+    assert text.returncode == 0, text.stderr
+    assert text.stdout.splitlines()[0].endswith(
+        f"{root}/ckpt (not read: access denied; the size counts the data of 2 saves, 1 of them not committed)"
+    ), text.stdout
+
     as_admin = {row["uri"]: row for row in json.loads(cli("ls", "--json", root + "/", *reach, env=admin).stdout)}
-    # who may read sees the world size
-    assert [(row["kind"], row["world_size"], row["unread"]) for row in [as_admin[f"{root}/ckpt"]]] == [
-        ("distributed", 1, False)
-    ]
+    # who may read sees the world size, and the size of the committed save alone
+    assert [
+        (row["kind"], row["world_size"], row["size"], row["saves_counted"], row["unread"])
+        for row in [as_admin[f"{root}/ckpt"]]
+    ] == [("distributed", 1, sizes["r/ckpt"] + sizes[data], 1, False)]
 
     cleaned = cli("gc", root + "/", "--older-than", "0", *reach, env=remover)
     assert cleaned.returncode == 0, cleaned.stderr
