@@ -15,12 +15,13 @@ from __future__ import annotations
 import importlib
 import queue
 import struct
+import sys
 import threading
 import zlib
 from collections.abc import Callable
 from concurrent.futures import Future
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from ._exceptions import CorruptCheckpointError
 
@@ -100,8 +101,17 @@ def _deflate(data: bytes | memoryview, level: int) -> bytes:
 def raw_deflate_function(level: int) -> Callable[..., bytes]:
     """The one-shot raw deflate of ``level`` (1-9), called as ``f(data, level, -15)``: one call a
     piece, for callers deflating many small pieces (no compressor object each)."""
-    compress: Callable[..., bytes] = _isal.compress if _isal is not None and level <= 3 else zlib.compress
-    return compress
+    if _isal is not None and level <= 3:
+        return cast(Callable[..., bytes], _isal.compress)
+    if sys.version_info >= (3, 11):
+        return zlib.compress  # takes wbits from 3.11 on
+    return _deflate_raw
+
+
+def _deflate_raw(data: bytes | memoryview, level: int, wbits: int) -> bytes:
+    """``zlib.compress(data, level, wbits)`` where ``zlib.compress`` takes no ``wbits`` (3.10)."""
+    compressor = zlib.compressobj(level, zlib.DEFLATED, wbits)
+    return compressor.compress(data) + compressor.flush()
 
 
 def _worth_deflating(block: bytes, level: int) -> bool:

@@ -214,7 +214,7 @@ async def verify(
 async def delete_save(store: Store, location: Location, save_id: str) -> None:
     """Delete every data object (and unfinished write) of the save ``save_id`` of ``location``."""
     prefix = data_location(location, save_id + "/")
-    await _delete_data(store, location, prefix)
+    await _delete_data(store, location, prefix, await _data_under(store, location, prefix))
     if location.scheme == "file":
         await anyio.to_thread.run_sync(_remove_empty_folder, prefix.key)
 
@@ -232,13 +232,24 @@ def is_data_of(location: Location, key: str) -> bool:
     return match is not None and match["checkpoint"] == location.key
 
 
-async def _delete_data(store: Store, location: Location, prefix: Location) -> None:
-    """Delete the data objects of ``location`` under ``prefix`` and discard the unfinished writes
-    of such objects there; anything else under it (a user's object) stays."""
-    for info in await store.list(prefix):
-        if is_data_of(location, info.location.key):
-            await store.delete(info.location)
-    for write in await store.pending(prefix):
+async def _data_under(store: Store, location: Location, prefix: Location) -> list[ObjectInfo]:
+    """The data objects of ``location`` listed under ``prefix`` (a user's object there is not one)."""
+    return [info for info in await store.list(prefix) if is_data_of(location, info.location.key)]
+
+
+async def _delete_data(store: Store, location: Location, prefix: Location, listed: list[ObjectInfo]) -> None:
+    """Delete the data objects ``listed`` and discard the unfinished writes of data objects of
+    ``location`` under ``prefix``; anything else under it (a user's object) stays. Credentials that
+    may not list unfinished uploads (S3's separate ``s3:ListBucketMultipartUploads``) leave those to
+    ``gc``, with a warning: what was asked for is done."""
+    for info in listed:
+        await store.delete(info.location)
+    try:
+        pending = await store.pending(prefix)
+    except AccessDeniedError:
+        logger.warning("%s: may not list unfinished uploads there: those of unfinished saves stay (gc)", prefix.uri)
+        return
+    for write in pending:
         if is_data_of(location, write.location.key):
             await store.discard(write)
 
@@ -250,14 +261,17 @@ def _remove_empty_folder(folder: str) -> None:
 
 async def remove(store: Store, location: Location) -> None:
     """Remove the distributed checkpoint at ``location``: its manifest first (it disappears at
-    once), then the data of every save under it, committed or not."""
+    once), then the data of every save under it, committed or not. The data is listed before
+    anything is deleted: credentials that may not list (``AccessDeniedError``) delete nothing,
+    rather than a manifest whose data would then stay behind."""
+    listed = await _data_under(store, location, data_prefix(location))
     await store.delete(location)
-    await _remove_data(store, location)
+    await _remove_data(store, location, listed)
 
 
-async def _remove_data(store: Store, location: Location) -> None:
+async def _remove_data(store: Store, location: Location, listed: list[ObjectInfo]) -> None:
     prefix = data_prefix(location)
-    await _delete_data(store, location, prefix)
+    await _delete_data(store, location, prefix, listed)
     if location.scheme == "file":
         await anyio.to_thread.run_sync(_remove_empty_tree, prefix.key)
 
@@ -276,9 +290,10 @@ async def remove_checkpoint(store: Store, location: Location, config: TransferCo
     except CorruptCheckpointError:  # a garbled manifest: removed as the object it is
         summary = None
     except AccessDeniedError:
+        listed = await _data_under(store, location, data_prefix(location))
         if not await store.delete(location):
             return False  # data without a manifest is no checkpoint: gc's to collect
-        await _remove_data(store, location)
+        await _remove_data(store, location, listed)
         return True
     if summary is not None:
         await remove(store, location)

@@ -140,6 +140,8 @@ async def distributed_among(
             # Which save the manifest commits is unknown: one save's data listed is that save's
             # (its data exists while it is committed); several saves' are counted, and said to be.
             listed = [one for one in infos if _dcp_layout.is_data_of(info.location, one.location.key)]
+            if not listed:
+                continue  # only others' objects under <key>.dcp/: the object is listed as what it is
             saves = {_dcp_layout.save_of(one.location.key) for one in listed}
             found[key] = Distributed(info, None, sum(one.size for one in listed), len(saves))
             continue

@@ -14,6 +14,7 @@ themselves cost about 1 ms per 256 MiB, wherever it runs.
 from __future__ import annotations
 
 import os
+from collections import deque
 from collections.abc import Sequence
 
 __all__ = ["PIECE", "write_all", "write_views"]
@@ -43,9 +44,9 @@ def write_views(fd: int, views: Sequence[memoryview], offset: int | None = None)
         for view in views:
             write_all(fd, view, offset)
             if offset is not None:
-                offset += len(view)
+                offset += view.nbytes
         return
-    pending = list(views)
+    pending = deque(view.cast("B") if view.format != "B" or view.ndim != 1 else view for view in views)
     while pending:
         piece: list[memoryview] = []
         size = 0
@@ -60,6 +61,6 @@ def write_views(fd: int, views: Sequence[memoryview], offset: int | None = None)
             offset += count
         while pending and count >= len(pending[0]):
             count -= len(pending[0])
-            pending.pop(0)
+            pending.popleft()
         if count:
             pending[0] = pending[0][count:]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import re
 import secrets
 import tempfile
@@ -33,6 +34,7 @@ from ._checkpoint import Checkpoint
 from ._exceptions import CheckpointError
 from ._placement import placing
 from ._training import FolderSaver
+from ._writes import write_all
 
 try:
     from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -155,7 +157,11 @@ def _files_planners(targets: dict[str, Path] | None = None) -> tuple[Any, Any]:
         def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
             target = (targets or {})[read_item.dest_index.fqn]
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(value.getbuffer())
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+            try:
+                write_all(fd, value.getbuffer())
+            finally:
+                os.close(fd)
 
     return SaveFiles(), LoadFiles()
 

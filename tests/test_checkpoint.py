@@ -31,6 +31,7 @@ from checkpointio import (
 from .conftest import ONE_STORE, StoreCase, make_tree, snapshot
 from .placing import fail_placing_onto
 from .scripts import run_script
+from .syscalls import COUNTED, writes_so_far
 
 
 async def test_load_returns_none_on_first_attempt(store: StoreCase) -> None:
@@ -633,13 +634,7 @@ async def test_when_every_source_is_corrupt_load_raises_instead_of_returning_non
             await cp.load()
 
 
-def _writes_so_far() -> tuple[int, int]:
-    """This process's write system calls and the bytes they wrote, all threads included (Linux)."""
-    fields = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())
-    return int(fields["syscw"]), int(fields["wchar"])
-
-
-@pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="counts system calls through Linux's /proc/self/io")
+@pytest.mark.skipif(not COUNTED, reason="counts system calls through Linux's /proc/self/io")
 @pytest.mark.parametrize("incremental", [False, True], ids=["tar.gz", "incremental"])
 async def test_file_data_is_written_at_most_256_kib_per_system_call(
     store: StoreCase, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, incremental: bool
@@ -674,9 +669,9 @@ async def test_file_data_is_written_at_most_256_kib_per_system_call(
     steps: list[tuple[int, int]] = []
 
     async def counted(step: Callable[[], Awaitable[object]]) -> None:
-        calls, written = _writes_so_far()
+        calls, written = writes_so_far()
         await step()
-        after = _writes_so_far()
+        after = writes_so_far()
         steps.append((after[0] - calls, after[1] - written))
 
     async def load_tree() -> None:

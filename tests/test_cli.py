@@ -1145,3 +1145,37 @@ def test_list_only_and_list_and_delete_principals_list_and_remove_distributed_an
     ]
     again = cli("rm", f"{root}/ckpt", *reach, env=remover)
     assert again.returncode == 3 and f"{root}/ckpt: no such checkpoint" in again.stderr
+
+    # A plain checkpoint with a user's object under <key>.dcp/ is no distributed one: it is listed
+    # as what it is, and the user's object as well.
+    done = cli("save", "-", f"{root}/other", *reach, stdin=b"plain", env=admin)
+    assert done.returncode == 0, done.stderr
+    s3.put_object(Bucket=bucket, Key="r/other.dcp/notes.txt", Body=b"mine")
+    listed = cli("ls", "--json", root + "/", *reach, env=lister)
+    assert listed.returncode == 0, listed.stderr
+    kinds = {row["uri"]: row["kind"] for row in json.loads(listed.stdout)}
+    assert kinds[f"{root}/other"] is None and f"{root}/other.dcp/notes.txt" in kinds, kinds
+
+    # Credentials that may list objects and delete, not list unfinished uploads: rm does what it is
+    # asked (those uploads are gc's); credentials that may read and delete, not list: rm of a
+    # distributed checkpoint deletes nothing rather than its manifest without its data.
+    objects_only = guarded_s3.principal("objects-only", ["s3:ListBucket", "s3:ListObjectsV2", "s3:DeleteObject"])
+    removed = cli("rm", f"{root}/other", *reach, env=objects_only)
+    assert removed.returncode == 0, removed.stderr
+    assert "r/other" not in keys()
+    saved = run_script(
+        f"""
+        import torch
+        from checkpointio.dcp import save
+        save({{"weight": torch.arange(10.0)}}, {root + "/again"!r}, endpoint_url={guarded_s3.endpoint!r})
+        """,
+        tmp_path,
+        unprivileged=False,
+        **admin,
+    )
+    assert saved.returncode == 0, saved.stderr
+    before = [key for key in keys() if key.startswith("r/again")]
+    reader = guarded_s3.principal("reader-remover", ["s3:GetObject", "s3:HeadObject", "s3:DeleteObject"])
+    refused = cli("rm", f"{root}/again", *reach, env=reader)
+    assert refused.returncode != 0 and "access denied" in refused.stderr, refused.stderr
+    assert [key for key in keys() if key.startswith("r/again")] == before and len(before) == 2

@@ -5,6 +5,7 @@ A tiny BERT built from a config (no download) trains on the CPU for a few steps.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import shutil
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import traceback
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -29,6 +31,7 @@ from checkpointio import (
 
 from .conftest import ProxiedBucket, StoreCase, snapshot
 from .scripts import restore_into_read_only, run_script
+from .syscalls import COUNTED, writes_so_far
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a tiny model built from a config: nothing to download
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -459,3 +462,22 @@ def test_checkpoint_folders_of_a_folder_it_may_not_list_or_search_is_an_access_e
         f"{behind / 'out'} | {behind / 'out'}: could not list its checkpoint folders: Permission denied",
     ]
     assert names(checkpoint_folders(unsearchable)) == ["checkpoint-3"]  # readable again: it lists
+
+
+@pytest.mark.skipif(not COUNTED, reason="counts system calls through Linux's /proc/self/io")
+def test_a_distributed_restore_writes_each_file_at_most_256_kib_per_system_call(tmp_path: Path) -> None:
+    """The files of ``output_dir`` a distributed load restores (the model and optimizer, the
+    largest) are written in pieces, as every restore's are: see the test of the same name in
+    test_checkpoint.py."""
+    from checkpointio.hf import _files_planners
+
+    target = tmp_path / "checkpoint-4" / "model.safetensors"
+    _, load_files = _files_planners({"model.safetensors": target})
+    data = os.urandom(3 * 1024 * 1024 + 5)
+    item = SimpleNamespace(dest_index=SimpleNamespace(fqn="model.safetensors"))
+    calls_before, written_before = writes_so_far()
+    load_files.load_bytes(item, io.BytesIO(data))
+    calls_after, written_after = writes_so_far()
+    calls, written = calls_after - calls_before, written_after - written_before
+    assert target.read_bytes() == data
+    assert written >= len(data) and calls >= len(data) // (256 * 1024), (calls, written)

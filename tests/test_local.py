@@ -256,3 +256,24 @@ def test_the_file_at_a_local_path_is_the_plain_archive(tmp_path: Path) -> None:
     doc = json.loads((tmp_path / ".ck.checkpointio").read_text())
     st = (tmp_path / "ck").stat()
     assert doc["of"] == [st.st_size, st.st_mtime_ns] and doc["record"]["checkpointio-kind"] == "dir"
+
+
+def test_an_object_being_written_is_never_written_after_it_was_closed(tmp_path: Path) -> None:
+    """A worker thread left running by a cancelled save finds the file closed: it does not write
+    to whatever the process opened since under the same descriptor number."""
+    from checkpointio._stores._local import _Output
+
+    out = _Output(tmp_path / "object")
+    out.open()
+    out.write(b"first")
+    out.close()
+    other = os.open(tmp_path / "other", os.O_WRONLY | os.O_CREAT, 0o600)  # may take the same number
+    try:
+        with pytest.raises(OSError):
+            out.write(b"late")
+        with pytest.raises(OSError):
+            out.open()
+    finally:
+        os.close(other)
+    assert (tmp_path / "object").read_bytes() == b"first"
+    assert (tmp_path / "other").read_bytes() == b""

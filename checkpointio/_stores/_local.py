@@ -28,6 +28,7 @@ import logging
 import os
 import re
 import stat
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -86,6 +87,44 @@ def _name_room(name_max: int) -> int:
     """How many bytes of a checkpoint's name its temporary names keep: the temporary sidecar's name
     (``.<name>.partial-<token>.checkpointio``) must fit in ``name_max``."""
     return name_max - 1 - len(_PARTIAL_MARK) - _TOKEN_LENGTH - len(_SIDECAR_SUFFIX)
+
+
+class _Output:
+    """A new file that worker threads write: closed once, never while a write is under way, and
+    never written after that (a thread left running by a cancelled task finds it closed instead of
+    writing to a descriptor number the process may have reused)."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._lock = threading.Lock()
+        self._fd: int | None = None
+        self._closed = False
+
+    def open(self) -> None:
+        with self._lock:
+            if self._closed:
+                raise OSError(errno.EBADF, "closed before it was opened", str(self._path))
+            self._fd = os.open(self._path, _CREATE_FLAGS, 0o666)
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        with self._lock:
+            write_all(self._opened(), data)
+
+    def fsync(self) -> None:
+        with self._lock:
+            os.fsync(self._opened())
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            fd, self._fd = self._fd, None
+            if fd is not None:
+                os.close(fd)
+
+    def _opened(self) -> int:
+        if self._fd is None:
+            raise OSError(errno.EBADF, "closed", str(self._path))
+        return self._fd
 
 
 def _temporary(path: Path, name_max: int) -> Path:
@@ -310,13 +349,15 @@ class LocalStore:
         tmp = _temporary(path, name_max)
         try:
             try:
-                fd = await anyio.to_thread.run_sync(os.open, tmp, _CREATE_FLAGS, 0o666)
+                out = _Output(tmp)
                 try:
+                    await anyio.to_thread.run_sync(out.open)
                     async for chunk in body:
-                        await anyio.to_thread.run_sync(write_all, fd, chunk)
-                    await anyio.to_thread.run_sync(os.fsync, fd)
+                        await anyio.to_thread.run_sync(out.write, chunk)
+                    await anyio.to_thread.run_sync(out.fsync)
                 finally:
-                    os.close(fd)
+                    with anyio.CancelScope(shield=True):
+                        await anyio.to_thread.run_sync(out.close)
                 return await anyio.to_thread.run_sync(self._commit, location, tmp, record.completed(body.digest))
             except OSError as error:  # disk full, quota, I/O error: the previous checkpoint stays
                 raise _translate(error, location.uri) from error
