@@ -510,6 +510,8 @@ def run_repetitions(bench: Bench, tables: dict[str, list[Case]], repeat: int) ->
 def run(args: argparse.Namespace, sizes: Sizes, scratch: Path) -> int:
     """Make the data, run everything, print the tables; return the exit status."""
     tools = Tools.find()
+    if args.cores and shutil.which("taskset") is None:
+        raise SystemExit("--cores needs taskset (util-linux), which is not installed")
     pinned = f" (steps on CPUs {args.cores} only)" if args.cores else ""
     print(f"checkpointio benchmark: {os.cpu_count()} cores{pinned}, Python {platform.python_version()}, {sizes}")
     print(f"  checkpointio {checkpointio_revision()}")

@@ -1,8 +1,9 @@
 """Writing file data in pieces the page cache fills fast: at most :data:`PIECE` bytes a system call.
 
-Every write of file data (restored files, staging files, the local store's objects, snapshot
-copies) goes through here. The size of one buffered write decides the size of the page-cache
-folios Linux allocates for it (ext4 and xfs take large folios since 6.x). On virtual machines that
+Every write of file data (restored files, staging files, the local store's objects) goes
+through here; snapshot copies use these pieces with ``shutil.copyfileobj``. The size of one
+buffered write decides the size of the page-cache folios Linux allocates for it (ext4 and xfs
+take large folios since 6.x). On virtual machines that
 hand free memory back to their host (virtio-balloon free page reporting), large folios often come
 from memory the host has to back again, and filling them costs 10-30x more: on this project's
 benchmark VM (Firecracker, Linux 6.18, ext4), 256 MiB written in 1 MiB calls took 0.9-2.8 s in
