@@ -496,12 +496,13 @@ def latest_checkpoint(
         return None
     base = Path(root)
     try:
-        if base.is_file():
+        mode = _placement.existing_mode(base)
+        if mode is not None and stat.S_ISREG(mode):
             return base if base.match(pattern.rsplit("/", 1)[-1]) else None
-        if not base.is_dir():
+        if mode is None or not stat.S_ISDIR(mode):
             return None
         _check_listable(base, pattern)
-        candidates = [path for path in base.glob(pattern) if path.is_file()]
+        candidates = [path for path in base.glob(pattern) if _is_file(path)]
         if not candidates:
             return None
         if key is None:
@@ -567,6 +568,12 @@ def _check_listable(base: Path, pattern: str) -> None:
                 except OSError as error:
                     fail(error, folder)
         folders = reached
+
+
+def _is_file(path: Path) -> bool:
+    """Whether ``path`` is a file (or a symlink to one); an error other than "nothing there" is raised."""
+    mode = _placement.existing_mode(path)
+    return mode is not None and stat.S_ISREG(mode)
 
 
 def _matching_folder(entry: os.DirEntry[str], part: str) -> bool:

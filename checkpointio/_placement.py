@@ -54,6 +54,7 @@ __all__ = [
     "STAGING_PREFIX",
     "StagingFolder",
     "discard_workspace",
+    "existing_mode",
     "make_staging_folder",
     "make_workspace",
     "move_all",
@@ -82,6 +83,23 @@ STAGING_NAME = re.compile(
 )
 
 _OPEN_FOLDER = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+#: ``stat`` errors that mean "nothing there" (as ``Path.is_dir()`` took them before Python 3.14).
+_NOTHING_THERE = {errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EBADF}
+
+
+def existing_mode(path: Path) -> int | None:
+    """The ``st_mode`` of ``path`` (symlinks followed), ``None`` where there is nothing; any other
+    error (a folder on the way that may not be searched) is raised. ``Path.is_dir()`` and
+    ``is_file()`` answer ``False`` to every error since Python 3.14: a guess, where a caller must
+    not take "cannot look" for "nothing there"."""
+    try:
+        return os.stat(path).st_mode
+    except OSError as error:
+        if error.errno in _NOTHING_THERE:
+            return None
+        raise
 
 
 def staging_path(folder: Path) -> Path:

@@ -24,6 +24,7 @@ import logging
 import os
 import re
 import secrets
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,14 +76,20 @@ def checkpoint_folders(output_dir: str | Path) -> list[Path]:
 def _folders(base: Path) -> list[Path]:
     """:func:`checkpoint_folders`, raising the ``OSError`` met (the callback's callers name the
     checkpoint their work is for with :func:`placing`)."""
-    if not base.is_dir():
+    mode = _placement.existing_mode(base)
+    if mode is None or not stat.S_ISDIR(mode):
         return []
     found: list[tuple[int, str, Path]] = []
     for child in base.iterdir():
         match = _FOLDER.fullmatch(child.name)
-        if match is not None and child.is_dir() and not child.is_symlink():
+        if match is not None and not child.is_symlink() and _is_folder(child):
             found.append((int(match[1]), child.name, child))
     return [path for _, _, path in sorted(found)]
+
+
+def _is_folder(path: Path) -> bool:
+    mode = _placement.existing_mode(path)
+    return mode is not None and stat.S_ISDIR(mode)
 
 
 def _unlistable(base: Path, error: OSError) -> CheckpointError:

@@ -427,7 +427,10 @@ def test_an_output_folder_retention_cannot_list_is_an_access_error_naming_it(tmp
     assert not (tmp_path / "ckpt").exists()  # nothing saved: the save comes after retention
 
 
-def test_checkpoint_folders_of_a_folder_it_may_not_list_or_search_is_an_access_error(tmp_path: Path) -> None:
+@pytest.mark.parametrize("pathlib", ["", "import tests.pathlib314"], ids=["pathlib", "pathlib-3.14"])
+def test_checkpoint_folders_of_a_folder_it_may_not_list_or_search_is_an_access_error(
+    tmp_path: Path, pathlib: str
+) -> None:
     # Public, called by users' own resume logic: "none" for a folder it could not list would
     # start the training over; a raw PermissionError would escape the CheckpointError hierarchy.
     unlistable, unsearchable, behind = tmp_path / "a", tmp_path / "b", tmp_path / "c"
@@ -439,6 +442,7 @@ def test_checkpoint_folders_of_a_folder_it_may_not_list_or_search_is_an_access_e
     try:
         result = run_script(
             f"""
+            {pathlib}
             from checkpointio import AccessDeniedError
             from checkpointio.hf import checkpoint_folders
             for out in {[str(unlistable), str(unsearchable), str(behind / "out")]!r}:

@@ -241,8 +241,10 @@ def test_latest_checkpoint_in_a_folder_it_cannot_list_is_an_access_error_not_non
     assert latest_checkpoint(run, pattern) in (hidden / "last.ckpt", hidden / "step.pt")
 
 
+@pytest.mark.parametrize("pathlib", ["", "import tests.pathlib314"], ids=["pathlib", "pathlib-3.14"])
 def test_latest_checkpoint_behind_a_folder_it_may_not_search_is_an_access_error_not_a_raw_oserror(
     tmp_path: Path,
+    pathlib: str,
 ) -> None:
     # The root itself cannot be looked at (its parent is not searchable): whether it is a file, a
     # folder or nothing is unknown, which is no "none" either.
@@ -253,6 +255,7 @@ def test_latest_checkpoint_behind_a_folder_it_may_not_search_is_an_access_error_
     try:
         result = run_script(
             f"""
+            {pathlib}
             from checkpointio import AccessDeniedError, latest_checkpoint
             for root in ({str(behind / "run")!r}, {str(behind / "run" / "last.ckpt")!r}):
                 try:
