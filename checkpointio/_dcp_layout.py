@@ -281,9 +281,9 @@ async def remove_checkpoint(store: Store, location: Location, config: TransferCo
     it disappears at once); whether there was an object there.
 
     With credentials that may delete and list but not read (S3 without ``s3:GetObject``) the
-    manifest cannot be read: the object goes, then every data object listed under ``<key>.dcp/``
-    (only names a distributed save writes), so no data is ever left behind once its manifest is
-    gone.
+    manifest cannot be read: the data objects under ``<key>.dcp/`` (only names a distributed save
+    writes) are listed first, then the object goes, then they do, so no data is ever left behind
+    once its manifest is gone; credentials that may not list delete nothing.
     """
     try:
         summary = await read_summary(store, location, config)

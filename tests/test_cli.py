@@ -1057,17 +1057,21 @@ def test_list_only_and_list_and_delete_principals_list_and_remove_distributed_an
     bucket = guarded_s3.new_bucket()
     root = f"s3://{bucket}/r"
     reach = ("--endpoint-url", guarded_s3.endpoint, "--max-attempts", "1")
-    saved = run_script(
-        f"""
-        import torch
-        from checkpointio.dcp import save
-        save({{"weight": torch.arange(1000.0)}}, {root + "/ckpt"!r}, endpoint_url={guarded_s3.endpoint!r})
-        """,
-        tmp_path,
-        unprivileged=False,
-        **admin,
-    )
-    assert saved.returncode == 0, saved.stderr
+
+    def save_distributed(name: str, elements: int) -> None:
+        saved = run_script(
+            f"""
+            import torch
+            from checkpointio.dcp import save
+            save({{"weight": torch.arange({elements}.0)}}, {f"{root}/{name}"!r}, endpoint_url={guarded_s3.endpoint!r})
+            """,
+            tmp_path,
+            unprivileged=False,
+            **admin,
+        )
+        assert saved.returncode == 0, saved.stderr
+
+    save_distributed("ckpt", 1000)
     tree = tmp_path / "tree"
     (tree / "sub").mkdir(parents=True)
     (tree / "sub" / "a.txt").write_bytes(b"incremental" * 100)
@@ -1163,17 +1167,7 @@ def test_list_only_and_list_and_delete_principals_list_and_remove_distributed_an
     removed = cli("rm", f"{root}/other", *reach, env=objects_only)
     assert removed.returncode == 0, removed.stderr
     assert "r/other" not in keys()
-    saved = run_script(
-        f"""
-        import torch
-        from checkpointio.dcp import save
-        save({{"weight": torch.arange(10.0)}}, {root + "/again"!r}, endpoint_url={guarded_s3.endpoint!r})
-        """,
-        tmp_path,
-        unprivileged=False,
-        **admin,
-    )
-    assert saved.returncode == 0, saved.stderr
+    save_distributed("again", 10)
     before = [key for key in keys() if key.startswith("r/again")]
     reader = guarded_s3.principal("reader-remover", ["s3:GetObject", "s3:HeadObject", "s3:DeleteObject"])
     refused = cli("rm", f"{root}/again", *reach, env=reader)
