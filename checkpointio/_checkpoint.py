@@ -558,9 +558,16 @@ def _check_listable(base: Path, pattern: str) -> None:
             elif "*" in part or "?" in part or "[" in part:
                 try:
                     with os.scandir(folder) as entries:
-                        reached.extend(entry.path for entry in entries if _matching_folder(entry, part))
+                        matched = [entry for entry in entries if fnmatch.fnmatchcase(entry.name, part)]
                 except OSError as error:
                     fail(error, folder)
+                    continue
+                for entry in matched:
+                    try:
+                        if entry.is_dir():  # a symlink is followed, as Path.glob does
+                            reached.append(entry.path)
+                    except OSError as error:  # a symlink into a folder that may not be searched
+                        fail(error, entry.path)
             else:
                 try:
                     if stat.S_ISDIR(os.stat(os.path.join(folder, part)).st_mode):
@@ -574,13 +581,3 @@ def _is_file(path: Path) -> bool:
     """Whether ``path`` is a file (or a symlink to one); an error other than "nothing there" is raised."""
     mode = _placement.existing_mode(path)
     return mode is not None and stat.S_ISREG(mode)
-
-
-def _matching_folder(entry: os.DirEntry[str], part: str) -> bool:
-    """Whether ``entry`` is a folder (or a symlink to one) whose name matches the glob ``part``."""
-    if not fnmatch.fnmatchcase(entry.name, part):
-        return False
-    try:
-        return entry.is_dir()
-    except OSError:
-        return False

@@ -241,6 +241,39 @@ def test_latest_checkpoint_in_a_folder_it_cannot_list_is_an_access_error_not_non
     assert latest_checkpoint(run, pattern) in (hidden / "last.ckpt", hidden / "step.pt")
 
 
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv to run without root's file access")
+def test_latest_checkpoint_through_a_symlink_into_a_folder_it_may_not_search_is_an_access_error(
+    tmp_path: Path,
+) -> None:
+    # A run folder that is a symlink into a folder that may not be searched: whether it is a folder,
+    # and what it holds, is unknown; skipping it would make "none" out of "cannot look".
+    secret = tmp_path / "secret"
+    (secret / "run-2").mkdir(parents=True)
+    (secret / "run-2" / "step.pt").write_text("newest")
+    run = tmp_path / "run"
+    (run / "run-0").mkdir(parents=True)
+    (run / "run-2").symlink_to(secret / "run-2")
+    secret.chmod(0o000)
+    try:
+        result = run_script(
+            f"""
+            from checkpointio import AccessDeniedError, latest_checkpoint
+            try:
+                print(latest_checkpoint({str(run)!r}, "run-*/*.pt"))
+            except AccessDeniedError as error:
+                print(error.uri, "|", error)
+            """,
+            tmp_path,
+            unprivileged=True,
+        )
+    finally:
+        secret.chmod(0o755)
+    assert result.returncode == 0, result.stderr
+    shown = run / "run-2"
+    assert result.stdout == f"{shown} | {shown}: cannot list it to find the latest checkpoint: Permission denied\n"
+    assert latest_checkpoint(run, "run-*/*.pt") == run / "run-2" / "step.pt"
+
+
 @pytest.mark.parametrize("pathlib", ["", "import tests.pathlib314"], ids=["pathlib", "pathlib-3.14"])
 def test_latest_checkpoint_behind_a_folder_it_may_not_search_is_an_access_error_not_a_raw_oserror(
     tmp_path: Path,
