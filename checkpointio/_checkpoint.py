@@ -97,6 +97,9 @@ class Checkpoint:
         self._loaded = False
         self._restored: Path | None = None
         self._inflight = InFlight()
+        #: The manifest of this checkpoint's last incremental save: the next one's parent, while
+        #: ``dest`` still holds exactly that object (else it is read from the store).
+        self._written: _incremental.Written | None = None
 
     def __repr__(self) -> str:
         return f"Checkpoint(dest={self._dest.uri!r}, src={self.src!r})"
@@ -312,7 +315,15 @@ class Checkpoint:
             await self._inflight.wait_for_it(supersede)
             store = await open_store(self._dest.scheme, config)
             if await self._is_incremental(data):
-                await _incremental.save(store, self._dest, Path(data), config, callback, parents=self._parents())  # type: ignore[arg-type]
+                self._written = await _incremental.save(
+                    store,
+                    self._dest,
+                    Path(data),  # type: ignore[arg-type]
+                    config,
+                    callback,
+                    parents=self._parents(),
+                    last=self._written,
+                )
             else:
                 await _engine.save(store, self._dest, data, config, callback)
             return SaveHandle(self.dest)
@@ -338,7 +349,7 @@ class Checkpoint:
         try:
             store = await open_store(self._dest.scheme, config)
             if await self._is_incremental(snapshot.data):
-                await _incremental.save(
+                self._written = await _incremental.save(
                     store,
                     self._dest,
                     Path(snapshot.data),  # type: ignore[arg-type]
@@ -347,6 +358,7 @@ class Checkpoint:
                     parents=self._parents(),
                     check=snapshot.check_unchanged,
                     shown=snapshot.source,
+                    last=self._written,
                 )
                 return
             await _engine.save(
@@ -446,6 +458,7 @@ class Checkpoint:
             self._workspace = None
         self._loaded = False
         self._restored = None
+        self._written = None
         if error is not None:
             raise error
 

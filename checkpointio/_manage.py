@@ -256,7 +256,7 @@ async def incremental_among(
                 if info.location.key.startswith(folder) and "/" not in info.location.key[len(folder) :]
             )
             continue
-        usage = _incremental.usage(manifests)
+        usage = await anyio.to_thread.run_sync(_incremental.usage, manifests)  # work per chunk: off the loop
         for info in infos:
             if info.location.key in usage:
                 found[info.location.key] = Incremental(info, usage[info.location.key])

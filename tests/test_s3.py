@@ -1246,9 +1246,11 @@ async def test_many_heads_asked_at_once_are_spread_over_the_receivers(bucket: st
     for number in range(8):
         (root / f"f{number}").write_bytes(os.urandom(300 * 1024))
     location = parse_location(f"s3://{bucket}/inc")
-    manifest = await _incremental.save(
-        await open_store("s3", TransferConfig()), location, root, TransferConfig(), pack_size=256 * 1024
-    )
+    manifest = (
+        await _incremental.save(
+            await open_store("s3", TransferConfig()), location, root, TransferConfig(), pack_size=256 * 1024
+        )
+    ).manifest
     assert len(manifest.pack_names) >= 6
     async with Checkpoint(f"s3://{bucket}/x", src=f"s3://{bucket}/none", **options) as cp:
         assert await cp.load() is None  # the receivers' clients are made (none is made on a HEAD later)

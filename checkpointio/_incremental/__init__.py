@@ -40,7 +40,7 @@ from ._manifest import (
     read_manifest,
 )
 from ._restore import list_entries, load, verify
-from ._save import PACK_SIZE, save
+from ._save import PACK_SIZE, Written, save
 
 __all__ = [
     "AREA",
@@ -54,6 +54,7 @@ __all__ = [
     "Entry",
     "Manifest",
     "Usage",
+    "Written",
     "area_of",
     "areas_under",
     "collect",

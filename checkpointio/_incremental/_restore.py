@@ -112,7 +112,7 @@ async def _fetch(
     valid until ``on_chunk`` returns). What is missing or corrupt is collected,
     then raised as one :class:`CorruptCheckpointError` naming the files it affects."""
     found = _Fetched()
-    spans = _spans(manifest, wanted)
+    spans = await anyio.to_thread.run_sync(_spans, manifest, wanted)  # work per chunk: off the loop
     infos: dict[str, ObjectInfo] = {}
     slots = anyio.Semaphore(max(1, config.max_concurrency))
     # inflating and checking release the GIL, and creating files waits on the file system
@@ -157,7 +157,7 @@ async def _fetch(
             for span in spans:
                 if span.pack in infos:
                     group.start_soon(fetch, span)
-    error = found.error(manifest, uri)
+    error = await anyio.to_thread.run_sync(found.error, manifest, uri)
     if error is not None:
         raise error
 
@@ -305,12 +305,13 @@ async def load(
     location = info.location
     uri = location.uri
     started = time.monotonic()
-    manifest = await read_manifest(store, location, config, info=info)
-    if manifest is None:
+    whole = await read_manifest(store, location, config, info=info)
+    if whole is None:
         raise CheckpointError(f"{uri}: replaced while being read", uri=uri)
+    manifest = whole
     presented: list[str] | None = None
-    if only is not None:
-        manifest, presented = _select(manifest, only, uri)
+    if only is not None:  # this and what follows is work per entry or chunk: off the loop
+        manifest, presented = await anyio.to_thread.run_sync(_select, manifest, only, uri)
     meter = Meter(on_progress, "load", uri, manifest.stored_size())
     await anyio.to_thread.run_sync(_placement.make_workspace, workspace, uri)
     staging = await anyio.to_thread.run_sync(_placement.StagingFolder, workspace, uri)
@@ -319,9 +320,10 @@ async def load(
             lambda: os.open(staging.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         )
         try:
-            writer = _Writer(manifest, folder)
+            writer = await anyio.to_thread.run_sync(_Writer, manifest, folder)
             await anyio.to_thread.run_sync(writer.prepare)
-            await _fetch(store, area_of(location), manifest, _wanted(manifest), config, meter, writer.chunk, uri)
+            wanted = await anyio.to_thread.run_sync(_wanted, manifest)
+            await _fetch(store, area_of(location), manifest, wanted, config, meter, writer.chunk, uri)
             await anyio.to_thread.run_sync(writer.finish, uri)
         finally:
             os.close(folder)
@@ -362,9 +364,8 @@ async def verify(
     def ignore(index: int, data: bytes | memoryview) -> None:
         pass
 
-    await _fetch(
-        store, area_of(location), manifest, set(range(manifest.chunk_count)), config, meter, ignore, location.uri
-    )
+    every = await anyio.to_thread.run_sync(set, range(manifest.chunk_count))
+    await _fetch(store, area_of(location), manifest, every, config, meter, ignore, location.uri)
     if meter.reporting:
         await anyio.to_thread.run_sync(meter.finish)
     return manifest
