@@ -106,6 +106,7 @@ manifest.offsets = array("Q", range(0, 200_000 * count, 200_000))
 manifest.stored = array("I", [150_000]) * count
 manifest.sizes = array("I", [200_000]) * count
 manifest.codecs = bytearray([1]) * count
+manifest.within = array("I", bytes(4 * count))  # each chunk a block of its own
 for folder in range(folders):
     manifest.add_entry(f"layer-{folder:04d}", "d", 0o755, 1_700_000_000_000_000_000)
     for number in range(per):

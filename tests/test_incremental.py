@@ -3,8 +3,10 @@ over every store."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
+import re
 import shutil
 import zlib
 from pathlib import Path
@@ -418,6 +420,124 @@ def test_a_manifest_with_overlapping_ranges_or_impossible_counts_is_refused(stor
     shutil.rmtree(tmp_path / "restored", ignore_errors=True)
 
 
+def _small_files(root: Path, count: int, size: int = 4000) -> Path:
+    """``count`` small files of text from one vocabulary (alike, as a tree's configs and logs are),
+    each different."""
+    rng = random.Random(11)
+    words = [bytes(rng.randrange(97, 123) for _ in range(rng.randrange(3, 9))) for _ in range(300)]
+    (root / "small").mkdir(parents=True)
+    for number in range(count):
+        text = b" ".join(rng.choice(words) for _ in range(size // 6))[:size]
+        (root / "small" / f"{number:04d}.txt").write_bytes(b"file %d\n" % number + text)
+    return root
+
+
+def test_small_files_are_deflated_together_and_restored_as_they_were(store: StoreCase, tmp_path: Path) -> None:
+    """Small files share pack blocks, each deflated as one stream: the packs hold less than the
+    files deflated one by one would, and every file comes back."""
+    tree = _small_files(tmp_path / "tree", 300)
+    with Checkpoint(store.uri("ckpt"), incremental=True) as cp:
+        cp.save_sync(tree)
+    files = sorted((tree / "small").iterdir())
+    one_by_one = sum(len(zlib.compress(path.read_bytes(), 1)) for path in files)
+    assert sum(pack_bytes(store).values()) < one_by_one * 0.7
+    manifest = anyio.run(_read, store.uri("ckpt"))
+    assert manifest is not None
+    assert len(manifest.blocks()) < manifest.chunk_count // 10  # 300 chunks, 1.2 MB: a few blocks
+    assert snapshot(restore(store.uri("ckpt"), tmp_path / "restored")) == snapshot(tree)
+    workspace = tmp_path / "partial"  # one small file out of a shared block
+    with Checkpoint(tmp_path / "unused", src=store.uri("ckpt"), workspace=workspace) as cp:
+        assert cp.load_sync(only=["small/0123.txt"]) == workspace
+    assert (workspace / "small/0123.txt").read_bytes() == (tree / "small/0123.txt").read_bytes()
+    assert [path.name for path in (workspace / "small").iterdir()] == ["0123.txt"]
+
+
+def test_a_corrupt_block_names_only_files_of_that_block_and_the_others_still_restore(
+    store: StoreCase, tmp_path: Path
+) -> None:
+    tree = _small_files(tmp_path / "tree", 300)
+    with Checkpoint(store.uri("ckpt"), incremental=True) as cp:
+        cp.save_sync(tree)
+    manifest = anyio.run(_read, store.uri("ckpt"))
+    assert manifest is not None
+    ((pack, size),) = pack_bytes(store).items()
+    store.corrupt(f"{AREA}/packs/{pack}")  # 16 bytes at the middle of the pack
+    middle = size // 2
+    hit = {
+        offset
+        for offset, stored in zip(manifest.offsets, manifest.stored, strict=True)
+        if offset < middle + 16 and middle < offset + stored
+    }
+    in_hit = {
+        path
+        for number, path in enumerate(manifest.paths)
+        if manifest.kinds[number] == ord("f") and manifest.offsets[manifest.chunks_of(number)[0]] in hit
+    }
+    assert 0 < len(in_hit) < 300
+    with pytest.raises(CorruptCheckpointError, match=pack) as caught:
+        anyio.run(_manage.verify, store.uri("ckpt"), TransferConfig())
+    message = str(caught.value)
+    named = set(re.findall(r"small/\d{4}\.txt", message))
+    count = int(re.search(r"affects (\d+) file", message).group(1))  # type: ignore[union-attr]
+    assert named and named <= in_hit and 0 < count <= len(in_hit)
+    intact = next(path for path in sorted(manifest.paths) if path.startswith("small/") and path not in in_hit)
+    workspace = tmp_path / "partial"
+    with Checkpoint(tmp_path / "unused", src=store.uri("ckpt"), workspace=workspace) as cp:
+        assert cp.load_sync(only=[intact]) == workspace
+    assert (workspace / intact).read_bytes() == (tree / intact).read_bytes()
+
+
+@ONE_STORE
+def test_a_manifest_stating_impossible_blocks_is_refused(store: StoreCase, tmp_path: Path) -> None:
+    """Chunks sharing a block: out of it, overlapping in it, or one block stated two ways."""
+    tree = _small_files(tmp_path / "tree", 5)
+    with Checkpoint(store.uri("ckpt"), incremental=True) as cp:
+        cp.save_sync(tree)
+    manifest = anyio.run(_read, store.uri("ckpt"))
+    assert manifest is not None
+    chunks = manifest.chunks
+    assert len({(chunk.offset, chunk.stored) for chunk in chunks}) == 1 and len(chunks) == 5  # one block
+    assert chunks[0].codec == 1  # deflated
+    first, second, *rest = chunks
+    assert first.within + first.size <= first.stored  # stored, it would still be in its block
+
+    def with_second(**changes: int) -> _incremental.Manifest:
+        changed = dataclasses.replace(second, **changes)  # type: ignore[arg-type]
+        return _incremental.Manifest.of(manifest.packs, [first, changed, *rest], manifest.entries)
+
+    stored_block = [dataclasses.replace(chunk, codec=0) for chunk in chunks]
+    refused = {
+        "overlapping": [
+            with_second(within=first.within + 1),  # inside the block, over the first chunk
+            with_second(stored=second.stored - 1),  # one block, two lengths
+            _incremental.Manifest.of(  # one block, two codecs
+                manifest.packs, [dataclasses.replace(first, codec=0), second, *rest], manifest.entries
+            ),
+            with_second(offset=second.offset - 1),  # another block, over this one
+        ],
+        "outside its pack or block": [
+            with_second(within=_incremental.MAX_BLOCK_BYTES - second.size + 1),  # beyond what a block holds
+            _incremental.Manifest.of(manifest.packs, stored_block, manifest.entries),  # beyond a stored block
+        ],
+        "offsets in blocks holds a value out of range": [with_second(within=2**31)],
+    }
+    for match, crafted in refused.items():
+        for bad in crafted:
+            _write_manifest(store, "ckpt", bad)
+            with pytest.raises(CorruptCheckpointError, match=match):
+                restore(store.uri("ckpt"), tmp_path / "restored")
+            with pytest.raises(CorruptCheckpointError, match=match):
+                anyio.run(_manage.verify, store.uri("ckpt"), TransferConfig())
+    # a chunk placed past what its block inflates to (within the limit): found when read, named
+    _write_manifest(store, "ckpt", with_second(within=_incremental.MAX_BLOCK_BYTES - second.size))
+    with pytest.raises(
+        CorruptCheckpointError, match=r"beyond what their block holds; it affects 1 file: small/0001.txt$"
+    ):
+        restore(store.uri("ckpt"), tmp_path / "restored")
+    assert not (tmp_path / "restored").exists() or list((tmp_path / "restored").iterdir()) == []
+    shutil.rmtree(tmp_path / "restored", ignore_errors=True)
+
+
 def _write_raw(store: StoreCase, name: str, raw: bytes) -> None:
     location = parse_location(store.uri(name))
 
@@ -439,7 +559,7 @@ def test_a_manifest_announcing_more_than_it_holds_is_refused_before_reading_it(
     packs, chunks, entries = len(manifest.packs), manifest.chunk_count, manifest.entry_count
     assert manifest.paths == ["a", "b"] and chunks >= 2
     # where the columns are (see docs/incremental.md, "The manifest format")
-    entries_at = 30 + len(manifest.save_id) + 24 * packs + 37 * chunks
+    entries_at = 30 + len(manifest.save_id) + 24 * packs + 41 * chunks
     counts_at = entries_at + 27 * entries
     path_lengths_at = counts_at + 4 * entries
     cases = {
@@ -475,7 +595,7 @@ def test_a_save_with_two_parents_sharing_chunks_restores_whole(tmp_path: Path) -
         cp.save_sync(restored)
     manifest = anyio.run(_read, str(store / "second"))
     assert manifest is not None
-    places = list(zip(manifest.chunk_pack, manifest.offsets, strict=True))
+    places = list(zip(manifest.chunk_pack, manifest.offsets, manifest.within, strict=True))
     assert len(places) == len(set(places))
     got = tree_state(restore(str(store / "second"), tmp_path / "again"))
     assert got.pop("new.txt")[1] == b"y" * 5000
@@ -950,12 +1070,13 @@ def test_compacting_a_manifest_keeps_exactly_the_chunk_rows_and_packs_its_files_
         manifest.stored.append(row + 1)
         manifest.sizes.append(row + 2)
         manifest.codecs.append(row % 2)
+        manifest.within.append(row % 5)
     manifest.used = array("I", used)
     _compact(manifest)
     kept = sorted(set(used))
     assert manifest.chunk_count == len(kept)
     assert [manifest.chunk(row) for row in range(manifest.chunk_count)] == [
-        _incremental.Chunk(bytes([row]) * 16, f"p{row % 3}", row, row + 1, row + 2, row % 2) for row in kept
+        _incremental.Chunk(bytes([row]) * 16, f"p{row % 3}", row, row + 1, row + 2, row % 2, row % 5) for row in kept
     ]
     assert [manifest.hashes[row * 16] for row in manifest.used] == used  # each file's chunks, in order
     assert sorted(manifest.packs) == sorted({f"p{row % 3}" for row in kept}) == sorted(manifest.pack_names)
@@ -998,20 +1119,53 @@ def test_compacting_a_manifest_of_a_million_chunks_holds_little_beyond_its_colum
 
 
 @pytest.mark.parametrize("level", [0, 1, 6])
-def test_chunks_are_deflated_when_that_pays_stored_otherwise_and_not_kept_when_known(level: int) -> None:
+def test_small_chunks_share_a_block_deflated_when_that_pays_and_known_ones_are_not_kept(level: int) -> None:
     from checkpointio._incremental import _chunks, _manifest
 
     text = b"the same few words, again and again; " * 300
     noise = random.Random(5).randbytes(9000)
     known = random.Random(6).randbytes(5000)
     tiny = b"ab"
-    encoded = _chunks.encode_all([text, noise, known, tiny], level, {}, {_chunks.hash_of(known): 0})
-    assert [digest for digest, _, _ in encoded] == [_chunks.hash_of(piece) for piece in (text, noise, known, tiny)]
-    codecs = [codec for _, _, codec in encoded]
-    assert codecs == [_manifest.DEFLATED if level else _manifest.STORED] + [_manifest.STORED] * 3
-    first = encoded[0][1]
-    assert first is not None and (zlib.decompress(first, -15) if level else first) == text
-    assert encoded[1][1] == noise and encoded[2][1] is None and encoded[3][1] == tiny
+    large = random.Random(7).randbytes(_cdc.MINIMUM + 1)
+    pieces = [text, noise, known, tiny, large, text]
+    placed, blocks = _chunks.encode_all(pieces, level, {}, {_chunks.hash_of(known): 0})
+    assert [digest for digest, _, _ in placed] == [_chunks.hash_of(piece) for piece in pieces]
+    # the small new pieces in one block, in order; the known one in none; the large one alone;
+    # the repeated one where it is already
+    small = len(text) + len(noise)
+    assert [(block, within) for _, block, within in placed] == [
+        (0, 0),
+        (0, len(text)),
+        (-1, 0),
+        (0, small),
+        (1, 0),
+        (0, 0),
+    ]
+    assert len(blocks) == 2
+    (grouped, grouped_codec), (alone, alone_codec) = blocks
+    assert grouped_codec == (_manifest.DEFLATED if level else _manifest.STORED)
+    assert (zlib.decompress(grouped, -15) if level else grouped) == text + noise + tiny
+    assert (alone, alone_codec) == (large, _manifest.STORED)  # incompressible: stored
+    # a reader inflates a block only as far as the chunks it wants
+    assert bytes(_chunks.decode_block(grouped_codec, memoryview(grouped), len(text))) == text
+    whole = small + len(tiny)
+    assert bytes(_chunks.decode_block(grouped_codec, memoryview(grouped), whole + 100)) == text + noise + tiny
+    with pytest.raises(ValueError, match="does not inflate"):
+        _chunks.decode_block(_manifest.DEFLATED, memoryview(b"\xff" * 100), whole)
+
+
+def test_small_chunks_beyond_a_block_start_another() -> None:
+    from checkpointio._incremental import _chunks
+
+    pieces = [random.Random(seed).randbytes(30_000) for seed in range(20)]  # 600,000 bytes
+    placed, blocks = _chunks.encode_all(pieces, 1, {}, {})
+    per_block = _chunks.BLOCK_BYTES // 30_000
+    assert [(block, within) for _, block, within in placed] == [
+        (number // per_block, number % per_block * 30_000) for number in range(20)
+    ]
+    assert [data for data, _ in blocks] == [
+        b"".join(pieces[start : start + per_block]) for start in range(0, 20, per_block)
+    ]
 
 
 def test_the_lookups_a_save_builds_of_its_parent_hold_little_more_than_its_path_index() -> None:

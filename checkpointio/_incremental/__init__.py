@@ -30,6 +30,7 @@ from ._leases import LEASE_RENEW, LEASE_TTL
 from ._manifest import (
     LAYOUT,
     MAGIC,
+    MAX_BLOCK_BYTES,
     Chunk,
     Entry,
     Manifest,
@@ -48,6 +49,7 @@ __all__ = [
     "LEASE_RENEW",
     "LEASE_TTL",
     "MAGIC",
+    "MAX_BLOCK_BYTES",
     "PACK_SIZE",
     "AreaReport",
     "Chunk",

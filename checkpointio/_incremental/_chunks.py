@@ -13,7 +13,7 @@ from collections.abc import Callable, Container, Iterator
 import blake3
 
 from .. import _archive, _cdc, _codec
-from ._manifest import DEFLATED, HASH_BYTES, STORED, Chunk, Hash
+from ._manifest import DEFLATED, HASH_BYTES, STORED, Hash
 
 #: Bytes of a file read at once while cutting it into chunks.
 READ_STEP = 8 * 1024 * 1024
@@ -24,51 +24,98 @@ def hash_of(data: bytes | memoryview) -> Hash:
     return blake3.blake3(data).digest(HASH_BYTES)
 
 
+#: A save deflates chunks of at most ``_cdc.MINIMUM`` bytes (whole small files, a file's last
+#: piece) together, in blocks of up to this many bytes: one deflate call (and one GIL hand-back)
+#: per block rather than per chunk, and a stream the size of a few deflate windows rather than
+#: one file. Larger chunks are a block each. Small enough that restoring one small file fetches
+#: and inflates little (at most this much, and only up to the chunk).
+BLOCK_BYTES = 256 * 1024
+
+#: What :func:`encode_all` gives for each piece: its hash, the block holding it (an index in the
+#: blocks it gives, or -1 when a parent or an earlier batch holds it) and its offset there.
+Placed = tuple[Hash, int, int]
+#: A block as its pack holds it: its bytes and its codec.
+Block = tuple[bytes, int]
+
+
 def encode_all(
     pieces: list[bytes], level: int, known: Container[Hash], also: Container[Hash]
-) -> list[tuple[Hash, bytes | None, int]]:
-    """Each piece's hash, and what its pack holds for it (``None`` when ``known`` or ``also`` has it
-    already) and how (``STORED``, or ``DEFLATED`` when that saves enough). Runs on worker threads
-    (BLAKE3 and deflate let go of the GIL), one loop with no Python call per piece beyond the hash
-    and the deflate: a save's pieces are mostly files below the minimum chunk, ~7 KiB each, and
-    the Python around each one weighed as much as its hash."""
+) -> tuple[list[Placed], list[Block]]:
+    """Each piece's hash and where it is in the blocks given for it (none when ``known`` or
+    ``also`` has it already, or an earlier piece of the list has the same hash), and those
+    blocks: each deflated (``DEFLATED``) when that saves enough, else ``STORED``. Pieces of at
+    most ``_cdc.MINIMUM`` bytes share blocks of up to :data:`BLOCK_BYTES`, in their order; larger
+    ones are a block each. Runs on worker threads (BLAKE3 and deflate let go of the GIL), with
+    no Python call per piece beyond its hash."""
     deflate = _codec.raw_deflate_function(level) if level > 0 else None
     keep = 1 - _codec.STORE_BELOW_SAVING
     blake = blake3.blake3
-    encoded: list[tuple[Hash, bytes | None, int]] = []
-    add = encoded.append
+    placed: list[Placed] = []
+    add = placed.append
+    blocks: list[Block] = []
+    seen: dict[Hash, tuple[int, int]] = {}
+    group: list[bytes] = []  # the small pieces of the block being filled
+    group_length = 0
+    group_at = -1
+    small = _cdc.MINIMUM
+
+    def block(data: bytes, at: int) -> None:
+        if deflate is not None and len(data) >= 64 and len(deflated := deflate(data, level, -15)) < len(data) * keep:
+            blocks[at] = (deflated, DEFLATED)
+        else:
+            blocks[at] = (data, STORED)
+
     for data in pieces:
         digest = blake(data).digest(HASH_BYTES)
         if digest in known or digest in also:
-            add((digest, None, STORED))
-        elif deflate is not None and len(data) >= 64 and len(deflated := deflate(data, level, -15)) < len(data) * keep:
-            add((digest, deflated, DEFLATED))
+            add((digest, -1, 0))
+        elif (where := seen.get(digest)) is not None:
+            add((digest, *where))
+        elif len(data) > small:
+            seen[digest] = where = (len(blocks), 0)
+            add((digest, *where))
+            blocks.append((b"", STORED))
+            block(data, where[0])
         else:
-            add((digest, data, STORED))
-    return encoded
+            if group_length + len(data) > BLOCK_BYTES:
+                block(b"".join(group), group_at)
+                group, group_length = [], 0
+            if not group:  # the group's place, filled once it is full
+                group_at = len(blocks)
+                blocks.append((b"", STORED))
+            seen[digest] = where = (group_at, group_length)
+            add((digest, *where))
+            group.append(data)
+            group_length += len(data)
+    if group:
+        block(b"".join(group), group_at)
+    return placed, blocks
 
 
-def decode(chunk: Chunk, stored: memoryview) -> bytes | memoryview:
-    """A chunk's bytes from what its pack holds, checked against its hash: a stored chunk is
-    ``stored`` itself (no copy: valid while the caller holds what it views).
+def decode_block(codec: int, stored: memoryview, length: int) -> bytes | memoryview:
+    """The first ``length`` bytes a pack block holds (fewer when it holds fewer: the caller
+    checks each chunk's range), from its bytes ``stored``: inflated (never beyond ``length``: a
+    hostile block cannot make a reader hold more), or a view of ``stored`` (no copy: valid while
+    the caller holds what it views).
 
     Raises:
-        ValueError: They do not inflate, or not to the chunk's size and hash.
+        ValueError: It does not inflate.
     """
-    data: bytes | memoryview
-    if chunk.codec == DEFLATED:
-        inflater = _codec.raw_inflater()
-        try:
-            data = inflater.decompress(stored, chunk.size)
-        except _codec.InflateError as error:
-            raise ValueError(f"does not inflate: {error}") from None
-        if len(data) != chunk.size or inflater.unconsumed_tail or not inflater.eof:
-            raise ValueError("inflates to another size")
-    else:
-        data = stored
-    if hash_of(data) != chunk.hash:
-        raise ValueError("fails its BLAKE3 check")
+    if codec != DEFLATED:
+        return stored[:length]
+    inflater = _codec.raw_inflater()
+    try:
+        data: bytes = inflater.decompress(stored, length)
+    except _codec.InflateError as error:
+        raise ValueError(f"does not inflate: {error}") from None
     return data
+
+
+def check(chunk_hash: Hash, data: bytes | memoryview) -> None:
+    """Raises:
+    ValueError: ``data`` is not the chunk of that hash."""
+    if hash_of(data) != chunk_hash:
+        raise ValueError("fails its BLAKE3 check")
 
 
 def pieces(fd: int, size: int, full: str, uri: str, on_read: Callable[[int], None]) -> Iterator[bytes]:

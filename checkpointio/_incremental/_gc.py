@@ -179,7 +179,8 @@ class Usage:
     """What one incremental checkpoint holds in its folder's pack store.
 
     Attributes:
-        referenced: Bytes of the chunks it references (as stored: compressed).
+        referenced: Bytes of the pack blocks holding the chunks it references (as stored:
+            compressed).
         exclusive: Of those, the bytes no other checkpoint of its folder references: what removing
             it (and a ``gc``) frees.
         files: Regular files in its tree.
@@ -191,23 +192,19 @@ class Usage:
 
 
 def usage(manifests: dict[str, Manifest]) -> dict[str, Usage]:
-    """The :class:`Usage` of each of the manifests of one folder, by key."""
+    """The :class:`Usage` of each of the manifests of one folder, by key (counted by pack block:
+    chunks sharing a block share its bytes)."""
+    blocks = {key: manifest.blocks() for key, manifest in manifests.items()}
     users: dict[tuple[str, int], int] = {}
-    for manifest in manifests.values():
-        names = manifest.pack_names
-        for pack, offset in zip(manifest.chunk_pack, manifest.offsets, strict=True):
-            place = (names[pack], offset)
+    for held in blocks.values():
+        for place in held:
             users[place] = users.get(place, 0) + 1
     result = {}
     file = ord(FILE)
     for key, manifest in manifests.items():
-        names = manifest.pack_names
-        referenced = sum(manifest.stored)
-        exclusive = sum(
-            stored
-            for pack, offset, stored in zip(manifest.chunk_pack, manifest.offsets, manifest.stored, strict=True)
-            if users[(names[pack], offset)] == 1
-        )
+        held = blocks[key]
+        referenced = sum(held.values())
+        exclusive = sum(stored for place, stored in held.items() if users[place] == 1)
         files = manifest.kinds.count(file)
         result[key] = Usage(referenced, exclusive, files)
     return result

@@ -1,10 +1,11 @@
 """The manifest of an incremental checkpoint: what it records (:class:`Manifest`), its bytes
 (:func:`encode`, :func:`decode`) and the checks a manifest passes before anything trusts it.
 
-A manifest is a header line (``checkpointio-incremental/2``), then a zlib stream of little-endian
+A manifest is a header line (``checkpointio-incremental/3``), then a zlib stream of little-endian
 binary columns (documented in docs/incremental.md, "The manifest format"): a header (counts, save
-id, time), the packs (name, size), the chunks in blocks of up to ``BLOCK`` (hash, pack, offset,
-stored and raw length, codec), then the entries in blocks of up to ``BLOCK`` (type, mode, mtime,
+id, time), the packs (name, size), the chunks in blocks of up to ``BLOCK`` (hash, pack, the offset
+and stored length of the pack block holding it, its length, its offset in the block's inflated
+bytes, the block's codec), then the entries in blocks of up to ``BLOCK`` (type, mode, mtime,
 size, inode, chunk count, path and link lengths, then the paths, link targets and chunk indices).
 A reader inflates it a block at a time and checks every block's counts and lengths before it
 reads what they announce. It is stored like any checkpoint (atomically, with its CRC32), after
@@ -39,15 +40,18 @@ from .._stores import Kind, ObjectInfo, Store
 
 #: The manifest's first bytes: what it is, then the version of its layout and a newline.
 MAGIC = b"checkpointio-incremental/"
-VERSION = 2
+VERSION = 3
 _HEADER_LINE = MAGIC + str(VERSION).encode() + b"\n"
 #: ``Record.layout`` of a manifest: a load tells the format from the record, with no read.
 LAYOUT = "incremental"
 
 #: Hash length in bytes (BLAKE3, truncated: 128 bits).
 HASH_BYTES = 16
-#: How a chunk is held in its pack.
+#: How a pack block is held: its chunks' bytes as they are, or deflated as one raw stream.
 STORED, DEFLATED = 0, 1
+#: Most bytes a pack block inflates to: what a restore inflates to read one chunk (small chunks
+#: share a block, deflated together; a large chunk has a block of its own).
+MAX_BLOCK_BYTES = 1024 * 1024
 
 #: Limits a manifest must respect; beyond them it is refused as crafted or garbled, before its
 #: contents are held in memory.
@@ -56,7 +60,7 @@ MAX_ENTRIES = 50_000_000
 MAX_CHUNKS = 200_000_000
 MAX_PACKS = 10_000_000
 _MAX_CHUNK = _cdc.MAXIMUM
-_MAX_STORED = _MAX_CHUNK + 5 * (_MAX_CHUNK // 65535 + 2) + 1024
+_MAX_STORED = MAX_BLOCK_BYTES + 5 * (MAX_BLOCK_BYTES // 65535 + 2) + 1024
 _MAX_SAVE_ID = 256
 
 #: Entry types: folder, regular file, symlink, hard link (to a file listed before it).
@@ -78,7 +82,9 @@ _LITTLE = sys.byteorder == "little"
 
 @dataclass(frozen=True, slots=True)
 class Chunk:
-    """One chunk as a manifest records it: its hash and where its bytes are."""
+    """One chunk as a manifest records it: its hash and where its bytes are: ``size`` bytes at
+    ``within`` in the pack block of ``stored`` bytes at ``offset`` in ``pack``, held as ``codec``
+    says (several small chunks share a block, deflated as one stream)."""
 
     hash: Hash
     pack: str
@@ -86,6 +92,7 @@ class Chunk:
     stored: int
     size: int
     codec: int
+    within: int = 0
 
 
 @dataclass(slots=True)
@@ -123,6 +130,7 @@ class Manifest:
         self.stored = _u("I")
         self.sizes = _u("I")
         self.codecs = bytearray()
+        self.within = _u("I")
         self.kinds = bytearray()
         self.modes = _u("H")
         self.mtimes = _u("q")
@@ -157,6 +165,7 @@ class Manifest:
             manifest.stored.append(chunk.stored)
             manifest.sizes.append(chunk.size)
             manifest.codecs.append(chunk.codec)
+            manifest.within.append(chunk.within)
         for entry in entries:
             manifest.add_entry(entry.path, entry.kind, entry.mode, entry.mtime_ns, entry.size, entry.inode, entry.link)
             manifest.used.extend(entry.chunks)
@@ -196,6 +205,7 @@ class Manifest:
             self.stored[index],
             self.sizes[index],
             self.codecs[index],
+            self.within[index],
         )
 
     def entry(self, number: int) -> Entry:
@@ -227,6 +237,14 @@ class Manifest:
     def stored_size(self) -> int:
         return sum(self.packs.values())
 
+    def blocks(self) -> dict[tuple[str, int], int]:
+        """The pack blocks its chunks are in, as (pack, offset) -> stored length."""
+        names = self.pack_names
+        return {
+            (names[pack], offset): stored
+            for pack, offset, stored in zip(self.chunk_pack, self.offsets, self.stored, strict=True)
+        }
+
     def files_using(self, chunk_indices: set[int], limit: int = 10) -> tuple[list[str], int]:
         """The paths of the files holding any of ``chunk_indices`` (at most ``limit``), and their count."""
         named: list[str] = []
@@ -244,7 +262,7 @@ class Manifest:
         part = Manifest()
         part.packs, part.pack_names = self.packs, self.pack_names
         part.hashes, part.chunk_pack, part.offsets = self.hashes, self.chunk_pack, self.offsets
-        part.stored, part.sizes, part.codecs = self.stored, self.sizes, self.codecs
+        part.stored, part.sizes, part.codecs, part.within = self.stored, self.sizes, self.codecs, self.within
         for number in numbers:
             link = self.links.get(number, "")
             part.add_entry(
@@ -306,6 +324,7 @@ def encode(manifest: Manifest) -> bytes:
         put(_le(manifest.offsets[start:end]))
         put(_le(manifest.stored[start:end]))
         put(_le(manifest.sizes[start:end]))
+        put(_le(manifest.within[start:end]))
         put(manifest.codecs[start:end])
     first, links = manifest.first, manifest.links
     linked = sorted(links)
@@ -460,6 +479,9 @@ def _read(stream: _Stream) -> Manifest:
         sizes = stream.column("I", count)
         _within(sizes, 1, _MAX_CHUNK, "lengths")
         manifest.sizes += sizes
+        within = stream.column("I", count)
+        _within(within, 0, MAX_BLOCK_BYTES - 1, "offsets in blocks")
+        manifest.within += within
         codecs = stream.read(count)
         if codecs.translate(None, bytes((STORED, DEFLATED))):
             raise ValueError("a chunk of an unknown codec")
@@ -515,14 +537,23 @@ def _read_entries(stream: _Stream, manifest: Manifest, count: int, chunk_count: 
 
 
 def _check_chunks(manifest: Manifest, uri: str) -> None:
-    """Every chunk inside its pack; a stored chunk as long as its data."""
+    """Every block inside its pack; every chunk inside its block (a stored block's bytes, or what
+    a block may inflate to)."""
     sizes = [manifest.packs[name] for name in manifest.pack_names]
-    for number, (pack, offset, stored, size, codec) in enumerate(
-        zip(manifest.chunk_pack, manifest.offsets, manifest.stored, manifest.sizes, manifest.codecs, strict=True)
+    for number, (pack, offset, stored, size, codec, within) in enumerate(
+        zip(
+            manifest.chunk_pack,
+            manifest.offsets,
+            manifest.stored,
+            manifest.sizes,
+            manifest.codecs,
+            manifest.within,
+            strict=True,
+        )
     ):
-        if offset + stored > sizes[pack] or (codec == STORED and stored != size):
+        if offset + stored > sizes[pack] or within + size > (stored if codec == STORED else MAX_BLOCK_BYTES):
             raise CorruptCheckpointError(
-                f"{uri}: the manifest is garbled: chunk {number} lies outside its pack or states impossible sizes",
+                f"{uri}: the manifest is garbled: chunk {number} lies outside its pack or block",
                 uri=uri,
             )
 
@@ -543,18 +574,29 @@ def _check_sizes(manifest: Manifest, uri: str) -> None:
 
 
 def _check_overlaps(manifest: Manifest, uri: str) -> None:
-    """Refuse chunks whose byte ranges in a pack overlap (no save writes such a manifest)."""
-    packs, offsets, stored = manifest.chunk_pack, manifest.offsets, manifest.stored
-    # one int a chunk as the sort key (pack, then offset): a tuple a chunk would take twice the memory
-    order = sorted(range(manifest.chunk_count), key=lambda index: packs[index] << 64 | offsets[index])
-    current, end = -1, 0
+    """Refuse blocks whose byte ranges in a pack overlap, chunks of one block stated with two
+    lengths or codecs, and chunks overlapping in their block (no save writes such a manifest)."""
+    packs, offsets, stored, codecs = manifest.chunk_pack, manifest.offsets, manifest.stored, manifest.codecs
+    within, sizes = manifest.within, manifest.sizes
+    # one int a chunk as the sort key (pack, offset, offset in the block; ``within`` is below
+    # 2**20, checked on reading): a tuple a chunk would take several times the memory
+    order = sorted(
+        range(manifest.chunk_count), key=lambda index: (packs[index] << 64 | offsets[index]) << 21 | within[index]
+    )
+    current, start, end, inner, previous = -1, -1, 0, 0, 0
     for index in order:
         if packs[index] != current:
-            current, end = packs[index], 0
-        if offsets[index] < end:
+            current, start, end, inner = packs[index], -1, 0, 0
+        offset = offsets[index]
+        if offset == start:  # another chunk of the same block
+            bad = stored[index] != end - start or codecs[index] != codecs[previous] or within[index] < inner
+        else:
+            bad = offset < end
+            start, end = offset, offset + stored[index]
+        if bad:
             name = manifest.pack_names[current]
             raise CorruptCheckpointError(f"{uri}: the manifest has overlapping chunks in pack {name}", uri=uri)
-        end = offsets[index] + stored[index]
+        inner, previous = within[index] + sizes[index], index
 
 
 def _unsafe(uri: str, what: str) -> UnsafeArchiveError:

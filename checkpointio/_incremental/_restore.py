@@ -25,7 +25,7 @@ from .._stores import ObjectInfo, Store
 from .._writes import write_all
 from . import _chunks
 from ._layout import area_of, pack_location
-from ._manifest import DIR, FILE, HARDLINK, SYMLINK, Manifest, read_manifest
+from ._manifest import DIR, FILE, HARDLINK, HASH_BYTES, SYMLINK, Manifest, read_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -44,23 +44,25 @@ class _Span:
 
 
 def _spans(manifest: Manifest, wanted: set[int]) -> list[_Span]:
-    """The ranges to fetch: per pack, the wanted chunks in offset order, merged across small gaps."""
+    """The ranges to fetch: per pack, the blocks of the wanted chunks in offset order, merged
+    across small gaps (a block is never split: its chunks, in order, are in one span)."""
     by_pack: dict[str, list[int]] = {}
     for index in sorted(wanted):
         by_pack.setdefault(manifest.pack_names[manifest.chunk_pack[index]], []).append(index)
+    offsets, within = manifest.offsets, manifest.within
     spans: list[_Span] = []
     for name, indices in by_pack.items():
-        indices.sort(key=manifest.offsets.__getitem__)
+        indices.sort(key=lambda index: (offsets[index], within[index]))
         current: _Span | None = None
         for index in indices:
-            offset, stored = manifest.offsets[index], manifest.stored[index]
+            offset, stored = offsets[index], manifest.stored[index]
             end = offset + stored
             if (
                 current is not None
                 and offset - (current.offset + current.length) <= _GAP
                 and end - current.offset <= _SPAN
             ):
-                current.length = end - current.offset
+                current.length = max(current.length, end - current.offset)
                 current.chunks.append(index)
             else:
                 current = _Span(name, offset, stored, [index])
@@ -133,18 +135,43 @@ async def _fetch(
             for name in {span.pack for span in spans}:
                 group.start_soon(head, name)
 
+    offsets, stored, sizes, within, codecs = (
+        manifest.offsets,
+        manifest.stored,
+        manifest.sizes,
+        manifest.within,
+        manifest.codecs,
+    )
+
     def take(span: _Span, data: bytes) -> None:
         view = memoryview(data)
-        for index in span.chunks:
-            chunk = manifest.chunk(index)
-            start = chunk.offset - span.offset
+        chunks, count, at = span.chunks, len(span.chunks), 0
+        while at < count:  # a block at a time: the run of the span's chunks at one offset
+            offset = offsets[chunks[at]]
+            end = at + 1
+            while end < count and offsets[chunks[end]] == offset:
+                end += 1
+            start = offset - span.offset
+            length = max(within[index] + sizes[index] for index in chunks[at:end])
             try:
-                content = _chunks.decode(chunk, view[start : start + chunk.stored])
+                block = _chunks.decode_block(codecs[chunks[at]], view[start : start + stored[chunks[at]]], length)
             except ValueError as error:
                 with found.lock:
-                    found.bad[index] = str(error)
+                    found.bad.update(dict.fromkeys(chunks[at:end], str(error)))
+                at = end
                 continue
-            on_chunk(index, content)
+            for index in chunks[at:end]:
+                content = block[within[index] : within[index] + sizes[index]]
+                try:
+                    if len(content) != sizes[index]:
+                        raise ValueError("lie beyond what their block holds")
+                    _chunks.check(bytes(manifest.hashes[index * HASH_BYTES : (index + 1) * HASH_BYTES]), content)
+                except ValueError as error:
+                    with found.lock:
+                        found.bad[index] = str(error)
+                    continue
+                on_chunk(index, content)
+            at = end
         meter.advance(len(data))
 
     async def fetch(span: _Span) -> None:

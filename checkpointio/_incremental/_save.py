@@ -43,11 +43,12 @@ logger = logging.getLogger(__name__)
 
 #: A pack's first line: what it is and the save that wrote it, so that two saves never write the
 #: same pack name (gc may be deleting an unreferenced pack of that name; see :func:`._gc.collect_area`).
-_PACK_MAGIC = b"checkpointio-pack/1 "
-#: What names a pack, per chunk after its first line: the chunk's hash, its length in the pack and
-#: its codec. The first line names the save and the pack's number in it, so every pack name is new
-#: (the name is not a hash of the pack's bytes: hashing every byte again cost the packing thread
-#: ~0.5 s for 770 MiB of tensors; each chunk's bytes are checked by its own hash).
+_PACK_MAGIC = b"checkpointio-pack/2 "
+#: What names a pack, per block after its first line: the hash of the chunk that placed it, its
+#: length in the pack and its codec. The first line names the save and the pack's number in it,
+#: so every pack name is new (the name is not a hash of the pack's bytes: hashing every byte
+#: again cost the packing thread ~0.5 s for 770 MiB of tensors; each chunk's bytes are checked
+#: by its own hash).
 _PACKED = struct.Struct(f"<{HASH_BYTES}sIB")
 #: A pack is uploaded once it holds this many bytes: tens of MiB, few requests, parallel parts.
 PACK_SIZE = 32 * 1024 * 1024
@@ -196,7 +197,7 @@ class _Packer:
         self.batch: list[tuple[int, bytes]] = []  # (slot in out.used, piece)
         self.batch_bytes = 0
         self.in_flight: collections.deque[
-            tuple[list[tuple[int, int]], Future[list[tuple[Hash, bytes | None, int]]]]
+            tuple[list[tuple[int, int]], Future[tuple[list[_chunks.Placed], list[_chunks.Block]]]]
         ] = collections.deque()
         self.read_bytes = 0
         self.new_bytes = 0
@@ -253,6 +254,7 @@ class _Packer:
         out.stored.append(manifest.stored[index])
         out.sizes.append(manifest.sizes[index])
         out.codecs.append(manifest.codecs[index])
+        out.within.append(manifest.within[index])
         return row
 
     def _queue(self, piece: bytes) -> None:
@@ -267,7 +269,7 @@ class _Packer:
             self._submit()
 
     # chunk encoding runs on the pool's threads: BLAKE3 and deflate let go of the GIL
-    def _encode_all(self, pieces: list[bytes]) -> list[tuple[Hash, bytes | None, int]]:
+    def _encode_all(self, pieces: list[bytes]) -> tuple[list[_chunks.Placed], list[_chunks.Block]]:
         assert self.parent_rows is not None
         return _chunks.encode_all(pieces, self.level, self.parent_rows, self.new_rows)
 
@@ -283,11 +285,26 @@ class _Packer:
 
     def _drain_one(self) -> None:
         slots, future = self.in_flight.popleft()
-        for (slot, size), encoded in zip(slots, future.result(), strict=True):
-            self.out.used[slot] = self._add(*encoded, size)
+        placed, blocks = future.result()
+        #: where each of the batch's blocks went: (pack index, offset), once a chunk of it is new
+        where: list[tuple[int, int] | None] = [None] * len(blocks)
+        used = self.out.used
+        for (slot, size), (digest, block, within) in zip(slots, placed, strict=True):
+            used[slot] = self._add(digest, block, within, size, blocks, where)
 
-    def _add(self, digest: Hash, encoded: bytes | None, codec: int, size: int) -> int:
-        """The row of the chunk ``digest`` in ``out``: a parent's, one packed before, or a new one."""
+    def _add(
+        self,
+        digest: Hash,
+        block: int,
+        within: int,
+        size: int,
+        blocks: list[_chunks.Block],
+        where: list[tuple[int, int] | None],
+    ) -> int:
+        """The row of the chunk ``digest`` in ``out``: a parent's, one packed before, or a new one
+        (``size`` bytes at ``within`` in the batch's block ``block``, put in the pack being
+        filled on first use, its place noted in ``where``: the block's later chunks name that
+        pack by its index, full or not)."""
         assert self.parent_rows is not None
         known = self.parent_rows.get(digest)
         if known is not None:
@@ -295,29 +312,34 @@ class _Packer:
         row = self.new_rows.get(digest)
         if row is not None:
             return row
-        if encoded is None:  # known when encoded, so known now (the tables only grow)
+        if block < 0:  # known when encoded, so known now (the tables only grow)
             raise AssertionError("a chunk known when encoded is missing")
         out = self.out
-        if not self.pack:
-            head = _PACK_MAGIC + f"{self.save_id} {self.sequence}\n".encode()
-            self.pack.append(head)
-            self.pack_length = len(head)
-            self.pack_summary = [head]
-            self.pack_index = len(out.pack_names)
-            out.pack_names.append("")  # named when full
+        data, codec = blocks[block]
+        place = where[block]
+        if place is None:
+            if not self.pack:
+                head = _PACK_MAGIC + f"{self.save_id} {self.sequence}\n".encode()
+                self.pack.append(head)
+                self.pack_length = len(head)
+                self.pack_summary = [head]
+                self.pack_index = len(out.pack_names)
+                out.pack_names.append("")  # named when full
+            place = where[block] = (self.pack_index, self.pack_length)
+            self.pack.append(data)
+            self.pack_summary.append(_PACKED.pack(digest, len(data), codec))
+            self.pack_length += len(data)
+            self.new_bytes += len(data)
+            if self.pack_length >= self.pack_size:
+                self._flush_pack()
         row = self.new_rows[digest] = len(out.offsets)
         out.hashes += digest
-        out.chunk_pack.append(self.pack_index)
-        out.offsets.append(self.pack_length)
-        out.stored.append(len(encoded))
+        out.chunk_pack.append(place[0])
+        out.offsets.append(place[1])
+        out.stored.append(len(data))
         out.sizes.append(size)
         out.codecs.append(codec)
-        self.pack.append(encoded)
-        self.pack_summary.append(_PACKED.pack(digest, len(encoded), codec))
-        self.pack_length += len(encoded)
-        self.new_bytes += len(encoded)
-        if self.pack_length >= self.pack_size:
-            self._flush_pack()
+        out.within.append(within)
         return row
 
     def _flush_pack(self) -> None:
@@ -511,6 +533,7 @@ def _copy_chunk_table(parent: Manifest, out: Manifest) -> None:
     out.stored = array("I", parent.stored)
     out.sizes = array("I", parent.sizes)
     out.codecs = bytearray(parent.codecs)
+    out.within = array("I", parent.within)
 
 
 def _compact(out: Manifest) -> None:
@@ -548,7 +571,7 @@ def _compact(out: Manifest) -> None:
             with memoryview(column) as whole, whole.cast("B") as view:
                 return bytearray().join([view[start * size : end * size] for start, end in kept])
 
-        for name in ("chunk_pack", "offsets", "stored", "sizes"):
+        for name in ("chunk_pack", "offsets", "stored", "sizes", "within"):
             column = getattr(out, name)
             setattr(out, name, array(column.typecode, cut(column, column.itemsize)))
         out.hashes = cut(out.hashes, HASH_BYTES)
