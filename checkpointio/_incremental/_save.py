@@ -192,7 +192,7 @@ class _Packer:
         self.pack_index = -1
         self.sequence = 0
         self.pool: _codec.OrderedPool | None = None
-        #: Names the pack being filled: its first line and its chunks' hashes, lengths and codecs.
+        #: Names the pack being filled: its first line and its blocks' first hashes, lengths and codecs.
         self.pack_summary: list[bytes] = []
         self.batch: list[tuple[int, bytes]] = []  # (slot in out.used, piece)
         self.batch_bytes = 0
