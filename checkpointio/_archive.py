@@ -649,10 +649,21 @@ class GunzipReader:
 
     :meth:`read` gives a copy (tar headers); :meth:`read_views` gives views of the inflated
     data without copying it (file contents, on their way to a file).
+
+    ``covered``: the caller checks a CRC32 of every byte ``pull`` gives against a checksum stored
+    with the object, before anything read is presented. A stored member's CRC32 is then not
+    taken. The invariant that makes it safe: a stored member's data *is* bytes of the stream as
+    pulled (its stored blocks' payloads, views of the member cut from the pulled bytes), so any
+    change to that data changes the stream's CRC32 and the caller refuses the restore; the
+    member's own CRC32 would only say so sooner. A deflated member's CRC32 is always checked:
+    it covers the inflated data, which no CRC32 of the stream does. Nor is anything else the
+    member check does left out: a stored member's framing (block lengths, the stated length)
+    is checked as before.
     """
 
-    def __init__(self, pull: NextBlocks, workers: int = 1) -> None:
+    def __init__(self, pull: NextBlocks, workers: int = 1, *, covered: bool = False) -> None:
         self._pull = pull
+        self._covered = covered
         self._input = Pieces()
         self._input_done = False
         self._output = Pieces()
@@ -758,7 +769,7 @@ class GunzipReader:
 
     def _add_member(self, member: bytes) -> None:
         """Inflate ``member`` here: a stored one by reference (views of it), any other by copy."""
-        stored = _codec.stored_data(member)
+        stored = _codec.stored_data(member, check=not self._covered)
         if stored is None:
             self._output.add(_codec.inflate_member(member))
             return
@@ -833,7 +844,13 @@ def looks_like_tar_gz(head: bytes) -> bool:
 
 
 def unpack_directory(
-    pull: NextBlocks, dest: Path | None, *, uri: str, workers: int = 1, pick: _tar.Pick | None = None
+    pull: NextBlocks,
+    dest: Path | None,
+    *,
+    uri: str,
+    workers: int = 1,
+    pick: _tar.Pick | None = None,
+    covered: bool = False,
 ) -> None:
     """Extract a .tar.gz stream from ``pull`` into the existing empty folder ``dest``.
 
@@ -843,8 +860,10 @@ def unpack_directory(
     covers every byte. On error, ``dest`` may hold part of the tree: the caller removes it.
     With ``dest=None`` the stream is checked the same way and nothing is written. ``pick`` selects
     the entries to extract (see :func:`_tar.extract`); the stream is still read to its end.
+    ``covered``: the caller checks a CRC32 of the whole stream against a stored checksum before
+    presenting anything (see :class:`GunzipReader`).
     """
-    reader = GunzipReader(pull, workers)
+    reader = GunzipReader(pull, workers, covered=covered)
     try:
         # The reader thread parses; with workers > 1, that many threads write large files' data.
         writers = workers if workers > 1 else 0
@@ -868,7 +887,12 @@ def unpack_directory(
 
 
 def check_directory(
-    pull: NextBlocks, *, uri: str, workers: int = 1, seen: Callable[[_tar.Header], None] | None = None
+    pull: NextBlocks,
+    *,
+    uri: str,
+    workers: int = 1,
+    seen: Callable[[_tar.Header], None] | None = None,
+    covered: bool = False,
 ) -> None:
     """Read a .tar.gz stream to its end as :func:`unpack_directory` would, writing nothing;
     ``seen`` hears of every entry's header."""
@@ -878,4 +902,4 @@ def check_directory(
         seen(header)
         return True
 
-    unpack_directory(pull, None, uri=uri, workers=workers, pick=pick if seen is not None else None)
+    unpack_directory(pull, None, uri=uri, workers=workers, pick=pick if seen is not None else None, covered=covered)

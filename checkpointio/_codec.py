@@ -159,11 +159,13 @@ def is_stored_member(member: bytes) -> bool:
 _STORED_HEAD = struct.Struct("<BHH")  # BFINAL/BTYPE bits, LEN, NLEN
 
 
-def stored_data(member: bytes) -> list[memoryview] | None:
+def stored_data(member: bytes, *, check: bool = True) -> list[memoryview] | None:
     """The data of one of our members whose deflate stream is stored blocks only, as views of
     ``member`` (nothing copied), checked against the member's CRC32 and length; ``None`` when it
     holds any other kind of block or is not well formed (:func:`inflate_member` then inflates it,
-    or says what is wrong with it).
+    or says what is wrong with it). ``check=False`` leaves out the CRC32 (the length is still
+    checked), for a caller that checks a CRC32 of the very bytes of ``member`` (see
+    :class:`._archive.GunzipReader`).
 
     A stored block is a byte holding BFINAL and BTYPE 00, then LEN and its complement, then LEN
     bytes as they are; the blocks after a stored one start on a byte boundary, so the data can be
@@ -188,7 +190,8 @@ def stored_data(member: bytes) -> list[memoryview] | None:
             return None
         if length:
             view = whole[start:position]
-            crc = crc32(view, crc)
+            if check:
+                crc = crc32(view, crc)
             views.append(view)
             total += length
         if flags & 1:
@@ -196,7 +199,7 @@ def stored_data(member: bytes) -> list[memoryview] | None:
     if position != end or total > MAX_MEMBER_OUTPUT:
         return None
     expected_crc, expected_size = _TRAILER.unpack_from(member, end)
-    if crc != expected_crc or total & 0xFFFFFFFF != expected_size:
+    if (check and crc != expected_crc) or total & 0xFFFFFFFF != expected_size:
         raise CorruptCheckpointError("a gzip member fails its CRC32 check")
     return views
 

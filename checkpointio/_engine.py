@@ -408,11 +408,15 @@ class _BlockReader:
     The blocks come as the store received them: consumers copy them anyway (into the archive
     reader's buffer, into a file), so joining them first would be one more copy of every byte.
     ``pull`` gives the next groups of blocks (each as the store handed it on), waiting for them;
-    no groups at the end of the fetch.
+    no groups at the end of the fetch. ``crc32``: the CRC32 of every block pulled so far, taken
+    where the blocks were received (:meth:`OrderedRead.crc32`); without it the reader takes it.
     """
 
-    def __init__(self, pull: Callable[[], list[Blocks]], meter: Meter) -> None:
+    def __init__(
+        self, pull: Callable[[], list[Blocks]], meter: Meter, crc32: Callable[[], int | None] | None = None
+    ) -> None:
         self._pull = pull
+        self._crc32 = crc32
         #: Set by the fetch side when it failed: the end of the stream is then no end of the object.
         self.fetch_failed = False
         #: The end of the fetch was reached (every byte taken).
@@ -465,13 +469,20 @@ class _BlockReader:
         blocks: Blocks = []
         for group in groups:  # progress is reported per group, as the store handed them on
             crc, length = self.digest.crc32, 0
-            for block in group:
-                crc = _codec.crc32(block, crc)
-                length += len(block)
+            if self._crc32 is None:
+                for block in group:
+                    crc = _codec.crc32(block, crc)
+                    length += len(block)
+            else:
+                length = sum(map(len, group))
             self.digest.crc32 = crc
             self.digest.length += length
             self._meter.advance(length)
             blocks += group
+        if self._crc32 is not None:
+            received = self._crc32()
+            assert received is not None  # given only by a read whose receivers take it
+            self.digest.crc32 = received
         return blocks
 
 
@@ -514,6 +525,13 @@ def _verify(info: ObjectInfo, digest: Digest, *, archive: bool = False) -> None:
         logger.warning("%s has no CRC32 to check (%s): only its length was checked", uri, why)
 
 
+def _covered(info: ObjectInfo) -> bool:
+    """Whether :func:`_verify` checks a CRC32 of the whole object (saved, or the server's): the
+    stored members of a directory archive read from it then need no CRC32 of their own
+    (:class:`._archive.GunzipReader`)."""
+    return (info.record is not None and info.record.crc32 is not None) or info.server_crc32 is not None
+
+
 def _kind(reader: _BlockReader, info: ObjectInfo) -> Kind:
     """What the object holds: its record says, else its first bytes (objects other tools wrote)."""
     if info.record is not None:
@@ -534,7 +552,9 @@ def _check(reader: _BlockReader, info: ObjectInfo, workers: int) -> _toc.Listing
                 kind = _tar.KIND_NAMES.get(header.kind, "other")
                 listing.add(path, kind, header.size if kind == "file" else 0)
 
-        _archive.check_directory(reader.blocks, uri=info.location.uri, workers=workers, seen=seen)
+        _archive.check_directory(
+            reader.blocks, uri=info.location.uri, workers=workers, seen=seen, covered=_covered(info)
+        )
     else:
         while reader.blocks():
             pass
@@ -574,7 +594,9 @@ def _restore_selected(
         return True
 
     with _placement.StagingFolder(workspace, uri) as staging:
-        _archive.unpack_directory(reader.blocks, staging.path, uri=uri, workers=workers, pick=pick)
+        _archive.unpack_directory(
+            reader.blocks, staging.path, uri=uri, workers=workers, pick=pick, covered=_covered(info)
+        )
         _verify(info, reader.digest, archive=True)
         only.check_all_used(uri)
         if needed:
@@ -591,7 +613,7 @@ def _restore(reader: _BlockReader, info: ObjectInfo, workspace: Path, workers: i
     uri = info.location.uri
     if _kind(reader, info) is Kind.DIRECTORY:
         with _placement.StagingFolder(workspace, uri) as staging:
-            _archive.unpack_directory(reader.blocks, staging.path, uri=uri, workers=workers)
+            _archive.unpack_directory(reader.blocks, staging.path, uri=uri, workers=workers, covered=_covered(info))
             _verify(info, reader.digest, archive=True)
             staging.present()
         return workspace
@@ -632,7 +654,8 @@ async def _read(
             blocks = read.take()
             return [blocks] if blocks else []
 
-        reader = _BlockReader(take, meter)  # take() raises Aborted once the fetch failed
+        # take() raises Aborted once the fetch failed; the receivers take the CRC32 where they can.
+        reader = _BlockReader(take, meter, read.crc32 if read.checksums else None)
         fetching: Callable[[], Awaitable[None]] = read.run
         closing: Callable[[], None] = _nothing
         receive: MemoryObjectReceiveStream[Blocks] | None = None
@@ -808,7 +831,9 @@ async def list_contents(
                 rows.append(Entry(path, kind, size, header.mtime, header.mode & 0o7777, header.link))
 
         workers = config.compression_workers
-        _archive.check_directory(reader.blocks, uri=info.location.uri, workers=workers, seen=seen)
+        _archive.check_directory(
+            reader.blocks, uri=info.location.uri, workers=workers, seen=seen, covered=_covered(info)
+        )
         _verify(info, reader.digest, archive=True)
         for row in rows:
             each(row)

@@ -500,6 +500,18 @@ def test_stored_members_are_read_in_place_and_checked_against_their_crc() -> Non
     with pytest.raises(CorruptCheckpointError, match="CRC32"):
         stored_data(bytes(flipped))
     assert stored_data(encode_member(b"compressible " * 10_000, 1)) is None  # deflated: inflate it
+    # check=False: the caller checks a CRC32 of the member's bytes themselves; the framing is still checked
+    unchecked = stored_data(bytes(flipped), check=False)
+    expected = bytearray(block)
+    expected[100 - 25] ^= 1  # after the gzip header (20 bytes) and the stored block's own (5)
+    assert unchecked is not None and b"".join(unchecked) == expected
+    garbled = bytearray(member)
+    garbled[21] ^= 1  # the first stored block's length: no longer matches its complement
+    assert stored_data(bytes(garbled), check=False) is None  # not well formed: inflate_member says why
+    short = bytearray(member)
+    short[-1] ^= 1  # the length the trailer states
+    with pytest.raises(CorruptCheckpointError, match="CRC32"):
+        stored_data(bytes(short), check=False)
 
 
 def _open_fds() -> set[str]:

@@ -24,6 +24,7 @@ from checkpointio import (
     Checkpoint,
     ChecksumMismatchError,
     ConcurrentModificationError,
+    CorruptCheckpointError,
     MiB,
     ObjectTooLargeError,
     SourceChangedError,
@@ -258,11 +259,13 @@ async def test_an_ordered_read_taken_by_a_thread_streams_the_range_whose_turn_it
     proxy.add(is_ranged_get(proxy), "pause", times=100)  # every range: half now, half later
     read = store.ordered(info)
     taken: list[bytes] = []
+    crcs: list[tuple[int, int | None]] = []  # after each take: bytes taken, the read's CRC32 of them
     first = threading.Event()
 
     def take_all() -> None:  # as the archive reader does, in a thread of its own
         while blocks := read.take():
             taken.extend(blocks)
+            crcs.append((sum(map(len, taken)), read.crc32()))
             first.set()
 
     try:
@@ -275,6 +278,9 @@ async def test_an_ordered_read_taken_by_a_thread_streams_the_range_whose_turn_it
     finally:
         proxy.resume.set()  # never leave the proxy's threads waiting
     assert b"".join(taken) == data
+    # the receivers' CRC32s, combined in order, cover exactly what was taken, mid-range too
+    assert read.checksums and len(crcs) > 3
+    assert crcs == [(length, zlib.crc32(data[:length])) for length, _ in crcs]
 
 
 async def test_an_ordered_read_taken_by_a_thread_holds_only_the_ranges_in_flight(
@@ -546,6 +552,41 @@ async def test_a_large_file_with_a_corrupt_range_is_refused_and_not_presented(bu
         with pytest.raises(ChecksumMismatchError, match="CRC32"):
             await cp.load()
         assert not cp.path.exists() or list(cp.path.iterdir()) == []
+    assert [entry["action"] for entry in proxy.log].count("flip") == 1
+
+
+@pytest.mark.parametrize("combine", [True, False], ids=["crc32-on-receivers", "crc32-in-reader"])
+@pytest.mark.parametrize("whole_object_crc", [True, False])
+async def test_a_directory_with_a_corrupt_range_is_refused_and_not_presented(
+    bucket: str,
+    proxy: FaultProxy,
+    tmp_path: Path,
+    whole_object_crc: bool,
+    combine: bool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from checkpointio import _codec
+
+    # without crc32_combine (stdlib zlib) the ranges' CRC32s cannot be joined: the reader takes it
+    monkeypatch.setattr(_codec, "CAN_COMBINE", combine and _codec.CAN_COMBINE)
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    weights = os.urandom(12 * MiB)  # noise: every gzip member holds its data stored, not deflated
+    (tree / "weights.bin").write_bytes(weights)
+    # without flexible checksums the server keeps no CRC32 of a directory (a stream saved in parts)
+    options: TransferOptions = {**SMALL_PARTS, "endpoint_url": proxy.endpoint, "flexible_checksums": whole_object_crc}
+    await Checkpoint(f"s3://{bucket}/w", **options).save(tree)
+    proxy.add(is_ranged_get(proxy), "flip", times=1)  # same length, one byte of a member's data off
+    async with Checkpoint(f"s3://{bucket}/x", src=f"s3://{bucket}/w", **options) as cp:
+        if whole_object_crc:  # the object's CRC32, taken on the receiving threads, refuses it
+            with pytest.raises(ChecksumMismatchError, match="CRC32 of the stored bytes"):
+                await cp.load()
+        else:  # nothing covers the whole object: the member's own CRC32 does
+            with pytest.raises(CorruptCheckpointError, match="gzip member fails its CRC32 check"):
+                await cp.load()
+        assert not cp.path.exists() or list(cp.path.iterdir()) == []
+        restored = await cp.load()  # the flip was once: read again, it is whole
+        assert restored is not None and (restored / "weights.bin").read_bytes() == weights
     assert [entry["action"] for entry in proxy.log].count("flip") == 1
 
 

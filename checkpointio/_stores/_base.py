@@ -295,6 +295,15 @@ class OrderedRead(Protocol):
         cancelled: its error is the one to report)."""
         ...
 
+    #: Whether the CRC32 of the bytes is taken where they arrive (:meth:`crc32`), so the taking
+    #: thread need not make a pass over them for it.
+    checksums: bool
+
+    def crc32(self) -> int | None:
+        """In the taking thread: the CRC32 of every byte :meth:`take` gave so far, ``None`` unless
+        :attr:`checksums`."""
+        ...
+
 
 @runtime_checkable
 class RangedStore(Store, Protocol):

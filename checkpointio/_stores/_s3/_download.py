@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import anyio
 from botocore.exceptions import ClientError, ResponseStreamingError
 
+from ... import _codec
 from ..._concurrency import Aborted, one_error
 from ..._config import TransferConfig
 from ..._exceptions import ConcurrentModificationError, CorruptCheckpointError, StoreError
@@ -141,6 +142,11 @@ class _InOrder:
         self._turn = 0  # the range being taken
         self._ended = False  # run() returned or raised: nothing more arrives
         self._delivered: Callable[[], None] | None = None  # on the caller's loop, per range taken whole
+        self.checksums = _codec.CAN_COMBINE  # the receivers take each range's CRC32
+        # In the taking thread: the CRC32 and length of the ranges taken whole, and of what was
+        # taken of the range whose turn it is (all it had received by then).
+        self._whole_crc = self._whole_length = 0
+        self._part_crc = self._part_length = 0
 
     async def run(self) -> None:
         """Fetch every range on the receiving threads; return once all were received, or raise
@@ -183,9 +189,14 @@ class _InOrder:
                 if one is not None and (one.held >= self._step or (one.done and one.held)):
                     taken += one.blocks
                     one.blocks, one.held = [], 0
+                    self._part_crc, self._part_length = one.crc, one.length  # every block it holds taken
                 if one is not None and one.done and not one.held:
                     del self._ranges[self._turn]  # delivered whole: its slot goes to the next range
                     self._turn += 1
+                    if self.checksums:
+                        self._whole_crc = _codec.crc32_combine(self._whole_crc, one.crc, one.length)
+                        self._whole_length += one.length
+                        self._part_crc = self._part_length = 0
                     if self._delivered is not None:
                         with contextlib.suppress(RuntimeError):  # the caller's loop is gone: run() was cancelled
                             self._delivered()
@@ -198,12 +209,20 @@ class _InOrder:
                     raise Aborted
                 self._cond.wait()
 
+    def crc32(self) -> int | None:
+        """In the taking thread: the CRC32 of every byte :meth:`take` gave so far, from the
+        receivers' CRC32s; ``None`` when they take none (:attr:`checksums` false)."""
+        if not self.checksums:
+            return None
+        return _codec.crc32_combine(self._whole_crc, self._part_crc, self._part_length)
+
 
 class _InOrderRange:
     """One range of an :class:`_InOrder` read, as its receiving thread adds its blocks."""
 
     def __init__(self, order: _InOrder, index: int) -> None:
-        self.length = 0  # received; read by the receiving thread only (resuming a range)
+        self.length = 0  # received; written by the receiving thread only (a range resumes from it)
+        self.crc = 0  # CRC32 of the bytes received, likewise; read with ``length`` under the lock
         self.blocks: Blocks = []  # the rest under the order's lock
         self.held = 0
         self.done = False
@@ -212,10 +231,12 @@ class _InOrderRange:
 
     async def add(self, block: bytes) -> None:  # on a receiving thread
         order = self._order
+        crc = _codec.crc32(block, self.crc) if order.checksums else 0  # outside the lock: the taker goes on
         with order._cond:
             self.blocks.append(block)
             self.held += len(block)
             self.length += len(block)
+            self.crc = crc
             if self.held >= order._step and order._turn == self._index:
                 order._cond.notify()
 
