@@ -359,6 +359,7 @@ class Checkpoint:
                     check=snapshot.check_unchanged,
                     shown=snapshot.source,
                     last=self._written,
+                    lone_links=2 if snapshot.linked else 1,
                 )
                 return
             await _engine.save(

@@ -49,6 +49,7 @@ def full_tree(root: Path) -> Path:
     make_tree(root)
     os.link(root / "run.sh", root / "run-again.sh")
     (root / os.fsdecode(b"caf\xe9")).write_bytes(b"latin-1 name")
+    (root / "na\u00efve-\u65e5\u672c.txt").write_bytes(b"a name of characters of several bytes")
     rng = random.Random(7)
     words = [bytes(rng.randrange(97, 123) for _ in range(rng.randrange(3, 9))) for _ in range(500)]
     (root / "model" / "text.log").write_bytes(b" ".join(rng.choice(words) for _ in range(150_000)))
@@ -1407,3 +1408,55 @@ def test_the_per_entry_work_of_incremental_saves_and_loads_runs_off_the_event_lo
         "_run",
     }  # each ran (the test would pass vacuously otherwise) ...
     assert {name: calls for name, calls in ran.items() if any(calls)} == {}  # ... never on an event loop
+
+
+def test_a_background_save_tells_unchanged_files_a_run_at_a_time_as_a_foreground_one(
+    store: StoreCase, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A background save works from a snapshot whose files are hard links of the tree's (a link
+    count of 2): its unchanged files are still told by the comparison of whole runs, not one at
+    a time as hard links; only the changed file and the real hard links go one at a time."""
+    from checkpointio._incremental import _save
+
+    tree = _random_tree(tmp_path / "tree", 6, files=8, size=20_000)
+    os.link(tree / "f0.bin", tree / "f0-again.bin")
+    one_at_a_time: list[str] = []
+    real = _save._Packer._entry
+
+    def recording(self: Any, fd: int, rel: str, *args: Any) -> None:
+        one_at_a_time.append(rel)
+        real(self, fd, rel, *args)
+
+    with Checkpoint(store.uri("ckpt"), incremental=True) as cp:
+        cp.save_sync(tree, wait=False)
+        cp.wait_sync()
+        (tree / "f5.bin").write_bytes(b"changed")
+        monkeypatch.setattr(_save._Packer, "_entry", recording)
+        cp.save_sync(tree, wait=False)
+        cp.wait_sync()
+        monkeypatch.undo()
+    assert sorted(one_at_a_time) == ["f0-again.bin", "f0.bin", "f5.bin"]
+    restored = restore(store.uri("ckpt"), tmp_path / "restored")
+    assert tree_state_plain(restored) == tree_state_plain(tree)
+    assert (restored / "f0.bin").stat().st_ino == (restored / "f0-again.bin").stat().st_ino
+
+
+@pytest.mark.parametrize(
+    "names",
+    [
+        ["a", "a/b.txt", "a/c.txt"],
+        ["a", "a/na\u00efve.txt", "a/\u65e5\u672c.bin", "a/z.txt"],
+        ["a", os.fsdecode(b"a/caf\xe9"), "a/plain"],
+        ["a", os.fsdecode(b"a/caf\xe9"), "a/\u65e5.txt"],
+    ],
+)
+def test_a_manifest_keeps_every_path_through_encoding_and_decoding(names: list[str]) -> None:
+    """Paths are encoded a block at a time (one join when each character is one byte): names of
+    characters of several bytes and undecodable bytes come back as they were."""
+    entries = [_incremental.Entry(names[0], "d", 0o755, 1)] + [
+        _incremental.Entry(name, "f", 0o644, 2, 0, 7 + number) for number, name in enumerate(names[1:])
+    ]
+    manifest = _incremental.Manifest.of({}, [], entries, save_id="s", created=1.0)
+    decoded = _incremental.decode(_incremental.encode(manifest), "memory://x/m")
+    assert decoded.paths == names
+    assert [entry.inode for entry in decoded.entries] == [entry.inode for entry in entries]

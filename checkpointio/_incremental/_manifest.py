@@ -330,7 +330,12 @@ def encode(manifest: Manifest) -> bytes:
     linked = sorted(links)
     for start in range(0, manifest.entry_count, BLOCK):
         end = min(start + BLOCK, manifest.entry_count)
-        paths = [path.encode("utf-8", "surrogateescape") for path in manifest.paths[start:end]]
+        paths = manifest.paths[start:end]
+        path_lengths = array("I", map(len, paths))
+        path_bytes = _encode_path("".join(paths))
+        if len(path_bytes) != sum(path_lengths):  # a character of several bytes: lengths in bytes
+            encoded = [_encode_path(path) for path in paths]
+            path_lengths, path_bytes = array("I", map(len, encoded)), b"".join(encoded)
         targets = [b""] * (end - start)
         for number in linked[bisect_left(linked, start) : bisect_left(linked, end)]:
             targets[number - start] = _encode_path(links[number])
@@ -341,9 +346,9 @@ def encode(manifest: Manifest) -> bytes:
         put(_le(manifest.file_sizes[start:end]))
         put(_le(manifest.inodes[start:end]))
         put(_le(counts))
-        put(_le(array("I", map(len, paths))))
+        put(_le(path_lengths))
         put(_le(array("I", map(len, targets))))
-        put(b"".join(paths))
+        put(path_bytes)
         put(b"".join(targets))
         put(_le(manifest.used[first[start] : first[end]]))
     out.append(compressor.flush())

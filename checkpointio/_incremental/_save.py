@@ -160,6 +160,7 @@ class _Packer:
         upload: Callable[[str, bytes], None],
         skip: _archive.Skip | None,
         meter: Meter,
+        lone_links: int = 1,
     ) -> None:
         self.root = root
         self.uri = uri
@@ -172,6 +173,9 @@ class _Packer:
         self.upload = upload
         self.skip = skip
         self.meter = meter
+        #: The link count of a file that has no other name in the tree saved: 1, or 2 in a
+        #: background save's snapshot (each file hard-linked once more, see :mod:`.._snapshot`).
+        self.lone_links = lone_links
         self.out = Manifest()
         self.out.save_id = save_id
         if parents.manifests:
@@ -382,7 +386,7 @@ class _Packer:
             map(parents.mtimes.__getitem__, found),
             map(parents.sizes.__getitem__, found),
             map(parents.inodes.__getitem__, found),
-            repeat(1),
+            repeat(self.lone_links),
             map(parents.modes.__getitem__, found),
         )
         same = list(map(operator.eq, then, map(_STAT_KEY, stats)))
@@ -432,7 +436,7 @@ class _Packer:
         out = self.out
         mode = st.st_mode
         if stat.S_ISREG(mode):
-            if st.st_nlink > 1:
+            if st.st_nlink > self.lone_links:
                 inode = (st.st_dev, st.st_ino)
                 if inode in self.links:
                     out.add_entry(rel, HARDLINK, stat.S_IMODE(mode), st.st_mtime_ns, link=self.links[inode])
@@ -665,6 +669,7 @@ async def save(
     skip: _archive.Skip | None = None,
     pack_size: int = PACK_SIZE,
     last: Written | None = None,
+    lone_links: int = 1,
 ) -> Written:
     """Save the directory ``root`` at ``location`` as an incremental checkpoint.
 
@@ -675,6 +680,9 @@ async def save(
 
     ``last``: what an earlier save in this process returned, used as ``location``'s previous
     checkpoint while the store still holds exactly that object (see :class:`Written`).
+    ``lone_links``: the link count of a file with no other name in the tree (2 where ``root`` is a
+    snapshot whose files are hard links of the caller's): files of that count are compared with
+    the parent a run at a time, files of more are hard links.
     """
     started = time.monotonic()
     uri = location.uri
@@ -691,7 +699,20 @@ async def save(
             async with anyio.create_task_group() as keeper:
                 keeper.start_soon(lease.keep)
                 written, packer = await _save_tree(
-                    store, location, root, config, meter, parents, check, shown, skip, pack_size, save_id, lease, last
+                    store,
+                    location,
+                    root,
+                    config,
+                    meter,
+                    parents,
+                    check,
+                    shown,
+                    skip,
+                    pack_size,
+                    save_id,
+                    lease,
+                    last,
+                    lone_links,
                 )
                 keeper.cancel_scope.cancel()
     finally:
@@ -732,6 +753,7 @@ async def _save_tree(
     save_id: str,
     lease: Lease,
     last: Written | None,
+    lone_links: int,
 ) -> tuple[Written, _Packer]:
     area = area_of(location)
     manifests, lookups = await _load_parents(store, location, parents, area, config, last)
@@ -756,6 +778,7 @@ async def _save_tree(
             upload,
             skip,
             meter,
+            lone_links,
         )
 
     packer = await anyio.to_thread.run_sync(prepare)
