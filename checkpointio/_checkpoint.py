@@ -580,8 +580,10 @@ def _check_listable(base: Path, pattern: str) -> None:
                     try:
                         if entry.is_dir():  # a symlink is followed, as Path.glob does
                             reached.append(entry.path)
-                    except OSError as error:  # a symlink into a folder that may not be searched
+                    except PermissionError as error:  # a symlink into a folder that may not be searched
                         fail(error, entry.path)
+                    except OSError:  # a symlink loop: no folder, skipped as Path.glob does
+                        pass
             else:
                 try:
                     if stat.S_ISDIR(os.stat(os.path.join(folder, part)).st_mode):
