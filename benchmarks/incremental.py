@@ -171,12 +171,15 @@ def _manifest_memory(scratch: Path, files: int) -> dict[str, Any]:
     parent, each in a fresh process: its size, the peak RSS the decoding added, the time."""
     path = scratch / "manifest.bin"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    subprocess.run([sys.executable, "-c", _MANIFEST_BUILD, str(max(1, files // 1000)), str(path)], env=env, check=True)
+    subprocess.run(
+        [sys.executable, "-c", _MANIFEST_BUILD, str(max(1, files // 1000)), str(path)], env=env, cwd=ROOT, check=True
+    )
     result: dict[str, Any] = {"bytes": path.stat().st_size}
     for label, check in (("restore", "1"), ("parent", "0")):
         done = subprocess.run(
             [sys.executable, "-c", _MANIFEST_DECODE, str(path), check],
             env=env,
+            cwd=ROOT,
             capture_output=True,
             text=True,
             check=True,
@@ -199,9 +202,10 @@ def _step(op: str, uri: str, path: Path, incremental: bool, store: Path, code: P
     """One save or load in a child process running the checkpointio of the source tree ``code``."""
     before = _objects(store)
     env = {**os.environ, "PYTHONPATH": str(code)}
-    done = subprocess.run(
+    done = subprocess.run(  # in ``code``: ``python -c`` puts the working folder first on sys.path
         [sys.executable, "-c", _CHILD, op, uri, str(path), "1" if incremental else "0"],
         env=env,
+        cwd=code,
         capture_output=True,
         text=True,
         check=False,
@@ -380,7 +384,7 @@ def main() -> None:
     big_mib = args.big_mib or (32.0 if args.quick else 1024.0)
     tensor_mib = args.tensor_mib or (24.0 if args.quick else 770.0)
     manifest_files = args.manifest_files or (50_000 if args.quick else 1_000_000)
-    scratch = Path(tempfile.mkdtemp(prefix="checkpointio-incbench-", dir=args.workdir))
+    scratch = Path(tempfile.mkdtemp(prefix="checkpointio-incbench-", dir=args.workdir)).resolve()
     rng = random.Random(21)
     codes = {"": ROOT} | ({"before-": args.compare.resolve()} if args.compare else {})
     results: dict[str, Any] = {}
