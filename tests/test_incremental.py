@@ -532,7 +532,7 @@ def test_a_manifest_stating_impossible_blocks_is_refused(store: StoreCase, tmp_p
     # a chunk placed past what its block inflates to (within the limit): found when read, named
     _write_manifest(store, "ckpt", with_second(within=_incremental.MAX_BLOCK_BYTES - second.size))
     with pytest.raises(
-        CorruptCheckpointError, match=r"beyond what their block holds; it affects 1 file: small/0001.txt$"
+        CorruptCheckpointError, match=r": a chunk lies beyond what its block holds; it affects 1 file: small/0001.txt$"
     ):
         restore(store.uri("ckpt"), tmp_path / "restored")
     assert not (tmp_path / "restored").exists() or list((tmp_path / "restored").iterdir()) == []

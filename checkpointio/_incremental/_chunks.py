@@ -107,7 +107,7 @@ def decode_block(codec: int, stored: memoryview, length: int) -> bytes | memoryv
     try:
         data: bytes = inflater.decompress(stored, length)
     except _codec.InflateError as error:
-        raise ValueError(f"does not inflate: {error}") from None
+        raise ValueError(f"is in a block that does not inflate: {error}") from None
     return data
 
 

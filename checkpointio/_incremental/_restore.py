@@ -87,7 +87,7 @@ class _Fetched:
         named, count = manifest.files_using(affected)
         problems = [f"pack {name} {why}" for name, why in sorted(self.missing.items())]
         bad_packs = sorted({manifest.pack_names[manifest.chunk_pack[index]] for index in self.bad})
-        problems += [f"pack {name} holds chunks that {self.bad_reason(manifest, name)}" for name in bad_packs]
+        problems += [f"pack {name}: a chunk {self.bad_reason(manifest, name)}" for name in bad_packs]
         more = f" and {count - len(named)} more" if count > len(named) else ""
         return CorruptCheckpointError(
             f"{uri}: {'; '.join(problems[:5])}; it affects {count} file{'s' if count != 1 else ''}: "
@@ -164,7 +164,7 @@ async def _fetch(
                 content = block[within[index] : within[index] + sizes[index]]
                 try:
                     if len(content) != sizes[index]:
-                        raise ValueError("lie beyond what their block holds")
+                        raise ValueError("lies beyond what its block holds")
                     _chunks.check(bytes(manifest.hashes[index * HASH_BYTES : (index + 1) * HASH_BYTES]), content)
                 except ValueError as error:
                     with found.lock:
