@@ -3,7 +3,7 @@
 Layout, next to the checkpoint's key (``<folder>/<name>``)::
 
     <folder>/<name>                                    the manifest, written last (the checkpoint)
-    <folder>/.checkpointio-incremental/packs/<hash>    packs: chunks, compressed or stored
+    <folder>/.checkpointio-incremental/packs/<hash>    packs: blocks of chunks, deflated or stored
     <folder>/.checkpointio-incremental/leases/<id>     one per save in progress (see gc below)
 
 Every checkpoint saved incrementally in one folder shares its packs: a save uploads only the
