@@ -517,8 +517,9 @@ async def _ls_contents(cmd: _Command) -> None:
 
 def _incremental_row(found: _manage.Incremental) -> dict[str, Any]:
     """An incremental checkpoint as ``--json`` gives it: its manifest's row, with the kind
-    ``incremental``, the bytes it references (``size``, the manifest included) and the bytes only
-    it holds (``exclusive``: what removing it and a ``gc`` frees)."""
+    ``incremental``, the bytes it references (``size``, the manifest included) and the bytes
+    only it holds (``exclusive``: in packs no other checkpoint uses, freed by removing it and a
+    ``gc``)."""
     return {**_row(found.manifest), "kind": "incremental", "size": found.size, "exclusive": found.usage.exclusive}
 
 

@@ -65,9 +65,10 @@ def tree_state(root: Path) -> dict[str, tuple[str, object, int, int]]:
     return state
 
 
-def pack_bytes(store: StoreCase) -> dict[str, int]:
-    """The packs the store holds beside the test's checkpoints (name -> size), as the store lists them."""
-    location = parse_prefix(store.uri(f"{AREA}/packs/"))
+def pack_bytes(store: StoreCase, folder: str = "") -> dict[str, int]:
+    """The packs the store holds beside the test's checkpoints (in ``folder``, e.g. ``"run/"``;
+    name -> size), as the store lists them."""
+    location = parse_prefix(store.uri(f"{folder}{AREA}/packs/"))
 
     async def listing() -> dict[str, int]:
         found = await (await open_store(location.scheme, TransferConfig())).list(location)
@@ -656,6 +657,39 @@ def test_gc_removes_the_packs_no_manifest_references_once_older_than_the_grace(
     assert area["size"] == freed and freed >= a["exclusive"]
     b_tree = tmp_path / "b"
     assert tree_state_plain(restore(store.uri("b"), tmp_path / "restored")) == tree_state_plain(b_tree)
+
+
+@SHARED_STORES
+def test_ls_counts_as_only_a_checkpoints_the_packs_no_other_uses_which_is_what_rm_and_gc_free(
+    store: StoreCase, tmp_path: Path
+) -> None:
+    # b is saved from a with one file replaced: every pack of a still holds blocks b uses, so
+    # removing a frees nothing (gc deletes whole packs); b alone holds the pack of its new file.
+    def pair(folder: str) -> tuple[dict[str, object], dict[str, object], int]:
+        tree = _random_tree(tmp_path / folder, 3)
+        with Checkpoint(store.uri(f"{folder}/a"), incremental=True) as cp:
+            cp.save_sync(tree)
+        (tree / "f0.bin").write_bytes(os.urandom(200_000))
+        with Checkpoint(store.uri(f"{folder}/b"), src=store.uri(f"{folder}/a"), incremental=True) as cp:
+            cp.save_sync(tree)
+        rows = {row["uri"]: row for row in _ls_json(store.uri(f"{folder}/"))}
+        packs = sum(pack_bytes(store, f"{folder}/").values())
+        return rows[store.uri(f"{folder}/a")], rows[store.uri(f"{folder}/b")], packs
+
+    a, b, before = pair("one")
+    assert isinstance(a["size"], int) and isinstance(b["size"], int) and isinstance(b["exclusive"], int)
+    assert a["exclusive"] == 0 < a["size"]
+    assert 200_000 <= b["exclusive"] < b["size"]  # the new file's block, stored (random: not deflated)
+    ok("-q", "rm", store.uri("one/a"))
+    _gc(store.uri("one/"), "--older-than", "0")
+    assert sum(pack_bytes(store, "one/").values()) == before > 0  # as ls said: a held nothing on its own
+
+    _, b, before = pair("two")
+    assert isinstance(b["exclusive"], int)
+    ok("-q", "rm", store.uri("two/b"))
+    _gc(store.uri("two/"), "--older-than", "0")
+    freed = before - sum(pack_bytes(store, "two/").values())
+    assert b["exclusive"] <= freed < b["exclusive"] + 1024  # its pack: the blocks and the pack's first line
 
 
 def tree_state_plain(root: Path) -> dict[str, tuple[str, object, int, int]]:

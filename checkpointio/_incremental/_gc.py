@@ -181,8 +181,9 @@ class Usage:
     Attributes:
         referenced: Bytes of the pack blocks holding the chunks it references (as stored:
             compressed).
-        exclusive: Of those, the bytes no other checkpoint of its folder references: what removing
-            it (and a ``gc``) frees.
+        exclusive: Of those, the bytes in packs no other checkpoint of its folder references:
+            what removing it and a ``gc`` frees at least (``gc`` deletes whole packs, so a block
+            only it references, in a pack another checkpoint also uses, stays).
         files: Regular files in its tree.
     """
 
@@ -195,16 +196,16 @@ def usage(manifests: dict[str, Manifest]) -> dict[str, Usage]:
     """The :class:`Usage` of each of the manifests of one folder, by key (counted by pack block:
     chunks sharing a block share its bytes)."""
     blocks = {key: manifest.blocks() for key, manifest in manifests.items()}
-    users: dict[tuple[str, int], int] = {}
+    users: dict[str, int] = {}  # pack -> how many manifests reference a block of it
     for held in blocks.values():
-        for place in held:
-            users[place] = users.get(place, 0) + 1
+        for pack in {pack for pack, _ in held}:
+            users[pack] = users.get(pack, 0) + 1
     result = {}
     file = ord(FILE)
     for key, manifest in manifests.items():
         held = blocks[key]
         referenced = sum(held.values())
-        exclusive = sum(stored for place, stored in held.items() if users[place] == 1)
+        exclusive = sum(stored for (pack, _), stored in held.items() if users[pack] == 1)
         files = manifest.kinds.count(file)
         result[key] = Usage(referenced, exclusive, files)
     return result
