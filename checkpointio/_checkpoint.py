@@ -359,7 +359,7 @@ class Checkpoint:
                     check=snapshot.check_unchanged,
                     shown=snapshot.source,
                     last=self._written,
-                    lone_links=2 if snapshot.linked else 1,
+                    hard_links=snapshot.hard_links if snapshot.linked else None,
                 )
                 return
             await _engine.save(

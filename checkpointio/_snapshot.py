@@ -53,6 +53,9 @@ class Snapshot:
         source: The path the caller gave (what messages about the snapshot name), if any.
         linked: How many regular files were hard-linked rather than copied.
         copied: How many regular files were copied.
+        hard_links: The inodes (``st_dev``, ``st_ino``) of the snapshot's files that have more than
+            one name in it. A linked file's link count also counts the caller's names, which may
+            change after the call, so this set, not the count, tells the tree's own hard links.
     """
 
     data: bytes | Path
@@ -60,6 +63,7 @@ class Snapshot:
     source: str | None = None
     linked: int = 0
     copied: int = 0
+    hard_links: set[tuple[int, int]] = field(default_factory=set)
     _inodes: dict[tuple[int, int], Path] = field(default_factory=dict, repr=False)
     _watched: list[tuple[str, Path, int, int]] = field(default_factory=list, repr=False)
 
@@ -93,6 +97,8 @@ class Snapshot:
         first = self._inodes.get(inode)
         if first is not None:  # a hard link inside the tree: keep it one inode in the snapshot too
             os.link(first, target)
+            linked = os.lstat(target)
+            self.hard_links.add((linked.st_dev, linked.st_ino))
             return
         if link:
             try:

@@ -1252,14 +1252,16 @@ def _manifest_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return reads
 
 
+@pytest.mark.parametrize("src", [None, "ckpt"], ids=["no-src", "src-is-dest"])
 def test_a_second_save_in_one_checkpoint_reuses_the_manifest_it_wrote_without_reading_it(
-    store: StoreCase, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    store: StoreCase, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, src: str | None
 ) -> None:
+    # src=dest (resume in place): dest is the one parent, whichever way it is named
     from checkpointio._incremental._save import _Lookups
 
     tree = full_tree(tmp_path / "tree")
     reads = _manifest_reads(monkeypatch)
-    with Checkpoint(store.uri("ckpt"), incremental=True) as cp:
+    with Checkpoint(store.uri("ckpt"), src=src and store.uri(src), incremental=True) as cp:
         cp.save_sync(tree)
         assert reads == [store.uri("ckpt")]  # nothing there yet: looked for once
         kept = cp._written
@@ -1473,6 +1475,33 @@ def test_a_background_save_tells_unchanged_files_a_run_at_a_time_as_a_foreground
     restored = restore(store.uri("ckpt"), tmp_path / "restored")
     assert tree_state_plain(restored) == tree_state_plain(tree)
     assert (restored / "f0.bin").stat().st_ino == (restored / "f0-again.bin").stat().st_ino
+
+
+def test_a_background_save_keeps_hard_links_whose_names_the_caller_removed_after_the_call(
+    store: StoreCase, tmp_path: Path
+) -> None:
+    """Once the caller's names of a hard-linked pair are gone, the snapshot's two names have the
+    link count of a lone linked file: the pair is still stored as one file and a hard link, by a
+    first save and by a save whose parent holds the pair (the same inode, time and size)."""
+    tree = _random_tree(tmp_path / "tree", 7, files=3, size=20_000)
+    expected = snapshot(tree)
+    data, times = (tree / "f0.bin").read_bytes(), (tree / "f0.bin").stat()
+    for key, parent in (("alone", False), ("again", True)):
+        with Checkpoint(store.uri(key), incremental=True) as cp:
+            os.link(tree / "f0.bin", tree / "f0-again.bin")
+            if parent:
+                cp.save_sync(tree)
+            cp.save_sync(tree, wait=False)
+            (tree / "f0.bin").unlink()  # the caller may change the tree right after the call
+            (tree / "f0-again.bin").unlink()
+            cp.wait_sync()
+        (tree / "f0.bin").write_bytes(data)
+        os.utime(tree / "f0.bin", ns=(times.st_atime_ns, times.st_mtime_ns))
+        restored = restore(store.uri(key), tmp_path / f"restored-{key}")
+        assert (restored / "f0.bin").stat().st_ino == (restored / "f0-again.bin").stat().st_ino
+        assert (restored / "f0-again.bin").read_bytes() == data
+        (restored / "f0-again.bin").unlink()
+        assert snapshot(restored) == expected
 
 
 @pytest.mark.parametrize(

@@ -339,6 +339,7 @@ async def load(
     presented: list[str] | None = None
     if only is not None:  # this and what follows is work per entry or chunk: off the loop
         manifest, presented = await anyio.to_thread.run_sync(_select, manifest, only, uri)
+    total = await anyio.to_thread.run_sync(lambda: sum(manifest.file_sizes))
     meter = Meter(on_progress, "load", uri, manifest.stored_size())
     await anyio.to_thread.run_sync(_placement.make_workspace, workspace, uri)
     staging = await anyio.to_thread.run_sync(_placement.StagingFolder, workspace, uri)
@@ -367,7 +368,7 @@ async def load(
         "loaded %s (incremental, %d entries, %s in %.1f s)",
         uri,
         manifest.entry_count,
-        human_size(sum(manifest.file_sizes)),
+        human_size(total),
         time.monotonic() - started,
     )
     return workspace

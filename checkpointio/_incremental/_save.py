@@ -16,7 +16,7 @@ import struct
 import time
 import uuid
 from array import array
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from itertools import repeat
@@ -160,7 +160,7 @@ class _Packer:
         upload: Callable[[str, bytes], None],
         skip: _archive.Skip | None,
         meter: Meter,
-        lone_links: int = 1,
+        hard_links: Collection[tuple[int, int]] | None = None,
     ) -> None:
         self.root = root
         self.uri = uri
@@ -175,7 +175,10 @@ class _Packer:
         self.meter = meter
         #: The link count of a file that has no other name in the tree saved: 1, or 2 in a
         #: background save's snapshot (each file hard-linked once more, see :mod:`.._snapshot`).
-        self.lone_links = lone_links
+        #: The tree's own hard links where link counts cannot tell them (see :func:`save`).
+        self.hard_links = hard_links
+        #: The link count of a file with no other name in the tree (the snapshot's name and the caller's).
+        self.lone_links = 1 if hard_links is None else 2
         self.out = Manifest()
         self.out.save_id = save_id
         if parents.manifests:
@@ -390,6 +393,9 @@ class _Packer:
             map(parents.modes.__getitem__, found),
         )
         same = list(map(operator.eq, then, map(_STAT_KEY, stats)))
+        if self.hard_links:  # a name of a hard link may have the lone count: it goes one at a time
+            links = self.hard_links
+            same = [alike and (st.st_dev, st.st_ino) not in links for alike, st in zip(same, stats, strict=True)]
         count = len(rels)
         start = 0
         while start < count:
@@ -436,7 +442,7 @@ class _Packer:
         out = self.out
         mode = st.st_mode
         if stat.S_ISREG(mode):
-            if st.st_nlink > self.lone_links:
+            if st.st_nlink > 1 if self.hard_links is None else (st.st_dev, st.st_ino) in self.hard_links:
                 inode = (st.st_dev, st.st_ino)
                 if inode in self.links:
                     out.add_entry(rel, HARDLINK, stat.S_IMODE(mode), st.st_mtime_ns, link=self.links[inode])
@@ -631,7 +637,7 @@ async def _load_parents(
     lookups come too), else it is read."""
     found: list[Manifest] = []
     lookups: _Lookups | None = None
-    for candidate in [location, *parents]:
+    for candidate in [location, *(parent for parent in parents if parent != location)]:
         if area_of(candidate) != area:
             continue
         if candidate == location and last is not None and not found:
@@ -669,7 +675,7 @@ async def save(
     skip: _archive.Skip | None = None,
     pack_size: int = PACK_SIZE,
     last: Written | None = None,
-    lone_links: int = 1,
+    hard_links: Collection[tuple[int, int]] | None = None,
 ) -> Written:
     """Save the directory ``root`` at ``location`` as an incremental checkpoint.
 
@@ -680,9 +686,9 @@ async def save(
 
     ``last``: what an earlier save in this process returned, used as ``location``'s previous
     checkpoint while the store still holds exactly that object (see :class:`Written`).
-    ``lone_links``: the link count of a file with no other name in the tree (2 where ``root`` is a
-    snapshot whose files are hard links of the caller's): files of that count are compared with
-    the parent a run at a time, files of more are hard links.
+    ``hard_links``: where ``root`` is a snapshot whose files are hard links of the caller's (so a
+    link count also counts names outside ``root``, which may change meanwhile), the inodes with
+    more than one name in ``root``: the hard links stored; ``None``: the link counts tell them.
     """
     started = time.monotonic()
     uri = location.uri
@@ -712,7 +718,7 @@ async def save(
                     save_id,
                     lease,
                     last,
-                    lone_links,
+                    hard_links,
                 )
                 keeper.cancel_scope.cancel()
     finally:
@@ -753,7 +759,7 @@ async def _save_tree(
     save_id: str,
     lease: Lease,
     last: Written | None,
-    lone_links: int,
+    hard_links: Collection[tuple[int, int]] | None,
 ) -> tuple[Written, _Packer]:
     area = area_of(location)
     manifests, lookups = await _load_parents(store, location, parents, area, config, last)
@@ -778,7 +784,7 @@ async def _save_tree(
             upload,
             skip,
             meter,
-            lone_links,
+            hard_links,
         )
 
     packer = await anyio.to_thread.run_sync(prepare)
