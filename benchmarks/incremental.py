@@ -226,6 +226,7 @@ def _warm(uri: str, path: Path, store: Path, change: Any, code: Path = ROOT) -> 
     with subprocess.Popen(
         [sys.executable, "-c", _WARM, uri, str(path)],
         env=env,
+        cwd=code,  # python -c puts the working folder first on sys.path
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
