@@ -629,6 +629,33 @@ def _gc(prefix: str, *args: str) -> dict[str, Any]:
     return result
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o000])
+def test_restored_modes_and_times_do_not_depend_on_the_umask(tmp_path: Path, umask: int) -> None:
+    # Files of one chunk are created with their mode, fchmod-ed only where the umask takes bits
+    # away; files of several chunks get theirs once whole. Either way, as a tar.gz restore gives.
+    tree = make_tree(tmp_path / "tree")
+    modes = [("g-exec", 0o750), ("world", 0o664), ("plain", 0o644), ("odd", 0o4711), ("read-only", 0o444)]
+    for name, mode in modes:
+        for size in (100, 3_000_000):  # one chunk; several
+            path = tree / f"{name}-{size}"
+            path.write_bytes(os.urandom(size))
+            path.chmod(mode)
+    expected = snapshot(tree)
+    for size in (100, 3_000_000):
+        # group and others never write, no set-id bits, the owner always reads and writes
+        for name, mode in (("world", 0o644), ("odd", 0o711), ("read-only", 0o644)):
+            kind, data, _, mtime = expected[f"{name}-{size}"]
+            expected[f"{name}-{size}"] = (kind, data, mode, mtime)
+    with Checkpoint(str(tmp_path / "store" / "ckpt"), incremental=True) as cp:
+        cp.save_sync(tree)
+    previous = os.umask(umask)
+    try:
+        restored = restore(str(tmp_path / "store" / "ckpt"), tmp_path / "restored")
+    finally:
+        os.umask(previous)
+    assert snapshot(restored) == expected
+
+
 @SHARED_STORES
 def test_gc_removes_the_packs_no_manifest_references_once_older_than_the_grace(
     store: StoreCase, tmp_path: Path

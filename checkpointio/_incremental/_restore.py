@@ -22,7 +22,7 @@ from .._location import Location
 from .._progress import Meter, ProgressCallback, human_size
 from .._selection import Selection, roots
 from .._stores import ObjectInfo, Store
-from .._writes import write_all
+from .._writes import PIECE, write_all
 from . import _chunks
 from ._layout import area_of, pack_location
 from ._manifest import DIR, FILE, HARDLINK, HASH_BYTES, SYMLINK, Manifest, read_manifest
@@ -106,19 +106,21 @@ async def _fetch(
     wanted: set[int],
     config: TransferConfig,
     meter: Meter,
-    on_chunk: Callable[[int, bytes | memoryview], None],
+    on_chunks: Callable[[list[tuple[int, bytes | memoryview]]], None],
     uri: str,
 ) -> None:
-    """Fetch the ``wanted`` chunks with ranged reads of their packs, several at once, and hand each
-    one, checked, to ``on_chunk`` (in worker threads; a stored chunk as a view of the range read,
-    valid until ``on_chunk`` returns). What is missing or corrupt is collected,
-    then raised as one :class:`CorruptCheckpointError` naming the files it affects."""
+    """Fetch the ``wanted`` chunks with ranged reads of their packs, several at once, and hand
+    them, checked, to ``on_chunks`` a block at a time, as (chunk index, content) pairs (in worker
+    threads; a stored chunk as a view of the range read, valid until ``on_chunks`` returns).
+    What is missing or corrupt is collected, then raised as one :class:`CorruptCheckpointError`
+    naming the files it affects."""
     found = _Fetched()
     spans = await anyio.to_thread.run_sync(_spans, manifest, wanted)  # work per chunk: off the loop
     infos: dict[str, ObjectInfo] = {}
     slots = anyio.Semaphore(max(1, config.max_concurrency))
-    # inflating and checking release the GIL, and creating files waits on the file system
-    workers = anyio.CapacityLimiter(max(4, 2 * config.compression_workers))
+    # as many threads as a tar.gz restore writes on: each gives up the GIL at every system call
+    # and must take it back, so more threads than cores only wait for it (measured: 2 beat 4)
+    workers = anyio.CapacityLimiter(max(1, config.compression_workers))
 
     async def head(name: str) -> None:
         async with slots:
@@ -142,6 +144,7 @@ async def _fetch(
         manifest.within,
         manifest.codecs,
     )
+    hashes, hash_of = memoryview(manifest.hashes), _chunks.hash_of
 
     def take(span: _Span, data: bytes) -> None:
         view = memoryview(data)
@@ -160,17 +163,19 @@ async def _fetch(
                     found.bad.update(dict.fromkeys(chunks[at:end], str(error)))
                 at = end
                 continue
-            for index in chunks[at:end]:
+            checked = []
+            for index in chunks[at:end]:  # the Python here runs once a chunk: kept to the checks
                 content = block[within[index] : within[index] + sizes[index]]
-                try:
-                    if len(content) != sizes[index]:
-                        raise ValueError("lies beyond what its block holds")
-                    _chunks.check(bytes(manifest.hashes[index * HASH_BYTES : (index + 1) * HASH_BYTES]), content)
-                except ValueError as error:
-                    with found.lock:
-                        found.bad[index] = str(error)
+                if len(content) != sizes[index]:
+                    why = "lies beyond what its block holds"
+                elif hash_of(content) != hashes[index * HASH_BYTES : (index + 1) * HASH_BYTES]:
+                    why = "fails its BLAKE3 check"
+                else:
+                    checked.append((index, content))
                     continue
-                on_chunk(index, content)
+                with found.lock:
+                    found.bad[index] = why
+            on_chunks(checked)
             at = end
         meter.advance(len(data))
 
@@ -196,9 +201,11 @@ _CREATE = _WRITE | os.O_CREAT | os.O_EXCL
 class _Writer:
     """Writes a manifest's files into a staging folder as their chunks arrive, in any order."""
 
-    def __init__(self, manifest: Manifest, folder: int) -> None:
+    def __init__(self, manifest: Manifest, folder: int, umask: int | None = None) -> None:
         self.manifest = manifest
         self.folder = folder
+        #: What creating a file takes from its mode (``None``: unknown, every file is chmod-ed).
+        self.umask = umask
         self.lock = threading.Lock()
         # chunk -> [(entry index, offset in the file)]
         self.uses: dict[int, list[tuple[int, int]]] = {}
@@ -229,20 +236,47 @@ class _Writer:
                 finally:
                     os.close(fd)
 
-    def chunk(self, index: int, data: bytes | memoryview) -> None:
-        first = self.manifest.first
-        for number, position in self.uses.get(index, ()):
-            single = first[number + 1] - first[number] == 1
-            fd = os.open(self.manifest.paths[number], _CREATE if single else _WRITE, 0o600, dir_fd=self.folder)
-            try:
-                write_all(fd, data, position)
-                with self.lock:
-                    self.remaining[number] -= len(data)
-                    complete = self.remaining[number] == 0
-                if complete:
-                    self._finish(fd, number)
-            finally:
-                os.close(fd)
+    def chunks(self, checked: list[tuple[int, bytes | memoryview]]) -> None:
+        """Write each checked chunk where its files hold it. A file of one chunk is created whole,
+        with its mode (the staging folder is the owner's alone): four system calls where the
+        umask takes nothing away (open, write, utime, close), with as little Python around them
+        as a tar.gz restore's writers, since this thread needs the GIL back after each."""
+        manifest, folder, umask, remaining, uses = self.manifest, self.folder, self.umask, self.remaining, self.uses
+        first, paths, modes, mtimes = manifest.first, manifest.paths, manifest.modes, manifest.mtimes
+        open_, write, utime, close, fchmod = os.open, os.write, os.utime, os.close, os.fchmod
+        file_mode = _tar._file_mode
+        for index, data in checked:
+            for number, position in uses.get(index, ()):
+                if first[number + 1] - first[number] != 1:
+                    self._part(number, position, data)
+                    continue
+                mode = file_mode(modes[number])
+                fd = open_(paths[number], _CREATE, mode, dir_fd=folder)
+                try:
+                    if len(data) > PIECE:
+                        write_all(fd, data)
+                    elif (written := write(fd, data)) < len(data):
+                        write_all(fd, data[written:])
+                    if umask is None or mode & umask:
+                        fchmod(fd, mode)
+                    mtime = mtimes[number]
+                    utime(fd, ns=(mtime, mtime))
+                finally:
+                    close(fd)
+                remaining[number] -= len(data)  # this file's alone: no other thread counts it
+
+    def _part(self, number: int, position: int, data: bytes | memoryview) -> None:
+        """Write one chunk of the file ``number`` (of several chunks) at ``position``."""
+        fd = os.open(self.manifest.paths[number], _WRITE, dir_fd=self.folder)
+        try:
+            write_all(fd, data, position)
+            with self.lock:
+                self.remaining[number] -= len(data)
+                complete = self.remaining[number] == 0
+            if complete:
+                self._finish(fd, number)
+        finally:
+            os.close(fd)
 
     def _finish(self, fd: int, number: int) -> None:
         mtime = self.manifest.mtimes[number]
@@ -348,10 +382,11 @@ async def load(
             lambda: os.open(staging.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         )
         try:
-            writer = await anyio.to_thread.run_sync(_Writer, manifest, folder)
+            umask = await anyio.to_thread.run_sync(_tar._creation_umask, str(staging.path))
+            writer = await anyio.to_thread.run_sync(_Writer, manifest, folder, umask)
             await anyio.to_thread.run_sync(writer.prepare)
             wanted = await anyio.to_thread.run_sync(_wanted, manifest)
-            await _fetch(store, area_of(location), manifest, wanted, config, meter, writer.chunk, uri)
+            await _fetch(store, area_of(location), manifest, wanted, config, meter, writer.chunks, uri)
             await anyio.to_thread.run_sync(writer.finish, uri)
         finally:
             os.close(folder)
@@ -389,7 +424,7 @@ async def verify(
         raise CheckpointError(f"{location.uri}: replaced while being read", uri=location.uri)
     meter = Meter(on_progress, "verify", location.uri, manifest.stored_size())
 
-    def ignore(index: int, data: bytes | memoryview) -> None:
+    def ignore(checked: list[tuple[int, bytes | memoryview]]) -> None:
         pass
 
     every = await anyio.to_thread.run_sync(set, range(manifest.chunk_count))
