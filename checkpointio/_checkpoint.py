@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import functools
 import logging
@@ -543,6 +544,11 @@ def _unlistable(error: OSError, base: Path, folder: str | None = None) -> Checkp
     return CheckpointError(message, uri=str(shown))
 
 
+#: Errors that ``Path.glob`` takes for "no folder here" (nothing there, a file, a symlink loop);
+#: any other means the folder may hold checkpoints that cannot be seen.
+_NO_FOLDER = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP})
+
+
 def _check_listable(base: Path, pattern: str) -> None:
     """Raise if a folder ``Path.glob(pattern)`` looks into cannot be read: it skips such folders,
     and a run folder that only looks empty makes a task start over.
@@ -553,8 +559,8 @@ def _check_listable(base: Path, pattern: str) -> None:
     """
 
     def fail(error: OSError, folder: str | None = None) -> None:
-        if isinstance(error, FileNotFoundError | NotADirectoryError):
-            return  # gone while listed: it holds nothing now
+        if error.errno in _NO_FOLDER:
+            return  # gone while listed, or a symlink loop: it holds nothing
         raise _unlistable(error, base, folder) from error
 
     try:
@@ -580,16 +586,16 @@ def _check_listable(base: Path, pattern: str) -> None:
                     try:
                         if entry.is_dir():  # a symlink is followed, as Path.glob does
                             reached.append(entry.path)
-                    except PermissionError as error:  # a symlink into a folder that may not be searched
+                    except OSError as error:  # a symlink into a folder that may not be searched
                         fail(error, entry.path)
-                    except OSError:  # a symlink loop: no folder, skipped as Path.glob does
-                        pass
             else:
                 try:
                     if stat.S_ISDIR(os.stat(os.path.join(folder, part)).st_mode):
                         reached.append(os.path.join(folder, part))
-                except OSError as error:
+                except PermissionError as error:  # ``folder`` may not be searched
                     fail(error, folder)
+                except OSError as error:
+                    fail(error, os.path.join(folder, part))
         folders = reached
 
 

@@ -275,6 +275,7 @@ def test_latest_checkpoint_through_a_symlink_into_a_folder_it_may_not_search_is_
     assert latest_checkpoint(run, "run-*/*.pt") == run / "run-2" / "step.pt"
     (run / "run-2").unlink()
     assert latest_checkpoint(run, "run-*/*.pt") is None
+    assert latest_checkpoint(run, "run-3/*.pt") is None  # the loop named, not matched
 
 
 @pytest.mark.parametrize("pathlib", ["", "import tests.pathlib314"], ids=["pathlib", "pathlib-3.14"])
