@@ -173,11 +173,10 @@ class _Packer:
         self.upload = upload
         self.skip = skip
         self.meter = meter
-        #: The link count of a file that has no other name in the tree saved: 1, or 2 in a
-        #: background save's snapshot (each file hard-linked once more, see :mod:`.._snapshot`).
         #: The tree's own hard links where link counts cannot tell them (see :func:`save`).
         self.hard_links = hard_links
-        #: The link count of a file with no other name in the tree (the snapshot's name and the caller's).
+        #: The link count of a file with no other name in the tree saved: 1, or 2 in a background
+        #: save's snapshot (its name there and the caller's, see :mod:`.._snapshot`).
         self.lone_links = 1 if hard_links is None else 2
         self.out = Manifest()
         self.out.save_id = save_id
