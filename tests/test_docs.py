@@ -23,7 +23,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 #: Pages whose links are checked besides DOCS.
-LINKED = [*DOCS, ROOT / "CHANGELOG.md", ROOT / "benchmarks" / "README.md"]
+LINKED = [*DOCS, ROOT / "CHANGELOG.md", ROOT / "benchmarks" / "README.md", ROOT / "benchmarks" / "HISTORY.md"]
 
 #: Names a fragment leaves to the reader (your model, your data, a checkpoint in scope).
 PRELUDE = """\
