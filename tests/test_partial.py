@@ -27,6 +27,7 @@ from checkpointio import (
     UnsafeArchiveError,
     _codec,
     _engine,
+    _incremental,
     _toc,
 )
 from checkpointio._archive import pack_directory, unpack_directory
@@ -853,3 +854,51 @@ def test_a_run_of_entries_longer_than_a_fetch_group_restores_whole(store: StoreC
     workspace = tmp_path / "ws"
     load_only(store, "ck", workspace, ["many"])
     assert snapshot(workspace) == snapshot(tree)
+
+
+def incremental_layers(store: StoreCase, tree: Path, pack_size: int) -> None:
+    """Issue 21's 1 GiB tree in small, saved incrementally: 24 files of 1 MiB of random data (their
+    chunks stored, not deflated) and a few small files (whose chunks share blocks), in packs of
+    ``pack_size``, so that the checkpoint has several packs."""
+    (tree / "layers").mkdir(parents=True)
+    for index in range(24):
+        (tree / "layers" / f"{index:02d}.pt").write_bytes(os.urandom(1024 * 1024))
+    for index in range(8):
+        (tree / f"notes-{index}.txt").write_bytes(os.urandom(3000))
+    location = parse_location(store.uri("ck"))
+    opened = anyio.run(open_store, location.scheme, CONFIG)
+    anyio.run(lambda: _incremental.save(opened, location, tree, CONFIG, pack_size=pack_size))
+
+
+def test_one_file_of_a_large_incremental_checkpoint_costs_four_requests_and_about_its_size(
+    store: StoreCase, tmp_path: Path
+) -> None:
+    tree = tmp_path / "tree"
+    incremental_layers(store, tree, 4 * 1024 * 1024)
+    manifest = anyio.run(_incremental.read_manifest, *counted_store(store, "ck"), CONFIG)
+    assert manifest is not None and len(manifest.packs) >= 6
+    number = manifest.paths.index("layers/13.pt")
+    assert len(manifest.chunks_of(number)) >= 4  # fetched one by one, they would take 4 requests more
+    workspace = tmp_path / "ws"
+    counted = load_only(store, "ck", workspace, ["layers/13.pt"])
+    assert snapshot(workspace) == picked(snapshot(tree), "layers/13.pt") | {"layers": snapshot(workspace)["layers"]}
+    # the manifest's HEAD and GET, then the HEAD of the one pack holding the file and one ranged GET
+    # of its chunks (next to each other: one range, not one per chunk)
+    assert {manifest.chunk_pack[index] for index in manifest.chunks_of(number)} == {3}
+    assert [request.split()[0] for request in counted.requests] == ["head", "get", "head", "range"], counted.requests
+    manifest_size = len(store.get_raw("ck"))
+    assert 1024 * 1024 + manifest_size <= counted.received <= 2 * 1024 * 1024 + manifest_size, counted.requests
+
+
+def test_listing_an_incremental_checkpoint_reads_its_manifest_in_two_requests(store: StoreCase, tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    incremental_layers(store, tree, 4 * 1024 * 1024)
+    counted, rows, table = listed(store, "ck")
+    assert table is True
+    assert counted.requests == ["head", "get"]  # the manifest's HEAD and GET; no pack is read
+    assert counted.received == len(store.get_raw("ck")) < 64 * 1024
+    by_path = {row.path: row for row in rows}
+    assert set(by_path) == {path.relative_to(tree).as_posix() for path in tree.rglob("*")}
+    st = (tree / "layers" / "13.pt").stat()
+    assert by_path["layers/13.pt"][1:4] == ("file", st.st_size, int(st.st_mtime))
+    assert by_path["layers"][1] == "dir" and by_path["notes-7.txt"][1:3] == ("file", 3000)
