@@ -451,7 +451,8 @@ def keep_rows(tables: dict[str, list[Case]], parts: Sequence[str]) -> dict[str, 
 
 def build_tweak_tables(places: Places, trees: Sequence[Dataset], big: Dataset) -> dict[str, list[Case]]:
     """``--tweaks``: checkpointio with and without each of its memory tweaks, on the local store (no
-    server CPU in the way) and, with a server, on S3; each table's rows alternate like any other's."""
+    server CPU in the way) and, with a server, on S3, where the receiving threads' event loop is
+    compared too; each table's rows alternate like any other's."""
     tables: dict[str, list[Case]] = {}
     threshold = {"CHECKPOINTIO_TUNE_MALLOC": "0"}, {"CHECKPOINTIO_TUNE_MALLOC": "1"}
     for tree in trees:
@@ -479,6 +480,13 @@ def build_tweak_tables(places: Places, trees: Sequence[Dataset], big: Dataset) -
     ]
     if places.server is None:
         return tables
+    loops = {}, {"CHECKPOINTIO_RECEIVE_LOOP": "asyncio"}
+    for data in (*trees, big):
+        title = f"tweaks: receiving threads' event loop, S3, {_describe(data)}"
+        tables[title] = [
+            places.s3(title, data, checkpointio("uvloop where installed (the default)", env=loops[0])),
+            places.s3(title, data, checkpointio("asyncio (CHECKPOINTIO_RECEIVE_LOOP=asyncio)", env=loops[1])),
+        ]
     title = f"tweaks: glibc mmap threshold, S3, {_describe(trees[0])}"
     tables[title] = [
         places.s3(title, trees[0], checkpointio("glibc threshold left alone", env=threshold[0])),
@@ -714,7 +722,7 @@ def main() -> None:
     parser.add_argument(
         "--tweaks",
         action="store_true",
-        help="instead of the comparison, checkpointio with and without its memory tweaks",
+        help="instead of the comparison, checkpointio with and without its memory tweaks and uvloop",
     )
     parser.add_argument("--repeat", type=int, help=f"repetitions (default {FULL.repeat})")
     parser.add_argument("--tensor-mib", type=float, help=f"tensor directory size (default {FULL.tensor_mib})")

@@ -47,6 +47,7 @@ from checkpointio._stores._s3._loader import _DataLoader, prepared_session
 
 from .conftest import MotoServer, ProxiedBucket, free_port, make_tree, snapshot, start_moto, stop
 from .faultproxy import FaultProxy, Match
+from .scripts import run_script
 
 SMALL_PARTS: TransferOptions = {"part_size": 5 * MiB, "multipart_threshold": 5 * MiB, "max_attempts": 4}
 
@@ -905,6 +906,39 @@ def tasks_left_on_receivers() -> int:
         return len(asyncio.all_tasks()) - 1  # itself not counted
 
     return sum(asyncio.run_coroutine_threadsafe(others(), r.loop).result(10) for r in s3_receivers._running)
+
+
+@pytest.mark.parametrize(
+    ("asked", "uvloop_importable", "expected"),
+    [("", True, "uvloop"), ("asyncio", True, "asyncio"), ("", False, "asyncio")],
+    ids=["default", "asked-for-asyncio", "uvloop-missing"],
+)
+def test_receivers_run_uvloop_where_installed_or_asyncio_and_every_byte_comes_back(
+    bucket: str, tmp_path: Path, asked: str, uvloop_importable: bool, expected: str
+) -> None:
+    if uvloop_importable:
+        pytest.importorskip("uvloop")
+    make_tree(tmp_path / "tree")
+    result = run_script(
+        f"""
+        import asyncio, sys
+        if not {uvloop_importable!r}:
+            sys.modules["uvloop"] = None  # import uvloop: ImportError
+        from checkpointio import Checkpoint
+        from checkpointio._stores._s3 import _receivers
+        uri = "s3://{bucket}/ckpt"
+        Checkpoint(uri).save_sync("tree")
+        with Checkpoint("unused", src=uri, workspace="restored", receive_workers=2) as cp:
+            cp.load_sync()
+            print(sorted({{type(r.loop).__module__.split(".")[0] for r in _receivers._running}}))
+            print(asyncio.get_event_loop_policy().__module__.split(".")[0])  # the process's: untouched
+        """,
+        tmp_path,
+        CHECKPOINTIO_RECEIVE_LOOP=asked,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [f"['{expected}']", "asyncio"]
+    assert snapshot(tmp_path / "restored") == snapshot(tmp_path / "tree")
 
 
 async def test_a_load_is_received_on_several_threads_and_every_byte_comes_back(bucket: str, tmp_path: Path) -> None:

@@ -2,9 +2,10 @@
 
 One event loop receives at most about a core's worth of bytes (``recv`` and aiohttp's parser, two
 copies of every byte, all on its one thread). A load therefore spreads its ranges over several
-*receivers*: each is a thread running its own asyncio loop, with its own aiobotocore client and
-connection pool (:mod:`._client` keeps one per loop), started on first use and kept for the life
-of the process, so a client is made once per receiver, not once per load.
+*receivers*: each is a thread running its own event loop (uvloop's where installed:
+:func:`new_loop`), with its own aiobotocore client and connection pool (:mod:`._client` keeps one
+per loop), started on first use and kept for the life of the process, so a client is made once
+per receiver, not once per load.
 
 :meth:`Receiver.run` runs a coroutine on a receiver and waits for it from the caller's loop. It
 returns or raises only once that coroutine has ended: when the caller is cancelled, the coroutine
@@ -38,6 +39,28 @@ _STOP_TIMEOUT = 10.0
 
 #: ``receiving`` is set on the receivers' own threads.
 _local = threading.local()
+
+#: The environment variable that picks the receivers' event loops: ``asyncio`` for asyncio's own,
+#: anything else (or unset) for uvloop's where it is installed.
+RECEIVE_LOOP = "CHECKPOINTIO_RECEIVE_LOOP"
+
+
+def new_loop() -> asyncio.AbstractEventLoop:
+    """An event loop for a receiving thread: uvloop's where it is installed, else asyncio's.
+
+    Every byte of a load passes through a receiver's loop, and uvloop's reads them in C into
+    larger blocks, with less CPU per byte than asyncio's selector loop (benchmarks/README.md,
+    *Restores at native speed*). The receivers' loops are checkpointio's own threads: the caller's
+    loop, and the event-loop policy of the process, stay as they are.
+    """
+    if os.environ.get(RECEIVE_LOOP, "").strip().lower() != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
 
 
 def on_receiver() -> bool:
@@ -76,7 +99,7 @@ class Receiver:
     """A thread running an asyncio event loop of its own, named ``checkpointio-receiver``."""
 
     def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
+        self.loop = new_loop()
         self._started: set[asyncio.Task[Any]] = set()  # by start_soon: kept until done (asyncio holds weak references)
         self.thread = threading.Thread(target=self._serve, name="checkpointio-receiver", daemon=True)
         self.thread.start()
