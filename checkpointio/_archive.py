@@ -81,6 +81,11 @@ class _GzipMemberWriter:
     weights, compressed files: see :func:`_codec.encode_member`), the next ones are encoded right
     here instead: storing is a copy and a CRC32, cheaper than handing the block to another thread
     (figures in benchmarks/README.md), until a block deflates again.
+
+    A block is kept as the pieces written (views of them where a block ends inside one), never
+    copied into a buffer of its own: its bytes are copied once, into its member. Every allocation
+    of a block's size is one that glibc may serve by growing its heap and then return to the
+    system, so that the next one faults its pages in again (benchmarks/README.md, issue 19).
     """
 
     def __init__(
@@ -90,31 +95,80 @@ class _GzipMemberWriter:
         self._on_member = on_member
         self._block_size = block_size
         self._level = level
-        self._buffer = bytearray()
+        self._pieces: list[_codec.Piece] = []  # the current block so far
+        self._buffered = 0  # their bytes
         self._position = 0
         self._workers = workers
         self._pool = _codec.OrderedPool(workers) if workers > 1 and level > 0 else None
         self._pending: deque[tuple[Future[bytes], int]] = deque()
         self._inline = False
+        self._scratch: memoryview | None = None  # see write_from
+        self._joins = _codec.Scratch(block_size)  # where a block of several pieces is joined to be deflated
 
     def write(self, data: bytes) -> int:
-        self._buffer += data
-        self._position += len(data)
-        while len(self._buffer) >= self._block_size:
-            with memoryview(self._buffer) as view:  # one copy, not a bytearray slice and then bytes
-                block = bytes(view[: self._block_size])
-            del self._buffer[: self._block_size]
-            self._emit_member(block)
-        return len(data)
+        """Append ``data``; it is kept, not copied, until its member is encoded: it must not change."""
+        size = len(data)
+        if not size:  # a piece that would make an empty member of a cut
+            return 0
+        self._position += size
+        room = self._block_size - self._buffered
+        if size < room:
+            self._pieces.append(data)
+            self._buffered += size
+            return size
+        view = memoryview(data)
+        start = 0
+        while size - start >= room:  # every block this completes
+            self._pieces.append(view[start : start + room])
+            start += room
+            self._emit_block()
+            room = self._block_size
+        if start < size:
+            self._pieces.append(view[start:])
+            self._buffered = size - start
+        return size
+
+    def write_from(self, fd: int, size: int, on_read: Callable[[int], None], shrank: Callable[[], Exception]) -> None:
+        """Append exactly ``size`` bytes read from ``fd``, each read at most what the current
+        block has room for; ``on_read`` hears of each. A file that ends sooner raises ``shrank()``.
+
+        A read that completes a block encoded on this thread lands in one buffer reused for every
+        such read: its bytes are copied only into the member. Any other read is kept as the bytes
+        it returned until its member is encoded.
+        """
+        remaining = size
+        while remaining:
+            room = self._block_size - self._buffered
+            want = min(remaining, room)
+            if want == room and self._encodes_here():
+                if self._scratch is None:
+                    self._scratch = memoryview(bytearray(self._block_size))
+                view = self._scratch[:want]
+                done = 0
+                while done < want:
+                    got = os.readv(fd, [view[done:]])
+                    if not got:
+                        raise shrank()
+                    done += got
+                self._pieces.append(view)
+                self._position += want
+                self._emit_block()  # encoded before this returns: the buffer is free again
+            else:
+                chunk = os.read(fd, want)
+                if not chunk:
+                    raise shrank()
+                done = len(chunk)
+                self.write(chunk)
+            remaining -= done
+            on_read(done)
 
     def tell(self) -> int:
         return self._position
 
     def cut(self) -> None:
         """End the current member here, whatever its size: the next byte starts a new one."""
-        if self._buffer:
-            self._emit_member(bytes(self._buffer))
-            self._buffer.clear()
+        if self._pieces:
+            self._emit_block()
 
     def _emit(self, member: bytes, size: int) -> None:
         self._emit_raw(member)
@@ -122,9 +176,8 @@ class _GzipMemberWriter:
             self._on_member(len(member), size)
 
     def finish(self) -> None:
-        if self._buffer:
-            self._emit_member(bytes(self._buffer))
-            self._buffer.clear()
+        if self._pieces:
+            self._emit_block()
         while self._pending:
             self._emit_next()
 
@@ -139,16 +192,24 @@ class _GzipMemberWriter:
             self._inline = len(member) >= size  # stored: encode the next blocks here
         self._emit(member, size)
 
-    def _emit_member(self, block: bytes) -> None:
-        if self._pool is None or self._inline:
+    def _encodes_here(self) -> bool:
+        """Whether the next block is encoded on this thread, before :meth:`_emit_block` returns."""
+        return self._pool is None or self._inline
+
+    def _emit_block(self) -> None:
+        """Encode the pieces buffered as one member (here or on the pool) and start the next block."""
+        pieces, size = self._pieces, sum(map(len, self._pieces))
+        self._pieces, self._buffered = [], 0
+        pool = self._pool
+        if pool is None or self._inline:  # as _encodes_here() says
             while self._pending:  # keep the order
                 self._emit_next()
-            member = _codec.encode_member(block, self._level)
-            if len(block) >= _DECIDES:
-                self._inline = len(member) >= len(block)
-            self._emit(member, len(block))
+            member = _codec.encode_pieces(pieces, self._level, self._joins)
+            if size >= _DECIDES:
+                self._inline = len(member) >= size
+            self._emit(member, size)
             return
-        self._pending.append((self._pool.submit(_codec.encode_member, block, self._level), len(block)))
+        self._pending.append((pool.submit(_codec.encode_pieces, pieces, self._level, self._joins), size))
         while len(self._pending) > 2 * self._workers:  # bounded: a few blocks in flight per thread
             self._emit_next()
 
@@ -449,9 +510,8 @@ def _add_file(sink: _GzipMemberWriter, entry: Entry, full: str, uri: str, on_rea
             on_read(size)
             return
         sink.write(header)
-        for chunk in file_data(fd, size, full, uri):
-            sink.write(chunk)
-            on_read(len(chunk))
+        shrank = f"{full} shrank while {uri} was being saved"
+        sink.write_from(fd, size, on_read, lambda: SourceChangedError(shrank, uri=uri))
     finally:
         os.close(fd)
     sink.write(padding)

@@ -18,7 +18,7 @@ import struct
 import sys
 import threading
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from types import TracebackType
 from typing import Any, TypeVar, cast
@@ -40,9 +40,11 @@ __all__ = [
     "InflateError",
     "MAX_MEMBER_OUTPUT",
     "OrderedPool",
+    "Scratch",
     "crc32",
     "crc32_combine",
     "encode_member",
+    "encode_pieces",
     "inflate_member",
     "is_stored_member",
     "member_length",
@@ -63,6 +65,7 @@ MAX_MEMBER_OUTPUT = 64 * 1024 * 1024
 _HEADER = struct.Struct("<4sIBBHBBHI")  # magic+CM+FLG, MTIME, XFL, OS, XLEN, SI1, SI2, LEN, member size
 _MAGIC_FLAGS = b"\x1f\x8b\x08\x04"  # gzip, deflate, FEXTRA
 _TRAILER = struct.Struct("<II")
+_STORED_HEAD = struct.Struct("<BHH")  # a stored deflate block: BFINAL/BTYPE bits, LEN, NLEN
 #: The shortest and longest member we write: an empty deflate block (2 bytes), and a block of
 #: ``MAX_MEMBER_OUTPUT`` stored (5 bytes of framing per 64 KiB block, and zlib's flush may add an
 #: empty final one; 64 KiB of slack on top). A stated length outside them is a crafted or garbled
@@ -87,17 +90,6 @@ def crc32_combine(first: int, second: int, second_length: int) -> int:
     return int(_isal.crc32_combine(first, second, second_length))
 
 
-def _deflate(data: bytes | memoryview, level: int) -> bytes:
-    compressor: Any
-    if level == 0:
-        compressor = zlib.compressobj(0, zlib.DEFLATED, -15)
-    elif _isal is not None and level <= 3:
-        compressor = _isal.compressobj(level, zlib.DEFLATED, -15)
-    else:
-        compressor = zlib.compressobj(level, zlib.DEFLATED, -15)
-    return bytes(compressor.compress(data) + compressor.flush())
-
-
 def raw_deflate_function(level: int) -> Callable[..., bytes]:
     """The one-shot raw deflate of ``level`` (1-9), called as ``f(data, level, -15)``: one call a
     piece, for callers deflating many small pieces (no compressor object each)."""
@@ -114,20 +106,144 @@ def _deflate_raw(data: bytes | memoryview, level: int, wbits: int) -> bytes:
     return compressor.compress(data) + compressor.flush()
 
 
-def _worth_deflating(block: bytes, level: int) -> bool:
+#: What a member is encoded from: bytes, or views of bytes nobody changes until it is encoded.
+Piece = bytes | bytearray | memoryview
+
+#: The most data one stored deflate block holds (its length field is 16 bits).
+_STORED_BLOCK = 0xFFFF
+#: Blocks of more pieces than this are joined (in a :class:`Scratch` buffer) before they are encoded.
+_FEW_PIECES = 2
+
+
+def _worth_deflating(sample: Piece, level: int) -> bool:
     """Probe a sample: float noise and compressed files gain too little to pay for inflating."""
-    sample = memoryview(block)[:_SAMPLE]
-    return len(_deflate(sample, level)) < len(sample) * (1 - STORE_BELOW_SAVING)
+    return len(_deflate_once(sample, level)) < len(sample) * (1 - STORE_BELOW_SAVING)
 
 
-def encode_member(block: bytes, level: int) -> bytes:
+def _sample(pieces: Sequence[Piece]) -> Piece:
+    """The first ``_SAMPLE`` bytes of ``pieces`` joined (a view when the first piece holds them)."""
+    first = pieces[0]
+    if len(first) >= _SAMPLE or len(pieces) == 1:
+        return memoryview(first)[:_SAMPLE]
+    parts: list[Piece] = []
+    taken = 0
+    for piece in pieces:
+        parts.append(memoryview(piece)[: _SAMPLE - taken])
+        taken += len(parts[-1])
+        if taken >= _SAMPLE:
+            break
+    return b"".join(parts)
+
+
+def encode_member(block: Piece, level: int) -> bytes:
     """One gzip member holding ``block``: deflated at ``level``, or stored if that does not pay."""
-    raw = _deflate(block, level) if level > 0 and _worth_deflating(block, level) else b""
-    if not raw or len(raw) >= len(block):
-        raw = _deflate(block, 0)
-    total = _HEADER.size + len(raw) + _TRAILER.size
-    header = _HEADER.pack(_MAGIC_FLAGS, 0, 0, 255, 8, ord("C"), ord("K"), 4, total)
-    return header + raw + _TRAILER.pack(crc32(block), len(block) & 0xFFFFFFFF)
+    return encode_pieces([block], level)
+
+
+def encode_pieces(pieces: Sequence[Piece], level: int, scratch: Scratch | None = None) -> bytes:
+    """One gzip member holding ``pieces`` joined: deflated at ``level``, or stored if that does
+    not pay (see :data:`STORE_BELOW_SAVING`). ``pieces`` are byte buffers (``memoryview`` of
+    format ``B``) that must not change until this returns; ``scratch`` gives the buffer more
+    than a few of them are joined in (its size at least theirs), else one is made.
+
+    The member is the one large buffer allocated: a stored member is framed around views of the
+    pieces and joined once, a deflated one has its header, deflate output and trailer joined once.
+    Allocations of a few sizes, not several copies of every block, keep glibc's heap from being
+    returned to the system and faulted in again on every member (benchmarks/README.md, issue 19).
+    """
+    size = sum(map(len, pieces))
+    buffer = None
+    if len(pieces) > _FEW_PIECES:  # joined first: a C call a piece would take the GIL back for each
+        if scratch is None:
+            pieces = [b"".join(pieces)]
+        else:
+            buffer = scratch.take()
+            position = 0
+            for piece in pieces:
+                end = position + len(piece)
+                buffer[position:end] = piece
+                position = end
+            pieces = [buffer[:size]]
+    try:
+        crc = 0
+        for piece in pieces:
+            crc = crc32(piece, crc)
+        if level > 0 and size and _worth_deflating(_sample(pieces), level):
+            compressor = _compressor(level)
+            parts = [b"", *map(compressor.compress, pieces), compressor.flush()]
+            body = sum(map(len, parts))
+            if body < size:
+                parts[0] = _member_header(body)
+                parts.append(_TRAILER.pack(crc, size & 0xFFFFFFFF))
+                return b"".join(parts)
+        return _stored_member(pieces, size, crc)
+    finally:
+        if buffer is not None and scratch is not None:
+            scratch.give(buffer)
+
+
+class Scratch:
+    """Buffers of one size to join a block's pieces in before deflating it, reused: as many are
+    made as threads join at once. A fresh buffer of a block's size for every block is what glibc
+    serves by growing its heap and then returns to the system, to fault in again for the next."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._free: list[memoryview] = []
+
+    def take(self) -> memoryview:
+        """A buffer of :attr:`size` bytes for this thread alone, until it is given back."""
+        try:
+            return self._free.pop()  # list.pop and list.append are atomic: threads share this
+        except IndexError:
+            return memoryview(bytearray(self.size))
+
+    def give(self, buffer: memoryview) -> None:
+        self._free.append(buffer)
+
+
+def _deflate_once(data: Piece, level: int) -> bytes:
+    """``data`` as one raw deflate stream at ``level`` (1-9), in one call."""
+    return raw_deflate_function(level)(data, level, -15)
+
+
+def _compressor(level: int) -> Any:
+    """A raw deflate (wbits=-15) compressor of ``level`` (1-9), of the fastest backend for it."""
+    if _isal is not None and level <= 3:
+        return _isal.compressobj(level, zlib.DEFLATED, -15)
+    return zlib.compressobj(level, zlib.DEFLATED, -15)
+
+
+def _member_header(body: int) -> bytes:
+    """The header of one of our members whose deflate stream is ``body`` bytes long."""
+    total = _HEADER.size + body + _TRAILER.size
+    return _HEADER.pack(_MAGIC_FLAGS, 0, 0, 255, 8, ord("C"), ord("K"), 4, total)
+
+
+def _stored_member(pieces: Sequence[Piece], size: int, crc: int) -> bytes:
+    """A member holding ``pieces`` (``size`` bytes, CRC32 ``crc``) as stored deflate blocks of
+    :data:`_STORED_BLOCK` bytes (the last one shorter, and final), each framed around views of the
+    pieces: the bytes are copied once, into the member."""
+    blocks = max(1, -(-size // _STORED_BLOCK))
+    parts: list[Piece] = [_member_header(size + blocks * _STORED_HEAD.size)]
+    remaining = size  # data not yet in a block
+    room = 0  # data the current block still takes
+    if not size:
+        parts.append(_STORED_HEAD.pack(1, 0, 0xFFFF))
+    for piece in pieces:
+        view = memoryview(piece)
+        start, end = 0, len(view)
+        while start < end:
+            if not room:
+                room = min(remaining, _STORED_BLOCK)
+                remaining -= room
+                parts.append(_STORED_HEAD.pack(remaining == 0, room, room ^ 0xFFFF))
+            taken = min(room, end - start)
+            parts.append(view[start : start + taken])
+            start += taken
+            room -= taken
+    parts.append(_TRAILER.pack(crc, size & 0xFFFFFFFF))
+    return b"".join(parts)
 
 
 def member_length(head: bytes | bytearray) -> int | None:
@@ -154,9 +270,6 @@ def is_stored_member(member: bytes) -> bool:
     Inflating a stored block is a copy and a CRC32: cheaper to do at once than to hand to a thread.
     """
     return len(member) > _HEADER.size and (member[_HEADER.size] >> 1) & 3 == 0
-
-
-_STORED_HEAD = struct.Struct("<BHH")  # BFINAL/BTYPE bits, LEN, NLEN
 
 
 def stored_data(member: bytes, *, check: bool = True) -> list[memoryview] | None:

@@ -6,6 +6,7 @@ import contextlib
 import errno
 import gzip
 import io
+import itertools
 import os
 import shutil
 import subprocess
@@ -19,11 +20,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from checkpointio import CorruptCheckpointError, _tar
-from checkpointio._archive import GunzipReader, pack_directory, unpack_directory
+from checkpointio import CorruptCheckpointError, SourceChangedError, _tar
+from checkpointio._archive import GunzipReader, _GzipMemberWriter, pack_directory, unpack_directory
 from checkpointio._codec import (
     MAX_MEMBER_OUTPUT,
+    Scratch,
     encode_member,
+    encode_pieces,
     inflate_member,
     is_stored_member,
     member_length,
@@ -512,6 +515,110 @@ def test_stored_members_are_read_in_place_and_checked_against_their_crc() -> Non
     short[-1] ^= 1  # the length the trailer states
     with pytest.raises(CorruptCheckpointError, match="CRC32"):
         stored_data(bytes(short), check=False)
+
+
+@pytest.mark.parametrize("level", [0, 1, 6])
+@pytest.mark.parametrize("kind", ["noise", "text"])
+@pytest.mark.parametrize("size", [0, 1, 65_535, 65_536, 131_070, 200_001])
+def test_a_member_holds_its_pieces_whatever_they_are_cut_into(level: int, kind: str, size: int) -> None:
+    data = os.urandom(size) if kind == "noise" else (b"compressible words %d " * 20_000)[:size]
+    whole = encode_member(data, level)
+    cuts = [0, 1, 512, 65_535, 65_536, 70_000, 131_071, size]  # pieces across stored blocks' edges
+    bounds = sorted({cut for cut in cuts if cut <= size})
+    pieces = [memoryview(data)[start:end] for start, end in itertools.pairwise(bounds)]
+    for scratch in (None, Scratch(max(size, 1))):
+        member = encode_pieces(pieces or [b""], level, scratch)
+        assert member_length(member) == len(member)
+        assert inflate_member(member) == gzip.decompress(member) == data
+        assert is_stored_member(member) == is_stored_member(whole) == (level == 0 or kind == "noise" or size < 2)
+        if is_stored_member(member):  # stored blocks of 65,535 bytes, however the data came
+            assert member == whole
+            views = stored_data(member)
+            assert views is not None and b"".join(views) == data
+
+
+def _segments(block: int) -> list[bytes]:
+    """Stretches of a stream, each ended by a cut: noise (stored) and text (deflated) in turn,
+    of sizes on either side of a block, of several blocks and of the stored blocks' 65,535 bytes."""
+    sizes = [1, block - 1, block, block + 1, 3 * block + 17, 70_000, 0, 2 * block, 5, 65_535, block // 2]
+    return [
+        os.urandom(size) if index % 2 else (b"text that deflates %d " % index * (size // 20 + 1))[:size]
+        for index, size in enumerate(sizes)
+    ]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("level", [0, 1])
+@pytest.mark.parametrize("how", ["whole", "small writes", "read from the file", "mixed"])
+def test_members_hold_the_stream_however_it_was_written(tmp_path: Path, workers: int, level: int, how: str) -> None:
+    # A block is kept as the pieces written (views where a write crosses its end) and a read that
+    # completes a block encoded on the writing thread lands in one buffer reused by the next:
+    # each member must hold exactly its block of the stream, whatever the writes and reads were.
+    block = 64 * 1024
+    segments = _segments(block)
+    source = tmp_path / "stream"
+    source.write_bytes(b"".join(segments))
+    members: list[bytes] = []
+    read: list[int] = []
+    sink = _GzipMemberWriter(members.append, block, level, workers)
+    fd = os.open(source, os.O_RDONLY)
+    try:
+        for index, segment in enumerate(segments):
+            start = os.lseek(fd, 0, os.SEEK_CUR)
+            if how == "whole":
+                sink.write(segment)
+            elif how == "small writes":
+                for offset in range(0, len(segment), 7_777):
+                    sink.write(segment[offset : offset + 7_777])
+            else:
+                head = 0 if how == "read from the file" else min(len(segment), 512 + index)
+                sink.write(segment[:head])  # a header before the file's data, as tar has
+                os.lseek(fd, start + head, os.SEEK_SET)
+                sink.write_from(fd, len(segment) - head, read.append, lambda: AssertionError("shrank"))
+            os.lseek(fd, start + len(segment), os.SEEK_SET)
+            sink.cut()
+        sink.finish()
+    finally:
+        sink.close()
+        os.close(fd)
+    expected = [segment[offset : offset + block] for segment in segments for offset in range(0, len(segment), block)]
+    assert [inflate_member(member) for member in members] == expected
+    assert all(member_length(member) == len(member) for member in members)
+    assert gzip.decompress(b"".join(members)) == b"".join(segments)
+    if how != "whole" and how != "small writes":
+        assert sum(read) == sum(map(len, segments)) - (
+            0
+            if how == "read from the file"
+            else sum(min(len(segment), 512 + index) for index, segment in enumerate(segments))
+        )
+        assert all(0 < count <= block for count in read)  # never more than a block has room for
+    if level and workers == 1:
+        assert {is_stored_member(member) for member in members} == {True, False}
+
+
+def test_a_large_file_is_copied_once_into_its_members(tmp_path: Path) -> None:
+    # Its blocks are read into one buffer reused for each and copied from there into their
+    # members: besides the member being made, a block's bytes are held once, not copied through a
+    # growing buffer, a block of its own and the deflater's output first (five blocks' worth).
+    block = 1024 * 1024
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    weights = os.urandom(4 * block + 1000)  # noise: stored, encoded on the packing thread
+    (tree / "weights.f32").write_bytes(weights)
+    sizes: list[int] = []
+    with traced() as peak:
+        pack_directory(tree, lambda member: sizes.append(len(member)), block_size=block, level=1, workers=1)
+    assert peak[0] < 2.5 * block
+    assert len(sizes) == 5 + 1 + 2  # the file's 5 blocks, the end of the archive, the table and its footer
+    assert all(size < block + 200 for size in sizes)
+
+
+def test_a_file_that_ends_before_its_size_is_read_raises_what_the_caller_gives(tmp_path: Path) -> None:
+    source = tmp_path / "short"
+    source.write_bytes(os.urandom(100_000))
+    sink = _GzipMemberWriter(lambda member: None, 64 * 1024, 1, 1)
+    with open(source, "rb") as file, pytest.raises(SourceChangedError, match="short shrank"):
+        sink.write_from(file.fileno(), 150_000, lambda count: None, lambda: SourceChangedError(f"{source} shrank"))
 
 
 def _open_fds() -> set[str]:
