@@ -870,7 +870,7 @@ def incremental_layers(store: StoreCase, tree: Path, pack_size: int) -> None:
     anyio.run(lambda: _incremental.save(opened, location, tree, CONFIG, pack_size=pack_size))
 
 
-def test_one_file_of_a_large_incremental_checkpoint_costs_four_requests_and_about_its_size(
+def test_one_file_of_a_large_incremental_checkpoint_costs_three_requests_and_about_its_size(
     store: StoreCase, tmp_path: Path
 ) -> None:
     tree = tmp_path / "tree"
@@ -882,10 +882,32 @@ def test_one_file_of_a_large_incremental_checkpoint_costs_four_requests_and_abou
     workspace = tmp_path / "ws"
     counted = load_only(store, "ck", workspace, ["layers/13.pt"])
     assert snapshot(workspace) == picked(snapshot(tree), "layers/13.pt") | {"layers": snapshot(workspace)["layers"]}
-    # the manifest's HEAD and GET, then the HEAD of the one pack holding the file and one ranged GET
-    # of its chunks (next to each other: one range, not one per chunk)
+    # the manifest's HEAD and GET, then one ranged GET of the file's chunks in the one pack holding
+    # them (next to each other: one range, not one per chunk; no HEAD of the pack, nor of the others)
     assert {manifest.chunk_pack[index] for index in manifest.chunks_of(number)} == {3}
-    assert [request.split()[0] for request in counted.requests] == ["head", "get", "head", "range"], counted.requests
+    assert [request.split()[0] for request in counted.requests] == ["head", "get", "range"], counted.requests
+    manifest_size = len(store.get_raw("ck"))
+    assert 1024 * 1024 + manifest_size <= counted.received <= 2 * 1024 * 1024 + manifest_size, counted.requests
+
+
+def test_one_file_split_across_two_packs_costs_one_ranged_get_more(store: StoreCase, tmp_path: Path) -> None:
+    # The first file saved fills the first pack of 768 KiB and ends in the second: the pack is cut
+    # where a block of it ends, not where a file does (so any file may be, in a checkpoint of
+    # several packs).
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    for name in ("a.pt", "b.pt", "c.pt", "d.pt"):
+        (tree / name).write_bytes(os.urandom(1024 * 1024))
+    location = parse_location(store.uri("ck"))
+    opened = anyio.run(open_store, location.scheme, CONFIG)
+    anyio.run(lambda: _incremental.save(opened, location, tree, CONFIG, pack_size=768 * 1024))
+    manifest = anyio.run(_incremental.read_manifest, opened, location, CONFIG)
+    assert manifest is not None and len(manifest.packs) >= 5
+    assert {manifest.chunk_pack[index] for index in manifest.chunks_of(manifest.paths.index("a.pt"))} == {0, 1}
+    counted = load_only(store, "ck", tmp_path / "ws", ["a.pt"])
+    assert snapshot(tmp_path / "ws") == picked(snapshot(tree), "a.pt")
+    # the manifest's HEAD and GET, then a ranged GET in each of the two packs
+    assert [request.split()[0] for request in counted.requests] == ["head", "get", "range", "range"], counted.requests
     manifest_size = len(store.get_raw("ck"))
     assert 1024 * 1024 + manifest_size <= counted.received <= 2 * 1024 * 1024 + manifest_size, counted.requests
 

@@ -108,34 +108,58 @@ async def _fetch(
     meter: Meter,
     on_chunks: Callable[[list[tuple[int, bytes | memoryview]]], None],
     uri: str,
+    *,
+    head_first: bool = False,
 ) -> None:
     """Fetch the ``wanted`` chunks with ranged reads of their packs, several at once, and hand
     them, checked, to ``on_chunks`` a block at a time, as (chunk index, content) pairs (in worker
     threads; a stored chunk as a view of the range read, valid until ``on_chunks`` returns).
     What is missing or corrupt is collected, then raised as one :class:`CorruptCheckpointError`
-    naming the files it affects."""
+    naming the files it affects.
+
+    The packs are read without a HEAD first: the manifest records their sizes, a pack never
+    changes once written (it is named by what it holds) and every chunk is checked against its
+    hash, so one ranged GET per span is all a pack costs (one file of a large checkpoint: the
+    manifest's two requests and one a pack). A read that fails is explained by a HEAD of its
+    pack (missing, or of another size than recorded: named with the files it affects; else the
+    read's error is raised). ``head_first`` (``verify``): HEAD every pack first, so that a pack
+    of another size is named even where the chunks read from it are whole."""
     found = _Fetched()
     spans = await anyio.to_thread.run_sync(_spans, manifest, wanted)  # work per chunk: off the loop
     infos: dict[str, ObjectInfo] = {}
     slots = anyio.Semaphore(max(1, config.max_concurrency))
+    explaining = anyio.Lock()
     # as many threads as a tar.gz restore writes on: each gives up the GIL at every system call
     # and must take it back, so more threads than cores only wait for it (measured: 2 beat 4)
     workers = anyio.CapacityLimiter(max(1, config.compression_workers))
 
-    async def head(name: str) -> None:
-        async with slots:
-            info = await _engine.head_for_reads(store, pack_location(area, name), one_of_many=True)  # as the reads
+    async def head(name: str) -> bool:
+        """HEAD the pack ``name``: whether it is there with the size the manifest records (if
+        not, what is wrong is noted)."""
+        info = await _engine.head_for_reads(store, pack_location(area, name), one_of_many=True)  # as the reads
         if info is None:
             found.missing[name] = "is missing"
         elif info.size != manifest.packs[name]:
             found.missing[name] = f"holds {info.size} bytes, the manifest records {manifest.packs[name]}"
         else:
             infos[name] = info
+            return True
+        return False
 
-    with one_error():
-        async with anyio.create_task_group() as group:
-            for name in {span.pack for span in spans}:
-                group.start_soon(head, name)
+    async def head_one(name: str) -> None:
+        async with slots:
+            await head(name)
+
+    packs = {span.pack for span in spans}
+    if head_first:
+        with one_error():
+            async with anyio.create_task_group() as group:
+                for name in packs:
+                    group.start_soon(head_one, name)
+    else:
+        infos.update(
+            (name, ObjectInfo(pack_location(area, name), manifest.packs[name], "", pinned=False)) for name in packs
+        )
 
     offsets, stored, sizes, within, codecs = (
         manifest.offsets,
@@ -179,9 +203,28 @@ async def _fetch(
             at = end
         meter.advance(len(data))
 
+    async def explained(name: str) -> bool:
+        """Whether a failed read of the pack ``name`` is explained (and noted) by what it is now."""
+        async with explaining:  # one HEAD for all the spans of a pack that failed
+            if name in found.missing:
+                return True
+            if head_first:
+                return False
+            try:
+                return not await head(name)
+            except CheckpointError:
+                return False  # the read's own error says more
+
     async def fetch(span: _Span) -> None:
         async with slots:  # held until the span is written: memory stays bounded by the slots
-            data = await store.read_range(infos[span.pack], span.offset, span.length)
+            if span.pack in found.missing:
+                return
+            try:
+                data = await store.read_range(infos[span.pack], span.offset, span.length)
+            except CheckpointError:
+                if await explained(span.pack):
+                    return
+                raise
             await anyio.to_thread.run_sync(take, span, data, limiter=workers)
 
     with one_error():
@@ -428,7 +471,7 @@ async def verify(
         pass
 
     every = await anyio.to_thread.run_sync(set, range(manifest.chunk_count))
-    await _fetch(store, area_of(location), manifest, every, config, meter, ignore, location.uri)
+    await _fetch(store, area_of(location), manifest, every, config, meter, ignore, location.uri, head_first=True)
     if meter.reporting:
         await anyio.to_thread.run_sync(meter.finish)
     return manifest

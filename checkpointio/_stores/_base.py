@@ -154,6 +154,10 @@ class ObjectInfo:
         record: checkpointio's record, or ``None`` for objects other tools wrote.
         server_crc32: A whole-object CRC32 the server computed, where it offers one.
         modified: Last-modified time, seconds since the epoch.
+        pinned: Whether reads of it fail once the object changed (its ETag). ``False`` only for
+            an object described without asking the store (no HEAD), that never changes and whose
+            bytes the reader checks itself: an incremental checkpoint's packs, content-named,
+            every chunk checked against its hash. Reads of it then take whatever the store holds.
     """
 
     location: Location
@@ -162,6 +166,7 @@ class ObjectInfo:
     record: Record | None = None
     server_crc32: int | None = None
     modified: float | None = None
+    pinned: bool = True
 
 
 @dataclass(frozen=True)
@@ -264,8 +269,9 @@ class Store(Protocol):
 
     async def read_range(self, info: ObjectInfo, offset: int, length: int) -> bytes:
         """The ``length`` bytes of the object at ``offset`` (one request, in memory); fail if the
-        object changed since ``info`` or holds fewer bytes. For readers that need a few slices of
-        a large object (``checkpointio.dcp``), not for whole objects (use ``get``)."""
+        object changed since ``info`` (unless ``info.pinned`` is false), is gone or holds fewer
+        bytes. For readers that need a few slices of a large object (``checkpointio.dcp``, an
+        incremental restore's packs), not for whole objects (use ``get``)."""
         ...
 
     async def read_range_into(self, info: ObjectInfo, offset: int, buffers: Sequence[memoryview]) -> Sequence[int]:

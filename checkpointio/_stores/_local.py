@@ -677,7 +677,7 @@ class LocalStore:
 
 def _open_unchanged(info: ObjectInfo) -> int:
     """The file ``info`` describes, opened for reading; ``ConcurrentModificationError`` if it was
-    removed or replaced since (its size and modification time are its ETag)."""
+    removed or (``info.pinned``) replaced since (its size and modification time are its ETag)."""
     uri = info.location.uri
     try:
         fd = os.open(info.location.key, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
@@ -687,7 +687,7 @@ def _open_unchanged(info: ObjectInfo) -> int:
         raise _translate(error, uri) from error
     try:
         st = os.fstat(fd)
-        if f"{st.st_size}-{st.st_mtime_ns}" != info.etag:
+        if info.pinned and f"{st.st_size}-{st.st_mtime_ns}" != info.etag:
             raise ConcurrentModificationError(f"{uri}: replaced while being read", uri=uri)
     except BaseException as error:
         os.close(fd)

@@ -125,7 +125,7 @@ def _range_of(info: ObjectInfo, offset: int, length: int) -> memoryview:
     """``length`` bytes of the object ``info`` describes, from ``offset`` (a view, no copy)."""
     with _lock:
         obj = _objects.get(info.location.key)
-    if obj is None or obj.info.etag != info.etag:
+    if obj is None or (info.pinned and obj.info.etag != info.etag):
         raise ConcurrentModificationError(f"{info.location.uri}: replaced while being read", uri=info.location.uri)
     if offset < 0 or length < 0 or offset + length > len(obj.data):
         raise CorruptCheckpointError(

@@ -334,7 +334,8 @@ async def _receive_range(
 async def _get_range(
     requests: _Requests, client: Any, info: ObjectInfo, span: tuple[int, int] | None, received: _Receiving
 ) -> None:
-    """GET one range (or the whole object) into ``received``, pinned to the ETag; errors mapped."""
+    """GET one range (or the whole object) into ``received``, pinned to the ETag (where
+    ``info.pinned``); errors mapped."""
     with requests.mapped_errors(info.location, "download the checkpoint"):
         await _get_range_resuming(requests, client, info, span, received)
 
@@ -353,7 +354,7 @@ async def _get_range_resuming(
         kwargs: dict[str, Any] = {
             "Bucket": location.bucket,
             "Key": location.key,
-            "IfMatch": info.etag,
+            **({"IfMatch": info.etag} if info.pinned else {}),
             **requests.options(client, "GetObject"),
         }
         start = first + received.length
