@@ -891,25 +891,26 @@ def test_one_file_of_a_large_incremental_checkpoint_costs_three_requests_and_abo
 
 
 def test_one_file_split_across_two_packs_costs_one_ranged_get_more(store: StoreCase, tmp_path: Path) -> None:
-    # The first file saved fills the first pack of 768 KiB and ends in the second: the pack is cut
-    # where a block of it ends, not where a file does (so any file may be, in a checkpoint of
-    # several packs).
+    # A pack is cut where the block that fills it ends, not where a file does: any file may end in
+    # the next pack. Here the first file saved, of 1.5 MiB, fills the first pack of 1 MiB (cut
+    # within 512 KiB of it, the most a chunk holds) and ends in the second.
     tree = tmp_path / "tree"
     tree.mkdir()
-    for name in ("a.pt", "b.pt", "c.pt", "d.pt"):
+    (tree / "a.pt").write_bytes(os.urandom(1536 * 1024))
+    for name in ("b.pt", "c.pt", "d.pt"):
         (tree / name).write_bytes(os.urandom(1024 * 1024))
     location = parse_location(store.uri("ck"))
     opened = anyio.run(open_store, location.scheme, CONFIG)
-    anyio.run(lambda: _incremental.save(opened, location, tree, CONFIG, pack_size=768 * 1024))
+    anyio.run(lambda: _incremental.save(opened, location, tree, CONFIG, pack_size=1024 * 1024))
     manifest = anyio.run(_incremental.read_manifest, opened, location, CONFIG)
-    assert manifest is not None and len(manifest.packs) >= 5
+    assert manifest is not None and len(manifest.packs) >= 4
     assert {manifest.chunk_pack[index] for index in manifest.chunks_of(manifest.paths.index("a.pt"))} == {0, 1}
     counted = load_only(store, "ck", tmp_path / "ws", ["a.pt"])
     assert snapshot(tmp_path / "ws") == picked(snapshot(tree), "a.pt")
     # the manifest's HEAD and GET, then a ranged GET in each of the two packs
     assert [request.split()[0] for request in counted.requests] == ["head", "get", "range", "range"], counted.requests
     manifest_size = len(store.get_raw("ck"))
-    assert 1024 * 1024 + manifest_size <= counted.received <= 2 * 1024 * 1024 + manifest_size, counted.requests
+    assert 1536 * 1024 + manifest_size <= counted.received <= 2 * 1024 * 1024 + manifest_size, counted.requests
 
 
 def test_listing_an_incremental_checkpoint_reads_its_manifest_in_two_requests(store: StoreCase, tmp_path: Path) -> None:
