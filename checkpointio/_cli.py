@@ -441,14 +441,14 @@ def _need_stdout(what: str) -> None:
 
 
 async def _load(cmd: _Command) -> None:
+    if cmd.args.only and cmd.args.dest == "-":
+        raise UsageError("--only restores entries of a directory into DEST, not to standard output")
     if cmd.args.dest == "-":
         if cmd.args.json:
             raise UsageError("--json prints a summary to standard output, which DEST '-' takes for the bytes")
         _need_stdout("the checkpoint's bytes")
         await _manage.write_out(cmd.args.uri, _stdout_writer(), cmd.config, cmd.bars)
         return  # no summary: standard output holds the checkpoint
-    if cmd.args.only and cmd.args.dest == "-":
-        raise UsageError("--only restores entries of a directory into DEST, not to standard output")
     restored = await _manage.restore(
         cmd.args.uri, cmd.args.dest, cmd.config, cmd.bars, overwrite=cmd.args.force, only=cmd.args.only
     )

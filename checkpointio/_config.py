@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import ipaddress
 import re
 import textwrap
 import types
@@ -12,6 +13,7 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from typing_extensions import TypedDict, Unpack
 
@@ -229,10 +231,18 @@ class TransferConfig:
             raise ValueError(f"receive_workers must be at least 1, got {self.receive_workers}")
         if not 0 <= self.compression_level <= 9:
             raise ValueError(f"compression_level must be 0..9, got {self.compression_level}")
-        if self.connect_timeout <= 0 or self.read_timeout <= 0:
-            raise ValueError("timeouts must be positive")
+        for name in ("connect_timeout", "read_timeout"):
+            if not getattr(self, name) > 0:  # NaN too: it compares false with everything
+                raise ValueError(f"{name} must be a positive number of seconds, got {getattr(self, name)}")
         if self.addressing_style not in (None, "path", "virtual", "auto"):
             raise ValueError(f"addressing_style must be path, virtual or auto, got {self.addressing_style!r}")
+        if self.endpoint_url is not None and not is_endpoint(self.endpoint_url):
+            raise ValueError(
+                "endpoint_url must be an http:// or https:// URL with a host (and a numeric port, if any), "
+                f"e.g. http://127.0.0.1:9000, got {self.endpoint_url!r}"
+            )
+        if self.region_name is not None and not _REGION.fullmatch(self.region_name):
+            raise ValueError(f"region_name must be a region name such as us-east-1, got {self.region_name!r}")
         self._check_request_options()
 
     def _check_choices(self) -> None:
@@ -289,6 +299,37 @@ class TransferConfig:
         if unknown:
             raise TypeError(f"unknown checkpoint option(s) {unknown}; valid: {sorted(known)}")
         return dataclasses.replace(self, **options)
+
+
+#: A host name as botocore accepts it in an endpoint: dot-separated labels of letters, digits and
+#: inner hyphens (an IPv4 address is one).
+_HOST = re.compile(r"((?!-)[A-Za-z\d-]{1,63}(?<!-)\.)*((?!-)[A-Za-z\d-]{1,63}(?<!-))")
+#: A region name as botocore accepts it (its own check, made when a client is created).
+_REGION = re.compile(r"[a-zA-Z0-9](?:[a-zA-Z0-9\-]{0,61}[a-zA-Z0-9])?")
+
+
+def is_endpoint(url: str) -> bool:
+    """Whether ``url`` is an S3 endpoint botocore can send requests to: ``http`` or ``https``, a
+    host name or address (an IPv6 one in brackets), a numeric port if any (botocore's own checks,
+    made only when the client is created (``host:9000``) or at the first request (``ftp://host``,
+    ``http://host:port``))."""
+    if any(char in url for char in "\t\r\n"):  # urlsplit would drop them, and botocore refuses them
+        return False
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  # raises ValueError for a port that is not a number in range
+    except ValueError:
+        return False
+    host = parts.hostname
+    if parts.scheme.lower() not in ("http", "https") or not host:
+        return False
+    if parts.netloc.rpartition("@")[2].startswith("["):
+        try:
+            ipaddress.IPv6Address(host.partition("%")[0])
+        except ValueError:
+            return False
+        return True
+    return len(host) <= 255 and _HOST.fullmatch(host.removesuffix(".")) is not None
 
 
 def field_help(name: str) -> tuple[str, str | None]:

@@ -121,6 +121,15 @@ def test_load_to_standard_output_writes_the_bytes_and_refuses_a_directory(root: 
     reader.stderr.close()
 
 
+def test_only_with_standard_output_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    ok("save", "-", str(tmp_path / "ck"), stdin=b"the whole state")
+    result = cli("load", str(tmp_path / "ck"), "-", "--only", "model/*.pt")
+    assert (result.returncode, result.stdout) == (2, "")  # not the whole checkpoint, --only ignored
+    assert result.stderr == (
+        "checkpointio: error: --only restores entries of a directory into DEST, not to standard output\n"
+    )
+
+
 def test_load_to_standard_output_fails_after_the_bytes_of_a_corrupt_checkpoint(tmp_path: Path) -> None:
     data = os.urandom(300_000)
     ok("save", "-", str(tmp_path / "ck"), stdin=data)
@@ -534,6 +543,35 @@ def test_store_failures_name_the_uri(moto_server: MotoServer) -> None:
         assert "access denied" in fails(1, *args, env=wrong)
     finally:
         stop(guarded.process)
+
+
+def test_settings_no_s3_client_can_be_made_with_give_one_line_naming_the_uri(
+    moto_server: MotoServer, tmp_path: Path
+) -> None:
+    bucket = moto_server.new_bucket()
+    (tmp_path / "state.bin").write_bytes(b"state")
+    ok("save", str(tmp_path / "state.bin"), f"s3://{bucket}/a")
+    profile = ("--profile", "no-such-profile-4711")
+    for args in (
+        ("save", str(tmp_path / "state.bin"), f"s3://{bucket}/b", *profile),
+        ("load", f"s3://{bucket}/a", str(tmp_path / "out"), *profile),
+        ("verify", f"s3://{bucket}/a", *profile),
+        ("ls", f"s3://{bucket}/", *profile),
+        ("rm", f"s3://{bucket}/a", *profile),
+        ("gc", f"s3://{bucket}/", *profile),
+    ):
+        line = fails(1, *args)
+        uri = next(arg for arg in args if arg.startswith("s3://"))
+        assert line.startswith(f"checkpointio: error: {uri}: could not set up the S3 client: "), line
+        assert "no-such-profile-4711" in line
+    assert "endpoint_url must be an http:// or https:// URL" in fails(
+        2, "save", str(tmp_path / "state.bin"), f"s3://{bucket}/b", "--endpoint-url", "127.0.0.1:9000"
+    )
+    assert "region_name must be a region name" in fails(2, "ls", f"s3://{bucket}/", "--region", "us east 1")
+    line = fails(2, "ls", f"s3://{bucket}/", env={"AWS_ENDPOINT_URL_S3": "localhost:9000"})
+    assert line.startswith(f"checkpointio: error: s3://{bucket}/: AWS_ENDPOINT_URL_S3='localhost:9000' is not"), line
+    assert not (tmp_path / "out").exists()
+    assert ok("load", f"s3://{bucket}/a", "-") == "state"  # nothing was removed
 
 
 def test_a_truncated_archive_is_reported_as_corrupt(tmp_path: Path) -> None:

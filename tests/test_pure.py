@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from checkpointio import Checkpoint, MiB, ObjectTooLargeError, TransferConfig, latest_checkpoint
+from checkpointio._config import is_endpoint
 from checkpointio._location import checkpoint_location, parse_location, parse_prefix
 from checkpointio._planning import (
     MAX_OBJECT_SIZE,
@@ -83,6 +84,48 @@ def test_config_rejects_impossible_settings() -> None:
     with pytest.raises(TypeError, match="unknown checkpoint option"):
         TransferConfig().with_options(part_sise=8 * MiB)  # type: ignore[call-arg]  # a misspelt option on purpose
     assert TransferConfig().with_options(max_concurrency=3).max_concurrency == 3
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"endpoint_url": "notaurl"}, "endpoint_url must be an http:// or https:// URL with a host"),
+        ({"endpoint_url": "127.0.0.1:9000"}, "got '127.0.0.1:9000'"),
+        ({"endpoint_url": "ftp://host"}, "endpoint_url must be an http:// or https:// URL"),
+        ({"endpoint_url": "http://"}, "endpoint_url must be an http:// or https:// URL with a host"),
+        ({"endpoint_url": "http://host:port"}, "endpoint_url must be an http:// or https:// URL"),
+        ({"endpoint_url": "http://[::1"}, "endpoint_url must be an http:// or https:// URL"),
+        ({"region_name": "us east 1"}, "region_name must be a region name such as us-east-1, got 'us east 1'"),
+        ({"region_name": ""}, "region_name must be a region name"),
+        ({"connect_timeout": float("nan")}, "connect_timeout must be a positive number of seconds, got nan"),
+        ({"read_timeout": 0}, "read_timeout must be a positive number of seconds, got 0"),
+    ],
+)
+def test_a_setting_the_s3_client_could_not_use_is_a_value_error_naming_it(
+    options: dict[str, Any], message: str
+) -> None:
+    """Refused where the settings are made, not as botocore's error (no URI, not a ValueError)
+    at the first request."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        TransferConfig(**options)
+
+
+def test_endpoints_and_regions_the_s3_client_takes_are_accepted() -> None:
+    for endpoint in ("http://127.0.0.1:9000", "https://s3.example.com", "HTTP://[::1]:9000/", "https://host/path"):
+        assert TransferConfig(endpoint_url=endpoint).endpoint_url == endpoint
+    from botocore.utils import is_valid_endpoint_url, is_valid_ipv6_endpoint_url
+
+    for url in (
+        "http://localhost",
+        "http://under_score:9000",
+        "http://a..b",
+        "http://-a",
+        "http://[::1]:90",
+        "http://x\t",
+    ):
+        botocore_takes = bool(is_valid_endpoint_url(url) or is_valid_ipv6_endpoint_url(url))
+        assert is_endpoint(url) == botocore_takes, url  # the same hosts as botocore's own check
+    assert TransferConfig(region_name="eu-central-1", connect_timeout=0.5).region_name == "eu-central-1"
 
 
 @pytest.mark.parametrize(

@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import os
 import traceback
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
-from botocore.exceptions import ClientError, EndpointConnectionError, ResponseStreamingError
+from botocore.exceptions import ClientError, EndpointConnectionError, ProfileNotFound, ResponseStreamingError
 
 from checkpointio import (
     AccessDeniedError,
@@ -84,9 +86,45 @@ def test_what_the_s3_error_map_does_not_know_goes_on_untouched(error: BaseExcept
     assert error.__cause__ is cause
 
 
+@pytest.mark.parametrize("operation", ["save", "background save", "load", "load_bytes", "prev_exists", "contents"])
+def test_an_s3_client_that_cannot_be_made_is_a_store_error_naming_the_uri(
+    bucket: str, operation: str, tmp_path: Path
+) -> None:
+    """A profile that does not exist fails where botocore makes the client, before any request:
+    still an error of the tree naming the checkpoint, botocore's as its cause."""
+    uri = f"s3://{bucket}/run/a"
+    Checkpoint(uri).save_sync(b"state")
+    cp = Checkpoint(f"s3://{bucket}/run/b", src=uri, workspace=tmp_path / "ws", profile="no-such-profile-4711")
+    calls: dict[str, Callable[[], object]] = {
+        "save": lambda: cp.save_sync(b"next"),
+        "background save": lambda: cp.save_sync(b"next", wait=False).result(),
+        "load": cp.load_sync,
+        "load_bytes": cp.load_bytes_sync,
+        "prev_exists": cp.prev_exists_sync,
+        "contents": cp.contents_sync,
+    }
+    with pytest.raises(StoreError) as caught:
+        calls[operation]()
+    shown = uri if operation not in ("save", "background save") else f"s3://{bucket}/run/b"
+    assert str(caught.value).startswith(f"{shown}: could not set up the S3 client: "), caught.value
+    assert "no-such-profile-4711" in str(caught.value)
+    assert isinstance(caught.value.__cause__, ProfileNotFound)
+    assert Checkpoint(f"s3://{bucket}/x", src=uri).load_bytes_sync() == b"state"  # nothing else changed
+
+
+def test_an_endpoint_from_the_environment_that_is_no_url_is_a_value_error_naming_the_variable(
+    bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "127.0.0.1:9000")  # the scheme forgotten
+    with pytest.raises(ValueError, match="AWS_ENDPOINT_URL_S3") as caught:
+        Checkpoint(f"s3://{bucket}/run/a").save_sync(b"state")
+    assert str(caught.value).startswith(f"s3://{bucket}/run/a: ")
+    assert "'127.0.0.1:9000'" in str(caught.value)
+
+
 async def test_an_unmapped_error_during_a_request_keeps_its_cause_and_traceback(bucket: str) -> None:
     store = S3Store(TransferConfig())
-    client = await store._requests.client()  # the one this store's requests go through
+    client = await store._requests.client(parse_location(f"s3://{bucket}/a"))  # this store's requests use it
     cause = OSError("the disk went away")
     bug = RuntimeError("a bug in an event hook")
 

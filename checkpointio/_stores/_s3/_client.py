@@ -17,7 +17,7 @@ import anyio
 import anyio.to_thread
 from botocore.config import Config
 
-from ..._config import TransferConfig
+from ..._config import TransferConfig, is_endpoint
 from ..._location import Location
 from ._errors import mapped_errors
 from ._loader import prepared_session
@@ -198,8 +198,21 @@ class _Requests:
         """0, 1, 2, ...: which receiving thread takes the next single range read (thread-safe)."""
         return next(self._turns)
 
-    async def client(self) -> Any:
-        return await _clients.get(self.config)
+    async def client(self, location: Location) -> Any:
+        """This loop's client for these settings, made on first use.
+
+        Making it can fail before any request (a profile that does not exist, an endpoint
+        botocore refuses): that is an error naming ``location``, as a request's would be.
+        """
+        endpoint = endpoint_for(self.config)
+        if self.config.endpoint_url is None and endpoint is not None and not is_endpoint(endpoint):
+            variable = "AWS_ENDPOINT_URL_S3" if os.environ.get("AWS_ENDPOINT_URL_S3") else "AWS_ENDPOINT_URL"
+            raise ValueError(
+                f"{location.uri}: {variable}={endpoint!r} is not an http:// or https:// URL with a host "
+                "(e.g. http://127.0.0.1:9000), so there is no S3 endpoint to send requests to"
+            )
+        with self.mapped_errors(location, "set up the S3 client"):
+            return await _clients.get(self.config)
 
     def options(self, client: Any, operation: str) -> dict[str, Any]:
         """The request options ``operation`` takes, by botocore's model of its input.

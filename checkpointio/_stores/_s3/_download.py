@@ -116,7 +116,7 @@ async def head_for_reads(requests: _Requests, location: Location, *, one_of_many
     if one_of_many:
         return await pool[requests.next_turn() % len(pool)].run(head, requests, location)
     for receiver in pool[1:]:
-        receiver.start_soon(requests.client)
+        receiver.start_soon(requests.client, location)
     return await pool[0].run(head, requests, location)
 
 
@@ -328,7 +328,7 @@ async def _receive_range(
 ) -> None:
     """On a receiving thread: GET one range (or the whole object) into ``received`` with this
     thread's client."""
-    await _get_range(requests, await requests.client(), info, span, received)
+    await _get_range(requests, await requests.client(info.location), info, span, received)
 
 
 async def _get_range(

@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 async def head(requests: _Requests, location: Location) -> ObjectInfo | None:
     """The object's metadata with this loop's client; ``None`` if there is none."""
-    client = await requests.client()
+    client = await requests.client(location)
     with requests.mapped_errors(location, "read the checkpoint's metadata"):
         try:
             response = await client.head_object(

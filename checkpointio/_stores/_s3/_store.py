@@ -33,7 +33,7 @@ class S3Store:
         return await head(self._requests, location)
 
     async def delete(self, location: Location) -> bool:
-        client = await self._requests.client()
+        client = await self._requests.client(location)
         try:
             existed = await self.head(location) is not None
         except AccessDeniedError:  # may delete, not read (no s3:GetObject): a listing of the key tells
@@ -46,6 +46,7 @@ class S3Store:
         return existed
 
     async def pending(self, prefix: Location) -> list[PendingWrite]:
+        await self._requests.client(prefix)  # made here, so that an error making it names the prefix asked for
         with self._requests.mapped_errors(prefix, "list incomplete uploads"):
             if _may_name_a_folder(prefix.key):
                 inside = await self._uploads(prefix.bucket, prefix.key + "/")
@@ -59,7 +60,7 @@ class S3Store:
     async def _uploads(self, bucket: str, prefix: str, *, exact: bool = False) -> list[PendingWrite]:
         """The unfinished uploads of keys starting with ``prefix`` (``exact``: of the key ``prefix``
         itself, listed first as S3 lists by key: one a page, stopping at the first other key)."""
-        client = await self._requests.client()
+        client = await self._requests.client(Location("s3", bucket, prefix))
         found: list[PendingWrite] = []
         paginator = client.get_paginator("list_multipart_uploads")
         options = self._requests.options(client, "ListMultipartUploads")
@@ -79,8 +80,8 @@ class S3Store:
         return found
 
     async def discard(self, write: PendingWrite) -> bool:
-        client = await self._requests.client()
         location = write.location
+        client = await self._requests.client(location)
         with self._requests.mapped_errors(location, f"abort upload {write.ident}"):
             try:
                 await client.abort_multipart_upload(
@@ -101,7 +102,7 @@ class S3Store:
 
         A listing is all it takes, never a HEAD: a principal allowed only ``s3:ListBucket`` lists.
         """
-        client = await self._requests.client()
+        client = await self._requests.client(Location("s3", bucket, prefix))
         found: list[ObjectInfo] = []
         paginator = client.get_paginator("list_objects_v2")
         pages = {"MaxItems": 1, "PageSize": 1} if exact else {}
@@ -122,6 +123,7 @@ class S3Store:
         return sorted(found, key=lambda info: info.location.key)
 
     async def list(self, prefix: Location) -> list[ObjectInfo]:
+        await self._requests.client(prefix)  # made here, so that an error making it names the prefix asked for
         with self._requests.mapped_errors(prefix, "list checkpoints"):
             if _may_name_a_folder(prefix.key):
                 inside = await self._objects(prefix.bucket, prefix.key + "/")
@@ -137,7 +139,7 @@ class S3Store:
         A server that ignores the header (some S3-compatible ones) overwrites instead: the claim
         then holds only as well as a plain PUT.
         """
-        client = await self._requests.client()
+        client = await self._requests.client(location)
         body, _size, headers = request_body(self._requests, [data])
         with self._requests.mapped_errors(location, "create the object"):
             try:

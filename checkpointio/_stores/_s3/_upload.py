@@ -137,7 +137,7 @@ def request_body(
 
 
 async def _put_single(requests: _Requests, location: Location, pieces: Pieces, record: Record) -> ObjectInfo:
-    client = await requests.client()
+    client = await requests.client(location)
     body, size, headers = await anyio.to_thread.run_sync(request_body, requests, pieces, record.crc32)
     with requests.mapped_errors(location, "upload the checkpoint"):
         response = await client.put_object(
@@ -202,7 +202,7 @@ class _Multipart:
 
     @classmethod
     async def create(cls, requests: _Requests, location: Location, record: Record) -> _Multipart:
-        client = await requests.client()
+        client = await requests.client(location)
         flexible = requests.config.flexible_checksums
         extra = {"ChecksumAlgorithm": "CRC32", "ChecksumType": "FULL_OBJECT"} if flexible else {}
         with requests.mapped_errors(location, "start the upload"):
