@@ -506,7 +506,11 @@ def latest_checkpoint(
             to ``root`` cannot be searched: it may hold the newest checkpoint, so "none" would be
             a guess.
         CheckpointError: Another error looking at them (the error named).
+        ValueError: ``pattern`` is empty, absolute or holds a ``..`` part: it would reach files
+            that are not under ``root`` (checked even when ``root`` is ``None``).
+        TypeError: ``pattern`` is not a ``str``.
     """
+    _check_pattern(pattern, root)
     if root is None:
         return None
     base = Path(root)
@@ -531,6 +535,20 @@ def latest_checkpoint(
     except OSError as error:  # root's path not searchable, a file that went while it was looked at
         raise _unlistable(error, base) from error
     return max(candidates, key=key)
+
+
+def _check_pattern(pattern: object, root: str | os.PathLike[str] | None) -> None:
+    """Refuse a ``latest_checkpoint`` pattern that is not a relative glob under ``root``."""
+    if not isinstance(pattern, str):
+        raise TypeError(
+            f"latest_checkpoint: pattern must be a str glob such as '**/last.ckpt', got {type(pattern).__name__}"
+        )
+    if not pattern or pattern.startswith("/") or ".." in pattern.split("/"):
+        where = os.fspath(Path(root)) if root is not None else "root"
+        raise ValueError(
+            f"latest_checkpoint: pattern {pattern!r} must be a relative glob of files under {where} "
+            "(not empty, not absolute, no '..')"
+        )
 
 
 def _unlistable(error: OSError, base: Path, folder: str | None = None) -> CheckpointError:

@@ -240,6 +240,26 @@ def test_latest_checkpoint_handles_none_missing_and_custom_key(tmp_path: Path) -
     assert latest_checkpoint(tmp_path / "a.pt", "*.pt") == tmp_path / "a.pt"
 
 
+@pytest.mark.parametrize("pattern", ["../*.pt", "sub/../../*.pt", "/etc/*", "", "**/.."])
+def test_latest_checkpoint_refuses_a_pattern_reaching_outside_root_naming_it(tmp_path: Path, pattern: str) -> None:
+    """The newest file *under root*: a pattern that climbs out of it (or is absolute, or empty)
+    would return another folder's file, or fail with pathlib's error naming neither."""
+    root = tmp_path / "run"
+    (root / "sub").mkdir(parents=True)
+    (root / "sub" / "step_1.pt").write_text("mine")
+    (tmp_path / "other.pt").write_text("someone else's, newer")
+    with pytest.raises(ValueError) as caught:
+        latest_checkpoint(root, pattern)
+    assert str(caught.value) == (
+        f"latest_checkpoint: pattern {pattern!r} must be a relative glob of files under {root} "
+        "(not empty, not absolute, no '..')"
+    )
+    with pytest.raises(TypeError, match=r"latest_checkpoint: pattern must be a str glob .*, got int"):
+        latest_checkpoint(root, 5)  # type: ignore[arg-type]  # a wrong type on purpose
+    assert latest_checkpoint(root, "sub/./*.pt") == root / "sub" / "step_1.pt"  # '.' parts are harmless
+    assert latest_checkpoint(root / "sub" / "step_1.pt", "*.pt") == root / "sub" / "step_1.pt"
+
+
 @pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv to run without root's file access")
 @pytest.mark.parametrize(
     ("pattern", "folder", "mode"),
