@@ -9,7 +9,7 @@ import logging
 import os
 import re
 import stat
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -86,8 +86,8 @@ class Checkpoint:
         self._restored_from: Location | None = None
         if src is None:
             sources: Sequence[URI] = ()
-        elif isinstance(src, str | os.PathLike):
-            sources = (src,)
+        elif isinstance(src, str | os.PathLike) or not isinstance(src, Iterable) or isinstance(src, bytes | bytearray):
+            sources = (src,)  # one URI; anything else but a sequence of them is refused as one
         else:
             sources = src
         self._sources: tuple[Location, ...] = tuple(checkpoint_location(uri) for uri in sources)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote
 
-__all__ = ["Location", "checkpoint_location", "parse_location", "parse_prefix", "split_scheme"]
+__all__ = ["Location", "checkpoint_location", "parse_location", "parse_prefix", "split_scheme", "uri_text"]
 
 #: The schemes a store handles; a path that starts like one of them is a mistyped URI.
 _SCHEMES = ("file", "memory", "s3")
@@ -48,6 +48,20 @@ class Location:
         return self.uri
 
 
+def uri_text(uri: object) -> str:
+    """The text of a URI given as a ``str`` or an ``os.PathLike`` (``pathlib.Path``).
+
+    Raises:
+        TypeError: Anything else (``bytes`` too: a URI is text), named with its value.
+    """
+    text = os.fspath(uri) if isinstance(uri, str | os.PathLike) else None
+    if not isinstance(text, str):
+        raise TypeError(
+            f"a checkpoint URI must be a str or an os.PathLike (a pathlib.Path), got {type(uri).__name__} {uri!r}"
+        )
+    return text
+
+
 def parse_location(uri: str | os.PathLike[str]) -> Location:
     """Parse a checkpoint URI; a bare path (relative or absolute) means the local filesystem.
 
@@ -64,8 +78,9 @@ def parse_location(uri: str | os.PathLike[str]) -> Location:
     Raises:
         ValueError: The URI is empty, has no key, has a scheme no store handles, or looks like a
             mistyped one.
+        TypeError: ``uri`` is neither a ``str`` nor an ``os.PathLike`` of one.
     """
-    text = os.fspath(uri)
+    text = uri_text(uri)
     if not text:
         raise ValueError("a checkpoint URI must not be empty")
     split = split_scheme(text)
@@ -120,7 +135,7 @@ def parse_prefix(uri: str | os.PathLike[str]) -> Location:
     local path keeps its trailing ``/`` as the other schemes do: ``runs/7/`` is the folder only,
     where ``runs/7`` is the folder if there is one, else the start of names (see
     ``_stores._base.under``)."""
-    text = os.fspath(uri)
+    text = uri_text(uri)
     split = split_scheme(text)
     if split is not None and split[0] == "s3":
         bucket, _, key = split[1].partition("/")

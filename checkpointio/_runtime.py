@@ -50,7 +50,7 @@ from ._exceptions import (
     InvalidNameError,
     NoCheckpointError,
 )
-from ._location import Location
+from ._location import Location, uri_text
 from ._manage import parse_prefix
 from ._stores import Kind, Record, Store, open_store
 
@@ -405,7 +405,7 @@ class TaskEnvironment:
             raise ValueError(f"keep_last must not be negative, got {keep_last}")
         if isinstance(keep_runs, int) and keep_runs < 1:
             raise ValueError(f"keep_runs must be at least 1 (the run in progress is always kept), got {keep_runs}")
-        self.storage = os.fspath(storage) if storage is not None else None
+        self.storage = uri_text(storage) if storage is not None else None
         if self.storage is not None:
             parse_prefix(self.storage)  # a malformed root fails here, not in every task
         self.run_id = _key_segment(run_id, "run id", "TaskEnvironment(run_id=...)") if run_id is not None else None

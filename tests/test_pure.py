@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from checkpointio import Checkpoint, MiB, ObjectTooLargeError, TransferConfig, latest_checkpoint
+from checkpointio import Checkpoint, MiB, ObjectTooLargeError, TaskEnvironment, TransferConfig, latest_checkpoint
 from checkpointio._config import is_endpoint
 from checkpointio._location import checkpoint_location, parse_location, parse_prefix
 from checkpointio._planning import (
@@ -68,6 +69,30 @@ def test_relative_paths_become_absolute() -> None:
 def test_bad_uris_are_refused_with_a_message(uri: str) -> None:
     with pytest.raises(ValueError, match=r"\S"):
         parse_location(uri)
+
+
+def wrong(value: object) -> Any:
+    """``value`` typed as anything: a value of the wrong type, passed on purpose."""
+    return value
+
+
+@pytest.mark.parametrize(
+    ("make", "shown"),
+    [
+        (lambda: parse_location(wrong(123)), "int 123"),
+        (lambda: parse_prefix(wrong(None)), "NoneType None"),
+        (lambda: Checkpoint(wrong(123)), "int 123"),
+        (lambda: Checkpoint(wrong(b"memory://a/b")), "bytes b'memory://a/b'"),
+        (lambda: Checkpoint("memory://a/b", src=wrong(5)), "int 5"),
+        (lambda: Checkpoint("memory://a/b", src=wrong(b"memory://a/a")), "bytes b'memory://a/a'"),
+        (lambda: Checkpoint("memory://a/b", src=wrong(["memory://a/a", 7])), "int 7"),
+        (lambda: TaskEnvironment("train", storage=wrong(5)), "int 5"),
+    ],
+)
+def test_a_uri_of_the_wrong_type_is_a_type_error_saying_what_a_uri_is(make: Callable[[], object], shown: str) -> None:
+    with pytest.raises(TypeError) as caught:
+        make()
+    assert str(caught.value) == f"a checkpoint URI must be a str or an os.PathLike (a pathlib.Path), got {shown}"
 
 
 def test_config_rejects_impossible_settings() -> None:
