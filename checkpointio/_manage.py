@@ -503,6 +503,8 @@ async def restore(
                 uri=error.uri,
             ) from None
         if not overwrite and (target.exists() or target.is_symlink()):
+            if not target.is_dir():  # nothing can be restored into a file: no NAME under it to suggest
+                raise FileExistsError(f"{target} already exists (not a folder); --force replaces it")
             raise FileExistsError(
                 f"{target} already exists. DEST is the name to create: the checkpoint is restored as DEST, "
                 f"not into it (e.g. {os.path.join(target, 'NAME')}); --force replaces it"

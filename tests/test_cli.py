@@ -435,6 +435,20 @@ def test_a_mistyped_scheme_or_bad_bucket_is_refused_and_nothing_is_saved(tmp_pat
     assert "ends with '/'" in fails(2, "save", "state.bin", "s3://bucket/runs/7/", cwd=tmp_path)
 
 
+def test_an_existing_dest_is_refused_with_a_hint_that_fits_what_it_is(tmp_path: Path) -> None:
+    ok("save", "-", str(tmp_path / "ck"), stdin=b"restored bytes")
+    (tmp_path / "train.py").write_text("print('train')")
+    (tmp_path / "out").mkdir()
+    line = fails(2, "load", str(tmp_path / "ck"), str(tmp_path / "train.py"))
+    assert line == f"checkpointio: error: {tmp_path / 'train.py'} already exists (not a folder); --force replaces it"
+    line = fails(2, "load", str(tmp_path / "ck"), str(tmp_path / "out"))  # a folder: the hint says where NAME goes
+    assert line == (
+        f"checkpointio: error: {tmp_path / 'out'} already exists. DEST is the name to create: the checkpoint is "
+        f"restored as DEST, not into it (e.g. {tmp_path / 'out' / 'NAME'}); --force replaces it"
+    )
+    assert (tmp_path / "train.py").read_text() == "print('train')"
+
+
 def test_load_refuses_a_dest_it_must_never_replace_even_with_force(tmp_path: Path) -> None:
     work, home = tmp_path / "work", tmp_path / "home"
     home.mkdir()
