@@ -43,7 +43,7 @@ from ._exceptions import (
     SourceNotFoundError,
     UnsupportedSourceError,
 )
-from ._location import checkpoint_location, parse_location, parse_prefix
+from ._location import checkpoint_location, parse_location, parse_prefix, split_scheme
 from ._progress import Progress
 from ._progress import human_size as _human
 from ._selection import Entry
@@ -81,6 +81,42 @@ _METAVARS = {
 
 class UsageError(Exception):
     """Bad input caught before any transfer starts."""
+
+
+def _local_path(text: str, role: str, hint: str) -> str:
+    """``text`` where only a local path is taken (``save``'s SRC, ``load``'s DEST): a plain path as
+    given, a ``file:`` URI as its path.
+
+    Raises:
+        UsageError: A URI of another scheme (``s3://bucket/k``, ``memory://x``): taken as a path,
+            it would name a local folder ``s3:`` (the arguments swapped, or a load taken for a copy).
+        ValueError: A path that starts like a mistyped URI (``s3:/bucket/k``), as URIs are refused.
+    """
+    split = split_scheme(text)
+    if split is not None and split[0] != "file":
+        raise UsageError(
+            f"{role} must be a local path {hint}, got the URI {text!r} (save SRC URI stores a local file or folder, "
+            "load URI DEST restores one here); for a local folder of that name write ./" + text
+        )
+    if not text or text == "-":
+        return text
+    location = parse_location(text)  # a mistyped URI is refused here, as everywhere
+    return location.key if split is not None or text[:5].lower() == "file:" else text
+
+
+def _refuse_memory(args: argparse.Namespace) -> None:
+    """Refuse ``memory://`` URIs: they live in the process that saved them, and the command's own
+    ends when it exits (a save would report a checkpoint already gone, the rest find nothing)."""
+    given = getattr(args, "uri", None)
+    uris = [*([given] if isinstance(given, str) else given or []), getattr(args, "prefix", None)]
+    for uri in uris:
+        split = split_scheme(uri) if isinstance(uri, str) else None
+        if split is not None and split[0] == "memory":
+            raise UsageError(
+                f"{uri}: memory:// checkpoints live in the process that saved them, and this command's ends when it "
+                "exits: nothing would be kept or found (use a local folder or s3://; memory:// is for tests in "
+                "one Python process)"
+            )
 
 
 def parse_size(text: str) -> int:
@@ -370,7 +406,7 @@ def _emit_json(value: object) -> None:
 
 
 async def _save(cmd: _Command) -> None:
-    source: str = cmd.args.source
+    source = _local_path(cmd.args.source, "SRC", "to save")
     if source == "-":
         if sys.stdin is None:
             raise UsageError("standard input is closed: nothing to save from '-' (give a file or a folder)")
@@ -443,14 +479,15 @@ def _need_stdout(what: str) -> None:
 async def _load(cmd: _Command) -> None:
     if cmd.args.only and cmd.args.dest == "-":
         raise UsageError("--only restores entries of a directory into DEST, not to standard output")
-    if cmd.args.dest == "-":
+    dest = _local_path(cmd.args.dest, "DEST", "to create")
+    if dest == "-":
         if cmd.args.json:
             raise UsageError("--json prints a summary to standard output, which DEST '-' takes for the bytes")
         _need_stdout("the checkpoint's bytes")
         await _manage.write_out(cmd.args.uri, _stdout_writer(), cmd.config, cmd.bars)
         return  # no summary: standard output holds the checkpoint
     restored = await _manage.restore(
-        cmd.args.uri, cmd.args.dest, cmd.config, cmd.bars, overwrite=cmd.args.force, only=cmd.args.only
+        cmd.args.uri, dest, cmd.config, cmd.bars, overwrite=cmd.args.force, only=cmd.args.only
     )
     if cmd.args.json:
         kind = Kind.DIRECTORY if restored.is_directory else Kind.FILE
@@ -731,7 +768,7 @@ def build_parser() -> argparse.ArgumentParser:
     verbosity = _verbosity()
     parser = argparse.ArgumentParser(
         prog="checkpointio",
-        description="Save, restore, inspect and clean up checkpoints in a local folder, memory:// or s3://.",
+        description="Save, restore, inspect and clean up checkpoints in a local folder or s3://.",
         epilog="Run 'checkpointio COMMAND --help' for a command's options and an example.",
     )
     parser.add_argument("--version", action="version", version=f"checkpointio {__version__}")
@@ -757,7 +794,7 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpointio save ./checkpoints s3://bucket/runs/7/attempt-0 --part-size 32MiB",
     )
     sub.add_argument("source", metavar="SRC", help="a directory, a file, or - for standard input")
-    sub.add_argument("uri", metavar="URI", help="a path, file://..., memory://name or s3://bucket/key")
+    sub.add_argument("uri", metavar="URI", help="a path, file://... or s3://bucket/key")
     sub.add_argument(
         "--dry-run",
         action="store_true",
@@ -805,7 +842,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument(
         "prefix",
         metavar="URI_PREFIX",
-        help="a folder, s3://bucket[/prefix] or memory://prefix (with --contents: a URI)",
+        help="a folder or s3://bucket[/prefix] (with --contents: a URI)",
     )
     sub.add_argument(
         "--contents",
@@ -927,11 +964,16 @@ def _closed_streams_to_devnull() -> None:
         sys.stderr = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 (for the process's life)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit code (the console script exits with it)."""
+def main(argv: Sequence[str] | None = None, *, own_process: bool = False) -> int:
+    """Run the command line; returns the exit code (the console script exits with it).
+
+    ``own_process``: the command is the whole process (the console script, ``python -m``), so a
+    ``memory://`` URI is refused: its checkpoints would end with it. Called in a program's own
+    process, ``memory://`` is that process's store, as for the library.
+    """
     _closed_streams_to_devnull()
     with interrupt_on_sigterm() as termination:
-        return _main(argv, termination)
+        return _main(argv, termination, own_process=own_process)
 
 
 def _run_command(command: Callable[[_Command], Awaitable[int | None]], cmd: _Command) -> int | None:
@@ -949,7 +991,7 @@ def _run_command(command: Callable[[_Command], Awaitable[int | None]], cmd: _Com
         raise KeyboardInterrupt from None
 
 
-def _main(argv: Sequence[str] | None, termination: Termination) -> int:
+def _main(argv: Sequence[str] | None, termination: Termination, *, own_process: bool) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.verbose = getattr(args, "verbose", 0) or 0
@@ -957,6 +999,8 @@ def _main(argv: Sequence[str] | None, termination: Termination) -> int:
     _setup_logging(args.verbose, args.quiet)
     cmd: _Command | None = None
     try:
+        if own_process and args.command != "demo":
+            _refuse_memory(args)
         cmd = _Command(args)
         logger.debug("checkpointio %s: %s with %s", __version__, args.command, cmd.config)
         if args.command == "demo":
@@ -992,4 +1036,4 @@ def run() -> None:
     """Console-script entry point: the command owns its process, so it has glibc keep transfer
     buffers on its heap (see ``_allocator.tune_malloc``; ``CHECKPOINTIO_TUNE_MALLOC=0`` opts out)."""
     _allocator.tune_malloc(default=True)
-    sys.exit(main())
+    sys.exit(main(own_process=True))

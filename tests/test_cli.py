@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from checkpointio import Checkpoint, TransferConfig
-from checkpointio._cli import build_parser, parse_size
+from checkpointio._cli import build_parser, main, parse_size
 from checkpointio._config import field_help
 
 from .conftest import GuardedS3, MotoServer, StoreCase, free_port, make_tree, snapshot, start_moto, stop
@@ -54,8 +54,8 @@ def output(*args: str) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run([SCRIPT, *args], capture_output=True, timeout=120)
 
 
-def ok(*args: str, stdin: bytes | None = None) -> str:
-    result = cli(*args, stdin=stdin)
+def ok(*args: str, stdin: bytes | None = None, cwd: Path | None = None) -> str:
+    result = cli(*args, stdin=stdin, cwd=cwd)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stderr == "", result.stderr  # not a terminal: no progress bar
     return result.stdout
@@ -433,6 +433,44 @@ def test_a_mistyped_scheme_or_bad_bucket_is_refused_and_nothing_is_saved(tmp_pat
     assert sorted(path.name for path in tmp_path.iterdir()) == ["state.bin"]  # no folder named s3:
     assert "not a valid S3 bucket name" in fails(2, "save", "state.bin", "s3://bücket/x", cwd=tmp_path)
     assert "ends with '/'" in fails(2, "save", "state.bin", "s3://bucket/runs/7/", cwd=tmp_path)
+
+
+def test_a_uri_where_a_local_path_goes_is_refused_and_nothing_named_after_it_is_made(tmp_path: Path) -> None:
+    """load's DEST and save's SRC are local paths: a URI there (the arguments swapped, or load taken
+    for a copy to S3) made a local folder ``s3:`` holding ``bucket/key``."""
+    ok("save", "-", str(tmp_path / "ck"), stdin=b"restored bytes")
+    before = snapshot(tmp_path)
+    for dest in ("s3://bucket/out", "S3://bucket/out", "memory://out", "gs://bucket/out"):
+        line = fails(2, "load", "ck", dest, cwd=tmp_path)
+        assert line.startswith(f"checkpointio: error: DEST must be a local path to create, got the URI {dest!r}"), line
+    assert "mistyped scheme" in fails(2, "load", "ck", "s3:/bucket/out", cwd=tmp_path)
+    line = fails(2, "save", "s3://bucket/x", "ck2", cwd=tmp_path)
+    assert line.startswith("checkpointio: error: SRC must be a local path to save, got the URI 's3://bucket/x'"), line
+    assert snapshot(tmp_path) == before  # no folder named s3:, memory: or gs:, no checkpoint ck2
+    ok("load", "ck", f"file://{tmp_path}/out", cwd=tmp_path)  # a file URI is a local path
+    assert (tmp_path / "out").read_bytes() == b"restored bytes"
+    ok("load", "ck", "./s3:/out", cwd=tmp_path)  # a folder of that name, as the URI rules have it
+    assert (tmp_path / "s3:" / "out").read_bytes() == b"restored bytes"
+
+
+def test_memory_uris_are_refused_by_the_command_line_whose_process_would_take_them_along(tmp_path: Path) -> None:
+    """memory:// lives in one process: a save there said 'saved' and was gone when the command
+    exited, and every other command found nothing."""
+    (tmp_path / "state.bin").write_bytes(b"state")
+    for args in (
+        ("save", str(tmp_path / "state.bin"), "memory://runs/a"),
+        ("load", "memory://runs/a", str(tmp_path / "out")),
+        ("verify", "memory://runs/a"),
+        ("ls", "memory://runs/"),
+        ("rm", str(tmp_path / "state.bin"), "memory://runs/a"),
+        ("gc", "memory://runs/"),
+    ):
+        line = fails(2, *args)
+        assert "memory:// checkpoints live in the process that saved them" in line, line
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["state.bin"]  # rm removed nothing either
+    uri = f"memory://{tmp_path.name}/a"  # in a program's own process, memory:// is its store, as for the library
+    assert main(["-q", "save", str(tmp_path / "state.bin"), uri]) == 0
+    assert Checkpoint("memory://x/y", src=uri).load_bytes_sync() == b"state"
 
 
 def test_an_existing_dest_is_refused_with_a_hint_that_fits_what_it_is(tmp_path: Path) -> None:
