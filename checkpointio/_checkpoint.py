@@ -166,10 +166,10 @@ class Checkpoint:
             ValueError: A pattern is empty, absolute or holds ``..``.
         """
         if only is not None:
-            Selection(only)  # a bad pattern is refused before anything is read
+            patterns = Selection(only).patterns  # a bad pattern refused before anything is read; an iterator read once
 
             async def restore_selected(store: Store, location: Location) -> Path | None:
-                selection = Selection(only)  # per source: it notes which patterns matched
+                selection = Selection(patterns)  # per source: it notes which patterns matched
                 return await _engine.load(store, location, self.path, self._config, self._on_progress, only=selection)
 
             return await self._first_valid(restore_selected)

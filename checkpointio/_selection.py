@@ -105,14 +105,21 @@ class Selection:
 
     Raises (on construction):
         ValueError: A pattern is empty, absolute or climbs out with ``..``.
+        TypeError: A pattern is not a ``str`` (``bytes`` given for the list too).
     """
 
     def __init__(self, patterns: Iterable[str]) -> None:
+        if isinstance(patterns, bytes | bytearray):
+            raise TypeError(f"only= takes a list of str glob patterns, got {type(patterns).__name__}")
         self.patterns: tuple[str, ...] = tuple(patterns)
         if isinstance(patterns, str) or not self.patterns:
             raise ValueError("only= takes a non-empty list of glob patterns, e.g. only=['model/*.pt']")
         self._compiled: list[re.Pattern[str]] = []
         for pattern in self.patterns:
+            if not isinstance(pattern, str):
+                raise TypeError(
+                    f"only= patterns must be str globs such as 'model/*.pt', got {type(pattern).__name__} {pattern!r}"
+                )
             cleaned = pattern.strip("/") if not pattern.startswith("/") else pattern
             while cleaned.startswith("./"):
                 cleaned = cleaned[2:]

@@ -218,6 +218,30 @@ def test_patterns_outside_the_tree_or_none_are_refused(patterns: Any) -> None:
         Selection(patterns)
 
 
+@pytest.mark.parametrize(
+    ("patterns", "shown"),
+    [([1], "int 1"), (["a.txt", None], "NoneType None"), ([Path("a.txt")], "PosixPath PosixPath('a.txt')")],
+)
+def test_patterns_that_are_not_str_are_a_type_error_naming_them(patterns: Any, shown: str) -> None:
+    with pytest.raises(TypeError) as caught:
+        Selection(patterns)
+    assert str(caught.value) == f"only= patterns must be str globs such as 'model/*.pt', got {shown}"
+    with pytest.raises(TypeError, match="only= takes a list of str glob patterns, got bytes"):
+        Selection(b"model")  # type: ignore[arg-type]  # a wrong type on purpose
+
+
+@ONE_STORE
+def test_only_takes_any_iterable_of_patterns_once(store: StoreCase, tmp_path: Path) -> None:
+    """A generator is read once: each source tried must see the same patterns."""
+    tree = mixed_tree(tmp_path / "tree")
+    Checkpoint(store.uri("ck")).save_sync(tree)
+    with Checkpoint(store.uri("next"), src=[store.uri("missing"), store.uri("ck")]) as cp:
+        root = cp.load_sync(only=(pattern for pattern in ["naïve.json"]))  # type: ignore[arg-type]  # not a Sequence
+        assert root is not None
+        assert sorted(path.name for path in root.iterdir()) == ["naïve.json"]
+        assert (root / "naïve.json").read_bytes() == (tree / "naïve.json").read_bytes()
+
+
 def test_roots_are_the_paths_no_other_one_holds() -> None:
     assert roots(["a", "a-b", "a/b", "a/b/c", "b/c", "b/d"]) == ["a", "a-b", "b/c", "b/d"]
 
