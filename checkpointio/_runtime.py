@@ -24,6 +24,7 @@ import functools
 import inspect
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -401,6 +402,9 @@ class TaskEnvironment:
     ) -> None:
         self.incremental = incremental
         self.name = _key_segment(name, "environment name", "TaskEnvironment(name=...)")
+        for setting, value in (("keep_last", keep_last), ("keep_runs", keep_runs)):
+            if value is not None and value is not _DEFAULT and (not isinstance(value, int) or isinstance(value, bool)):
+                raise TypeError(f"{setting} must be an int or None, got {type(value).__name__} {value!r}")
         if isinstance(keep_last, int) and keep_last < 0:
             raise ValueError(f"keep_last must not be negative, got {keep_last}")
         if isinstance(keep_runs, int) and keep_runs < 1:
@@ -411,7 +415,7 @@ class TaskEnvironment:
         self.run_id = _key_segment(run_id, "run id", "TaskEnvironment(run_id=...)") if run_id is not None else None
         self.keep_last = keep_last
         self.keep_runs = keep_runs
-        self.backoff = backoff
+        self.backoff = _checked_backoff(backoff)
         self.config = (config or TransferConfig()).with_options(**options)
 
     def __repr__(self) -> str:
@@ -473,8 +477,12 @@ class TaskEnvironment:
         Raises:
             InvalidNameError: ``name`` or ``run_id`` cannot be one segment of a key.
         """
+        if not isinstance(retries, int) or isinstance(retries, bool):
+            raise TypeError(f"retries must be an int, got {type(retries).__name__} {retries!r}")
         if retries < 0:
             raise ValueError("retries must not be negative")
+        if backoff is not None:
+            backoff = _checked_backoff(backoff)
         if name is not None:
             _key_segment(name, "task name", "task(name=...)")
         if run_id is not None:
@@ -484,6 +492,16 @@ class TaskEnvironment:
             return _make_task(self, func, retries, self.backoff if backoff is None else backoff, name, run_id)
 
         return decorate(fn) if fn is not None else decorate
+
+
+def _checked_backoff(backoff: float) -> float:
+    """``backoff`` if it is a wait the retry loop can make: checked here, not at the first retry,
+    where a bad one would end the run with the sleep's error instead of retrying it."""
+    if not isinstance(backoff, int | float) or isinstance(backoff, bool):
+        raise TypeError(f"backoff must be a number of seconds, got {type(backoff).__name__} {backoff!r}")
+    if not 0 <= backoff < math.inf:  # NaN too: it compares false with everything
+        raise ValueError(f"backoff must be a finite number of seconds >= 0, got {backoff!r}")
+    return float(backoff)
 
 
 def _failed(error: BaseException, failures: list[AttemptFailure], resume_hint: str | None) -> None:

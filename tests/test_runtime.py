@@ -50,6 +50,48 @@ def test_ctx_outside_a_task_is_falsy_and_empty() -> None:
         _ = context.checkpoint
 
 
+def wrong(value: object) -> Any:
+    """``value`` typed as anything: a value of the wrong type, passed on purpose."""
+    return value
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "message"),
+    [
+        (
+            lambda: TaskEnvironment(backoff=-1.0),
+            ValueError,
+            "backoff must be a finite number of seconds >= 0, got -1.0",
+        ),
+        (lambda: TaskEnvironment(backoff=float("nan")), ValueError, "backoff must be a finite number of seconds"),
+        (lambda: TaskEnvironment().task(backoff=float("inf")), ValueError, "backoff must be a finite number"),
+        (lambda: TaskEnvironment(backoff=wrong("1s")), TypeError, "backoff must be a number of seconds, got str '1s'"),
+        (lambda: TaskEnvironment().task(retries=wrong(2.5)), TypeError, "retries must be an int, got float 2.5"),
+        (lambda: TaskEnvironment().task(retries=wrong("3")), TypeError, "retries must be an int, got str '3'"),
+        (lambda: TaskEnvironment().task(retries=True), TypeError, "retries must be an int, got bool True"),
+        (lambda: TaskEnvironment(keep_last=wrong("2")), TypeError, "keep_last must be an int or None, got str '2'"),
+        (lambda: TaskEnvironment(keep_runs=wrong(1.5)), TypeError, "keep_runs must be an int or None, got float 1.5"),
+    ],
+)
+def test_retry_and_retention_settings_of_the_wrong_type_or_range_are_refused_when_made(
+    make: Any, error: type[Exception], message: str
+) -> None:
+    """Not at the first retry, where a negative backoff failed the run with asyncio's 'sleep
+    length must be non-negative' instead of retrying it."""
+    with pytest.raises(error, match=re.escape(message)):
+        make()
+
+
+def test_a_backoff_of_whole_seconds_and_zero_retries_are_fine() -> None:
+    env = TaskEnvironment(backoff=0)
+
+    @env.task(retries=0, backoff=1)
+    def task() -> int:
+        return 7
+
+    assert task() == 7
+
+
 def test_the_ready_default_environment_is_importable() -> None:
     from checkpointio import env
 
