@@ -818,7 +818,7 @@ def build_parser() -> argparse.ArgumentParser:
         "a corrupt one exits with 4 after its bytes went out).",
         "checkpointio load s3://bucket/runs/7/attempt-0 ./restored",
     )
-    sub.add_argument("uri", metavar="URI")
+    sub.add_argument("uri", metavar="URI", help="a path, file://... or s3://bucket/key")
     sub.add_argument(
         "dest", metavar="DEST", help="path to create (refused if it exists, unless --force), or - for standard output"
     )
@@ -869,7 +869,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(for a distributed one, every data object against its manifest); writes nothing.",
         "checkpointio verify s3://bucket/runs/7/attempt-0 && echo intact",
     )
-    sub.add_argument("uri", metavar="URI")
+    sub.add_argument("uri", metavar="URI", help="a path, file://... or s3://bucket/key")
     sub.add_argument("--json", action="store_true", help=_JSON_HELP)
 
     sub = command(
@@ -879,7 +879,7 @@ def build_parser() -> argparse.ArgumentParser:
         "incremental checkpoint references (none while a save is in progress beside them), and list them.",
         "checkpointio gc s3://bucket/runs/ --older-than 12h --dry-run",
     )
-    sub.add_argument("prefix", metavar="PREFIX")
+    sub.add_argument("prefix", metavar="PREFIX", help="a folder or s3://bucket[/prefix]")
     sub.add_argument(
         "--older-than",
         type=parse_duration,

@@ -647,6 +647,19 @@ def test_each_command_has_help_with_an_example() -> None:
     assert module.returncode == 0 and module.stdout.startswith("checkpointio ")
 
 
+def test_each_positional_argument_says_what_it_takes() -> None:
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    described = {
+        (name, action.metavar): action.help
+        for name, sub in commands.choices.items()
+        for action in sub._actions
+        if not action.option_strings
+    }
+    assert described[("save", "URI")] == described[("load", "URI")] == described[("verify", "URI")]
+    assert described[("gc", "PREFIX")] == "a folder or s3://bucket[/prefix]"
+    assert all(described.values()), [key for key, text in described.items() if not text]
+
+
 def test_each_command_lists_only_the_settings_that_apply_with_readable_defaults() -> None:
     moving = ("--part-size SIZE", "--max-concurrency N", "--chunk-size SIZE", "--pipeline-depth N")
     writing = ("--multipart-threshold SIZE", "--compression-level N", "--no-flexible-checksums")
