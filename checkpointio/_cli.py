@@ -807,8 +807,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument(
         "--incremental",
         action="store_true",
-        help="save a directory as an incremental checkpoint: upload only the chunks the checkpoint at URI "
-        "(and the others saved incrementally beside it) does not hold already",
+        help="save a directory as an incremental checkpoint: upload only the chunks the incremental checkpoint "
+        "at URI (its previous save there) does not hold already",
     )
 
     sub = command(
