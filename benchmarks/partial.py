@@ -99,8 +99,8 @@ def same_tree(tree: Path, restored: Path, only: list[str] | None) -> None:
 
 
 def table_row(form: str, what: str, counted: CountingStore, seconds: float) -> tuple[str, str, str, str, str, str]:
-    """One line of the table: the requests ``counted`` saw, by kind (HEAD, GET, GET range)."""
-    kinds = [{"head": "HEAD", "get": "GET", "put": "PUT"}.get(request, "GET range") for request in counted.requests]
+    """One line of the table: the requests ``counted`` saw, by kind (HEAD, GET, GET range, LIST...)."""
+    kinds = ["GET range" if request.startswith("range") else request.upper() for request in counted.requests]
     runs = [(kind, len(list(run))) for kind, run in itertools.groupby(kinds)]
     made = " + ".join(kind if times == 1 else f"{times} x {kind}" for kind, times in runs)
     return (
@@ -159,7 +159,7 @@ def save(uri: str, tree: Path, incremental: bool) -> float:
 
 def measure_format(
     store: Store, prefix: str, scratch: Path, tree: Path, count: int, form: str, args: argparse.Namespace
-) -> list[tuple[str, str, str, str, str]]:
+) -> list[tuple[str, str, str, str, str, str]]:
     """Save ``tree`` in the format ``form``, restore one of its files and the whole, list it; check
     every restore and the targets; the table's rows."""
     incremental = form == "incremental"

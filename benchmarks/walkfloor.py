@@ -249,8 +249,8 @@ def _native(scratch: Path, tree: Path, repeat: int) -> list[tuple[str, tuple[flo
             if done.returncode != 0:
                 print(f"{label}: not measured ({done.stderr.strip() or done.returncode})", file=sys.stderr)
                 break
-            _, wall, cpu = done.stdout.split()
-            samples.append((float(wall), float(cpu)))
+            _, took, used = done.stdout.split()
+            samples.append((float(took), float(used)))
         if samples:
             rows.append((label, _median(samples)))
     if shutil.which("find"):

@@ -39,6 +39,16 @@ _lock = threading.Lock()
 _tuned = False
 
 
+def _unlock_after_fork() -> None:
+    """In a forked child: a lock another thread of the parent held at the fork stays held forever."""
+    global _lock
+    _lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_unlock_after_fork)
+
+
 def _is_glibc() -> bool:
     try:
         return sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION") is not None

@@ -18,8 +18,9 @@ __all__ = ["CountingStore"]
 
 @dataclass
 class CountingStore:
-    """Passes every call to ``inner``; notes each request that reaches the object (``head``,
-    ``put``, ``get``, ``range OFFSET+LENGTH``) in order and the bytes reads brought back."""
+    """Passes every call to ``inner``; notes each request it makes (``head``, ``put``, ``get``,
+    ``range OFFSET+LENGTH``, ``delete``, ``pending``, ``discard``, ``list``, ``create``) in order,
+    and the bytes reads brought back: a bound on requests counts every kind."""
 
     inner: Store
     requests: list[str] = field(default_factory=list)
@@ -43,18 +44,23 @@ class CountingStore:
         await self.inner.get(info, counted)
 
     async def delete(self, location: Location) -> bool:
+        self.requests.append("delete")
         return await self.inner.delete(location)
 
     async def pending(self, prefix: Location) -> list[PendingWrite]:
+        self.requests.append("pending")
         return await self.inner.pending(prefix)
 
     async def discard(self, write: PendingWrite) -> bool:
+        self.requests.append("discard")
         return await self.inner.discard(write)
 
     async def list(self, prefix: Location) -> list[ObjectInfo]:
+        self.requests.append("list")
         return await self.inner.list(prefix)
 
     async def create(self, location: Location, data: bytes, record: Record) -> bool:
+        self.requests.append("create")
         return await self.inner.create(location, data, record)
 
     async def read_range(self, info: ObjectInfo, offset: int, length: int) -> bytes:

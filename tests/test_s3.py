@@ -910,8 +910,8 @@ def tasks_left_on_receivers() -> int:
 
 @pytest.mark.parametrize(
     ("asked", "uvloop_importable", "expected"),
-    [("", True, "uvloop"), ("asyncio", True, "asyncio"), ("", False, "asyncio")],
-    ids=["default", "asked-for-asyncio", "uvloop-missing"],
+    [("", True, "uvloop"), ("UVLoop", True, "uvloop"), ("asyncio", True, "asyncio"), ("", False, "asyncio")],
+    ids=["default", "asked-for-uvloop", "asked-for-asyncio", "uvloop-missing"],
 )
 def test_receivers_run_uvloop_where_installed_or_asyncio_and_every_byte_comes_back(
     bucket: str, tmp_path: Path, asked: str, uvloop_importable: bool, expected: str
@@ -939,6 +939,75 @@ def test_receivers_run_uvloop_where_installed_or_asyncio_and_every_byte_comes_ba
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == [f"['{expected}']", "asyncio"]
     assert snapshot(tmp_path / "restored") == snapshot(tmp_path / "tree")
+
+
+def test_a_receiving_loop_named_wrongly_is_refused_naming_the_variable(bucket: str, tmp_path: Path) -> None:
+    result = run_script(
+        f"""
+        from checkpointio import Checkpoint
+        Checkpoint("s3://{bucket}/ckpt").save_sync(b"data")
+        try:
+            Checkpoint("unused", src="s3://{bucket}/ckpt").load_bytes_sync()
+        except ValueError as error:
+            print(error)
+        """,
+        tmp_path,
+        CHECKPOINTIO_RECEIVE_LOOP="asycnio",
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "CHECKPOINTIO_RECEIVE_LOOP must be 'uvloop' or 'asyncio', not 'asycnio'"
+
+
+def test_a_child_forked_while_another_thread_held_checkpointios_locks_saves_and_loads(
+    bucket: str, tmp_path: Path
+) -> None:
+    # A fork copies a lock held by another thread as held, and nobody in the child releases it:
+    # e.g. DataLoader workers forked while a background load's receivers make their sessions.
+    result = run_script(
+        f"""
+        import os, signal, threading
+        from checkpointio import Checkpoint
+        from checkpointio import _allocator
+        from checkpointio._stores import _memory
+        from checkpointio._stores._s3 import _client, _loader
+        uri = "s3://{bucket}/ckpt"
+        Checkpoint(uri).save_sync(b"saved by the parent")
+        locks = [_loader._preloading, _loader._loaders_lock, _client._clients._guard, _memory._lock, _allocator._lock]
+        held, release = threading.Event(), threading.Event()
+
+        def hold():
+            for lock in locks:
+                lock.acquire()
+            held.set()
+            release.wait()
+            for lock in locks:
+                lock.release()
+
+        threading.Thread(target=hold).start()
+        held.wait()
+        pid = os.fork()
+        if pid == 0:
+            signal.alarm(60)  # a hang fails the test instead of stalling the suite
+            Checkpoint("memory://child").save_sync(b"in memory")
+            print(bytes(Checkpoint("unused", src="memory://child").load_bytes_sync() or b""))
+            Checkpoint(uri + "-child").save_sync(b"saved by the child")
+            print(bytes(Checkpoint("unused", src=uri).load_bytes_sync() or b""))
+            print(bytes(Checkpoint("unused", src=uri + "-child").load_bytes_sync() or b""), flush=True)
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        release.set()
+        print("child status", status)
+        """,
+        tmp_path,
+        CHECKPOINTIO_TUNE_MALLOC="1",
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "b'in memory'",
+        "b'saved by the parent'",
+        "b'saved by the child'",
+        "child status 0",
+    ]
 
 
 async def test_a_load_is_received_on_several_threads_and_every_byte_comes_back(bucket: str, tmp_path: Path) -> None:

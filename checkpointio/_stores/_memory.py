@@ -6,6 +6,7 @@ visible in one assignment when it completes.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import uuid
@@ -28,6 +29,16 @@ class _Object:
 
 _objects: dict[str, _Object] = {}
 _lock = threading.Lock()
+
+
+def _unlock_after_fork() -> None:
+    """In a forked child: a lock another thread of the parent held at the fork stays held forever."""
+    global _lock
+    _lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_unlock_after_fork)
 
 
 def read_raw(location: Location) -> tuple[bytes, ObjectInfo]:

@@ -129,6 +129,15 @@ class _Clients:
 
 _clients = _Clients()
 
+
+def _unlock_after_fork() -> None:
+    """In a forked child: a lock another thread of the parent held at the fork stays held forever."""
+    _clients._guard = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_unlock_after_fork)
+
 #: Where a request's context keeps why its last attempt failed, for the line of the next one.
 _FAILURE = "checkpointio_failure"
 

@@ -66,6 +66,17 @@ _loaders_lock = threading.Lock()
 _preloading = threading.Lock()
 
 
+def _unlock_after_fork() -> None:
+    """In a forked child: locks another thread of the parent held at the fork stay held forever."""
+    global _loaders_lock, _preloading
+    _loaders_lock = threading.Lock()
+    _preloading = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_unlock_after_fork)
+
+
 def _data_loader(session: AioSession) -> Loader:
     """What botocore's ``create_loader`` builds, with the quicker parts (``AWS_DATA_PATH`` honoured),
     made once per data path."""

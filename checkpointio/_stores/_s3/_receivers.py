@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import sys
 import threading
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Protocol, TypeVar
@@ -40,8 +41,8 @@ _STOP_TIMEOUT = 10.0
 #: ``receiving`` is set on the receivers' own threads.
 _local = threading.local()
 
-#: The environment variable that picks the receivers' event loops: ``asyncio`` for asyncio's own,
-#: anything else (or unset) for uvloop's where it is installed.
+#: The environment variable that picks the receivers' event loops: ``uvloop`` (the default, where
+#: it is installed) or ``asyncio``.
 RECEIVE_LOOP = "CHECKPOINTIO_RECEIVE_LOOP"
 
 
@@ -50,17 +51,26 @@ def new_loop() -> asyncio.AbstractEventLoop:
 
     Every byte of a load passes through a receiver's loop, and uvloop's reads them in C into
     larger blocks, with less CPU per byte than asyncio's selector loop (benchmarks/README.md,
-    *Restores at native speed*). The receivers' loops are checkpointio's own threads: the caller's
-    loop, and the event-loop policy of the process, stay as they are.
+    *Receiving on uvloop*). The receivers' loops are checkpointio's own threads: the caller's
+    loop, and the event-loop policy of the process, stay as they are. ``asyncio`` means asyncio's
+    own loop, whatever policy the process set.
+
+    Raises:
+        ValueError: :data:`RECEIVE_LOOP` names neither loop (a typo must not pass for a choice).
     """
-    if os.environ.get(RECEIVE_LOOP, "").strip().lower() != "asyncio":
+    asked = os.environ.get(RECEIVE_LOOP, "").strip().lower()
+    if asked not in ("", "uvloop", "asyncio"):
+        raise ValueError(f"{RECEIVE_LOOP} must be 'uvloop' or 'asyncio', not {asked!r}")
+    if asked != "asyncio":
         try:
             import uvloop
         except ImportError:
             pass
         else:
             return uvloop.new_event_loop()
-    return asyncio.new_event_loop()
+    if sys.platform == "win32":  # pragma: no cover - its default (proactor) loop
+        return asyncio.new_event_loop()
+    return asyncio.SelectorEventLoop()
 
 
 def on_receiver() -> bool:
