@@ -192,6 +192,9 @@ class FaultProxy:
             return False
         upstream.sendall(body)
         response, rheaders = _read_head(uin)
+        if not response:  # the server closed without an answer (its client went away first): pass that on
+            _reset(client)
+            return False
         status = int(response.split(b" ", 2)[1])
         client.sendall(response)
         if method_s == "HEAD" or status in (204, 304) or 100 <= status < 200:
