@@ -25,6 +25,8 @@ import inspect
 import json
 import logging
 import math
+import numbers
+import operator
 import os
 import re
 import secrets
@@ -402,9 +404,10 @@ class TaskEnvironment:
     ) -> None:
         self.incremental = incremental
         self.name = _key_segment(name, "environment name", "TaskEnvironment(name=...)")
-        for setting, value in (("keep_last", keep_last), ("keep_runs", keep_runs)):
-            if value is not None and value is not _DEFAULT and (not isinstance(value, int) or isinstance(value, bool)):
-                raise TypeError(f"{setting} must be an int or None, got {type(value).__name__} {value!r}")
+        if keep_last is not None and keep_last is not _DEFAULT:
+            keep_last = _whole(keep_last, "keep_last", "an int or None")
+        if keep_runs is not None and keep_runs is not _DEFAULT:
+            keep_runs = _whole(keep_runs, "keep_runs", "an int or None")
         if isinstance(keep_last, int) and keep_last < 0:
             raise ValueError(f"keep_last must not be negative, got {keep_last}")
         if isinstance(keep_runs, int) and keep_runs < 1:
@@ -477,8 +480,7 @@ class TaskEnvironment:
         Raises:
             InvalidNameError: ``name`` or ``run_id`` cannot be one segment of a key.
         """
-        if not isinstance(retries, int) or isinstance(retries, bool):
-            raise TypeError(f"retries must be an int, got {type(retries).__name__} {retries!r}")
+        retries = _whole(retries, "retries", "an int")
         if retries < 0:
             raise ValueError("retries must not be negative")
         if backoff is not None:
@@ -494,10 +496,21 @@ class TaskEnvironment:
         return decorate(fn) if fn is not None else decorate
 
 
+def _whole(value: Any, setting: str, expected: str) -> int:
+    """``value`` as an ``int`` if it is a whole number of any integer type (numpy's too), else a
+    ``TypeError`` naming ``setting``: a bool, a float or a str is a mistake, not a count."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{setting} must be {expected}, got {type(value).__name__} {value!r}") from None
+
+
 def _checked_backoff(backoff: float) -> float:
     """``backoff`` if it is a wait the retry loop can make: checked here, not at the first retry,
     where a bad one would end the run with the sleep's error instead of retrying it."""
-    if not isinstance(backoff, int | float) or isinstance(backoff, bool):
+    if not isinstance(backoff, numbers.Real) or isinstance(backoff, bool):
         raise TypeError(f"backoff must be a number of seconds, got {type(backoff).__name__} {backoff!r}")
     if not 0 <= backoff < math.inf:  # NaN too: it compares false with everything
         raise ValueError(f"backoff must be a finite number of seconds >= 0, got {backoff!r}")

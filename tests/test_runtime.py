@@ -82,6 +82,33 @@ def test_retry_and_retention_settings_of_the_wrong_type_or_range_are_refused_whe
         make()
 
 
+class Count:
+    """A whole number of another integer type (as numpy's are): ``__index__`` makes it one."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    def __index__(self) -> int:
+        return self.value
+
+
+def test_whole_numbers_of_any_integer_type_are_counts() -> None:
+    env = TaskEnvironment(keep_last=wrong(Count(2)), keep_runs=wrong(Count(3)))
+    assert (env.keep_last, env.keep_runs) == (2, 3)
+    assert type(env.keep_last) is int and type(env.keep_runs) is int
+    attempts = []
+
+    @env.task(retries=wrong(Count(2)))
+    def flaky() -> int:
+        attempts.append(ctx().attempt)
+        if len(attempts) < 3:
+            raise RuntimeError("not yet")
+        return len(attempts)
+
+    assert flaky() == 3
+    assert attempts == [0, 1, 2]
+
+
 def test_a_backoff_of_whole_seconds_and_zero_retries_are_fine() -> None:
     env = TaskEnvironment(backoff=0)
 
