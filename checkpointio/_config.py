@@ -304,8 +304,9 @@ class TransferConfig:
 #: A host name as botocore accepts it in an endpoint: dot-separated labels of letters, digits and
 #: inner hyphens (an IPv4 address is one).
 _HOST = re.compile(r"((?!-)[A-Za-z\d-]{1,63}(?<!-)\.)*((?!-)[A-Za-z\d-]{1,63}(?<!-))")
-#: A region name as botocore accepts it (its own check, made when a client is created).
-_REGION = re.compile(r"[a-zA-Z0-9](?:[a-zA-Z0-9\-]{0,61}[a-zA-Z0-9])?")
+#: A region name as botocore's ``validate_region_name`` accepts it (made when a client is
+#: created), but for the empty name, which is no region: ``None`` says that.
+_REGION = re.compile(r"(?![0-9]+$)(?!-)[a-zA-Z0-9-]{1,63}(?<!-)")
 
 
 def is_endpoint(url: str) -> bool:

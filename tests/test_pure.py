@@ -122,6 +122,7 @@ def test_config_rejects_impossible_settings() -> None:
         ({"endpoint_url": "http://[::1"}, "endpoint_url must be an http:// or https:// URL"),
         ({"region_name": "us east 1"}, "region_name must be a region name such as us-east-1, got 'us east 1'"),
         ({"region_name": ""}, "region_name must be a region name"),
+        ({"region_name": "123"}, "region_name must be a region name such as us-east-1, got '123'"),
         ({"connect_timeout": float("nan")}, "connect_timeout must be a positive number of seconds, got nan"),
         ({"read_timeout": 0}, "read_timeout must be a positive number of seconds, got 0"),
     ],
