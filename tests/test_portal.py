@@ -96,6 +96,34 @@ def test_sync_calls_work_in_a_forked_child(tmp_path: Path) -> None:
     assert "fork ok" in result.stdout
 
 
+def test_a_forked_child_that_ends_normally_ends_quietly(store: StoreCase) -> None:
+    # The child inherits the parent's loop thread (and, on S3, its receivers) as orphans; its
+    # interpreter exit must not run their clean-up against threads that are the parent's.
+    uris = {name: store.uri(name) for name in ("parent", "child")}
+    result = run_script(
+        f"""
+        import os, sys
+        from checkpointio import Checkpoint
+        uris = {uris!r}
+        Checkpoint(uris["parent"]).save_sync(b"parent")
+        assert Checkpoint("unused", src=uris["parent"]).load_bytes_sync() == b"parent"
+        if os.fork() == 0:
+            Checkpoint(uris["child"]).save_sync(b"child")
+            assert Checkpoint("unused", src=uris["parent"]).load_bytes_sync() == b"parent"
+            sys.exit(0)  # the interpreter's own exit, not os._exit
+        _, status = os.wait()
+        print("child exit code", os.waitstatus_to_exitcode(status))
+        """,
+        store.root,
+        PYTHONWARNINGS="ignore::DeprecationWarning",  # Python 3.12+: fork() of a process with threads
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert result.stdout.splitlines() == ["child exit code 0"]
+    if store.name != "memory":  # a memory store ends with its process
+        assert store.get_raw("child") == b"child"
+
+
 def test_sync_calls_work_at_interpreter_exit(tmp_path: Path) -> None:
     result = run_script(
         f"""
