@@ -668,11 +668,13 @@ async def _verify(cmd: _Command) -> None:
             f"{objects} data object{'s' if objects != 1 else ''})"
         )
         return
+    chunked = await _manage.incremental_of(info, cmd.config)  # described as ls describes it
     if cmd.args.json:
-        _emit_json(_row(info))
+        _emit_json(_incremental_row(chunked) if chunked is not None else _row(info))
         return
     crc = f", crc32 {info.record.crc32:08x}" if info.record and info.record.crc32 is not None else ""
-    cmd.say(f"ok {info.location.uri} ({_kind(info)}, {_human(info.size)}{crc})")
+    kind, size = ("incremental", chunked.size) if chunked is not None else (_kind(info), info.size)
+    cmd.say(f"ok {info.location.uri} ({kind}, {_human(size)}{crc})")
 
 
 async def _gc(cmd: _Command) -> None:

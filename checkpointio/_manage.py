@@ -229,6 +229,22 @@ class Incremental:
         return self.manifest.size + self.usage.referenced
 
 
+async def incremental_of(info: ObjectInfo, config: TransferConfig) -> Incremental | None:
+    """``info``'s checkpoint as an :class:`Incremental` (what ``ls`` shows of it) if it is one,
+    with the manifests of its folder read for what it holds alone; ``None`` for any other kind,
+    or where another manifest of the folder is damaged or may not be read (as ``ls`` then shows
+    the objects as they are)."""
+    if info.record is None or info.record.layout != _incremental.LAYOUT:
+        return None
+    store = await open_store(info.location.scheme, config)
+    try:
+        manifests = await _incremental.manifests_beside(store, _incremental.area_of(info.location), config)
+    except (CorruptCheckpointError, AccessDeniedError):
+        return None
+    usage = (await anyio.to_thread.run_sync(_incremental.usage, manifests)).get(info.location.key)
+    return Incremental(info, usage) if usage is not None else None
+
+
 async def incremental_among(
     infos: list[ObjectInfo], config: TransferConfig, unread: set[str] | None = None
 ) -> dict[str, Incremental]:

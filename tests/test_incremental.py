@@ -4,6 +4,7 @@ over every store."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import random
 import re
@@ -152,9 +153,15 @@ def test_a_background_incremental_save_stores_the_tree_as_it_was(store: StoreCas
 def test_the_command_line_saves_incrementally_and_loads_either_format(store: StoreCase, tmp_path: Path) -> None:
     tree = full_tree(tmp_path / "tree")
     ok("-q", "save", "--incremental", str(tree), store.uri("ckpt"))
-    assert ok("verify", store.uri("ckpt")).startswith(f"ok {store.uri('ckpt')}")
+    assert ok("verify", store.uri("ckpt")).startswith(f"ok {store.uri('ckpt')} (incremental, ")
     ok("-q", "load", store.uri("ckpt"), str(tmp_path / "out"))
     assert tree_state(tmp_path / "out") == tree_state(tree)
+    # verify describes it as ls does: its kind, and the bytes it references, not its manifest's
+    checked = json.loads(ok("verify", "--json", store.uri("ckpt")))
+    listing = json.loads(ok("ls", "--json", store.uri("ckpt").rsplit("/", 1)[0] + "/"))
+    listed = next(row for row in listing if row["uri"] == store.uri("ckpt"))
+    assert checked == {name: value for name, value in listed.items() if name != "unread"}
+    assert checked["kind"] == "incremental" and checked["size"] > checked["exclusive"] > 0
 
 
 def test_a_task_environment_saves_its_attempts_incrementally(tmp_path: Path) -> None:
