@@ -22,7 +22,13 @@ import anyio.to_thread
 from . import _dcp_layout, _engine, _incremental, _placement
 from ._concurrency import one_error
 from ._config import TransferConfig
-from ._exceptions import AccessDeniedError, CheckpointNotFoundError, CorruptCheckpointError, DestinationError
+from ._exceptions import (
+    AccessDeniedError,
+    CheckpointError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    DestinationError,
+)
 from ._location import Location, checkpoint_location, parse_prefix
 from ._progress import ProgressCallback
 from ._selection import Entry, Selection
@@ -232,14 +238,14 @@ class Incremental:
 async def incremental_of(info: ObjectInfo, config: TransferConfig) -> Incremental | None:
     """``info``'s checkpoint as an :class:`Incremental` (what ``ls`` shows of it) if it is one,
     with the manifests of its folder read for what it holds alone; ``None`` for any other kind,
-    or where another manifest of the folder is damaged or may not be read (as ``ls`` then shows
-    the objects as they are)."""
+    or where the folder's manifests cannot all be read, for whatever reason (a description only:
+    ``verify``, which asks, has checked the checkpoint itself already and must not fail on it)."""
     if info.record is None or info.record.layout != _incremental.LAYOUT:
         return None
     store = await open_store(info.location.scheme, config)
     try:
         manifests = await _incremental.manifests_beside(store, _incremental.area_of(info.location), config)
-    except (CorruptCheckpointError, AccessDeniedError):
+    except CheckpointError:
         return None
     usage = (await anyio.to_thread.run_sync(_incremental.usage, manifests)).get(info.location.key)
     return Incremental(info, usage) if usage is not None else None

@@ -164,6 +164,24 @@ def test_the_command_line_saves_incrementally_and_loads_either_format(store: Sto
     assert checked["kind"] == "incremental" and checked["size"] > checked["exclusive"] > 0
 
 
+def test_verify_passes_an_intact_checkpoint_whose_folder_cannot_be_described(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from checkpointio._cli import main
+
+    uri = str(tmp_path / "store" / "ckpt")
+    ok("-q", "save", "--incremental", str(full_tree(tmp_path / "tree")), uri)
+    assert main(["verify", uri]) == 0
+    assert capsys.readouterr().out.startswith(f"ok {uri} (incremental, ")
+
+    async def store_gone(*args: object) -> object:  # the folder's other manifests, read to describe it
+        raise StoreError("the store went away after the checkpoint was verified", uri=uri)
+
+    monkeypatch.setattr(_incremental, "manifests_beside", store_gone)
+    assert main(["verify", uri]) == 0
+    assert capsys.readouterr().out.startswith(f"ok {uri} (dir, ")  # the plain row, as ls shows unread ones
+
+
 def test_a_task_environment_saves_its_attempts_incrementally(tmp_path: Path) -> None:
     env = TaskEnvironment("inc", storage=str(tmp_path / "store"), incremental=True, keep_last=None)
     tree = full_tree(tmp_path / "tree")
