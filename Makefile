@@ -40,8 +40,7 @@ test: lint
 PYTHON_OLDEST ?= python3.10
 test-oldest:
 	$(MAKE) --no-print-directory PYTHON=$(PYTHON_OLDEST) VENV=.venv-oldest .venv-oldest/.installed
-	# S3 loads there receive on asyncio's own loop (uvloop's elsewhere): the suite covers both.
-	CHECKPOINTIO_RECEIVE_LOOP=asyncio .venv-oldest/bin/python -m pytest
+	.venv-oldest/bin/python -m pytest
 
 # pigz and igzip rows need `apt-get install -y pigz isal`; without them those rows are skipped.
 # The DCP benchmark (benchmarks/dcpbench.py) needs torch, hence the ML extras.

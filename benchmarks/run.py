@@ -480,12 +480,12 @@ def build_tweak_tables(places: Places, trees: Sequence[Dataset], big: Dataset) -
     ]
     if places.server is None:
         return tables
-    loops = {"CHECKPOINTIO_RECEIVE_LOOP": "uvloop"}, {"CHECKPOINTIO_RECEIVE_LOOP": "asyncio"}
+    loops = {"CHECKPOINTIO_RECEIVE_LOOP": "asyncio"}, {"CHECKPOINTIO_RECEIVE_LOOP": "uvloop"}
     for data in (*trees, big):
         title = f"tweaks: receiving threads' event loop, S3, {_describe(data)}"
         tables[title] = [
-            places.s3(title, data, checkpointio("uvloop (the default where installed)", env=loops[0])),
-            places.s3(title, data, checkpointio("asyncio (CHECKPOINTIO_RECEIVE_LOOP=asyncio)", env=loops[1])),
+            places.s3(title, data, checkpointio("asyncio (the default)", env=loops[0])),
+            places.s3(title, data, checkpointio("uvloop (CHECKPOINTIO_RECEIVE_LOOP=uvloop)", env=loops[1])),
         ]
     title = f"tweaks: glibc mmap threshold, S3, {_describe(trees[0])}"
     tables[title] = [

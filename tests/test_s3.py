@@ -910,13 +910,13 @@ def tasks_left_on_receivers() -> int:
 
 @pytest.mark.parametrize(
     ("asked", "uvloop_importable", "expected"),
-    [("", True, "uvloop"), ("UVLoop", True, "uvloop"), ("asyncio", True, "asyncio"), ("", False, "asyncio")],
+    [("", True, "asyncio"), ("UVLoop", True, "uvloop"), ("asyncio", True, "asyncio"), ("", False, "asyncio")],
     ids=["default", "asked-for-uvloop", "asked-for-asyncio", "uvloop-missing"],
 )
-def test_receivers_run_uvloop_where_installed_or_asyncio_and_every_byte_comes_back(
+def test_receivers_run_asyncio_or_uvloop_when_asked_and_every_byte_comes_back(
     bucket: str, tmp_path: Path, asked: str, uvloop_importable: bool, expected: str
 ) -> None:
-    if uvloop_importable:
+    if expected == "uvloop":
         pytest.importorskip("uvloop")
     make_tree(tmp_path / "tree")
     result = run_script(
@@ -941,9 +941,21 @@ def test_receivers_run_uvloop_where_installed_or_asyncio_and_every_byte_comes_ba
     assert snapshot(tmp_path / "restored") == snapshot(tmp_path / "tree")
 
 
-def test_a_receiving_loop_named_wrongly_is_refused_naming_the_variable(bucket: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("asked", "message"),
+    [
+        ("asycnio", "CHECKPOINTIO_RECEIVE_LOOP must be 'asyncio' or 'uvloop', not 'asycnio'"),
+        ("uvloop", "CHECKPOINTIO_RECEIVE_LOOP=uvloop needs the uvloop package, which is not installed"),
+    ],
+    ids=["misspelt", "uvloop-missing"],
+)
+def test_a_receiving_loop_that_cannot_be_had_is_refused_naming_the_variable(
+    bucket: str, tmp_path: Path, asked: str, message: str
+) -> None:
     result = run_script(
         f"""
+        import sys
+        sys.modules["uvloop"] = None  # import uvloop: ImportError
         from checkpointio import Checkpoint
         Checkpoint("s3://{bucket}/ckpt").save_sync(b"data")
         try:
@@ -952,10 +964,10 @@ def test_a_receiving_loop_named_wrongly_is_refused_naming_the_variable(bucket: s
             print(error)
         """,
         tmp_path,
-        CHECKPOINTIO_RECEIVE_LOOP="asycnio",
+        CHECKPOINTIO_RECEIVE_LOOP=asked,
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "CHECKPOINTIO_RECEIVE_LOOP must be 'uvloop' or 'asyncio', not 'asycnio'"
+    assert result.stdout.strip() == message
 
 
 def test_a_child_forked_while_another_thread_held_checkpointios_locks_saves_and_loads(

@@ -2,7 +2,7 @@
 
 One event loop receives at most about a core's worth of bytes (``recv`` and aiohttp's parser, two
 copies of every byte, all on its one thread). A load therefore spreads its ranges over several
-*receivers*: each is a thread running its own event loop (uvloop's where installed:
+*receivers*: each is a thread running its own event loop (asyncio's, or uvloop's when asked:
 :func:`new_loop`), with its own aiobotocore client and connection pool (:mod:`._client` keeps one
 per loop), started on first use and kept for the life of the process, so a client is made once
 per receiver, not once per load.
@@ -41,33 +41,34 @@ _STOP_TIMEOUT = 10.0
 #: ``receiving`` is set on the receivers' own threads.
 _local = threading.local()
 
-#: The environment variable that picks the receivers' event loops: ``uvloop`` (the default, where
-#: it is installed) or ``asyncio``.
+#: The environment variable that picks the receivers' event loops: ``asyncio`` (the default) or
+#: ``uvloop`` (where it is installed).
 RECEIVE_LOOP = "CHECKPOINTIO_RECEIVE_LOOP"
 
 
 def new_loop() -> asyncio.AbstractEventLoop:
-    """An event loop for a receiving thread: uvloop's where it is installed, else asyncio's.
+    """An event loop for a receiving thread: asyncio's own, or uvloop's when asked.
 
-    Every byte of a load passes through a receiver's loop, and uvloop's reads them in C into
-    larger blocks, with less CPU per byte than asyncio's selector loop (benchmarks/README.md,
-    *Receiving on uvloop*). The receivers' loops are checkpointio's own threads: the caller's
-    loop, and the event-loop policy of the process, stay as they are. ``asyncio`` means asyncio's
-    own loop, whatever policy the process set.
+    uvloop reads the socket in C, into fewer and larger blocks; on the 2-core machine the
+    benchmarks run on, it did not make loads faster (benchmarks/README.md, *Receiving on uvloop*),
+    so it is an opt-in for machines where the receiving loops are what a load waits for. The
+    receivers' loops are checkpointio's own threads: the caller's loop, and the event-loop policy
+    of the process, stay as they are; ``asyncio`` means asyncio's own loop, whatever policy the
+    process set.
 
     Raises:
-        ValueError: :data:`RECEIVE_LOOP` names neither loop (a typo must not pass for a choice).
+        ValueError: :data:`RECEIVE_LOOP` names neither loop (a typo must not pass for a choice), or
+            asks for uvloop where it is not installed.
     """
     asked = os.environ.get(RECEIVE_LOOP, "").strip().lower()
     if asked not in ("", "uvloop", "asyncio"):
-        raise ValueError(f"{RECEIVE_LOOP} must be 'uvloop' or 'asyncio', not {asked!r}")
-    if asked != "asyncio":
+        raise ValueError(f"{RECEIVE_LOOP} must be 'asyncio' or 'uvloop', not {asked!r}")
+    if asked == "uvloop":
         try:
             import uvloop
-        except ImportError:
-            pass
-        else:
-            return uvloop.new_event_loop()
+        except ImportError as error:
+            raise ValueError(f"{RECEIVE_LOOP}=uvloop needs the uvloop package, which is not installed") from error
+        return uvloop.new_event_loop()
     if sys.platform == "win32":  # pragma: no cover - its default (proactor) loop
         return asyncio.new_event_loop()
     return asyncio.SelectorEventLoop()
