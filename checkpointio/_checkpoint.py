@@ -308,8 +308,11 @@ class Checkpoint:
             SourceUnreadableError: A file or folder of it cannot be read (permission denied).
             BackgroundSaveError: An earlier background save of this checkpoint failed and its
                 error had not been retrieved (this save was not started).
-            TypeError: ``data`` is of another type.
+            TypeError: ``data`` is of another type, or ``wait`` or ``supersede`` is not a bool.
         """
+        for flag, value in (("wait", wait), ("supersede", supersede)):
+            if not isinstance(value, bool):  # "no" would be true: a background save nobody asked for
+                raise TypeError(f"{flag} must be True or False, got {type(value).__name__} {value!r}")
         config = self._config.with_options(**options)
         callback = on_progress or self._on_progress
         if wait:

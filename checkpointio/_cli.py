@@ -598,7 +598,7 @@ async def _ls(cmd: _Command) -> None:
                 only = f"(only it: {_human(chunked.usage.exclusive)})"
                 print(f"incremental {chunked.size:>14} {_when(info.modified):<20} {info.location.uri} {only}")
             elif found is None:
-                print(f"{_kind(info):<5} {info.size:>14} {_when(info.modified):<20} {info.location.uri}{note}")
+                print(f"{_kind(info):<11} {info.size:>14} {_when(info.modified):<20} {info.location.uri}{note}")
             else:
                 world = f" (world size {found.summary.world_size})" if found.summary is not None else note
                 if found.saves > 1:  # only where the manifest may not be read

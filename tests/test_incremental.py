@@ -164,6 +164,16 @@ def test_the_command_line_saves_incrementally_and_loads_either_format(store: Sto
     assert checked["kind"] == "incremental" and checked["size"] > checked["exclusive"] > 0
 
 
+def test_ls_lines_up_its_columns_whatever_the_kinds(tmp_path: Path) -> None:
+    tree = full_tree(tmp_path / "tree")
+    ok("-q", "save", str(tree), str(tmp_path / "store" / "a"))
+    ok("-q", "save", "--incremental", str(tree), str(tmp_path / "store" / "b"))
+    lines = ok("ls", str(tmp_path / "store") + "/").splitlines()
+    assert [line.split()[0] for line in lines] == ["dir", "incremental"]
+    uris = [str(tmp_path / "store" / name) for name in ("a", "b")]
+    assert [line.index(uri) for line, uri in zip(lines, uris, strict=True)] == [lines[1].index(uris[1])] * 2
+
+
 def test_verify_passes_an_intact_checkpoint_whose_folder_cannot_be_described(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -77,6 +77,21 @@ def wrong(value: object) -> Any:
 
 
 @pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ({"wait": "no"}, "wait must be True or False, got str 'no'"),
+        ({"supersede": 1}, "supersede must be True or False, got int 1"),
+    ],
+)
+def test_save_flags_that_are_not_bools_are_refused_and_nothing_is_saved(flags: dict[str, Any], message: str) -> None:
+    cp = Checkpoint(f"memory://flags-{sorted(flags)[0]}/ckpt")
+    with pytest.raises(TypeError, match=re.escape(message)):
+        cp.save_sync(b"data", **flags)
+    assert not cp.prev_exists_sync() and cp.pending is None
+    assert Checkpoint("memory://unused", src=f"memory://flags-{sorted(flags)[0]}/ckpt").load_bytes_sync() is None
+
+
+@pytest.mark.parametrize(
     ("make", "shown"),
     [
         (lambda: parse_location(wrong(123)), "int 123"),
