@@ -638,6 +638,9 @@ async def _rm(cmd: _Command) -> int:
         return EXIT_OK
     for uri in args.uri:
         checkpoint_location(uri)  # a bad URI among them: nothing removed
+    if not args.force:  # nor a user's own file among them (rm train.py)
+        for uri in args.uri:
+            await _manage.refuse_foreign_file(uri, cmd.config, removing=True)
     code = EXIT_OK
     for uri in args.uri:
         try:
@@ -864,6 +867,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("uri", metavar="URI", nargs="+", help="checkpoint URIs, or prefixes with --recursive")
     sub.add_argument("-r", "--recursive", action="store_true", help="remove every checkpoint under each prefix")
     sub.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
+    sub.add_argument(
+        "-f", "--force", action="store_true", help="also remove a local file at URI that checkpointio did not write"
+    )
 
     sub = command(
         "verify",

@@ -313,9 +313,10 @@ async def _exists(store: Store, location: Location) -> bool:
         return any(info.location.key == location.key for info in await store.list(location))
 
 
-async def refuse_foreign_file(uri: str, config: TransferConfig) -> None:
+async def refuse_foreign_file(uri: str, config: TransferConfig, *, removing: bool = False) -> None:
     """Raise if ``uri`` is a local file that checkpointio did not write (no record of it): a save
-    there would replace a user's file, as ``save ckpt/ train.py`` (the arguments swapped) would.
+    there would replace a user's file, as ``save ckpt/ train.py`` (the arguments swapped) would,
+    and ``rm train.py`` (``removing``) would delete it.
 
     Raises:
         DestinationError: It is such a file.
@@ -325,10 +326,8 @@ async def refuse_foreign_file(uri: str, config: TransferConfig) -> None:
         return
     info = await (await open_store(location.scheme, config)).head(location)
     if info is not None and info.record is None:
-        raise DestinationError(
-            f"{location.uri} is a file checkpointio did not write (check the order: save SRC URI); --force replaces it",
-            uri=location.uri,
-        )
+        hint = "; --force removes it" if removing else " (check the order: save SRC URI); --force replaces it"
+        raise DestinationError(f"{location.uri} is a file checkpointio did not write{hint}", uri=location.uri)
 
 
 @dataclass(frozen=True)

@@ -278,6 +278,20 @@ def test_rm_of_several_uris_removes_each_and_reports_the_missing(root: str) -> N
     assert stored("c") == b"c"
 
 
+def test_rm_of_a_local_file_checkpointio_did_not_write_needs_force(tmp_path: Path) -> None:
+    script = tmp_path / "train.py"
+    script.write_text("print('training')\n")  # rm train.py: a user's own file, not a checkpoint
+    ok("save", "-", str(tmp_path / "ckpt"), stdin=b"x")
+    message = fails(2, "rm", str(tmp_path / "ckpt"), str(script))
+    assert message == f"checkpointio: error: {script} is a file checkpointio did not write; --force removes it"
+    assert script.read_text() == "print('training')\n"
+    assert (tmp_path / "ckpt").exists()  # checked before anything is removed
+    assert fails(2, "rm", "--dry-run", str(script)).endswith("--force removes it")
+    removed = ok("rm", "--force", str(script), str(tmp_path / "ckpt"))
+    assert removed == f"removed {script}\nremoved {tmp_path / 'ckpt'}\n"
+    assert not script.exists() and not (tmp_path / "ckpt").exists()
+
+
 def test_rm_recursive_removes_only_checkpoints_and_dry_run_only_lists_them(root: str) -> None:
     for name in ("run/a", "run/sub/b", "run-2/c", "other/d"):
         ok("save", "-", f"{root}/{name}", stdin=name.encode())
