@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import os
 import sys
-import threading
+
+from ._concurrency import ForkSafeLock
 
 __all__ = ["TUNE_MALLOC", "prefault", "tune_malloc", "unfilled_bytearray"]
 
@@ -35,18 +36,8 @@ TUNE_MALLOC = "CHECKPOINTIO_TUNE_MALLOC"
 #: Below glibc's ceiling for the dynamic threshold (32 MiB on 64-bit), above any transfer buffer.
 _BLOCK = 30_000_000
 
-_lock = threading.Lock()
+_lock = ForkSafeLock()  # a forked child finds it released
 _tuned = False
-
-
-def _unlock_after_fork() -> None:
-    """In a forked child: a lock another thread of the parent held at the fork stays held forever."""
-    global _lock
-    _lock = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_unlock_after_fork)
 
 
 def _is_glibc() -> bool:

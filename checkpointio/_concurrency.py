@@ -1,18 +1,23 @@
-"""Task-group plumbing shared by the engine and the stores: one error out of an exception group."""
+"""Concurrency plumbing shared by the engine and the stores: one error out of an exception group,
+and thread locks that survive a fork."""
 
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import sys
+import threading
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
+from types import TracebackType
 
 import anyio
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
 
-__all__ = ["PLUMBING", "Aborted", "one_error"]
+__all__ = ["PLUMBING", "Aborted", "ForkSafeLock", "one_error"]
 
 
 class Aborted(Exception):
@@ -52,3 +57,45 @@ def one_error() -> Iterator[None]:
             if isinstance(exc, cancel):
                 raise exc from None
         raise
+
+
+class ForkSafeLock:
+    """A thread lock that a forked child finds released.
+
+    A fork copies a lock another thread holds as held, and nothing in the child ever releases it:
+    every later ``with`` on it there waits forever (a DataLoader worker forked while a load makes
+    its S3 sessions). The child gets a fresh lock instead; what the lock guarded is as the fork
+    left it, which is why it must guard only short, self-contained updates.
+    """
+
+    __slots__ = ("__weakref__", "_lock")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        _fork_safe.add(self)
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        return self._lock.acquire(blocking, timeout)
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def __enter__(self) -> bool:
+        return self._lock.acquire()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self._lock.release()
+
+
+_fork_safe: weakref.WeakSet[ForkSafeLock] = weakref.WeakSet()
+
+
+def _renew_after_fork() -> None:
+    for lock in list(_fork_safe):
+        lock._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_renew_after_fork)

@@ -6,13 +6,12 @@ visible in one assignment when it completes.
 
 from __future__ import annotations
 
-import os
-import threading
 import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .._concurrency import ForkSafeLock
 from .._config import TransferConfig
 from .._exceptions import ConcurrentModificationError, CorruptCheckpointError
 from .._location import Location
@@ -28,17 +27,7 @@ class _Object:
 
 
 _objects: dict[str, _Object] = {}
-_lock = threading.Lock()
-
-
-def _unlock_after_fork() -> None:
-    """In a forked child: a lock another thread of the parent held at the fork stays held forever."""
-    global _lock
-    _lock = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_unlock_after_fork)
+_lock = ForkSafeLock()  # a forked child finds it released
 
 
 def read_raw(location: Location) -> tuple[bytes, ObjectInfo]:

@@ -6,7 +6,6 @@ import asyncio
 import itertools
 import logging
 import os
-import threading
 import weakref
 from collections.abc import AsyncIterator
 from contextlib import AbstractContextManager
@@ -17,6 +16,7 @@ import anyio
 import anyio.to_thread
 from botocore.config import Config
 
+from ..._concurrency import ForkSafeLock
 from ..._config import TransferConfig, is_endpoint
 from ..._location import Location
 from ._errors import mapped_errors
@@ -39,7 +39,7 @@ class _Clients:
     """
 
     def __init__(self) -> None:
-        self._guard = threading.Lock()
+        self._guard = ForkSafeLock()  # a forked child finds it released
         self._by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[Any, ...], Any]] = (
             weakref.WeakKeyDictionary()
         )
@@ -128,15 +128,6 @@ class _Clients:
 
 
 _clients = _Clients()
-
-
-def _unlock_after_fork() -> None:
-    """In a forked child: a lock another thread of the parent held at the fork stays held forever."""
-    _clients._guard = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_unlock_after_fork)
 
 #: Where a request's context keeps why its last attempt failed, for the line of the next one.
 _FAILURE = "checkpointio_failure"

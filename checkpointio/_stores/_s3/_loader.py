@@ -27,13 +27,14 @@ import gzip
 import json
 import logging
 import os
-import threading
 from collections.abc import Sequence
 from typing import Any
 
 from aiobotocore.session import AioSession
 from botocore.exceptions import DataNotFoundError
 from botocore.loaders import JSONFileLoader, Loader
+
+from ..._concurrency import ForkSafeLock
 
 logger = logging.getLogger(__name__)
 
@@ -62,19 +63,8 @@ def preload(session: AioSession) -> None:
 
 #: The loader of each data path (``AWS_DATA_PATH``), shared by the sessions of the process.
 _loaders: dict[str | None, Loader] = {}
-_loaders_lock = threading.Lock()
-_preloading = threading.Lock()
-
-
-def _unlock_after_fork() -> None:
-    """In a forked child: locks another thread of the parent held at the fork stay held forever."""
-    global _loaders_lock, _preloading
-    _loaders_lock = threading.Lock()
-    _preloading = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_unlock_after_fork)
+_loaders_lock = ForkSafeLock()  # a forked child finds these released
+_preloading = ForkSafeLock()
 
 
 def _data_loader(session: AioSession) -> Loader:
