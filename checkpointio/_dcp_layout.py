@@ -28,7 +28,7 @@ from ._config import TransferConfig
 from ._exceptions import AccessDeniedError, ConcurrentModificationError, CorruptCheckpointError
 from ._location import Location
 from ._progress import ProgressCallback
-from ._stores import ObjectInfo, Store
+from ._stores import Kind, ObjectInfo, Store
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ __all__ = [
     "encode",
     "is_data_of",
     "is_manifest",
+    "read_manifest",
     "read_summary",
     "rank_of",
     "remove",
@@ -55,6 +56,9 @@ __all__ = [
 #: The manifest's first line: what it is and the version of its layout.
 MAGIC = b"checkpointio-dcp/"
 VERSION = 1
+#: The ``layout`` of a manifest's record: it tells the engine, which restores every other kind,
+#: that the object is no checkpoint of its own to restore (only ``checkpointio.dcp`` loads it).
+LAYOUT = "distributed"
 #: What follows the checkpoint's key for the folder (prefix) of its data objects.
 DATA_SUFFIX = ".dcp/"
 #: A data object's key: the checkpoint's key, the save id and the rank.
@@ -163,19 +167,63 @@ async def read_summary(store: Store, location: Location, config: TransferConfig)
     Raises:
         CorruptCheckpointError: A garbled manifest.
     """
+    found = await _read(store, location, config, for_load=False)
+    if found is None or isinstance(found, ObjectInfo):
+        return None
+    return decode(found, location.uri)[0]
+
+
+async def read_manifest(store: Store, location: Location, config: TransferConfig) -> bytearray | None:
+    """The bytes of the manifest at ``location`` (checked as every load checks them), for a load
+    that follows; ``None`` when there is no object there. Reads only the first bytes of anything else.
+
+    Raises:
+        CorruptCheckpointError: Something that is not a distributed checkpoint is there.
+    """
+    found = await _read(store, location, config, for_load=True)
+    if isinstance(found, ObjectInfo):
+        raise CorruptCheckpointError(_not_a_manifest(found), uri=location.uri)
+    return found
+
+
+def _not_a_manifest(info: ObjectInfo) -> str:
+    """Why the object ``info`` describes is no distributed checkpoint, naming what it is when known."""
+    uri = info.location.uri
+    record = info.record
+    if record is None:
+        return f"{uri}: not a distributed checkpoint (no checkpointio-dcp manifest there: something another tool wrote)"
+    kind = "an incremental" if record.layout is not None else f"a {_KIND_WORDS[record.kind]}"
+    return (
+        f"{uri}: not a distributed checkpoint: it holds {kind} checkpoint (restore it with "
+        "Checkpoint.load(), or save a distributed one there first)"
+    )
+
+
+_KIND_WORDS = {Kind.BYTES: "bytes", Kind.FILE: "single-file", Kind.DIRECTORY: "directory"}
+
+
+async def _read(
+    store: Store, location: Location, config: TransferConfig, *, for_load: bool
+) -> bytearray | ObjectInfo | None:
+    """The manifest's bytes at ``location``; ``None`` when there is no object there, its
+    description when it is something else (of which only the first bytes are read). ``for_load``:
+    the reads that follow receive ranges (see ``_engine.head_for_reads``)."""
     for attempt in range(_READS_RACING_A_CHANGE):
         try:
-            info = await store.head(location)
-            if info is None or info.size < len(MAGIC) or not is_manifest(await _head_bytes(store, info)):
+            info = await (_engine.head_for_reads(store, location) if for_load else store.head(location))
+            if info is None:
                 return None
-            data = await _engine.load_bytes(store, location, config)
+            recorded = info.record is not None and info.record.layout == LAYOUT
+            if not recorded and (info.size < len(MAGIC) or not is_manifest(await _head_bytes(store, info))):
+                return info
+            data = await _engine.load_object(store, location, config, info=info)
         except ConcurrentModificationError:  # removed or replaced while read (a save or rm racing)
             if attempt + 1 == _READS_RACING_A_CHANGE:
                 raise
             continue
         if data is None:  # removed meanwhile
             return None
-        return decode(data, location.uri)[0]
+        return data
     raise AssertionError("unreachable")  # pragma: no cover
 
 

@@ -744,6 +744,7 @@ async def load(
     info = await head_for_reads(store, location)
     if info is None:
         return None
+    _refuse_distributed(info)
     if await _incremental.is_manifest_object(store, info):
         return await _incremental.load(store, info, workspace, config, on_progress, only=only)
     await anyio.to_thread.run_sync(_placement.make_workspace, workspace, location.uri)
@@ -811,6 +812,7 @@ async def list_contents(
     info = await head_for_reads(store, location)
     if info is None:
         return None
+    _refuse_distributed(info)
     if info.record is not None:
         _refuse_selecting(info, info.record.kind, _LISTING)
     if await _incremental.is_manifest_object(store, info):
@@ -971,6 +973,7 @@ async def _load_bytes(
         return None
     uri = location.uri
     if not whole:
+        _refuse_distributed(info)
         _refuse_directory(info, "restore it with load(), not load_bytes()")
     started = time.monotonic()
     meter = Meter(on_progress, "load", uri, info.size)
@@ -1017,6 +1020,18 @@ async def _load_bytes(
     return buffer
 
 
+def _refuse_distributed(info: ObjectInfo) -> None:
+    """A distributed checkpoint's manifest is no checkpoint of its own: only ``checkpointio.dcp``
+    restores what it commits (restoring the manifest as a file would pass for a restore)."""
+    if info.record is not None and info.record.layout == _dcp_layout.LAYOUT:
+        uri = info.location.uri
+        raise CheckpointError(
+            f"{uri} holds a distributed checkpoint (torch.distributed.checkpoint): load it with "
+            "checkpointio.dcp.load(state_dict, uri) on every rank",
+            uri=uri,
+        )
+
+
 def _refuse_directory(info: ObjectInfo, hint: str) -> None:
     """For reads that give bytes: a saved directory has no bytes of its own to give."""
     if info.record is not None and info.record.kind is Kind.DIRECTORY:
@@ -1040,6 +1055,7 @@ async def write_out(
     info = await head_for_reads(store, location)
     if info is None:
         return None
+    _refuse_distributed(info)
     _refuse_directory(info, "restore it to a folder")
 
     def copy(reader: _BlockReader) -> None:
@@ -1087,4 +1103,4 @@ async def verify(
     return info
 
 
-from . import _incremental  # noqa: E402  (it builds on this module: imported once this one is complete)
+from . import _dcp_layout, _incremental  # noqa: E402  (they build on this module: imported once it is complete)

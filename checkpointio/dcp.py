@@ -88,7 +88,7 @@ from ._exceptions import (
 )
 from ._location import Location, checkpoint_location, split_scheme
 from ._portal import run_sync
-from ._stores import ObjectInfo, Store, open_store
+from ._stores import Kind, ObjectInfo, Store, open_store
 
 __all__ = ["DistributedSaveHandle", "StorageReader", "StorageWriter", "latest", "load", "remove", "save"]
 
@@ -252,7 +252,7 @@ class _Target:
     async def read_manifest(self, location: Location | None = None) -> _Manifest | None:
         """The manifest at the URI (or ``location``); ``None`` when there is no object there."""
         location = location or self.location
-        data = await _engine.load_bytes(await self.store(location), location, self.config)
+        data = await _dcp_layout.read_manifest(await self.store(location), location, self.config)
         if data is None:
             return None
         return await anyio.to_thread.run_sync(_decode_manifest, data, location.uri)
@@ -320,12 +320,14 @@ class _Target:
             raise CheckpointNotFoundError(f"{detail}: the checkpoint rank 0 chose is gone", uri=detail)
         return found
 
-    async def read_manifest_or_none(self) -> _Manifest | None:
-        """The manifest at the URI; ``None`` when there is none, or something else is there."""
+    async def committed_save_id(self) -> str | None:
+        """The save id the manifest at the URI commits; ``None`` when there is none, or something
+        else is there (of which only the first bytes are read)."""
         try:
-            return await self.read_manifest()
+            summary = await _dcp_layout.read_summary(await self.store(), self.location, self.config)
         except CorruptCheckpointError:
             return None
+        return summary.save_id if summary is not None else None
 
 
 def _in_process_group() -> bool:
@@ -477,14 +479,15 @@ class StorageWriter(_StorageWriter):
         """
         store = await self._target.store()
         location = self._target.location
-        before = await self._target.read_manifest_or_none()
-        await _engine.save(store, location, _encode_manifest(manifest), self._target.config)
+        before = await self._target.committed_save_id()
+        data = _encode_manifest(manifest)
+        await _engine.save_object(store, location, data, Kind.BYTES, self._target.config, layout=_dcp_layout.LAYOUT)
         try:
-            live = await self._target.read_manifest_or_none()
+            live = await self._target.committed_save_id()
             if live is None:  # unreadable now: keep everything rather than guess
                 return
-            superseded = {manifest.save_id} | ({before.save_id} if before is not None else set())
-            for save_id in sorted(superseded - {live.save_id}):
+            superseded = {manifest.save_id} | ({before} if before is not None else set())
+            for save_id in sorted(superseded - {live}):
                 await _dcp_layout.delete_save(store, location, save_id)
         except Exception as error:  # committed: stale data costs space, not correctness
             logger.warning("%s: could not delete the data of earlier saves: %s", location.uri, error)
@@ -504,8 +507,7 @@ class StorageWriter(_StorageWriter):
         if not self._is_coordinator or save_id is None:
             return
         try:
-            live = await self._target.read_manifest_or_none()
-            if live is None or live.save_id != save_id:
+            if await self._target.committed_save_id() != save_id:
                 await _dcp_layout.delete_save(await self._target.store(), self._target.location, save_id)
         except Exception as error:
             logger.warning("%s: could not delete the data of the failed save: %s", self._target.location.uri, error)

@@ -196,6 +196,54 @@ def test_something_else_at_the_uri_is_a_clear_error(store: StoreCase) -> None:
         load(empty(), store.uri("ckpt"))
 
 
+@pytest.mark.parametrize("kind", ["dir", "bytes"])
+def test_a_distributed_save_replaces_a_checkpoint_of_another_kind_which_a_distributed_load_names(
+    store: StoreCase, kind: str, tmp_path: Path
+) -> None:
+    """A directory or bytes checkpoint at the URI: a distributed load says what is there (reading
+    no more than its first bytes), and a distributed save replaces it as any save replaces the
+    checkpoint at its URI, leaving one save's data and nothing else."""
+    folder = tmp_path / "tree"
+    folder.mkdir()
+    (folder / "a.txt").write_bytes(b"a file")
+    with Checkpoint(store.uri("ckpt")) as cp:
+        cp.save_sync(folder if kind == "dir" else b"some bytes")
+    words = {"dir": "a directory", "bytes": "a bytes"}[kind]
+    with pytest.raises(CorruptCheckpointError, match=f"not a distributed checkpoint: it holds {words} checkpoint"):
+        load(empty(), store.uri("ckpt"))
+
+    saved = state(7)
+    save(saved, store.uri("ckpt"))
+    loaded = empty()
+    assert load(loaded, store.uri("ckpt")) is True
+    assert_same(loaded, saved)
+    (name,) = data_objects(store, "ckpt")
+    assert sorted(store.list_names("")) == ["ckpt", f"ckpt.dcp/{name}"]
+
+
+def test_the_loads_of_other_kinds_refuse_a_distributed_checkpoint_instead_of_restoring_its_manifest(
+    store: StoreCase, tmp_path: Path
+) -> None:
+    save(state(8), store.uri("ckpt"))
+    refused = re.escape(f"{store.uri('ckpt')} holds a distributed checkpoint (torch.distributed.checkpoint): load it")
+    with Checkpoint(store.uri("next"), src=store.uri("ckpt")) as cp:
+        with pytest.raises(CheckpointError, match=refused):
+            cp.load_sync()
+        with pytest.raises(CheckpointError, match=refused):
+            cp.load_sync(only=["model/*"])
+        with pytest.raises(CheckpointError, match=refused):
+            cp.load_bytes_sync()
+        with pytest.raises(CheckpointError, match=refused):
+            cp.contents_sync()
+    from checkpointio._cli import main
+
+    assert main(["load", "-q", store.uri("ckpt"), str(tmp_path / "restored")]) == 1
+    assert not (tmp_path / "restored").exists()
+    loaded = empty()
+    assert load(loaded, store.uri("ckpt")) is True  # still whole, for the load that reads it
+    assert_same(loaded, state(8))
+
+
 def test_a_checkpoint_that_does_not_fit_the_state_dict_is_a_clear_error_naming_the_uri(store: StoreCase) -> None:
     save({"weight": torch.ones(3)}, store.uri("ckpt"))
     expected = f"{store.uri('ckpt')}: the checkpoint does not fit the state dict: rank 0: RuntimeError: Missing key"
