@@ -1,5 +1,5 @@
 """Concurrency plumbing shared by the engine and the stores: one error out of an exception group,
-and thread locks that survive a fork."""
+thread locks that survive a fork, and what a forked child must never free."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import anyio
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
 
-__all__ = ["PLUMBING", "Aborted", "ForkSafeLock", "one_error"]
+__all__ = ["PLUMBING", "Aborted", "ForkSafeLock", "keep_forever", "one_error"]
 
 
 class Aborted(Exception):
@@ -99,3 +99,19 @@ def _renew_after_fork() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_renew_after_fork)
+
+
+def keep_forever(obj: object) -> None:
+    """Never free ``obj``, not even as the interpreter finalizes: a reference nobody gives back.
+
+    For what a forked child inherits from its parent's threads (a loop thread's portal, S3 clients
+    and their connections): freed at the child's exit, each would run its clean-up against threads
+    that are the parent's (a traceback, a join of a thread that is not there) or report itself
+    unclosed, and closing it in the child is no better: its sockets are the parent's too.
+    """
+    try:
+        import ctypes
+
+        ctypes.pythonapi.Py_IncRef(ctypes.py_object(obj))
+    except (ImportError, AttributeError):  # pragma: no cover - no CPython C API (PyPy)
+        pass

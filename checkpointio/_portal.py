@@ -29,6 +29,7 @@ import anyio
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from . import _exit
+from ._concurrency import keep_forever
 from ._exceptions import PortalError
 
 __all__ = ["CLEANUP_TIMEOUT", "on_loop_thread", "run_sync", "submit"]
@@ -78,25 +79,12 @@ def _loop_thread() -> _LoopThread:
         return _current
 
 
-def _keep_forever(obj: object) -> None:
-    """Never free ``obj``, not even as the interpreter finalizes: a reference nobody gives back.
-
-    An orphan's portal context manager, freed at the child's exit, would run its clean-up against
-    the parent's loop (a traceback, or a join of a thread that is not there)."""
-    try:
-        import ctypes
-
-        ctypes.pythonapi.Py_IncRef(ctypes.py_object(obj))
-    except (ImportError, AttributeError):  # pragma: no cover - no CPython C API (PyPy)
-        pass
-
-
 def _forget_after_fork() -> None:
     """In a forked child: the parent's loop thread was not copied; the next call starts one."""
     global _current, _lock
     if _current is not None:
         _orphans.append(_current)  # never touch its portal: its thread is the parent's
-        _keep_forever(_current.manager)
+        keep_forever(_current.manager)  # freed, it would stop the portal: the parent's loop
     _current = None
     _lock = threading.Lock()  # another thread may have held it at the fork
 

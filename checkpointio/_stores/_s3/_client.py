@@ -16,7 +16,7 @@ import anyio
 import anyio.to_thread
 from botocore.config import Config
 
-from ..._concurrency import ForkSafeLock
+from ..._concurrency import ForkSafeLock, keep_forever
 from ..._config import TransferConfig, is_endpoint
 from ..._location import Location
 from ._errors import mapped_errors
@@ -126,8 +126,19 @@ class _Clients:
         finally:
             clients.pop(key, None)
 
+    def forget_after_fork(self) -> None:
+        """In a forked child: every client here is the parent's (its connections are the parent's
+        sockets), whichever loop holds it; the next :meth:`get` makes one anew. The inherited ones
+        are neither closed nor freed (:func:`keep_forever`)."""
+        keep_forever(list(self._by_loop.values()))
+        self._by_loop = weakref.WeakKeyDictionary()
+        self._locks = weakref.WeakKeyDictionary()
+
 
 _clients = _Clients()
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_clients.forget_after_fork)
 
 #: Where a request's context keeps why its last attempt failed, for the line of the next one.
 _FAILURE = "checkpointio_failure"
