@@ -42,7 +42,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: make benchmarks.* importable
 
-from benchmarks.measure import Runner, ShellStep, StepFailed
+from benchmarks.measure import Runner, ShellStep, StepFailed, clean_up_on_sigterm
 from benchmarks.pipelines import Tools
 from benchmarks.run import BUCKET, checkpointio_revision, child_env, print_table, s3_server
 from benchmarks.s3server import REGION, RcloneS3Server, _free_port
@@ -401,6 +401,7 @@ def compared(bench: Bench, row: Row, op: str) -> str:
 
 
 def main() -> None:
+    clean_up_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a ~5 MiB state, one repetition (CI)")
     parser.add_argument("--mib", type=float, default=1024, help="size of the whole state dict (default 1024)")

@@ -56,6 +56,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.datasets import MiB, make_big_file, make_small_files, make_tensor_tree  # noqa: E402
+from benchmarks.measure import clean_up_on_sigterm  # noqa: E402
 
 #: Defines ``peak()`` in a child script: the peak RSS in MiB since this point, not the imports'
 #: (the high-water mark is reset where Linux allows it), else the process's whole peak.
@@ -364,6 +365,7 @@ def _median(steps: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def main() -> None:
+    clean_up_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small datasets (CI)")
     parser.add_argument("--small-files", type=int)

@@ -24,7 +24,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PythonStep", "Runner", "Sample", "ShellStep", "Step", "StepFailed", "Unsupported"]
+__all__ = [
+    "PythonStep",
+    "Runner",
+    "Sample",
+    "ShellStep",
+    "Step",
+    "StepFailed",
+    "Unsupported",
+    "clean_up_on_sigterm",
+]
 
 REPO = Path(__file__).resolve().parent.parent
 LAUNCHER = Path(__file__).resolve().parent / "launch.py"
@@ -75,6 +84,17 @@ class StepFailed(Exception):
 
 class Unsupported(Exception):
     """checkpointio refused an option of this step (``TypeError``): the row is reported as n/a."""
+
+
+def clean_up_on_sigterm() -> None:
+    """Make SIGTERM (``kill PID``, a CI timeout) end the benchmark as Ctrl-C does: through its
+    ``finally`` blocks, which stop the S3 server and the step running, and remove the scratch
+    folder. The default action ends the process at once and leaves them behind."""
+
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 def _kill_group(pid: int) -> None:

@@ -38,6 +38,7 @@ import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: make benchmarks.* importable
 
+from benchmarks.measure import clean_up_on_sigterm
 from benchmarks.s3server import RcloneS3Server, find_rclone
 from checkpointio import Checkpoint, Entry, _engine, _toc
 from checkpointio._config import TransferConfig
@@ -218,6 +219,7 @@ def list_sparse(
 
 
 def main() -> int:
+    clean_up_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="64 MiB, and a listing of 256 MiB (CI)")
     parser.add_argument("--gib", type=float, help="size of the tree (default 1 GiB)")

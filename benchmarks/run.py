@@ -48,7 +48,7 @@ from benchmarks.datasets import (
     verify_file,
     verify_tree,
 )
-from benchmarks.measure import PythonStep, Runner, Sample, StepFailed, Unsupported
+from benchmarks.measure import PythonStep, Runner, Sample, StepFailed, Unsupported, clean_up_on_sigterm
 from benchmarks.pipelines import (
     Context,
     Pipeline,
@@ -706,6 +706,7 @@ def dump_json(bench: Bench, path: Path) -> None:
 
 def main() -> None:
     """Parse the arguments, run in a scratch folder, exit with the run's status."""
+    clean_up_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny datasets, one repetition (CI)")
     parser.add_argument("--issue-sizes", action="store_true", help="the issue's sizes (770 MiB, 50,000 files, ...)")
