@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -324,6 +325,32 @@ def _python(tree: Path, repeat: int) -> list[tuple[str, tuple[float, float]]]:
     return rows
 
 
+def _check_walkable(tree: Path) -> None:
+    """Exit with a message, not a crash, where a walk cannot go: every walk here holds a descriptor
+    of each folder at once, and none skips a folder it cannot open."""
+
+    def unlisted(error: OSError) -> None:
+        sys.exit(f"walkfloor: cannot list {error.filename}: {error.strerror}")
+
+    folders = [tree]
+    for top, names, _ in os.walk(tree, onerror=unlisted):
+        folders.extend(Path(top, name) for name in names)
+    for folder in folders:
+        try:
+            os.close(os.open(folder, os.O_RDONLY | os.O_DIRECTORY))
+        except OSError as error:
+            sys.exit(f"walkfloor: cannot open {folder}: {error.strerror}; give a tree whose every folder can be read")
+    needed = len(folders) + 64  # the walks' descriptors and the interpreter's own
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if needed > soft:
+        if hard != resource.RLIM_INFINITY and needed > hard:
+            sys.exit(
+                f"walkfloor: {tree} has {len(folders):,} folders and a walk holds a descriptor of each,"
+                f" {needed:,} with the process's own; it may open {hard:,} (raise `ulimit -Hn`, or give a smaller tree)"
+            )
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))  # this script's own process (and its C walks)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="2,000 files of 13 MiB")
@@ -340,6 +367,7 @@ def main() -> None:
         if tree is None:
             tree = Path(scratch) / "tree"
             make_small_files(tree, files, mib)
+        _check_walkable(tree)
         entries = sum(len(names) + len(folders) for _, folders, names in os.walk(tree))
         rows = _native(Path(scratch), tree, args.repeat) + _python(tree, args.repeat)
     print(f"{tree if args.tree else f'{files:,} files, {mib:g} MiB'}: {entries:,} entries; medians of {args.repeat}")
