@@ -47,6 +47,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.datasets import make_small_files  # noqa: E402
+from benchmarks.measure import clean_up_on_sigterm  # noqa: E402
 from checkpointio import _archive  # noqa: E402
 
 #: The native walker: ``walk ROOT list|stat|2|uring`` prints "entries wall cpu".
@@ -352,6 +353,7 @@ def _check_walkable(tree: Path) -> None:
 
 
 def main() -> None:
+    clean_up_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="2,000 files of 13 MiB")
     parser.add_argument("--files", type=int, default=50_000)

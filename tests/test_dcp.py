@@ -126,6 +126,42 @@ def test_the_storage_layer_plugs_into_dcp_itself(store: StoreCase) -> None:
     assert_same(loaded, saved)
 
 
+def test_the_documented_recipe_restores_a_model_and_its_optimizers_moments_into_fresh_ones(store: StoreCase) -> None:
+    """docs/distributed.md and the README: state built with get_state_dict, applied with
+    set_state_dict. A retry starts from a fresh optimizer, whose own state_dict() holds no moments."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    def trained(steps: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(6, 3)
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+        for _ in range(steps):
+            model(torch.ones(2, 6)).square().sum().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        return model, optimizer
+
+    model, optimizer = trained(3)
+    optimizer.param_groups[0]["lr"] = 0.05
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    save({"model": model_state, "optimizer": optimizer_state}, store.uri("ckpt"))
+
+    fresh_model, fresh_optimizer = trained(0)
+    model_state, optimizer_state = get_state_dict(fresh_model, fresh_optimizer)
+    loaded: dict[str, Any] = {"model": model_state, "optimizer": optimizer_state}
+    assert load(loaded, store.uri("ckpt")) is True
+    set_state_dict(fresh_model, fresh_optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optimizer"])
+
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(fresh_model.state_dict()[name], tensor)
+    assert fresh_optimizer.param_groups[0]["lr"] == 0.05
+    saved_moments, restored_moments = optimizer.state_dict()["state"], fresh_optimizer.state_dict()["state"]
+    assert sorted(restored_moments) == sorted(saved_moments) and len(saved_moments) == 2
+    for index, moments in saved_moments.items():
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(restored_moments[index][key], moments[key]), (index, key)
+
+
 def test_tensors_load_into_other_dtypes_strided_targets_and_every_shape(store: StoreCase) -> None:
     """Tensors are stored as their elements: each is read back into its target whatever its
     layout (copied straight in when dtype and shape match, converted by torch otherwise)."""
