@@ -57,9 +57,10 @@ class TransferConfig:
 
     Memory: a save holds at most ``part_size * (max_concurrency + 1)`` bytes of parts in flight
     plus ``pipeline_depth * chunk_size`` bytes between the archive thread and the uploader, and
-    briefly a second copy of the one part being assembled; a directory load the same for ranges
-    (those after the one being extracted wait whole), a single file about ``3 * chunk_size`` per
-    range (a range waits for its bytes to be written before reading more). With the
+    briefly a second copy of the one part being assembled; a directory load at most the range
+    being extracted plus ``2 * part_size`` received ahead of it (the ranges after it stop reading
+    there; TCP holds the rest), a single file about ``3 * chunk_size`` per range (a range waits
+    for its bytes to be written before reading more). With the
     defaults that is 16 MiB * 9 + 4 MiB = 148 MiB of data (a whole process peaked at ~250 MiB in
     the benchmark, the interpreter and libraries included), for as long as parts keep
     ``part_size``: up to 156 GiB for a file or bytes and 112 GiB for a directory archive or other

@@ -137,6 +137,17 @@ class _InOrder:
         self._spans = ranges(info.size, config.part_size)
         self._count = max(1, len(self._spans))
         self._step = config.chunk_size
+        # Bytes held (received, not yet taken) past which the ranges after the one whose turn it
+        # is stop reading: the rest waits in the kernel's socket buffers and the server's (TCP's
+        # flow control), which costs this process no memory (fewer pages touched: fewer page
+        # faults), and the bandwidth goes to the range being taken, which never waits.
+        self._ahead = _AHEAD_PARTS * config.part_size
+        # Paused ranges read again once the taker brought what is held down by a part, not at
+        # each step it takes: a burst of reading per part instead of a wake-up per step.
+        self._resume_at = self._ahead - config.part_size
+        self._held = 0  # held by every range, under the lock
+        self._woken_at = 0  # the turn when the paused ranges were last woken
+        self._waiting: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []  # ranges paused
         self._cond = threading.Condition()
         self._ranges: dict[int, _InOrderRange] = {}  # made when fetched, dropped once taken whole
         self._turn = 0  # the range being taken
@@ -178,6 +189,17 @@ class _InOrder:
                 self._ended = True
                 self._cond.notify_all()
 
+    def _wake_paused(self) -> None:
+        """Under the lock: let the ranges paused for :attr:`_ahead` go on reading, once what is
+        held was taken down to :attr:`_resume_at` or the turn moved on (perhaps to one of them;
+        each checks again)."""
+        if self._waiting and (self._held <= self._resume_at or self._turn != self._woken_at):
+            self._woken_at = self._turn
+            waiting, self._waiting = self._waiting, []
+            for loop, paused in waiting:
+                with contextlib.suppress(RuntimeError):  # its loop is closed: nobody waits
+                    loop.call_soon_threadsafe(_release, paused)
+
     def take(self) -> Blocks:
         """In the taking thread: the next blocks in order, waiting for ``step`` bytes of them or
         their range's end; ``[]`` once every range was taken. Raises :class:`Aborted` once
@@ -188,6 +210,7 @@ class _InOrder:
                 one = self._ranges.get(self._turn)
                 if one is not None and (one.held >= self._step or (one.done and one.held)):
                     taken += one.blocks
+                    self._held -= one.held
                     one.blocks, one.held = [], 0
                     self._part_crc, self._part_length = one.crc, one.length  # every block it holds taken
                 if one is not None and one.done and not one.held:
@@ -204,9 +227,11 @@ class _InOrder:
                         continue  # the next range may hold blocks already (one range's at a time: its
                         # slot is only given back once taken, so memory stays bounded as before)
                 if taken or self._turn >= self._count:
+                    self._wake_paused()
                     return taken
                 if self._ended:  # run() ended before this range arrived: it failed
                     raise Aborted
+                self._wake_paused()  # the range whose turn it is now may be one of them
                 self._cond.wait()
 
     def crc32(self) -> int | None:
@@ -232,13 +257,30 @@ class _InOrderRange:
     async def add(self, block: bytes) -> None:  # on a receiving thread
         order = self._order
         crc = _codec.crc32(block, self.crc) if order.checksums else 0  # outside the lock: the taker goes on
+        paused: asyncio.Future[None] | None = None
         with order._cond:
             self.blocks.append(block)
             self.held += len(block)
+            order._held += len(block)
             self.length += len(block)
             self.crc = crc
-            if self.held >= order._step and order._turn == self._index:
-                order._cond.notify()
+            if order._turn == self._index:
+                if self.held >= order._step:
+                    order._cond.notify()
+            elif order._held > order._ahead:
+                # Not this range's turn and enough is held: stop reading until the taker catches up.
+                # The range whose turn it is never waits, so the taker always gets its bytes.
+                loop = asyncio.get_running_loop()
+                paused = loop.create_future()
+                order._waiting.append((loop, paused))
+        while paused is not None:
+            await paused
+            paused = None
+            with order._cond:
+                if order._turn != self._index and order._held > order._ahead:
+                    loop = asyncio.get_running_loop()
+                    paused = loop.create_future()
+                    order._waiting.append((loop, paused))
 
     def finish(self) -> None:  # on a receiving thread
         order = self._order
@@ -246,6 +288,16 @@ class _InOrderRange:
             self.done = True
             if order._turn == self._index:
                 order._cond.notify()
+
+
+#: How many ``part_size`` of received bytes an ordered read holds before the ranges after the one
+#: being taken stop reading (each may overshoot by the block that crossed the line).
+_AHEAD_PARTS = 2
+
+
+def _release(paused: asyncio.Future[None]) -> None:
+    if not paused.done():  # not cancelled meanwhile
+        paused.set_result(None)
 
 
 def ordered(requests: _Requests, info: ObjectInfo) -> _InOrder:
