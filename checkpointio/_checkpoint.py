@@ -27,6 +27,7 @@ from ._pending import awaitable
 from ._progress import ProgressCallback
 from ._selection import Entry, Selection
 from ._stores import Store, open_store
+from ._stores._local import refuse_replacing
 
 __all__ = ["Checkpoint", "SaveHandle", "latest_checkpoint"]
 
@@ -265,6 +266,7 @@ class Checkpoint:
         *,
         wait: bool = True,
         supersede: bool = False,
+        force: bool = False,
         on_progress: ProgressCallback | None = None,
         **options: Unpack[TransferOptions],
     ) -> SaveHandle:
@@ -284,6 +286,11 @@ class Checkpoint:
                 default wait for it to finish (at most one is ever in flight, which also keeps
                 memory and scratch space bounded); ``True`` cancels it (its upload is aborted, the
                 store keeps what it had) and starts this one at once.
+            force: Replace a local file at ``dest`` that checkpointio did not write (one without
+                its record, ``.<name>.checkpointio``), as ``checkpointio save --force`` does. By
+                default such a file is refused before anything is read or written: it is a user's
+                file (``Checkpoint("train.py")``), not a checkpoint. A checkpoint checkpointio
+                wrote is always replaced (atomically), with or without ``force``.
             **options: Transfer settings for this call only (e.g. ``compression_level=0``).
 
         Returns:
@@ -308,13 +315,18 @@ class Checkpoint:
             SourceUnreadableError: A file or folder of it cannot be read (permission denied).
             BackgroundSaveError: An earlier background save of this checkpoint failed and its
                 error had not been retrieved (this save was not started).
-            TypeError: ``data`` is of another type, or ``wait`` or ``supersede`` is not a bool.
+            DestinationError: ``dest`` is a local folder, or a local file checkpointio did not
+                write (without ``force``); nothing was read or written.
+            TypeError: ``data`` is of another type, or ``wait``, ``supersede`` or ``force`` is
+                not a bool.
         """
-        for flag, value in (("wait", wait), ("supersede", supersede)):
+        for flag, value in (("wait", wait), ("supersede", supersede), ("force", force)):
             if not isinstance(value, bool):  # "no" would be true: a background save nobody asked for
                 raise TypeError(f"{flag} must be True or False, got {type(value).__name__} {value!r}")
         config = self._config.with_options(**options)
         callback = on_progress or self._on_progress
+        if not force and self._dest.scheme == "file":  # the store refuses it too, but only once it is reached
+            await anyio.to_thread.run_sync(refuse_replacing, self._dest)
         if wait:
             await self._inflight.wait_for_it(supersede)
             store = await open_store(self._dest.scheme, config)
@@ -327,9 +339,10 @@ class Checkpoint:
                     callback,
                     parents=self._parents(),
                     last=self._written,
+                    force=force,
                 )
             else:
-                await _engine.save(store, self._dest, data, config, callback)
+                await _engine.save(store, self._dest, data, config, callback, force=force)
             return SaveHandle(self.dest)
         own = functools.partial(_engine.store_files_in, self._dest)
         snapshot = await anyio.to_thread.run_sync(functools.partial(_snapshot.take, data, skip=own))
@@ -338,7 +351,7 @@ class Checkpoint:
         except BaseException:
             await anyio.to_thread.run_sync(snapshot.discard)
             raise
-        return await self._inflight.start(self._save_snapshot, self.dest, snapshot, config, callback)
+        return await self._inflight.start(self._save_snapshot, self.dest, snapshot, config, callback, force)
 
     async def _save_written(self, writer: _engine.Writer, **options: Unpack[TransferOptions]) -> None:
         """Save what ``writer`` writes into a file object (in a worker thread), streamed, as a file."""
@@ -348,7 +361,11 @@ class Checkpoint:
         await _engine.save_written(store, self._dest, writer, config, self._on_progress)
 
     async def _save_snapshot(
-        self, snapshot: _snapshot.Snapshot, config: TransferConfig, on_progress: ProgressCallback | None
+        self,
+        snapshot: _snapshot.Snapshot,
+        config: TransferConfig,
+        on_progress: ProgressCallback | None,
+        force: bool = False,
     ) -> None:
         try:
             store = await open_store(self._dest.scheme, config)
@@ -364,6 +381,7 @@ class Checkpoint:
                     shown=snapshot.source,
                     last=self._written,
                     hard_links=snapshot.hard_links if snapshot.linked else None,
+                    force=force,
                 )
                 return
             await _engine.save(
@@ -374,6 +392,7 @@ class Checkpoint:
                 on_progress,
                 check=snapshot.check_unchanged,
                 shown=snapshot.source,
+                force=force,
             )
         finally:
             with anyio.CancelScope(shield=True):
@@ -433,11 +452,14 @@ class Checkpoint:
         *,
         wait: bool = True,
         supersede: bool = False,
+        force: bool = False,
         on_progress: ProgressCallback | None = None,
         **options: Unpack[TransferOptions],
     ) -> SaveHandle:
         """Blocking twin of :meth:`save` (with ``wait=False`` it returns once ``data`` is snapshotted)."""
-        return _portal.run_sync(self.save, data, wait=wait, supersede=supersede, on_progress=on_progress, **options)
+        return _portal.run_sync(
+            self.save, data, wait=wait, supersede=supersede, force=force, on_progress=on_progress, **options
+        )
 
     def wait_sync(self) -> None:
         """Blocking twin of :meth:`wait`."""

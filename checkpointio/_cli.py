@@ -422,7 +422,7 @@ async def _save(cmd: _Command) -> None:
     if cmd.args.dry_run:
         await _save_dry_run(cmd, source, kind, checkpoint.dest)
         return
-    await checkpoint.save(data)
+    await checkpoint.save(data, force=cmd.args.force)
     last = cmd.bars.last
     stored = last.done if last is not None else 0
     read = last.source_done if last is not None and last.source_done is not None else stored
@@ -644,7 +644,7 @@ async def _rm(cmd: _Command) -> int:
     code = EXIT_OK
     for uri in args.uri:
         try:
-            await _manage.remove(uri, cmd.config, dry_run=args.dry_run)
+            await _manage.remove(uri, cmd.config, dry_run=args.dry_run, force=args.force)
         except CheckpointNotFoundError as error:  # the others are still removed, as rm does
             print(f"checkpointio: error: {error}", file=sys.stderr)
             code = code or EXIT_NOT_FOUND

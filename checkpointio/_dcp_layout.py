@@ -324,7 +324,7 @@ async def _remove_data(store: Store, location: Location, listed: list[ObjectInfo
         await anyio.to_thread.run_sync(_remove_empty_tree, prefix.key)
 
 
-async def remove_checkpoint(store: Store, location: Location, config: TransferConfig) -> bool:
+async def remove_checkpoint(store: Store, location: Location, config: TransferConfig, *, force: bool = False) -> bool:
     """Remove the checkpoint at ``location``, a distributed one with its data (its manifest first:
     it disappears at once); whether there was an object there.
 
@@ -332,6 +332,9 @@ async def remove_checkpoint(store: Store, location: Location, config: TransferCo
     manifest cannot be read: the data objects under ``<key>.dcp/`` (only names a distributed save
     writes) are listed first, then the object goes, then they do, so no data is ever left behind
     once its manifest is gone; credentials that may not list delete nothing.
+
+    A local file checkpointio did not write is refused (``DestinationError``) and kept, unless
+    ``force`` (see ``Store.delete``).
     """
     try:
         summary = await read_summary(store, location, config)
@@ -346,7 +349,7 @@ async def remove_checkpoint(store: Store, location: Location, config: TransferCo
     if summary is not None:
         await remove(store, location)
         return True
-    return await store.delete(location)
+    return await store.delete(location, force=force)
 
 
 def _remove_empty_tree(top: str) -> None:

@@ -285,6 +285,7 @@ async def save(
     check: Callable[[], None] | None = None,
     shown: str | None = None,
     skip: _archive.Skip | None = None,
+    force: bool = False,
 ) -> ObjectInfo:
     """Save ``data`` (bytes, a file, a directory or a binary stream) at ``location``; atomic on every store.
 
@@ -292,12 +293,13 @@ async def save(
     commit. ``check`` runs in the producer thread once every byte was read and before the store
     may commit; an error it raises fails the save (a background snapshot uses it to refuse files
     rewritten in place). A background snapshot also gives ``shown``, the user's path for messages,
-    and ``skip``, what its tree leaves out (else :func:`store_files_in` is applied here).
+    and ``skip``, what its tree leaves out (else :func:`store_files_in` is applied here). ``force``
+    replaces a local file checkpointio did not write (see ``Store.put``).
     """
     source = _classify(data, shown)
     if source.kind is Kind.DIRECTORY and skip is None and source.path is not None:
         skip = await anyio.to_thread.run_sync(store_files_in, location, source.path)
-    return await _save(store, location, source, config, on_progress, check, skip)
+    return await _save(store, location, source, config, on_progress, check, skip, force=force)
 
 
 async def save_written(
@@ -312,12 +314,19 @@ async def save_written(
 
 
 async def save_object(
-    store: Store, location: Location, data: bytes, kind: Kind, config: TransferConfig, *, layout: str | None = None
+    store: Store,
+    location: Location,
+    data: bytes,
+    kind: Kind,
+    config: TransferConfig,
+    *,
+    layout: str | None = None,
+    force: bool = False,
 ) -> ObjectInfo:
     """Store ``data`` (in memory already) at ``location`` as an object of ``kind`` (and ``layout``),
     atomically and with its CRC32: the parts of a checkpoint another module lays out (manifests, packs)."""
     source = _Source(kind, len(data), data=memoryview(data), layout=layout)
-    return await _save(store, location, source, config, None, log=False)
+    return await _save(store, location, source, config, None, log=False, force=force)
 
 
 async def _save(
@@ -330,6 +339,7 @@ async def _save(
     skip: _archive.Skip | None = None,
     *,
     log: bool = True,
+    force: bool = False,
 ) -> ObjectInfo:
     started = time.monotonic()
     _allocator.tune_malloc()  # only if asked: it changes the whole process
@@ -363,7 +373,7 @@ async def _save(
     async def put() -> None:
         nonlocal stored
         with receive:
-            stored = await store.put(location, body, Record(source.kind, layout=source.layout))
+            stored = await store.put(location, body, Record(source.kind, layout=source.layout), force=force)
 
     try:
         with one_error():  # both sides in tasks of their own: each is cancelled by the group's scope

@@ -8,6 +8,7 @@ and prints.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import time
@@ -56,6 +57,8 @@ __all__ = [
     "verify_distributed",
     "write_out",
 ]
+
+logger = logging.getLogger(__name__)
 
 #: HEADs in flight at once when a listing lacks the records (S3 lists no metadata).
 _HEADS_AT_ONCE = 16
@@ -285,7 +288,7 @@ async def incremental_among(
     return found
 
 
-async def remove(uri: str, config: TransferConfig, *, dry_run: bool = False) -> None:
+async def remove(uri: str, config: TransferConfig, *, dry_run: bool = False, force: bool = False) -> None:
     """Delete the checkpoint at ``uri`` (with ``dry_run``, only check that there is one); a
     distributed one with its data (the manifest first: it disappears at once).
 
@@ -293,13 +296,14 @@ async def remove(uri: str, config: TransferConfig, *, dry_run: bool = False) -> 
 
     Raises:
         CheckpointNotFoundError: There is none.
+        DestinationError: It is a local file checkpointio did not write (unless ``force``); kept.
     """
     location = checkpoint_location(uri)
     store = await open_store(location.scheme, config)
     if dry_run:
         found = await _exists(store, location)
     else:
-        found = await _dcp_layout.remove_checkpoint(store, location, config)
+        found = await _dcp_layout.remove_checkpoint(store, location, config, force=force)
     if not found:
         raise CheckpointNotFoundError(f"{location.uri}: no such checkpoint", uri=location.uri)
 
@@ -678,11 +682,15 @@ async def find_runs(store: Store, prefix: Location) -> list[StoredRun]:
 
 
 async def delete_run(store: Store, run: StoredRun) -> None:
-    """Delete a run's attempts, claims and unfinished saves; on a local store, its emptied folders."""
+    """Delete a run's attempts, claims and unfinished saves; on a local store, its emptied folders.
+    A local file of such a name that checkpointio did not write is kept (with a warning)."""
     for write in run.unfinished:
         await store.discard(write)
     for location in run.objects:
-        await store.delete(location)
+        try:
+            await store.delete(location)
+        except DestinationError as error:
+            logger.warning("kept %s: %s", location.uri, error)
     if run.location.scheme == "file":
         await anyio.to_thread.run_sync(_remove_empty_folders, run.location.key)
 

@@ -50,6 +50,7 @@ from ._config import TransferConfig, TransferOptions
 from ._exceptions import (
     BackgroundSaveError,
     CheckpointError,
+    DestinationError,
     InvalidNameError,
     NoCheckpointError,
 )
@@ -298,7 +299,10 @@ class _Run:
             await self.discover()
             dropped = self.saved[: -self.keep_last] if self.keep_last else self.saved
             for attempt in dropped:
-                await _delete_attempt(store, self.attempt_location(attempt), self.config)
+                try:
+                    await _delete_attempt(store, self.attempt_location(attempt), self.config)
+                except DestinationError as error:  # a user's file of an attempt's name: not ours to delete
+                    logger.warning("kept %s: %s", self.attempt_location(attempt).uri, error)
             if dropped:
                 await _collect_packs(store, self.attempt_location(0), self.config)
         for attempt in self.mine:

@@ -998,7 +998,11 @@ def _newest_source(checkpoint: Checkpoint, **options: Unpack[TransferOptions]) -
 
 def remove(uri: str | os.PathLike[str], **options: Unpack[TransferOptions]) -> bool:
     """Delete the distributed checkpoint at ``uri``, its manifest first, then its data; ``False``
-    when there is none."""
+    when there is none.
+
+    Raises:
+        DestinationError: ``uri`` is a local file checkpointio did not write; it is kept.
+    """
     from . import _manage
 
     try:

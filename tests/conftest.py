@@ -366,6 +366,26 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreCase]
         yield StoreCase(request.param, root)
 
 
+def age_keeping_records(path: Path, when: float) -> None:
+    """Set ``path``'s times to ``when`` (a symlink itself, not its target) as a run that ended then
+    left it; a local checkpoint's record (its sidecar names the file's size and mtime) is moved
+    along, so the file stays one checkpointio wrote: else ``rm`` and retention would keep it as a
+    user's file."""
+    sidecar = path.with_name(f".{path.name}.checkpointio")
+    if path.is_symlink() or not sidecar.is_file() or path.name.endswith(".checkpointio"):
+        os.utime(path, (when, when), follow_symlinks=False)
+        return
+    st = path.stat()
+    doc = json.loads(sidecar.read_bytes())
+    os.utime(path, (when, when))
+    new = path.stat().st_mtime_ns
+    for entry in [doc, *doc.get("also", [])]:
+        if entry["of"] == [st.st_size, st.st_mtime_ns]:
+            entry["of"] = [st.st_size, new]
+    sidecar.write_text(json.dumps(doc))
+    os.utime(sidecar, (when, when))
+
+
 def make_tree(root: Path) -> Path:
     """A directory with nested folders, an empty folder, a symlink, binary content and modes."""
     (root / "model" / "layers").mkdir(parents=True)

@@ -30,9 +30,9 @@ class CountingStore:
         self.requests.append("head")
         return await self.inner.head(location)
 
-    async def put(self, location: Location, body: Body, record: Record) -> ObjectInfo:
+    async def put(self, location: Location, body: Body, record: Record, *, force: bool = False) -> ObjectInfo:
         self.requests.append("put")
-        return await self.inner.put(location, body, record)
+        return await self.inner.put(location, body, record, force=force)
 
     async def get(self, info: ObjectInfo, sink: Sink) -> None:
         self.requests.append("get")
@@ -43,9 +43,9 @@ class CountingStore:
 
         await self.inner.get(info, counted)
 
-    async def delete(self, location: Location) -> bool:
+    async def delete(self, location: Location, *, force: bool = False) -> bool:
         self.requests.append("delete")
-        return await self.inner.delete(location)
+        return await self.inner.delete(location, force=force)
 
     async def pending(self, prefix: Location) -> list[PendingWrite]:
         self.requests.append("pending")

@@ -25,7 +25,17 @@ from checkpointio import Checkpoint, TransferConfig
 from checkpointio._cli import build_parser, main, parse_size
 from checkpointio._config import field_help
 
-from .conftest import GuardedS3, MotoServer, StoreCase, free_port, make_tree, snapshot, start_moto, stop
+from .conftest import (
+    GuardedS3,
+    MotoServer,
+    StoreCase,
+    age_keeping_records,
+    free_port,
+    make_tree,
+    snapshot,
+    start_moto,
+    stop,
+)
 from .faultproxy import FaultProxy
 from .scripts import run_script
 
@@ -907,7 +917,7 @@ def test_gc_runs_older_than_removes_old_task_runs_and_nothing_else(
         (tmp_path / "runs" / "e" / "job" / "old" / "notes.txt").write_bytes(b"mine")
         when = time.time() - 3 * 86400
         for path in (tmp_path / "runs" / "e" / "job" / "old").iterdir():
-            os.utime(path, (when, when))
+            age_keeping_records(path, when)
         age = "2d"
         removed = ["old"]
 

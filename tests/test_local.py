@@ -42,11 +42,12 @@ def tar_gz(name: str, content: bytes) -> bytes:
 
 @pytest.mark.parametrize("name", ["n" * 242, "n" * 255, "检" * 81], ids=["242", "255", "cjk-243"])
 async def test_a_name_too_long_for_its_record_is_refused_before_anything_moves(tmp_path: Path, name: str) -> None:
-    # The file fits, its record (.<name>.checkpointio) cannot: the save must not replace the file.
+    # The file fits, its record (.<name>.checkpointio) cannot: the save must not replace the file,
+    # even one told it may (force: the file has no record, it is another tool's).
     path = tmp_path / name
     path.write_bytes(b"previous, written by another tool")
     with pytest.raises(StoreError, match=rf"the name is {len(name.encode())} bytes; .* up to 241 bytes") as caught:
-        await Checkpoint(path).save(b"new bytes")
+        await Checkpoint(path).save(b"new bytes", force=True)
     assert str(path) in str(caught.value) and caught.value.uri == str(path)
     assert path.read_bytes() == b"previous, written by another tool"
     assert sorted(os.listdir(tmp_path)) == [name]  # nothing written beside it either
@@ -196,7 +197,7 @@ async def test_gc_ls_and_rm_leave_user_files_named_like_the_stores_own(tmp_path:
     assert listed == sorted([str(store / "notes")] + [str(store / relative) for relative in user_files])
 
     (store / "plan").write_bytes(b"a file beside the user's .plan.checkpointio")
-    await remove(str(store / "plan"), CONFIG)
+    await remove(str(store / "plan"), CONFIG, force=True)  # a user's file: only with force (rm --force)
     assert (store / ".plan.checkpointio").read_bytes() == b"the user's plan, not a record"
     await remove(str(store / "notes"), CONFIG)
     assert not (store / ".notes.checkpointio").exists()  # its own record goes with it

@@ -32,7 +32,7 @@ from checkpointio import (
 )
 from checkpointio._stores import Kind
 
-from .conftest import ONE_STORE, MotoServer, StoreCase, make_tree, snapshot
+from .conftest import ONE_STORE, MotoServer, StoreCase, age_keeping_records, make_tree, snapshot
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -636,7 +636,7 @@ def _age(folder: Path, seconds: float) -> None:
     """Make everything below ``folder`` look last written ``seconds`` ago."""
     when = time.time() - seconds
     for path in folder.rglob("*"):
-        os.utime(path, (when, when), follow_symlinks=False)
+        age_keeping_records(path, when)
 
 
 def _calls_of_a_task_that_fails_once(task_env: TaskEnvironment, calls: int, age: Path | None) -> None:

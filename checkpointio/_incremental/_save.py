@@ -675,6 +675,7 @@ async def save(
     pack_size: int = PACK_SIZE,
     last: Written | None = None,
     hard_links: Collection[tuple[int, int]] | None = None,
+    force: bool = False,
 ) -> Written:
     """Save the directory ``root`` at ``location`` as an incremental checkpoint.
 
@@ -688,6 +689,7 @@ async def save(
     ``hard_links``: where ``root`` is a snapshot whose files are hard links of the caller's (so a
     link count also counts names outside ``root``, which may change meanwhile), the inodes with
     more than one name in ``root``: the hard links stored; ``None``: the link counts tell them.
+    ``force``: the manifest replaces a local file checkpointio did not write (see ``Store.put``).
     """
     started = time.monotonic()
     uri = location.uri
@@ -718,6 +720,7 @@ async def save(
                     lease,
                     last,
                     hard_links,
+                    force=force,
                 )
                 keeper.cancel_scope.cancel()
     finally:
@@ -759,6 +762,8 @@ async def _save_tree(
     lease: Lease,
     last: Written | None,
     hard_links: Collection[tuple[int, int]] | None,
+    *,
+    force: bool,
 ) -> tuple[Written, _Packer]:
     area = area_of(location)
     manifests, lookups = await _load_parents(store, location, parents, area, config, last)
@@ -843,7 +848,7 @@ async def _save_tree(
     with one_error():
         async with anyio.create_task_group() as group:
             group.start_soon(look_up)
-            info = await _engine.save_object(store, location, data, Kind.DIRECTORY, config, layout=LAYOUT)
+            info = await _engine.save_object(store, location, data, Kind.DIRECTORY, config, layout=LAYOUT, force=force)
     meter.advance(len(data))
     return Written(location, info, manifest, looked_up[0]), packer
 

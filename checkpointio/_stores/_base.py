@@ -234,16 +234,26 @@ class Store(Protocol):
         """Describe the object, or ``None`` if there is none. Other failures raise."""
         ...
 
-    async def put(self, location: Location, body: Body, record: Record) -> ObjectInfo:
-        """Store ``body`` atomically: on any error or cancellation, the previous object stays."""
+    async def put(self, location: Location, body: Body, record: Record, *, force: bool = False) -> ObjectInfo:
+        """Store ``body`` atomically: on any error or cancellation, the previous object stays.
+
+        A local file at ``location`` that checkpointio did not write (no record of it) is refused
+        with ``DestinationError`` before anything is written, unless ``force``: it is a user's file
+        (``save ckpt/ train.py``). Other stores replace whatever object is at the key, as ``aws s3
+        cp`` does.
+        """
         ...
 
     async def get(self, info: ObjectInfo, sink: Sink) -> None:
         """Send the object's bytes to ``sink`` in order; fail if it changed since ``info``."""
         ...
 
-    async def delete(self, location: Location) -> bool:
-        """Remove the object; ``False`` if there was none."""
+    async def delete(self, location: Location, *, force: bool = False) -> bool:
+        """Remove the object; ``False`` if there was none.
+
+        A local file that checkpointio did not write is refused with ``DestinationError`` and kept,
+        unless ``force`` (see :meth:`put`).
+        """
         ...
 
     async def pending(self, prefix: Location) -> list[PendingWrite]:

@@ -51,7 +51,7 @@ from .._location import Location
 from .._writes import write_all
 from ._base import Body, ObjectInfo, PendingWrite, Record, Sink
 
-__all__ = ["LocalStore", "file_in_the_way", "own_files"]
+__all__ = ["LocalStore", "file_in_the_way", "foreign_file", "own_files", "refuse_replacing"]
 
 logger = logging.getLogger(__name__)
 
@@ -252,6 +252,42 @@ def file_in_the_way(path: Path) -> Path | None:
     return None
 
 
+def foreign_file(uri: str, *, removing: bool = False, hint: str | None = None) -> DestinationError:
+    """The error for a file at ``uri`` that checkpointio did not write: a save would replace it,
+    a removal (``removing``) delete it. ``hint`` says how to proceed anyway (the Python API's
+    ``force=True`` by default)."""
+    done = "nothing was removed" if removing else "nothing was written"
+    if hint is None:
+        hint = "move it away or remove it yourself" if removing else "pass force=True to replace it"
+    return DestinationError(
+        f"{uri} is a file checkpointio did not write (no record of it beside it); {done}: {hint}", uri=uri
+    )
+
+
+def _is_foreign(path: Path) -> bool:
+    """Whether ``path`` is a file (or a symlink to one) that checkpointio did not write: no entry of
+    its sidecar names its generation. Nothing there, or a folder, is not one."""
+    try:
+        st = path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    return stat.S_ISREG(st.st_mode) and LocalStore._read_record(path, st) is None
+
+
+def refuse_replacing(location: Location) -> None:
+    """Raise ``DestinationError`` if a save at the local ``location`` would replace a folder or a file
+    checkpointio did not write: what ``LocalStore.put`` refuses, asked before a save reads or
+    snapshots its source (a background or incremental save would only meet the refusal later)."""
+    path = Path(location.key)
+    try:
+        if path.is_dir():
+            raise DestinationError(f"{location.uri}: is a directory; a checkpoint URI names a file", uri=location.uri)
+        if _is_foreign(path):
+            raise foreign_file(location.uri)
+    except OSError as error:
+        raise _translate(error, location.uri) from error
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -343,9 +379,9 @@ class LocalStore:
             return None  # none of this generation, or two that cannot be told apart
         return Record.from_metadata(next(iter(records.values())))
 
-    async def put(self, location: Location, body: Body, record: Record) -> ObjectInfo:
+    async def put(self, location: Location, body: Body, record: Record, *, force: bool = False) -> ObjectInfo:
         path = Path(location.key)
-        name_max = await anyio.to_thread.run_sync(self._prepare, path, location.uri)
+        name_max = await anyio.to_thread.run_sync(self._prepare, path, location.uri, force)
         tmp = _temporary(path, name_max)
         try:
             try:
@@ -366,10 +402,10 @@ class LocalStore:
                 await anyio.to_thread.run_sync(lambda: tmp.unlink(missing_ok=True))
             raise
 
-    @staticmethod
-    def _prepare(path: Path, uri: str) -> int:
-        """Refuse, before anything is written, a save whose commit could not complete; create the
-        parent folder. Returns the longest name its filesystem takes."""
+    def _prepare(self, path: Path, uri: str, force: bool = False) -> int:
+        """Refuse, before anything is written, a save whose commit could not complete or that would
+        replace a file checkpointio did not write (unless ``force``); create the parent folder.
+        Returns the longest name its filesystem takes."""
         if _TEMPORARY.fullmatch(path.name) or _is_sidecar_name(path.name):
             raise StoreError(
                 f"{uri}: {path.name!r} is a name the local store uses for its own files (records, unfinished "
@@ -397,6 +433,8 @@ class LocalStore:
                 )
             if path.is_dir():
                 raise DestinationError(f"{uri}: is a directory; a checkpoint URI names a file", uri=uri)
+            if not force and _is_foreign(path):
+                raise foreign_file(uri)
             # An empty one is what a crash can leave of a record: nothing to keep.
             if sidecar.exists() and sidecar.stat().st_size > 0 and _read_sidecar(sidecar) is None:
                 raise StoreError(
@@ -488,11 +526,13 @@ class LocalStore:
         except OSError as error:
             raise _translate(error, uri) from error
 
-    async def delete(self, location: Location) -> bool:
+    async def delete(self, location: Location, *, force: bool = False) -> bool:
         path = Path(location.key)
 
         def remove() -> bool:
             try:
+                if not force and _is_foreign(path):
+                    raise foreign_file(location.uri, removing=True)
                 path.unlink()
             except FileNotFoundError:
                 return False
@@ -578,7 +618,7 @@ class LocalStore:
         path = Path(location.key)
 
         def create_exclusively() -> bool:
-            name_max = self._prepare(path, location.uri)
+            name_max = self._prepare(path, location.uri, force=True)  # never replaces: O_EXCL
             try:
                 fd = os.open(path, _CREATE_FLAGS, 0o644)
             except FileExistsError:

@@ -71,7 +71,7 @@ class MemoryStore:
             obj = _objects.get(location.key)
         return obj.info if obj is not None else None
 
-    async def put(self, location: Location, body: Body, record: Record) -> ObjectInfo:
+    async def put(self, location: Location, body: Body, record: Record, *, force: bool = False) -> ObjectInfo:
         parts = [chunk async for chunk in body]
         data = b"".join(parts)
         info = ObjectInfo(location, len(data), uuid.uuid4().hex, record.completed(body.digest), modified=time.time())
@@ -89,7 +89,7 @@ class MemoryStore:
         for start in range(0, len(view), step):
             await sink([bytes(view[start : start + step])])
 
-    async def delete(self, location: Location) -> bool:
+    async def delete(self, location: Location, *, force: bool = False) -> bool:
         with _lock:
             return _objects.pop(location.key, None) is not None
 

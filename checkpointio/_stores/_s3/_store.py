@@ -32,7 +32,7 @@ class S3Store:
     async def head(self, location: Location) -> ObjectInfo | None:
         return await head(self._requests, location)
 
-    async def delete(self, location: Location) -> bool:
+    async def delete(self, location: Location, *, force: bool = False) -> bool:
         client = await self._requests.client(location)
         try:
             existed = await self.head(location) is not None
@@ -160,7 +160,7 @@ class S3Store:
 
     # -- put / get: see _upload and _download ---------------------------------------------------
 
-    async def put(self, location: Location, body: Body, record: Record) -> ObjectInfo:
+    async def put(self, location: Location, body: Body, record: Record, *, force: bool = False) -> ObjectInfo:
         return await put(self._requests, location, body, record)
 
     async def get(self, info: ObjectInfo, sink: Sink) -> None:
