@@ -487,7 +487,7 @@ async def _load(cmd: _Command) -> None:
         await _manage.write_out(cmd.args.uri, _stdout_writer(), cmd.config, cmd.bars)
         return  # no summary: standard output holds the checkpoint
     restored = await _manage.restore(
-        cmd.args.uri, dest, cmd.config, cmd.bars, overwrite=cmd.args.force, only=cmd.args.only
+        cmd.args.uri, dest, cmd.config, cmd.bars, overwrite=cmd.args.force, only=cmd.args.only, only_option="--only"
     )
     if cmd.args.json:
         kind = Kind.DIRECTORY if restored.is_directory else Kind.FILE
@@ -637,7 +637,11 @@ async def _rm(cmd: _Command) -> int:
                 print(f"skipped {location.uri} ({why}: not removed)", flush=True)
         return EXIT_OK
     for uri in args.uri:
-        checkpoint_location(uri)  # a bad URI among them: nothing removed
+        location = checkpoint_location(uri)  # a bad URI among them: nothing removed
+        if location.scheme == "file" and await anyio.to_thread.run_sync(os.path.isdir, location.key):
+            raise UsageError(
+                f"{location.uri} is a folder, not a checkpoint: rm --recursive removes the checkpoints in it"
+            )
     if not args.force:  # nor a user's own file among them (rm train.py)
         for uri in args.uri:
             await _manage.refuse_foreign_file(uri, cmd.config, removing=True)

@@ -136,6 +136,10 @@ def parse_prefix(uri: str | os.PathLike[str]) -> Location:
     where ``runs/7`` is the folder if there is one, else the start of names (see
     ``_stores._base.under``)."""
     text = uri_text(uri)
+    if not text:  # parse_location would say "a checkpoint URI", where a prefix is asked for
+        raise ValueError(
+            "a prefix must not be empty: give a folder (. for the current one), the start of names, or s3://bucket/..."
+        )
     split = split_scheme(text)
     if split is not None and split[0] == "s3":
         bucket, _, key = split[1].partition("/")

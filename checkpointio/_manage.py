@@ -492,6 +492,7 @@ async def restore(
     *,
     overwrite: bool = False,
     only: Sequence[str] | None = None,
+    only_option: str = "only=",
 ) -> Restored:
     """Restore the checkpoint at ``uri`` as ``dest``: the saved tree for a directory, else a file.
 
@@ -504,7 +505,7 @@ async def restore(
     ``overwrite``, when it is ``/``, the current or home folder or one of their parents, or the
     local checkpoint itself or a folder holding it (symlinks resolved); a bytes or file checkpoint
     never replaces a folder that is not empty. ``only``: just the entries of a directory these
-    glob patterns match (see ``Checkpoint.load``).
+    glob patterns match (see ``Checkpoint.load``); messages call them ``only_option``.
 
     Raises:
         FileExistsError: ``dest`` exists and ``overwrite`` is false.
@@ -513,7 +514,7 @@ async def restore(
         CheckpointNotFoundError: There is no checkpoint at ``uri``.
     """
     location = checkpoint_location(uri)
-    selection = Selection(only) if only is not None else None
+    selection = Selection(only, option=only_option) if only is not None else None
 
     def prepare() -> Path:
         target = Path(dest).absolute()

@@ -103,12 +103,16 @@ def _compile(pattern: str) -> re.Pattern[str]:
 class Selection:
     """The entries ``only=`` patterns select, and which patterns selected anything.
 
+    ``option`` is how messages name the patterns: ``only=`` for the Python API, ``--only`` for
+    the command line.
+
     Raises (on construction):
         ValueError: A pattern is empty, absolute or climbs out with ``..``.
         TypeError: A pattern is not a ``str`` (``bytes`` given for the list too).
     """
 
-    def __init__(self, patterns: Iterable[str]) -> None:
+    def __init__(self, patterns: Iterable[str], *, option: str = "only=") -> None:
+        self.option = option
         if isinstance(patterns, bytes | bytearray):
             raise TypeError(f"only= takes a list of str glob patterns, got {type(patterns).__name__}")
         self.patterns: tuple[str, ...] = tuple(patterns)
@@ -125,7 +129,7 @@ class Selection:
                 cleaned = cleaned[2:]
             if not cleaned or cleaned == "." or pattern.startswith("/") or ".." in cleaned.split("/"):
                 raise ValueError(
-                    f"only= pattern {pattern!r} must name paths inside the checkpoint (relative, without '..')"
+                    f"{option} pattern {pattern!r} must name paths inside the checkpoint (relative, without '..')"
                 )
             self._compiled.append(_compile(cleaned))
         self._used = [False] * len(self._compiled)
@@ -176,7 +180,7 @@ class Selection:
         unused = [pattern for pattern, used in zip(self.patterns, self._used, strict=True) if not used]
         if unused:
             names = ", ".join(repr(pattern) for pattern in unused)
-            raise CheckpointError(f"{uri}: no entry matches {names} (only= patterns)", uri=uri)
+            raise CheckpointError(f"{uri}: no entry matches {names} ({self.option} patterns)", uri=uri)
 
 
 def roots(paths: Iterable[str]) -> list[str]:

@@ -302,6 +302,44 @@ def test_rm_of_a_local_file_checkpointio_did_not_write_needs_force(tmp_path: Pat
     assert not script.exists() and not (tmp_path / "ckpt").exists()
 
 
+def test_rm_of_a_folder_is_a_usage_error_naming_rm_recursive(tmp_path: Path) -> None:
+    folder = make_tree(tmp_path / "run")
+    before = snapshot(folder)
+    ok("save", "-", str(tmp_path / "ckpt"), stdin=b"x")
+    for args in (["rm"], ["rm", "--dry-run"], ["rm", "--force"]):
+        message = fails(2, *args, str(tmp_path / "ckpt"), str(folder))
+        hint = "rm --recursive removes the checkpoints in it"
+        assert message == f"checkpointio: error: {folder} is a folder, not a checkpoint: {hint}"
+    assert snapshot(folder) == before and (tmp_path / "ckpt").exists()  # checked before anything is removed
+    # The other commands taking a checkpoint URI say the same kind of thing with the same code.
+    assert fails(2, "verify", str(folder)).endswith(f"{folder}: is a directory, not a checkpoint file")
+    assert fails(2, "load", str(folder), str(tmp_path / "out")).endswith("is a directory, not a checkpoint file")
+
+
+def test_an_empty_prefix_is_refused_as_a_prefix(tmp_path: Path) -> None:
+    for args in (["ls"], ["rm", "--recursive"], ["gc"]):
+        message = fails(2, *args, "", cwd=tmp_path)
+        assert message == (
+            "checkpointio: error: a prefix must not be empty: give a folder (. for the current one), the start of "
+            "names, or s3://bucket/..."
+        )
+    assert fails(2, "load", "", str(tmp_path / "out")) == "checkpointio: error: a checkpoint URI must not be empty"
+
+
+def test_load_only_errors_name_the_option(tmp_path: Path) -> None:
+    tree = make_tree(tmp_path / "tree")
+    ok("save", str(tree), str(tmp_path / "ckpt"))
+    for pattern in ("", "/abs", "../up"):
+        message = fails(2, "load", str(tmp_path / "ckpt"), str(tmp_path / "out"), "--only", pattern)
+        assert message == (
+            f"checkpointio: error: --only pattern {pattern!r} must name paths inside the checkpoint (relative, "
+            "without '..')"
+        )
+    message = fails(1, "load", str(tmp_path / "ckpt"), str(tmp_path / "out"), "--only", "nothing/*")
+    assert message.endswith("no entry matches 'nothing/*' (--only patterns)")
+    assert not (tmp_path / "out").exists()
+
+
 def test_rm_recursive_removes_only_checkpoints_and_dry_run_only_lists_them(root: str) -> None:
     for name in ("run/a", "run/sub/b", "run-2/c", "other/d"):
         ok("save", "-", f"{root}/{name}", stdin=name.encode())

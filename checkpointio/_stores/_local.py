@@ -356,7 +356,7 @@ class LocalStore:
         except OSError as error:
             raise _translate(error, location.uri) from error
         if not stat.S_ISREG(st.st_mode):  # from the one stat: the file may go away right after it
-            raise StoreError(f"{location.uri}: is a directory, not a checkpoint file", uri=location.uri)
+            raise DestinationError(f"{location.uri}: is a directory, not a checkpoint file", uri=location.uri)
         return ObjectInfo(
             location,
             st.st_size,
