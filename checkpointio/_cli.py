@@ -33,7 +33,7 @@ import anyio
 import anyio.to_thread
 from tqdm import tqdm
 
-from . import __version__, _allocator, _archive, _manage
+from . import __version__, _allocator, _archive, _incremental, _manage
 from ._checkpoint import Checkpoint
 from ._config import TransferConfig, field_help
 from ._exceptions import (
@@ -416,7 +416,12 @@ async def _save(cmd: _Command) -> None:
         data = Path(source)
         is_dir = await anyio.to_thread.run_sync(data.is_dir)
         kind = Kind.DIRECTORY if is_dir else Kind.FILE  # a missing path: save() says so
-    checkpoint = Checkpoint(cmd.args.uri, config=cmd.config, on_progress=cmd.bars, incremental=cmd.args.incremental)
+    parents = cmd.args.parent or []
+    if parents:
+        await _check_parents(cmd.args.uri, parents, cmd.args.incremental, cmd.config)
+    checkpoint = Checkpoint(
+        cmd.args.uri, src=parents or None, config=cmd.config, on_progress=cmd.bars, incremental=cmd.args.incremental
+    )
     if not cmd.args.force:
         await _manage.refuse_foreign_file(cmd.args.uri, cmd.config)
     if cmd.args.dry_run:
@@ -431,6 +436,33 @@ async def _save(cmd: _Command) -> None:
         return
     size = _human(stored) if read == stored else f"{_human(read)}, {_human(stored)} stored"
     cmd.say(f"saved {checkpoint.dest} ({kind.value}, {size})")
+
+
+async def _check_parents(uri: str, parents: Sequence[str], incremental: bool, config: TransferConfig) -> None:
+    """Refuse, before anything is read or written, a ``--parent`` that an incremental save to
+    ``uri`` could not reuse: it needs ``--incremental``, and each parent must be an incremental
+    checkpoint that exists in ``uri``'s folder (packs are shared by the checkpoints of one folder)."""
+    if not incremental:
+        raise UsageError("--parent names what an incremental save reuses: add --incremental")
+    dest = checkpoint_location(uri)
+    for parent in parents:
+        location = checkpoint_location(parent)
+        if _incremental.area_of(location) != _incremental.area_of(dest):
+            folder = dest.uri.rpartition("/")[0] or dest.uri
+            raise UsageError(
+                f"--parent {location.uri} is not in the folder of {dest.uri} ({folder}/): an incremental save "
+                "reuses only the chunks of checkpoints beside it, whose packs it shares"
+            )
+        store = await open_store(location.scheme, config)
+        info = await store.head(location)
+        if info is None:
+            raise CheckpointNotFoundError(f"--parent {location.uri}: no such checkpoint", uri=location.uri)
+        if not await _incremental.is_manifest_object(store, info):
+            kind = info.record.kind.value if info.record is not None else "unrecorded"
+            raise UsageError(
+                f"--parent {location.uri} is not an incremental checkpoint (a {kind} one): only an incremental "
+                "checkpoint's chunks can be reused"
+            )
 
 
 async def _save_dry_run(cmd: _Command, source: str, kind: Kind, uri: str) -> None:
@@ -817,7 +849,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--incremental",
         action="store_true",
         help="save a directory as an incremental checkpoint: upload only the chunks the incremental checkpoint "
-        "at URI (its previous save there) does not hold already",
+        "at URI (its previous save there), or the one named by --parent, does not hold already",
+    )
+    sub.add_argument(
+        "--parent",
+        action="append",
+        metavar="PARENT",
+        help="with --incremental: an incremental checkpoint in URI's folder whose chunks this save reuses, so a "
+        "save to a new key uploads only what changed since PARENT; repeatable (newest first: the first "
+        "found is used, as a task's earlier attempts are)",
     )
 
     sub = command(

@@ -20,11 +20,13 @@ __all__ = ["CountingStore"]
 class CountingStore:
     """Passes every call to ``inner``; notes each request it makes (``head``, ``put``, ``get``,
     ``range OFFSET+LENGTH``, ``delete``, ``pending``, ``discard``, ``list``, ``create``) in order,
-    and the bytes reads brought back: a bound on requests counts every kind."""
+    the bytes reads brought back and the bytes puts stored: a bound on requests counts every kind."""
 
     inner: Store
     requests: list[str] = field(default_factory=list)
     received: int = 0
+    #: Bytes of the objects stored through ``put``: what the saves uploaded.
+    sent: int = 0
 
     async def head(self, location: Location) -> ObjectInfo | None:
         self.requests.append("head")
@@ -32,7 +34,9 @@ class CountingStore:
 
     async def put(self, location: Location, body: Body, record: Record, *, force: bool = False) -> ObjectInfo:
         self.requests.append("put")
-        return await self.inner.put(location, body, record, force=force)
+        info = await self.inner.put(location, body, record, force=force)
+        self.sent += info.size
+        return info
 
     async def get(self, info: ObjectInfo, sink: Sink) -> None:
         self.requests.append("get")

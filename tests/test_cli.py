@@ -24,6 +24,7 @@ import pytest
 from checkpointio import Checkpoint, TransferConfig
 from checkpointio._cli import build_parser, main, parse_size
 from checkpointio._config import field_help
+from checkpointio._stores import Store, open_store
 
 from .conftest import (
     GuardedS3,
@@ -36,6 +37,7 @@ from .conftest import (
     start_moto,
     stop,
 )
+from .counting import CountingStore
 from .faultproxy import FaultProxy
 from .scripts import run_script
 
@@ -300,6 +302,57 @@ def test_rm_of_a_local_file_checkpointio_did_not_write_needs_force(tmp_path: Pat
     removed = ok("rm", "--force", str(script), str(tmp_path / "ckpt"))
     assert removed == f"removed {script}\nremoved {tmp_path / 'ckpt'}\n"
     assert not script.exists() and not (tmp_path / "ckpt").exists()
+
+
+def test_save_incremental_with_a_parent_uploads_only_what_changed(
+    root: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import checkpointio._checkpoint
+
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    for index in range(16):
+        (tree / f"shard-{index}.bin").write_bytes(os.urandom(256 * 1024))  # incompressible: 4 MiB in all
+    ok("save", "--incremental", str(tree), f"{root}/step-1")
+    (tree / "shard-3.bin").write_bytes(os.urandom(256 * 1024))  # one shard of 16 changed
+    stores: list[CountingStore] = []
+    real = open_store
+
+    async def counted(scheme: str, config: TransferConfig) -> Store:
+        stores.append(CountingStore(await real(scheme, config)))
+        return stores[-1]
+
+    monkeypatch.setattr(checkpointio._checkpoint, "open_store", counted)
+    parent = f"{root}/step-1"
+    assert main(["-q", "save", "--incremental", str(tree), f"{root}/step-2", "--parent", parent]) == 0
+    with_parent = sum(store.sent for store in stores)
+    stores.clear()
+    assert main(["-q", "save", "--incremental", str(tree), f"{root}/step-3"]) == 0  # a new key, no parent
+    without = sum(store.sent for store in stores)
+    assert without > 4 * 1024 * 1024  # the whole tree again
+    assert with_parent < without / 8, (with_parent, without)  # about one shard of 16, and the manifest
+    ok("load", f"{root}/step-2", str(tmp_path / "restored"))
+    assert snapshot(tmp_path / "restored") == snapshot(tree)
+
+
+def test_save_parent_errors_are_clear_and_write_nothing(root: str, tmp_path: Path) -> None:
+    tree = make_tree(tmp_path / "tree")
+    ok("save", "--incremental", str(tree), f"{root}/inc")
+    ok("save", str(tree), f"{root}/plain")
+    dest = f"{root}/new"
+    line = fails(2, "save", str(tree), dest, "--parent", f"{root}/inc")
+    assert line == "checkpointio: error: --parent names what an incremental save reuses: add --incremental"
+    line = fails(3, "save", "--incremental", str(tree), dest, "--parent", f"{root}/missing")
+    assert line == f"checkpointio: error: --parent {root}/missing: no such checkpoint"
+    line = fails(2, "save", "--incremental", str(tree), dest, "--parent", f"{root}/plain")
+    assert line == (
+        f"checkpointio: error: --parent {root}/plain is not an incremental checkpoint (a dir one): only an "
+        "incremental checkpoint's chunks can be reused"
+    )
+    line = fails(2, "save", "--incremental", str(tree), dest, "--parent", f"{root}/inc", "--parent", f"{root}/x/inc")
+    assert line.startswith(f"checkpointio: error: --parent {root}/x/inc is not in the folder of {dest} ({root}/)")
+    listed = ok("ls", f"{root}/")
+    assert f"{root}/new" not in listed and "incremental" in listed  # nothing saved by any of them
 
 
 def test_rm_of_a_folder_is_a_usage_error_naming_rm_recursive(tmp_path: Path) -> None:
