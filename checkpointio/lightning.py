@@ -26,6 +26,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -58,8 +59,11 @@ __all__ = ["CheckpointioCallback", "CheckpointioIO", "CheckpointioModelParallelS
 
 logger = logging.getLogger(__name__)
 
-#: The file pattern of the checkpoints the callback writes and looks for.
+#: The file pattern of the checkpoints the callback looks for (to resume from).
 PATTERN = "**/*.ckpt"
+#: The names of the files the callback writes, directly in ``dirpath``: the only ones its
+#: retention removes (a user's ``pretrained.ckpt`` beside them, or in a folder below, stays).
+_WRITTEN = re.compile(r"epoch=\d+-step=\d+\.ckpt")
 
 
 class CheckpointioIO(TorchCheckpointIO):
@@ -109,8 +113,9 @@ class CheckpointioCallback(FolderSaver, pl.Callback):
         checkpoint: Where to save; ``ctx().checkpoint`` by default.
         dirpath: Local folder of the ``.ckpt`` files; by default the checkpoint's workspace
             (``cp.path``), where a restore lands, so restored and new files live together.
-        keep_last: Keep the newest ``keep_last`` files (``None``: all). The file a run resumed
-            from is kept until a newer one has been stored.
+        keep_last: Keep the newest ``keep_last`` of the files it writes (``None``: all); other
+            files in ``dirpath`` are never removed. The file a run resumed from is kept until a
+            newer one has been stored.
         background: Upload in the background (the next epoch's save waits for the previous).
     """
 
@@ -161,7 +166,8 @@ class CheckpointioCallback(FolderSaver, pl.Callback):
             return
         protected = self._resumed_is_protected()
         with placing("list the checkpoint files in", self.dirpath, self.checkpoint.dest):
-            files = sorted(self.dirpath.glob(PATTERN), key=lambda path: (path.stat().st_mtime_ns, path.name))
+            written = [path for path in self.dirpath.iterdir() if _WRITTEN.fullmatch(path.name) and path.is_file()]
+            files = sorted(written, key=lambda path: (path.stat().st_mtime_ns, path.name))
         for old in files[: -self.keep_last]:
             if protected and old == self.resumed_from:
                 continue

@@ -187,3 +187,21 @@ def test_a_dirpath_without_write_permission_is_an_access_error_and_the_restore_i
     assert f"could not put the restored files in place in {dirpath}: Permission denied" in message
     assert kept == ["epoch=0-step=6.ckpt", "epoch=1-step=12.ckpt", "fold-1"]
     assert snapshot(dirpath) == before
+
+
+def test_retention_removes_only_the_files_the_callback_writes(tmp_path: Path) -> None:
+    dirpath = tmp_path / "ckpts"
+    (dirpath / "base").mkdir(parents=True)
+    mine = {
+        "pretrained.ckpt": b"the user's starting weights",
+        "base/best.ckpt": b"the user's best run",
+        "notes.txt": b"mine",
+    }
+    for name, data in mine.items():
+        (dirpath / name).write_bytes(data)
+    with Checkpoint(tmp_path / "store" / "attempt-0") as cp:
+        saver = CheckpointioCallback(cp, dirpath=dirpath, keep_last=1, background=False)
+        trainer([saver], max_epochs=3).fit(Tiny(), loader())
+    for name, data in mine.items():
+        assert (dirpath / name).read_bytes() == data
+    assert sorted(path.name for path in dirpath.glob("epoch=*.ckpt")) == ["epoch=2-step=18.ckpt"]
