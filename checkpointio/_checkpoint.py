@@ -162,7 +162,8 @@ class Checkpoint:
         Raises:
             CorruptCheckpointError: The stored checkpoint is truncated, garbled or unsafe.
             StoreError: The store failed; never reported as "no checkpoint".
-            CheckpointError: With ``only``: a pattern matches no entry, or the checkpoint holds
+            CheckpointError: The checkpoint is a distributed one (``checkpointio.dcp.load``
+                restores it); with ``only``: a pattern matches no entry, or the checkpoint holds
                 bytes or a single file.
             ValueError: A pattern is empty, absolute or holds ``..``.
         """
@@ -194,7 +195,8 @@ class Checkpoint:
             size, mtime, mode, link) in archive order, folders included.
 
         Raises:
-            CheckpointError: The checkpoint holds bytes or a single file, not a directory.
+            CheckpointError: The checkpoint holds bytes or a single file, not a directory, or is a
+                distributed one.
             CorruptCheckpointError: Its table of contents or archive is damaged, or an entry is
                 unsafe (:class:`UnsafeArchiveError`), in every source.
             StoreError: The store failed; never reported as "no checkpoint".
@@ -221,7 +223,8 @@ class Checkpoint:
             place, so there is no second copy).
 
         Raises:
-            CheckpointError: The checkpoint is a directory (restore it with :meth:`load`).
+            CheckpointError: The checkpoint is a directory (restore it with :meth:`load`) or a
+                distributed one (``checkpointio.dcp.load`` restores it).
             CorruptCheckpointError: The stored bytes are truncated or fail their checksum.
             StoreError: The store failed; never reported as "no checkpoint".
         """

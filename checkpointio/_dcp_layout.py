@@ -28,7 +28,7 @@ from ._config import TransferConfig
 from ._exceptions import AccessDeniedError, ConcurrentModificationError, CorruptCheckpointError
 from ._location import Location
 from ._progress import ProgressCallback
-from ._stores import Kind, ObjectInfo, Store
+from ._stores import DISTRIBUTED, INCREMENTAL, MANIFEST_MAGIC, Kind, ObjectInfo, Store
 
 logger = logging.getLogger(__name__)
 
@@ -54,11 +54,11 @@ __all__ = [
 ]
 
 #: The manifest's first line: what it is and the version of its layout.
-MAGIC = b"checkpointio-dcp/"
+MAGIC = MANIFEST_MAGIC[DISTRIBUTED]
 VERSION = 1
 #: The ``layout`` of a manifest's record: it tells the engine, which restores every other kind,
 #: that the object is no checkpoint of its own to restore (only ``checkpointio.dcp`` loads it).
-LAYOUT = "distributed"
+LAYOUT = DISTRIBUTED
 #: What follows the checkpoint's key for the folder (prefix) of its data objects.
 DATA_SUFFIX = ".dcp/"
 #: A data object's key: the checkpoint's key, the save id and the rank.
@@ -192,7 +192,7 @@ def _not_a_manifest(info: ObjectInfo) -> str:
     record = info.record
     if record is None:
         return f"{uri}: not a distributed checkpoint (no checkpointio-dcp manifest there: something another tool wrote)"
-    kind = "an incremental" if record.layout is not None else f"a {_KIND_WORDS[record.kind]}"
+    kind = "an incremental" if record.layout == INCREMENTAL else f"a {_KIND_WORDS[record.kind]}"
     return (
         f"{uri}: not a distributed checkpoint: it holds {kind} checkpoint (restore it with "
         "Checkpoint.load(), or save a distributed one there first)"

@@ -44,7 +44,19 @@ from ._exceptions import (
 from ._location import Location
 from ._progress import Meter, ProgressCallback, human_size
 from ._selection import Entry, Roots, Selection, normal_path
-from ._stores import Blocks, Body, Digest, Kind, ObjectInfo, RangedStore, Record, Store
+from ._stores import (
+    DISTRIBUTED,
+    INCREMENTAL,
+    MANIFEST_MAGIC,
+    Blocks,
+    Body,
+    Digest,
+    Kind,
+    ObjectInfo,
+    RangedStore,
+    Record,
+    Store,
+)
 from ._stores._local import own_files
 from ._writes import write_all, write_views
 
@@ -621,6 +633,8 @@ def _restore_selected(
 def _restore(reader: _BlockReader, info: ObjectInfo, workspace: Path, workers: int) -> Path:
     """Worker thread: write the object into ``workspace``; present nothing until it verified."""
     uri = info.location.uri
+    if info.record is None:
+        _refuse_distributed(info, reader.peek())
     if _kind(reader, info) is Kind.DIRECTORY:
         with _placement.StagingFolder(workspace, uri) as staging:
             _archive.unpack_directory(reader.blocks, staging.path, uri=uri, workers=workers, covered=_covered(info))
@@ -1026,20 +1040,37 @@ async def _load_bytes(
     finally:
         view.release()
     if not whole:
+        if info.record is None:
+            _refuse_distributed(info, bytes(buffer[:_MAGIC_LENGTH]))
         _log_read("loaded into memory", info, started)
     return buffer
 
 
-def _refuse_distributed(info: ObjectInfo) -> None:
+def _refuse_distributed(info: ObjectInfo, first: bytes = b"") -> None:
     """A distributed checkpoint's manifest is no checkpoint of its own: only ``checkpointio.dcp``
-    restores what it commits (restoring the manifest as a file would pass for a restore)."""
-    if info.record is not None and info.record.layout == _dcp_layout.LAYOUT:
-        uri = info.location.uri
+    restores what it commits (restoring the manifest as a file would pass for a restore). Its
+    record says so; where the record was lost, ``first``, the object's first bytes, do. So do they
+    for an incremental checkpoint's manifest, which only its record makes restorable."""
+    uri = info.location.uri
+    if info.record is not None:
+        layout = info.record.layout
+    else:
+        layout = next((name for name, magic in MANIFEST_MAGIC.items() if first.startswith(magic)), None)
+    if layout == DISTRIBUTED:
         raise CheckpointError(
             f"{uri} holds a distributed checkpoint (torch.distributed.checkpoint): load it with "
             "checkpointio.dcp.load(state_dict, uri) on every rank",
             uri=uri,
         )
+    if layout == INCREMENTAL and info.record is None:
+        raise CorruptCheckpointError(
+            f"{uri} holds an incremental checkpoint's manifest without the record saved with it (copied "
+            "without its metadata, or its .checkpointio sidecar file?): it cannot be restored as it is",
+            uri=uri,
+        )
+
+
+_MAGIC_LENGTH = max(map(len, MANIFEST_MAGIC.values()))
 
 
 def _refuse_directory(info: ObjectInfo, hint: str) -> None:
@@ -1069,6 +1100,8 @@ async def write_out(
     _refuse_directory(info, "restore it to a folder")
 
     def copy(reader: _BlockReader) -> None:
+        if info.record is None:
+            _refuse_distributed(info, reader.peek())  # before a byte goes out
         while blocks := reader.blocks():
             for block in blocks:
                 write(block)
@@ -1113,4 +1146,4 @@ async def verify(
     return info
 
 
-from . import _dcp_layout, _incremental  # noqa: E402  (they build on this module: imported once it is complete)
+from . import _incremental  # noqa: E402  (they build on this module: imported once it is complete)

@@ -257,6 +257,30 @@ def test_a_distributed_save_replaces_a_checkpoint_of_another_kind_which_a_distri
     assert sorted(store.list_names("")) == ["ckpt", f"ckpt.dcp/{name}"]
 
 
+def test_a_distributed_load_reads_only_the_first_bytes_of_a_large_checkpoint_of_another_kind(store: StoreCase) -> None:
+    import anyio
+
+    from checkpointio._config import TransferConfig
+    from checkpointio._dcp_layout import read_manifest
+    from checkpointio._location import parse_location
+    from checkpointio._stores import open_store
+
+    from .counting import CountingStore
+
+    with Checkpoint(store.uri("ckpt")) as cp:
+        cp.save_sync(os.urandom(4 * 1024 * 1024))
+    location = parse_location(store.uri("ckpt"))
+
+    async def read() -> CountingStore:
+        counted = CountingStore(await open_store(location.scheme, TransferConfig()))
+        with pytest.raises(CorruptCheckpointError, match="it holds a bytes checkpoint"):
+            await read_manifest(counted, location, TransferConfig())
+        return counted
+
+    counted = anyio.run(read)
+    assert counted.received < 1024, counted.requests
+
+
 def test_the_loads_of_other_kinds_refuse_a_distributed_checkpoint_instead_of_restoring_its_manifest(
     store: StoreCase, tmp_path: Path
 ) -> None:
@@ -278,6 +302,26 @@ def test_the_loads_of_other_kinds_refuse_a_distributed_checkpoint_instead_of_res
     loaded = empty()
     assert load(loaded, store.uri("ckpt")) is True  # still whole, for the load that reads it
     assert_same(loaded, state(8))
+
+
+def test_a_distributed_manifest_that_lost_its_record_is_still_refused_by_the_other_loads(
+    store: StoreCase, tmp_path: Path
+) -> None:
+    """Copied without its metadata (or the local store's sidecar), the manifest is told by its
+    first bytes: it is never restored as a file."""
+    save(state(9), store.uri("ckpt"))
+    store.put_raw("copy", store.get_raw("ckpt"))  # as `cp` without the sidecar, or a copy dropping metadata
+    refused = re.escape(f"{store.uri('copy')} holds a distributed checkpoint (torch.distributed.checkpoint)")
+    with Checkpoint(store.uri("next"), src=store.uri("copy")) as cp:
+        with pytest.raises(CheckpointError, match=refused):
+            cp.load_sync()
+        with pytest.raises(CheckpointError, match=refused):
+            cp.load_bytes_sync()
+        assert not any(cp.path.iterdir())  # nothing was presented
+    from checkpointio._cli import main
+
+    assert main(["load", "-q", store.uri("copy"), str(tmp_path / "restored")]) == 1
+    assert not (tmp_path / "restored").exists()
 
 
 def test_a_checkpoint_that_does_not_fit_the_state_dict_is_a_clear_error_naming_the_uri(store: StoreCase) -> None:

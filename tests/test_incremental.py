@@ -1588,3 +1588,16 @@ def test_a_manifest_keeps_every_path_through_encoding_and_decoding(names: list[s
     decoded = _incremental.decode(_incremental.encode(manifest), "memory://x/m")
     assert decoded.paths == names
     assert [entry.inode for entry in decoded.entries] == [entry.inode for entry in entries]
+
+
+def test_a_manifest_that_lost_its_record_is_a_clear_error_not_a_file_restored(store: StoreCase, tmp_path: Path) -> None:
+    tree = full_tree(tmp_path / "tree")
+    with Checkpoint(store.uri("ckpt"), incremental=True) as cp:
+        cp.save_sync(tree)
+    store.put_raw("copy", store.get_raw("ckpt"))  # copied without its metadata or sidecar
+    with Checkpoint(store.uri("next"), src=store.uri("copy")) as cp:
+        with pytest.raises(CorruptCheckpointError, match="incremental checkpoint's manifest without the record"):
+            cp.load_sync()
+        with pytest.raises(CorruptCheckpointError, match="incremental checkpoint's manifest without the record"):
+            cp.load_bytes_sync()
+        assert not any(cp.path.iterdir())

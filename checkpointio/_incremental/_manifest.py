@@ -36,14 +36,14 @@ from .. import _cdc, _codec, _engine, _tar
 from .._config import TransferConfig
 from .._exceptions import CorruptCheckpointError, UnsafeArchiveError
 from .._location import Location
-from .._stores import Kind, ObjectInfo, Store
+from .._stores import INCREMENTAL, MANIFEST_MAGIC, Kind, ObjectInfo, Store
 
 #: The manifest's first bytes: what it is, then the version of its layout and a newline.
-MAGIC = b"checkpointio-incremental/"
+MAGIC = MANIFEST_MAGIC[INCREMENTAL]
 VERSION = 3
 _HEADER_LINE = MAGIC + str(VERSION).encode() + b"\n"
 #: ``Record.layout`` of a manifest: a load tells the format from the record, with no read.
-LAYOUT = "incremental"
+LAYOUT = INCREMENTAL
 
 #: Hash length in bytes (BLAKE3, truncated: 128 bits).
 HASH_BYTES = 16

@@ -10,6 +10,9 @@ import anyio.to_thread
 
 from .._config import TransferConfig
 from ._base import (
+    DISTRIBUTED,
+    INCREMENTAL,
+    MANIFEST_MAGIC,
     Blocks,
     Body,
     Digest,
@@ -25,6 +28,9 @@ from ._base import (
 )
 
 __all__ = [
+    "DISTRIBUTED",
+    "INCREMENTAL",
+    "MANIFEST_MAGIC",
     "Blocks",
     "Body",
     "Digest",

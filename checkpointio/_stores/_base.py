@@ -93,6 +93,16 @@ class Kind(str, enum.Enum):
     DIRECTORY = "dir"
 
 
+#: ``Record.layout`` of an incremental checkpoint's manifest (a directory's record).
+INCREMENTAL = "incremental"
+#: ``Record.layout`` of a distributed checkpoint's manifest (a bytes record): no checkpoint of its
+#: own; only ``checkpointio.dcp`` restores what it commits.
+DISTRIBUTED = "distributed"
+#: Each layout's first bytes, which tell its manifest where the record was lost (an object copied
+#: without its metadata or sidecar).
+MANIFEST_MAGIC = {INCREMENTAL: b"checkpointio-incremental/", DISTRIBUTED: b"checkpointio-dcp/"}
+
+
 @dataclass(frozen=True)
 class Record:
     """What checkpointio stores with an object: its kind and, once known, size and CRC32.
@@ -103,8 +113,9 @@ class Record:
     kind: Kind
     size: int | None = None
     crc32: int | None = None
-    #: How a directory is laid out when not as a tar.gz: ``"incremental"`` for the manifest of an
-    #: incremental checkpoint (a load then needs no read to tell).
+    #: What the object is when not a checkpoint of its kind as such: :data:`INCREMENTAL` (a
+    #: directory's manifest) or :data:`DISTRIBUTED` (a manifest only ``checkpointio.dcp`` loads).
+    #: A load needs no read to tell.
     layout: str | None = None
 
     def to_metadata(self) -> dict[str, str]:
