@@ -423,7 +423,7 @@ async def _save(cmd: _Command) -> None:
         cmd.args.uri, src=parents or None, config=cmd.config, on_progress=cmd.bars, incremental=cmd.args.incremental
     )
     if not cmd.args.force:
-        await _manage.refuse_foreign_file(cmd.args.uri, cmd.config)
+        await _manage.refuse_foreign_file(cmd.args.uri)
     if cmd.args.dry_run:
         await _save_dry_run(cmd, source, kind, checkpoint.dest)
         return
@@ -676,7 +676,7 @@ async def _rm(cmd: _Command) -> int:
             )
     if not args.force:  # nor a user's own file among them (rm train.py)
         for uri in args.uri:
-            await _manage.refuse_foreign_file(uri, cmd.config, removing=True)
+            await _manage.refuse_foreign_file(uri, removing=True)
     code = EXIT_OK
     for uri in args.uri:
         try:

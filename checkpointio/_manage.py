@@ -34,7 +34,7 @@ from ._location import Location, checkpoint_location, parse_prefix
 from ._progress import ProgressCallback
 from ._selection import Entry, Selection
 from ._stores import ObjectInfo, PendingWrite, Store, open_store
-from ._stores._local import file_in_the_way
+from ._stores._local import file_in_the_way, is_foreign
 
 __all__ = [
     "Distributed",
@@ -317,7 +317,7 @@ async def _exists(store: Store, location: Location) -> bool:
         return any(info.location.key == location.key for info in await store.list(location))
 
 
-async def refuse_foreign_file(uri: str, config: TransferConfig, *, removing: bool = False) -> None:
+async def refuse_foreign_file(uri: str, *, removing: bool = False) -> None:
     """Raise if ``uri`` is a local file that checkpointio did not write (no record of it): a save
     there would replace a user's file, as ``save ckpt/ train.py`` (the arguments swapped) would,
     and ``rm train.py`` (``removing``) would delete it.
@@ -326,10 +326,7 @@ async def refuse_foreign_file(uri: str, config: TransferConfig, *, removing: boo
         DestinationError: It is such a file.
     """
     location = checkpoint_location(uri)
-    if location.scheme != "file" or not await anyio.to_thread.run_sync(os.path.isfile, location.key):
-        return
-    info = await (await open_store(location.scheme, config)).head(location)
-    if info is not None and info.record is None:
+    if location.scheme == "file" and await anyio.to_thread.run_sync(is_foreign, Path(location.key)):
         hint = "; --force removes it" if removing else " (check the order: save SRC URI); --force replaces it"
         raise DestinationError(f"{location.uri} is a file checkpointio did not write{hint}", uri=location.uri)
 

@@ -131,6 +131,21 @@ async def test_a_checkpoint_checkpointio_wrote_is_replaced_without_force(store: 
             assert snapshot(restored) == snapshot(store.root.parent / "src")
 
 
+async def test_a_checkpoint_whose_times_changed_is_still_checkpointios_to_replace_and_remove(tmp_path: Path) -> None:
+    """`touch`, or a copy with its record by a `cp` that does not keep times: a loop saving to one
+    URI goes on, and rm and retention still remove it; only a file with no record is the user's."""
+    ckpt = tmp_path / "latest"
+    async with Checkpoint(ckpt) as cp:
+        await cp.save(b"step 1")
+        os.utime(ckpt, (time.time() - 3600, time.time() - 3600))  # the record no longer matches
+        await cp.save(b"step 2")
+    async with Checkpoint(tmp_path / "next", src=ckpt) as cp:
+        assert await cp.load_bytes() == b"step 2"
+    os.utime(ckpt, (time.time() - 7200, time.time() - 7200))
+    await remove(str(ckpt), TransferConfig())
+    assert _tree(tmp_path) == {}
+
+
 async def test_remove_refuses_a_file_checkpointio_did_not_write(tmp_path: Path) -> None:
     # What checkpointio.dcp.remove and `checkpointio rm` call.
     script = tmp_path / "train.py"

@@ -51,7 +51,7 @@ from .._location import Location
 from .._writes import write_all
 from ._base import Body, ObjectInfo, PendingWrite, Record, Sink
 
-__all__ = ["LocalStore", "file_in_the_way", "foreign_file", "own_files", "refuse_replacing"]
+__all__ = ["LocalStore", "file_in_the_way", "foreign_file", "is_foreign", "own_files", "refuse_replacing"]
 
 logger = logging.getLogger(__name__)
 
@@ -264,14 +264,23 @@ def foreign_file(uri: str, *, removing: bool = False, hint: str | None = None) -
     )
 
 
-def _is_foreign(path: Path) -> bool:
-    """Whether ``path`` is a file (or a symlink to one) that checkpointio did not write: no entry of
-    its sidecar names its generation. Nothing there, or a folder, is not one."""
+def is_foreign(path: Path) -> bool:
+    """Whether ``path`` is a file (or a symlink to one) that checkpointio did not write: no record
+    beside it. Nothing there, or a folder, is not one.
+
+    Any record will do, not only one of the file's generation: a checkpoint whose times changed
+    (``touch``, a copy that does not keep them) stays checkpointio's to replace, or a loop saving
+    to one URI would stop at the first such copy. Its bytes then have no record to be checked
+    against, which a load says; the record's presence only tells whose file it is."""
     try:
-        st = path.stat()
+        if not stat.S_ISREG(path.stat().st_mode):
+            return False
     except (FileNotFoundError, NotADirectoryError):
         return False
-    return stat.S_ISREG(st.st_mode) and LocalStore._read_record(path, st) is None
+    try:
+        return not _read_sidecar(_sidecar(path))
+    except OSError:  # unreadable: nothing says checkpointio wrote the file
+        return True
 
 
 def refuse_replacing(location: Location) -> None:
@@ -282,7 +291,7 @@ def refuse_replacing(location: Location) -> None:
     try:
         if path.is_dir():
             raise DestinationError(f"{location.uri}: is a directory; a checkpoint URI names a file", uri=location.uri)
-        if _is_foreign(path):
+        if is_foreign(path):
             raise foreign_file(location.uri)
     except OSError as error:
         raise _translate(error, location.uri) from error
@@ -433,7 +442,7 @@ class LocalStore:
                 )
             if path.is_dir():
                 raise DestinationError(f"{uri}: is a directory; a checkpoint URI names a file", uri=uri)
-            if not force and _is_foreign(path):
+            if not force and is_foreign(path):
                 raise foreign_file(uri)
             # An empty one is what a crash can leave of a record: nothing to keep.
             if sidecar.exists() and sidecar.stat().st_size > 0 and _read_sidecar(sidecar) is None:
@@ -531,7 +540,7 @@ class LocalStore:
 
         def remove() -> bool:
             try:
-                if not force and _is_foreign(path):
+                if not force and is_foreign(path):
                     raise foreign_file(location.uri, removing=True)
                 path.unlink()
             except FileNotFoundError:
