@@ -52,7 +52,11 @@ from typing import Any, BinaryIO, cast
 
 import anyio
 import anyio.to_thread
-import torch
+
+try:
+    import torch
+except ImportError as error:  # pragma: no cover - depends on the environment
+    raise ImportError("checkpointio.dcp needs PyTorch: pip install 'checkpointio[torch]'") from error
 from torch.autograd.graph import increment_version
 from torch.distributed._shard._utils import narrow_tensor_by_index
 from torch.distributed.checkpoint.api import CheckpointException

@@ -174,3 +174,46 @@ def test_only_the_porting_trap_raises_not_the_event_loop_s_own_truth_tests(tmp_p
     started.send(None)  # a coroutine already running is no porting trap
     assert bool(started) is True
     started.close()
+
+
+@pytest.mark.parametrize(
+    ("module", "missing", "extra"),
+    [
+        ("checkpointio.torch", ["torch"], "torch"),
+        ("checkpointio.dcp", ["torch"], "torch"),
+        ("checkpointio.lightning", ["lightning", "pytorch_lightning"], "lightning"),
+        ("checkpointio.hf", ["transformers"], "hf"),
+    ],
+)
+def test_an_integration_without_its_extra_says_which_extra_to_install(
+    module: str, missing: list[str], extra: str, tmp_path: Path
+) -> None:
+    """Run where the extra's packages cannot be imported, as where they are not installed."""
+    from .scripts import run_script
+
+    result = run_script(
+        f"""
+        import importlib, importlib.abc, sys
+
+        class NotInstalled(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name.partition(".")[0] in {missing!r}:
+                    raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+                return None
+
+        sys.meta_path.insert(0, NotInstalled())
+        try:
+            importlib.import_module({module!r})
+            if {module!r} == "checkpointio.torch":  # imports torch at its first use
+                from checkpointio import Checkpoint
+                from checkpointio.torch import save_state_sync
+
+                save_state_sync(Checkpoint("memory://extra/a"), step=1)
+        except ImportError as error:
+            print(type(error).__name__, error)
+        """,
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"pip install 'checkpointio[{extra}]'" in result.stdout, result.stdout
+    assert result.stdout.startswith(("ImportError checkpointio.", "ModuleNotFoundError checkpointio.")), result.stdout

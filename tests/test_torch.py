@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from checkpointio import Checkpoint
+from checkpointio import Checkpoint, CheckpointError, CorruptCheckpointError
 
 from .conftest import ONE_STORE, StoreCase
 
@@ -116,3 +118,75 @@ async def test_the_async_helpers_refuse_a_truth_test_and_name_their_sync_twin(st
             cp, torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
         )
     assert state is not None and state["step"] == 1
+
+
+def test_wrong_arguments_are_type_errors_naming_them_before_anything_is_stored() -> None:
+    model, optimizer = tiny()
+    with Checkpoint("memory://torch-types/a") as cp:
+        with pytest.raises(TypeError, match=r"save_state_sync\(\) takes a Checkpoint .*got str"):
+            save_state_sync("memory://torch-types/a", model, optimizer)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match=r"load_state_sync\(\) takes a Checkpoint .*got str"):
+            load_state_sync("memory://torch-types/a", model)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match=r"model is an optimizer \(Adam\).*swapped"):
+            save_state_sync(cp, optimizer, model)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match=r"optimizer is a module \(Sequential\).*swapped"):
+            load_state_sync(cp, None, model)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match=r"model .*state_dict.*got OrderedDict: pass the module itself"):
+            save_state_sync(cp, model.state_dict(), optimizer)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match=r"step must be a whole number, got str"):
+            save_state_sync(cp, model, optimizer, step="3")  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match=r"step must be a whole number, got bool"):
+            save_state_sync(cp, model, optimizer, step=True)
+    assert not cp.prev_exists_sync() and Checkpoint("memory://torch-types/b", src=cp.dest).load_bytes_sync() is None
+
+
+def test_a_step_of_another_integer_type_is_stored_as_an_int_that_loads_with_weights_only() -> None:
+    numpy = pytest.importorskip("numpy")
+    model, optimizer = tiny()
+    with Checkpoint("memory://torch-step/a") as cp:
+        save_state_sync(cp, model, optimizer, step=numpy.int64(7))
+    with Checkpoint("memory://torch-step/b", src=cp.dest) as reader:
+        state = load_state_sync(reader, *tiny())
+    assert state is not None and type(state["step"]) is int and state["step"] == 7
+
+
+def test_a_checkpoint_without_the_state_asked_for_is_an_error_not_a_silent_fresh_start(tmp_path: Path) -> None:
+    """The model (or optimizer) asked for is missing from what was saved: loading nothing into it
+    would resume training from the saved step with freshly initialised weights."""
+    model, optimizer = tiny()
+    with Checkpoint("memory://torch-missing/optimizer-only") as cp:
+        save_state_sync(cp, None, optimizer, step=5)
+    with Checkpoint("memory://torch-missing/r1", src=cp.dest) as reader:
+        with pytest.raises(CheckpointError, match=r"holds no model state \(it holds optimizer, step\)"):
+            load_state_sync(reader, *tiny())
+        assert load_state_sync(reader, None, tiny()[1]) is not None  # what it holds loads
+    with Checkpoint("memory://torch-missing/plain") as cp:  # torch.save(model.state_dict()), not save_state
+        buffer = io.BytesIO()
+        torch.save(model.state_dict(), buffer)
+        cp.save_sync(buffer.getvalue())
+    keys = "0.weight, 0.bias, 2.weight, 2.bias"
+    with (
+        Checkpoint("memory://torch-missing/r2", src=cp.dest) as reader,
+        pytest.raises(CheckpointError, match=rf"holds no model state \(it holds {keys}\)"),
+    ):
+        load_state_sync(reader, tiny()[0])
+    folder = tmp_path / "tree"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"not a torch file")
+    with Checkpoint("memory://torch-missing/folder") as cp:
+        cp.save_sync(folder)
+    with (
+        Checkpoint("memory://torch-missing/r3", src=cp.dest) as reader,
+        pytest.raises(CheckpointError, match=r"a folder without a \.pt, \.pth or \.ckpt file"),
+    ):
+        load_state_sync(reader, tiny()[0])
+
+
+def test_a_checkpoint_that_is_no_torch_file_is_a_corrupt_checkpoint_error() -> None:
+    with Checkpoint("memory://torch-foreign/a") as cp:
+        cp.save_sync(b"some bytes another program saved")
+    with (
+        Checkpoint("memory://torch-foreign/b", src=cp.dest) as reader,
+        pytest.raises(CorruptCheckpointError, match=r"memory://torch-foreign/a: not a torch.save file"),
+    ):
+        load_state_sync(reader, tiny()[0])
