@@ -436,6 +436,12 @@ class InFlight:
         self._save = SaveHandle(uri, save)
         return self._save
 
+    def adopt(self, handle: SaveHandle) -> None:
+        """Take ``handle``, a save started elsewhere on this checkpoint's behalf (a distributed
+        save's), as the save in flight: waited for and its failure raised as this checkpoint's own.
+        Call :meth:`wait_for_it` first."""
+        self._save = handle
+
     async def wait_for_it(self, supersede: bool) -> None:
         """Wait for (``supersede``: cancel) the save in flight; raise its error nobody retrieved.
 

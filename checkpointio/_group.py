@@ -9,18 +9,31 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from ._exceptions import CheckpointError
 
-__all__ = ["Group", "current", "elastic_run_id"]
+__all__ = ["Group", "current", "elastic_run_id", "on_agree"]
 
 T = TypeVar("T")
 
 #: What ``torchrun``'s static rendezvous calls a run without ``--rdzv-id``: the same for every job,
 #: so no run id at all.
 _NO_ELASTIC_ID = "none"
+
+
+#: Called before every agreement: a module whose background work runs collectives of its own on
+#: the process group (``checkpointio.dcp``'s saves) waits for it here, as two threads' collectives
+#: on one group interleave, and deadlock, on every rank.
+_before_agreeing: list[Callable[[], None]] = []
+
+
+def on_agree(wait: Callable[[], None]) -> None:
+    """Call ``wait`` (which must block until this process runs no collective in the background)
+    before each :meth:`Group.agree` of several processes."""
+    _before_agreeing.append(wait)
 
 
 def _distributed() -> Any | None:
@@ -71,6 +84,8 @@ class Group:
                 "attempt, which rank 0 broadcasts; initialize the process group "
                 "(torch.distributed.init_process_group) before calling the task"
             )
+        for wait in _before_agreeing:
+            wait()
         box = [value if self.rank == 0 else None]
         distributed.broadcast_object_list(box, src=0)
         return box[0]  # type: ignore[return-value]

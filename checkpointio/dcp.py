@@ -79,7 +79,7 @@ from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 from typing_extensions import Unpack
 
-from . import _codec, _dcp_layout, _engine, _exit
+from . import _codec, _dcp_layout, _engine, _exit, _group
 from ._background import BackgroundSave, SaveHandle
 from ._checkpoint import Checkpoint
 from ._concurrency import one_error
@@ -843,6 +843,19 @@ def _forget_parents_saves() -> None:
 os.register_at_fork(after_in_child=_forget_parents_saves)
 
 
+def _join_saves_in_flight() -> None:
+    """Block until this process's ``wait=False`` saves have ended (their errors stay for whoever
+    retrieves them): a task's agreement on its attempt is a collective too."""
+    with _lock:
+        earlier = list(_in_flight)
+    for handle in earlier:
+        if handle.in_this_process():
+            handle.join()
+
+
+_group.on_agree(_join_saves_in_flight)
+
+
 def _wait_for_earlier_saves() -> None:
     """Wait for this process's earlier ``wait=False`` saves (two saves' collectives must never
     interleave), then raise the first failure nobody retrieved."""
@@ -886,6 +899,10 @@ def save(
         BackgroundSaveError: An earlier ``wait=False`` save failed and nobody retrieved its error.
     """
     _wait_for_earlier_saves()
+    if isinstance(target, Checkpoint) and not wait:
+        # It becomes the checkpoint's save in flight: waited for (and its failure raised) by the
+        # checkpoint's next save, wait() and close(), so a task's attempt ends once it is stored.
+        run_sync(target._inflight.wait_for_it, False)
     writer = StorageWriter(target, **options)
     if wait or _exit.passed(_exit.Stage.SAVES) or _exit.began():
         # At interpreter exit (from an atexit hook) DCP's async_save cannot start its thread, and
@@ -907,6 +924,8 @@ def save(
     handle = DistributedSaveHandle(uri, work)
     with _lock:
         _in_flight.append(handle)
+    if isinstance(target, Checkpoint):
+        target._inflight.adopt(handle)
     return handle
 
 

@@ -1090,3 +1090,67 @@ def test_a_load_receives_tensors_straight_into_the_state_dict_holding_no_copy_of
     assert loaded["blob"].getvalue() == b"x" * 1000
     assert {name: loaded[name].data_ptr() for name in memory} == memory
     assert peak < 4 * 1024 * 1024, f"the load held {peak} bytes at its peak"
+
+
+def _task_saving_in_the_background(rank: int, port: int, storage: str, out: str) -> None:
+    """One rank of 2 calling a task whose attempt 0 fails with a ``wait=False`` save in flight."""
+    from checkpointio import TaskEnvironment, ctx
+
+    with gloo_group(rank, 2, port):
+        env = TaskEnvironment("dcp-background", storage=storage, run_id="run-1")
+
+        @env.task(retries=1)
+        def train() -> int:
+            model: dict[str, Any] = {"weight": torch.zeros(6, 4), "step": 0}
+            load(model, ctx().checkpoint)
+            if ctx().attempt == 0:
+                save({"weight": torch.full((6, 4), 5.0), "step": 5}, ctx().checkpoint, wait=False)
+                raise RuntimeError("a failure while the save is in flight")
+            assert torch.equal(model["weight"], torch.full((6, 4), 5.0))
+            return int(model["step"])
+
+        Path(out, f"rank-{rank}").write_text(str(train()))
+
+
+def test_a_task_retried_while_a_distributed_background_save_runs_waits_for_it_on_every_rank(tmp_path: Any) -> None:
+    """The retry's agreement on the next attempt is a collective: run while the save's own
+    collectives were, every rank hung. The attempt's end now waits for the save, so the retry
+    resumes from it."""
+    import torch.multiprocessing as mp
+
+    from .conftest import free_port
+
+    mp.spawn(_task_saving_in_the_background, args=(free_port(), str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    assert [(tmp_path / f"rank-{rank}").read_text() for rank in (0, 1)] == ["5", "5"]
+
+
+def test_a_tasks_attempt_ends_once_its_distributed_background_save_is_stored_and_fails_with_it(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+
+    from checkpointio import TaskEnvironment, ctx
+
+    committing = StorageWriter.finish
+
+    def late(self: StorageWriter, metadata: Any, results: Any) -> None:
+        time.sleep(0.5)  # the commit comes late: an attempt that did not wait would miss it
+        committing(self, metadata, results)
+
+    monkeypatch.setattr(StorageWriter, "finish", late)
+    env = TaskEnvironment("dcp-background", storage=str(tmp_path / "store"))
+    seen: list[tuple[int | None, bool, int]] = []
+
+    @env.task(retries=2)
+    def train() -> int:
+        model: dict[str, Any] = {"weight": torch.zeros(3), "step": 0}
+        seen.append((ctx().attempt, load(model, ctx().checkpoint), int(model["step"])))
+        if ctx().attempt == 0:  # fails while its save is in flight: the retry resumes from it
+            save({"weight": torch.ones(3), "step": 5}, ctx().checkpoint, wait=False)
+            raise RuntimeError("a failure while the save is in flight")
+        if ctx().attempt == 1:  # returns, but its save fails: retried like any failure
+            save({"weight": torch.ones(3), "step": 6, "zz": FailsToSave()}, ctx().checkpoint, wait=False)
+        return int(model["step"])
+
+    assert train() == 5
+    assert seen == [(0, False, 0), (1, True, 5), (2, True, 5)]
