@@ -13,9 +13,20 @@ from pathlib import Path
 from ._background import SaveHandle
 from ._checkpoint import Checkpoint
 from ._exceptions import NoCheckpointError
-from ._runtime import ctx
+from ._runtime import _whole, ctx
 
-__all__ = ["FolderSaver", "checkpoint_in_force"]
+__all__ = ["FolderSaver", "checked_checkpoint", "checkpoint_in_force"]
+
+
+def checked_checkpoint(checkpoint: object) -> Checkpoint | None:
+    """``checkpoint`` if it is a ``Checkpoint`` or ``None``; else a ``TypeError`` saying what it takes
+    (raised where the integration is made, not at the framework's first save)."""
+    if checkpoint is not None and not isinstance(checkpoint, Checkpoint):
+        hint = ": make one with Checkpoint(uri)" if isinstance(checkpoint, str) else ""
+        raise TypeError(
+            f"checkpoint must be a Checkpoint (or None: ctx().checkpoint), got {type(checkpoint).__name__}{hint}"
+        )
+    return checkpoint
 
 
 def checkpoint_in_force(checkpoint: Checkpoint | None) -> Checkpoint:
@@ -41,9 +52,11 @@ class FolderSaver:
     """
 
     def __init__(self, checkpoint: Checkpoint | None, keep_last: int | None, background: bool) -> None:
-        if keep_last is not None and keep_last < 1:
-            raise ValueError("keep_last must be at least 1")
-        self._checkpoint = checkpoint
+        if keep_last is not None:
+            keep_last = _whole(keep_last, "keep_last", "an int or None")
+            if keep_last < 1:
+                raise ValueError("keep_last must be at least 1")
+        self._checkpoint = checked_checkpoint(checkpoint)
         self.keep_last = keep_last
         self.background = background
         self.resumed_from: Path | None = None

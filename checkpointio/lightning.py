@@ -39,7 +39,7 @@ from ._checkpoint import Checkpoint, latest_checkpoint
 from ._config import TransferOptions
 from ._location import split_scheme
 from ._placement import placing
-from ._training import FolderSaver, checkpoint_in_force
+from ._training import FolderSaver, checked_checkpoint, checkpoint_in_force
 
 try:
     import lightning.pytorch as pl
@@ -80,7 +80,7 @@ class CheckpointioIO(TorchCheckpointIO):
 
     def __init__(self, checkpoint: Checkpoint | None = None, *, background: bool = True) -> None:
         super().__init__()
-        self._checkpoint = checkpoint
+        self._checkpoint = checked_checkpoint(checkpoint)
         self.background = background
         self.last: SaveHandle | None = None
 

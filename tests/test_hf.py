@@ -485,3 +485,10 @@ def test_a_distributed_restore_writes_each_file_at_most_256_kib_per_system_call(
     calls, written = calls_after - calls_before, written_after - written_before
     assert target.read_bytes() == data
     assert written >= len(data) and calls >= len(data) // (256 * 1024), (calls, written)
+
+
+def test_wrong_settings_are_refused_when_the_callback_is_made() -> None:
+    with pytest.raises(TypeError, match=r"checkpoint must be a Checkpoint .*got str: make one with Checkpoint\(uri\)"):
+        CheckpointioTrainerCallback("s3://bucket/run")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"keep_last must be an int or None, got float 2.0"):
+        CheckpointioTrainerCallback(keep_last=2.0)  # type: ignore[arg-type]

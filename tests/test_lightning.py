@@ -205,3 +205,14 @@ def test_retention_removes_only_the_files_the_callback_writes(tmp_path: Path) ->
     for name, data in mine.items():
         assert (dirpath / name).read_bytes() == data
     assert sorted(path.name for path in dirpath.glob("epoch=*.ckpt")) == ["epoch=2-step=18.ckpt"]
+
+
+def test_wrong_settings_are_refused_when_the_callback_or_plugin_is_made() -> None:
+    with pytest.raises(TypeError, match=r"checkpoint must be a Checkpoint .*got str: make one with Checkpoint\(uri\)"):
+        CheckpointioCallback("s3://bucket/run")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"checkpoint must be a Checkpoint .*got str"):
+        CheckpointioIO("checkpoints/")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"keep_last must be an int or None, got str '2'"):
+        CheckpointioCallback(keep_last="2")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="keep_last must be at least 1"):
+        CheckpointioCallback(keep_last=0)
