@@ -32,6 +32,7 @@ import re
 import secrets
 import shlex
 import socket
+import threading
 import time
 import zlib
 from collections.abc import Awaitable, Callable, Iterator
@@ -172,6 +173,12 @@ class TaskContext:
         """
         if self.checkpoint_or_none is None:
             where = "outside a task" if self.task_name is None else f"in task {self.task_name!r}, which has retries=0"
+            if self.task_name is None and threading.current_thread() is not threading.main_thread():
+                where += (
+                    " (or in a thread that did not inherit the task's context: threading.Thread and "
+                    "ThreadPoolExecutor start without it; anyio.to_thread and asyncio.to_thread pass it on, "
+                    "and so does contextvars.copy_context().run)"
+                )
             raise NoCheckpointError(
                 f"ctx().checkpoint used {where}: only an @env.task(retries=N) with N > 0 has one "
                 "(ctx().checkpoint_or_none is None here)"

@@ -782,3 +782,23 @@ def test_ctx_knows_rank_and_world_size_and_several_ranks_without_a_process_group
 
     with pytest.raises(checkpointio.CheckpointError, match=r"rank 1 of 2 \(RANK / WORLD_SIZE\).*init_process_group"):
         sharded()
+
+
+def test_ctx_checkpoint_in_a_thread_that_did_not_inherit_the_task_says_how_to_pass_it_on(tmp_path: Path) -> None:
+    import concurrent.futures
+    import contextvars
+
+    env = TaskEnvironment("tests", storage=str(tmp_path / "store"))
+
+    @env.task(retries=1)
+    def train() -> tuple[str, str]:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            with pytest.raises(NoCheckpointError) as caught:
+                pool.submit(lambda: ctx().checkpoint).result()
+            inherited = pool.submit(contextvars.copy_context().run, lambda: ctx().checkpoint).result()
+        return str(caught.value), inherited.dest
+
+    message, dest = train()
+    assert message.startswith("ctx().checkpoint used outside a task (or in a thread that did not inherit")
+    assert "contextvars.copy_context().run" in message
+    assert dest.endswith("/attempt-0")
