@@ -792,10 +792,13 @@ class StorageReader(_StorageReader):
         return _valid(checkpoint_id)
 
 
-def _unwrapped(call: Callable[[], Any], loading: str | None = None) -> Any:
+def _unwrapped(call: Callable[[], Any], loading: str | None = None, saving: str | None = None) -> Any:
     """Run a DCP call; a checkpointio error a rank raised inside it comes out as itself. Any other
     failure of a load (``loading``: its URI) is a ``CheckpointError`` naming the URI and each rank's
-    error (a key missing from the checkpoint, a world size it cannot be resharded to...).
+    error (a key missing from the checkpoint, a world size it cannot be resharded to...); of a save
+    (``saving``) too (an object that cannot be serialized...), as a background save's failure is.
+    DCP's own ``CheckpointException`` is a ``BaseException``: neither a task's retries nor an
+    ``except Exception`` would see it.
 
     Without a process group DCP warns that it assumes one process: here that is meant, not news.
     """
@@ -811,6 +814,8 @@ def _unwrapped(call: Callable[[], Any], loading: str | None = None) -> Any:
             raise CheckpointError(
                 f"{loading}: the checkpoint does not fit the state dict: {_describe(error)}", uri=loading
             ) from error
+        if saving is not None:
+            raise CheckpointError(f"{saving}: the distributed save failed: {_describe(error)}", uri=saving) from error
         raise
 
 
@@ -897,6 +902,9 @@ def save(
 
     Raises:
         BackgroundSaveError: An earlier ``wait=False`` save failed and nobody retrieved its error.
+        CheckpointError: The save failed on a rank (the store's error as itself; any other, an
+            object that cannot be serialized, say, as a ``CheckpointError`` naming the URI, DCP's
+            ``CheckpointException`` as its cause); the previous checkpoint stays.
     """
     _wait_for_earlier_saves()
     if isinstance(target, Checkpoint) and not wait:
@@ -908,7 +916,9 @@ def save(
         # At interpreter exit (from an atexit hook) DCP's async_save cannot start its thread, and
         # once the exit step waited for background saves nobody would wait for this one: save here.
         try:
-            _unwrapped(lambda: _dcp_save(state_dict, storage_writer=writer, planner=planner))
+            _unwrapped(
+                lambda: _dcp_save(state_dict, storage_writer=writer, planner=planner), saving=writer.checkpoint_id
+            )
         except (Exception, CheckpointException):  # DCP's own error is a BaseException
             writer.discard_failed_save()
             raise

@@ -360,8 +360,9 @@ def test_a_failed_save_leaves_the_previous_checkpoint_and_a_new_one_replaces_its
     (first_id,) = save_ids(store, "ckpt")
 
     broken = {**state(5), "zz": Unpicklable()}  # fails after the tensors went into the rank's object
-    with pytest.raises(CheckpointException, match="this object cannot be saved"):
+    with pytest.raises(CheckpointError, match=r"the distributed save failed: .*this object cannot be saved") as caught:
         save(broken, store.uri("ckpt"), multipart_threshold=0)  # S3: a multipart upload, aborted
+    assert caught.value.uri == store.uri("ckpt") and isinstance(caught.value.__cause__, CheckpointException)
     assert save_ids(store, "ckpt") == {first_id}  # the failed save's object was never committed
     loaded = empty()
     assert load(loaded, store.uri("ckpt")) is True
@@ -376,6 +377,28 @@ def test_a_failed_save_leaves_the_previous_checkpoint_and_a_new_one_replaces_its
     assert_same(loaded, second)
     if store.name == "local":  # the old save's emptied folder goes too
         assert sorted(p.name for p in (store.root / "ckpt.dcp").iterdir()) == [second_id]
+
+
+def test_a_task_retries_a_distributed_save_that_failed(tmp_path: Path) -> None:
+    """A rank's failure that is not the store's (an object that cannot be serialized) is a
+    CheckpointError: the task runtime retries it, as it retries any Exception."""
+    from checkpointio import TaskEnvironment, ctx
+
+    attempts: list[int | None] = []
+
+    @TaskEnvironment("dist", storage=str(tmp_path / "runs")).task(retries=1)
+    def train() -> int:
+        context = ctx()
+        attempts.append(context.attempt)
+        extra = {"zz": Unpicklable()} if context.attempt == 0 else {}
+        save({**state(11), **extra}, context.checkpoint)
+        loaded = empty()
+        assert load(loaded, context.checkpoint.dest) is True  # this attempt's save, committed
+        assert_same(loaded, state(11))
+        return len(attempts)
+
+    assert train() == 2
+    assert attempts == [0, 1]
 
 
 class DiesBeforeCommit(StorageWriter):
