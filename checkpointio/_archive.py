@@ -484,28 +484,44 @@ def _seconds(st: os.stat_result) -> int:
     return st.st_mtime_ns // 1_000_000_000
 
 
+#: How a file of the tree is opened for reading: never through a symlink swapped in since the
+#: listing (its bytes would come from anywhere); without blocking or taking a terminal should the
+#: entry have become a pipe or a device meanwhile (the ``fstat`` after it then refuses it).
+_READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
+
+
+def _open_failed(error: OSError, full: str, uri: str) -> Exception:
+    """What to raise when opening the listed file ``full`` failed with ``error``."""
+    if isinstance(error, FileNotFoundError):
+        return SourceChangedError(f"{full} disappeared while {uri} was being saved", uri=uri)
+    if error.errno == errno.ELOOP:
+        return SourceChangedError(f"{full} was replaced by a symlink while {uri} was being saved", uri=uri)
+    return unreadable(error, full, uri)
+
+
+def _not_listed(full: str, uri: str) -> SourceChangedError:
+    """The file opened as ``full`` is not the one listed: renamed over, or a folder now (whose
+    inode number can be one reused)."""
+    return SourceChangedError(
+        f"{full} was replaced while {uri} was being saved (the file read is not the one listed)", uri=uri
+    )
+
+
 def _add_file(sink: _GzipMemberWriter, entry: Entry, full: str, uri: str, on_read: Callable[[int], None]) -> None:
     """Append a regular file's header and exactly the bytes ``lstat`` promised (counted by ``on_read``)."""
     st = entry.st
     size = st.st_size
     padding = bytes(-size % _tar.BLOCK)
-    try:  # not through a symlink swapped in since the listing: its bytes would come from anywhere
-        fd = os.open(entry.name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=entry.folder)
-    except FileNotFoundError as error:
-        raise SourceChangedError(f"{full} disappeared while {uri} was being saved", uri=uri) from error
+    try:
+        fd = os.open(entry.name, _READ_FLAGS, dir_fd=entry.folder)
     except OSError as error:
-        if error.errno != errno.ELOOP:
-            raise unreadable(error, full, uri) from error
-        raise SourceChangedError(f"{full} was replaced by a symlink while {uri} was being saved", uri=uri) from error
+        raise _open_failed(error, full, uri) from error
     try:
         opened = os.fstat(fd)
-        # replaced since it was listed (renamed over, or a folder now: its inode number can be reused)
         if not stat.S_ISREG(opened.st_mode) or (opened.st_dev, opened.st_ino) != (st.st_dev, st.st_ino):
-            raise SourceChangedError(
-                f"{full} was replaced while {uri} was being saved (the file read is not the one listed)", uri=uri
-            )
+            raise _not_listed(full, uri)
         header = _tar.header(entry.rel, _tar.FILE, size=size, mode=stat.S_IMODE(st.st_mode), mtime=_seconds(st))
-        if size <= _COPY_BUFSIZE:  # most files: header, data and padding in one write
+        if size <= _COPY_BUFSIZE:  # header, data and padding in one write
             sink.write(b"".join((header, *file_data(fd, size, full, uri), padding)))
             on_read(size)
             return
@@ -515,6 +531,73 @@ def _add_file(sink: _GzipMemberWriter, entry: Entry, full: str, uri: str, on_rea
     finally:
         os.close(fd)
     sink.write(padding)
+
+
+#: Most bytes of small files :func:`_add_files` joins before handing them to the archive: the
+#: memory a batch holds beyond the block being filled.
+_BATCH_BYTES = 256 * 1024
+_FILE_KIND = "file"
+
+
+def _add_files(
+    sink: _GzipMemberWriter,
+    table: _toc.TableWriter,
+    run: Run,
+    batch: list[int],
+    top: str,
+    uri: str,
+    on_read: Callable[[int], None],
+) -> None:
+    """Append the small regular files ``run.names[i]`` for ``i`` in ``batch`` (each read in one
+    piece, linked nowhere else) with their table rows: what :func:`_add_file` does for each, with
+    the per-file work in one loop, their headers and data joined per :data:`_BATCH_BYTES`, and the
+    rows handed over once.
+
+    Every file is opened relative to its folder without following a symlink and must be the one
+    listed (its ``fstat``); it is stored with the size it was listed with (a file that shrank
+    raises :class:`SourceChangedError`).
+    """
+    folder, prefix, names, stats = run
+    open_, fstat, read, close, header = os.open, os.fstat, os.read, os.close, _tar.header
+    flags, kind, is_file = _READ_FLAGS, _tar.FILE, stat.S_ISREG
+    pieces: list[bytes] = []
+    rows: list[tuple[str, str, int, int, int, str, int, int]] = []
+    position = sink.tell()
+    joined = position  # where the pieces not yet handed to the archive start
+    read_bytes = 0
+    for number in batch:
+        name, st = names[number], stats[number]
+        try:
+            fd = open_(name, flags, dir_fd=folder)
+        except OSError as error:
+            raise _open_failed(error, top + prefix + name, uri) from error
+        try:
+            opened = fstat(fd)
+            if opened.st_ino != st.st_ino or opened.st_dev != st.st_dev or not is_file(opened.st_mode):
+                raise _not_listed(top + prefix + name, uri)
+            size = st.st_size
+            data = read(fd, size) if size else b""
+            if len(data) < size:  # a short read, or it shrank: file_data tells which
+                data += b"".join(file_data(fd, size - len(data), top + prefix + name, uri))
+        finally:
+            close(fd)
+        rel = prefix + name
+        mode, mtime = st.st_mode & 0o7777, st.st_mtime_ns // 1_000_000_000
+        head = header(rel, kind, size=size, mode=mode, mtime=mtime)
+        padding = -size % 512
+        start = position
+        position += len(head) + size + padding
+        pieces += (head, data, bytes(padding))
+        rows.append((rel, _FILE_KIND, mode, mtime, size, "", start, position))
+        read_bytes += size
+        if position - joined >= _BATCH_BYTES:
+            sink.write(b"".join(pieces))
+            pieces.clear()
+            joined = position
+    if pieces:
+        sink.write(b"".join(pieces))
+    table.extend(rows)
+    on_read(read_bytes)
 
 
 def tree_size(root: Path, *, shown: str | None = None, skip: Skip | None = None) -> int:
@@ -538,6 +621,54 @@ def tree_size(root: Path, *, shown: str | None = None, skip: Skip | None = None)
 
 def _ignore(count: int) -> None:
     """The default ``on_read``: nobody counts."""
+
+
+def _add_entry(
+    sink: _GzipMemberWriter,
+    table: _toc.TableWriter,
+    entry: Entry,
+    links: dict[tuple[int, int], str],
+    own_members: int,
+    root: str,
+    full: str,
+    uri: str,
+    on_read: Callable[[int], None],
+) -> None:
+    """Append one entry of any kind (a folder, a symlink, a hard link, a large file, something
+    skipped with a warning) with its table row; ``links`` maps the files linked elsewhere to
+    their first name, files from ``own_members`` bytes on get gzip members of their own."""
+    rel, st = entry.rel, entry.st
+    mode, mtime = stat.S_IMODE(st.st_mode), _seconds(st)
+    start = sink.tell()
+    if stat.S_ISREG(st.st_mode):
+        inode = (st.st_dev, st.st_ino)
+        if st.st_nlink > 1 and inode in links:
+            sink.write(_tar.header(rel, _tar.HARD_LINK, mode=mode, mtime=mtime, link=links[inode]))
+            table.add(rel, "hardlink", mode, mtime, 0, links[inode], start, sink.tell())
+            return
+        if st.st_nlink > 1:
+            links[inode] = rel
+        if st.st_size >= own_members:  # a partial restore then reads little besides the file
+            sink.cut()
+            start = sink.tell()
+        _add_file(sink, entry, full, uri, on_read)
+        table.add(rel, "file", mode, mtime, st.st_size, "", start, sink.tell())
+        if st.st_size >= own_members:
+            sink.cut()
+    elif stat.S_ISDIR(st.st_mode):
+        sink.write(_tar.header(rel + "/", _tar.DIRECTORY, mode=mode, mtime=mtime))
+        table.add(rel, "dir", mode, mtime, 0, "", start, sink.tell())
+    elif stat.S_ISLNK(st.st_mode):
+        try:
+            target = os.readlink(entry.name, dir_fd=entry.folder)
+        except FileNotFoundError as error:
+            raise SourceChangedError(f"{full} disappeared while {uri} was being saved", uri=uri) from error
+        _check_link(root, rel, target, uri)
+        sink.write(_tar.header(rel, _tar.SYMLINK, mode=mode, mtime=mtime, link=target))
+        table.add(rel, "symlink", mode, mtime, 0, target, start, sink.tell())
+    else:
+        kind = file_type(st.st_mode)
+        logger.warning("skipping %s %s (it holds no data to save)", kind, full)
 
 
 def pack_directory(
@@ -568,43 +699,25 @@ def pack_directory(
     sink = _GzipMemberWriter(emit, block_size, level, workers, on_member=table.member)
     links: dict[tuple[int, int], str] = {}
     own_members = block_size // 4  # files from this size on start a member and end one
+    batched = min(own_members, _COPY_BUFSIZE)  # smaller plain files are added in bulk
     try:
         top = uri.rstrip(os.sep) + os.sep  # names are joined by concatenation: this runs once per entry
-        with contextlib.closing(walk_tree(str(root), shown=uri, uri=uri, skip=skip)) as entries:
-            for entry in entries:
-                rel, st = entry.rel, entry.st
-                full = top + rel
-                mode, mtime = stat.S_IMODE(st.st_mode), _seconds(st)
-                start = sink.tell()
-                if stat.S_ISREG(st.st_mode):
-                    inode = (st.st_dev, st.st_ino)
-                    if st.st_nlink > 1 and inode in links:
-                        sink.write(_tar.header(rel, _tar.HARD_LINK, mode=mode, mtime=mtime, link=links[inode]))
-                        table.add(rel, "hardlink", mode, mtime, 0, links[inode], start, sink.tell())
+        with contextlib.closing(walk_runs(str(root), shown=uri, uri=uri, skip=skip)) as runs:
+            for run in runs:
+                # plain files too small for a member of their own go in bulk (see _add_files)
+                batch: list[int] = []
+                for number, st in enumerate(run.stats):
+                    if st.st_size < batched and st.st_nlink == 1 and stat.S_ISREG(st.st_mode):
+                        batch.append(number)
                         continue
-                    if st.st_nlink > 1:
-                        links[inode] = rel
-                    if st.st_size >= own_members:  # a partial restore then reads little besides the file
-                        sink.cut()
-                        start = sink.tell()
-                    _add_file(sink, entry, full, uri, on_read)
-                    table.add(rel, "file", mode, mtime, st.st_size, "", start, sink.tell())
-                    if st.st_size >= own_members:
-                        sink.cut()
-                elif stat.S_ISDIR(st.st_mode):
-                    sink.write(_tar.header(rel + "/", _tar.DIRECTORY, mode=mode, mtime=mtime))
-                    table.add(rel, "dir", mode, mtime, 0, "", start, sink.tell())
-                elif stat.S_ISLNK(st.st_mode):
-                    try:
-                        target = os.readlink(entry.name, dir_fd=entry.folder)
-                    except FileNotFoundError as error:
-                        raise SourceChangedError(f"{full} disappeared while {uri} was being saved", uri=uri) from error
-                    _check_link(str(root), rel, target, uri)
-                    sink.write(_tar.header(rel, _tar.SYMLINK, mode=mode, mtime=mtime, link=target))
-                    table.add(rel, "symlink", mode, mtime, 0, target, start, sink.tell())
-                else:
-                    kind = file_type(st.st_mode)
-                    logger.warning("skipping %s %s (it holds no data to save)", kind, full)
+                    if batch:
+                        _add_files(sink, table, run, batch, top, uri, on_read)
+                        batch = []
+                    name = run.names[number]
+                    entry = Entry(run.prefix + name, name, run.folder, st)
+                    _add_entry(sink, table, entry, links, own_members, str(root), top + entry.rel, uri, on_read)
+                if batch:
+                    _add_files(sink, table, run, batch, top, uri, on_read)
         sink.write(_tar.end_of_archive(sink.tell()))
         sink.finish()
         for member in table.finish():  # after tar's end-of-archive blocks: see _toc

@@ -127,6 +127,10 @@ class TableWriter:
         """An entry whose bytes in the tar stream are ``start`` to ``end`` (entries come in order)."""
         self._pending.append((path, kind, mode, mtime, size, link, start, end))
 
+    def extend(self, rows: list[tuple[str, str, int, int, int, str, int, int]]) -> None:
+        """Entries in order, as :meth:`add` takes them, given as tuples of its arguments."""
+        self._pending.extend(rows)
+
     def member(self, compressed: int, inflated: int) -> None:
         """The next member went out: ``compressed`` bytes holding ``inflated`` of the tar stream."""
         self._raw_starts.append(self._raw_end)
@@ -138,31 +142,49 @@ class TableWriter:
 
     def _settle(self) -> None:
         """Turn the entries whose last byte went out into rows. Runs once per member, not per entry,
-        and walks the members with the entries (both in order): a few microseconds per entry."""
-        raw_starts, starts, raw_end = self._raw_starts, self._starts, self._raw_end
+        and walks the members with the entries (both in order): about a microsecond per entry, as
+        what the entries lying wholly in one member share (its offset and span) is formatted once."""
+        raw_starts, starts, raw_end, end_all = self._raw_starts, self._starts, self._raw_end, self._end
         members = len(raw_starts)
         first = self._member
         quote = _quote
         lines = self._lines
+        held = self._held
         done = 0
+
+        def within(first: int) -> tuple[int, int, str]:
+            """Where the member after ``first`` starts, where ``first`` starts (both inflated), and
+            the ``,offset,span,`` of the entries lying wholly in it."""
+            after = first + 1 < members
+            offset = starts[first]
+            span = (starts[first + 1] if after else end_all) - offset
+            return (raw_starts[first + 1] if after else raw_end), raw_starts[first], f",{offset},{span},"
+
+        bound, base, shared = within(first)
         for path, kind, mode, mtime, size, link, start, end in self._pending:
             if end > raw_end:
                 break
-            while first + 1 < members and raw_starts[first + 1] <= start:
-                first += 1
-            last = first
-            while last + 1 < members and raw_starts[last + 1] < end:
-                last += 1
-            offset = starts[first]
-            span = (starts[last + 1] if last + 1 < members else self._end) - offset
-            lines.append(
-                f'[{quote(path)},"{kind}",{mode},{mtime},{size},{quote(link)},{offset},{span},'
-                f"{start - raw_starts[first]},{end - start}]\n"
-            )
-            self._held += len(lines[-1])
+            if start >= bound:
+                while first + 1 < members and raw_starts[first + 1] <= start:
+                    first += 1
+                bound, base, shared = within(first)
+            if end <= bound:
+                middle = shared
+            else:
+                last = first
+                while last + 1 < members and raw_starts[last + 1] < end:
+                    last += 1
+                offset = starts[first]
+                middle = f",{offset},{(starts[last + 1] if last + 1 < members else end_all) - offset},"
+            line = f'[{quote(path)},"{kind}",{mode},{mtime},{size},{quote(link)}{middle}{start - base},{end - start}]\n'
+            lines.append(line)
+            held += len(line)
             done += 1
-            if self._held >= _TABLE_MEMBER:
+            if held >= _TABLE_MEMBER:
+                self._held = held
                 self._flush()
+                held = 0
+        self._held = held
         self._member = first
         self._count += done
         del self._pending[:done]

@@ -451,6 +451,24 @@ def test_header_checksum_is_the_byte_sum_tar_defines(raw: bytes) -> None:
     assert _checksum_ok(bytes(block)) == (wrong == signed)
 
 
+@given(
+    st.text(st.characters(min_codepoint=1, max_codepoint=127), min_size=1, max_size=100),
+    st.sampled_from([_tar.FILE, _tar.DIRECTORY, _tar.SYMLINK, _tar.HARD_LINK]),
+    st.integers(0, 8**11 - 1),
+    st.integers(0, 0o7777),
+    st.integers(0, 8**11 - 1),
+)
+@settings(max_examples=300, deadline=None)
+def test_the_header_of_a_short_ascii_name_is_the_ustar_block_every_field_spelled_out(
+    name: str, kind: bytes, size: int, mode: int, mtime: int
+) -> None:
+    built = _tar.header(name, kind, size=size, mode=mode, mtime=mtime)
+    assert built == _tar._ustar(name.encode(), kind, size, mode, mtime, b"")
+    info = tarfile.TarInfo.frombuf(built, "utf-8", "surrogateescape")
+    shown = name.rstrip("/") if kind == _tar.DIRECTORY else name  # as tarfile names folders
+    assert (info.name, info.type, info.mode, info.mtime) == (shown, kind, mode, mtime)
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o077, 0o000])
 def test_restored_modes_do_not_depend_on_the_umask(tmp_path: Path, umask: int) -> None:
     tree = make_tree(tmp_path / "tree")

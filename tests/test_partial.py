@@ -30,7 +30,7 @@ from checkpointio import (
     _incremental,
     _toc,
 )
-from checkpointio._archive import pack_directory, unpack_directory
+from checkpointio._archive import RUN_ENTRIES, pack_directory, unpack_directory
 from checkpointio._cli import main
 from checkpointio._config import TransferConfig
 from checkpointio._location import Location, parse_location
@@ -68,14 +68,40 @@ def mixed_tree(root: Path) -> Path:
     return root
 
 
+def small_files_tree(root: Path) -> Path:
+    """A folder of many small files, as a save adds them in bulk, with everything that is not one
+    of them in between: empty files, hard links, symlinks, a folder, a large file, names needing a
+    pax header (long, not ASCII), more files than a run of the walk and more bytes than a batch."""
+    files = root / "files"
+    files.mkdir(parents=True)
+    for number in range(RUN_ENTRIES + 80):
+        size = (number * 7919) % 9000 if number % 13 else 0
+        (files / f"f{number:05d}").write_bytes(bytes([number % 251]) * size)
+    (files / ("long-" * 30 + "name")).write_bytes(b"a long name\n" * 50)
+    (files / "naïve-ünïcode").write_bytes(b"not ascii")
+    os.link(files / "f00001", files / "f00001-linked")
+    os.link(files / "f00001", root / "linked-from-outside")
+    (files / "f00500-big").write_bytes(os.urandom(300_000))
+    (files / "f00600-sub").mkdir()
+    (files / "f00600-sub" / "inner").write_bytes(b"inner")
+    (files / "f00700-link").symlink_to("f00002")
+    (files / "f00800").chmod(0o600)
+    os.utime(files / "f00900", (1_500_000_000, 1_500_000_000))
+    return root
+
+
+TREES = {"mixed": mixed_tree, "small-files": small_files_tree}
+
+
 # -- the format: still a plain .tar.gz -------------------------------------------------------------
 
 
 @pytest.mark.skipif(shutil.which("tar") is None, reason="needs GNU tar")
+@pytest.mark.parametrize("kind", TREES)
 def test_an_archive_with_a_table_restores_exactly_with_gnu_tar_tarfile_and_the_previous_reader(
-    tmp_path: Path,
+    tmp_path: Path, kind: str
 ) -> None:
-    tree = mixed_tree(tmp_path / "tree")
+    tree = TREES[kind](tmp_path / "tree")
     archive = tmp_path / "a.tar.gz"
     archive.write_bytes(packed(tree))
     assert table_of(archive.read_bytes())  # it has one
@@ -109,7 +135,8 @@ def test_an_archive_with_a_table_restores_exactly_with_gnu_tar_tarfile_and_the_p
 
 
 @pytest.mark.skipif(not (REPO / ".git").exists() or shutil.which("git") is None, reason="needs the git history")
-def test_the_reader_of_the_version_before_tables_restores_exactly_the_tree(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", TREES)
+def test_the_reader_of_the_version_before_tables_restores_exactly_the_tree(tmp_path: Path, kind: str) -> None:
     old = tmp_path / "old"
     old.mkdir()
     exported = subprocess.run(["git", "-C", str(REPO), "archive", BEFORE_TABLES, "checkpointio"], capture_output=True)
@@ -117,7 +144,7 @@ def test_the_reader_of_the_version_before_tables_restores_exactly_the_tree(tmp_p
         pytest.skip(f"commit {BEFORE_TABLES} is not in this checkout's history")
     with tarfile.open(fileobj=io.BytesIO(exported.stdout)) as tar:
         tar.extractall(old, filter="data")
-    tree = mixed_tree(tmp_path / "tree")
+    tree = TREES[kind](tmp_path / "tree")
     archive = tmp_path / "a.tar.gz"
     archive.write_bytes(packed(tree))
     script = (
@@ -140,13 +167,26 @@ def test_the_reader_of_the_version_before_tables_restores_exactly_the_tree(tmp_p
     assert snapshot(out) == snapshot(tree)
 
 
-def test_the_table_lists_every_entry_where_its_header_is(tmp_path: Path) -> None:
-    tree = mixed_tree(tmp_path / "tree")
-    data = packed(tree)
+@pytest.mark.parametrize(
+    ("kind", "block"), [("mixed", 256 * 1024), ("small-files", 256 * 1024), ("small-files", 16 * 1024)]
+)
+def test_the_table_lists_every_entry_where_its_header_is(tmp_path: Path, kind: str, block: int) -> None:
+    tree = TREES[kind](tmp_path / "tree")
+    data = packed(tree, block=block)
     entries = table_of(data)
     kinds = {entry.path: entry.kind for entry in entries}
-    assert kinds["model"] == "dir" and kinds["latest"] == "symlink" and kinds["model/big.pt"] == "file"
-    assert {kinds["model/run-again.sh"], kinds["run.sh"]} == {"file", "hardlink"}
+    if kind == "mixed":
+        assert kinds["model"] == "dir" and kinds["latest"] == "symlink" and kinds["model/big.pt"] == "file"
+        assert {kinds["model/run-again.sh"], kinds["run.sh"]} == {"file", "hardlink"}
+    else:
+        assert kinds["files/f00600-sub"] == "dir" and kinds["files/f00700-link"] == "symlink"
+        assert [kinds["files/f00001"], kinds["files/f00001-linked"], kinds["linked-from-outside"]] == [
+            "file",
+            "hardlink",
+            "hardlink",
+        ]
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:  # the table lists the archive's entries, in order
+            assert [entry.path for entry in entries] == [member.name.rstrip("/") for member in tar.getmembers()]
     on_disk = {path.relative_to(tree).as_posix() for path in tree.rglob("*")}
     assert set(kinds) == on_disk
     for entry in entries:

@@ -263,6 +263,17 @@ async def test_workspace_deleted_mid_restore_is_an_error_not_a_partial_tree(
 
 
 # -- sources that change while they are saved -----------------------------------------------------
+def _before_reading(monkeypatch: pytest.MonkeyPatch, action: Callable[[], None]) -> None:
+    """Run ``action`` between a save's listing of a file and its reading of it (the private points
+    where that happens: one for small files in bulk, one for any other file)."""
+    for point in ("_add_files", "_add_file"):
+        original = getattr(archive, point)
+
+        def before(*args: Any, original: Callable[..., None] = original) -> None:
+            action()
+            original(*args)
+
+        monkeypatch.setattr(archive, point, before)
 
 
 @pytest.mark.parametrize("size", [100_000, 2 * 1024 * 1024 + 1], ids=["read-at-once", "read-in-pieces"])
@@ -273,13 +284,11 @@ async def test_a_file_shrinking_while_saved_fails_the_save_and_keeps_the_previou
     tree.mkdir()
     (tree / "log").write_bytes(b"x" * size)
     await Checkpoint(store.uri("a")).save(b"previous")
-    original = archive._add_file  # private: the one point between listing a file and reading it
 
-    def shrink_after_stat(*args: Any) -> None:
+    def shrink_after_stat() -> None:
         os.truncate(tree / "log", 10)  # another process rotates the log right after we looked
-        original(*args)
 
-    monkeypatch.setattr(archive, "_add_file", shrink_after_stat)
+    _before_reading(monkeypatch, shrink_after_stat)
     with pytest.raises(SourceChangedError, match="log"):
         await Checkpoint(store.uri("a")).save(tree)
     async with Checkpoint(store.uri("b"), src=store.uri("a")) as cp:
@@ -296,9 +305,8 @@ async def test_a_file_swapped_after_it_was_listed_fails_the_save(
     (tree / "weights").write_bytes(b"w" * 1000)
     (tmp_path / "secret").write_bytes(b"not part of the tree" * 100)  # as long as what was listed
     await Checkpoint(store.uri("a")).save(b"previous")
-    original = archive._add_file  # private: the one point between listing a file and reading it
 
-    def swap_after_stat(*args: Any) -> None:
+    def swap_after_stat() -> None:
         if swap == "renamed-over":  # new content, which would be cut to the old size
             (tmp_path / "new").write_bytes(b"n" * 2000)
             os.replace(tmp_path / "new", tree / "weights")
@@ -308,9 +316,8 @@ async def test_a_file_swapped_after_it_was_listed_fails_the_save(
         else:
             (tree / "weights").unlink()
             (tree / "weights").mkdir()
-        original(*args)
 
-    monkeypatch.setattr(archive, "_add_file", swap_after_stat)
+    _before_reading(monkeypatch, swap_after_stat)
     with pytest.raises(SourceChangedError, match="weights"):
         await Checkpoint(store.uri("a")).save(tree)
     async with Checkpoint(store.uri("b"), src=store.uri("a")) as cp:
@@ -323,14 +330,12 @@ async def test_a_file_growing_while_saved_is_stored_as_it_was_when_listed(
     tree = tmp_path / "tree"
     tree.mkdir()
     (tree / "log").write_bytes(b"first part\n")
-    original = archive._add_file  # private: the one point between listing a file and reading it
 
-    def grow_after_stat(*args: Any) -> None:
+    def grow_after_stat() -> None:
         with open(tree / "log", "ab") as log:
             log.write(b"appended later\n")
-        original(*args)
 
-    monkeypatch.setattr(archive, "_add_file", grow_after_stat)
+    _before_reading(monkeypatch, grow_after_stat)
     await Checkpoint(store.uri("a")).save(tree)
     async with Checkpoint(store.uri("b"), src=store.uri("a")) as cp:
         restored = await cp.load()
@@ -423,16 +428,48 @@ async def test_a_file_deleted_while_saved_fails_the_save(
     tree = tmp_path / "tree"
     tree.mkdir()
     (tree / "tmpfile").write_bytes(b"x")
-    original = archive._add_file  # private: the one point between listing a file and reading it
 
-    def delete_after_stat(*args: Any) -> None:
+    def delete_after_stat() -> None:
         (tree / "tmpfile").unlink()
-        original(*args)
 
-    monkeypatch.setattr(archive, "_add_file", delete_after_stat)
+    _before_reading(monkeypatch, delete_after_stat)
     with pytest.raises(SourceChangedError, match="tmpfile"):
         await Checkpoint(store.uri("a")).save(tree)
     assert store.partial_writes() in (0, None)
+
+
+@pytest.mark.parametrize("change", ["deleted", "renamed-over", "shrunk", "fifo", "symlink"])
+async def test_a_small_file_changed_amid_its_folder_fails_the_save_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: str
+) -> None:
+    """Small files are read in bulk, a folder's run at a time: one changed between the listing and
+    its reading, among many read fine before and after it, is found and named. A file become a
+    pipe fails the save instead of blocking it on the pipe forever."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    for number in range(40):
+        (tree / f"file-{number:02d}").write_bytes(b"%d\n" % number * 100)
+    target = tree / "file-17"
+
+    def change_one() -> None:
+        if change == "renamed-over":  # new content of the same size: only its identity tells
+            (tmp_path / "new").write_bytes(b"n" * target.stat().st_size)
+            os.replace(tmp_path / "new", target)
+            return
+        target.unlink()
+        if change == "shrunk":
+            target.write_bytes(b"")
+        elif change == "fifo":
+            os.mkfifo(target)
+        elif change == "symlink":
+            target.symlink_to(tree / "file-03")
+
+    _before_reading(monkeypatch, change_one)
+    await Checkpoint(tmp_path / "ck").save(b"previous")
+    with pytest.raises(SourceChangedError, match="file-17"):
+        await Checkpoint(tmp_path / "ck").save(tree)
+    async with Checkpoint(tmp_path / "next", src=tmp_path / "ck") as cp:
+        assert await cp.load_bytes() == b"previous"
 
 
 def _swapper(tree: Path, outside: Path, moved: Path) -> Callable[[], None]:
