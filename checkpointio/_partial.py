@@ -249,7 +249,7 @@ def _group_chunks(group: _Group, items: Iterator[_Group | bytes], uri: str) -> I
     remaining = group.end - group.start
     while remaining > 0:
         item = next(items, None)
-        if not isinstance(item, bytes):
+        if item is None or isinstance(item, _Group):
             raise CorruptCheckpointError(f"{uri}: fewer bytes came than were asked for", uri=uri)
         remaining -= len(item)
         yield item
@@ -391,7 +391,7 @@ async def restore_from_table(
                 if fetch_failed:
                     raise Aborted from None
                 return
-            if isinstance(item, bytes):
+            if not isinstance(item, _Group):
                 meter.advance(len(item))  # in this worker thread: progress callbacks never run on the loop
             yield item
 

@@ -47,7 +47,10 @@ class Fault:
     #: "503", "500", "403", "reset_request", "reset_response", "stall", "flip" (a byte of the body),
     #: "pause" (send half the response body, the rest once ``FaultProxy.resume`` is set),
     #: "truncate" (send half the response body, then close the connection cleanly),
-    #: "drop_range" (forward the request without its Range header, as a server ignoring it)
+    #: "drop_range" (forward the request without its Range header, as a server ignoring it),
+    #: "chunked" (send the response body chunked instead of with its length), "no_length" (send it
+    #: with neither, the end of the connection ending it), "close_after" (relay the response whole,
+    #: then close the connection although it said it would keep it open)
     action: str
     times: int = 1
     hits: int = 0
@@ -73,6 +76,12 @@ class FaultProxy:
     resume: threading.Event = field(default_factory=threading.Event)
     #: Every key a listing response (objects or multipart uploads) carried, in the order sent.
     listed: list[str] = field(default_factory=list)
+
+    #: Connections the proxy accepted.
+    connections: int = 0
+    #: Keep the client's connection open when the server closes its own after a response (moto
+    #: closes every one): the next request goes to the server on a new connection.
+    keep_alive: bool = False
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -108,6 +117,8 @@ class FaultProxy:
                 client, _ = self._server.accept()
             except OSError:
                 return
+            with self._lock:
+                self.connections += 1
             threading.Thread(target=self._serve, args=(client,), daemon=True).start()
 
     def _serve(self, client: socket.socket) -> None:
@@ -115,8 +126,11 @@ class FaultProxy:
         cin = client.makefile("rb")
         uin = upstream.makefile("rb")
         try:
-            while self._relay_one(client, cin, upstream, uin):
-                pass
+            while relayed := self._relay_one(client, cin, upstream, uin):
+                if relayed == "renew":  # the server closed its side; the client's stays open
+                    upstream.close()
+                    upstream = socket.create_connection(self.upstream)
+                    uin = upstream.makefile("rb")
         except OSError:
             pass
         finally:
@@ -126,7 +140,7 @@ class FaultProxy:
 
     def _relay_one(
         self, client: socket.socket, cin: io.BufferedReader, upstream: socket.socket, uin: io.BufferedReader
-    ) -> bool:
+    ) -> bool | str:
         head, headers = _read_head(cin)
         if not head:
             return False
@@ -157,7 +171,7 @@ class FaultProxy:
         target_s: str,
         headers: dict[str, str],
         action: str,
-    ) -> bool:
+    ) -> bool | str:
         length = int(headers.get("content-length", "0"))
         expects = headers.get("expect", "").lower() == "100-continue"
         if action in _RESPONSES:
@@ -196,6 +210,24 @@ class FaultProxy:
             _reset(client)
             return False
         status = int(response.split(b" ", 2)[1])
+        if action in ("chunked", "no_length") and "content-length" in rheaders:
+            data = _read_exact(uin, int(rheaders["content-length"]))
+            kept = [line for line in response.split(b"\r\n")[:-2] if not line.lower().startswith(b"content-length:")]
+            if action == "no_length":
+                kept = [line for line in kept if not line.lower().startswith(b"connection:")]
+                client.sendall(b"\r\n".join([*kept, b"Connection: close", b"", b""]) + data)
+                return False
+            client.sendall(b"\r\n".join([*kept, b"Transfer-Encoding: chunked", b"", b""]))
+            for start in range(0, len(data), 65536):
+                piece = data[start : start + 65536]
+                client.sendall(b"%x\r\n" % len(piece) + piece + b"\r\n")
+            client.sendall(b"0\r\n\r\n")
+            return True
+        server_closes = rheaders.get("connection", "").lower() == "close"
+        if server_closes and self.keep_alive:
+            response = b"".join(
+                line for line in response.splitlines(keepends=True) if not line.lower().startswith(b"connection:")
+            )
         client.sendall(response)
         if method_s == "HEAD" or status in (204, 304) or 100 <= status < 200:
             return True
@@ -228,7 +260,9 @@ class FaultProxy:
             flipped[len(flipped) // 2] ^= 0xFF
             data = bytes(flipped)
         client.sendall(data)
-        return rheaders.get("connection", "").lower() != "close"
+        if action == "close_after" or (server_closes and not self.keep_alive):
+            return False
+        return "renew" if server_closes else True
 
 
 def _read_head(stream: io.BufferedReader) -> tuple[bytes, dict[str, str]]:

@@ -211,6 +211,59 @@ async def test_a_range_cut_short_resumes_where_it_stopped(
     assert len(gets) == 4  # three ranges, one of them in two requests
 
 
+@pytest.mark.parametrize("fault", ["chunked", "no_length"])
+async def test_a_body_framed_without_its_length_is_asked_again_of_aiohttp(
+    bucket: str, proxy: FaultProxy, fault: str
+) -> None:
+    """checkpointio's own reader takes bodies framed by a Content-Length; a server that sends one
+    chunked, or ended by closing the connection, is asked again, and every byte still comes back."""
+    data = os.urandom(12 * MiB)
+    options: TransferOptions = {**SMALL_PARTS, "endpoint_url": proxy.endpoint}
+    await Checkpoint(f"s3://{bucket}/a", **options).save(data)
+    proxy.add(lambda method, target: method == "GET", fault, times=2)
+    async with Checkpoint(f"s3://{bucket}/b", src=f"s3://{bucket}/a", **options) as cp:
+        assert await cp.load_bytes() == data
+    gets = [entry for entry in proxy.log if entry["method"] == "GET"]
+    assert [entry["action"] for entry in gets].count(fault) == 2
+    assert len(gets) == 3 + 2  # three ranges, two of them asked twice
+    assert not any(entry["action"] == "relay" and "range" not in entry["headers"] for entry in gets)
+
+
+async def test_a_kept_connection_the_server_closed_is_replaced_without_a_retry(
+    bucket: str, proxy: FaultProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server may close an idle connection it said it would keep: the next GET goes on a new
+    one, without counting as a failed attempt (nothing is logged as retried)."""
+    data = os.urandom(26 * MiB)
+    options: TransferOptions = {**SMALL_PARTS, "endpoint_url": proxy.endpoint, "max_attempts": 1}
+    await Checkpoint(f"s3://{bucket}/a", **options).save(data)
+    proxy.keep_alive = True
+    proxy.add(lambda method, target: method == "GET", "close_after", times=3)
+    caplog.set_level("INFO", logger="checkpointio")
+    async with Checkpoint(f"s3://{bucket}/b", src=f"s3://{bucket}/a", **options) as cp:
+        assert await cp.load_bytes() == data
+    assert [entry["action"] for entry in proxy.log if entry["method"] == "GET"].count("close_after") == 3
+    assert not [record for record in caplog.records if "retrying" in record.getMessage()]
+
+
+async def test_a_load_reuses_its_connections(bucket: str, proxy: FaultProxy) -> None:
+    """Ranges received one after the other on one receiving thread go over one kept connection."""
+    data = os.urandom(31 * MiB)
+    await Checkpoint(f"s3://{bucket}/a", **SMALL_PARTS).save(data)
+    options: TransferOptions = {
+        **SMALL_PARTS,
+        "endpoint_url": proxy.endpoint,
+        "max_concurrency": 1,
+        "receive_workers": 1,
+    }
+    proxy.keep_alive = True
+    async with Checkpoint(f"s3://{bucket}/b", src=f"s3://{bucket}/a", **options) as cp:
+        assert await cp.load_bytes() == data
+    gets = [entry for entry in proxy.log if entry["method"] == "GET"]
+    assert len(gets) == 7
+    assert proxy.connections <= 2  # the HEAD's (aiohttp's pool) and the GETs' (ours)
+
+
 async def test_a_server_ignoring_range_requests_is_a_clear_error(bucket: str, proxy: FaultProxy) -> None:
     options: TransferOptions = {**SMALL_PARTS, "endpoint_url": proxy.endpoint, "max_attempts": 1}
     await Checkpoint(f"s3://{bucket}/a", **options).save(os.urandom(11 * MiB))
@@ -982,6 +1035,79 @@ def test_receivers_run_asyncio_or_uvloop_when_asked_and_every_byte_comes_back(
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == [f"['{expected}']", "asyncio"]
     assert snapshot(tmp_path / "restored") == snapshot(tmp_path / "tree")
+
+
+@pytest.mark.parametrize("bodies", ["checkpointio", "aiohttp", "misspelt"])
+def test_who_receives_object_bodies_is_a_setting_and_every_byte_comes_back_either_way(
+    bucket: str, tmp_path: Path, bodies: str
+) -> None:
+    """Object bodies are read by checkpointio's own HTTP reader unless CHECKPOINTIO_HTTP_BODIES=aiohttp
+    asks for aiobotocore's session; either way the tree comes back whole; a typo is refused."""
+    make_tree(tmp_path / "tree")
+    (tmp_path / "tree" / "big.bin").write_bytes(os.urandom(7 * MiB))
+    result = run_script(
+        f"""
+        from checkpointio import Checkpoint
+        from checkpointio._stores._s3 import _http
+        received = []
+        take = _http._Connection.take
+        async def counted(self, timeout):
+            block = await take(self, timeout)
+            received.append(block is not None)
+            return block
+        _http._Connection.take = counted
+        uri = "s3://{bucket}/ckpt"
+        try:
+            Checkpoint(uri, part_size=5 * 2**20).save_sync("tree")
+            with Checkpoint("unused", src=uri, workspace="restored", part_size=5 * 2**20) as cp:
+                cp.load_sync()
+        except ValueError as error:
+            print(error)
+        print(sum(received))
+        """,
+        tmp_path,
+        CHECKPOINTIO_HTTP_BODIES="asyncio" if bodies == "misspelt" else bodies,
+    )
+    assert result.returncode == 0, result.stderr
+    if bodies == "misspelt":
+        refusal = "CHECKPOINTIO_HTTP_BODIES must be 'checkpointio' or 'aiohttp', not 'asyncio'"
+        assert result.stdout.split("\n")[0] == refusal
+        return
+    blocks = int(result.stdout.split()[-1])
+    assert blocks >= 14 if bodies == "checkpointio" else blocks == 0  # 7 MiB and more, in 512 KiB blocks
+    assert snapshot(tmp_path / "restored") == snapshot(tmp_path / "tree")
+
+
+def test_object_bodies_over_https_are_verified_with_botocores_ca_bundle(
+    moto_server: MotoServer, bucket: str, tmp_path: Path
+) -> None:
+    """Over HTTPS, checkpointio's reader checks the server's certificate as botocore would: against
+    AWS_CA_BUNDLE here (a CA made by the test); without it, the same server is refused."""
+    pytest.importorskip("cryptography")
+    from .tlsfront import TLSFront, make_certificates
+
+    ca, certificate, key = make_certificates(tmp_path)
+    front = TLSFront(("127.0.0.1", int(moto_server.endpoint.rsplit(":", 1)[1])), certificate, key)
+    data = os.urandom(11 * MiB)
+    (tmp_path / "data.bin").write_bytes(data)
+    try:
+        code = f"""
+            from checkpointio import Checkpoint, CheckpointError
+            Checkpoint("s3://{bucket}/ckpt", part_size=5 * 2**20).save_sync(open("data.bin", "rb").read())
+            try:
+                cp = Checkpoint("unused", src="s3://{bucket}/ckpt", endpoint_url="{front.endpoint}", max_attempts=1)
+                print(cp.load_bytes_sync() == open("data.bin", "rb").read())
+            except CheckpointError as error:
+                print(type(error).__name__, "CERTIFICATE_VERIFY_FAILED" in repr(error.__cause__))
+            """
+        trusted = run_script(code, tmp_path, AWS_CA_BUNDLE=str(ca))
+        refused = run_script(code, tmp_path)
+    finally:
+        front.close()
+    assert trusted.returncode == 0, trusted.stderr
+    assert trusted.stdout.split() == ["True"]
+    assert refused.returncode == 0, refused.stderr
+    assert refused.stdout.split() == ["StoreError", "True"]
 
 
 @pytest.mark.parametrize(

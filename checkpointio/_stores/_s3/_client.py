@@ -14,12 +14,13 @@ from urllib.parse import quote, urlencode
 
 import anyio
 import anyio.to_thread
-from botocore.config import Config
+from aiobotocore.config import AioConfig
 
 from ..._concurrency import ForkSafeLock, keep_forever
 from ..._config import TransferConfig, is_endpoint
 from ..._location import Location
 from ._errors import mapped_errors
+from ._http import BodySession
 from ._loader import prepared_session
 from ._receivers import on_receiver
 
@@ -86,7 +87,7 @@ class _Clients:
         config: TransferConfig, endpoint: str | None, clients: dict[tuple[Any, ...], Any], key: tuple[Any, ...]
     ) -> AsyncIterator[Any]:
         addressing = config.addressing_style or ("path" if endpoint else "auto")
-        botocore_config = Config(
+        botocore_config = AioConfig(
             # total_max_attempts: the first try included, as max_attempts is documented (botocore reads
             # its own max_attempts as the number of retries, one more attempt than asked for)
             retries={"total_max_attempts": config.max_attempts, "mode": "standard"},
@@ -101,6 +102,7 @@ class _Clients:
             # accept; botocore's own defaults (aws-chunked trailers) break several of them.
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
+            **_http_session(),
         )
         if on_receiver():
             # A receiving thread is ours, not a caller's loop: it makes its session itself rather
@@ -142,6 +144,25 @@ if hasattr(os, "register_at_fork"):
 
 #: Where a request's context keeps why its last attempt failed, for the line of the next one.
 _FAILURE = "checkpointio_failure"
+
+
+#: The environment variable that picks who receives object bodies: ``checkpointio`` (the default,
+#: :mod:`._http`) or ``aiohttp`` (aiobotocore's own session, for every request).
+HTTP_BODIES = "CHECKPOINTIO_HTTP_BODIES"
+
+
+def _http_session() -> dict[str, Any]:
+    """The ``http_session_cls`` the settings ask for (:data:`HTTP_BODIES`); none for aiohttp's own.
+
+    Raises:
+        ValueError: a value that names neither (a typo must not pass for a choice).
+    """
+    asked = os.environ.get(HTTP_BODIES, "").strip().lower()
+    if asked in ("", "checkpointio"):
+        return {"http_session_cls": BodySession}
+    if asked == "aiohttp":
+        return {}
+    raise ValueError(f"{HTTP_BODIES} must be 'checkpointio' or 'aiohttp', not {asked!r}")
 
 
 def _report_retries(client: Any, max_attempts: int) -> None:

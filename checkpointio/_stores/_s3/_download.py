@@ -48,7 +48,7 @@ class _Receiving(Protocol):
 
 class _Received:
     """The blocks of one range as the connection hands them over (:func:`read_range`: one range
-    read into memory). aiohttp's ``readany`` gives its buffers without copying."""
+    read into memory), without copying them."""
 
     def __init__(self) -> None:
         self.blocks: Blocks = []
@@ -481,7 +481,7 @@ async def _receive_joined(requests: _Requests, info: ObjectInfo, span: tuple[int
     received = _Received()
     await _receive_range(requests, info, span, received)
     blocks = received.blocks
-    if len(blocks) == 1:
+    if len(blocks) == 1 and type(blocks[0]) is bytes:
         return blocks[0]
     # bytes.join copies without the GIL from 1 MiB up: the other receivers go on meanwhile (this
     # one's other ranges wait for the copy, a few milliseconds per part_size).

@@ -1,8 +1,8 @@
 """Receiving threads: event loops of their own that carry a load's ranged GETs.
 
-One event loop receives at most about a core's worth of bytes (``recv`` and aiohttp's parser, two
-copies of every byte, all on its one thread). A load therefore spreads its ranges over several
-*receivers*: each is a thread running its own event loop (asyncio's, or uvloop's when asked:
+One event loop receives at most about a core's worth of bytes (the kernel's ``recv`` and each
+block's CRC32, all on its one thread; :mod:`._http` reads the bodies). A load therefore spreads
+its ranges over several *receivers*: each is a thread running its own event loop (asyncio's, or uvloop's when asked:
 :func:`new_loop`), with its own aiobotocore client and connection pool (:mod:`._client` keeps one
 per loop), started on first use and kept for the life of the process, so a client is made once
 per receiver, not once per load.
