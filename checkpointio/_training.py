@@ -4,10 +4,19 @@ Lightning's callback (:mod:`checkpointio.lightning`) and the Hugging Face ``Trai
 (:mod:`checkpointio.hf`) both store a local folder after each framework save, in the background by
 default, and keep under retention the file or folder a run resumed from until a later save has
 succeeded. :class:`FolderSaver` holds that state once; each integration adds its framework's hooks.
+
+Both remove only what they wrote: the folder holds a ledger (:data:`LEDGER`) naming each file or
+folder an integration wrote there and the run it was written for (the folder or prefix of the
+checkpoint's URI). The ledger is stored and restored with the folder, so a retry, in this process
+or on another machine, knows its earlier attempts' files; anything else in the folder (a
+``ModelCheckpoint``'s files, another run's, the user's) is never removed or replaced.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import secrets
 from pathlib import Path
 
 from ._background import SaveHandle
@@ -15,7 +24,52 @@ from ._checkpoint import Checkpoint
 from ._exceptions import NoCheckpointError
 from ._runtime import _whole, ctx
 
-__all__ = ["FolderSaver", "checked_checkpoint", "checkpoint_in_force"]
+__all__ = ["LEDGER", "FolderSaver", "checked_checkpoint", "checkpoint_in_force"]
+
+#: The ledger's name in the folder an integration writes into.
+LEDGER = ".checkpointio-written.json"
+
+
+def run_of(uri: str) -> str:
+    """The run a checkpoint URI belongs to: its folder or prefix (``s3://b/runs/7`` for
+    ``s3://b/runs/7/attempt-1``), which every attempt of a task's run shares."""
+    return uri.rstrip("/").rpartition("/")[0]
+
+
+def read_ledger(folder: Path) -> dict[str, str]:
+    """The ledger of ``folder``: each name an integration wrote there, with its run. Empty when
+    there is none, or the file of that name is not one (then nothing in the folder is ours).
+
+    Raises:
+        OSError: The ledger could not be read (callers name the checkpoint with ``placing``).
+    """
+    try:
+        with open(folder / LEDGER, "rb") as source:
+            doc = json.loads(source.read(4 * 1024 * 1024))
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
+    except ValueError:
+        return {}
+    written = doc.get("written") if isinstance(doc, dict) else None
+    if not isinstance(written, dict):
+        return {}
+    return {name: run for name, run in written.items() if isinstance(name, str) and isinstance(run, str)}
+
+
+def write_ledger(folder: Path, written: dict[str, str]) -> None:
+    """Replace ``folder``'s ledger with ``written`` (by rename: a crash leaves the old one or the new).
+
+    Raises:
+        OSError: It could not be written.
+    """
+    temporary = folder / f"{LEDGER}.{secrets.token_hex(8)}"
+    try:
+        with open(temporary, "x", encoding="utf-8") as target:
+            json.dump({"written": dict(sorted(written.items()))}, target, indent=1)
+        os.replace(temporary, folder / LEDGER)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def checked_checkpoint(checkpoint: object) -> Checkpoint | None:
@@ -68,6 +122,32 @@ class FolderSaver:
     def checkpoint(self) -> Checkpoint:
         """The checkpoint in force."""
         return checkpoint_in_force(self._checkpoint)
+
+    def _runs(self) -> set[str]:
+        """The runs whose entries are this saver's: its checkpoint's and its sources'."""
+        checkpoint = self.checkpoint
+        return {run_of(uri) for uri in (checkpoint.dest, *checkpoint.sources)}
+
+    def _owned(self, folder: Path) -> set[str]:
+        """The names in ``folder``'s ledger that this run wrote (or a restore of its brought back).
+
+        Raises:
+            OSError: The ledger could not be read.
+        """
+        runs = self._runs()
+        return {name for name, run in read_ledger(folder).items() if run in runs}
+
+    def _note(self, folder: Path, add: str | None = None, drop: set[str] | frozenset[str] = frozenset()) -> None:
+        """Record in ``folder``'s ledger that this run wrote ``add`` and no longer has ``drop``;
+        entries of names no longer there go too, other runs' entries stay.
+
+        Raises:
+            OSError: The ledger could not be read or written.
+        """
+        written = {name: run for name, run in read_ledger(folder).items() if name not in drop}
+        if add is not None:
+            written[add] = run_of(self.checkpoint.dest)
+        write_ledger(folder, {name: run for name, run in written.items() if os.path.lexists(folder / name)})
 
     def _store(self, folder: Path) -> None:
         self.last = self.checkpoint.save_sync(folder, wait=not self.background)

@@ -26,7 +26,6 @@ from __future__ import annotations
 import io
 import logging
 import os
-import re
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -61,9 +60,6 @@ logger = logging.getLogger(__name__)
 
 #: The file pattern of the checkpoints the callback looks for (to resume from).
 PATTERN = "**/*.ckpt"
-#: The names of the files the callback writes, directly in ``dirpath``: the only ones its
-#: retention removes (a user's ``pretrained.ckpt`` beside them, or in a folder below, stays).
-_WRITTEN = re.compile(r"epoch=\d+-step=\d+\.ckpt")
 
 
 class CheckpointioIO(TorchCheckpointIO):
@@ -105,17 +101,20 @@ class CheckpointioCallback(FolderSaver, pl.Callback):
 
     At the end of each training epoch the trainer's full state is written to
     ``dirpath/epoch=<e>-step=<s>.ckpt`` and the folder is saved to the checkpoint, in the
-    background by default. On a retry, :attr:`ckpt_path` restores the previous attempt's folder into
-    ``dirpath`` and names its newest ``.ckpt`` (``latest_checkpoint``), for
-    ``trainer.fit(model, ckpt_path=callback.ckpt_path)``.
+    background by default. A file of that name that the callback did not write (a
+    ``ModelCheckpoint``'s in the same folder) is left as it is: the callback's file is then
+    ``epoch=<e>-step=<s>-v1.ckpt`` (``-v2``...). On a retry, :attr:`ckpt_path` restores the
+    previous attempt's folder into ``dirpath`` and names the restore's newest ``.ckpt``
+    (``latest_checkpoint``), for ``trainer.fit(model, ckpt_path=callback.ckpt_path)``.
 
     Args:
         checkpoint: Where to save; ``ctx().checkpoint`` by default.
         dirpath: Local folder of the ``.ckpt`` files; by default the checkpoint's workspace
             (``cp.path``), where a restore lands, so restored and new files live together.
-        keep_last: Keep the newest ``keep_last`` of the files it writes (``None``: all); other
-            files in ``dirpath`` are never removed. The file a run resumed from is kept until a
-            newer one has been stored.
+        keep_last: Keep the newest ``keep_last`` of the files this run's callbacks wrote (``None``:
+            all), as the ledger in ``dirpath`` names them; other files in ``dirpath`` (a
+            ``ModelCheckpoint``'s, another run's, yours) are never removed. The file a run
+            resumed from is kept until a newer one has been stored.
         background: Upload in the background (the next epoch's save waits for the previous).
     """
 
@@ -140,39 +139,67 @@ class CheckpointioCallback(FolderSaver, pl.Callback):
         """Restore the previous attempt's files (once) and return the newest ``.ckpt``, or ``None``."""
         if not self._restored:
             restored = self.checkpoint.load_sync()
+            # The restore's newest file: not one that was in dirpath before (someone else's).
+            newest = latest_checkpoint(restored, PATTERN)
             if restored is not None and restored.is_dir() and restored.resolve() != self.dirpath.resolve():
                 doing = "put the restored files in place in"
                 with placing(doing, self.dirpath, self.checkpoint.dest, kept=restored):
                     self.dirpath.mkdir(parents=True, exist_ok=True)
                     moves = [(child, self.dirpath / child.name) for child in sorted(restored.iterdir())]
                     _placement.move_all(moves)  # all or none, over folders that are not empty, across filesystems
-                restored = self.dirpath
-            self.resumed_from = latest_checkpoint(restored, PATTERN)
+                if newest is not None:
+                    newest = self.dirpath / newest.relative_to(restored)
+            self.resumed_from = newest
             self._restored = True
         return str(self.resumed_from) if self.resumed_from is not None else None
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if trainer.sanity_checking:
             return
-        with placing("create the checkpoint folder", self.dirpath, self.checkpoint.dest):
+        uri = self.checkpoint.dest
+        with placing("create the checkpoint folder", self.dirpath, uri):
             self.dirpath.mkdir(parents=True, exist_ok=True)
-        trainer.save_checkpoint(self.dirpath / f"epoch={trainer.current_epoch}-step={trainer.global_step}.ckpt")
+        name = ""
         if trainer.is_global_zero:
+            with placing("read the ledger of the files written in", self.dirpath, uri):
+                name = self._free_name(f"epoch={trainer.current_epoch}-step={trainer.global_step}")
+        name = trainer.strategy.broadcast(name)  # one name on every rank (sharded strategies write on each)
+        trainer.save_checkpoint(self.dirpath / name)
+        if trainer.is_global_zero:
+            with placing("write the ledger of the files written in", self.dirpath, uri):
+                self._note(self.dirpath, add=name)
             self._retain()
             self._store(self.dirpath)
+
+    def _free_name(self, stem: str) -> str:
+        """``<stem>.ckpt``, or ``<stem>-v<n>.ckpt`` with the lowest ``n`` whose file is absent or
+        this run's (never a name someone else's file has: it would be replaced)."""
+        owned = self._owned(self.dirpath)
+        name, version = f"{stem}.ckpt", 0
+        while os.path.lexists(self.dirpath / name) and name not in owned:
+            version += 1
+            name = f"{stem}-v{version}.ckpt"
+        return name
 
     def _retain(self) -> None:
         if self.keep_last is None:
             return
         protected = self._resumed_is_protected()
-        with placing("list the checkpoint files in", self.dirpath, self.checkpoint.dest):
-            written = [path for path in self.dirpath.iterdir() if _WRITTEN.fullmatch(path.name) and path.is_file()]
+        uri = self.checkpoint.dest
+        with placing("list the checkpoint files in", self.dirpath, uri):
+            written = [self.dirpath / name for name in self._owned(self.dirpath)]
+            written = [path for path in written if path.is_file() and not path.is_symlink()]
             files = sorted(written, key=lambda path: (path.stat().st_mtime_ns, path.name))
+        removed: set[str] = set()
         for old in files[: -self.keep_last]:
             if protected and old == self.resumed_from:
                 continue
-            with placing("remove the old checkpoint file", old, self.checkpoint.dest):
+            with placing("remove the old checkpoint file", old, uri):
                 old.unlink()
+            removed.add(old.name)
+        if removed:
+            with placing("write the ledger of the files written in", self.dirpath, uri):
+                self._note(self.dirpath, drop=removed)
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         self.wait()

@@ -216,3 +216,43 @@ def test_wrong_settings_are_refused_when_the_callback_or_plugin_is_made() -> Non
         CheckpointioCallback(keep_last="2")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="keep_last must be at least 1"):
         CheckpointioCallback(keep_last=0)
+
+
+def test_retention_leaves_the_files_a_model_checkpoint_writes_in_the_same_folder(tmp_path: Path) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    written: dict[str, bytes] = {}
+
+    class Recording(ModelCheckpoint):
+        def _save_checkpoint(self, trainer: Any, filepath: str) -> None:
+            super()._save_checkpoint(trainer, filepath)
+            written[Path(filepath).name] = Path(filepath).read_bytes()
+
+    dirpath = tmp_path / "ckpts"
+    with Checkpoint(tmp_path / "store" / "attempt-0") as cp:
+        saver = CheckpointioCallback(cp, dirpath=dirpath, keep_last=1, background=False)
+        # Every third step, keeping every file: names like the callback's, and the same name as its
+        # file at the end of each epoch, written first.
+        lightnings = Recording(dirpath=dirpath, every_n_train_steps=3, save_top_k=-1)
+        trainer([saver, lightnings], max_epochs=3, enable_checkpointing=True).fit(Tiny(), loader())
+    assert sorted(written) == sorted(f"epoch={step // 6 - (step % 6 == 0)}-step={step}.ckpt" for step in range(3, 19, 3))
+    for name, data in written.items():  # each still the file ModelCheckpoint wrote, never replaced
+        assert (dirpath / name).read_bytes() == data
+    ckpts = sorted(path.name for path in dirpath.glob("*.ckpt"))
+    assert ckpts == sorted([*written, "epoch=2-step=18-v1.ckpt"])  # the callback's newest, under a free name
+
+
+def test_retention_after_a_restart_removes_the_earlier_attempts_files_and_no_one_elses(tmp_path: Path) -> None:
+    dirpath = tmp_path / "ckpts"
+    with Checkpoint(tmp_path / "store" / "attempt-0") as cp:
+        saver = CheckpointioCallback(cp, dirpath=dirpath, keep_last=None, background=False)
+        trainer([saver], max_epochs=2).fit(Tiny(), loader())
+    shutil.rmtree(dirpath)  # a fresh machine: only the store remembers
+    dirpath.mkdir()
+    (dirpath / "epoch=7-step=0.ckpt").write_bytes(b"another tool's file, named like the callback's")
+    src = tmp_path / "store" / "attempt-0"
+    with Checkpoint(tmp_path / "store" / "attempt-1", src=src) as cp:
+        saver = CheckpointioCallback(cp, dirpath=dirpath, keep_last=1, background=False)
+        trainer([saver], max_epochs=4).fit(Tiny(), loader(), ckpt_path=saver.ckpt_path)
+    assert sorted(path.name for path in dirpath.glob("*.ckpt")) == ["epoch=3-step=24.ckpt", "epoch=7-step=0.ckpt"]
+    assert (dirpath / "epoch=7-step=0.ckpt").read_bytes() == b"another tool's file, named like the callback's"
