@@ -235,7 +235,8 @@ def test_retention_leaves_the_files_a_model_checkpoint_writes_in_the_same_folder
         # file at the end of each epoch, written first.
         lightnings = Recording(dirpath=dirpath, every_n_train_steps=3, save_top_k=-1)
         trainer([saver, lightnings], max_epochs=3, enable_checkpointing=True).fit(Tiny(), loader())
-    assert sorted(written) == sorted(f"epoch={step // 6 - (step % 6 == 0)}-step={step}.ckpt" for step in range(3, 19, 3))
+    steps = range(3, 19, 3)  # 6 steps an epoch: step 6 is the last of epoch 0
+    assert sorted(written) == sorted(f"epoch={(step - 1) // 6}-step={step}.ckpt" for step in steps)
     for name, data in written.items():  # each still the file ModelCheckpoint wrote, never replaced
         assert (dirpath / name).read_bytes() == data
     ckpts = sorted(path.name for path in dirpath.glob("*.ckpt"))
