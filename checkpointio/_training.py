@@ -145,9 +145,10 @@ class FolderSaver:
             OSError: The ledger could not be read or written.
         """
         written = {name: run for name, run in read_ledger(folder).items() if name not in drop}
-        if add is not None:
+        written = {name: run for name, run in written.items() if os.path.lexists(folder / name)}
+        if add is not None:  # noted before it is written too: a kill while it is written leaves it ours
             written[add] = run_of(self.checkpoint.dest)
-        write_ledger(folder, {name: run for name, run in written.items() if os.path.lexists(folder / name)})
+        write_ledger(folder, written)
 
     def _store(self, folder: Path) -> None:
         self.last = self.checkpoint.save_sync(folder, wait=not self.background)

@@ -32,7 +32,7 @@ from typing import Any
 
 from . import _placement
 from ._checkpoint import Checkpoint
-from ._exceptions import CheckpointError
+from ._exceptions import CheckpointError, DestinationError
 from ._placement import placing
 from ._training import FolderSaver
 from ._writes import write_all
@@ -100,28 +100,40 @@ def _unlistable(base: Path, error: OSError) -> CheckpointError:
     return _placement.placement_error(error, message, str(base))
 
 
-def _place(restored: Path | None, output_dir: Path) -> None:
+def _place(restored: Path | None, output_dir: Path, owned: set[str], uri: str) -> None:
     """Make the ``checkpoint-<step>`` folders of ``output_dir`` exactly those restored (none at first).
 
-    Restored entries replace same-named ones, all or none (a failure leaves ``output_dir`` as it
-    was, never an entry removed and not replaced), also from a workspace on another filesystem.
-    ``checkpoint-<step>`` folders the restore does not have are then removed, with a warning: a
-    failed attempt wrote them in this same folder without storing them (perhaps half-written), or
-    another run left them; resuming must not pick them, and retention, which goes by step, must not
-    keep them over this run's. The workspace ends up empty.
+    ``checkpoint-<step>`` folders there that the restore does not have are this run's when
+    ``owned`` (its ledger names them: an earlier attempt wrote them without storing them, perhaps
+    half-written) and removed, with a warning, so that resuming does not pick them and retention,
+    which goes by step, does not keep them over this run's. Any other such folder (another run's,
+    the Trainer's without this callback, one made by hand) is refused before anything is changed:
+    resuming and retention would mix it with this run's. Restored entries then replace
+    same-named ones, all or none (a failure leaves ``output_dir`` as it was, never an entry removed
+    and not replaced), also from a workspace on another filesystem. The workspace ends up empty.
+
+    Raises:
+        DestinationError: ``output_dir`` holds ``checkpoint-<step>`` folders this run did not write.
     """
     if restored is not None and output_dir.exists() and restored.resolve() == output_dir.resolve():
         return
-    names = set()
+    children = sorted(restored.iterdir()) if restored is not None else []
+    names = {child.name for child in children}
+    stale = [folder for folder in _folders(output_dir) if folder.name not in names]
+    foreign = [folder.name for folder in stale if folder.name not in owned]
+    if foreign:
+        raise DestinationError(
+            f"{output_dir} holds checkpoint folders this run did not write: {', '.join(foreign)}; nothing was "
+            "changed: resuming would pick them and retention would mix them with this run's. Move them "
+            "out of output_dir (or remove them), or give the Trainer another output_dir",
+            uri=uri,
+        )
     if restored is not None:
         output_dir.mkdir(parents=True, exist_ok=True)
-        children = sorted(restored.iterdir())
         _placement.move_all([(child, output_dir / child.name) for child in children])
-        names = {child.name for child in children}
-    for stale in _folders(output_dir):
-        if stale.name not in names:
-            logger.warning("removing %s: it is not part of this run's stored checkpoint", stale)
-            _placement.remove(stale)
+    for folder in stale:
+        logger.warning("removing %s: this run wrote it and did not store it", folder)
+        _placement.remove(folder)
 
 
 def _group_size() -> int:
@@ -229,14 +241,16 @@ class CheckpointioTrainerCallback(FolderSaver, TrainerCallback):
     group it saved with: a group resumes from a distributed checkpoint, a single process from a
     folder. With one process, the main process alone saves. ``output_dir`` should belong to
     this run: everything in it is stored (model files a final ``trainer.save_model()`` wrote there,
-    logs), and reading :attr:`resume_from_checkpoint` leaves in it only the checkpoint folders
-    restored (none on a first attempt).
+    logs). The callback removes only the ``checkpoint-<step>`` folders this run wrote (named in the
+    ledger ``.checkpointio-written.json`` in ``output_dir``, stored and restored with it), and
+    :attr:`resume_from_checkpoint` refuses an ``output_dir`` holding others.
 
     Args:
         checkpoint: Where to save; ``ctx().checkpoint`` by default.
-        keep_last: Keep the newest ``keep_last`` ``checkpoint-<step>`` folders, by step (``None``:
-            all). The folder a run resumed from is kept until a newer save has been stored, and the
-            Trainer's best checkpoint (``state.best_model_checkpoint``) is never removed.
+        keep_last: Keep the newest ``keep_last`` of this run's ``checkpoint-<step>`` folders, by
+            step (``None``: all); other folders are never removed. The folder a run resumed from
+            is kept until a newer save has been stored, and the Trainer's best checkpoint
+            (``state.best_model_checkpoint``) is never removed.
         background: Upload in the background (the next save waits for the previous); ``False``
             stores the folder before ``on_save`` returns.
     """
@@ -258,13 +272,17 @@ class CheckpointioTrainerCallback(FolderSaver, TrainerCallback):
 
         The restored tree is moved into the Trainer's ``output_dir``, so the run's old and new
         checkpoint folders live, and are stored, together; ``checkpoint-<step>`` folders already
-        there that the restore does not have (all of them on a first attempt) are removed, with a
-        warning. Returns the path of the ``checkpoint-<step>`` folder with the highest step, or
+        there that the restore does not have are removed, with a warning, when this run wrote them
+        (an earlier attempt's, not stored); any other such folder is refused, nothing changed.
+        Returns the path of the restored ``checkpoint-<step>`` folder with the highest step, or
         ``None`` on a first attempt.
 
         Raises:
             RuntimeError: No Trainer was built with this callback yet (``output_dir`` is unknown).
             ValueError: The checkpoint holds bytes or a single file, not a Trainer's folder.
+            DestinationError: ``output_dir`` holds ``checkpoint-<step>`` folders the restore does
+                not have and this run did not write (another run's, the Trainer's without this
+                callback, yours): move them away or use another ``output_dir``.
         """
         if not self._restored:
             if self.output_dir is None:
@@ -281,10 +299,11 @@ class CheckpointioTrainerCallback(FolderSaver, TrainerCallback):
             if restored is not None and not restored.is_dir():
                 raise ValueError(f"the checkpoint restored as the file {restored}, not as a Trainer output folder")
             with placing("put the restored checkpoint folders in place in", self.output_dir, uri, kept=restored):
-                _place(restored, self.output_dir)
+                restored_names = {child.name for child in restored.iterdir()} if restored is not None else set()
+                _place(restored, self.output_dir, self._owned(self.output_dir), uri)
             if restored is not None:
                 with placing("list the checkpoint folders in", self.output_dir, uri):
-                    folders = _folders(self.output_dir)
+                    folders = [folder for folder in _folders(self.output_dir) if folder.name in restored_names]
                 self.resumed_from = folders[-1] if folders else None
                 if self.resumed_from is None:
                     logger.warning("the restored folder has no checkpoint-<step> folder; starting over")
@@ -313,7 +332,7 @@ class CheckpointioTrainerCallback(FolderSaver, TrainerCallback):
                 dcp._load_with(dict.fromkeys(targets, b""), reader, _files_planners(targets)[1])
             if places:
                 with placing("put the restored checkpoint folders in place in", output_dir, uri):
-                    _place(staging if found else None, output_dir)
+                    _place(staging if found else None, output_dir, self._owned(output_dir), uri)
         finally:
             with placing("remove the folder restored into", staging, uri):
                 _placement.remove(staging)
@@ -332,6 +351,7 @@ class CheckpointioTrainerCallback(FolderSaver, TrainerCallback):
         uri = self.checkpoint.dest
         shared = _shared_with_rank_zero(output_dir, uri)  # a collective: every rank asks
         if state.is_world_process_zero or not shared:
+            self._note_save(output_dir, state)
             self._retain(output_dir, state)
         dist.barrier()  # retention is done before any rank lists the files
         with placing("list the files to store in", output_dir, uri):
@@ -354,8 +374,32 @@ class CheckpointioTrainerCallback(FolderSaver, TrainerCallback):
         if not state.is_world_process_zero or args.output_dir is None:
             return
         output_dir = Path(args.output_dir)
+        self._note_save(output_dir, state)
         self._retain(output_dir, state)
         self._store(output_dir)
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        self._note_coming_save(args, state, control)
+
+    def on_epoch_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self._note_coming_save(args, state, control)
+
+    def _note_coming_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl) -> None:
+        """Before the Trainer writes ``checkpoint-<step>``, name it in the ledger: a kill while it is
+        written leaves a folder the retry knows to be this run's (and removes)."""
+        if control.should_save and state.is_world_process_zero and args.output_dir is not None:
+            self._note_save(Path(args.output_dir), state)
+
+    def _note_save(self, output_dir: Path, state: TrainerState) -> None:
+        """Name ``checkpoint-<global step>`` in the ledger as this run's, unless someone else's
+        folder of that name is there (it stays theirs: retention leaves it)."""
+        name = f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        with placing("write the ledger of the folders written in", output_dir, self.checkpoint.dest):
+            output_dir.mkdir(parents=True, exist_ok=True)  # the Trainer's first save makes it too
+            if not (output_dir / name).exists() or name in self._owned(output_dir):
+                self._note(output_dir, add=name)
 
     def _retain(self, output_dir: Path, state: TrainerState) -> None:
         if self.keep_last is None:
@@ -368,12 +412,19 @@ class CheckpointioTrainerCallback(FolderSaver, TrainerCallback):
         if protected and self.resumed_from is not None:
             keep.add(self.resumed_from)
         kept = {path.resolve() for path in keep}
-        with placing("list the checkpoint folders in", output_dir, self.checkpoint.dest):
-            folders = _folders(output_dir)
+        uri = self.checkpoint.dest
+        with placing("list the checkpoint folders in", output_dir, uri):
+            owned = self._owned(output_dir)
+            folders = [folder for folder in _folders(output_dir) if folder.name in owned]
+        removed: set[str] = set()
         for old in folders[: -self.keep_last]:
             if old.resolve() not in kept:
-                with placing("remove the old checkpoint folder", old, self.checkpoint.dest):
+                with placing("remove the old checkpoint folder", old, uri):
                     _placement.remove(old)
+                removed.add(old.name)
+        if removed:
+            with placing("write the ledger of the folders written in", output_dir, uri):
+                self._note(output_dir, drop=removed)
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any

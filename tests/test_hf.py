@@ -41,6 +41,7 @@ pytest.importorskip("transformers")
 import torch
 import transformers
 
+from checkpointio._training import write_ledger
 from checkpointio.hf import CheckpointioTrainerCallback, checkpoint_folders
 
 STEPS = 12
@@ -246,7 +247,8 @@ def test_a_restore_replaces_the_checkpoint_folders_and_picks_the_highest_step(tm
     (out / "checkpoint-10").mkdir(parents=True)
     (out / "checkpoint-10" / "trainer_state.json").write_text("half-written by the failed attempt")
     (out / "checkpoint-10" / "optimizer.pt").write_text("not stored")
-    (out / "checkpoint-12").mkdir()  # written locally, never stored
+    (out / "checkpoint-12").mkdir()  # written locally by the failed attempt, never stored
+    write_ledger(out, {"checkpoint-10": str(tmp_path / "store"), "checkpoint-12": str(tmp_path / "store")})
     (out / "notes.txt").write_text("mine")
     with Checkpoint(tmp_path / "store" / "attempt-1", src=tmp_path / "store" / "attempt-0") as cp:
         saver = CheckpointioTrainerCallback(cp)
@@ -266,7 +268,8 @@ def test_a_first_attempt_starts_clean_and_misuse_is_a_clear_error(tmp_path: Path
     with pytest.raises(NoCheckpointError, match="no checkpoint: pass checkpoint="):
         _ = CheckpointioTrainerCallback().checkpoint
     out = tmp_path / "out"
-    (out / "checkpoint-3").mkdir(parents=True)  # another run's leftover
+    (out / "checkpoint-3").mkdir(parents=True)  # a killed first attempt's, never stored
+    write_ledger(out, {"checkpoint-3": str(tmp_path / "store")})
     with Checkpoint(tmp_path / "store" / "a") as cp:
         saver = CheckpointioTrainerCallback(cp)
         with pytest.raises(RuntimeError, match="build the Trainer"):
@@ -282,6 +285,61 @@ def test_a_first_attempt_starts_clean_and_misuse_is_a_clear_error(tmp_path: Path
         make_trainer(out, [saver])
         with pytest.raises(ValueError, match="not as a Trainer output folder"):
             _ = saver.resume_from_checkpoint
+
+
+def test_a_restore_refuses_checkpoint_folders_another_run_left_and_changes_nothing(tmp_path: Path) -> None:
+    others = tmp_path / "others"
+    make_trainer(others, [], max_steps=4, save_steps=2).train()  # the Trainer's own, no checkpointio
+    assert names(checkpoint_folders(others)) == ["checkpoint-2", "checkpoint-4"]
+    src = first_run(tmp_path)
+    for start in (None, src):  # a first attempt, and a retry restoring checkpoint-2 and checkpoint-4
+        out = tmp_path / "out"
+        shutil.copytree(others, out)
+        (out / "checkpoint-9").mkdir()  # and one made by hand
+        before = snapshot(out)
+        with Checkpoint(tmp_path / "store" / "attempt-1", src=start) as cp:
+            saver = CheckpointioTrainerCallback(cp)
+            make_trainer(out, [saver])
+            foreign = "checkpoint-9" if start else "checkpoint-2, checkpoint-4, checkpoint-9"
+            with pytest.raises(DestinationError, match=f"this run did not write: {foreign}; nothing was changed"):
+                _ = saver.resume_from_checkpoint
+        assert snapshot(out) == before
+        shutil.rmtree(out)
+
+
+def test_retention_removes_only_this_runs_checkpoint_folders(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    make_trainer(out, [], max_steps=6, save_steps=3).train()  # the Trainer's own: checkpoint-3, checkpoint-6
+    theirs = snapshot(out)
+    with Checkpoint(tmp_path / "store" / "attempt-0") as cp:
+        saver = CheckpointioTrainerCallback(cp, keep_last=1, background=False)
+        make_trainer(out, [saver], max_steps=8, save_steps=4).train()  # resume_from_checkpoint not read
+    assert names(checkpoint_folders(out)) == ["checkpoint-3", "checkpoint-6", "checkpoint-8"]
+    after = snapshot(out)
+    assert {name: after[name] for name in theirs} == theirs  # the Trainer's own folders, untouched
+
+
+def test_a_folder_the_trainer_was_writing_when_killed_is_this_runs_on_the_retry(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with Checkpoint(tmp_path / "store" / "attempt-0") as cp:
+        trainer = make_trainer(out, [CheckpointioTrainerCallback(cp, background=False)], max_steps=4, save_steps=2)
+        real_save = trainer._save_checkpoint
+
+        def killed_at_step_4(*args: Any, **kwargs: Any) -> Any:
+            if trainer.state.global_step == 4:
+                (out / "checkpoint-4").mkdir()  # half-written when the process died
+                raise KeyboardInterrupt
+            return real_save(*args, **kwargs)
+
+        trainer._save_checkpoint = killed_at_step_4
+        with pytest.raises(KeyboardInterrupt):
+            trainer.train()
+    assert names(checkpoint_folders(out)) == ["checkpoint-2", "checkpoint-4"]
+    with Checkpoint(tmp_path / "store" / "attempt-1", src=cp.dest) as retry:
+        saver = CheckpointioTrainerCallback(retry)
+        make_trainer(out, [saver], max_steps=4, save_steps=2)
+        assert saver.resume_from_checkpoint == str(out / "checkpoint-2")
+    assert names(checkpoint_folders(out)) == ["checkpoint-2"]
 
 
 def stored_run(tmp_path: Path) -> Path:
