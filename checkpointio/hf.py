@@ -388,8 +388,9 @@ class CheckpointioTrainerCallback(FolderSaver, TrainerCallback):
 
     def _note_coming_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl) -> None:
         """Before the Trainer writes ``checkpoint-<step>``, name it in the ledger: a kill while it is
-        written leaves a folder the retry knows to be this run's (and removes)."""
-        if control.should_save and state.is_world_process_zero and args.output_dir is not None:
+        written leaves a folder the retry knows to be this run's (and removes). Every rank does, as
+        every rank writes its files there (on node-local output folders, each its own ledger)."""
+        if control.should_save and args.output_dir is not None:
             self._note_save(Path(args.output_dir), state)
 
     def _note_save(self, output_dir: Path, state: TrainerState) -> None:
