@@ -98,6 +98,8 @@ class Checkpoint:
         self._owns_workspace = workspace is None
         self._loaded = False
         self._restored: Path | None = None
+        #: What this checkpoint's loads put in the workspace (relative paths): theirs to replace.
+        self._placed: set[str] = set()
         self._inflight = InFlight()
         #: The manifest of this checkpoint's last incremental save: the next one's parent, while
         #: ``dest`` still holds exactly that object (else it is read from the store).
@@ -141,8 +143,14 @@ class Checkpoint:
         return await open_store(location.scheme, self._config)
 
     @awaitable("cp.load", "cp.load_sync")
-    async def load(self, only: Sequence[str] | None = None) -> Path | None:
+    async def load(self, only: Sequence[str] | None = None, *, force: bool = False) -> Path | None:
         """Restore the previous attempt's checkpoint into ``cp.path``.
+
+        A restore never replaces what it did not put in the workspace itself: an entry of the
+        checkpoint whose name (or path, with ``only``) is already taken there by something this
+        ``Checkpoint`` did not restore (your files in a ``workspace=`` of your choice, such as
+        ``"."``) is a ``DestinationError`` naming them, and nothing is changed; ``force=True``
+        replaces them. The default workspace, a new temporary folder, holds nothing of yours.
 
         Args:
             only: Glob patterns (``["model/*.pt", "config.json"]``): restore just the entries of a
@@ -153,6 +161,7 @@ class Checkpoint:
                 file it links to. Through the archive's table of contents only those entries'
                 bytes are downloaded; an archive without one (another tool's, or an older
                 version's) is streamed whole. Each call with ``only`` restores again.
+            force: Replace entries of the workspace that this ``Checkpoint`` did not restore.
 
         Returns:
             ``None`` if there is no previous checkpoint; the restored root (``cp.path``) for a
@@ -166,7 +175,16 @@ class Checkpoint:
                 restores it); with ``only``: a pattern matches no entry, or the checkpoint holds
                 bytes or a single file.
             ValueError: A pattern is empty, absolute or holds ``..``.
+            DestinationError: The restore would replace entries of the workspace this
+                ``Checkpoint`` did not restore (without ``force``); nothing was changed.
         """
+        token = _placement.guarded.set(_placement.WorkspaceGuard(self.path, force, self._placed))
+        try:
+            return await self._load(only)
+        finally:
+            _placement.guarded.reset(token)
+
+    async def _load(self, only: Sequence[str] | None) -> Path | None:
         if only is not None:
             patterns = Selection(only).patterns  # a bad pattern refused before anything is read; an iterator read once
 
@@ -437,9 +455,9 @@ class Checkpoint:
                 return True
         return False
 
-    def load_sync(self, only: Sequence[str] | None = None) -> Path | None:
+    def load_sync(self, only: Sequence[str] | None = None, *, force: bool = False) -> Path | None:
         """Blocking twin of :meth:`load`."""
-        return _portal.run_sync(self.load, only)
+        return _portal.run_sync(self.load, only, force=force)
 
     def contents_sync(self) -> list[Entry] | None:
         """Blocking twin of :meth:`contents`."""
@@ -486,6 +504,7 @@ class Checkpoint:
         if self._owns_workspace and self._workspace is not None:
             _placement.discard_workspace(self._workspace)  # not a forked child's: its parent's
             self._workspace = None
+            self._placed.clear()
         self._loaded = False
         self._restored = None
         self._written = None

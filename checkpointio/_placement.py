@@ -43,6 +43,8 @@ import sys
 import tempfile
 import uuid
 from collections.abc import Iterator, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
@@ -53,6 +55,7 @@ __all__ = [
     "STAGING_NAME",
     "STAGING_PREFIX",
     "StagingFolder",
+    "WorkspaceGuard",
     "discard_workspace",
     "existing_mode",
     "make_staging_folder",
@@ -69,6 +72,57 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkspaceGuard:
+    """What a ``Checkpoint.load`` may replace in its workspace: nothing there that it did not put
+    there itself (``placed``: relative paths of earlier restores of this checkpoint), unless
+    ``force``. Set in :data:`guarded` for the load; :func:`replace_all`, through which every
+    restore puts its entries in place, asks it first and records what it placed."""
+
+    workspace: Path
+    force: bool = False
+    placed: set[str] = field(default_factory=set)
+
+    def _relative(self, target: Path) -> str | None:
+        try:
+            return target.relative_to(self.workspace).as_posix()
+        except ValueError:
+            return None
+
+    def check(self, targets: Sequence[Path]) -> None:
+        """Raise ``DestinationError`` naming each of ``targets`` that exists and is not this load's
+        to replace (nothing is changed)."""
+        if self.force:
+            return
+        foreign: list[str] = []
+        for target in targets:
+            relative = self._relative(target)
+            if relative is None or not os.path.lexists(target):
+                continue
+            parts = relative.split("/")
+            if not any("/".join(parts[:end]) in self.placed for end in range(1, len(parts) + 1)):
+                foreign.append(relative)
+        if foreign:
+            shown = ", ".join(foreign[:10]) + (f" and {len(foreign) - 10} more" if len(foreign) > 10 else "")
+            raise DestinationError(
+                f"restoring into {self.workspace} would replace what this checkpoint did not restore there: "
+                f"{shown}; nothing was changed: pass force=True to load() to replace them, or restore into "
+                "another workspace (the default, a new temporary folder, holds nothing of yours)",
+                uri=str(self.workspace),
+            )
+
+    def note(self, targets: Sequence[Path]) -> None:
+        """Record ``targets`` as placed by this checkpoint."""
+        for target in targets:
+            relative = self._relative(target)
+            if relative is not None:
+                self.placed.add(relative)
+
+
+#: The guard of the ``Checkpoint.load`` running in this context (worker threads inherit it).
+guarded: ContextVar[WorkspaceGuard | None] = ContextVar("checkpointio_workspace_guard", default=None)
 
 #: The start of every staging name: ``.checkpointio-partial-<32 hex>``.
 STAGING_PREFIX = ".checkpointio-partial-"
@@ -293,6 +347,9 @@ def replace_all(moves: Sequence[tuple[Path, Path]]) -> None:
     """
     if not moves:
         return
+    guard = guarded.get()
+    if guard is not None:
+        guard.check([target for _, target in moves])
     aside = staging_path(moves[0][1].parent)
     aside_made = False
     moved: list[int] = []
@@ -322,6 +379,8 @@ def replace_all(moves: Sequence[tuple[Path, Path]]) -> None:
             with contextlib.suppress(OSError):
                 aside.rmdir()
         raise
+    if guard is not None:
+        guard.note([target for _, target in moves])
     if aside_made:
         remove_tree(aside)
 

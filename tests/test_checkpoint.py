@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import tarfile
 import threading
@@ -148,7 +149,7 @@ async def test_what_a_killed_restore_left_in_the_workspace_is_not_saved_with_it(
         assert restored is not None and snapshot(restored) == expected
 
 
-async def test_a_restore_replaces_whatever_the_workspace_holds_under_the_same_names(
+async def test_a_forced_restore_replaces_whatever_the_workspace_holds_under_the_same_names(
     store: StoreCase, tmp_path: Path
 ) -> None:
     tree = make_tree(tmp_path / "tree")
@@ -160,7 +161,7 @@ async def test_a_restore_replaces_whatever_the_workspace_holds_under_the_same_na
     (workspace / "latest").symlink_to("nowhere")
     (workspace / "notes.txt").write_text("not in the checkpoint: left alone")
     async with Checkpoint(store.uri("b"), src=store.uri("a"), workspace=workspace) as cp:
-        assert await cp.load() == workspace
+        assert await cp.load(force=True) == workspace
     (workspace / "notes.txt").unlink()
     assert snapshot(workspace) == snapshot(tree)
 
@@ -187,7 +188,7 @@ async def test_a_restore_that_cannot_be_put_in_place_leaves_the_workspace_as_it_
     refused = fail_placing_onto(monkeypatch, workspace / "run.sh", error)
     async with Checkpoint(store.uri("b"), src=store.uri("a"), workspace=workspace) as cp:
         with pytest.raises(raised) as caught:
-            await cp.load()
+            await cp.load(force=True)
     assert str(caught.value) == (
         f"{store.uri('a')}: could not put the restored checkpoint in place in {workspace}: {error}"
     )
@@ -692,3 +693,44 @@ async def test_file_data_is_written_at_most_256_kib_per_system_call(
     assert max(sizes) <= 256 * 1024
     for calls, written in steps:
         assert calls >= written // (256 * 1024), steps
+
+
+async def test_a_load_into_a_folder_holding_your_files_replaces_none_of_them_without_force(
+    store: StoreCase, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tree = tmp_path / "tree"
+    (tree / "model").mkdir(parents=True)
+    (tree / "model" / "weights.pt").write_bytes(b"saved weights")
+    (tree / "config.json").write_bytes(b"saved config")
+    await Checkpoint(store.uri("dir")).save(tree)
+    await Checkpoint(store.uri("bytes")).save(b"saved bytes")
+    work = tmp_path / "work"
+    (work / "model").mkdir(parents=True)
+    (work / "model" / "weights.pt").write_bytes(b"your weights")
+    (work / "payload").write_bytes(b"your payload")
+    (work / "notes.txt").write_bytes(b"yours")
+    before = snapshot(work)
+    monkeypatch.chdir(work)
+    for src, only, replaced in [
+        ("dir", None, "model"),
+        ("dir", ["model/weights.pt"], "model/weights.pt"),
+        ("bytes", None, "payload"),
+    ]:
+        async with Checkpoint(store.uri("next"), src=store.uri(src), workspace=".") as cp:
+            message = f"restoring into {work} would replace what this checkpoint did not restore there: {replaced};"
+            with pytest.raises(DestinationError, match=re.escape(message) + " nothing was changed: pass force=True"):
+                await cp.load(only)
+        assert snapshot(work) == before, (src, only)
+    async with Checkpoint(store.uri("next"), src=store.uri("dir"), workspace=".") as cp:
+        assert await cp.load(force=True) == work.absolute()
+        assert (work / "model" / "weights.pt").read_bytes() == b"saved weights"
+        assert (work / "config.json").read_bytes() == b"saved config"
+        assert (work / "notes.txt").read_bytes() == b"yours"  # not in the checkpoint: left alone
+        (work / "config.json").write_bytes(b"changed since")
+        assert await cp.load(["config.json"]) == work.absolute()  # its own restore: replaced again
+        assert (work / "config.json").read_bytes() == b"saved config"
+    with Checkpoint(store.uri("next"), src=store.uri("bytes"), workspace=work) as cp:
+        with pytest.raises(DestinationError, match=r"would replace .*: payload;"):
+            cp.load_sync()
+        assert cp.load_sync(force=True) == work / "payload"
+        assert (work / "payload").read_bytes() == b"saved bytes"
