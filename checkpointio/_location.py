@@ -113,19 +113,25 @@ def parse_location(uri: str | os.PathLike[str]) -> Location:
 def checkpoint_location(uri: str | os.PathLike[str]) -> Location:
     """:func:`parse_location` for the URI of one checkpoint object (not a prefix).
 
-    An S3 key or memory name ending in ``/`` is refused: S3 consoles show such an object as a
-    folder, and ``aws s3 cp`` would put a file *under* that prefix, so the intent is unclear; the
-    URI must name the checkpoint itself (``s3://bucket/runs/7/big``). (A local path's trailing
-    ``/`` names the same file or folder as the path without it, as the filesystem has it.)
+    A URI ending in ``/`` is refused, whatever its store: S3 consoles show such an object as a
+    folder, ``aws s3 cp`` would put a file *under* that prefix, and ``newdir/`` names a folder, where
+    a local checkpoint is one file (saving it as the file ``newdir`` would surprise). The URI must
+    name the checkpoint itself (``s3://bucket/runs/7/big``, ``newdir/ckpt``).
 
     Raises:
-        ValueError: As :func:`parse_location`, or the key ends in ``/``.
+        ValueError: As :func:`parse_location`, or the URI ends in ``/``.
     """
     location = parse_location(uri)
-    if location.scheme in ("s3", "memory") and location.key.endswith("/"):
+    text = uri_text(uri)
+    if location.scheme == "file":
+        if text.endswith(("/", os.sep)):
+            raise ValueError(
+                f"{text!r} ends with '/', a folder: a checkpoint URI names one file, "
+                f"e.g. {os.path.join(location.key, 'NAME')}"
+            )
+    elif location.key.endswith("/"):
         raise ValueError(
-            f"{os.fspath(uri)!r} ends with '/', a folder-like prefix: a checkpoint URI names one object, "
-            f"e.g. {location.uri}NAME"
+            f"{text!r} ends with '/', a folder-like prefix: a checkpoint URI names one object, e.g. {location.uri}NAME"
         )
     return location
 

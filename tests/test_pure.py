@@ -454,6 +454,17 @@ def test_a_bucket_name_botocore_would_refuse_is_refused_up_front(uri: str) -> No
         parse_prefix(uri.rsplit("/", 1)[0])
 
 
+@pytest.mark.parametrize("uri", ["newdir/", "/tmp/runs/7/", "./", "file:///tmp/runs/7/"])
+def test_a_local_checkpoint_path_ending_in_a_slash_is_refused_as_a_folder(uri: str, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"ends with '/', a folder: a checkpoint URI names one file, e\.g\. .*/NAME"):
+        checkpoint_location(uri)
+    with pytest.raises(ValueError, match="ends with '/', a folder"):
+        Checkpoint(uri)
+    with pytest.raises(ValueError, match="ends with '/', a folder"):
+        Checkpoint(tmp_path / "next", src=uri)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_checkpoint_uri_ending_in_a_slash_is_refused_but_a_prefix_may() -> None:
     with pytest.raises(ValueError, match=r"ends with '/'.*s3://bucket/runs/7/NAME"):
         checkpoint_location("s3://bucket/runs/7/")
@@ -464,5 +475,5 @@ def test_a_checkpoint_uri_ending_in_a_slash_is_refused_but_a_prefix_may() -> Non
         checkpoint_location("memory://runs/7/")
     assert parse_prefix("memory://runs/7/").key == "runs/7/"
     assert parse_prefix("/tmp/runs/7/").key == "/tmp/runs/7/"  # the folder only, as on S3
-    assert parse_prefix("/tmp/runs/7").key == checkpoint_location("/tmp/runs/7/").key == "/tmp/runs/7"
+    assert parse_prefix("/tmp/runs/7").key == checkpoint_location("/tmp/runs/7").key == "/tmp/runs/7"
     assert parse_prefix("s3://bucket/").key == ""
