@@ -92,6 +92,7 @@ from ._exceptions import (
 )
 from ._location import Location, checkpoint_location, split_scheme
 from ._portal import run_sync
+from ._progress import human_size
 from ._stores import Kind, ObjectInfo, Store, open_store
 
 __all__ = ["DistributedSaveHandle", "StorageReader", "StorageWriter", "latest", "load", "remove", "save"]
@@ -371,6 +372,8 @@ class StorageWriter(_StorageWriter):
         self._target = _Target(target, options)
         self._save_id: str | None = None
         self._is_coordinator = False
+        #: The manifest this process committed (the coordinator, once the save is stored).
+        self._committed: _Manifest | None = None
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         if checkpoint_id:
@@ -486,6 +489,7 @@ class StorageWriter(_StorageWriter):
         before = await self._target.committed_save_id()
         data = _encode_manifest(manifest)
         await _engine.save_object(store, location, data, Kind.BYTES, self._target.config, layout=_dcp_layout.LAYOUT)
+        self._committed = manifest
         try:
             live = await self._target.committed_save_id()
             if live is None:  # unreadable now: keep everything rather than guess
@@ -879,6 +883,23 @@ def _wait_for_earlier_saves() -> None:
         raise errors[0]
 
 
+def _log_done(done: str, uri: str, manifest: _Manifest | None, started: float) -> None:
+    """The INFO line of a distributed save (by the process that committed it) or load (rank 0):
+    one per call, as ``Checkpoint.save`` and ``load`` log theirs."""
+    if manifest is None:
+        return
+    stored = human_size(sum(size for size, _ in manifest.objects.values()))
+    seconds = time.monotonic() - started
+    logger.info(
+        "%s distributed checkpoint %s (world size %d, %s of data in %.1f s)",
+        done,
+        uri,
+        manifest.world_size,
+        stored,
+        seconds,
+    )
+
+
 def save(
     state_dict: dict[str, Any],
     target: Target,
@@ -907,6 +928,7 @@ def save(
             ``CheckpointException`` as its cause); the previous checkpoint stays.
     """
     _wait_for_earlier_saves()
+    started = time.monotonic()
     if isinstance(target, Checkpoint) and not wait:
         # It becomes the checkpoint's save in flight: waited for (and its failure raised) by the
         # checkpoint's next save, wait() and close(), so a task's attempt ends once it is stored.
@@ -922,6 +944,7 @@ def save(
         except (Exception, CheckpointException):  # DCP's own error is a BaseException
             writer.discard_failed_save()
             raise
+        _log_done("saved", writer.checkpoint_id, writer._committed, started)
         return DistributedSaveHandle(writer.checkpoint_id)
     single = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     future = cast(
@@ -930,7 +953,7 @@ def save(
     )
     uri = writer.checkpoint_id
     work = BackgroundSave(uri, f"distributed save to {uri}")
-    work.start(_awaited, writer, future)
+    work.start(_awaited, writer, future, started)
     handle = DistributedSaveHandle(uri, work)
     with _lock:
         _in_flight.append(handle)
@@ -939,10 +962,11 @@ def save(
     return handle
 
 
-async def _awaited(writer: StorageWriter, future: concurrent.futures.Future[Any]) -> None:
+async def _awaited(writer: StorageWriter, future: concurrent.futures.Future[Any], started: float) -> None:
     """The outcome of DCP's background save: a checkpointio error where a rank raised one."""
     try:
         await asyncio.wrap_future(future)
+        _log_done("saved", writer.checkpoint_id, writer._committed, started)
     except (Exception, CheckpointException) as error:
         await writer.discard_failed_save_async()
         if isinstance(error, CheckpointException):
@@ -974,7 +998,13 @@ def load(
             world size it cannot be resharded to): DCP's error, with the URI.
         BackgroundSaveError: An earlier ``wait=False`` save failed and nobody retrieved its error.
     """
-    return _load_with(state_dict, StorageReader(target, **options), planner)
+    started = time.monotonic()
+    reader = StorageReader(target, **options)
+    if not _load_with(state_dict, reader, planner):
+        return False
+    if not _in_process_group() or torch.distributed.get_rank() == 0:
+        _log_done("loaded", reader.checkpoint_id, reader._manifest, started)
+    return True
 
 
 def _agree_on_manifest(reader: StorageReader) -> bool:

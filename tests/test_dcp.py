@@ -6,6 +6,7 @@ import asyncio
 import concurrent.futures
 import io
 import json
+import logging
 import os
 import re
 import threading
@@ -114,6 +115,23 @@ def test_round_trip_over_every_store_one_object_per_rank(store: StoreCase) -> No
     assert len(objects) == 1 and re.fullmatch(r"[0-9a-f]{16}-[0-9a-f]{8}/rank-0", objects[0])
     assert sorted(names) == ["ckpt", f"ckpt.dcp/{objects[0]}"]
     assert store.get_raw("ckpt").startswith(b"checkpointio-dcp/1\n")
+
+
+def test_each_save_and_load_logs_one_info_line(store: StoreCase, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="checkpointio")
+    uri = store.uri("ckpt")
+    assert load(empty(), uri) is False  # nothing there: nothing loaded, nothing said
+    save(state(1), uri)
+    save(state(2), uri, wait=False).result()
+    assert load(empty(), uri) is True
+    lines = [record.getMessage() for record in caplog.records if record.name == "checkpointio.dcp"]
+    assert [line.split(" (")[0] for line in lines] == [
+        f"saved distributed checkpoint {uri}",
+        f"saved distributed checkpoint {uri}",
+        f"loaded distributed checkpoint {uri}",
+    ]
+    assert all(re.search(r" \(world size 1, [0-9.]+ [KMG]?i?B of data in [0-9.]+ s\)$", line) for line in lines), lines
+    assert all(record.levelno == logging.INFO for record in caplog.records if record.name == "checkpointio.dcp")
 
 
 def test_the_storage_layer_plugs_into_dcp_itself(store: StoreCase) -> None:
