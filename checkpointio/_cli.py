@@ -692,6 +692,11 @@ async def _rm(cmd: _Command) -> int:
     return code
 
 
+def _count(count: int, noun: str) -> str:
+    """``1 object``, ``2 objects``: a count and its noun, in the plural unless it is one."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 async def _verify(cmd: _Command) -> None:
     summary = await _manage.distributed_summary(cmd.args.uri, cmd.config)
     info = await _manage.verify(cmd.args.uri, cmd.config, cmd.bars)
@@ -704,7 +709,7 @@ async def _verify(cmd: _Command) -> None:
         objects = len(summary.objects)
         cmd.say(
             f"ok {info.location.uri} (distributed, {_human(found.size)}, world size {summary.world_size}, "
-            f"{objects} data object{'s' if objects != 1 else ''})"
+            f"{_count(objects, 'data object')})"
         )
         return
     chunked = await _manage.incremental_of(info, cmd.config)  # described as ls describes it
@@ -766,14 +771,13 @@ async def _gc(cmd: _Command) -> None:
         removed = "would remove" if args.dry_run else "removed"
         print(
             f"{removed} the data of the uncommitted distributed save {one.save_id} of {one.checkpoint.uri} "
-            f"({len(one.objects)} objects, {_human(one.size)}, last written {_when(one.last_written)})"
+            f"({_count(len(one.objects), 'object')}, {_human(one.size)}, last written {_when(one.last_written)})"
         )
     for area in areas:
         removed = "would remove" if args.dry_run else "removed"
         if area.removed:
-            count = len(area.removed)
             print(
-                f"{removed} {count} pack{'s' if count != 1 else ''} no incremental checkpoint references from "
+                f"{removed} {_count(len(area.removed), 'pack')} no incremental checkpoint references from "
                 f"{area.area.uri} ({_human(area.freed)})"
             )
         if area.skipped:

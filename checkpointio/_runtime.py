@@ -45,7 +45,7 @@ import anyio
 import anyio.to_thread
 from typing_extensions import Unpack
 
-from . import _dcp_layout, _group, _incremental, _manage, _portal
+from . import _dcp_layout, _engine, _group, _incremental, _manage, _portal
 from ._checkpoint import Checkpoint
 from ._config import TransferConfig, TransferOptions
 from ._exceptions import (
@@ -216,6 +216,41 @@ def _claim_marker(run_id: str, attempt: int) -> tuple[bytes, Record]:
     return data, Record(Kind.BYTES, len(data), zlib.crc32(data))
 
 
+#: The claims (their URIs) of task calls running in this process: a claim naming this process's
+#: pid is a live call's only if it is here (another call of the same run may run concurrently).
+_live_claims: set[str] = set()
+_live_lock = threading.Lock()
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process of that pid runs on this host (one we may not signal runs too)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except (OSError, OverflowError, ValueError):
+        return True  # not a pid we can ask about: assume it runs
+    return True
+
+
+def _claim_is_dead(marker: object, uri: str) -> bool:
+    """Whether the claim ``marker`` (at ``uri``) was made by a process known to have ended: one of
+    this host whose pid no longer runs, or this process's (the same pid after a restart in a
+    container) when no call running here holds it. A claim from another host, or one that does not
+    say, is never taken for dead: its process may still be running an attempt."""
+    if not isinstance(marker, dict) or marker.get("host") != socket.gethostname():
+        return False
+    pid = marker.get("pid")
+    if type(pid) is not int or pid <= 0:
+        return False
+    if pid == os.getpid():
+        with _live_lock:
+            return uri not in _live_claims
+    return not _pid_alive(pid)
+
+
 @dataclass
 class _Run:
     """One call of a task: where its attempts live, which of them saved something or are claimed."""
@@ -288,7 +323,14 @@ class _Run:
             attempt += 1
         self.claimed.append(attempt)
         self.mine.append(attempt)
+        with _live_lock:
+            _live_claims.add(self.claim_location(attempt).uri)
         return attempt
+
+    def ended(self) -> None:
+        """This call ended (succeeded, failed or was interrupted): its claims are no live call's."""
+        with _live_lock:
+            _live_claims.difference_update(self.claim_location(attempt).uri for attempt in self.mine)
 
     def checkpoint(self, attempt: int) -> Checkpoint:
         earlier = [self.attempt_location(n).uri for n in sorted(self.saved, reverse=True) if n < attempt]
@@ -314,6 +356,26 @@ class _Run:
                 await _collect_packs(store, self.attempt_location(0), self.config)
         for attempt in self.mine:
             await store.delete(self.claim_location(attempt))
+        self.ended()
+        await self._drop_dead_claims(store)
+
+    async def _drop_dead_claims(self, store: Store) -> None:
+        """After a success: delete the claims of attempts whose process has ended (a killed or
+        failed earlier call of this run). A claim that may be a running process's stays, so that
+        no later process takes its number. Housekeeping: a failure is logged, the task goes on."""
+        try:
+            await self.discover()
+            for attempt in self.claimed:
+                location = self.claim_location(attempt)
+                data = await _engine.load_bytes(store, location, self.config, None)
+                try:
+                    marker = json.loads(bytes(data)) if data is not None else None
+                except ValueError:
+                    continue
+                if _claim_is_dead(marker, location.uri):
+                    await store.delete(location)
+        except Exception as error:
+            logger.warning("%s: could not remove the claims of ended attempts: %s", self.root.uri, error)
 
 
 async def _delete_attempt(store: Store, location: Location, config: TransferConfig) -> None:
@@ -532,7 +594,8 @@ def _failed(error: BaseException, failures: list[AttemptFailure], resume_hint: s
     error.attempts = list(failures)  # type: ignore[attr-defined]
     summary = "; ".join(f"attempt {f.attempt}: {type(f.error).__name__}: {f.error}" for f in failures)
     if hasattr(error, "add_note"):
-        error.add_note(f"checkpointio: all {len(failures)} attempts failed ({summary})")
+        failed = f"all {len(failures)} attempts" if len(failures) != 1 else "its one attempt"
+        error.add_note(f"checkpointio: {failed} failed ({summary})")
         if resume_hint is not None:
             error.add_note(f"checkpointio: {resume_hint}")
 
@@ -619,6 +682,7 @@ class _Attempts:
         """
         self.failures.append(AttemptFailure(self.attempt, error))
         if len(self.failures) > self.retries:
+            self.run.ended()
             _failed(error, self.failures, self.run.resume_hint if self.stores else None)
             raise error
         delay = float(self.backoff * 2.0 ** (len(self.failures) - 1))
@@ -635,6 +699,7 @@ class _Attempts:
 
     def interrupted(self) -> None:
         """Ctrl-C or cancellation: give a background save a short while, then abort it."""
+        self.run.ended()
         if self.checkpoint is None:
             return
         try:

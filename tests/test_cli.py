@@ -1212,6 +1212,8 @@ def test_a_distributed_checkpoint_is_listed_verified_removed_and_cleaned_up_whol
     assert said.startswith(f"ok {root}/ckpt (distributed, ") and "world size 1, 1 data object)" in said
     assert json.loads(ok("verify", f"{root}/ckpt", "--json"))["kind"] == "distributed"
 
+    would = f"would remove the data of the uncommitted distributed save {uncommitted} of {root}/ckpt (1 object, "
+    assert ok("gc", root, "--older-than", "0", "--dry-run").startswith(would)  # one object, not "1 objects"
     cleaned = json.loads(ok("gc", root, "--older-than", "0", "--json"))
     assert [(one["uri"], one["save_id"]) for one in cleaned["distributed_saves"]] == [(f"{root}/ckpt", uncommitted)]
     assert data_objects(store, "ckpt") == [f"{committed}/rank-0"]  # the committed data stays

@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -22,6 +23,7 @@ import pytest
 import checkpointio
 from checkpointio import (
     AttemptFailure,
+    Checkpoint,
     NoCheckpointError,
     TaskEnvironment,
     TransferConfig,
@@ -440,6 +442,8 @@ def test_a_process_killed_with_sigkill_resumes_when_started_again(
     assert "attempt 1 resumed from 3" in rerun.stdout
     assert "saved step 4" in rerun.stdout and "saved step 1\n" not in rerun.stdout
     assert "finished: counted to 6" in rerun.stdout
+    if backend == "local":  # the killed process's claim went once the run succeeded
+        assert sorted(path.name for path in (tmp_path / "runs").rglob("*.claim")) == []
 
 
 def test_public_runtime_names_are_exported() -> None:
@@ -626,7 +630,35 @@ def test_a_failed_run_keeps_its_claims_and_a_restart_numbers_after_them(store: S
         ("attempt-1.claim", Kind.BYTES),
     ]
     assert job(False) == 2  # an attempt that saved nothing still holds its number
-    assert store.list_names("root/tests/job/r/") == ["attempt-0.claim", "attempt-1.claim"]
+    assert store.list_names("root/tests/job/r/") == []  # the run succeeded: the ended call's claims went too
+
+
+def test_a_succeeded_run_removes_the_claims_of_ended_processes_and_keeps_those_that_may_run(
+    store: StoreCase,
+) -> None:
+    run = "root/tests/job/r"
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    ended_pid = int(ended.stdout)
+    host = socket.gethostname()
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"]) as running:
+        try:
+            claims = [
+                (0, {"host": host, "pid": ended_pid}),  # killed: its process is gone
+                (1, {"host": host, "pid": running.pid}),  # another process of this run, still running
+                (2, {"host": "another-host", "pid": ended_pid}),  # elsewhere: it may be running
+            ]
+            for attempt, who in claims:
+                marker = json.dumps({"run_id": "r", "attempt": attempt, **who}).encode()
+                Checkpoint(store.uri(f"{run}/attempt-{attempt}.claim")).save_sync(marker)
+
+            @environment(store, run_id="r").task(retries=1)
+            def job() -> int:
+                return ctx().attempt or 0
+
+            assert job() == 3
+            assert store.list_names(f"{run}/") == ["attempt-1.claim", "attempt-2.claim"]
+        finally:
+            running.kill()
 
 
 # -- retention and resuming -----------------------------------------------------------------------------
@@ -754,6 +786,19 @@ def test_a_task_without_retries_stores_nothing_and_logs_no_run(
     assert job() == 7
     assert [r for r in caplog.records if r.name == "checkpointio._runtime"] == []
     assert store.list_names("root") == []
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="exception notes are Python 3.11's")
+@pytest.mark.parametrize(("retries", "said"), [(0, "its one attempt failed"), (1, "all 2 attempts failed")])
+def test_the_note_on_a_failed_task_counts_its_attempts_in_words(store: StoreCase, retries: int, said: str) -> None:
+    @environment(store).task(retries=retries, backoff=0)
+    def job() -> None:
+        raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError) as caught:
+        job()
+    notes = [note for note in getattr(caught.value, "__notes__", []) if " failed (" in note]
+    assert len(notes) == 1 and notes[0].startswith(f"checkpointio: {said} (attempt 0: RuntimeError: out of memory")
 
 
 def test_ctx_knows_rank_and_world_size_and_several_ranks_without_a_process_group_are_refused(
