@@ -178,7 +178,8 @@ class Checkpoint:
             DestinationError: The restore would replace entries of the workspace this
                 ``Checkpoint`` did not restore (without ``force``); nothing was changed.
         """
-        token = _placement.guarded.set(_placement.WorkspaceGuard(self.path, force, self._placed))
+        guard = _placement.WorkspaceGuard(self.path, force, self._placed, recorded=not self._owns_workspace)
+        token = _placement.guarded.set(guard)
         try:
             return await self._load(only)
         finally:

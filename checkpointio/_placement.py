@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import os
 import re
@@ -84,6 +85,13 @@ class WorkspaceGuard:
     workspace: Path
     force: bool = False
     placed: set[str] = field(default_factory=set)
+    #: Keep ``placed`` in the workspace too (:data:`RESTORED_RECORD`): a workspace of the user's,
+    #: which a retried task's load in a fresh process restores over again.
+    recorded: bool = False
+
+    def __post_init__(self) -> None:
+        if self.recorded:
+            self.placed |= _read_record(self.workspace / RESTORED_RECORD)
 
     def _relative(self, target: Path) -> str | None:
         try:
@@ -114,11 +122,47 @@ class WorkspaceGuard:
             )
 
     def note(self, targets: Sequence[Path]) -> None:
-        """Record ``targets`` as placed by this checkpoint."""
+        """Record ``targets`` as placed by this checkpoint (in the workspace too, if ``recorded``)."""
+        before = len(self.placed)
         for target in targets:
             relative = self._relative(target)
             if relative is not None:
                 self.placed.add(relative)
+        if self.recorded and len(self.placed) != before:
+            _write_record(self.workspace, self.placed)
+
+
+#: The file in a workspace of the user's that lists what loads restored there (relative paths, a
+#: JSON list): theirs to restore over again, in a later process too. Saves leave it out (it is
+#: one of the :data:`STAGING_NAME` names).
+RESTORED_RECORD = ".checkpointio-restored"
+
+
+def _read_record(path: Path) -> set[str]:
+    """The paths a workspace's record lists; none if it is missing or not one (never an error:
+    without it a load only refuses more)."""
+    try:
+        listed = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return set()
+    if not isinstance(listed, list):
+        return set()
+    return {name for name in listed if isinstance(name, str) and name and not name.startswith("/")}
+
+
+def _write_record(workspace: Path, placed: set[str]) -> None:
+    """Replace the workspace's record with ``placed``, in one rename. A workspace that cannot take
+    it is logged: the restore itself is in place, and a later load refuses rather than guesses."""
+    temporary = staging_path(workspace)
+    try:
+        temporary.write_text(json.dumps(sorted(placed)))
+        os.replace(temporary, workspace / RESTORED_RECORD)
+    except OSError as error:
+        logger.warning(
+            "could not record what was restored in %s (%s): a later load there needs force=True", workspace, error
+        )
+        with contextlib.suppress(OSError):
+            temporary.unlink()
 
 
 #: The guard of the ``Checkpoint.load`` running in this context (worker threads inherit it).
@@ -129,10 +173,13 @@ STAGING_PREFIX = ".checkpointio-partial-"
 #: Exactly the names staging entries have, now (``.checkpointio-partial-<32 hex>``) and in older
 #: versions (``.checkpointio-partial-replaced-<32 hex>`` for entries moved aside,
 #: ``.<name>.checkpointio-partial-<32 hex>`` beside a command line ``load``'s destination,
-#: ``.checkpointio-snapshot-<8 characters>`` for a background save's scratch). A user's entry that
-#: merely starts with the prefix is not one.
+#: ``.checkpointio-snapshot-<8 characters>`` for a background save's scratch), and a workspace's
+#: :data:`RESTORED_RECORD`: what a save leaves out. A user's entry that merely starts with the
+#: prefix is not one.
 STAGING_NAME = re.compile(
-    r"(?:\..+)?" + re.escape(STAGING_PREFIX) + r"(?:replaced-)?[0-9a-f]{32}|\.checkpointio-snapshot-[a-z0-9_]{8}",
+    r"(?:\..+)?"
+    + re.escape(STAGING_PREFIX)
+    + r"(?:replaced-)?[0-9a-f]{32}|\.checkpointio-snapshot-[a-z0-9_]{8}|\.checkpointio-restored",
     re.DOTALL,
 )
 

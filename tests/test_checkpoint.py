@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import shutil
@@ -28,6 +29,7 @@ from checkpointio import (
     UnsafeArchiveError,
     UnsupportedSourceError,
 )
+from checkpointio._placement import RESTORED_RECORD
 
 from .conftest import ONE_STORE, StoreCase, make_tree, snapshot
 from .placing import fail_placing_onto
@@ -734,3 +736,48 @@ async def test_a_load_into_a_folder_holding_your_files_replaces_none_of_them_wit
             cp.load_sync()
         assert cp.load_sync(force=True) == work / "payload"
         assert (work / "payload").read_bytes() == b"saved bytes"
+
+
+async def test_a_load_in_a_new_process_restores_over_what_an_earlier_one_restored_in_your_workspace(
+    store: StoreCase, tmp_path: Path
+) -> None:
+    """A retried task in a fresh process loads into the same workspace of yours again: what earlier
+    loads restored there is listed in the workspace's record, so it is replaced without force=True;
+    your own files are still refused, and the record is never saved with the workspace."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    for tree, weights in ((first, b"step 1"), (second, b"step 2")):
+        (tree / "model").mkdir(parents=True)
+        (tree / "model" / "weights.pt").write_bytes(weights)
+        (tree / "config.json").write_bytes(b"config of " + weights)
+    await Checkpoint(store.uri("one")).save(first)
+    await Checkpoint(store.uri("two")).save(second)
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_bytes(b"yours")
+    async with Checkpoint(store.uri("next"), src=store.uri("one"), workspace=work) as cp:
+        await cp.load()
+    (work / "model" / "weights.pt").write_bytes(b"trained further, then the process died")
+    # A new Checkpoint, as a new process makes: it has no memory of the first one's restore.
+    async with Checkpoint(store.uri("next"), src=store.uri("two"), workspace=work) as cp:
+        assert await cp.load() == work
+    assert snapshot(work) == {**snapshot(second), "notes.txt": snapshot(work)["notes.txt"]}
+    assert (work / "notes.txt").read_bytes() == b"yours"
+    assert json.loads((work / RESTORED_RECORD).read_bytes()) == ["config.json", "model"]
+    await Checkpoint(store.uri("saved")).save(work)
+    async with Checkpoint(store.uri("x"), src=store.uri("saved")) as cp:
+        entries = await cp.contents()
+    assert entries is not None and sorted(entry.path for entry in entries) == [
+        "config.json",
+        "model",
+        "model/weights.pt",
+        "notes.txt",
+    ]
+    (work / "notes.txt").rename(work / "extra.txt")
+    await Checkpoint(store.uri("three")).save(b"bytes")
+    (work / "payload").write_bytes(b"your payload, never restored here")
+    async with Checkpoint(store.uri("next"), src=store.uri("three"), workspace=work) as cp:
+        with pytest.raises(
+            DestinationError, match="would replace what this checkpoint did not restore there: payload;"
+        ):
+            await cp.load()
+    assert (work / "payload").read_bytes() == b"your payload, never restored here"
