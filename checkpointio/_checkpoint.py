@@ -349,6 +349,8 @@ class Checkpoint:
         callback = on_progress or self._on_progress
         if not force and self._dest.scheme == "file":  # the store refuses it too, but only once it is reached
             await anyio.to_thread.run_sync(refuse_replacing, self._dest)
+        if not self._owns_workspace and isinstance(data, str | os.PathLike) and self._workspace is not None:
+            await anyio.to_thread.run_sync(_placement.record_saved, self._workspace, Path(data))
         if wait:
             await self._inflight.wait_for_it(supersede)
             store = await open_store(self._dest.scheme, config)

@@ -132,10 +132,24 @@ class WorkspaceGuard:
             _write_record(self.workspace, self.placed)
 
 
-#: The file in a workspace of the user's that lists what loads restored there (relative paths, a
-#: JSON list): theirs to restore over again, in a later process too. Saves leave it out (it is
-#: one of the :data:`STAGING_NAME` names).
+#: The file in a workspace of the user's that lists what loads restored there and what saves of the
+#: whole workspace took from it (relative paths, a JSON list): theirs to restore over again, in a
+#: later process too. Saves leave it out (it is one of the :data:`STAGING_NAME` names).
 RESTORED_RECORD = ".checkpointio-restored"
+
+
+def record_saved(workspace: Path, source: Path) -> None:
+    """A save of the workspace itself (a folder of the user's, ``workspace=``): what it holds now
+    is the checkpoint's, for a later load (another process's too) to restore over."""
+    try:
+        if not source.is_dir() or not os.path.samefile(source, workspace):
+            return
+        names = {name for name in os.listdir(workspace) if not STAGING_NAME.fullmatch(name)}
+    except OSError:  # the save meets the same error and reports it
+        return
+    known = _read_record(workspace / RESTORED_RECORD)
+    if not names <= known:
+        _write_record(workspace, known | names)
 
 
 def _read_record(path: Path) -> set[str]:

@@ -781,3 +781,35 @@ async def test_a_load_in_a_new_process_restores_over_what_an_earlier_one_restore
         ):
             await cp.load()
     assert (work / "payload").read_bytes() == b"your payload, never restored here"
+
+
+async def test_a_retry_restores_over_what_the_failed_attempt_saved_from_your_workspace(
+    store: StoreCase, tmp_path: Path
+) -> None:
+    """The first attempt found nothing to load, trained in a workspace of yours and saved it; its
+    retry, a new process, restores the saved files over what the attempt left there: a save of the
+    workspace itself records what it took. Entries it did not save are still refused."""
+    work = tmp_path / "work"
+    work.mkdir()
+    async with Checkpoint(store.uri("attempt-0"), workspace=work) as cp:
+        assert await cp.load() is None
+        (work / "model.pt").write_bytes(b"epoch 1")
+        (work / "logs").mkdir()
+        (work / "logs" / "train.log").write_bytes(b"epoch 1 done")
+        await cp.save(work)
+        (work / "model.pt").write_bytes(b"epoch 2, half-written when the process died")
+    async with Checkpoint(store.uri("attempt-1"), src=store.uri("attempt-0"), workspace=work) as cp:
+        assert await cp.load() == work
+    assert (work / "model.pt").read_bytes() == b"epoch 1"
+    assert (work / "logs" / "train.log").read_bytes() == b"epoch 1 done"
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "model.pt").write_bytes(b"another run's")
+    (tree / "notes.txt").write_bytes(b"another run's notes")
+    await Checkpoint(store.uri("other")).save(tree)
+    (work / "notes.txt").write_bytes(b"yours, never saved from here")
+    async with Checkpoint(store.uri("attempt-2"), src=store.uri("other"), workspace=work) as cp:
+        with pytest.raises(DestinationError, match="did not restore there: notes.txt;"):
+            await cp.load()
+    assert (work / "notes.txt").read_bytes() == b"yours, never saved from here"
+    assert (work / "model.pt").read_bytes() == b"epoch 1"
