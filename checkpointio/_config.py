@@ -60,7 +60,8 @@ class TransferConfig:
     briefly a second copy of the one part being assembled; a directory load at most the range
     being extracted plus ``2 * part_size`` received ahead of it (the ranges after it stop reading
     there; TCP holds the rest), a single file about ``3 * chunk_size`` per range (a range waits
-    for its bytes to be written before reading more). With the
+    for its bytes to be written before reading more); on a load each connection also holds up
+    to 1.5 MiB in the blocks its reader fills and queues. With the
     defaults that is 16 MiB * 9 + 4 MiB = 148 MiB of data (a whole process peaked at ~250 MiB in
     the benchmark, the interpreter and libraries included), for as long as parts keep
     ``part_size``: up to 156 GiB for a file or bytes and 112 GiB for a directory archive or other

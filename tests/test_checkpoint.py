@@ -809,7 +809,7 @@ async def test_a_retry_restores_over_what_the_failed_attempt_saved_from_your_wor
     await Checkpoint(store.uri("other")).save(tree)
     (work / "notes.txt").write_bytes(b"yours, never saved from here")
     async with Checkpoint(store.uri("attempt-2"), src=store.uri("other"), workspace=work) as cp:
-        with pytest.raises(DestinationError, match="did not restore there: notes.txt;"):
+        with pytest.raises(DestinationError, match=r"did not restore there: notes\.txt;"):
             await cp.load()
     assert (work / "notes.txt").read_bytes() == b"yours, never saved from here"
     assert (work / "model.pt").read_bytes() == b"epoch 1"

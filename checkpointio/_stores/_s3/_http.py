@@ -47,6 +47,12 @@ _MAX_HEAD = 64 << 10
 _QUEUED = 2
 #: Idle connections kept per host, at most.
 _IDLE = 16
+#: Seconds an idle connection is kept (aiobotocore's own pool keeps its connections this long):
+#: servers close idle ones after some seconds, and a peer gone without a word would cost a
+#: whole read timeout.
+_KEEP_IDLE = 12.0
+#: Most bytes of an error response's body read when the server does not give its length.
+_MAX_ERROR_BODY = 1 << 20
 
 _Key = tuple[str, str, int]
 
@@ -67,7 +73,11 @@ class _Connection(asyncio.BufferedProtocol):
     Its state: ``idle`` (no request in flight: a byte from the server ends the connection),
     ``head`` (reading the response's head), ``headed`` (the head is whole, reading paused until the
     caller asks for the body; bytes a transport still delivers are kept), ``body`` (receiving the
-    body; a byte past its length ends the connection).
+    body; a byte past its length ends the connection), ``raw`` (bytes kept as they come: an error
+    body of no announced length, read to its end).
+
+    A connection that became idle is offered again only from the next turn of the event loop
+    (:attr:`settled`), once bytes the server sent past the body's end, if any, were read and ended it.
     """
 
     def __init__(self, key: _Key) -> None:
@@ -88,6 +98,9 @@ class _Connection(asyncio.BufferedProtocol):
         self._blocks: collections.deque[bytearray] = collections.deque()
         self._paused = False
         self._keep = False  # the server keeps the connection open after this response
+        self._received = 0  # bytes received so far, ever: progress for the read timeout
+        self.settled = False  # idle since a turn of the event loop: may take a request
+        self.idle_since = 0.0
 
     # -- protocol callbacks (the event loop's) --
 
@@ -96,6 +109,8 @@ class _Connection(asyncio.BufferedProtocol):
 
     def get_buffer(self, sizehint: int) -> memoryview:
         state = self._state
+        if self.closed:
+            state = "closed"  # what still comes is dropped (scratch)
         if state == "body" and self._remaining:
             if self._block is None:
                 self._block = bytearray(min(BLOCK, self._remaining))
@@ -110,7 +125,10 @@ class _Connection(asyncio.BufferedProtocol):
         return memoryview(self._scratch)
 
     def buffer_updated(self, nbytes: int) -> None:
+        self._received += nbytes
         state = self._state
+        if self.closed:
+            return
         if state == "body" and self._remaining:
             self._filled += nbytes
             self._remaining -= nbytes
@@ -131,8 +149,10 @@ class _Connection(asyncio.BufferedProtocol):
                 self._wake()
             elif self._head_length == len(self._head):
                 self._fail(HTTPClientError(error=f"a response head longer than {_MAX_HEAD} bytes"))
-        elif state == "headed":
+        elif state in ("headed", "raw"):
             self._extra.append(bytes(self._scratch[:nbytes]))
+            if state == "raw":
+                self._wake()
         else:  # idle, or past the body's end: the connection cannot be trusted with another request
             self._fail(HTTPClientError(error=f"the server sent {nbytes} bytes nobody asked for"))
 
@@ -163,7 +183,7 @@ class _Connection(asyncio.BufferedProtocol):
         lines = raw.decode("latin-1").split("\r\n")
         version, _, rest = lines[0].partition(" ")
         code = rest[:3]
-        if not version.startswith("HTTP/1.") or not code.isdigit():
+        if not version.startswith("HTTP/1.") or not (code.isascii() and code.isdigit()):
             raise HTTPClientError(error=f"not an HTTP/1.x status line: {lines[0][:100]!r}")
         headers: dict[str, str] = {}
         for line in lines[1:]:
@@ -182,8 +202,9 @@ class _Connection(asyncio.BufferedProtocol):
         assert self._state == "headed"
         rest = early + b"".join(self._extra) if self._extra else early
         self._extra = []
-        if len(rest) > length:
-            raise HTTPClientError(error=f"the server sent more than the {length} bytes of its Content-Length")
+        if len(rest) > length:  # bytes past the body: it is what was announced, and the connection ends after it
+            rest = rest[:length]
+            self._keep = False
         self._state = "body"
         self._remaining = length
         while rest:
@@ -193,6 +214,23 @@ class _Connection(asyncio.BufferedProtocol):
             self.buffer_updated(size)
             rest = rest[size:]
         self._resume_if_wanted()
+
+    async def read_to_end(self, early: bytes, timeout: float | None) -> bytes:
+        """An error body of no announced length: what comes until the server closes the connection
+        (or, chunked, until its last chunk), at most :data:`_MAX_ERROR_BODY` bytes. The connection
+        is closed after it."""
+        assert self._state == "headed"
+        self._state = "raw"
+        self._extra.insert(0, early)
+        self._resume_if_wanted()
+        while not self.closed and sum(map(len, self._extra)) < _MAX_ERROR_BODY:
+            if b"".join(self._extra).endswith(b"0\r\n\r\n"):  # a chunked body's end
+                break
+            await self._wait(timeout)
+        data = b"".join(self._extra)[:_MAX_ERROR_BODY]
+        self._extra = []
+        self.close()
+        return data
 
     async def take(self, timeout: float | None) -> bytearray | None:
         """The next block of the body; ``None`` once it was all taken. Raises the botocore error
@@ -218,9 +256,17 @@ class _Connection(asyncio.BufferedProtocol):
         return not self.closed and self._state == "body" and not self._remaining and not self._blocks and self._keep
 
     def idle(self) -> None:
-        """Back in the pool: a byte from the server now ends the connection."""
+        """Back in the pool: a byte from the server now ends the connection. Offered again from
+        the next turn of the event loop (:attr:`settled`)."""
         self._state = "idle"
+        self.settled = False
+        loop = asyncio.get_running_loop()
+        self.idle_since = loop.time()
         self._resume_if_wanted()
+        loop.call_soon(self._settle)
+
+    def _settle(self) -> None:
+        self.settled = not self.closed
 
     def close(self) -> None:
         self.closed = True
@@ -255,19 +301,28 @@ class _Connection(asyncio.BufferedProtocol):
         self.close()
 
     async def _wait(self, timeout: float | None) -> None:
+        """Until the protocol wakes us; ``TimeoutError`` once no byte came for ``timeout`` seconds
+        (bytes that arrive without waking us, a block still filling, count as progress)."""
         loop = asyncio.get_running_loop()
         waiter = self._waiter = loop.create_future()
-        timer = loop.call_later(timeout, _time_out, waiter) if timeout else None
+        timer: asyncio.TimerHandle | None = None
+
+        def check(seen: int) -> None:
+            nonlocal timer
+            if waiter.done():
+                return
+            if self._received != seen:
+                timer = loop.call_later(timeout, check, self._received)  # type: ignore[arg-type]
+            else:
+                waiter.set_exception(TimeoutError())
+
+        if timeout:
+            timer = loop.call_later(timeout, check, self._received)
         try:
             await waiter
         finally:
             if timer is not None:
                 timer.cancel()
-
-
-def _time_out(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_exception(TimeoutError())
 
 
 class _Body:
@@ -281,7 +336,7 @@ class _Body:
         self._session = session
         self._connection: _Connection | None = connection
         self._timeout = timeout
-        self._buffer = b""  # what read(n) took of a block and did not return
+        self._buffer = memoryview(b"")  # what read(n) took of a block and did not return
         self._eof = False
         self.url = url
         self.raw_headers = _raw(headers)  # where aiobotocore before 2.19 reads the headers
@@ -297,8 +352,8 @@ class _Body:
     async def readany(self) -> bytes | bytearray:
         """The next block as received (a 512 KiB ``bytearray``, the last one smaller); ``b""`` at the end."""
         if self._buffer:
-            kept, self._buffer = self._buffer, b""
-            return kept
+            kept, self._buffer = self._buffer, memoryview(b"")
+            return bytes(kept)
         connection = self._connection
         if connection is None or self._eof:
             return b""
@@ -312,7 +367,7 @@ class _Body:
             raise
         if block is None:
             self._eof = True
-            self._release()
+            self.close()
             return b""
         return block
 
@@ -324,17 +379,12 @@ class _Body:
                 pieces.append(block)
             return b"".join(pieces)
         if not self._buffer:
-            self._buffer = bytes(await self.readany())
+            self._buffer = memoryview(await self.readany())
         piece, self._buffer = self._buffer[:n], self._buffer[n:]
-        return piece
+        return bytes(piece)
 
     def at_eof(self) -> bool:
         return self._eof and not self._buffer
-
-    def _release(self) -> None:
-        connection, self._connection = self._connection, None
-        if connection is not None:
-            self._session._give_back(connection)
 
     def close(self) -> None:
         """Done with the body: a connection whose body was not read whole is closed."""
@@ -414,8 +464,23 @@ class BodySession(AIOHTTPSession):  # type: ignore[misc]  # aiobotocore has no t
                 raise
             break
         length = headers.get("content-length", "")
-        if "transfer-encoding" in headers or not length.isdigit():
-            connection.close()  # not framed by a length: aiohttp reads it
+        framed = "transfer-encoding" not in headers and length.isascii() and length.isdigit()
+        if status in (204, 304) or 100 <= status < 200:
+            framed, length = True, "0"  # never a body (RFC 9110), whatever the headers say
+        if not framed and status >= 300:
+            # An error's body (S3 sends some chunked): read here, not asked again, which would
+            # double the requests of a throttled client. botocore parses what it can of it.
+            try:
+                data = _unchunked(await connection.read_to_end(early, self._read_timeout), headers)
+            except TimeoutError as error:
+                connection.close()
+                raise ReadTimeoutError(endpoint_url=request.url, error=error) from None
+            except BaseException:
+                connection.close()
+                raise
+            return AioAWSResponse(request.url, status, headers, _ErrorBody(data, request.url, headers))
+        if not framed:
+            connection.close()  # an object's body not framed by a length: aiohttp reads it
             return await super().send(request)
         try:
             connection.start_body(int(length), early)
@@ -430,10 +495,18 @@ class BodySession(AIOHTTPSession):  # type: ignore[misc]  # aiobotocore has no t
         return AioAWSResponse(request.url, status, headers, body)
 
     def _idle_connection(self, key: _Key) -> tuple[_Connection | None, bool]:
+        """A kept connection to ``key`` that can take a request (the newest settled one), and
+        whether there was one; connections closed or idle too long are dropped on the way."""
         idle = self._pool.get(key)
-        while idle:
-            connection = idle.pop()
-            if not connection.closed:
+        if not idle:
+            return None, False
+        now = asyncio.get_running_loop().time()
+        for connection in [c for c in idle if c.closed or now - c.idle_since > _KEEP_IDLE]:
+            idle.remove(connection)
+            connection.close()
+        for connection in reversed(idle):
+            if connection.settled:
+                idle.remove(connection)
                 return connection, True
         return None, False
 
@@ -499,6 +572,29 @@ class BodySession(AIOHTTPSession):  # type: ignore[misc]  # aiobotocore has no t
     async def __aexit__(self, *args: Any) -> None:
         self._close_idle()
         await super().__aexit__(*args)
+
+
+def _unchunked(data: bytes, headers: dict[str, str]) -> bytes:
+    """An error body as read to its end: the chunks' data when it came chunked (what can be
+    decoded of it; botocore makes an error of the status whatever the body says)."""
+    if "chunked" not in headers.get("transfer-encoding", "").lower():
+        return data
+    pieces = []
+    at = 0
+    while True:
+        line_end = data.find(b"\r\n", at)
+        if line_end < 0:
+            break
+        size_text = data[at:line_end].split(b";")[0].strip()
+        try:
+            size = int(size_text, 16)
+        except ValueError:
+            break
+        if size == 0:
+            break
+        pieces.append(data[line_end + 2 : line_end + 2 + size])
+        at = line_end + 2 + size + 2
+    return b"".join(pieces)
 
 
 def _raw(headers: dict[str, str]) -> tuple[tuple[bytes, bytes], ...]:
