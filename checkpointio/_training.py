@@ -6,8 +6,8 @@ default, and keep under retention the file or folder a run resumed from until a 
 succeeded. :class:`FolderSaver` holds that state once; each integration adds its framework's hooks.
 
 Both remove only what they wrote: the folder holds a ledger (:data:`LEDGER`) naming each file or
-folder an integration wrote there and the run it was written for (the folder or prefix of the
-checkpoint's URI). The ledger is stored and restored with the folder, so a retry, in this process
+folder an integration wrote there and the run it was written for (:func:`run_of`: a task's run,
+else the checkpoint's own URI). The ledger is stored and restored with the folder, so a retry, in this process
 or on another machine, knows its earlier attempts' files; anything else in the folder (a
 ``ModelCheckpoint``'s files, another run's, the user's) is never removed or replaced.
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 from pathlib import Path
 
@@ -30,10 +31,17 @@ __all__ = ["LEDGER", "FolderSaver", "checked_checkpoint", "checkpoint_in_force"]
 LEDGER = ".checkpointio-written.json"
 
 
+#: The last part of a task attempt's checkpoint URI (``attempt-<n>``, as the task runtime names them).
+_ATTEMPT = re.compile(r"attempt-\d+")
+
+
 def run_of(uri: str) -> str:
-    """The run a checkpoint URI belongs to: its folder or prefix (``s3://b/runs/7`` for
-    ``s3://b/runs/7/attempt-1``), which every attempt of a task's run shares."""
-    return uri.rstrip("/").rpartition("/")[0]
+    """The run a checkpoint URI belongs to: a task attempt's run folder or prefix (``s3://b/runs/7``
+    for ``s3://b/runs/7/attempt-1``), which every attempt of the run shares; any other URI is a
+    run of its own (``s3://b/exp1`` and ``s3://b/exp2`` are two runs)."""
+    base = uri.rstrip("/")
+    parent, _, name = base.rpartition("/")
+    return parent if _ATTEMPT.fullmatch(name) else base
 
 
 def read_ledger(folder: Path) -> dict[str, str]:
@@ -53,7 +61,15 @@ def read_ledger(folder: Path) -> dict[str, str]:
     written = doc.get("written") if isinstance(doc, dict) else None
     if not isinstance(written, dict):
         return {}
-    return {name: run for name, run in written.items() if isinstance(name, str) and isinstance(run, str)}
+    # Only plain names of entries in the folder itself: the ledger comes back with the folder from
+    # the store, and a name such as "../x" must never lead retention outside it.
+    return {
+        name: run for name, run in written.items() if isinstance(name, str) and isinstance(run, str) and _plain(name)
+    }
+
+
+def _plain(name: str) -> bool:
+    return name not in ("", ".", "..") and "/" not in name and "\\" not in name and "\0" not in name
 
 
 def write_ledger(folder: Path, written: dict[str, str]) -> None:

@@ -307,6 +307,25 @@ def test_a_restore_refuses_checkpoint_folders_another_run_left_and_changes_nothi
         shutil.rmtree(out)
 
 
+def test_a_first_attempt_leaves_the_folders_of_a_run_with_a_sibling_checkpoint(tmp_path: Path) -> None:
+    """Checkpoint("store/exp1") and Checkpoint("store/exp2") are two runs: the second, starting in
+    the same output_dir, refuses the first's folders instead of taking them for its own and
+    deleting them."""
+    out = tmp_path / "out"
+    with Checkpoint(tmp_path / "store" / "exp1") as cp:
+        make_trainer(out, [CheckpointioTrainerCallback(cp, background=False)], max_steps=4, save_steps=2).train()
+    assert names(checkpoint_folders(out)) == ["checkpoint-2", "checkpoint-4"]
+    before = snapshot(out)
+    with Checkpoint(tmp_path / "store" / "exp2") as cp:
+        saver = CheckpointioTrainerCallback(cp)
+        make_trainer(out, [saver])
+        with pytest.raises(
+            DestinationError, match="this run did not write: checkpoint-2, checkpoint-4; nothing was changed"
+        ):
+            _ = saver.resume_from_checkpoint
+    assert snapshot(out) == before
+
+
 def test_retention_removes_only_this_runs_checkpoint_folders(tmp_path: Path) -> None:
     out = tmp_path / "out"
     make_trainer(out, [], max_steps=6, save_steps=3).train()  # the Trainer's own: checkpoint-3, checkpoint-6

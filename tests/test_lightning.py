@@ -207,6 +207,43 @@ def test_retention_removes_only_the_files_the_callback_writes(tmp_path: Path) ->
     assert sorted(path.name for path in dirpath.glob("epoch=*.ckpt")) == ["epoch=2-step=18.ckpt"]
 
 
+def test_two_runs_with_sibling_checkpoints_leave_each_others_files_in_a_shared_folder(tmp_path: Path) -> None:
+    """Checkpoint("store/exp1") and Checkpoint("store/exp2") are two runs, not attempts of one: the
+    second's retention removes none of the first's files and writes none over them."""
+    dirpath = tmp_path / "ckpts"
+    with Checkpoint(tmp_path / "store" / "exp1") as cp:
+        trainer([CheckpointioCallback(cp, dirpath=dirpath, keep_last=None, background=False)], max_epochs=2).fit(
+            Tiny(), loader()
+        )
+    first = {path.name: path.read_bytes() for path in dirpath.glob("*.ckpt")}
+    assert sorted(first) == ["epoch=0-step=6.ckpt", "epoch=1-step=12.ckpt"]
+    with Checkpoint(tmp_path / "store" / "exp2") as cp:
+        trainer([CheckpointioCallback(cp, dirpath=dirpath, keep_last=1, background=False)], max_epochs=2).fit(
+            Tiny(), loader()
+        )
+    for name, data in first.items():
+        assert (dirpath / name).read_bytes() == data
+    assert len(list(dirpath.glob("*.ckpt"))) == 3  # run 2 kept its last, under a name of its own
+
+
+def test_a_ledger_naming_a_path_outside_the_folder_is_ignored(tmp_path: Path) -> None:
+    """The ledger comes back from the store with the folder: a name in it that leads out of the
+    folder is not one of the callback's files, and retention never removes it."""
+    from checkpointio._training import run_of, write_ledger
+
+    dirpath = tmp_path / "ckpts"
+    dirpath.mkdir()
+    victim = tmp_path / "victim.ckpt"
+    victim.write_bytes(b"outside dirpath")
+    dest = tmp_path / "store" / "attempt-0"
+    write_ledger(dirpath, {"../victim.ckpt": run_of(str(dest))})
+    with Checkpoint(dest) as cp:
+        trainer([CheckpointioCallback(cp, dirpath=dirpath, keep_last=1, background=False)], max_epochs=2).fit(
+            Tiny(), loader()
+        )
+    assert victim.read_bytes() == b"outside dirpath"
+
+
 def test_wrong_settings_are_refused_when_the_callback_or_plugin_is_made() -> None:
     with pytest.raises(TypeError, match=r"checkpoint must be a Checkpoint .*got str: make one with Checkpoint\(uri\)"):
         CheckpointioCallback("s3://bucket/run")  # type: ignore[arg-type]
