@@ -147,10 +147,13 @@ class Checkpoint:
         """Restore the previous attempt's checkpoint into ``cp.path``.
 
         A restore never replaces what it did not put in the workspace itself: an entry of the
-        checkpoint whose name (or path, with ``only``) is already taken there by something this
-        ``Checkpoint`` did not restore (your files in a ``workspace=`` of your choice, such as
-        ``"."``) is a ``DestinationError`` naming them, and nothing is changed; ``force=True``
-        replaces them. The default workspace, a new temporary folder, holds nothing of yours.
+        checkpoint whose name (or path, with ``only``) is already taken there by something no
+        load restored and no save of the workspace took (your files in a ``workspace=`` of your
+        choice, such as ``"."``; the workspace's ``.checkpointio-restored`` lists what loads and
+        saves did, for later processes too) is a ``DestinationError`` naming them, and nothing is
+        changed; ``force=True`` replaces them. The check comes when the verified restore is put
+        in place, after the download. The default workspace, a new temporary folder, holds
+        nothing of yours.
 
         Args:
             only: Glob patterns (``["model/*.pt", "config.json"]``): restore just the entries of a
