@@ -41,7 +41,7 @@ pytest.importorskip("transformers")
 import torch
 import transformers
 
-from checkpointio._training import write_ledger
+from checkpointio._training import run_of, write_ledger
 from checkpointio.hf import CheckpointioTrainerCallback, checkpoint_folders
 
 STEPS = 12
@@ -269,8 +269,8 @@ def test_a_first_attempt_starts_clean_and_misuse_is_a_clear_error(tmp_path: Path
         _ = CheckpointioTrainerCallback().checkpoint
     out = tmp_path / "out"
     (out / "checkpoint-3").mkdir(parents=True)  # a killed first attempt's, never stored
-    write_ledger(out, {"checkpoint-3": str(tmp_path / "store")})
     with Checkpoint(tmp_path / "store" / "a") as cp:
+        write_ledger(out, {"checkpoint-3": run_of(cp.dest)})
         saver = CheckpointioTrainerCallback(cp)
         with pytest.raises(RuntimeError, match="build the Trainer"):
             _ = saver.resume_from_checkpoint
