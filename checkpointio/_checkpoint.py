@@ -149,8 +149,8 @@ class Checkpoint:
         A restore never replaces what it did not put in the workspace itself: an entry of the
         checkpoint whose name (or path, with ``only``) is already taken there by something no
         load restored and no save of the workspace took (your files in a ``workspace=`` of your
-        choice, such as ``"."``; the workspace's ``.checkpointio-restored`` lists what loads and
-        saves did, for later processes too) is a ``DestinationError`` naming them, and nothing is
+        choice, such as ``"."``; a record beside the workspace, ``.<name>.checkpointio-restored``,
+        lists what loads and saves did, for later processes too) is a ``DestinationError`` naming them, and nothing is
         changed; ``force=True`` replaces them. The check comes when the verified restore is put
         in place, after the download. The default workspace, a new temporary folder, holds
         nothing of yours.

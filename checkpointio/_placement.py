@@ -85,13 +85,13 @@ class WorkspaceGuard:
     workspace: Path
     force: bool = False
     placed: set[str] = field(default_factory=set)
-    #: Keep ``placed`` in the workspace too (:data:`RESTORED_RECORD`): a workspace of the user's,
+    #: Keep ``placed`` beside the workspace too (:func:`record_of`): a workspace of the user's,
     #: which a retried task's load in a fresh process restores over again.
     recorded: bool = False
 
     def __post_init__(self) -> None:
         if self.recorded:
-            self.placed |= _read_record(self.workspace / RESTORED_RECORD)
+            self.placed |= _read_record(self.workspace)
 
     def _relative(self, target: Path) -> str | None:
         try:
@@ -132,10 +132,17 @@ class WorkspaceGuard:
             _write_record(self.workspace, self.placed)
 
 
-#: The file in a workspace of the user's that lists what loads restored there and what saves of the
-#: whole workspace took from it (relative paths, a JSON list): theirs to restore over again, in a
-#: later process too. Saves leave it out (it is one of the :data:`STAGING_NAME` names).
-RESTORED_RECORD = ".checkpointio-restored"
+#: The end of the name of a workspace's record (:func:`record_of`).
+RESTORED_SUFFIX = ".checkpointio-restored"
+
+
+def record_of(workspace: Path) -> Path | None:
+    """Where the record of a workspace of the user's is kept: beside it, as
+    ``.<name>.checkpointio-restored`` (so the workspace holds only what was restored or put
+    there), listing what loads restored there and what saves of the whole workspace took from it
+    (relative paths, a JSON list): theirs to restore over again, in a later process too. Saves
+    leave such files out (they are :data:`STAGING_NAME` names). ``None`` for a filesystem root."""
+    return workspace.parent / f".{workspace.name}{RESTORED_SUFFIX}" if workspace.name else None
 
 
 def record_saved(workspace: Path, source: Path) -> None:
@@ -147,14 +154,17 @@ def record_saved(workspace: Path, source: Path) -> None:
         names = {name for name in os.listdir(workspace) if not STAGING_NAME.fullmatch(name)}
     except OSError:  # the save meets the same error and reports it
         return
-    known = _read_record(workspace / RESTORED_RECORD)
+    known = _read_record(workspace)
     if not names <= known:
         _write_record(workspace, known | names)
 
 
-def _read_record(path: Path) -> set[str]:
+def _read_record(workspace: Path) -> set[str]:
     """The paths a workspace's record lists; none if it is missing or not one (never an error:
     without it a load only refuses more)."""
+    path = record_of(workspace)
+    if path is None:
+        return set()
     try:
         listed = json.loads(path.read_bytes())
     except (OSError, ValueError):
@@ -165,15 +175,22 @@ def _read_record(path: Path) -> set[str]:
 
 
 def _write_record(workspace: Path, placed: set[str]) -> None:
-    """Replace the workspace's record with ``placed``, in one rename. A workspace that cannot take
-    it is logged: the restore itself is in place, and a later load refuses rather than guesses."""
-    temporary = staging_path(workspace)
+    """Replace the workspace's record with ``placed``, in one rename. A record that cannot be
+    written (a folder beside which nothing can be written) is logged: the restore itself is in
+    place, and a later load refuses rather than guesses."""
+    path = record_of(workspace)
+    if path is None:
+        return
+    temporary = staging_path(path.parent)
     try:
         temporary.write_text(json.dumps(sorted(placed)))
-        os.replace(temporary, workspace / RESTORED_RECORD)
+        os.replace(temporary, path)
     except OSError as error:
         logger.warning(
-            "could not record what was restored in %s (%s): a later load there needs force=True", workspace, error
+            "could not record what was restored in %s at %s (%s): a later load there needs force=True",
+            workspace,
+            path,
+            error,
         )
         with contextlib.suppress(OSError):
             temporary.unlink()
@@ -188,12 +205,12 @@ STAGING_PREFIX = ".checkpointio-partial-"
 #: versions (``.checkpointio-partial-replaced-<32 hex>`` for entries moved aside,
 #: ``.<name>.checkpointio-partial-<32 hex>`` beside a command line ``load``'s destination,
 #: ``.checkpointio-snapshot-<8 characters>`` for a background save's scratch), and a workspace's
-#: :data:`RESTORED_RECORD`: what a save leaves out. A user's entry that merely starts with the
+#: record beside a workspace (:func:`record_of`): what a save leaves out. A user's entry that merely starts with the
 #: prefix is not one.
 STAGING_NAME = re.compile(
     r"(?:\..+)?"
     + re.escape(STAGING_PREFIX)
-    + r"(?:replaced-)?[0-9a-f]{32}|\.checkpointio-snapshot-[a-z0-9_]{8}|\.checkpointio-restored",
+    + r"(?:replaced-)?[0-9a-f]{32}|\.checkpointio-snapshot-[a-z0-9_]{8}|\..+\.checkpointio-restored",
     re.DOTALL,
 )
 

@@ -22,7 +22,7 @@ import pytest
 
 from checkpointio import TransferOptions
 from checkpointio._cli import _Formatter
-from checkpointio._placement import RESTORED_RECORD, remove_tree
+from checkpointio._placement import remove_tree
 from checkpointio._stores import _memory as memory_store
 
 from .faultproxy import Fault, FaultProxy, Match
@@ -404,15 +404,10 @@ def make_tree(root: Path) -> Path:
 
 
 def snapshot(root: Path) -> dict[str, tuple[str, object, int, int]]:
-    """What a restored tree must equal: kind, content or link target, mode and mtime of each entry.
-
-    A workspace's record of what loads restored there (``.checkpointio-restored``) is
-    checkpointio's, not the tree's, and is left out; its own tests read it."""
+    """What a restored tree must equal: kind, content or link target, mode and mtime of each entry."""
     result: dict[str, tuple[str, object, int, int]] = {}
     for path in sorted(root.rglob("*")):
         rel = path.relative_to(root).as_posix()
-        if rel == RESTORED_RECORD:
-            continue
         st = path.lstat()
         if path.is_symlink():
             result[rel] = ("link", os.readlink(path), 0, 0)

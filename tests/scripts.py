@@ -55,7 +55,7 @@ with Checkpoint(store / "attempt-1", src=store / "attempt-0", workspace=workspac
 {body}
     except AccessDeniedError as error:
         print(error)
-    print(json.dumps(sorted(path.name for path in cp.path.iterdir() if path.name != ".checkpointio-restored")))
+    print(json.dumps(sorted(path.name for path in cp.path.iterdir())))
 """
     folder.chmod(0o555)
     try:

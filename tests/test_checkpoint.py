@@ -29,7 +29,7 @@ from checkpointio import (
     UnsafeArchiveError,
     UnsupportedSourceError,
 )
-from checkpointio._placement import RESTORED_RECORD
+from checkpointio._placement import record_of
 
 from .conftest import ONE_STORE, StoreCase, make_tree, snapshot
 from .placing import fail_placing_onto
@@ -762,7 +762,9 @@ async def test_a_load_in_a_new_process_restores_over_what_an_earlier_one_restore
         assert await cp.load() == work
     assert snapshot(work) == {**snapshot(second), "notes.txt": snapshot(work)["notes.txt"]}
     assert (work / "notes.txt").read_bytes() == b"yours"
-    assert json.loads((work / RESTORED_RECORD).read_bytes()) == ["config.json", "model"]
+    record = record_of(work)
+    assert record == tmp_path / ".work.checkpointio-restored"  # beside the workspace: not in what it holds
+    assert json.loads(record.read_bytes()) == ["config.json", "model"]
     await Checkpoint(store.uri("saved")).save(work)
     async with Checkpoint(store.uri("x"), src=store.uri("saved")) as cp:
         entries = await cp.contents()
