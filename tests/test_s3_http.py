@@ -6,6 +6,11 @@ sends it, already built, straight to the session."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
+import socket
+import threading
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -199,3 +204,64 @@ async def test_a_304_has_no_body_whatever_its_length_says() -> None:
         response = await session.send(server.get())
         assert response.status_code == 304
         assert await response.content == b""
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["one-write", "interim-first"])
+async def test_interim_responses_are_skipped_to_the_final_one(split: bool) -> None:
+    async def hinting(server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.request(reader)
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </x>; rel=preload\r\n\r\n")
+        if split:
+            await writer.drain()
+            await asyncio.sleep(0.05)
+        writer.write(ok(b"the body"))
+        await writer.drain()
+        await asyncio.sleep(1)
+
+    async with Server(hinting) as server, BodySession(timeout=(5, 5)) as session:
+        response = await session.send(server.get())
+        assert response.status_code == 200
+        assert await body_of(response) == b"the body"
+
+
+async def test_bytes_arriving_after_a_body_ended_never_answer_the_next_request() -> None:
+    """Bytes past the body sent a little later than the body, while the event loop was busy (a CRC32,
+    a hand-off) and before the next request took the kept connection: the socket is checked
+    before a kept connection is used. The server runs on a thread of its own, as a real one would."""
+    body = bytes(range(256)) * 4096
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    connections: list[socket.socket] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            connections.append(client)
+            with contextlib.suppress(OSError), client, client.makefile("rb") as requests:  # reset: the client left
+                for number in itertools.count(1):
+                    while (line := requests.readline()) not in (b"\r\n", b""):
+                        pass
+                    if not line:
+                        break
+                    if number == 1 and len(connections) == 1:
+                        client.sendall(ok(body))
+                        time.sleep(0.01)
+                        client.sendall(ok(b"EVIL"))
+                    else:
+                        client.sendall(ok(b"second"))
+
+    threading.Thread(target=serve, daemon=True).start()
+    prepared = AWSRequest(method="GET", url=f"http://127.0.0.1:{port}/bucket/key").prepare()
+    prepared.stream_output = True
+    try:
+        async with BodySession(timeout=(5, 5)) as session:
+            assert await body_of(await session.send(prepared)) == body
+            time.sleep(0.1)  # the loop busy elsewhere while the late bytes arrive
+            await asyncio.sleep(0)
+            assert await body_of(await session.send(prepared)) == b"second"
+    finally:
+        listener.close()
+    assert len(connections) == 2

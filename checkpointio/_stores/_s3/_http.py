@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import select
 import ssl
 from typing import Any, cast
 from urllib.parse import urlsplit
@@ -51,6 +52,8 @@ _IDLE = 16
 #: servers close idle ones after some seconds, and a peer gone without a word would cost a
 #: whole read timeout.
 _KEEP_IDLE = 12.0
+#: Most interim (1xx) responses read before the final one.
+_MAX_INTERIM = 8
 #: Most bytes of an error response's body read when the server does not give its length.
 _MAX_ERROR_BODY = 1 << 20
 
@@ -174,12 +177,19 @@ class _Connection(asyncio.BufferedProtocol):
         self._state = "head"
         self._head_length = 0
         self.transport.write(head)
-        while self._state == "head":
-            if self.closed:
-                raise _Closed(self._head_length, self._lost)
-            await self._wait(timeout)
-        raw = bytes(self._head[: self._head_end])
-        early = bytes(self._head[self._head_end + 4 : self._head_length])
+        for _ in range(_MAX_INTERIM + 1):
+            while self._state == "head":
+                if self.closed:
+                    raise _Closed(self._head_length, self._lost)
+                await self._wait(timeout)
+            raw = bytes(self._head[: self._head_end])
+            early = bytes(self._head[self._head_end + 4 : self._head_length])
+            if not (raw.startswith(b"HTTP/1.1 1") and raw[9:12] != b"101"):
+                break
+            # An interim response (100 Continue, 103 Early Hints): the final one follows.
+            self._read_head_from(early + b"".join(self._extra))
+        else:
+            raise HTTPClientError(error=f"more than {_MAX_INTERIM} interim responses")
         lines = raw.decode("latin-1").split("\r\n")
         version, _, rest = lines[0].partition(" ")
         code = rest[:3]
@@ -196,6 +206,20 @@ class _Connection(asyncio.BufferedProtocol):
         connection = headers.get("connection", "").lower()
         self._keep = "keep-alive" in connection if version == "HTTP/1.0" else "close" not in connection
         return int(code), headers, early
+
+    def _read_head_from(self, received: bytes) -> None:
+        """Read a response's head anew, ``received`` its first bytes (what came after an interim one)."""
+        self._extra = []
+        if len(received) >= len(self._head):
+            self._fail(HTTPClientError(error=f"a response head longer than {_MAX_HEAD} bytes"))
+            return
+        self._head[: len(received)] = received
+        self._head_length = len(received)
+        self._head_end = self._head.find(b"\r\n\r\n", 0, self._head_length)
+        if self._head_end < 0:
+            self._state = "head"
+            self._resume_if_wanted()
+        # else: still "headed", reading still paused, the next head already whole
 
     def start_body(self, length: int, early: bytes) -> None:
         """Receive a body of ``length`` bytes, ``early`` the first of them (read with the head)."""
@@ -465,7 +489,7 @@ class BodySession(AIOHTTPSession):  # type: ignore[misc]  # aiobotocore has no t
             break
         length = headers.get("content-length", "")
         framed = "transfer-encoding" not in headers and length.isascii() and length.isdigit()
-        if status in (204, 304) or 100 <= status < 200:
+        if status in (204, 304):
             framed, length = True, "0"  # never a body (RFC 9110), whatever the headers say
         if not framed and status >= 300:
             # An error's body (S3 sends some chunked): read here, not asked again, which would
@@ -507,6 +531,9 @@ class BodySession(AIOHTTPSession):  # type: ignore[misc]  # aiobotocore has no t
         for connection in reversed(idle):
             if connection.settled:
                 idle.remove(connection)
+                if _readable(connection):  # bytes or an end the loop has not read yet: not trusted
+                    connection.close()
+                    continue
                 return connection, True
         return None, False
 
@@ -572,6 +599,20 @@ class BodySession(AIOHTTPSession):  # type: ignore[misc]  # aiobotocore has no t
     async def __aexit__(self, *args: Any) -> None:
         self._close_idle()
         await super().__aexit__(*args)
+
+
+def _readable(connection: _Connection) -> bool:
+    """Whether an idle connection's socket has something to read: bytes the server sent past the
+    last body, or its end (as urllib3 checks a pooled connection before reusing it)."""
+    transport = connection.transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None:
+        return False
+    try:
+        readable, _, _ = select.select([sock.fileno()], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
 
 
 def _unchunked(data: bytes, headers: dict[str, str]) -> bytes:
