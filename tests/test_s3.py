@@ -1048,14 +1048,7 @@ def test_who_receives_object_bodies_is_a_setting_and_every_byte_comes_back_eithe
     result = run_script(
         f"""
         from checkpointio import Checkpoint
-        from checkpointio._stores._s3 import _http
-        received = []
-        take = _http._Connection.take
-        async def counted(self, timeout):
-            block = await take(self, timeout)
-            received.append(block is not None)
-            return block
-        _http._Connection.take = counted
+        from tests.bodycount import received
         uri = "s3://{bucket}/ckpt"
         try:
             Checkpoint(uri, part_size=5 * 2**20).save_sync("tree")
@@ -1093,14 +1086,7 @@ def test_object_bodies_over_https_are_verified_with_botocores_ca_bundle(
     try:
         code = f"""
             from checkpointio import Checkpoint, CheckpointError
-            from checkpointio._stores._s3 import _http
-            received = []
-            take = _http._Connection.take
-            async def counted(self, timeout):
-                block = await take(self, timeout)
-                received.append(block is not None)
-                return block
-            _http._Connection.take = counted
+            from tests.bodycount import received
             Checkpoint("s3://{bucket}/ckpt", part_size=5 * 2**20).save_sync(open("data.bin", "rb").read())
             try:
                 cp = Checkpoint("unused", src="s3://{bucket}/ckpt", endpoint_url="{front.endpoint}", max_attempts=1)

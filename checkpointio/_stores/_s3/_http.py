@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import select
 import ssl
+from collections.abc import Callable, Iterator
 from typing import Any, cast
 from urllib.parse import urlsplit
 
@@ -381,14 +383,8 @@ class _Body:
         connection = self._connection
         if connection is None or self._eof:
             return b""
-        try:
+        with _closed_on_error(self.close, self.url):
             block = await connection.take(self._timeout)
-        except TimeoutError as error:
-            self.close()
-            raise ReadTimeoutError(endpoint_url=self.url, error=error) from None
-        except BaseException:
-            self.close()
-            raise
         if block is None:
             self._eof = True
             self.close()
@@ -474,18 +470,12 @@ class BodySession(AIOHTTPSession):  # type: ignore[misc]  # aiobotocore has no t
             if connection is None:
                 connection = await self._connect(key, request.url)
             try:
-                status, headers, early = await connection.request(head, self._read_timeout)
+                with _closed_on_error(connection.close, request.url):
+                    status, headers, early = await connection.request(head, self._read_timeout)
             except _Closed as closed:
-                connection.close()
                 if reused and closed.received == 0:
                     continue  # the server closed an idle connection: ask again on a new one
                 raise ConnectionClosedError(endpoint_url=request.url, error=closed) from None
-            except TimeoutError as error:
-                connection.close()
-                raise ReadTimeoutError(endpoint_url=request.url, error=error) from None
-            except BaseException:
-                connection.close()
-                raise
             break
         length = headers.get("content-length", "")
         framed = "transfer-encoding" not in headers and length.isascii() and length.isdigit()
@@ -494,14 +484,8 @@ class BodySession(AIOHTTPSession):  # type: ignore[misc]  # aiobotocore has no t
         if not framed and status >= 300:
             # An error's body (S3 sends some chunked): read here, not asked again, which would
             # double the requests of a throttled client. botocore parses what it can of it.
-            try:
+            with _closed_on_error(connection.close, request.url):
                 data = _unchunked(await connection.read_to_end(early, self._read_timeout), headers)
-            except TimeoutError as error:
-                connection.close()
-                raise ReadTimeoutError(endpoint_url=request.url, error=error) from None
-            except BaseException:
-                connection.close()
-                raise
             return AioAWSResponse(request.url, status, headers, _ErrorBody(data, request.url, headers))
         if not framed:
             connection.close()  # an object's body not framed by a length: aiohttp reads it
@@ -599,6 +583,20 @@ class BodySession(AIOHTTPSession):  # type: ignore[misc]  # aiobotocore has no t
     async def __aexit__(self, *args: Any) -> None:
         self._close_idle()
         await super().__aexit__(*args)
+
+
+@contextlib.contextmanager
+def _closed_on_error(close: Callable[[], None], url: str) -> Iterator[None]:
+    """Whatever the block raises ends the connection (``close``); a server silent for the read
+    timeout is botocore's ``ReadTimeoutError`` (retried as one), anything else goes on as raised."""
+    try:
+        yield
+    except TimeoutError as error:
+        close()
+        raise ReadTimeoutError(endpoint_url=url, error=error) from None
+    except BaseException:
+        close()
+        raise
 
 
 def _readable(connection: _Connection) -> bool:
