@@ -23,8 +23,11 @@ do nothing, when the internal it relies on stops behaving as described here.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
+from collections.abc import Callable
+from typing import cast
 
 from ._concurrency import ForkSafeLock
 
@@ -89,26 +92,34 @@ def unfilled_bytearray(size: int) -> bytearray:
     """A ``bytearray`` of ``size`` bytes whose contents are not set: the caller writes every one.
 
     ``bytearray(size)`` zeroes its memory first, which faults in every page of a large buffer at
-    once, before any byte arrives. Made by CPython's ``PyByteArray_FromStringAndSize(NULL, size)``
-    instead, a large buffer is fresh mapped memory whose pages :func:`prefault` brings in while
-    the data arrives. Elsewhere (another Python, no ``pythonapi``) it is a zeroed one. The caller
+    once, before any byte arrives, and costs a pass over it. Made by CPython's
+    ``PyByteArray_FromStringAndSize(NULL, size)`` instead, a large buffer is fresh mapped memory
+    whose pages :func:`prefault` brings in while the data arrives, and a block a socket reads into
+    is written once. Elsewhere (another Python, no ``pythonapi``) it is a zeroed one. The caller
     must not hand the buffer out before every byte was written: a small one comes from the heap
     and holds whatever was there.
     """
-    if sys.implementation.name == "cpython" and size > 0:
-        import ctypes
-
-        try:
-            # A prototype of our own (not pythonapi's shared attribute, whose restype others may
-            # rely on); returning py_object, it hands the new reference over to Python.
-            prototype = ctypes.PYFUNCTYPE(ctypes.py_object, ctypes.c_void_p, ctypes.c_ssize_t)
-            make = prototype(("PyByteArray_FromStringAndSize", ctypes.pythonapi))
-            buffer = make(None, size)
-            if isinstance(buffer, bytearray) and len(buffer) == size:
-                return buffer
-        except (AttributeError, OSError):  # pragma: no cover - no C API to call: merely slower
-            pass
+    make = _unfilled_maker()
+    if make is not None and size > 0:
+        buffer = make(None, size)
+        if isinstance(buffer, bytearray) and len(buffer) == size:
+            return buffer
     return bytearray(size)
+
+
+@functools.cache
+def _unfilled_maker() -> Callable[[None, int], object] | None:
+    if sys.implementation.name != "cpython":
+        return None
+    import ctypes
+
+    try:
+        # A prototype of our own (not pythonapi's shared attribute, whose restype others may
+        # rely on); returning py_object, it hands the new reference over to Python.
+        prototype = ctypes.PYFUNCTYPE(ctypes.py_object, ctypes.c_void_p, ctypes.c_ssize_t)
+        return cast(Callable[[None, int], object], prototype(("PyByteArray_FromStringAndSize", ctypes.pythonapi)))
+    except (AttributeError, OSError):  # pragma: no cover - no C API to call: merely slower
+        return None
 
 
 #: madvise(2) advice that faults a range in, writable, in one call (Linux 5.14 and later).

@@ -811,6 +811,11 @@ class Pieces:
         self.length = 0
 
 
+def _contiguous(views: list[memoryview]) -> memoryview | bytes:
+    """The bytes of ``views`` in one buffer: the one view itself, or a copy joining them."""
+    return views[0] if len(views) == 1 else b"".join(views)
+
+
 class GunzipReader:
     """Read-only file over a stream of compressed chunks: inflates concatenated gzip members.
 
@@ -908,7 +913,8 @@ class GunzipReader:
         else:
             self._fill_sequential()
 
-    def _next_member(self) -> bytes | None:
+    def _next_member(self) -> list[memoryview] | None:
+        """The next member, as views of the blocks it arrived in; ``None`` after the last."""
         if self._not_member is not None:
             return None
         while True:
@@ -925,7 +931,7 @@ class GunzipReader:
         while self._input.length < length:
             if not self._more_input():
                 raise CorruptCheckpointError("the archive is truncated: its last gzip member is incomplete")
-        return self._input.take_bytes(length)
+        return self._input.take(length)
 
     def _not_a_member(self, data: bytes | bytearray) -> str:
         """What ``data``, which does not start a gzip member (of ours, in a stream of ours), is."""
@@ -940,11 +946,11 @@ class GunzipReader:
             raise CorruptCheckpointError(self._not_a_member(self._not_member))
         self._eof = True
 
-    def _add_member(self, member: bytes) -> None:
+    def _add_member(self, member: list[memoryview]) -> None:
         """Inflate ``member`` here: a stored one by reference (views of it), any other by copy."""
         stored = _codec.stored_data(member, check=not self._covered)
         if stored is None:
-            self._output.add(_codec.inflate_member(member))
+            self._output.add(_codec.inflate_member(_contiguous(member)))
             return
         for view in stored:
             self._output.add(view)
@@ -966,7 +972,7 @@ class GunzipReader:
                     self._output.add(self._pending.popleft().result())
                 self._add_member(member)
                 return
-            self._pending.append(self._pool.submit(_codec.inflate_member, member))
+            self._pending.append(self._pool.submit(_codec.inflate_member, _contiguous(member)))
         if not self._pending:
             self._end_of_members()
             return

@@ -264,20 +264,25 @@ def member_length(head: bytes | bytearray) -> int | None:
     return int(total)
 
 
-def is_stored_member(member: bytes) -> bool:
+def is_stored_member(member: bytes | Sequence[memoryview]) -> bool:
     """Whether one of our members holds its block stored (deflate block type 00), not compressed.
+    ``member``: its bytes, or consecutive views holding them.
 
     Inflating a stored block is a copy and a CRC32: cheaper to do at once than to hand to a thread.
     """
-    return len(member) > _HEADER.size and (member[_HEADER.size] >> 1) & 3 == 0
+    first = _Cursor(_as_views(member))
+    first.skip(_HEADER.size)
+    mode = first.small(1)
+    return len(mode) == 1 and (mode[0] >> 1) & 3 == 0
 
 
-def stored_data(member: bytes, *, check: bool = True) -> list[memoryview] | None:
+def stored_data(member: bytes | Sequence[memoryview], *, check: bool = True) -> list[memoryview] | None:
     """The data of one of our members whose deflate stream is stored blocks only, as views of
     ``member`` (nothing copied), checked against the member's CRC32 and length; ``None`` when it
     holds any other kind of block or is not well formed (:func:`inflate_member` then inflates it,
-    or says what is wrong with it). ``check=False`` leaves out the CRC32 (the length is still
-    checked), for a caller that checks a CRC32 of the very bytes of ``member`` (see
+    or says what is wrong with it). ``member``: its bytes, or consecutive views holding them (the
+    blocks it arrived in: nothing is joined). ``check=False`` leaves out the CRC32 (the length is
+    still checked), for a caller that checks a CRC32 of the very bytes of ``member`` (see
     :class:`._archive.GunzipReader`).
 
     A stored block is a byte holding BFINAL and BTYPE 00, then LEN and its complement, then LEN
@@ -287,37 +292,74 @@ def stored_data(member: bytes, *, check: bool = True) -> list[memoryview] | None
     Raises:
         CorruptCheckpointError: The data does not match the member's CRC32 or length.
     """
-    end = len(member) - _TRAILER.size
+    pieces = _as_views(member)
+    end = sum(map(len, pieces)) - _TRAILER.size
+    cursor = _Cursor(pieces)
+    cursor.skip(_HEADER.size)
     position = _HEADER.size
     views: list[memoryview] = []
-    whole = memoryview(member)
     total = 0
     crc = 0
     while True:
         if position + _STORED_HEAD.size > end:
             return None
-        flags, length, complement = _STORED_HEAD.unpack_from(member, position)
-        start = position + _STORED_HEAD.size
-        position = start + length
+        flags, length, complement = _STORED_HEAD.unpack(cursor.small(_STORED_HEAD.size))
+        position += _STORED_HEAD.size + length
         if flags & 0b110 or length ^ complement != 0xFFFF or position > end:
             return None
         if length:
-            view = whole[start:position]
-            if check:
-                crc = crc32(view, crc)
-            views.append(view)
+            for view in cursor.views(length):
+                if check:
+                    crc = crc32(view, crc)
+                views.append(view)
             total += length
         if flags & 1:
             break
     if position != end or total > MAX_MEMBER_OUTPUT:
         return None
-    expected_crc, expected_size = _TRAILER.unpack_from(member, end)
+    expected_crc, expected_size = _TRAILER.unpack(cursor.small(_TRAILER.size))
     if (check and crc != expected_crc) or total & 0xFFFFFFFF != expected_size:
         raise CorruptCheckpointError("a gzip member fails its CRC32 check")
     return views
 
 
-def inflate_member(member: bytes) -> bytes:
+def _as_views(member: bytes | Sequence[memoryview]) -> Sequence[memoryview]:
+    return [memoryview(member)] if isinstance(member, (bytes, bytearray, memoryview)) else member
+
+
+class _Cursor:
+    """Reads bytes held as consecutive views from the front, as views of them or small copies."""
+
+    def __init__(self, pieces: Sequence[memoryview]) -> None:
+        self._pieces = pieces
+        self._index = 0  # the piece holding the next byte
+        self._offset = 0  # where in it
+
+    def views(self, size: int) -> list[memoryview]:
+        """The next ``size`` bytes (fewer at the end) as views: one per piece they lie in."""
+        out: list[memoryview] = []
+        pieces = self._pieces
+        while size > 0 and self._index < len(pieces):
+            piece = pieces[self._index]
+            taken = min(size, len(piece) - self._offset)
+            out.append(piece[self._offset : self._offset + taken])
+            size -= taken
+            self._offset += taken
+            if self._offset == len(piece):
+                self._index += 1
+                self._offset = 0
+        return out
+
+    def small(self, size: int) -> bytes:
+        """A copy of the next ``size`` bytes (fewer at the end): a header or a trailer."""
+        views = self.views(size)
+        return bytes(views[0]) if len(views) == 1 else b"".join(views)
+
+    def skip(self, size: int) -> None:
+        self.views(size)
+
+
+def inflate_member(member: bytes | memoryview) -> bytes:
     """Inflate one of our members and check its CRC32 and length.
 
     The output is limited to the length its trailer states (at most ``MAX_MEMBER_OUTPUT``): the

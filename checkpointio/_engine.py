@@ -431,14 +431,22 @@ class _BlockReader:
     reader's buffer, into a file), so joining them first would be one more copy of every byte.
     ``pull`` gives the next groups of blocks (each as the store handed it on), waiting for them;
     no groups at the end of the fetch. ``crc32``: the CRC32 of every block pulled so far, taken
-    where the blocks were received (:meth:`OrderedRead.crc32`); without it the reader takes it.
+    where the blocks were received (:meth:`OrderedRead.crc32`); without it the reader takes it,
+    unless ``checksum`` is false: the object has no CRC32 to check it against
+    (:attr:`ObjectInfo.checkable`), so nobody takes one.
     """
 
     def __init__(
-        self, pull: Callable[[], list[Blocks]], meter: Meter, crc32: Callable[[], int | None] | None = None
+        self,
+        pull: Callable[[], list[Blocks]],
+        meter: Meter,
+        crc32: Callable[[], int | None] | None = None,
+        *,
+        checksum: bool = True,
     ) -> None:
         self._pull = pull
         self._crc32 = crc32
+        self._checksum = checksum and crc32 is None
         #: Set by the fetch side when it failed: the end of the stream is then no end of the object.
         self.fetch_failed = False
         #: The end of the fetch was reached (every byte taken).
@@ -448,7 +456,9 @@ class _BlockReader:
         self.digest = Digest()
 
     @classmethod
-    def of_stream(cls, receive: MemoryObjectReceiveStream[Blocks], meter: Meter) -> _BlockReader:
+    def of_stream(
+        cls, receive: MemoryObjectReceiveStream[Blocks], meter: Meter, *, checksum: bool = True
+    ) -> _BlockReader:
         """Taking the groups a store's ``get`` sent into ``receive``, through the event loop."""
 
         async def receive_all() -> list[Blocks]:
@@ -467,7 +477,7 @@ class _BlockReader:
             except anyio.EndOfStream:
                 return []
 
-        return cls(pull, meter)
+        return cls(pull, meter, checksum=checksum)
 
     def peek(self) -> bytes:
         if self._first is None:
@@ -491,7 +501,7 @@ class _BlockReader:
         blocks: Blocks = []
         for group in groups:  # progress is reported per group, as the store handed them on
             crc, length = self.digest.crc32, 0
-            if self._crc32 is None:
+            if self._checksum:
                 for block in group:
                     crc = _codec.crc32(block, crc)
                     length += len(block)
@@ -547,13 +557,6 @@ def _verify(info: ObjectInfo, digest: Digest, *, archive: bool = False) -> None:
         logger.warning("%s has no CRC32 to check (%s): only its length was checked", uri, why)
 
 
-def _covered(info: ObjectInfo) -> bool:
-    """Whether :func:`_verify` checks a CRC32 of the whole object (saved, or the server's): the
-    stored members of a directory archive read from it then need no CRC32 of their own
-    (:class:`._archive.GunzipReader`)."""
-    return (info.record is not None and info.record.crc32 is not None) or info.server_crc32 is not None
-
-
 def _kind(reader: _BlockReader, info: ObjectInfo) -> Kind:
     """What the object holds: its record says, else its first bytes (objects other tools wrote)."""
     if info.record is not None:
@@ -575,7 +578,7 @@ def _check(reader: _BlockReader, info: ObjectInfo, workers: int) -> _toc.Listing
                 listing.add(path, kind, header.size if kind == "file" else 0)
 
         _archive.check_directory(
-            reader.blocks, uri=info.location.uri, workers=workers, seen=seen, covered=_covered(info)
+            reader.blocks, uri=info.location.uri, workers=workers, seen=seen, covered=info.checkable
         )
     else:
         while reader.blocks():
@@ -617,7 +620,7 @@ def _restore_selected(
 
     with _placement.StagingFolder(workspace, uri) as staging:
         _archive.unpack_directory(
-            reader.blocks, staging.path, uri=uri, workers=workers, pick=pick, covered=_covered(info)
+            reader.blocks, staging.path, uri=uri, workers=workers, pick=pick, covered=info.checkable
         )
         _verify(info, reader.digest, archive=True)
         only.check_all_used(uri)
@@ -637,7 +640,7 @@ def _restore(reader: _BlockReader, info: ObjectInfo, workspace: Path, workers: i
         _refuse_distributed(info, reader.peek())
     if _kind(reader, info) is Kind.DIRECTORY:
         with _placement.StagingFolder(workspace, uri) as staging:
-            _archive.unpack_directory(reader.blocks, staging.path, uri=uri, workers=workers, covered=_covered(info))
+            _archive.unpack_directory(reader.blocks, staging.path, uri=uri, workers=workers, covered=info.checkable)
             _verify(info, reader.digest, archive=True)
             staging.present()
         return workspace
@@ -679,13 +682,13 @@ async def _read(
             return [blocks] if blocks else []
 
         # take() raises Aborted once the fetch failed; the receivers take the CRC32 where they can.
-        reader = _BlockReader(take, meter, read.crc32 if read.checksums else None)
+        reader = _BlockReader(take, meter, read.crc32 if read.checksums else None, checksum=info.checkable)
         fetching: Callable[[], Awaitable[None]] = read.run
         closing: Callable[[], None] = _nothing
         receive: MemoryObjectReceiveStream[Blocks] | None = None
     else:
         send, receive = anyio.create_memory_object_stream[Blocks](config.pipeline_depth)
-        reader = _BlockReader.of_stream(receive, meter)
+        reader = _BlockReader.of_stream(receive, meter, checksum=info.checkable)
         fetching, closing = partial(store.get, info, send.send), send.close
 
     result: T | None = None
@@ -858,7 +861,7 @@ async def list_contents(
 
         workers = config.compression_workers
         _archive.check_directory(
-            reader.blocks, uri=info.location.uri, workers=workers, seen=seen, covered=_covered(info)
+            reader.blocks, uri=info.location.uri, workers=workers, seen=seen, covered=info.checkable
         )
         _verify(info, reader.digest, archive=True)
         for row in rows:
@@ -883,11 +886,13 @@ async def _fetch_ranges(
     _allocator.tune_malloc()  # only if asked: it changes the whole process
     written: dict[int, tuple[int, int]] = {}  # offset -> (length, CRC32)
     lock = threading.Lock()
+    checksum = info.checkable  # else nothing to check a CRC32 against: only the length is
 
     def write(offset: int, blocks: list[bytes]) -> None:
         crc, position = 0, offset
         for block in blocks:
-            crc = _codec.crc32(block, crc)
+            if checksum:
+                crc = _codec.crc32(block, crc)
             write_at(position, block)
             position += len(block)
         with lock:

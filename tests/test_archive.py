@@ -535,6 +535,32 @@ def test_stored_members_are_read_in_place_and_checked_against_their_crc() -> Non
         stored_data(bytes(short), check=False)
 
 
+def test_a_stored_member_is_read_in_place_from_the_blocks_it_arrived_in() -> None:
+    block = os.urandom(140_000)  # stored in three deflate blocks
+    member = encode_member(block, 1)
+    heads = [20, 20 + 5 + 65_535, 20 + 2 * (5 + 65_535)]  # where each stored block's header starts
+    # cut inside the gzip header, in and right after each stored block's header, in the data, in the trailer
+    cuts = [1, 19, *(at + k for at in heads for k in (0, 2, 5, 6)), 40_000, len(member) - 8, len(member) - 3]
+    for cut in cuts:
+        pieces = [memoryview(member)[:cut], memoryview(member)[cut:]]
+        assert is_stored_member(pieces)
+        views = stored_data(pieces)
+        assert views is not None and b"".join(views) == block, cut
+        assert all(view.obj is member for view in views)  # nothing copied
+        if cut < 20:
+            continue  # the gzip header: read by whoever cut the member out (member_length)
+        flipped = bytearray(member)
+        flipped[cut] ^= 1
+        halves = [memoryview(bytes(flipped))[:cut], memoryview(bytes(flipped))[cut:]]
+        # framing (a header's length, the trailer's) or data (its CRC32): either way not taken as it is
+        with contextlib.suppress(CorruptCheckpointError):
+            assert stored_data(halves) is None, cut
+    # every 64 KiB block cut in many pieces, each view within one piece
+    pieces = [memoryview(member)[at : at + 4096] for at in range(0, len(member), 4096)]
+    views = stored_data(pieces)
+    assert views is not None and b"".join(views) == block
+
+
 @pytest.mark.parametrize("level", [0, 1, 6])
 @pytest.mark.parametrize("kind", ["noise", "text"])
 @pytest.mark.parametrize("size", [0, 1, 65_535, 65_536, 131_070, 200_001])

@@ -687,6 +687,44 @@ async def test_a_directory_with_a_corrupt_range_is_refused_and_not_presented(
     assert [entry["action"] for entry in proxy.log].count("flip") == 1
 
 
+@pytest.mark.parametrize("whole_object_crc", [True, False])
+async def test_a_load_takes_one_crc32_of_its_bytes_whichever_checksum_covers_them(
+    bucket: str, tmp_path: Path, whole_object_crc: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from checkpointio import _codec
+
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    weights = os.urandom(12 * MiB)  # noise: stored, not deflated; its members' CRC32s are of these bytes
+    (tree / "weights.bin").write_bytes(weights)
+    stream = os.urandom(11 * MiB)
+    options: TransferOptions = {**SMALL_PARTS, "flexible_checksums": whole_object_crc}
+    await Checkpoint(f"s3://{bucket}/tree", **options).save(tree)
+    await Checkpoint(f"s3://{bucket}/stream", **options).save(io.BytesIO(stream))  # size unknown up front
+    taken = 0
+    crc32 = _codec.crc32
+
+    def counted(data: bytes | bytearray | memoryview, value: int = 0) -> int:
+        nonlocal taken
+        taken += memoryview(data).nbytes
+        return crc32(data, value)
+
+    monkeypatch.setattr(_codec, "crc32", counted)
+    async with Checkpoint(f"s3://{bucket}/x", src=f"s3://{bucket}/tree", **options) as cp:
+        restored = await cp.load()
+        assert restored is not None and (restored / "weights.bin").read_bytes() == weights
+    archive = (await S3Store(TransferConfig(**options)).head(parse_location(f"s3://{bucket}/tree"))).size
+    # The server's CRC32 of the whole archive, or else its members' own: one of them, not both
+    # (and a few small records of the archive's own).
+    assert len(weights) <= taken < archive + MiB // 16
+    taken = 0
+    async with Checkpoint(f"s3://{bucket}/y", src=f"s3://{bucket}/stream", **options) as cp:
+        restored = await cp.load()
+        assert restored is not None and restored.read_bytes() == stream
+    # A stream saved in parts has a CRC32 to check only where the server keeps one.
+    assert taken == (len(stream) if whole_object_crc else 0)
+
+
 async def test_multipart_bytes_and_files_carry_their_crc32_where_the_server_keeps_none(
     bucket: str, proxy: FaultProxy, tmp_path: Path
 ) -> None:

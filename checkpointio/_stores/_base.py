@@ -179,6 +179,13 @@ class ObjectInfo:
     modified: float | None = None
     pinned: bool = True
 
+    @property
+    def checkable(self) -> bool:
+        """Whether a CRC32 of the whole object is known (saved with it, or the server's) for a
+        read to be checked against; without one, only its length (and whatever the content
+        carries, such as a gzip member's CRC32) can be."""
+        return (self.record is not None and self.record.crc32 is not None) or self.server_crc32 is not None
+
 
 @dataclass(frozen=True)
 class PendingWrite:

@@ -153,7 +153,8 @@ class _InOrder:
         self._turn = 0  # the range being taken
         self._ended = False  # run() returned or raised: nothing more arrives
         self._delivered: Callable[[], None] | None = None  # on the caller's loop, per range taken whole
-        self.checksums = _codec.CAN_COMBINE  # the receivers take each range's CRC32
+        # The receivers take each range's CRC32, where there is a checksum to check it against.
+        self.checksums = _codec.CAN_COMBINE and info.checkable
         # In the taking thread: the CRC32 and length of the ranges taken whole, and of what was
         # taken of the range whose turn it is (all it had received by then).
         self._whole_crc = self._whole_length = 0

@@ -40,6 +40,8 @@ from botocore.exceptions import (
 )
 from botocore.httpsession import ProxyConfiguration, create_urllib3_context, get_cert_path
 
+from ..._allocator import unfilled_bytearray
+
 __all__ = ["BodySession", "BLOCK"]
 
 #: The size of the blocks a body is received into and handed on in (the last one smaller).
@@ -118,7 +120,7 @@ class _Connection(asyncio.BufferedProtocol):
             state = "closed"  # what still comes is dropped (scratch)
         if state == "body" and self._remaining:
             if self._block is None:
-                self._block = bytearray(min(BLOCK, self._remaining))
+                self._block = unfilled_bytearray(min(BLOCK, self._remaining))  # recv fills it
                 self._filled = 0
             return memoryview(self._block)[self._filled :]
         if state == "head":
