@@ -713,7 +713,9 @@ async def test_a_load_takes_one_crc32_of_its_bytes_whichever_checksum_covers_the
     async with Checkpoint(f"s3://{bucket}/x", src=f"s3://{bucket}/tree", **options) as cp:
         restored = await cp.load()
         assert restored is not None and (restored / "weights.bin").read_bytes() == weights
-    archive = (await S3Store(TransferConfig(**options)).head(parse_location(f"s3://{bucket}/tree"))).size
+    info = await S3Store(TransferConfig(**options)).head(parse_location(f"s3://{bucket}/tree"))
+    assert info is not None
+    archive = info.size
     # The server's CRC32 of the whole archive, or else its members' own: one of them, not both
     # (and a few small records of the archive's own).
     assert len(weights) <= taken < archive + MiB // 16
