@@ -374,6 +374,7 @@ class StorageWriter(_StorageWriter):
         self._is_coordinator = False
         #: The manifest this process committed (the coordinator, once the save is stored).
         self._committed: _Manifest | None = None
+        self._started = time.monotonic()  # of the save under way, for its INFO line
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         if checkpoint_id:
@@ -388,6 +389,7 @@ class StorageWriter(_StorageWriter):
                 uri=self._target.location.uri,
             )
         self._is_coordinator = is_coordinator
+        self._started = time.monotonic()
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
         return plan
@@ -475,6 +477,8 @@ class StorageWriter(_StorageWriter):
         metadata.storage_data = slices
         metadata.storage_meta = StorageMeta(checkpoint_id=uri, save_id=save_id)
         run_sync(self._commit, _Manifest(save_id, metadata, objects, len(results)))
+        # Here, not in save(): torch's own dcp.save(..., storage_writer=...) commits through this too.
+        _log_done("saved", uri, self._committed, self._started)
 
     async def _commit(self, manifest: _Manifest) -> None:
         """Write the manifest, then delete the data it replaced.
@@ -630,6 +634,8 @@ class StorageReader(_StorageReader):
         self._target = _Target(target, options)
         self._manifest: _Manifest | None = None
         self._storage_data: dict[MetadataIndex, _Slice] = {}
+        self._is_coordinator = False
+        self._started = time.monotonic()  # of the load under way, for its INFO line
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         if checkpoint_id:
@@ -660,6 +666,8 @@ class StorageReader(_StorageReader):
             uri = self._target.location.uri
             raise CorruptCheckpointError(f"{uri}: the metadata does not come from checkpointio.dcp", uri=uri)
         self._storage_data = storage_data
+        self._is_coordinator = is_coordinator
+        self._started = time.monotonic()
 
     def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
         return plan
@@ -679,6 +687,8 @@ class StorageReader(_StorageReader):
         ranges = _coalesce(list(wanted), config.part_size)
         if ranges:
             run_sync(self._read, ranges, wanted, planner)
+        if self._is_coordinator:  # one line per load, as for a save (also for torch's own dcp.load)
+            _log_done("loaded", self._target.location.uri, self._manifest, self._started)
         future: Future[None] = Future()
         future.set_result(None)
         return future
@@ -884,8 +894,10 @@ def _wait_for_earlier_saves() -> None:
 
 
 def _log_done(done: str, uri: str, manifest: _Manifest | None, started: float) -> None:
-    """The INFO line of a distributed save (by the process that committed it) or load (rank 0):
-    one per call, as ``Checkpoint.save`` and ``load`` log theirs."""
+    """The INFO line of a distributed save (by the process that committed it) or load (by DCP's
+    coordinator rank, once its own reads are done): one per call, as ``Checkpoint.save`` and
+    ``load`` log theirs, whoever called DCP (these wrappers, torch's own ``dcp.save``/``load``
+    with our storage layer, the Lightning and Hugging Face integrations)."""
     if manifest is None:
         return
     stored = human_size(sum(size for size, _ in manifest.objects.values()))
@@ -928,7 +940,6 @@ def save(
             ``CheckpointException`` as its cause); the previous checkpoint stays.
     """
     _wait_for_earlier_saves()
-    started = time.monotonic()
     if isinstance(target, Checkpoint) and not wait:
         # It becomes the checkpoint's save in flight: waited for (and its failure raised) by the
         # checkpoint's next save, wait() and close(), so a task's attempt ends once it is stored.
@@ -944,7 +955,6 @@ def save(
         except (Exception, CheckpointException):  # DCP's own error is a BaseException
             writer.discard_failed_save()
             raise
-        _log_done("saved", writer.checkpoint_id, writer._committed, started)
         return DistributedSaveHandle(writer.checkpoint_id)
     single = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     future = cast(
@@ -953,7 +963,7 @@ def save(
     )
     uri = writer.checkpoint_id
     work = BackgroundSave(uri, f"distributed save to {uri}")
-    work.start(_awaited, writer, future, started)
+    work.start(_awaited, writer, future)
     handle = DistributedSaveHandle(uri, work)
     with _lock:
         _in_flight.append(handle)
@@ -962,11 +972,10 @@ def save(
     return handle
 
 
-async def _awaited(writer: StorageWriter, future: concurrent.futures.Future[Any], started: float) -> None:
+async def _awaited(writer: StorageWriter, future: concurrent.futures.Future[Any]) -> None:
     """The outcome of DCP's background save: a checkpointio error where a rank raised one."""
     try:
         await asyncio.wrap_future(future)
-        _log_done("saved", writer.checkpoint_id, writer._committed, started)
     except (Exception, CheckpointException) as error:
         await writer.discard_failed_save_async()
         if isinstance(error, CheckpointException):
@@ -998,13 +1007,8 @@ def load(
             world size it cannot be resharded to): DCP's error, with the URI.
         BackgroundSaveError: An earlier ``wait=False`` save failed and nobody retrieved its error.
     """
-    started = time.monotonic()
     reader = StorageReader(target, **options)
-    if not _load_with(state_dict, reader, planner):
-        return False
-    if not _in_process_group() or torch.distributed.get_rank() == 0:
-        _log_done("loaded", reader.checkpoint_id, reader._manifest, started)
-    return True
+    return _load_with(state_dict, reader, planner)
 
 
 def _agree_on_manifest(reader: StorageReader) -> bool:

@@ -124,9 +124,16 @@ def test_each_save_and_load_logs_one_info_line(store: StoreCase, caplog: pytest.
     save(state(1), uri)
     save(state(2), uri, wait=False).result()
     assert load(empty(), uri) is True
+    # torch's own entry points with our storage layer: the same line (the layer logs it)
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(state(3), storage_writer=StorageWriter(uri))
+    dcp.load(empty(), storage_reader=StorageReader(uri))
     lines = [record.getMessage() for record in caplog.records if record.name == "checkpointio.dcp"]
     assert [line.split(" (")[0] for line in lines] == [
         f"saved distributed checkpoint {uri}",
+        f"saved distributed checkpoint {uri}",
+        f"loaded distributed checkpoint {uri}",
         f"saved distributed checkpoint {uri}",
         f"loaded distributed checkpoint {uri}",
     ]
@@ -789,9 +796,17 @@ def full_state() -> dict[str, Any]:
 
 def _two_ranks(rank: int, world_size: int, port: int, uris: list[str], agree: str) -> None:
     """One process of the gloo group: :func:`_two_rank_scenarios`, its mesh and tensors freed
-    before the group ends."""
+    before the group ends; the INFO lines of ``checkpointio.dcp`` it logged go to
+    ``<agree>-log-<rank>.json``."""
+    lines: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: lines.append(record.getMessage().split(" (")[0])  # type: ignore[method-assign]
+    logger = logging.getLogger("checkpointio.dcp")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
     with gloo_group(rank, world_size, port):
         _two_rank_scenarios(rank, world_size, uris, agree)
+    Path(f"{agree}-log-{rank}.json").write_text(json.dumps(lines))
 
 
 def _two_rank_scenarios(rank: int, world_size: int, uris: list[str], agree: str) -> None:
@@ -852,6 +867,17 @@ def test_world_size_two_saves_one_object_per_rank_and_reshards_to_one(tmp_path: 
     assert data_objects(local, "ckpt") == [f"{save_id}/rank-0", f"{save_id}/rank-1"]  # world size + 1 objects
     listed = moto_server.client().list_objects_v2(Bucket=bucket, Prefix="run/")["Contents"]
     assert len(listed) == 3 and sorted(one["Key"].rpartition("/")[2] for one in listed)[:2] == ["ckpt", "rank-0"]
+    # One line per save and load of the group, by its coordinator (rank 0) alone.
+    done = [
+        line for uri in uris for line in (f"saved distributed checkpoint {uri}", f"loaded distributed checkpoint {uri}")
+    ]
+    assert json.loads(Path(f"{agree}-log-0.json").read_text()) == [
+        *done,
+        f"saved distributed checkpoint {agree}/newer",
+        f"saved distributed checkpoint {agree}/older",
+        f"loaded distributed checkpoint {agree}/older",  # the source the group restored
+    ]
+    assert json.loads(Path(f"{agree}-log-1.json").read_text()) == []
     full = full_state()
     for uri in uris:  # resharding: saved at world size 2, loaded in one process
         loaded: dict[str, Any] = {
