@@ -15,10 +15,12 @@ do nothing, when the internal it relies on stops behaving as described here.
   the next use. Freeing one untouched 30 MB block makes glibc's own rule move the threshold to
   30 MB (and the trim threshold to twice that: up to 60 MB free at a heap's top are kept), for the
   rest of the process. No tunable is set; elsewhere than glibc nothing happens.
-* :func:`unfilled_bytearray` and :func:`prefault` touch only ``load_bytes()``'s result buffer,
-  and pay off only together: the buffer is not zeroed up front, and a worker thread faults its
-  pages in with ``madvise(MADV_POPULATE_WRITE)`` while the data arrives, instead of the copying
-  threads faulting them in with the GIL held.
+* :func:`unfilled_bytearray` and :func:`prefault` touch only buffers every byte of which is
+  written before anyone reads them. ``load_bytes()``'s result buffer takes both, which pay off
+  only together: it is not zeroed up front, and a worker thread faults its pages in with
+  ``madvise(MADV_POPULATE_WRITE)`` while the data arrives, instead of the copying threads
+  faulting them in with the GIL held. The S3 reader's receive blocks (:mod:`._stores._s3._http`)
+  take the first alone: a socket fills each, and only a full one is handed on.
 """
 
 from __future__ import annotations

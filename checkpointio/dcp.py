@@ -634,8 +634,6 @@ class StorageReader(_StorageReader):
         self._target = _Target(target, options)
         self._manifest: _Manifest | None = None
         self._storage_data: dict[MetadataIndex, _Slice] = {}
-        self._is_coordinator = False
-        self._started = time.monotonic()  # of the load under way, for its INFO line
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         if checkpoint_id:
@@ -666,8 +664,6 @@ class StorageReader(_StorageReader):
             uri = self._target.location.uri
             raise CorruptCheckpointError(f"{uri}: the metadata does not come from checkpointio.dcp", uri=uri)
         self._storage_data = storage_data
-        self._is_coordinator = is_coordinator
-        self._started = time.monotonic()
 
     def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
         return plan
@@ -687,8 +683,6 @@ class StorageReader(_StorageReader):
         ranges = _coalesce(list(wanted), config.part_size)
         if ranges:
             run_sync(self._read, ranges, wanted, planner)
-        if self._is_coordinator:  # one line per load, as for a save (also for torch's own dcp.load)
-            _log_done("loaded", self._target.location.uri, self._manifest, self._started)
         future: Future[None] = Future()
         future.set_result(None)
         return future
@@ -893,11 +887,19 @@ def _wait_for_earlier_saves() -> None:
         raise errors[0]
 
 
+def _log_loaded(reader: StorageReader, started: float) -> None:
+    """The INFO line of a distributed load that succeeded on every rank, by rank 0: once per
+    restore (:func:`load`; the Lightning and Hugging Face integrations, after all their loads
+    through one reader). DCP gives a storage reader no hook once the whole group read, so torch's
+    own ``dcp.load`` through :class:`StorageReader` logs none."""
+    if not _in_process_group() or torch.distributed.get_rank() == 0:
+        _log_done("loaded", reader.checkpoint_id, reader._manifest, started)
+
+
 def _log_done(done: str, uri: str, manifest: _Manifest | None, started: float) -> None:
-    """The INFO line of a distributed save (by the process that committed it) or load (by DCP's
-    coordinator rank, once its own reads are done): one per call, as ``Checkpoint.save`` and
-    ``load`` log theirs, whoever called DCP (these wrappers, torch's own ``dcp.save``/``load``
-    with our storage layer, the Lightning and Hugging Face integrations)."""
+    """The INFO line of a distributed save (by the process that committed it, whoever called
+    DCP: :func:`save`, torch's own ``dcp.save`` with :class:`StorageWriter`, the integrations)
+    or load (:func:`_log_loaded`), as ``Checkpoint.save`` and ``load`` log theirs."""
     if manifest is None:
         return
     stored = human_size(sum(size for size, _ in manifest.objects.values()))
@@ -1007,8 +1009,12 @@ def load(
             world size it cannot be resharded to): DCP's error, with the URI.
         BackgroundSaveError: An earlier ``wait=False`` save failed and nobody retrieved its error.
     """
+    started = time.monotonic()
     reader = StorageReader(target, **options)
-    return _load_with(state_dict, reader, planner)
+    if not _load_with(state_dict, reader, planner):
+        return False
+    _log_loaded(reader, started)
+    return True
 
 
 def _agree_on_manifest(reader: StorageReader) -> bool:

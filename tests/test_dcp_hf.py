@@ -25,7 +25,7 @@ from checkpointio.dcp import StorageReader  # noqa: E402
 from checkpointio.hf import CheckpointioTrainerCallback, checkpoint_folders  # noqa: E402
 
 from .test_hf import CrashAt, Data, tiny_model  # noqa: E402
-from .torchrun import act_as_torchrun_rank, end_group  # noqa: E402
+from .torchrun import act_as_torchrun_rank, dcp_info_lines, end_group  # noqa: E402
 
 #: 24 samples, batches of 4 on each of 2 ranks: 3 steps per epoch.
 STEPS = 12
@@ -71,6 +71,7 @@ def _group(rank: int, port: int, storages: dict[str, str], out: str) -> None:
     act_as_torchrun_rank(rank, port, "hf-run")
     work = Path(out)
     report: dict[str, Any] = {}
+    lines = dcp_info_lines()
     reference = make_trainer(work / f"reference-{rank}", [], save_steps=1000)
     reference.train()
     expected = {name: value.clone() for name, value in reference.model.state_dict().items()}
@@ -85,6 +86,7 @@ def _group(rank: int, port: int, storages: dict[str, str], out: str) -> None:
             "seen": seen,
             "folders": [path.name for path in checkpoint_folders(output_dir)],
         }
+    report["loaded lines"] = [line for line in lines if line.startswith("loaded")]
     (work / f"rank-{rank}.json").write_text(json.dumps(report))
     end_group()  # the group the framework made, ended alike on every rank
 
@@ -99,6 +101,11 @@ def test_every_ranks_files_are_stored_and_a_retried_run_resumes_on_every_node(tm
     mp.spawn(_group, args=(free_port(), storages, str(tmp_path)), nprocs=2, join=True)
 
     reports = [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
+    # each retry's restore says so once, on rank 0
+    assert reports[0]["loaded lines"] == [
+        f"loaded distributed checkpoint {storage}/hf/train/hf-run/attempt-0" for storage in storages.values()
+    ]
+    assert reports[1]["loaded lines"] == []
     for rank, report in enumerate(reports):
         for layout in storages:
             run = report[layout]

@@ -26,7 +26,7 @@ from checkpointio.dcp import latest, load
 from checkpointio.lightning import CheckpointioModelParallelStrategy
 
 from .lightning_parts import Tiny, loader
-from .torchrun import act_as_torchrun_rank, end_group
+from .torchrun import act_as_torchrun_rank, dcp_info_lines, end_group
 
 EPOCHS = 3
 #: 24 samples, batches of 4, split between 2 ranks: 3 steps per epoch.
@@ -94,6 +94,7 @@ def _group(rank: int, port: int, roots: dict[str, str], out: str) -> None:
     act_as_torchrun_rank(rank, port, "lightning-run")  # Lightning then starts no processes of its own
     work = Path(out)
     report: dict[str, Any] = {}
+    lines = dcp_info_lines()
     stock = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, process_group_backend="gloo")
     reference_trainer, reference = fit(stock, [], None, work / "reference")
     expected = local_shards(reference)
@@ -138,6 +139,7 @@ def _group(rank: int, port: int, roots: dict[str, str], out: str) -> None:
 
     report["task"] = train()
     report["task attempts"] = attempts
+    report["loaded lines"] = [line for line in lines if line.startswith("loaded")]
     report["reference steps"] = reference_trainer.global_step
     (work / f"rank-{rank}.json").write_text(json.dumps(report))
     end_group()  # the group the framework made, ended alike on every rank
@@ -169,6 +171,13 @@ def test_sharded_lightning_checkpoints_are_stored_by_every_rank_and_a_restarted_
         assert report["task"] == [EPOCHS * STEPS_PER_EPOCH, True]
         (first, second) = report["task attempts"]
         assert first == [0, None] and second[0] == 1 and second[1].endswith("attempt-0"), report["task attempts"]
+    # One line per resume (model, optimizer and Lightning's state loaded through one reader), by rank 0
+    task_resume = reports[0]["task attempts"][1][1]
+    assert reports[0]["loaded lines"] == [
+        *(f"loaded distributed checkpoint {root}/epoch=1-step=6.ckpt" for root in roots.values()),
+        f"loaded distributed checkpoint {task_resume}",
+    ]
+    assert reports[1]["loaded lines"] == []
 
     for root in roots.values():  # one checkpoint left under each root, saved by both ranks
         (row,) = json.loads(ok("ls", root + "/", "--json"))

@@ -60,3 +60,21 @@ def gloo_group(rank: int, world_size: int, port: int, **options: Any) -> Iterato
         end_group(every_rank_got_here=False)
         raise
     end_group()
+
+
+def dcp_info_lines() -> list[str]:
+    """From now on, the INFO lines ``checkpointio.dcp`` logs in this process, each up to its
+    figures (``saved distributed checkpoint URI``), as they come: the list is filled in place."""
+    import logging
+
+    lines: list[str] = []
+
+    class Noted(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.levelno == logging.INFO:
+                lines.append(record.getMessage().split(" (")[0])
+
+    logger = logging.getLogger("checkpointio.dcp")
+    logger.addHandler(Noted())
+    logger.setLevel(logging.INFO)
+    return lines
