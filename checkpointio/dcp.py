@@ -634,6 +634,7 @@ class StorageReader(_StorageReader):
         self._target = _Target(target, options)
         self._manifest: _Manifest | None = None
         self._storage_data: dict[MetadataIndex, _Slice] = {}
+        self._created = time.monotonic()  # a restore's loads go through one reader: its INFO line times them all
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         if checkpoint_id:
@@ -887,13 +888,13 @@ def _wait_for_earlier_saves() -> None:
         raise errors[0]
 
 
-def _log_loaded(reader: StorageReader, started: float) -> None:
+def _log_loaded(reader: StorageReader) -> None:
     """The INFO line of a distributed load that succeeded on every rank, by rank 0: once per
     restore (:func:`load`; the Lightning and Hugging Face integrations, after all their loads
     through one reader). DCP gives a storage reader no hook once the whole group read, so torch's
     own ``dcp.load`` through :class:`StorageReader` logs none."""
     if not _in_process_group() or torch.distributed.get_rank() == 0:
-        _log_done("loaded", reader.checkpoint_id, reader._manifest, started)
+        _log_done("loaded", reader.checkpoint_id, reader._manifest, reader._created)
 
 
 def _log_done(done: str, uri: str, manifest: _Manifest | None, started: float) -> None:
@@ -1009,11 +1010,10 @@ def load(
             world size it cannot be resharded to): DCP's error, with the URI.
         BackgroundSaveError: An earlier ``wait=False`` save failed and nobody retrieved its error.
     """
-    started = time.monotonic()
     reader = StorageReader(target, **options)
     if not _load_with(state_dict, reader, planner):
         return False
-    _log_loaded(reader, started)
+    _log_loaded(reader)
     return True
 
 

@@ -26,7 +26,6 @@ import re
 import secrets
 import stat
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -321,7 +320,6 @@ class CheckpointioTrainerCallback(FolderSaver, TrainerCallback):
         uri = self.checkpoint.dest
         shared = _shared_with_rank_zero(output_dir, uri)  # a collective: every rank asks
         places = dist.get_rank() == 0 or not shared
-        started = time.monotonic()
         reader = dcp.StorageReader(self.checkpoint)
         found = dcp._agree_on_manifest(reader)
         with placing("create a folder to restore into beside", output_dir, uri):
@@ -332,7 +330,7 @@ class CheckpointioTrainerCallback(FolderSaver, TrainerCallback):
                 targets = {name: staging / name for name in reader.read_metadata().state_dict_metadata}
             if found:  # a collective: every rank loads, those that do not place load nothing
                 dcp._load_with(dict.fromkeys(targets, b""), reader, _files_planners(targets)[1])
-                dcp._log_loaded(reader, started)
+                dcp._log_loaded(reader)
             if places:
                 with placing("put the restored checkpoint folders in place in", output_dir, uri):
                     _place(staging if found else None, output_dir, self._owned(output_dir), uri)

@@ -26,7 +26,6 @@ from __future__ import annotations
 import io
 import logging
 import os
-import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -327,7 +326,6 @@ class CheckpointioModelParallelStrategy(ModelParallelStrategy):
         from ._exceptions import CheckpointNotFoundError
 
         uri = self.broadcast(self.uri_for(checkpoint_path, loading=True))
-        started = time.monotonic()
         reader = dcp.StorageReader(uri, **self._options)  # one manifest for the model, optimizers and state
         module = self.model
         assert module is not None and self.lightning_module is not None
@@ -344,7 +342,7 @@ class CheckpointioModelParallelStrategy(ModelParallelStrategy):
             )
         lightning_state: dict[str, Any] = {LIGHTNING_STATE: io.BytesIO()}
         dcp._load_with(lightning_state, reader)
-        dcp._log_loaded(reader, started)  # one line for the whole resume
+        dcp._log_loaded(reader)  # one line for the whole resume
         buffer = lightning_state[LIGHTNING_STATE]
         buffer.seek(0)
         loaded: dict[str, Any] = torch.load(buffer, weights_only=weights_only)
