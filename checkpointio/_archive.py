@@ -77,7 +77,10 @@ class _GzipMemberWriter:
     """Write-only sink for the tar stream: cuts it into blocks and emits
     each as an independent gzip member, compressed on ``workers`` threads, in order.
 
-    Blocks that deflate are handed to the threads. Once a block comes back stored (float
+    This thread is one of them: blocks that deflate are handed to a pool of ``workers - 1``
+    threads, and while the pool holds two blocks per thread unfinished, the next is deflated here.
+    A pool of ``workers`` threads beside a busy producer would have ``workers + 1`` threads taking
+    turns on ``workers`` cores (benchmarks/README.md, issue 19). Once a block comes back stored (float
     weights, compressed files: see :func:`_codec.encode_member`), the next ones are encoded right
     here instead: storing is a copy and a CRC32, cheaper than handing the block to another thread
     (figures in benchmarks/README.md), until a block deflates again.
@@ -98,8 +101,11 @@ class _GzipMemberWriter:
         self._pieces: list[_codec.Piece] = []  # the current block so far
         self._buffered = 0  # their bytes
         self._position = 0
+        # this thread deflates too, when the pool's threads are behind: never more threads
+        # deflating than ``workers`` (see _emit_block)
+        self._pool = _codec.OrderedPool(workers - 1) if workers > 1 and level > 0 else None
+        self._queued = 2 * (workers - 1)  # blocks the pool may hold before this thread deflates one
         self._workers = workers
-        self._pool = _codec.OrderedPool(workers) if workers > 1 and level > 0 else None
         self._pending: deque[tuple[Future[bytes], int]] = deque()
         self._inline = False
         self._scratch: memoryview | None = None  # see write_from
@@ -140,7 +146,7 @@ class _GzipMemberWriter:
         while remaining:
             room = self._block_size - self._buffered
             want = min(remaining, room)
-            if want == room and self._encodes_here():
+            if want == room and (here := self._encodes_here()):
                 if self._scratch is None:
                     self._scratch = memoryview(bytearray(self._block_size))
                 view = self._scratch[:want]
@@ -152,7 +158,7 @@ class _GzipMemberWriter:
                     done += got
                 self._pieces.append(view)
                 self._position += want
-                self._emit_block()  # encoded before this returns: the buffer is free again
+                self._emit_block(here)  # encoded before this returns: the buffer is free again
             else:
                 chunk = os.read(fd, want)
                 if not chunk:
@@ -192,24 +198,42 @@ class _GzipMemberWriter:
             self._inline = len(member) >= size  # stored: encode the next blocks here
         self._emit(member, size)
 
-    def _encodes_here(self) -> bool:
-        """Whether the next block is encoded on this thread, before :meth:`_emit_block` returns."""
-        return self._pool is None or self._inline
+    def _busy(self) -> int:
+        """Blocks the pool has not finished encoding."""
+        return sum(not future.done() for future, _ in self._pending)
 
-    def _emit_block(self) -> None:
-        """Encode the pieces buffered as one member (here or on the pool) and start the next block."""
+    def _encodes_here(self) -> bool:
+        """Whether the next block would be encoded on this thread: without a pool, while blocks come
+        back stored, and while the pool is behind. (Only ever turns from true to false by itself,
+        as the pool finishes blocks.)"""
+        return self._pool is None or self._inline or self._busy() >= self._queued
+
+    def _emit_block(self, here: bool | None = None) -> None:
+        """Encode the pieces buffered as one member (on this thread if ``here``, as
+        :meth:`_encodes_here` says when not given) and start the next block."""
         pieces, size = self._pieces, sum(map(len, self._pieces))
         self._pieces, self._buffered = [], 0
-        pool = self._pool
-        if pool is None or self._inline:  # as _encodes_here() says
+        if here is None:
+            here = self._encodes_here()
+        if self._pool is None or self._inline:
             while self._pending:  # keep the order
                 self._emit_next()
             member = _codec.encode_pieces(pieces, self._level, self._joins)
             if size >= _DECIDES:
-                self._inline = len(member) >= size
+                self._inline = len(member) >= size  # stored: encode the next blocks here
             self._emit(member, size)
             return
-        self._pending.append((pool.submit(_codec.encode_pieces, pieces, self._level, self._joins), size))
+        while self._pending and self._pending[0][0].done():  # what is ready goes on at once
+            self._emit_next()
+        if here:
+            # The pool is behind: this thread deflates the block instead of waiting. Where
+            # producing a block costs as much as deflating one (small files), producer and pool
+            # share the cores without a third thread taking turns with them.
+            done: Future[bytes] = Future()
+            done.set_result(_codec.encode_pieces(pieces, self._level, self._joins))
+            self._pending.append((done, size))
+        else:
+            self._pending.append((self._pool.submit(_codec.encode_pieces, pieces, self._level, self._joins), size))
         while len(self._pending) > 2 * self._workers:  # bounded: a few blocks in flight per thread
             self._emit_next()
 

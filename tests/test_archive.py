@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import threading
 import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +21,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from checkpointio import CorruptCheckpointError, SourceChangedError, _tar
+from checkpointio import CorruptCheckpointError, SourceChangedError, _codec, _tar
 from checkpointio._archive import GunzipReader, _GzipMemberWriter, pack_directory, unpack_directory
 from checkpointio._codec import (
     MAX_MEMBER_OUTPUT,
@@ -638,6 +639,61 @@ def test_members_hold_the_stream_however_it_was_written(tmp_path: Path, workers:
         assert all(0 < count <= block for count in read)  # never more than a block has room for
     if level and workers == 1:
         assert {is_stored_member(member) for member in members} == {True, False}
+
+
+@pytest.mark.parametrize("how", ["whole", "read from the file"])
+def test_the_packing_thread_deflates_while_the_pool_is_behind_and_the_order_holds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    # With two workers the pool has one thread and the packing thread is the other: once the pool
+    # holds two blocks it has not finished, the next ones are deflated where they were written
+    # (never a third thread deflating beside them), and members still come out in stream order.
+    # The pool's thread is held until the packing thread has deflated two blocks itself.
+    block = 64 * 1024
+    text = b"".join(b"line %d of a log that deflates\n" % number for number in range(60_000))[: 12 * block + 99]
+    source = tmp_path / "stream"
+    source.write_bytes(text)
+    release = threading.Event()
+    encoders: dict[int, str] = {}  # who deflated each block
+    active = [0, 0]  # now, most at once
+    lock = threading.Lock()
+    real = _codec.encode_pieces
+
+    def encode(pieces: list[bytes], level: int, scratch: Scratch | None = None) -> bytes:
+        here = threading.current_thread() is threading.main_thread()
+        with lock:
+            encoders[text.index(b"".join(pieces)[:64]) // block] = "here" if here else "pool"
+            active[0] += 1
+            active[1] = max(active)
+        try:
+            if not here:
+                assert release.wait(timeout=60)
+            elif list(encoders.values()).count("here") == 2:
+                release.set()
+            return real(pieces, level, scratch)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    monkeypatch.setattr(_codec, "encode_pieces", encode)
+    members: list[bytes] = []
+    sink = _GzipMemberWriter(members.append, block, 1, 2)
+    try:
+        if how == "whole":
+            sink.write(text)
+        else:
+            with open(source, "rb") as file:
+                sink.write_from(file.fileno(), len(text), lambda count: None, lambda: AssertionError("shrank"))
+        sink.finish()
+    finally:
+        release.set()
+        sink.close()
+    assert [inflate_member(member) for member in members] == [
+        text[offset : offset + block] for offset in range(0, len(text), block)
+    ]
+    assert [encoders[number] for number in range(4)] == ["pool", "pool", "here", "here"]
+    assert "pool" in [encoders[number] for number in range(4, len(members))]  # once free, it takes blocks again
+    assert active[1] <= 2
 
 
 def test_a_large_file_is_copied_once_into_its_members(tmp_path: Path) -> None:
