@@ -667,7 +667,7 @@ def test_the_packing_thread_deflates_while_the_pool_is_behind_and_the_order_hold
             active[1] = max(active)
         try:
             if not here:
-                assert release.wait(timeout=60)
+                assert release.wait(timeout=10), "the packing thread never deflated a block while the pool was held"
             elif list(encoders.values()).count("here") == 2:
                 release.set()
             return real(pieces, level, scratch)
@@ -694,6 +694,51 @@ def test_the_packing_thread_deflates_while_the_pool_is_behind_and_the_order_hold
     assert [encoders[number] for number in range(4)] == ["pool", "pool", "here", "here"]
     assert "pool" in [encoders[number] for number in range(4, len(members))]  # once free, it takes blocks again
     assert active[1] <= 2
+
+
+def test_a_block_read_into_the_reused_buffer_is_deflated_where_it_was_read_even_if_the_pool_catches_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A read that completes a block goes into one buffer reused by the next such read, only when
+    # that block is deflated on the packing thread. The pool finishing its blocks during that read
+    # must not send the block (a view of the buffer) to the pool: the next read would overwrite it.
+    block = 64 * 1024
+    text = b"".join(b"line %d of a log that deflates\n" % number for number in range(30_000))[: 8 * block]
+    source = tmp_path / "stream"
+    source.write_bytes(text)
+    release = threading.Event()
+    handed_over: list[bool] = []
+    members: list[bytes] = []
+    sink = _GzipMemberWriter(members.append, block, 1, 2)
+    real_encode, real_readv = _codec.encode_pieces, os.readv
+
+    def encode(pieces: list[memoryview], level: int, scratch: Scratch | None = None) -> bytes:
+        if threading.current_thread() is not threading.main_thread():
+            reused = sink._scratch.obj if sink._scratch is not None else None
+            handed_over.append(any(getattr(piece, "obj", None) is reused for piece in pieces if reused is not None))
+            assert release.wait(timeout=10), "the pool was never released"
+        return real_encode(pieces, level, scratch)
+
+    def readv(fd: int, buffers: list[memoryview]) -> int:
+        if not release.is_set():  # the first read into the reused buffer: the pool catches up now
+            release.set()
+            for future, _ in list(sink._pending):
+                future.result(timeout=10)
+        return real_readv(fd, buffers)
+
+    monkeypatch.setattr(_codec, "encode_pieces", encode)
+    monkeypatch.setattr(os, "readv", readv)
+    try:
+        with open(source, "rb") as file:
+            sink.write_from(file.fileno(), len(text), lambda count: None, lambda: AssertionError("shrank"))
+        sink.finish()
+    finally:
+        release.set()
+        sink.close()
+    assert [inflate_member(member) for member in members] == [
+        text[offset : offset + block] for offset in range(0, len(text), block)
+    ]
+    assert handed_over and not any(handed_over)
 
 
 def test_a_large_file_is_copied_once_into_its_members(tmp_path: Path) -> None:
