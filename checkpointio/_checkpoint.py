@@ -535,7 +535,7 @@ class Checkpoint:
 _DIGITS = re.compile(r"(\d+)")
 
 
-def natural_key(text: str) -> tuple[tuple[int, int | str], ...]:
+def _natural_key(text: str) -> tuple[tuple[int, int | str], ...]:
     """``step_10`` after ``step_9``: digit runs compare as numbers."""
     return tuple((0, int(part)) if part.isdigit() else (1, part) for part in _DIGITS.split(text) if part)
 
@@ -580,7 +580,7 @@ def latest_checkpoint(
         if key is None:
 
             def default_key(path: Path) -> tuple[int, tuple[tuple[int, int | str], ...]]:
-                return path.stat().st_mtime_ns, natural_key(path.relative_to(base).as_posix())
+                return path.stat().st_mtime_ns, _natural_key(path.relative_to(base).as_posix())
 
             return max(candidates, key=default_key)
     except CheckpointError:  # an AccessDeniedError is a PermissionError too: raised as it is

@@ -106,10 +106,9 @@ def _place(restored: Path | None, output_dir: Path, owned: set[str], uri: str) -
     ``checkpoint-<step>`` folders there that the restore does not have are this run's when
     ``owned`` (its ledger names them: an earlier attempt wrote them without storing them, perhaps
     half-written) and removed, with a warning, so that resuming does not pick them and retention,
-    which goes by step, does not keep them over this run's. A ``checkpoint-<step>`` folder this run
-    did not write (another run's, the Trainer's without this callback, one made by hand) is
-    refused before anything is changed, whether or not the restore has one of its name: the restore
-    would replace it, or resuming and retention would mix it with this run's. Restored entries then replace
+    which goes by step, does not keep them over this run's. Any other such folder (another run's,
+    the Trainer's without this callback, one made by hand) is refused before anything is changed:
+    resuming and retention would mix it with this run's. Restored entries then replace
     same-named ones, all or none (a failure leaves ``output_dir`` as it was, never an entry removed
     and not replaced), also from a workspace on another filesystem. The workspace ends up empty.
 
@@ -120,14 +119,13 @@ def _place(restored: Path | None, output_dir: Path, owned: set[str], uri: str) -
         return
     children = sorted(restored.iterdir()) if restored is not None else []
     names = {child.name for child in children}
-    present = _folders(output_dir)
-    stale = [folder for folder in present if folder.name not in names]
-    foreign = [folder.name for folder in present if folder.name not in owned]
+    stale = [folder for folder in _folders(output_dir) if folder.name not in names]
+    foreign = [folder.name for folder in stale if folder.name not in owned]
     if foreign:
         raise DestinationError(
             f"{output_dir} holds checkpoint folders this run did not write: {', '.join(foreign)}; nothing was "
-            "changed: the restore would replace them, or resuming would pick them and retention would mix them "
-            "with this run's. Move them out of output_dir (or remove them), or give the Trainer another output_dir",
+            "changed: resuming would pick them and retention would mix them with this run's. Move them "
+            "out of output_dir (or remove them), or give the Trainer another output_dir",
             uri=uri,
         )
     if restored is not None:
@@ -275,17 +273,16 @@ class CheckpointioTrainerCallback(FolderSaver, TrainerCallback):
         The restored tree is moved into the Trainer's ``output_dir``, so the run's old and new
         checkpoint folders live, and are stored, together; ``checkpoint-<step>`` folders already
         there that the restore does not have are removed, with a warning, when this run wrote them
-        (an earlier attempt's, not stored); one this run did not write is refused, nothing changed
-        (also where the restore has a folder of its name: it would be replaced).
+        (an earlier attempt's, not stored); any other such folder is refused, nothing changed.
         Returns the path of the restored ``checkpoint-<step>`` folder with the highest step, or
         ``None`` on a first attempt.
 
         Raises:
             RuntimeError: No Trainer was built with this callback yet (``output_dir`` is unknown).
             ValueError: The checkpoint holds bytes or a single file, not a Trainer's folder.
-            DestinationError: ``output_dir`` holds ``checkpoint-<step>`` folders this run did not
-                write (another run's, the Trainer's without this callback, yours), whether or not
-                the restore has folders of their names: move them away or use another ``output_dir``.
+            DestinationError: ``output_dir`` holds ``checkpoint-<step>`` folders the restore does
+                not have and this run did not write (another run's, the Trainer's without this
+                callback, yours): move them away or use another ``output_dir``.
         """
         if not self._restored:
             if self.output_dir is None:

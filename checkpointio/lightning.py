@@ -34,11 +34,11 @@ from typing_extensions import Unpack
 
 from . import _placement
 from ._background import SaveHandle
-from ._checkpoint import Checkpoint, latest_checkpoint, natural_key
+from ._checkpoint import Checkpoint, latest_checkpoint
 from ._config import TransferOptions
 from ._location import split_scheme
 from ._placement import placing
-from ._training import LEDGER, FolderSaver, checked_checkpoint, checkpoint_in_force, read_ledger, write_ledger
+from ._training import FolderSaver, checked_checkpoint, checkpoint_in_force
 
 try:
     import lightning.pytorch as pl
@@ -140,55 +140,18 @@ class CheckpointioCallback(FolderSaver, pl.Callback):
         if not self._restored:
             restored = self.checkpoint.load_sync()
             # The restore's newest file: not one that was in dirpath before (someone else's).
+            newest = latest_checkpoint(restored, PATTERN)
             if restored is not None and restored.is_dir() and restored.resolve() != self.dirpath.resolve():
-                newest = self._put_in_place(restored)
-            else:
-                newest = latest_checkpoint(restored, PATTERN)
+                doing = "put the restored files in place in"
+                with placing(doing, self.dirpath, self.checkpoint.dest, kept=restored):
+                    self.dirpath.mkdir(parents=True, exist_ok=True)
+                    moves = [(child, self.dirpath / child.name) for child in sorted(restored.iterdir())]
+                    _placement.move_all(moves)  # all or none, over folders that are not empty, across filesystems
+                if newest is not None:
+                    newest = self.dirpath / newest.relative_to(restored)
             self.resumed_from = newest
             self._restored = True
         return str(self.resumed_from) if self.resumed_from is not None else None
-
-    def _put_in_place(self, restored: Path) -> Path | None:
-        """Move the restored entries into :attr:`dirpath`, all or none (over folders that are not
-        empty, across filesystems): in place of entries of the same name this run wrote, never of
-        one it did not (a ``ModelCheckpoint``'s, yours), which stays as it is (it is at least as
-        new as its copy stored with the folder). The ledgers of both are merged. Returns where the
-        newest ``.ckpt`` moved lands: never one of the entries left as they were (written after the
-        restore's, perhaps cut short by the kill)."""
-        doing = "put the restored files in place in"
-        with placing(doing, self.dirpath, self.checkpoint.dest, kept=restored):
-            self.dirpath.mkdir(parents=True, exist_ok=True)
-            owned = self._owned(self.dirpath)
-            moves: list[tuple[Path, Path]] = []
-            left: list[str] = []
-            for child in sorted(restored.iterdir()):
-                target = self.dirpath / child.name
-                if child.name == LEDGER:
-                    continue
-                if os.path.lexists(target) and child.name not in owned:
-                    left.append(child.name)
-                    continue
-                moves.append((child, target))
-            stored = {name: run for name, run in read_ledger(restored).items() if name not in left}
-
-            def moved_first(path: Path) -> tuple[bool, int, tuple[tuple[int, int | str], ...]]:
-                inside = path.relative_to(restored)
-                return inside.parts[0] not in left, path.stat().st_mtime_ns, natural_key(inside.as_posix())
-
-            newest = latest_checkpoint(restored, PATTERN, key=moved_first)
-            if newest is not None and newest.relative_to(restored).parts[0] in left:
-                newest = None
-            _placement.move_all(moves)
-            if stored:
-                write_ledger(self.dirpath, {**stored, **read_ledger(self.dirpath)})
-        if left:
-            logger.warning(
-                "left %s in %s as they are: this run did not write them there; their copies in the restore are "
-                "not used",
-                ", ".join(left),
-                self.dirpath,
-            )
-        return self.dirpath / newest.relative_to(restored) if newest is not None else None
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if trainer.sanity_checking:

@@ -22,7 +22,6 @@ pytest.importorskip("lightning.pytorch")
 import lightning.pytorch as L
 import torch
 
-from checkpointio._training import LEDGER, read_ledger, write_ledger
 from checkpointio.lightning import CheckpointioCallback, CheckpointioIO
 
 from .lightning_parts import Tiny, loader
@@ -102,9 +101,8 @@ def test_the_checkpoint_io_plugin_stores_lightnings_files(tmp_path: Path) -> Non
 
 
 def stored_and_local(tmp_path: Path) -> tuple[Path, Path]:
-    """A stored folder of .ckpt files, and a dirpath a failed attempt of the run stored under
-    ``store/`` left with the same names, named in its ledger (a subfolder that is not empty among
-    them, as a sharded checkpoint is), and one of the user's; (stored tree, dirpath)."""
+    """A stored folder of .ckpt files, and a dirpath a failed attempt left with the same names
+    (a subfolder that is not empty among them) and one of its own; (stored tree, dirpath)."""
     tree = tmp_path / "tree"
     (tree / "fold-1").mkdir(parents=True)
     (tree / "epoch=0-step=6.ckpt").write_bytes(b"stored epoch 0")
@@ -117,8 +115,6 @@ def stored_and_local(tmp_path: Path) -> tuple[Path, Path]:
     (dirpath / "epoch=1-step=12.ckpt").write_bytes(b"local epoch 1")
     (dirpath / "fold-1" / "epoch=0-step=6.ckpt").write_bytes(b"local fold 1")
     (dirpath / "notes.txt").write_text("mine")
-    run = str(tmp_path / "store")
-    write_ledger(dirpath, {"epoch=0-step=6.ckpt": run, "epoch=1-step=12.ckpt": run, "fold-1": run})
     return tree, dirpath
 
 
@@ -133,52 +129,9 @@ def test_a_restore_from_a_workspace_on_another_filesystem_replaces_non_empty_fol
         assert list(workspace.iterdir()) == []  # moved, not copied and left
     assert (dirpath / "notes.txt").read_text() == "mine"  # not in the checkpoint: left alone
     (dirpath / "notes.txt").unlink()
-    (dirpath / LEDGER).unlink()
     assert snapshot(dirpath) == snapshot(tree)  # fold-1 replaced whole, not merged
     # the workspace, and beside it the record of what loads restored there (for a retry's load)
     assert sorted(path.name for path in other_filesystem.iterdir()) == [".ws.checkpointio-restored", "ws"]
-
-
-def test_a_restore_leaves_same_named_entries_the_callback_did_not_write_as_they_are(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    # The stored folder held the callback's file, a ModelCheckpoint's last.ckpt and the user's
-    # notes; since then both were written again locally. Their stored copies are older: replacing
-    # them would lose the newer ones. The callback's own file is replaced by the stored one.
-    run = str(tmp_path / "store")
-    tree = tmp_path / "tree"
-    tree.mkdir()
-    (tree / "epoch=0-step=6.ckpt").write_bytes(b"stored epoch 0")
-    (tree / "last.ckpt").write_bytes(b"stored last")
-    (tree / "notes.txt").write_text("stored notes")
-    (tree / "epoch=9-step=60.ckpt").write_bytes(b"stored, absent locally")
-    write_ledger(tree, {"epoch=0-step=6.ckpt": run, "epoch=9-step=60.ckpt": run})
-    Checkpoint(tmp_path / "store" / "attempt-0").save_sync(tree)
-    dirpath = tmp_path / "ckpts"
-    dirpath.mkdir()
-    (dirpath / "epoch=0-step=6.ckpt").write_bytes(b"local epoch 0")
-    (dirpath / "last.ckpt").write_bytes(b"newer last")
-    (dirpath / "notes.txt").write_text("edited since")
-    (dirpath / "other.ckpt").write_bytes(b"another run's")
-    write_ledger(dirpath, {"epoch=0-step=6.ckpt": run, "other.ckpt": str(tmp_path / "elsewhere")})
-    with Checkpoint(tmp_path / "store" / "attempt-1", src=tmp_path / "store" / "attempt-0") as cp:
-        saver = CheckpointioCallback(cp, dirpath=dirpath)
-        with caplog.at_level("WARNING", logger="checkpointio.lightning"):
-            assert saver.ckpt_path == str(dirpath / "epoch=9-step=60.ckpt")
-    assert (dirpath / "epoch=0-step=6.ckpt").read_bytes() == b"stored epoch 0"
-    assert (dirpath / "epoch=9-step=60.ckpt").read_bytes() == b"stored, absent locally"
-    assert (dirpath / "last.ckpt").read_bytes() == b"newer last"
-    assert (dirpath / "notes.txt").read_text() == "edited since"
-    assert (dirpath / "other.ckpt").read_bytes() == b"another run's"
-    assert read_ledger(dirpath) == {
-        "epoch=0-step=6.ckpt": run,
-        "epoch=9-step=60.ckpt": run,
-        "other.ckpt": str(tmp_path / "elsewhere"),
-    }
-    assert [record.getMessage() for record in caplog.records] == [
-        f"left last.ckpt, notes.txt in {dirpath} as they are: this run did not write them there; their copies "
-        "in the restore are not used"
-    ]
 
 
 def test_a_restore_that_fails_part_way_leaves_dirpath_as_it_was(
