@@ -641,6 +641,25 @@ def test_members_hold_the_stream_however_it_was_written(tmp_path: Path, workers:
         assert {is_stored_member(member) for member in members} == {True, False}
 
 
+def packed_then_released(sink: _GzipMemberWriter, text: bytes, source: Path | None, release: threading.Event) -> None:
+    """Write ``text`` into ``sink`` (read from ``source``, holding it, if given) and finish; then,
+    whatever happened, release the held pool threads and close the sink."""
+    try:
+        if source is None:
+            sink.write(text)
+        else:
+            with open(source, "rb") as file:
+                sink.write_from(file.fileno(), len(text), lambda count: None, lambda: AssertionError("shrank"))
+        sink.finish()
+    finally:
+        release.set()
+        sink.close()
+
+
+def blocks_of(data: bytes, block: int) -> list[bytes]:
+    return [data[offset : offset + block] for offset in range(0, len(data), block)]
+
+
 @pytest.mark.parametrize("how", ["whole", "read from the file"])
 def test_the_packing_thread_deflates_while_the_pool_is_behind_and_the_order_holds(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
@@ -678,19 +697,8 @@ def test_the_packing_thread_deflates_while_the_pool_is_behind_and_the_order_hold
     monkeypatch.setattr(_codec, "encode_pieces", encode)
     members: list[bytes] = []
     sink = _GzipMemberWriter(members.append, block, 1, 2)
-    try:
-        if how == "whole":
-            sink.write(text)
-        else:
-            with open(source, "rb") as file:
-                sink.write_from(file.fileno(), len(text), lambda count: None, lambda: AssertionError("shrank"))
-        sink.finish()
-    finally:
-        release.set()
-        sink.close()
-    assert [inflate_member(member) for member in members] == [
-        text[offset : offset + block] for offset in range(0, len(text), block)
-    ]
+    packed_then_released(sink, text, None if how == "whole" else source, release)
+    assert [inflate_member(member) for member in members] == blocks_of(text, block)
     assert [encoders[number] for number in range(4)] == ["pool", "pool", "here", "here"]
     assert "pool" in [encoders[number] for number in range(4, len(members))]  # once free, it takes blocks again
     assert active[1] <= 2
@@ -728,16 +736,8 @@ def test_a_block_read_into_the_reused_buffer_is_deflated_where_it_was_read_even_
 
     monkeypatch.setattr(_codec, "encode_pieces", encode)
     monkeypatch.setattr(os, "readv", readv)
-    try:
-        with open(source, "rb") as file:
-            sink.write_from(file.fileno(), len(text), lambda count: None, lambda: AssertionError("shrank"))
-        sink.finish()
-    finally:
-        release.set()
-        sink.close()
-    assert [inflate_member(member) for member in members] == [
-        text[offset : offset + block] for offset in range(0, len(text), block)
-    ]
+    packed_then_released(sink, text, source, release)
+    assert [inflate_member(member) for member in members] == blocks_of(text, block)
     assert handed_over and not any(handed_over)
 
 
