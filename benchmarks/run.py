@@ -336,13 +336,25 @@ def checkpointio_revision() -> str:
     return f"git {sha.stdout.strip()}" + (" with uncommitted changes" if dirty.stdout.strip() else "")
 
 
-def default_workers() -> int | str:
-    """checkpointio's default ``compression_workers``, or ``"?"`` if it has no such setting."""
+def default_workers(cores: str | None = None) -> int | str:
+    """checkpointio's default ``compression_workers`` in a step (run on ``cores`` only, if
+    given: the default follows the cores a process may use), or ``"?"`` if it cannot be told."""
+    code = (
+        "from checkpointio import TransferConfig\n"
+        "try:\n"
+        "    from checkpointio._config import codec_workers\n"
+        "except ImportError:  # before the default followed the cores\n"
+        "    print(TransferConfig().compression_workers)\n"
+        "else:\n"
+        "    print(codec_workers(TransferConfig()))\n"
+    )
+    command = [sys.executable, "-c", code]
+    if cores:
+        command = ["taskset", "-c", cores, *command]
     try:
-        from checkpointio import TransferConfig
-
-        return int(TransferConfig().compression_workers)
-    except Exception:  # an older checkpointio, or one that does not import: its steps will say why
+        done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=True)
+        return int(done.stdout.strip())
+    except (OSError, ValueError, subprocess.SubprocessError):  # its steps will say why
         return "?"
 
 
@@ -369,7 +381,7 @@ class Places:
 
 
 def build_tables(
-    places: Places, trees: Sequence[Dataset], big: Dataset, compare: Path | None = None
+    places: Places, trees: Sequence[Dataset], big: Dataset, compare: Path | None = None, cores: str | None = None
 ) -> dict[str, list[Case]]:
     """Every repeated table: title -> cases, the reference (checkpointio) first.
 
@@ -399,7 +411,7 @@ def build_tables(
                 s5cmd_cp("s5cmd cp of a ready .tar.gz (transfer only)", archive=True),
             )
         ]
-    workers = default_workers()
+    workers = default_workers(cores)
     scaling = [
         row
         for n in (1, 2)
@@ -548,7 +560,7 @@ def run(args: argparse.Namespace, sizes: Sizes, scratch: Path) -> int:
         if args.tweaks:
             tables = build_tweak_tables(places, trees, big)
         else:
-            tables = build_tables(places, trees, big, args.compare)
+            tables = build_tables(places, trees, big, args.compare, args.cores)
         references = {cases[0].dataset.name: cases[0] for cases in reversed(tables.values())}  # S3 ones win
         if args.only:
             tables = {title: cases for title, cases in tables.items() if any(part in title for part in args.only)}

@@ -17,10 +17,16 @@ from urllib.parse import urlsplit
 
 from typing_extensions import TypedDict, Unpack
 
-__all__ = ["MiB", "TransferConfig", "TransferOptions", "field_help"]
+from . import _cores
+
+__all__ = ["MiB", "TransferConfig", "TransferOptions", "codec_workers", "field_help", "receiving_workers"]
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
+
+#: The most ``compression_workers`` chosen for the cores present: one archive thread feeds them
+#: (a save) or is fed by them (a load), and each holds blocks in memory.
+MAX_DEFAULT_WORKERS = 8
 
 #: ``server_side_encryption`` values: S3's (botocore's ``ServerSideEncryption``) for a bucket.
 ServerSideEncryption = Literal["AES256", "aws:kms", "aws:kms:dsse"]
@@ -112,11 +118,12 @@ class TransferConfig:
             "compressed files) are stored whatever the level."
         ),
     )
-    compression_workers: int = field(
-        default=2,
+    compression_workers: int | None = field(
+        default=None,
         metadata=_about(
             "Threads that deflate (save) or inflate (load) archive blocks at once; a directory load also "
-            "writes its files on as many threads (1: all on one)."
+            "writes its files on as many threads (1: all on one).",
+            unset=f"the number of cores this process may use, at most {MAX_DEFAULT_WORKERS}",
         ),
     )
     receive_workers: int | None = field(
@@ -125,7 +132,7 @@ class TransferConfig:
             "Threads that receive a load's ranged GETs from S3, each with its own event loop and connection "
             "pool; a single file is written at its offsets on the same threads, and the ranges of a distributed "
             "or partial load are received on them in turn. At most max_concurrency are used.",
-            unset="the number of cores this process may run on",
+            unset="the number of cores this process may use",
         ),
     )
     max_attempts: int = field(
@@ -226,11 +233,12 @@ class TransferConfig:
             )
         if self.chunk_size > 64 * MiB:
             raise ValueError(f"chunk_size must be at most 64 MiB, got {self.chunk_size}")
-        for name in ("max_concurrency", "chunk_size", "pipeline_depth", "max_attempts", "compression_workers"):
+        for name in ("max_concurrency", "chunk_size", "pipeline_depth", "max_attempts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.receive_workers is not None and self.receive_workers < 1:
-            raise ValueError(f"receive_workers must be at least 1, got {self.receive_workers}")
+        for name in ("compression_workers", "receive_workers"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0 <= self.compression_level <= 9:
             raise ValueError(f"compression_level must be 0..9, got {self.compression_level}")
         for name in ("connect_timeout", "read_timeout"):
@@ -335,6 +343,21 @@ def is_endpoint(url: str) -> bool:
     return len(host) <= 255 and _HOST.fullmatch(host.removesuffix(".")) is not None
 
 
+def codec_workers(config: TransferConfig) -> int:
+    """The threads that deflate or inflate a transfer's archive blocks: ``compression_workers``,
+    else one per core this process may use (its CPU affinity and cgroup CPU quota), at most
+    :data:`MAX_DEFAULT_WORKERS`."""
+    if config.compression_workers is not None:
+        return config.compression_workers
+    return min(MAX_DEFAULT_WORKERS, _cores.available())
+
+
+def receiving_workers(config: TransferConfig) -> int:
+    """The threads that receive a load's ranges: ``receive_workers``, else one per core this
+    process may use (the caller caps them at the ranges in flight)."""
+    return config.receive_workers if config.receive_workers is not None else _cores.available()
+
+
 def field_help(name: str) -> tuple[str, str | None]:
     """A :class:`TransferConfig` field's help text, and what its default ``None`` means (``None``
     for a field whose default is a value).
@@ -388,7 +411,7 @@ class TransferOptions(TypedDict, total=False):
     chunk_size: int
     pipeline_depth: int
     compression_level: int
-    compression_workers: int
+    compression_workers: int | None
     receive_workers: int | None
     max_attempts: int
     connect_timeout: float

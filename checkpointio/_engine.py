@@ -33,7 +33,7 @@ from . import _allocator, _archive, _codec, _partial, _placement, _tar, _toc
 from ._concurrency import PLUMBING as _PLUMBING
 from ._concurrency import Aborted as _Aborted
 from ._concurrency import one_error
-from ._config import TransferConfig
+from ._config import TransferConfig, codec_workers
 from ._exceptions import (
     CheckpointError,
     ChecksumMismatchError,
@@ -280,7 +280,7 @@ def _produce(
             emit,
             block_size=step,
             level=config.compression_level,
-            workers=config.compression_workers,
+            workers=codec_workers(config),
             shown=source.shown,
             skip=skip,
             on_read=meter.read,
@@ -784,7 +784,7 @@ async def load(
     if info.record is not None and info.record.kind is not Kind.DIRECTORY and _ranged(store, info, config):
         restored = await _restore_ranges(store, info, workspace, meter)
     else:
-        workers = config.compression_workers
+        workers = codec_workers(config)
         restored = await _read(store, info, config, meter, lambda reader: _restore(reader, info, workspace, workers))
     _log_read("loaded", info, started)
     return restored
@@ -797,7 +797,7 @@ async def _load_selected(
     file a picked hard link needs, should it have been left out)."""
     if info.record is not None:
         _refuse_selecting(info, info.record.kind)
-    workers = config.compression_workers
+    workers = codec_workers(config)
     if await _partial.restore_from_table(store, info, workspace, meter, only, workers):
         return
     needed = await _read(
@@ -859,7 +859,7 @@ async def list_contents(
                 size = header.size if kind == "file" else 0
                 rows.append(Entry(path, kind, size, header.mtime, header.mode & 0o7777, header.link))
 
-        workers = config.compression_workers
+        workers = codec_workers(config)
         _archive.check_directory(
             reader.blocks, uri=info.location.uri, workers=workers, seen=seen, covered=info.checkable
         )
@@ -1141,7 +1141,7 @@ async def verify(
         _log_read("verified", info, started)
         return info
     meter = Meter(on_progress, "verify", location.uri, info.size)
-    workers = config.compression_workers
+    workers = codec_workers(config)
     listing = await _read(store, info, config, meter, lambda reader: _check(reader, info, workers))
     if listing is not None:
         found = await _partial.fetch_table(store, info)

@@ -16,7 +16,7 @@ import anyio.to_thread
 
 from .. import _engine, _placement, _selection, _tar
 from .._concurrency import one_error
-from .._config import TransferConfig
+from .._config import TransferConfig, codec_workers
 from .._exceptions import CheckpointError, CorruptCheckpointError
 from .._location import Location
 from .._progress import Meter, ProgressCallback, human_size
@@ -131,7 +131,7 @@ async def _fetch(
     explaining = anyio.Lock()
     # as many threads as a tar.gz restore writes on: each gives up the GIL at every system call
     # and must take it back, so more threads than cores only wait for it (measured: 2 beat 4)
-    workers = anyio.CapacityLimiter(max(1, config.compression_workers))
+    workers = anyio.CapacityLimiter(codec_workers(config))
 
     async def head(name: str) -> bool:
         """HEAD the pack ``name``: whether it is there with the size the manifest records (if

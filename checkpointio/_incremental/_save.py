@@ -29,7 +29,7 @@ import blake3
 
 from .. import _archive, _cdc, _codec, _engine
 from .._concurrency import one_error
-from .._config import TransferConfig
+from .._config import TransferConfig, codec_workers
 from .._exceptions import CheckpointError, CorruptCheckpointError, SourceChangedError
 from .._location import Location
 from .._progress import Meter, ProgressCallback, human_size
@@ -782,7 +782,7 @@ async def _save_tree(
             shown,
             _Parents(manifests, lookups),
             config.compression_level,
-            max(1, config.compression_workers),
+            codec_workers(config),
             pack_size,
             save_id,
             upload,

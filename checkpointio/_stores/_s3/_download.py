@@ -22,7 +22,7 @@ from botocore.exceptions import ClientError, ResponseStreamingError
 
 from ... import _codec
 from ..._concurrency import Aborted, one_error
-from ..._config import TransferConfig
+from ..._config import TransferConfig, receiving_workers
 from ..._exceptions import ConcurrentModificationError, CorruptCheckpointError, StoreError
 from ..._location import Location
 from ..._planning import ranges
@@ -30,7 +30,7 @@ from .._base import Blocks, Filling, ObjectInfo, RangeSink, Sink
 from ._client import _Requests
 from ._errors import TRANSIENT_READ_ERRORS, answered
 from ._head import head
-from ._receivers import Receiving, default_count, receivers
+from ._receivers import Receiving, receivers
 
 logger = logging.getLogger(__name__)
 
@@ -92,9 +92,8 @@ async def _read_into(body: Any, received: _Receiving, limit: int) -> None:
 
 def _receivers_for(config: TransferConfig, count: int) -> Sequence[Receiving]:
     """The receiving threads for a load of ``count`` ranges: ``receive_workers`` (default: the
-    cores present), never more than ranges in flight at once."""
-    wanted = config.receive_workers if config.receive_workers is not None else default_count()
-    return receivers(min(wanted, config.max_concurrency, count))
+    cores this process may use), never more than ranges in flight at once."""
+    return receivers(min(receiving_workers(config), config.max_concurrency, count))
 
 
 async def head_for_reads(requests: _Requests, location: Location, *, one_of_many: bool = False) -> ObjectInfo | None:

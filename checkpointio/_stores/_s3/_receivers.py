@@ -29,7 +29,7 @@ import anyio
 
 from ... import _exit
 
-__all__ = ["Receiver", "Receiving", "receivers", "default_count", "on_receiver"]
+__all__ = ["Receiver", "Receiving", "receivers", "on_receiver"]
 
 T = TypeVar("T")
 
@@ -77,14 +77,6 @@ def new_loop() -> asyncio.AbstractEventLoop:
 def on_receiver() -> bool:
     """Whether the calling thread is a receiver's (ours, not the caller's event loop)."""
     return getattr(_local, "receiving", False)
-
-
-def default_count() -> int:
-    """The cores this process may run on (its CPU affinity, so ``taskset`` counts), at least 1."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):  # pragma: no cover - platforms without affinity
-        return max(1, os.cpu_count() or 1)
 
 
 class Receiving(Protocol):

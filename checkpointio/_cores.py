@@ -1,0 +1,114 @@
+"""How many CPUs this process may keep busy: what the thread counts a transfer starts by default
+are sized by.
+
+The CPU affinity (``taskset``, a cpuset) says which CPUs a process may run on; a cgroup's CPU
+quota (a container's ``--cpus``, a Kubernetes pod's CPU limit) caps how much of them it may use,
+and the affinity does not show it: a pod limited to 2 CPUs on a 64-core node sees 64. Threads
+beyond the quota only take turns and get throttled.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from pathlib import Path
+
+__all__ = ["available", "cgroup_limit"]
+
+
+def available(proc: Path = Path("/proc/self")) -> int:
+    """The CPUs this process may run on (its affinity), at most its cgroups' CPU quota rounded
+    up, at least 1."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - platforms without affinity
+        cores = os.cpu_count() or 1
+    limit = cgroup_limit(proc)
+    if limit is not None:
+        cores = min(cores, math.ceil(limit))
+    return max(1, cores)
+
+
+def cgroup_limit(proc: Path = Path("/proc/self")) -> float | None:
+    """The CPUs' worth of time the cgroups of the process ``proc`` describes may use (the
+    smallest quota / period of its cgroup and the cgroups above it, v2 ``cpu.max`` or v1
+    ``cpu.cfs_quota_us``), or ``None`` where none is set or none can be read (not Linux, no
+    cgroup file system mounted)."""
+    try:
+        memberships = (proc / "cgroup").read_text().splitlines()
+        mounts = (proc / "mountinfo").read_text().splitlines()
+    except OSError:
+        return None
+    limits = []
+    for line in memberships:  # "0::/path" (v2) or "4:cpu,cpuacct:/path" (v1)
+        number, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if number == "0" and not controllers:
+            where, read = _mounted(mounts, path, "cgroup2", None), _v2_limit
+        elif "cpu" in controllers.split(","):
+            where, read = _mounted(mounts, path, "cgroup", "cpu"), _v1_limit
+        else:
+            continue
+        if where is None:
+            continue
+        top, folder = where
+        while True:  # a limit set on a cgroup above applies too
+            limit = read(folder)
+            if limit is not None:
+                limits.append(limit)
+            if folder == top:
+                break
+            folder = folder.parent
+    return min(limits) if limits else None
+
+
+def _mounted(mounts: list[str], path: str, kind: str, controller: str | None) -> tuple[Path, Path] | None:
+    """Where the hierarchy ``kind`` (with ``controller``, for v1) is mounted and the folder of its
+    cgroup ``path`` there, from ``/proc/self/mountinfo`` lines; ``None`` if it is not mounted or
+    the mount does not reach the cgroup. (A container sees its own cgroup as the mount's root.)"""
+    for line in mounts:
+        fields = line.split()
+        try:
+            root, point = fields[3], fields[4]
+            after = fields[fields.index("-") + 1 :]
+        except (IndexError, ValueError):
+            continue
+        if len(after) < 3 or after[0] != kind:
+            continue
+        if controller is not None and controller not in after[2].split(","):
+            continue
+        base = root.rstrip("/")
+        if path == root:
+            inside = ""
+        elif path.startswith(base + "/"):
+            inside = path[len(base) + 1 :]
+        else:
+            continue
+        top = Path(_unescaped(point))
+        return top, top / inside
+    return None
+
+
+def _unescaped(field: str) -> str:
+    """A mountinfo field with its octal escapes (``\\040`` for a space) decoded."""
+    return re.sub(r"\\([0-7]{3})", lambda match: chr(int(match[1], 8)), field)
+
+
+def _v2_limit(folder: Path) -> float | None:
+    """``cpu.max`` of one cgroup ("max 100000" or "200000 100000") in CPUs, ``None`` if unlimited."""
+    try:
+        quota, _, period = (folder / "cpu.max").read_text().partition(" ")
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError, ZeroDivisionError):
+        return None
+
+
+def _v1_limit(folder: Path) -> float | None:
+    """``cpu.cfs_quota_us / cpu.cfs_period_us`` of one cgroup in CPUs, ``None`` if unlimited (-1)."""
+    try:
+        quota = int((folder / "cpu.cfs_quota_us").read_text())
+        period = int((folder / "cpu.cfs_period_us").read_text())
+        return None if quota <= 0 else quota / period
+    except (OSError, ValueError, ZeroDivisionError):
+        return None

@@ -1,0 +1,131 @@
+"""The thread counts a transfer starts by default follow the cores the process may use: its CPU
+affinity (``taskset``) and its cgroups' CPU quota (a container's CPU limit), read from the files
+Linux keeps for them (here laid out in a temporary folder as Linux lays them out)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from checkpointio import TransferConfig
+from checkpointio._config import MAX_DEFAULT_WORKERS, codec_workers, receiving_workers
+from checkpointio._cores import available, cgroup_limit
+
+AFFINITY = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def fake_proc(tmp_path: Path, cgroup: str, mounts: list[str]) -> Path:
+    """A ``/proc/self`` with these ``cgroup`` and ``mountinfo`` contents."""
+    proc = tmp_path / "proc"
+    proc.mkdir()
+    (proc / "cgroup").write_text(cgroup)
+    (proc / "mountinfo").write_text("\n".join(mounts) + "\n")
+    return proc
+
+
+def cgroup_folder(path: Path, **files: str) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (path / name.replace("_", ".", 1)).write_text(text + "\n")
+
+
+def v2_mount(point: Path, root: str = "/") -> str:
+    return f"30 23 0:26 {root} {point} rw,nosuid,nodev,noexec,relatime shared:4 - cgroup2 cgroup2 rw,nsdelegate"
+
+
+def v1_mount(point: Path, controllers: str, root: str = "/") -> str:
+    return f"33 25 0:29 {root} {point} rw,nosuid,nodev,noexec,relatime shared:8 - cgroup cgroup rw,{controllers}"
+
+
+def test_a_cgroup_v2_quota_caps_the_cores_and_one_set_above_the_process_cgroup_counts(tmp_path: Path) -> None:
+    mounted = tmp_path / "sys" / "fs" / "cgroup"
+    cgroup_folder(mounted / "kubepods" / "pod1", cpu_max="150000 100000")  # 1.5 CPUs for the pod
+    cgroup_folder(mounted / "kubepods" / "pod1" / "box", cpu_max="max 100000")  # none of its own
+    proc = fake_proc(tmp_path, "0::/kubepods/pod1/box\n", [v2_mount(mounted)])
+
+    assert cgroup_limit(proc) == 1.5
+    assert available(proc) == min(AFFINITY, 2)  # rounded up: 1.5 CPUs of time keep two threads busy half the time
+
+
+def test_a_cgroup_v1_quota_seen_from_inside_a_container_caps_the_cores_at_one(tmp_path: Path) -> None:
+    mounted = tmp_path / "cpu,cpuacct"
+    cgroup_folder(mounted, cpu_cfs_quota_us="50000", cpu_cfs_period_us="100000")
+    # without a cgroup namespace the container's cgroup is the mount's root, named by its full path
+    proc = fake_proc(
+        tmp_path,
+        "12:memory:/docker/abc\n4:cpu,cpuacct:/docker/abc\n0::/\n",
+        [v1_mount(mounted, "cpu,cpuacct", root="/docker/abc"), v1_mount(tmp_path / "memory", "memory")],
+    )
+
+    assert cgroup_limit(proc) == 0.5
+    assert available(proc) == 1
+
+
+def test_the_smallest_quota_of_the_hierarchies_wins(tmp_path: Path) -> None:
+    v2 = tmp_path / "unified"
+    v1 = tmp_path / "my cpu"  # mountinfo escapes the space
+    cgroup_folder(v2 / "job", cpu_max="400000 100000")
+    cgroup_folder(v1, cpu_cfs_quota_us="-1", cpu_cfs_period_us="100000")
+    cgroup_folder(v1 / "job", cpu_cfs_quota_us="300000", cpu_cfs_period_us="100000")
+    escaped = str(v1).replace(" ", "\\040")
+    mounts = [v2_mount(v2), f"34 25 0:30 / {escaped} rw - cgroup cgroup rw,cpu"]
+    proc = fake_proc(tmp_path, "1:cpu:/job\n0::/job\n", mounts)
+
+    assert cgroup_limit(proc) == 3.0
+
+
+@pytest.mark.parametrize(
+    ("cgroup", "layout"),
+    [
+        pytest.param("0::/job\n", {"job": {"cpu_max": "max 100000"}}, id="v2 no quota"),
+        pytest.param("1:cpu:/job\n", {"job": {"cpu_cfs_quota_us": "-1", "cpu_cfs_period_us": "100000"}}, id="v1 none"),
+        pytest.param("0::/job\n", {"job": {}}, id="v2 without the cpu controller"),
+        pytest.param("0::/elsewhere\n", {}, id="the cgroup is not under the mount"),
+    ],
+)
+def test_no_quota_leaves_the_affinity(tmp_path: Path, cgroup: str, layout: dict[str, dict[str, str]]) -> None:
+    mounted = tmp_path / "cg"
+    for name, files in layout.items():
+        cgroup_folder(mounted / name, **files)
+    root = "/job" if "elsewhere" in cgroup else "/"
+    mounts = [v2_mount(mounted, root) if cgroup.startswith("0::") else v1_mount(mounted, "cpu")]
+    proc = fake_proc(tmp_path, cgroup, mounts)
+
+    assert cgroup_limit(proc) is None
+    assert available(proc) == AFFINITY
+
+
+def test_no_cgroup_files_leave_the_affinity(tmp_path: Path) -> None:
+    assert cgroup_limit(tmp_path / "no-proc") is None
+    assert available(tmp_path / "no-proc") == AFFINITY
+
+
+def test_set_worker_counts_are_used_as_they_are() -> None:
+    config = TransferConfig(compression_workers=3, receive_workers=5)
+    assert (codec_workers(config), receiving_workers(config)) == (3, 5)
+    with pytest.raises(ValueError, match="compression_workers must be at least 1, got 0"):
+        TransferConfig(compression_workers=0)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs CPU affinity (Linux)")
+def test_unset_worker_counts_follow_the_cpus_a_process_may_run_on() -> None:
+    # in a child: the affinity is the process's, and this one's is left alone
+    code = (
+        "import json, os\n"
+        "from checkpointio import TransferConfig\n"
+        "from checkpointio._config import codec_workers, receiving_workers\n"
+        "was = os.sched_getaffinity(0)\n"
+        "os.sched_setaffinity(0, {min(was)})\n"
+        "one = [codec_workers(TransferConfig()), receiving_workers(TransferConfig())]\n"
+        "os.sched_setaffinity(0, was)\n"
+        "print(json.dumps([one, codec_workers(TransferConfig())]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    one, every = json.loads(done.stdout)
+    assert one == [1, 1]
+    assert every == min(MAX_DEFAULT_WORKERS, available())
