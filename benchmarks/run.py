@@ -352,7 +352,7 @@ def default_workers(cores: str | None = None) -> int | str:
     if cores:
         command = ["taskset", "-c", cores, *command]
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=True)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=True, env=child_env(None))
         return int(done.stdout.strip())
     except (OSError, ValueError, subprocess.SubprocessError):  # its steps will say why
         return "?"

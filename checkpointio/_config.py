@@ -62,16 +62,18 @@ class TransferConfig:
     """How checkpoints move between the machine and the store.
 
     Memory: a save holds at most ``part_size * (max_concurrency + 1)`` bytes of parts in flight
-    plus ``pipeline_depth * chunk_size`` bytes between the archive thread and the uploader, and
-    briefly a second copy of the one part being assembled; a directory load at most the range
-    being extracted plus ``2 * part_size`` received ahead of it (the ranges after it stop reading
-    there; TCP holds the rest), a single file about ``3 * chunk_size`` per range (a range waits
-    for its bytes to be written before reading more); on a load each connection also holds up
-    to 1.5 MiB in the blocks its reader fills and queues. With the
-    defaults that is 16 MiB * 9 + 4 MiB = 148 MiB of data (a whole process peaked at ~250 MiB in
-    the benchmark, the interpreter and libraries included), for as long as parts keep
-    ``part_size``: up to 156 GiB for a file or bytes and 112 GiB for a directory archive or other
-    stream, past which S3's 10,000-part limit makes them grow.
+    plus ``pipeline_depth * chunk_size`` bytes between the archive thread and the uploader, a
+    directory's blocks being deflated (``2 * compression_workers * chunk_size``, and as much again
+    for their deflated copies), and briefly a second copy of the one part being assembled; a
+    directory load at most the range being extracted plus ``2 * part_size`` received ahead of it
+    (the ranges after it stop reading there; TCP holds the rest), a single file about
+    ``3 * chunk_size`` per range (a range waits for its bytes to be written before reading more);
+    on a load each connection also holds up to 1.5 MiB in the blocks its reader fills and queues.
+    With the defaults that is 16 MiB * 9 + 4 MiB = 148 MiB of data, and 4 MiB more per
+    compression worker for a directory (a whole process peaked at ~250 MiB in the 2-core
+    benchmark, the interpreter and libraries included), for as long as parts keep ``part_size``:
+    up to 156 GiB for a file or bytes and 112 GiB for a directory archive or other stream, past
+    which S3's 10,000-part limit makes them grow.
 
     Each field is documented next to its declaration (its ``metadata["help"]``, listed under
     *Attributes* below); ``checkpointio COMMAND --help`` shows the same text for its flag.

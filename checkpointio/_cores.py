@@ -34,10 +34,11 @@ def cgroup_limit(proc: Path = Path("/proc/self")) -> float | None:
     """The CPUs' worth of time the cgroups of the process ``proc`` describes may use (the
     smallest quota / period of its cgroup and the cgroups above it, v2 ``cpu.max`` or v1
     ``cpu.cfs_quota_us``), or ``None`` where none is set or none can be read (not Linux, no
-    cgroup file system mounted)."""
+    cgroup file system mounted). Anything it cannot make sense of counts as no limit."""
     try:
-        memberships = (proc / "cgroup").read_text().splitlines()
-        mounts = (proc / "mountinfo").read_text().splitlines()
+        # the kernel prints names as they are: not necessarily UTF-8
+        memberships = (proc / "cgroup").read_text(errors="surrogateescape").splitlines()
+        mounts = (proc / "mountinfo").read_text(errors="surrogateescape").splitlines()
     except OSError:
         return None
     limits = []
@@ -50,27 +51,32 @@ def cgroup_limit(proc: Path = Path("/proc/self")) -> float | None:
             where, read = _mounted(mounts, path, "cgroup", "cpu"), _v1_limit
         else:
             continue
-        if where is None:
+        if where is None:  # not mounted, or the cgroup is out of sight (see _mounted)
             continue
         top, folder = where
-        while True:  # a limit set on a cgroup above applies too
-            limit = read(folder)
+        for level in (folder, *folder.parents):  # a limit set on a cgroup above applies too
+            limit = read(level)
             if limit is not None:
                 limits.append(limit)
-            if folder == top:
+            if level == top:
                 break
-            folder = folder.parent
     return min(limits) if limits else None
 
 
 def _mounted(mounts: list[str], path: str, kind: str, controller: str | None) -> tuple[Path, Path] | None:
     """Where the hierarchy ``kind`` (with ``controller``, for v1) is mounted and the folder of its
     cgroup ``path`` there, from ``/proc/self/mountinfo`` lines; ``None`` if it is not mounted or
-    the mount does not reach the cgroup. (A container sees its own cgroup as the mount's root.)"""
+    the mount does not reach the cgroup. (A container sees its own cgroup as the mount's root.)
+
+    A process that left the root of its cgroup namespace sees its cgroup as ``/../name``, and one
+    whose namespace still sees the outer mount sees ``/../..`` as the mount's root: neither can
+    be found among the folders mounted, so neither is looked for (as Go's runtime does)."""
+    if ".." in path.split("/"):
+        return None
     for line in mounts:
         fields = line.split()
         try:
-            root, point = fields[3], fields[4]
+            root, point = _unescaped(fields[3]), _unescaped(fields[4])
             after = fields[fields.index("-") + 1 :]
         except (IndexError, ValueError):
             continue
@@ -85,8 +91,8 @@ def _mounted(mounts: list[str], path: str, kind: str, controller: str | None) ->
             inside = path[len(base) + 1 :]
         else:
             continue
-        top = Path(_unescaped(point))
-        return top, top / inside
+        top = Path(point)
+        return top, top / inside.strip("/")
     return None
 
 

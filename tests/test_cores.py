@@ -42,14 +42,17 @@ def v1_mount(point: Path, controllers: str, root: str = "/") -> str:
     return f"33 25 0:29 {root} {point} rw,nosuid,nodev,noexec,relatime shared:8 - cgroup cgroup rw,{controllers}"
 
 
-def test_a_cgroup_v2_quota_caps_the_cores_and_one_set_above_the_process_cgroup_counts(tmp_path: Path) -> None:
+def test_a_cgroup_v2_quota_caps_the_cores_and_one_set_above_the_process_cgroup_counts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     mounted = tmp_path / "sys" / "fs" / "cgroup"
     cgroup_folder(mounted / "kubepods" / "pod1", cpu_max="150000 100000")  # 1.5 CPUs for the pod
     cgroup_folder(mounted / "kubepods" / "pod1" / "box", cpu_max="max 100000")  # none of its own
     proc = fake_proc(tmp_path, "0::/kubepods/pod1/box\n", [v2_mount(mounted)])
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)  # a large host
 
     assert cgroup_limit(proc) == 1.5
-    assert available(proc) == min(AFFINITY, 2)  # rounded up: 1.5 CPUs of time keep two threads busy half the time
+    assert available(proc) == 2  # rounded up: 1.5 CPUs of time keep two threads busy three quarters of it
 
 
 def test_a_cgroup_v1_quota_seen_from_inside_a_container_caps_the_cores_at_one(tmp_path: Path) -> None:
@@ -85,11 +88,22 @@ def test_the_smallest_quota_of_the_hierarchies_wins(tmp_path: Path) -> None:
         pytest.param("0::/job\n", {"job": {"cpu_max": "max 100000"}}, id="v2 no quota"),
         pytest.param("1:cpu:/job\n", {"job": {"cpu_cfs_quota_us": "-1", "cpu_cfs_period_us": "100000"}}, id="v1 none"),
         pytest.param("0::/job\n", {"job": {}}, id="v2 without the cpu controller"),
-        pytest.param("0::/elsewhere\n", {}, id="the cgroup is not under the mount"),
+        # a quota where the mount's folder would be mistaken for the process's cgroup
+        pytest.param(
+            "0::/elsewhere\n",
+            {"": {"cpu_max": "100000 100000"}, "elsewhere": {"cpu_max": "100000 100000"}},
+            id="the cgroup is not under the mount",
+        ),
+        pytest.param(
+            "0::/../b\n",
+            {"": {"cpu_max": "100000 100000"}, "b": {"cpu_max": "max 100000"}},
+            id="the cgroup is outside the namespace root",
+        ),
     ],
 )
 def test_no_quota_leaves_the_affinity(tmp_path: Path, cgroup: str, layout: dict[str, dict[str, str]]) -> None:
     mounted = tmp_path / "cg"
+    mounted.mkdir()
     for name, files in layout.items():
         cgroup_folder(mounted / name, **files)
     root = "/job" if "elsewhere" in cgroup else "/"
@@ -100,9 +114,38 @@ def test_no_quota_leaves_the_affinity(tmp_path: Path, cgroup: str, layout: dict[
     assert available(proc) == AFFINITY
 
 
+def test_a_mount_root_is_matched_with_the_kernel_escapes_decoded(tmp_path: Path) -> None:
+    mounted = tmp_path / "cpu"
+    cgroup_folder(mounted, cpu_cfs_quota_us="100000", cpu_cfs_period_us="100000")
+    # /proc/self/cgroup prints the path as it is; mountinfo escapes a space as \\040, \\ as \\134
+    path = "/system.slice/my job-x\\x2dy.scope"
+    root = path.replace("\\", "\\134").replace(" ", "\\040")
+    proc = fake_proc(tmp_path, f"3:cpu:{path}\n", [v1_mount(mounted, "cpu", root=root)])
+
+    assert cgroup_limit(proc) == 1.0
+
+
+def test_names_that_are_not_utf8_are_no_error(tmp_path: Path) -> None:
+    mounted = tmp_path / "cg"
+    cgroup_folder(mounted / "job", cpu_max="200000 100000")
+    proc = tmp_path / "proc"
+    proc.mkdir()
+    (proc / "cgroup").write_bytes(b"0::/job\n")
+    latin1_mount = b"40 23 8:1 / /media/usb-\xe9t\xe9 rw - vfat /dev/sdb1 rw\n"
+    (proc / "mountinfo").write_bytes(latin1_mount + v2_mount(mounted).encode() + b"\n")
+
+    assert cgroup_limit(proc) == 2.0
+
+
 def test_no_cgroup_files_leave_the_affinity(tmp_path: Path) -> None:
     assert cgroup_limit(tmp_path / "no-proc") is None
     assert available(tmp_path / "no-proc") == AFFINITY
+
+
+def test_unset_worker_counts_are_the_cores_compression_workers_at_most_eight(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("checkpointio._cores.available", lambda: 64)
+    assert (codec_workers(TransferConfig()), receiving_workers(TransferConfig())) == (MAX_DEFAULT_WORKERS, 64)
+    assert MAX_DEFAULT_WORKERS == 8
 
 
 def test_set_worker_counts_are_used_as_they_are() -> None:
