@@ -546,12 +546,9 @@ def latest_checkpoint(
     *,
     key: Callable[[Path], Any] | None = None,
 ) -> Path | None:
-    """The newest file or folder under ``root`` matching the glob ``pattern``, or ``None``.
+    """The newest file under ``root`` matching the glob ``pattern``, or ``None``.
 
-    A folder counts where it matches: a checkpoint saved as a folder (a sharded Lightning
-    ``last.ckpt``, a ``torch.distributed.checkpoint`` folder) is a checkpoint too; the files in
-    it match only if the pattern names them. Newest means latest modification time (a folder's
-    is when an entry was last added or removed); files with the same time are ordered by a natural
+    Newest means latest modification time; files with the same time are ordered by a natural
     sort of their path, so ``epoch_10.pt`` beats ``epoch_9.pt``. Pass ``key`` to order otherwise
     (the maximum wins). ``root`` may be ``None`` (as ``load()`` returns on a first attempt) or a
     file, which is returned if its name matches.
@@ -566,18 +563,6 @@ def latest_checkpoint(
             that are not under ``root`` (checked even when ``root`` is ``None``).
         TypeError: ``pattern`` is not a ``str``.
     """
-    return newest_match(root, pattern, key=key, folders=True)
-
-
-def newest_match(
-    root: str | os.PathLike[str] | None,
-    pattern: str,
-    *,
-    key: Callable[[Path], Any] | None = None,
-    folders: bool,
-) -> Path | None:
-    """:func:`latest_checkpoint`, with matching folders counted or (``folders=False``, for a
-    reader that can only open a file) left out."""
     _check_pattern(pattern, root)
     if root is None:
         return None
@@ -589,7 +574,7 @@ def newest_match(
         if mode is None or not stat.S_ISDIR(mode):
             return None
         _check_listable(base, pattern)
-        candidates = [path for path in base.glob(pattern) if path != base and _is_candidate(path, folders)]
+        candidates = [path for path in base.glob(pattern) if _is_file(path)]
         if not candidates:
             return None
         if key is None:
@@ -685,8 +670,7 @@ def _check_listable(base: Path, pattern: str) -> None:
         folders = reached
 
 
-def _is_candidate(path: Path, folders: bool) -> bool:
-    """Whether ``path`` is a file, or with ``folders`` a folder (or a symlink to one); an error
-    other than "nothing there" is raised."""
+def _is_file(path: Path) -> bool:
+    """Whether ``path`` is a file (or a symlink to one); an error other than "nothing there" is raised."""
     mode = _placement.existing_mode(path)
-    return mode is not None and (stat.S_ISREG(mode) or (folders and stat.S_ISDIR(mode)))
+    return mode is not None and stat.S_ISREG(mode)

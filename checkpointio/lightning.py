@@ -26,7 +26,6 @@ from __future__ import annotations
 import io
 import logging
 import os
-import shutil
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -106,15 +105,13 @@ class CheckpointioCallback(FolderSaver, pl.Callback):
     ``ModelCheckpoint``'s in the same folder) is left as it is: the callback's file is then
     ``epoch=<e>-step=<s>-v1.ckpt`` (``-v2``...). On a retry, :attr:`ckpt_path` restores the
     previous attempt's folder into ``dirpath`` and names the restore's newest ``.ckpt``
-    (``latest_checkpoint``), for ``trainer.fit(model, ckpt_path=callback.ckpt_path)``. A
-    checkpoint Lightning writes as a folder (a sharded strategy's, or a ``CheckpointIO`` plugin's
-    that writes folders) is handled as a file is: named, kept and removed whole.
+    (``latest_checkpoint``), for ``trainer.fit(model, ckpt_path=callback.ckpt_path)``.
 
     Args:
         checkpoint: Where to save; ``ctx().checkpoint`` by default.
         dirpath: Local folder of the ``.ckpt`` files; by default the checkpoint's workspace
             (``cp.path``), where a restore lands, so restored and new files live together.
-        keep_last: Keep the newest ``keep_last`` of the checkpoints this run's callbacks wrote (``None``:
+        keep_last: Keep the newest ``keep_last`` of the files this run's callbacks wrote (``None``:
             all), as the ledger in ``dirpath`` names them; other files in ``dirpath`` (a
             ``ModelCheckpoint``'s, another run's, yours) are never removed. The file a run
             resumed from is kept until a newer one has been stored.
@@ -191,18 +188,14 @@ class CheckpointioCallback(FolderSaver, pl.Callback):
         uri = self.checkpoint.dest
         with placing("list the checkpoint files in", self.dirpath, uri):
             written = [self.dirpath / name for name in self._owned(self.dirpath)]
-            # a file, or a folder (a sharded strategy's checkpoint, a CheckpointIO writing folders)
-            written = [path for path in written if not path.is_symlink() and (path.is_file() or path.is_dir())]
+            written = [path for path in written if path.is_file() and not path.is_symlink()]
             files = sorted(written, key=lambda path: (path.stat().st_mtime_ns, path.name))
         removed: set[str] = set()
         for old in files[: -self.keep_last]:
             if protected and old == self.resumed_from:
                 continue
-            with placing("remove the old checkpoint", old, uri):
-                if old.is_dir():
-                    shutil.rmtree(old)
-                else:
-                    old.unlink()
+            with placing("remove the old checkpoint file", old, uri):
+                old.unlink()
             removed.add(old.name)
         if removed:
             with placing("write the ledger of the files written in", self.dirpath, uri):

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 from typing_extensions import Unpack
 
 from ._background import SaveHandle
-from ._checkpoint import Checkpoint, newest_match
+from ._checkpoint import Checkpoint, latest_checkpoint
 from ._config import TransferOptions
 from ._exceptions import CheckpointError, CorruptCheckpointError
 from ._pending import Pending
@@ -205,7 +205,7 @@ def _read(
         return None
     where = checkpoint._restored_from.uri if checkpoint._restored_from is not None else str(restored)
     if restored.is_dir():  # a folder checkpoint: its newest .pt / .pth / .ckpt file
-        found = [newest_match(restored, f"**/*.{suffix}", folders=False) for suffix in ("pt", "pth", "ckpt")]
+        found = [latest_checkpoint(restored, f"**/*.{suffix}") for suffix in ("pt", "pth", "ckpt")]
         candidates = [path for path in found if path is not None]
         if not candidates:
             raise CheckpointError(

@@ -21,7 +21,6 @@ pytest.importorskip("lightning.pytorch")
 
 import lightning.pytorch as L
 import torch
-from lightning.pytorch.plugins.io import CheckpointIO
 
 from checkpointio.lightning import CheckpointioCallback, CheckpointioIO
 
@@ -189,43 +188,6 @@ def test_a_dirpath_without_write_permission_is_an_access_error_and_the_restore_i
     assert f"could not put the restored files in place in {dirpath}: Permission denied" in message
     assert kept == ["epoch=0-step=6.ckpt", "epoch=1-step=12.ckpt", "fold-1"]
     assert snapshot(dirpath) == before
-
-
-class FolderIO(CheckpointIO):
-    """Writes each checkpoint as a folder of parts, as Lightning's sharded strategies do."""
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
-        folder = Path(path)
-        folder.mkdir(parents=True, exist_ok=True)
-        for key, value in checkpoint.items():
-            torch.save(value, folder / f"{key}.pt")
-
-    def load_checkpoint(self, path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        return {part.stem: torch.load(part, weights_only=False) for part in Path(path).glob("*.pt")}
-
-    def remove_checkpoint(self, path: Any) -> None:
-        shutil.rmtree(path)
-
-
-def test_checkpoints_written_as_folders_are_kept_removed_and_resumed_from_whole(tmp_path: Path) -> None:
-    dirpath = tmp_path / "ckpts"
-    with Checkpoint(tmp_path / "store" / "attempt-0") as cp:
-        saver = CheckpointioCallback(cp, dirpath=dirpath, keep_last=1, background=False)
-        trainer([saver], max_epochs=3, plugins=[FolderIO()]).fit(Tiny(), loader())
-    newest = dirpath / "epoch=2-step=18.ckpt"
-    assert sorted(path.name for path in dirpath.glob("*.ckpt")) == [newest.name]  # the older folders removed whole
-    assert {"state_dict.pt", "optimizer_states.pt", "loops.pt"} <= {path.name for path in newest.iterdir()}
-    shutil.rmtree(dirpath)  # a fresh machine: only the store remembers
-    model = Tiny()
-    src = tmp_path / "store" / "attempt-0"
-    with Checkpoint(tmp_path / "store" / "attempt-1", src=src) as cp:
-        saver = CheckpointioCallback(cp, dirpath=dirpath, keep_last=1, background=False)
-        assert saver.ckpt_path == str(newest)
-        run = trainer([saver], max_epochs=EPOCHS, plugins=[FolderIO()])
-        run.fit(model, loader(), ckpt_path=saver.ckpt_path)
-    steps, weights = uninterrupted()
-    assert run.global_step == steps
-    assert all(torch.equal(model.state_dict()[name], tensor) for name, tensor in weights.items())
 
 
 def test_retention_removes_only_the_files_the_callback_writes(tmp_path: Path) -> None:

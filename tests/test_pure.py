@@ -271,23 +271,6 @@ def test_latest_checkpoint_breaks_mtime_ties_by_natural_name_order(tmp_path: Pat
     assert latest_checkpoint(tmp_path, "*.pt") == tmp_path / "epoch_10.pt"
 
 
-def test_latest_checkpoint_finds_a_checkpoint_saved_as_a_folder(tmp_path: Path) -> None:
-    (tmp_path / "a").mkdir()
-    (tmp_path / "a" / "last.ckpt").write_text("a file checkpoint")
-    os.utime(tmp_path / "a" / "last.ckpt", (1000, 1000))
-    sharded = tmp_path / "b" / "last.ckpt"  # how Lightning's sharded strategies save last.ckpt
-    sharded.mkdir(parents=True)
-    (sharded / "__0_0.distcp").write_text("a shard")
-    (sharded / "meta.pt").write_text("the trainer's state")
-    os.utime(sharded, (2000, 2000))
-    assert latest_checkpoint(tmp_path) == sharded
-    os.utime(sharded, (500, 500))
-    assert latest_checkpoint(tmp_path) == tmp_path / "a" / "last.ckpt"
-    # the files in it match only where the pattern names them; the root itself is never a candidate
-    assert latest_checkpoint(tmp_path, "**/meta.pt") == sharded / "meta.pt"
-    assert latest_checkpoint(sharded, "**") is None
-
-
 def test_latest_checkpoint_handles_none_missing_and_custom_key(tmp_path: Path) -> None:
     assert latest_checkpoint(None) is None
     assert latest_checkpoint(tmp_path / "missing") is None

@@ -182,22 +182,6 @@ def test_a_checkpoint_without_the_state_asked_for_is_an_error_not_a_silent_fresh
         load_state_sync(reader, tiny()[0])
 
 
-def test_a_folder_checkpoint_loads_its_newest_torch_file_never_a_newer_folder_named_like_one(tmp_path: Path) -> None:
-    model, optimizer = tiny()
-    train_steps(model, optimizer, 3)
-    folder = tmp_path / "tree"
-    (folder / "step_9.pt").mkdir(parents=True)  # a folder (a sharded save), newer: torch.load cannot read it
-    torch.save({"model": model.state_dict(), "step": 3}, folder / "step_3.pt")
-    (folder / "step_9.pt" / "shard-0").write_bytes(b"a shard")
-    with Checkpoint("memory://torch-folder/a") as cp:
-        cp.save_sync(folder)
-    restored_model = tiny()[0]
-    with Checkpoint("memory://torch-folder/b", src=cp.dest) as reader:
-        state = load_state_sync(reader, restored_model)
-    assert state is not None and state["step"] == 3
-    assert same_weights(restored_model, model)
-
-
 def test_a_checkpoint_that_is_no_torch_file_is_a_corrupt_checkpoint_error() -> None:
     with Checkpoint("memory://torch-foreign/a") as cp:
         cp.save_sync(b"some bytes another program saved")
