@@ -9,6 +9,7 @@ beyond the quota only take turns and get throttled.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -18,16 +19,23 @@ __all__ = ["available", "cgroup_limit"]
 
 
 def available(proc: Path = Path("/proc/self")) -> int:
-    """The CPUs this process may run on (its affinity), at most its cgroups' CPU quota rounded
-    up, at least 1."""
+    """The CPUs this process may run on (its affinity, asked each time), at most its cgroups' CPU
+    quota rounded up (read once: it is files to read, and transfers ask on the event loop), at
+    least 1."""
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # pragma: no cover - platforms without affinity
         cores = os.cpu_count() or 1
-    limit = cgroup_limit(proc)
+    limit = _quota(proc)
     if limit is not None:
         cores = min(cores, math.ceil(limit))
     return max(1, cores)
+
+
+@functools.lru_cache(maxsize=4)
+def _quota(proc: Path) -> float | None:
+    """:func:`cgroup_limit`, read once per ``proc``."""
+    return cgroup_limit(proc)
 
 
 def cgroup_limit(proc: Path = Path("/proc/self")) -> float | None:

@@ -172,3 +172,19 @@ def test_unset_worker_counts_follow_the_cpus_a_process_may_run_on() -> None:
     one, every = json.loads(done.stdout)
     assert one == [1, 1]
     assert every == min(MAX_DEFAULT_WORKERS, available())
+
+
+def test_the_quota_is_read_once_per_process_the_affinity_each_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # transfers ask on the event loop: the files are read at the first one only
+    mounted = tmp_path / "cg"
+    cgroup_folder(mounted / "job", cpu_max="300000 100000")
+    proc = fake_proc(tmp_path, "0::/job\n", [v2_mount(mounted)])
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert available(proc) == 3
+    (mounted / "job" / "cpu.max").write_text("100000 100000\n")
+    assert available(proc) == 3
+    assert cgroup_limit(proc) == 1.0  # read again when asked for directly
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert available(proc) == 1
