@@ -11,11 +11,12 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
+from . import _exceptions
 from ._exceptions import CheckpointError
 
-__all__ = ["Group", "current", "elastic_run_id", "on_agree"]
+__all__ = ["Group", "current", "elastic_run_id", "fail_together", "on_agree"]
 
 T = TypeVar("T")
 
@@ -106,3 +107,43 @@ def elastic_run_id() -> str | None:
     """The run id ``torchrun`` gives every process of one job (``TORCHELASTIC_RUN_ID``), if a real one."""
     value = os.environ.get("TORCHELASTIC_RUN_ID")
     return value if value and value != _NO_ELASTIC_ID else None
+
+
+def fail_together(step: Callable[[], T], uri: str, *, ranks: int | None = None) -> T:
+    """``step()`` on this process; in a process group, then a collective telling every rank
+    whether it failed on any. Called by every rank of the group.
+
+    A rank that raised alone would leave the others waiting in the group's next collective until
+    its timeout (or, in a task that retries, ranks running different collectives). Where ``step``
+    failed its own error is raised; on the other ranks an error of the same kind naming the first
+    rank that failed (a :class:`CheckpointError` when it is not checkpointio's). ``ranks``: the
+    caller's own count of the processes running it together (a framework's world size), when it
+    may be 1 inside a larger process group: then ``step()`` alone, no collective.
+    """
+    distributed = _distributed()
+    if distributed is None or distributed.get_world_size() == 1 or ranks == 1:
+        return step()
+    failure: Exception | None = None
+    result: T | None = None
+    try:
+        result = step()
+    except Exception as error:
+        failure = error
+    for wait in _before_agreeing:  # background collectives on the group finish first
+        wait()
+    outcomes: list[tuple[str, str] | None] = [None] * distributed.get_world_size()
+    try:
+        distributed.all_gather_object(outcomes, None if failure is None else (type(failure).__name__, str(failure)))
+    except Exception as collective:
+        if failure is not None:
+            raise failure from collective
+        raise
+    if failure is not None:
+        raise failure
+    for rank, outcome in enumerate(outcomes):
+        if outcome is not None:
+            kind, message = outcome
+            same = getattr(_exceptions, kind, None)
+            error_type = same if isinstance(same, type) and issubclass(same, CheckpointError) else CheckpointError
+            raise error_type(f"rank {rank}: {message}", uri=uri)
+    return cast(T, result)

@@ -317,13 +317,18 @@ class _Target:
         if outcome == "error":
             uri = self.sources[0].uri if self.sources else self.location.uri
             raise CorruptCheckpointError(f"rank 0 could not choose a checkpoint to load: {detail}", uri=uri)
-        if outcome == "none" or manifest is not None:
-            return manifest
-        self.location = checkpoint_location(detail)
-        found = run_sync(self.read_manifest)
-        if found is None:
-            raise CheckpointNotFoundError(f"{detail}: the checkpoint rank 0 chose is gone", uri=detail)
-        return found
+
+        def adopt() -> _Manifest | None:
+            if outcome == "none" or manifest is not None:
+                return manifest
+            self.location = checkpoint_location(detail)
+            found = run_sync(self.read_manifest)
+            if found is None:
+                raise CheckpointNotFoundError(f"{detail}: the checkpoint rank 0 chose is gone", uri=detail)
+            return found
+
+        # the other ranks read rank 0's choice themselves: one failing fails all (none waits in the load)
+        return _group.fail_together(adopt, detail or self.location.uri)
 
     async def committed_save_id(self) -> str | None:
         """The save id the manifest at the URI commits; ``None`` when there is none, or something

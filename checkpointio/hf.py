@@ -19,6 +19,7 @@ The one-liner in a task::
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -33,6 +34,7 @@ from typing import Any
 from . import _placement
 from ._checkpoint import Checkpoint
 from ._exceptions import CheckpointError, DestinationError
+from ._group import fail_together as _together
 from ._placement import placing
 from ._training import FolderSaver
 from ._writes import write_all
@@ -195,21 +197,33 @@ def _shared_with_rank_zero(folder: Path, uri: str) -> bool:
     """
     import torch.distributed as dist
 
-    with placing("create the output folder", folder, uri):
-        folder.mkdir(parents=True, exist_ok=True)
+    def make() -> None:
+        with placing("create the output folder", folder, uri):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def leave_marker() -> None:
+        if dist.get_rank() == 0:
+            with placing("write a marker file in", folder, uri):
+                marker.touch()
+
+    def remove_marker() -> None:
+        if dist.get_rank() == 0:
+            with placing("remove the marker file in", folder, uri):
+                marker.unlink(missing_ok=True)  # also after a failed touch
+
+    def look() -> bool:
+        with placing("look for the marker file in", folder, uri):
+            return marker.exists()
+
+    _together(make, uri)
     name = [f".checkpointio-{secrets.token_hex(8)}" if dist.get_rank() == 0 else ""]
     dist.broadcast_object_list(name, src=0)
     marker = folder / name[0]
-    if dist.get_rank() == 0:
-        with placing("write a marker file in", folder, uri):
-            marker.touch()
-    dist.barrier()
-    shared = marker.exists()
-    dist.barrier()
-    if dist.get_rank() == 0:
-        with placing("remove the marker file in", folder, uri):
-            marker.unlink()
-    return shared
+    try:
+        _together(leave_marker, uri)  # also a barrier: the marker is there before any rank looks
+        return _together(look, uri)  # also a barrier: every rank looked before rank 0 removes it
+    finally:  # on every rank alike: each step above raised on all or on none
+        _together(remove_marker, uri)
 
 
 class CheckpointioTrainerCallback(FolderSaver, TrainerCallback):
@@ -322,22 +336,40 @@ class CheckpointioTrainerCallback(FolderSaver, TrainerCallback):
         places = dist.get_rank() == 0 or not shared
         reader = dcp.StorageReader(self.checkpoint)
         found = dcp._agree_on_manifest(reader)
-        with placing("create a folder to restore into beside", output_dir, uri):
-            staging = Path(tempfile.mkdtemp(prefix=".checkpointio-restore-", dir=output_dir.parent))
-        try:
-            targets: dict[str, Path] = {}
+        staging: Path | None = None
+
+        # Each step that may fail on one rank alone is followed by a collective that makes it
+        # fail on all (_together): a rank left in the next collective would wait for ever.
+        def prepare() -> dict[str, Path]:
+            nonlocal staging
+            with placing("create a folder to restore into beside", output_dir, uri):
+                staging = Path(tempfile.mkdtemp(prefix=".checkpointio-restore-", dir=output_dir.parent))
             if found and places:
-                targets = {name: staging / name for name in reader.read_metadata().state_dict_metadata}
-            if found:  # a collective: every rank loads, those that do not place load nothing
-                dcp._load_with(dict.fromkeys(targets, b""), reader, _files_planners(targets)[1])
-                dcp._log_loaded(reader)
+                return {name: staging / name for name in reader.read_metadata().state_dict_metadata}
+            return {}
+
+        def place() -> None:
             if places:
                 with placing("put the restored checkpoint folders in place in", output_dir, uri):
                     _place(staging if found else None, output_dir, self._owned(output_dir), uri)
-        finally:
-            with placing("remove the folder restored into", staging, uri):
-                _placement.remove(staging)
-        dist.barrier()  # rank 0's output_dir is in place before any rank looks at a shared one
+
+        def clean() -> None:
+            if staging is not None:
+                with placing("remove the folder restored into", staging, uri):
+                    _placement.remove(staging)
+
+        try:
+            targets = _together(prepare, uri)
+            if found:  # a collective: every rank loads, those that do not place load nothing
+                dcp._load_with(dict.fromkeys(targets, b""), reader, _files_planners(targets)[1])
+                dcp._log_loaded(reader)
+            _together(place, uri)
+        except BaseException:
+            # raised on every rank alike (by _together or by torch's own collectives)
+            with contextlib.suppress(CheckpointError):
+                clean()
+            raise
+        _together(clean, uri)  # also a barrier: rank 0's output_dir is in place before any rank looks
         with placing("list the checkpoint folders in", output_dir, uri):
             folders = _folders(output_dir)
         self.resumed_from = folders[-1] if found and folders else None
@@ -351,16 +383,23 @@ class CheckpointioTrainerCallback(FolderSaver, TrainerCallback):
         dist.barrier()  # every rank has written its files of this save
         uri = self.checkpoint.dest
         shared = _shared_with_rank_zero(output_dir, uri)  # a collective: every rank asks
-        if state.is_world_process_zero or not shared:
-            self._note_save(output_dir, state)
-            self._retain(output_dir, state)
-        dist.barrier()  # retention is done before any rank lists the files
-        with placing("list the files to store in", output_dir, uri):
-            files = {
-                path.relative_to(output_dir).as_posix(): _LocalFile(path)
-                for path in sorted(output_dir.rglob("*"))
-                if path.is_file() and not path.is_symlink()
-            }
+
+        def retain() -> None:
+            if state.is_world_process_zero or not shared:
+                self._note_save(output_dir, state)
+                self._retain(output_dir, state)
+
+        def listing() -> dict[str, _LocalFile]:
+            with placing("list the files to store in", output_dir, uri):
+                return {
+                    path.relative_to(output_dir).as_posix(): _LocalFile(path)
+                    for path in sorted(output_dir.rglob("*"))
+                    if path.is_file() and not path.is_symlink()
+                }
+
+        # as in _restore_distributed: a step failing on one rank fails on all, none left waiting
+        _together(retain, uri)  # also a barrier: retention is done before any rank lists the files
+        files = _together(listing, uri)
         self.last = dcp.save(files, self.checkpoint, planner=_files_planners()[0])
         self._stored_newer = True
 
@@ -392,7 +431,9 @@ class CheckpointioTrainerCallback(FolderSaver, TrainerCallback):
         written leaves a folder the retry knows to be this run's (and removes). Every rank does, as
         every rank writes its files there (on node-local output folders, each its own ledger)."""
         if control.should_save and args.output_dir is not None:
-            self._note_save(Path(args.output_dir), state)
+            output_dir = Path(args.output_dir)
+            # every rank decides alike to save: with several, one failing fails all (none waits)
+            _together(lambda: self._note_save(output_dir, state), self.checkpoint.dest)
 
     def _note_save(self, output_dir: Path, state: TrainerState) -> None:
         """Name ``checkpoint-<global step>`` in the ledger as this run's, unless someone else's

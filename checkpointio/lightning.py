@@ -36,6 +36,7 @@ from . import _placement
 from ._background import SaveHandle
 from ._checkpoint import Checkpoint, latest_checkpoint
 from ._config import TransferOptions
+from ._group import fail_together
 from ._location import split_scheme
 from ._placement import placing
 from ._training import FolderSaver, checked_checkpoint, checkpoint_in_force
@@ -157,19 +158,28 @@ class CheckpointioCallback(FolderSaver, pl.Callback):
         if trainer.sanity_checking:
             return
         uri = self.checkpoint.dest
-        with placing("create the checkpoint folder", self.dirpath, uri):
-            self.dirpath.mkdir(parents=True, exist_ok=True)
-        name = ""
-        if trainer.is_global_zero:
+
+        def prepare() -> str:
+            with placing("create the checkpoint folder", self.dirpath, uri):
+                self.dirpath.mkdir(parents=True, exist_ok=True)
+            if not trainer.is_global_zero:
+                return ""
             with placing("read the ledger of the files written in", self.dirpath, uri):
-                name = self._free_name(f"epoch={trainer.current_epoch}-step={trainer.global_step}")
-        name = trainer.strategy.broadcast(name)  # one name on every rank (sharded strategies write on each)
-        trainer.save_checkpoint(self.dirpath / name)
-        if trainer.is_global_zero:
-            with placing("write the ledger of the files written in", self.dirpath, uri):
-                self._note(self.dirpath, add=name)
-            self._retain()
-            self._store(self.dirpath)
+                return self._free_name(f"epoch={trainer.current_epoch}-step={trainer.global_step}")
+
+        def store(name: str) -> None:
+            if trainer.is_global_zero:
+                with placing("write the ledger of the files written in", self.dirpath, uri):
+                    self._note(self.dirpath, add=name)
+                self._retain()
+                self._store(self.dirpath)
+
+        # With several ranks, what one rank does alone fails on all if it fails (fail_together):
+        # the others would wait in the next collective (the broadcast, the next step's).
+        name = fail_together(prepare, uri, ranks=trainer.world_size)
+        name = trainer.strategy.broadcast(name)  # one name on every rank
+        trainer.save_checkpoint(self.dirpath / name)  # sharded strategies write on each rank
+        fail_together(lambda: store(name), uri, ranks=trainer.world_size)
 
     def _free_name(self, stem: str) -> str:
         """``<stem>.ckpt``, or ``<stem>-v<n>.ckpt`` with the lowest ``n`` whose file is absent or
@@ -202,7 +212,8 @@ class CheckpointioCallback(FolderSaver, pl.Callback):
                 self._note(self.dirpath, drop=removed)
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
-        self.wait()
+        # the last upload is rank 0's: its failure is every rank's, as in on_train_epoch_end
+        fail_together(self.wait, self.checkpoint.dest, ranks=trainer.world_size)
 
 
 #: The key of Lightning's own state (loops, callbacks, hyper-parameters...: what it keeps in
@@ -353,5 +364,9 @@ class CheckpointioModelParallelStrategy(ModelParallelStrategy):
         removed: it holds only the newest save."""
         from . import dcp
 
-        if self.is_global_zero and self._checkpoint() is None:
-            dcp.remove(self.uri_for(filepath), **self._options)
+        def remove() -> None:
+            if self.is_global_zero and self._checkpoint() is None:
+                dcp.remove(self.uri_for(filepath), **self._options)
+
+        # Lightning calls it on every rank: rank 0's failure is every rank's (none left waiting)
+        fail_together(remove, str(filepath), ranks=self.world_size)

@@ -21,11 +21,11 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from checkpointio import TaskEnvironment, ctx  # noqa: E402
-from checkpointio.dcp import StorageReader  # noqa: E402
+from checkpointio.dcp import StorageReader, latest  # noqa: E402
 from checkpointio.hf import CheckpointioTrainerCallback, checkpoint_folders  # noqa: E402
 
 from .test_hf import CrashAt, Data, tiny_model  # noqa: E402
-from .torchrun import act_as_torchrun_rank, dcp_info_lines, end_group  # noqa: E402
+from .torchrun import act_as_torchrun_rank, dcp_info_lines, end_group, run_group  # noqa: E402
 
 #: 24 samples, batches of 4 on each of 2 ranks: 3 steps per epoch.
 STEPS = 12
@@ -127,3 +127,65 @@ def test_every_ranks_files_are_stored_and_a_retried_run_resumes_on_every_node(tm
         assert {"checkpoint-12/model.safetensors", "checkpoint-8/model.safetensors"} <= names
         objects = {one.object for one in metadata.storage_data.values()}
         assert len({name.rpartition("/")[2] for name in objects}) == 2  # rank-0 and rank-1
+
+
+def _one_rank_fails(rank: int, port: int, work: str) -> None:
+    from types import SimpleNamespace
+
+    from checkpointio import Checkpoint, CheckpointError
+
+    from .torchrun import gloo_group
+
+    root = Path(work)
+    out = root / f"node-{rank}" / "out"  # node-local output folders, as on two nodes
+    outcome: dict[str, Any] = {}
+    with gloo_group(rank, 2, port):
+        saver = CheckpointioTrainerCallback(Checkpoint(str(root / "store" / "ck")), background=False)
+        saver.output_dir = out
+        if rank == 1:  # another run's folder, on rank 1's node only: its restore refuses
+            (out / "checkpoint-3").mkdir(parents=True)
+        try:
+            outcome["restore"] = saver.resume_from_checkpoint
+        except CheckpointError as error:
+            outcome["restore"] = [type(error).__name__, str(error)]
+
+        # a save whose ledger cannot be written on rank 1 alone: before the Trainer writes
+        # checkpoint-4 (on_step_end names it in the ledger), then once it has (on_save)
+        args = SimpleNamespace(output_dir=str(out))
+        state = SimpleNamespace(global_step=4, is_world_process_zero=rank == 0, best_model_checkpoint=None)
+        ledger = out / ".checkpointio-written.json"
+        for when in ("step end", "save"):
+            if rank == 1:
+                ledger.unlink(missing_ok=True)
+                ledger.mkdir()
+            try:
+                if when == "step end":
+                    saver.on_step_end(args, state, SimpleNamespace(should_save=True))  # type: ignore[arg-type]
+                else:
+                    (out / "checkpoint-4").mkdir(parents=True, exist_ok=True)
+                    (out / "checkpoint-4" / f"rng_state_{rank}.pth").write_bytes(b"rank %d" % rank)
+                    saver.on_save(args, state, SimpleNamespace())  # type: ignore[arg-type]
+                outcome[when] = "done"
+            except CheckpointError as error:
+                outcome[when] = [type(error).__name__, str(error)]
+            if rank == 1:
+                ledger.rmdir()
+    (root / f"rank-{rank}.json").write_text(json.dumps(outcome))
+
+
+def test_a_step_failing_on_one_rank_fails_on_every_rank_and_none_is_left_waiting(tmp_path: Path) -> None:
+    from .conftest import free_port
+
+    run_group(_one_rank_fails, (free_port(), str(tmp_path)))
+
+    ranks = [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
+    # the restore: rank 1 refuses its foreign folder; rank 0 raises the same kind of error, naming rank 1
+    kind, message = ranks[1]["restore"]
+    assert kind == "DestinationError" and "checkpoint-3" in message
+    assert ranks[0]["restore"] == ["DestinationError", f"rank 1: {message}"]
+    # the save: rank 1 cannot write its ledger; neither rank stores anything, and both say why
+    for when in ("step end", "save"):
+        kind, message = ranks[1][when]
+        assert "ledger" in message, when
+        assert ranks[0][when] == [kind, f"rank 1: {message}"], when
+    assert latest(str(tmp_path / "store")) is None

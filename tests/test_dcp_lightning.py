@@ -26,7 +26,7 @@ from checkpointio.dcp import latest, load
 from checkpointio.lightning import CheckpointioModelParallelStrategy
 
 from .lightning_parts import Tiny, loader
-from .torchrun import act_as_torchrun_rank, dcp_info_lines, end_group
+from .torchrun import act_as_torchrun_rank, dcp_info_lines, end_group, run_group
 
 EPOCHS = 3
 #: 24 samples, batches of 4, split between 2 ranks: 3 steps per epoch.
@@ -191,3 +191,49 @@ def test_sharded_lightning_checkpoints_are_stored_by_every_rank_and_a_restarted_
         assert load(plain, f"{root}/epoch=2-step=9.ckpt") is True
         for key, value in expected.items():
             assert torch.equal(plain["state_dict"][f"net.{key}"], value), key
+
+
+def _ledger_fails_on_rank_0(rank: int, port: int, out: str) -> None:
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from checkpointio import Checkpoint, CheckpointError
+    from checkpointio.lightning import CheckpointioCallback
+
+    act_as_torchrun_rank(rank, port, "ledger-run")
+    work = Path(out)
+    dirpath = work / f"node-{rank}"  # node-local folders, as on two nodes
+    if rank == 0:  # rank 0's ledger cannot be read: its first epoch's save fails there alone
+        (dirpath / ".checkpointio-written.json").mkdir(parents=True)
+    saver = CheckpointioCallback(Checkpoint(str(work / "store" / "ck")), dirpath=dirpath, background=False)
+    trainer = L.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        devices=2,
+        strategy=DDPStrategy(process_group_backend="gloo"),
+        callbacks=[saver],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=work,
+    )
+    outcome: list[str] = []
+    try:
+        trainer.fit(Tiny(), loader())
+    except CheckpointError as error:
+        outcome = [type(error).__name__, str(error)]
+    (work / f"rank-{rank}.json").write_text(json.dumps(outcome))
+    end_group()
+
+
+def test_a_callback_save_failing_on_one_rank_fails_on_every_rank_and_none_is_left_waiting(tmp_path: Path) -> None:
+    from .conftest import free_port
+
+    run_group(_ledger_fails_on_rank_0, (free_port(), str(tmp_path)))
+
+    ranks = [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
+    kind, message = ranks[0]
+    assert "ledger" in message and ".checkpointio-written.json" in message
+    assert ranks[1] == [kind, f"rank 0: {message}"]
+    assert not list((tmp_path / "node-0").glob("*.ckpt"))  # the epoch's file was not written
+    assert not (tmp_path / "store").exists()  # nor anything stored

@@ -170,7 +170,7 @@ def test_a_file_where_dirpath_must_be_is_a_destination_error_and_the_restore_is_
         assert f"the restored files are still in {tmp_path / 'ws'}" in str(caught.value)
         assert (tmp_path / "ws" / "epoch=1-step=12.ckpt").read_bytes() == b"stored epoch 1"
         with pytest.raises(DestinationError, match=r"could not create the checkpoint folder .*in-the-way/ckpts"):
-            saver.on_train_epoch_end(SimpleNamespace(sanity_checking=False), None)
+            saver.on_train_epoch_end(SimpleNamespace(sanity_checking=False, world_size=1), None)
 
 
 @pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv to run without root's file access")

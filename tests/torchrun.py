@@ -78,3 +78,22 @@ def dcp_info_lines() -> list[str]:
     logger.addHandler(Noted())
     logger.setLevel(logging.INFO)
     return lines
+
+
+def run_group(target: Any, args: tuple[Any, ...], nprocs: int = 2, seconds: float = 150) -> None:
+    """Run ``target(rank, *args)`` in ``nprocs`` spawned processes and wait for them; fail the test
+    (the processes killed) if they are still running after ``seconds``: a guard against a rank
+    left waiting in a collective hanging the suite, not a measurement."""
+    import time
+
+    import pytest
+    import torch.multiprocessing as mp
+
+    group = mp.start_processes(target, args=args, nprocs=nprocs, join=False)
+    deadline = time.monotonic() + seconds
+    while not group.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in group.processes:
+                process.kill()
+                process.join()
+            pytest.fail(f"a rank was still running after {seconds:.0f} s: left waiting in a collective")
