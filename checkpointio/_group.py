@@ -16,7 +16,7 @@ from typing import Any, TypeVar, cast
 from . import _exceptions
 from ._exceptions import CheckpointError
 
-__all__ = ["Group", "current", "elastic_run_id", "fail_together", "on_agree"]
+__all__ = ["Group", "current", "elastic_run_id", "fail_together", "on_agree", "raise_together"]
 
 T = TypeVar("T")
 
@@ -129,6 +129,20 @@ def fail_together(step: Callable[[], T], uri: str, *, ranks: int | None = None) 
         result = step()
     except Exception as error:
         failure = error
+    raise_together(failure, uri)
+    return cast(T, result)
+
+
+def raise_together(failure: Exception | None, uri: str) -> None:
+    """Tell every rank of the process group whether a step failed on any, and raise there if it
+    did, as :func:`fail_together` does (``failure``: this rank's error, or ``None``). Called by
+    every rank; without a process group of several, raises ``failure`` if any.
+    """
+    distributed = _distributed()
+    if distributed is None or distributed.get_world_size() == 1:
+        if failure is not None:
+            raise failure
+        return
     for wait in _before_agreeing:  # background collectives on the group finish first
         wait()
     outcomes: list[tuple[str, str] | None] = [None] * distributed.get_world_size()
@@ -146,4 +160,3 @@ def fail_together(step: Callable[[], T], uri: str, *, ranks: int | None = None) 
             same = getattr(_exceptions, kind, None)
             error_type = same if isinstance(same, type) and issubclass(same, CheckpointError) else CheckpointError
             raise error_type(f"rank {rank}: {message}", uri=uri)
-    return cast(T, result)

@@ -276,10 +276,15 @@ class _Run:
         return self.root.child(f"attempt-{attempt}.claim")
 
     async def open(self) -> None:
-        """Before the first attempt: prune the task's old runs (where asked), list this run's attempts."""
-        if self.keep_runs is not None and _group.current().rank == 0:
-            await _prune_runs(self.root, self.keep_runs, self.config)
-        await self.discover()
+        """Before the first attempt: prune the task's old runs (where asked), list this run's attempts.
+        In a group, what fails on one rank raises on every rank."""
+
+        async def prepare() -> None:
+            if self.keep_runs is not None and _group.current().rank == 0:
+                await _prune_runs(self.root, self.keep_runs, self.config)
+            await self.discover()
+
+        await _on_every_rank(prepare, self.root.uri)
 
     async def discover(self) -> None:
         """List the attempts of this run that saved a checkpoint, and the numbers claimed (by any
@@ -402,6 +407,22 @@ async def _collect_packs(store: Store, attempt: Location, config: TransferConfig
         return
     if report.removed:
         logger.info("removed %d unreferenced pack(s) of %s (%s)", len(report.removed), area.uri, report.freed)
+
+
+async def _on_every_rank(step: Callable[[], Awaitable[None]], uri: str) -> None:
+    """``step()`` here; in a group of several processes, a failure on any rank raises on every
+    rank: one rank raising alone (a store it could not list) would leave the others waiting in the
+    attempt's claim, a collective."""
+    failure: Exception | None = None
+    try:
+        await step()
+    except Exception as error:
+        failure = error
+    group = _group.current()
+    if group.world_size > 1 and group.connected:
+        await anyio.to_thread.run_sync(_group.raise_together, failure, uri)
+    elif failure is not None:
+        raise failure
 
 
 async def _prune_runs(run_root: Location, keep: int, config: TransferConfig) -> None:
@@ -695,7 +716,7 @@ class _Attempts:
     async def rediscover(self) -> None:
         """Before a retry: what the failed attempt saved is the next one's to restore."""
         if self.stores:
-            await self.run.discover()
+            await _on_every_rank(self.run.discover, self.run.root.uri)
 
     def interrupted(self) -> None:
         """Ctrl-C or cancellation: give a background save a short while, then abort it."""

@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import threading
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -1218,3 +1219,39 @@ def test_a_tasks_attempt_ends_once_its_distributed_background_save_is_stored_and
 
     assert train() == 5
     assert seen == [(0, False, 0), (1, True, 5), (2, True, 5)]
+
+
+def _one_rank_cannot_list(rank: int, port: int, storages: list[str], out: str) -> None:
+    from checkpointio import CheckpointError, TaskEnvironment
+
+    from .torchrun import act_as_torchrun_rank
+
+    act_as_torchrun_rank(rank, port, "listing-run")
+    outcome: Any = None
+    with gloo_group(rank, 2, port):
+        # each rank its own storage, as two nodes configured differently: rank 1's bucket is missing
+        env = TaskEnvironment("listing", storage=storages[rank])
+
+        @env.task(retries=1)
+        def step() -> int:
+            return 1
+
+        try:
+            outcome = step()
+        except CheckpointError as error:
+            outcome = [type(error).__name__, str(error)]
+    Path(out, f"rank-{rank}.json").write_text(json.dumps(outcome))
+
+
+def test_a_task_whose_store_one_rank_cannot_list_fails_on_every_rank(tmp_path: Any, moto_server: Any) -> None:
+    from .conftest import free_port
+    from .torchrun import run_group
+
+    storages = [f"s3://{moto_server.new_bucket()}/runs", f"s3://missing-{uuid.uuid4().hex[:12]}/runs"]
+    run_group(_one_rank_cannot_list, (free_port(), storages, str(tmp_path)))
+
+    ranks = [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
+    kind, message = ranks[1]
+    assert kind == "BucketNotFoundError" and "missing-" in message
+    assert ranks[0] == [kind, f"rank 1: {message}"]  # rank 0 neither claimed nor ran the task
+    assert not list(moto_server.client().list_objects_v2(Bucket=storages[0][5:].split("/")[0]).get("Contents", []))
