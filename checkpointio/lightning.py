@@ -312,10 +312,14 @@ class CheckpointioModelParallelStrategy(ModelParallelStrategy):
         state: dict[str, Any] = {"state_dict": checkpoint.pop("state_dict")}
         for index, optimizer_state in enumerate(checkpoint.pop("optimizer_states", [])):
             state[f"optimizer_{index}"] = optimizer_state
-        if self.global_rank == 0:
-            buffer = io.BytesIO()
-            torch.save(checkpoint, buffer)
-            state[LIGHTNING_STATE] = buffer
+
+        def lightning_state() -> None:
+            if self.global_rank == 0:
+                buffer = io.BytesIO()
+                torch.save(checkpoint, buffer)  # what a module added may not pickle: rank 0's alone
+                state[LIGHTNING_STATE] = buffer
+
+        fail_together(lightning_state, uri, ranks=self.world_size)  # none left waiting in dcp.save
         dcp.save(state, uri, **self._options)
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:

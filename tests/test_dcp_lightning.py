@@ -237,3 +237,50 @@ def test_a_callback_save_failing_on_one_rank_fails_on_every_rank_and_none_is_lef
     assert ranks[1] == [kind, f"rank 0: {message}"]
     assert not list((tmp_path / "node-0").glob("*.ckpt"))  # the epoch's file was not written
     assert not (tmp_path / "store").exists()  # nor anything stored
+
+
+class UnpicklableOnRankZero(Sharded):
+    """Adds to Lightning's state, on rank 0 only, something ``torch.save`` cannot pickle."""
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.global_rank == 0:
+            checkpoint["callback of rank 0"] = lambda: None
+
+
+def _state_fails_on_rank_0(rank: int, port: int, out: str) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from checkpointio import CheckpointError
+
+    act_as_torchrun_rank(rank, port, "unpicklable-run")
+    work = Path(out)
+    trainer = L.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        devices=2,
+        strategy=strategy_for(str(work / "store")),
+        callbacks=[ModelCheckpoint(dirpath=work / "local", save_top_k=1, every_n_epochs=1)],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=work,
+    )
+    outcome: list[str] = []
+    try:
+        trainer.fit(UnpicklableOnRankZero(), loader())
+    except Exception as error:
+        outcome = [type(error).__name__, str(error), str(isinstance(error, CheckpointError))]
+    (work / f"rank-{rank}.json").write_text(json.dumps(outcome))
+    end_group()
+
+
+def test_lightning_state_that_fails_to_pickle_on_rank_0_fails_the_save_on_every_rank(tmp_path: Path) -> None:
+    from .conftest import free_port
+
+    run_group(_state_fails_on_rank_0, (free_port(), str(tmp_path)))
+
+    ranks = [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
+    _, message, _ = ranks[0]
+    assert "pickle" in message.lower() or "local object" in message, ranks[0]
+    assert ranks[1] == ["CheckpointError", f"rank 0: {message}", "True"]  # not left in dcp.save's collectives
+    assert latest(str(tmp_path / "store")) is None  # nothing committed
