@@ -517,10 +517,25 @@ def build_tweak_tables(places: Places, trees: Sequence[Dataset], big: Dataset) -
     return tables
 
 
+def creation_speed(folder: Path, count: int = 2000) -> float:
+    """Microseconds of wall time to create one empty file in a new folder under ``folder`` (the
+    mean of ``count``). The files stay until the scratch folder goes: deleting them here would
+    start the slow phase this measures (see *Method* in benchmarks/README.md)."""
+    probe = Path(tempfile.mkdtemp(prefix="creation-", dir=folder))
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+    started = time.perf_counter()
+    for number in range(count):
+        os.close(os.open(probe / str(number), flags, 0o644))
+    return (time.perf_counter() - started) * 1e6 / count
+
+
 def run_repetitions(bench: Bench, tables: dict[str, list[Case]], repeat: int) -> None:
     """Measure every case ``repeat`` times, rotating each table's order so ours alternates with the rest."""
     for repetition in range(repeat):
-        print(f"repetition {repetition + 1} of {repeat}", flush=True)
+        # A restore depends on how fast this file system creates files at the moment: this says
+        # whether the repetition ran in one of its slow phases (see *Method* in the README).
+        speed = creation_speed(bench.scratch)
+        print(f"repetition {repetition + 1} of {repeat} (creating a file here: {speed:.0f} µs)", flush=True)
         for cases in tables.values():
             shift = repetition % len(cases)
             for case in cases[shift:] + cases[:shift]:
@@ -541,9 +556,13 @@ def run(args: argparse.Namespace, sizes: Sizes, scratch: Path) -> int:
     trees = (tensors, small)
     grown, archives = {}, {}
     if not args.tweaks:  # used by the comparison only
-        grown = {tree.name: grow_tree(tree, scratch / "data" / f"{tree.name}-x4") for tree in trees}
+        if not args.tables_only:  # the RSS growth rows' trees: 3x the datasets' data, written for them alone
+            grown = {tree.name: grow_tree(tree, scratch / "data" / f"{tree.name}-x4") for tree in trees}
         archives = {tree.name: make_archive(tools, tree, scratch / f"{tree.name}.tar.gz") for tree in trees}
     (scratch / "tmp").mkdir()
+    # Written back now: the first steps' clocks would otherwise run beside the writeback of the
+    # datasets (several GiB, at the default sizes), and only theirs.
+    os.sync()
 
     with s3_server(tools, scratch) as server:
         if server:

@@ -32,7 +32,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 from . import _allocator, _archive, _codec, _partial, _placement, _tar, _toc
 from ._concurrency import PLUMBING as _PLUMBING
 from ._concurrency import Aborted as _Aborted
-from ._concurrency import one_error
+from ._concurrency import Handoff, one_error
 from ._config import TransferConfig, codec_workers
 from ._exceptions import (
     CheckpointError,
@@ -355,15 +355,15 @@ async def _save(
 ) -> ObjectInfo:
     started = time.monotonic()
     _allocator.tune_malloc()  # only if asked: it changes the whole process
-    send, receive = anyio.create_memory_object_stream[bytes](config.pipeline_depth)
-    body = Body(receive, source.size, crc32_up_front=_crc32_up_front(source))
+    chunks = Handoff[bytes](config.pipeline_depth)
+    body = Body(chunks, source.size, crc32_up_front=_crc32_up_front(source))
     digest = body.digest
     meter = Meter(on_progress, "save", location.uri, source.size, packed=source.kind is Kind.DIRECTORY)
 
     def emit(chunk: bytes) -> None:
         digest.crc32 = _codec.crc32(chunk, digest.crc32)
         digest.length += len(chunk)
-        anyio.from_thread.run(send.send, chunk)
+        chunks.send(chunk)
         meter.advance(len(chunk))
 
     def produce_all() -> None:
@@ -378,22 +378,21 @@ async def _save(
             await anyio.to_thread.run_sync(produce_all, limiter=_own_thread())
         except _PLUMBING:
             return  # the store side stopped first; its error (or the cancellation) is the one to report
-        send.close()  # only on success: a failed producer must never look like a finished one
+        chunks.end()  # only on success: a failed producer must never look like a finished one
 
     stored: ObjectInfo | None = None
 
     async def put() -> None:
         nonlocal stored
-        with receive:
+        try:
             stored = await store.put(location, body, Record(source.kind, layout=source.layout), force=force)
+        finally:
+            chunks.stop()  # the producer, waiting to hand on a chunk or not, stops at its next one
 
-    try:
-        with one_error():  # both sides in tasks of their own: each is cancelled by the group's scope
-            async with anyio.create_task_group() as group:
-                group.start_soon(produce)
-                group.start_soon(put)
-    finally:
-        send.close()
+    with one_error():  # both sides in tasks of their own: each is cancelled by the group's scope
+        async with anyio.create_task_group() as group:
+            group.start_soon(produce)
+            group.start_soon(put)
     assert stored is not None  # else the group raised
     if meter.reporting:
         await anyio.to_thread.run_sync(meter.finish)

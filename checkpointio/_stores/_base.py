@@ -8,11 +8,9 @@ sink, in order.
 from __future__ import annotations
 
 import enum
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol, TypeVar, runtime_checkable
-
-from anyio.streams.memory import MemoryObjectReceiveStream
 
 from .._codec import crc32
 from .._location import Location
@@ -219,7 +217,7 @@ class Body:
     so the object still carries its CRC32, and checks ``digest`` against it before committing.
     """
 
-    chunks: MemoryObjectReceiveStream[bytes]
+    chunks: AsyncIterable[bytes]
     size: int | None
     digest: Digest = field(default_factory=Digest)
     crc32_up_front: Callable[[], int] | None = None
