@@ -258,16 +258,24 @@ class Entry(NamedTuple):
 
 _FOLDER = "folder"
 _SYMLINK = "symlink"
-_OTHER = "file"
+_FILE = "file"
+_OTHER = "special file"
 
 
-#: What the listing says an entry is, by (is a folder, is a symlink) as ``os.DirEntry`` tells them
-#: without following a symlink (from the listing itself on Linux: no system call).
-_LISTED_KINDS = {(False, False): _OTHER, (True, False): _FOLDER, (False, True): _SYMLINK}
+#: What the listing says an entry is, by (is a folder, is a symlink, is a regular file) as
+#: ``os.DirEntry`` tells them without following a symlink (from the listing itself on Linux: no
+#: system call, where the file system gives the type).
+_LISTED_KINDS = {
+    (False, False, True): _FILE,
+    (False, False, False): _OTHER,
+    (True, False, False): _FOLDER,
+    (False, True, False): _SYMLINK,
+}
 #: What an ``lstat`` says an entry is, by ``S_IFMT`` of its mode (anything else: ``_OTHER``).
-_STAT_KINDS = {stat.S_IFDIR: _FOLDER, stat.S_IFLNK: _SYMLINK}
+_STAT_KINDS = {stat.S_IFDIR: _FOLDER, stat.S_IFLNK: _SYMLINK, stat.S_IFREG: _FILE}
 _NAME = operator.attrgetter("name")
 _IS_FOLDER = operator.methodcaller("is_dir", follow_symlinks=False)
+_IS_FILE = operator.methodcaller("is_file", follow_symlinks=False)
 _MODE = operator.attrgetter("st_mode")
 
 
@@ -323,7 +331,9 @@ def _listing(fd: int, shown: str, uri: str) -> tuple[list[str], list[str]]:
         kinds = list(
             map(
                 _LISTED_KINDS.__getitem__,
-                zip(map(_IS_FOLDER, entries), map(os.DirEntry.is_symlink, entries), strict=True),
+                zip(
+                    map(_IS_FOLDER, entries), map(os.DirEntry.is_symlink, entries), map(_IS_FILE, entries), strict=True
+                ),
             )
         )
     except OSError as error:
@@ -347,11 +357,17 @@ class Run(NamedTuple):
     names: list[str]
     """Their names, sorted."""
     stats: list[os.stat_result]
-    """Their ``lstat``, taken when the walk reached them."""
+    """Their ``lstat``, taken when the walk reached them; with ``stat_files=False`` (see
+    :func:`walk_runs`), ``None`` for each regular file (typed for the default only)."""
 
 
 def walk_runs(
-    root: str, *, shown: str | None = None, uri: str | None = None, skip: Skip | None = None
+    root: str,
+    *,
+    shown: str | None = None,
+    uri: str | None = None,
+    skip: Skip | None = None,
+    stat_files: bool = True,
 ) -> Generator[Run, None, None]:
     """Pre-order walk of ``root``, as runs of siblings: every folder comes before what it holds,
     siblings sorted by name.
@@ -368,6 +384,10 @@ def walk_runs(
     ``_placement.STAGING_NAME``, files or folders, at any depth) and what ``skip`` names are left out.
     ``shown`` is the path messages name (the user's, when ``root`` is a snapshot of it), ``uri`` what
     is being saved.
+
+    ``stat_files=False`` leaves out the ``lstat`` of the entries the listing says are regular files
+    (their stat is ``None``), for a caller that opens each and takes its ``fstat`` anyway: it must
+    then check that what it opened is a regular file.
     """
     shown = shown if shown is not None else root
     uri = uri if uri is not None else shown
@@ -397,15 +417,28 @@ def walk_runs(
                     names, kinds = [names[number] for number in kept], [kinds[number] for number in kept]
                     if not names:
                         continue
+            stats: list[os.stat_result | None]
             try:
                 # a comprehension, not a map over functools.partial: merging its keywords costs a call
-                stats = [lstat(name, dir_fd=fd, follow_symlinks=False) for name in names]
+                if stat_files:
+                    stats = [lstat(name, dir_fd=fd, follow_symlinks=False) for name in names]
+                else:
+                    stats = [
+                        None if kind == _FILE else lstat(name, dir_fd=fd, follow_symlinks=False)
+                        for name, kind in zip(names, kinds, strict=True)
+                    ]
             except FileNotFoundError as error:
                 message = f"{os.path.join(shown, prefix + str(error.filename))} disappeared while {uri} was being saved"
                 raise SourceChangedError(message, uri=uri) from error
             except OSError as error:
                 raise unreadable(error, os.path.join(shown, prefix + str(error.filename)), uri) from error
-            found = list(map(_STAT_KINDS.get, map(stat.S_IFMT, map(_MODE, stats)), repeat(_OTHER)))
+            if stat_files:
+                found = list(map(_STAT_KINDS.get, map(stat.S_IFMT, map(_MODE, stats)), repeat(_OTHER)))
+            else:
+                found = [
+                    kind if st is None else _STAT_KINDS.get(stat.S_IFMT(st.st_mode), _OTHER)
+                    for kind, st in zip(kinds, stats, strict=True)
+                ]
             if found != kinds:
                 number = next(number for number, kind in enumerate(found) if kind != kinds[number])
                 raise SourceChangedError(
@@ -413,7 +446,7 @@ def walk_runs(
                     f"(a {kinds[number]} became a {found[number]})",
                     uri=uri,
                 )
-            yield Run(fd, prefix, names, stats)
+            yield Run(fd, prefix, names, stats)  # type: ignore[arg-type]  # None only where asked for
             if found[-1] == _FOLDER:
                 name, st = names[-1], stats[-1]
                 rel = prefix + name
@@ -531,19 +564,32 @@ def _not_listed(full: str, uri: str) -> SourceChangedError:
     )
 
 
-def _add_file(sink: _GzipMemberWriter, entry: Entry, full: str, uri: str, on_read: Callable[[int], None]) -> None:
-    """Append a regular file's header and exactly the bytes ``lstat`` promised (counted by ``on_read``)."""
+def _add_file(
+    sink: _GzipMemberWriter,
+    entry: Entry,
+    full: str,
+    uri: str,
+    on_read: Callable[[int], None],
+    opened: int | None = None,
+) -> None:
+    """Append a regular file's header and exactly the bytes its stat (``entry.st``) promised
+    (counted by ``on_read``). ``opened``: the file open already, ``entry.st`` its ``fstat``
+    (read as it is, and left open), else it is opened and must be the file ``entry.st`` stated."""
     st = entry.st
     size = st.st_size
     padding = bytes(-size % _tar.BLOCK)
+    if opened is not None:
+        fd = opened
+    else:
+        try:
+            fd = os.open(entry.name, _READ_FLAGS, dir_fd=entry.folder)
+        except OSError as error:
+            raise _open_failed(error, full, uri) from error
     try:
-        fd = os.open(entry.name, _READ_FLAGS, dir_fd=entry.folder)
-    except OSError as error:
-        raise _open_failed(error, full, uri) from error
-    try:
-        opened = os.fstat(fd)
-        if not stat.S_ISREG(opened.st_mode) or (opened.st_dev, opened.st_ino) != (st.st_dev, st.st_ino):
-            raise _not_listed(full, uri)
+        if opened is None:
+            now = os.fstat(fd)
+            if not stat.S_ISREG(now.st_mode) or (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+                raise _not_listed(full, uri)
         header = _tar.header(entry.rel, _tar.FILE, size=size, mode=stat.S_IMODE(st.st_mode), mtime=_seconds(st))
         if size <= _COPY_BUFSIZE:  # header, data and padding in one write
             sink.write(b"".join((header, *file_data(fd, size, full, uri), padding)))
@@ -553,7 +599,8 @@ def _add_file(sink: _GzipMemberWriter, entry: Entry, full: str, uri: str, on_rea
         shrank = f"{full} shrank while {uri} was being saved"
         sink.write_from(fd, size, on_read, lambda: SourceChangedError(shrank, uri=uri))
     finally:
-        os.close(fd)
+        if opened is None:
+            os.close(fd)
     sink.write(padding)
 
 
@@ -563,25 +610,32 @@ _BATCH_BYTES = 256 * 1024
 _FILE_KIND = "file"
 
 
-def _add_files(
-    sink: _GzipMemberWriter,
-    table: _toc.TableWriter,
-    run: Run,
-    batch: list[int],
-    top: str,
-    uri: str,
-    on_read: Callable[[int], None],
-) -> None:
-    """Append the small regular files ``run.names[i]`` for ``i`` in ``batch`` (each read in one
-    piece, linked nowhere else) with their table rows: what :func:`_add_file` does for each, with
-    the per-file work in one loop, their headers and data joined per :data:`_BATCH_BYTES`, and the
-    rows handed over once.
+class _Tree(NamedTuple):
+    """What adding any entry of the tree being packed needs besides the entry (see :func:`_add_entry`)."""
 
-    Every file is opened relative to its folder without following a symlink and must be the one
-    listed (its ``fstat``); it is stored with the size it was listed with (a file that shrank
-    raises :class:`SourceChangedError`).
+    root: str
+    top: str  # the path messages name, with a trailing separator: names are joined by concatenation
+    uri: str
+    links: dict[tuple[int, int], str]
+    own_members: int
+    batched: int  # plain files smaller than this are added in bulk (see _add_files)
+    on_read: Callable[[int], None]
+
+
+def _add_files(sink: _GzipMemberWriter, table: _toc.TableWriter, run: Run, batch: list[int], tree: _Tree) -> None:
+    """Append the regular files ``run.names[i]`` for ``i`` in ``batch`` (small and linked
+    nowhere else as listed, or not yet stated: see ``walk_runs(stat_files=False)``) with their
+    table rows: what :func:`_add_file` does for each, with the per-file work in one loop, their
+    headers and data joined per :data:`_BATCH_BYTES`, and the rows handed over once. A file not
+    stated before that turns out large or hard-linked goes through :func:`_add_entry`.
+
+    Every file is opened relative to its folder without following a symlink and must be a
+    regular file, the one listed where it was stated (its ``fstat``); it is stored with the size
+    it was listed with, else the size its ``fstat`` gives (a file that shrank raises
+    :class:`SourceChangedError`).
     """
     folder, prefix, names, stats = run
+    top, uri, batched = tree.top, tree.uri, tree.batched
     open_, fstat, read, close, header = os.open, os.fstat, os.read, os.close, _tar.header
     flags, kind, is_file = _READ_FLAGS, _tar.FILE, stat.S_ISREG
     pieces: list[bytes] = []
@@ -590,15 +644,29 @@ def _add_files(
     joined = position  # where the pieces not yet handed to the archive start
     read_bytes = 0
     for number in batch:
-        name, st = names[number], stats[number]
+        name, listed = names[number], stats[number]
         try:
             fd = open_(name, flags, dir_fd=folder)
         except OSError as error:
             raise _open_failed(error, top + prefix + name, uri) from error
         try:
             opened = fstat(fd)
-            if opened.st_ino != st.st_ino or opened.st_dev != st.st_dev or not is_file(opened.st_mode):
+            if not is_file(opened.st_mode) or (
+                listed is not None and (opened.st_ino != listed.st_ino or opened.st_dev != listed.st_dev)
+            ):
                 raise _not_listed(top + prefix + name, uri)
+            st = opened if listed is None else listed
+            if listed is None and (st.st_size >= batched or st.st_nlink > 1):
+                if pieces:  # what comes before it, first
+                    sink.write(b"".join(pieces))
+                    pieces.clear()
+                table.extend(rows)
+                rows.clear()
+                tree.on_read(read_bytes)
+                read_bytes = 0
+                _add_entry(sink, table, Entry(prefix + name, name, folder, st), tree, top + prefix + name, fd)
+                position = joined = sink.tell()
+                continue
             size = st.st_size
             data = read(fd, size) if size else b""
             if len(data) < size:  # a short read, or it shrank: file_data tells which
@@ -621,7 +689,7 @@ def _add_files(
     if pieces:
         sink.write(b"".join(pieces))
     table.extend(rows)
-    on_read(read_bytes)
+    tree.on_read(read_bytes)
 
 
 def tree_size(root: Path, *, shown: str | None = None, skip: Skip | None = None) -> int:
@@ -648,20 +716,14 @@ def _ignore(count: int) -> None:
 
 
 def _add_entry(
-    sink: _GzipMemberWriter,
-    table: _toc.TableWriter,
-    entry: Entry,
-    links: dict[tuple[int, int], str],
-    own_members: int,
-    root: str,
-    full: str,
-    uri: str,
-    on_read: Callable[[int], None],
+    sink: _GzipMemberWriter, table: _toc.TableWriter, entry: Entry, tree: _Tree, full: str, opened: int | None = None
 ) -> None:
     """Append one entry of any kind (a folder, a symlink, a hard link, a large file, something
-    skipped with a warning) with its table row; ``links`` maps the files linked elsewhere to
-    their first name, files from ``own_members`` bytes on get gzip members of their own."""
+    skipped with a warning) with its table row; ``tree.links`` maps the files linked elsewhere to
+    their first name, files from ``tree.own_members`` bytes on get gzip members of their own.
+    ``opened``: a regular file's descriptor, open already (see :func:`_add_file`), left open."""
     rel, st = entry.rel, entry.st
+    links, own_members, root, uri, on_read = tree.links, tree.own_members, tree.root, tree.uri, tree.on_read
     mode, mtime = stat.S_IMODE(st.st_mode), _seconds(st)
     start = sink.tell()
     if stat.S_ISREG(st.st_mode):
@@ -675,7 +737,7 @@ def _add_entry(
         if st.st_size >= own_members:  # a partial restore then reads little besides the file
             sink.cut()
             start = sink.tell()
-        _add_file(sink, entry, full, uri, on_read)
+        _add_file(sink, entry, full, uri, on_read, opened)
         table.add(rel, "file", mode, mtime, st.st_size, "", start, sink.tell())
         if st.st_size >= own_members:
             sink.cut()
@@ -712,36 +774,46 @@ def pack_directory(
     placement left under an exact staging name, see ``_placement.STAGING_NAME``, and what ``skip``
     names); empty folders, symlinks (as links), hard links, modes and mtimes (whole seconds) are
     kept; owners are not (a restore belongs to whoever runs it). Sockets, pipes and device files are
-    skipped with a warning: they hold no data. A file that grows while it is read is stored with the
-    size it had when listed; one that shrinks or vanishes, and an entry replaced since it was listed
-    (a folder swapped for a symlink included), raise :class:`SourceChangedError` (see
-    :func:`walk_tree`). Messages name ``shown`` (default ``root``): the user's folder when ``root``
+    skipped with a warning: they hold no data. Each file is stored whole as it was when opened
+    (size, mode and time from its ``fstat``): one that grows meanwhile keeps the size it had then,
+    one renamed over before it was opened is stored as the new file. One that shrinks while it is
+    read, one that vanishes or is no longer a regular file when opened, and an entry replaced since
+    it was listed (a folder swapped for a symlink included) raise :class:`SourceChangedError` (see
+    :func:`walk_runs`). Messages name ``shown`` (default ``root``): the user's folder when ``root``
     is a snapshot of it. ``on_read`` hears of each piece of a file read.
     """
     uri = shown if shown is not None else str(root)
     table = _toc.TableWriter(block_size, level)
     sink = _GzipMemberWriter(emit, block_size, level, workers, on_member=table.member)
-    links: dict[tuple[int, int], str] = {}
     own_members = block_size // 4  # files from this size on start a member and end one
-    batched = min(own_members, _COPY_BUFSIZE)  # smaller plain files are added in bulk
+    tree = _Tree(
+        root=str(root),
+        top=uri.rstrip(os.sep) + os.sep,
+        uri=uri,
+        links={},
+        own_members=own_members,
+        batched=min(own_members, _COPY_BUFSIZE),
+        on_read=on_read,
+    )
     try:
-        top = uri.rstrip(os.sep) + os.sep  # names are joined by concatenation: this runs once per entry
-        with contextlib.closing(walk_runs(str(root), shown=uri, uri=uri, skip=skip)) as runs:
+        # Regular files are not stated by the walk: _add_files takes the fstat of each as it opens it.
+        with contextlib.closing(walk_runs(tree.root, shown=uri, uri=uri, skip=skip, stat_files=False)) as runs:
             for run in runs:
                 # plain files too small for a member of their own go in bulk (see _add_files)
                 batch: list[int] = []
-                for number, st in enumerate(run.stats):
-                    if st.st_size < batched and st.st_nlink == 1 and stat.S_ISREG(st.st_mode):
+                stats: list[os.stat_result | None] = run.stats  # type: ignore[assignment]  # see stat_files
+                for number, st in enumerate(stats):
+                    if st is None or (st.st_size < tree.batched and st.st_nlink == 1 and stat.S_ISREG(st.st_mode)):
                         batch.append(number)
                         continue
                     if batch:
-                        _add_files(sink, table, run, batch, top, uri, on_read)
+                        _add_files(sink, table, run, batch, tree)
                         batch = []
                     name = run.names[number]
                     entry = Entry(run.prefix + name, name, run.folder, st)
-                    _add_entry(sink, table, entry, links, own_members, str(root), top + entry.rel, uri, on_read)
+                    _add_entry(sink, table, entry, tree, tree.top + entry.rel)
                 if batch:
-                    _add_files(sink, table, run, batch, top, uri, on_read)
+                    _add_files(sink, table, run, batch, tree)
         sink.write(_tar.end_of_archive(sink.tell()))
         sink.finish()
         for member in table.finish():  # after tar's end-of-archive blocks: see _toc

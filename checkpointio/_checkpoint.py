@@ -331,7 +331,7 @@ class Checkpoint:
 
         Raises:
             SourceNotFoundError: The path does not exist.
-            SourceChangedError: A file shrank or vanished while it was read, an entry (a folder
+            SourceChangedError: A file shrank while it was read or vanished, an entry (a folder
                 swapped for a symlink, say) was replaced since it was listed, or (background save)
                 a linked file was rewritten in place; nothing is stored, the previous checkpoint
                 stays.

@@ -77,10 +77,12 @@ class UnsupportedSourceError(CheckpointError, ValueError):
 
 
 class SourceChangedError(CheckpointError):
-    """A file shrank or disappeared while its directory was being saved, or an entry of the tree
-    was replaced (a folder swapped for a symlink, say) since it was listed; nothing was stored.
+    """A file shrank while it was read or disappeared while its directory was being saved, or an
+    entry of the tree was replaced (a folder swapped for a symlink, a file for a folder, say) since
+    it was listed; nothing was stored.
 
-    A file that grows is stored with the size it had when it was listed.
+    A file that grows is stored with the size it had when it was opened; one renamed over by
+    another file before it was opened is stored as that file.
     """
 
 

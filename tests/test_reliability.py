@@ -264,7 +264,7 @@ async def test_workspace_deleted_mid_restore_is_an_error_not_a_partial_tree(
 
 # -- sources that change while they are saved -----------------------------------------------------
 def _before_reading(monkeypatch: pytest.MonkeyPatch, action: Callable[[], None]) -> None:
-    """Run ``action`` between a save's listing of a file and its reading of it (the private points
+    """Run ``action`` between a save's listing of a file and its opening of it (the private points
     where that happens: one for small files in bulk, one for any other file)."""
     for point in ("_add_files", "_add_file"):
         original = getattr(archive, point)
@@ -276,6 +276,23 @@ def _before_reading(monkeypatch: pytest.MonkeyPatch, action: Callable[[], None])
         monkeypatch.setattr(archive, point, before)
 
 
+def _after_its_size_was_taken(monkeypatch: pytest.MonkeyPatch, path: Path, action: Callable[[], None]) -> None:
+    """Run ``action`` once, right after the save opened ``path``'s file and took its size (its
+    ``fstat``), before it reads it."""
+    watched = path.stat()
+    real_fstat = os.fstat
+    done: list[bool] = []
+
+    def fstat(fd: int) -> os.stat_result:
+        st = real_fstat(fd)
+        if not done and stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) == (watched.st_dev, watched.st_ino):
+            done.append(True)
+            action()
+        return st
+
+    monkeypatch.setattr(os, "fstat", fstat)
+
+
 @pytest.mark.parametrize("size", [100_000, 2 * 1024 * 1024 + 1], ids=["read-at-once", "read-in-pieces"])
 async def test_a_file_shrinking_while_saved_fails_the_save_and_keeps_the_previous(
     store: StoreCase, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int
@@ -285,10 +302,10 @@ async def test_a_file_shrinking_while_saved_fails_the_save_and_keeps_the_previou
     (tree / "log").write_bytes(b"x" * size)
     await Checkpoint(store.uri("a")).save(b"previous")
 
-    def shrink_after_stat() -> None:
+    def shrink() -> None:
         os.truncate(tree / "log", 10)  # another process rotates the log right after we looked
 
-    _before_reading(monkeypatch, shrink_after_stat)
+    _after_its_size_was_taken(monkeypatch, tree / "log", shrink)
     with pytest.raises(SourceChangedError, match="log"):
         await Checkpoint(store.uri("a")).save(tree)
     async with Checkpoint(store.uri("b"), src=store.uri("a")) as cp:
@@ -296,7 +313,7 @@ async def test_a_file_shrinking_while_saved_fails_the_save_and_keeps_the_previou
         assert restored is not None and restored.read_bytes() == b"previous"
 
 
-@pytest.mark.parametrize("swap", ["symlink-out", "renamed-over", "folder"])
+@pytest.mark.parametrize("swap", ["symlink-out", "folder"])
 async def test_a_file_swapped_after_it_was_listed_fails_the_save(
     store: StoreCase, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, swap: str
 ) -> None:
@@ -307,10 +324,7 @@ async def test_a_file_swapped_after_it_was_listed_fails_the_save(
     await Checkpoint(store.uri("a")).save(b"previous")
 
     def swap_after_stat() -> None:
-        if swap == "renamed-over":  # new content, which would be cut to the old size
-            (tmp_path / "new").write_bytes(b"n" * 2000)
-            os.replace(tmp_path / "new", tree / "weights")
-        elif swap == "symlink-out":  # its bytes would come from outside the tree
+        if swap == "symlink-out":  # its bytes would come from outside the tree
             (tree / "weights").unlink()
             (tree / "weights").symlink_to(tmp_path / "secret")
         else:
@@ -324,18 +338,45 @@ async def test_a_file_swapped_after_it_was_listed_fails_the_save(
         assert await cp.load_bytes() == b"previous"
 
 
-async def test_a_file_growing_while_saved_is_stored_as_it_was_when_listed(
+@pytest.mark.parametrize("when", ["before it is opened", "once it is open"])
+@pytest.mark.parametrize("size", [1000, 300 * 1024], ids=["small", "large"])
+async def test_a_file_renamed_over_while_saved_is_stored_whole_as_the_file_opened(
+    store: StoreCase, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, when: str, size: int
+) -> None:
+    """What a program writing its files safely (a temporary name, then a rename) does while a
+    save runs: the save stores one of the two files whole, never one cut to the other's size."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "weights").write_bytes(b"w" * size)
+
+    def rename_over() -> None:
+        (tmp_path / "new").write_bytes(b"n" * (2 * size))
+        os.replace(tmp_path / "new", tree / "weights")
+
+    if when == "before it is opened":
+        _before_reading(monkeypatch, rename_over)
+    else:
+        _after_its_size_was_taken(monkeypatch, tree / "weights", rename_over)
+    await Checkpoint(store.uri("a")).save(tree)
+    async with Checkpoint(store.uri("b"), src=store.uri("a")) as cp:
+        restored = await cp.load()
+        assert restored is not None
+        expected = b"n" * (2 * size) if when == "before it is opened" else b"w" * size
+        assert (restored / "weights").read_bytes() == expected
+
+
+async def test_a_file_growing_while_saved_is_stored_as_it_was_when_opened(
     store: StoreCase, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     tree = tmp_path / "tree"
     tree.mkdir()
     (tree / "log").write_bytes(b"first part\n")
 
-    def grow_after_stat() -> None:
+    def grow() -> None:
         with open(tree / "log", "ab") as log:
             log.write(b"appended later\n")
 
-    _before_reading(monkeypatch, grow_after_stat)
+    _after_its_size_was_taken(monkeypatch, tree / "log", grow)
     await Checkpoint(store.uri("a")).save(tree)
     async with Checkpoint(store.uri("b"), src=store.uri("a")) as cp:
         restored = await cp.load()
@@ -438,13 +479,14 @@ async def test_a_file_deleted_while_saved_fails_the_save(
     assert store.partial_writes() in (0, None)
 
 
-@pytest.mark.parametrize("change", ["deleted", "renamed-over", "shrunk", "fifo", "symlink"])
+@pytest.mark.parametrize("change", ["deleted", "shrunk", "fifo", "symlink", "folder"])
 async def test_a_small_file_changed_amid_its_folder_fails_the_save_naming_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: str
 ) -> None:
     """Small files are read in bulk, a folder's run at a time: one changed between the listing and
-    its reading, among many read fine before and after it, is found and named. A file become a
-    pipe fails the save instead of blocking it on the pipe forever."""
+    its reading (gone, or no longer a regular file before it is opened; shrunk after its size was
+    taken), among many read fine before and after it, is found and named. A file become a pipe
+    fails the save instead of blocking it on the pipe forever."""
     tree = tmp_path / "tree"
     tree.mkdir()
     for number in range(40):
@@ -452,19 +494,21 @@ async def test_a_small_file_changed_amid_its_folder_fails_the_save_naming_it(
     target = tree / "file-17"
 
     def change_one() -> None:
-        if change == "renamed-over":  # new content of the same size: only its identity tells
-            (tmp_path / "new").write_bytes(b"n" * target.stat().st_size)
-            os.replace(tmp_path / "new", target)
+        if change == "shrunk":
+            os.truncate(target, 10)
             return
         target.unlink()
-        if change == "shrunk":
-            target.write_bytes(b"")
-        elif change == "fifo":
+        if change == "fifo":
             os.mkfifo(target)
         elif change == "symlink":
             target.symlink_to(tree / "file-03")
+        elif change == "folder":
+            target.mkdir()
 
-    _before_reading(monkeypatch, change_one)
+    if change == "shrunk":
+        _after_its_size_was_taken(monkeypatch, target, change_one)
+    else:
+        _before_reading(monkeypatch, change_one)
     await Checkpoint(tmp_path / "ck").save(b"previous")
     with pytest.raises(SourceChangedError, match="file-17"):
         await Checkpoint(tmp_path / "ck").save(tree)
