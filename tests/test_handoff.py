@@ -17,6 +17,17 @@ import pytest
 from checkpointio._concurrency import Aborted, Handoff
 
 
+async def _send_then_end(handoff: Handoff[int], items: range) -> None:
+    """The producer's side: ``items`` sent from a worker thread, then the end, on the loop."""
+
+    def send_all() -> None:
+        for item in items:
+            handoff.send(item)
+
+    await anyio.to_thread.run_sync(send_all)
+    handoff.end()
+
+
 def test_items_arrive_once_and_in_order_and_the_iteration_ends_after_the_last() -> None:
     async def main() -> list[int]:
         handoff = Handoff[int](2)
@@ -31,17 +42,9 @@ def test_items_arrive_once_and_in_order_and_the_iteration_ends_after_the_last() 
             finally:
                 handoff.stop()
 
-        def send_all() -> None:
-            for item in range(1000):
-                handoff.send(item)
-
-        async def produce() -> None:
-            await anyio.to_thread.run_sync(send_all)
-            handoff.end()
-
         async with anyio.create_task_group() as group:
             group.start_soon(receive)
-            group.start_soon(produce)
+            group.start_soon(_send_then_end, handoff, range(1000))
         return received
 
     assert asyncio.run(main()) == list(range(1000))
@@ -147,16 +150,8 @@ def test_the_hand_off_works_where_the_loop_is_not_asyncios(monkeypatch: pytest.M
         assert handoff._wake is anyio.from_thread.run_sync
         received: list[int] = []
 
-        def send_all() -> None:
-            for item in range(50):
-                handoff.send(item)
-
-        async def produce() -> None:
-            await anyio.to_thread.run_sync(send_all)
-            handoff.end()
-
         async with anyio.create_task_group() as group:
-            group.start_soon(produce)
+            group.start_soon(_send_then_end, handoff, range(50))
             async for item in handoff:
                 received.append(item)
         return received
