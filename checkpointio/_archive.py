@@ -258,21 +258,14 @@ class Entry(NamedTuple):
 
 _FOLDER = "folder"
 _SYMLINK = "symlink"
-_FILE = "file"
-_OTHER = "special file"
+_OTHER = "file"
 
 
-#: What the listing says an entry is, by (is a folder, is a symlink, is a regular file) as
-#: ``os.DirEntry`` tells them without following a symlink (from the listing itself on Linux: no
-#: system call, where the file system gives the type).
-_LISTED_KINDS = {
-    (False, False, True): _FILE,
-    (False, False, False): _OTHER,
-    (True, False, False): _FOLDER,
-    (False, True, False): _SYMLINK,
-}
+#: What the listing says an entry is, by (is a folder, is a symlink) as ``os.DirEntry`` tells them
+#: without following a symlink (from the listing itself on Linux: no system call).
+_LISTED_KINDS = {(False, False): _OTHER, (True, False): _FOLDER, (False, True): _SYMLINK}
 #: What an ``lstat`` says an entry is, by ``S_IFMT`` of its mode (anything else: ``_OTHER``).
-_STAT_KINDS = {stat.S_IFDIR: _FOLDER, stat.S_IFLNK: _SYMLINK, stat.S_IFREG: _FILE}
+_STAT_KINDS = {stat.S_IFDIR: _FOLDER, stat.S_IFLNK: _SYMLINK}
 _NAME = operator.attrgetter("name")
 _IS_FOLDER = operator.methodcaller("is_dir", follow_symlinks=False)
 _IS_FILE = operator.methodcaller("is_file", follow_symlinks=False)
@@ -317,9 +310,11 @@ def _open_folder(parent: int | None, name: str, listed: os.stat_result | None, s
     return fd
 
 
-def _listing(fd: int, shown: str, uri: str) -> tuple[list[str], list[str]]:
-    """The folder's names, sorted, and what the listing says each is; the names a killed restore
-    or placement left behind (``STAGING_NAME``) left out. Per-entry work is C-level maps."""
+def _listing(fd: int, shown: str, uri: str) -> tuple[list[str], list[str], list[bool]]:
+    """The folder's names, sorted, what the listing says each is, and whether it says it is a
+    regular file (from the listing itself where the file system gives the type, else an
+    ``lstat``); the names a killed restore or placement left behind (``STAGING_NAME``) left out.
+    Per-entry work is C-level maps."""
     try:
         with os.scandir(fd) as listed:
             entries = list(listed)
@@ -331,14 +326,13 @@ def _listing(fd: int, shown: str, uri: str) -> tuple[list[str], list[str]]:
         kinds = list(
             map(
                 _LISTED_KINDS.__getitem__,
-                zip(
-                    map(_IS_FOLDER, entries), map(os.DirEntry.is_symlink, entries), map(_IS_FILE, entries), strict=True
-                ),
+                zip(map(_IS_FOLDER, entries), map(os.DirEntry.is_symlink, entries), strict=True),
             )
         )
+        regular = list(map(_IS_FILE, entries))
     except OSError as error:
         raise unreadable(error, shown, uri) from error
-    return names, kinds
+    return names, kinds, regular
 
 
 #: Most entries in one run of :func:`walk_runs`: what a walk holds of a flat folder beyond its
@@ -393,13 +387,13 @@ def walk_runs(
     uri = uri if uri is not None else shown
     top = _open_folder(None, root, None, shown, uri)
     # each folder being walked: its descriptor, its path inside the tree with a trailing "/", its
-    # listing (names, kinds) and where the walk is in it
-    frames: list[tuple[int, str, list[str], list[str], list[int]]] = []
+    # listing (names, kinds, which are regular files) and where the walk is in it
+    frames: list[tuple[int, str, list[str], list[str], list[bool], list[int]]] = []
     lstat = os.stat
     try:
         frames.append((top, "", *_listing(top, shown, uri), [0]))
         while frames:
-            fd, prefix, listed, expected, position = frames[-1]
+            fd, prefix, listed, expected, regular, position = frames[-1]
             start = position[0]
             if start >= len(listed):
                 frames.pop()
@@ -410,11 +404,12 @@ def walk_runs(
             except ValueError:
                 end = min(len(listed), start + RUN_ENTRIES)
             position[0] = end
-            names, kinds = listed[start:end], expected[start:end]
+            names, kinds, plain = listed[start:end], expected[start:end], regular[start:end]
             if skip is not None:
                 kept = [number for number, name in enumerate(names) if not skip(prefix + name)]
                 if len(kept) < len(names):
                     names, kinds = [names[number] for number in kept], [kinds[number] for number in kept]
+                    plain = [plain[number] for number in kept]
                     if not names:
                         continue
             stats: list[os.stat_result | None]
@@ -424,8 +419,8 @@ def walk_runs(
                     stats = [lstat(name, dir_fd=fd, follow_symlinks=False) for name in names]
                 else:
                     stats = [
-                        None if kind == _FILE else lstat(name, dir_fd=fd, follow_symlinks=False)
-                        for name, kind in zip(names, kinds, strict=True)
+                        None if file else lstat(name, dir_fd=fd, follow_symlinks=False)
+                        for name, file in zip(names, plain, strict=True)
                     ]
             except FileNotFoundError as error:
                 message = f"{os.path.join(shown, prefix + str(error.filename))} disappeared while {uri} was being saved"
@@ -452,11 +447,12 @@ def walk_runs(
                 rel = prefix + name
                 full = os.path.join(shown, rel)
                 child = _open_folder(fd, name, st, full, uri)
-                listing: tuple[list[str], list[str]] = ([], [])
+                listing: tuple[list[str], list[str], list[bool]] = ([], [], [])
                 frames.append((child, f"{rel}/", *listing, [0]))  # first, so that it is closed if listing fails
-                names, kinds = _listing(child, full, uri)
+                names, kinds, plain = _listing(child, full, uri)
                 listing[0].extend(names)
                 listing[1].extend(kinds)
+                listing[2].extend(plain)
     finally:
         for fd, *_ in frames:
             os.close(fd)

@@ -1011,7 +1011,7 @@ def test_the_walk_refuses_an_entry_changed_since_its_folder_was_listed_and_leave
     (tree / "sub" / ".checkpointio-partial-0123456789abcdef0123456789abcdef").write_bytes(b"a killed restore's")
     real_listing = _archive._listing
 
-    def listing(fd: int, shown: str, uri: str) -> tuple[list[str], list[str]]:
+    def listing(fd: int, shown: str, uri: str) -> tuple[list[str], list[str], list[bool]]:
         listed = real_listing(fd, shown, uri)
         if shown.endswith("sub") and change != "staging-name":
             changed = tree / "sub" / "b.bin"
