@@ -418,11 +418,8 @@ async def _on_every_rank(step: Callable[[], Awaitable[None]], uri: str) -> None:
         await step()
     except Exception as error:
         failure = error
-    group = _group.current()
-    if group.world_size > 1 and group.connected:
-        await anyio.to_thread.run_sync(_group.raise_together, failure, uri)
-    elif failure is not None:
-        raise failure
+    if failure is not None or _group.current().connected:  # alone and fine: nothing to tell
+        await anyio.to_thread.run_sync(_group.raise_together, failure, uri)  # a collective: off the loop
 
 
 async def _prune_runs(run_root: Location, keep: int, config: TransferConfig) -> None:

@@ -339,7 +339,7 @@ class CheckpointioTrainerCallback(FolderSaver, TrainerCallback):
         staging: Path | None = None
 
         # Each step that may fail on one rank alone is followed by a collective that makes it
-        # fail on all (_together): a rank left in the next collective would wait for ever.
+        # fail on all (_together): a rank left in the next collective would wait until its timeout.
         def prepare() -> dict[str, Path]:
             nonlocal staging
             with placing("create a folder to restore into beside", output_dir, uri):
